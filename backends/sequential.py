@@ -1,0 +1,115 @@
+"""The sequential backend: a loop over time, and the definition of what a cell means.
+
+Time-parallel bindings and outputs (those that read no state) are computed once for the
+whole sequence; everything else is evaluated step by step in source order, exactly as
+the program reads.  Every other backend is tested against this one.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from recdsl import ir
+from recdsl.analysis import Analysis
+from recdsl.ir import RefKind
+
+from .torch_ops import Evaluator, Numerics, combine_carries
+
+
+def _time_slice(value: torch.Tensor, declared: ir.Type, t: int) -> torch.Tensor:
+    # Values with leading dims are [B, T, *heads, *shape]; params and consts have none.
+    return value[:, t] if value.dim() > declared.rank else value
+
+
+def _full_sequence(value: torch.Tensor, declared: ir.Type, lead: tuple[int, ...]) -> torch.Tensor:
+    """``value`` expanded to ``[*lead, *shape]`` (a value reading only params has no lead dims)."""
+    return value.expand(lead + tuple(value.shape[value.dim() - declared.rank :]))
+
+
+def run(
+    analysis: Analysis,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    consts: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    numerics: Numerics,
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Run the cell over ``inputs`` (``[B, T, *heads, *shape]``) from ``state``.
+
+    ``state`` holds every carried value (``[B, *heads, *shape]``): the states by name and
+    each scan's carries as ``scan.carry``.  Returns the outputs, each
+    ``[B, T, *heads, *shape]``, and the final state in the same form as ``state``.
+    """
+    cell = analysis.cell
+    first = next(iter(inputs.values()))
+    first_decl = cell.inputs[0].type
+    lead = tuple(first.shape[: first.dim() - first_decl.rank])  # (B, T, *heads)
+    steps = lead[1]
+
+    shared: dict[tuple[RefKind, str], torch.Tensor] = {}
+    shared.update({(RefKind.PARAM, name): value for name, value in params.items()})
+    shared.update({(RefKind.CONST, name): value for name, value in consts.items()})
+
+    # Everything that reads no state, for all steps at once.
+    whole: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
+    whole.update({(RefKind.INPUT, name): value for name, value in inputs.items()})
+    whole_eval = Evaluator(numerics, whole)
+    parallel: dict[str, tuple[torch.Tensor, ir.Type]] = {}
+    parallel_outputs: dict[int, torch.Tensor] = {}
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
+            value = whole_eval.evaluate(statement.value)
+            whole[(RefKind.BINDING, statement.name)] = value
+            parallel[statement.name] = (value, statement.value.type)
+        elif isinstance(statement, ir.Emit) and statement.index in analysis.parallel_outputs:
+            value = whole_eval.evaluate(statement.value)
+            if statement.name is not None:
+                whole[(RefKind.BINDING, statement.name)] = value
+                parallel[statement.name] = (value, statement.value.type)
+            parallel_outputs[statement.index] = _full_sequence(value, statement.value.type, lead)
+
+    carried = dict(state)
+    scans = {s.name: s for s in cell.scans}
+    per_step: dict[int, list[torch.Tensor]] = {e.index: [] for e in cell.outputs if e.index not in parallel_outputs}
+    for t in range(steps):
+        values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
+        values.update({(RefKind.INPUT, name): value[:, t] for name, value in inputs.items()})
+        values.update({(RefKind.BINDING, name): _time_slice(v, decl, t) for name, (v, decl) in parallel.items()})
+        values.update({(RefKind.STATE_PREV, s.name): carried[s.name] for s in cell.states})
+        evaluator = Evaluator(numerics, values)
+        for statement in cell.body:
+            if isinstance(statement, ir.Assign):
+                if statement.name not in analysis.time_parallel:
+                    values[(RefKind.BINDING, statement.name)] = evaluator.evaluate(statement.value)
+            elif isinstance(statement, ir.Update):
+                new = evaluator.evaluate(statement.value)
+                new = new.expand(carried[statement.state].shape) if new.shape != carried[statement.state].shape else new
+                values[(RefKind.STATE_NEW, statement.state)] = new
+                carried[statement.state] = new
+            elif isinstance(statement, ir.ScanAssign):
+                monoid = scans[statement.name].monoid
+                element = {}
+                for carry, lift in zip(monoid.carries, statement.lifts):
+                    value = evaluator.evaluate(lift)
+                    element[carry.name] = value.expand(carried[f"{statement.name}.{carry.name}"].shape)
+                previous = {c.name: carried[f"{statement.name}.{c.name}"] for c in monoid.carries}
+                combined = combine_carries(monoid, previous, element, numerics)
+                for carry in monoid.carries:
+                    carried[f"{statement.name}.{carry.name}"] = combined[carry.name]
+                    values[(RefKind.SCAN, f"{statement.name}.{carry.name}")] = combined[carry.name]
+            elif isinstance(statement, ir.Emit) and statement.index in per_step:
+                value = evaluator.evaluate(statement.value)
+                if statement.name is not None:
+                    values[(RefKind.BINDING, statement.name)] = value
+                step_lead = (lead[0],) + lead[2:]
+                per_step[statement.index].append(_full_sequence(value, statement.value.type, step_lead))
+
+    outputs = []
+    for emit in cell.outputs:
+        if emit.index in parallel_outputs:
+            outputs.append(parallel_outputs[emit.index])
+        else:
+            outputs.append(torch.stack(per_step[emit.index], dim=1))
+    return outputs, carried

@@ -1,0 +1,240 @@
+"""Evaluating IR expressions with torch, on values that carry leading batch-like dims.
+
+A value of declared type ``[*shape]`` is a tensor ``[*lead, *shape]`` where ``lead`` is
+``(B, *heads)`` inside a step, ``(B, T, *heads)`` for a whole sequence, or ``()`` for
+params and consts.  The declared shapes follow numpy's rules; this module inserts the
+singleton dims that make torch's right-aligned broadcasting agree with them.  One
+function per op, in a table keyed like :data:`recdsl.ops.OPS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from recdsl import ir
+from recdsl.ir import Kind, RefKind
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """The dtypes a run computes in: real values in ``real``, complex ones in ``complex``."""
+
+    real: torch.dtype
+    device: torch.device
+
+    @property
+    def complex(self) -> torch.dtype:
+        return torch.complex128 if self.real == torch.float64 else torch.complex64
+
+    def dtype_of(self, kind: Kind) -> torch.dtype:
+        return self.complex if kind is Kind.COMPLEX else (torch.bool if kind is Kind.BOOL else self.real)
+
+
+def lead_dims(value: torch.Tensor, declared: ir.Type) -> int:
+    """How many leading (batch, time, head) dims ``value`` has beyond its declared shape."""
+    return value.dim() - declared.rank
+
+
+def align(value: torch.Tensor, declared_rank: int, target_rank: int) -> torch.Tensor:
+    """Insert singleton dims after the leading dims so that the declared part has ``target_rank`` dims.
+
+    Values without leading dims need nothing: torch aligns them from the right.
+    """
+    lead = value.dim() - declared_rank
+    if lead == 0 or declared_rank >= target_rank:
+        return value
+    return value.reshape(value.shape[:lead] + (1,) * (target_rank - declared_rank) + value.shape[lead:])
+
+
+def _real_only(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    return fn
+
+
+def _imag(x: torch.Tensor) -> torch.Tensor:
+    return torch.imag(x) if x.is_complex() else torch.zeros_like(x)
+
+
+def _real(x: torch.Tensor) -> torch.Tensor:
+    return torch.real(x) if x.is_complex() else x
+
+
+def _conj(x: torch.Tensor) -> torch.Tensor:
+    return torch.conj(x).resolve_conj() if x.is_complex() else x
+
+
+ELEMENTWISE: dict[str, Callable[..., torch.Tensor]] = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "floordiv": torch.floor_divide,
+    "pow": torch.pow,
+    "neg": torch.neg,
+    "lt": torch.lt,
+    "le": torch.le,
+    "gt": torch.gt,
+    "ge": torch.ge,
+    "eq": torch.eq,
+    "ne": torch.ne,
+    "exp": torch.exp,
+    "log": torch.log,
+    "sqrt": torch.sqrt,
+    "abs": torch.abs,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "logsigmoid": F.logsigmoid,
+    "softplus": F.softplus,
+    "silu": F.silu,
+    "relu": torch.relu,
+    "cos": torch.cos,
+    "sin": torch.sin,
+    "log1p": torch.log1p,
+    "expm1": torch.expm1,
+    "real": _real,
+    "imag": _imag,
+    "conj": _conj,
+    "maximum": torch.maximum,
+    "minimum": torch.minimum,
+    "logaddexp": torch.logaddexp,
+    "where": torch.where,
+}
+
+
+def _reduce_dims(rank: int, axis: int | None) -> tuple[int, ...]:
+    # Count from the end so that leading dims never shift the axis.
+    return tuple(range(-rank, 0)) if axis is None else (axis - rank,)
+
+
+REDUCTIONS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] = {
+    "sum": lambda x, dims: x.sum(dim=dims),
+    "mean": lambda x, dims: x.mean(dim=dims),
+    "logsumexp": lambda x, dims: torch.logsumexp(x, dim=dims),
+    "amax": lambda x, dims: x.amax(dim=dims),
+    "amin": lambda x, dims: x.amin(dim=dims),
+}
+
+
+def matmul(a: torch.Tensor, a_rank: int, b: torch.Tensor, b_rank: int) -> torch.Tensor:
+    """numpy's ``a @ b`` on the declared dims, batched over leading dims."""
+    if a_rank == 1 and b_rank == 1:
+        return (align(a, 1, 1) * align(b, 1, 1)).sum(-1)
+    a2 = a.unsqueeze(-2) if a_rank == 1 else a
+    b2 = b.unsqueeze(-1) if b_rank == 1 else b
+    rank = max(a_rank, b_rank, 2)
+    a2 = align(a2, max(a_rank, 2), rank)
+    b2 = align(b2, max(b_rank, 2), rank)
+    out = torch.matmul(a2, b2)
+    if a_rank == 1:
+        out = out.squeeze(-2)
+    if b_rank == 1:
+        out = out.squeeze(-1)
+    return out
+
+
+def _index_key(items: tuple) -> tuple:
+    key: list = [Ellipsis]
+    for item in items:
+        if item == ir.NEW_AXIS:
+            key.append(None)
+        elif isinstance(item, ir.SliceItem):
+            key.append(slice(item.start, item.stop))
+        else:
+            key.append(item)
+    return tuple(key)
+
+
+class Evaluator:
+    """Evaluates IR expressions given the tensors of the refs they read.
+
+    ``values`` maps ``(RefKind, label)`` to tensors; the evaluator memoises each node of
+    one :meth:`evaluate` call by identity, so a shared subexpression is computed once.
+    """
+
+    def __init__(self, numerics: Numerics, values: Mapping[tuple[RefKind, str], torch.Tensor]) -> None:
+        self.numerics = numerics
+        self.values = values
+
+    def literal(self, node: ir.Literal) -> torch.Tensor:
+        return torch.tensor(node.value, dtype=self.numerics.dtype_of(node.type.kind), device=self.numerics.device)
+
+    def evaluate(self, expr: ir.Expr) -> torch.Tensor:
+        memo: dict[int, torch.Tensor] = {}
+        return self._eval(expr, memo)
+
+    def _eval(self, node: ir.Expr, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+        key = id(node)
+        if key in memo:
+            return memo[key]
+        if isinstance(node, ir.Literal):
+            result = self.literal(node)
+        elif isinstance(node, ir.Ref):
+            result = self.values[(node.kind, node.label)]
+        else:
+            args = [self._eval(a, memo) for a in node.args]
+            result = self.apply(node, args)
+        memo[key] = result
+        return result
+
+    def apply(self, node: ir.Op, args: list[torch.Tensor]) -> torch.Tensor:
+        op, rank = node.op, node.type.rank
+        if op in ELEMENTWISE:
+            aligned = [align(a, arg.type.rank, rank) for a, arg in zip(args, node.args)]
+            if node.type.kind is not Kind.BOOL and op not in ("real", "imag", "abs", "where"):
+                aligned = [self._as_value(a, node.type.kind) for a in aligned]
+            if op == "where":
+                aligned = [aligned[0]] + [self._as_value(a, node.type.kind) for a in aligned[1:]]
+            return ELEMENTWISE[op](*aligned)
+        if op in REDUCTIONS:
+            (value,) = args
+            (axis,) = node.attrs
+            return REDUCTIONS[op](self._as_value(value, node.type.kind), _reduce_dims(node.args[0].type.rank, axis))
+        if op == "matmul":
+            a, b = (self._as_value(x, node.type.kind) for x in args)
+            return matmul(a, node.args[0].type.rank, b, node.args[1].type.rank)
+        if op == "outer":
+            u, v = (self._as_value(x, node.type.kind) for x in args)
+            return u.unsqueeze(-1) * v.unsqueeze(-2)
+        if op == "diag":
+            (value,) = args
+            if node.args[0].type.rank == 1:
+                return torch.diag_embed(value)
+            return torch.diagonal(value, dim1=-2, dim2=-1)
+        if op == "index":
+            return args[0][_index_key(node.attrs)]
+        if op == "arange":
+            return torch.arange(node.attrs[0], dtype=self.numerics.real, device=self.numerics.device)
+        if op == "eye":
+            return torch.eye(node.attrs[0], dtype=self.numerics.real, device=self.numerics.device)
+        raise NotImplementedError(f"no torch implementation of op '{op}'")
+
+    def _as_value(self, value: torch.Tensor, kind: Kind) -> torch.Tensor:
+        """Cast booleans and real operands of complex ops to the computing dtype."""
+        if kind is Kind.COMPLEX:
+            return value if value.dtype == self.numerics.complex else value.to(self.numerics.complex)
+        if value.dtype == torch.bool or (kind is Kind.REAL and value.dtype != self.numerics.real and not value.is_complex()):
+            return value.to(self.numerics.real)
+        return value
+
+
+def combine_carries(
+    monoid: ir.MonoidIR, earlier: Mapping[str, torch.Tensor], later: Mapping[str, torch.Tensor], numerics: Numerics
+) -> dict[str, torch.Tensor]:
+    """The monoid's ``combine(earlier, later)`` on carries with any (matching) leading dims."""
+    values: dict[tuple[RefKind, str], torch.Tensor] = {}
+    for carry in monoid.carries:
+        values[(RefKind.CARRY_LEFT, carry.name)] = earlier[carry.name]
+        values[(RefKind.CARRY_RIGHT, carry.name)] = later[carry.name]
+    evaluator = Evaluator(numerics, values)
+    for assign in monoid.body:
+        values[(RefKind.LOCAL, assign.name)] = evaluator.evaluate(assign.value)
+    result = {}
+    for carry, expr in zip(monoid.carries, monoid.results):
+        value = evaluator.evaluate(expr)
+        lead = max(earlier[carry.name].dim(), later[carry.name].dim()) - carry.type.rank
+        target = torch.broadcast_shapes(earlier[carry.name].shape[:lead] + carry.type.shape, later[carry.name].shape[:lead] + carry.type.shape)
+        result[carry.name] = value.expand(target) if tuple(value.shape) != tuple(target) else value
+    return result

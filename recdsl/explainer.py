@@ -1,0 +1,157 @@
+"""``recdsl explain``: the analysis of a cell, in words a researcher reads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import ir
+from .analysis import (
+    Analysis,
+    DiagonalAffine,
+    MatrixAffine,
+    NoRecurrence,
+    Nonlinear,
+    SemiringAffine,
+    analyze,
+)
+from .frontend import load
+from .printer import format_expr
+from .printer import format_expr as _format
+
+
+def _shape(t: ir.Type) -> str:
+    return str(t)
+
+
+def _state_lines(analysis: Analysis, name: str) -> list[str]:
+    state = analysis.state(name)
+    update = analysis.cell.update(name).value
+    # Other states may be read both before and after their update: tell the two apart.
+    others = frozenset(s.name for s in analysis.cell.states) - {name}
+
+    def format_expr(expr: ir.Expr) -> str:
+        return _format(expr, others)
+
+    lines = [f"  {name} {_shape(state.type)}: state, {_recurrence_title(state.recurrence)}"]
+    lines.append(f"      {name} = {format_expr(update)}")
+    expanded = format_expr(state.update)
+    if expanded != format_expr(update):
+        lines.append(f"      = {expanded}   (state-dependent bindings expanded)")
+    recurrence = state.recurrence
+    prev = f"{name} on the right is its previous value"
+    if isinstance(recurrence, DiagonalAffine):
+        lines.append(f"      {name}_t = a_t * {name}_(t-1) + b_t, elementwise ({prev}):")
+        lines.append(f"      decay a     = {format_expr(recurrence.decay)}")
+        lines.append(f"      input b     = {format_expr(recurrence.input) if recurrence.input is not None else '0'}")
+    elif isinstance(recurrence, MatrixAffine):
+        lines.append(f"      transition  A({name}) = {format_expr(recurrence.transition)}   ({prev})")
+        if recurrence.decay is not None:
+            lines.append(f"      decay       {format_expr(recurrence.decay)}")
+        for term in recurrence.low_rank:
+            lines.append(
+                f"      rank one    {format_expr(term.coefficient)} * outer({format_expr(term.left)}, {format_expr(term.right)} @ {name})"
+            )
+        lines.append(f"      input term  {format_expr(recurrence.input) if recurrence.input is not None else '0'}")
+    elif isinstance(recurrence, SemiringAffine):
+        semiring = recurrence.semiring
+        lines.append(
+            f"      (+) = {'max' if semiring.plus == 'maximum' else semiring.plus}, (x) = +: "
+            f"{name} = A({name}) (+) b with A linear over the semiring ({prev})"
+        )
+        if recurrence.decay is not None:
+            lines.append(f"      decay       {name} (x) {format_expr(recurrence.decay)}")
+        else:
+            lines.append(f"      transition  A({name}) = {format_expr(recurrence.transition)}   (a semiring matrix product)")
+        lines.append(f"      input term  {format_expr(recurrence.input) if recurrence.input is not None else 'none (the semiring zero, -inf)'}")
+    elif isinstance(recurrence, Nonlinear):
+        lines.append(f"      the previous value enters through {recurrence.reason}")
+    elif isinstance(recurrence, NoRecurrence):
+        lines.append("      the new value does not read the previous one: no recurrence")
+    if state.reads:
+        lines.append(f"      reads the recurrent values of: {', '.join(state.reads)}")
+    return lines
+
+
+def _recurrence_title(recurrence) -> str:
+    if isinstance(recurrence, (DiagonalAffine, MatrixAffine)):
+        return f"{recurrence.name} ({recurrence.structure} transition)"
+    if isinstance(recurrence, SemiringAffine):
+        return f"{recurrence.name} ({recurrence.structure} transition)"
+    return recurrence.name
+
+
+def _scan_lines(scan: ir.ScanAssign) -> list[str]:
+    monoid = scan.monoid
+    carries = ", ".join(f"{c.name} {_shape(c.type)}" for c in monoid.carries)
+    lifts = ", ".join(f"{c.name} = {format_expr(l)}" for c, l in zip(monoid.carries, scan.lifts))
+    identity = ", ".join(f"{c.name} = {format_expr(c.identity)}" for c in monoid.carries)
+    return [
+        f"  {scan.name}: scan of the declared monoid {monoid.name} (associative by declaration; `recdsl check` tests it)",
+        f"      carries     {carries}",
+        f"      identity    {identity}",
+        f"      each step   {lifts}",
+    ]
+
+
+def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str:
+    """The text ``recdsl explain`` prints for an analysed cell."""
+    cell = analysis.cell
+    dims = ", ".join(f"{n}={v}" for n, v in cell.dims)
+    lines = [f"cell {cell.name}({dims})"]
+    lines.append("  inputs (per step; the module takes [B, T, *heads, *shape]):")
+    lines.extend(f"    {i.name} {_shape(i.type)}" for i in cell.inputs)
+    if cell.params:
+        lines.append("  params: " + ", ".join(f"{p.name} {_shape(p.type)}" for p in cell.params))
+
+    parallel = [s for s in cell.body if isinstance(s, ir.Assign) and s.name in analysis.time_parallel]
+    lines.append("")
+    lines.append("time-parallel (read no state; computed for all steps at once before the recurrence):")
+    if parallel:
+        lines.extend(f"  {s.name} = {format_expr(s.value)}" for s in parallel)
+    else:
+        lines.append("  (none)")
+    stepwise = [s for s in cell.body if isinstance(s, ir.Assign) and s.name not in analysis.time_parallel]
+    if stepwise:
+        lines.append("")
+        lines.append("state-dependent bindings (computed inside the recurrence):")
+        lines.extend(f"  {s.name} = {format_expr(s.value)}   (reads {', '.join(sorted(analysis.dependencies[s.name]))})" for s in stepwise)
+
+    lines.append("")
+    lines.append("recurrences, in the order they can be computed:")
+    scans = {s.name: s for s in cell.scans}
+    if not analysis.schedule:
+        lines.append("  (none: the cell has no state)")
+    for group in analysis.schedule:
+        if len(group) > 1:
+            lines.append(f"  coupled: {', '.join(group)} read each other's values, so they run jointly, step by step")
+        for name in group:
+            lines.extend(_scan_lines(scans[name]) if name in scans else _state_lines(analysis, name))
+
+    lines.append("")
+    lines.append("outputs:")
+    readouts = {}
+    for readout in analysis.readouts:
+        readouts.setdefault(readout.output, []).append(readout)
+    for emit in cell.outputs:
+        label = emit.name if emit.name else str(emit.index)
+        lines.append(f"  out {label} {_shape(emit.value.type)} = {format_expr(emit.value)}")
+        if emit.index in analysis.parallel_outputs:
+            lines.append("      time-parallel: reads no state")
+        for readout in (r for r in readouts.get(emit.index, []) if r.reduces):
+            state_type = cell.state(readout.state).type
+            what = f"{_shape(state_type)} -> {_shape(readout.expr.type)}"
+            lines.append(f"      linear read-out of {readout.state}: {format_expr(readout.expr)} ({what}); a chunked form need not store the state of every step")
+    if backend_line:
+        lines.append("")
+        lines.append(backend_line)
+    return "\n".join(lines) + "\n"
+
+
+def explain(source_or_path: str | Path, cell: str | None = None, backend: str = "auto", **dims: int | float) -> str:
+    """Parse, check and analyse a program; return the explanation ``recdsl explain`` prints."""
+    cell_ir = load(source_or_path, cell=cell, dims=dims)
+    analysis = analyze(cell_ir)
+    from .backends import choose_backend
+
+    chosen, reason = choose_backend(backend, analysis)
+    return explain_analysis(analysis, f"backend: {chosen.name} ({reason})")

@@ -1,0 +1,285 @@
+"""The compiled cell as a ``torch.nn.Module``: parameters, input checking, dtypes, state.
+
+``compile`` is the public entry point: source (or a path) in, module out.  The module
+owns the cell's params as ``nn.Parameter`` attributes named as in the source, checks
+the tensors it is called with, picks the computing dtype, fills in initial states, and
+hands the run to the backend chosen once at compile time.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from . import ir
+from .analysis import Analysis, analyze
+from .errors import DeclarationError, InputError, RecDSLError
+from .frontend import load, read_source
+from .ir import Kind, RefKind
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _shape_words(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(["B", "T", "*heads"] + [str(s) for s in shape]) + "]"
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype == torch.complex128:
+        return torch.float64
+    if dtype in (torch.complex64, torch.complex32):
+        return torch.float32
+    return dtype
+
+
+class CompiledCell(nn.Module):
+    """A recdsl cell compiled to a module.
+
+    Call it with one tensor per ``input``, batch-first: ``[B, T, *heads, *shape]``,
+    positionally in declaration order or by name.  It returns the output
+    ``[B, T, *heads, *shape]`` (a tuple when the cell has several ``out`` lines), or
+    ``(output, state)`` with ``return_state=True``, where ``state`` maps each state
+    (and each scan carry, as ``scan.carry``) to its final value ``[B, *heads, *shape]``.
+    Passing that ``state`` to the next call continues the sequence.
+    """
+
+    def __init__(self, analysis: Analysis, backend: str = "auto") -> None:
+        super().__init__()
+        from .backends import choose_backend
+
+        self.analysis = analysis
+        self.cell: ir.CellIR = analysis.cell
+        self._backend, self.backend_reason = choose_backend(backend, analysis)
+        reserved = set(dir(self))
+        for param in self.cell.params:
+            if param.name in reserved or param.name.startswith("_"):
+                raise DeclarationError(
+                    f"param name '{param.name}' clashes with an attribute of torch.nn.Module",
+                    param.span,
+                    expected="another name for the param",
+                )
+            self.register_parameter(param.name, nn.Parameter(self._initial_value(param)))
+
+    @property
+    def backend(self) -> str:
+        """The name of the backend this module runs on."""
+        return self._backend.name
+
+    # ---- parameters
+    def _initial_value(self, param: ir.Param) -> torch.Tensor:
+        shape = param.type.shape
+        is_complex = param.type.kind is Kind.COMPLEX
+        init = param.init
+        if init.scheme == "expr":
+            assert init.expr is not None
+            from .backends.torch_ops import Evaluator, Numerics
+
+            consts = self._consts(Numerics(torch.float64, torch.device("cpu")))
+            value = Evaluator(Numerics(torch.float64, torch.device("cpu")), consts).evaluate(init.expr)
+            value = value.expand(shape).clone()
+            return value.to(torch.complex64 if is_complex else torch.float32)
+        parts = 2 if is_complex else 1
+        drawn = []
+        for _ in range(parts):
+            tensor = torch.empty(shape, dtype=torch.float32)
+            if init.scheme == "zeros":
+                nn.init.zeros_(tensor)
+            elif init.scheme == "ones":
+                nn.init.ones_(tensor) if len(drawn) == 0 else nn.init.zeros_(tensor)
+            elif init.scheme == "normal":
+                nn.init.normal_(tensor, 0.0, init.args[0] / math.sqrt(parts))
+            elif init.scheme == "uniform":
+                nn.init.uniform_(tensor, init.args[0], init.args[1])
+            elif init.scheme == "glorot":
+                fan_in = shape[-2] if len(shape) >= 2 else shape[-1]
+                fan_out = shape[-1]
+                bound = math.sqrt(6.0 / (fan_in + fan_out)) / math.sqrt(parts)
+                nn.init.uniform_(tensor, -bound, bound)
+            else:  # pragma: no cover - the checker admits only the schemes above
+                raise ValueError(init.scheme)
+            drawn.append(tensor)
+        if is_complex:
+            return torch.complex(drawn[0], drawn[1])
+        return drawn[0]
+
+    def _consts(self, numerics) -> dict[tuple[RefKind, str], torch.Tensor]:
+        from .backends.torch_ops import Evaluator
+
+        values: dict[tuple[RefKind, str], torch.Tensor] = {}
+        evaluator = Evaluator(numerics, values)
+        for const in self.cell.consts:
+            values[(RefKind.CONST, const.name)] = evaluator.evaluate(const.value)
+        return values
+
+    # ---- calling
+    def _bind_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
+        names = [i.name for i in self.cell.inputs]
+        signature = ", ".join(f"{i.name}: {_shape_words(i.type.shape)}" for i in self.cell.inputs)
+        if len(args) > len(names):
+            raise InputError(f"cell {self.cell.name} takes {len(names)} input{'s' if len(names) != 1 else ''}, got {len(args)}", expected=signature)
+        bound = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names:
+                raise InputError(f"cell {self.cell.name} has no input '{name}'", expected=signature)
+            if name in bound:
+                raise InputError(f"input '{name}' is given twice (by position and by name)", expected=signature)
+            bound[name] = value
+        missing = [n for n in names if n not in bound]
+        if missing:
+            raise InputError(f"input '{missing[0]}' is missing", expected=signature)
+        return bound
+
+    def _check_inputs(self, inputs: dict[str, Any]) -> tuple[int, int, tuple[int, ...]]:
+        """Validate shapes and dtypes; return ``(B, T, heads)``."""
+        reference: tuple[str, tuple[int, ...]] | None = None
+        for declared in self.cell.inputs:
+            value = inputs[declared.name]
+            expected = _shape_words(declared.type.shape)
+            if not isinstance(value, torch.Tensor):
+                raise InputError(f"input '{declared.name}' is a {type(value).__name__}, not a torch.Tensor", expected=f"a tensor of shape {expected}")
+            if not (value.is_floating_point() or value.is_complex()):
+                raise InputError(f"input '{declared.name}' has dtype {value.dtype}", expected="a floating-point (or, for complex inputs, complex) tensor")
+            if value.is_complex() and declared.type.kind is not Kind.COMPLEX:
+                raise InputError(f"input '{declared.name}' is complex but is declared real", expected=f"a real tensor of shape {expected}")
+            rank = declared.type.rank
+            shape = tuple(value.shape)
+            if value.dim() < rank + 2 or shape[value.dim() - rank :] != declared.type.shape:
+                raise InputError(
+                    f"input '{declared.name}' has shape {list(shape)}",
+                    expected=f"{expected}: batch, time, optional head dims, then its declared shape [{', '.join(map(str, declared.type.shape))}]",
+                )
+            lead = shape[: value.dim() - rank]
+            if reference is None:
+                reference = (declared.name, lead)
+            elif lead != reference[1]:
+                raise InputError(
+                    f"input '{declared.name}' has leading dims {list(lead)} but input '{reference[0]}' has {list(reference[1])}",
+                    expected="the same [B, T, *heads] for every input",
+                )
+        assert reference is not None
+        lead = reference[1]
+        if lead[1] == 0:
+            raise InputError("the sequences are empty (T = 0)", expected="at least one time step")
+        return lead[0], lead[1], lead[2:]
+
+    def _numerics(self, inputs: dict[str, torch.Tensor]):
+        from .backends.torch_ops import Numerics
+
+        input_dtypes = [_real_dtype(v.dtype) for v in inputs.values()]
+        compute = input_dtypes[0]
+        for dtype in input_dtypes[1:] + [_real_dtype(p.dtype) for p in self.parameters()]:
+            compute = torch.promote_types(compute, dtype)
+        output_dtype = input_dtypes[0]
+        for dtype in input_dtypes[1:]:
+            output_dtype = torch.promote_types(output_dtype, dtype)
+        if compute in _LOW_PRECISION:
+            compute = torch.float32  # accumulate low-precision inputs in fp32
+        device = next(iter(inputs.values())).device
+        return Numerics(compute, device), (output_dtype if output_dtype in _LOW_PRECISION else None)
+
+    def initial_state(self, batch_size: int, *heads: int, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The state a call starts from when none is given: ``{name: [B, *heads, *shape]}``."""
+        from .backends.torch_ops import Numerics
+
+        device = torch.device(device) if device is not None else next((p.device for p in self.parameters()), torch.device("cpu"))
+        numerics = Numerics(_real_dtype(dtype), device)
+        return self._initial_state(numerics, (batch_size, *heads))
+
+    def _initial_state(self, numerics, lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        from .backends.torch_ops import Evaluator
+
+        values = self._consts(numerics)
+        for name, param in self.named_parameters():
+            values[(RefKind.PARAM, name)] = param.to(numerics.dtype_of(Kind.COMPLEX if param.is_complex() else Kind.REAL))
+        evaluator = Evaluator(numerics, values)
+        state = {}
+        for declared in self.cell.states:
+            value = evaluator.evaluate(declared.init).to(numerics.dtype_of(declared.type.kind))
+            state[declared.name] = value.expand(lead + declared.type.shape)
+        for scan in self.cell.scans:
+            for carry in scan.monoid.carries:
+                value = evaluator.evaluate(carry.identity).to(numerics.dtype_of(carry.type.kind))
+                state[f"{scan.name}.{carry.name}"] = value.expand(lead + carry.type.shape)
+        return state
+
+    def _carried_types(self) -> dict[str, ir.Type]:
+        types = {s.name: s.type for s in self.cell.states}
+        for scan in self.cell.scans:
+            types.update({f"{scan.name}.{c.name}": c.type for c in scan.monoid.carries})
+        return types
+
+    def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
+        inputs = self._bind_inputs(args, kwargs)
+        batch, _, heads = self._check_inputs(inputs)
+        numerics, output_dtype = self._numerics(inputs)
+        lead = (batch, *heads)
+        carried = self._initial_state(numerics, lead)
+        types = self._carried_types()
+        if state is not None:
+            if not isinstance(state, Mapping):
+                raise InputError(f"state must be a dict of tensors, got {type(state).__name__}", expected="the dict returned with return_state=True")
+            for name, value in state.items():
+                if name not in types:
+                    raise InputError(f"cell {self.cell.name} has no state '{name}'", expected="keys among: " + ", ".join(types))
+                declared = types[name]
+                if not isinstance(value, torch.Tensor) or tuple(value.shape) not in (lead + declared.shape, declared.shape):
+                    got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise InputError(f"state '{name}' has shape {got}", expected=f"[{', '.join(map(str, lead + declared.shape))}] (batch, heads, then the declared shape)")
+                carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
+
+        cast_inputs = {
+            d.name: inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
+            for d in self.cell.inputs
+        }
+        params = {
+            name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
+        }
+        consts = {name: value for (_, name), value in self._consts(numerics).items()}
+        outputs, final = self._backend.run(self.analysis, cast_inputs, params, consts, carried, numerics)
+        if output_dtype is not None:
+            outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
+        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if return_state:
+            return result, final
+        return result
+
+    def extra_repr(self) -> str:
+        dims = ", ".join(f"{n}={v}" for n, v in self.cell.dims)
+        return f"cell={self.cell.name}({dims}), backend={self.backend}"
+
+
+def compile(
+    source_or_path: str | Path,
+    backend: str = "auto",
+    *,
+    cell: str | None = None,
+    **dims: int | float,
+) -> CompiledCell:
+    """Compile a recdsl program to a ``torch.nn.Module``.
+
+    ``source_or_path`` is the program text or a path to a ``.rec`` file; ``cell`` picks one
+    cell when the file defines several; ``dims`` bind the cell's dims (those with defaults
+    may be left out); ``backend`` is ``auto`` or a name from
+    :data:`recdsl.backends.BACKENDS`.
+
+    >>> import torch, recdsl
+    >>> mod = recdsl.compile('''
+    ... cell Ema(d, decay = 0.9) {
+    ...     input x: [d]
+    ...     state h: [d] = 0
+    ...     h = decay * h + (1 - decay) * x
+    ...     out h
+    ... }''', d=4)
+    >>> mod(torch.ones(2, 3, 4)).shape
+    torch.Size([2, 3, 4])
+    """
+    cell_ir = load(source_or_path, cell=cell, dims=dims)
+    analysis = analyze(cell_ir)
+    try:
+        return CompiledCell(analysis, backend)
+    except RecDSLError as error:
+        raise error.located(read_source(source_or_path)) from None

@@ -1,0 +1,329 @@
+"""Text to AST: the Lark LALR parser, its post-lexer, and the transformer to :mod:`recdsl.ast`.
+
+Syntax errors become :class:`~recdsl.errors.ParseError` with the position, the line, a
+caret, and the tokens that would have been accepted, in words.  Lark's own exceptions
+never escape this module.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
+
+from . import ast
+from .errors import ParseError, RecDSLError, Source, Span
+
+# Tokens that can start an expression: when all of them are acceptable the error says
+# "an expression" rather than listing them.
+_EXPRESSION_START = {"NAME", "NUMBER", "IMAG", "LPAR", "MINUS", "PLUS"}
+
+_TOKEN_WORDS = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "IMAG": "an imaginary number",
+    "COMPLEX": "'complex'",
+    "COMPARE": "a comparison",
+    "NONE": "'None'",
+    "ELLIPSIS": "'...'",
+    "_NL": "the end of the line",
+    "$END": "the end of the file",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "COLON": "':'",
+    "EQUAL": "'='",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "AT": "'@'",
+    "DOT": "'.'",
+}
+
+
+def _token_words(name: str, parser: Lark) -> str:
+    if name in _TOKEN_WORDS:
+        return _TOKEN_WORDS[name]
+    try:
+        pattern = parser.get_terminal(name).pattern
+        if pattern.type == "str":
+            return f"'{pattern.value}'"
+    except KeyError:
+        pass
+    return name.lower()
+
+
+def _describe_expected(expected: set[str], parser: Lark) -> str:
+    names = set(expected)
+    words: list[str] = []
+    if _EXPRESSION_START <= names:
+        words.append("an expression")
+        names -= _EXPRESSION_START
+    keywords = sorted(n for n in names if n.isupper() and n not in _TOKEN_WORDS and not n.startswith("__"))
+    others = sorted(n for n in names if n not in keywords)
+    words.extend(_token_words(n, parser) for n in others)
+    words.extend(_token_words(n, parser) for n in keywords)
+    words = list(dict.fromkeys(words))
+    if not words:
+        return "a valid statement"
+    if len(words) == 1:
+        return words[0]
+    return "one of: " + ", ".join(words)
+
+
+class _DropNewlinesInBrackets:
+    """Post-lexer: inside ``( )`` and ``[ ]`` a newline does not end the statement."""
+
+    always_accept = ("_NL",)
+
+    def process(self, stream):
+        depth = 0
+        for token in stream:
+            if token.type in ("LPAR", "LSQB"):
+                depth += 1
+            elif token.type in ("RPAR", "RSQB"):
+                depth = max(0, depth - 1)
+            elif token.type == "_NL" and depth > 0:
+                continue
+            yield token
+
+
+@functools.lru_cache(maxsize=1)
+def _lark() -> Lark:
+    grammar = resources.files("recdsl").joinpath("grammar.lark").read_text()
+    return Lark(
+        grammar,
+        parser="lalr",
+        propagate_positions=True,
+        postlex=_DropNewlinesInBrackets(),
+        maybe_placeholders=True,
+    )
+
+
+def _meta_span(meta) -> Span | None:
+    if getattr(meta, "empty", True):
+        return None
+    return Span(meta.line, meta.column, meta.end_line, max(meta.column, meta.end_column - 1) if meta.end_line == meta.line else meta.end_column - 1)
+
+
+def _token_span(token: Token) -> Span:
+    end_column = token.end_column - 1 if token.end_column is not None else token.column
+    end_line = token.end_line if token.end_line is not None else token.line
+    return Span(token.line, token.column, end_line, max(end_column, token.column) if end_line == token.line else end_column)
+
+
+def _parse_number(text: str) -> int | float:
+    if any(c in text for c in ".eE"):
+        return float(text)
+    return int(text)
+
+
+@v_args(meta=True)
+class _ToAST(Transformer):
+    """One method per grammar rule, each building a frozen AST node with its span."""
+
+    # ---- expressions
+    def number(self, meta, children):
+        (token,) = children
+        return ast.Number(_parse_number(str(token)), span=_token_span(token))
+
+    def imaginary(self, meta, children):
+        (token,) = children
+        return ast.Number(complex(0, _parse_number(str(token)[:-1])), span=_token_span(token))
+
+    def name(self, meta, children):
+        (token,) = children
+        return ast.Name(str(token), span=_token_span(token))
+
+    def _binary(op):  # noqa: N805 - a rule factory used in the class body
+        def rule(self, meta, children):
+            left, right = children
+            return ast.Binary(op, left, right, span=_meta_span(meta))
+
+        return rule
+
+    add = _binary("+")
+    sub = _binary("-")
+    mul = _binary("*")
+    div = _binary("/")
+    floordiv = _binary("//")
+    matmul = _binary("@")
+    pow = _binary("**")
+
+    def compare(self, meta, children):
+        left, op, right = children
+        return ast.Binary(str(op), left, right, span=_meta_span(meta))
+
+    def neg(self, meta, children):
+        return ast.Unary("-", children[0], span=_meta_span(meta))
+
+    def pos(self, meta, children):
+        return ast.Unary("+", children[0], span=_meta_span(meta))
+
+    def call_args(self, meta, children):
+        return tuple(c for c in children if c is not None)
+
+    def call(self, meta, children):
+        func, args = children
+        return ast.Call(str(func), args, span=_meta_span(meta), func_span=_token_span(func))
+
+    def index_items(self, meta, children):
+        return tuple(c for c in children if c is not None)
+
+    def index(self, meta, children):
+        value, items = children
+        return ast.Index(value, items, span=_meta_span(meta))
+
+    def slice(self, meta, children):
+        start, stop = children
+        return ast.Slice(start, stop, span=_meta_span(meta))
+
+    def new_axis(self, meta, children):
+        return ast.NewAxis(span=_token_span(children[0]))
+
+    def ellipsis(self, meta, children):
+        return ast.EllipsisIndex(span=_token_span(children[0]))
+
+    def field(self, meta, children):
+        value, name = children
+        return ast.Field(value, str(name), span=_meta_span(meta))
+
+    # ---- declarations
+    def type_spec(self, meta, children):
+        is_complex = children[0] is not None
+        dims = tuple(c for c in children[1:] if c is not None)
+        return ast.TypeSpec(is_complex, dims, span=_meta_span(meta))
+
+    def dim_param(self, meta, children):
+        name, default = children
+        return ast.DimParam(str(name), default, span=_meta_span(meta))
+
+    def dim_params(self, meta, children):
+        return tuple(c for c in children if c is not None)
+
+    def input_decl(self, meta, children):
+        name, type_spec = children
+        return ast.InputDecl(str(name), type_spec, span=_meta_span(meta))
+
+    def param_decl(self, meta, children):
+        name, type_spec, init = children
+        return ast.ParamDecl(str(name), type_spec, init, span=_meta_span(meta))
+
+    def const_decl(self, meta, children):
+        name, value = children
+        return ast.ConstDecl(str(name), value, span=_meta_span(meta))
+
+    def state_decl(self, meta, children):
+        name, type_spec, init = children
+        return ast.StateDecl(str(name), type_spec, init, span=_meta_span(meta))
+
+    def binding(self, meta, children):
+        name, value = children
+        return ast.Binding(str(name), value, span=_meta_span(meta))
+
+    def lift(self, meta, children):
+        name, value = children
+        return ast.Lift(str(name), value, span=_meta_span(meta))
+
+    def scan_binding(self, meta, children):
+        name, monoid, args, *lifts = children
+        return ast.ScanBinding(str(name), str(monoid), args, tuple(l for l in lifts if l is not None), span=_meta_span(meta))
+
+    def output_anon(self, meta, children):
+        return ast.Output(None, children[0], span=_meta_span(meta))
+
+    def output_named(self, meta, children):
+        name, value = children
+        return ast.Output(str(name), value, span=_meta_span(meta))
+
+    def cell(self, meta, children):
+        name, dims, *body = children
+        return ast.Cell(str(name), dims, tuple(body), span=_token_span(name))
+
+    def carry_decl(self, meta, children):
+        name, type_spec, identity = children
+        return ast.CarryDecl(str(name), type_spec, identity, span=_meta_span(meta))
+
+    def combine(self, meta, children):
+        left, right, *body = children
+        return ast.Combine(str(left), str(right), tuple(body), span=_meta_span(meta))
+
+    def monoid(self, meta, children):
+        name, dims, *body = children
+        return ast.Monoid(str(name), dims, tuple(body), span=_token_span(name))
+
+    def start(self, meta, children):
+        return ast.Program(tuple(children))
+
+
+def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
+    parser = _lark()
+    if isinstance(error, UnexpectedCharacters):
+        char = source.text[error.pos_in_stream] if error.pos_in_stream < len(source.text) else ""
+        span = Span(error.line, error.column, error.line, error.column)
+        allowed = error.allowed or set()
+        return ParseError(f"unexpected character {char!r}", span, source, _describe_expected(allowed, parser) if allowed else None)
+    if isinstance(error, UnexpectedToken):
+        token = error.token
+        expected = _describe_expected(set(error.accepts or error.expected), parser)
+        if token.type == "$END":
+            lines = source.text.splitlines() or [""]
+            line = len(lines)
+            column = max(1, len(lines[-1]))
+            return ParseError("unexpected end of file", Span(line, column, line, column), source, expected)
+        if token.type == "_NL":
+            # The newline token starts at the end of the line: point just past its last character.
+            return ParseError("unexpected end of line", Span(token.line, token.column, token.line, token.column), source, expected)
+        what = f"'{token}'" if token.type not in ("NAME", "NUMBER", "IMAG") else f"{_token_words(token.type, parser)} '{token}'"
+        return ParseError(f"unexpected {what}", _token_span(token), source, expected)
+    if isinstance(error, UnexpectedEOF):
+        lines = source.text.splitlines() or [""]
+        return ParseError("unexpected end of file", Span(len(lines), max(1, len(lines[-1])), len(lines), max(1, len(lines[-1]))), source, _describe_expected(set(error.expected), parser))
+    return ParseError(str(error).splitlines()[0] if str(error) else "syntax error", None, source)
+
+
+def parse(text: str, filename: str = "<string>") -> ast.Program:
+    """Parse a recdsl program into its AST.
+
+    >>> program = parse("cell C(d) {\\n input x: [d]\\n out x\\n}\\n")
+    >>> program.cells()[0].name
+    'C'
+
+    Raises :class:`ParseError` for malformed text.
+    """
+    source = Source(text, filename)
+    try:
+        tree = _lark().parse(text)
+    except UnexpectedInput as error:
+        raise _syntax_error(error, source) from None
+    except RecursionError:
+        raise ParseError("the program is nested too deeply", Span(1, 1, 1, 1), source) from None
+    try:
+        return _ToAST().transform(tree)
+    except VisitError as error:
+        inner = error.orig_exc
+        if isinstance(inner, RecDSLError):
+            raise inner.located(source) from None
+        if isinstance(inner, (ValueError, OverflowError)):
+            raise ParseError(f"invalid literal: {inner}", None, source) from None
+        raise
+    except RecursionError:
+        raise ParseError("the program is nested too deeply", Span(1, 1, 1, 1), source) from None
+
+
+def parse_file(path: str | Path) -> ast.Program:
+    """Parse the program in the file at ``path``; errors name the file."""
+    path = Path(path)
+    return parse(path.read_text(), str(path))
+
+
+__all__ = ["parse", "parse_file"]

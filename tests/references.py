@@ -1,0 +1,569 @@
+"""Independent reference implementations of the cells in ``examples/``.
+
+Written from the papers' equations, not from recdsl: plain per-step PyTorch loops (and,
+where a cell has one, a second formulation: parallel/attention form, closed form, brute
+force, or the library that defines the cell). They are the ground truth of
+``test_examples.py`` and are checked against each other in ``test_references.py``.
+
+Conventions, shared by every function here:
+
+* inputs are batch-first, ``[B, T, *shape]`` with the per-step ``shape`` of the cell's
+  ``input`` declaration (no extra head dims: the tests fold heads into the batch);
+* parameters are passed by their names in the ``.rec`` file, with the declared shapes
+  (row-vector convention: ``x @ W`` with ``W: [d_in, d]``);
+* ``state0`` is an optional dict of initial states ``[B, *state_shape]`` keyed by the
+  ``state`` names of the ``.rec`` file (missing entries take the cell's declared init);
+* recurrent references return ``(output, final_state)``, ``output`` being ``[B, T, ...]``
+  (a tuple when the cell has several ``out`` lines) and ``final_state`` a dict keyed
+  like ``state0``.
+
+Computation happens in the dtype of the arguments; the tests use float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "selective_scan_ref",
+    "gla", "gla_parallel", "retnet", "retnet_parallel", "mlstm", "mlstm_unstabilised",
+    "mlstm_parallel", "deltanet", "deltanet_product_form", "aaren", "aaren_closed_form",
+    "gru_torch", "lstm_torch", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
+]
+
+
+def _init(state0, name, default):
+    if state0 is not None and name in state0 and state0[name] is not None:
+        return state0[name]
+    return default
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + torch.exp(-x))
+
+
+# --------------------------------------------------------------------------------------
+# Diagonal (elementwise) linear recurrences
+# --------------------------------------------------------------------------------------
+
+def linear_scan_closed_form(a, b, h0=None):
+    """Closed form of ``h_t = a_t * h_{t-1} + b_t`` (elementwise), ``a, b: [B, T, ...]``:
+
+        h_t = (prod_{r<=t} a_r) h_0 + sum_{s<=t} (prod_{s<r<=t} a_r) b_s
+
+    computed without a loop, by an explicit [T, T] weight matrix of products. Used to
+    cross-check the loops of the diagonal cells.
+    """
+    T = a.shape[1]
+    # P[t, s] = prod_{s < r <= t} a_r for s <= t (an empty product is 1), 0 for s > t.
+    rows = []
+    for t in range(T):
+        cols = []
+        for s in range(T):
+            if s > t:
+                cols.append(torch.zeros_like(a[:, 0]))
+            else:
+                p = torch.ones_like(a[:, 0])
+                for r in range(s + 1, t + 1):
+                    p = p * a[:, r]
+                cols.append(p)
+        rows.append(torch.stack(cols, 1))
+    P = torch.stack(rows, 1)  # [B, T, T, ...]
+    h = (P * b[:, None]).sum(2)
+    if h0 is not None:
+        decay = torch.cumprod(a, dim=1)
+        h = h + decay * h0[:, None]
+    return h
+
+
+def mingru(x, W_z, b_z, W_h, b_h, state0=None):
+    """minGRU (Feng et al. 2024, "Were RNNs All We Needed?", Sec. 3.1):
+
+        z_t  = sigmoid(x_t W_z + b_z)
+        h~_t = x_t W_h + b_h
+        h_t  = (1 - z_t) * h_{t-1} + z_t * h~_t
+
+    x: [B, T, d_in]. Returns (h: [B, T, d], {"h": h_T}).
+    """
+    B, T, _ = x.shape
+    h = _init(state0, "h", x.new_zeros(B, W_z.shape[1]))
+    ys = []
+    for t in range(T):
+        z = _sigmoid(x[:, t] @ W_z + b_z)
+        h_tilde = x[:, t] @ W_h + b_h
+        h = (1 - z) * h + z * h_tilde
+        ys.append(h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def minlstm(x, W_f, b_f, W_i, b_i, W_h, b_h, state0=None):
+    """minLSTM (Feng et al. 2024, Sec. 3.2), with normalised gates:
+
+        f_t = sigmoid(x_t W_f + b_f),  i_t = sigmoid(x_t W_i + b_i)
+        f'_t = f_t / (f_t + i_t),      i'_t = i_t / (f_t + i_t)
+        h~_t = x_t W_h + b_h
+        h_t  = f'_t * h_{t-1} + i'_t * h~_t
+
+    x: [B, T, d_in]. Returns (h: [B, T, d], {"h": h_T}).
+    """
+    B, T, _ = x.shape
+    h = _init(state0, "h", x.new_zeros(B, W_f.shape[1]))
+    ys = []
+    for t in range(T):
+        f = _sigmoid(x[:, t] @ W_f + b_f)
+        i = _sigmoid(x[:, t] @ W_i + b_i)
+        h_tilde = x[:, t] @ W_h + b_h
+        h = (f * h + i * h_tilde) / (f + i)
+        ys.append(h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def lru(x, nu_log, theta_log, gamma_log, B_re, B_im, C_re, C_im, D, state0=None):
+    """LRU (Orvieto et al. 2023, "Resurrecting RNNs for Long Sequences", Sec. 3):
+
+        lambda = exp(-exp(nu_log) + i exp(theta_log)),  gamma = exp(gamma_log)
+        h_t = lambda * h_{t-1} + gamma * (B u_t),        B = B_re + i B_im
+        y_t = Re(C h_t) + D * u_t,                       C = C_re + i C_im
+
+    Computed in real arithmetic on (Re h, Im h): multiplying by lambda = r e^{i theta} is a
+    rotation by theta scaled by r = exp(-exp(nu_log)), and Re(C h) = C_re Re h - C_im Im h
+    (row-vector convention: u_t @ B with B: [d, n], h_t @ C with C: [n, d]).
+
+    x: [B, T, d]. Returns (y: [B, T, d], {"h": h_T complex [B, n]}).
+    """
+    Bsz, T, _ = x.shape
+    n = nu_log.shape[0]
+    r = torch.exp(-torch.exp(nu_log))
+    theta = torch.exp(theta_log)
+    cos, sin = r * torch.cos(theta), r * torch.sin(theta)
+    gamma = torch.exp(gamma_log)
+    h0 = _init(state0, "h", None)
+    if h0 is None:
+        h_re, h_im = x.new_zeros(Bsz, n), x.new_zeros(Bsz, n)
+    else:
+        h_re, h_im = h0.real, h0.imag
+    ys = []
+    for t in range(T):
+        u = x[:, t]
+        bu_re, bu_im = u @ B_re, u @ B_im
+        h_re, h_im = (cos * h_re - sin * h_im + gamma * bu_re,
+                      sin * h_re + cos * h_im + gamma * bu_im)
+        ys.append(h_re @ C_re - h_im @ C_im + D * u)
+    return torch.stack(ys, 1), {"h": torch.complex(h_re, h_im)}
+
+
+def hgrn(x, W_f, b_f, W_c, b_c, W_g, b_g, lower=0.0, state0=None):
+    """HGRU, real variant (Qin, Yang and Zhong 2023, "Hierarchically Gated RNN"):
+
+        lambda_t = lower + (1 - lower) * sigmoid(x_t W_f + b_f)   lower-bounded forget gate
+        c_t      = silu(x_t W_c + b_c)
+        g_t      = sigmoid(x_t W_g + b_g)                         output gate
+        h_t      = lambda_t * h_{t-1} + (1 - lambda_t) * c_t
+        o_t      = g_t * h_t
+
+    x: [B, T, d_in]. Returns (o: [B, T, d], {"h": h_T}).
+    """
+    B, T, _ = x.shape
+    h = _init(state0, "h", x.new_zeros(B, W_f.shape[1]))
+    ys = []
+    for t in range(T):
+        pre_c = x[:, t] @ W_c + b_c
+        c = pre_c * _sigmoid(pre_c)
+        lam = lower + (1 - lower) * _sigmoid(x[:, t] @ W_f + b_f)
+        g = _sigmoid(x[:, t] @ W_g + b_g)
+        h = lam * h + (1 - lam) * c
+        ys.append(g * h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def rglru(x, W_a, b_a, W_x, b_x, Lambda, c=8.0, state0=None):
+    """RG-LRU (De et al. 2024, "Griffin", Sec. 2.4), with a = sigmoid(-Lambda):
+
+        r_t = sigmoid(x_t W_a + b_a),   i_t = sigmoid(x_t W_x + b_x)
+        a_t = a ** (c * r_t)
+        h_t = a_t * h_{t-1} + sqrt(1 - a_t**2) * (i_t * x_t)
+
+    x: [B, T, d]. Returns (h: [B, T, d], {"h": h_T}).
+    """
+    B, T, d = x.shape
+    a = _sigmoid(-Lambda)
+    h = _init(state0, "h", x.new_zeros(B, d))
+    ys = []
+    for t in range(T):
+        r = _sigmoid(x[:, t] @ W_a + b_a)
+        i = _sigmoid(x[:, t] @ W_x + b_x)
+        a_t = a ** (c * r)
+        h = a_t * h + torch.sqrt(1 - a_t ** 2) * (i * x[:, t])
+        ys.append(h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def s6(x, delta, B, C, A_log, D, state0=None):
+    """Mamba's selective SSM (Gu and Dao 2023, Algorithm 2), one block of d channels:
+
+        Delta_t = softplus(delta_t),  A = -exp(A_log)
+        h_t[c, j] = exp(Delta_t[c] A[c, j]) h_{t-1}[c, j] + Delta_t[c] x_t[c] B_t[j]
+        y_t[c]    = sum_j h_t[c, j] C_t[j] + D[c] x_t[c]
+
+    x, delta: [B, T, d]; B, C: [B, T, n]. Returns (y: [B, T, d], {"h": h_T [B, d, n]}).
+    """
+    Bsz, T, d = x.shape
+    n = A_log.shape[-1]
+    A = -torch.exp(A_log)
+    h = _init(state0, "h", x.new_zeros(Bsz, d, n))
+    ys = []
+    for t in range(T):
+        dt = F.softplus(delta[:, t])  # [B, d]
+        h = torch.exp(dt[:, :, None] * A) * h + (dt * x[:, t])[:, :, None] * B[:, t, None, :]
+        ys.append(torch.einsum("bcj,bj->bc", h, C[:, t]) + D * x[:, t])
+    return torch.stack(ys, 1), {"h": h}
+
+
+def selective_scan_ref(u, delta, A, B, C, D=None, delta_softplus=False):
+    """The selective scan in the layout and steps of mamba_ssm's ``selective_scan_ref``
+    (real A, input-dependent B and C of shape [batch, n, L]), written from its equations:
+
+        deltaA   = exp(delta (x) A)            [batch, dim, L, n]
+        deltaB_u = delta * u (x) B             [batch, dim, L, n]
+        x_i = deltaA_i * x_{i-1} + deltaB_u_i;  y_i = x_i C_i;  out = y + D * u
+
+    u, delta: [batch, dim, L]; A: [dim, n]; B, C: [batch, n, L]; D: [dim].
+    Returns out: [batch, dim, L].
+    """
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, L = u.shape
+    n = A.shape[1]
+    deltaA = torch.exp(torch.einsum("bdl,dn->bdln", delta, A))
+    deltaB_u = torch.einsum("bdl,bnl,bdl->bdln", delta, B, u)
+    x = u.new_zeros(batch, dim, n)
+    ys = []
+    for i in range(L):
+        x = deltaA[:, :, i] * x + deltaB_u[:, :, i]
+        ys.append(torch.einsum("bdn,bn->bd", x, C[:, :, i]))
+    y = torch.stack(ys, dim=2)
+    return y if D is None else y + u * D[:, None]
+
+
+# --------------------------------------------------------------------------------------
+# Matrix-state linear attention family
+# --------------------------------------------------------------------------------------
+
+def gla(q, k, v, g, state0=None):
+    """Gated linear attention (Yang et al. 2024), one head, gate temperature 16:
+
+        alpha_t = sigmoid(g_t) ** (1/16)                  [dk]
+        S_t = diag(alpha_t) S_{t-1} + k_t^T v_t           [dk, dv]
+        o_t = q_t S_t
+
+    q, k, g: [B, T, dk]; v: [B, T, dv]. Returns (o: [B, T, dv], {"S": S_T}).
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    S = _init(state0, "S", q.new_zeros(B, dk, dv))
+    ys = []
+    for t in range(T):
+        alpha = _sigmoid(g[:, t]) ** (1.0 / 16)
+        S = alpha[:, :, None] * S + k[:, t, :, None] * v[:, t, None, :]
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], S))
+    return torch.stack(ys, 1), {"S": S}
+
+
+def gla_parallel(q, k, v, g):
+    """GLA in parallel (attention) form, from S_0 = 0:
+
+        o_t = sum_{s<=t} sum_i q_t[i] (prod_{s<r<=t} alpha_r[i]) k_s[i] v_s
+            = sum_{s<=t} (q_t * exp(b_t - b_s)) . k_s  v_s,   b_t = sum_{r<=t} log alpha_r
+
+    Returns o: [B, T, dv].
+    """
+    T = q.shape[1]
+    b = torch.cumsum(F.logsigmoid(g) / 16, dim=1)  # [B, T, dk]
+    diff = b[:, :, None, :] - b[:, None, :, :]  # [B, t, s, dk] = b_t - b_s
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    diff = torch.where(causal[None, :, :, None], diff, torch.full_like(diff, -math.inf))
+    A = torch.einsum("bti,btsi,bsi->bts", q, torch.exp(diff), k)
+    return A @ v
+
+
+def retnet(q, k, v, gamma=0.96875, state0=None):
+    """Retention, recurrent form (Sun et al. 2023, eq. 6), one head:
+
+        S_t = gamma S_{t-1} + k_t^T v_t;   o_t = q_t S_t
+
+    q, k: [B, T, dk]; v: [B, T, dv]. Returns (o: [B, T, dv], {"S": S_T}).
+    """
+    B, T, dk = q.shape
+    S = _init(state0, "S", q.new_zeros(B, dk, v.shape[-1]))
+    ys = []
+    for t in range(T):
+        S = gamma * S + k[:, t, :, None] * v[:, t, None, :]
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], S))
+    return torch.stack(ys, 1), {"S": S}
+
+
+def retnet_parallel(q, k, v, gamma=0.96875):
+    """Retention, parallel form (Sun et al. 2023, eq. 5):
+
+        O = (Q K^T * D) V,   D_ts = gamma^(t-s) if s <= t else 0
+    """
+    T = q.shape[1]
+    t = torch.arange(T, dtype=q.dtype, device=q.device)
+    D = torch.where(t[:, None] >= t[None, :], gamma ** (t[:, None] - t[None, :]),
+                    torch.zeros((), dtype=q.dtype, device=q.device))
+    return ((q @ k.transpose(1, 2)) * D) @ v
+
+
+def mlstm(q, k, v, i_pre, f_pre, state0=None):
+    """mLSTM, stabilised (Beck et al. 2024, "xLSTM", Sec. 2.3 and appendix):
+
+        log f_t = logsigmoid(f~_t)
+        m_t  = max(log f_t + m_{t-1}, i~_t)                      m_0 = -inf
+        i'_t = exp(i~_t - m_t),   f'_t = exp(log f_t + m_{t-1} - m_t)
+        C_t  = f'_t C_{t-1} + i'_t (k_t / sqrt(dk))^T v_t
+        n_t  = f'_t n_{t-1} + i'_t k_t / sqrt(dk)
+        h_t  = q_t C_t / max(|q_t . n_t|, exp(-m_t))
+
+    q, k: [B, T, dk]; v: [B, T, dv]; i_pre, f_pre: [B, T].
+    Returns (h: [B, T, dv], {"C": [B, dk, dv], "n": [B, dk], "m": [B]}).
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    C = _init(state0, "C", q.new_zeros(B, dk, dv))
+    n = _init(state0, "n", q.new_zeros(B, dk))
+    m = _init(state0, "m", q.new_full((B,), -math.inf))
+    ys = []
+    for t in range(T):
+        logf = F.logsigmoid(f_pre[:, t])
+        m_new = torch.maximum(logf + m, i_pre[:, t])
+        i_g = torch.exp(i_pre[:, t] - m_new)
+        f_g = torch.exp(logf + m - m_new)
+        kt = k[:, t] / math.sqrt(dk)
+        C = f_g[:, None, None] * C + i_g[:, None, None] * kt[:, :, None] * v[:, t, None, :]
+        n = f_g[:, None] * n + i_g[:, None] * kt
+        m = m_new
+        num = torch.einsum("bi,bij->bj", q[:, t], C)
+        den = torch.maximum((q[:, t] * n).sum(-1).abs(), torch.exp(-m))
+        ys.append(num / den[:, None])
+    return torch.stack(ys, 1), {"C": C, "n": n, "m": m}
+
+
+def mlstm_unstabilised(q, k, v, i_pre, f_pre):
+    """mLSTM exactly as the paper's main text writes it (no stabiliser; overflows for
+    large i~), from C_0 = 0, n_0 = 0:
+
+        i_t = exp(i~_t), f_t = sigmoid(f~_t)
+        C_t = f_t C_{t-1} + i_t k_t^T v_t,  n_t = f_t n_{t-1} + i_t k_t   (k scaled by 1/sqrt(dk))
+        h_t = q_t C_t / max(|q_t . n_t|, 1)
+    """
+    B, T, dk = q.shape
+    C = q.new_zeros(B, dk, v.shape[-1])
+    n = q.new_zeros(B, dk)
+    ys = []
+    for t in range(T):
+        i = torch.exp(i_pre[:, t])
+        f = _sigmoid(f_pre[:, t])
+        kt = k[:, t] / math.sqrt(dk)
+        C = f[:, None, None] * C + i[:, None, None] * kt[:, :, None] * v[:, t, None, :]
+        n = f[:, None] * n + i[:, None] * kt
+        num = torch.einsum("bi,bij->bj", q[:, t], C)
+        den = torch.clamp((q[:, t] * n).sum(-1).abs(), min=1.0)
+        ys.append(num / den[:, None])
+    return torch.stack(ys, 1)
+
+
+def mlstm_parallel(q, k, v, i_pre, f_pre):
+    """mLSTM parallel form (xLSTM appendix), unstabilised:
+
+        D_ts = exp(sum_{s<r<=t} log f_r + i~_s) for s <= t, else 0
+        C~   = (Q K^T / sqrt(dk)) * D
+        h_t  = sum_s C~_ts v_s / max(|sum_s C~_ts|, 1)
+    """
+    T, dk = q.shape[1], q.shape[2]
+    cum = torch.cumsum(F.logsigmoid(f_pre), dim=1)  # [B, T]
+    logD = cum[:, :, None] - cum[:, None, :] + i_pre[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    logD = torch.where(causal, logD, torch.full_like(logD, -math.inf))
+    Ct = (q @ k.transpose(1, 2)) / math.sqrt(dk) * torch.exp(logD)
+    norm = torch.clamp(Ct.sum(-1).abs(), min=1.0)
+    return (Ct @ v) / norm[..., None]
+
+
+def deltanet(q, k, v, b, state0=None):
+    """DeltaNet with beta in (0, 2) (Yang et al. 2024; Grazzi et al. 2024), delta-rule form:
+
+        beta_t = 2 sigmoid(b_t)
+        S_t = S_{t-1} + beta_t k_t^T (v_t - k_t S_{t-1})
+        o_t = q_t S_t
+
+    q, k: [B, T, dk]; v: [B, T, dv]; b: [B, T]. Returns (o: [B, T, dv], {"S": S_T}).
+    """
+    B, T, dk = q.shape
+    S = _init(state0, "S", q.new_zeros(B, dk, v.shape[-1]))
+    ys = []
+    for t in range(T):
+        beta = 2 * _sigmoid(b[:, t])
+        err = v[:, t] - torch.einsum("bi,bij->bj", k[:, t], S)  # v_t - k_t S_{t-1}
+        S = S + beta[:, None, None] * k[:, t, :, None] * err[:, None, :]
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], S))
+    return torch.stack(ys, 1), {"S": S}
+
+
+def deltanet_product_form(q, k, v, b):
+    """DeltaNet as an explicit product of transitions, from S_0 = 0:
+
+        S_t = (I - beta_t k_t^T k_t) S_{t-1} + beta_t k_t^T v_t
+    """
+    B, T, dk = q.shape
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    S = q.new_zeros(B, dk, v.shape[-1])
+    ys = []
+    for t in range(T):
+        beta = (2 * _sigmoid(b[:, t]))[:, None, None]
+        kk = k[:, t, :, None] * k[:, t, None, :]
+        S = (eye - beta * kk) @ S + beta * k[:, t, :, None] * v[:, t, None, :]
+        ys.append((q[:, t, None, :] @ S)[:, 0])
+    return torch.stack(ys, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Attention as a scan
+# --------------------------------------------------------------------------------------
+
+def aaren(score, v):
+    """Aaren (Feng et al. 2024, "Attention as an RNN"): o_t = sum_{s<=t} softmax_s(score) v_s,
+    by an online softmax (running max m, denominator s, numerator n):
+
+        m_t = max(m_{t-1}, score_t)
+        s_t = s_{t-1} exp(m_{t-1} - m_t) + exp(score_t - m_t)
+        n_t = n_{t-1} exp(m_{t-1} - m_t) + exp(score_t - m_t) v_t
+        o_t = n_t / s_t
+
+    score: [B, T]; v: [B, T, d]. Returns (o: [B, T, d], {"m", "s", "n"}).
+    """
+    B, T, d = v.shape
+    m = score.new_full((B,), -math.inf)
+    s = score.new_zeros(B)
+    n = v.new_zeros(B, d)
+    ys = []
+    for t in range(T):
+        m_new = torch.maximum(m, score[:, t])
+        scale = torch.exp(m - m_new)
+        w = torch.exp(score[:, t] - m_new)
+        s = s * scale + w
+        n = n * scale[:, None] + w[:, None] * v[:, t]
+        m = m_new
+        ys.append(n / s[:, None])
+    return torch.stack(ys, 1), {"m": m, "s": s, "n": n}
+
+
+def aaren_closed_form(score, v):
+    """Causal softmax attention computed directly: o_t = softmax(score_{1..t}) @ v_{1..t}."""
+    T = score.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=score.device).tril()
+    logits = torch.where(causal, score[:, None, :].expand(-1, T, -1),
+                         torch.full((), -math.inf, dtype=score.dtype, device=score.device))
+    return torch.softmax(logits, dim=-1) @ v
+
+
+# --------------------------------------------------------------------------------------
+# Classic nonlinear RNNs: the reference is PyTorch's own implementation
+# --------------------------------------------------------------------------------------
+
+def gru_torch(x, W_ir, W_iz, W_in, W_hr, W_hz, W_hn, b_ir, b_iz, b_in, b_hr, b_hz, b_hn,
+              state0=None):
+    """torch.nn.GRU(batch_first=True) with the given weights (differentiably, through
+    torch.func.functional_call). torch stores weight_ih_l0 as [3d, d_in] with the gate
+    order r, z, n, i.e. the transposes of the [d_in, d] blocks stacked.
+
+    Returns (h: [B, T, d], {"h": h_T}).
+    """
+    d_in, d = W_ir.shape
+    module = torch.nn.GRU(d_in, d, batch_first=True).to(dtype=x.dtype, device=x.device)
+    weights = {
+        "weight_ih_l0": torch.cat([W_ir, W_iz, W_in], dim=1).T,
+        "weight_hh_l0": torch.cat([W_hr, W_hz, W_hn], dim=1).T,
+        "bias_ih_l0": torch.cat([b_ir, b_iz, b_in]),
+        "bias_hh_l0": torch.cat([b_hr, b_hz, b_hn]),
+    }
+    h0 = _init(state0, "h", None)
+    args = (x,) if h0 is None else (x, h0[None])
+    out, h_n = torch.func.functional_call(module, weights, args)
+    return out, {"h": h_n[0]}
+
+
+def lstm_torch(x, W_ii, W_if, W_ig, W_io, W_hi, W_hf, W_hg, W_ho,
+               b_ii, b_if, b_ig, b_io, b_hi, b_hf, b_hg, b_ho, state0=None):
+    """torch.nn.LSTM(batch_first=True) with the given weights (gate order i, f, g, o;
+    weight_ih_l0 is [4d, d_in]). Returns (h: [B, T, d], {"h": h_T, "c": c_T})."""
+    d_in, d = W_ii.shape
+    module = torch.nn.LSTM(d_in, d, batch_first=True).to(dtype=x.dtype, device=x.device)
+    weights = {
+        "weight_ih_l0": torch.cat([W_ii, W_if, W_ig, W_io], dim=1).T,
+        "weight_hh_l0": torch.cat([W_hi, W_hf, W_hg, W_ho], dim=1).T,
+        "bias_ih_l0": torch.cat([b_ii, b_if, b_ig, b_io]),
+        "bias_hh_l0": torch.cat([b_hi, b_hf, b_hg, b_ho]),
+    }
+    B = x.shape[0]
+    h0 = _init(state0, "h", None)
+    c0 = _init(state0, "c", None)
+    if h0 is None and c0 is None:
+        args = (x,)
+    else:
+        h0 = x.new_zeros(B, d) if h0 is None else h0
+        c0 = x.new_zeros(B, d) if c0 is None else c0
+        args = (x, (h0[None], c0[None]))
+    out, (h_n, c_n) = torch.func.functional_call(module, weights, args)
+    return out, {"h": h_n[0], "c": c_n[0]}
+
+
+# --------------------------------------------------------------------------------------
+# Linear-chain CRF
+# --------------------------------------------------------------------------------------
+
+def crf(emit, trans, start, stop, state0=None):
+    """Linear-chain CRF forward algorithm in log space (Lafferty et al. 2001):
+
+        alpha_1 = start + emit_1
+        alpha_t[j] = logsumexp_i(alpha_{t-1}[i] + trans[i, j]) + emit_t[j]
+        logZ_t = logsumexp_j(alpha_t[j] + stop[j])
+
+    ``state0`` may give "prior", the scores of y_1 before its emission (default: start),
+    i.e. alpha_1 = prior + emit_1. emit: [B, T, n].
+    Returns ((alpha: [B, T, n], logZ: [B, T]), {"prior": prior_{T+1}}).
+    """
+    B, T, n = emit.shape
+    prior = _init(state0, "prior", start.expand(B, n))
+    alphas, logZ = [], []
+    alpha = None
+    for t in range(T):
+        if t == 0:
+            alpha = prior + emit[:, 0]
+        else:
+            alpha = torch.logsumexp(alpha[:, :, None] + trans, dim=1) + emit[:, t]
+        alphas.append(alpha)
+        logZ.append(torch.logsumexp(alpha + stop, dim=-1))
+    if T > 0:
+        prior = torch.logsumexp(alpha[:, :, None] + trans, dim=1)
+    return (torch.stack(alphas, 1), torch.stack(logZ, 1)), {"prior": prior}
+
+
+def crf_brute_force_logZ(emit, trans, start, stop):
+    """log Z = log sum over all n^T label paths y of exp(score(y)), by enumeration:
+
+        score(y) = start[y_1] + sum_t emit_t[y_t] + sum_{t>1} trans[y_{t-1}, y_t] + stop[y_T]
+
+    emit: [B, T, n]. Returns [B]. Only for tiny n and T.
+    """
+    B, T, n = emit.shape
+    scores = []
+    for path in itertools.product(range(n), repeat=T):
+        s = start[path[0]] + stop[path[-1]] + emit[:, 0, path[0]]
+        for t in range(1, T):
+            s = s + trans[path[t - 1], path[t]] + emit[:, t, path[t]]
+        scores.append(s)
+    return torch.logsumexp(torch.stack(scores, -1), dim=-1)
