@@ -62,22 +62,52 @@ def _token_words(name: str, parser: Lark) -> str:
     return name.lower()
 
 
+# Tokens that continue an expression: listed together as "an operator".
+_OPERATORS = {"PLUS", "MINUS", "STAR", "SLASH", "AT", "COMPARE", "DOT", "LSQB", "LPAR", "__ANON_0", "__ANON_1"}
+
+
 def _describe_expected(expected: set[str], parser: Lark) -> str:
     names = set(expected)
     words: list[str] = []
     if _EXPRESSION_START <= names:
         words.append("an expression")
         names -= _EXPRESSION_START
+    operators = names & _OPERATORS
+    if len(operators) >= 4:
+        names -= _OPERATORS
+    else:
+        operators = set()
     keywords = sorted(n for n in names if n.isupper() and n not in _TOKEN_WORDS and not n.startswith("__"))
     others = sorted(n for n in names if n not in keywords)
     words.extend(_token_words(n, parser) for n in others)
     words.extend(_token_words(n, parser) for n in keywords)
+    if operators:
+        words.append("an operator")
     words = list(dict.fromkeys(words))
     if not words:
         return "a valid statement"
     if len(words) == 1:
         return words[0]
-    return "one of: " + ", ".join(words)
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _unclosed_bracket(text: str, line: int, column: int) -> str | None:
+    """Where the innermost bracket still open before (line, column) was opened, in words."""
+    stack: list[tuple[str, int, int]] = []
+    for number, content in enumerate(text.splitlines()[:line], start=1):
+        limit = column - 1 if number == line else len(content)
+        for position, char in enumerate(content[:limit], start=1):
+            if char == "#":
+                break
+            if char in "([":
+                stack.append((char, number, position))
+            elif char in ")]" and stack:
+                stack.pop()
+    if not stack:
+        return None
+    char, number, position = stack[-1]
+    closing = ")" if char == "(" else "]"
+    return f"the '{char}' opened at line {number}, column {position} is not closed: is a '{closing}' missing?"
 
 
 class _DropNewlinesInBrackets:
@@ -270,8 +300,9 @@ def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
     if isinstance(error, UnexpectedCharacters):
         char = source.text[error.pos_in_stream] if error.pos_in_stream < len(source.text) else ""
         span = Span(error.line, error.column, error.line, error.column)
-        allowed = error.allowed or set()
-        return ParseError(f"unexpected character {char!r}", span, source, _describe_expected(allowed, parser) if allowed else None)
+        return ParseError(
+            f"unexpected character {char!r}", span, source, "a name, a number, an operator, a bracket or the end of the line"
+        )
     if isinstance(error, UnexpectedToken):
         token = error.token
         expected = _describe_expected(set(error.accepts or error.expected), parser)
@@ -283,7 +314,10 @@ def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
         if token.type == "_NL":
             # The newline token starts at the end of the line: point just past its last character.
             return ParseError("unexpected end of line", Span(token.line, token.column, token.line, token.column), source, expected)
-        what = f"'{token}'" if token.type not in ("NAME", "NUMBER", "IMAG") else f"{_token_words(token.type, parser)} '{token}'"
+        what = f"'{token}'" if token.type not in ("NAME", "NUMBER", "IMAG") else f"{token.type.lower()} '{token}'"
+        hint = _unclosed_bracket(source.text, token.line, token.column)
+        if hint and token.line > 1 and hint.split("line ")[1].split(",")[0] != str(token.line):
+            expected = f"{expected}; {hint}"
         return ParseError(f"unexpected {what}", _token_span(token), source, expected)
     if isinstance(error, UnexpectedEOF):
         lines = source.text.splitlines() or [""]
