@@ -5,7 +5,6 @@ sure the ground truth of test_examples.py is itself right.
 All in float64 (atol 1e-10, rtol 1e-8 unless a test says otherwise).
 """
 
-import math
 
 import pytest
 import torch

@@ -1,0 +1,157 @@
+"""The analysis: every example classified as its paper says, and random programs classified by construction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import recdsl
+from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, analyze
+from recdsl.ops import LOG, MAX_PLUS
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5)
+
+
+def analysis_of(name: str):
+    program = recdsl.parse_file(EXAMPLES / f"{name}.rec")
+    cell = program.cells()[0]
+    dims = {d.name: DIMS[d.name] for d in cell.dims if d.name in DIMS}
+    return analyze(recdsl.load(EXAMPLES / f"{name}.rec", dims=dims))
+
+
+# (example, state, class, structure) as the papers describe them.
+EXPECTED = [
+    ("mingru", "h", DiagonalAffine, "elementwise"),
+    ("minlstm", "h", DiagonalAffine, "elementwise"),
+    ("lru", "h", DiagonalAffine, "elementwise"),
+    ("hgrn", "h", DiagonalAffine, "elementwise"),
+    ("rglru", "h", DiagonalAffine, "elementwise"),
+    ("s6", "h", DiagonalAffine, "elementwise"),
+    ("gla", "S", MatrixAffine, "diagonal over rows"),
+    ("retnet", "S", MatrixAffine, "scalar"),
+    ("mlstm", "C", MatrixAffine, "scalar"),
+    ("mlstm", "n", DiagonalAffine, "scalar"),
+    ("mlstm", "m", SemiringAffine, "diagonal"),
+    ("deltanet", "S", MatrixAffine, "identity plus low rank"),
+    ("crf", "prior", SemiringAffine, "matrix"),
+    ("gru", "h", Nonlinear, None),
+    ("lstm", "h", Nonlinear, None),
+    ("lstm", "c", DiagonalAffine, "elementwise"),
+]
+
+
+@pytest.mark.parametrize("example, state, cls, structure", EXPECTED, ids=[f"{e}-{s}" for e, s, _, _ in EXPECTED])
+def test_example_classification(example, state, cls, structure):
+    recurrence = analysis_of(example).state(state).recurrence
+    assert isinstance(recurrence, cls), f"{example}.{state}: expected {cls.__name__}, got {recurrence}"
+    if structure is not None:
+        assert recurrence.structure == structure, f"{example}.{state}: structure {recurrence.structure!r}, expected {structure!r}"
+
+
+def test_every_example_has_an_expected_classification():
+    covered = {e for e, _, _, _ in EXPECTED} | {"aaren"}
+    on_disk = {p.stem for p in EXAMPLES.glob("*.rec")}
+    assert on_disk <= covered, f"examples without a classification test: {sorted(on_disk - covered)}"
+
+
+def test_semirings_are_named():
+    assert analysis_of("mlstm").state("m").recurrence.semiring is MAX_PLUS
+    assert analysis_of("crf").state("prior").recurrence.semiring is LOG
+
+
+def test_aaren_is_a_declared_scan():
+    analysis = analysis_of("aaren")
+    assert analysis.schedule == (("acc",),)
+    assert analysis.cell.scans[0].monoid.name == "SoftmaxSum"
+
+
+def test_lstm_states_are_coupled_and_mlstm_states_are_ordered():
+    assert analysis_of("lstm").coupled_groups == (("c", "h"),)  # in update order
+    # m's update reads no other state, so it runs first; C and n read m.
+    assert analysis_of("mlstm").schedule == (("m",), ("C",), ("n",))
+
+
+def test_time_parallel_bindings():
+    assert analysis_of("mingru").time_parallel == {"z", "hc"}
+    assert analysis_of("gru").time_parallel == frozenset()
+    assert "beta" in analysis_of("deltanet").time_parallel
+    assert {"m_prev", "i_gate", "f_gate"}.isdisjoint(analysis_of("mlstm").time_parallel)
+
+
+@pytest.mark.parametrize("example, state", [("gla", "S"), ("retnet", "S"), ("deltanet", "S"), ("s6", "h")])
+def test_linear_readouts_are_found(example, state):
+    readouts = [r for r in analysis_of(example).readouts if r.state == state]
+    assert readouts and all(r.reduces for r in readouts), readouts
+
+
+def test_diagonal_affine_terms():
+    recurrence = analysis_of("mingru").state("h").recurrence
+    from recdsl.printer import format_expr
+
+    assert format_expr(recurrence.decay) == "1 - z"
+    assert format_expr(recurrence.input) == "z * hc"
+
+
+def _classify(body: str, state: str = "h", decl: str = "state h: [d] = 0") -> object:
+    source = f"cell C(d) {{\n input x: [d]\n input g: [d]\n param W: [d, d] = glorot\n {decl}\n {body}\n out {state}\n}}\n"
+    return analyze(recdsl.load(source, dims={"d": 3})).state(state).recurrence
+
+
+@pytest.mark.parametrize(
+    "body, cls, structure",
+    [
+        ("h = 0.5 * h + x", DiagonalAffine, "scalar"),
+        ("h = x + h * sigmoid(g)", DiagonalAffine, "elementwise"),
+        ("h = -(h * g) / 2 - x", DiagonalAffine, "elementwise"),
+        ("h = h @ W + x", MatrixAffine, "dense"),
+        ("h = x", NoRecurrence, None),
+        ("h = tanh(h) + x", Nonlinear, None),
+        ("h = h * h", Nonlinear, None),
+        ("h = max(h + g, x)", SemiringAffine, "diagonal"),
+        ("h = logaddexp(x, h - g)", SemiringAffine, "diagonal"),
+        ("h = max(h, x) + logaddexp(h, x)", Nonlinear, None),
+        ("h = amax(h[:, None] + W, 0)", SemiringAffine, "matrix"),
+    ],
+)
+def test_small_updates(body, cls, structure):
+    recurrence = _classify(body)
+    assert isinstance(recurrence, cls), f"{body}: {recurrence}"
+    if structure:
+        assert recurrence.structure == structure
+
+
+def test_gated_delta_rule_is_scaled_identity_plus_low_rank():
+    source = """
+cell GatedDelta(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input a: []
+    state S: [dk, dv] = 0
+    S = a * (S - outer(k, k @ S)) + outer(k, v)
+    out q @ S
+}
+"""
+    recurrence = analyze(recdsl.load(source, dims={"dk": 3, "dv": 2})).state("S").recurrence
+    assert isinstance(recurrence, MatrixAffine) and recurrence.structure == "scaled identity plus low rank"
+    assert len(recurrence.low_rank) == 1
+
+
+# ---- random affine programs -----------------------------------------------------------
+
+GATES = ["sigmoid(x)", "exp(-softplus(g))", "0.9", "1 - sigmoid(g)", "sigmoid(x @ W)", "exp(logsigmoid(g) / 4)"]
+INPUTS = ["x", "g * x", "tanh(x @ W)", "silu(g)", "0"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(GATES), st.sampled_from(INPUTS), st.booleans(), st.booleans())
+def test_random_affine_programs_are_diagonal_affine(gate, term, gate_first, via_binding):
+    a, b = ("a", "b") if via_binding else (f"({gate})", f"({term})")
+    decay = f"{a} * h" if gate_first else f"h * {a}"
+    update = f"a = {gate}\n b = {term}\n h = {decay} + {b}"
+    recurrence = _classify(update)
+    assert isinstance(recurrence, DiagonalAffine), f"{update}: {recurrence}"
