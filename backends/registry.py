@@ -34,8 +34,26 @@ def _sequential() -> Backend:
     return Backend("sequential", "a loop over time: the definition every other backend is checked against", lambda analysis: None, sequential.run)
 
 
-# Preference order for `auto`: the first backend that supports a cell wins.
-_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential}
+def _scan() -> Backend:
+    from . import parallel
+
+    return Backend("scan", "log-depth associative scans over the whole sequence, one per recurrence", parallel.unsupported, parallel.run)
+
+
+def _chunked() -> Backend:
+    import functools
+
+    from . import parallel
+
+    return Backend(
+        "chunked",
+        "matrix states read out linearly are computed chunk by chunk without storing them per step; other recurrences are scanned",
+        parallel.unsupported,
+        functools.partial(parallel.run, chunked=True),
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked}
 BACKENDS: tuple[str, ...] = tuple(_FACTORIES)
 
 
@@ -53,20 +71,36 @@ def choose_backend(name: str, analysis: Analysis) -> tuple[Backend, str]:
     ``name`` is a backend name or ``auto``.
     """
     if name == "auto":
-        reasons = []
-        for candidate in BACKENDS:
-            backend = get_backend(candidate)
-            why_not = backend.unsupported(analysis)
-            if why_not is None:
-                if candidate == "sequential":
-                    return backend, "the sequential loop is the only backend available for this cell" + (
-                        f" ({'; '.join(reasons)})" if reasons else ""
-                    )
-                return backend, f"{candidate} is the fastest backend that supports this cell"
-            reasons.append(f"{candidate}: {why_not}")
-        raise BackendError("no backend can run this cell: " + "; ".join(reasons))
+        return _choose_auto(analysis)
     backend = get_backend(name)
     why_not = backend.unsupported(analysis)
     if why_not is not None:
         raise BackendError(f"backend '{name}' cannot run cell {analysis.cell.name}: {why_not}", expected="backend='sequential' or 'auto'")
     return backend, f"backend '{name}' was requested"
+
+
+def _choose_auto(analysis: Analysis) -> tuple[Backend, str]:
+    """The fastest correct form for the cell's classification.
+
+    Nonlinear or coupled recurrences only run step by step.  Matrix states that outputs
+    read linearly are cheapest in the chunked form (no per-step state is stored, and the
+    work is matmuls); everything else is a log-depth scan.
+    """
+    from . import parallel
+
+    why_not = parallel.unsupported(analysis)
+    if why_not is not None:
+        return get_backend("sequential"), f"no time-parallel form: {why_not}"
+    chunked = []
+    for state in analysis.states:
+        plan = parallel.chunk_plan(analysis, state)
+        # A decay that differs per element (S6) makes the chunk's decay tensor as large as
+        # the per-step states themselves: then the scan is the cheaper form.
+        if isinstance(plan, parallel.ChunkPlan) and state.recurrence.structure != "elementwise":
+            chunked.append(f"{state.state} ({plan.kind})")
+    if chunked:
+        return get_backend("chunked"), (
+            f"matrix state {', '.join(chunked)} is read out linearly, so chunks of {parallel.DEFAULT_CHUNK} steps "
+            "compute it with matmuls without storing it per step; the other recurrences are scanned"
+        )
+    return get_backend("scan"), "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one log-depth scan"

@@ -50,10 +50,6 @@ def align(value: torch.Tensor, declared_rank: int, target_rank: int) -> torch.Te
     return value.reshape(value.shape[:lead] + (1,) * (target_rank - declared_rank) + value.shape[lead:])
 
 
-def _real_only(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    return fn
-
-
 def _imag(x: torch.Tensor) -> torch.Tensor:
     return torch.imag(x) if x.is_complex() else torch.zeros_like(x)
 
@@ -161,8 +157,9 @@ class Evaluator:
     def literal(self, node: ir.Literal) -> torch.Tensor:
         return torch.tensor(node.value, dtype=self.numerics.dtype_of(node.type.kind), device=self.numerics.device)
 
-    def evaluate(self, expr: ir.Expr) -> torch.Tensor:
-        memo: dict[int, torch.Tensor] = {}
+    def evaluate(self, expr: ir.Expr, known: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """The value of ``expr``; ``known`` gives values of subexpressions by ``id`` (substitutions)."""
+        memo: dict[int, torch.Tensor] = dict(known) if known else {}
         return self._eval(expr, memo)
 
     def _eval(self, node: ir.Expr, memo: dict[int, torch.Tensor]) -> torch.Tensor:

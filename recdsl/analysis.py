@@ -25,6 +25,7 @@ Four questions, answered from the IR alone:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
@@ -93,7 +94,7 @@ class SemiringAffine:
     ``structure`` is ``diagonal`` (``A(S) = S (*) decay`` elementwise) or ``matrix`` (a
     semiring matrix product, as in a CRF's forward algorithm).  ``decay`` is set for the
     diagonal structure; ``input`` is None when the update has no free term (the
-    semiring's zero).
+    semiring's zero).  ``transition`` is ``A(S)`` without the input term.
     """
 
     semiring: Semiring
@@ -145,6 +146,7 @@ class Analysis:
     states: tuple[StateAnalysis, ...]
     schedule: tuple[tuple[str, ...], ...]  # states and scans in computable order; >1 = coupled
     readouts: tuple[Readout, ...]
+    expanded_outputs: tuple[ir.Expr, ...]  # each output with state-dependent bindings expanded; readouts point into these
     dependencies: dict[str, frozenset[str]] = field(compare=False, repr=False, default_factory=dict)
 
     def state(self, name: str) -> StateAnalysis:
@@ -473,15 +475,18 @@ def _classify_semiring(expr: ir.Expr, variable: Ref) -> SemiringAffine | None:
         terms, bias, reduced = split
         if not terms:
             continue
+        transition = terms[0]
+        for term in terms[1:]:
+            transition = Op(semiring.plus, (transition, term), Type(_bshape(transition, term)))
         if reduced:
-            return SemiringAffine(semiring, expr, bias, "matrix")
+            return SemiringAffine(semiring, transition, bias, "matrix")
         decays = [_semiring_decay(t, variable) for t in terms]
         if any(d is None for d in decays):
-            return SemiringAffine(semiring, expr, bias, "matrix")
+            return SemiringAffine(semiring, transition, bias, "matrix")
         decay = decays[0]
         for other in decays[1:]:
             decay = Op(semiring.plus, (decay, other), Type(_bshape(decay, other)))  # type: ignore[arg-type]
-        return SemiringAffine(semiring, expr, bias, "diagonal", decay=decay)
+        return SemiringAffine(semiring, transition, bias, "diagonal", decay=decay)
     return None
 
 
@@ -508,6 +513,54 @@ def classify(update: ir.Expr, variable: Ref) -> Recurrence:
     if semiring is not None:
         return semiring
     return Nonlinear(_nonlinear_reason(update, variable))
+
+
+# ---- signs ------------------------------------------------------------------------
+
+
+def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
+    """``log(expr)`` as an expression, when ``expr`` is provably positive; else None.
+
+    Chunked forms accumulate decays in log space; this finds the logarithm exactly where
+    the decay is written as one (``exp(x)`` gives ``x``, ``sigmoid(x)`` gives
+    ``logsigmoid(x)``) rather than taking the log of a rounded value.
+    """
+    if expr.type.kind is not Kind.REAL:
+        return None
+    if isinstance(expr, Literal):
+        return Literal(math.log(expr.value), expr.type) if expr.value > 0 else None
+    if isinstance(expr, Ref):
+        if expr.kind is RefKind.BINDING:
+            binding = cell.binding(expr.name)
+            return log_of_positive(binding.value, cell) if binding is not None else None
+        if expr.kind is RefKind.CONST:
+            const = next((c for c in cell.consts if c.name == expr.name), None)
+            return log_of_positive(const.value, cell) if const is not None else None
+        return None
+    op, args = expr.op, expr.args
+    if op == "exp":
+        return args[0]
+    if op == "sigmoid":
+        return Op("logsigmoid", args, expr.type)
+    if op == "index":
+        inner = log_of_positive(args[0], cell)
+        return None if inner is None else Op("index", (inner,), expr.type, expr.attrs)
+    if op in ("mul", "div"):
+        left, right = log_of_positive(args[0], cell), log_of_positive(args[1], cell)
+        if left is None or right is None:
+            return None
+        return Op("add" if op == "mul" else "sub", (left, right), expr.type)
+    if op == "pow":
+        base = log_of_positive(args[0], cell)
+        return None if base is None or args[1].type.kind is not Kind.REAL else Op("mul", (args[1], base), expr.type)
+    if op == "sub" and isinstance(args[0], Literal) and args[0].value == 1:
+        # 1 - sigmoid(x) = sigmoid(-x)
+        inner = args[1]
+        while isinstance(inner, Ref) and inner.kind is RefKind.BINDING and cell.binding(inner.name) is not None:
+            inner = cell.binding(inner.name).value
+        if isinstance(inner, Op) and inner.op == "sigmoid":
+            return Op("logsigmoid", (Op("neg", inner.args, inner.args[0].type),), expr.type)
+    return None
 
 
 # ---- order of states --------------------------------------------------------------
@@ -626,9 +679,10 @@ def analyze(cell: ir.CellIR) -> Analysis:
 
     readouts: list[Readout] = []
     state_types = {s.name: s.type for s in cell.states}
-    for emit in cell.outputs:
+    expanded_outputs = tuple(inline(emit.value, cell, time_parallel) for emit in cell.outputs)
+    for emit, expanded in zip(cell.outputs, expanded_outputs):
         if emit.index not in parallel_outputs:
-            readouts.extend(_readouts(emit.index, inline(emit.value, cell, time_parallel), state_types))
+            readouts.extend(_readouts(emit.index, expanded, state_types))
 
     return Analysis(
         cell=cell,
@@ -637,5 +691,6 @@ def analyze(cell: ir.CellIR) -> Analysis:
         states=tuple(states),
         schedule=_schedule(order, reads),
         readouts=tuple(readouts),
+        expanded_outputs=expanded_outputs,
         dependencies=sources,
     )

@@ -1,0 +1,175 @@
+"""Parallel prefix scans in torch, time on dim 0.
+
+A recurrence ``x_t = x_{t-1} (o) e_t`` with an associative ``(o)`` has all its prefixes
+computed in ``ceil(log2 T)`` rounds of elementwise work (Hillis and Steele, 1986;
+Blelloch, 1990, "Prefix sums and their applications"):
+
+    round k: e'_t = e_{t - 2^k} (o) e_t   for t >= 2^k
+
+Each element here is a tuple of tensors; ``combine(earlier, later)`` is the monoid's
+operation, ``earlier`` the element that comes first in time.  For the first-order linear
+recurrence ``h_t = a_t h_{t-1} + b_t`` the element is ``(a, b)`` and
+
+    (a1, b1) (o) (a2, b2) = (a1 a2, a2 b1 + b2)
+
+:func:`linear_scan` runs it chunk by chunk (a scan inside chunks, a recursive scan over
+chunk totals, a fix-up), so the work is O(T log C) instead of O(T log T).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+Elements = tuple[torch.Tensor, ...]
+Combine = Callable[[Elements, Elements], Elements]
+
+
+def prefix_scan(elements: Sequence[torch.Tensor], combine: Combine) -> Elements:
+    """Inclusive scan of ``elements`` (each ``[T, ...]``) under ``combine``, by recursive doubling.
+
+    Every element keeps its own shape through ``combine`` (shapes may differ between the
+    members of the tuple, e.g. a broadcast decay beside a full state).
+    """
+    current = tuple(elements)
+    steps = current[0].shape[0]
+    offset = 1
+    while offset < steps:
+        earlier = tuple(e[:-offset] for e in current)
+        later = tuple(e[offset:] for e in current)
+        combined = combine(earlier, later)
+        current = tuple(torch.cat([e[:offset], c.expand((c.shape[0],) + e.shape[1:]) if c.shape[1:] != e.shape[1:] else c], 0) for e, c in zip(current, combined))
+        offset *= 2
+    return current
+
+
+def _affine_combine(earlier: Elements, later: Elements) -> Elements:
+    a1, b1 = earlier
+    a2, b2 = later
+    return a1 * a2, a2 * b1 + b2
+
+
+def _sum_to(gradient: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum ``gradient`` over the dims that were broadcast from ``shape``."""
+    dims = tuple(i for i, (g, s) in enumerate(zip(gradient.shape, shape)) if s == 1 and g != 1)
+    return gradient.sum(dims, keepdim=True) if dims else gradient
+
+
+class _LinearScan(torch.autograd.Function):
+    """``h_t = a_t h_{t-1} + b_t`` with its adjoint derived rather than taped.
+
+    The gradient flows backwards through the same recurrence, reversed in time:
+    ``g_t = dL/dh_t + conj(a_{t+1}) g_{t+1}``, then ``dL/db_t = g_t`` and
+    ``dL/da_t = g_t conj(h_{t-1})``.  Only ``a`` and ``h`` are kept for the backward pass,
+    so memory is that of the inputs and outputs, not of every round of the scan.
+    """
+
+    @staticmethod
+    def forward(ctx, decay: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+        states = _linear_scan(decay, value, chunk)
+        ctx.save_for_backward(decay, states)
+        ctx.chunk = chunk
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: torch.Tensor):
+        decay, states = ctx.saved_tensors
+        following = torch.cat([decay[1:], torch.zeros_like(decay[:1])], 0).conj()
+        adjoint = _linear_scan(following.flip(0), grad_states.flip(0), ctx.chunk).flip(0)
+        grad_value = adjoint if ctx.needs_input_grad[1] else None
+        grad_decay = None
+        if ctx.needs_input_grad[0]:
+            previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]], 0)
+            grad_decay = _sum_to(adjoint * previous.conj(), decay.shape)
+            if not decay.is_complex() and grad_decay.is_complex():
+                grad_decay = grad_decay.real
+        return grad_decay, grad_value, None
+
+
+def linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+    """``h_t = decay_t * h_{t-1} + value_t`` with ``h_{-1} = 0``, for all t; time on dim 0.
+
+    ``decay`` broadcasts against ``value`` (a decay shared along some axes stays small).
+    Real or complex.  No division and no logarithm, so decays near 0, exactly 0, negative
+    or complex are all exact; products only shrink when ``|decay| <= 1``.  Differentiable,
+    with the reverse scan as its backward pass.
+    """
+    steps = value.shape[0]
+    decay = decay.expand((steps,) + decay.shape[1:]) if decay.shape[0] != steps else decay
+    if decay.is_complex() and not value.is_complex():
+        value = value.to(decay.dtype)
+    if torch.is_grad_enabled() and (decay.requires_grad or value.requires_grad):
+        return _LinearScan.apply(decay, value, chunk)
+    return _linear_scan(decay, value, chunk)
+
+
+def _linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+    steps = value.shape[0]
+    if steps <= chunk:
+        return prefix_scan((decay, value), _affine_combine)[1]
+    chunks = -(-steps // chunk)
+    pad = chunks * chunk - steps
+    if pad:
+        decay = torch.cat([decay, decay.new_ones((pad,) + decay.shape[1:])], 0)
+        value = torch.cat([value, value.new_zeros((pad,) + value.shape[1:])], 0)
+    local_decay, local_value = prefix_scan(
+        (decay.reshape((chunks, chunk) + decay.shape[1:]).transpose(0, 1), value.reshape((chunks, chunk) + value.shape[1:]).transpose(0, 1)),
+        _affine_combine,
+    )
+    # local_*[i, c] is the scan of chunk c up to its i-th step from a zero carry.
+    carried = _linear_scan(local_decay[-1], local_value[-1], chunk)  # the state at the end of each chunk
+    carry_in = torch.cat([torch.zeros_like(carried[:1]), carried[:-1]], 0)
+    states = local_decay * carry_in.unsqueeze(0) + local_value
+    return states.transpose(0, 1).reshape((chunks * chunk,) + states.shape[2:])[:steps]
+
+
+def matrix_affine_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``S_t = M_t @ S_{t-1} + B_t`` with ``S_{-1} = 0``: ``transition`` ``[T, ..., K, K]``, ``value`` ``[T, ..., K, V]``."""
+
+    def combine(earlier: Elements, later: Elements) -> Elements:
+        m1, b1 = earlier
+        m2, b2 = later
+        return m2 @ m1, m2 @ b1 + b2
+
+    return prefix_scan((transition, value), combine)[1]
+
+
+def semiring_diagonal_scan(decay: torch.Tensor, value: torch.Tensor, plus: Callable) -> torch.Tensor:
+    """``h_t = plus(h_{t-1} + decay_t, value_t)`` (a tropical semiring, times = +), ``h_{-1}`` = the zero.
+
+    The first ``value`` must already include the initial state.
+    """
+
+    def combine(earlier: Elements, later: Elements) -> Elements:
+        a1, b1 = earlier
+        a2, b2 = later
+        return a1 + a2, plus(b1 + a2, b2)
+
+    decay = decay.expand((value.shape[0],) + decay.shape[1:]) if decay.shape[0] != value.shape[0] else decay
+    return prefix_scan((decay, value), combine)[1]
+
+
+def semiring_matmul(left: torch.Tensor, right: torch.Tensor, reduce: Callable) -> torch.Tensor:
+    """``(left (x) right)[..., i, j] = (+)_k left[..., i, k] + right[..., k, j]``."""
+    return reduce(left.unsqueeze(-1) + right.unsqueeze(-3), -2)
+
+
+def semiring_product_scan(transition: torch.Tensor, reduce: Callable) -> torch.Tensor:
+    """Prefix products ``P_t = T_0 (x) T_1 (x) ... (x) T_t`` of ``[T, ..., N, N]`` semiring matrices."""
+
+    def combine(earlier: Elements, later: Elements) -> Elements:
+        return (semiring_matmul(earlier[0], later[0], reduce),)
+
+    return prefix_scan((transition,), combine)[0]
+
+
+def semiring_matrix_scan(transition: torch.Tensor, value: torch.Tensor, plus: Callable, reduce: Callable) -> torch.Tensor:
+    """``h_t = plus(h_{t-1} (x) T_t, value_t)`` for row vectors ``value`` ``[T, ..., N]``, ``h_{-1}`` = the zero."""
+
+    def combine(earlier: Elements, later: Elements) -> Elements:
+        t1, b1 = earlier
+        t2, b2 = later
+        return semiring_matmul(t1, t2, reduce), plus(semiring_matmul(b1.unsqueeze(-2), t2, reduce).squeeze(-2), b2)
+
+    return prefix_scan((transition, value), combine)[1]
