@@ -28,6 +28,8 @@ from .ir import Kind, RefKind, Type
 from .ops import BINARY_OPERATORS, CONSTANTS, FUNCTIONS, INITIALIZERS, OPS, Accepts, Category, Returns
 
 SCALAR = Type(())
+# Integer constants computed at compile time are capped at this many bits.
+_MAX_CONSTANT_BITS = 4096
 BROADCAST_EXPECTED = "shapes that are equal or 1 in each dim, aligned from the right (numpy broadcasting)"
 
 
@@ -148,19 +150,25 @@ class _Scope:
             left, right = self.static(node.left, what), self.static(node.right, what)
             try:
                 if node.op == "+":
-                    return left + right
+                    return self._small(left + right, node)
                 if node.op == "-":
-                    return left - right
+                    return self._small(left - right, node)
                 if node.op == "*":
-                    return left * right
+                    return self._small(left * right, node)
                 if node.op == "/":
                     return left / right
                 if node.op == "//":
                     return left // right
-                return left**right
+                if isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+                    if right * (abs(left).bit_length() - 1) > _MAX_CONSTANT_BITS:
+                        raise self._too_large(node)
+                return self._small(left**right, node)
             except (ZeroDivisionError, OverflowError, TypeError, ValueError) as error:
                 raise TypeCheckError(f"cannot evaluate this constant: {error}", node.span) from None
         if isinstance(node, ast.Call) and node.func in ("exp", "log", "sqrt", "abs", "max", "min") and node.args:
+            spec = OPS[FUNCTIONS[node.func]]
+            if not spec.min_args <= len(node.args) <= spec.max_args:
+                raise self._arity(node, spec)
             args = [self.static(a, what) for a in node.args]
             functions: dict[str, Callable] = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "abs": abs, "max": max, "min": min}
             try:
@@ -169,11 +177,35 @@ class _Scope:
                 raise TypeCheckError(f"cannot evaluate this constant: {error}", node.span) from None
         raise TypeCheckError(f"{what} must be known at compile time", node.span, expected="a number or an expression of the dims")
 
+    @staticmethod
+    def _too_large(node: ast.Expr) -> TypeCheckError:
+        return TypeCheckError(
+            f"this constant is too large (more than {_MAX_CONSTANT_BITS} bits)", node.span, expected="a number below 2 ** 4096 (or a float such as 1e300)"
+        )
+
+    def _small(self, value, node: ast.Expr):
+        if isinstance(value, int) and value.bit_length() > _MAX_CONSTANT_BITS:
+            raise self._too_large(node)
+        return value
+
+    @staticmethod
+    def _arity(node: ast.Call, spec) -> TypeCheckError:
+        count = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} or {spec.max_args}"
+        plural = "s" if spec.max_args > 1 else ""
+        return TypeCheckError(
+            f"{node.func}() takes {count} argument{plural}, got {len(node.args)}",
+            node.span,
+            expected=f"{count} argument{plural} ({node.func}: {spec.doc})",
+        )
+
     def static_int(self, node: ast.Expr, what: str, minimum: int | None = None) -> int:
         value = self.static(node, what)
-        if isinstance(value, complex) or not float(value).is_integer():
+        # (an int is checked as an int: float() of a huge one overflows)
+        if not isinstance(value, int) and (isinstance(value, complex) or not float(value).is_integer()):
             raise TypeCheckError(f"{what} must be an integer, got {value}", node.span, expected="an integer")
         value = int(value)
+        if abs(value) >= 2**63:
+            raise ShapeError(f"{what} is too large ({len(str(abs(value)))} digits)", node.span, expected="an integer below 2 ** 63")
         if minimum is not None and value < minimum:
             raise ShapeError(f"{what} must be at least {minimum}, got {value}", node.span, expected=f"an integer >= {minimum}")
         return value
@@ -247,6 +279,8 @@ class _Scope:
     # ---- expressions
     def expr(self, node: ast.Expr) -> ir.Expr:
         if isinstance(node, ast.Number):
+            if isinstance(node.value, int) and node.value.bit_length() > 1023:
+                raise TypeCheckError("this number is too large for a floating-point value", node.span, expected="a number below about 1.8e308 (or inf)")
             return ir.Literal(node.value, Type((), Kind.COMPLEX if isinstance(node.value, complex) else Kind.REAL))
         if isinstance(node, ast.Name):
             return self.name(node)
@@ -303,12 +337,7 @@ class _Scope:
             )
         spec = OPS[op]
         if not spec.min_args <= len(node.args) <= spec.max_args:
-            count = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} or {spec.max_args}"
-            raise TypeCheckError(
-                f"{node.func}() takes {count} argument{'s' if spec.max_args > 1 else ''}, got {len(node.args)}",
-                node.span,
-                expected=spec.doc,
-            )
+            raise self._arity(node, spec)
         if spec.category is Category.CONSTANT:
             size = self.static_int(node.args[0], f"the size given to {node.func}()", minimum=1)
             shape = (size,) if op == "arange" else (size, size)
@@ -322,7 +351,9 @@ class _Scope:
                     raise ShapeError(
                         f"axis {axis} is out of range for a value of shape {_fmt_shape(value.type.shape)}",
                         node.args[1].span,
-                        expected=f"an axis in [{-value.type.rank}, {value.type.rank - 1}]",
+                        expected=f"an axis in [{-value.type.rank}, {value.type.rank - 1}]"
+                        if value.type.rank
+                        else f"no axis: the value is a scalar, write {node.func}(x)",
                     )
                 axis %= value.type.rank
             self._check_kinds(spec, (value,), node.span, (node.args[0].span,))
@@ -462,6 +493,8 @@ def _bind_dims(scope: _Scope, params: tuple[ast.DimParam, ...], given: Mapping[s
             value = given[param.name]
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise DimensionError(f"dim '{param.name}' of {owner} must be a number, got {value!r}", param.span, expected="an int (or a float hyperparameter)")
+            if (isinstance(value, float) and not math.isfinite(value)) or (isinstance(value, int) and abs(value) >= 2**63):
+                raise DimensionError(f"dim '{param.name}' of {owner} must be a finite number, got {value!r}", param.span, expected="an int below 2 ** 63 (or a finite float hyperparameter)")
         elif param.default is not None:
             value = scope.static(param.default, f"the default of dim '{param.name}'")
         else:
@@ -559,6 +592,8 @@ def _init(scope: _Scope, node: ast.Expr, param_type: Type, name: str) -> ir.Init
             value = scope.static(arg, f"an argument of {node.func}()")
             if isinstance(value, complex):
                 raise TypeCheckError("initializer arguments must be real", arg.span, expected="a real number")
+            if not math.isfinite(value):
+                raise TypeCheckError(f"initializer arguments must be finite, got {value}", arg.span, expected="a finite real number")
             values.append(float(value))
         if node.func == "normal" and values[0] < 0:
             raise TypeCheckError("normal(std) needs std >= 0", node.args[0].span, expected="a non-negative standard deviation")

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import ir
 from .analysis import Analysis, analyze
-from .errors import DeclarationError, InputError, RecDSLError
+from .errors import BackendError, DeclarationError, InputError, RecDSLError
 from .frontend import load, read_source
 from .ir import Kind, RefKind
 
@@ -47,13 +47,21 @@ class CompiledCell(nn.Module):
     Passing that ``state`` to the next call continues the sequence.
     """
 
-    def __init__(self, analysis: Analysis, backend: str = "auto") -> None:
+    def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None) -> None:
         super().__init__()
         from .backends import choose_backend
 
         self.analysis = analysis
         self.cell: ir.CellIR = analysis.cell
         self._backend, self.backend_reason = choose_backend(backend, analysis)
+        self._backend_options: dict[str, Any] = {}
+        if chunk_size is not None:
+            if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+                raise BackendError(f"chunk_size must be a positive int, got {chunk_size!r}", expected="e.g. chunk_size=64")
+            if backend not in ("chunked", "auto"):
+                raise BackendError(f"chunk_size applies to the chunked backend, not '{backend}'", expected="backend='chunked' (or 'auto')")
+            if self._backend.name == "chunked":
+                self._backend_options["chunk_size"] = chunk_size
         reserved = set(dir(self))
         for param in self.cell.params:
             if param.name in reserved or param.name.startswith("_"):
@@ -239,7 +247,7 @@ class CompiledCell(nn.Module):
             name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
-        outputs, final = self._backend.run(self.analysis, cast_inputs, params, consts, carried, numerics)
+        outputs, final = self._backend.run(self.analysis, cast_inputs, params, consts, carried, numerics, **self._backend_options)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -257,6 +265,7 @@ def compile(
     backend: str = "auto",
     *,
     cell: str | None = None,
+    chunk_size: int | None = None,
     **dims: int | float,
 ) -> CompiledCell:
     """Compile a recdsl program to a ``torch.nn.Module``.
@@ -264,7 +273,8 @@ def compile(
     ``source_or_path`` is the program text or a path to a ``.rec`` file; ``cell`` picks one
     cell when the file defines several; ``dims`` bind the cell's dims (those with defaults
     may be left out); ``backend`` is ``auto`` or a name from
-    :data:`recdsl.backends.BACKENDS`.
+    :data:`recdsl.backends.BACKENDS` (``sequential``, ``scan``, ``chunked``);
+    ``chunk_size`` sets the chunk length of the chunked form (default 64).
 
     >>> import torch, recdsl
     >>> mod = recdsl.compile('''
@@ -280,6 +290,6 @@ def compile(
     cell_ir = load(source_or_path, cell=cell, dims=dims)
     analysis = analyze(cell_ir)
     try:
-        return CompiledCell(analysis, backend)
+        return CompiledCell(analysis, backend, chunk_size)
     except RecDSLError as error:
         raise error.located(read_source(source_or_path)) from None

@@ -91,23 +91,60 @@ def _describe_expected(expected: set[str], parser: Lark) -> str:
     return ", ".join(words[:-1]) + " or " + words[-1]
 
 
-def _unclosed_bracket(text: str, line: int, column: int) -> str | None:
-    """Where the innermost bracket still open before (line, column) was opened, in words."""
+_CLOSING = {"(": ")", "[": "]", "{": "}"}
+
+
+def _unclosed_bracket(text: str, line: int, column: int, opening: str = "([") -> str | None:
+    """Where the innermost bracket (of ``opening``) still open before (line, column) was opened, in words."""
+    closing = "".join(_CLOSING[c] for c in opening)
     stack: list[tuple[str, int, int]] = []
     for number, content in enumerate(text.splitlines()[:line], start=1):
         limit = column - 1 if number == line else len(content)
         for position, char in enumerate(content[:limit], start=1):
             if char == "#":
                 break
-            if char in "([":
+            if char in opening:
                 stack.append((char, number, position))
-            elif char in ")]" and stack:
+            elif char in closing and stack:
                 stack.pop()
     if not stack:
         return None
     char, number, position = stack[-1]
-    closing = ")" if char == "(" else "]"
-    return f"the '{char}' opened at line {number}, column {position} is not closed: is a '{closing}' missing?"
+    return f"the '{char}' opened at line {number}, column {position} is not closed: is a '{_CLOSING[char]}' missing?"
+
+
+def _end_of_code(text: str) -> tuple[int, int]:
+    """(line, column) just past the last character of code, ignoring trailing blank and comment lines."""
+    lines = text.splitlines()
+    for number in range(len(lines), 0, -1):
+        code = lines[number - 1].split("#")[0].rstrip()
+        if code:
+            return number, len(code) + 1
+    return 1, 1
+
+
+# Deeper parse trees are refused with a clean error rather than a RecursionError in the
+# recursive passes after the parser (about a hundred nested calls, or a chain of two
+# hundred binary operators: far beyond any real cell).
+MAX_DEPTH = 200
+
+
+def _too_deep(tree: lark.Tree, source: Source) -> ParseError | None:
+    """A ParseError at the first subtree nested deeper than MAX_DEPTH, if any (iterative)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            span = _meta_span(node.meta) if isinstance(node, lark.Tree) else _token_span(node)
+            return ParseError(
+                f"the expression is nested too deeply (more than {MAX_DEPTH} levels)",
+                span or Span(1, 1, 1, 1),
+                source,
+                expected="a shallower expression: bind parts of it to names on lines of their own",
+            )
+        if isinstance(node, lark.Tree):
+            stack.extend((child, depth + 1) for child in node.children if isinstance(child, lark.Tree))
+    return None
 
 
 class _DropNewlinesInBrackets:
@@ -151,10 +188,13 @@ def _token_span(token: Token) -> Span:
     return Span(token.line, token.column, end_line, max(end_column, token.column) if end_line == token.line else end_column)
 
 
-def _parse_number(text: str) -> int | float:
+def _parse_number(text: str, span: Span | None = None) -> int | float:
     if any(c in text for c in ".eE"):
         return float(text)
-    return int(text)
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+        raise ParseError(f"the number has {len(text)} digits, too many to read", span, expected="a shorter number (or a float such as 1e300)") from None
 
 
 @v_args(meta=True)
@@ -164,11 +204,12 @@ class _ToAST(Transformer):
     # ---- expressions
     def number(self, meta, children):
         (token,) = children
-        return ast.Number(_parse_number(str(token)), span=_token_span(token))
+        return ast.Number(_parse_number(str(token), _token_span(token)), span=_token_span(token))
 
     def imaginary(self, meta, children):
         (token,) = children
-        return ast.Number(complex(0, _parse_number(str(token)[:-1])), span=_token_span(token))
+        # float() never overflows (it gives inf), unlike complex(0, <huge int>).
+        return ast.Number(complex(0, float(str(token)[:-1])), span=_token_span(token))
 
     def name(self, meta, children):
         (token,) = children
@@ -307,10 +348,9 @@ def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
         token = error.token
         expected = _describe_expected(set(error.accepts or error.expected), parser)
         if token.type == "$END":
-            lines = source.text.splitlines() or [""]
-            line = len(lines)
-            column = max(1, len(lines[-1]))
-            return ParseError("unexpected end of file", Span(line, column, line, column), source, expected)
+            line, column = _end_of_code(source.text)
+            hint = _unclosed_bracket(source.text, line, column, "([{")
+            return ParseError("unexpected end of file", Span(line, column, line, column), source, f"{expected}; {hint}" if hint else expected)
         if token.type == "_NL":
             # The newline token starts at the end of the line: point just past its last character.
             return ParseError("unexpected end of line", Span(token.line, token.column, token.line, token.column), source, expected)
@@ -320,9 +360,16 @@ def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
             expected = f"{expected}; {hint}"
         return ParseError(f"unexpected {what}", _token_span(token), source, expected)
     if isinstance(error, UnexpectedEOF):
-        lines = source.text.splitlines() or [""]
-        return ParseError("unexpected end of file", Span(len(lines), max(1, len(lines[-1])), len(lines), max(1, len(lines[-1]))), source, _describe_expected(set(error.expected), parser))
+        line, column = _end_of_code(source.text)
+        return ParseError("unexpected end of file", Span(line, column, line, column), source, _describe_expected(set(error.expected), parser))
     return ParseError(str(error).splitlines()[0] if str(error) else "syntax error", None, source)
+
+
+def _longest_line(source: Source) -> Span:
+    """The longest line, whole: the likeliest place of a nesting too deep for the parser."""
+    lines = source.text.splitlines() or [""]
+    number = max(range(len(lines)), key=lambda i: len(lines[i])) + 1
+    return Span(number, 1, number, max(1, len(lines[number - 1])))
 
 
 def parse(text: str, filename: str = "<string>") -> ast.Program:
@@ -340,7 +387,10 @@ def parse(text: str, filename: str = "<string>") -> ast.Program:
     except UnexpectedInput as error:
         raise _syntax_error(error, source) from None
     except RecursionError:
-        raise ParseError("the program is nested too deeply", Span(1, 1, 1, 1), source) from None
+        raise ParseError("the program is nested too deeply", _longest_line(source), source) from None
+    too_deep = _too_deep(tree, source)
+    if too_deep is not None:
+        raise too_deep
     try:
         return _ToAST().transform(tree)
     except VisitError as error:
@@ -348,10 +398,12 @@ def parse(text: str, filename: str = "<string>") -> ast.Program:
         if isinstance(inner, RecDSLError):
             raise inner.located(source) from None
         if isinstance(inner, (ValueError, OverflowError)):
-            raise ParseError(f"invalid literal: {inner}", None, source) from None
+            raise ParseError(f"invalid literal: {inner}", _meta_span(error.obj.meta) if isinstance(error.obj, lark.Tree) else None, source) from None
+        if isinstance(inner, RecursionError):
+            raise ParseError("the program is nested too deeply", _longest_line(source), source) from None
         raise
     except RecursionError:
-        raise ParseError("the program is nested too deeply", Span(1, 1, 1, 1), source) from None
+        raise ParseError("the program is nested too deeply", _longest_line(source), source) from None
 
 
 def parse_file(path: str | Path) -> ast.Program:
