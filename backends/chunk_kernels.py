@@ -39,6 +39,17 @@ from .scans import linear_scan
 _LOG_DECAY_FLOOR = -60.0
 
 
+# Factorising exp(G_t - G_s) into exp(G_t) exp(-G_s) is exact while exp(-G_s) stays well
+# inside float32's range (exp(88) overflows).
+_FACTOR_LIMIT = 60.0
+
+
+def _pairwise_decay(G: torch.Tensor, causal: torch.Tensor) -> torch.Tensor:
+    """``exp(G_t - G_s)`` for ``s <= t`` (zero above the diagonal): ``[N, n, C, C, K', V']``."""
+    gap = G.unsqueeze(3) - G.unsqueeze(2)
+    return gap.masked_fill(~causal[:, :, None, None], float("-inf")).exp()
+
+
 @dataclass(frozen=True)
 class RankOneInput:
     """One term ``k_t v_t^T`` of the input, ``k`` ``[N, T, K]`` and ``v`` ``[N, T, V]``."""
@@ -78,11 +89,19 @@ def decayed_outer_products(
     per_value = G.shape[-1] != 1  # the decay differs between value columns (S6's channels)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=G.device).tril()
 
-    # Decay from step s to step t >= s inside a chunk: exp(G_t - G_s), zero above the diagonal.
-    gap = G.unsqueeze(3) - G.unsqueeze(2)  # [N, n, C(t), C(s), K', V']
-    gap = gap.masked_fill(~causal[:, :, None, None], float("-inf"))
-    decay_ts = gap.exp()
     decay_to_end = (G_end.unsqueeze(2) - G).exp()  # [N, n, C(s), K', V']
+    if per_value:
+        decay_ts = _pairwise_decay(G, causal)
+    else:
+        # Inside a chunk, exp(G_t - G_s) = exp(G_t) * exp(-G_s): a matmul instead of a
+        # C x C x K tensor of exponentials.  exp(-G_s) stays below exp(_FACTOR_LIMIT) where
+        # the chunk's total decay is above exp(-_FACTOR_LIMIT) ("safe" dims); the other dims
+        # (decays near zero) take the exact pairwise form.
+        G_k = G[..., 0]  # [N, n, C, K']
+        safe = (G_k.amin(2) > -_FACTOR_LIMIT) & (G_k.amax(2) < _FACTOR_LIMIT)  # [N, n, K']
+        growth = torch.where(safe.unsqueeze(2), (-G_k).clamp(-_FACTOR_LIMIT, _FACTOR_LIMIT).exp(), torch.zeros_like(G_k))
+        shrink = G_k.clamp(-_FACTOR_LIMIT, _FACTOR_LIMIT).exp()
+        unsafe = None if bool(safe.all()) else ~safe
 
     # The chunk-boundary states: S_end[c] = exp(G_end[c]) * S_end[c-1] + update[c].
     update = None
@@ -118,12 +137,15 @@ def decayed_outer_products(
             if per_value:
                 scores = torch.einsum("bntk,bnsk,bntskv->bntsv", q, k, decay_ts.expand(-1, -1, -1, -1, q.shape[-1], -1))
                 out = out + torch.einsum("bntsv,bnsv->bntv", scores, v)
-            elif decay_ts.shape[-2] == 1:  # one decay for the whole state: a masked attention matrix
-                scores = (q @ k.transpose(-1, -2)) * decay_ts[..., 0, 0]
-                out = out + scores @ v
-            else:
-                scores = torch.einsum("bntk,bnsk,bntsk->bnts", q, k, decay_ts[..., 0])
-                out = out + scores @ v
+                continue
+            scores = ((q * shrink) @ (k * growth).transpose(-1, -2)).masked_fill(~causal, 0.0)
+            if unsafe is not None:
+                pairwise = _pairwise_decay(G, causal)[..., 0] * unsafe[:, :, None, None, :]
+                if pairwise.shape[-1] == 1:
+                    scores = scores + (q @ k.transpose(-1, -2)) * pairwise[..., 0]
+                else:
+                    scores = scores + torch.einsum("bntk,bnsk,bntsk->bnts", q, k, pairwise)
+            out = out + scores @ v
         results.append(out.reshape((out.shape[0], padded) + out.shape[3:])[:, :steps])
     return results, ends[:, -1]
 

@@ -219,7 +219,37 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | str:
     return f"no chunked form for a {recurrence.name} recurrence with a {getattr(recurrence, 'structure', '')} transition"
 
 
+_PLANS: dict[tuple[int, str], tuple[Analysis, ChunkPlan | str]] = {}
+
+
+def _cached_chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | str:
+    """:func:`chunk_plan`, computed once per analysis (its IR nodes then live as long as the analysis)."""
+    key = (id(analysis), state.state)
+    cached = _PLANS.get(key)
+    if cached is None or cached[0] is not analysis:
+        cached = (analysis, chunk_plan(analysis, state))
+        _PLANS[key] = cached
+    return cached[1]
+
+
 # ---- evaluation over whole sequences -----------------------------------------------------
+
+
+class _LazyValues(dict):
+    """Values by ``(RefKind, label)``; a time-parallel binding is computed when first read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[tuple[RefKind, str], ir.Expr] = {}
+        self.evaluator: Evaluator | None = None
+
+    def __missing__(self, key):
+        expr = self.pending.pop(key, None)
+        if expr is None or self.evaluator is None:
+            raise KeyError(key)
+        value = self.evaluator.evaluate(expr)
+        self[key] = value
+        return value
 
 
 class _Sequences:
@@ -228,8 +258,11 @@ class _Sequences:
     def __init__(self, numerics: Numerics, lead: tuple[int, ...]) -> None:
         self.numerics = numerics
         self.lead = lead  # (B, T, *heads)
-        self.values: dict[tuple[RefKind, str], torch.Tensor] = {}
-        self.evaluator = Evaluator(numerics, self.values)
+        self.values = _LazyValues()
+        # One memo for the whole run: refs only ever gain values (a state's sequence once it
+        # is solved), so no memoised value goes stale.  Basis evaluations use their own.
+        self.evaluator = Evaluator(numerics, self.values, shared=True)
+        self.values.evaluator = self.evaluator
 
     def evaluate(self, expr: ir.Expr, known: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         return self.evaluator.evaluate(expr, known)
@@ -325,16 +358,14 @@ class _Solver:
         size = basis.shape[0]
         lead_ones = (1,) * len(self.seq.lead)
         previous = basis.reshape((size,) + lead_ones + state.type.shape)
-        key = (RefKind.STATE_PREV, state.state)
-        saved = self.seq.values.get(key)
-        self.seq.values[key] = previous
-        try:
-            result = self.seq.evaluate(transition)
-        finally:
-            if saved is None:
-                self.seq.values.pop(key, None)
-            else:
-                self.seq.values[key] = saved
+        # A private memo: the state's previous value is the basis here, not its sequence.
+        values = _LazyValues()
+        values.update(self.seq.values)
+        values.pending = dict(self.seq.values.pending)
+        values[(RefKind.STATE_PREV, state.state)] = previous
+        evaluator = Evaluator(self.seq.numerics, values)
+        values.evaluator = evaluator
+        result = evaluator.evaluate(transition)
         result = align(result, transition.type.rank, state.type.rank) if result.dim() > transition.type.rank else result
         result = result.expand((size,) + self.seq.lead + state.type.shape)
         return result.reshape((size,) + self.seq.lead + (size,))
@@ -496,7 +527,7 @@ def run(
     seq.values.update({(RefKind.INPUT, n): v for n, v in inputs.items()})
     for statement in cell.body:
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
-            seq.values[(RefKind.BINDING, statement.name)] = seq.evaluate(statement.value)
+            seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
     solver = _Solver(analysis, seq, state)
     scans = {s.name: s for s in cell.scans}
@@ -511,7 +542,7 @@ def run(
                 final[f"{name}.{carry}"] = value[:, -1]
             continue
         state_analysis = analysis.state(name)
-        plan = chunk_plan(analysis, state_analysis) if chunked else None
+        plan = _cached_chunk_plan(analysis, state_analysis) if chunked else None
         if isinstance(plan, ChunkPlan):
             readouts, final[name] = _run_chunk_plan(seq, plan, state_analysis, state[name], chunk_size)
             for node, value in zip(plan.readouts, readouts):

@@ -146,26 +146,34 @@ def _index_key(items: tuple) -> tuple:
 class Evaluator:
     """Evaluates IR expressions given the tensors of the refs they read.
 
-    ``values`` maps ``(RefKind, label)`` to tensors; the evaluator memoises each node of
-    one :meth:`evaluate` call by identity, so a shared subexpression is computed once.
+    ``values`` maps ``(RefKind, label)`` to tensors (any mapping: a lazy one may compute a
+    binding on first use).  Each node's value is memoised by identity; with ``shared=True``
+    the memo lives as long as the evaluator, so subexpressions common to several
+    expressions of one run (a decay and its logarithm, say) are computed once.  Only
+    share it while ``values`` do not change.
     """
 
-    def __init__(self, numerics: Numerics, values: Mapping[tuple[RefKind, str], torch.Tensor]) -> None:
+    def __init__(self, numerics: Numerics, values: Mapping[tuple[RefKind, str], torch.Tensor], shared: bool = False) -> None:
         self.numerics = numerics
         self.values = values
+        # id(node) -> (node, value): the node is kept so that its id cannot be reused.
+        self._shared: dict[int, tuple[ir.Expr, torch.Tensor]] | None = {} if shared else None
 
     def literal(self, node: ir.Literal) -> torch.Tensor:
         return torch.tensor(node.value, dtype=self.numerics.dtype_of(node.type.kind), device=self.numerics.device)
 
     def evaluate(self, expr: ir.Expr, known: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         """The value of ``expr``; ``known`` gives values of subexpressions by ``id`` (substitutions)."""
-        memo: dict[int, torch.Tensor] = dict(known) if known else {}
+        memo = self._shared if self._shared is not None and not known else {}
+        if known:
+            memo.update({key: (None, value) for key, value in known.items()})  # type: ignore[misc]
         return self._eval(expr, memo)
 
-    def _eval(self, node: ir.Expr, memo: dict[int, torch.Tensor]) -> torch.Tensor:
+    def _eval(self, node: ir.Expr, memo: dict[int, tuple[ir.Expr, torch.Tensor]]) -> torch.Tensor:
         key = id(node)
-        if key in memo:
-            return memo[key]
+        hit = memo.get(key)
+        if hit is not None and (hit[0] is node or hit[0] is None):
+            return hit[1]
         if isinstance(node, ir.Literal):
             result = self.literal(node)
         elif isinstance(node, ir.Ref):
@@ -173,7 +181,7 @@ class Evaluator:
         else:
             args = [self._eval(a, memo) for a in node.args]
             result = self.apply(node, args)
-        memo[key] = result
+        memo[key] = (node, result)
         return result
 
     def apply(self, node: ir.Op, args: list[torch.Tensor]) -> torch.Tensor:

@@ -349,7 +349,11 @@ def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
         expected = _describe_expected(set(error.accepts or error.expected), parser)
         if token.type == "$END":
             line, column = _end_of_code(source.text)
-            hint = _unclosed_bracket(source.text, line, column, "([{")
+            # An open '(' or '[' (inside which newlines do not end a statement) is the likely
+            # culprit; an open '{' only when a '}' would have been accepted here.
+            hint = _unclosed_bracket(source.text, line, column)
+            if hint is None and "RBRACE" in set(error.accepts or error.expected):
+                hint = _unclosed_bracket(source.text, line, column, "{")
             return ParseError("unexpected end of file", Span(line, column, line, column), source, f"{expected}; {hint}" if hint else expected)
         if token.type == "_NL":
             # The newline token starts at the end of the line: point just past its last character.
