@@ -70,6 +70,9 @@ def run(
                 parallel[statement.name] = (value, statement.value.type)
             parallel_outputs[statement.index] = _full_sequence(value, statement.value.type, lead)
 
+    # State-free parts of step-by-step statements (GRU's input projections), for all steps at once.
+    hoisted = [(node, whole_eval.evaluate(node)) for node in analysis.hoisted]
+
     carried = dict(state)
     scans = {s.name: s for s in cell.scans}
     per_step: dict[int, list[torch.Tensor]] = {e.index: [] for e in cell.outputs if e.index not in parallel_outputs}
@@ -78,7 +81,10 @@ def run(
         values.update({(RefKind.INPUT, name): value[:, t] for name, value in inputs.items()})
         values.update({(RefKind.BINDING, name): _time_slice(v, decl, t) for name, (v, decl) in parallel.items()})
         values.update({(RefKind.STATE_PREV, s.name): carried[s.name] for s in cell.states})
-        evaluator = Evaluator(numerics, values)
+        # Within a step each ref gets its value once, so one memo serves the whole step.
+        evaluator = Evaluator(numerics, values, shared=True)
+        for node, value in hoisted:
+            evaluator.seed(node, _time_slice(value, node.type, t))
         for statement in cell.body:
             if isinstance(statement, ir.Assign):
                 if statement.name not in analysis.time_parallel:

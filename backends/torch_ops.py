@@ -159,6 +159,11 @@ class Evaluator:
         # id(node) -> (node, value): the node is kept so that its id cannot be reused.
         self._shared: dict[int, tuple[ir.Expr, torch.Tensor]] | None = {} if shared else None
 
+    def seed(self, node: ir.Expr, value: torch.Tensor) -> None:
+        """Give the shared memo the value of ``node`` (computed elsewhere, e.g. for all steps at once)."""
+        assert self._shared is not None, "seed() needs an evaluator with a shared memo"
+        self._shared[id(node)] = (node, value)
+
     def literal(self, node: ir.Literal) -> torch.Tensor:
         return torch.tensor(node.value, dtype=self.numerics.dtype_of(node.type.kind), device=self.numerics.device)
 

@@ -147,6 +147,9 @@ class Analysis:
     schedule: tuple[tuple[str, ...], ...]  # states and scans in computable order; >1 = coupled
     readouts: tuple[Readout, ...]
     expanded_outputs: tuple[ir.Expr, ...]  # each output with state-dependent bindings expanded; readouts point into these
+    # Subexpressions of state-dependent statements that read inputs but no state (GRU's
+    # x @ W_ir + b_ir): a step-by-step backend computes them for all steps at once.
+    hoisted: tuple[ir.Expr, ...] = ()
     dependencies: dict[str, frozenset[str]] = field(compare=False, repr=False, default_factory=dict)
 
     def state(self, name: str) -> StateAnalysis:
@@ -648,6 +651,46 @@ def _numel(t: Type) -> int:
     return total
 
 
+# ---- hoisting -------------------------------------------------------------------------
+
+
+def _hoistable(cell: ir.CellIR, time_parallel: frozenset[str], sources: dict[str, frozenset[str]]) -> tuple[ir.Expr, ...]:
+    """Maximal state-free operations inside statements that run step by step.
+
+    They read at least one input (or time-parallel binding), so they change with time;
+    ones that read only params and consts are left alone (they are cheap and would only
+    be broadcast over time).
+    """
+    found: dict[int, ir.Expr] = {}
+
+    def varying_size(node: ir.Expr) -> int:
+        """The largest per-step value among the time-varying refs ``node`` reads (0 if none)."""
+        sizes = [_numel(r.type) for r in ir.refs(node) if r.kind is RefKind.INPUT or (r.kind is RefKind.BINDING and r.name in time_parallel)]
+        return max(sizes, default=0)
+
+    def visit(node: ir.Expr) -> None:
+        if not isinstance(node, Op):
+            return
+        if not recurrent_sources(node, sources):
+            size = varying_size(node)
+            # Not when it would store much more per step than the inputs it reads (outer products).
+            if size and _numel(node.type) <= 4 * size and node.op not in ("index", "neg", "real", "imag", "conj"):
+                found[id(node)] = node
+            return
+        for arg in node.args:
+            visit(arg)
+
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in time_parallel:
+            continue
+        if isinstance(statement, ir.ScanAssign):
+            for lift in statement.lifts:
+                visit(lift)
+        elif isinstance(statement, (ir.Assign, ir.Update, ir.Emit)):
+            visit(statement.value)
+    return tuple(found.values())
+
+
 # ---- the whole analysis ---------------------------------------------------------------
 
 
@@ -692,5 +735,6 @@ def analyze(cell: ir.CellIR) -> Analysis:
         schedule=_schedule(order, reads),
         readouts=tuple(readouts),
         expanded_outputs=expanded_outputs,
+        hoisted=_hoistable(cell, time_parallel, sources),
         dependencies=sources,
     )

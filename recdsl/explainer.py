@@ -115,6 +115,10 @@ def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str
         lines.append("")
         lines.append("state-dependent bindings (computed inside the recurrence):")
         lines.extend(f"  {s.name} = {format_expr(s.value)}   (reads {', '.join(sorted(analysis.dependencies[s.name]))})" for s in stepwise)
+    if analysis.hoisted:
+        lines.append("")
+        lines.append("state-free parts of step-by-step lines (computed for all steps at once):")
+        lines.extend(f"  {format_expr(node)}" for node in analysis.hoisted)
 
     lines.append("")
     lines.append("recurrences, in the order they can be computed:")

@@ -94,11 +94,17 @@ def _describe_expected(expected: set[str], parser: Lark) -> str:
 _CLOSING = {"(": ")", "[": "]", "{": "}"}
 
 
+def _lines(text: str) -> list[str]:
+    """The lines as Lark numbers them: split at '\n' only (str.splitlines also splits at
+    form feeds and other separators that the grammar treats as spaces or rejects)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
 def _unclosed_bracket(text: str, line: int, column: int, opening: str = "([") -> str | None:
     """Where the innermost bracket (of ``opening``) still open before (line, column) was opened, in words."""
     closing = "".join(_CLOSING[c] for c in opening)
     stack: list[tuple[str, int, int]] = []
-    for number, content in enumerate(text.splitlines()[:line], start=1):
+    for number, content in enumerate(_lines(text)[:line], start=1):
         limit = column - 1 if number == line else len(content)
         for position, char in enumerate(content[:limit], start=1):
             if char == "#":
@@ -115,7 +121,7 @@ def _unclosed_bracket(text: str, line: int, column: int, opening: str = "([") ->
 
 def _end_of_code(text: str) -> tuple[int, int]:
     """(line, column) just past the last character of code, ignoring trailing blank and comment lines."""
-    lines = text.splitlines()
+    lines = _lines(text)
     for number in range(len(lines), 0, -1):
         code = lines[number - 1].split("#")[0].rstrip()
         if code:
@@ -371,7 +377,7 @@ def _syntax_error(error: UnexpectedInput, source: Source) -> ParseError:
 
 def _longest_line(source: Source) -> Span:
     """The longest line, whole: the likeliest place of a nesting too deep for the parser."""
-    lines = source.text.splitlines() or [""]
+    lines = _lines(source.text)
     number = max(range(len(lines)), key=lambda i: len(lines[i])) + 1
     return Span(number, 1, number, max(1, len(lines[number - 1])))
 
@@ -413,7 +419,13 @@ def parse(text: str, filename: str = "<string>") -> ast.Program:
 def parse_file(path: str | Path) -> ast.Program:
     """Parse the program in the file at ``path``; errors name the file."""
     path = Path(path)
-    return parse(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise RecDSLError(f"cannot read '{path}': {error.strerror or error}", expected="a path to a .rec file") from None
+    except UnicodeDecodeError as error:
+        raise RecDSLError(f"cannot read '{path}': it is not UTF-8 text ({error.reason} at byte {error.start})", expected="a .rec file in UTF-8") from None
+    return parse(text, str(path))
 
 
 __all__ = ["parse", "parse_file"]

@@ -155,3 +155,14 @@ def test_random_affine_programs_are_diagonal_affine(gate, term, gate_first, via_
     update = f"a = {gate}\n b = {term}\n h = {decay} + {b}"
     recurrence = _classify(update)
     assert isinstance(recurrence, DiagonalAffine), f"{update}: {recurrence}"
+
+
+def test_state_free_projections_of_nonlinear_cells_are_hoisted():
+    from recdsl.printer import format_expr
+
+    hoisted = [format_expr(n) for n in analysis_of("gru").hoisted]
+    assert hoisted == ["x @ W_ir + b_ir", "x @ W_iz + b_iz", "x @ W_in + b_in"]
+    assert len(analysis_of("lstm").hoisted) == 4
+    # An outer product would store far more per step than the inputs it reads: left in the loop.
+    big = analyze(recdsl.load(EXAMPLES / "mlstm.rec", dims={"dk": 16, "dv": 16}))
+    assert not any(n.op == "outer" for n in big.hoisted)

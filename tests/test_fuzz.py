@@ -172,6 +172,49 @@ def test_random_statements_inside_a_cell(lines, dims):
     front_and_back(text)
 
 
+# Well-formed programs with random expressions: they get past the parser, so the checker,
+# the analysis, the backends and the module see them. With d == e many of them check.
+LEAVES = ["x", "y", "h", "S", "W", "b", "t", "d", "e", "1", "0.5", "2", "1j", "pi", "inf"]
+UNARY = ["-", "exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "relu", "real", "conj", "sum", "diag"]
+BINARY = ["+", "-", "*", "/", "@", "**", "max", "min", "outer", "logaddexp", "where"]
+POSTFIX = ["[:, None]", "[None]", "[0]", "[-1]", "[..., 0]", "[1:]", "[:, 0]"]
+
+
+def _unary(f: str, a: str) -> str:
+    return f"(-{a})" if f == "-" else f"{f}({a})"
+
+
+def _binary(op: str, a: str, b: str) -> str:
+    if op == "where":
+        return f"where({a} > 0, {a}, {b})"
+    return f"({a} {op} {b})" if not op.isalpha() else f"{op}({a}, {b})"
+
+
+expressions = st.recursive(
+    st.sampled_from(LEAVES),
+    lambda inner: st.one_of(
+        st.builds(_unary, st.sampled_from(UNARY), inner),
+        st.builds(_binary, st.sampled_from(BINARY), inner, inner),
+        st.builds(lambda a, p: f"({a}){p}", inner, st.sampled_from(POSTFIX)),
+        st.builds(lambda a, k: f"sum({a}, {k})", inner, st.sampled_from(["0", "1", "-1"])),
+    ),
+    max_leaves=6,
+)
+
+
+@settings(FUZZ, max_examples=200)
+@given(expressions, expressions, expressions, expressions, st.sampled_from([(2, 2), (2, 3), (1, 2)]), st.booleans())
+def test_random_expressions_in_a_cell(t, update_h, update_s, output, sizes, gated):
+    if gated:  # the shape of the cells in the examples: a gated diagonal / outer-product update
+        update_h = f"sigmoid(real({update_h})) * h + (1 - sigmoid(real({update_h}))) * x"
+        update_s = f"0.9 * S + outer({update_s}, y)"
+    text = (
+        "cell F(d, e) {\n    input x: [d]\n    input y: [e]\n    param W: [d, e] = glorot\n    param b: [e] = zeros\n"
+        f"    state h: [d] = 0\n    state S: [d, e] = 0\n    t = {t}\n    h = {update_h}\n    S = {update_s}\n    out {output}\n}}\n"
+    )
+    front_and_back(text.replace("cell F(d, e)", f"cell F(d = {sizes[0]}, e = {sizes[1]})"))
+
+
 # ---- (b) mutations of the examples --------------------------------------------------
 
 
