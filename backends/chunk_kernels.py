@@ -5,7 +5,7 @@ and time on dim 1, and never store the state of every step: inside a chunk of ``
 they use dense ``C x C`` products; between chunks they pass only the state at chunk
 boundaries (``T / C`` states).
 
-**Decayed outer products** (GLA, RetNet, mLSTM's memory, S6 per channel),
+**Decayed outer products** (GLA, RetNet, mLSTM's memory, Mamba-2's SSD),
 ``S_t = exp(g_t) * S_{t-1} + sum_r k_t^r (v_t^r)^T`` read out as ``o_t = q_t @ S_t``.  With
 ``G_t = g_1 + ... + g_t`` the log decay accumulated inside a chunk,
 
@@ -86,7 +86,7 @@ def decayed_outer_products(
     g = _chunks(_pad_time(log_decay.clamp(min=_LOG_DECAY_FLOOR), padded), chunk)  # [N, n, C, K', V']
     G = g.cumsum(2)
     G_end = G[:, :, -1]  # [N, n, K', V']
-    per_value = G.shape[-1] != 1  # the decay differs between value columns (S6's channels)
+    per_value = G.shape[-1] != 1  # the decay differs between value columns
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=G.device).tril()
 
     decay_to_end = (G_end.unsqueeze(2) - G).exp()  # [N, n, C(s), K', V']

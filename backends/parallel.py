@@ -205,8 +205,11 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | str:
     if transposed:
         terms = [RankOneTerm(t.column, t.row, t.coefficient) for t in terms]
     base = dict(state=name, transposed=transposed, readouts=tuple(r.expr for r in readouts), queries=tuple(q[0] for q in queries), inputs=tuple(terms))  # type: ignore[index]
-    decay_structures = ("scalar", "diagonal over rows", "diagonal over columns", "elementwise")
-    if isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and not getattr(recurrence, "low_rank", ()) and recurrence.structure in decay_structures:
+    if isinstance(recurrence, DiagonalAffine) and recurrence.structure == "elementwise":
+        # S6: a decay per element makes every chunk's decay tensor as large as the states
+        # of its steps, so chunking saves nothing over the scan.
+        return "its decay differs for every element of the state (chunks would be as large as the per-step states)"
+    if isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and not getattr(recurrence, "low_rank", ()) and recurrence.structure in ("scalar", "diagonal over rows", "diagonal over columns"):
         log_decay = log_of_positive(recurrence.decay, analysis.cell)
         if log_decay is None:
             return "its decay is not provably positive (chunked forms accumulate decays in log space)"

@@ -94,9 +94,7 @@ def _choose_auto(analysis: Analysis) -> tuple[Backend, str]:
     chunked = []
     for state in analysis.states:
         plan = parallel.chunk_plan(analysis, state)
-        # A decay that differs per element (S6) makes the chunk's decay tensor as large as
-        # the per-step states themselves: then the scan is the cheaper form.
-        if isinstance(plan, parallel.ChunkPlan) and state.recurrence.structure != "elementwise":
+        if isinstance(plan, parallel.ChunkPlan):
             chunked.append(f"{state.state} ({plan.kind})")
     if chunked:
         return get_backend("chunked"), (

@@ -223,6 +223,27 @@ def s6(x, delta, B, C, A_log, D, state0=None):
     return torch.stack(ys, 1), {"h": h}
 
 
+def mamba2(x, dt_raw, B, C, A_log, D, state0=None):
+    """Mamba-2's SSD recurrence (Dao and Gu 2024, Section 7), one head:
+
+        dt_t = softplus(dt_raw_t),  A = -exp(A_log) (a scalar)
+        h_t[j, c] = exp(dt_t A) h_{t-1}[j, c] + B_t[j] dt_t x_t[c]
+        y_t[c]    = sum_j C_t[j] h_t[j, c] + D x_t[c]
+
+    x: [B, T, p]; dt_raw: [B, T]; B, C: [B, T, n]. Returns (y: [B, T, p], {"h": [B, n, p]}).
+    """
+    Bsz, T, p = x.shape
+    n = B.shape[-1]
+    A = -torch.exp(A_log)
+    h = _init(state0, "h", x.new_zeros(Bsz, n, p))
+    ys = []
+    for t in range(T):
+        dt = F.softplus(dt_raw[:, t])  # [B]
+        h = torch.exp(dt * A)[:, None, None] * h + B[:, t, :, None] * (dt[:, None] * x[:, t])[:, None, :]
+        ys.append(torch.einsum("bj,bjc->bc", C[:, t], h) + D * x[:, t])
+    return torch.stack(ys, 1), {"h": h}
+
+
 def selective_scan_ref(u, delta, A, B, C, D=None, delta_softplus=False):
     """The selective scan in the layout and steps of mamba_ssm's ``selective_scan_ref``
     (real A, input-dependent B and C of shape [batch, n, L]), written from its equations:

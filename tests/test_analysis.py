@@ -13,7 +13,7 @@ from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinea
 from recdsl.ops import LOG, MAX_PLUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5)
+DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5, p=4)
 
 
 def analysis_of(name: str):
@@ -31,6 +31,7 @@ EXPECTED = [
     ("hgrn", "h", DiagonalAffine, "elementwise"),
     ("rglru", "h", DiagonalAffine, "elementwise"),
     ("s6", "h", DiagonalAffine, "elementwise"),
+    ("mamba2", "h", MatrixAffine, "scalar"),
     ("gla", "S", MatrixAffine, "diagonal over rows"),
     ("retnet", "S", MatrixAffine, "scalar"),
     ("mlstm", "C", MatrixAffine, "scalar"),

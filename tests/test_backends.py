@@ -23,6 +23,7 @@ DIMS = {
     "hgrn": dict(d_in=3, d=4, lower=0.3),
     "rglru": dict(d=4),
     "s6": dict(d=3, n=4),
+    "mamba2": dict(p=4, n=3),
     "gla": dict(dk=4, dv=3),
     "retnet": dict(dk=4, dv=3),
     "mlstm": dict(dk=4, dv=3),
@@ -32,7 +33,7 @@ DIMS = {
     "lstm": dict(d_in=3, d=4),
     "crf": dict(n=3),
 }
-PARALLEL = ["mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf"]
+PARALLEL = ["mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf"]
 
 
 def test_every_example_has_dims_here():

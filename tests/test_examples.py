@@ -43,7 +43,7 @@ B = 2              # batch size in every test
 # The examples this project ships (the coverage test also catches unlisted ones).
 EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
-    "deltanet", "aaren", "gru", "lstm", "crf",
+    "deltanet", "aaren", "gru", "lstm", "crf", "mamba2",
 }
 
 
@@ -122,6 +122,10 @@ CASES = {
         "s6", "S6", dict(d=4, n=3), dict(x=("d",), delta=("d",), B=("n",), C=("n",)),
         dict(A_log=("d", "n"), D=("d",)), dict(h=(("d", "n"), "real")), ("y",),
         lambda I, P, D, s: ref.s6(I["x"], I["delta"], I["B"], I["C"], **P, state0=s)),
+    "mamba2": Case(
+        "mamba2", "Mamba2", dict(p=4, n=3), dict(x=("p",), dt_raw=(), B=("n",), C=("n",)),
+        dict(A_log=(), D=()), dict(h=(("n", "p"), "real")), ("y",),
+        lambda I, P, D, s: ref.mamba2(I["x"], I["dt_raw"], I["B"], I["C"], **P, state0=s)),
     "gla": Case(
         "gla", "GLA", dict(dk=4, dv=3), dict(q=("dk",), k=("dk",), v=("dv",), g=("dk",)),
         {}, dict(S=(("dk", "dv"), "real")), ("o",),
