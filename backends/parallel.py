@@ -519,8 +519,12 @@ def run(
     *,
     chunked: bool = False,
     chunk_size: int = DEFAULT_CHUNK,
+    solver: type | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Run the cell over the whole sequence at once; the signature of :func:`.sequential.run`."""
+    """Run the cell over the whole sequence at once; the signature of :func:`.sequential.run`.
+
+    ``solver`` replaces :class:`_Solver` (the Triton backend solves recurrences with kernels).
+    """
     cell = analysis.cell
     first = next(iter(inputs.values()))
     lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])
@@ -532,7 +536,7 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = _Solver(analysis, seq, state)
+    solver = (solver or _Solver)(analysis, seq, state)
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
@@ -552,6 +556,7 @@ def run(
                 substitutions[id(node)] = value
             continue
         sequence = solver.solve(state_analysis)
+        sequence = sequence.expand(lead + state_analysis.type.shape)
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         seq.values[(RefKind.STATE_PREV, name)] = _shift(sequence, state[name])
         final[name] = sequence[:, -1]

@@ -53,7 +53,18 @@ def _chunked() -> Backend:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked}
+def _triton() -> Backend:
+    from . import triton_backend
+
+    return Backend(
+        "triton",
+        "generated Triton scan kernels with the gate math fused in, forward and backward (GPU, or TRITON_INTERPRET=1 on a CPU)",
+        triton_backend.unsupported,
+        triton_backend.run,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked, "triton": _triton}
 BACKENDS: tuple[str, ...] = tuple(_FACTORIES)
 
 
@@ -96,9 +107,15 @@ def _choose_auto(analysis: Analysis) -> tuple[Backend, str]:
         plan = parallel.chunk_plan(analysis, state)
         if isinstance(plan, parallel.ChunkPlan):
             chunked.append(f"{state.state} ({plan.kind})")
+    gpu = ""
+    try:
+        if get_backend("triton").unsupported(analysis) is None:
+            gpu = "; on a GPU, the generated Triton kernels"
+    except Exception:  # pragma: no cover - triton's own import problems never block a CPU run
+        gpu = ""
     if chunked:
         return get_backend("chunked"), (
             f"matrix state {', '.join(chunked)} is read out linearly, so chunks of {parallel.DEFAULT_CHUNK} steps "
-            "compute it with matmuls without storing it per step; the other recurrences are scanned"
+            "compute it with matmuls without storing it per step; the other recurrences are scanned" + gpu
         )
-    return get_backend("scan"), "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one log-depth scan"
+    return get_backend("scan"), "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one log-depth scan" + gpu

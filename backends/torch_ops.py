@@ -235,9 +235,10 @@ def combine_carries(
 ) -> dict[str, torch.Tensor]:
     """The monoid's ``combine(earlier, later)`` on carries with any (matching) leading dims."""
     values: dict[tuple[RefKind, str], torch.Tensor] = {}
+    left, right = monoid.operands
     for carry in monoid.carries:
-        values[(RefKind.CARRY_LEFT, carry.name)] = earlier[carry.name]
-        values[(RefKind.CARRY_RIGHT, carry.name)] = later[carry.name]
+        values[(RefKind.CARRY_LEFT, f"{left}.{carry.name}")] = earlier[carry.name]
+        values[(RefKind.CARRY_RIGHT, f"{right}.{carry.name}")] = later[carry.name]
     evaluator = Evaluator(numerics, values)
     for assign in monoid.body:
         values[(RefKind.LOCAL, assign.name)] = evaluator.evaluate(assign.value)

@@ -223,11 +223,13 @@ class _Scope:
             return NameResolutionError(
                 f"'{node.id}' is an initializer", node.span, expected="it only as the whole right-hand side of a `param` line"
             )
-        return NameResolutionError(
-            f"undefined name '{node.id}'{_suggest(node.id, visible)}",
-            node.span,
-            expected="a dim, input, param, const, state or earlier binding of this cell",
-        )
+        expected = "a dim, input, param, const, state or earlier binding of this cell"
+        if self.owner.startswith("monoid"):
+            sides = [n for n, symbol in self.symbols.items() if symbol.kind == "side"]
+            expected = "a dim or const of this monoid"
+            if sides:
+                expected += ", a carry of a combine operand (" + " or ".join(f"{side}.CARRY" for side in sides) + ") or an earlier combine binding"
+        return NameResolutionError(f"undefined name '{node.id}'{_suggest(node.id, visible)}", node.span, expected=expected)
 
     def name(self, node: ast.Name) -> ir.Expr:
         symbol = self.symbols.get(node.id)
@@ -321,7 +323,7 @@ class _Scope:
         if symbol.kind == "scan":
             return ir.Ref(RefKind.SCAN, node.value.id, field_type, field=node.name)
         side = RefKind.CARRY_LEFT if symbol.static == 0 else RefKind.CARRY_RIGHT
-        return ir.Ref(side, node.name, field_type)
+        return ir.Ref(side, node.value.id, field_type, field=node.name)
 
     def call(self, node: ast.Call) -> ir.Expr:
         op = FUNCTIONS.get(node.func)
@@ -569,7 +571,9 @@ def _check_monoid(node: ast.Monoid, args: tuple[int | float, ...], span: Span | 
         raise DeclarationError(
             f"combine of monoid {node.name} does not compute carry '{missing[0]}'", combine.span, expected=f"a line `{missing[0]} = ...` in combine"
         )
-    return ir.MonoidIR(node.name, dims, tuple(carries), tuple(body), tuple(results[c.name] for c in carries), span=node.span)
+    return ir.MonoidIR(
+        node.name, dims, tuple(carries), tuple(body), tuple(results[c.name] for c in carries), (combine.left, combine.right), span=node.span
+    )
 
 
 # ---- cells -----------------------------------------------------------------------

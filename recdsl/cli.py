@@ -72,7 +72,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a .rec source file")
     parser.add_argument("--cell", help="the cell to use when the file defines several")
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE", help="bind a dim (repeatable), e.g. --dim d=64")
-    parser.add_argument("--backend", default="auto", help="auto (default) or a backend name: sequential")
+    parser.add_argument("--backend", default="auto", help="auto (default) or a backend name: sequential, scan, chunked, triton")
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -148,6 +148,23 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if report.ok and not violations else 1
 
 
+def _emit(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+    from .frontend import load, read_source
+
+    if args.backend != "triton":
+        print(f"recdsl emit: only the triton backend generates code (got '{args.backend}')", file=sys.stderr)
+        return 2
+    from .backends import triton_backend
+
+    dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
+    if notes:
+        print(f"# (dims not given, set to: {', '.join(notes)})")
+    analysis = analyze(load(args.file, cell=args.cell, dims=dims))
+    print(triton_backend.emit(analysis, read_source(args.file).filename), end="")
+    return 0
+
+
 def _has_scan(path: str, cell: str | None, dims: dict) -> bool:
     from .frontend import load
 
@@ -189,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--chunk-size", type=int, default=8, help="chunk length for the chunked backend (default 8, so short sequences cross chunks)")
     check.add_argument("--seed", type=int, default=None, help="Hypothesis seed, for a reproducible search")
     check.set_defaults(handler=_check)
+
+    emit = commands.add_parser(
+        "emit",
+        help="print the code a backend generates",
+        description="Print the Triton kernels generated for a cell: per recurrence its combine, forward and backward kernel, "
+        "with the source line each part came from.",
+    )
+    _common(emit)
+    emit.set_defaults(handler=_emit, backend="triton")
     return parser
 
 

@@ -63,8 +63,8 @@ class RefKind(str, Enum):
     STATE_NEW = "state_new"  # a state's value after this step's update
     BINDING = "binding"  # a value bound earlier in this step
     SCAN = "scan"  # one carry of a scan result at this step
-    CARRY_LEFT = "carry_left"  # inside combine: a carry of the earlier element
-    CARRY_RIGHT = "carry_right"  # inside combine: a carry of the later element
+    CARRY_LEFT = "carry_left"  # inside combine: a carry (field) of the earlier operand (name)
+    CARRY_RIGHT = "carry_right"  # inside combine: a carry (field) of the later operand (name)
     LOCAL = "local"  # inside combine: a value bound earlier in the combine
 
 
@@ -224,6 +224,7 @@ class MonoidIR:
     carries: tuple[Carry, ...]
     body: tuple[Assign, ...]
     results: tuple[Expr, ...]
+    operands: tuple[str, str] = ("a", "b")  # the names of combine's two operands
     span: Span | None = field(default=None, compare=False, repr=False)
 
     @property

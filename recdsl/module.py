@@ -54,6 +54,14 @@ class CompiledCell(nn.Module):
         self.analysis = analysis
         self.cell: ir.CellIR = analysis.cell
         self._backend, self.backend_reason = choose_backend(backend, analysis)
+        # On a GPU, `auto` prefers the generated Triton kernels where they apply.
+        self._gpu_backend = None
+        if backend == "auto":
+            from .backends import get_backend
+
+            triton = get_backend("triton")
+            if triton.unsupported(analysis) is None:
+                self._gpu_backend = triton
         self._backend_options: dict[str, Any] = {}
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -247,7 +255,10 @@ class CompiledCell(nn.Module):
             name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
-        outputs, final = self._backend.run(self.analysis, cast_inputs, params, consts, carried, numerics, **self._backend_options)
+        backend, options = self._backend, self._backend_options
+        if self._gpu_backend is not None and numerics.device.type == "cuda":
+            backend, options = self._gpu_backend, {}
+        outputs, final = backend.run(self.analysis, cast_inputs, params, consts, carried, numerics, **options)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)

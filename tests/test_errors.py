@@ -653,6 +653,31 @@ CASES = [
               expected one of: s, n
             """,
     ),
+    Case(
+        "undefined-name-in-combine",
+        recdsl.NameResolutionError,
+        """
+            monoid Sum(d) {
+                carry s: [d] = 0
+                combine(a, b) {
+                    s = a.s + x
+                }
+            }
+
+            cell C(d) {
+                input x: [d]
+                acc = scan Sum(d) from (s = x)
+                out acc.s
+            }
+            """,
+        """
+            model.rec:4:19: name error: undefined name 'x'
+               4 |         s = a.s + x
+                                     ^
+              expected a dim or const of this monoid, a carry of a combine operand (a.CARRY or b.CARRY) or an earlier combine binding
+            """,
+        dims={"d": 4},
+    ),
 ]
 
 INTERNALS = ("Traceback", "lark", "Lark", ".py", "site-packages", "recdsl/")

@@ -1,0 +1,521 @@
+"""The Triton backend: generated scan kernels, loaded from a content-hashed file, with autograd.
+
+For each recurrence the analysis classifies as diagonal affine (real or complex), affine
+with a row/column/scalar decay, diagonal affine over a tropical semiring, or a declared
+monoid whose combine is elementwise, :mod:`.triton_codegen` writes a kernel with the gate
+math fused in.  The source is written to ``$RECDSL_CACHE_DIR`` (default
+``~/.cache/recdsl/triton``) under its content hash and imported from there: Triton's
+``@jit`` reads a kernel's source from its file, so ``exec`` would not do.
+
+Gradients: a ``torch.autograd.Function`` per recurrence.  Its backward runs the generated
+adjoint kernel (``g_t = dy_t + w_{t+1} g_{t+1}``, gates recomputed from the leaves, not
+stored), which gives the gradients with respect to the decay and input terms; torch then
+carries them to the leaves by recomputing the gate math under autograd.  Declared
+monoids differentiate through torch's scan of the same combine.
+
+On a CPU, kernels run in Triton's interpreter: set ``TRITON_INTERPRET=1`` before the first
+kernel is loaded.  Triton is imported only when this backend runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from recdsl import ir
+from recdsl.analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, StateAnalysis
+from recdsl.errors import BackendError
+from recdsl.ir import Kind
+
+from . import parallel
+from .torch_ops import Evaluator, Numerics, align
+from .triton_codegen import (
+    FUSED_OPS,
+    Leaf,
+    ScanSpec,
+    Unsupported,
+    content_hash,
+    find_leaves,
+    generate,
+    inline_parallel_bindings,
+)
+
+BLOCK_T = 32
+
+
+# ---- what it runs ----------------------------------------------------------------------------
+
+
+def _state_spec(analysis: Analysis, state: StateAnalysis) -> ScanSpec | str:
+    recurrence = state.recurrence
+    name = state.state
+    comment = []
+    update = analysis.cell.update(name)
+    if update.span is not None:
+        comment.append(f"line {update.span.line}: {name} = {ir_text(update.value)}")
+    if isinstance(recurrence, NoRecurrence):
+        return "no recurrence"  # solved by torch, no kernel needed
+    if isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and not getattr(recurrence, "low_rank", ()) and recurrence.decay is not None:
+        terms = [recurrence.decay, recurrence.input]
+        kind = "affine"
+        semiring = None
+    elif isinstance(recurrence, SemiringAffine) and recurrence.structure == "diagonal":
+        terms = [recurrence.decay, recurrence.input]
+        kind = "semiring"
+        semiring = recurrence.semiring.name
+    else:
+        return f"state '{name}' is {recurrence.name} with a {getattr(recurrence, 'structure', '')} transition, which has no Triton scan kernel here"
+    terms = [None if t is None else inline_parallel_bindings(t, analysis.cell, analysis.time_parallel) for t in terms]
+    comment.append(f"decay: {ir_text(terms[0])}")
+    comment.append(f"input: {ir_text(terms[1]) if terms[1] is not None else 'none'}")
+    leaves = find_leaves([t for t in terms if t is not None])
+    if any(leaf.type.kind is Kind.BOOL for leaf in leaves):
+        return "a boolean leaf"
+    spec = ScanSpec(
+        name=_identifier(name),
+        kind=kind,
+        is_complex=state.type.kind is Kind.COMPLEX,
+        terms=tuple(terms),
+        leaves=tuple(Leaf(expr, f"l{i}") for i, expr in enumerate(leaves)),
+        comment=tuple(comment),
+        semiring=semiring,
+    )
+    return _try_generate(spec, analysis)
+
+
+def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | str:
+    monoid = scan.monoid
+    identities = []
+    for carry in monoid.carries:
+        if carry.type.kind is not Kind.REAL:
+            return f"monoid {monoid.name}: the Triton kernel needs real carries"
+        value = Evaluator(Numerics(torch.float64, torch.device("cpu")), {}).evaluate(carry.identity).flatten()
+        if value.numel() and not bool((value == value[0]).all()):
+            return f"monoid {monoid.name}: the identity of carry '{carry.name}' is not one number"
+        identities.append(float(value[0]) if value.numel() else 0.0)
+    for assign in monoid.body:
+        for node in ir.walk(assign.value):
+            if isinstance(node, ir.Op) and node.op not in FUSED_OPS:
+                return f"monoid {monoid.name}: its combine uses '{node.op}', not elementwise"
+    shapes = [c.type.shape for c in monoid.carries]
+    from recdsl.checker import broadcast_shapes
+
+    if broadcast_shapes(*shapes) is None:
+        return f"monoid {monoid.name}: its carries do not broadcast to one shape"
+    lifts = [inline_parallel_bindings(lift, analysis.cell, analysis.time_parallel) for lift in scan.lifts]
+    leaves = find_leaves(lifts)
+    spec = ScanSpec(
+        name=_identifier(scan.name),
+        kind="monoid",
+        is_complex=False,
+        terms=tuple(lifts),
+        leaves=tuple(Leaf(expr, f"l{i}") for i, expr in enumerate(leaves)),
+        comment=(f"line {scan.span.line}: {scan.name} = scan {monoid.name}(...)" if scan.span else f"scan {monoid.name}",),
+        monoid=monoid,
+        identities=tuple(identities),
+    )
+    return _try_generate(spec, analysis)
+
+
+def _try_generate(spec: ScanSpec, analysis: Analysis) -> ScanSpec | str:
+    try:
+        generate([spec], None, analysis.cell)
+    except Unsupported as reason:
+        return str(reason)
+    return spec
+
+
+def _identifier(name: str) -> str:
+    return name.replace(".", "_")
+
+
+def ir_text(expr) -> str:
+    from recdsl.printer import format_expr
+
+    return format_expr(expr)
+
+
+class _Plan:
+    """The kernels of one analysis: specs by recurrence name, the module source, or why not."""
+
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
+        self.specs: dict[str, ScanSpec] = {}
+        self.reason: str | None = parallel.unsupported(analysis)
+        if self.reason is None:
+            for state in analysis.states:
+                spec = _state_spec(analysis, state)
+                if isinstance(spec, ScanSpec):
+                    self.specs[state.state] = spec
+                elif spec != "no recurrence":
+                    self.reason = spec
+                    break
+            for scan in analysis.cell.scans:
+                spec = _scan_spec(analysis, scan)
+                if isinstance(spec, str):
+                    self.reason = spec
+                    break
+                self.specs[scan.name] = spec
+        self.source = generate(list(self.specs.values()), None, analysis.cell) if self.reason is None else None
+        self._module = None
+
+    def module(self):
+        if self._module is None:
+            self._module = load_generated(self.source)
+        return self._module
+
+
+_PLANS: dict[int, _Plan] = {}
+
+
+def plan_for(analysis: Analysis) -> _Plan:
+    plan = _PLANS.get(id(analysis))
+    if plan is None or plan.analysis is not analysis:
+        plan = _Plan(analysis)
+        _PLANS[id(analysis)] = plan
+    return plan
+
+
+def unsupported(analysis: Analysis) -> str | None:
+    """Why the Triton backend cannot run this cell (None when it can)."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    return plan_for(analysis).reason
+
+
+def emit(analysis: Analysis, filename: str | None = None) -> str:
+    """The generated Triton source for ``analysis``'s cell, as ``recdsl emit`` prints it."""
+    plan = plan_for(analysis)
+    if plan.reason is not None:
+        raise BackendError(f"the Triton backend cannot run cell {analysis.cell.name}: {plan.reason}")
+    assert plan.source is not None
+    if filename:
+        first, rest = plan.source.split("\n", 1)
+        return first.replace("<string>", filename) + "\n" + rest
+    return plan.source
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RECDSL_CACHE_DIR", Path.home() / ".cache" / "recdsl" / "triton"))
+
+
+_LOADED: dict[str, object] = {}
+
+
+def load_generated(source: str):
+    """Write ``source`` to ``<cache>/recdsl_<hash>.py`` (once) and import it."""
+    digest = content_hash(source)
+    # triton.jit picks the interpreter when the module is imported: keep one module per mode.
+    key = f"{digest}_{'interpreted' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}"
+    if key in _LOADED:
+        return _LOADED[key]
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"recdsl_{digest}.py"
+    if not path.exists() or path.read_text() != source:
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(source)
+        temporary.replace(path)  # atomic: concurrent processes never see half a file
+    name = f"recdsl_generated_{key}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    _LOADED[key] = module
+    return module
+
+
+# ---- running ---------------------------------------------------------------------------------
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise BackendError(
+            "the Triton backend got CPU tensors, and Triton runs on a GPU",
+            expected="CUDA tensors, or TRITON_INTERPRET=1 in the environment to run the kernels in Triton's interpreter",
+        )
+
+
+def _accumulator(numerics: Numerics):
+    import triton.language as tl
+
+    return tl.float64 if numerics.real == torch.float64 else tl.float32
+
+
+def _block_c(channels: int) -> int:
+    size = 1
+    while size < min(channels, 64):
+        size *= 2
+    return size
+
+
+def _to_ntc(value: torch.Tensor, lead: tuple[int, ...], state_shape: tuple[int, ...]) -> torch.Tensor:
+    """``[B, T, *heads, *s]`` (s broadcasting to the state's shape) as ``[N, T, C]``."""
+    value = value.expand(lead + state_shape)
+    moved = value.movedim(1, len(lead) - 1)  # [B, *heads, T, *S]
+    steps = lead[1]
+    return moved.reshape(-1, steps, max(1, _numel(state_shape)))
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
+def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list:
+    arguments: list = []
+    for tensor, leaf in zip(leaves, specs):
+        if leaf.is_complex:
+            pair = torch.view_as_real(tensor)
+            parts = [pair[..., 0], pair[..., 1]]
+        else:
+            parts = [tensor]
+        arguments.extend(parts)
+        stride = parts[0].stride()
+        arguments.extend([stride[0] if tensor.shape[0] > 1 else 0, stride[1] if tensor.shape[1] > 1 else 0, stride[2] if tensor.shape[2] > 1 else 0])
+    return arguments
+
+
+class _Launch:
+    """Everything a kernel call needs, shared by the forward and backward passes."""
+
+    def __init__(self, plan: _Plan, spec: ScanSpec, seq, state_type: ir.Type) -> None:
+        self.plan = plan
+        self.spec = spec
+        self.seq = seq
+        self.state_type = state_type
+        self.lead = seq.lead
+        self.channels = max(1, _numel(state_type.shape))
+        self.rows = _numel((self.lead[0],) + self.lead[2:])
+        self.steps = self.lead[1]
+
+    def leaf_values(self) -> list[torch.Tensor]:
+        """Each leaf's value over the whole sequence, as torch computes it (declared shapes)."""
+        return [self.seq.evaluate(leaf.expr) for leaf in self.spec.leaves]
+
+    def ntc(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The leaves as the kernel addresses them: ``[N, T, C]`` views (stride 0 where they broadcast)."""
+        return [_to_ntc(self.seq.full(v, leaf.expr.type, self.state_type), self.lead, self.state_type.shape) for v, leaf in zip(leaves, self.spec.leaves)]
+
+    def grid(self):
+        import triton
+
+        return (self.rows, triton.cdiv(self.channels, _block_c(self.channels)))
+
+    def constants(self) -> dict:
+        return dict(BT=BLOCK_T, BC=_block_c(self.channels), ACC=_accumulator(self.seq.numerics))
+
+    def recompute_terms(self, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The decay and input (or lifts) from the leaves, in torch, for autograd."""
+        known = {id(leaf.expr): value for leaf, value in zip(self.spec.leaves, leaves)}
+        evaluator = Evaluator(self.seq.numerics, {})
+        results = []
+        for term in self.spec.terms:
+            if term is None:
+                results.append(None)
+                continue
+            value = evaluator.evaluate(term, known)
+            results.append(_to_ntc(self.seq.full(value, term.type, self.state_type), self.lead, self.state_type.shape))
+        return results
+
+
+class _RecurrenceScan(torch.autograd.Function):
+    """An affine or semiring recurrence solved by its generated kernels."""
+
+    @staticmethod
+    def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+        module = launch.plan.module()
+        spec = launch.spec
+        kernel = getattr(module, f"forward_{spec.name}")
+        dtype = launch.seq.numerics.real
+        start = initial.reshape(launch.rows, launch.channels)
+        views = launch.ntc(list(leaves))
+        if spec.is_complex:
+            start = start.to(launch.seq.numerics.complex)
+            out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
+            out_im = torch.empty_like(out_re)
+            init = torch.view_as_real(start.contiguous())
+            kernel[launch.grid()](init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+            states = torch.complex(out_re, out_im)
+        else:
+            states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
+            kernel[launch.grid()](start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+        ctx.launch = launch
+        ctx.save_for_backward(initial, states, *leaves)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: torch.Tensor):
+        launch: _Launch = ctx.launch
+        initial, states, *leaves = ctx.saved_tensors
+        spec = launch.spec
+        module = launch.plan.module()
+        kernel = getattr(module, f"backward_{spec.name}")
+        dtype = launch.seq.numerics.real
+        views = launch.ntc(list(leaves))
+        start = initial.reshape(launch.rows, launch.channels)
+        grad_states = grad_states.contiguous()
+        if spec.is_complex:
+            parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
+            ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
+            kernel[launch.grid()](*parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+            grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
+        else:
+            grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
+            grad_input = torch.empty_like(grad_decay)
+            kernel[launch.grid()](start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+        # dL/dh_0: the adjoint one step further back.
+        if spec.kind == "affine":
+            with torch.no_grad():
+                decay_0 = launch.recompute_terms(list(leaves))[0][:, 0]
+            grad_initial = (decay_0.conj() * grad_input[:, 0]) if spec.is_complex else decay_0 * grad_input[:, 0]
+        else:
+            grad_initial = grad_decay[:, 0]
+        if not initial.is_complex() and grad_initial.is_complex():
+            grad_initial = grad_initial.real
+        grad_initial = grad_initial.reshape(initial.shape)
+        # From the terms to the leaves: the gate math again, this time under autograd.
+        differentiable = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
+        grads: list[torch.Tensor | None] = [None] * len(leaves)
+        if differentiable:
+            with torch.enable_grad():
+                fresh = [leaf.detach().requires_grad_(i in differentiable) for i, leaf in enumerate(leaves)]
+                terms = launch.recompute_terms(fresh)
+                outputs, cotangents = [], []
+                for term, cotangent in zip(terms, (grad_decay, grad_input)):
+                    if term is not None and term.requires_grad:
+                        outputs.append(term)
+                        cotangents.append(cotangent.to(term.dtype) if term.is_complex() or not cotangent.is_complex() else cotangent.real)
+                if outputs:
+                    found = torch.autograd.grad(outputs, [fresh[i] for i in differentiable], cotangents, allow_unused=True)
+                    for i, g in zip(differentiable, found):
+                        grads[i] = g
+        return (None, grad_initial, *grads)
+
+
+class _MonoidScan(torch.autograd.Function):
+    """A declared monoid's prefix scan by its generated kernel; backward through torch's scan.
+
+    ``tensors`` are the initial carries ``[B, *heads, *carry]`` and then the leaves.  The
+    outputs are the carries laid out as ``[N, T, C]`` over the carries' common shape.
+    """
+
+    @staticmethod
+    def forward(ctx, launch: _Launch, scan: ir.ScanAssign, *tensors: torch.Tensor):
+        count = len(scan.monoid.carries)
+        initial, leaves = tensors[:count], tensors[count:]
+        module = launch.plan.module()
+        kernel = getattr(module, f"forward_{launch.spec.name}")
+        dtype = launch.seq.numerics.real
+        starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
+        outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
+        kernel[launch.grid()](*starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, **launch.constants())
+        ctx.launch, ctx.scan = launch, scan
+        ctx.save_for_backward(*tensors)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        from .scans import prefix_scan
+        from .torch_ops import combine_carries
+
+        launch: _Launch = ctx.launch
+        scan: ir.ScanAssign = ctx.scan
+        monoid = scan.monoid
+        count = len(monoid.carries)
+        names = [c.name for c in monoid.carries]
+        numerics = launch.seq.numerics
+        with torch.enable_grad():
+            fresh = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+            initial, leaves = fresh[:count], fresh[count:]
+            known = {id(leaf.expr): value for leaf, value in zip(launch.spec.leaves, leaves)}
+            evaluator = Evaluator(numerics, {})
+            lifts = []
+            for carry, lift in zip(monoid.carries, launch.spec.terms):
+                value = launch.seq.full(evaluator.evaluate(lift, known), lift.type, carry.type).expand(launch.lead + carry.type.shape)
+                lifts.append(value.transpose(0, 1))
+
+            def combine(earlier, later):
+                result = combine_carries(monoid, dict(zip(names, earlier)), dict(zip(names, later)), numerics)
+                return tuple(result[n] for n in names)
+
+            scanned = prefix_scan(tuple(lifts), combine)
+            folded = combine(tuple(i.unsqueeze(0) for i in initial), scanned)
+            outputs = [_common_layout(launch, f.transpose(0, 1), carry.type, with_time=True) for f, carry in zip(folded, monoid.carries)]
+            wanted = [i for i, t in enumerate(fresh) if t.requires_grad]
+            found = torch.autograd.grad(outputs, [fresh[i] for i in wanted], list(grads), allow_unused=True) if wanted else ()
+        result: list[torch.Tensor | None] = [None] * len(fresh)
+        for i, g in zip(wanted, found):
+            result[i] = g
+        return (None, None, *result)
+
+
+def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with_time: bool) -> torch.Tensor:
+    """A carry ``[B, (T,) *heads, *carry]`` broadcast over the carries' common shape: ``[N, (T,) C]``."""
+    common = launch.state_type.shape
+    lead = launch.lead if with_time else (launch.lead[0],) + launch.lead[2:]
+    value = align(value, declared.rank, len(common)).expand(lead + common)
+    if with_time:
+        return _to_ntc(value, launch.lead, common)
+    return value.reshape(launch.rows, launch.channels)
+
+
+class TritonSolver(parallel._Solver):
+    """Solves the recurrences of one call with the generated kernels."""
+
+    def _launch(self, name: str, state_type: ir.Type) -> _Launch:
+        plan = plan_for(self.analysis)
+        return _Launch(plan, plan.specs[name], self.seq, state_type)
+
+    def _run_recurrence(self, state: StateAnalysis) -> torch.Tensor:
+        launch = self._launch(state.state, state.type)
+        _check_device(self.seq.numerics.device)
+        leaves = launch.leaf_values()
+        states = _RecurrenceScan.apply(launch, self.initial[state.state], *leaves)
+        # [N, T, C] -> [B, T, *heads, *shape]
+        lead = self.seq.lead
+        shaped = states.reshape((lead[0],) + lead[2:] + (lead[1],) + state.type.shape)
+        return shaped.movedim(len(lead) - 1, 1)
+
+    def diagonal(self, state: StateAnalysis) -> torch.Tensor:
+        return self._run_recurrence(state)
+
+    def semiring(self, state: StateAnalysis) -> torch.Tensor:
+        return self._run_recurrence(state)
+
+    def scan(self, scan: ir.ScanAssign) -> dict[str, torch.Tensor]:
+        from recdsl.checker import broadcast_shapes
+
+        monoid = scan.monoid
+        common = broadcast_shapes(*(c.type.shape for c in monoid.carries)) or ()
+        launch = self._launch(scan.name, ir.Type(common))
+        _check_device(self.seq.numerics.device)
+        leaves = launch.leaf_values()
+        initial = [self.initial[f"{scan.name}.{c.name}"] for c in monoid.carries]
+        outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
+        lead = self.seq.lead
+        result = {}
+        for carry, value in zip(monoid.carries, outputs):
+            shaped = value.reshape((lead[0],) + lead[2:] + (lead[1],) + common).movedim(len(lead) - 1, 1)
+            # A carry smaller than the common shape was replicated along the other axes: take one copy.
+            index = tuple(slice(None) if size == full else slice(0, 1) for size, full in zip((1,) * (len(common) - carry.type.rank) + carry.type.shape, common))
+            shaped = shaped[(Ellipsis,) + index].reshape(lead + carry.type.shape)
+            result[carry.name] = shaped
+        return result
+
+
+def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics):
+    """Run the cell with generated Triton kernels; the signature of :func:`.sequential.run`."""
+    _check_device(numerics.device)
+    return parallel.run(analysis, inputs, params, consts, state, numerics, solver=TritonSolver)

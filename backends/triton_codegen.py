@@ -1,0 +1,662 @@
+"""Triton source generated from the checked IR: scan kernels with the gate math fused in.
+
+Nothing here imports triton: this module only writes text.  For each recurrence the
+Triton backend runs, it emits
+
+- ``combine_<state>``: the scan's associative operation, handed to ``tl.associative_scan``
+  with a tuple carry (affine pairs, complex affine quadruples, semiring pairs, or a declared
+  monoid's carries);
+- ``forward_<state>``: one program per (batch row, block of state elements) walks the
+  sequence in blocks of ``BT`` steps, loads the *leaves* (values torch computes first:
+  inputs, params, projections), evaluates the elementwise gate math (sigmoid, exp,
+  softplus, ...) in registers, scans the block and carries the last state into the next;
+- ``backward_<state>`` for affine and semiring recurrences: the adjoint's recurrence
+  ``g_t = dy_t + w_{t+1} g_{t+1}``, run as a forward scan over reversed time, with the
+  gates recomputed from the leaves rather than stored.
+
+Every value is addressed as ``[N, T, C]``: ``N`` batch rows (batch and heads), ``T`` steps
+and ``C`` state elements; each leaf comes with its three strides (0 where it broadcasts).
+Names follow flash-linear-attention's kernels: ``i_`` program ids, ``o_`` offsets, ``m_``
+masks, ``p_`` pointers, ``b_`` block values, ``BT``/``BC`` block sizes.  The source line
+each part came from is written above it as a comment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator, Union
+
+from recdsl import ir
+from recdsl.errors import Source
+from recdsl.ir import Kind, Literal, Op, Ref
+from recdsl.printer import format_expr
+
+# ---- readable output -------------------------------------------------------------------
+
+
+class IndentedBuffer:
+    """Lines of code with an indentation level (as in PyTorch Inductor's ``IndentedBuffer``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.level = 0
+
+    def line(self, text: str = "") -> None:
+        self.lines.append(("    " * self.level + text) if text else "")
+
+    @contextmanager
+    def indent(self) -> Iterator[None]:
+        self.level += 1
+        try:
+            yield
+        finally:
+            self.level -= 1
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+# ---- elementwise expressions ---------------------------------------------------------------
+
+
+class Unsupported(Exception):
+    """The Triton backend has no form for this expression; the message says why, in words."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """A value torch computes before the kernel runs; the kernel loads it as ``[N, T, C]``."""
+
+    expr: ir.Expr
+    name: str  # the kernel argument's stem: p_<name>, s_<name>_n, ...
+
+    @property
+    def is_complex(self) -> bool:
+        return self.expr.type.kind is Kind.COMPLEX
+
+
+RealValue = str
+ComplexValue = tuple[str, str]
+Value = Union[RealValue, ComplexValue]
+
+# Ops evaluated inside the kernel; everything else (matmul, reductions, outer, index of a
+# non-broadcasting kind, refs) is a leaf.
+FUSED_OPS = frozenset(
+    {
+        "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid",
+        "softplus", "silu", "relu", "cos", "sin", "log1p", "expm1", "maximum", "minimum", "logaddexp", "where",
+        "lt", "le", "gt", "ge", "eq", "ne", "real", "imag", "conj",
+    }
+)
+# Of those, the ones with a complex form here.
+COMPLEX_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "abs", "real", "imag", "conj"})
+
+
+def _literal(value: float) -> str:
+    if value == float("inf"):
+        return 'float("inf")'
+    if value == float("-inf"):
+        return 'float("-inf")'
+    return repr(float(value))
+
+
+class ExpressionEmitter:
+    """Writes Triton statements computing IR expressions from leaves, one temporary per node."""
+
+    def __init__(self, buffer: IndentedBuffer, leaf_values: dict[int, Value], prefix: str = "b_") -> None:
+        self.buffer = buffer
+        self.leaf_values = leaf_values  # id(leaf expr) -> the name(s) its loaded block has
+        self.memo: dict[ir.Expr, Value] = {}  # structural: equal subexpressions are computed once
+        self.counter = 0
+        self.prefix = prefix  # distinct per emission, so two evaluations of one term do not clash
+
+    def _temp(self, text: str) -> str:
+        name = f"{self.prefix}{self.counter}"
+        self.counter += 1
+        self.buffer.line(f"{name} = {text}")
+        return name
+
+    def emit(self, expr: ir.Expr) -> Value:
+        if id(expr) in self.leaf_values:
+            return self.leaf_values[id(expr)]
+        if expr in self.memo:
+            return self.memo[expr]
+        value = self._emit(expr)
+        self.memo[expr] = value
+        return value
+
+    def _emit(self, expr: ir.Expr) -> Value:
+        if isinstance(expr, Literal):
+            if isinstance(expr.value, complex):
+                return (_literal(expr.value.real), _literal(expr.value.imag))
+            return _literal(expr.value)
+        if not isinstance(expr, Op) or expr.op not in FUSED_OPS:
+            raise Unsupported(f"'{format_expr(expr)}' is not a leaf the kernel was given")  # pragma: no cover
+        args = [self.emit(a) for a in expr.args]
+        if expr.type.kind is Kind.COMPLEX or any(isinstance(a, tuple) for a in args):
+            return self._complex(expr, args)
+        return self._real(expr.op, args, expr)
+
+    def _real(self, op: str, args: list[Value], expr: ir.Expr) -> str:
+        a = args[0]
+        b = args[1] if len(args) > 1 else None
+        simple = {
+            "add": f"{a} + {b}",
+            "sub": f"{a} - {b}",
+            "mul": f"{a} * {b}",
+            "div": f"{a} / {b}",
+            "neg": f"-{a}",
+            "exp": f"tl.exp({a})",
+            "log": f"tl.log({a})",
+            "sqrt": f"tl.sqrt({a})",
+            "abs": f"tl.abs({a})",
+            "sigmoid": f"1.0 / (1.0 + tl.exp(-{a}))",
+            "relu": f"tl.maximum({a}, 0.0)",
+            "cos": f"tl.cos({a})",
+            "sin": f"tl.sin({a})",
+            "log1p": f"tl.log(1.0 + {a})",
+            "expm1": f"tl.exp({a}) - 1.0",
+            "maximum": f"tl.maximum({a}, {b})",
+            "minimum": f"tl.minimum({a}, {b})",
+            "lt": f"{a} < {b}",
+            "le": f"{a} <= {b}",
+            "gt": f"{a} > {b}",
+            "ge": f"{a} >= {b}",
+            "eq": f"{a} == {b}",
+            "ne": f"{a} != {b}",
+            "real": f"{a}",
+            "imag": f"{a} * 0.0",
+            "conj": f"{a}",
+        }
+        if op in simple:
+            return self._temp(simple[op])
+        if op == "where":
+            return self._temp(f"tl.where({a}, {b}, {args[2]})")
+        if op == "tanh":  # tanh(x) = 2 sigmoid(2x) - 1
+            return self._temp(f"2.0 / (1.0 + tl.exp(-2.0 * {a})) - 1.0")
+        if op in ("softplus", "logsigmoid"):  # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
+            stable = self._temp(f"tl.log(1.0 + tl.exp(-tl.abs({a})))")
+            if op == "softplus":
+                return self._temp(f"tl.maximum({a}, 0.0) + {stable}")
+            return self._temp(f"tl.minimum({a}, 0.0) - {stable}")
+        if op == "silu":
+            return self._temp(f"{a} / (1.0 + tl.exp(-{a}))")
+        if op == "logaddexp":
+            return self._temp(f"_logaddexp({a}, {b})")
+        if op == "pow":
+            exponent = expr.args[1]
+            if isinstance(exponent, Literal) and exponent.value == 2:
+                return self._temp(f"{a} * {a}")
+            if isinstance(exponent, Literal) and exponent.value == 0.5:
+                return self._temp(f"tl.sqrt({a})")
+            return self._temp(f"tl.exp({b} * tl.log({a}))")  # the base is positive where pow is real-valued and smooth
+        raise Unsupported(f"no Triton form of '{op}'")  # pragma: no cover
+
+    def _complex(self, expr: Op, args: list[Value]) -> Value:
+        op = expr.op
+        if op not in COMPLEX_OPS:
+            raise Unsupported(f"'{op}' of a complex value has no Triton form here (supported: {', '.join(sorted(COMPLEX_OPS))})")
+        parts = [a if isinstance(a, tuple) else (a, "0.0") for a in args]
+        if op in ("add", "sub"):
+            (ar, ai), (br, bi) = parts
+            sign = "+" if op == "add" else "-"
+            return self._temp(f"{ar} {sign} {br}"), self._temp(f"{ai} {sign} {bi}")
+        if op == "neg":
+            (ar, ai), = parts
+            return self._temp(f"-{ar}"), self._temp(f"-{ai}")
+        if op == "conj":
+            (ar, ai), = parts
+            return ar, self._temp(f"-{ai}")
+        if op == "real":
+            return parts[0][0]
+        if op == "imag":
+            return parts[0][1]
+        if op == "abs":
+            (ar, ai), = parts
+            return self._temp(f"tl.sqrt({ar} * {ar} + {ai} * {ai})")
+        if op == "exp":  # e^(x + iy) = e^x (cos y + i sin y)
+            (ar, ai), = parts
+            magnitude = self._temp(f"tl.exp({ar})")
+            return self._temp(f"{magnitude} * tl.cos({ai})"), self._temp(f"{magnitude} * tl.sin({ai})")
+        if op == "mul":
+            if not isinstance(args[0], tuple) or not isinstance(args[1], tuple):
+                scale, (zr, zi) = (args[0], parts[1]) if not isinstance(args[0], tuple) else (args[1], parts[0])
+                return self._temp(f"{scale} * {zr}"), self._temp(f"{scale} * {zi}")
+            (ar, ai), (br, bi) = parts
+            return self._temp(f"{ar} * {br} - {ai} * {bi}"), self._temp(f"{ar} * {bi} + {ai} * {br}")
+        # div
+        (ar, ai), (br, bi) = parts
+        if not isinstance(args[1], tuple):
+            return self._temp(f"{ar} / {br}"), self._temp(f"{ai} / {br}")
+        norm = self._temp(f"{br} * {br} + {bi} * {bi}")
+        return self._temp(f"({ar} * {br} + {ai} * {bi}) / {norm}"), self._temp(f"({ai} * {br} - {ar} * {bi}) / {norm}")
+
+
+def find_leaves(exprs: list[ir.Expr]) -> list[ir.Expr]:
+    """The subexpressions torch must compute before the kernel: refs and non-elementwise ops.
+
+    Inline time-parallel bindings first (:func:`inline_parallel_bindings`) so that their
+    elementwise math is fused too: minGRU's ``z = sigmoid(x @ W_z + b_z)`` then leaves only
+    ``x @ W_z`` and ``b_z`` to torch.
+    """
+    leaves: dict[int, ir.Expr] = {}
+
+    def visit(expr: ir.Expr) -> None:
+        if isinstance(expr, Literal):
+            return
+        if isinstance(expr, Op) and expr.op in FUSED_OPS:
+            for arg in expr.args:
+                visit(arg)
+            return
+        leaves[id(expr)] = expr
+
+    for expr in exprs:
+        visit(expr)
+    return list(leaves.values())
+
+
+def inline_parallel_bindings(expr: ir.Expr, cell: ir.CellIR, time_parallel: frozenset[str]) -> ir.Expr:
+    """``expr`` with references to time-parallel bindings replaced by their definitions."""
+    definitions = {s.name: s.value for s in cell.body if isinstance(s, ir.Assign) and s.name in time_parallel}
+    cache: dict[str, ir.Expr] = {}
+
+    def go(node: ir.Expr) -> ir.Expr:
+        if isinstance(node, Ref) and node.kind is ir.RefKind.BINDING and node.name in definitions:
+            if node.name not in cache:
+                cache[node.name] = go(definitions[node.name])
+            return cache[node.name]
+        if isinstance(node, Op):
+            args = tuple(go(a) for a in node.args)
+            if node.op == "index" and all(item == ir.NEW_AXIS or item == ir.SliceItem(None, None) for item in node.attrs):
+                pushed = _push_broadcast_index(node, args[0])
+                if pushed is not None:
+                    return pushed
+            return node if args == node.args else Op(node.op, args, node.type, node.attrs)
+        return node
+
+    return go(expr)
+
+
+def _push_broadcast_index(node: Op, inner: ir.Expr) -> ir.Expr | None:
+    """``f(a, b)[:, None]`` as ``f(a[:, None], b[:, None])`` for elementwise ``f``, so that the
+    elementwise math stays fused and only the leaves are indexed."""
+    if not (isinstance(inner, Op) and inner.op in FUSED_OPS and inner.op not in ("real", "imag", "abs")):
+        return None
+    new_args = []
+    for arg in inner.args:
+        if arg.type.rank == 0:
+            new_args.append(arg)
+        elif arg.type.shape == inner.type.shape:
+            indexed = Op("index", (arg,), ir.Type(node.type.shape, arg.type.kind), node.attrs)
+            new_args.append(_push_broadcast_index(indexed, arg) or indexed)
+        else:
+            return None
+    return Op(inner.op, tuple(new_args), ir.Type(node.type.shape, inner.type.kind), inner.attrs)
+
+
+# ---- kernels -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScanSpec:
+    """What one generated kernel computes.
+
+    ``kind``: ``affine`` (``h = a * h + b``), ``semiring`` (``h = plus(h + a, b)``) or
+    ``monoid`` (a declared monoid's carries).  ``terms`` are the elementwise expressions
+    the kernel evaluates per step (decay and input; or one lift per carry), ``leaves`` what
+    it loads.
+    """
+
+    name: str  # the state (or scan) this kernel solves
+    kind: str
+    is_complex: bool
+    terms: tuple[ir.Expr | None, ...]
+    leaves: tuple[Leaf, ...]
+    comment: tuple[str, ...]
+    semiring: str | None = None  # "max-plus" | "log"
+    monoid: ir.MonoidIR | None = None
+    identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
+
+_PRELUDE = '''import triton
+import triton.language as tl
+
+
+@triton.jit
+def _logaddexp(a, b):
+    # log(e^a + e^b) without overflow, and -inf when both are -inf.
+    m = tl.maximum(a, b)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    return m_safe + tl.log(tl.exp(a - m_safe) + tl.exp(b - m_safe))
+'''
+
+
+def _leaf_args(spec: ScanSpec) -> list[str]:
+    args = []
+    for leaf in spec.leaves:
+        parts = ("re", "im") if leaf.is_complex else ("v",)
+        for part in parts:
+            args.append(f"p_{leaf.name}_{part}")
+        args.extend([f"s_{leaf.name}_n", f"s_{leaf.name}_t", f"s_{leaf.name}_c"])
+    return args
+
+
+def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str = "") -> dict[int, Value]:
+    values: dict[int, Value] = {}
+    for leaf in spec.leaves:
+        buffer.line(f"# {format_expr(leaf.expr)}")
+        offset = f"i_n * s_{leaf.name}_n + {offsets_t}[:, None] * s_{leaf.name}_t + o_c[None, :] * s_{leaf.name}_c"
+        if leaf.is_complex:
+            re = f"b_{leaf.name}{suffix}_re"
+            im = f"b_{leaf.name}{suffix}_im"
+            buffer.line(f"{re} = tl.load(p_{leaf.name}_re + {offset}, mask={mask}, other=0.0).to(ACC)")
+            buffer.line(f"{im} = tl.load(p_{leaf.name}_im + {offset}, mask={mask}, other=0.0).to(ACC)")
+            values[id(leaf.expr)] = (re, im)
+        else:
+            name = f"b_{leaf.name}{suffix}"
+            buffer.line(f"{name} = tl.load(p_{leaf.name}_v + {offset}, mask={mask}, other=0.0).to(ACC)")
+            values[id(leaf.expr)] = name
+    return values
+
+
+def _carry_names(spec: ScanSpec) -> list[str]:
+    if spec.kind == "monoid":
+        assert spec.monoid is not None
+        return [c.name for c in spec.monoid.carries]
+    return ["a_re", "a_im", "b_re", "b_im"] if spec.is_complex else ["a", "b"]
+
+
+def _emit_combine(buffer: IndentedBuffer, spec: ScanSpec) -> None:
+    names = _carry_names(spec)
+    left = [f"{n}_1" for n in names]
+    right = [f"{n}_2" for n in names]
+    buffer.line("@triton.jit")
+    buffer.line(f"def combine_{spec.name}({', '.join(left + right)}):")
+    with buffer.indent():
+        if spec.kind == "affine" and not spec.is_complex:
+            buffer.line("# (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)")
+            buffer.line("return a_1 * a_2, a_2 * b_1 + b_2")
+        elif spec.kind == "affine":
+            buffer.line("# the affine pair over complex numbers, as (re, im) parts")
+            buffer.line("a_re = a_re_1 * a_re_2 - a_im_1 * a_im_2")
+            buffer.line("a_im = a_re_1 * a_im_2 + a_im_1 * a_re_2")
+            buffer.line("b_re = a_re_2 * b_re_1 - a_im_2 * b_im_1 + b_re_2")
+            buffer.line("b_im = a_re_2 * b_im_1 + a_im_2 * b_re_1 + b_im_2")
+            buffer.line("return a_re, a_im, b_re, b_im")
+        elif spec.kind == "semiring":
+            plus = "tl.maximum" if spec.semiring == "max-plus" else "_logaddexp"
+            buffer.line(f"# (a1, b1) o (a2, b2) = (a1 + a2, {plus.replace('tl.', '')}(b1 + a2, b2)) over the {spec.semiring} semiring")
+            buffer.line(f"return a_1 + a_2, {plus}(b_1 + a_2, b_2)")
+        else:
+            assert spec.monoid is not None
+            buffer.line(f"# combine of the declared monoid {spec.monoid.name}, with a = the earlier element")
+            side_names = {}
+            left, right = spec.monoid.operands
+            for carry in spec.monoid.carries:
+                side_names[(ir.RefKind.CARRY_LEFT, f"{left}.{carry.name}")] = f"{carry.name}_1"
+                side_names[(ir.RefKind.CARRY_RIGHT, f"{right}.{carry.name}")] = f"{carry.name}_2"
+            emitter = _CombineEmitter(buffer, side_names)
+            for assign in spec.monoid.body:
+                buffer.line(f"# {assign.name} = {format_expr(assign.value)}")
+                emitter.locals[assign.name] = emitter.emit(assign.value)
+            results = [emitter.locals[c.name] for c in spec.monoid.carries]
+            buffer.line(f"return {', '.join(str(r) for r in results)}")
+    buffer.line("")
+    buffer.line("")
+
+
+class _CombineEmitter(ExpressionEmitter):
+    """Emits a monoid's combine: refs are the two operands' carries and earlier locals."""
+
+    def __init__(self, buffer: IndentedBuffer, side_names: dict) -> None:
+        super().__init__(buffer, {})
+        self.side_names = side_names
+        self.locals: dict[str, Value] = {}
+
+    def _emit(self, expr: ir.Expr) -> Value:
+        if isinstance(expr, Ref):
+            if expr.kind is ir.RefKind.LOCAL:
+                return self.locals[expr.name]
+            return self.side_names[(expr.kind, expr.label)]
+        return super()._emit(expr)
+
+
+def _emit_terms(buffer: IndentedBuffer, spec: ScanSpec, values: dict[int, Value], prefix: str = "b_", only: tuple[int, ...] | None = None) -> list[Value]:
+    """Statements computing the spec's terms (all, or those at positions ``only``)."""
+    emitter = ExpressionEmitter(buffer, values, prefix)
+    for line in spec.comment:
+        buffer.line(f"# {line}")
+    return [emitter.emit(term) if term is not None and (only is None or i in only) else None for i, term in enumerate(spec.terms)]  # type: ignore[misc]
+
+
+def _emit_loads_for(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str, only: tuple[int, ...]) -> dict[int, Value]:
+    """Loads of just the leaves that the terms at positions ``only`` read."""
+    needed = set()
+    for i in only:
+        term = spec.terms[i]
+        if term is not None:
+            needed |= {id(node) for node in ir.walk(term)}
+    reduced = ScanSpec(**{**spec.__dict__, "leaves": tuple(l for l in spec.leaves if id(l.expr) in needed)})
+    return _emit_loads(buffer, reduced, offsets_t, mask, suffix)
+
+
+def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
+    """The forward kernel of ``spec``: fused terms, a blocked scan, the carry between blocks."""
+    names = _carry_names(spec)
+    outputs = ["p_out_re", "p_out_im"] if spec.is_complex else (["p_out"] if spec.kind != "monoid" else [f"p_out_{n}" for n in names])
+    initial = ["p_init_re", "p_init_im"] if spec.is_complex else (["p_init"] if spec.kind != "monoid" else [f"p_init_{n}" for n in names])
+    arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    buffer.line("@triton.jit")
+    buffer.line(f"def forward_{spec.name}({', '.join(arguments)}):")
+    with buffer.indent():
+        buffer.line("i_n = tl.program_id(0)")
+        buffer.line("i_c = tl.program_id(1)")
+        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+        buffer.line("m_c = o_c < C")
+        buffer.line("o_init = i_n * C + o_c")
+        carries = [f"b_carry_{i}" for i in range(len(initial))]
+        for carry, pointer in zip(carries, initial):
+            buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
+        buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
+        buffer.line("for i_t in range(0, tl.cdiv(T, BT)):")
+        with buffer.indent():
+            buffer.line("o_t = i_t * BT + tl.arange(0, BT)")
+            buffer.line("m = (o_t[:, None] < T) & m_c[None, :]")
+            values = _emit_loads(buffer, spec, "o_t", "m")
+            terms = _emit_terms(buffer, spec, values)
+            _emit_scan_and_store(buffer, spec, terms, carries, outputs)
+    buffer.line("")
+    buffer.line("")
+
+
+def _full(buffer: IndentedBuffer, name: str, value: str, padding: str) -> None:
+    # Steps past T (and elements past C) get the identity so the carry passes through.
+    buffer.line(f"{name} = tl.where(m, {value} + tl.zeros([BT, BC], dtype=ACC), {padding})")
+
+
+def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, carries: list[str], outputs: list[str]) -> None:
+    offset = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
+    if spec.kind == "affine" and not spec.is_complex:
+        _full(buffer, "b_a", terms[0], "1.0")
+        _full(buffer, "b_b", terms[1] if terms[1] is not None else "0.0", "0.0")
+        buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
+        buffer.line(f"b_h = b_A * {carries[0]}[None, :] + b_B")
+        buffer.line(f"tl.store({outputs[0]} + {offset}, b_h, mask=m)")
+        buffer.line(f"{carries[0]} = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)")
+    elif spec.kind == "affine":
+        a = terms[0] if isinstance(terms[0], tuple) else (terms[0], "0.0")
+        b = terms[1] if isinstance(terms[1], tuple) else ((terms[1], "0.0") if terms[1] is not None else ("0.0", "0.0"))
+        _full(buffer, "b_a_re", a[0], "1.0")
+        _full(buffer, "b_a_im", a[1], "0.0")
+        _full(buffer, "b_b_re", b[0], "0.0")
+        _full(buffer, "b_b_im", b[1], "0.0")
+        buffer.line(f"b_A_re, b_A_im, b_B_re, b_B_im = tl.associative_scan((b_a_re, b_a_im, b_b_re, b_b_im), 0, combine_{spec.name})")
+        buffer.line(f"b_h_re = b_A_re * {carries[0]}[None, :] - b_A_im * {carries[1]}[None, :] + b_B_re")
+        buffer.line(f"b_h_im = b_A_re * {carries[1]}[None, :] + b_A_im * {carries[0]}[None, :] + b_B_im")
+        buffer.line(f"tl.store({outputs[0]} + {offset}, b_h_re, mask=m)")
+        buffer.line(f"tl.store({outputs[1]} + {offset}, b_h_im, mask=m)")
+        buffer.line(f"{carries[0]} = tl.sum(tl.where(b_last, b_h_re, 0.0), axis=0)")
+        buffer.line(f"{carries[1]} = tl.sum(tl.where(b_last, b_h_im, 0.0), axis=0)")
+    elif spec.kind == "semiring":
+        plus = "tl.maximum" if spec.semiring == "max-plus" else "_logaddexp"
+        _full(buffer, "b_a", terms[0], "0.0")
+        _full(buffer, "b_b", terms[1] if terms[1] is not None else 'float("-inf")', 'float("-inf")')
+        buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
+        buffer.line(f"b_h = {plus}({carries[0]}[None, :] + b_A, b_B)")
+        buffer.line(f"tl.store({outputs[0]} + {offset}, b_h, mask=m)")
+        buffer.line(f"{carries[0]} = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)")
+    else:
+        assert spec.monoid is not None
+        elements = []
+        for i, (term, identity) in enumerate(zip(terms, spec.identities)):
+            _full(buffer, f"b_e{i}", term, _literal(identity))
+            elements.append(f"b_e{i}")
+        scanned = [f"b_s{i}" for i in range(len(elements))]
+        buffer.line(f"{', '.join(scanned)} = tl.associative_scan(({', '.join(elements)},), 0, combine_{spec.name})")
+        # Fold in the carry from earlier blocks: combine(carry, scanned).
+        folded = [f"b_f{i}" for i in range(len(elements))]
+        buffer.line(f"{', '.join(folded)} = combine_{spec.name}({', '.join(c + '[None, :]' for c in carries)}, {', '.join(scanned)})")
+        for i, (pointer, value) in enumerate(zip(outputs, folded)):
+            buffer.line(f"tl.store({pointer} + {offset}, {value}, mask=m)")
+            buffer.line(f"{carries[i]} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
+
+
+def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
+    """The adjoint of an affine or semiring scan, over reversed time, gates recomputed.
+
+    For ``h_t = f(h_{t-1}, a_t, b_t)`` with ``w_t = d h_t / d h_{t-1}``:
+
+        g_t = dL/dh_t + w_{t+1} g_{t+1}       (a forward scan over j = T - 1 - t)
+        dL/da_t = g_t * d h_t / d a_t,  dL/db_t = g_t * d h_t / d b_t
+
+    affine: ``w = a``, ``dh/da = h_{t-1}``, ``dh/db = 1`` (conjugated for complex values);
+    semiring: ``w = dh/da = e_t`` (max-plus: ``[h_{t-1} + a_t >= b_t]``; log:
+    ``exp(h_{t-1} + a_t - h_t)``), ``dh/db = 1 - e_t``.
+    """
+    complex_ = spec.is_complex
+    grads = ["p_grad_re", "p_grad_im"] if complex_ else ["p_grad"]
+    states = ["p_h_re", "p_h_im"] if complex_ else ["p_h"]
+    initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
+    out_a = ["p_ga_re", "p_ga_im"] if complex_ else ["p_ga"]
+    out_b = ["p_gb_re", "p_gb_im"] if complex_ else ["p_gb"]
+    arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    buffer.line("@triton.jit")
+    buffer.line(f"def backward_{spec.name}({', '.join(arguments)}):")
+    with buffer.indent():
+        buffer.line("i_n = tl.program_id(0)")
+        buffer.line("i_c = tl.program_id(1)")
+        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+        buffer.line("m_c = o_c < C")
+        carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
+        for carry in carries:
+            buffer.line(f"{carry} = tl.zeros([BC], dtype=ACC)")
+        buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
+        buffer.line("for i_j in range(0, tl.cdiv(T, BT)):")
+        with buffer.indent():
+            buffer.line("# step j of the reversed sequence is time t = T - 1 - j")
+            buffer.line("o_t = T - 1 - (i_j * BT + tl.arange(0, BT))")
+            buffer.line("m = (o_t[:, None] >= 0) & m_c[None, :]")
+            buffer.line("m_next = (o_t[:, None] + 1 < T) & m_c[None, :]")
+            buffer.line("m_prev = (o_t[:, None] >= 1) & m_c[None, :]")
+            offset = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
+            buffer.line("o_init = i_n * C + o_c[None, :] + o_t[:, None] * 0")
+            # h_{t-1}: the state before step t (the initial state at t = 0).
+            for pointer, init, name in zip(states, initial, ["b_hp_re", "b_hp_im"] if complex_ else ["b_hp"]):
+                buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {offset} - C, mask=m_prev, other=0.0), tl.load({init} + o_init, mask=m, other=0.0))")
+            for pointer, name in zip(grads, ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]):
+                buffer.line(f"{name} = tl.load({pointer} + {offset}, mask=m, other=0.0).to(ACC)")
+            # The gates at t + 1 (for w_{t+1}) and, for semirings, at t (for dh_t/da_t, dh_t/db_t), recomputed.
+            needed_next = (0,) if spec.kind == "affine" else (0, 1)
+            buffer.line("# gates at t + 1")
+            next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", needed_next)
+            next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=needed_next)
+            terms: list = [None, None]
+            if spec.kind == "semiring":
+                buffer.line("# gates at t")
+                values = _emit_loads(buffer, spec, "o_t", "m")
+                terms = _emit_terms(buffer, spec, values)
+            if spec.kind == "affine" and not complex_:
+                _full_mask(buffer, "b_w", next_terms[0], "0.0", "m_next")
+                buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
+                buffer.line("b_gt = b_W * b_g[None, :] + b_G")
+                buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_hp, mask=m)")
+                buffer.line(f"tl.store(p_gb + {offset}, b_gt, mask=m)")
+                buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+            elif spec.kind == "affine":
+                a_next = next_terms[0] if isinstance(next_terms[0], tuple) else (next_terms[0], "0.0")
+                # The adjoint runs with conj(a): g_t = dy_t + conj(a_{t+1}) g_{t+1}.
+                _full_mask(buffer, "b_w_re", a_next[0], "0.0", "m_next")
+                _full_mask(buffer, "b_w_im", f"-({a_next[1]})", "0.0", "m_next")
+                buffer.line(f"b_W_re, b_W_im, b_G_re, b_G_im = tl.associative_scan((b_w_re, b_w_im, b_dy_re, b_dy_im), 0, combine_{spec.name})")
+                buffer.line("b_gt_re = b_W_re * b_g_re[None, :] - b_W_im * b_g_im[None, :] + b_G_re")
+                buffer.line("b_gt_im = b_W_re * b_g_im[None, :] + b_W_im * b_g_re[None, :] + b_G_im")
+                buffer.line("# dL/da_t = g_t conj(h_{t-1})")
+                buffer.line(f"tl.store(p_ga_re + {offset}, b_gt_re * b_hp_re + b_gt_im * b_hp_im, mask=m)")
+                buffer.line(f"tl.store(p_ga_im + {offset}, b_gt_im * b_hp_re - b_gt_re * b_hp_im, mask=m)")
+                buffer.line(f"tl.store(p_gb_re + {offset}, b_gt_re, mask=m)")
+                buffer.line(f"tl.store(p_gb_im + {offset}, b_gt_im, mask=m)")
+                buffer.line("b_g_re = tl.sum(tl.where(b_last, b_gt_re, 0.0), axis=0)")
+                buffer.line("b_g_im = tl.sum(tl.where(b_last, b_gt_im, 0.0), axis=0)")
+            else:
+                # e_t = dh_t/da_t; w_{t+1} = e_{t+1} needs h_t, a_{t+1}, b_{t+1}, h_{t+1}.
+                buffer.line(f"b_h = tl.load(p_h + {offset}, mask=m, other=0.0)")
+                buffer.line(f"b_h_next = tl.load(p_h + {offset} + C, mask=m_next, other=0.0)")
+                a_next = next_terms[0]
+                b_next = next_terms[1] if next_terms[1] is not None else 'float("-inf")'
+                a_now = terms[0]
+                b_now = terms[1] if terms[1] is not None else 'float("-inf")'
+                if spec.semiring == "max-plus":
+                    buffer.line(f"b_e_next = tl.where(b_h + {a_next} >= {b_next}, 1.0, 0.0)")
+                    buffer.line(f"b_e = tl.where(b_hp + {a_now} >= {b_now}, 1.0, 0.0)")
+                else:
+                    buffer.line(f"b_e_next = tl.exp(b_h + {a_next} - tl.where(m_next, b_h_next, 0.0))")
+                    buffer.line(f"b_e = tl.exp(b_hp + {a_now} - b_h)")
+                _full_mask(buffer, "b_w", "b_e_next", "0.0", "m_next")
+                buffer.line("b_W, b_G = tl.associative_scan((b_w, b_dy), 0, _affine_pair)")
+                buffer.line("b_gt = b_W * b_g[None, :] + b_G")
+                buffer.line("b_e = tl.where(b_e == b_e, b_e, 0.0)  # NaN (from -inf - -inf) carries no gradient")
+                buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_e, mask=m)")
+                buffer.line(f"tl.store(p_gb + {offset}, b_gt * (1.0 - b_e), mask=m)")
+                buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+    buffer.line("")
+    buffer.line("")
+
+
+def _full_mask(buffer: IndentedBuffer, name: str, value: str, padding: str, mask: str) -> None:
+    buffer.line(f"{name} = tl.where({mask}, {value} + tl.zeros([BT, BC], dtype=ACC), {padding})")
+
+
+_AFFINE_PAIR = '''
+
+@triton.jit
+def _affine_pair(a_1, b_1, a_2, b_2):
+    # (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2): the adjoint of any first-order recurrence is affine
+    return a_1 * a_2, a_2 * b_1 + b_2
+'''
+
+
+def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> str:
+    """The complete Triton module for ``specs``: prelude, then per recurrence its combine, forward and backward."""
+    buffer = IndentedBuffer()
+    origin = source.filename if source is not None else "<string>"
+    buffer.line(f"# Generated by recdsl from {origin}, cell {cell.name}({', '.join(f'{n}={v}' for n, v in cell.dims)}).")
+    buffer.line("# Do not edit: it is regenerated from the checked IR whenever the cell changes.")
+    buffer.line("")
+    body = _PRELUDE + _AFFINE_PAIR
+    for line in body.strip("\n").splitlines():
+        buffer.line(line)
+    buffer.line("")
+    buffer.line("")
+    for spec in specs:
+        buffer.line(f"# ---- {spec.name}: {spec.kind}{' (complex, as (re, im) pairs)' if spec.is_complex else ''} " + "-" * 20)
+        buffer.line("")
+        _emit_combine(buffer, spec)
+        emit_forward(buffer, spec)
+        if spec.kind != "monoid":
+            emit_backward(buffer, spec)
+    return buffer.text()
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
