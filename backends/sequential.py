@@ -15,7 +15,7 @@ from recdsl import ir
 from recdsl.analysis import Analysis
 from recdsl.ir import RefKind
 
-from .torch_ops import Evaluator, Numerics, combine_carries
+from .torch_ops import Evaluator, Numerics, align, combine_carries
 
 
 def _time_slice(value: torch.Tensor, declared: ir.Type, t: int) -> torch.Tensor:
@@ -26,6 +26,13 @@ def _time_slice(value: torch.Tensor, declared: ir.Type, t: int) -> torch.Tensor:
 def _full_sequence(value: torch.Tensor, declared: ir.Type, lead: tuple[int, ...]) -> torch.Tensor:
     """``value`` expanded to ``[*lead, *shape]`` (a value reading only params has no lead dims)."""
     return value.expand(lead + tuple(value.shape[value.dim() - declared.rank :]))
+
+
+def _to_shape(value: torch.Tensor, declared: ir.Type, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (declared ``declared``, broadcasting to a state or carry) with the shape of ``like``."""
+    if value.dim() > declared.rank:  # leading dims: insert the state's missing dims after them
+        value = align(value, declared.rank, like.dim() - (value.dim() - declared.rank))
+    return value.expand(like.shape) if value.shape != like.shape else value
 
 
 def run(
@@ -91,7 +98,7 @@ def run(
                     values[(RefKind.BINDING, statement.name)] = evaluator.evaluate(statement.value)
             elif isinstance(statement, ir.Update):
                 new = evaluator.evaluate(statement.value)
-                new = new.expand(carried[statement.state].shape) if new.shape != carried[statement.state].shape else new
+                new = _to_shape(new, statement.value.type, carried[statement.state])
                 values[(RefKind.STATE_NEW, statement.state)] = new
                 carried[statement.state] = new
             elif isinstance(statement, ir.ScanAssign):
@@ -99,7 +106,7 @@ def run(
                 element = {}
                 for carry, lift in zip(monoid.carries, statement.lifts):
                     value = evaluator.evaluate(lift)
-                    element[carry.name] = value.expand(carried[f"{statement.name}.{carry.name}"].shape)
+                    element[carry.name] = _to_shape(value, lift.type, carried[f"{statement.name}.{carry.name}"])
                 previous = {c.name: carried[f"{statement.name}.{c.name}"] for c in monoid.carries}
                 combined = combine_carries(monoid, previous, element, numerics)
                 for carry in monoid.carries:

@@ -245,6 +245,8 @@ def combine_carries(
     result = {}
     for carry, expr in zip(monoid.carries, monoid.results):
         value = evaluator.evaluate(expr)
+        if value.dim() > expr.type.rank:  # a lower-rank result broadcasts to the carry's shape
+            value = align(value, expr.type.rank, carry.type.rank)
         lead = max(earlier[carry.name].dim(), later[carry.name].dim()) - carry.type.rank
         target = torch.broadcast_shapes(earlier[carry.name].shape[:lead] + carry.type.shape, later[carry.name].shape[:lead] + carry.type.shape)
         result[carry.name] = value.expand(target) if tuple(value.shape) != tuple(target) else value

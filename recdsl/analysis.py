@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Union
 
 from . import ir
+from .errors import DeclarationError
 from .ir import Kind, Literal, Op, Ref, RefKind, Type
 from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Semiring
 
@@ -695,7 +696,22 @@ def _hoistable(cell: ir.CellIR, time_parallel: frozenset[str], sources: dict[str
 
 
 def analyze(cell: ir.CellIR) -> Analysis:
-    """Answer the four questions of this module's docstring for ``cell``."""
+    """Answer the four questions of this module's docstring for ``cell``.
+
+    Raises :class:`~recdsl.errors.DeclarationError` when expanding the state-dependent
+    bindings builds expressions too deep to analyse (chains of hundreds of bindings).
+    """
+    try:
+        return _analyze(cell)
+    except RecursionError:
+        raise DeclarationError(
+            f"cell {cell.name}: its state-dependent bindings form a chain too long to analyse",
+            cell.span,
+            expected="fewer than a few hundred bindings between a state's previous value and its update",
+        ) from None
+
+
+def _analyze(cell: ir.CellIR) -> Analysis:
     sources = binding_dependencies(cell)
     time_parallel = frozenset(name for name, deps in sources.items() if not deps)
     parallel_outputs = frozenset(e.index for e in cell.outputs if not recurrent_sources(e.value, sources))

@@ -37,10 +37,14 @@ class Source:
     filename: str = "<string>"
 
     def line_text(self, line: int) -> str:
-        """The text of the 1-based ``line`` without its newline ('' past the end)."""
-        lines = self.text.splitlines()
+        """The text of the 1-based ``line`` without its newline ('' past the end).
+
+        Lines end at ``\n`` only, as the lexer counts them (``str.splitlines`` would also
+        split at form feeds and other separators and show the wrong line).
+        """
+        lines = self.text.split("\n")
         if 1 <= line <= len(lines):
-            return lines[line - 1]
+            return lines[line - 1].rstrip("\r")
         return ""
 
 

@@ -24,9 +24,11 @@ def read_source(source_or_path: str | Path) -> Source:
     else:
         return Source(str(source_or_path), "<string>")
     try:
-        return Source(path.read_text(), str(path))
+        return Source(path.read_text(encoding="utf-8"), str(path))
     except OSError as error:
         raise RecDSLError(f"cannot read '{path}': {error.strerror or error}", expected="a path to a .rec file, or the program text") from None
+    except UnicodeDecodeError as error:
+        raise RecDSLError(f"cannot read '{path}': it is not UTF-8 text (byte {error.start})", expected="a UTF-8 encoded .rec file") from None
 
 
 def load(source_or_path: str | Path, cell: str | None = None, dims: Mapping[str, object] | None = None) -> ir.CellIR:

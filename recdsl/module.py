@@ -299,8 +299,8 @@ def compile(
     torch.Size([2, 3, 4])
     """
     cell_ir = load(source_or_path, cell=cell, dims=dims)
-    analysis = analyze(cell_ir)
     try:
+        analysis = analyze(cell_ir)
         return CompiledCell(analysis, backend, chunk_size)
     except RecDSLError as error:
         raise error.located(read_source(source_or_path)) from None

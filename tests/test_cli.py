@@ -161,7 +161,6 @@ def test_empty_sequence_is_an_input_error(capsys):
     assert err.startswith("input error: the sequences are empty (T = 0)")
 
 
-@pytest.mark.xfail(reason="recdsl/frontend.py read_source catches OSError only: a non-UTF-8 file raises UnicodeDecodeError", strict=False)
 def test_non_utf8_file_is_a_clean_error(tmp_path, capsys):
     (tmp_path / "latin1.rec").write_bytes(b"# caf\xe9\ncell C(d) {\n    input x: [d]\n    out x\n}\n")
     assert main(["explain", str(tmp_path / "latin1.rec")]) == 1

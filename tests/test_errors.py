@@ -906,11 +906,6 @@ def test_empty_sequence(mingru):
     assert "T = 0" in _call_error(mingru, torch.randn(2, 0, 3))
 
 
-@pytest.mark.xfail(
-    reason="recdsl/errors.py Source.line_text uses str.splitlines(), which also splits at form feeds "
-    "(and \\x1c-\\x1e, \\x85, \\u2028, \\u2029) where Lark does not: the line shown is then the wrong one",
-    strict=False,
-)
 def test_form_feed_does_not_shift_the_shown_line():
     text = "cell C(d) {\x0c\n    input x: [d]\n    out y\n}\n"
     with pytest.raises(recdsl.NameResolutionError) as info:

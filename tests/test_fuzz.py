@@ -400,8 +400,6 @@ LOWER_RANK_UPDATES = {
 }
 
 
-@pytest.mark.xfail(reason="backends/sequential.py:94 and :102 and backends/torch_ops.py:249 expand a value of lower rank "
-                   "than its state or carry without aligning its dims: torch RuntimeError 'The expanded size ...'", strict=False)
 @pytest.mark.parametrize("name", sorted(LOWER_RANK_UPDATES))
 def test_lower_rank_update_runs(name):
     text = LOWER_RANK_UPDATES[name]
@@ -411,8 +409,6 @@ def test_lower_rank_update_runs(name):
     assert output.shape == (2, 4, 3)
 
 
-@pytest.mark.xfail(reason="analysis.inline builds one expression as deep as the chain of state-dependent bindings; "
-                   "a chain of a few hundred bindings raises RecursionError from recdsl.compile (recdsl/analysis.py)", strict=False)
 def test_long_chain_of_bindings_compiles():
     body = "    y0 = h\n" + "".join(f"    y{k} = y{k - 1} * 0.5 + x\n" for k in range(1, 400)) + "    h = y399\n    out h\n}\n"
     text = "cell C(d) {\n    input x: [d]\n    state h: [d] = 0\n" + body
