@@ -1,0 +1,199 @@
+"""GPU benchmark of the Triton backend: achieved bandwidth of the diagonal scan, and time against peers.
+
+    python benchmarks/bench_triton.py                  # on a CUDA machine
+    python benchmarks/bench_triton.py --interpret      # anywhere: Triton's interpreter, tiny sizes
+
+1. Bandwidth.  A cell ``h = a * h + b`` with ``a`` and ``b`` given as inputs reads two
+   tensors and writes one; the kernel's achieved bandwidth is ``3 * bytes / time``, shown as
+   a fraction of the device's copy bandwidth (``y.copy_(x)`` moves ``2 * bytes``).  The goal
+   is at least 80%.
+2. Forward and forward+backward milliseconds of recdsl's Triton kernels beside the peers
+   that are installed: accelerated-scan (first-order scan), flash-linear-attention's
+   ``chunk_gla`` and ``chunk_delta_rule``, mamba's ``selective_scan_fn``, and cuDNN's
+   ``torch.nn.GRU``/``LSTM`` for scale.  A peer that is not installed, or does not run on
+   this device, is left out of the table (the reason goes to stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+SCAN_CELL = """
+cell Scan(d) {
+    input a: [d]
+    input b: [d]
+    state h: [d] = 0
+    h = a * h + b
+    out h
+}
+"""
+
+
+def timed(fn: Callable, backward: bool, repeat: int, cuda: bool) -> float:
+    import torch
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if backward:
+            (out[0] if isinstance(out, tuple) else out).float().sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    once()
+    return statistics.median(once() for _ in range(repeat)) * 1e3
+
+
+def bandwidth(args, device: str) -> None:
+    import torch
+
+    import recdsl
+
+    print("\n## Diagonal scan bandwidth (h = a * h + b, float32)\n")
+    print("| B | T | d | recdsl triton (ms) | GB/s | copy GB/s | fraction of copy |")
+    print("|---|---|---|---|---|---|---|")
+    module = recdsl.compile(SCAN_CELL, backend="triton", d=args.width).to(device)
+    for length in args.lengths:
+        a = torch.rand(args.batch, length, args.width, device=device)
+        b = torch.randn(args.batch, length, args.width, device=device)
+        with torch.no_grad():
+            milliseconds = timed(lambda: module(a, b), False, args.repeat, device == "cuda")
+        moved = 3 * a.numel() * a.element_size()
+        target = torch.empty_like(a)
+        copy_ms = timed(lambda: target.copy_(a), False, args.repeat, device == "cuda")
+        copy_rate = 2 * a.numel() * a.element_size() / copy_ms / 1e6
+        rate = moved / milliseconds / 1e6
+        print(f"| {args.batch} | {length} | {args.width} | {milliseconds:.3f} | {rate:.1f} | {copy_rate:.1f} | {rate / copy_rate:.0%} |")
+
+
+def peers(args, device: str) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    import recdsl
+
+    cuda = device == "cuda"
+    rows: list[tuple[str, str, Callable]] = []
+    B, H, D, K = args.batch, args.heads, args.width, args.key_dim
+    for length in args.lengths:
+        def make(*shape):
+            return torch.randn(*shape, device=device, requires_grad=True)
+
+        # first-order scan: minGRU's recurrence
+        mingru = recdsl.compile(EXAMPLES / "mingru.rec", backend="triton", d_in=D, d=D).to(device)
+        x = make(B, length, D)
+        rows.append((f"minGRU T={length}", "recdsl triton", lambda m=mingru, x=x: m(x)))
+        try:
+            from accelerated_scan.warp import scan as accelerated_scan
+
+            gates = torch.rand(B, D, length, device=device).requires_grad_()
+            tokens = make(B, D, length)
+            rows.append((f"minGRU T={length}", "accelerated-scan (scan only)", lambda g=gates, t=tokens: accelerated_scan(g, t)))
+        except Exception as error:
+            print(f"accelerated-scan: {type(error).__name__}: {error}", file=sys.stderr)
+        gru = torch.nn.GRU(D, D, batch_first=True).to(device)
+        rows.append((f"minGRU T={length}", "torch.nn.GRU (cuDNN, for scale)", lambda g=gru, x=x: g(x)[0]))
+        lstm = torch.nn.LSTM(D, D, batch_first=True).to(device)
+        rows.append((f"minGRU T={length}", "torch.nn.LSTM (cuDNN, for scale)", lambda l=lstm, x=x: l(x)[0]))
+
+        # selective scan (S6)
+        s6 = recdsl.compile(EXAMPLES / "s6.rec", backend="triton", d=D, n=16).to(device)
+        s6_inputs = dict(x=make(B, length, D), delta=make(B, length, D), B=make(B, length, 16), C=make(B, length, 16))
+        rows.append((f"S6 T={length}", "recdsl triton", lambda m=s6, i=s6_inputs: m(**i)))
+        try:
+            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+            A = -torch.exp(s6.A_log.detach()).requires_grad_()
+            rows.append(
+                (
+                    f"S6 T={length}",
+                    "mamba selective_scan_fn",
+                    lambda i=s6_inputs, A=A, m=s6: selective_scan_fn(
+                        i["x"].transpose(1, 2), i["delta"].transpose(1, 2), A, i["B"].transpose(1, 2), i["C"].transpose(1, 2), m.D, delta_softplus=True
+                    ),
+                )
+            )
+        except Exception as error:
+            print(f"mamba-ssm: {type(error).__name__}: {error}", file=sys.stderr)
+
+        # gated linear attention and the delta rule
+        gla = recdsl.compile(EXAMPLES / "gla.rec", backend="triton", dk=K, dv=K).to(device)
+        q, k, v, g = (make(B, length, H, K) for _ in range(4))
+        rows.append((f"GLA T={length}", "recdsl triton", lambda m=gla, q=q, k=k, v=v, g=g: m(q, k, v, g)))
+        chunked_gla = recdsl.compile(EXAMPLES / "gla.rec", backend="chunked", dk=K, dv=K).to(device)
+        rows.append((f"GLA T={length}", "recdsl chunked (torch)", lambda m=chunked_gla, q=q, k=k, v=v, g=g: m(q, k, v, g)))
+        try:
+            from fla.ops.gla import chunk_gla
+
+            rows.append((f"GLA T={length}", "fla chunk_gla", lambda q=q, k=k, v=v, g=g: chunk_gla(q, k, v, F.logsigmoid(g) / 16)[0]))
+        except Exception as error:
+            print(f"fla chunk_gla: {type(error).__name__}: {error}", file=sys.stderr)
+        delta = recdsl.compile(EXAMPLES / "deltanet.rec", backend="chunked", dk=K, dv=K).to(device)
+        beta_logits = make(B, length, H)
+        rows.append((f"DeltaNet T={length}", "recdsl chunked (torch)", lambda m=delta, q=q, k=k, v=v, b=beta_logits: m(q, F.normalize(k, dim=-1), v, b)))
+        try:
+            from fla.ops.delta_rule import chunk_delta_rule
+
+            rows.append(
+                (
+                    f"DeltaNet T={length}",
+                    "fla chunk_delta_rule",
+                    lambda q=q, k=k, v=v, b=beta_logits: chunk_delta_rule(q, F.normalize(k, dim=-1), v, 2 * torch.sigmoid(b))[0],
+                )
+            )
+        except Exception as error:
+            print(f"fla chunk_delta_rule: {type(error).__name__}: {error}", file=sys.stderr)
+
+    print(f"\n## Time against peers (B={B}, heads={H}, d={D}, dk=dv={K}; ms, median of {args.repeat})\n")
+    print("| case | form | fwd | fwd+bwd |")
+    print("|---|---|---|---|")
+    for case, label, fn in rows:
+        try:
+            with torch.no_grad():
+                forward = timed(fn, False, args.repeat, cuda)
+            both = timed(fn, True, args.repeat, cuda)
+            print(f"| {case} | {label} | {forward:.3f} | {both:.3f} |")
+        except Exception as error:
+            print(f"{case} {label}: {type(error).__name__}: {error}", file=sys.stderr)
+        sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--interpret", action="store_true", help="run in Triton's interpreter on the CPU with tiny sizes")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[1024, 4096, 16384])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--key-dim", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.lengths, args.batch, args.heads, args.width, args.key_dim, args.repeat = [40], 1, 1, 8, 4, 1
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not args.interpret else "cpu"
+    if device == "cpu" and not args.interpret:
+        print("no CUDA device: run with --interpret to exercise the kernels in Triton's interpreter", file=sys.stderr)
+        return 2
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: timings say nothing about speed)"
+    print(f"# recdsl Triton backend on {name}, torch {torch.__version__}")
+    bandwidth(args, device)
+    peers(args, device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
