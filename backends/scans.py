@@ -12,8 +12,8 @@ recurrence ``h_t = a_t h_{t-1} + b_t`` the element is ``(a, b)`` and
 
     (a1, b1) (o) (a2, b2) = (a1 a2, a2 b1 + b2)
 
-:func:`linear_scan` runs it chunk by chunk (a scan inside chunks, a recursive scan over
-chunk totals, a fix-up), so the work is O(T log C) instead of O(T log T).
+:func:`linear_scan`, the workhorse, needs no log factor: it runs chunks side by side,
+sequentially inside each, recursing on the chunks' end states (see ``_linear_scan``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class _LinearScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, decay: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, decay: torch.Tensor, value: torch.Tensor, chunk: int | None) -> torch.Tensor:
         states = _linear_scan(decay, value, chunk)
         ctx.save_for_backward(decay, states)
         ctx.chunk = chunk
@@ -87,7 +87,7 @@ class _LinearScan(torch.autograd.Function):
         return grad_decay, grad_value, None
 
 
-def linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int = 32) -> torch.Tensor:
+def linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """``h_t = decay_t * h_{t-1} + value_t`` with ``h_{-1} = 0``, for all t; time on dim 0.
 
     ``decay`` broadcasts against ``value`` (a decay shared along some axes stays small).
@@ -104,24 +104,45 @@ def linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int = 32) -> to
     return _linear_scan(decay, value, chunk)
 
 
-def _linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int) -> torch.Tensor:
+def _linear_scan(decay: torch.Tensor, value: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """The scan without autograd: sequential inside chunks, vectorised across them.
+
+    The sequence is cut into ``n`` chunks of ``C`` steps.  Step ``i`` of every chunk is
+    computed at once (``C`` vectorised steps, no log factor of extra work): the local state
+    from a zero carry and the product of the chunk's decays so far.  The chunks' end states
+    form a shorter recurrence of the same kind, solved recursively; a final fix-up adds each
+    chunk's carried-in state.  With ``C`` about ``sqrt(T)`` there are ``O(sqrt(T))`` small
+    Python-level steps and ``O(1)`` passes over the data.
+    """
     steps = value.shape[0]
-    if steps <= chunk:
-        return prefix_scan((decay, value), _affine_combine)[1]
-    chunks = -(-steps // chunk)
-    pad = chunks * chunk - steps
+    shape = torch.broadcast_shapes(decay.shape, value.shape)
+    value = value.expand(shape)
+    if steps <= 16:
+        states = torch.empty(shape, dtype=torch.promote_types(decay.dtype, value.dtype), device=value.device)
+        states[0] = value[0]
+        for t in range(1, steps):
+            torch.addcmul(value[t], decay[t], states[t - 1], out=states[t])
+        return states
+    size = chunk or max(8, min(256, int(steps**0.5)))
+    chunks = -(-steps // size)
+    pad = chunks * size - steps
     if pad:
         decay = torch.cat([decay, decay.new_ones((pad,) + decay.shape[1:])], 0)
         value = torch.cat([value, value.new_zeros((pad,) + value.shape[1:])], 0)
-    local_decay, local_value = prefix_scan(
-        (decay.reshape((chunks, chunk) + decay.shape[1:]).transpose(0, 1), value.reshape((chunks, chunk) + value.shape[1:]).transpose(0, 1)),
-        _affine_combine,
-    )
-    # local_*[i, c] is the scan of chunk c up to its i-th step from a zero carry.
-    carried = _linear_scan(local_decay[-1], local_value[-1], chunk)  # the state at the end of each chunk
-    carry_in = torch.cat([torch.zeros_like(carried[:1]), carried[:-1]], 0)
-    states = local_decay * carry_in.unsqueeze(0) + local_value
-    return states.transpose(0, 1).reshape((chunks * chunk,) + states.shape[2:])[:steps]
+    # [C, n, ...]: step i of every chunk is one contiguous slab.
+    a = decay.reshape((chunks, size) + decay.shape[1:]).transpose(0, 1)
+    b = value.reshape((chunks, size) + value.shape[1:]).transpose(0, 1)
+    local = torch.empty(b.shape, dtype=torch.promote_types(a.dtype, b.dtype), device=b.device)
+    products = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    local[0] = b[0]
+    products[0] = a[0]
+    for i in range(1, size):
+        torch.addcmul(b[i], a[i], local[i - 1], out=local[i])
+        torch.mul(products[i - 1], a[i], out=products[i])
+    ends = _linear_scan(products[-1], local[-1])  # the state at the end of each chunk
+    carry_in = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]], 0)
+    local.addcmul_(products, carry_in.unsqueeze(0))
+    return local.transpose(0, 1).reshape((chunks * size,) + local.shape[2:])[:steps]
 
 
 def matrix_affine_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
