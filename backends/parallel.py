@@ -474,7 +474,7 @@ def _kernel_inputs(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: t
     return batch_dims, rows, columns, start, queries, flat_vector, flat_scalar
 
 
-def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None) -> tuple[list[torch.Tensor], torch.Tensor]:
     batch_dims, rows, columns, start, queries, flat_vector, flat_scalar = _kernel_inputs(seq, plan, state, h0, chunk)
     lead = seq.lead
     scaled_columns = []
@@ -491,7 +491,7 @@ def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: 
             log_decay = log_decay.transpose(-1, -2)
         shape = tuple(log_decay.shape[-2:])
         log_decay = log_decay.expand(lead + shape).movedim(1, -3).reshape((-1, lead[1]) + shape)
-        results, final = chunk_kernels.decayed_outer_products(
+        results, final = (decayed or chunk_kernels.decayed_outer_products)(
             queries, [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns], log_decay, start, chunk
         )
     else:
@@ -517,13 +517,16 @@ def run(
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
     *,
-    chunked: bool = False,
+    chunked: bool | frozenset[str] = False,
     chunk_size: int = DEFAULT_CHUNK,
     solver: type | None = None,
+    decayed_outer_products=None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell over the whole sequence at once; the signature of :func:`.sequential.run`.
 
-    ``solver`` replaces :class:`_Solver` (the Triton backend solves recurrences with kernels).
+    ``chunked`` is True (every state that has a chunk plan) or the set of states to chunk;
+    ``solver`` replaces :class:`_Solver` and ``decayed_outer_products`` the torch chunk
+    kernel of that name (the Triton backend brings kernels for both).
     """
     cell = analysis.cell
     first = next(iter(inputs.values()))
@@ -549,9 +552,10 @@ def run(
                 final[f"{name}.{carry}"] = value[:, -1]
             continue
         state_analysis = analysis.state(name)
-        plan = _cached_chunk_plan(analysis, state_analysis) if chunked else None
+        wanted = chunked if isinstance(chunked, bool) else name in chunked
+        plan = _cached_chunk_plan(analysis, state_analysis) if wanted else None
         if isinstance(plan, ChunkPlan):
-            readouts, final[name] = _run_chunk_plan(seq, plan, state_analysis, state[name], chunk_size)
+            readouts, final[name] = _run_chunk_plan(seq, plan, state_analysis, state[name], chunk_size, decayed_outer_products)
             for node, value in zip(plan.readouts, readouts):
                 substitutions[id(node)] = value
             continue

@@ -122,6 +122,15 @@ def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | str:
     return _try_generate(spec, analysis)
 
 
+def _triton_chunkable(analysis: Analysis, state: StateAnalysis) -> bool:
+    plan = parallel.chunk_plan(analysis, state)
+    if not isinstance(plan, parallel.ChunkPlan) or plan.kind != "decayed outer products" or len(plan.inputs) != 1:
+        return False
+    structure = state.recurrence.structure
+    oriented_rows = (structure == "diagonal over rows" and not plan.transposed) or (structure == "diagonal over columns" and plan.transposed)
+    return structure == "scalar" or oriented_rows
+
+
 def _try_generate(spec: ScanSpec, analysis: Analysis) -> ScanSpec | str:
     try:
         generate([spec], None, analysis.cell)
@@ -147,8 +156,13 @@ class _Plan:
         self.analysis = analysis
         self.specs: dict[str, ScanSpec] = {}
         self.reason: str | None = parallel.unsupported(analysis)
+        # Matrix states read out linearly, with one decay per state or per row: the chunked kernels.
+        self.chunked: set[str] = set()
         if self.reason is None:
             for state in analysis.states:
+                if _triton_chunkable(analysis, state):
+                    self.chunked.add(state.state)
+                    continue
                 spec = _state_spec(analysis, state)
                 if isinstance(spec, ScanSpec):
                     self.specs[state.state] = spec
@@ -194,10 +208,19 @@ def emit(analysis: Analysis, filename: str | None = None) -> str:
     if plan.reason is not None:
         raise BackendError(f"the Triton backend cannot run cell {analysis.cell.name}: {plan.reason}")
     assert plan.source is not None
+    source = plan.source
     if filename:
-        first, rest = plan.source.split("\n", 1)
-        return first.replace("<string>", filename) + "\n" + rest
-    return plan.source
+        first, rest = source.split("\n", 1)
+        source = first.replace("<string>", filename) + "\n" + rest
+    if plan.chunked:
+        notes = "".join(
+            f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
+            f"(chunk_states, pass_states, chunk_outputs), never stored per step.\n"
+            for name in sorted(plan.chunked)
+        )
+        first, rest = source.split("\n", 1)
+        source = first + "\n" + notes + rest
+    return source
 
 
 # ---- loading ---------------------------------------------------------------------------------
@@ -515,7 +538,17 @@ class TritonSolver(parallel._Solver):
         return result
 
 
-def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics):
-    """Run the cell with generated Triton kernels; the signature of :func:`.sequential.run`."""
+def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics, chunk_size: int = 64):
+    """Run the cell with generated Triton kernels; the signature of :func:`.sequential.run`.
+
+    Matrix states read out linearly (GLA, RetNet, mLSTM, Mamba-2) go through the chunked
+    kernels of :mod:`.triton_chunk`; every other recurrence through its generated scan.
+    """
     _check_device(numerics.device)
-    return parallel.run(analysis, inputs, params, consts, state, numerics, solver=TritonSolver)
+    from . import triton_chunk
+
+    return parallel.run(
+        analysis, inputs, params, consts, state, numerics,
+        chunked=frozenset(plan_for(analysis).chunked), chunk_size=chunk_size, solver=TritonSolver,
+        decayed_outer_products=triton_chunk.decayed_outer_products,
+    )

@@ -18,7 +18,9 @@ Peers that are installed are timed too (``pip install --no-deps accelerated-scan
 flash-linear-attention==0.6.0 fla-core==0.6.0 einops``): accelerated-scan's reference
 scan and flash-linear-attention's naive recurrent GLA and delta rule.  The sequential
 backend is skipped above ``--max-sequential-length`` (a Python loop over 16384 steps takes
-long and says nothing new).
+long and says nothing new), and the scan backend where it would store more than
+``--max-scan-elements`` state values (GLA's and DeltaNet's 64 x 64 states at long T:
+that is what the chunked form avoids).
 """
 
 from __future__ import annotations
@@ -122,11 +124,15 @@ def rows_for(name: str, length: int, args) -> list[tuple[str, Callable[[], torch
         if backend == "sequential" and length > args.max_sequential_length:
             continue
         torch.manual_seed(0)
-        modules[backend] = recdsl.compile(EXAMPLES / file, backend=backend, **dims).to(args.device)
+        module = recdsl.compile(EXAMPLES / file, backend=backend, **dims).to(args.device)
+        stored = max(_numel(s.type.shape) for s in module.cell.states) * args.batch * length * _numel(heads)
+        if backend == "scan" and stored > args.max_scan_elements:
+            continue  # the scan stores every step's state: at this size, gigabytes
+        modules[backend] = module
     for backend, module in modules.items():
         inputs = inputs_for(module, args.batch, length, heads, args.device, True)
         rows.append((f"recdsl {backend}", lambda m=module, i=inputs: m(**i)))
-    reference = modules["scan"]
+    reference = modules["chunked"]
     inputs = inputs_for(reference, args.batch, length, heads, args.device, True)
     if name == "minGRU":
         def log_space(m=reference, i=inputs):
@@ -162,6 +168,13 @@ def rows_for(name: str, length: int, args) -> list[tuple[str, Callable[[], torch
     return rows
 
 
+def _numel(shape) -> int:
+    total = 1
+    for n in shape:
+        total *= n
+    return total
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -170,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-sequential-length", type=int, default=4096)
+    parser.add_argument("--max-scan-elements", type=int, default=2**26, help="skip the scan backend when it would store more state elements than this")
     parser.add_argument("--quick", action="store_true", help="T in {64, 256}, one repeat: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:

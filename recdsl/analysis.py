@@ -208,8 +208,22 @@ def inline(expr: ir.Expr, cell: ir.CellIR, keep: frozenset[str]) -> ir.Expr:
     return go(expr)
 
 
+# (id(expr), id(variable)) -> (expr, variable, answer); the nodes are kept so ids stay unique.
+_CONTAINS: dict[tuple[int, int], tuple[ir.Expr, Ref, bool]] = {}
+
+
 def _contains(expr: ir.Expr, variable: Ref) -> bool:
-    return any(ref == variable for ref in ir.refs(expr))
+    """Whether ``expr`` reads ``variable``, memoised over shared subexpressions."""
+    key = (id(expr), id(variable))
+    hit = _CONTAINS.get(key)
+    if hit is not None and hit[0] is expr and hit[1] is variable:
+        return hit[2]
+    if isinstance(expr, Op):
+        answer = any(_contains(arg, variable) for arg in expr.args)
+    else:
+        answer = expr == variable
+    _CONTAINS[key] = (expr, variable, answer)
+    return answer
 
 
 # ---- sum-product linearity ------------------------------------------------------
@@ -275,7 +289,7 @@ def linear_split(expr: ir.Expr, variable: Ref) -> _Linear | None:
         return _Linear(left.terms + negated, bias)
     if op == "neg" or op in LINEAR_UNARY - {"conj", "real", "imag"}:
         inner = linear_split(args[0], variable)
-        if inner is None:
+        if inner is None or (op != "neg" and not _keeps_shape(inner, args[0].type)):
             return None
         rebuild = lambda x: Op(op, (x,), Type(expr.type.shape, x.type.kind if op != "neg" else x.type.kind), expr.attrs)  # noqa: E731
         return _Linear(tuple(rebuild(t) for t in inner.terms), None if inner.bias is None else rebuild(inner.bias))
@@ -285,7 +299,7 @@ def linear_split(expr: ir.Expr, variable: Ref) -> _Linear | None:
             return None
         position = dependent[0]
         inner = linear_split(args[position], variable)
-        if inner is None:
+        if inner is None or (op in ("matmul", "outer") and not _keeps_shape(inner, args[position].type)):
             return None
 
         def rebuild(x: ir.Expr) -> ir.Expr:
@@ -305,6 +319,17 @@ def linear_split(expr: ir.Expr, variable: Ref) -> _Linear | None:
 
         return _Linear(tuple(rebuild(t) for t in inner.terms), None if inner.bias is None else rebuild(inner.bias))
     return None
+
+
+def _keeps_shape(split: _Linear, declared: Type) -> bool:
+    """Whether every piece of ``split`` has the shape of the value it splits.
+
+    A piece that only broadcasts to it (the scalar 1 of ``1 + S[:, 0]``) cannot be pushed
+    through an indexing, a reduction, ``@`` or ``outer`` on its own; such updates are left
+    unclassified (nonlinear) rather than rewritten wrongly.
+    """
+    pieces = split.terms + ((split.bias,) if split.bias is not None else ())
+    return all(piece.type.shape == declared.shape for piece in pieces)
 
 
 @dataclass(frozen=True)
@@ -355,10 +380,14 @@ def _varying_axes(coefficient: ir.Expr, state: Type) -> tuple[int, ...]:
 
 
 def _sum(exprs: Iterable[ir.Expr]) -> ir.Expr | None:
-    total: ir.Expr | None = None
-    for expr in exprs:
-        total = expr if total is None else _op("add", total, expr)
-    return total
+    """The sum of ``exprs`` as a balanced tree (its depth grows as the log of the count)."""
+    items = list(exprs)
+    if not items:
+        return None
+    while len(items) > 1:
+        paired = [_op("add", items[i], items[i + 1]) for i in range(0, len(items) - 1, 2)]
+        items = paired + ([items[-1]] if len(items) % 2 else [])
+    return items[0]
 
 
 def _classify_linear(split: _Linear, variable: Ref, transition: ir.Expr) -> Recurrence:
@@ -701,6 +730,7 @@ def analyze(cell: ir.CellIR) -> Analysis:
     Raises :class:`~recdsl.errors.DeclarationError` when expanding the state-dependent
     bindings builds expressions too deep to analyse (chains of hundreds of bindings).
     """
+    _CONTAINS.clear()
     try:
         return _analyze(cell)
     except RecursionError:
@@ -709,6 +739,39 @@ def analyze(cell: ir.CellIR) -> Analysis:
             cell.span,
             expected="fewer than a few hundred bindings between a state's previous value and its update",
         ) from None
+    finally:
+        _CONTAINS.clear()
+
+
+# Expanding bindings that read each other twice doubles an expression at each step
+# (y_k = y_{k-1} + y_{k-1}); the classifier walks expressions as trees, so it stops here.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _tree_size(expr: ir.Expr, sizes: dict[int, int]) -> int:
+    """The number of nodes of ``expr`` read as a tree, counted over the shared DAG."""
+    stack = [(expr, False)]
+    while stack:
+        node, ready = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = node.args if isinstance(node, Op) else ()
+        if ready or not children:
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(expr)]
+
+
+def _check_size(expr: ir.Expr, what: str, cell: ir.CellIR, span) -> None:
+    size = _tree_size(expr, {})
+    if size > MAX_EXPANDED_NODES:
+        raise DeclarationError(
+            f"{what} grows to {size} operations when the state-dependent bindings it reads are expanded",
+            span or cell.span,
+            expected=f"at most {MAX_EXPANDED_NODES} (bindings that each read the previous one twice double at every line)",
+        )
 
 
 def _analyze(cell: ir.CellIR) -> Analysis:
@@ -724,6 +787,7 @@ def _analyze(cell: ir.CellIR) -> Analysis:
             state_type = cell.state(statement.state).type
             variable = Ref(RefKind.STATE_PREV, statement.state, state_type)
             expanded = inline(statement.value, cell, time_parallel)
+            _check_size(expanded, f"the update of state '{statement.state}'", cell, statement.span)
             others = recurrent_sources(statement.value, sources) - {statement.state}
             recurrence = classify(expanded, variable)
             states.append(StateAnalysis(statement.state, state_type, expanded, recurrence, tuple(sorted(others))))
@@ -739,6 +803,8 @@ def _analyze(cell: ir.CellIR) -> Analysis:
     readouts: list[Readout] = []
     state_types = {s.name: s.type for s in cell.states}
     expanded_outputs = tuple(inline(emit.value, cell, time_parallel) for emit in cell.outputs)
+    for emit, expanded in zip(cell.outputs, expanded_outputs):
+        _check_size(expanded, f"output {emit.name or emit.index}", cell, emit.span)
     for emit, expanded in zip(cell.outputs, expanded_outputs):
         if emit.index not in parallel_outputs:
             readouts.extend(_readouts(emit.index, expanded, state_types))

@@ -94,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
     if notes:
         print(f"(dims not given, set to: {', '.join(notes)})")
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecDSLError(f"device '{args.device}' is not available: this torch has no CUDA device", expected="--device cpu")
     module = compile(args.file, backend=args.backend, cell=args.cell, **dims).to(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     inputs = {}

@@ -14,12 +14,18 @@ from .parser import parse
 def read_source(source_or_path: str | Path) -> Source:
     """The program text and its reported name.
 
-    A :class:`~pathlib.Path`, or a one-line string naming an existing file or ending in
-    ``.rec``, is read from disk; any other string is the program itself.
+    A :class:`~pathlib.Path`, or a one-line string that ends in ``.rec`` or names an
+    existing file, is read from disk; any other string is the program itself.
     """
     if isinstance(source_or_path, Path):
         path = source_or_path
-    elif isinstance(source_or_path, str) and "\n" not in source_or_path and "{" not in source_or_path:
+    elif (
+        isinstance(source_or_path, str)
+        and source_or_path.strip()
+        and "\n" not in source_or_path
+        and "{" not in source_or_path
+        and (source_or_path.endswith(".rec") or Path(source_or_path).exists())
+    ):
         path = Path(source_or_path)
     else:
         return Source(str(source_or_path), "<string>")
