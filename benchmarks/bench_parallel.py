@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-sequential-length", type=int, default=4096)
-    parser.add_argument("--max-scan-elements", type=int, default=2**26, help="skip the scan backend when it would store more state elements than this")
+    parser.add_argument("--max-scan-elements", type=int, default=2**24, help="skip the scan backend when it would store more state elements than this")
     parser.add_argument("--quick", action="store_true", help="T in {64, 256}, one repeat: a smoke test")
     args = parser.parse_args(argv)
     if args.quick:

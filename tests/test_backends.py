@@ -13,26 +13,8 @@ import recdsl
 from recdsl.analysis import Nonlinear
 from recdsl.testing import Example, assert_backends_agree, available_backends, check_equivalence, check_monoid_laws, compare_backends, random_inputs
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 
-# Small dims keep the sequential reference fast; distinct values catch transposed axes.
-DIMS = {
-    "mingru": dict(d_in=3, d=4),
-    "minlstm": dict(d_in=3, d=4),
-    "lru": dict(d=3, n=4),
-    "hgrn": dict(d_in=3, d=4, lower=0.3),
-    "rglru": dict(d=4),
-    "s6": dict(d=3, n=4),
-    "mamba2": dict(p=4, n=3),
-    "gla": dict(dk=4, dv=3),
-    "retnet": dict(dk=4, dv=3),
-    "mlstm": dict(dk=4, dv=3),
-    "deltanet": dict(dk=4, dv=3),
-    "aaren": dict(d=3),
-    "gru": dict(d_in=3, d=4),
-    "lstm": dict(d_in=3, d=4),
-    "crf": dict(n=3),
-}
 PARALLEL = ["mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf"]
 
 
@@ -239,7 +221,9 @@ LONG = 65536
 @pytest.mark.parametrize("name, dims, gate_bias", [("gla", dict(dk=4, dv=4), 8.0), ("gla", dict(dk=4, dv=4), -8.0), ("mingru", dict(d_in=4, d=4), 8.0), ("mingru", dict(d_in=4, d=4), -8.0)])
 @pytest.mark.parametrize("backend", ["scan", "chunked"])
 def test_long_sequences_with_decays_near_zero_and_one_stay_finite(name, dims, gate_bias, backend):
-    """T = 65536: no overflow or NaN; the end agrees with a sequential run resumed near the end."""
+    """T = 65536: no overflow or NaN in float32; in float64 the end agrees with a sequential run
+    resumed near the end (in float32 two chunkings of 65536 steps round differently by ~1e-4
+    when the decay keeps ~50000 steps of memory, so the exact comparison is made in float64)."""
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", backend=backend, **dims)
     generator = torch.Generator().manual_seed(1)
@@ -251,12 +235,15 @@ def test_long_sequences_with_decays_near_zero_and_one_stay_finite(name, dims, ga
             module.b_z.fill_(gate_bias)
     out, final = module(**inputs, return_state=True)
     assert torch.isfinite(out).all() and all(torch.isfinite(v).all() for v in final.values())
+    module = module.double()
+    inputs = {n: v.double() for n, v in inputs.items()}
+    out = module(**inputs)
     tail = 100
     _, middle = module(**{n: v[:, : LONG - tail] for n, v in inputs.items()}, return_state=True)
     reference = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **dims)
     reference.load_state_dict(module.state_dict())
-    expected = reference(**{n: v[:, LONG - tail :] for n, v in inputs.items()}, state=middle)
-    torch.testing.assert_close(out[:, LONG - tail :], expected, rtol=1e-4, atol=1e-5)
+    expected = reference.double()(**{n: v[:, LONG - tail :] for n, v in inputs.items()}, state=middle)
+    torch.testing.assert_close(out[:, LONG - tail :], expected, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
