@@ -322,6 +322,7 @@ class _Launch:
         self.channels = max(1, _numel(state_type.shape))
         self.rows = _numel((self.lead[0],) + self.lead[2:])
         self.steps = self.lead[1]
+        self.blocks = -(-self.steps // BLOCK_T)  # blocks of BT steps, counted on the host
 
     def leaf_values(self) -> list[torch.Tensor]:
         """Each leaf's value over the whole sequence, as torch computes it (declared shapes)."""
@@ -369,11 +370,11 @@ class _RecurrenceScan(torch.autograd.Function):
             out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             out_im = torch.empty_like(out_re)
             init = torch.view_as_real(start.contiguous())
-            kernel[launch.grid()](init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+            kernel[launch.grid()](init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
             states = torch.complex(out_re, out_im)
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            kernel[launch.grid()](start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+            kernel[launch.grid()](start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -392,12 +393,12 @@ class _RecurrenceScan(torch.autograd.Function):
         if spec.is_complex:
             parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
             ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
-            kernel[launch.grid()](*parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+            kernel[launch.grid()](*parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
             grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
         else:
             grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
             grad_input = torch.empty_like(grad_decay)
-            kernel[launch.grid()](start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, **launch.constants())
+            kernel[launch.grid()](start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         # dL/dh_0: the adjoint one step further back.
         if spec.kind == "affine":
             with torch.no_grad():
@@ -443,7 +444,7 @@ class _MonoidScan(torch.autograd.Function):
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
         outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
-        kernel[launch.grid()](*starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, **launch.constants())
+        kernel[launch.grid()](*starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         ctx.launch, ctx.scan = launch, scan
         ctx.save_for_backward(*tensors)
         return tuple(outputs)

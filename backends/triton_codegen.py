@@ -446,7 +446,7 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     names = _carry_names(spec)
     outputs = ["p_out_re", "p_out_im"] if spec.is_complex else (["p_out"] if spec.kind != "monoid" else [f"p_out_{n}" for n in names])
     initial = ["p_init_re", "p_init_im"] if spec.is_complex else (["p_init"] if spec.kind != "monoid" else [f"p_init_{n}" for n in names])
-    arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
     buffer.line("@triton.jit")
     buffer.line(f"def forward_{spec.name}({', '.join(arguments)}):")
     with buffer.indent():
@@ -459,7 +459,7 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
         for carry, pointer in zip(carries, initial):
             buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
         buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
-        buffer.line("for i_t in range(0, tl.cdiv(T, BT)):")
+        buffer.line("for i_t in range(0, n_blocks):  # n_blocks = ceil(T / BT), from the host")
         with buffer.indent():
             buffer.line("o_t = i_t * BT + tl.arange(0, BT)")
             buffer.line("m = (o_t[:, None] < T) & m_c[None, :]")
@@ -540,7 +540,7 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
     out_a = ["p_ga_re", "p_ga_im"] if complex_ else ["p_ga"]
     out_b = ["p_gb_re", "p_gb_im"] if complex_ else ["p_gb"]
-    arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
     buffer.line("@triton.jit")
     buffer.line(f"def backward_{spec.name}({', '.join(arguments)}):")
     with buffer.indent():
@@ -552,7 +552,7 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
         for carry in carries:
             buffer.line(f"{carry} = tl.zeros([BC], dtype=ACC)")
         buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
-        buffer.line("for i_j in range(0, tl.cdiv(T, BT)):")
+        buffer.line("for i_j in range(0, n_blocks):")
         with buffer.indent():
             buffer.line("# step j of the reversed sequence is time t = T - 1 - j")
             buffer.line("o_t = T - 1 - (i_j * BT + tl.arange(0, BT))")

@@ -28,7 +28,7 @@ def combine_h(a_1, b_1, a_2, b_2):
 
 
 @triton.jit
-def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
@@ -36,7 +36,7 @@ def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l
     o_init = i_n * C + o_c
     b_carry_0 = tl.load(p_init + o_init, mask=m_c, other=0.0).to(ACC)
     b_last = tl.arange(0, BT)[:, None] == BT - 1
-    for i_t in range(0, tl.cdiv(T, BT)):
+    for i_t in range(0, n_blocks):  # n_blocks = ceil(T / BT), from the host
         o_t = i_t * BT + tl.arange(0, BT)
         m = (o_t[:, None] < T) & m_c[None, :]
         # x @ W_z
@@ -64,14 +64,14 @@ def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l
 
 
 @triton.jit
-def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.zeros([BC], dtype=ACC)
     b_last = tl.arange(0, BT)[:, None] == BT - 1
-    for i_j in range(0, tl.cdiv(T, BT)):
+    for i_j in range(0, n_blocks):
         # step j of the reversed sequence is time t = T - 1 - j
         o_t = T - 1 - (i_j * BT + tl.arange(0, BT))
         m = (o_t[:, None] >= 0) & m_c[None, :]
