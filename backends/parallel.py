@@ -41,7 +41,7 @@ from recdsl.analysis import (
     StateAnalysis,
     log_of_positive,
 )
-from recdsl.ir import Kind, Literal, Op, Ref, RefKind
+from recdsl.ir import Kind, Op, Ref, RefKind
 
 from . import chunk_kernels
 from .scans import (
