@@ -475,15 +475,22 @@ def _full(buffer: IndentedBuffer, name: str, value: str, padding: str) -> None:
     buffer.line(f"{name} = tl.where(m, {value} + tl.zeros([BT, BC], dtype=ACC), {padding})")
 
 
+_STATE_OFFSET = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
+
+
+def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: str) -> None:
+    """Store a block of states and keep its last row as the carry into the next block."""
+    buffer.line(f"tl.store({pointer} + {_STATE_OFFSET}, {value}, mask=m)")
+    buffer.line(f"{carry} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
+
+
 def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, carries: list[str], outputs: list[str]) -> None:
-    offset = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
     if spec.kind == "affine" and not spec.is_complex:
         _full(buffer, "b_a", terms[0], "1.0")
         _full(buffer, "b_b", terms[1] if terms[1] is not None else "0.0", "0.0")
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
         buffer.line(f"b_h = b_A * {carries[0]}[None, :] + b_B")
-        buffer.line(f"tl.store({outputs[0]} + {offset}, b_h, mask=m)")
-        buffer.line(f"{carries[0]} = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)")
+        _store_and_carry(buffer, outputs[0], "b_h", carries[0])
     elif spec.kind == "affine":
         a = terms[0] if isinstance(terms[0], tuple) else (terms[0], "0.0")
         b = terms[1] if isinstance(terms[1], tuple) else ((terms[1], "0.0") if terms[1] is not None else ("0.0", "0.0"))
@@ -494,18 +501,15 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         buffer.line(f"b_A_re, b_A_im, b_B_re, b_B_im = tl.associative_scan((b_a_re, b_a_im, b_b_re, b_b_im), 0, combine_{spec.name})")
         buffer.line(f"b_h_re = b_A_re * {carries[0]}[None, :] - b_A_im * {carries[1]}[None, :] + b_B_re")
         buffer.line(f"b_h_im = b_A_re * {carries[1]}[None, :] + b_A_im * {carries[0]}[None, :] + b_B_im")
-        buffer.line(f"tl.store({outputs[0]} + {offset}, b_h_re, mask=m)")
-        buffer.line(f"tl.store({outputs[1]} + {offset}, b_h_im, mask=m)")
-        buffer.line(f"{carries[0]} = tl.sum(tl.where(b_last, b_h_re, 0.0), axis=0)")
-        buffer.line(f"{carries[1]} = tl.sum(tl.where(b_last, b_h_im, 0.0), axis=0)")
+        _store_and_carry(buffer, outputs[0], "b_h_re", carries[0])
+        _store_and_carry(buffer, outputs[1], "b_h_im", carries[1])
     elif spec.kind == "semiring":
         plus = "tl.maximum" if spec.semiring == "max-plus" else "_logaddexp"
         _full(buffer, "b_a", terms[0], "0.0")
         _full(buffer, "b_b", terms[1] if terms[1] is not None else 'float("-inf")', 'float("-inf")')
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
         buffer.line(f"b_h = {plus}({carries[0]}[None, :] + b_A, b_B)")
-        buffer.line(f"tl.store({outputs[0]} + {offset}, b_h, mask=m)")
-        buffer.line(f"{carries[0]} = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)")
+        _store_and_carry(buffer, outputs[0], "b_h", carries[0])
     else:
         assert spec.monoid is not None
         elements = []
@@ -517,9 +521,8 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         # Fold in the carry from earlier blocks: combine(carry, scanned).
         folded = [f"b_f{i}" for i in range(len(elements))]
         buffer.line(f"{', '.join(folded)} = combine_{spec.name}({', '.join(c + '[None, :]' for c in carries)}, {', '.join(scanned)})")
-        for i, (pointer, value) in enumerate(zip(outputs, folded)):
-            buffer.line(f"tl.store({pointer} + {offset}, {value}, mask=m)")
-            buffer.line(f"{carries[i]} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
+        for pointer, value, carry in zip(outputs, folded, carries):
+            _store_and_carry(buffer, pointer, value, carry)
 
 
 def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
