@@ -454,8 +454,8 @@ class _Solver:
         return {n: self.seq.batch_first(v) for n, v in zip(names, folded)}
 
 
-def _kernel_inputs(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int):
-    """Evaluate a chunk plan's pieces and flatten batch and heads into one dim for the kernels."""
+def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel."""
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
 
@@ -468,15 +468,8 @@ def _kernel_inputs(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: t
         return value.movedim(1, -1).reshape((-1, lead[1]))
 
     rows, columns = state.type.shape[::-1] if plan.transposed else state.type.shape
-    start = h0.transpose(-1, -2) if plan.transposed else h0
-    start = start.reshape((-1, rows, columns))
+    start = (h0.transpose(-1, -2) if plan.transposed else h0).reshape((-1, rows, columns))
     queries = [flat_vector(q, rows) for q in plan.queries]
-    return batch_dims, rows, columns, start, queries, flat_vector, flat_scalar
-
-
-def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    batch_dims, rows, columns, start, queries, flat_vector, flat_scalar = _kernel_inputs(seq, plan, state, h0, chunk)
-    lead = seq.lead
     scaled_columns = []
     for term in plan.inputs:
         column = flat_vector(term.column, columns)

@@ -107,12 +107,7 @@ def _choose_auto(analysis: Analysis) -> tuple[Backend, str]:
         plan = parallel.chunk_plan(analysis, state)
         if isinstance(plan, parallel.ChunkPlan):
             chunked.append(f"{state.state} ({plan.kind})")
-    gpu = ""
-    try:
-        if get_backend("triton").unsupported(analysis) is None:
-            gpu = "; on a GPU, the generated Triton kernels"
-    except Exception:  # pragma: no cover - triton's own import problems never block a CPU run
-        gpu = ""
+    gpu = "; on a GPU, the generated Triton kernels" if get_backend("triton").unsupported(analysis) is None else ""
     if chunked:
         return get_backend("chunked"), (
             f"matrix state {', '.join(chunked)} is read out linearly, so chunks of {parallel.DEFAULT_CHUNK} steps "

@@ -292,15 +292,14 @@ def check_equivalence(
         with_state=st.booleans(),
     )
     failures: list[tuple[Example, list[Mismatch]]] = []
+    reference_module = _with_backend(module, "sequential", None)
 
     @settings(max_examples=max_examples, deadline=None, database=None, suppress_health_check=list(HealthCheck), print_blob=False)
     @given(examples)
     def property_holds(example: Example) -> None:
         inputs, state = random_inputs(module, example, input_scale)
-        expected_outputs = module.__class__(module.analysis, "sequential")
-        expected_outputs.load_state_dict(module.state_dict())
         with torch.no_grad():
-            reference = _leaves(expected_outputs.to(torch.float64)(**inputs, state=state))
+            reference = _leaves(reference_module(**inputs, state=state))
         finite = all(bool(torch.isfinite(r).all()) for r in reference)
         if not finite:
             report.skipped += 1
