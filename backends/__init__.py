@@ -1,4 +1,4 @@
-"""Execution forms of a compiled cell, and the single place a backend is chosen.
+"""Execution forms of a compiled cell: interpreters of the plan made at compile time.
 
 The folder lives at the top of the repository but is installed as ``recdsl.backends``
 (see ``pyproject.toml``); importing it under any other name would duplicate the
@@ -13,6 +13,6 @@ if __name__ != "recdsl.backends":  # pragma: no cover - a packaging mistake, not
         "install recdsl (pip install -e .) instead of putting the repository root on sys.path"
     )
 
-from .registry import BACKENDS, Backend, choose_backend, get_backend  # noqa: E402
+from .registry import BACKENDS, Backend, choose_backend, get_backend, run_plan  # noqa: E402
 
-__all__ = ["BACKENDS", "Backend", "choose_backend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "choose_backend", "get_backend", "run_plan"]

@@ -25,23 +25,25 @@ chunk boundaries are kept.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from recdsl import ir
-from recdsl.analysis import (
-    Analysis,
-    DiagonalAffine,
-    MatrixAffine,
-    NoRecurrence,
-    Nonlinear,
-    SemiringAffine,
-    StateAnalysis,
-    log_of_positive,
+from recdsl.analysis import Analysis, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure
+from recdsl.ir import RefKind
+from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan are re-exported for compatibility)
+    MAX_MATRIX_STATE,
+    ChunkKind,
+    ChunkPlan,
+    ExecutionPlan,
+    Form,
+    RankOneTerm,
+    StepPlan,
+    Unsupported,
+    chunk_plan,
+    parallel_steps,
 )
-from recdsl.ir import Kind, Op, Ref, RefKind
 
 from . import chunk_kernels
 from .scans import (
@@ -49,18 +51,19 @@ from .scans import (
     matrix_affine_scan,
     prefix_scan,
     semiring_diagonal_scan,
-    semiring_matrix_scan,
     semiring_matmul,
+    semiring_matrix_scan,
     semiring_product_scan,
 )
 from .torch_ops import ELEMENTWISE, REDUCTIONS, Evaluator, Numerics, align, combine_carries
 
-# The largest state (in elements) whose transition is scanned as an explicit matrix.
-MAX_MATRIX_STATE = 256
 DEFAULT_CHUNK = 64
 
 
-# ---- what each backend can run ---------------------------------------------------------
+def unsupported(analysis: Analysis) -> str | None:
+    """Why the time-parallel backends cannot run this cell, or None when they can."""
+    steps = parallel_steps(analysis, chunked=False)
+    return steps.reason if isinstance(steps, Unsupported) else None
 
 
 def _matrix_size(state: StateAnalysis) -> int:
@@ -68,171 +71,6 @@ def _matrix_size(state: StateAnalysis) -> int:
     for n in state.type.shape:
         size *= n
     return size
-
-
-def _needs_explicit_matrix(state: StateAnalysis) -> bool:
-    """Whether the transition is scanned as a matrix over the whole flattened state."""
-    recurrence = state.recurrence
-    if isinstance(recurrence, MatrixAffine):
-        return recurrence.structure == "dense" or (bool(recurrence.low_rank) and not _left_matrix(state))
-    return isinstance(recurrence, SemiringAffine) and recurrence.structure == "matrix"
-
-
-def unsupported(analysis: Analysis) -> str | None:
-    """Why the time-parallel backends cannot run this cell, or None when they can."""
-    for group in analysis.coupled_groups:
-        return f"states {', '.join(group)} are coupled (each reads the other), so they can only run step by step"
-    for state in analysis.states:
-        recurrence = state.recurrence
-        if isinstance(recurrence, Nonlinear):
-            return f"state '{state.state}' is nonlinear: {recurrence.reason}"
-        if _needs_explicit_matrix(state) and _matrix_size(state) > MAX_MATRIX_STATE:
-            return f"state '{state.state}' has a {recurrence.structure} transition and {_matrix_size(state)} elements (more than {MAX_MATRIX_STATE} to scan as a matrix)"
-    return None
-
-
-# ---- chunked plans -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RankOneTerm:
-    """A term ``coefficient * outer(row, column)`` of a matrix state's input."""
-
-    row: ir.Expr
-    column: ir.Expr
-    coefficient: ir.Expr | None
-
-
-@dataclass(frozen=True)
-class ChunkPlan:
-    """How the chunked backend produces a matrix state's read-outs without storing it per step.
-
-    ``transposed`` is set when the read-outs contract the state's second axis (``S @ q``);
-    the kernels then see ``S^T``.  ``queries[i]`` is the vector of ``readouts[i]``.
-    """
-
-    state: str
-    kind: str  # "decayed outer products" | "delta rule"
-    transposed: bool
-    readouts: tuple[ir.Expr, ...]  # nodes inside analysis.expanded_outputs
-    queries: tuple[ir.Expr, ...]
-    inputs: tuple[RankOneTerm, ...]
-    log_decay: ir.Expr | None = None
-
-
-def _rank_one_terms(expr: ir.Expr | None) -> list[RankOneTerm] | None:
-    """``expr`` as a sum of ``c * outer(u, v)`` (or ``u[:, None] * v[None, :]``) terms, or None."""
-    if expr is None:
-        return []
-    if isinstance(expr, Op):
-        if expr.op == "add":
-            left, right = _rank_one_terms(expr.args[0]), _rank_one_terms(expr.args[1])
-            return None if left is None or right is None else left + right
-        if expr.op == "outer":
-            return [RankOneTerm(expr.args[0], expr.args[1], None)]
-        if expr.op == "mul":
-            for scalar, rest in ((expr.args[0], expr.args[1]), (expr.args[1], expr.args[0])):
-                if scalar.type.rank == 0:
-                    inner = _rank_one_terms(rest)
-                    if inner is not None:
-                        return [RankOneTerm(t.row, t.column, scalar if t.coefficient is None else Op("mul", (scalar, t.coefficient), scalar.type)) for t in inner]
-            column_vector = _as_axis_vector(expr.args[0], 0), _as_axis_vector(expr.args[1], 1)
-            if None not in column_vector:
-                return [RankOneTerm(column_vector[0], column_vector[1], None)]  # type: ignore[arg-type]
-            row_first = _as_axis_vector(expr.args[1], 0), _as_axis_vector(expr.args[0], 1)
-            if None not in row_first:
-                return [RankOneTerm(row_first[0], row_first[1], None)]  # type: ignore[arg-type]
-    return None
-
-
-def _as_axis_vector(expr: ir.Expr, axis: int) -> ir.Expr | None:
-    """For ``u[:, None]`` (axis 0) or ``u[None, :]`` (axis 1) the vector ``u``."""
-    if not (isinstance(expr, Op) and expr.op == "index" and expr.type.rank == 2 and expr.args[0].type.rank == 1):
-        return None
-    wanted = (ir.SliceItem(None, None), ir.NEW_AXIS) if axis == 0 else (ir.NEW_AXIS, ir.SliceItem(None, None))
-    return expr.args[0] if tuple(expr.attrs) == wanted else None
-
-
-def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool] | None:
-    """For ``q @ S`` the pair ``(q, False)``; for ``S @ q`` ``(q, True)``; else None."""
-    if not (isinstance(readout, Op) and readout.op == "matmul"):
-        return None
-    left, right = readout.args
-    is_state = lambda e: isinstance(e, Ref) and e.kind is RefKind.STATE_NEW and e.name == state  # noqa: E731
-    if is_state(right) and left.type.rank == 1:
-        return left, False
-    if is_state(left) and right.type.rank == 1:
-        return right, True
-    return None
-
-
-def _mentions(expr: ir.Expr, state: str, exclude: set[int]) -> bool:
-    stack = [expr]
-    while stack:
-        node = stack.pop()
-        if id(node) in exclude:
-            continue
-        if isinstance(node, Ref) and node.name == state and node.kind in (RefKind.STATE_NEW, RefKind.STATE_PREV):
-            return True
-        if isinstance(node, Op):
-            stack.extend(node.args)
-    return False
-
-
-def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | str:
-    """The plan for ``state`` in the chunked form, or why it must be materialised per step."""
-    recurrence = state.recurrence
-    name = state.state
-    if state.type.rank != 2:
-        return "not a matrix state"
-    if state.type.kind is not Kind.REAL:
-        return "complex state"
-    readouts = [r for r in analysis.readouts if r.state == name]
-    if not readouts:
-        return "no linear read-out"
-    queries = [_readout_query(r.expr, name) for r in readouts]
-    if any(q is None for q in queries) or len({q[1] for q in queries}) != 1:  # type: ignore[index]
-        return "its read-outs are not all of the form q @ S (or all S @ q)"
-    transposed = queries[0][1]  # type: ignore[index]
-    readout_ids = {id(r.expr) for r in readouts}
-    if any(_mentions(e, name, readout_ids) for e in analysis.expanded_outputs):
-        return "an output reads it other than through its linear read-outs"
-    if any(other.state != name and name in other.reads for other in analysis.states):
-        return "another state's update reads it"
-    terms = _rank_one_terms(recurrence.input if isinstance(recurrence, (DiagonalAffine, MatrixAffine)) else None)
-    if terms is None:
-        return "its input term is not a sum of outer products"
-    if transposed:
-        terms = [RankOneTerm(t.column, t.row, t.coefficient) for t in terms]
-    base = dict(state=name, transposed=transposed, readouts=tuple(r.expr for r in readouts), queries=tuple(q[0] for q in queries), inputs=tuple(terms))  # type: ignore[index]
-    if isinstance(recurrence, DiagonalAffine) and recurrence.structure == "elementwise":
-        # S6: a decay per element makes every chunk's decay tensor as large as the states
-        # of its steps, so chunking saves nothing over the scan.
-        return "its decay differs for every element of the state (chunks would be as large as the per-step states)"
-    if isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and not getattr(recurrence, "low_rank", ()) and recurrence.structure in ("scalar", "diagonal over rows", "diagonal over columns"):
-        log_decay = log_of_positive(recurrence.decay, analysis.cell)
-        if log_decay is None:
-            return "its decay is not provably positive (chunked forms accumulate decays in log space)"
-        return ChunkPlan(kind="decayed outer products", log_decay=log_decay, **base)
-    if isinstance(recurrence, MatrixAffine) and recurrence.structure == "identity plus low rank" and len(recurrence.low_rank) == 1 and not transposed:
-        term = recurrence.low_rank[0]
-        if any(t.row != term.left for t in terms):
-            return "its input term does not share the rank-one update's left vector"
-        return ChunkPlan(kind="delta rule", **base)
-    return f"no chunked form for a {recurrence.name} recurrence with a {getattr(recurrence, 'structure', '')} transition"
-
-
-_PLANS: dict[tuple[int, str], tuple[Analysis, ChunkPlan | str]] = {}
-
-
-def _cached_chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | str:
-    """:func:`chunk_plan`, computed once per analysis (its IR nodes then live as long as the analysis)."""
-    key = (id(analysis), state.state)
-    cached = _PLANS.get(key)
-    if cached is None or cached[0] is not analysis:
-        cached = (analysis, chunk_plan(analysis, state))
-        _PLANS[key] = cached
-    return cached[1]
 
 
 # ---- evaluation over whole sequences -----------------------------------------------------
@@ -291,25 +129,12 @@ def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
 
 
-def _left_matrix(state: StateAnalysis) -> bool:
-    """Whether a (diagonal plus) low-rank transition is a left multiplication ``M @ S`` we can build."""
-    recurrence = state.recurrence
-    if not isinstance(recurrence, MatrixAffine) or not recurrence.low_rank:
-        return False
-    if recurrence.decay is None:
-        return True
-    decay_rank = recurrence.decay.type.rank
-    if decay_rank == 0:
-        return True
-    shape = recurrence.decay.type.shape
-    return state.type.rank == 2 and len(shape) == 2 and shape[1] == 1
-
-
 class _Solver:
-    """Solves each recurrence of one call over the whole sequence."""
+    """Solves each recurrence of one call over the whole sequence, in the form its plan step names."""
 
-    def __init__(self, analysis: Analysis, sequences: _Sequences, initial: Mapping[str, torch.Tensor]) -> None:
-        self.analysis = analysis
+    def __init__(self, plan: ExecutionPlan, sequences: _Sequences, initial: Mapping[str, torch.Tensor]) -> None:
+        self.plan = plan
+        self.analysis = plan.analysis
         self.seq = sequences
         self.initial = initial
 
@@ -331,14 +156,22 @@ class _Solver:
         return self.seq.batch_first(linear_scan(self.seq.time_first(decay), self.seq.time_first(value)))
 
     def low_rank(self, state: StateAnalysis) -> torch.Tensor:
+        """A (scaled identity or diagonal plus) low-rank transition as one small matrix ``M_t``.
+
+        From the left, ``S_t = M_t S_{t-1} + B_t``; from the right, ``S_t = S_{t-1} M_t + B_t``,
+        scanned as the transposed recurrence ``S_t^T = M_t^T S_{t-1}^T + B_t^T``.
+        """
         recurrence = state.recurrence
         assert isinstance(recurrence, MatrixAffine)
-        rows = state.type.shape[0]
+        right = recurrence.side is Side.RIGHT
+        rows = state.type.shape[1 if right else 0]
         matrix_type = ir.Type((rows, rows))
         if recurrence.decay is None:
             matrix = torch.zeros(self.seq.lead + (rows, rows), dtype=self.seq.numerics.real, device=self.seq.numerics.device)
-        elif recurrence.decay.type.rank == 2:  # a decay per row: diag(decay[:, 0])
-            decay = self.seq.evaluate(recurrence.decay)[..., 0]
+        elif recurrence.decay_axes:  # a decay per row (left) or per column (right): diag(decay)
+            decay = self.seq.evaluate(recurrence.decay)
+            if recurrence.decay.type.rank == 2:  # [m, 1] from the left, [1, n] from the right
+                decay = decay[..., 0, :] if right else decay[..., 0]
             matrix = torch.diag_embed(self.seq.full(decay, ir.Type((rows,)), ir.Type((rows,))))
         else:
             identity = torch.eye(rows, dtype=self.seq.numerics.real, device=self.seq.numerics.device)
@@ -346,9 +179,11 @@ class _Solver:
         for term in recurrence.low_rank:
             coefficient = self.seq.full(self.seq.evaluate(term.coefficient), term.coefficient.type, ir.Type((1, 1)))
             left = self.seq.full(self.seq.evaluate(term.left), term.left.type, ir.Type((rows,)))
-            right = self.seq.full(self.seq.evaluate(term.right), term.right.type, ir.Type((rows,)))
-            matrix = matrix + coefficient * left.unsqueeze(-1) * right.unsqueeze(-2)
-        return self._matrix_scan(state, matrix)
+            right_vector = self.seq.full(self.seq.evaluate(term.right), term.right.type, ir.Type((rows,)))
+            if right:  # S (u v^T) = ((v u^T) S^T)^T
+                left, right_vector = right_vector, left
+            matrix = matrix + coefficient * left.unsqueeze(-1) * right_vector.unsqueeze(-2)
+        return self._matrix_scan(state, matrix, transposed=right)
 
     def dense(self, state: StateAnalysis) -> torch.Tensor:
         size = _matrix_size(state)
@@ -373,22 +208,28 @@ class _Solver:
         result = result.expand((size,) + self.seq.lead + state.type.shape)
         return result.reshape((size,) + self.seq.lead + (size,))
 
-    def _matrix_scan(self, state: StateAnalysis, matrix: torch.Tensor, flat: bool = False) -> torch.Tensor:
+    def _matrix_scan(self, state: StateAnalysis, matrix: torch.Tensor, flat: bool = False, transposed: bool = False) -> torch.Tensor:
         h0 = self.initial[state.state]
         recurrence = state.recurrence
         value = self._input(recurrence, state.type)
         full_shape = self.seq.lead + state.type.shape
         value = torch.zeros(full_shape, dtype=h0.dtype, device=h0.device) if value is None else value.expand(full_shape).to(h0.dtype)
+        if transposed:
+            result = self._matrix_scan_of(matrix, value.transpose(-1, -2), h0.transpose(-1, -2))
+            return result.transpose(-1, -2)
         if flat:  # a map on the flattened state, applied to column vectors
             value = value.reshape(self.seq.lead + (-1, 1))
             start = h0.reshape(h0.shape[: len(self.seq.lead) - 1] + (-1, 1))
         else:
             start = h0
+        return self._matrix_scan_of(matrix, value, start).reshape(full_shape)
+
+    def _matrix_scan_of(self, matrix: torch.Tensor, value: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """``S_t = M_t S_{t-1} + B_t`` from ``S_0 = start``, batch first."""
         matrix = matrix.to(value.dtype)
         first = matrix[:, 0] @ start + value[:, 0]
         value = torch.cat([first.unsqueeze(1), value[:, 1:]], 1)
-        result = self.seq.batch_first(matrix_affine_scan(self.seq.time_first(matrix), self.seq.time_first(value)))
-        return result.reshape(full_shape)
+        return self.seq.batch_first(matrix_affine_scan(self.seq.time_first(matrix), self.seq.time_first(value)))
 
     def semiring(self, state: StateAnalysis) -> torch.Tensor:
         recurrence = state.recurrence
@@ -398,7 +239,7 @@ class _Solver:
         h0 = self.initial[state.state]
         value = self._input(recurrence, state.type)
         full_shape = self.seq.lead + state.type.shape
-        if recurrence.structure == "diagonal":
+        if recurrence.structure is Structure.DIAGONAL:
             decay = self.seq.full(self.seq.evaluate(recurrence.decay), recurrence.decay.type, state.type)
             if value is None:
                 return h0.unsqueeze(1) + decay.expand(full_shape).cumsum(1)
@@ -421,19 +262,30 @@ class _Solver:
         result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
         return self.seq.batch_first(result).reshape(full_shape)
 
-    def solve(self, state: StateAnalysis) -> torch.Tensor:
-        recurrence = state.recurrence
-        if isinstance(recurrence, NoRecurrence):
-            return self.seq.full(self.seq.evaluate(recurrence.value), recurrence.value.type, state.type).expand(self.seq.lead + state.type.shape)
-        if isinstance(recurrence, DiagonalAffine) or (isinstance(recurrence, MatrixAffine) and not recurrence.low_rank and recurrence.decay is not None):
-            return self.diagonal(state)
-        if isinstance(recurrence, MatrixAffine) and _left_matrix(state):
-            return self.low_rank(state)
-        if isinstance(recurrence, MatrixAffine):
-            return self.dense(state)
-        if isinstance(recurrence, SemiringAffine):
-            return self.semiring(state)
-        raise AssertionError(f"no parallel form for {recurrence}")  # unsupported() rules this out
+    def solve(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
+        """The state's value at every step, ``[B, T, *heads, *shape]``, by the step's form."""
+        match step.form:
+            case Form.TIME_PARALLEL:
+                assert isinstance(state.recurrence, NoRecurrence)
+                value = state.recurrence.value
+                return self.seq.full(self.seq.evaluate(value), value.type, state.type).expand(self.seq.lead + state.type.shape)
+            case Form.LINEAR_SCAN:
+                return self.diagonal(state)
+            case Form.LOW_RANK_MATRIX_SCAN:
+                return self.low_rank(state)
+            case Form.DENSE_MATRIX_SCAN:
+                return self.dense(state)
+            case Form.SEMIRING_DIAGONAL_SCAN | Form.SEMIRING_MATRIX_SCAN:
+                return self.semiring(state)
+            case Form.TRITON_SCAN:
+                return self.kernel_recurrence(step, state)
+        raise AssertionError(f"the {type(self).__name__} cannot run the form {step.form.name}")  # pragma: no cover - the planner rules this out
+
+    def kernel_recurrence(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
+        raise AssertionError("generated kernels run in the Triton backend's solver")  # pragma: no cover
+
+    def kernel_scan(self, step: StepPlan, scan: ir.ScanAssign) -> dict[str, torch.Tensor]:
+        raise AssertionError("generated kernels run in the Triton backend's solver")  # pragma: no cover
 
     def scan(self, scan: ir.ScanAssign) -> dict[str, torch.Tensor]:
         monoid = scan.monoid
@@ -476,7 +328,7 @@ def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: 
         if term.coefficient is not None:
             column = column * flat_scalar(term.coefficient).unsqueeze(-1)
         scaled_columns.append((flat_vector(term.row, rows), column))
-    if plan.kind == "decayed outer products":
+    if plan.kind is ChunkKind.DECAYED_OUTER_PRODUCTS:
         assert plan.log_decay is not None
         decay_type = plan.log_decay.type
         log_decay = seq.full(seq.evaluate(plan.log_decay), decay_type, state.type)
@@ -503,24 +355,23 @@ def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: 
 
 
 def run(
-    analysis: Analysis,
+    plan: ExecutionPlan,
     inputs: Mapping[str, torch.Tensor],
     params: Mapping[str, torch.Tensor],
     consts: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
     *,
-    chunked: bool | frozenset[str] = False,
-    chunk_size: int = DEFAULT_CHUNK,
     solver: type | None = None,
     decayed_outer_products=None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """Run the cell over the whole sequence at once; the signature of :func:`.sequential.run`.
+    """Run ``plan`` over the whole sequence at once; the signature of :func:`.sequential.run`.
 
-    ``chunked`` is True (every state that has a chunk plan) or the set of states to chunk;
-    ``solver`` replaces :class:`_Solver` and ``decayed_outer_products`` the torch chunk
-    kernel of that name (the Triton backend brings kernels for both).
+    Each step of the plan is solved in its form, in schedule order.  ``solver`` replaces
+    :class:`_Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
+    (the Triton backend brings kernels for both).
     """
+    analysis = plan.analysis
     cell = analysis.cell
     first = next(iter(inputs.values()))
     lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])
@@ -532,27 +383,27 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = (solver or _Solver)(analysis, seq, state)
+    solver = (solver or _Solver)(plan, seq, state)
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
-    for group in analysis.schedule:
-        (name,) = group
+    for step in plan.steps:
+        (name,) = step.names
         if name in scans:
-            carries = solver.scan(scans[name])
+            carries = solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else solver.scan(scans[name])
             for carry, value in carries.items():
                 seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
                 final[f"{name}.{carry}"] = value[:, -1]
             continue
         state_analysis = analysis.state(name)
-        wanted = chunked if isinstance(chunked, bool) else name in chunked
-        plan = _cached_chunk_plan(analysis, state_analysis) if wanted else None
-        if isinstance(plan, ChunkPlan):
-            readouts, final[name] = _run_chunk_plan(seq, plan, state_analysis, state[name], chunk_size, decayed_outer_products)
-            for node, value in zip(plan.readouts, readouts):
+        if step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
+            assert step.chunk is not None
+            kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
+            readouts, final[name] = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
+            for node, value in zip(step.chunk.readouts, readouts):
                 substitutions[id(node)] = value
             continue
-        sequence = solver.solve(state_analysis)
+        sequence = solver.solve(step, state_analysis)
         sequence = sequence.expand(lead + state_analysis.type.shape)
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         seq.values[(RefKind.STATE_PREV, name)] = _shift(sequence, state[name])

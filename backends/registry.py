@@ -1,116 +1,77 @@
-"""The registry of backends: their names, what each can run, and how ``auto`` chooses."""
+"""The registry of backends: for each :class:`~recdsl.plan.BackendKind`, the function that runs its plans.
+
+Choosing a backend is the plan stage's job (:func:`recdsl.plan.plan`); a backend here only
+interprets an :class:`~recdsl.plan.ExecutionPlan`.  Runners are imported when first used,
+so that the Triton backend (and triton) is loaded only by cells that run on it.
+"""
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Mapping, Protocol
 
 from recdsl.analysis import Analysis
-from recdsl.errors import BackendError
+from recdsl.plan import BackendKind, ExecutionPlan, PlanOptions, Unsupported, backend_kind, plan, plan_backend
 
 
 class Runner(Protocol):
-    def __call__(self, analysis: Analysis, inputs, params, consts, state, numerics): ...
+    def __call__(self, plan: ExecutionPlan, inputs: Mapping, params: Mapping, consts: Mapping, state: Mapping, numerics) -> tuple[list, dict]: ...
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A way of running a cell.
+    """A way of running a cell: ``module.run(plan, inputs, params, consts, state, numerics)``."""
 
-    ``unsupported(analysis)`` returns None when the backend can run the cell, else the
-    reason it cannot, in words; ``run`` has the signature of
-    :func:`recdsl.backends.sequential.run`.
-    """
-
-    name: str
+    kind: BackendKind
     description: str
-    unsupported: Callable[[Analysis], str | None]
-    run: Runner
+    module: str  # the module (under recdsl.backends) whose ``run`` interprets the plan
+
+    @property
+    def name(self) -> str:
+        return self.kind.value
+
+    @property
+    def run(self) -> Runner:
+        return importlib.import_module(f"recdsl.backends.{self.module}").run
+
+    def unsupported(self, analysis: Analysis) -> str | None:
+        """Why this backend cannot run ``analysis``'s cell (None when it can)."""
+        planned = plan_backend(analysis, self.kind, PlanOptions())
+        return planned.reason if isinstance(planned, Unsupported) else None
 
 
-def _sequential() -> Backend:
-    from . import sequential
-
-    return Backend("sequential", "a loop over time: the definition every other backend is checked against", lambda analysis: None, sequential.run)
-
-
-def _scan() -> Backend:
-    from . import parallel
-
-    return Backend("scan", "log-depth associative scans over the whole sequence, one per recurrence", parallel.unsupported, parallel.run)
-
-
-def _chunked() -> Backend:
-    import functools
-
-    from . import parallel
-
-    return Backend(
-        "chunked",
-        "matrix states read out linearly are computed chunk by chunk without storing them per step; other recurrences are scanned",
-        parallel.unsupported,
-        functools.partial(parallel.run, chunked=True),
+_BACKENDS: dict[BackendKind, Backend] = {
+    backend.kind: backend
+    for backend in (
+        Backend(BackendKind.SEQUENTIAL, "a loop over time: the definition every other backend is checked against", "sequential"),
+        Backend(BackendKind.SCAN, "scans over the whole sequence, one per recurrence", "parallel"),
+        Backend(
+            BackendKind.CHUNKED,
+            "matrix states read out linearly are computed chunk by chunk without storing them per step; other recurrences are scanned",
+            "parallel",
+        ),
+        Backend(
+            BackendKind.TRITON,
+            "generated Triton scan kernels with the gate math fused in, forward and backward (GPU, or TRITON_INTERPRET=1 on a CPU)",
+            "triton_backend",
+        ),
     )
+}
+BACKENDS: tuple[str, ...] = tuple(kind.value for kind in _BACKENDS)
 
 
-def _triton() -> Backend:
-    from . import triton_backend
-
-    return Backend(
-        "triton",
-        "generated Triton scan kernels with the gate math fused in, forward and backward (GPU, or TRITON_INTERPRET=1 on a CPU)",
-        triton_backend.unsupported,
-        triton_backend.run,
-    )
-
-
-_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked, "triton": _triton}
-BACKENDS: tuple[str, ...] = tuple(_FACTORIES)
-
-
-def get_backend(name: str) -> Backend:
-    """The backend called ``name``; a :class:`BackendError` lists the others."""
-    factory = _FACTORIES.get(name)
-    if factory is None:
-        raise BackendError(f"unknown backend '{name}'", expected="one of: auto, " + ", ".join(BACKENDS))
-    return factory()
+def get_backend(name: str | BackendKind) -> Backend:
+    """The backend called ``name``; a :class:`~recdsl.errors.BackendError` lists the others."""
+    return _BACKENDS[backend_kind(name)]
 
 
 def choose_backend(name: str, analysis: Analysis) -> tuple[Backend, str]:
-    """The backend to run ``analysis``'s cell with, and why it was chosen.
-
-    ``name`` is a backend name or ``auto``.
-    """
-    if name == "auto":
-        return _choose_auto(analysis)
-    backend = get_backend(name)
-    why_not = backend.unsupported(analysis)
-    if why_not is not None:
-        raise BackendError(f"backend '{name}' cannot run cell {analysis.cell.name}: {why_not}", expected="backend='sequential' or 'auto'")
-    return backend, f"backend '{name}' was requested"
+    """The backend the plan stage picks for ``analysis``'s cell (``name`` or ``auto``), and why."""
+    planned = plan(analysis, name)
+    return _BACKENDS[planned.backend], planned.reason
 
 
-def _choose_auto(analysis: Analysis) -> tuple[Backend, str]:
-    """The fastest correct form for the cell's classification.
-
-    Nonlinear or coupled recurrences only run step by step.  Matrix states that outputs
-    read linearly are cheapest in the chunked form (no per-step state is stored, and the
-    work is matmuls); everything else is a log-depth scan.
-    """
-    from . import parallel
-
-    why_not = parallel.unsupported(analysis)
-    if why_not is not None:
-        return get_backend("sequential"), f"no time-parallel form: {why_not}"
-    chunked = []
-    for state in analysis.states:
-        plan = parallel.chunk_plan(analysis, state)
-        if isinstance(plan, parallel.ChunkPlan):
-            chunked.append(f"{state.state} ({plan.kind})")
-    gpu = "; on a GPU, the generated Triton kernels" if get_backend("triton").unsupported(analysis) is None else ""
-    if chunked:
-        return get_backend("chunked"), (
-            f"matrix state {', '.join(chunked)} is read out linearly, so chunks of {parallel.DEFAULT_CHUNK} steps "
-            "compute it with matmuls without storing it per step; the other recurrences are scanned" + gpu
-        )
-    return get_backend("scan"), "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one log-depth scan" + gpu
+def run_plan(plan: ExecutionPlan, inputs: Mapping, params: Mapping, consts: Mapping, state: Mapping, numerics) -> tuple[list, dict]:
+    """Interpret ``plan`` with its backend's runner."""
+    return _BACKENDS[plan.backend].run(plan, inputs, params, consts, state, numerics)

@@ -12,7 +12,7 @@ from typing import Mapping
 import torch
 
 from recdsl import ir
-from recdsl.analysis import Analysis
+from recdsl.plan import ExecutionPlan
 from recdsl.ir import RefKind
 
 from .torch_ops import Evaluator, Numerics, align, combine_carries
@@ -36,7 +36,7 @@ def _to_shape(value: torch.Tensor, declared: ir.Type, like: torch.Tensor) -> tor
 
 
 def run(
-    analysis: Analysis,
+    plan: ExecutionPlan,
     inputs: Mapping[str, torch.Tensor],
     params: Mapping[str, torch.Tensor],
     consts: Mapping[str, torch.Tensor],
@@ -49,6 +49,7 @@ def run(
     each scan's carries as ``scan.carry``.  Returns the outputs, each
     ``[B, T, *heads, *shape]``, and the final state in the same form as ``state``.
     """
+    analysis = plan.analysis
     cell = analysis.cell
     first = next(iter(inputs.values()))
     first_decl = cell.inputs[0].type

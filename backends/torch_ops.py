@@ -9,6 +9,7 @@ function per op, in a table keyed like :data:`recdsl.ops.OPS`.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 
 from recdsl import ir
 from recdsl.ir import Kind, RefKind
+from recdsl.ops import OPS, Category
 
 
 @dataclass(frozen=True)
@@ -50,53 +52,28 @@ def align(value: torch.Tensor, declared_rank: int, target_rank: int) -> torch.Te
     return value.reshape(value.shape[:lead] + (1,) * (target_rank - declared_rank) + value.shape[lead:])
 
 
-def _imag(x: torch.Tensor) -> torch.Tensor:
+def imaginary_part(x: torch.Tensor) -> torch.Tensor:
     return torch.imag(x) if x.is_complex() else torch.zeros_like(x)
 
 
-def _real(x: torch.Tensor) -> torch.Tensor:
+def real_part(x: torch.Tensor) -> torch.Tensor:
     return torch.real(x) if x.is_complex() else x
 
 
-def _conj(x: torch.Tensor) -> torch.Tensor:
+def conjugate(x: torch.Tensor) -> torch.Tensor:
     return torch.conj(x).resolve_conj() if x.is_complex() else x
 
 
+def resolve_torch_form(dotted: str) -> Callable[..., torch.Tensor]:
+    """The callable a registry row's ``torch`` field names: ``torch.X``, ``F.X`` or ``recdsl.X`` (this module)."""
+    namespace, _, attribute = dotted.partition(".")
+    owner = {"torch": torch, "F": F, "recdsl": sys.modules[__name__]}[namespace]
+    return getattr(owner, attribute)
+
+
+# The torch form of every elementwise op and reduction, read from the op registry.
 ELEMENTWISE: dict[str, Callable[..., torch.Tensor]] = {
-    "add": torch.add,
-    "sub": torch.sub,
-    "mul": torch.mul,
-    "div": torch.div,
-    "floordiv": torch.floor_divide,
-    "pow": torch.pow,
-    "neg": torch.neg,
-    "lt": torch.lt,
-    "le": torch.le,
-    "gt": torch.gt,
-    "ge": torch.ge,
-    "eq": torch.eq,
-    "ne": torch.ne,
-    "exp": torch.exp,
-    "log": torch.log,
-    "sqrt": torch.sqrt,
-    "abs": torch.abs,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "logsigmoid": F.logsigmoid,
-    "softplus": F.softplus,
-    "silu": F.silu,
-    "relu": torch.relu,
-    "cos": torch.cos,
-    "sin": torch.sin,
-    "log1p": torch.log1p,
-    "expm1": torch.expm1,
-    "real": _real,
-    "imag": _imag,
-    "conj": _conj,
-    "maximum": torch.maximum,
-    "minimum": torch.minimum,
-    "logaddexp": torch.logaddexp,
-    "where": torch.where,
+    name: resolve_torch_form(spec.torch) for name, spec in OPS.items() if spec.category is Category.ELEMENTWISE and spec.torch
 }
 
 
@@ -105,13 +82,19 @@ def _reduce_dims(rank: int, axis: int | None) -> tuple[int, ...]:
     return tuple(range(-rank, 0)) if axis is None else (axis - rank,)
 
 
+def _reduction(function: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]:
+    def reduce(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        return function(x, dim=dims)
+
+    return reduce
+
+
 REDUCTIONS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] = {
-    "sum": lambda x, dims: x.sum(dim=dims),
-    "mean": lambda x, dims: x.mean(dim=dims),
-    "logsumexp": lambda x, dims: torch.logsumexp(x, dim=dims),
-    "amax": lambda x, dims: x.amax(dim=dims),
-    "amin": lambda x, dims: x.amin(dim=dims),
+    name: _reduction(resolve_torch_form(spec.torch)) for name, spec in OPS.items() if spec.category is Category.REDUCTION and spec.torch
 }
+
+# The ops whose torch form is written by hand in Evaluator.apply (their own shape handling).
+STRUCTURAL_FORMS = frozenset({"matmul", "outer", "diag", "index", "arange", "eye"})
 
 
 def matmul(a: torch.Tensor, a_rank: int, b: torch.Tensor, b_rank: int) -> torch.Tensor:

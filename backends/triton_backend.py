@@ -28,55 +28,57 @@ from typing import Mapping
 import torch
 
 from recdsl import ir
-from recdsl.analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, StateAnalysis
+from recdsl.analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, StateAnalysis, Structure
 from recdsl.errors import BackendError
 from recdsl.ir import Kind
+from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, StepPlan, Unsupported, chunk_plan
+from recdsl.printer import format_expr
+from recdsl.shapes import broadcast_shapes, fold_constant
 
 from . import parallel
 from .torch_ops import Evaluator, Numerics, align
 from .triton_codegen import (
     FUSED_OPS,
     Leaf,
+    ScanKind,
     ScanSpec,
-    Unsupported,
     content_hash,
     find_leaves,
     generate,
     inline_parallel_bindings,
 )
+from .triton_codegen import Unsupported as Unsupportable
 
 BLOCK_T = 32
 
 
-# ---- what it runs ----------------------------------------------------------------------------
+# ---- planning: which kernels, generated once at compile time ------------------------------
 
 
-def _state_spec(analysis: Analysis, state: StateAnalysis) -> ScanSpec | str:
+def _state_spec(analysis: Analysis, state: StateAnalysis) -> ScanSpec | Unsupported:
     recurrence = state.recurrence
     name = state.state
     comment = []
     update = analysis.cell.update(name)
     if update.span is not None:
-        comment.append(f"line {update.span.line}: {name} = {ir_text(update.value)}")
-    if isinstance(recurrence, NoRecurrence):
-        return "no recurrence"  # solved by torch, no kernel needed
-    if isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and not getattr(recurrence, "low_rank", ()) and recurrence.decay is not None:
-        terms = [recurrence.decay, recurrence.input]
-        kind = "affine"
-        semiring = None
-    elif isinstance(recurrence, SemiringAffine) and recurrence.structure == "diagonal":
-        terms = [recurrence.decay, recurrence.input]
-        kind = "semiring"
-        semiring = recurrence.semiring.name
-    else:
-        return f"state '{name}' is {recurrence.name} with a {getattr(recurrence, 'structure', '')} transition, which has no Triton scan kernel here"
+        comment.append(f"line {update.span.line}: {name} = {format_expr(update.value)}")
+    semiring = None
+    match recurrence:
+        case DiagonalAffine() | MatrixAffine(low_rank=()) if recurrence.decay is not None:
+            kind = ScanKind.AFFINE
+        case SemiringAffine(structure=Structure.DIAGONAL):
+            kind = ScanKind.SEMIRING
+            semiring = recurrence.semiring
+        case _:
+            return Unsupported(f"state '{name}' is {recurrence.name} with a {getattr(recurrence, 'structure', '')} transition, which has no Triton scan kernel here")
+    terms = [recurrence.decay, recurrence.input]
     terms = [None if t is None else inline_parallel_bindings(t, analysis.cell, analysis.time_parallel) for t in terms]
-    comment.append(f"decay: {ir_text(terms[0])}")
-    comment.append(f"input: {ir_text(terms[1]) if terms[1] is not None else 'none'}")
+    comment.append(f"decay: {format_expr(terms[0])}")
+    comment.append(f"input: {format_expr(terms[1]) if terms[1] is not None else 'none'}")
     leaves = find_leaves([t for t in terms if t is not None])
     if any(leaf.type.kind is Kind.BOOL for leaf in leaves):
-        return "a boolean leaf"
-    spec = ScanSpec(
+        return Unsupported("a boolean leaf")
+    return ScanSpec(
         name=_identifier(name),
         kind=kind,
         is_complex=state.type.kind is Kind.COMPLEX,
@@ -85,33 +87,29 @@ def _state_spec(analysis: Analysis, state: StateAnalysis) -> ScanSpec | str:
         comment=tuple(comment),
         semiring=semiring,
     )
-    return _try_generate(spec, analysis)
 
 
-def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | str:
+def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | Unsupported:
     monoid = scan.monoid
     identities = []
     for carry in monoid.carries:
         if carry.type.kind is not Kind.REAL:
-            return f"monoid {monoid.name}: the Triton kernel needs real carries"
-        value = Evaluator(Numerics(torch.float64, torch.device("cpu")), {}).evaluate(carry.identity).flatten()
-        if value.numel() and not bool((value == value[0]).all()):
-            return f"monoid {monoid.name}: the identity of carry '{carry.name}' is not one number"
-        identities.append(float(value[0]) if value.numel() else 0.0)
+            return Unsupported(f"monoid {monoid.name}: the Triton kernel needs real carries")
+        value = fold_constant(carry.identity)
+        if not isinstance(value, (int, float)):
+            return Unsupported(f"monoid {monoid.name}: the identity of carry '{carry.name}' is not one real number")
+        identities.append(float(value))
     for assign in monoid.body:
         for node in ir.walk(assign.value):
             if isinstance(node, ir.Op) and node.op not in FUSED_OPS:
-                return f"monoid {monoid.name}: its combine uses '{node.op}', not elementwise"
-    shapes = [c.type.shape for c in monoid.carries]
-    from recdsl.checker import broadcast_shapes
-
-    if broadcast_shapes(*shapes) is None:
-        return f"monoid {monoid.name}: its carries do not broadcast to one shape"
+                return Unsupported(f"monoid {monoid.name}: its combine uses '{node.op}', not elementwise")
+    if broadcast_shapes(*(c.type.shape for c in monoid.carries)) is None:
+        return Unsupported(f"monoid {monoid.name}: its carries do not broadcast to one shape")
     lifts = [inline_parallel_bindings(lift, analysis.cell, analysis.time_parallel) for lift in scan.lifts]
     leaves = find_leaves(lifts)
-    spec = ScanSpec(
+    return ScanSpec(
         name=_identifier(scan.name),
-        kind="monoid",
+        kind=ScanKind.MONOID,
         is_complex=False,
         terms=tuple(lifts),
         leaves=tuple(Leaf(expr, f"l{i}") for i, expr in enumerate(leaves)),
@@ -119,104 +117,87 @@ def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | str:
         monoid=monoid,
         identities=tuple(identities),
     )
-    return _try_generate(spec, analysis)
 
 
-def _triton_chunkable(analysis: Analysis, state: StateAnalysis) -> bool:
-    plan = parallel.chunk_plan(analysis, state)
-    if not isinstance(plan, parallel.ChunkPlan) or plan.kind != "decayed outer products" or len(plan.inputs) != 1:
-        return False
+def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsupported:
+    """The chunk plan of a matrix state the Triton chunked kernels run: one input term, one decay per state or per key row."""
+    chunk = chunk_plan(analysis, state)
+    if isinstance(chunk, Unsupported):
+        return chunk
+    if chunk.kind is not ChunkKind.DECAYED_OUTER_PRODUCTS:
+        return Unsupported(f"no Triton kernel for the {chunk.kind} yet")
+    if len(chunk.inputs) != 1:
+        return Unsupported("the Triton chunked kernels take one outer product per step")
     structure = state.recurrence.structure
-    oriented_rows = (structure == "diagonal over rows" and not plan.transposed) or (structure == "diagonal over columns" and plan.transposed)
-    return structure == "scalar" or oriented_rows
-
-
-def _try_generate(spec: ScanSpec, analysis: Analysis) -> ScanSpec | str:
-    try:
-        generate([spec], None, analysis.cell)
-    except Unsupported as reason:
-        return str(reason)
-    return spec
+    key_rows = Structure.COLUMNS if chunk.transposed else Structure.ROWS
+    if structure is not Structure.SCALAR and structure is not key_rows:
+        return Unsupported("its decay is shared along the read-out's axis, which the Triton kernels do not tile")
+    return chunk
 
 
 def _identifier(name: str) -> str:
     return name.replace(".", "_")
 
 
-def ir_text(expr) -> str:
-    from recdsl.printer import format_expr
+def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str] | Unsupported:
+    """The Triton backend's steps for ``analysis``'s cell and the module source they need, or why it cannot run it.
 
-    return format_expr(expr)
-
-
-class _Plan:
-    """The kernels of one analysis: specs by recurrence name, the module source, or why not."""
-
-    def __init__(self, analysis: Analysis) -> None:
-        self.analysis = analysis
-        self.specs: dict[str, ScanSpec] = {}
-        self.reason: str | None = parallel.unsupported(analysis)
-        # Matrix states read out linearly, with one decay per state or per row: the chunked kernels.
-        self.chunked: set[str] = set()
-        if self.reason is None:
-            for state in analysis.states:
-                if _triton_chunkable(analysis, state):
-                    self.chunked.add(state.state)
-                    continue
-                spec = _state_spec(analysis, state)
-                if isinstance(spec, ScanSpec):
-                    self.specs[state.state] = spec
-                elif spec != "no recurrence":
-                    self.reason = spec
-                    break
-            for scan in analysis.cell.scans:
-                spec = _scan_spec(analysis, scan)
-                if isinstance(spec, str):
-                    self.reason = spec
-                    break
-                self.specs[scan.name] = spec
-        self.source = generate(list(self.specs.values()), None, analysis.cell) if self.reason is None else None
-        self._module = None
-
-    def module(self):
-        if self._module is None:
-            self._module = load_generated(self.source)
-        return self._module
-
-
-_PLANS: dict[int, _Plan] = {}
+    Each recurrence gets a generated scan kernel (gate math fused), except matrix states
+    read out linearly, which run in the chunked kernels of :mod:`.triton_chunk`.  The
+    source is generated here, once, and stored in the plan.
+    """
+    for group in analysis.coupled_groups:
+        return Unsupported(f"states {', '.join(group)} are coupled (each reads the other), so they can only run step by step")
+    scans = {s.name: s for s in analysis.cell.scans}
+    steps: list[StepPlan] = []
+    specs: list[ScanSpec] = []
+    for (name,) in analysis.schedule:
+        if name in scans:
+            spec = _scan_spec(analysis, scans[name])
+            if isinstance(spec, Unsupported):
+                return spec
+            steps.append(StepPlan((name,), Form.TRITON_SCAN, kernel=spec))
+            specs.append(spec)
+            continue
+        state = analysis.state(name)
+        if isinstance(state.recurrence, Nonlinear):
+            return Unsupported(f"state '{name}' is nonlinear: {state.recurrence.reason}")
+        if isinstance(state.recurrence, NoRecurrence):
+            steps.append(StepPlan((name,), Form.TIME_PARALLEL))
+            continue
+        chunk = _triton_chunk(analysis, state)
+        if isinstance(chunk, ChunkPlan):
+            steps.append(StepPlan((name,), Form.TRITON_CHUNKED, chunk=chunk))
+            continue
+        spec = _state_spec(analysis, state)
+        if isinstance(spec, Unsupported):
+            return spec
+        steps.append(StepPlan((name,), Form.TRITON_SCAN, kernel=spec, rejected=(Rejected(Form.TRITON_CHUNKED, chunk.reason),)))
+        specs.append(spec)
+    try:
+        source = generate(specs, None, analysis.cell)
+    except Unsupportable as reason:
+        return Unsupported(str(reason))
+    return tuple(steps), source
 
 
-def plan_for(analysis: Analysis) -> _Plan:
-    plan = _PLANS.get(id(analysis))
-    if plan is None or plan.analysis is not analysis:
-        plan = _Plan(analysis)
-        _PLANS[id(analysis)] = plan
-    return plan
+def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
+    """The generated Triton source of a Triton plan (or of an analysed cell), as ``recdsl emit`` prints it."""
+    if isinstance(plan, Analysis):
+        from recdsl.plan import plan as make_plan
 
-
-def unsupported(analysis: Analysis) -> str | None:
-    """Why the Triton backend cannot run this cell (None when it can)."""
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed (pip install triton)"
-    return plan_for(analysis).reason
-
-
-def emit(analysis: Analysis, filename: str | None = None) -> str:
-    """The generated Triton source for ``analysis``'s cell, as ``recdsl emit`` prints it."""
-    plan = plan_for(analysis)
-    if plan.reason is not None:
-        raise BackendError(f"the Triton backend cannot run cell {analysis.cell.name}: {plan.reason}")
-    assert plan.source is not None
-    source = plan.source
+        plan = make_plan(plan, "triton")
+    assert plan.kernel_source is not None
+    source = plan.kernel_source
     if filename:
         first, rest = source.split("\n", 1)
         source = first.replace("<string>", filename) + "\n" + rest
-    if plan.chunked:
+    chunked = sorted(step.name for step in plan.steps if step.form is Form.TRITON_CHUNKED)
+    if chunked:
         notes = "".join(
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
             f"(chunk_states, pass_states, chunk_outputs), never stored per step.\n"
-            for name in sorted(plan.chunked)
+            for name in chunked
         )
         first, rest = source.split("\n", 1)
         source = first + "\n" + notes + rest
@@ -313,7 +294,7 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
 class _Launch:
     """Everything a kernel call needs, shared by the forward and backward passes."""
 
-    def __init__(self, plan: _Plan, spec: ScanSpec, seq, state_type: ir.Type) -> None:
+    def __init__(self, plan: ExecutionPlan, spec: ScanSpec, seq, state_type: ir.Type) -> None:
         self.plan = plan
         self.spec = spec
         self.seq = seq
@@ -323,6 +304,10 @@ class _Launch:
         self.rows = _numel((self.lead[0],) + self.lead[2:])
         self.steps = self.lead[1]
         self.blocks = -(-self.steps // BLOCK_T)  # blocks of BT steps, counted on the host
+
+    def module(self):
+        """The generated kernels, loaded once per process from the plan's source."""
+        return load_generated(self.plan.kernel_source)
 
     def leaf_values(self) -> list[torch.Tensor]:
         """Each leaf's value over the whole sequence, as torch computes it (declared shapes)."""
@@ -359,7 +344,7 @@ class _RecurrenceScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
-        module = launch.plan.module()
+        module = launch.module()
         spec = launch.spec
         kernel = getattr(module, f"forward_{spec.name}")
         dtype = launch.seq.numerics.real
@@ -384,7 +369,7 @@ class _RecurrenceScan(torch.autograd.Function):
         launch: _Launch = ctx.launch
         initial, states, *leaves = ctx.saved_tensors
         spec = launch.spec
-        module = launch.plan.module()
+        module = launch.module()
         kernel = getattr(module, f"backward_{spec.name}")
         dtype = launch.seq.numerics.real
         views = launch.ntc(list(leaves))
@@ -400,7 +385,7 @@ class _RecurrenceScan(torch.autograd.Function):
             grad_input = torch.empty_like(grad_decay)
             kernel[launch.grid()](start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         # dL/dh_0: the adjoint one step further back.
-        if spec.kind == "affine":
+        if spec.kind is ScanKind.AFFINE:
             with torch.no_grad():
                 decay_0 = launch.recompute_terms(list(leaves))[0][:, 0]
             grad_initial = (decay_0.conj() * grad_input[:, 0]) if spec.is_complex else decay_0 * grad_input[:, 0]
@@ -439,7 +424,7 @@ class _MonoidScan(torch.autograd.Function):
     def forward(ctx, launch: _Launch, scan: ir.ScanAssign, *tensors: torch.Tensor):
         count = len(scan.monoid.carries)
         initial, leaves = tensors[:count], tensors[count:]
-        module = launch.plan.module()
+        module = launch.module()
         kernel = getattr(module, f"forward_{launch.spec.name}")
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
@@ -496,14 +481,14 @@ def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with
 
 
 class TritonSolver(parallel._Solver):
-    """Solves the recurrences of one call with the generated kernels."""
+    """Runs the plan's Triton scan kernels; every other form as the torch solver does."""
 
-    def _launch(self, name: str, state_type: ir.Type) -> _Launch:
-        plan = plan_for(self.analysis)
-        return _Launch(plan, plan.specs[name], self.seq, state_type)
+    def _launch(self, step: StepPlan, state_type: ir.Type) -> _Launch:
+        assert isinstance(step.kernel, ScanSpec)
+        return _Launch(self.plan, step.kernel, self.seq, state_type)
 
-    def _run_recurrence(self, state: StateAnalysis) -> torch.Tensor:
-        launch = self._launch(state.state, state.type)
+    def kernel_recurrence(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
+        launch = self._launch(step, state.type)
         _check_device(self.seq.numerics.device)
         leaves = launch.leaf_values()
         states = _RecurrenceScan.apply(launch, self.initial[state.state], *leaves)
@@ -512,18 +497,10 @@ class TritonSolver(parallel._Solver):
         shaped = states.reshape((lead[0],) + lead[2:] + (lead[1],) + state.type.shape)
         return shaped.movedim(len(lead) - 1, 1)
 
-    def diagonal(self, state: StateAnalysis) -> torch.Tensor:
-        return self._run_recurrence(state)
-
-    def semiring(self, state: StateAnalysis) -> torch.Tensor:
-        return self._run_recurrence(state)
-
-    def scan(self, scan: ir.ScanAssign) -> dict[str, torch.Tensor]:
-        from recdsl.checker import broadcast_shapes
-
+    def kernel_scan(self, step: StepPlan, scan: ir.ScanAssign) -> dict[str, torch.Tensor]:
         monoid = scan.monoid
         common = broadcast_shapes(*(c.type.shape for c in monoid.carries)) or ()
-        launch = self._launch(scan.name, ir.Type(common))
+        launch = self._launch(step, ir.Type(common))
         _check_device(self.seq.numerics.device)
         leaves = launch.leaf_values()
         initial = [self.initial[f"{scan.name}.{c.name}"] for c in monoid.carries]
@@ -539,8 +516,8 @@ class TritonSolver(parallel._Solver):
         return result
 
 
-def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics, chunk_size: int = 64):
-    """Run the cell with generated Triton kernels; the signature of :func:`.sequential.run`.
+def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics):
+    """Run a Triton plan; the signature of :func:`.sequential.run`.
 
     Matrix states read out linearly (GLA, RetNet, mLSTM, Mamba-2) go through the chunked
     kernels of :mod:`.triton_chunk`; every other recurrence through its generated scan.
@@ -548,8 +525,4 @@ def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, 
     _check_device(numerics.device)
     from . import triton_chunk
 
-    return parallel.run(
-        analysis, inputs, params, consts, state, numerics,
-        chunked=frozenset(plan_for(analysis).chunked), chunk_size=chunk_size, solver=TritonSolver,
-        decayed_outer_products=triton_chunk.decayed_outer_products,
-    )
+    return parallel.run(plan, inputs, params, consts, state, numerics, solver=TritonSolver, decayed_outer_products=triton_chunk.decayed_outer_products)

@@ -26,11 +26,13 @@ from __future__ import annotations
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from typing import Iterator, Union
 
 from recdsl import ir
 from recdsl.errors import Source
 from recdsl.ir import Kind, Literal, Op, Ref
+from recdsl.ops import FUSED, MAX_PLUS, OPS, Semiring
 from recdsl.printer import format_expr
 
 # ---- readable output -------------------------------------------------------------------
@@ -81,17 +83,11 @@ RealValue = str
 ComplexValue = tuple[str, str]
 Value = Union[RealValue, ComplexValue]
 
-# Ops evaluated inside the kernel; everything else (matmul, reductions, outer, index of a
-# non-broadcasting kind, refs) is a leaf.
-FUSED_OPS = frozenset(
-    {
-        "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid",
-        "softplus", "silu", "relu", "cos", "sin", "log1p", "expm1", "maximum", "minimum", "logaddexp", "where",
-        "lt", "le", "gt", "ge", "eq", "ne", "real", "imag", "conj",
-    }
-)
-# Of those, the ones with a complex form here.
-COMPLEX_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "abs", "real", "imag", "conj"})
+# Ops evaluated inside the kernel (those whose registry row has a Triton form); everything
+# else (matmul, reductions, outer, index of a non-broadcasting kind, refs) is a leaf.
+FUSED_OPS = FUSED
+# Of those, the ones with a complex form in ExpressionEmitter._complex.
+COMPLEX_OPS = frozenset(name for name in FUSED if OPS[name].triton_complex)
 
 
 def _literal(value: float) -> str:
@@ -140,59 +136,13 @@ class ExpressionEmitter:
         return self._real(expr.op, args, expr)
 
     def _real(self, op: str, args: list[Value], expr: ir.Expr) -> str:
-        a = args[0]
-        b = args[1] if len(args) > 1 else None
-        simple = {
-            "add": f"{a} + {b}",
-            "sub": f"{a} - {b}",
-            "mul": f"{a} * {b}",
-            "div": f"{a} / {b}",
-            "neg": f"-{a}",
-            "exp": f"tl.exp({a})",
-            "log": f"tl.log({a})",
-            "sqrt": f"tl.sqrt({a})",
-            "abs": f"tl.abs({a})",
-            "sigmoid": f"1.0 / (1.0 + tl.exp(-{a}))",
-            "relu": f"tl.maximum({a}, 0.0)",
-            "cos": f"tl.cos({a})",
-            "sin": f"tl.sin({a})",
-            "log1p": f"tl.log(1.0 + {a})",
-            "expm1": f"tl.exp({a}) - 1.0",
-            "maximum": f"tl.maximum({a}, {b})",
-            "minimum": f"tl.minimum({a}, {b})",
-            "lt": f"{a} < {b}",
-            "le": f"{a} <= {b}",
-            "gt": f"{a} > {b}",
-            "ge": f"{a} >= {b}",
-            "eq": f"{a} == {b}",
-            "ne": f"{a} != {b}",
-            "real": f"{a}",
-            "imag": f"{a} * 0.0",
-            "conj": f"{a}",
-        }
-        if op in simple:
-            return self._temp(simple[op])
-        if op == "where":
-            return self._temp(f"tl.where({a}, {b}, {args[2]})")
-        if op == "tanh":  # tanh(x) = 2 sigmoid(2x) - 1
-            return self._temp(f"2.0 / (1.0 + tl.exp(-2.0 * {a})) - 1.0")
-        if op in ("softplus", "logsigmoid"):  # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
-            stable = self._temp(f"tl.log(1.0 + tl.exp(-tl.abs({a})))")
-            if op == "softplus":
-                return self._temp(f"tl.maximum({a}, 0.0) + {stable}")
-            return self._temp(f"tl.minimum({a}, 0.0) - {stable}")
-        if op == "silu":
-            return self._temp(f"{a} / (1.0 + tl.exp(-{a}))")
-        if op == "logaddexp":
-            return self._temp(f"_logaddexp({a}, {b})")
-        if op == "pow":
-            exponent = expr.args[1]
-            if isinstance(exponent, Literal) and exponent.value == 2:
-                return self._temp(f"{a} * {a}")
-            if isinstance(exponent, Literal) and exponent.value == 0.5:
-                return self._temp(f"tl.sqrt({a})")
-            return self._temp(f"tl.exp({b} * tl.log({a}))")  # the base is positive where pow is real-valued and smooth
-        raise Unsupported(f"no Triton form of '{op}'")  # pragma: no cover
+        if op == "pow" and isinstance(expr.args[1], Literal) and expr.args[1].value in (2, 0.5):
+            # Exact forms of the common powers; the registry's general form goes through logs.
+            return self._temp(f"{args[0]} * {args[0]}" if expr.args[1].value == 2 else f"tl.sqrt({args[0]})")
+        template = OPS[op].triton
+        if template is None:  # pragma: no cover - find_leaves makes every non-fused op a leaf
+            raise Unsupported(f"no Triton form of '{op}'")
+        return self._temp(template.format(*args))
 
     def _complex(self, expr: Op, args: list[Value]) -> Value:
         op = expr.op
@@ -299,23 +249,28 @@ def _push_broadcast_index(node: Op, inner: ir.Expr) -> ir.Expr | None:
 # ---- kernels -------------------------------------------------------------------------------
 
 
+class ScanKind(Enum):
+    AFFINE = "affine"  # h = a * h + b
+    SEMIRING = "semiring"  # h = plus(h + a, b)
+    MONOID = "monoid"  # a declared monoid's carries
+
+
 @dataclass(frozen=True)
 class ScanSpec:
     """What one generated kernel computes.
 
-    ``kind``: ``affine`` (``h = a * h + b``), ``semiring`` (``h = plus(h + a, b)``) or
-    ``monoid`` (a declared monoid's carries).  ``terms`` are the elementwise expressions
+    ``kind``: affine, semiring (``semiring`` says which) or a declared monoid.  ``terms`` are the elementwise expressions
     the kernel evaluates per step (decay and input; or one lift per carry), ``leaves`` what
     it loads.
     """
 
     name: str  # the state (or scan) this kernel solves
-    kind: str
+    kind: ScanKind
     is_complex: bool
     terms: tuple[ir.Expr | None, ...]
     leaves: tuple[Leaf, ...]
     comment: tuple[str, ...]
-    semiring: str | None = None  # "max-plus" | "log"
+    semiring: Semiring | None = None
     monoid: ir.MonoidIR | None = None
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
 
@@ -361,7 +316,7 @@ def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: st
 
 
 def _carry_names(spec: ScanSpec) -> list[str]:
-    if spec.kind == "monoid":
+    if spec.kind is ScanKind.MONOID:
         assert spec.monoid is not None
         return [c.name for c in spec.monoid.carries]
     return ["a_re", "a_im", "b_re", "b_im"] if spec.is_complex else ["a", "b"]
@@ -374,19 +329,19 @@ def _emit_combine(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     buffer.line("@triton.jit")
     buffer.line(f"def combine_{spec.name}({', '.join(left + right)}):")
     with buffer.indent():
-        if spec.kind == "affine" and not spec.is_complex:
+        if spec.kind is ScanKind.AFFINE and not spec.is_complex:
             buffer.line("# (a1, b1) o (a2, b2) = (a1 a2, a2 b1 + b2)")
             buffer.line("return a_1 * a_2, a_2 * b_1 + b_2")
-        elif spec.kind == "affine":
+        elif spec.kind is ScanKind.AFFINE:
             buffer.line("# the affine pair over complex numbers, as (re, im) parts")
             buffer.line("a_re = a_re_1 * a_re_2 - a_im_1 * a_im_2")
             buffer.line("a_im = a_re_1 * a_im_2 + a_im_1 * a_re_2")
             buffer.line("b_re = a_re_2 * b_re_1 - a_im_2 * b_im_1 + b_re_2")
             buffer.line("b_im = a_re_2 * b_im_1 + a_im_2 * b_re_1 + b_im_2")
             buffer.line("return a_re, a_im, b_re, b_im")
-        elif spec.kind == "semiring":
-            plus = "tl.maximum" if spec.semiring == "max-plus" else "_logaddexp"
-            buffer.line(f"# (a1, b1) o (a2, b2) = (a1 + a2, {plus.replace('tl.', '')}(b1 + a2, b2)) over the {spec.semiring} semiring")
+        elif spec.kind is ScanKind.SEMIRING:
+            plus = "tl.maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
+            buffer.line(f"# (a1, b1) o (a2, b2) = (a1 + a2, {plus.replace('tl.', '')}(b1 + a2, b2)) over the {spec.semiring.name} semiring")
             buffer.line(f"return a_1 + a_2, {plus}(b_1 + a_2, b_2)")
         else:
             assert spec.monoid is not None
@@ -444,8 +399,8 @@ def _emit_loads_for(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask
 def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     """The forward kernel of ``spec``: fused terms, a blocked scan, the carry between blocks."""
     names = _carry_names(spec)
-    outputs = ["p_out_re", "p_out_im"] if spec.is_complex else (["p_out"] if spec.kind != "monoid" else [f"p_out_{n}" for n in names])
-    initial = ["p_init_re", "p_init_im"] if spec.is_complex else (["p_init"] if spec.kind != "monoid" else [f"p_init_{n}" for n in names])
+    outputs = ["p_out_re", "p_out_im"] if spec.is_complex else (["p_out"] if spec.kind is not ScanKind.MONOID else [f"p_out_{n}" for n in names])
+    initial = ["p_init_re", "p_init_im"] if spec.is_complex else (["p_init"] if spec.kind is not ScanKind.MONOID else [f"p_init_{n}" for n in names])
     arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
     buffer.line("@triton.jit")
     buffer.line(f"def forward_{spec.name}({', '.join(arguments)}):")
@@ -485,13 +440,13 @@ def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: st
 
 
 def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, carries: list[str], outputs: list[str]) -> None:
-    if spec.kind == "affine" and not spec.is_complex:
+    if spec.kind is ScanKind.AFFINE and not spec.is_complex:
         _full(buffer, "b_a", terms[0], "1.0")
         _full(buffer, "b_b", terms[1] if terms[1] is not None else "0.0", "0.0")
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
         buffer.line(f"b_h = b_A * {carries[0]}[None, :] + b_B")
         _store_and_carry(buffer, outputs[0], "b_h", carries[0])
-    elif spec.kind == "affine":
+    elif spec.kind is ScanKind.AFFINE:
         a = terms[0] if isinstance(terms[0], tuple) else (terms[0], "0.0")
         b = terms[1] if isinstance(terms[1], tuple) else ((terms[1], "0.0") if terms[1] is not None else ("0.0", "0.0"))
         _full(buffer, "b_a_re", a[0], "1.0")
@@ -503,8 +458,8 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         buffer.line(f"b_h_im = b_A_re * {carries[1]}[None, :] + b_A_im * {carries[0]}[None, :] + b_B_im")
         _store_and_carry(buffer, outputs[0], "b_h_re", carries[0])
         _store_and_carry(buffer, outputs[1], "b_h_im", carries[1])
-    elif spec.kind == "semiring":
-        plus = "tl.maximum" if spec.semiring == "max-plus" else "_logaddexp"
+    elif spec.kind is ScanKind.SEMIRING:
+        plus = "tl.maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
         _full(buffer, "b_a", terms[0], "0.0")
         _full(buffer, "b_b", terms[1] if terms[1] is not None else 'float("-inf")', 'float("-inf")')
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
@@ -570,23 +525,23 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
             for pointer, name in zip(grads, ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]):
                 buffer.line(f"{name} = tl.load({pointer} + {offset}, mask=m, other=0.0).to(ACC)")
             # The gates at t + 1 (for w_{t+1}) and, for semirings, at t (for dh_t/da_t, dh_t/db_t), recomputed.
-            needed_next = (0,) if spec.kind == "affine" else (0, 1)
+            needed_next = (0,) if spec.kind is ScanKind.AFFINE else (0, 1)
             buffer.line("# gates at t + 1")
             next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", needed_next)
             next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=needed_next)
             terms: list = [None, None]
-            if spec.kind == "semiring":
+            if spec.kind is ScanKind.SEMIRING:
                 buffer.line("# gates at t")
                 values = _emit_loads(buffer, spec, "o_t", "m")
                 terms = _emit_terms(buffer, spec, values)
-            if spec.kind == "affine" and not complex_:
+            if spec.kind is ScanKind.AFFINE and not complex_:
                 _full_mask(buffer, "b_w", next_terms[0], "0.0", "m_next")
                 buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
                 buffer.line("b_gt = b_W * b_g[None, :] + b_G")
                 buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_hp, mask=m)")
                 buffer.line(f"tl.store(p_gb + {offset}, b_gt, mask=m)")
                 buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
-            elif spec.kind == "affine":
+            elif spec.kind is ScanKind.AFFINE:
                 a_next = next_terms[0] if isinstance(next_terms[0], tuple) else (next_terms[0], "0.0")
                 # The adjoint runs with conj(a): g_t = dy_t + conj(a_{t+1}) g_{t+1}.
                 _full_mask(buffer, "b_w_re", a_next[0], "0.0", "m_next")
@@ -609,7 +564,7 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
                 b_next = next_terms[1] if next_terms[1] is not None else 'float("-inf")'
                 a_now = terms[0]
                 b_now = terms[1] if terms[1] is not None else 'float("-inf")'
-                if spec.semiring == "max-plus":
+                if spec.semiring is MAX_PLUS:
                     buffer.line(f"b_e_next = tl.where(b_h + {a_next} >= {b_next}, 1.0, 0.0)")
                     buffer.line(f"b_e = tl.where(b_hp + {a_now} >= {b_now}, 1.0, 0.0)")
                 else:
@@ -652,11 +607,11 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
     buffer.line("")
     buffer.line("")
     for spec in specs:
-        buffer.line(f"# ---- {spec.name}: {spec.kind}{' (complex, as (re, im) pairs)' if spec.is_complex else ''} " + "-" * 20)
+        buffer.line(f"# ---- {spec.name}: {spec.kind.value}{' (complex, as (re, im) pairs)' if spec.is_complex else ''} " + "-" * 20)
         buffer.line("")
         _emit_combine(buffer, spec)
         emit_forward(buffer, spec)
-        if spec.kind != "monoid":
+        if spec.kind is not ScanKind.MONOID:
             emit_backward(buffer, spec)
     return buffer.text()
 

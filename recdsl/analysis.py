@@ -27,16 +27,61 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Iterable, Union
 
 from . import ir
 from .errors import DeclarationError
 from .ir import Kind, Literal, Op, Ref, RefKind, Type
-from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Semiring
+from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Law, Semiring
+from .shapes import broadcast_shapes, make
 
 ONE = Literal(1, Type(()))
 
 # ---- the recurrence classes ---------------------------------------------------
+
+
+class Structure(Enum):
+    """The structure of a recurrence's transition ``A`` in ``S_t = A_t(S_{t-1}) + B_t``; the value is its name in prose."""
+
+    SCALAR = "scalar"  # one decay for the whole state
+    ELEMENTWISE = "elementwise"  # one decay per element
+    ROWS = "diagonal over rows"  # a matrix state's decay is shared along each row: diag(d) S
+    COLUMNS = "diagonal over columns"  # ... along each column: S diag(d)
+    AXES = "diagonal over some axes"  # a higher-rank state's decay varies along some axes only
+    LOW_RANK = "low rank"  # sum of rank-one maps, no identity part
+    IDENTITY_PLUS_LOW_RANK = "identity plus low rank"  # (I + sum c u v^T) S: the delta rule
+    SCALED_IDENTITY_PLUS_LOW_RANK = "scaled identity plus low rank"  # (a I + sum c u v^T) S: gated delta rule
+    DIAGONAL_PLUS_LOW_RANK = "diagonal plus low rank"
+    DENSE = "dense"  # any other linear map
+    DIAGONAL = "diagonal"  # semirings: S (x) decay elementwise
+    MATRIX = "matrix"  # semirings: a semiring matrix product
+
+    def __str__(self) -> str:
+        return self.value
+
+    def transposed(self) -> "Structure":
+        """The structure of the same recurrence written for the transposed state."""
+        return {Structure.ROWS: Structure.COLUMNS, Structure.COLUMNS: Structure.ROWS}.get(self, self)
+
+    @property
+    def is_low_rank(self) -> bool:
+        return self in (Structure.LOW_RANK, Structure.IDENTITY_PLUS_LOW_RANK, Structure.SCALED_IDENTITY_PLUS_LOW_RANK, Structure.DIAGONAL_PLUS_LOW_RANK)
+
+    @property
+    def shares_decay(self) -> bool:
+        """A matrix state with one decay per state, row or column (the chunked forms' decayed outer products)."""
+        return self in (Structure.SCALAR, Structure.ROWS, Structure.COLUMNS)
+
+
+class Side(Enum):
+    """Which side a rank-one map multiplies a matrix state from."""
+
+    LEFT = "left"  # c * outer(u, v @ S) = c (u v^T) S
+    RIGHT = "right"  # c * outer(S @ u, v) = c S (u v^T)
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(frozen=True)
@@ -51,40 +96,46 @@ class NoRecurrence:
 class DiagonalAffine:
     """``h = decay * h + input``: independent scalar recurrences, one per element.
 
-    ``structure`` is ``scalar`` (one decay for all elements) or ``elementwise``.
+    ``structure`` is :attr:`Structure.SCALAR` (one decay for all elements) or
+    :attr:`Structure.ELEMENTWISE`.
     """
 
     decay: ir.Expr
     input: ir.Expr | None
-    structure: str
+    structure: Structure
     name = "diagonal affine"
 
 
 @dataclass(frozen=True)
 class LowRankTerm:
-    """``coefficient * outer(left, right @ S)``: a rank-one map applied from the left."""
+    """A rank-one map of a matrix state: ``coefficient * (left right^T) S`` (side LEFT, spelled
+    ``outer(left, right @ S)``) or ``coefficient * S (left right^T)`` (side RIGHT, spelled
+    ``outer(S @ left, right)``, ``S @ outer(left, right)`` or ``(S @ left)[:, None] * right``)."""
 
     coefficient: ir.Expr
     left: ir.Expr
     right: ir.Expr
+    side: Side = Side.LEFT
 
 
 @dataclass(frozen=True)
 class MatrixAffine:
     """``S = A(S) + input`` with ``A`` linear in ``S`` and more than elementwise per element.
 
-    ``structure`` names the transition: ``scalar``, ``diagonal over rows``, ``diagonal
-    over columns`` and ``diagonal over axes (...)`` (then ``decay`` is the factor, shaped
-    to broadcast against ``S``); ``identity plus low rank``, ``diagonal plus low rank``
-    (then ``decay`` is the diagonal part, ``low_rank`` the rank-one terms); ``dense``.
+    ``structure`` names the transition: SCALAR, ROWS, COLUMNS and AXES (then ``decay`` is
+    the factor, shaped to broadcast against ``S``, and ``decay_axes`` the axes it varies
+    along); the low-rank structures (then ``decay`` is the diagonal part or None,
+    ``low_rank`` the rank-one terms, all multiplying from ``side``); DENSE.
     ``transition`` is ``A(S)`` written with the state's previous value.
     """
 
     transition: ir.Expr
     input: ir.Expr | None
-    structure: str
+    structure: Structure
     decay: ir.Expr | None = None
     low_rank: tuple[LowRankTerm, ...] = ()
+    decay_axes: tuple[int, ...] = ()
+    side: Side | None = None
     name = "matrix affine"
 
 
@@ -92,7 +143,7 @@ class MatrixAffine:
 class SemiringAffine:
     """``S = A(S) (+) input`` over a tropical semiring (max-plus or log).
 
-    ``structure`` is ``diagonal`` (``A(S) = S (*) decay`` elementwise) or ``matrix`` (a
+    ``structure`` is DIAGONAL (``A(S) = S (*) decay`` elementwise) or MATRIX (a
     semiring matrix product, as in a CRF's forward algorithm).  ``decay`` is set for the
     diagonal structure; ``input`` is None when the update has no free term (the
     semiring's zero).  ``transition`` is ``A(S)`` without the input term.
@@ -101,7 +152,7 @@ class SemiringAffine:
     semiring: Semiring
     transition: ir.Expr
     input: ir.Expr | None
-    structure: str
+    structure: Structure
     decay: ir.Expr | None = None
 
     @property
@@ -208,28 +259,39 @@ def inline(expr: ir.Expr, cell: ir.CellIR, keep: frozenset[str]) -> ir.Expr:
     return go(expr)
 
 
-# (id(expr), id(variable)) -> (expr, variable, answer); the nodes are kept so ids stay unique.
-_CONTAINS: dict[tuple[int, int], tuple[ir.Expr, Ref, bool]] = {}
+class _Probe:
+    """The variable a classification asks about, with a memo of which subexpressions read it.
+
+    Expanded updates share subexpressions heavily (a binding read twice is one node), so
+    the memo (by node identity, nodes kept alive by the expression being classified) turns
+    repeated walks into one.  It lives only as long as one classification.
+    """
+
+    def __init__(self, variable: Ref) -> None:
+        self.variable = variable
+        self._memo: dict[int, tuple[ir.Expr, bool]] = {}
+
+    def contains(self, expr: ir.Expr) -> bool:
+        """Whether ``expr`` reads the variable."""
+        hit = self._memo.get(id(expr))
+        if hit is not None and hit[0] is expr:
+            return hit[1]
+        if isinstance(expr, Op):
+            answer = any(self.contains(arg) for arg in expr.args)
+        else:
+            answer = expr == self.variable
+        self._memo[id(expr)] = (expr, answer)
+        return answer
 
 
-def _contains(expr: ir.Expr, variable: Ref) -> bool:
-    """Whether ``expr`` reads ``variable``, memoised over shared subexpressions."""
-    key = (id(expr), id(variable))
-    hit = _CONTAINS.get(key)
-    if hit is not None and hit[0] is expr and hit[1] is variable:
-        return hit[2]
-    if isinstance(expr, Op):
-        answer = any(_contains(arg, variable) for arg in expr.args)
-    else:
-        answer = expr == variable
-    _CONTAINS[key] = (expr, variable, answer)
-    return answer
+def _as_probe(variable: Ref | _Probe) -> _Probe:
+    return variable if isinstance(variable, _Probe) else _Probe(variable)
 
 
 # ---- sum-product linearity ------------------------------------------------------
 
 
-def _op(op: str, *args: ir.Expr, type: Type | None = None) -> ir.Expr:
+def _op(op: str, *args: ir.Expr) -> ir.Expr:
     """Build ``op(args)`` with a few identities (x * 1 = x, x + 0 = x) so printed forms stay short."""
     if op == "mul":
         a, b = args
@@ -245,14 +307,7 @@ def _op(op: str, *args: ir.Expr, type: Type | None = None) -> ir.Expr:
             return a
     if op == "neg" and isinstance(args[0], Op) and args[0].op == "neg":
         return args[0].args[0]
-    if type is None:
-        shapes = [a.type.shape for a in args]
-        from .checker import broadcast_shapes
-
-        shape = broadcast_shapes(*shapes) or shapes[0]
-        kind = Kind.COMPLEX if any(a.type.kind is Kind.COMPLEX for a in args) else Kind.REAL
-        type = Type(shape, kind)
-    return Op(op, tuple(args), type)
+    return make(op, *args)
 
 
 @dataclass(frozen=True)
@@ -263,9 +318,16 @@ class _Linear:
     bias: ir.Expr | None
 
 
-def linear_split(expr: ir.Expr, variable: Ref) -> _Linear | None:
-    """Split ``expr`` into terms linear in ``variable`` plus a free part, or None if nonlinear."""
-    if not _contains(expr, variable):
+def linear_split(expr: ir.Expr, variable: Ref | _Probe) -> _Linear | None:
+    """Split ``expr`` into terms linear in ``variable`` plus a free part, or None if nonlinear.
+
+    It follows the registry's laws: sums split, ``Law.LINEAR`` ops (negation, indexing,
+    sums, ``diag``) map each piece, and ``Law.BILINEAR`` ops (``*``, ``@``, ``outer``) and
+    division by a free value map the one operand that reads the variable.
+    """
+    probe = _as_probe(variable)
+    variable = probe.variable
+    if not probe.contains(expr):
         return _Linear((), expr)
     if expr == variable:
         return _Linear((expr,), None)
@@ -273,49 +335,43 @@ def linear_split(expr: ir.Expr, variable: Ref) -> _Linear | None:
         return None
     op, args = expr.op, expr.args
     if op in ("add", "sub"):
-        left, right = linear_split(args[0], variable), linear_split(args[1], variable)
+        left, right = linear_split(args[0], probe), linear_split(args[1], probe)
         if left is None or right is None:
             return None
         if op == "add":
-            bias = left.bias if right.bias is None else (right.bias if left.bias is None else Op("add", (left.bias, right.bias), expr.type))
+            bias = left.bias if right.bias is None else (right.bias if left.bias is None else make("add", left.bias, right.bias))
             return _Linear(left.terms + right.terms, bias)
-        negated = tuple(Op("neg", (t,), t.type) for t in right.terms)
+        negated = tuple(make("neg", t) for t in right.terms)
         if right.bias is None:
             bias = left.bias
         elif left.bias is None:
-            bias = Op("neg", (right.bias,), right.bias.type)
+            bias = make("neg", right.bias)
         else:
-            bias = Op("sub", (left.bias, right.bias), expr.type)
+            bias = make("sub", left.bias, right.bias)
         return _Linear(left.terms + negated, bias)
-    if op == "neg" or op in LINEAR_UNARY - {"conj", "real", "imag"}:
-        inner = linear_split(args[0], variable)
+    # real, imag and conj are linear over the reals only: a complex decay would not pass through them.
+    if op in LINEAR_UNARY - {"conj", "real", "imag"}:
+        inner = linear_split(args[0], probe)
         if inner is None or (op != "neg" and not _keeps_shape(inner, args[0].type)):
             return None
-        rebuild = lambda x: Op(op, (x,), Type(expr.type.shape, x.type.kind if op != "neg" else x.type.kind), expr.attrs)  # noqa: E731
-        return _Linear(tuple(rebuild(t) for t in inner.terms), None if inner.bias is None else rebuild(inner.bias))
+
+        def rebuild_unary(x: ir.Expr) -> ir.Expr:
+            return make(op, x, attrs=expr.attrs)
+
+        return _Linear(tuple(rebuild_unary(t) for t in inner.terms), None if inner.bias is None else rebuild_unary(inner.bias))
     if op in BILINEAR or op == "div":
-        dependent = [i for i, a in enumerate(args) if _contains(a, variable)]
+        dependent = [i for i, a in enumerate(args) if probe.contains(a)]
         if len(dependent) != 1 or (op == "div" and dependent[0] != 0):
             return None
         position = dependent[0]
-        inner = linear_split(args[position], variable)
+        inner = linear_split(args[position], probe)
         if inner is None or (op in ("matmul", "outer") and not _keeps_shape(inner, args[position].type)):
             return None
 
         def rebuild(x: ir.Expr) -> ir.Expr:
             new_args = list(args)
             new_args[position] = x
-            from .checker import broadcast_shapes, matmul_shape
-
-            shapes = [a.type.shape for a in new_args]
-            if op == "matmul":
-                shape = matmul_shape(*shapes)
-            elif op == "outer":
-                shape = (shapes[0][0], shapes[1][0])
-            else:
-                shape = broadcast_shapes(*shapes)
-            kind = Kind.COMPLEX if any(a.type.kind is Kind.COMPLEX for a in new_args) else Kind.REAL
-            return Op(op, tuple(new_args), Type(shape, kind), expr.attrs)  # type: ignore[arg-type]
+            return make(op, *new_args, attrs=expr.attrs)
 
         return _Linear(tuple(rebuild(t) for t in inner.terms), None if inner.bias is None else rebuild(inner.bias))
     return None
@@ -339,36 +395,155 @@ class _Scale:
     coefficient: ir.Expr
 
 
-def _term_shape(term: ir.Expr, variable: Ref) -> _Scale | LowRankTerm | None:
-    """Recognise ``c * S`` and ``c * outer(u, w @ S)``; None for any other linear term."""
+def as_axis_vector(expr: ir.Expr, axis: int) -> ir.Expr | None:
+    """For ``u[:, None]`` (axis 0) or ``u[None, :]`` (axis 1) the vector ``u``; a plain vector counts as a row (axis 1)."""
+    if axis == 1 and expr.type.rank == 1:
+        return expr
+    if not (isinstance(expr, Op) and expr.op == "index" and expr.type.rank == 2 and expr.args[0].type.rank == 1):
+        return None
+    wanted = (ir.SliceItem(None, None), ir.NEW_AXIS) if axis == 0 else (ir.NEW_AXIS, ir.SliceItem(None, None))
+    return expr.args[0] if tuple(expr.attrs) == wanted else None
+
+
+def _as_vector(expr: ir.Expr, axis: int) -> ir.Expr | None:
+    """A [m, 1] (axis 0) or [1, n] / [n] (axis 1) value as the vector it broadcasts."""
+    exact = as_axis_vector(expr, axis)
+    if exact is not None:
+        return exact
+    if expr.type.rank == 2 and expr.type.shape[1 - axis] == 1:  # (a * u[:, None])[:, 0]
+        whole = ir.SliceItem(None, None)
+        return make("index", expr, attrs=(whole, 0) if axis == 0 else (0, whole))
+    return None
+
+
+def as_outer(expr: ir.Expr) -> tuple[ir.Expr, ir.Expr] | None:
+    """``expr`` as ``outer(u, v)``: spelled so, or as a product of a column ``[m, 1]`` and a row ``[n]``/``[1, n]``."""
+    if not isinstance(expr, Op) or expr.type.rank != 2:
+        return None
+    if expr.op == "outer":
+        return expr.args[0], expr.args[1]
+    if expr.op == "mul":
+        for column, row in ((expr.args[0], expr.args[1]), (expr.args[1], expr.args[0])):
+            if column.type.rank == 2 and column.type.shape[1] == 1 and row.type.shape[:-1] in ((), (1,)):
+                u, v = _as_vector(column, 0), _as_vector(row, 1)
+                if u is not None and v is not None:
+                    return u, v
+    return None
+
+
+def _scaled_variable(expr: ir.Expr, probe: _Probe) -> ir.Expr | None:
+    """For ``c * S`` with a scalar ``c`` (free of ``S``) the coefficient ``c``; else None."""
+    shape = _term_shape(expr, probe)
+    if isinstance(shape, _Scale) and shape.coefficient.type.rank == 0:
+        return shape.coefficient
+    return None
+
+
+def _only_reshapes(node: Op) -> bool:
+    """Whether an index only adds or drops unit dims (``u[:, None]``, ``c[:, 0]`` of a column)."""
+    shape = node.args[0].type.shape
+    axis = 0
+    for item in node.attrs:
+        if item == ir.NEW_AXIS:
+            continue
+        if isinstance(item, ir.SliceItem):
+            if item != ir.SliceItem(None, None):
+                return False
+        elif shape[axis] != 1:
+            return False
+        axis += 1
+    return True
+
+
+def _state_product(expr: ir.Expr, probe: _Probe) -> tuple[Side, ir.Expr, ir.Expr] | None:
+    """``expr`` as ``c * (S @ u)`` (RIGHT) or ``c * (u @ S)`` (LEFT), up to unit dims: ``(side, c, u)``."""
+    if not isinstance(expr, Op):
+        return None
+    if expr.op == "matmul":
+        left, right = expr.args
+        for target, vector, side in ((left, right, Side.RIGHT), (right, left, Side.LEFT)):
+            if not probe.contains(vector) and vector.type.rank == 1:
+                coefficient = _scaled_variable(target, probe)
+                if coefficient is not None:
+                    return side, coefficient, vector
+        return None
+    if expr.op == "neg":
+        inner = _state_product(expr.args[0], probe)
+        return None if inner is None else (inner[0], _op("neg", inner[1]), inner[2])
+    if expr.op == "index" and _only_reshapes(expr):
+        return _state_product(expr.args[0], probe)
+    if expr.op in ("mul", "div"):
+        dependent = 0 if probe.contains(expr.args[0]) else 1
+        factor = expr.args[1 - dependent]
+        if factor.type.rank != 0 or (expr.op == "div" and dependent != 0):
+            return None
+        inner = _state_product(expr.args[dependent], probe)
+        if inner is None:
+            return None
+        scaled = _op("mul", factor, inner[1]) if expr.op == "mul" else _op("div", inner[1], factor)
+        return inner[0], scaled, inner[2]
+    return None
+
+
+def _rank_one(column: ir.Expr, row: ir.Expr, probe: _Probe) -> LowRankTerm | None:
+    """``outer(column, row)`` as a rank-one map of the (matrix) variable, from either side."""
+    if probe.variable.type.rank != 2:
+        return None
+    if not probe.contains(column):
+        product = _state_product(row, probe)  # outer(u, c * (v @ S)) = c (u v^T) S
+        if product is not None and product[0] is Side.LEFT:
+            return LowRankTerm(product[1], column, product[2], Side.LEFT)
+    if not probe.contains(row):
+        product = _state_product(column, probe)  # outer(c * (S @ u), v) = c S (u v^T)
+        if product is not None and product[0] is Side.RIGHT:
+            return LowRankTerm(product[1], product[2], row, Side.RIGHT)
+    return None
+
+
+def _scaled_term(inner: _Scale | LowRankTerm | None, scale) -> _Scale | LowRankTerm | None:
+    if isinstance(inner, _Scale):
+        return _Scale(scale(inner.coefficient))
+    if isinstance(inner, LowRankTerm):
+        return LowRankTerm(scale(inner.coefficient), inner.left, inner.right, inner.side)
+    return None
+
+
+def _term_shape(term: ir.Expr, probe: _Probe) -> _Scale | LowRankTerm | None:
+    """Recognise ``c * S`` and rank-one maps ``c * (u v^T) S`` / ``c * S (u v^T)``; None for any other linear term.
+
+    Rank-one maps are recognised however they are spelled: ``outer(u, v @ S)``,
+    ``outer(u, v) @ S``, ``u[:, None] * (v @ S)`` and, from the right, ``outer(S @ u, v)``,
+    ``S @ outer(u, v)``, ``(S @ u)[:, None] * v``.
+    """
+    variable = probe.variable
     if term == variable:
         return _Scale(ONE)
     if not isinstance(term, Op):
         return None
     if term.op == "neg":
-        inner = _term_shape(term.args[0], variable)
-        if isinstance(inner, _Scale):
-            return _Scale(_op("neg", inner.coefficient))
-        if isinstance(inner, LowRankTerm):
-            return LowRankTerm(_op("neg", inner.coefficient), inner.left, inner.right)
-        return None
+        return _scaled_term(_term_shape(term.args[0], probe), lambda c: _op("neg", c))
+    outer = as_outer(term)
+    if outer is not None:
+        return _rank_one(outer[0], outer[1], probe)
     if term.op in ("mul", "div"):
-        dependent = 0 if _contains(term.args[0], variable) else 1
+        dependent = 0 if probe.contains(term.args[0]) else 1
         factor = term.args[1 - dependent]
-        inner = _term_shape(term.args[dependent], variable)
-        combine = (lambda c: _op("mul", factor, c)) if term.op == "mul" else (lambda c: _op("div", c, factor))
-        if isinstance(inner, _Scale):
-            return _Scale(combine(inner.coefficient))
-        if isinstance(inner, LowRankTerm) and factor.type.rank == 0:
-            return LowRankTerm(combine(inner.coefficient), inner.left, inner.right)
-        return None
-    if term.op == "outer" and not _contains(term.args[0], variable):
-        # outer(u, w @ S) = (u w^T) S: a rank-one map from the left.
-        projection = term.args[1]
-        if isinstance(projection, Op) and projection.op == "matmul" and not _contains(projection.args[0], variable):
-            inner = _term_shape(projection.args[1], variable)
-            if isinstance(inner, _Scale) and inner.coefficient.type.rank == 0 and projection.args[0].type.rank == 1 and variable.type.rank == 2:
-                return LowRankTerm(inner.coefficient, term.args[0], projection.args[0])
+        inner = _term_shape(term.args[dependent], probe)
+        if isinstance(inner, LowRankTerm) and factor.type.rank != 0:
+            return None
+        if term.op == "mul":
+            return _scaled_term(inner, lambda c: _op("mul", factor, c))
+        return _scaled_term(inner, lambda c: _op("div", c, factor))
+    if term.op == "matmul" and variable.type.rank == 2:
+        left, right = term.args
+        if not probe.contains(left) and as_outer(left) is not None:  # outer(u, v) @ S = (u v^T) S
+            coefficient = _scaled_variable(right, probe)
+            u, v = as_outer(left)  # type: ignore[misc]
+            return None if coefficient is None else LowRankTerm(coefficient, u, v, Side.LEFT)
+        if not probe.contains(right) and as_outer(right) is not None:  # S @ outer(u, v) = S (u v^T)
+            coefficient = _scaled_variable(left, probe)
+            u, v = as_outer(right)  # type: ignore[misc]
+            return None if coefficient is None else LowRankTerm(coefficient, u, v, Side.RIGHT)
     return None
 
 
@@ -390,11 +565,19 @@ def _sum(exprs: Iterable[ir.Expr]) -> ir.Expr | None:
     return items[0]
 
 
-def _classify_linear(split: _Linear, variable: Ref, transition: ir.Expr) -> Recurrence:
-    shapes = [_term_shape(t, variable) for t in split.terms]
-    state = variable.type
+def _low_rank_decay_fits(decay: ir.Expr | None, state: Type, side: Side) -> bool:
+    """Whether the diagonal part of a low-rank transition multiplies from ``side`` (so the whole map is one matrix there)."""
+    if decay is None:
+        return True
+    axes = _varying_axes(decay, state)
+    return not axes or axes == ((0,) if side is Side.LEFT else (1,))
+
+
+def _classify_linear(split: _Linear, probe: _Probe, transition: ir.Expr) -> Recurrence:
+    shapes = [_term_shape(t, probe) for t in split.terms]
+    state = probe.variable.type
     if any(s is None for s in shapes):
-        return MatrixAffine(transition, split.bias, "dense")
+        return MatrixAffine(transition, split.bias, Structure.DENSE)
     scales = [s.coefficient for s in shapes if isinstance(s, _Scale)]
     low_rank = tuple(s for s in shapes if isinstance(s, LowRankTerm))
     decay = _sum(scales)
@@ -402,107 +585,104 @@ def _classify_linear(split: _Linear, variable: Ref, transition: ir.Expr) -> Recu
         assert decay is not None
         axes = _varying_axes(decay, state)
         if state.rank <= 1:
-            return DiagonalAffine(decay, split.bias, "scalar" if not axes else "elementwise")
+            return DiagonalAffine(decay, split.bias, Structure.ELEMENTWISE if axes else Structure.SCALAR)
         if len(axes) == state.rank:
-            return DiagonalAffine(decay, split.bias, "elementwise")
+            return DiagonalAffine(decay, split.bias, Structure.ELEMENTWISE)
         if not axes:
-            structure = "scalar"
+            structure = Structure.SCALAR
         elif state.rank == 2:
-            structure = "diagonal over rows" if axes == (0,) else "diagonal over columns"
+            structure = Structure.ROWS if axes == (0,) else Structure.COLUMNS
         else:
-            structure = f"diagonal over axes {axes}"
-        return MatrixAffine(transition, split.bias, structure, decay=decay)
+            structure = Structure.AXES
+        return MatrixAffine(transition, split.bias, structure, decay=decay, decay_axes=axes)
+    sides = {term.side for term in low_rank}
+    if len(sides) != 1:  # maps from both sides do not compose into one small matrix
+        return MatrixAffine(transition, split.bias, Structure.DENSE)
+    (side,) = sides
     if decay is None:
-        structure = "low rank"
+        structure = Structure.LOW_RANK
     elif isinstance(decay, Literal) and decay.value == 1:
-        structure = "identity plus low rank"
+        structure = Structure.IDENTITY_PLUS_LOW_RANK
     elif not _varying_axes(decay, state):
-        structure = "scaled identity plus low rank"
+        structure = Structure.SCALED_IDENTITY_PLUS_LOW_RANK
     else:
-        structure = "diagonal plus low rank"
-    return MatrixAffine(transition, split.bias, structure, decay=decay, low_rank=low_rank)
+        structure = Structure.DIAGONAL_PLUS_LOW_RANK
+    return MatrixAffine(transition, split.bias, structure, decay=decay, low_rank=low_rank, decay_axes=() if decay is None else _varying_axes(decay, state), side=side)
 
 
 # ---- tropical semirings -----------------------------------------------------------
 
 
-def _semiring_split(expr: ir.Expr, variable: Ref, semiring: Semiring) -> tuple[list[ir.Expr], ir.Expr | None, bool] | None:
-    """Split ``expr`` as ``(+)_i term_i (+) bias`` with terms semiring-linear in ``variable``.
+def _semiring_split(expr: ir.Expr, probe: _Probe, semiring: Semiring) -> tuple[list[ir.Expr], ir.Expr | None, bool] | None:
+    """Split ``expr`` as ``(+)_i term_i (+) bias`` with terms semiring-linear in the variable.
 
     Returns the terms, the free part, and whether a reduction (a semiring matrix product)
     was involved; None when ``expr`` is not of that form.
     """
-    if not _contains(expr, variable):
+    if not probe.contains(expr):
         return [], expr, False
-    if expr == variable:
+    if expr == probe.variable:
         return [expr], None, False
     if not isinstance(expr, Op):
         return None
     if expr.op == semiring.plus:
-        left = _semiring_split(expr.args[0], variable, semiring)
-        right = _semiring_split(expr.args[1], variable, semiring)
+        left = _semiring_split(expr.args[0], probe, semiring)
+        right = _semiring_split(expr.args[1], probe, semiring)
         if left is None or right is None:
             return None
         if left[1] is None or right[1] is None:
             bias = left[1] if right[1] is None else right[1]
         else:
-            bias = Op(semiring.plus, (left[1], right[1]), expr.type)
+            bias = make(semiring.plus, left[1], right[1])
         return left[0] + right[0], bias, left[2] or right[2]
     if expr.op in ("add", "sub"):  # the semiring's times: c (x) (a (+) b) = (c (x) a) (+) (c (x) b)
-        dependent = [i for i, a in enumerate(expr.args) if _contains(a, variable)]
+        dependent = [i for i, a in enumerate(expr.args) if probe.contains(a)]
         if len(dependent) != 1 or (expr.op == "sub" and dependent[0] != 0):
             return None
-        inner = _semiring_split(expr.args[dependent[0]], variable, semiring)
+        inner = _semiring_split(expr.args[dependent[0]], probe, semiring)
         if inner is None:
             return None
         terms, bias, reduced = inner
         other = expr.args[1 - dependent[0]]
-        rebuild = lambda x: Op(expr.op, (x, other) if dependent[0] == 0 else (other, x), Type(_bshape(x, other), Kind.REAL))  # noqa: E731
-        return [rebuild(t) for t in terms], None if bias is None else rebuild(bias), reduced
-    if expr.op == "index":
-        inner = _semiring_split(expr.args[0], variable, semiring)
+
+        def rebuild_times(x: ir.Expr) -> ir.Expr:
+            return make(expr.op, *((x, other) if dependent[0] == 0 else (other, x)))
+
+        return [rebuild_times(t) for t in terms], None if bias is None else rebuild_times(bias), reduced
+    if expr.op == "index" or expr.op == semiring.reduce:
+        inner = _semiring_split(expr.args[0], probe, semiring)
         if inner is None:
             return None
         terms, bias, reduced = inner
-        rebuild = lambda x: Op("index", (x,), Type(expr.type.shape, Kind.REAL), expr.attrs)  # noqa: E731
-        return [rebuild(t) for t in terms], None if bias is None else rebuild(bias), reduced
-    if expr.op == semiring.reduce:
-        inner = _semiring_split(expr.args[0], variable, semiring)
-        if inner is None:
-            return None
-        terms, bias, _ = inner
-        rebuild = lambda x: Op(expr.op, (x,), Type(expr.type.shape, Kind.REAL), expr.attrs)  # noqa: E731
-        return [rebuild(t) for t in terms], None if bias is None else rebuild(bias), True
+
+        def rebuild(x: ir.Expr) -> ir.Expr:
+            return make(expr.op, x, attrs=expr.attrs)
+
+        return [rebuild(t) for t in terms], None if bias is None else rebuild(bias), reduced or expr.op == semiring.reduce
     return None
 
 
-def _bshape(a: ir.Expr, b: ir.Expr) -> tuple[int, ...]:
-    from .checker import broadcast_shapes
-
-    return broadcast_shapes(a.type.shape, b.type.shape) or a.type.shape
-
-
-def _semiring_decay(term: ir.Expr, variable: Ref) -> ir.Expr | None:
+def _semiring_decay(term: ir.Expr, probe: _Probe) -> ir.Expr | None:
     """For a term ``S + c1 - c2 ...`` the free part ``c1 - c2 ...``; None otherwise."""
-    if term == variable:
+    if term == probe.variable:
         return Literal(0, Type(()))
     if isinstance(term, Op) and term.op in ("add", "sub"):
-        dependent = 0 if _contains(term.args[0], variable) else 1
-        inner = _semiring_decay(term.args[dependent], variable)
+        dependent = 0 if probe.contains(term.args[0]) else 1
+        inner = _semiring_decay(term.args[dependent], probe)
         if inner is None:
             return None
         other = term.args[1 - dependent]
         if isinstance(inner, Literal) and inner.value == 0:
-            return other if term.op == "add" else Op("neg", (other,), other.type)
-        return Op(term.op, (inner, other) if dependent == 0 else (other, inner), Type(_bshape(inner, other)))
+            return other if term.op == "add" else make("neg", other)
+        return make(term.op, *((inner, other) if dependent == 0 else (other, inner)))
     return None
 
 
-def _classify_semiring(expr: ir.Expr, variable: Ref) -> SemiringAffine | None:
-    if variable.type.kind is not Kind.REAL:
+def _classify_semiring(expr: ir.Expr, probe: _Probe) -> SemiringAffine | None:
+    if probe.variable.type.kind is not Kind.REAL:
         return None
     for semiring in TROPICAL_SEMIRINGS:
-        split = _semiring_split(expr, variable, semiring)
+        split = _semiring_split(expr, probe, semiring)
         if split is None:
             continue
         terms, bias, reduced = split
@@ -510,24 +690,24 @@ def _classify_semiring(expr: ir.Expr, variable: Ref) -> SemiringAffine | None:
             continue
         transition = terms[0]
         for term in terms[1:]:
-            transition = Op(semiring.plus, (transition, term), Type(_bshape(transition, term)))
+            transition = make(semiring.plus, transition, term)
         if reduced:
-            return SemiringAffine(semiring, transition, bias, "matrix")
-        decays = [_semiring_decay(t, variable) for t in terms]
+            return SemiringAffine(semiring, transition, bias, Structure.MATRIX)
+        decays = [_semiring_decay(t, probe) for t in terms]
         if any(d is None for d in decays):
-            return SemiringAffine(semiring, transition, bias, "matrix")
+            return SemiringAffine(semiring, transition, bias, Structure.MATRIX)
         decay = decays[0]
         for other in decays[1:]:
-            decay = Op(semiring.plus, (decay, other), Type(_bshape(decay, other)))  # type: ignore[arg-type]
-        return SemiringAffine(semiring, transition, bias, "diagonal", decay=decay)
+            decay = make(semiring.plus, decay, other)  # type: ignore[arg-type]
+        return SemiringAffine(semiring, transition, bias, Structure.DIAGONAL, decay=decay)
     return None
 
 
-def _nonlinear_reason(expr: ir.Expr, variable: Ref) -> str:
+def _nonlinear_reason(expr: ir.Expr, probe: _Probe) -> str:
     """The innermost operation through which the previous value enters nonlinearly."""
     for node in ir.walk(expr):
-        if isinstance(node, Op) and _contains(node, variable) and linear_split(node, variable) is None:
-            if all(linear_split(a, variable) is not None for a in node.args):
+        if isinstance(node, Op) and probe.contains(node) and linear_split(node, probe) is None:
+            if all(linear_split(a, probe) is not None for a in node.args):
                 spec = OPS[node.op]
                 return f"'{spec.surface}' applied to a value that depends on it"
     return "it enters nonlinearly"
@@ -535,17 +715,18 @@ def _nonlinear_reason(expr: ir.Expr, variable: Ref) -> str:
 
 def classify(update: ir.Expr, variable: Ref) -> Recurrence:
     """Classify ``new = update(variable)`` where ``variable`` is the state's previous value."""
-    if not _contains(update, variable):
+    probe = _Probe(variable)
+    if not probe.contains(update):
         return NoRecurrence(update)
-    split = linear_split(update, variable)
+    split = linear_split(update, probe)
     if split is not None:
         transition = _sum(split.terms)
         assert transition is not None
-        return _classify_linear(split, variable, transition)
-    semiring = _classify_semiring(update, variable)
+        return _classify_linear(split, probe, transition)
+    semiring = _classify_semiring(update, probe)
     if semiring is not None:
         return semiring
-    return Nonlinear(_nonlinear_reason(update, variable))
+    return Nonlinear(_nonlinear_reason(update, probe))
 
 
 # ---- signs ------------------------------------------------------------------------
@@ -730,7 +911,6 @@ def analyze(cell: ir.CellIR) -> Analysis:
     Raises :class:`~recdsl.errors.DeclarationError` when expanding the state-dependent
     bindings builds expressions too deep to analyse (chains of hundreds of bindings).
     """
-    _CONTAINS.clear()
     try:
         return _analyze(cell)
     except RecursionError:
@@ -739,8 +919,6 @@ def analyze(cell: ir.CellIR) -> Analysis:
             cell.span,
             expected="fewer than a few hundred bindings between a state's previous value and its update",
         ) from None
-    finally:
-        _CONTAINS.clear()
 
 
 # Expanding bindings that read each other twice doubles an expression at each step

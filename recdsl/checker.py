@@ -25,12 +25,12 @@ from .errors import (
     TypeCheckError,
 )
 from .ir import Kind, RefKind, Type
-from .ops import BINARY_OPERATORS, CONSTANTS, FUNCTIONS, INITIALIZERS, OPS, Accepts, Category, Returns
+from .ops import BINARY_OPERATORS, CONSTANTS, FUNCTIONS, INITIALIZERS, OPS, Category
+from .shapes import BROADCAST_EXPECTED, RuleViolation, Violation, broadcast_shapes, format_shape, matmul_shape, result_type  # noqa: F401 (re-exported)
 
 SCALAR = Type(())
 # Integer constants computed at compile time are capped at this many bits.
 _MAX_CONSTANT_BITS = 4096
-BROADCAST_EXPECTED = "shapes that are equal or 1 in each dim, aligned from the right (numpy broadcasting)"
 
 
 @dataclass(frozen=True)
@@ -59,44 +59,8 @@ def _describe(symbol: _Symbol) -> str:
     }[symbol.kind]
 
 
-def broadcast_shapes(*shapes: tuple[int, ...]) -> tuple[int, ...] | None:
-    """numpy's broadcast of ``shapes``, or None when they do not broadcast."""
-    rank = max((len(s) for s in shapes), default=0)
-    result = []
-    for axis in range(rank):
-        sizes = {s[len(s) - rank + axis] for s in shapes if len(s) - rank + axis >= 0}
-        sizes.discard(1)
-        if len(sizes) > 1:
-            return None
-        result.append(sizes.pop() if sizes else 1)
-    return tuple(result)
-
-
-def matmul_shape(left: tuple[int, ...], right: tuple[int, ...]) -> tuple[int, ...] | str:
-    """numpy's matmul result shape, or a sentence saying why the operands do not fit."""
-    if not left or not right:
-        return "'@' needs operands of at least one dim; use '*' to scale by a scalar"
-    a = (1,) + left if len(left) == 1 else left
-    b = right + (1,) if len(right) == 1 else right
-    if a[-1] != b[-2]:
-        return f"the inner dims differ: {a[-1]} (last of the left operand) and {b[-2]} (first matrix dim of the right operand)"
-    batch = broadcast_shapes(a[:-2], b[:-2])
-    if batch is None:
-        return "the leading (batch) dims do not broadcast"
-    shape = batch + (a[-2], b[-1])
-    if len(left) == 1:
-        shape = shape[:-2] + shape[-1:]
-    if len(right) == 1:
-        shape = shape[:-1]
-    return shape
-
-
 def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "[" + ", ".join(str(s) for s in shape) + "]"
-
-
-def _promote(*kinds: Kind) -> Kind:
-    return Kind.COMPLEX if Kind.COMPLEX in kinds else Kind.REAL
+    return format_shape(shape)
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -165,15 +129,14 @@ class _Scope:
                 return self._small(left**right, node)
             except (ZeroDivisionError, OverflowError, TypeError, ValueError) as error:
                 raise TypeCheckError(f"cannot evaluate this constant: {error}", node.span) from None
-        if isinstance(node, ast.Call) and node.func in ("exp", "log", "sqrt", "abs", "max", "min") and node.args:
-            spec = OPS[FUNCTIONS[node.func]]
+        spec = OPS.get(FUNCTIONS.get(node.func, "")) if isinstance(node, ast.Call) else None
+        if spec is not None and spec.fold is not None and spec.category is Category.ELEMENTWISE and node.args:
             if not spec.min_args <= len(node.args) <= spec.max_args:
                 raise self._arity(node, spec)
             args = [self.static(a, what) for a in node.args]
-            functions: dict[str, Callable] = {"exp": math.exp, "log": math.log, "sqrt": math.sqrt, "abs": abs, "max": max, "min": min}
             try:
-                return functions[node.func](*args)
-            except (ValueError, OverflowError, TypeError) as error:
+                return self._small(spec.fold(*args), node)
+            except (ValueError, OverflowError, TypeError, ZeroDivisionError) as error:
                 raise TypeCheckError(f"cannot evaluate this constant: {error}", node.span) from None
         raise TypeCheckError(f"{what} must be known at compile time", node.span, expected="a number or an expression of the dims")
 
@@ -342,8 +305,7 @@ class _Scope:
             raise self._arity(node, spec)
         if spec.category is Category.CONSTANT:
             size = self.static_int(node.args[0], f"the size given to {node.func}()", minimum=1)
-            shape = (size,) if op == "arange" else (size, size)
-            return ir.Op(op, (), Type(shape), attrs=(size,))
+            return self.apply(op, (), node.span, (), attrs=(size,))
         if spec.category is Category.REDUCTION:
             value = self.expr(node.args[0])
             axis = None
@@ -358,69 +320,22 @@ class _Scope:
                         else f"no axis: the value is a scalar, write {node.func}(x)",
                     )
                 axis %= value.type.rank
-            self._check_kinds(spec, (value,), node.span, (node.args[0].span,))
-            shape = () if axis is None else value.type.shape[:axis] + value.type.shape[axis + 1 :]
-            return ir.Op(op, (value,), Type(shape, self._result_kind(spec, (value,))), attrs=(axis,))
+            return self.apply(op, (value,), node.span, (node.args[0].span,), attrs=(axis,))
         args = tuple(self.expr(a) for a in node.args)
         return self.apply(op, args, node.span, tuple(a.span for a in node.args))
 
-    def _check_kinds(self, spec, args: tuple[ir.Expr, ...], span, arg_spans) -> None:
-        for position, (arg, arg_span) in enumerate(zip(args, arg_spans)):
-            kind = arg.type.kind
-            if spec.name == "where" and position == 0:
-                if kind is not Kind.BOOL:
-                    raise TypeCheckError("the condition of where() must be a comparison", arg_span or span, expected="a boolean such as x > 0")
-                continue
-            if spec.accepts is Accepts.REAL and kind is Kind.COMPLEX:
-                raise TypeCheckError(
-                    f"'{spec.surface}' needs real operands, got a complex value of shape {_fmt_shape(arg.type.shape)}",
-                    arg_span or span,
-                    expected="a real value (use real(z), imag(z) or abs(z))",
-                )
-
-    @staticmethod
-    def _result_kind(spec, args: tuple[ir.Expr, ...]) -> Kind:
-        if spec.returns is Returns.REAL:
-            return Kind.REAL
-        if spec.returns is Returns.BOOL:
-            return Kind.BOOL
-        if spec.returns is Returns.CONDITIONAL:
-            operands = args[1:] if spec.name == "where" else args
-            if spec.name == "index":
-                return operands[0].type.kind
-            return _promote(*(a.type.kind for a in operands))
-        return _promote(*(a.type.kind for a in args))
-
-    def apply(self, op: str, args: tuple[ir.Expr, ...], span: Span | None, arg_spans: tuple) -> ir.Expr:
-        """Type-check ``op`` applied to already lowered ``args`` and build the node."""
-        spec = OPS[op]
-        self._check_kinds(spec, args, span, arg_spans)
-        kind = self._result_kind(spec, args)
-        shapes = [a.type.shape for a in args]
-        if spec.category is Category.ELEMENTWISE:
-            shape = broadcast_shapes(*shapes)
-            if shape is None:
-                listing = " and ".join(_fmt_shape(s) for s in shapes)
-                raise ShapeError(f"shapes {listing} do not broadcast in '{spec.surface}'", span, expected=BROADCAST_EXPECTED)
-            return ir.Op(op, args, Type(shape, kind))
-        if spec.category is Category.MATMUL:
-            shape = matmul_shape(*shapes)
-            if isinstance(shape, str):
-                raise ShapeError(f"cannot multiply {_fmt_shape(shapes[0])} @ {_fmt_shape(shapes[1])}: {shape}", span, expected="numpy matmul shapes, e.g. [k] @ [k, n] or [m, k] @ [k]")
-            return ir.Op(op, args, Type(shape, kind))
-        if op == "outer":
-            for arg, arg_span in zip(args, arg_spans):
-                if arg.type.rank != 1:
-                    raise ShapeError(f"outer() needs vectors, got shape {_fmt_shape(arg.type.shape)}", arg_span or span, expected="a value of shape [n]")
-            return ir.Op(op, args, Type((shapes[0][0], shapes[1][0]), kind))
-        if op == "diag":
-            (shape,) = shapes
-            if len(shape) == 1:
-                return ir.Op(op, args, Type((shape[0], shape[0]), kind))
-            if len(shape) == 2:
-                return ir.Op(op, args, Type((min(shape),), kind))
-            raise ShapeError(f"diag() needs a vector or a matrix, got shape {_fmt_shape(shape)}", span, expected="a value of shape [n] or [m, n]")
-        raise TypeCheckError(f"'{spec.surface}' cannot be applied here", span)
+    def apply(self, op: str, args: tuple[ir.Expr, ...], span: Span | None, arg_spans: tuple, attrs: tuple = ()) -> ir.Expr:
+        """Type-check ``op`` applied to already lowered ``args`` (rules: :func:`recdsl.shapes.result_type`) and build the node."""
+        try:
+            result = result_type(op, [a.type for a in args], attrs)
+        except RuleViolation as violation:
+            where = (arg_spans[violation.operand] if violation.operand is not None and violation.operand < len(arg_spans) else None) or span
+            message = violation.message
+            if violation.violation is Violation.TYPE and violation.operand is not None and args[violation.operand].type.kind is Kind.COMPLEX:
+                message += f" of shape {_fmt_shape(args[violation.operand].type.shape)}"
+            error = ShapeError if violation.violation is Violation.SHAPE else TypeCheckError
+            raise error(message, where, expected=violation.expected) from None
+        return ir.Op(op, args, result, attrs)
 
     def index(self, node: ast.Index) -> ir.Expr:
         value = self.expr(node.value)

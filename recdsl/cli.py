@@ -81,7 +81,7 @@ def _explain(args: argparse.Namespace) -> int:
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
     if notes:
         print(f"(dims not given, set to: {', '.join(notes)})")
-    print(explain(args.file, cell=args.cell, backend=args.backend, **dims), end="")
+    print(explain(args.file, cell=args.cell, backend=args.backend, plan=args.plan, **dims), end="")
     return 0
 
 
@@ -153,6 +153,7 @@ def _check(args: argparse.Namespace) -> int:
 def _emit(args: argparse.Namespace) -> int:
     from .analysis import analyze
     from .frontend import load, read_source
+    from .plan import plan as make_plan
 
     if args.backend != "triton":
         print(f"recdsl emit: only the triton backend generates code (got '{args.backend}')", file=sys.stderr)
@@ -162,8 +163,8 @@ def _emit(args: argparse.Namespace) -> int:
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
     if notes:
         print(f"# (dims not given, set to: {', '.join(notes)})")
-    analysis = analyze(load(args.file, cell=args.cell, dims=dims))
-    print(triton_backend.emit(analysis, read_source(args.file).filename), end="")
+    planned = make_plan(analyze(load(args.file, cell=args.cell, dims=dims)), "triton")
+    print(triton_backend.emit(planned, read_source(args.file).filename), end="")
     return 0
 
 
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="print the analysis of a cell", description="Print what kind of recurrence a cell is and how it will run.")
     _common(explain)
+    explain.add_argument("--plan", action="store_true", help="also print the execution plan: each recurrence's form, the forms rejected and why, and the predicted costs")
     explain.set_defaults(handler=_explain)
 
     run = commands.add_parser("run", help="compile a cell and run it on random inputs", description="Compile a cell, run it on random inputs, print output shapes and timing.")

@@ -151,11 +151,18 @@ def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def explain(source_or_path: str | Path, cell: str | None = None, backend: str = "auto", **dims: int | float) -> str:
-    """Parse, check and analyse a program; return the explanation ``recdsl explain`` prints."""
+def explain(source_or_path: str | Path, cell: str | None = None, backend: str = "auto", plan: bool = False, **dims: int | float) -> str:
+    """Parse, check, analyse and plan a program; return the explanation ``recdsl explain`` prints.
+
+    With ``plan=True`` the execution plan follows: each recurrence's form, the forms
+    considered and rejected with their reasons, and the cost model's predictions.
+    """
+    from .plan import plan as make_plan
+
     cell_ir = load(source_or_path, cell=cell, dims=dims)
     analysis = analyze(cell_ir)
-    from .backends import choose_backend
-
-    chosen, reason = choose_backend(backend, analysis)
-    return explain_analysis(analysis, f"backend: {chosen.name} ({reason})")
+    chosen = make_plan(analysis, backend)
+    text = explain_analysis(analysis, f"backend: {chosen.backend} ({chosen.reason})")
+    if plan:
+        text += "\n" + chosen.format()
+    return text

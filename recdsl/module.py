@@ -17,11 +17,14 @@ from torch import nn
 
 from . import ir
 from .analysis import Analysis, analyze
+from .plan import ExecutionPlan, PlanOptions
+from .plan import plan as make_plan
 from .errors import BackendError, DeclarationError, InputError, RecDSLError
 from .frontend import load, read_source
 from .ir import Kind, RefKind
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+DEFAULT_CHUNK_SIZE = 64
 
 
 def _shape_words(shape: tuple[int, ...]) -> str:
@@ -49,27 +52,15 @@ class CompiledCell(nn.Module):
 
     def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None) -> None:
         super().__init__()
-        from .backends import choose_backend
-
         self.analysis = analysis
         self.cell: ir.CellIR = analysis.cell
-        self._backend, self.backend_reason = choose_backend(backend, analysis)
-        # On a GPU, `auto` prefers the generated Triton kernels where they apply.
-        self._gpu_backend = None
-        if backend == "auto":
-            from .backends import get_backend
-
-            triton = get_backend("triton")
-            if triton.unsupported(analysis) is None:
-                self._gpu_backend = triton
-        self._backend_options: dict[str, Any] = {}
         if chunk_size is not None:
             if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
                 raise BackendError(f"chunk_size must be a positive int, got {chunk_size!r}", expected="e.g. chunk_size=64")
             if backend not in ("chunked", "auto"):
                 raise BackendError(f"chunk_size applies to the chunked backend, not '{backend}'", expected="backend='chunked' (or 'auto')")
-            if self._backend.name == "chunked":
-                self._backend_options["chunk_size"] = chunk_size
+        # Every decision about how to run the cell, made once: see recdsl.plan.
+        self.plan: ExecutionPlan = make_plan(analysis, backend, PlanOptions(chunk_size=chunk_size or DEFAULT_CHUNK_SIZE))
         reserved = set(dir(self))
         for param in self.cell.params:
             if param.name in reserved or param.name.startswith("_"):
@@ -82,8 +73,13 @@ class CompiledCell(nn.Module):
 
     @property
     def backend(self) -> str:
-        """The name of the backend this module runs on."""
-        return self._backend.name
+        """The name of the backend this module runs on (on CPU tensors; see ``plan.gpu`` for CUDA)."""
+        return self.plan.backend.value
+
+    @property
+    def backend_reason(self) -> str:
+        """Why the plan stage chose that backend."""
+        return self.plan.reason
 
     # ---- parameters
     def _initial_value(self, param: ir.Param) -> torch.Tensor:
@@ -255,10 +251,9 @@ class CompiledCell(nn.Module):
             name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
-        backend, options = self._backend, self._backend_options
-        if self._gpu_backend is not None and numerics.device.type == "cuda":
-            backend, options = self._gpu_backend, {}
-        outputs, final = backend.run(self.analysis, cast_inputs, params, consts, carried, numerics, **options)
+        from .backends import run_plan
+
+        outputs, final = run_plan(self.plan.for_device(numerics.device.type), cast_inputs, params, consts, carried, numerics)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -1,15 +1,33 @@
-"""The operations of the language: one row each, and the algebraic laws the analysis uses.
+"""The operations of the language: one registry row each, with every rule about the op.
 
-Adding an operation means adding a row here (its surface name, arity, the kinds of
-element it accepts and returns) and its torch implementation in
-``recdsl.backends.torch_ops``; the checker and the classifier consult these tables
-rather than special-casing names.
+A row (:class:`OpSpec`) holds, in one place,
+
+- its surface name, arity and category (which picks its shape rule in :mod:`recdsl.shapes`),
+- the element kinds it accepts and returns (its type rule),
+- ``laws``: the algebraic laws the analysis may rely on (:class:`Law`),
+- ``fold``: how to evaluate it on Python numbers (constant folding in the checker and in
+  kernel planning), or None when it is never folded,
+- ``torch``: its torch form, a dotted name that :mod:`recdsl.backends.torch_ops` resolves
+  (``torch.exp``, ``F.silu``, or ``recdsl.NAME`` for a helper defined there); None for the
+  structural ops whose torch form is written by hand beside :class:`~recdsl.backends.torch_ops.Evaluator`,
+- ``triton``: its elementwise Triton expression, a template over the operands' temporaries
+  (``{0}``, ``{1}``, ...), or None when the op is not fused into kernels (then the
+  kernel receives its value as a leaf computed by torch); ``triton_complex`` says
+  whether the Triton emitter has a form for complex operands.
+
+Nothing here imports torch or triton: the backends read these strings.  Adding an op
+means adding its row; ``tests/test_registry.py`` fails when a row lacks a form that a
+backend claims (a torch form for every op, a Triton form for every elementwise op).
 """
 
 from __future__ import annotations
 
+import cmath
+import math
+import operator
 from dataclasses import dataclass
 from enum import Enum
+from typing import Callable
 
 
 class Category(str, Enum):
@@ -30,7 +48,22 @@ class Returns(str, Enum):
     PROMOTED = "promoted"  # complex if any operand is complex, else real
     REAL = "real"
     BOOL = "bool"
-    CONDITIONAL = "conditional"  # where: the promotion of the last two operands
+    CONDITIONAL = "conditional"  # where: the promotion of the last two operands; index: its operand's kind
+
+
+class Law(Enum):
+    """Algebraic laws of an op, the facts the classifier is allowed to use."""
+
+    ASSOCIATIVE = "f(f(a, b), c) = f(a, f(b, c))"
+    COMMUTATIVE = "f(a, b) = f(b, a)"
+    # f(a + b) = f(a) + f(b) and f(c a) = c f(a): linear in its single tensor operand.
+    LINEAR = "f(a + b) = f(a) + f(b), f(c a) = c f(a)"
+    # Linear in each operand when the others are held fixed: f(a, b + c) = f(a, b) + f(a, c).
+    BILINEAR = "f(a, b + c) = f(a, b) + f(a, c)"
+    # Commutes with indexing and broadcasting of its operands: f(a)[i] = f(a[i]).
+    POINTWISE = "f(a)[i] = f(a[i])"
+    # Positive wherever it is defined (exp, sigmoid, softplus): the chunked forms take logs of such decays.
+    POSITIVE = "f(x) > 0"
 
 
 @dataclass(frozen=True)
@@ -43,63 +76,104 @@ class OpSpec:
     accepts: Accepts
     returns: Returns
     doc: str
+    laws: frozenset[Law] = frozenset()
+    fold: Callable[..., object] | None = None
+    torch: str | None = None
+    triton: str | None = None
+    triton_complex: bool = False
+
+    def has(self, law: Law) -> bool:
+        return law in self.laws
 
 
 def _table(*rows: OpSpec) -> dict[str, OpSpec]:
-    return {row.name: row for row in rows}
+    table = {row.name: row for row in rows}
+    assert len(table) == len(rows), "two registry rows share a name"
+    return table
 
 
 E, R, M, S, C = Category.ELEMENTWISE, Category.REDUCTION, Category.MATMUL, Category.STRUCTURAL, Category.CONSTANT
+A, CM, LIN, BI, PW, POS = Law.ASSOCIATIVE, Law.COMMUTATIVE, Law.LINEAR, Law.BILINEAR, Law.POINTWISE, Law.POSITIVE
+
+
+def _number_function(real: Callable, complex_: Callable | None = None) -> Callable:
+    """A fold that uses ``complex_`` for complex operands (cmath) and ``real`` otherwise (math)."""
+
+    def fold(*args):
+        if complex_ is not None and any(isinstance(a, complex) for a in args):
+            return complex_(*args)
+        return real(*args)
+
+    return fold
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+def _softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+def _logaddexp(a: float, b: float) -> float:
+    high = max(a, b)
+    if high == -math.inf:
+        return -math.inf
+    return high + math.log1p(math.exp(-abs(a - b)))
+
 
 OPS: dict[str, OpSpec] = _table(
     # arithmetic operators
-    OpSpec("add", "+", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a + b"),
-    OpSpec("sub", "-", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a - b"),
-    OpSpec("mul", "*", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a * b"),
-    OpSpec("div", "/", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a / b"),
-    OpSpec("floordiv", "//", 2, 2, E, Accepts.REAL, Returns.REAL, "floor(a / b)"),
-    OpSpec("pow", "**", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a ** b"),
-    OpSpec("neg", "-", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "-a"),
-    OpSpec("matmul", "@", 2, 2, M, Accepts.NUMBER, Returns.PROMOTED, "a @ b with numpy's matmul rules"),
+    OpSpec("add", "+", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a + b", frozenset({A, CM, PW}), operator.add, "torch.add", "{0} + {1}", True),
+    OpSpec("sub", "-", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a - b", frozenset({PW}), operator.sub, "torch.sub", "{0} - {1}", True),
+    OpSpec("mul", "*", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a * b", frozenset({A, CM, BI, PW}), operator.mul, "torch.mul", "{0} * {1}", True),
+    OpSpec("div", "/", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a / b", frozenset({PW}), operator.truediv, "torch.div", "{0} / {1}", True),
+    OpSpec("floordiv", "//", 2, 2, E, Accepts.REAL, Returns.REAL, "floor(a / b)", frozenset({PW}), operator.floordiv, "torch.floor_divide", "tl.floor({0} / {1})"),
+    OpSpec("pow", "**", 2, 2, E, Accepts.NUMBER, Returns.PROMOTED, "a ** b", frozenset({PW}), operator.pow, "torch.pow", "tl.exp({1} * tl.log({0}))"),
+    OpSpec("neg", "-", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "-a", frozenset({LIN, PW}), operator.neg, "torch.neg", "-{0}", True),
+    OpSpec("matmul", "@", 2, 2, M, Accepts.NUMBER, Returns.PROMOTED, "a @ b with numpy's matmul rules", frozenset({BI})),
     # comparisons
-    OpSpec("lt", "<", 2, 2, E, Accepts.REAL, Returns.BOOL, "a < b"),
-    OpSpec("le", "<=", 2, 2, E, Accepts.REAL, Returns.BOOL, "a <= b"),
-    OpSpec("gt", ">", 2, 2, E, Accepts.REAL, Returns.BOOL, "a > b"),
-    OpSpec("ge", ">=", 2, 2, E, Accepts.REAL, Returns.BOOL, "a >= b"),
-    OpSpec("eq", "==", 2, 2, E, Accepts.NUMBER, Returns.BOOL, "a == b"),
-    OpSpec("ne", "!=", 2, 2, E, Accepts.NUMBER, Returns.BOOL, "a != b"),
+    OpSpec("lt", "<", 2, 2, E, Accepts.REAL, Returns.BOOL, "a < b", frozenset({PW}), operator.lt, "torch.lt", "{0} < {1}"),
+    OpSpec("le", "<=", 2, 2, E, Accepts.REAL, Returns.BOOL, "a <= b", frozenset({PW}), operator.le, "torch.le", "{0} <= {1}"),
+    OpSpec("gt", ">", 2, 2, E, Accepts.REAL, Returns.BOOL, "a > b", frozenset({PW}), operator.gt, "torch.gt", "{0} > {1}"),
+    OpSpec("ge", ">=", 2, 2, E, Accepts.REAL, Returns.BOOL, "a >= b", frozenset({PW}), operator.ge, "torch.ge", "{0} >= {1}"),
+    OpSpec("eq", "==", 2, 2, E, Accepts.NUMBER, Returns.BOOL, "a == b", frozenset({CM, PW}), operator.eq, "torch.eq", "{0} == {1}"),
+    OpSpec("ne", "!=", 2, 2, E, Accepts.NUMBER, Returns.BOOL, "a != b", frozenset({CM, PW}), operator.ne, "torch.ne", "{0} != {1}"),
     # elementwise functions
-    OpSpec("exp", "exp", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "e ** x"),
-    OpSpec("log", "log", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "natural logarithm"),
-    OpSpec("sqrt", "sqrt", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "square root"),
-    OpSpec("abs", "abs", 1, 1, E, Accepts.NUMBER, Returns.REAL, "absolute value (modulus for complex)"),
-    OpSpec("tanh", "tanh", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "hyperbolic tangent"),
-    OpSpec("sigmoid", "sigmoid", 1, 1, E, Accepts.REAL, Returns.REAL, "1 / (1 + exp(-x))"),
-    OpSpec("logsigmoid", "logsigmoid", 1, 1, E, Accepts.REAL, Returns.REAL, "log(sigmoid(x)), computed stably"),
-    OpSpec("softplus", "softplus", 1, 1, E, Accepts.REAL, Returns.REAL, "log(1 + exp(x)), computed stably"),
-    OpSpec("silu", "silu", 1, 1, E, Accepts.REAL, Returns.REAL, "x * sigmoid(x)"),
-    OpSpec("relu", "relu", 1, 1, E, Accepts.REAL, Returns.REAL, "max(x, 0)"),
-    OpSpec("cos", "cos", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "cosine"),
-    OpSpec("sin", "sin", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "sine"),
-    OpSpec("log1p", "log1p", 1, 1, E, Accepts.REAL, Returns.REAL, "log(1 + x), accurate near 0"),
-    OpSpec("expm1", "expm1", 1, 1, E, Accepts.REAL, Returns.REAL, "exp(x) - 1, accurate near 0"),
-    OpSpec("real", "real", 1, 1, E, Accepts.NUMBER, Returns.REAL, "real part"),
-    OpSpec("imag", "imag", 1, 1, E, Accepts.NUMBER, Returns.REAL, "imaginary part"),
-    OpSpec("conj", "conj", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "complex conjugate"),
-    OpSpec("maximum", "max", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise maximum of two operands"),
-    OpSpec("minimum", "min", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise minimum of two operands"),
-    OpSpec("logaddexp", "logaddexp", 2, 2, E, Accepts.REAL, Returns.REAL, "log(exp(a) + exp(b)), computed stably"),
-    OpSpec("where", "where", 3, 3, E, Accepts.ANY, Returns.CONDITIONAL, "where(condition, a, b): a where condition holds, else b"),
+    OpSpec("exp", "exp", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "e ** x", frozenset({PW, POS}), _number_function(math.exp, cmath.exp), "torch.exp", "tl.exp({0})", True),
+    OpSpec("log", "log", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "natural logarithm", frozenset({PW}), _number_function(math.log, cmath.log), "torch.log", "tl.log({0})"),
+    OpSpec("sqrt", "sqrt", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "square root", frozenset({PW}), _number_function(math.sqrt, cmath.sqrt), "torch.sqrt", "tl.sqrt({0})"),
+    OpSpec("abs", "abs", 1, 1, E, Accepts.NUMBER, Returns.REAL, "absolute value (modulus for complex)", frozenset({PW}), abs, "torch.abs", "tl.abs({0})", True),
+    # tanh(x) = 2 sigmoid(2x) - 1
+    OpSpec("tanh", "tanh", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "hyperbolic tangent", frozenset({PW}), _number_function(math.tanh, cmath.tanh), "torch.tanh", "2.0 / (1.0 + tl.exp(-2.0 * {0})) - 1.0"),
+    OpSpec("sigmoid", "sigmoid", 1, 1, E, Accepts.REAL, Returns.REAL, "1 / (1 + exp(-x))", frozenset({PW, POS}), _sigmoid, "torch.sigmoid", "1.0 / (1.0 + tl.exp(-{0}))"),
+    # log(sigmoid(x)) = min(x, 0) - log(1 + e^-|x|)
+    OpSpec("logsigmoid", "logsigmoid", 1, 1, E, Accepts.REAL, Returns.REAL, "log(sigmoid(x)), computed stably", frozenset({PW}), lambda x: -_softplus(-x), "F.logsigmoid", "tl.minimum({0}, 0.0) - tl.log(1.0 + tl.exp(-tl.abs({0})))"),
+    # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
+    OpSpec("softplus", "softplus", 1, 1, E, Accepts.REAL, Returns.REAL, "log(1 + exp(x)), computed stably", frozenset({PW, POS}), _softplus, "F.softplus", "tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0})))"),
+    OpSpec("silu", "silu", 1, 1, E, Accepts.REAL, Returns.REAL, "x * sigmoid(x)", frozenset({PW}), lambda x: x * _sigmoid(x), "F.silu", "{0} / (1.0 + tl.exp(-{0}))"),
+    OpSpec("relu", "relu", 1, 1, E, Accepts.REAL, Returns.REAL, "max(x, 0)", frozenset({PW}), lambda x: max(x, 0.0), "torch.relu", "tl.maximum({0}, 0.0)"),
+    OpSpec("cos", "cos", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "cosine", frozenset({PW}), _number_function(math.cos, cmath.cos), "torch.cos", "tl.cos({0})"),
+    OpSpec("sin", "sin", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "sine", frozenset({PW}), _number_function(math.sin, cmath.sin), "torch.sin", "tl.sin({0})"),
+    OpSpec("log1p", "log1p", 1, 1, E, Accepts.REAL, Returns.REAL, "log(1 + x), accurate near 0", frozenset({PW}), math.log1p, "torch.log1p", "tl.log(1.0 + {0})"),
+    OpSpec("expm1", "expm1", 1, 1, E, Accepts.REAL, Returns.REAL, "exp(x) - 1, accurate near 0", frozenset({PW}), math.expm1, "torch.expm1", "tl.exp({0}) - 1.0"),
+    OpSpec("real", "real", 1, 1, E, Accepts.NUMBER, Returns.REAL, "real part", frozenset({LIN, PW}), lambda x: x.real, "recdsl.real_part", "{0}", True),
+    OpSpec("imag", "imag", 1, 1, E, Accepts.NUMBER, Returns.REAL, "imaginary part", frozenset({LIN, PW}), lambda x: x.imag, "recdsl.imaginary_part", "{0} * 0.0", True),
+    OpSpec("conj", "conj", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "complex conjugate", frozenset({LIN, PW}), lambda x: x.conjugate(), "recdsl.conjugate", "{0}", True),
+    OpSpec("maximum", "max", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise maximum of two operands", frozenset({A, CM, PW}), max, "torch.maximum", "tl.maximum({0}, {1})"),
+    OpSpec("minimum", "min", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise minimum of two operands", frozenset({A, CM, PW}), min, "torch.minimum", "tl.minimum({0}, {1})"),
+    OpSpec("logaddexp", "logaddexp", 2, 2, E, Accepts.REAL, Returns.REAL, "log(exp(a) + exp(b)), computed stably", frozenset({A, CM, PW}), _logaddexp, "torch.logaddexp", "_logaddexp({0}, {1})"),
+    OpSpec("where", "where", 3, 3, E, Accepts.ANY, Returns.CONDITIONAL, "where(condition, a, b): a where condition holds, else b", frozenset({PW}), lambda c, a, b: a if c else b, "torch.where", "tl.where({0}, {1}, {2})"),
     # reductions over the per-step shape
-    OpSpec("sum", "sum", 1, 2, R, Accepts.NUMBER, Returns.PROMOTED, "sum(x) or sum(x, axis)"),
-    OpSpec("mean", "mean", 1, 2, R, Accepts.NUMBER, Returns.PROMOTED, "mean(x) or mean(x, axis)"),
-    OpSpec("logsumexp", "logsumexp", 1, 2, R, Accepts.REAL, Returns.REAL, "log(sum(exp(x), axis)), computed stably"),
-    OpSpec("amax", "amax", 1, 2, R, Accepts.REAL, Returns.REAL, "maximum over an axis (or all)"),
-    OpSpec("amin", "amin", 1, 2, R, Accepts.REAL, Returns.REAL, "minimum over an axis (or all)"),
+    OpSpec("sum", "sum", 1, 2, R, Accepts.NUMBER, Returns.PROMOTED, "sum(x) or sum(x, axis)", frozenset({LIN}), torch="torch.sum"),
+    OpSpec("mean", "mean", 1, 2, R, Accepts.NUMBER, Returns.PROMOTED, "mean(x) or mean(x, axis)", frozenset({LIN}), torch="torch.mean"),
+    OpSpec("logsumexp", "logsumexp", 1, 2, R, Accepts.REAL, Returns.REAL, "log(sum(exp(x), axis)), computed stably", torch="torch.logsumexp"),
+    OpSpec("amax", "amax", 1, 2, R, Accepts.REAL, Returns.REAL, "maximum over an axis (or all)", torch="torch.amax"),
+    OpSpec("amin", "amin", 1, 2, R, Accepts.REAL, Returns.REAL, "minimum over an axis (or all)", torch="torch.amin"),
     # structure
-    OpSpec("outer", "outer", 2, 2, S, Accepts.NUMBER, Returns.PROMOTED, "outer(u, v)[i, j] = u[i] * v[j]"),
-    OpSpec("diag", "diag", 1, 1, S, Accepts.NUMBER, Returns.PROMOTED, "vector to diagonal matrix, or matrix to its diagonal"),
-    OpSpec("index", "[]", 1, 1, S, Accepts.ANY, Returns.CONDITIONAL, "numpy basic indexing: integers, slices, None, ..."),
+    OpSpec("outer", "outer", 2, 2, S, Accepts.NUMBER, Returns.PROMOTED, "outer(u, v)[i, j] = u[i] * v[j]", frozenset({BI})),
+    OpSpec("diag", "diag", 1, 1, S, Accepts.NUMBER, Returns.PROMOTED, "vector to diagonal matrix, or matrix to its diagonal", frozenset({LIN})),
+    OpSpec("index", "[]", 1, 1, S, Accepts.ANY, Returns.CONDITIONAL, "numpy basic indexing: integers, slices, None, ...", frozenset({LIN})),
     OpSpec("arange", "arange", 1, 1, C, Accepts.REAL, Returns.REAL, "arange(n) = [0, 1, ..., n - 1]"),
     OpSpec("eye", "eye", 1, 1, C, Accepts.REAL, Returns.REAL, "eye(n): the n x n identity"),
 )
@@ -128,16 +202,26 @@ INITIALIZERS: dict[str, tuple[int, str]] = {
 # Built-in constants usable wherever a number is.
 CONSTANTS: dict[str, float] = {"inf": float("inf"), "pi": 3.141592653589793}
 
-# ---- laws the classifier relies on -------------------------------------------
 
-# f(f(a, b), c) = f(a, f(b, c))
-ASSOCIATIVE = frozenset({"add", "mul", "maximum", "minimum", "logaddexp"})
-# f(a, b) = f(b, a)
-COMMUTATIVE = frozenset({"add", "mul", "maximum", "minimum", "logaddexp", "eq", "ne"})
-# f(a + b) = f(a) + f(b) and f(c a) = c f(a): linear in their single tensor operand.
-LINEAR_UNARY = frozenset({"neg", "index", "sum", "diag", "conj", "real", "imag"})
-# Linear in each operand when the other is held fixed: f(a, b + c) = f(a, b) + f(a, c).
-BILINEAR = frozenset({"mul", "matmul", "outer"})
+def ops_with(law: Law) -> frozenset[str]:
+    """The names of the ops that obey ``law``."""
+    return frozenset(name for name, spec in OPS.items() if law in spec.laws)
+
+
+# Read by the classifier: linear maps of one operand, and ops linear in each operand.
+LINEAR_UNARY = ops_with(Law.LINEAR)
+BILINEAR = ops_with(Law.BILINEAR)
+# Ops the Triton emitter evaluates inside a kernel (everything else reaches it as a leaf).
+FUSED = frozenset(name for name, spec in OPS.items() if spec.triton is not None)
+
+
+# ---- semirings ---------------------------------------------------------------------
+
+
+class SemiringKind(Enum):
+    SUM_PRODUCT = "sum-product"
+    MAX_PLUS = "max-plus"
+    LOG = "log"
 
 
 @dataclass(frozen=True)
@@ -148,18 +232,27 @@ class Semiring:
     axis, ``zero`` the identity of ``plus`` and ``one`` that of ``times``.
     """
 
-    name: str
+    kind: SemiringKind
     plus: str
     times: str
     reduce: str
     zero: float
     one: float
 
+    def __post_init__(self) -> None:
+        # The scans regroup and reorder plus: it must be a commutative monoid.
+        assert {Law.ASSOCIATIVE, Law.COMMUTATIVE} <= OPS[self.plus].laws, f"{self.plus} is not a commutative monoid"
+        assert Law.ASSOCIATIVE in OPS[self.times].laws
 
-SUM_PRODUCT = Semiring("sum-product", "add", "mul", "sum", 0.0, 1.0)
+    @property
+    def name(self) -> str:
+        return self.kind.value
+
+
+SUM_PRODUCT = Semiring(SemiringKind.SUM_PRODUCT, "add", "mul", "sum", 0.0, 1.0)
 # max(a, b) + c = max(a + c, b + c): the tropical semiring of Viterbi and of stabilisers.
-MAX_PLUS = Semiring("max-plus", "maximum", "add", "amax", float("-inf"), 0.0)
+MAX_PLUS = Semiring(SemiringKind.MAX_PLUS, "maximum", "add", "amax", float("-inf"), 0.0)
 # logaddexp(a, b) + c = logaddexp(a + c, b + c): the log semiring of forward algorithms.
-LOG = Semiring("log", "logaddexp", "add", "logsumexp", float("-inf"), 0.0)
+LOG = Semiring(SemiringKind.LOG, "logaddexp", "add", "logsumexp", float("-inf"), 0.0)
 
 TROPICAL_SEMIRINGS = (MAX_PLUS, LOG)

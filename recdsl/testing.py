@@ -218,12 +218,12 @@ def available_backends(module: CompiledCell) -> tuple[str, ...]:
     """
     import os
 
-    from .backends import BACKENDS, get_backend
+    from .plan import BackendKind, PlanOptions, Unsupported, plan_backend
 
-    runnable = [b for b in BACKENDS if b != "sequential"]
+    runnable = [b for b in BackendKind if b is not BackendKind.SEQUENTIAL]
     if os.environ.get("TRITON_INTERPRET") != "1":
-        runnable.remove("triton")
-    return tuple(b for b in runnable if get_backend(b).unsupported(module.analysis) is None)
+        runnable.remove(BackendKind.TRITON)
+    return tuple(b.value for b in runnable if not isinstance(plan_backend(module.analysis, b, PlanOptions()), Unsupported))
 
 
 def _snippet(source: str, cell: str | None, dims: Mapping[str, object], backends: Sequence[str], example: Example, scale: float, chunk_size: int, param_seed: int) -> str:
@@ -273,9 +273,9 @@ def check_equivalence(
     chosen = tuple(backends) if backends is not None else available_backends(module)
     report = Report(module.cell.name, chosen)
     if not chosen:
-        from .backends import get_backend
+        from .backends.parallel import unsupported
 
-        report.note = get_backend("scan").unsupported(module.analysis)
+        report.note = unsupported(module.analysis)
         return report
     longest = max_length or 3 * chunk_size + 3
     # Any length, or one at a chunk boundary; integers first so that failures shrink to the shortest length.

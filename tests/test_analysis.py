@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import recdsl
-from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, analyze
+from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, Side, Structure, analyze
 from recdsl.ops import LOG, MAX_PLUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -25,23 +25,23 @@ def analysis_of(name: str):
 
 # (example, state, class, structure) as the papers describe them.
 EXPECTED = [
-    ("mingru", "h", DiagonalAffine, "elementwise"),
-    ("minlstm", "h", DiagonalAffine, "elementwise"),
-    ("lru", "h", DiagonalAffine, "elementwise"),
-    ("hgrn", "h", DiagonalAffine, "elementwise"),
-    ("rglru", "h", DiagonalAffine, "elementwise"),
-    ("s6", "h", DiagonalAffine, "elementwise"),
-    ("mamba2", "h", MatrixAffine, "scalar"),
-    ("gla", "S", MatrixAffine, "diagonal over rows"),
-    ("retnet", "S", MatrixAffine, "scalar"),
-    ("mlstm", "C", MatrixAffine, "scalar"),
-    ("mlstm", "n", DiagonalAffine, "scalar"),
-    ("mlstm", "m", SemiringAffine, "diagonal"),
-    ("deltanet", "S", MatrixAffine, "identity plus low rank"),
-    ("crf", "prior", SemiringAffine, "matrix"),
+    ("mingru", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("minlstm", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("lru", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("hgrn", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("rglru", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("s6", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("mamba2", "h", MatrixAffine, Structure.SCALAR),
+    ("gla", "S", MatrixAffine, Structure.ROWS),
+    ("retnet", "S", MatrixAffine, Structure.SCALAR),
+    ("mlstm", "C", MatrixAffine, Structure.SCALAR),
+    ("mlstm", "n", DiagonalAffine, Structure.SCALAR),
+    ("mlstm", "m", SemiringAffine, Structure.DIAGONAL),
+    ("deltanet", "S", MatrixAffine, Structure.IDENTITY_PLUS_LOW_RANK),
+    ("crf", "prior", SemiringAffine, Structure.MATRIX),
     ("gru", "h", Nonlinear, None),
     ("lstm", "h", Nonlinear, None),
-    ("lstm", "c", DiagonalAffine, "elementwise"),
+    ("lstm", "c", DiagonalAffine, Structure.ELEMENTWISE),
 ]
 
 
@@ -50,7 +50,7 @@ def test_example_classification(example, state, cls, structure):
     recurrence = analysis_of(example).state(state).recurrence
     assert isinstance(recurrence, cls), f"{example}.{state}: expected {cls.__name__}, got {recurrence}"
     if structure is not None:
-        assert recurrence.structure == structure, f"{example}.{state}: structure {recurrence.structure!r}, expected {structure!r}"
+        assert recurrence.structure is structure, f"{example}.{state}: structure {recurrence.structure!r}, expected {structure!r}"
 
 
 def test_every_example_has_an_expected_classification():
@@ -105,24 +105,24 @@ def _classify(body: str, state: str = "h", decl: str = "state h: [d] = 0") -> ob
 @pytest.mark.parametrize(
     "body, cls, structure",
     [
-        ("h = 0.5 * h + x", DiagonalAffine, "scalar"),
-        ("h = x + h * sigmoid(g)", DiagonalAffine, "elementwise"),
-        ("h = -(h * g) / 2 - x", DiagonalAffine, "elementwise"),
-        ("h = h @ W + x", MatrixAffine, "dense"),
+        ("h = 0.5 * h + x", DiagonalAffine, Structure.SCALAR),
+        ("h = x + h * sigmoid(g)", DiagonalAffine, Structure.ELEMENTWISE),
+        ("h = -(h * g) / 2 - x", DiagonalAffine, Structure.ELEMENTWISE),
+        ("h = h @ W + x", MatrixAffine, Structure.DENSE),
         ("h = x", NoRecurrence, None),
         ("h = tanh(h) + x", Nonlinear, None),
         ("h = h * h", Nonlinear, None),
-        ("h = max(h + g, x)", SemiringAffine, "diagonal"),
-        ("h = logaddexp(x, h - g)", SemiringAffine, "diagonal"),
+        ("h = max(h + g, x)", SemiringAffine, Structure.DIAGONAL),
+        ("h = logaddexp(x, h - g)", SemiringAffine, Structure.DIAGONAL),
         ("h = max(h, x) + logaddexp(h, x)", Nonlinear, None),
-        ("h = amax(h[:, None] + W, 0)", SemiringAffine, "matrix"),
+        ("h = amax(h[:, None] + W, 0)", SemiringAffine, Structure.MATRIX),
     ],
 )
 def test_small_updates(body, cls, structure):
     recurrence = _classify(body)
     assert isinstance(recurrence, cls), f"{body}: {recurrence}"
     if structure:
-        assert recurrence.structure == structure
+        assert recurrence.structure is structure
 
 
 def test_gated_delta_rule_is_scaled_identity_plus_low_rank():
@@ -138,7 +138,7 @@ cell GatedDelta(dk, dv) {
 }
 """
     recurrence = analyze(recdsl.load(source, dims={"dk": 3, "dv": 2})).state("S").recurrence
-    assert isinstance(recurrence, MatrixAffine) and recurrence.structure == "scaled identity plus low rank"
+    assert isinstance(recurrence, MatrixAffine) and recurrence.structure is Structure.SCALED_IDENTITY_PLUS_LOW_RANK
     assert len(recurrence.low_rank) == 1
 
 
@@ -167,3 +167,79 @@ def test_state_free_projections_of_nonlinear_cells_are_hoisted():
     # An outer product would store far more per step than the inputs it reads: left in the loop.
     big = analyze(recdsl.load(EXAMPLES / "mlstm.rec", dims={"dk": 16, "dv": 16}))
     assert not any(n.op == "outer" for n in big.hoisted)
+
+
+# ---- transition structure, whichever side the state is multiplied from -------------------
+
+
+def _matrix_cell(update: str, readout: str = "q @ S", transposed: bool = False) -> object:
+    shape = "dv, dk" if transposed else "dk, dv"
+    source = f"""
+cell M(dk, dv) {{
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input kc: [dv]
+    input a: []
+    input g: [dk]
+    input gc: [dv]
+    state S: [{shape}] = 0
+    S = {update}
+    out {readout}
+}}
+"""
+    return analyze(recdsl.load(source, dims={"dk": 3, "dv": 4})).state("S").recurrence
+
+
+# The delta rule's rank-one map, spelled every way a user writes it.  Left: (k k^T) S; right: S (kc kc^T).
+LOW_RANK_SPELLINGS = [
+    ("S - a * outer(k, k @ S) + outer(k, v)", Side.LEFT),
+    ("S - a * (outer(k, k) @ S) + outer(k, v)", Side.LEFT),
+    ("S - a * k[:, None] * (k @ S) + outer(k, v)", Side.LEFT),
+    ("S - a * outer(S @ kc, kc) + outer(k, v)", Side.RIGHT),
+    ("S - a * (S @ outer(kc, kc)) + outer(k, v)", Side.RIGHT),
+    ("S - a * (S @ kc)[:, None] * kc + outer(k, v)", Side.RIGHT),
+]
+
+
+@pytest.mark.parametrize("update, side", LOW_RANK_SPELLINGS, ids=[u for u, _ in LOW_RANK_SPELLINGS])
+def test_low_rank_is_recognised_from_either_side(update, side):
+    recurrence = _matrix_cell(update)
+    assert isinstance(recurrence, MatrixAffine), f"{update}: {recurrence}"
+    assert recurrence.structure is Structure.IDENTITY_PLUS_LOW_RANK, f"{update}: {recurrence.structure}"
+    assert recurrence.side is side and len(recurrence.low_rank) == 1
+
+
+def test_ttt_memory_written_from_the_right_is_low_rank_not_dense():
+    # TTT/Titans: W = (1 - a) W - th (W k - v) k^T, the gradient step of ||W k - v||^2.
+    recurrence = _matrix_cell("(1 - a) * S - a * outer(S @ kc - q, kc)", readout="S @ kc")
+    assert recurrence.structure is Structure.SCALED_IDENTITY_PLUS_LOW_RANK and recurrence.side is Side.RIGHT
+
+
+def test_maps_from_both_sides_are_dense():
+    assert _matrix_cell("S - a * outer(k, k @ S) - a * outer(S @ kc, kc)").structure is Structure.DENSE
+
+
+# Pieces of matrix-state updates in one convention and their transposes: (S, S^T) spellings.
+# The generator writes a cell and its transpose, reading q @ S against S^T @ q.
+DECAYS = [("a * S", "a * S"), ("g[:, None] * S", "S * g"), ("S * gc", "gc[:, None] * S"), ("sigmoid(g)[:, None] * S", "S * sigmoid(g)[None, :]"), ("S", "S")]
+RANK_ONE = [
+    ("a * outer(k, k @ S)", "a * outer(S @ k, k)"),
+    ("a * (outer(k, k) @ S)", "a * (S @ outer(k, k))"),
+    ("a * k[:, None] * (k @ S)", "a * (S @ k)[:, None] * k"),
+]
+FREE = [("outer(k, v)", "outer(v, k)"), ("k[:, None] * v", "v[:, None] * k"), ("a * outer(k, v) + outer(g, v)", "a * outer(v, k) + outer(v, g)")]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.sampled_from(DECAYS), st.lists(st.sampled_from(RANK_ONE), max_size=2), st.sampled_from(FREE))
+def test_transposing_the_state_never_changes_its_class(decay, rank_one, free):
+    """Writing a cell for S^T instead of S gives the same class; only rows and columns swap."""
+    forward = " - ".join([decay[0]] + [r[0] for r in rank_one]) + " + " + free[0]
+    backward = " - ".join([decay[1]] + [r[1] for r in rank_one]) + " + " + free[1]
+    original = _matrix_cell(forward, readout="q @ S")
+    transposed = _matrix_cell(backward, readout="S @ q", transposed=True)
+    assert type(original) is type(transposed), f"{forward}: {original}\n{backward}: {transposed}"
+    assert transposed.structure is original.structure.transposed(), f"{forward}: {original.structure}; {backward}: {transposed.structure}"
+    if rank_one and original.structure is not Structure.DENSE:
+        assert {t.side for t in original.low_rank} == {Side.LEFT} and {t.side for t in transposed.low_rank} == {Side.RIGHT}

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import recdsl
-from recdsl.analysis import Nonlinear
+from recdsl.analysis import Nonlinear, Structure
 from recdsl.testing import Example, assert_backends_agree, available_backends, check_equivalence, check_monoid_laws, compare_backends, random_inputs
 
 from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
@@ -48,7 +48,7 @@ def test_default_chunk_size_boundaries(name, length):
 
 
 def test_explain_reports_the_chosen_backend():
-    text = recdsl.explain(EXAMPLES / "gla.rec", dk=4, dv=3)
+    text = recdsl.explain(EXAMPLES / "gla.rec", dk=64, dv=64)
     assert "backend: chunked" in text and "S (decayed outer products)" in text
     assert "backend: scan" in recdsl.explain(EXAMPLES / "s6.rec", d=3, n=2)
     assert "backend: sequential (no time-parallel form: state 'h' is nonlinear" in recdsl.explain(EXAMPLES / "gru.rec", d_in=3, d=4)
@@ -150,7 +150,7 @@ def test_dense_transition_runs_as_a_matrix_scan():
     source = "cell Linear(d) {\n input x: [d]\n param W: [d, d] = normal(0.3)\n state h: [d] = 0\n h = h @ W + x\n out h\n}\n"
     torch.manual_seed(0)
     module = recdsl.compile(source, d=3).double()
-    assert module.analysis.state("h").recurrence.structure == "dense"
+    assert module.analysis.state("h").recurrence.structure is Structure.DENSE
     inputs, state = random_inputs(module, Example(2, 9, (), 3, True))
     assert not compare_backends(module, ["scan", "chunked"], inputs, state)
 

@@ -147,7 +147,7 @@ def test_unknown_backend_is_a_clear_error():
 
 
 def test_compile_reads_a_path_given_as_string():
-    mod = recdsl.compile(str(EXAMPLES / "retnet.rec"), dk=2, dv=2)
+    mod = recdsl.compile(str(EXAMPLES / "retnet.rec"), dk=64, dv=64)
     assert mod.cell.name == "RetNet" and mod.backend == "chunked"
 
 

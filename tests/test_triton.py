@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import recdsl
+from recdsl.plan import Form
 from recdsl.testing import Example, compare_backends, random_inputs
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -51,7 +52,8 @@ def test_matrix_states_run_in_the_chunked_kernels_across_chunks(name):
 
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", **DIMS[name]).double()
-    assert triton_backend.plan_for(module.analysis).chunked == {"C" if name == "mlstm" else ("h" if name == "mamba2" else "S")}
+    planned = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", **DIMS[name]).plan
+    assert {s.name for s in planned.steps if s.form is Form.TRITON_CHUNKED} == {"C" if name == "mlstm" else ("h" if name == "mamba2" else "S")}
     inputs, state = random_inputs(module, Example(batch=1, length=70, heads=(), seed=7, with_state=True))
     mismatches = compare_backends(module, ["triton"], inputs, state, seed=7)
     assert not mismatches, "\n".join(map(str, mismatches))

@@ -1,0 +1,621 @@
+"""The plan stage: how a cell will run, decided once at compile time.
+
+``analyze(cell) -> plan(analysis, backend, options) -> ExecutionPlan``.  The plan is an
+immutable, typed, printable value stored on the compiled module.  For each state (or
+coupled group, or scan) in schedule order it names the execution form (:class:`Form`)
+with its parameters (the chunk plan of a matrix state read out linearly, the Triton
+kernel spec of a recurrence), and for every form considered and rejected, the reason.
+Backends interpret the plan: they make no decision of their own at run time.
+
+``auto`` plans every backend that can run the cell and keeps the one the cost model
+(:func:`predict_seconds`) predicts fastest for a nominal workload; it never keeps a form
+predicted slower than the sequential loop.  On CUDA tensors ``auto`` runs the plan's
+``gpu`` alternative, the generated Triton kernels, where they apply.
+
+Nothing here imports torch: planning reads only the IR and the analysis.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+from . import ir
+from .analysis import (
+    Analysis,
+    DiagonalAffine,
+    MatrixAffine,
+    NoRecurrence,
+    Nonlinear,
+    SemiringAffine,
+    Side,
+    StateAnalysis,
+    Structure,
+    as_outer,
+    log_of_positive,
+)
+from .errors import BackendError
+from .ir import Kind, Op, Ref, RefKind
+from .printer import format_expr
+
+# ---- the vocabulary of plans ------------------------------------------------------------
+
+
+class BackendKind(Enum):
+    """The backends a module can run on (``auto`` picks one of them)."""
+
+    SEQUENTIAL = "sequential"
+    SCAN = "scan"
+    CHUNKED = "chunked"
+    TRITON = "triton"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Form(Enum):
+    """How one recurrence (a state, a coupled group or a scan) is computed; the value is its name in prose."""
+
+    SEQUENTIAL = "step by step, in the loop over time"
+    TIME_PARALLEL = "time-parallel: its update reads no previous value"
+    LINEAR_SCAN = "linear scan of (decay, input)"
+    LOW_RANK_MATRIX_SCAN = "scan of small transition matrices built from the rank-one terms"
+    DENSE_MATRIX_SCAN = "scan of dense transition matrices (the transition applied to a basis)"
+    SEMIRING_DIAGONAL_SCAN = "diagonal scan over the semiring"
+    SEMIRING_MATRIX_SCAN = "matrix scan over the semiring"
+    MONOID_SCAN = "prefix scan with the monoid's combine"
+    CHUNKED = "chunked: matmuls inside chunks, only chunk-boundary states kept"
+    TRITON_SCAN = "generated Triton scan kernel, gate math fused"
+    TRITON_CHUNKED = "Triton chunked kernels"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ChunkKind(Enum):
+    DECAYED_OUTER_PRODUCTS = "decayed outer products"  # GLA, RetNet, mLSTM, Mamba-2
+    DELTA_RULE = "delta rule"  # DeltaNet: the UT transform inside chunks
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """A form or backend that cannot run a recurrence, and why (in words for ``explain``)."""
+
+    reason: str
+
+    def __str__(self) -> str:
+        return self.reason
+
+
+@dataclass(frozen=True)
+class RankOneTerm:
+    """A term ``coefficient * outer(row, column)`` of a matrix state's input."""
+
+    row: ir.Expr
+    column: ir.Expr
+    coefficient: ir.Expr | None
+
+
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a matrix state's read-outs are produced chunk by chunk, without storing it per step.
+
+    ``transposed`` is set when the read-outs contract the state's second axis (``S @ q``);
+    the kernels then see ``S^T``.  ``queries[i]`` is the vector of ``readouts[i]``.
+    """
+
+    state: str
+    kind: ChunkKind
+    transposed: bool
+    readouts: tuple[ir.Expr, ...]  # nodes inside analysis.expanded_outputs
+    queries: tuple[ir.Expr, ...]
+    inputs: tuple[RankOneTerm, ...]
+    log_decay: ir.Expr | None = None
+
+
+@dataclass(frozen=True)
+class Rejected:
+    """A form that was considered for a recurrence and not used."""
+
+    form: Form
+    reason: str
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """The form of one entry of the schedule: a state, a coupled group or a scan.
+
+    ``chunk`` is set for the chunked forms, ``kernel`` (a
+    :class:`recdsl.backends.triton_codegen.ScanSpec`) for the Triton scan kernel.
+    """
+
+    names: tuple[str, ...]
+    form: Form
+    chunk: ChunkPlan | None = None
+    kernel: object | None = None
+    rejected: tuple[Rejected, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return ", ".join(self.names)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The sizes the cost model assumes when the call's batch and length are not known yet."""
+
+    batch: int = 4
+    length: int = 1024
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    chunk_size: int = 64
+    workload: Workload = Workload()
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The cost model's prediction for one backend, or why that backend cannot run the cell."""
+
+    backend: BackendKind
+    seconds: float | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class ExecutionPlan:
+    """Everything a backend needs to run a cell, decided at compile time."""
+
+    backend: BackendKind
+    reason: str
+    steps: tuple[StepPlan, ...]
+    options: PlanOptions
+    costs: tuple[Cost, ...] = ()
+    kernel_source: str | None = None  # the generated Triton module, for the triton backend
+    gpu: "ExecutionPlan | None" = None  # auto: the plan used on CUDA tensors
+    analysis: Analysis = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
+
+    @property
+    def cell(self) -> ir.CellIR:
+        return self.analysis.cell
+
+    @property
+    def chunk_size(self) -> int:
+        return self.options.chunk_size
+
+    def step(self, name: str) -> StepPlan:
+        for step in self.steps:
+            if name in step.names:
+                return step
+        raise KeyError(name)
+
+    def for_device(self, device_type: str) -> "ExecutionPlan":
+        """The plan to run on tensors of ``device_type`` (``auto``'s GPU alternative on ``cuda``)."""
+        return self.gpu if device_type == "cuda" and self.gpu is not None else self
+
+    def format(self) -> str:
+        """The plan as ``recdsl explain --plan`` prints it."""
+        lines = [f"plan: backend {self.backend} ({self.reason})"]
+        if self.backend in (BackendKind.CHUNKED, BackendKind.TRITON):
+            lines.append(f"  chunk size {self.chunk_size}")
+        for step in self.steps:
+            lines.append(f"  {step.name}: {step.form}")
+            if step.chunk is not None:
+                chunk = step.chunk
+                queries = ", ".join(format_expr(q) for q in chunk.queries)
+                lines.append(f"      {chunk.kind}; read-outs {'S @ q' if chunk.transposed else 'q @ S'} with q = {queries}")
+                if chunk.log_decay is not None:
+                    lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+            for rejected in step.rejected:
+                lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
+        if self.costs:
+            workload = self.options.workload
+            lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
+            for cost in self.costs:
+                if cost.seconds is None:
+                    lines.append(f"      {cost.backend}: cannot run ({cost.reason})")
+                else:
+                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms")
+        if self.gpu is not None:
+            lines.append(f"  on CUDA tensors: backend {self.gpu.backend}")
+            lines.extend("  " + line for line in self.gpu.format().splitlines()[1:])
+        return "\n".join(lines) + "\n"
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+# ---- chunked forms ----------------------------------------------------------------------
+
+
+def rank_one_terms(expr: ir.Expr | None) -> list[RankOneTerm] | None:
+    """``expr`` as a sum of ``c * outer(u, v)`` terms (however the outer products are spelled), or None."""
+    if expr is None:
+        return []
+    if not isinstance(expr, Op):
+        return None
+    if expr.op == "add":
+        left, right = rank_one_terms(expr.args[0]), rank_one_terms(expr.args[1])
+        return None if left is None or right is None else left + right
+    outer = as_outer(expr)
+    if outer is not None:
+        return [RankOneTerm(outer[0], outer[1], None)]
+    if expr.op == "mul":
+        for scalar, rest in ((expr.args[0], expr.args[1]), (expr.args[1], expr.args[0])):
+            if scalar.type.rank == 0:
+                inner = rank_one_terms(rest)
+                if inner is not None:
+                    return [RankOneTerm(t.row, t.column, scalar if t.coefficient is None else Op("mul", (scalar, t.coefficient), scalar.type)) for t in inner]
+    return None
+
+
+def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool] | None:
+    """For ``q @ S`` the pair ``(q, False)``; for ``S @ q`` ``(q, True)``; else None."""
+    if not (isinstance(readout, Op) and readout.op == "matmul"):
+        return None
+    left, right = readout.args
+    is_state = lambda e: isinstance(e, Ref) and e.kind is RefKind.STATE_NEW and e.name == state  # noqa: E731
+    if is_state(right) and left.type.rank == 1:
+        return left, False
+    if is_state(left) and right.type.rank == 1:
+        return right, True
+    return None
+
+
+def _mentions(expr: ir.Expr, state: str, exclude: set[int], kinds: tuple[RefKind, ...] = (RefKind.STATE_NEW, RefKind.STATE_PREV)) -> bool:
+    stack = [expr]
+    while stack:
+        node = stack.pop()
+        if id(node) in exclude:
+            continue
+        if isinstance(node, Ref) and node.name == state and node.kind in kinds:
+            return True
+        if isinstance(node, Op):
+            stack.extend(node.args)
+    return False
+
+
+def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsupported:
+    """The chunked form of ``state``, or why it must be stored per step."""
+    recurrence = state.recurrence
+    name = state.state
+    if state.type.rank != 2:
+        return Unsupported("not a matrix state (the chunked form is for matrix states read out linearly)")
+    if state.type.kind is not Kind.REAL:
+        return Unsupported("a complex state")
+    if any(_mentions(e, name, set(), (RefKind.STATE_PREV,)) for e in analysis.expanded_outputs):
+        return Unsupported(f"an output reads its previous value ({name} before its update); the chunked form reads out the new value only")
+    readouts = [r for r in analysis.readouts if r.state == name]
+    if not readouts:
+        return Unsupported("no output reads it linearly (q @ S)")
+    queries = [_readout_query(r.expr, name) for r in readouts]
+    if any(q is None for q in queries) or len({q[1] for q in queries}) != 1:  # type: ignore[index]
+        return Unsupported("its read-outs are not all of the form q @ S (or all S @ q)")
+    if any(q[0].type.kind is not Kind.REAL for q in queries):  # type: ignore[index]
+        return Unsupported("a complex query reads a real state (the chunked kernels multiply real matrices)")
+    transposed = queries[0][1]  # type: ignore[index]
+    readout_ids = {id(r.expr) for r in readouts}
+    if any(_mentions(e, name, readout_ids) for e in analysis.expanded_outputs):
+        return Unsupported("an output reads it other than through its linear read-outs")
+    if any(other.state != name and name in other.reads for other in analysis.states):
+        return Unsupported("another state's update reads it")
+    if isinstance(recurrence, (NoRecurrence, Nonlinear, SemiringAffine)):
+        return Unsupported(f"a {recurrence.name} recurrence")
+    terms = rank_one_terms(recurrence.input)
+    if terms is None:
+        return Unsupported("its input term is not a sum of outer products")
+    if any(t.row.type.kind is not Kind.REAL or t.column.type.kind is not Kind.REAL for t in terms):
+        return Unsupported("a complex input term")
+    if transposed:
+        terms = [RankOneTerm(t.column, t.row, t.coefficient) for t in terms]
+    base = dict(state=name, transposed=transposed, readouts=tuple(r.expr for r in readouts), queries=tuple(q[0] for q in queries), inputs=tuple(terms))  # type: ignore[index]
+    structure = recurrence.structure
+    if isinstance(recurrence, DiagonalAffine) and structure is Structure.ELEMENTWISE:
+        # S6: a decay per element makes every chunk's decay tensor as large as the states
+        # of its steps, so chunking saves nothing over the scan.
+        return Unsupported("its decay differs for every element of the state (chunks would be as large as the per-step states)")
+    if not getattr(recurrence, "low_rank", ()) and structure.shares_decay:
+        log_decay = log_of_positive(recurrence.decay, analysis.cell)
+        if log_decay is None:
+            return Unsupported(f"its decay {format_expr(recurrence.decay)} is not provably positive (chunked forms accumulate decays in log space)")
+        return ChunkPlan(kind=ChunkKind.DECAYED_OUTER_PRODUCTS, log_decay=log_decay, **base)
+    if isinstance(recurrence, MatrixAffine) and structure is Structure.IDENTITY_PLUS_LOW_RANK and len(recurrence.low_rank) == 1:
+        if recurrence.side is Side.RIGHT or transposed:
+            return Unsupported("the chunked delta rule takes the rank-one map from the left, read out as q @ S")
+        term = recurrence.low_rank[0]
+        if any(t.row != term.left for t in terms):
+            return Unsupported("its input term does not share the rank-one update's left vector")
+        return ChunkPlan(kind=ChunkKind.DELTA_RULE, **base)
+    return Unsupported(f"no chunked form for a {recurrence.name} recurrence with a {structure} transition")
+
+
+# ---- scans ---------------------------------------------------------------------------------
+
+# The largest state (in elements) whose transition is scanned as an explicit matrix.
+MAX_MATRIX_STATE = 256
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+def low_rank_as_one_matrix(recurrence: MatrixAffine, state: ir.Type) -> bool:
+    """Whether a (diagonal plus) low-rank transition is one small matrix multiplying from its side."""
+    if not recurrence.low_rank or state.rank != 2:
+        return False
+    return not recurrence.decay_axes or recurrence.decay_axes == ((0,) if recurrence.side is Side.LEFT else (1,))
+
+
+def scan_form(state: StateAnalysis) -> Form | Unsupported:
+    """The scan that solves ``state``'s recurrence over the whole sequence, or why none does."""
+    recurrence = state.recurrence
+    match recurrence:
+        case NoRecurrence():
+            return Form.TIME_PARALLEL
+        case Nonlinear(reason=reason):
+            return Unsupported(f"state '{state.state}' is nonlinear: {reason}")
+        case DiagonalAffine():
+            return Form.LINEAR_SCAN
+        case MatrixAffine(low_rank=()) if recurrence.decay is not None:
+            return Form.LINEAR_SCAN
+        case MatrixAffine() if low_rank_as_one_matrix(recurrence, state.type):
+            return Form.LOW_RANK_MATRIX_SCAN
+        case MatrixAffine():
+            size = _numel(state.type.shape)
+            if size > MAX_MATRIX_STATE:
+                return Unsupported(f"state '{state.state}' has a {recurrence.structure} transition and {size} elements (more than {MAX_MATRIX_STATE} to scan as a matrix)")
+            return Form.DENSE_MATRIX_SCAN
+        case SemiringAffine(structure=Structure.DIAGONAL):
+            return Form.SEMIRING_DIAGONAL_SCAN
+        case SemiringAffine():
+            size = _numel(state.type.shape)
+            if size > MAX_MATRIX_STATE:
+                return Unsupported(f"state '{state.state}' has a semiring matrix transition and {size} elements (more than {MAX_MATRIX_STATE} to scan as a matrix)")
+            return Form.SEMIRING_MATRIX_SCAN
+    raise AssertionError(f"unclassified recurrence {recurrence}")  # pragma: no cover
+
+
+def parallel_steps(analysis: Analysis, chunked: bool) -> tuple[StepPlan, ...] | Unsupported:
+    """The plan of the ``scan`` (or, with ``chunked``, the ``chunked``) backend, or why it cannot run the cell."""
+    for group in analysis.coupled_groups:
+        return Unsupported(f"states {', '.join(group)} are coupled (each reads the other), so they can only run step by step")
+    scans = {s.name for s in analysis.cell.scans}
+    steps = []
+    for (name,) in analysis.schedule:
+        if name in scans:
+            steps.append(StepPlan((name,), Form.MONOID_SCAN))
+            continue
+        state = analysis.state(name)
+        form = scan_form(state)
+        if isinstance(form, Unsupported):
+            return form
+        rejected: list[Rejected] = []
+        if chunked and form is not Form.TIME_PARALLEL:
+            plan = chunk_plan(analysis, state)
+            if isinstance(plan, ChunkPlan):
+                steps.append(StepPlan((name,), Form.CHUNKED, chunk=plan, rejected=(Rejected(form, "the chunked form never stores the state per step"),)))
+                continue
+            rejected.append(Rejected(Form.CHUNKED, plan.reason))
+        steps.append(StepPlan((name,), form, rejected=tuple(rejected)))
+    return tuple(steps)
+
+
+def sequential_steps(analysis: Analysis) -> tuple[StepPlan, ...]:
+    """The sequential backend's plan: every group of the schedule, step by step."""
+    return tuple(StepPlan(group, Form.SEQUENTIAL) for group in analysis.schedule)
+
+
+# ---- the cost model ------------------------------------------------------------------------
+
+# A 2-core CPU running eager torch (measured on the project's machines; see
+# benchmarks/bench_cost_model.py, which checks the ranking the model gives).
+OP_OVERHEAD_SECONDS = 6e-6  # dispatching one torch op
+ELEMENTS_PER_SECOND = 1.5e9  # elementwise work
+FLOPS_PER_SECOND = 4e10  # matmuls
+STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time step
+
+
+def _op_work(node: ir.Expr) -> tuple[int, float, float]:
+    """(ops, elements, flops) of evaluating ``node`` once per step and batch row, its subtree included."""
+    ops, elements, flops = 0, 0.0, 0.0
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen or not isinstance(current, Op):
+            continue
+        seen.add(id(current))
+        ops += 1
+        size = _numel(current.type.shape)
+        elements += size
+        if current.op == "matmul":
+            inner = current.args[0].type.shape[-1] if current.args[0].type.rank else 1
+            flops += 2.0 * size * inner
+        stack.extend(current.args)
+    return ops, elements, flops
+
+
+def _seconds(ops: float, elements: float, flops: float) -> float:
+    return ops * OP_OVERHEAD_SECONDS + elements / ELEMENTS_PER_SECOND + flops / FLOPS_PER_SECOND
+
+
+def _stepwise_statements(analysis: Analysis) -> list[ir.Expr]:
+    cell = analysis.cell
+    values: list[ir.Expr] = []
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
+            continue
+        if isinstance(statement, ir.Emit) and statement.index in analysis.parallel_outputs:
+            continue
+        if isinstance(statement, ir.ScanAssign):
+            values.extend(statement.lifts)
+            values.extend(statement.monoid.results)
+        elif isinstance(statement, (ir.Assign, ir.Update, ir.Emit)):
+            values.append(statement.value)
+    return values
+
+
+def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepPlan, ...], options: PlanOptions) -> float:
+    """Predicted forward time of ``backend`` running ``steps`` on ``options.workload``, on one CPU.
+
+    A roofline of eager torch: every op costs a dispatch, plus its elements at
+    :data:`ELEMENTS_PER_SECOND` and its matmul flops at :data:`FLOPS_PER_SECOND`.  The
+    time-parallel part is common to every backend and included once.
+    """
+    batch, length = options.workload.batch, options.workload.length
+    rounds = max(1, math.ceil(math.log2(length)))
+    parallel_ops, parallel_elements, parallel_flops = 0, 0.0, 0.0
+    for statement in analysis.cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
+            o, e, f = _op_work(statement.value)
+            parallel_ops, parallel_elements, parallel_flops = parallel_ops + o, parallel_elements + e, parallel_flops + f
+    total = _seconds(parallel_ops, parallel_elements * batch * length, parallel_flops * batch * length)
+    if backend is BackendKind.SEQUENTIAL:
+        ops, elements, flops = 0, 0.0, 0.0
+        for value in _stepwise_statements(analysis):
+            o, e, f = _op_work(value)
+            ops, elements, flops = ops + o, elements + e, flops + f
+        return total + length * (STEP_OVERHEAD_SECONDS + _seconds(ops, elements * batch, flops * batch))
+    states = {s.name: s for s in analysis.cell.states}
+    scans = {s.name: s for s in analysis.cell.scans}
+    for step in steps:
+        (name,) = step.names
+        if name in scans:
+            carries = sum(_numel(c.type.shape) for c in scans[name].monoid.carries)
+            o, e, _ = _op_work(ir.Op("add", tuple(scans[name].monoid.results), ir.Type(())) if len(scans[name].monoid.results) > 1 else scans[name].monoid.results[0])
+            total += rounds * _seconds(o + 4, (e + carries) * batch * length, 0.0)
+            continue
+        shape = states[name].type.shape
+        size = _numel(shape)
+        recurrence = analysis.state(name).recurrence
+        terms = [t for t in (getattr(recurrence, "decay", None), getattr(recurrence, "input", None)) if t is not None]
+        term_ops = sum(_op_work(t)[0] for t in terms)
+        term_elements = size * max(1, term_ops)  # the decay and input terms, broadcast to the state
+        stored = size * batch * length  # the state of every step, written and read back by the outputs
+        match step.form:
+            case Form.TIME_PARALLEL:
+                total += _seconds(term_ops, term_elements * batch * length, 0.0)
+            case Form.LINEAR_SCAN | Form.TRITON_SCAN:
+                total += _seconds(term_ops + 2 * math.sqrt(length) + 10, (term_elements + 8 * size) * batch * length, 0.0)
+            case Form.LOW_RANK_MATRIX_SCAN:
+                rows = shape[0] if recurrence.side is Side.LEFT else shape[1]
+                total += _seconds(term_ops + 8 * rounds, 4 * stored, rounds * 2.0 * batch * length * (rows**3 + rows * size))
+            case Form.DENSE_MATRIX_SCAN:
+                total += _seconds(term_ops + 8 * rounds, size * term_elements * batch * length + 4 * stored, rounds * 2.0 * batch * length * (size**3 + size**2))
+            case Form.SEMIRING_DIAGONAL_SCAN:
+                total += _seconds(term_ops + 4 * rounds, (term_elements + 4 * rounds * size) * batch * length, 0.0)
+            case Form.SEMIRING_MATRIX_SCAN:
+                total += _seconds(term_ops + 4 * rounds, (size * term_elements + 3 * rounds * size**3) * batch * length, 0.0)
+            case Form.CHUNKED | Form.TRITON_CHUNKED:
+                assert step.chunk is not None
+                keys, values = (shape[1], shape[0]) if step.chunk.transposed else shape
+                chunk = options.chunk_size
+                chunks = math.ceil(length / chunk)
+                readouts = len(step.chunk.queries)
+                flops = 2.0 * batch * length * ((keys + values) * chunk * readouts + 2 * keys * values)
+                ops = 40 + term_ops
+                if step.chunk.kind is ChunkKind.DELTA_RULE:
+                    ops += 6 * chunks  # a loop over chunks
+                    flops += 2.0 * batch * length * chunk * (chunk / 3 + keys + values)
+                else:
+                    ops += 2 * math.sqrt(chunks)
+                total += _seconds(ops, (keys + values + chunk) * batch * length * 4, flops)
+                stored = 0
+        if step.form is not Form.CHUNKED and step.form is not Form.TRITON_CHUNKED:
+            total += stored * 2 / ELEMENTS_PER_SECOND  # outputs read the stored states
+    return total
+
+
+# ---- planning ------------------------------------------------------------------------------
+
+
+def _triton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
+    if importlib.util.find_spec("triton") is None:
+        return Unsupported("triton is not installed (pip install triton)")
+    from .backends.triton_backend import plan_kernels  # the kernels' source is written from the IR, once
+
+    planned = plan_kernels(analysis, options)
+    if isinstance(planned, Unsupported):
+        return planned
+    steps, source = planned
+    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, analysis=analysis)
+
+
+def plan_backend(analysis: Analysis, backend: BackendKind, options: PlanOptions) -> ExecutionPlan | Unsupported:
+    """The plan of one backend for ``analysis``'s cell, or why that backend cannot run it."""
+    match backend:
+        case BackendKind.SEQUENTIAL:
+            steps: tuple[StepPlan, ...] | Unsupported = sequential_steps(analysis)
+        case BackendKind.SCAN | BackendKind.CHUNKED:
+            steps = parallel_steps(analysis, chunked=backend is BackendKind.CHUNKED)
+        case BackendKind.TRITON:
+            return _triton_plan(analysis, options)
+    if isinstance(steps, Unsupported):
+        return steps
+    return ExecutionPlan(backend, "", steps, options, analysis=analysis)
+
+
+def backend_kind(name: str | BackendKind) -> BackendKind:
+    """The backend called ``name``; a :class:`BackendError` lists the others."""
+    if isinstance(name, BackendKind):
+        return name
+    for kind in BackendKind:
+        if kind.value == name:
+            return kind
+    raise BackendError(f"unknown backend '{name}'", expected="one of: auto, " + ", ".join(k.value for k in BackendKind))
+
+
+_CPU_CANDIDATES = (BackendKind.SEQUENTIAL, BackendKind.SCAN, BackendKind.CHUNKED)
+
+
+def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanOptions = PlanOptions()) -> ExecutionPlan:
+    """The execution plan of ``analysis``'s cell on ``backend`` (a name, or ``auto``)."""
+    if backend != "auto":
+        kind = backend_kind(backend)
+        planned = plan_backend(analysis, kind, options)
+        if isinstance(planned, Unsupported):
+            raise BackendError(f"backend '{kind}' cannot run cell {analysis.cell.name}: {planned.reason}", expected="backend='sequential' or 'auto'")
+        costs = ()
+        if kind in _CPU_CANDIDATES:
+            costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options)),)
+        return replace(planned, reason=f"backend '{kind}' was requested", costs=costs)
+    return _plan_auto(analysis, options)
+
+
+def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
+    """The candidate the cost model predicts fastest; never one predicted slower than the loop."""
+    candidates: dict[BackendKind, ExecutionPlan] = {}
+    costs: list[Cost] = []
+    for kind in _CPU_CANDIDATES:
+        planned = plan_backend(analysis, kind, options)
+        if isinstance(planned, Unsupported):
+            costs.append(Cost(kind, None, planned.reason))
+            continue
+        candidates[kind] = planned
+        costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options)))
+    predicted = {c.backend: c.seconds for c in costs if c.seconds is not None}
+    # Ties go to the earlier (simpler) form: sequential, then scan, then chunked.
+    best = min(predicted, key=lambda kind: (predicted[kind], _CPU_CANDIDATES.index(kind)))
+    chosen = candidates[best]
+    if best is BackendKind.SEQUENTIAL:
+        blocked = next((c.reason for c in costs if c.backend is BackendKind.SCAN and c.reason), None)
+        reason = f"no time-parallel form: {blocked}" if blocked else "the cost model predicts the loop over time fastest for these dims"
+    elif best is BackendKind.CHUNKED and any(step.form is Form.CHUNKED for step in chosen.steps):
+        chunked = ", ".join(f"{s.name} ({s.chunk.kind})" for s in chosen.steps if s.chunk is not None)
+        reason = (
+            f"matrix state {chunked} is read out linearly, so chunks of {options.chunk_size} steps compute it with matmuls "
+            "without storing it per step; the other recurrences are scanned"
+        )
+    else:
+        reason = "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one scan over the sequence"
+    gpu = _triton_plan(analysis, options) if best is not BackendKind.SEQUENTIAL else Unsupported("the cell runs step by step")
+    if isinstance(gpu, ExecutionPlan):
+        reason += "; on a GPU, the generated Triton kernels"
+        gpu = replace(gpu, reason="auto on CUDA tensors: the generated Triton kernels apply")
+    return replace(chosen, reason=reason, costs=tuple(costs), gpu=gpu if isinstance(gpu, ExecutionPlan) else None)
