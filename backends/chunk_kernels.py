@@ -101,7 +101,11 @@ def decayed_outer_products(
         safe = (G_k.amin(2) > -_FACTOR_LIMIT) & (G_k.amax(2) < _FACTOR_LIMIT)  # [N, n, K']
         growth = torch.where(safe.unsqueeze(2), (-G_k).clamp(-_FACTOR_LIMIT, _FACTOR_LIMIT).exp(), torch.zeros_like(G_k))
         shrink = G_k.clamp(-_FACTOR_LIMIT, _FACTOR_LIMIT).exp()
-        unsafe = None if bool(safe.all()) else ~safe
+        # The exact pairwise correction is masked to the unsafe dims, so adding it everywhere
+        # is also exact; eager runs skip it when no dim needs it (a data-dependent branch that
+        # torch.compile cannot trace, so compiled graphs always take the masked correction).
+        skip_correction = not torch.compiler.is_compiling() and bool(safe.all())
+        unsafe = None if skip_correction else ~safe
 
     # The chunk-boundary states: S_end[c] = exp(G_end[c]) * S_end[c-1] + update[c].
     update = None

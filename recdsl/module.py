@@ -61,6 +61,11 @@ class CompiledCell(nn.Module):
                 raise BackendError(f"chunk_size applies to the chunked backend, not '{backend}'", expected="backend='chunked' (or 'auto')")
         # Every decision about how to run the cell, made once: see recdsl.plan.
         self.plan: ExecutionPlan = make_plan(analysis, backend, PlanOptions(chunk_size=chunk_size or DEFAULT_CHUNK_SIZE))
+        from .backends import runner
+
+        # Resolved once here, so that a forward pass only calls (torch.compile traces no imports).
+        self._run = runner(self.plan.backend)
+        self._run_on_gpu = runner(self.plan.gpu.backend) if self.plan.gpu is not None else None
         reserved = set(dir(self))
         for param in self.cell.params:
             if param.name in reserved or param.name.startswith("_"):
@@ -251,9 +256,10 @@ class CompiledCell(nn.Module):
             name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
-        from .backends import run_plan
-
-        outputs, final = run_plan(self.plan.for_device(numerics.device.type), cast_inputs, params, consts, carried, numerics)
+        if self._run_on_gpu is not None and numerics.device.type == "cuda":
+            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics)
+        else:
+            outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -34,6 +34,7 @@ from .analysis import (
     StateAnalysis,
     Structure,
     as_outer,
+    inline,
     log_of_positive,
 )
 from .errors import BackendError
@@ -323,7 +324,8 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
     if not getattr(recurrence, "low_rank", ()) and structure.shares_decay:
         log_decay = log_of_positive(recurrence.decay, analysis.cell)
         if log_decay is None:
-            return Unsupported(f"its decay {format_expr(recurrence.decay)} is not provably positive (chunked forms accumulate decays in log space)")
+            written = format_expr(inline(recurrence.decay, analysis.cell, frozenset()))
+            return Unsupported(f"its decay {written} is not provably positive (chunked forms accumulate decays in log space)")
         return ChunkPlan(kind=ChunkKind.DECAYED_OUTER_PRODUCTS, log_decay=log_decay, **base)
     if isinstance(recurrence, MatrixAffine) and structure is Structure.IDENTITY_PLUS_LOW_RANK and len(recurrence.low_rank) == 1:
         if recurrence.side is Side.RIGHT or transposed:
@@ -588,6 +590,21 @@ def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanO
     return _plan_auto(analysis, options)
 
 
+def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) -> ExecutionPlan:
+    """``chosen`` with, for each recurrence it scans, why the chunked candidate did not (or was not picked)."""
+    if chunked is None or chosen.backend is not BackendKind.SCAN:
+        return chosen
+    steps = []
+    for step in chosen.steps:
+        other = chunked.step(step.names[0])
+        if other.form is Form.CHUNKED:
+            note = Rejected(Form.CHUNKED, "the cost model predicts the scan faster for these dims")
+            steps.append(replace(step, rejected=step.rejected + (note,)))
+        else:
+            steps.append(replace(step, rejected=step.rejected + other.rejected))
+    return replace(chosen, steps=tuple(steps))
+
+
 def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
     """The candidate the cost model predicts fastest; never one predicted slower than the loop."""
     candidates: dict[BackendKind, ExecutionPlan] = {}
@@ -602,7 +619,7 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
     predicted = {c.backend: c.seconds for c in costs if c.seconds is not None}
     # Ties go to the earlier (simpler) form: sequential, then scan, then chunked.
     best = min(predicted, key=lambda kind: (predicted[kind], _CPU_CANDIDATES.index(kind)))
-    chosen = candidates[best]
+    chosen = _with_rejections_of(candidates[best], candidates.get(BackendKind.CHUNKED))
     if best is BackendKind.SEQUENTIAL:
         blocked = next((c.reason for c in costs if c.backend is BackendKind.SCAN and c.reason), None)
         reason = f"no time-parallel form: {blocked}" if blocked else "the cost model predicts the loop over time fastest for these dims"
