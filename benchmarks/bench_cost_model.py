@@ -1,0 +1,124 @@
+"""Does the plan stage's cost model rank the forms as the clock does?
+
+For every example cell (and a TTT memory written from the right, the cell that once made
+`auto` pick a dense matrix scan 95x slower than the loop), at benchmark dims, this times the
+forward pass of every CPU backend that can run the cell at the cost model's nominal
+workload, and prints, per cell, the model's prediction beside the measurement, which
+backend `auto` picked, whether it was the fastest, and `auto`'s time against `sequential`.
+
+    python benchmarks/bench_cost_model.py            # B = 4, T = 1024, best of 3
+    python benchmarks/bench_cost_model.py --quick    # tiny sizes: checks that it runs
+
+Ratios are measured within one run; on a shared machine, run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+import recdsl
+from recdsl.plan import BackendKind, PlanOptions, Workload
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+TTT = """
+cell TTT(dk, dv) {
+    input k: [dk]
+    input v: [dv]
+    input q: [dk]
+    input a_pre: []
+    input lr_pre: []
+    state W: [dv, dk] = 0
+    a = sigmoid(a_pre)
+    lr = sigmoid(lr_pre) / dk
+    W = (1 - a) * W - lr * outer(W @ k - v, k)
+    out W @ q
+}
+"""
+
+# Benchmark dims: the sizes a model would use, scaled so the loop finishes on 2 cores.
+CELLS: list[tuple[str, str | Path, dict]] = [
+    ("mingru", EXAMPLES / "mingru.rec", dict(d_in=64, d=128)),
+    ("minlstm", EXAMPLES / "minlstm.rec", dict(d_in=64, d=128)),
+    ("lru", EXAMPLES / "lru.rec", dict(d=64, n=64)),
+    ("hgrn", EXAMPLES / "hgrn.rec", dict(d_in=64, d=128)),
+    ("rglru", EXAMPLES / "rglru.rec", dict(d=128)),
+    ("s6", EXAMPLES / "s6.rec", dict(d=32, n=16)),
+    ("mamba2", EXAMPLES / "mamba2.rec", dict(p=32, n=32)),
+    ("gla", EXAMPLES / "gla.rec", dict(dk=64, dv=64)),
+    ("retnet", EXAMPLES / "retnet.rec", dict(dk=64, dv=64)),
+    ("mlstm", EXAMPLES / "mlstm.rec", dict(dk=32, dv=32)),
+    ("deltanet", EXAMPLES / "deltanet.rec", dict(dk=32, dv=32)),
+    ("aaren", EXAMPLES / "aaren.rec", dict(d=64)),
+    ("crf", EXAMPLES / "crf.rec", dict(n=8)),
+    ("gru", EXAMPLES / "gru.rec", dict(d_in=64, d=64)),
+    ("ttt (right)", TTT, dict(dk=16, dv=16)),
+]
+
+
+def _inputs(module: recdsl.CompiledCell, batch: int, length: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    tensors = []
+    for declared in module.cell.inputs:
+        shape = (batch, length, *declared.type.shape)
+        value = torch.randn(shape, generator=generator) * 0.5
+        if declared.type.kind.value == "complex":
+            value = torch.complex(value, torch.randn(shape, generator=generator) * 0.5)
+        tensors.append(value)
+    return tensors
+
+
+def _best_seconds(module: recdsl.CompiledCell, inputs: list[torch.Tensor], repeat: int) -> float:
+    best = float("inf")
+    with torch.no_grad():
+        module(*inputs)
+        for _ in range(repeat):
+            start = time.perf_counter()
+            module(*inputs)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, one repeat: a smoke test")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    batch, length, repeat = (2, 64, 1) if args.quick else (4, 1024, args.repeat)
+    options = PlanOptions(workload=Workload(batch=batch, length=length))
+    print(f"cost model against the clock: forward, B = {batch}, T = {length}, best of {repeat}, {torch.get_num_threads()} threads\n")
+    header = f"{'cell':<12} {'backend':<10} {'predicted ms':>13} {'measured ms':>12}"
+    print(header)
+    print("-" * len(header))
+    picked_fastest = 0
+    rows = []
+    for label, source, dims in CELLS:
+        if args.quick:
+            dims = {k: (min(v, 8) if isinstance(v, int) else v) for k, v in dims.items()}
+        auto = recdsl.compile(source, **dims)
+        planned = recdsl.plan.plan(auto.analysis, "auto", options)
+        predicted = {c.backend: c.seconds for c in planned.costs}
+        measured = {}
+        for kind in (BackendKind.SEQUENTIAL, BackendKind.SCAN, BackendKind.CHUNKED):
+            if predicted.get(kind) is None:
+                continue
+            module = recdsl.compile(source, backend=kind.value, **dims)
+            measured[kind] = _best_seconds(module, _inputs(module, batch, length), repeat)
+            print(f"{label:<12} {kind.value:<10} {predicted[kind] * 1e3:>13.2f} {measured[kind] * 1e3:>12.2f}")
+        fastest = min(measured, key=measured.__getitem__)
+        chosen = planned.backend
+        picked_fastest += chosen is fastest
+        rows.append((label, chosen, fastest, measured[chosen] / measured[fastest], measured[BackendKind.SEQUENTIAL] / measured[chosen]))
+    print()
+    print(f"{'cell':<12} {'auto picks':<11} {'fastest':<11} {'auto / fastest':>15} {'sequential / auto':>18}")
+    for label, chosen, fastest, slower, speedup in rows:
+        print(f"{label:<12} {chosen.value:<11} {fastest.value:<11} {slower:>15.2f} {speedup:>18.2f}")
+    print(f"\nauto picks the measured fastest backend for {picked_fastest} of {len(rows)} cells")
+
+
+if __name__ == "__main__":
+    main()
