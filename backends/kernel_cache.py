@@ -25,7 +25,7 @@ reads a kernel's source with ``inspect.getsource``, which fails on code built wi
   silent fallback: a per-process temporary directory would hide the misconfiguration and
   defeat the cache across processes.
 
-This module imports neither torch nor triton.
+The module itself uses neither torch nor triton (its package imports torch).
 """
 
 from __future__ import annotations
@@ -54,7 +54,14 @@ def cache_dir() -> Path:
     configured = os.environ.get(CACHE_DIR_VARIABLE)
     if configured:
         return Path(configured)
-    return Path.home() / ".cache" / "recdsl" / "triton"
+    try:
+        home = Path.home()
+    except (RuntimeError, KeyError) as error:  # no HOME and no password-database entry
+        raise BackendError(
+            "the kernel cache has no place: the home directory cannot be determined",
+            expected=f"a cache directory: {_SET_CACHE_DIR}",
+        ) from error
+    return home / ".cache" / "recdsl" / "triton"
 
 
 def content_hash(source: str) -> str:
@@ -129,8 +136,7 @@ def _private_directory(directory: Path) -> Path:
     if owner is not None:
         if status.st_uid != owner():
             raise BackendError(
-                f"the kernel cache {directory} is owned by another user (uid {status.st_uid}), "
-                "who could change the kernels recdsl reports as running",
+                f"the kernel cache {directory} is owned by another user (uid {status.st_uid})",
                 expected=f"a directory owned by uid {owner()}; {_SET_CACHE_DIR}",
             )
         if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
