@@ -231,7 +231,9 @@ _WORKER = textwrap.dedent(
         try:
             barrier.wait()
             module = recdsl.compile(f"{examples}/{name}.rec", backend="triton", **dims).double()
-            triton_backend.load_generated(triton_backend.emit(module.analysis))
+            source = triton_backend.emit(module.analysis)
+            barrier.wait()  # all eight load their first kernels at once
+            triton_backend.load_generated(source)
             reference = recdsl.compile(f"{examples}/{name}.rec", backend="sequential", **dims).double()
             reference.load_state_dict(module.state_dict())
             x = torch.randn(1, 5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(index))
@@ -239,6 +241,7 @@ _WORKER = textwrap.dedent(
                 torch.testing.assert_close(module(x), reference(x), rtol=DEFAULT_RTOL, atol=DEFAULT_ATOL)
         except Exception as error:
             failures.append(f"{name} thread {index}: {type(error).__name__}: {error}")
+            barrier.abort()  # the others must not wait for this thread
 
     threads = [threading.Thread(target=run, args=(index,)) for index in range(8)]
     for thread in threads:
@@ -311,6 +314,22 @@ def test_a_corrupt_entry_is_replaced(cache, tmp_path, plant):
     assert stat.S_ISREG(os.lstat(path).st_mode) and path.read_bytes() == source.encode(), f"the {plant} entry was not replaced"
     if plant == "symlink":
         assert (tmp_path / "elsewhere.py").read_text() == "VALUE = 666\n", "the write followed the symlink"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")
+def test_a_fifo_at_the_entry_path_neither_blocks_nor_stays(cache):
+    source = unique_source()
+    path = entry(cache, source)
+    cache.mkdir(mode=0o700)
+    os.mkfifo(path)
+    loaded: list[object] = []
+    # A reader that opens a FIFO blocks until a writer comes: run the load where a hang shows.
+    loader = threading.Thread(target=lambda: loaded.append(triton_backend.load_generated(source)), daemon=True)
+    loader.start()
+    loader.join(timeout=30)
+    assert not loader.is_alive(), "loading blocked on a FIFO at the cache entry's path"
+    assert loaded and loaded[0].answer() == 42
+    assert stat.S_ISREG(os.lstat(path).st_mode) and path.read_bytes() == source.encode()
 
 
 # ---- 1 (directories) and 4: unsafe and unwritable caches -------------------------------------
