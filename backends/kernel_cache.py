@@ -74,7 +74,8 @@ def entry_path(source: str) -> Path:
     return cache_dir() / f"recdsl_{content_hash(source)}.py"
 
 
-# One module per (content hash, variant).  The variant separates loads of the same text that
+# One module per (full SHA-256 of the source, variant): the 16 digits of a file name name an
+# entry, the full digest decides which module a source gets.  The variant separates loads of the same text that
 # must differ, e.g. Triton's interpreted and compiled kernels (``triton.jit`` picks the
 # interpreter when the module is executed).
 _LOADED: dict[tuple[str, str], types.ModuleType] = {}
@@ -90,7 +91,8 @@ def load_generated(source: str, variant: str = "") -> types.ModuleType:
     file name of its code.  Raises :class:`~recdsl.errors.BackendError` when the cache
     directory is unsafe or cannot be written.
     """
-    key = (content_hash(source), variant)
+    expected = source.encode("utf-8")
+    key = (hashlib.sha256(expected).hexdigest(), variant)
     with _TABLE_LOCK:
         module = _LOADED.get(key)
         if module is not None:
@@ -102,11 +104,10 @@ def load_generated(source: str, variant: str = "") -> types.ModuleType:
         if module is not None:  # another thread loaded it while this one waited
             return module
         directory = _private_directory(cache_dir())
-        path = directory / f"recdsl_{key[0]}.py"
-        expected = source.encode("utf-8")
+        path = directory / f"recdsl_{content_hash(source)}.py"
         if _read_entry(path, len(expected)) != expected:
             _write_entry(directory, path, expected)
-        module = _execute(source, path, f"recdsl_generated_{key[0]}_{variant or 'default'}")
+        module = _execute(source, path, f"recdsl_generated_{content_hash(source)}_{variant or 'default'}")
         with _TABLE_LOCK:
             _LOADED[key] = module
         return module
