@@ -4,8 +4,9 @@ For each recurrence the analysis classifies as diagonal affine (real or complex)
 with a row/column/scalar decay, diagonal affine over a tropical semiring, or a declared
 monoid whose combine is elementwise, :mod:`.triton_codegen` writes a kernel with the gate
 math fused in.  The source is written to ``$RECDSL_CACHE_DIR`` (default
-``~/.cache/recdsl/triton``) under its content hash and imported from there: Triton's
-``@jit`` reads a kernel's source from its file, so ``exec`` would not do.
+``~/.cache/recdsl/triton``) under its content hash and executed from memory under that
+file's name, with ``linecache`` filled (:mod:`.kernel_cache`): Triton's ``@jit`` reads a
+kernel's source through ``inspect``, so a bare ``exec`` would not do.
 
 Gradients: a ``torch.autograd.Function`` per recurrence.  Its backward runs the generated
 adjoint kernel (``g_t = dy_t + w_{t+1} g_{t+1}``, gates recomputed from the leaves, not
@@ -21,8 +22,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import sys
-from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -35,14 +34,13 @@ from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, Ste
 from recdsl.printer import format_expr
 from recdsl.shapes import broadcast_shapes, fold_constant
 
-from . import parallel
+from . import kernel_cache, parallel
 from .torch_ops import Evaluator, Numerics, align
 from .triton_codegen import (
     FUSED_OPS,
     Leaf,
     ScanKind,
     ScanSpec,
-    content_hash,
     find_leaves,
     generate,
     inline_parallel_bindings,
@@ -207,35 +205,14 @@ def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("RECDSL_CACHE_DIR", Path.home() / ".cache" / "recdsl" / "triton"))
-
-
-_LOADED: dict[str, object] = {}
+# The cache itself (safe loading, locking, permissions) lives in .kernel_cache.
+cache_dir = kernel_cache.cache_dir
 
 
 def load_generated(source: str):
-    """Write ``source`` to ``<cache>/recdsl_<hash>.py`` (once) and import it."""
-    digest = content_hash(source)
-    # triton.jit picks the interpreter when the module is imported: keep one module per mode.
-    key = f"{digest}_{'interpreted' if os.environ.get('TRITON_INTERPRET') == '1' else 'compiled'}"
-    if key in _LOADED:
-        return _LOADED[key]
-    directory = cache_dir()
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"recdsl_{digest}.py"
-    if not path.exists() or path.read_text() != source:
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(source)
-        temporary.replace(path)  # atomic: concurrent processes never see half a file
-    name = f"recdsl_generated_{key}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    _LOADED[key] = module
-    return module
+    """The module ``source`` defines, cached under its content hash (see :mod:`.kernel_cache`)."""
+    # triton.jit picks the interpreter when the module is executed: keep one module per mode.
+    return kernel_cache.load_generated(source, "interpreted" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled")
 
 
 # ---- running ---------------------------------------------------------------------------------
