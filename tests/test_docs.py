@@ -40,6 +40,7 @@ import torch
 import recdsl
 from recdsl import errors
 from recdsl.cli import main as cli_main
+from recdsl.ir import Kind
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -102,7 +103,7 @@ def _random_inputs(module: recdsl.CompiledCell, batch: int = 2, steps: int = STE
     for declared in module.cell.inputs:
         shape = (batch, steps, *declared.type.shape)
         value = torch.randn(shape)
-        if declared.type.kind.value == "complex":
+        if declared.type.kind is Kind.COMPLEX:
             value = torch.complex(value, torch.randn(shape))
         inputs[declared.name] = value
     return inputs
