@@ -284,6 +284,25 @@ def test_every_op_in_the_registry_is_in_the_language_reference() -> None:
     assert all(f"`{name}`" in constants for name in CONSTANTS), "a built-in constant is missing from docs/language.md"
 
 
+
+def test_the_operand_kinds_in_the_language_reference_match_the_registry() -> None:
+    from recdsl.ops import OPS, Accepts
+
+    words = {"real": Accepts.REAL, "real or complex": Accepts.NUMBER}
+    by_surface: dict[str, list] = {}
+    for spec in OPS.values():
+        by_surface.setdefault(spec.surface, []).append(spec)
+    wrong = []
+    for line in _section("Operators and functions").split("\n"):
+        columns = [column.strip() for column in line.split("|")]
+        if len(columns) < 4 or columns[3] not in words:
+            continue
+        for token in _tokens(re.findall(r"`([^`]+)`", columns[1])):
+            for spec in by_surface.get(token, []):
+                if spec.accepts is not words[columns[3]]:
+                    wrong.append(f"{spec.name} ({spec.surface}): documented '{columns[3]}', registry {spec.accepts.value}")
+    assert not wrong, f"operand kinds in docs/language.md differ from recdsl.ops.OPS: {wrong}"
+
 def test_every_keyword_of_the_grammar_is_in_the_language_reference() -> None:
     grammar = (ROOT / "recdsl" / "grammar.lark").read_text(encoding="utf-8")
     keywords = set(re.findall(r'"([A-Za-z_]+)"', grammar)) | set(re.findall(r'^[A-Z]+: "([A-Za-z_]+)"', grammar, flags=re.M))
