@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Sequence
 
+from . import __version__
 from .errors import RecDSLError
 
 _DESCRIPTION = """\
@@ -176,6 +177,7 @@ def _has_scan(path: str, cell: str | None, dims: dict) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="recdsl", description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     explain = commands.add_parser("explain", help="print the analysis of a cell", description="Print what kind of recurrence a cell is and how it will run.")

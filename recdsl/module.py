@@ -52,6 +52,9 @@ class CompiledCell(nn.Module):
 
     def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None) -> None:
         super().__init__()
+        # An empty buffer that follows .double(), .half() and .to(dtype), so that the
+        # computing dtype follows them too in a cell without params.
+        self.register_buffer("_dtype_anchor", torch.empty(0), persistent=False)
         self.analysis = analysis
         self.cell: ir.CellIR = analysis.cell
         if chunk_size is not None:
@@ -188,7 +191,7 @@ class CompiledCell(nn.Module):
 
         input_dtypes = [_real_dtype(v.dtype) for v in inputs.values()]
         compute = input_dtypes[0]
-        for dtype in input_dtypes[1:] + [_real_dtype(p.dtype) for p in self.parameters()]:
+        for dtype in input_dtypes[1:] + [_real_dtype(p.dtype) for p in self.parameters()] + [self._dtype_anchor.dtype]:
             compute = torch.promote_types(compute, dtype)
         output_dtype = input_dtypes[0]
         for dtype in input_dtypes[1:]:
