@@ -28,10 +28,18 @@ class Backend:
     run: Runner
 
 
+def _runs_every_cell(analysis: Analysis) -> None:
+    """The sequential backend's ``unsupported``: it runs every cell.
+
+    A module-level function, not a lambda, so that modules holding the backend pickle.
+    """
+    return None
+
+
 def _sequential() -> Backend:
     from . import sequential
 
-    return Backend("sequential", "a loop over time: the definition every other backend is checked against", lambda analysis: None, sequential.run)
+    return Backend("sequential", "a loop over time: the definition every other backend is checked against", _runs_every_cell, sequential.run)
 
 
 def _scan() -> Backend:
