@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 from . import ir
 from .analysis import (
@@ -151,9 +152,17 @@ def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def explain(source_or_path: str | Path, cell: str | None = None, backend: str = "auto", **dims: int | float) -> str:
-    """Parse, check and analyse a program; return the explanation ``recdsl explain`` prints."""
-    cell_ir = load(source_or_path, cell=cell, dims=dims)
+def explain(
+    source_or_path: str | Path, cell: str | None = None, backend: str = "auto", *, dims: Mapping[str, int | float] | None = None, **dim_values: int | float
+) -> str:
+    """Parse, check and analyse a program; return the explanation ``recdsl explain`` prints.
+
+    Dims are bound as in :func:`recdsl.compile`: by keywords or by the mapping ``dims``.
+    """
+    from .frontend import check_option_types, dim_arguments
+
+    check_option_types("explain", cell, backend)
+    cell_ir = load(source_or_path, cell=cell, dims=dim_arguments("explain", dims, dim_values))
     analysis = analyze(cell_ir)
     from .backends import choose_backend
 
