@@ -589,7 +589,9 @@ def run(
             for node, value in zip(plan.readouts, readouts):
                 substitutions[id(node)] = value
             continue
-        sequence = solver.solve(state_analysis)
+        # A chunk plan refused (non-finite pieces) falls back to the torch scan: a backend's own
+        # solver (Triton's) may have no kernel for a state it chunks.
+        sequence = (_Solver(analysis, seq, state) if isinstance(plan, ChunkPlan) else solver).solve(state_analysis)
         sequence = sequence.expand(lead + state_analysis.type.shape)
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         seq.values[(RefKind.STATE_PREV, name)] = _shift(sequence, state[name])
