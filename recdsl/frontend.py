@@ -88,7 +88,7 @@ def check_option_types(function: str, cell: object, backend: object) -> None:
     """A number passed as ``cell=`` or ``backend=`` was meant for a dim with that name."""
     for name, value in (("cell", cell), ("backend", backend)):
         if value is not None and not isinstance(value, str):
-            what = "the name of the cell to compile" if name == "cell" else "the name of a backend"
+            what = "the name of a cell of the program" if name == "cell" else "the name of a backend"
             raise DimensionError(
                 f"{function}'s keyword '{name}' is {what}, got {value!r}",
                 expected=f"a string; to bind a dim called '{name}', {function}(..., dims={{'{name}': {value!r}}})",

@@ -64,7 +64,7 @@ def _sized(cell: ir.CellIR) -> Iterator[tuple[str, ir.Type, Span | None]]:
                 yield f"carry '{statement.name}.{carry.name}' (per batch element)", carry.type, statement.span
         elif isinstance(statement, ir.Assign) and isinstance(statement.value.type, ir.Type):
             yield f"binding '{statement.name}' (one step)", statement.value.type, statement.span
-        elif isinstance(statement, ir.Emit):
+        elif isinstance(statement, ir.Emit) and isinstance(statement.value.type, ir.Type):
             label = statement.name or str(statement.index)
             yield f"output {label} (one step)", statement.value.type, statement.span
 

@@ -177,6 +177,7 @@ class CompiledCell(nn.Module):
     def _check_inputs(self, inputs: dict[str, Any]) -> tuple[int, int, tuple[int, ...]]:
         """Validate shapes and dtypes; return ``(B, T, heads)``."""
         reference: tuple[str, tuple[int, ...]] | None = None
+        first = inputs[self.cell.inputs[0].name]
         for declared in self.cell.inputs:
             value = inputs[declared.name]
             expected = _shape_words(declared.type.shape)
@@ -196,7 +197,6 @@ class CompiledCell(nn.Module):
                     expected=f"{expected}: batch, time, optional head dims, then its declared shape [{', '.join(map(str, declared.type.shape))}]",
                 )
             lead = shape[: value.dim() - rank]
-            first = inputs[self.cell.inputs[0].name]
             if value.device != first.device:
                 raise InputError(
                     f"input '{declared.name}' is on {value.device} but input '{self.cell.inputs[0].name}' is on {first.device}",

@@ -946,6 +946,6 @@ def test_dim_named_like_a_keyword_of_compile():
     with pytest.raises(recdsl.DimensionError) as info:
         recdsl.compile("cell C(cell) {\n    input x: [cell]\n    out x\n}\n", cell=3)
     assert str(info.value) == (
-        "dimension error: compile's keyword 'cell' is the name of the cell to compile, got 3\n"
+        "dimension error: compile's keyword 'cell' is the name of a cell of the program, got 3\n"
         "  expected a string; to bind a dim called 'cell', compile(..., dims={'cell': 3})"
     )

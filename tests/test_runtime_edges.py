@@ -254,7 +254,7 @@ def test_a_number_for_cell_or_backend_was_meant_for_a_dim(function):
     with pytest.raises(recdsl.DimensionError) as info:
         function(CLASH, cell=3, backend=2)
     assert str(info.value) == (
-        f"dimension error: {name}'s keyword 'cell' is the name of the cell to compile, got 3\n"
+        f"dimension error: {name}'s keyword 'cell' is the name of a cell of the program, got 3\n"
         f"  expected a string; to bind a dim called 'cell', {name}(..., dims={{'cell': 3}})"
     )
     with pytest.raises(recdsl.DimensionError, match=r"keyword 'backend' is the name of a backend, got 2"):
