@@ -28,6 +28,7 @@ Transformers with the Delta Rule over Sequence Length"):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -199,3 +200,32 @@ def delta_rule(
         state = state + L[:, c].transpose(-1, -2) @ U
     results = [torch.cat(o, 1)[:, :steps] for o in outs]
     return results, state
+
+
+def with_infinite_readouts(kernel: Callable[..., tuple[list[torch.Tensor], torch.Tensor]], readouts: list[torch.Tensor], *arguments):
+    """``kernel(readouts, *arguments)``, giving the loop's ``+-inf`` where a read-out vector is infinite.
+
+    The loop reads out ``o_t = q_t @ S_t``: an infinite ``q_t[k]`` meets the one number
+    ``S_t[k, j]`` and gives ``+-inf`` by its sign.  The chunked forms split ``S_t`` into
+    terms per step and per chunk, and ``inf`` times terms of both signs is NaN.  So each
+    real ``q`` is split: its finite part (NaN kept) is read out as usual, and its
+    directions ``d = sign(q)`` where ``q`` is infinite (0 elsewhere) by the same kernel,
+    which is linear in each read-out.  ``d_t @ S_t`` is finite, with the sign the loop's
+    infinite terms share whenever its sum is not NaN; scaled by ``inf`` and added in the
+    rows where ``q_t`` is infinite, it gives the loop's result.  Finite read-outs (the
+    usual case) run the kernel once, unchanged; a trace (torch.compile) skips the check.
+    """
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    split = [not q.is_complex() and not (is_compiling is not None and is_compiling()) and bool(torch.isinf(q).any()) for q in readouts]
+    if not any(split):
+        return kernel(readouts, *arguments)
+    finite = [q.masked_fill(torch.isinf(q), 0.0) if s else q for q, s in zip(readouts, split)]
+    directions = [torch.where(torch.isinf(q), torch.sign(q), torch.zeros_like(q)) for q, s in zip(readouts, split) if s]
+    results, final = kernel(finite + directions, *arguments)
+    combined, extra = [], iter(results[len(readouts) :])
+    for q, s, result in zip(readouts, split, results):
+        if s:
+            infinite_rows = torch.isinf(q).any(-1, keepdim=True)
+            result = result + torch.where(infinite_rows, next(extra) * float("inf"), torch.zeros((), dtype=result.dtype, device=result.device))
+        combined.append(result)
+    return combined, final

@@ -25,6 +25,7 @@ chunk boundaries are kept.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import torch
@@ -247,9 +248,19 @@ class _Solver:
             value = torch.cat([plus(decay[:, :1] + h0.unsqueeze(1), value[:, :1]), value[:, 1:]], 1)
             return self.seq.batch_first(semiring_diagonal_scan(self.seq.time_first(decay), self.seq.time_first(value), plus))
         size = _matrix_size(state)
-        basis = torch.full((size, size), semiring.zero, dtype=self.seq.numerics.real, device=self.seq.numerics.device)
+        # The semiring's zero annihilates (zero (x) w = zero for every weight w), but in IEEE
+        # arithmetic -inf + inf is NaN: a +inf weight (a +inf input) would make every row of its
+        # column NaN, where the loop, whose state is finite, gives +inf.  The basis therefore
+        # uses the most negative finite number for the zero, and entries that stay near it
+        # are the zero.  (A column holding +inf then reads +inf in every row: the loop's state
+        # in that column is +inf, or NaN, whichever row it comes from.)
+        dtype = self.seq.numerics.real
+        standin = torch.finfo(dtype).min if semiring.zero == float("-inf") else semiring.zero
+        basis = torch.full((size, size), standin, dtype=dtype, device=self.seq.numerics.device)
         basis.fill_diagonal_(semiring.one)
         rows = self._apply_to_basis(state, recurrence.transition, basis)  # rows[j, ..., i] = T[j, i]
+        if standin != semiring.zero:
+            rows = rows.masked_fill(rows < standin / 2, semiring.zero)
         matrix = rows.movedim(0, -2)  # [B, T, *heads, size(j), size(i)]
         start = h0.reshape(h0.shape[: len(self.seq.lead) - 1] + (1, size))
         reduce_fn = lambda x, dim: reduce(x, (dim,))  # noqa: E731
@@ -306,8 +317,30 @@ class _Solver:
         return {n: self.seq.batch_first(v) for n, v in zip(names, folded)}
 
 
-def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel."""
+def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
+    """Whether a chunk kernel gives the loop's values for these pieces: all finite (a log decay may be -inf).
+
+    The chunked forms split the state into terms per step and per chunk; an infinite key,
+    value or decay in one term meets the others as ``inf - inf`` (NaN) where the loop's sum
+    is +-inf or finite.  Such a sequence runs the scan instead (infinite queries are
+    handled by :func:`chunk_kernels.with_infinite_readouts`).  A trace (torch.compile)
+    takes the chunked form without looking.
+    """
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return True
+    if log_decay is not None and not bool((log_decay < float("inf")).all()):  # NaN or +inf
+        return False
+    return all(bool(torch.isfinite(piece).all()) for piece in pieces)
+
+
+def _run_chunk_plan(
+    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None
+) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel.
+
+    None when the pieces are not finite (see :func:`_chunkable`): the caller scans the state.
+    """
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
 
@@ -336,8 +369,10 @@ def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: 
             log_decay = log_decay.transpose(-1, -2)
         shape = tuple(log_decay.shape[-2:])
         log_decay = log_decay.expand(lead + shape).movedim(1, -3).reshape((-1, lead[1]) + shape)
-        results, final = (decayed or chunk_kernels.decayed_outer_products)(
-            queries, [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns], log_decay, start, chunk
+        if not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
+            return None
+        results, final = chunk_kernels.with_infinite_readouts(
+            decayed or chunk_kernels.decayed_outer_products, queries, [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns], log_decay, start, chunk
         )
     else:
         recurrence = state.recurrence
@@ -345,7 +380,9 @@ def _run_chunk_plan(seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: 
         term = recurrence.low_rank[0]
         left, right = flat_vector(term.left, rows), flat_vector(term.right, rows)
         coefficient = flat_scalar(term.coefficient)
-        results, final = chunk_kernels.delta_rule(queries, left, right, coefficient, [v for _, v in scaled_columns], start, chunk)
+        if not _chunkable(None, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
+            return None
+        results, final = chunk_kernels.with_infinite_readouts(chunk_kernels.delta_rule, queries, left, right, coefficient, [v for _, v in scaled_columns], start, chunk)
     unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
     outputs = [unflatten(r) for r in results]
     final = final.reshape(batch_dims + final.shape[1:])
@@ -396,14 +433,22 @@ def run(
                 final[f"{name}.{carry}"] = value[:, -1]
             continue
         state_analysis = analysis.state(name)
+        chunked_run = None
         if step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            readouts, final[name] = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
-            for node, value in zip(step.chunk.readouts, readouts):
-                substitutions[id(node)] = value
-            continue
-        sequence = solver.solve(step, state_analysis)
+            chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
+            if chunked_run is not None:
+                readouts, final[name] = chunked_run
+                for node, value in zip(step.chunk.readouts, readouts):
+                    substitutions[id(node)] = value
+                continue
+            # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
+            # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
+            assert step.fallback is not None
+            sequence = _Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+        else:
+            sequence = solver.solve(step, state_analysis)
         sequence = sequence.expand(lead + state_analysis.type.shape)
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         seq.values[(RefKind.STATE_PREV, name)] = _shift(sequence, state[name])

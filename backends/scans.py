@@ -156,6 +156,18 @@ def matrix_affine_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.T
     return prefix_scan((transition, value), combine)[1]
 
 
+def _tropical_times(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x (x) y = x + y`` in the max-plus and log semirings, whose zero ``-inf`` annihilates.
+
+    IEEE gives ``-inf + inf = NaN``; the semiring gives ``-inf``.  The loop never adds two
+    weights, but a scan multiplies the weights of two steps: a step whose row is the zero
+    (a ``-inf`` input) before one with a ``+inf`` weight must give the zero, not NaN.
+    """
+    total = x + y
+    opposite = ((x == float("-inf")) & (y == float("inf"))) | ((x == float("inf")) & (y == float("-inf")))
+    return total.masked_fill(opposite, float("-inf"))
+
+
 def semiring_diagonal_scan(decay: torch.Tensor, value: torch.Tensor, plus: Callable) -> torch.Tensor:
     """``h_t = plus(h_{t-1} + decay_t, value_t)`` (a tropical semiring, times = +), ``h_{-1}`` = the zero.
 
@@ -165,7 +177,7 @@ def semiring_diagonal_scan(decay: torch.Tensor, value: torch.Tensor, plus: Calla
     def combine(earlier: Elements, later: Elements) -> Elements:
         a1, b1 = earlier
         a2, b2 = later
-        return a1 + a2, plus(b1 + a2, b2)
+        return _tropical_times(a1, a2), plus(_tropical_times(b1, a2), b2)
 
     decay = decay.expand((value.shape[0],) + decay.shape[1:]) if decay.shape[0] != value.shape[0] else decay
     return prefix_scan((decay, value), combine)[1]
@@ -173,7 +185,7 @@ def semiring_diagonal_scan(decay: torch.Tensor, value: torch.Tensor, plus: Calla
 
 def semiring_matmul(left: torch.Tensor, right: torch.Tensor, reduce: Callable) -> torch.Tensor:
     """``(left (x) right)[..., i, j] = (+)_k left[..., i, k] + right[..., k, j]``."""
-    return reduce(left.unsqueeze(-1) + right.unsqueeze(-3), -2)
+    return reduce(_tropical_times(left.unsqueeze(-1), right.unsqueeze(-3)), -2)
 
 
 def semiring_product_scan(transition: torch.Tensor, reduce: Callable) -> torch.Tensor:

@@ -30,7 +30,7 @@ from recdsl import ir
 from recdsl.analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, StateAnalysis, Structure
 from recdsl.errors import BackendError
 from recdsl.ir import Kind
-from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, StepPlan, Unsupported, chunk_plan
+from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, StepPlan, Unsupported, chunk_plan, scan_form
 from recdsl.printer import format_expr
 from recdsl.shapes import broadcast_shapes, fold_constant
 
@@ -165,7 +165,8 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
             continue
         chunk = _triton_chunk(analysis, state)
         if isinstance(chunk, ChunkPlan):
-            steps.append(StepPlan((name,), Form.TRITON_CHUNKED, chunk=chunk))
+            fallback = scan_form(state)
+            steps.append(StepPlan((name,), Form.TRITON_CHUNKED, chunk=chunk, fallback=fallback if isinstance(fallback, Form) else None))
             continue
         spec = _state_spec(analysis, state)
         if isinstance(spec, Unsupported):

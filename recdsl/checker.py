@@ -31,6 +31,19 @@ from .shapes import BROADCAST_EXPECTED, RuleViolation, Violation, broadcast_shap
 SCALAR = Type(())
 # Integer constants computed at compile time are capped at this many bits.
 _MAX_CONSTANT_BITS = 4096
+# The keyword arguments of `recdsl.compile` and `recdsl.explain` other than dims: a dim with
+# one of these names (or a Python keyword) cannot be bound as `compile(..., name=value)` and
+# is bound through `dims={...}` instead.  tests/test_module.py keeps this in step with them.
+API_KEYWORDS = frozenset({"source_or_path", "backend", "cell", "chunk_size", "max_elements", "dims", "plan"})
+
+
+def dim_argument(name: str, value: str = "<int>") -> str:
+    """How a caller of ``compile`` binds the dim ``name``: as a keyword, or through ``dims=``."""
+    import keyword
+
+    if name in API_KEYWORDS or keyword.iskeyword(name):
+        return f"compile(..., dims={{'{name}': {value}}})"
+    return f"compile(..., {name}={value})"
 
 
 @dataclass(frozen=True)
@@ -415,7 +428,7 @@ def _bind_dims(scope: _Scope, params: tuple[ast.DimParam, ...], given: Mapping[s
         elif param.default is not None:
             value = scope.static(param.default, f"the default of dim '{param.name}'")
         else:
-            raise DimensionError(f"{owner} needs a value for dim '{param.name}'", param.span, expected=f"compile(..., {param.name}=<int>)")
+            raise DimensionError(f"{owner} needs a value for dim '{param.name}'", param.span, expected=dim_argument(param.name))
         scope.declare(param.name, _Symbol("dim", param.span, SCALAR, static=value))
         bound.append((param.name, value))
     return tuple(bound)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from . import __version__
 from .errors import RecDSLError
@@ -26,6 +27,30 @@ recdsl compiles recurrences (RNN and state-space cells written in a few lines) t
 Dims not given on the command line take their defaults from the cell, or else
 distinct values 8, 12, 16, ... (distinct so that mismatched dims are caught).
 """
+
+
+def _integer(minimum: int, maximum: int | None = None, what: str = "an integer") -> Callable[[str], int]:
+    """An argparse ``type`` for an integer option in ``[minimum, maximum]``: a bad value is a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+            raise argparse.ArgumentTypeError(f"expected an integer {bounds}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type in its own messages
+    return parse
+
+
+_POSITIVE = _integer(1, what="a positive integer")
+# torch.Generator.manual_seed takes any value that fits in 64 bits, signed or unsigned.
+_TORCH_SEED = _integer(-(2**63), 2**64 - 1, what="an integer seed")
+# check runs lengths up to 3 chunks + 3 steps through the sequential reference: keep it finite.
+_CHECK_CHUNK = _integer(1, 4096, what="a chunk length")
 
 
 def _parse_dims(items: Sequence[str]) -> dict[str, int | float]:
@@ -82,26 +107,39 @@ def _explain(args: argparse.Namespace) -> int:
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
     if notes:
         print(f"(dims not given, set to: {', '.join(notes)})")
-    print(explain(args.file, cell=args.cell, backend=args.backend, plan=args.plan, **dims), end="")
+    print(explain(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims), end="")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from .limits import MAX_ELEMENTS_VARIABLE, element_budget
     from .module import compile
 
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
     if notes:
         print(f"(dims not given, set to: {', '.join(notes)})")
     dtype = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise RecDSLError(f"cannot read --device {args.device!r}", expected="a torch device such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise RecDSLError(f"device '{args.device}' is not available: this torch has no CUDA device", expected="--device cpu")
-    module = compile(args.file, backend=args.backend, cell=args.cell, **dims).to(args.device)
+    module = compile(args.file, backend=args.backend, cell=args.cell, dims=dims).to(args.device)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    budget = element_budget()
     inputs = {}
     for declared in module.cell.inputs:
         shape = (args.batch, args.length, *args.heads, *declared.type.shape)
+        elements = math.prod(shape)
+        if elements > budget:
+            raise RecDSLError(
+                f"input '{declared.name}' of --batch {args.batch} --length {args.length} would have shape {list(shape)}: "
+                f"{elements:_} elements, more than the budget of {budget:_}",
+                expected=f"a smaller --batch, --length or --heads, or a larger budget: {MAX_ELEMENTS_VARIABLE}=N",
+            )
         if declared.type.kind.value == "complex":
             value = torch.complex(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
         else:
@@ -187,13 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="compile a cell and run it on random inputs", description="Compile a cell, run it on random inputs, print output shapes and timing.")
     _common(run)
-    run.add_argument("--batch", type=int, default=2, help="batch size B (default 2)")
-    run.add_argument("--length", type=int, default=128, help="sequence length T (default 128)")
-    run.add_argument("--heads", type=int, nargs="*", default=[], help="extra batch-like dims between T and the declared shape")
+    run.add_argument("--batch", type=_POSITIVE, default=2, help="batch size B (default 2)")
+    run.add_argument("--length", type=_POSITIVE, default=128, help="sequence length T (default 128)")
+    run.add_argument("--heads", type=_POSITIVE, nargs="*", default=[], help="extra batch-like dims between T and the declared shape")
     run.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     run.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    run.add_argument("--repeat", type=int, default=5, help="timed runs after one warm-up (default 5)")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--repeat", type=_POSITIVE, default=5, help="timed runs after one warm-up (default 5)")
+    run.add_argument("--seed", type=_TORCH_SEED, default=0, help="seed of the random inputs (default 0)")
     run.set_defaults(handler=_run)
 
     check = commands.add_parser(
@@ -208,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cell", help="the cell to use when the file defines several")
     check.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE", help="bind a dim (repeatable); unbound dims get 3, 4, 5, ...")
     check.add_argument("--backends", help="comma-separated backends to test (default: all that apply)")
-    check.add_argument("--max-examples", type=int, default=25, help="Hypothesis examples per property (default 25)")
-    check.add_argument("--chunk-size", type=int, default=8, help="chunk length for the chunked backend (default 8, so short sequences cross chunks)")
+    check.add_argument("--max-examples", type=_POSITIVE, default=25, help="Hypothesis examples per property (default 25)")
+    check.add_argument("--chunk-size", type=_CHECK_CHUNK, default=8, help="chunk length for the chunked backend (default 8, so short sequences cross chunks)")
     check.add_argument("--seed", type=int, default=None, help="Hypothesis seed, for a reproducible search")
     check.set_defaults(handler=_check)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Mapping
 
 from . import ir
 from .analysis import (
@@ -151,15 +152,26 @@ def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str
     return "\n".join(lines) + "\n"
 
 
-def explain(source_or_path: str | Path, cell: str | None = None, backend: str = "auto", plan: bool = False, **dims: int | float) -> str:
+def explain(
+    source_or_path: str | Path,
+    cell: str | None = None,
+    backend: str = "auto",
+    plan: bool = False,
+    *,
+    dims: Mapping[str, int | float] | None = None,
+    **dim_values: int | float,
+) -> str:
     """Parse, check, analyse and plan a program; return the explanation ``recdsl explain`` prints.
 
+    Dims are bound as in :func:`recdsl.compile`: by keywords or by the mapping ``dims``.
     With ``plan=True`` the execution plan follows: each recurrence's form, the forms
     considered and rejected with their reasons, and the cost model's predictions.
     """
+    from .frontend import check_option_types, dim_arguments
     from .plan import plan as make_plan
 
-    cell_ir = load(source_or_path, cell=cell, dims=dims)
+    check_option_types("explain", cell, backend)
+    cell_ir = load(source_or_path, cell=cell, dims=dim_arguments("explain", dims, dim_values))
     analysis = analyze(cell_ir)
     chosen = make_plan(analysis, backend)
     text = explain_analysis(analysis, f"backend: {chosen.backend} ({chosen.reason})")

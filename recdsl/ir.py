@@ -300,3 +300,36 @@ class CellIR:
         for scan in self.scans:
             names.extend(f"{scan.name}.{c.name}" for c in scan.monoid.carries)
         return tuple(names)
+
+    def expressions(self) -> Iterator[Expr]:
+        """Every expression a run of the cell evaluates, except the values of consts.
+
+        Param initializers, states' initial values, scan lifts and identities, and the body.
+        """
+        for param in self.params:
+            if param.init.expr is not None:
+                yield param.init.expr
+        for state in self.states:
+            yield state.init
+        for statement in self.body:
+            if isinstance(statement, ScanAssign):
+                yield from statement.lifts
+                yield from (carry.identity for carry in statement.monoid.carries)
+            else:
+                yield statement.value
+
+    def used_consts(self) -> tuple[Const, ...]:
+        """The consts some expression of the cell reads, directly or through other consts.
+
+        Declaration order; a const nothing reads is left out (so it is never evaluated).
+        """
+        by_name = {const.name: const for const in self.consts}
+        used: set[str] = set()
+        pending = [ref.name for expr in self.expressions() for ref in refs(expr) if ref.kind is RefKind.CONST]
+        while pending:
+            name = pending.pop()
+            if name in used or name not in by_name:
+                continue
+            used.add(name)
+            pending.extend(ref.name for ref in refs(by_name[name].value) if ref.kind is RefKind.CONST)
+        return tuple(const for const in self.consts if const.name in used)

@@ -31,6 +31,12 @@ def _shape_words(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(["B", "T", "*heads"] + [str(s) for s in shape]) + "]"
 
 
+def _tracing() -> bool:
+    """Whether torch.compile (dynamo) or export is tracing the current call."""
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling()) if is_compiling is not None else False
+
+
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype == torch.complex128:
         return torch.float64
@@ -127,13 +133,32 @@ class CompiledCell(nn.Module):
         return drawn[0]
 
     def _consts(self, numerics) -> dict[tuple[RefKind, str], torch.Tensor]:
+        """The values of the consts the cell reads, evaluated once per (dtype, device).
+
+        A const nothing reads is never evaluated.  The values live on this module (not in a
+        global table), are not parameters or buffers, and are left out of pickles.
+        """
         from .backends.torch_ops import Evaluator
 
-        values: dict[tuple[RefKind, str], torch.Tensor] = {}
-        evaluator = Evaluator(numerics, values)
-        for const in self.cell.consts:
-            values[(RefKind.CONST, const.name)] = evaluator.evaluate(const.value)
-        return values
+        key = (numerics.real, numerics.device)
+        cache = self.__dict__.setdefault("_const_values", {})
+        cached = cache.get(key)
+        if cached is None:
+            cached = {}
+            # Tensors made under inference_mode could not be saved for a later backward, and
+            # a trace (torch.compile, export) must not leave its fake tensors in the cache.
+            with torch.inference_mode(False), torch.no_grad():
+                evaluator = Evaluator(numerics, cached)
+                for const in self.cell.used_consts():
+                    cached[(RefKind.CONST, const.name)] = evaluator.evaluate(const.value)
+            if not _tracing():
+                cache[key] = cached
+        return dict(cached)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_const_values", None)  # derived; recomputed on first use
+        return state
 
     # ---- calling
     def _bind_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
@@ -156,6 +181,7 @@ class CompiledCell(nn.Module):
     def _check_inputs(self, inputs: dict[str, Any]) -> tuple[int, int, tuple[int, ...]]:
         """Validate shapes and dtypes; return ``(B, T, heads)``."""
         reference: tuple[str, tuple[int, ...]] | None = None
+        first = inputs[self.cell.inputs[0].name]
         for declared in self.cell.inputs:
             value = inputs[declared.name]
             expected = _shape_words(declared.type.shape)
@@ -165,6 +191,8 @@ class CompiledCell(nn.Module):
                 raise InputError(f"input '{declared.name}' has dtype {value.dtype}", expected="a floating-point (or, for complex inputs, complex) tensor")
             if value.is_complex() and declared.type.kind is not Kind.COMPLEX:
                 raise InputError(f"input '{declared.name}' is complex but is declared real", expected=f"a real tensor of shape {expected}")
+            if value.device.type == "meta":
+                raise InputError(f"input '{declared.name}' is on the meta device, which holds no values", expected="a tensor with values (on cpu, cuda, ...)")
             rank = declared.type.rank
             shape = tuple(value.shape)
             if value.dim() < rank + 2 or shape[value.dim() - rank :] != declared.type.shape:
@@ -173,6 +201,11 @@ class CompiledCell(nn.Module):
                     expected=f"{expected}: batch, time, optional head dims, then its declared shape [{', '.join(map(str, declared.type.shape))}]",
                 )
             lead = shape[: value.dim() - rank]
+            if value.device != first.device:
+                raise InputError(
+                    f"input '{declared.name}' is on {value.device} but input '{self.cell.inputs[0].name}' is on {first.device}",
+                    expected="every input, state and param on one device",
+                )
             if reference is None:
                 reference = (declared.name, lead)
             elif lead != reference[1]:
@@ -232,10 +265,33 @@ class CompiledCell(nn.Module):
             types.update({f"{scan.name}.{c.name}": c.type for c in scan.monoid.carries})
         return types
 
+    def _check_param_devices(self, device: torch.device) -> None:
+        for name, param in self.named_parameters():
+            if param.device != device:
+                raise InputError(
+                    f"param '{name}' is on {param.device} but the inputs are on {device}",
+                    expected=f"module.to('{device}') (params and inputs on one device)",
+                )
+
+    @staticmethod
+    def _check_state_value(name: str, value: torch.Tensor, declared: ir.Type, device: torch.device) -> None:
+        """A given state value must be a float (or, for a complex state, complex) tensor on the inputs' device.
+
+        Casting would lose information silently: the imaginary part of a complex value for
+        a real state, or the fraction of an integer one's later updates.
+        """
+        if not (value.is_floating_point() or value.is_complex()):
+            raise InputError(f"state '{name}' has dtype {value.dtype}", expected="a floating-point (or, for a complex state, complex) tensor")
+        if value.is_complex() and declared.kind is not Kind.COMPLEX:
+            raise InputError(f"state '{name}' is complex but is declared real", expected=f"a real tensor ({value.dtype} would lose its imaginary part)")
+        if value.device != device:
+            raise InputError(f"state '{name}' is on {value.device} but the inputs are on {device}", expected="every input, state and param on one device")
+
     def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
         inputs = self._bind_inputs(args, kwargs)
         batch, _, heads = self._check_inputs(inputs)
         numerics, output_dtype = self._numerics(inputs)
+        self._check_param_devices(numerics.device)
         lead = (batch, *heads)
         carried = self._initial_state(numerics, lead)
         types = self._carried_types()
@@ -249,6 +305,7 @@ class CompiledCell(nn.Module):
                 if not isinstance(value, torch.Tensor) or tuple(value.shape) not in (lead + declared.shape, declared.shape):
                     got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
                     raise InputError(f"state '{name}' has shape {got}", expected=f"[{', '.join(map(str, lead + declared.shape))}] (batch, heads, then the declared shape)")
+                self._check_state_value(name, value, declared, numerics.device)
                 carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
 
         cast_inputs = {
@@ -281,15 +338,21 @@ def compile(
     *,
     cell: str | None = None,
     chunk_size: int | None = None,
-    **dims: int | float,
+    max_elements: int | None = None,
+    dims: Mapping[str, int | float] | None = None,
+    **dim_values: int | float,
 ) -> CompiledCell:
     """Compile a recdsl program to a ``torch.nn.Module``.
 
     ``source_or_path`` is the program text or a path to a ``.rec`` file; ``cell`` picks one
-    cell when the file defines several; ``dims`` bind the cell's dims (those with defaults
-    may be left out); ``backend`` is ``auto`` or a name from
-    :data:`recdsl.backends.BACKENDS` (``sequential``, ``scan``, ``chunked``);
-    ``chunk_size`` sets the chunk length of the chunked form (default 64).
+    cell when the file defines several; the cell's dims are bound by keywords (``d=64``)
+    or by the mapping ``dims`` (``dims={"d": 64}``, the only way for a dim named like a
+    keyword of this function, e.g. ``cell``); those with defaults may be left out.
+    ``backend`` is ``auto`` or a name from :data:`recdsl.backends.BACKENDS`
+    (``sequential``, ``scan``, ``chunked``, ``triton``); ``chunk_size`` sets the chunk
+    length of the chunked form (default 64).  ``max_elements`` caps the elements of
+    every param, const, state and per-step value (default ``$RECDSL_MAX_ELEMENTS`` or
+    2 ** 28, see :mod:`recdsl.limits`); a larger one is a located ``DimensionError``.
 
     >>> import torch, recdsl
     >>> mod = recdsl.compile('''
@@ -302,8 +365,16 @@ def compile(
     >>> mod(torch.ones(2, 3, 4)).shape
     torch.Size([2, 3, 4])
     """
-    cell_ir = load(source_or_path, cell=cell, dims=dims)
+    from .frontend import check_option_clashes, check_option_types, dim_arguments
+    from .limits import check_sizes, element_budget
+
+    check_option_types("compile", cell, backend)
+    bound = dim_arguments("compile", dims, dim_values)
+    budget = element_budget(max_elements)
+    cell_ir = load(source_or_path, cell=cell, dims=bound)
     try:
+        check_option_clashes("compile", {"chunk_size": chunk_size, "max_elements": max_elements}, cell_ir, bound)
+        check_sizes(cell_ir, budget)
         analysis = analyze(cell_ir)
         return CompiledCell(analysis, backend, chunk_size)
     except RecDSLError as error:

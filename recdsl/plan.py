@@ -131,7 +131,9 @@ class Rejected:
 class StepPlan:
     """The form of one entry of the schedule: a state, a coupled group or a scan.
 
-    ``chunk`` is set for the chunked forms, ``kernel`` (a
+    ``chunk`` is set for the chunked forms, with ``fallback``, the scan that runs instead
+    when a call's inputs are not finite (the chunk kernels' exponent bookkeeping needs
+    finite keys, values and decays); ``kernel`` (a
     :class:`recdsl.backends.triton_codegen.ScanSpec`) for the Triton scan kernel.
     """
 
@@ -140,6 +142,7 @@ class StepPlan:
     chunk: ChunkPlan | None = None
     kernel: object | None = None
     rejected: tuple[Rejected, ...] = ()
+    fallback: Form | None = None
 
     @property
     def name(self) -> str:
@@ -401,7 +404,7 @@ def parallel_steps(analysis: Analysis, chunked: bool) -> tuple[StepPlan, ...] | 
         if chunked and form is not Form.TIME_PARALLEL:
             plan = chunk_plan(analysis, state)
             if isinstance(plan, ChunkPlan):
-                steps.append(StepPlan((name,), Form.CHUNKED, chunk=plan, rejected=(Rejected(form, "the chunked form never stores the state per step"),)))
+                steps.append(StepPlan((name,), Form.CHUNKED, chunk=plan, rejected=(Rejected(form, "the chunked form never stores the state per step"),), fallback=form))
                 continue
             rejected.append(Rejected(Form.CHUNKED, plan.reason))
         steps.append(StepPlan((name,), form, rejected=tuple(rejected)))

@@ -227,7 +227,7 @@ def available_backends(module: CompiledCell) -> tuple[str, ...]:
 
 
 def _snippet(source: str, cell: str | None, dims: Mapping[str, object], backends: Sequence[str], example: Example, scale: float, chunk_size: int, param_seed: int) -> str:
-    arguments = ", ".join([repr(source)] + ([f"cell={cell!r}"] if cell else []) + [f"{k}={v!r}" for k, v in dims.items()])
+    arguments = ", ".join([repr(source)] + ([f"cell={cell!r}"] if cell else []) + ([f"dims={dict(dims)!r}"] if dims else []))
     return "\n".join(
         [
             "import torch, recdsl",
@@ -240,6 +240,14 @@ def _snippet(source: str, cell: str | None, dims: Mapping[str, object], backends
             "    print(mismatch)",
         ]
     )
+
+
+def _require_hypothesis() -> None:
+    """Hypothesis is a dependency of recdsl; a broken or stripped install gets a hint, not a traceback."""
+    try:
+        import hypothesis  # noqa: F401
+    except ImportError:
+        raise RecDSLError("recdsl check needs the hypothesis package, which is not installed", expected="pip install hypothesis (or pip install recdsl)") from None
 
 
 def check_equivalence(
@@ -264,12 +272,13 @@ def check_equivalence(
     ``chunk_size`` (the chunked backend runs with that chunk size so that short sequences
     cross chunk boundaries).  Examples whose reference is not finite are skipped.
     """
+    _require_hypothesis()
     from hypothesis import HealthCheck, assume, given, seed, settings
     from hypothesis import strategies as st
 
     dims = dict(dims or {})
     torch.manual_seed(param_seed)
-    module = compile(source_or_path, cell=cell, **dims).to(torch.float64)
+    module = compile(source_or_path, cell=cell, dims=dims).to(torch.float64)
     chosen = tuple(backends) if backends is not None else available_backends(module)
     report = Report(module.cell.name, chosen)
     if not chosen:
@@ -359,12 +368,13 @@ def check_monoid_laws(
 
     Returns the shrunk counterexample of each law that fails (an empty list when all hold).
     """
+    _require_hypothesis()
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
     from .backends.torch_ops import Evaluator, Numerics, combine_carries
 
-    module = compile(source_or_path, cell=cell, **dict(dims or {}))
+    module = compile(source_or_path, cell=cell, dims=dims)
     numerics = Numerics(torch.float64, torch.device("cpu"))
     violations: list[LawViolation] = []
     for scan in module.cell.scans:

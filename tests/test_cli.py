@@ -155,10 +155,85 @@ def test_bad_options_are_clean_errors(args, message, capsys):
     _clean(err)
 
 
-def test_empty_sequence_is_an_input_error(capsys):
-    assert main(["run", str(EXAMPLES / "mingru.rec"), "--length", "0"]) == 1
+NUMERIC_OPTIONS = [
+    (["run", "--batch", "-1"], "argument --batch: expected an integer >= 1, got -1"),
+    (["run", "--batch", "0"], "argument --batch: expected an integer >= 1, got 0"),
+    (["run", "--length", "-5"], "argument --length: expected an integer >= 1, got -5"),
+    (["run", "--length", "0"], "argument --length: expected an integer >= 1, got 0"),
+    (["run", "--length", "1.5"], "argument --length: expected a positive integer, got '1.5'"),
+    (["run", "--heads", "2", "0"], "argument --heads: expected an integer >= 1, got 0"),
+    (["run", "--repeat", "0"], "argument --repeat: expected an integer >= 1, got 0"),
+    (["run", "--seed", str(2**64)], f"argument --seed: expected an integer from {-(2**63)} to {2**64 - 1}, got {2**64}"),
+    (["check", "--max-examples", "0"], "argument --max-examples: expected an integer >= 1, got 0"),
+    (["check", "--chunk-size", "0"], "argument --chunk-size: expected an integer from 1 to 4096, got 0"),
+    (["check", "--chunk-size", "100000"], "argument --chunk-size: expected an integer from 1 to 4096, got 100000"),
+    (["check", "--seed", "x"], "argument --seed: invalid int value: 'x'"),
+]
+
+
+@pytest.mark.parametrize("args, message", NUMERIC_OPTIONS, ids=[" ".join(a) for a, _ in NUMERIC_OPTIONS])
+def test_numeric_options_are_validated(args, message, capsys):
+    """Every numeric option: a bad value is argparse's usage line and one error line (status 2), no traceback."""
+    command, *options = args
+    with pytest.raises(SystemExit) as info:
+        main([command, str(EXAMPLES / "mingru.rec"), *options])
+    assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("input error: the sequences are empty (T = 0)")
+    assert err.rstrip("\n").split("\n")[-1] == f"recdsl {command}: error: {message}"
+    _clean(err)
+
+
+def test_run_length_over_the_element_budget_is_one_error(capsys, monkeypatch):
+    monkeypatch.delenv("RECDSL_MAX_ELEMENTS", raising=False)
+    assert main(["run", str(EXAMPLES / "mingru.rec"), "--length", "1000000000"]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        "error: input 'x' of --batch 2 --length 1000000000 would have shape [2, 1000000000, 8]: 16_000_000_000 elements, "
+        "more than the budget of 268_435_456\n"
+        "  expected a smaller --batch, --length or --heads, or a larger budget: RECDSL_MAX_ELEMENTS=N\n"
+    )
+
+
+def test_run_budget_follows_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("RECDSL_MAX_ELEMENTS", "100")
+    assert main(["run", str(EXAMPLES / "mingru.rec"), "--dim", "d_in=3", "--dim", "d=4", "--length", "20", "--repeat", "1"]) == 1
+    assert "budget of 100" in capsys.readouterr().err
+    monkeypatch.setenv("RECDSL_MAX_ELEMENTS", "many")
+    assert main(["run", str(EXAMPLES / "mingru.rec"), "--length", "2"]) == 1
+    assert capsys.readouterr().err.startswith("dimension error: the environment variable RECDSL_MAX_ELEMENTS is 'many'")
+
+
+def test_bad_device_is_a_clean_error(capsys):
+    assert main(["run", str(EXAMPLES / "mingru.rec"), "--device", "nowhere", "--length", "2"]) == 1
+    assert capsys.readouterr().err.startswith("error: cannot read --device 'nowhere'")
+    assert main(["run", str(EXAMPLES / "mingru.rec"), "--device", "meta", "--length", "2"]) == 1
+    assert capsys.readouterr().err.startswith("input error: input 'x' is on the meta device")
+
+
+def test_dims_named_like_keywords(tmp_path, capsys):
+    """--dim cell=3 binds a dim called `cell` (compile's keyword of that name is --cell)."""
+    (tmp_path / "clash.rec").write_text("cell C(cell, backend) {\n    input x: [cell]\n    param W: [cell, backend] = glorot\n    out x @ W\n}\n")
+    for command in ("explain", "run"):
+        assert main([command, str(tmp_path / "clash.rec"), "--dim", "cell=3", "--dim", "backend=2", "--length", "2", "--repeat", "1"][: 6 if command == "explain" else None]) == 0
+        assert "cell C(cell=3, backend=2)" in capsys.readouterr().out
+    assert main(["check", str(tmp_path / "clash.rec"), "--dim", "cell=3", "--dim", "backend=2", "--max-examples", "2"]) == 0
+
+
+def test_check_without_hypothesis_is_a_clean_error(capsys, monkeypatch):
+    """hypothesis is a dependency; if it is missing anyway, `check` says how to install it."""
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # `import hypothesis` raises ImportError
+    assert main(["check", str(EXAMPLES / "mingru.rec"), "--max-examples", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: recdsl check needs the hypothesis package, which is not installed\n  expected pip install hypothesis (or pip install recdsl)\n"
+
+
+def test_hypothesis_is_a_runtime_dependency():
+    """`recdsl check` is a headline feature: a plain `pip install recdsl` must be enough for it."""
+    import re
+
+    text = (EXAMPLES.parent / "pyproject.toml").read_text()
+    dependencies = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M)
+    assert dependencies is not None and '"hypothesis' in dependencies.group(1)
 
 
 def test_non_utf8_file_is_a_clean_error(tmp_path, capsys):

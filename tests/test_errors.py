@@ -912,3 +912,40 @@ def test_form_feed_does_not_shift_the_shown_line():
         recdsl.load(text, dims={"d": 2})
     assert info.value.line == 3
     assert str(info.value).split("\n")[1] == "   3 |     out y"
+
+
+# ---- runtime edges (issue 8) ------------------------------------------------------------
+
+
+def test_budget_error_is_located_and_well_formed():
+    source = "cell Big(d) {\n    input x: [d]\n    param W: [d, d] = glorot\n    out x @ W\n}\n"
+    with pytest.raises(recdsl.DimensionError) as info:
+        recdsl.compile(source, d=2**20)
+    assert str(info.value) == (
+        "<string>:3:5: dimension error: param 'W' has shape [1048576, 1048576]: 1_099_511_627_776 elements, more than the budget of 268_435_456\n"
+        "   3 |     param W: [d, d] = glorot\n"
+        "           ^~~~~~~~~~~~~~~~~~~~~~~~\n"
+        "  expected smaller dims, or a larger budget: compile(..., max_elements=N) or RECDSL_MAX_ELEMENTS=N"
+    )
+    assert_well_formed(info.value, source)
+
+
+def test_complex_state_for_a_real_state(mingru):
+    message = _call_error(mingru, torch.randn(2, 5, 3), state={"h": torch.zeros(2, 4, dtype=torch.complex128)})
+    assert message == "input error: state 'h' is complex but is declared real\n  expected a real tensor (torch.complex128 would lose its imaginary part)"
+
+
+def test_tensors_on_the_meta_device(mingru):
+    message = _call_error(mingru, torch.randn(2, 5, 3, device="meta"))
+    assert message == "input error: input 'x' is on the meta device, which holds no values\n  expected a tensor with values (on cpu, cuda, ...)"
+    message = _call_error(mingru, torch.randn(2, 5, 3), state={"h": torch.zeros(2, 4, device="meta")})
+    assert message == "input error: state 'h' is on meta but the inputs are on cpu\n  expected every input, state and param on one device"
+
+
+def test_dim_named_like_a_keyword_of_compile():
+    with pytest.raises(recdsl.DimensionError) as info:
+        recdsl.compile("cell C(cell) {\n    input x: [cell]\n    out x\n}\n", cell=3)
+    assert str(info.value) == (
+        "dimension error: compile's keyword 'cell' is the name of a cell of the program, got 3\n"
+        "  expected a string; to bind a dim called 'cell', compile(..., dims={'cell': 3})"
+    )
