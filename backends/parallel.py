@@ -130,7 +130,7 @@ def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
 
 
-class _Solver:
+class Solver:
     """Solves each recurrence of one call over the whole sequence, in the form its plan step names."""
 
     def __init__(self, plan: ExecutionPlan, sequences: _Sequences, initial: Mapping[str, torch.Tensor]) -> None:
@@ -405,7 +405,7 @@ def run(
     """Run ``plan`` over the whole sequence at once; the signature of :func:`.sequential.run`.
 
     Each step of the plan is solved in its form, in schedule order.  ``solver`` replaces
-    :class:`_Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
+    :class:`Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
     (the Triton backend brings kernels for both).
     """
     analysis = plan.analysis
@@ -420,7 +420,7 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = (solver or _Solver)(plan, seq, state)
+    solver = (solver or Solver)(plan, seq, state)
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
@@ -446,7 +446,7 @@ def run(
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
             # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
             assert step.fallback is not None
-            sequence = _Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
         else:
             sequence = solver.solve(step, state_analysis)
         sequence = sequence.expand(lead + state_analysis.type.shape)

@@ -458,7 +458,7 @@ def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with
     return value.reshape(launch.rows, launch.channels)
 
 
-class TritonSolver(parallel._Solver):
+class TritonSolver(parallel.Solver):
     """Runs the plan's Triton scan kernels; every other form as the torch solver does."""
 
     def _launch(self, step: StepPlan, state_type: ir.Type) -> _Launch:

@@ -34,7 +34,7 @@ from . import ir
 from .errors import DeclarationError
 from .ir import Kind, Literal, Op, Ref, RefKind, Type
 from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Law, Semiring
-from .shapes import broadcast_shapes, make
+from .shapes import broadcast_shapes, fold_constant, make
 
 ONE = Literal(1, Type(()))
 
@@ -737,12 +737,14 @@ def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
 
     Chunked forms accumulate decays in log space; this finds the logarithm exactly where
     the decay is written as one (``exp(x)`` gives ``x``, ``sigmoid(x)`` gives
-    ``logsigmoid(x)``) rather than taking the log of a rounded value.
+    ``logsigmoid(x)``, a sum of positive terms the ``logaddexp`` of their logs) rather than
+    taking the log of a rounded value.
     """
     if expr.type.kind is not Kind.REAL:
         return None
-    if isinstance(expr, Literal):
-        return Literal(math.log(expr.value), expr.type) if expr.value > 0 else None
+    constant = fold_constant(expr)
+    if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+        return Literal(math.log(constant), Type(())) if constant > 0 else None
     if isinstance(expr, Ref):
         if expr.kind is RefKind.BINDING:
             binding = cell.binding(expr.name)
@@ -763,7 +765,19 @@ def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
         left, right = log_of_positive(args[0], cell), log_of_positive(args[1], cell)
         if left is None or right is None:
             return None
+        if isinstance(right, Literal) and right.value == 0:  # a factor of exactly 1
+            return left if left.type.shape == expr.type.shape else Op("add", (left, right), expr.type)
+        if isinstance(left, Literal) and left.value == 0 and op == "mul":
+            return right if right.type.shape == expr.type.shape else Op("add", (left, right), expr.type)
         return Op("add" if op == "mul" else "sub", (left, right), expr.type)
+    if op == "add":
+        # log(a + b) = logaddexp(log a, log b) for positive a and b: the gate with a floor,
+        # lower + (1 - lower) * sigmoid(z) (HGRN), is positive when lower is.
+        for zero, other in ((args[0], args[1]), (args[1], args[0])):
+            if fold_constant(zero) == 0:  # lower = 0: the gate is the other term alone
+                return log_of_positive(other, cell)
+        left, right = log_of_positive(args[0], cell), log_of_positive(args[1], cell)
+        return None if left is None or right is None else make("logaddexp", left, right)
     if op == "pow":
         base = log_of_positive(args[0], cell)
         return None if base is None or args[1].type.kind is not Kind.REAL else Op("mul", (args[1], base), expr.type)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import recdsl
+import recdsl.printer
 from recdsl.analysis import Side, Structure
 from recdsl.plan import BackendKind, ExecutionPlan, Form, PlanOptions, Unsupported, plan, plan_backend, predict_seconds
 from recdsl.testing import check_equivalence
@@ -87,11 +88,18 @@ def test_explain_plan_shows_the_forms_rejected_and_why(capsys):
     assert "predicted cost" in text and "sequential:" in text and "scan:" in text
 
 
-def test_explain_plan_says_why_a_lower_bounded_gate_is_not_chunked():
-    text = recdsl.explain(HGRN2, plan=True, dk=8, dv=8)
-    assert "not chunked: its decay lower + (1 - lower) * sigmoid(f_pre) is not provably positive" in text.replace("0.3", "lower") or (
-        "not chunked: its decay" in text and "is not provably positive" in text
-    ), text
+def test_a_gate_with_a_floor_is_positive_so_the_state_is_chunked_and_agrees_with_sequential():
+    module = recdsl.compile(HGRN2, dk=64, dv=64)
+    step = module.plan.step("S")
+    assert step.form is Form.CHUNKED, module.plan.format()
+    assert "logaddexp" in recdsl.printer.format_expr(step.chunk.log_decay)
+    report = check_equivalence(HGRN2, dims={"dk": 3, "dv": 4}, backends=["chunked"], max_examples=10)
+    assert report.ok, str(report)
+
+
+def test_explain_plan_says_why_a_decay_that_may_be_negative_is_not_chunked():
+    text = recdsl.explain(HGRN2.replace("lower + (1 - lower) * sigmoid(f_pre)", "lower + tanh(f_pre)"), plan=True, dk=8, dv=8)
+    assert "not chunked: its decay (lower + tanh(f_pre))[:, None] is not provably positive" in text, text
 
 
 def test_explain_plan_says_why_a_read_out_of_the_previous_state_is_not_chunked():
