@@ -426,6 +426,12 @@ FLOPS_PER_SECOND = 4e10  # matmuls
 STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time step
 
 
+def _small_matmul_seconds(flops: float, size: int) -> float:
+    """Batched products of ``size x size`` matrices: below 64 the rate falls about as size squared
+    (measured: 2.8 GFLOP/s at 16, 0.6 at 8, 0.1 at 4 on the project's 2-core machines)."""
+    return flops / (FLOPS_PER_SECOND * min(1.0, (size / 64) ** 2))
+
+
 def _op_work(node: ir.Expr) -> tuple[int, float, float]:
     """(ops, elements, flops) of evaluating ``node`` once per step and batch row, its subtree included."""
     ops, elements, flops = 0, 0.0, 0.0
@@ -510,13 +516,19 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                 total += _seconds(term_ops + 2 * math.sqrt(length) + 10, (term_elements + 8 * size) * batch * length, 0.0)
             case Form.LOW_RANK_MATRIX_SCAN:
                 rows = shape[0] if recurrence.side is Side.LEFT else shape[1]
-                total += _seconds(term_ops + 8 * rounds, 4 * stored, rounds * 2.0 * batch * length * (rows**3 + rows * size))
+                matrices = (rows * rows + rows * size) * batch * length  # the matrices and values, copied every round
+                total += _seconds(term_ops + 8 * rounds, 4 * stored + 2 * rounds * matrices, 0.0)
+                total += _small_matmul_seconds(rounds * 2.0 * batch * length * (rows**3 + rows * size), rows)
             case Form.DENSE_MATRIX_SCAN:
-                total += _seconds(term_ops + 8 * rounds, size * term_elements * batch * length + 4 * stored, rounds * 2.0 * batch * length * (size**3 + size**2))
+                matrices = (size * size + size) * batch * length
+                total += _seconds(term_ops + 8 * rounds, size * term_elements * batch * length + 4 * stored + 2 * rounds * matrices, 0.0)
+                total += _small_matmul_seconds(rounds * 2.0 * batch * length * (size**3 + size**2), size)
             case Form.SEMIRING_DIAGONAL_SCAN:
                 total += _seconds(term_ops + 4 * rounds, (term_elements + 4 * rounds * size) * batch * length, 0.0)
             case Form.SEMIRING_MATRIX_SCAN:
-                total += _seconds(term_ops + 4 * rounds, (size * term_elements + 3 * rounds * size**3) * batch * length, 0.0)
+                # Each round broadcasts [n, n, n] sums and reduces them with logsumexp/amax: about
+                # twenty passes of transcendental work per element.
+                total += _seconds(term_ops + 4 * rounds, (size * term_elements + 20 * rounds * size**3) * batch * length, 0.0)
             case Form.CHUNKED | Form.TRITON_CHUNKED:
                 assert step.chunk is not None
                 keys, values = (shape[1], shape[0]) if step.chunk.transposed else shape

@@ -232,7 +232,7 @@ cell C(cell, backend, chunk_size = 2) {
 def test_dims_as_a_mapping_bind_any_name():
     module = recdsl.compile(CLASH, dims={"cell": 3, "backend": 2, "chunk_size": 5}, backend="chunked", chunk_size=4)
     assert dict(module.cell.dims) == {"cell": 3, "backend": 2, "chunk_size": 5}
-    assert module.backend == "chunked" and module._backend_options == {"chunk_size": 4}
+    assert module.backend == "chunked" and module.plan.chunk_size == 4
     assert module(torch.randn(1, 3, 3)).shape == (1, 3, 2)
     text = recdsl.explain(CLASH, dims={"cell": 3, "backend": 2})
     assert text.startswith("cell C(cell=3, backend=2, chunk_size=2)")
