@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from recdsl.analysis import Analysis
 from recdsl.errors import BackendError
@@ -26,6 +26,16 @@ class Backend:
     description: str
     unsupported: Callable[[Analysis], str | None]
     run: Runner
+    options: tuple[str, ...] = ()  # the keyword options ``run`` accepts from ``compile(backend_options=...)``
+    reports: bool = False  # ``run`` takes a ``report`` callback (the module keeps the last report)
+
+    def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` if ``run`` accepts every one of them; else a :class:`BackendError`."""
+        for key in options:
+            if key not in self.options:
+                accepted = ", ".join(self.options) if self.options else "none"
+                raise BackendError(f"backend '{self.name}' has no option '{key}'", expected=f"options of backend '{self.name}': {accepted}")
+        return dict(options)
 
 
 def _sequential() -> Backend:
@@ -64,7 +74,20 @@ def _triton() -> Backend:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked, "triton": _triton}
+def _newton() -> Backend:
+    from . import newton
+
+    return Backend(
+        "newton",
+        "Newton's method over the whole trajectory, each iteration a parallel scan of the linearised steps; gradients by implicit differentiation",
+        newton.unsupported,
+        newton.run,
+        options=newton.OPTIONS,
+        reports=True,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked, "triton": _triton, "newton": _newton}
 BACKENDS: tuple[str, ...] = tuple(_FACTORIES)
 
 

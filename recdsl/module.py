@@ -47,7 +47,7 @@ class CompiledCell(nn.Module):
     Passing that ``state`` to the next call continues the sequence.
     """
 
-    def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None) -> None:
+    def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None, backend_options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         from .backends import choose_backend
 
@@ -70,6 +70,10 @@ class CompiledCell(nn.Module):
                 raise BackendError(f"chunk_size applies to the chunked backend, not '{backend}'", expected="backend='chunked' (or 'auto')")
             if self._backend.name == "chunked":
                 self._backend_options["chunk_size"] = chunk_size
+        if backend_options:
+            self._backend_options.update(self._backend.check_options(backend_options))
+        # The newton backend reports each call's solve (iterations, residual) here.
+        self.last_solve: Any = None
         reserved = set(dir(self))
         for param in self.cell.params:
             if param.name in reserved or param.name.startswith("_"):
@@ -256,6 +260,8 @@ class CompiledCell(nn.Module):
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
         backend, options = self._backend, self._backend_options
+        if backend.reports:
+            options = {**options, "report": self._record_solve}
         if self._gpu_backend is not None and numerics.device.type == "cuda":
             backend, options = self._gpu_backend, {}
         outputs, final = backend.run(self.analysis, cast_inputs, params, consts, carried, numerics, **options)
@@ -265,6 +271,9 @@ class CompiledCell(nn.Module):
         if return_state:
             return result, final
         return result
+
+    def _record_solve(self, solve: Any) -> None:
+        self.last_solve = solve
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{n}={v}" for n, v in self.cell.dims)
@@ -277,6 +286,7 @@ def compile(
     *,
     cell: str | None = None,
     chunk_size: int | None = None,
+    backend_options: Mapping[str, Any] | None = None,
     **dims: int | float,
 ) -> CompiledCell:
     """Compile a recdsl program to a ``torch.nn.Module``.
@@ -285,7 +295,9 @@ def compile(
     cell when the file defines several; ``dims`` bind the cell's dims (those with defaults
     may be left out); ``backend`` is ``auto`` or a name from
     :data:`recdsl.backends.BACKENDS` (``sequential``, ``scan``, ``chunked``);
-    ``chunk_size`` sets the chunk length of the chunked form (default 64).
+    ``chunk_size`` sets the chunk length of the chunked form (default 64);
+    ``backend_options`` passes options to the chosen backend (the newton backend's
+    ``jacobian``, ``tolerance``, ``max_iterations``).
 
     >>> import torch, recdsl
     >>> mod = recdsl.compile('''
@@ -301,6 +313,6 @@ def compile(
     cell_ir = load(source_or_path, cell=cell, dims=dims)
     try:
         analysis = analyze(cell_ir)
-        return CompiledCell(analysis, backend, chunk_size)
+        return CompiledCell(analysis, backend, chunk_size, backend_options)
     except RecDSLError as error:
         raise error.located(read_source(source_or_path)) from None
