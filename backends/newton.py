@@ -338,6 +338,19 @@ def jacobian_structure(analysis: Analysis) -> JacobianPlan:
     return JacobianPlan(structure, slots, size, block_size, blocks)
 
 
+def explain(analysis: Analysis) -> str:
+    """What the newton backend does with this cell: the Jacobian's structure and the scan it implies."""
+    plan = jacobian_structure(analysis)
+    mode = plan.mode(JacobianMode.AUTO)
+    if plan.structure is JacobianStructure.DIAGONAL:
+        scan = "one elementwise linear scan per Newton iteration (exact Newton)"
+    elif mode is JacobianMode.FULL:
+        scan = f"a scan of {plan.block_size} x {plan.block_size} matrices per Newton iteration (exact Newton)"
+    else:
+        scan = f"blocks of {plan.block_size} exceed {MAX_FULL_BLOCK}, so jacobian='auto' keeps their diagonal: quasi-Newton, an elementwise scan per iteration"
+    return f"newton: the step's Jacobian over the states is {plan.describe()}, found from the IR; {scan}; jacobian='diagonal' or 'full' overrides"
+
+
 # ---- the step function over the whole sequence ----------------------------------------------
 
 

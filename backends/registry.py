@@ -28,6 +28,7 @@ class Backend:
     run: Runner
     options: tuple[str, ...] = ()  # the keyword options ``run`` accepts from ``compile(backend_options=...)``
     reports: bool = False  # ``run`` takes a ``report`` callback (the module keeps the last report)
+    explain: Callable[[Analysis], str] | None = None  # what the backend does with a cell, for ``recdsl explain``
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` if ``run`` accepts every one of them; else a :class:`BackendError`."""
@@ -84,6 +85,7 @@ def _newton() -> Backend:
         newton.run,
         options=newton.OPTIONS,
         reports=True,
+        explain=newton.explain,
     )
 
 

@@ -158,4 +158,7 @@ def explain(source_or_path: str | Path, cell: str | None = None, backend: str = 
     from .backends import choose_backend
 
     chosen, reason = choose_backend(backend, analysis)
-    return explain_analysis(analysis, f"backend: {chosen.name} ({reason})")
+    line = f"backend: {chosen.name} ({reason})"
+    if chosen.explain is not None:
+        line += "\n" + chosen.explain(analysis)
+    return explain_analysis(analysis, line)

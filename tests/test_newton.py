@@ -229,3 +229,10 @@ def test_options_are_checked():
     module = _module("gru", jacobian="sparse")
     with pytest.raises(recdsl.BackendError, match="jacobian='sparse' is not a Jacobian mode"):
         module(torch.randn(1, 3, 3, dtype=torch.float64))
+
+
+def test_explain_names_the_jacobian_structure():
+    text = recdsl.explain(EXAMPLES / "paralstm.rec", backend="newton", d_in=3, d=4)
+    assert "backend: newton" in text and "block-diagonal (4 blocks of 2)" in text and "2 x 2 matrices" in text
+    wide = recdsl.explain(EXAMPLES / "gru.rec", backend="newton", d_in=2, d=80)
+    assert "dense (80 x 80)" in wide and "quasi-Newton" in wide
