@@ -65,8 +65,8 @@ from .scans import linear_scan, matrix_affine_scan
 from .torch_ops import REDUCTIONS, Evaluator, Numerics, _index_key, _reduce_dims, align, matmul
 
 # A state larger than this (elements per batch row and head) is not analysed: the
-# dependence pattern holds one boolean per pair of elements.
-MAX_STATE_ELEMENTS = 4096
+# dependence pattern holds one number per pair of elements for each operation.
+MAX_STATE_ELEMENTS = 1024
 # A block larger than this is solved with its diagonal (quasi-Newton) unless the full
 # Jacobian is asked for: a dense block costs m^2 numbers per step and m^3 per combine.
 MAX_FULL_BLOCK = 64
@@ -336,6 +336,11 @@ def jacobian_structure(analysis: Analysis) -> JacobianPlan:
         structure = JacobianStructure.BLOCK_DIAGONAL
     blocks = tuple(tuple(g) + (size,) * (block_size - len(g)) for g in sorted(groups))
     return JacobianPlan(structure, slots, size, block_size, blocks)
+
+
+def prepare(analysis: Analysis) -> dict[str, JacobianPlan]:
+    """The options a module passes to every call of :func:`run`: the Jacobian plan, made once."""
+    return {"plan": jacobian_structure(analysis)}
 
 
 def explain(analysis: Analysis) -> str:
@@ -621,6 +626,7 @@ def run(
     tolerance: float | None = None,
     max_iterations: int | None = None,
     report: Callable[[NewtonSolve], None] | None = None,
+    plan: JacobianPlan | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell by Newton's method over the whole sequence; the signature of the sequential backend's ``run``.
 
@@ -628,9 +634,10 @@ def run(
     diagonal beyond), ``full`` or ``diagonal`` (quasi-Newton).  ``tolerance``: the bound
     on the relative residual (default ``16 * eps`` of the computing dtype);
     ``max_iterations``: Newton updates before the unconverged suffix runs step by step.
-    ``report`` receives the :class:`NewtonSolve` of the call.
+    ``report`` receives the :class:`NewtonSolve` of the call; ``plan`` is
+    :func:`jacobian_structure`'s result when the caller made it once (else it is made here).
     """
-    plan = jacobian_structure(analysis)
+    plan = plan if plan is not None else jacobian_structure(analysis)
     requested, tolerance, max_iterations = _options(jacobian, tolerance, max_iterations, numerics)
     mode = plan.mode(requested)
     cell = analysis.cell

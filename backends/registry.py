@@ -29,6 +29,7 @@ class Backend:
     options: tuple[str, ...] = ()  # the keyword options ``run`` accepts from ``compile(backend_options=...)``
     reports: bool = False  # ``run`` takes a ``report`` callback (the module keeps the last report)
     explain: Callable[[Analysis], str] | None = None  # what the backend does with a cell, for ``recdsl explain``
+    prepare: Callable[[Analysis], dict[str, Any]] | None = None  # options for ``run`` made once per module (a plan)
 
     def check_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` if ``run`` accepts every one of them; else a :class:`BackendError`."""
@@ -86,6 +87,7 @@ def _newton() -> Backend:
         options=newton.OPTIONS,
         reports=True,
         explain=newton.explain,
+        prepare=newton.prepare,
     )
 
 

@@ -72,6 +72,8 @@ class CompiledCell(nn.Module):
                 self._backend_options["chunk_size"] = chunk_size
         if backend_options:
             self._backend_options.update(self._backend.check_options(backend_options))
+        if self._backend.prepare is not None:
+            self._backend_options.update(self._backend.prepare(analysis))
         # The newton backend reports each call's solve (iterations, residual) here.
         self.last_solve: Any = None
         reserved = set(dir(self))
