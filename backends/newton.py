@@ -10,7 +10,7 @@ recurrence
     delta_t = J_t delta_{t-1} + r_t,    delta_{-1} = 0 (the initial state is given),
 
 one parallel scan (:func:`~recdsl.backends.scans.linear_scan` when ``J`` is diagonal,
-:func:`~recdsl.backends.scans.matrix_affine_scan` of small blocks otherwise).  Step ``t``
+:func:`~recdsl.backends.scans.block_linear_scan` of small blocks otherwise).  Step ``t``
 is exact after ``t + 1`` iterations whatever ``J`` is (by induction: once ``s_{t-1}`` is
 exact its residual and correction vanish, so ``delta_t = r_t`` makes ``s_t = f(s_{t-1})``),
 so replacing ``J`` by its diagonal (quasi-Newton, Gonzalez et al., 2024) changes only
@@ -61,7 +61,7 @@ from recdsl.analysis import Analysis
 from recdsl.errors import BackendError
 from recdsl.ir import Kind, RefKind
 
-from .scans import linear_scan, matrix_affine_scan
+from .scans import block_linear_scan, linear_scan
 from .torch_ops import REDUCTIONS, Evaluator, Numerics, _index_key, _reduce_dims, align, matmul
 
 # A state larger than this (elements per batch row and head) is not analysed: the
@@ -510,9 +510,9 @@ def _solve_linear(jacobian: _Jacobian, residual: torch.Tensor, index: torch.Tens
     """``delta_t = J_t delta_{t-1} + r_t`` from ``delta_{-1} = 0``; time on dim 1."""
     if jacobian.diagonal:
         return linear_scan(jacobian.values.movedim(1, 0), residual.movedim(1, 0)).movedim(0, 1)
-    blocks = _to_blocks(residual, index).unsqueeze(-1)
-    solved = matrix_affine_scan(jacobian.values.movedim(1, 0), blocks.movedim(1, 0)).movedim(0, 1)
-    return _from_blocks(solved.squeeze(-1), index, size)
+    blocks = _to_blocks(residual, index)
+    solved = block_linear_scan(jacobian.values.movedim(1, 0), blocks.movedim(1, 0)).movedim(0, 1)
+    return _from_blocks(solved, index, size)
 
 
 def _solve_adjoint(jacobian: _Jacobian, gradient: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
@@ -522,9 +522,9 @@ def _solve_adjoint(jacobian: _Jacobian, gradient: torch.Tensor, index: torch.Ten
     if jacobian.diagonal:
         return linear_scan(following.movedim(1, 0).flip(0), gradient.movedim(1, 0).flip(0)).flip(0).movedim(0, 1)
     transposed = following.transpose(-1, -2)
-    blocks = _to_blocks(gradient, index).unsqueeze(-1)
-    solved = matrix_affine_scan(transposed.movedim(1, 0).flip(0), blocks.movedim(1, 0).flip(0)).flip(0).movedim(0, 1)
-    return _from_blocks(solved.squeeze(-1), index, size)
+    blocks = _to_blocks(gradient, index)
+    solved = block_linear_scan(transposed.movedim(1, 0).flip(0), blocks.movedim(1, 0).flip(0)).flip(0).movedim(0, 1)
+    return _from_blocks(solved, index, size)
 
 
 def _shift(initial: torch.Tensor, trajectory: torch.Tensor) -> torch.Tensor:

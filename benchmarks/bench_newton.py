@@ -91,7 +91,7 @@ def timing(args) -> None:
         if name == "sequential backend" and steps > args.max_sequential_backward:
             fb = float("nan")
         else:
-            fb = best_of(args.repeat if name == "newton" else max(1, args.repeat - 1), forward_backward(function, x))
+            fb = best_of(args.repeat if name != "sequential backend" else 1, forward_backward(function, x))
         results[name] = (fwd, fb)
         print(f"  {name:26s} forward {fwd:8.3f}   forward+backward {fb:8.3f}", flush=True)
     solve = newton.last_solve
@@ -128,8 +128,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--gru-width", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings on a shared machine)")
     parser.add_argument("--max-sequential-backward", type=int, default=8192, help="skip the sequential backend's backward above this T")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     lengths = [256, 1024, 4096, 16384, 65536]
     gru_lengths = [256, 1024, 4096, 16384]
     if args.quick:
