@@ -74,6 +74,8 @@ DEFAULT_MAX_ITERATIONS = 48
 # The options of ``run`` a user passes through ``recdsl.compile(backend_options=...)``.
 OPTIONS = ("jacobian", "tolerance", "max_iterations")
 TOLERANCE_IN_EPS = 16
+# Forward-mode products evaluated together (vmapped): more is faster, and costs memory.
+TANGENTS_AT_ONCE = 8
 
 
 class JacobianStructure(str, Enum):
@@ -127,7 +129,7 @@ class JacobianPlan:
         """The mode a run uses: ``auto`` resolved by the block size."""
         if requested is not JacobianMode.AUTO:
             return requested
-        if self.block_size == 1 or self.block_size <= MAX_FULL_BLOCK:
+        if self.block_size <= MAX_FULL_BLOCK:
             return JacobianMode.FULL
         return JacobianMode.DIAGONAL
 
@@ -492,18 +494,23 @@ def _evaluate_with_jacobian(step: _Step, previous: torch.Tensor, plan: JacobianP
         return value, _Jacobian(diagonal, True)
     tangents = torch.zeros((m, size + 1), dtype=previous.dtype, device=previous.device)
     tangents[torch.arange(m, device=index.device).unsqueeze(0).expand_as(index), index] = 1  # tangent p: position p of every block
-    tangents = tangents[:, :size].reshape((m,) + (1,) * (previous.dim() - 1) + (size,)).expand((m,) + previous.shape)
+    tangents = tangents[:, :size].reshape((m,) + (1,) * (previous.dim() - 1) + (size,))
 
     def product(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return jvp(step, (previous,), (tangent,))
+        return jvp(step, (previous,), (tangent.expand_as(previous),))
 
-    values, products = vmap(product)(tangents)
-    value = values[0]
-    columns = [_to_blocks(products[p], index) for p in range(m)]  # [..., nb, m]: column p of each block
-    blocks = torch.stack(columns, -1)  # [..., nb, m (row), m (column)]
+    value = None
+    columns: list[torch.Tensor] = []  # column p of every block, [..., nb, m]; only its entry p in DIAGONAL mode
+    for start in range(0, m, TANGENTS_AT_ONCE):  # a bounded number of tangents in memory at once
+        values, products = vmap(product)(tangents[start : start + TANGENTS_AT_ONCE])
+        value = values[0]
+        for offset in range(products.shape[0]):
+            column = _to_blocks(products[offset], index)
+            columns.append(column if mode is JacobianMode.FULL else column[..., start + offset])
+    assert value is not None
     if mode is JacobianMode.DIAGONAL:
-        return value, _Jacobian(_from_blocks(torch.diagonal(blocks, dim1=-2, dim2=-1), index, size), True)
-    return value, _Jacobian(blocks, False)
+        return value, _Jacobian(_from_blocks(torch.stack(columns, -1), index, size), True)
+    return value, _Jacobian(torch.stack(columns, -1), False)  # [..., nb, m (row), m (column)]
 
 
 def _solve_linear(jacobian: _Jacobian, residual: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:

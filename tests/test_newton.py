@@ -236,3 +236,15 @@ def test_explain_names_the_jacobian_structure():
     assert "backend: newton" in text and "block-diagonal (4 blocks of 2)" in text and "2 x 2 matrices" in text
     wide = recdsl.explain(EXAMPLES / "gru.rec", backend="newton", d_in=2, d=80)
     assert "dense (80 x 80)" in wide and "quasi-Newton" in wide
+
+
+@pytest.mark.parametrize("mode", ["full", "diagonal"])
+def test_dense_blocks_wider_than_one_group_of_tangents(mode):
+    """LSTM with d = 6: a 12 x 12 dense block, filled by more than one vmapped group of products."""
+    torch.manual_seed(0)
+    sequential = recdsl.compile(EXAMPLES / "lstm.rec", backend="sequential", d_in=2, d=6).double()
+    newton = recdsl.compile(EXAMPLES / "lstm.rec", backend="newton", backend_options={"jacobian": mode}, d_in=2, d=6).double()
+    newton.load_state_dict(sequential.state_dict())
+    inputs, state = random_inputs(newton, Example(batch=2, length=23, heads=(), seed=9, with_state=True))
+    _assert_agree(_outputs_and_gradients(sequential, inputs, state), _outputs_and_gradients(newton, inputs, state), F64_TOLERANCE, f"lstm ({mode})")
+    assert newton.last_solve.converged and newton.last_solve.mode is JacobianMode(mode)
