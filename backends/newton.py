@@ -44,7 +44,9 @@ solution ``S = f(shift(S), theta)``, the adjoint ``lambda_t = dL/ds_t + J_{t+1}^
 is one more scan in reverse time with the transposed Jacobians of the converged
 trajectory, and ``dL/dtheta = sum_t lambda_t^T df_t/dtheta`` is the ordinary backward of one
 step function evaluated for all steps at once, which also carries ``J_0^T lambda_0`` to the
-initial state.
+initial state.  With the quasi-Newton diagonal of a larger block, the adjoint is solved
+the same way as the forward system: residuals with the exact ``J^T`` (vector-Jacobian
+products of the step), corrections by the reverse diagonal scan.
 """
 
 from __future__ import annotations
@@ -583,6 +585,67 @@ def _newton(step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, 
     return trajectory, (jacobian if keep_jacobian else None), report
 
 
+@dataclass
+class _Linearisation:
+    """What the backward pass needs of a converged solve.
+
+    ``exact`` is False when ``jacobian`` is only the diagonal of a larger block
+    (quasi-Newton): the adjoint then needs the true transposed Jacobian, applied as
+    vector-Jacobian products of ``step`` at ``previous``, with the diagonal as a
+    preconditioner.
+    """
+
+    jacobian: _Jacobian
+    exact: bool
+    index: torch.Tensor
+    size: int
+    step: _Step
+    previous: torch.Tensor
+    tolerance: float
+    max_iterations: int
+
+
+def _iterative_adjoint(linearisation: _Linearisation, gradient: torch.Tensor) -> torch.Tensor:
+    """The adjoint ``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` with ``J`` known only through products.
+
+    Quasi-Newton on this linear system: the residual uses the exact ``J^T`` (one
+    vector-Jacobian product of the step for all steps at once), the correction the reverse
+    diagonal scan.  As in the forward solve, the last ``k`` steps are exact after ``k``
+    iterations; when the budget runs out the rest is swept step by step.
+    """
+    lin = linearisation
+    with torch.enable_grad():
+        previous = lin.previous.detach().requires_grad_()
+        value = lin.step(previous)
+
+    def following(products: torch.Tensor) -> torch.Tensor:  # J_{t+1}^T lambda_{t+1} for step t
+        return torch.cat([products[:, 1:], torch.zeros_like(products[:, :1])], 1)
+
+    adjoint = _solve_adjoint(lin.jacobian, gradient, lin.index, lin.size)
+    for _ in range(lin.max_iterations):
+        products = torch.autograd.grad(value, previous, adjoint, retain_graph=True)[0]
+        residual = gradient + following(products) - adjoint
+        errors = _step_errors(residual, adjoint)
+        if float(errors.max()) <= lin.tolerance:
+            return adjoint
+        adjoint = adjoint + _solve_adjoint(lin.jacobian, residual, lin.index, lin.size)
+    products = torch.autograd.grad(value, previous, adjoint, retain_graph=True)[0]
+    errors = _step_errors(gradient + following(products) - adjoint, adjoint)
+    above = torch.nonzero(errors > lin.tolerance)
+    steps = gradient.shape[1]
+    last = int(above[-1]) if len(above) else -1
+    adjoint = adjoint.clone()
+    for t in range(last, -1, -1):
+        if t + 1 == steps:
+            adjoint[:, t] = gradient[:, t]
+            continue
+        with torch.enable_grad():
+            state = lin.previous[:, t + 1 : t + 2].detach().requires_grad_()
+            product = torch.autograd.grad(lin.step.at(t + 1, t + 2)(state), state, adjoint[:, t + 1 : t + 2])[0]
+        adjoint[:, t] = gradient[:, t] + product[:, 0]
+    return adjoint
+
+
 class _ImplicitAdjoint(torch.autograd.Function):
     """Identity on the trajectory; its backward turns ``dL/ds`` into the adjoint ``lambda``.
 
@@ -592,14 +655,17 @@ class _ImplicitAdjoint(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, trajectory: torch.Tensor, jacobian: _Jacobian, index: torch.Tensor, size: int) -> torch.Tensor:
-        ctx.jacobian, ctx.index, ctx.size = jacobian, index, size
+    def forward(ctx, trajectory: torch.Tensor, linearisation: _Linearisation) -> torch.Tensor:
+        ctx.linearisation = linearisation
         return trajectory.view_as(trajectory)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gradient: torch.Tensor):
-        return _solve_adjoint(ctx.jacobian, gradient.contiguous(), ctx.index, ctx.size), None, None, None
+        lin = ctx.linearisation
+        if lin.exact:
+            return _solve_adjoint(lin.jacobian, gradient.contiguous(), lin.index, lin.size), None
+        return _iterative_adjoint(lin, gradient.contiguous()), None
 
 
 # ---- the backend --------------------------------------------------------------------------
@@ -687,7 +753,11 @@ def run(
 
     if differentiable:
         solution = attached(_shift(initial, trajectory.detach()))
-        solution = _ImplicitAdjoint.apply(solution, jacobian_values, _index(plan, initial.device), plan.size)
+        exact = mode is JacobianMode.FULL or plan.structure is JacobianStructure.DIAGONAL
+        linearisation = _Linearisation(
+            jacobian_values, exact, _index(plan, initial.device), plan.size, detached, _shift(initial, trajectory).detach(), tolerance, max_iterations
+        )
+        solution = _ImplicitAdjoint.apply(solution, linearisation)
         previous = _shift(initial, solution)
         evaluation = attached
     else:
