@@ -23,9 +23,9 @@ dependences, a matmul or a reduction mixes along its axis, ``outer`` and ``diag`
 their own patterns).  The connected groups of that pattern are the Jacobian's blocks:
 all of size 1 means diagonal (ParaGRU), equal small groups mean block-diagonal (LSTM-like
 cells whose ``c[i]`` and ``h[i]`` read each other: blocks of 2), one group of every
-element means dense (GRU).  The blocks are found by forward-mode products ``J v`` with one
-tangent per position inside a block (the groups never overlap, so one product fills that
-column of every block), so a diagonal Jacobian costs one product per iteration.
+element means dense (GRU).  The blocks' values are vector-Jacobian products ``v^T J`` with one
+vector per position inside a block (the groups never overlap, so one product fills that
+row of every block), so a diagonal Jacobian costs one product per iteration.
 
 What is decided per call: convergence.  The residual is measured per element relative to
 the state's size, ``|r| / (1 + |s|)``, and the iteration stops when its maximum is at most
@@ -76,8 +76,6 @@ DEFAULT_MAX_ITERATIONS = 48
 # The options of ``run`` a user passes through ``recdsl.compile(backend_options=...)``.
 OPTIONS = ("jacobian", "tolerance", "max_iterations")
 TOLERANCE_IN_EPS = 16
-# Forward-mode products evaluated together (vmapped): more is faster, and costs memory.
-TANGENTS_AT_ONCE = 8
 
 
 class JacobianStructure(str, Enum):
@@ -487,32 +485,37 @@ def _from_blocks(blocks: torch.Tensor, index: torch.Tensor, size: int) -> torch.
 
 
 def _evaluate_with_jacobian(step: _Step, previous: torch.Tensor, plan: JacobianPlan, mode: JacobianMode, index: torch.Tensor) -> tuple[torch.Tensor, _Jacobian]:
-    """``f(previous)`` and its Jacobian, by forward-mode products with one tangent per block position."""
-    from torch.func import jvp, vmap
+    """``f(previous)`` and its Jacobian, by one vector-Jacobian product per block position.
 
+    The blocks never overlap, so the product with ``v_p`` (1 at position ``p`` of every
+    block) is row ``p`` of every block at once: ``m`` products fill all blocks of size
+    ``m``, and a diagonal Jacobian is one product, ``J^T 1``.  Reverse mode rather than
+    forward mode: torch's forward-mode AD (dual numbers, ``torch.func.jvp``) imports
+    torch._dynamo, and with it Triton, on first use.
+    """
     size, m = plan.size, plan.block_size
+    with torch.enable_grad():
+        leaf = previous.detach().requires_grad_()
+        value = step(leaf)
+    if not value.requires_grad:  # no state is read: the Jacobian is zero
+        zeros = torch.zeros_like(value)
+        if m == 1 or mode is JacobianMode.DIAGONAL:
+            return value.detach(), _Jacobian(zeros, True)
+        return value.detach(), _Jacobian(zeros.new_zeros(zeros.shape[:-1] + (len(plan.blocks), m, m)), False)
     if m == 1:
-        value, diagonal = jvp(step, (previous,), (torch.ones_like(previous),))
-        return value, _Jacobian(diagonal, True)
-    tangents = torch.zeros((m, size + 1), dtype=previous.dtype, device=previous.device)
-    tangents[torch.arange(m, device=index.device).unsqueeze(0).expand_as(index), index] = 1  # tangent p: position p of every block
-    tangents = tangents[:, :size].reshape((m,) + (1,) * (previous.dim() - 1) + (size,))
-
-    def product(tangent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return jvp(step, (previous,), (tangent.expand_as(previous),))
-
-    value = None
-    columns: list[torch.Tensor] = []  # column p of every block, [..., nb, m]; only its entry p in DIAGONAL mode
-    for start in range(0, m, TANGENTS_AT_ONCE):  # a bounded number of tangents in memory at once
-        values, products = vmap(product)(tangents[start : start + TANGENTS_AT_ONCE])
-        value = values[0]
-        for offset in range(products.shape[0]):
-            column = _to_blocks(products[offset], index)
-            columns.append(column if mode is JacobianMode.FULL else column[..., start + offset])
-    assert value is not None
+        (diagonal,) = torch.autograd.grad(value, leaf, torch.ones_like(value))
+        return value.detach(), _Jacobian(diagonal, True)
+    rows = []  # row p of every block, [..., nb, m]; only its entry p in DIAGONAL mode
+    for position in range(m):
+        members = index[:, position]
+        cotangent = torch.zeros(size, dtype=value.dtype, device=value.device)
+        cotangent[members[members < size]] = 1
+        (product,) = torch.autograd.grad(value, leaf, cotangent.expand_as(value), retain_graph=position + 1 < m)
+        row = _to_blocks(product, index)
+        rows.append(row if mode is JacobianMode.FULL else row[..., position])
     if mode is JacobianMode.DIAGONAL:
-        return value, _Jacobian(_from_blocks(torch.stack(columns, -1), index, size), True)
-    return value, _Jacobian(torch.stack(columns, -1), False)  # [..., nb, m (row), m (column)]
+        return value.detach(), _Jacobian(_from_blocks(torch.stack(rows, -1), index, size), True)
+    return value.detach(), _Jacobian(torch.stack(rows, -2), False)  # [..., nb, m (row), m (column)]
 
 
 def _solve_linear(jacobian: _Jacobian, residual: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
