@@ -254,3 +254,16 @@ def test_dense_blocks_wider_than_one_group_of_tangents(mode):
     inputs, state = random_inputs(newton, Example(batch=2, length=23, heads=(), seed=9, with_state=True))
     _assert_agree(_outputs_and_gradients(sequential, inputs, state), _outputs_and_gradients(newton, inputs, state), F64_TOLERANCE, f"lstm ({mode})")
     assert newton.last_solve.converged and newton.last_solve.mode is JacobianMode(mode)
+
+
+@pytest.mark.parametrize("block", [1, 2, 6])
+@pytest.mark.parametrize("steps", [1, 16, 17, 300])
+def test_block_linear_scan_equals_the_matrix_scan(block, steps):
+    """The chunked scan of small matrices (planar for blocks up to 4, matmuls beyond) against recursive doubling."""
+    from recdsl.backends.scans import block_linear_scan, matrix_affine_scan
+
+    generator = torch.Generator().manual_seed(steps + block)
+    transition = 0.4 / block**0.5 * torch.randn(steps, 2, 3, block, block, generator=generator, dtype=torch.float64)  # spectral radius below 1
+    value = torch.randn(steps, 2, 3, block, generator=generator, dtype=torch.float64)
+    expected = matrix_affine_scan(transition, value.unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(block_linear_scan(transition, value), expected, rtol=1e-12, atol=1e-12)
