@@ -296,7 +296,7 @@ def compile(
     ``source_or_path`` is the program text or a path to a ``.rec`` file; ``cell`` picks one
     cell when the file defines several; ``dims`` bind the cell's dims (those with defaults
     may be left out); ``backend`` is ``auto`` or a name from
-    :data:`recdsl.backends.BACKENDS` (``sequential``, ``scan``, ``chunked``);
+    :data:`recdsl.backends.BACKENDS` (``sequential``, ``scan``, ``chunked``, ``triton``, ``newton``);
     ``chunk_size`` sets the chunk length of the chunked form (default 64);
     ``backend_options`` passes options to the chosen backend (the newton backend's
     ``jacobian``, ``tolerance``, ``max_iterations``).
