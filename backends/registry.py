@@ -25,7 +25,8 @@ class Backend:
 
     kind: BackendKind
     description: str
-    module: str  # the module (under recdsl.backends) whose ``run`` interprets the plan
+    module: str  # the module (under recdsl.backends) whose ``entry`` interprets the plan
+    entry: str = "run"
 
     @property
     def name(self) -> str:
@@ -33,7 +34,7 @@ class Backend:
 
     @property
     def run(self) -> Runner:
-        return importlib.import_module(f"recdsl.backends.{self.module}").run
+        return getattr(importlib.import_module(f"recdsl.backends.{self.module}"), self.entry)
 
     def unsupported(self, analysis: Analysis) -> str | None:
         """Why this backend cannot run ``analysis``'s cell (None when it can)."""
@@ -55,6 +56,12 @@ _BACKENDS: dict[BackendKind, Backend] = {
             BackendKind.TRITON,
             "generated Triton scan kernels with the gate math fused in, forward and backward (GPU, or TRITON_INTERPRET=1 on a CPU)",
             "triton_backend",
+        ),
+        Backend(
+            BackendKind.NEWTON,
+            "Newton's method over the whole trajectory, each iteration a parallel scan of the linearised steps; gradients by implicit differentiation",
+            "newton",
+            "run_plan",
         ),
     )
 }

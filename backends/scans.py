@@ -206,3 +206,102 @@ def semiring_matrix_scan(transition: torch.Tensor, value: torch.Tensor, plus: Ca
         return semiring_matmul(t1, t2, reduce), plus(semiring_matmul(b1.unsqueeze(-2), t2, reduce).squeeze(-2), b2)
 
     return prefix_scan((transition, value), combine)[1]
+
+
+
+def _matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    return (matrix @ vector.unsqueeze(-1)).squeeze(-1)
+
+
+def block_linear_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``x_t = M_t x_{t-1} + v_t`` with ``x_{-1} = 0``: ``transition`` ``[T, ..., m, m]``, ``value`` ``[T, ..., m]``.
+
+    The chunked form of :func:`linear_scan` for small matrices (no autograd): step ``i``
+    of every chunk at once, carrying the local state and the product of the chunk's
+    transitions; the chunks' end states are a shorter recurrence of the same kind, solved
+    recursively, and each chunk then adds its carried-in state through its products.
+    ``O(T m^3)`` work with no log factor, ``O(sqrt(T))`` Python-level steps.  Blocks of
+    at most :data:`PLANAR_BLOCK` run entry by entry on contiguous planes (an LSTM-like
+    2 x 2 block is 4 + 8 fused multiply-adds per step, not a batched matmul of tiny
+    matrices).
+    """
+    m = value.shape[-1]
+    if m <= PLANAR_BLOCK:
+        planes_a = transition.movedim((-2, -1), (0, 1)).contiguous()  # [m, m, T, ...]
+        planes_b = value.movedim(-1, 0).contiguous()  # [m, T, ...]
+        return _planar_scan(planes_a, planes_b).movedim(0, -1)
+    return _dense_block_scan(transition, value)
+
+
+PLANAR_BLOCK = 4
+
+
+def _chunks(steps: int) -> tuple[int, int, int]:
+    size = max(8, min(256, int(steps**0.5)))
+    chunks = -(-steps // size)
+    return size, chunks, chunks * size - steps
+
+
+def _planar_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """:func:`block_linear_scan` on planes: ``a`` ``[m, m, T, ...]``, ``b`` ``[m, T, ...]``."""
+    m, steps = b.shape[0], b.shape[1]
+
+    def matvec(matrix, vector, out, add=None):  # out[r] = sum_c matrix[r, c] * vector[c] (+ add[r])
+        for r in range(m):
+            torch.mul(matrix[r, 0], vector[0], out=out[r]) if add is None else torch.addcmul(add[r], matrix[r, 0], vector[0], out=out[r])
+            for c in range(1, m):
+                out[r].addcmul_(matrix[r, c], vector[c])
+
+    if steps <= 16:
+        states = torch.empty_like(b)
+        states[:, 0] = b[:, 0]
+        for t in range(1, steps):
+            matvec(a[:, :, t], states[:, t - 1], states[:, t], add=b[:, t])
+        return states
+    size, chunks, pad = _chunks(steps)
+    if pad:
+        a = torch.cat([a, a.new_zeros(a.shape[:2] + (pad,) + a.shape[3:])], 2)
+        b = torch.cat([b, b.new_zeros(b.shape[:1] + (pad,) + b.shape[2:])], 1)
+    # [m, (m,) C, n, ...]: step i of every chunk is one slab.
+    a = a.reshape(a.shape[:2] + (chunks, size) + a.shape[3:]).transpose(2, 3).contiguous()
+    b = b.reshape(b.shape[:1] + (chunks, size) + b.shape[2:]).transpose(1, 2).contiguous()
+    local = torch.empty_like(b)
+    products = torch.empty_like(a)
+    local[:, 0] = b[:, 0]
+    products[:, :, 0] = a[:, :, 0]
+    for i in range(1, size):
+        matvec(a[:, :, i], local[:, i - 1], local[:, i], add=b[:, i])
+        for c in range(m):  # column c of a_i @ P_{i-1}
+            matvec(a[:, :, i], products[:, c, i - 1], products[:, c, i])
+    ends = _planar_scan(products[:, :, -1], local[:, -1])  # [m, n, ...]: the state at the end of each chunk
+    carry_in = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], 1)
+    for i in range(size):
+        matvec(products[:, :, i], carry_in, local[:, i], add=local[:, i])
+    return local.transpose(1, 2).reshape(local.shape[:1] + (chunks * size,) + local.shape[3:])[:, :steps]
+
+
+def _dense_block_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    steps = value.shape[0]
+    if steps <= 16:
+        states = torch.empty_like(value)
+        states[0] = value[0]
+        for t in range(1, steps):
+            states[t] = _matvec(transition[t], states[t - 1]) + value[t]
+        return states
+    size, chunks, pad = _chunks(steps)
+    if pad:
+        transition = torch.cat([transition, transition.new_zeros((pad,) + transition.shape[1:])], 0)
+        value = torch.cat([value, value.new_zeros((pad,) + value.shape[1:])], 0)
+    a = transition.reshape((chunks, size) + transition.shape[1:]).transpose(0, 1)
+    b = value.reshape((chunks, size) + value.shape[1:]).transpose(0, 1)
+    local = torch.empty(b.shape, dtype=b.dtype, device=b.device)
+    products = torch.empty(a.shape, dtype=a.dtype, device=a.device)
+    local[0] = b[0]
+    products[0] = a[0]
+    for i in range(1, size):
+        local[i] = _matvec(a[i], local[i - 1]) + b[i]
+        products[i] = a[i] @ products[i - 1]
+    ends = _dense_block_scan(products[-1], local[-1])
+    carry_in = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]], 0)
+    local = local + _matvec(products, carry_in.unsqueeze(0))
+    return local.transpose(0, 1).reshape((chunks * size,) + local.shape[2:])[:steps]

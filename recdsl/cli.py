@@ -98,7 +98,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", help="a .rec source file")
     parser.add_argument("--cell", help="the cell to use when the file defines several")
     parser.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE", help="bind a dim (repeatable), e.g. --dim d=64")
-    parser.add_argument("--backend", default="auto", help="auto (default) or a backend name: sequential, scan, chunked, triton")
+    parser.add_argument("--backend", default="auto", help="auto (default) or a backend name: sequential, scan, chunked, triton, newton")
 
 
 def _explain(args: argparse.Namespace) -> int:

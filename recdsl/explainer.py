@@ -16,6 +16,7 @@ from .analysis import (
     analyze,
 )
 from .frontend import load
+from .plan import BackendKind
 from .printer import format_expr
 from .printer import format_expr as _format
 
@@ -174,7 +175,12 @@ def explain(
     cell_ir = load(source_or_path, cell=cell, dims=dim_arguments("explain", dims, dim_values))
     analysis = analyze(cell_ir)
     chosen = make_plan(analysis, backend)
-    text = explain_analysis(analysis, f"backend: {chosen.backend} ({chosen.reason})")
+    line = f"backend: {chosen.backend} ({chosen.reason})"
+    if chosen.backend is BackendKind.NEWTON:
+        from .backends.newton import explain as explain_newton
+
+        line += "\n" + explain_newton(analysis)
+    text = explain_analysis(analysis, line)
     if plan:
         text += "\n" + chosen.format()
     return text

@@ -17,7 +17,7 @@ from torch import nn
 
 from . import ir
 from .analysis import Analysis, analyze
-from .plan import ExecutionPlan, PlanOptions
+from .plan import BackendKind, ExecutionPlan, PlanOptions
 from .plan import plan as make_plan
 from .errors import BackendError, DeclarationError, InputError, RecDSLError
 from .frontend import load, read_source
@@ -56,7 +56,7 @@ class CompiledCell(nn.Module):
     Passing that ``state`` to the next call continues the sequence.
     """
 
-    def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None) -> None:
+    def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None, backend_options: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         # An empty buffer that follows .double(), .half() and .to(dtype), so that the
         # computing dtype follows them too in a cell without params.
@@ -69,12 +69,14 @@ class CompiledCell(nn.Module):
             if backend not in ("chunked", "auto"):
                 raise BackendError(f"chunk_size applies to the chunked backend, not '{backend}'", expected="backend='chunked' (or 'auto')")
         # Every decision about how to run the cell, made once: see recdsl.plan.
-        self.plan: ExecutionPlan = make_plan(analysis, backend, PlanOptions(chunk_size=chunk_size or DEFAULT_CHUNK_SIZE))
+        self.plan: ExecutionPlan = make_plan(analysis, backend, PlanOptions(chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, backend_options=tuple(sorted(dict(backend_options or {}).items()))))
         from .backends import runner
 
         # Resolved once here, so that a forward pass only calls (torch.compile traces no imports).
         self._run = runner(self.plan.backend)
         self._run_on_gpu = runner(self.plan.gpu.backend) if self.plan.gpu is not None else None
+        # The newton backend reports each call's solve (iterations, residual) here.
+        self.last_solve: Any = None
         reserved = set(dir(self))
         for param in self.cell.params:
             if param.name in reserved or param.name.startswith("_"):
@@ -319,13 +321,17 @@ class CompiledCell(nn.Module):
         if self._run_on_gpu is not None and numerics.device.type == "cuda":
             outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics)
         else:
-            outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics)
+            reporting = {"report": self._record_solve} if self.plan.backend is BackendKind.NEWTON else {}
+            outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics, **reporting)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)
         if return_state:
             return result, final
         return result
+
+    def _record_solve(self, solve: Any) -> None:
+        self.last_solve = solve
 
     def extra_repr(self) -> str:
         dims = ", ".join(f"{n}={v}" for n, v in self.cell.dims)
@@ -339,6 +345,7 @@ def compile(
     cell: str | None = None,
     chunk_size: int | None = None,
     max_elements: int | None = None,
+    backend_options: Mapping[str, Any] | None = None,
     dims: Mapping[str, int | float] | None = None,
     **dim_values: int | float,
 ) -> CompiledCell:
@@ -349,10 +356,12 @@ def compile(
     or by the mapping ``dims`` (``dims={"d": 64}``, the only way for a dim named like a
     keyword of this function, e.g. ``cell``); those with defaults may be left out.
     ``backend`` is ``auto`` or a name from :data:`recdsl.backends.BACKENDS`
-    (``sequential``, ``scan``, ``chunked``, ``triton``); ``chunk_size`` sets the chunk
+    (``sequential``, ``scan``, ``chunked``, ``triton``, ``newton``); ``chunk_size`` sets the chunk
     length of the chunked form (default 64).  ``max_elements`` caps the elements of
     every param, const, state and per-step value (default ``$RECDSL_MAX_ELEMENTS`` or
     2 ** 28, see :mod:`recdsl.limits`); a larger one is a located ``DimensionError``.
+    ``backend_options`` passes options to the chosen backend (the newton backend's
+    ``jacobian``, ``tolerance``, ``max_iterations``).
 
     >>> import torch, recdsl
     >>> mod = recdsl.compile('''
@@ -376,6 +385,6 @@ def compile(
         check_option_clashes("compile", {"chunk_size": chunk_size, "max_elements": max_elements}, cell_ir, bound)
         check_sizes(cell_ir, budget)
         analysis = analyze(cell_ir)
-        return CompiledCell(analysis, backend, chunk_size)
+        return CompiledCell(analysis, backend, chunk_size, backend_options)
     except RecDSLError as error:
         raise error.located(read_source(source_or_path)) from None

@@ -51,6 +51,7 @@ class BackendKind(Enum):
     SCAN = "scan"
     CHUNKED = "chunked"
     TRITON = "triton"
+    NEWTON = "newton"
 
     def __str__(self) -> str:
         return self.value
@@ -70,6 +71,7 @@ class Form(Enum):
     CHUNKED = "chunked: matmuls inside chunks, only chunk-boundary states kept"
     TRITON_SCAN = "generated Triton scan kernel, gate math fused"
     TRITON_CHUNKED = "Triton chunked kernels"
+    NEWTON = "Newton's method over the whole trajectory, one scan of the linearised steps per iteration"
 
     def __str__(self) -> str:
         return self.value
@@ -161,6 +163,7 @@ class Workload:
 class PlanOptions:
     chunk_size: int = 64
     workload: Workload = Workload()
+    backend_options: tuple[tuple[str, object], ...] = ()  # compile(backend_options=...), sorted by name
 
 
 @dataclass(frozen=True)
@@ -183,6 +186,7 @@ class ExecutionPlan:
     costs: tuple[Cost, ...] = ()
     kernel_source: str | None = None  # the generated Triton module, for the triton backend
     gpu: "ExecutionPlan | None" = None  # auto: the plan used on CUDA tensors
+    solver: object | None = None  # the newton backend's JacobianPlan (the Jacobian's structure and blocks)
     analysis: Analysis = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @property
@@ -218,6 +222,8 @@ class ExecutionPlan:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
             for rejected in step.rejected:
                 lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
+        if self.solver is not None:
+            lines.append(f"  Jacobian: {self.solver.describe()}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
@@ -564,6 +570,29 @@ def _triton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | U
     return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, analysis=analysis)
 
 
+def _newton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
+    from .backends import newton  # the Jacobian's structure is found by propagating dependence patterns (torch)
+
+    reason = newton.unsupported(analysis)
+    if reason is not None:
+        return Unsupported(reason)
+    steps = tuple(StepPlan(group, Form.NEWTON) for group in analysis.schedule)
+    return ExecutionPlan(BackendKind.NEWTON, "", steps, options, solver=newton.jacobian_structure(analysis), analysis=analysis)
+
+
+# The options each backend takes through compile(backend_options=...).
+BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations")}
+
+
+def _check_backend_options(kind: BackendKind, options: PlanOptions) -> None:
+    accepted = BACKEND_OPTIONS.get(kind, ())
+    for key, _ in options.backend_options:
+        if key not in accepted:
+            raise BackendError(
+                f"backend '{kind}' has no option '{key}'", expected=f"options of backend '{kind}': {', '.join(accepted) if accepted else 'none'}"
+            )
+
+
 def plan_backend(analysis: Analysis, backend: BackendKind, options: PlanOptions) -> ExecutionPlan | Unsupported:
     """The plan of one backend for ``analysis``'s cell, or why that backend cannot run it."""
     match backend:
@@ -573,6 +602,8 @@ def plan_backend(analysis: Analysis, backend: BackendKind, options: PlanOptions)
             steps = parallel_steps(analysis, chunked=backend is BackendKind.CHUNKED)
         case BackendKind.TRITON:
             return _triton_plan(analysis, options)
+        case BackendKind.NEWTON:
+            return _newton_plan(analysis, options)
     if isinstance(steps, Unsupported):
         return steps
     return ExecutionPlan(backend, "", steps, options, analysis=analysis)
@@ -595,6 +626,7 @@ def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanO
     """The execution plan of ``analysis``'s cell on ``backend`` (a name, or ``auto``)."""
     if backend != "auto":
         kind = backend_kind(backend)
+        _check_backend_options(kind, options)
         planned = plan_backend(analysis, kind, options)
         if isinstance(planned, Unsupported):
             raise BackendError(f"backend '{kind}' cannot run cell {analysis.cell.name}: {planned.reason}", expected="backend='sequential' or 'auto'")
@@ -622,6 +654,8 @@ def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) ->
 
 def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
     """The candidate the cost model predicts fastest; never one predicted slower than the loop."""
+    if options.backend_options:
+        raise BackendError("backend options need a named backend, not auto", expected="e.g. backend='newton', backend_options={'jacobian': 'diagonal'}")
     candidates: dict[BackendKind, ExecutionPlan] = {}
     costs: list[Cost] = []
     for kind in _CPU_CANDIDATES:

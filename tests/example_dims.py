@@ -24,4 +24,6 @@ DIMS = {
     "gru": dict(d_in=3, d=4),
     "lstm": dict(d_in=3, d=4),
     "crf": dict(n=3),
+    "paragru": dict(d_in=3, d=4),
+    "paralstm": dict(d_in=3, d=4),
 }

@@ -32,7 +32,7 @@ __all__ = [
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "selective_scan_ref",
     "gla", "gla_parallel", "retnet", "retnet_parallel", "mlstm", "mlstm_unstabilised",
     "mlstm_parallel", "deltanet", "deltanet_product_form", "aaren", "aaren_closed_form",
-    "gru_torch", "lstm_torch", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
+    "gru_torch", "lstm_torch", "paragru", "paralstm", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
 ]
 
 
@@ -588,3 +588,59 @@ def crf_brute_force_logZ(emit, trans, start, stop):
             s = s + trans[path[t - 1], path[t]] + emit[:, t, path[t]]
         scores.append(s)
     return torch.logsumexp(torch.stack(scores, -1), dim=-1)
+
+
+# --------------------------------------------------------------------------------------
+# ParaRNN's cells with diagonal recurrence (Danieli et al. 2025)
+# --------------------------------------------------------------------------------------
+
+def paragru(x, W_z, W_r, W_h, a_z, a_r, a_h, b_z, b_r, b_h, state0=None):
+    """ParaGRU (Danieli et al. 2025, "ParaRNN", Sec. 4; GRUDiagMH of apple/ml-pararnn):
+    the GRU with its recurrent matrices replaced by diagonals,
+
+        z_t = sigmoid(B_z x_t + A_z h_{t-1} + b_z),   r_t = sigmoid(B_r x_t + A_r h_{t-1} + b_r)
+        n_t = tanh(B_h x_t + A_h (h_{t-1} r_t) + b_h)
+        h_t = (1 - z_t) h_{t-1} + z_t n_t
+
+    with ``A = diag(a)``. x: [B, T, d_in]. Returns (h: [B, T, d], {"h": h_T}).
+    """
+    B, T, _ = x.shape
+    h = _init(state0, "h", x.new_zeros(B, W_z.shape[1]))
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        z = _sigmoid(xt @ W_z + a_z * h + b_z)
+        r = _sigmoid(xt @ W_r + a_r * h + b_r)
+        n = torch.tanh(xt @ W_h + a_h * (h * r) + b_h)
+        h = z * n + (1 - z) * h
+        ys.append(h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def paralstm(x, W_f, W_c, W_o, a_f, a_c, a_o, p_f, p_o, b_f, b_c, b_o, state0=None):
+    """ParaLSTM (Danieli et al. 2025, "ParaRNN", Sec. 4; LSTMCIFGDiagMH of apple/ml-pararnn):
+    an LSTM with coupled input and forget gates and peepholes, diagonal recurrence,
+
+        f_t  = sigmoid(B_f x_t + A_f h_{t-1} + C_f c_{t-1} + b_f)
+        c~_t = tanh(B_c x_t + A_c h_{t-1} + b_c)
+        c_t  = f_t c_{t-1} + (1 - f_t) c~_t
+        o_t  = sigmoid(B_o x_t + A_o h_{t-1} + C_o c_t + b_o)
+        h_t  = o_t tanh(c_t)
+
+    with ``A = diag(a)`` and ``C = diag(p)``. x: [B, T, d_in].
+    Returns (h: [B, T, d], {"c": c_T, "h": h_T}).
+    """
+    B, T, _ = x.shape
+    d = W_f.shape[1]
+    c = _init(state0, "c", x.new_zeros(B, d))
+    h = _init(state0, "h", x.new_zeros(B, d))
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        f = _sigmoid(xt @ W_f + a_f * h + p_f * c + b_f)
+        c_tilde = torch.tanh(xt @ W_c + a_c * h + b_c)
+        c = f * c + (1 - f) * c_tilde
+        o = _sigmoid(xt @ W_o + a_o * h + p_o * c + b_o)
+        h = o * torch.tanh(c)
+        ys.append(h)
+    return torch.stack(ys, 1), {"c": c, "h": h}

@@ -42,6 +42,9 @@ EXPECTED = [
     ("gru", "h", Nonlinear, None),
     ("lstm", "h", Nonlinear, None),
     ("lstm", "c", DiagonalAffine, Structure.ELEMENTWISE),
+    ("paragru", "h", Nonlinear, None),
+    ("paralstm", "c", Nonlinear, None),
+    ("paralstm", "h", Nonlinear, None),
 ]
 
 

@@ -43,7 +43,7 @@ B = 2              # batch size in every test
 # The examples this project ships (the coverage test also catches unlisted ones).
 EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
-    "deltanet", "aaren", "gru", "lstm", "crf", "mamba2",
+    "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm",
 }
 
 
@@ -161,6 +161,17 @@ CASES = {
         "lstm", "LSTM", dict(d_in=3, d=4), dict(x=("d_in",)), _LSTM_PARAMS,
         dict(h=(("d",), "real"), c=(("d",), "real")), ("h",),
         lambda I, P, D, s: ref.lstm_torch(I["x"], **P, state0=s)),
+    "paragru": Case(
+        "paragru", "ParaGRU", dict(d_in=3, d=4), dict(x=("d_in",)),
+        {**{f"W_{g}": ("d_in", "d") for g in "zrh"}, **{f"a_{g}": ("d",) for g in "zrh"}, **{f"b_{g}": ("d",) for g in "zrh"}},
+        dict(h=(("d",), "real")), ("h",),
+        lambda I, P, D, s: ref.paragru(I["x"], **P, state0=s)),
+    "paralstm": Case(
+        "paralstm", "ParaLSTM", dict(d_in=3, d=4), dict(x=("d_in",)),
+        {**{f"W_{g}": ("d_in", "d") for g in "fco"}, **{f"a_{g}": ("d",) for g in "fco"},
+         **{f"p_{g}": ("d",) for g in "fo"}, **{f"b_{g}": ("d",) for g in "fco"}},
+        dict(c=(("d",), "real"), h=(("d",), "real")), ("h",),
+        lambda I, P, D, s: ref.paralstm(I["x"], **P, state0=s)),
     "crf": Case(
         "crf", "CRF", dict(n=3), dict(emit=("n",)),
         dict(trans=("n", "n"), start=("n",), stop=("n",)), dict(prior=(("n",), "real")),
