@@ -34,6 +34,7 @@ from recdsl.ir import Kind
 
 from . import parallel
 from .torch_ops import Evaluator, Numerics, align
+from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
     FUSED_OPS,
     Leaf,
@@ -370,11 +371,11 @@ class _RecurrenceScan(torch.autograd.Function):
             out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             out_im = torch.empty_like(out_re)
             init = torch.view_as_real(start.contiguous())
-            kernel[launch.grid()](init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
             states = torch.complex(out_re, out_im)
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            kernel[launch.grid()](start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -393,12 +394,12 @@ class _RecurrenceScan(torch.autograd.Function):
         if spec.is_complex:
             parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
             ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
-            kernel[launch.grid()](*parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), *parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
             grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
         else:
             grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
             grad_input = torch.empty_like(grad_decay)
-            kernel[launch.grid()](start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         # dL/dh_0: the adjoint one step further back.
         if spec.kind == "affine":
             with torch.no_grad():
@@ -444,7 +445,7 @@ class _MonoidScan(torch.autograd.Function):
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
         outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
-        kernel[launch.grid()](*starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+        launch_kernel(kernel, launch.grid(), *starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
         ctx.launch, ctx.scan = launch, scan
         ctx.save_for_backward(*tensors)
         return tuple(outputs)
@@ -539,17 +540,21 @@ class TritonSolver(parallel._Solver):
         return result
 
 
-def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics, chunk_size: int = 64):
+def run(analysis: Analysis, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics, chunk_size: int = 64, allow_tf32: bool = False):
     """Run the cell with generated Triton kernels; the signature of :func:`.sequential.run`.
 
     Matrix states read out linearly (GLA, RetNet, mLSTM, Mamba-2) go through the chunked
     kernels of :mod:`.triton_chunk`; every other recurrence through its generated scan.
+    ``allow_tf32``: let the chunked kernels' float32 matmuls run as TF32 on tensor cores
+    (about 1e-3 relative error); by default they are exact (``input_precision="ieee"``).
     """
     _check_device(numerics.device)
+    import functools
+
     from . import triton_chunk
 
     return parallel.run(
         analysis, inputs, params, consts, state, numerics,
         chunked=frozenset(plan_for(analysis).chunked), chunk_size=chunk_size, solver=TritonSolver,
-        decayed_outer_products=triton_chunk.decayed_outer_products,
+        decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=allow_tf32),
     )
