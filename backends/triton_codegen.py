@@ -346,7 +346,7 @@ def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: st
     values: dict[int, Value] = {}
     for leaf in spec.leaves:
         buffer.line(f"# {format_expr(leaf.expr)}")
-        offset = f"i_n * s_{leaf.name}_n + {offsets_t}[:, None] * s_{leaf.name}_t + o_c[None, :] * s_{leaf.name}_c"
+        offset = f"{offsets_t}[:, None] * s_{leaf.name}_t + o_c[None, :] * s_{leaf.name}_c"
         if leaf.is_complex:
             re = f"b_{leaf.name}{suffix}_re"
             im = f"b_{leaf.name}{suffix}_im"
@@ -452,9 +452,10 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
+        _emit_row_pointers(buffer, spec, initial, outputs)
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
-        buffer.line("o_init = i_n * C + o_c")
+        buffer.line("o_init = o_c")
         carries = [f"b_carry_{i}" for i in range(len(initial))]
         for carry, pointer in zip(carries, initial):
             buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
@@ -475,7 +476,23 @@ def _full(buffer: IndentedBuffer, name: str, value: str, padding: str) -> None:
     buffer.line(f"{name} = tl.where(m, {value} + tl.zeros([BT, BC], dtype=ACC), {padding})")
 
 
-_STATE_OFFSET = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
+_STATE_OFFSET = "o_t[:, None] * C + o_c[None, :]"
+
+
+def _emit_row_pointers(buffer: IndentedBuffer, spec: ScanSpec, initial: list[str], sequences: list[str]) -> None:
+    """Move every pointer to the program's row ``i_n``, in 64-bit arithmetic.
+
+    ``N * T * C`` (or a leaf's ``i_n * s_n``) may pass 2^31 elements; offsets within one row
+    (``t * s_t + c * s_c``, below ``T * C``) stay 32-bit.
+    """
+    buffer.line("o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements")
+    for pointer in initial:
+        buffer.line(f"{pointer} += o_row * C")
+    for pointer in sequences:
+        buffer.line(f"{pointer} += o_row * T * C")
+    for leaf in spec.leaves:
+        for part in ("re", "im") if leaf.is_complex else ("v",):
+            buffer.line(f"p_{leaf.name}_{part} += o_row * s_{leaf.name}_n")
 
 
 def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: str) -> None:
@@ -549,6 +566,7 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
+        _emit_row_pointers(buffer, spec, initial, states + grads + out_a + out_b)
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
@@ -562,8 +580,8 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
             buffer.line("m = (o_t[:, None] >= 0) & m_c[None, :]")
             buffer.line("m_next = (o_t[:, None] + 1 < T) & m_c[None, :]")
             buffer.line("m_prev = (o_t[:, None] >= 1) & m_c[None, :]")
-            offset = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
-            buffer.line("o_init = i_n * C + o_c[None, :] + o_t[:, None] * 0")
+            offset = _STATE_OFFSET
+            buffer.line("o_init = o_c[None, :] + o_t[:, None] * 0")
             # h_{t-1}: the state before step t (the initial state at t = 0).
             for pointer, init, name in zip(states, initial, ["b_hp_re", "b_hp_im"] if complex_ else ["b_hp"]):
                 buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {offset} - C, mask=m_prev, other=0.0), tl.load({init} + o_init, mask=m, other=0.0))")
