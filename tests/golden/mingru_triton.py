@@ -28,16 +28,18 @@ def combine_h(a_1, b_1, a_2, b_2):
 
 
 @triton.jit
-def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def forward_h(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
+    o_b = o_row // H
+    o_h = o_row % H
     p_init += o_row * C
     p_out += o_row * T * C
-    p_l0_v += o_row * s_l0_n
-    p_l1_v += o_row * s_l1_n
-    p_l2_v += o_row * s_l2_n
-    p_l3_v += o_row * s_l3_n
+    p_l0_v += o_b * s_l0_b + o_h * s_l0_h
+    p_l1_v += o_b * s_l1_b + o_h * s_l1_h
+    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
+    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     o_init = o_c
@@ -71,19 +73,21 @@ def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l
 
 
 @triton.jit
-def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
+    o_b = o_row // H
+    o_h = o_row % H
     p_init += o_row * C
     p_h += o_row * T * C
     p_grad += o_row * T * C
     p_ga += o_row * T * C
     p_gb += o_row * T * C
-    p_l0_v += o_row * s_l0_n
-    p_l1_v += o_row * s_l1_n
-    p_l2_v += o_row * s_l2_n
-    p_l3_v += o_row * s_l3_n
+    p_l0_v += o_b * s_l0_b + o_h * s_l0_h
+    p_l1_v += o_b * s_l1_b + o_h * s_l1_h
+    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
+    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.zeros([BC], dtype=ACC)
