@@ -180,7 +180,9 @@ class Layer:
 
     example: str  # examples/<example>.rec
     dims: tuple[tuple[str, Any], ...]
-    length: int = 4096
+    # Launches specialise ints on divisibility by 16: at T = 1024, T, T / 32 blocks and
+    # T / 64 chunks all are, as at T = 4096, so the kernels compile the same, 4x cheaper to record.
+    length: int = 1024
 
     @property
     def label(self) -> str:
@@ -231,6 +233,23 @@ def layer_launches(examples: Path, layer: Layer, dtype: Any = None, batch: int =
         total.backward()
 
     return record_launches(run)
+
+
+def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length: int = 4096, chunk: int = 64) -> list[KernelLaunch]:
+    """The launches of :func:`.triton_chunk.forward` for one head of ``keys x values`` states (float32).
+
+    For options a compiled cell does not pass yet (``allow_tf32``); ``rows``: a decay per
+    key row (GLA) rather than one per state (RetNet, mLSTM, Mamba-2).
+    """
+    import torch
+
+    from . import triton_chunk
+
+    q, k = torch.randn(1, length, keys), torch.randn(1, length, keys)
+    v = torch.randn(1, length, values)
+    log_decay = -torch.rand(1, length, keys if rows else 1, 1)
+    initial = torch.zeros(1, keys, values)
+    return record_launches(lambda: triton_chunk.forward([q], k, v, log_decay, initial, chunk, allow_tf32=allow_tf32))
 
 
 # ---- compiling -----------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ class Tiling:
     The float32 ``ieee`` product runs on FMA units with each thread holding whole rows and
     columns of its operands, so the blocks that feed it stay narrow: compiled for sm_80 and
     sm_90 (``tests/test_triton_compile.py``, ``benchmarks/RESULTS_COMPILE.md``) these give
-    at most 236 registers, no spills and 32 KB of shared memory at dk, dv <= 128.
+    at most 236 registers, no spills and at most 40 KB of shared memory at dk, dv <= 128.
     """
 
     chunk: int
@@ -175,14 +175,17 @@ class Tiling:
 
 def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False) -> Tiling:
     """The :class:`Tiling` for chunks of ``chunk`` steps, ``keys`` x ``values`` states in ``dtype``."""
+    precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return Tiling(
         chunk=_block(chunk),
         state_key_block=min(_block(keys), 32),
-        output_key_block=16,  # tl.dot's smallest inner dimension
+        # 16, tl.dot's smallest inner dimension, for FMA products; tensor cores (TF32) hold their
+        # operands in fewer registers but spill on sm_80 with blocks of 16 (ptxas -v).
+        output_key_block=32 if precision == "tf32" else 16,
         value_block=min(_block(values), 64),
         num_warps=8,
         num_stages=1,
-        precision="tf32" if allow_tf32 and dtype == torch.float32 else "ieee",
+        precision=precision,
     )
 
 
