@@ -51,18 +51,20 @@ PORTABLE_SHARED_LIMIT = 99 * 1024
 
 
 def nvidia_backend_missing() -> str | None:
-    """Why kernels cannot be compiled ahead of time here (None when they can)."""
-    if importlib.util.find_spec("triton") is None:
+    """Why kernels cannot be compiled ahead of time here (None when they can).
+
+    Looks at the installed files without importing triton: a process that imports triton
+    before setting ``TRITON_INTERPRET=1`` cannot run the interpreter afterwards on some
+    versions (3.6), and this is called while tests are being collected.
+    """
+    found = importlib.util.find_spec("triton")
+    if found is None or not found.submodule_search_locations:
         return "triton is not installed"
-    try:
-        import triton  # noqa: F401
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-        from triton.compiler import ASTSource  # noqa: F401
-    except ImportError as error:
-        return f"this Triton has no ahead-of-time compile API as used here ({error})"
-    if "nvidia" not in backends:
+    package = Path(list(found.submodule_search_locations)[0])
+    if not (package / "backends" / "nvidia" / "compiler.py").exists():
         return "the installed Triton has no NVIDIA backend"
+    if not any((package / "backends" / "nvidia" / "bin").glob("ptxas*")):
+        return "the installed Triton's NVIDIA backend has no ptxas"
     return None
 
 
@@ -96,7 +98,9 @@ class Specialization:
 
 
 def _constant_text(value: Any) -> str:
-    return getattr(value, "name", None) or str(value) if not isinstance(value, (bool, int, float)) else str(value)
+    if isinstance(value, (bool, int, float, str)):
+        return str(value)
+    return getattr(value, "name", None) or str(value)  # a triton dtype prints as its name, "fp32"
 
 
 def specialize(launch: KernelLaunch) -> Specialization:
@@ -299,6 +303,10 @@ class CompileReport:
         return self.spill_stores + self.spill_loads
 
 
+class PtxasLogMissing(RuntimeError):
+    """This Triton did not print ptxas's ``-v`` log (``TRITON_DUMP_PTXAS_LOG``)."""
+
+
 _USED = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -327,7 +335,7 @@ def compile_kernel(spec: Specialization, target: Target) -> CompileReport:
     used = _USED.search(text)
     spills = _SPILLS.search(text)
     if used is None or spills is None:
-        raise RuntimeError(f"no ptxas -v log for {spec.kernel} (TRITON_DUMP_PTXAS_LOG is not honoured by this Triton?):\n{text[-2000:]}")
+        raise PtxasLogMissing(f"no ptxas -v log for {spec.kernel} (TRITON_DUMP_PTXAS_LOG is not honoured by this Triton?): {text[-500:]!r}")
     metadata = compiled.metadata
     return CompileReport(
         kernel=spec.kernel,
