@@ -9,8 +9,8 @@ decay shared by a whole state (``[N, T, 1, 1]``) or by each row (``[N, T, K, 1]`
    order, keeping the state in fp32 and writing the state each chunk starts from;
 3. ``chunk_outputs``: ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
    ``A = (Q K^T) * exp(G_t - G_s)`` for a scalar decay, and for per-row decays
-   ``A = (Q * exp(G)) (K * exp(-G))^T`` where every ``exp(-G_s)`` of the chunk stays within
-   ``exp(60)``, else the exact pairwise sum over the key dimension.
+   ``A = (Q * exp(G)) (K * exp(-G))^T`` summed over key blocks, each block factorised where
+   its ``G`` stays within ``+-60`` inside the chunk, else summed exactly pair by pair.
 
 Blocks are at least 16 wide so that ``tl.dot`` maps to tensor cores on a GPU; float32
 products are exact (``input_precision="ieee"``) unless the caller passes ``allow_tf32=True``
