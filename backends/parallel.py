@@ -25,8 +25,9 @@ chunk boundaries are kept.
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Mapping
+import functools
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
 import torch
 
@@ -78,15 +79,20 @@ def _matrix_size(state: StateAnalysis) -> int:
 
 
 class _LazyValues(dict):
-    """Values by ``(RefKind, label)``; a time-parallel binding is computed when first read."""
+    """Values by ``(RefKind, label)``; a time-parallel binding (an expression) or a state's
+    previous values (a function of nothing) is computed when first read."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.pending: dict[tuple[RefKind, str], ir.Expr] = {}
+        self.pending: dict[tuple[RefKind, str], ir.Expr | Callable[[], torch.Tensor]] = {}
         self.evaluator: Evaluator | None = None
 
     def __missing__(self, key):
         expr = self.pending.pop(key, None)
+        if callable(expr):
+            value = expr()
+            self[key] = value
+            return value
         if expr is None or self.evaluator is None:
             raise KeyError(key)
         value = self.evaluator.evaluate(expr)
@@ -451,7 +457,8 @@ def run(
             sequence = solver.solve(step, state_analysis)
         sequence = sequence.expand(lead + state_analysis.type.shape)
         seq.values[(RefKind.STATE_NEW, name)] = sequence
-        seq.values[(RefKind.STATE_PREV, name)] = _shift(sequence, state[name])
+        # h_{t-1}, built only if an output or a later state reads it (most read h_t).
+        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, state[name])
         final[name] = sequence[:, -1]
 
     outputs = []

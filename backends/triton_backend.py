@@ -36,6 +36,7 @@ from recdsl.shapes import broadcast_shapes, fold_constant
 
 from . import kernel_cache, parallel
 from .torch_ops import Evaluator, Numerics, align
+from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
     FUSED_OPS,
     Leaf,
@@ -248,6 +249,18 @@ def _to_ntc(value: torch.Tensor, lead: tuple[int, ...], state_shape: tuple[int, 
     return moved.reshape(-1, steps, max(1, _numel(state_shape)))
 
 
+def _to_bhtc(value: torch.Tensor, lead: tuple[int, ...], state_shape: tuple[int, ...]) -> torch.Tensor:
+    """``[B, T, *heads, *s]`` as ``[B, H, T, C]``: a view with the leaf's own strides where torch can
+    merge the head dims and the state dims (stride 0 where they broadcast), else a copy.
+
+    Batch and heads stay two axes (with their own strides) because ``[B, T, H, C]`` memory
+    cannot be addressed with one row stride over ``B * H``: merging them would copy.
+    """
+    value = value.expand(lead + state_shape)
+    moved = value.movedim(1, len(lead) - 1)  # [B, *heads, T, *S]
+    return moved.reshape(lead[0], _numel(lead[2:]), lead[1], max(1, _numel(state_shape)))
+
+
 def _numel(shape: tuple[int, ...]) -> int:
     total = 1
     for n in shape:
@@ -264,8 +277,8 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
         else:
             parts = [tensor]
         arguments.extend(parts)
-        stride = parts[0].stride()
-        arguments.extend([stride[0] if tensor.shape[0] > 1 else 0, stride[1] if tensor.shape[1] > 1 else 0, stride[2] if tensor.shape[2] > 1 else 0])
+        # [B, H, T, C] strides, 0 along axes of size 1 (they broadcast).
+        arguments.extend(stride if size > 1 else 0 for size, stride in zip(tensor.shape, parts[0].stride()))
     return arguments
 
 
@@ -280,6 +293,7 @@ class _Launch:
         self.lead = seq.lead
         self.channels = max(1, _numel(state_type.shape))
         self.rows = _numel((self.lead[0],) + self.lead[2:])
+        self.heads = _numel(self.lead[2:])  # rows are (batch, heads) pairs: i_n = b * heads + h
         self.steps = self.lead[1]
         self.blocks = -(-self.steps // BLOCK_T)  # blocks of BT steps, counted on the host
 
@@ -292,8 +306,8 @@ class _Launch:
         return [self.seq.evaluate(leaf.expr) for leaf in self.spec.leaves]
 
     def ntc(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The leaves as the kernel addresses them: ``[N, T, C]`` views (stride 0 where they broadcast)."""
-        return [_to_ntc(self.seq.full(v, leaf.expr.type, self.state_type), self.lead, self.state_type.shape) for v, leaf in zip(leaves, self.spec.leaves)]
+        """The leaves as the kernel addresses them: ``[B, H, T, C]``, views where torch can (stride 0 where they broadcast)."""
+        return [_to_bhtc(self.seq.full(v, leaf.expr.type, self.state_type), self.lead, self.state_type.shape) for v, leaf in zip(leaves, self.spec.leaves)]
 
     def grid(self):
         import triton
@@ -333,11 +347,11 @@ class _RecurrenceScan(torch.autograd.Function):
             out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             out_im = torch.empty_like(out_re)
             init = torch.view_as_real(start.contiguous())
-            kernel[launch.grid()](init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
             states = torch.complex(out_re, out_im)
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            kernel[launch.grid()](start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -356,12 +370,12 @@ class _RecurrenceScan(torch.autograd.Function):
         if spec.is_complex:
             parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
             ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
-            kernel[launch.grid()](*parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), *parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
             grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
         else:
             grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
             grad_input = torch.empty_like(grad_decay)
-            kernel[launch.grid()](start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+            launch_kernel(kernel, launch.grid(), start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
         # dL/dh_0: the adjoint one step further back.
         if spec.kind is ScanKind.AFFINE:
             with torch.no_grad():
@@ -407,7 +421,7 @@ class _MonoidScan(torch.autograd.Function):
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
         outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
-        kernel[launch.grid()](*starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, launch.blocks, **launch.constants())
+        launch_kernel(kernel, launch.grid(), *starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
         ctx.launch, ctx.scan = launch, scan
         ctx.save_for_backward(*tensors)
         return tuple(outputs)
@@ -499,8 +513,15 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
 
     Matrix states read out linearly (GLA, RetNet, mLSTM, Mamba-2) go through the chunked
     kernels of :mod:`.triton_chunk`; every other recurrence through its generated scan.
+    ``allow_tf32``: let the chunked kernels' float32 matmuls run as TF32 on tensor cores
+    (about 1e-3 relative error); by default they are exact (``input_precision="ieee"``).
     """
     _check_device(numerics.device)
+    import functools
+
     from . import triton_chunk
 
-    return parallel.run(plan, inputs, params, consts, state, numerics, solver=TritonSolver, decayed_outer_products=triton_chunk.decayed_outer_products)
+    return parallel.run(
+        plan, inputs, params, consts, state, numerics, solver=TritonSolver,
+        decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32),
+    )

@@ -14,8 +14,9 @@ Triton backend runs, it emits
   ``g_t = dy_t + w_{t+1} g_{t+1}``, run as a forward scan over reversed time, with the
   gates recomputed from the leaves rather than stored.
 
-Every value is addressed as ``[N, T, C]``: ``N`` batch rows (batch and heads), ``T`` steps
-and ``C`` state elements; each leaf comes with its three strides (0 where it broadcasts).
+States and gradients are addressed as ``[N, T, C]``: ``N`` rows (batch times heads), ``T``
+steps and ``C`` state elements; leaves are read in place as ``[B, H, T, C]``, each with its
+four strides (0 where it broadcasts), so that torch need not copy them into one layout.
 Names follow flash-linear-attention's kernels: ``i_`` program ids, ``o_`` offsets, ``m_``
 masks, ``p_`` pointers, ``b_`` block values, ``BT``/``BC`` block sizes.  The source line
 each part came from is written above it as a comment.
@@ -69,7 +70,7 @@ class Unsupported(Exception):
 
 @dataclass(frozen=True)
 class Leaf:
-    """A value torch computes before the kernel runs; the kernel loads it as ``[N, T, C]``."""
+    """A value torch computes before the kernel runs; the kernel loads it as ``[B, H, T, C]``."""
 
     expr: ir.Expr
     name: str  # the kernel argument's stem: p_<name>, s_<name>_n, ...
@@ -293,7 +294,7 @@ def _leaf_args(spec: ScanSpec) -> list[str]:
         parts = ("re", "im") if leaf.is_complex else ("v",)
         for part in parts:
             args.append(f"p_{leaf.name}_{part}")
-        args.extend([f"s_{leaf.name}_n", f"s_{leaf.name}_t", f"s_{leaf.name}_c"])
+        args.extend([f"s_{leaf.name}_b", f"s_{leaf.name}_h", f"s_{leaf.name}_t", f"s_{leaf.name}_c"])
     return args
 
 
@@ -301,7 +302,7 @@ def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: st
     values: dict[int, Value] = {}
     for leaf in spec.leaves:
         buffer.line(f"# {format_expr(leaf.expr)}")
-        offset = f"i_n * s_{leaf.name}_n + {offsets_t}[:, None] * s_{leaf.name}_t + o_c[None, :] * s_{leaf.name}_c"
+        offset = f"{offsets_t}[:, None] * s_{leaf.name}_t + o_c[None, :] * s_{leaf.name}_c"
         if leaf.is_complex:
             re = f"b_{leaf.name}{suffix}_re"
             im = f"b_{leaf.name}{suffix}_im"
@@ -401,15 +402,16 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     names = _carry_names(spec)
     outputs = ["p_out_re", "p_out_im"] if spec.is_complex else (["p_out"] if spec.kind is not ScanKind.MONOID else [f"p_out_{n}" for n in names])
     initial = ["p_init_re", "p_init_im"] if spec.is_complex else (["p_init"] if spec.kind is not ScanKind.MONOID else [f"p_init_{n}" for n in names])
-    arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
     buffer.line("@triton.jit")
     buffer.line(f"def forward_{spec.name}({', '.join(arguments)}):")
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
+        _emit_row_pointers(buffer, spec, initial, outputs)
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
-        buffer.line("o_init = i_n * C + o_c")
+        buffer.line("o_init = o_c")
         carries = [f"b_carry_{i}" for i in range(len(initial))]
         for carry, pointer in zip(carries, initial):
             buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
@@ -430,7 +432,27 @@ def _full(buffer: IndentedBuffer, name: str, value: str, padding: str) -> None:
     buffer.line(f"{name} = tl.where(m, {value} + tl.zeros([BT, BC], dtype=ACC), {padding})")
 
 
-_STATE_OFFSET = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
+_STATE_OFFSET = "o_t[:, None] * C + o_c[None, :]"
+
+
+def _emit_row_pointers(buffer: IndentedBuffer, spec: ScanSpec, initial: list[str], sequences: list[str]) -> None:
+    """Move every pointer to the program's row ``i_n`` (batch ``i_n // H``, head ``i_n % H``), in 64-bit arithmetic.
+
+    ``N * T * C`` (or a leaf's ``b * s_b``) may pass 2^31 elements; offsets within one row
+    (``t * s_t + c * s_c``, below ``T * C``) stay 32-bit.  Leaves are read in their own
+    layout (``[B, T, H, C]`` or broadcast), through their batch and head strides.
+    """
+    buffer.line("o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements")
+    if spec.leaves:
+        buffer.line("o_b = o_row // H")
+        buffer.line("o_h = o_row % H")
+    for pointer in initial:
+        buffer.line(f"{pointer} += o_row * C")
+    for pointer in sequences:
+        buffer.line(f"{pointer} += o_row * T * C")
+    for leaf in spec.leaves:
+        for part in ("re", "im") if leaf.is_complex else ("v",):
+            buffer.line(f"p_{leaf.name}_{part} += o_b * s_{leaf.name}_b + o_h * s_{leaf.name}_h")
 
 
 def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: str) -> None:
@@ -498,12 +520,13 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
     out_a = ["p_ga_re", "p_ga_im"] if complex_ else ["p_ga"]
     out_b = ["p_gb_re", "p_gb_im"] if complex_ else ["p_gb"]
-    arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
     buffer.line("@triton.jit")
     buffer.line(f"def backward_{spec.name}({', '.join(arguments)}):")
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
+        _emit_row_pointers(buffer, spec, initial, states + grads + out_a + out_b)
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
@@ -517,8 +540,8 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
             buffer.line("m = (o_t[:, None] >= 0) & m_c[None, :]")
             buffer.line("m_next = (o_t[:, None] + 1 < T) & m_c[None, :]")
             buffer.line("m_prev = (o_t[:, None] >= 1) & m_c[None, :]")
-            offset = "i_n * T * C + o_t[:, None] * C + o_c[None, :]"
-            buffer.line("o_init = i_n * C + o_c[None, :] + o_t[:, None] * 0")
+            offset = _STATE_OFFSET
+            buffer.line("o_init = o_c[None, :] + o_t[:, None] * 0")
             # h_{t-1}: the state before step t (the initial state at t = 0).
             for pointer, init, name in zip(states, initial, ["b_hp_re", "b_hp_im"] if complex_ else ["b_hp"]):
                 buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {offset} - C, mask=m_prev, other=0.0), tl.load({init} + o_init, mask=m, other=0.0))")

@@ -34,7 +34,7 @@ _MAX_CONSTANT_BITS = 4096
 # The keyword arguments of `recdsl.compile` and `recdsl.explain` other than dims: a dim with
 # one of these names (or a Python keyword) cannot be bound as `compile(..., name=value)` and
 # is bound through `dims={...}` instead.  tests/test_module.py keeps this in step with them.
-API_KEYWORDS = frozenset({"source_or_path", "backend", "cell", "chunk_size", "max_elements", "backend_options", "dims", "plan"})
+API_KEYWORDS = frozenset({"source_or_path", "backend", "cell", "chunk_size", "max_elements", "backend_options", "allow_tf32", "dims", "plan"})
 
 
 def dim_argument(name: str, value: str = "<int>") -> str:

@@ -56,7 +56,14 @@ class CompiledCell(nn.Module):
     Passing that ``state`` to the next call continues the sequence.
     """
 
-    def __init__(self, analysis: Analysis, backend: str = "auto", chunk_size: int | None = None, backend_options: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        analysis: Analysis,
+        backend: str = "auto",
+        chunk_size: int | None = None,
+        backend_options: Mapping[str, Any] | None = None,
+        allow_tf32: bool = False,
+    ) -> None:
         super().__init__()
         # An empty buffer that follows .double(), .half() and .to(dtype), so that the
         # computing dtype follows them too in a cell without params.
@@ -69,7 +76,11 @@ class CompiledCell(nn.Module):
             if backend not in ("chunked", "auto"):
                 raise BackendError(f"chunk_size applies to the chunked backend, not '{backend}'", expected="backend='chunked' (or 'auto')")
         # Every decision about how to run the cell, made once: see recdsl.plan.
-        self.plan: ExecutionPlan = make_plan(analysis, backend, PlanOptions(chunk_size=chunk_size or DEFAULT_CHUNK_SIZE, backend_options=tuple(sorted(dict(backend_options or {}).items()))))
+        self.plan: ExecutionPlan = make_plan(analysis, backend, PlanOptions(
+            chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+            backend_options=tuple(sorted(dict(backend_options or {}).items())),
+            allow_tf32=bool(allow_tf32),
+        ))
         from .backends import runner
 
         # Resolved once here, so that a forward pass only calls (torch.compile traces no imports).
@@ -346,6 +357,7 @@ def compile(
     chunk_size: int | None = None,
     max_elements: int | None = None,
     backend_options: Mapping[str, Any] | None = None,
+    allow_tf32: bool = False,
     dims: Mapping[str, int | float] | None = None,
     **dim_values: int | float,
 ) -> CompiledCell:
@@ -361,7 +373,9 @@ def compile(
     every param, const, state and per-step value (default ``$RECDSL_MAX_ELEMENTS`` or
     2 ** 28, see :mod:`recdsl.limits`); a larger one is a located ``DimensionError``.
     ``backend_options`` passes options to the chosen backend (the newton backend's
-    ``jacobian``, ``tolerance``, ``max_iterations``).
+    ``jacobian``, ``tolerance``, ``max_iterations``).  ``allow_tf32`` lets the Triton
+    kernels multiply float32 matrices as TF32 (faster on tensor cores, about 1e-3
+    relative error); by default float32 products are exact.
 
     >>> import torch, recdsl
     >>> mod = recdsl.compile('''
@@ -382,9 +396,9 @@ def compile(
     budget = element_budget(max_elements)
     cell_ir = load(source_or_path, cell=cell, dims=bound)
     try:
-        check_option_clashes("compile", {"chunk_size": chunk_size, "max_elements": max_elements}, cell_ir, bound)
+        check_option_clashes("compile", {"chunk_size": chunk_size, "max_elements": max_elements, "backend_options": backend_options, "allow_tf32": allow_tf32 or None}, cell_ir, bound)
         check_sizes(cell_ir, budget)
         analysis = analyze(cell_ir)
-        return CompiledCell(analysis, backend, chunk_size, backend_options)
+        return CompiledCell(analysis, backend, chunk_size, backend_options, allow_tf32)
     except RecDSLError as error:
         raise error.located(read_source(source_or_path)) from None

@@ -164,6 +164,7 @@ class PlanOptions:
     chunk_size: int = 64
     workload: Workload = Workload()
     backend_options: tuple[tuple[str, object], ...] = ()  # compile(backend_options=...), sorted by name
+    allow_tf32: bool = False  # float32 matmuls in Triton kernels may run as TF32 (about 1e-3 relative error)
 
 
 @dataclass(frozen=True)

@@ -28,25 +28,34 @@ def combine_h(a_1, b_1, a_2, b_2):
 
 
 @triton.jit
-def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def forward_h(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
+    o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
+    o_b = o_row // H
+    o_h = o_row % H
+    p_init += o_row * C
+    p_out += o_row * T * C
+    p_l0_v += o_b * s_l0_b + o_h * s_l0_h
+    p_l1_v += o_b * s_l1_b + o_h * s_l1_h
+    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
+    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    o_init = i_n * C + o_c
+    o_init = o_c
     b_carry_0 = tl.load(p_init + o_init, mask=m_c, other=0.0).to(ACC)
     b_last = tl.arange(0, BT)[:, None] == BT - 1
     for i_t in range(0, n_blocks):  # n_blocks = ceil(T / BT), from the host
         o_t = i_t * BT + tl.arange(0, BT)
         m = (o_t[:, None] < T) & m_c[None, :]
         # x @ W_z
-        b_l0 = tl.load(p_l0_v + i_n * s_l0_n + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
+        b_l0 = tl.load(p_l0_v + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
         # b_z
-        b_l1 = tl.load(p_l1_v + i_n * s_l1_n + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
+        b_l1 = tl.load(p_l1_v + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
         # x @ W_h
-        b_l2 = tl.load(p_l2_v + i_n * s_l2_n + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
+        b_l2 = tl.load(p_l2_v + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
         # b_h
-        b_l3 = tl.load(p_l3_v + i_n * s_l3_n + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
+        b_l3 = tl.load(p_l3_v + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
         # line 22: h = (1 - z) * h + z * hc
         # decay: 1 - sigmoid(x @ W_z + b_z)
         # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
@@ -59,14 +68,26 @@ def forward_h(p_init, p_out, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l
         b_b = tl.where(m, b_4 + tl.zeros([BT, BC], dtype=ACC), 0.0)
         b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_h)
         b_h = b_A * b_carry_0[None, :] + b_B
-        tl.store(p_out + i_n * T * C + o_t[:, None] * C + o_c[None, :], b_h, mask=m)
+        tl.store(p_out + o_t[:, None] * C + o_c[None, :], b_h, mask=m)
         b_carry_0 = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)
 
 
 @triton.jit
-def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_n, s_l0_t, s_l0_c, p_l1_v, s_l1_n, s_l1_t, s_l1_c, p_l2_v, s_l2_n, s_l2_t, s_l2_c, p_l3_v, s_l3_n, s_l3_t, s_l3_c, T, C, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
+    o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
+    o_b = o_row // H
+    o_h = o_row % H
+    p_init += o_row * C
+    p_h += o_row * T * C
+    p_grad += o_row * T * C
+    p_ga += o_row * T * C
+    p_gb += o_row * T * C
+    p_l0_v += o_b * s_l0_b + o_h * s_l0_h
+    p_l1_v += o_b * s_l1_b + o_h * s_l1_h
+    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
+    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.zeros([BC], dtype=ACC)
@@ -77,14 +98,14 @@ def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_n, s_l0_t, s_l0_c, 
         m = (o_t[:, None] >= 0) & m_c[None, :]
         m_next = (o_t[:, None] + 1 < T) & m_c[None, :]
         m_prev = (o_t[:, None] >= 1) & m_c[None, :]
-        o_init = i_n * C + o_c[None, :] + o_t[:, None] * 0
-        b_hp = tl.where(m_prev, tl.load(p_h + i_n * T * C + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0))
-        b_dy = tl.load(p_grad + i_n * T * C + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
+        o_init = o_c[None, :] + o_t[:, None] * 0
+        b_hp = tl.where(m_prev, tl.load(p_h + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0))
+        b_dy = tl.load(p_grad + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
         # gates at t + 1
         # x @ W_z
-        b_l0_next = tl.load(p_l0_v + i_n * s_l0_n + (o_t + 1)[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m_next, other=0.0).to(ACC)
+        b_l0_next = tl.load(p_l0_v + (o_t + 1)[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m_next, other=0.0).to(ACC)
         # b_z
-        b_l1_next = tl.load(p_l1_v + i_n * s_l1_n + (o_t + 1)[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m_next, other=0.0).to(ACC)
+        b_l1_next = tl.load(p_l1_v + (o_t + 1)[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m_next, other=0.0).to(ACC)
         # line 22: h = (1 - z) * h + z * hc
         # decay: 1 - sigmoid(x @ W_z + b_z)
         # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
@@ -94,8 +115,8 @@ def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_n, s_l0_t, s_l0_c, 
         b_w = tl.where(m_next, b_next_2 + tl.zeros([BT, BC], dtype=ACC), 0.0)
         b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_h)
         b_gt = b_W * b_g[None, :] + b_G
-        tl.store(p_ga + i_n * T * C + o_t[:, None] * C + o_c[None, :], b_gt * b_hp, mask=m)
-        tl.store(p_gb + i_n * T * C + o_t[:, None] * C + o_c[None, :], b_gt, mask=m)
+        tl.store(p_ga + o_t[:, None] * C + o_c[None, :], b_gt * b_hp, mask=m)
+        tl.store(p_gb + o_t[:, None] * C + o_c[None, :], b_gt, mask=m)
         b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)
 
 

@@ -1,0 +1,96 @@
+"""Every kernel the Triton backend launches, compiled ahead of time for sm_80 (A100) and sm_90
+(H100) on this CPU-only machine, with the argument types and specialisation of its launch at
+the sizes of a real layer: no register spills, and shared memory within the target's limit
+(for sm_80, within the 99 KB of sm_86/sm_89, which run the same code).
+
+The launches are recorded by running the layer's forward and backward pass on the CPU with
+the kernels not run (:func:`recdsl.backends.triton_aot.record_launches`); each distinct kernel
+is compiled by ``triton.compile`` and ptxas's ``-v`` log is read.  Compiling takes seconds
+per kernel, so the default run compiles the heaviest kernels (per-row-decay ``chunk_outputs``
+at dk = dv = 128, the complex LRU's backward); ``pytest -m slow`` compiles all of them, for
+float32 and bfloat16 layers and with TF32 matmuls.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+from recdsl.backends import triton_aot  # noqa: E402
+
+REASON = triton_aot.nvidia_backend_missing()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+LAYERS = {layer.label: layer for layer in triton_aot.LAYERS}
+
+
+def _specializations(label: str, dtype=None) -> list[triton_aot.Specialization]:
+    return triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, LAYERS[label], dtype))
+
+
+def _compile(jobs: list[tuple[triton_aot.Specialization, triton_aot.Target]]) -> list[triton_aot.CompileReport]:
+    try:
+        return triton_aot.compile_all(jobs)
+    except (TypeError, AttributeError, ImportError, triton_aot.PtxasLogMissing) as error:  # another Triton's compile API
+        pytest.skip(f"this Triton's ahead-of-time compile API differs from the one used here: {error}")
+
+
+def _check(reports: list[triton_aot.CompileReport]) -> None:
+    print("\n" + triton_aot.report_table([("", r) for r in reports]))
+    problems = []
+    for r in reports:
+        if r.spills:
+            problems.append(f"{r.specialization.describe()} on {r.target.name}: {r.spill_stores} B spill stores, {r.spill_loads} B spill loads ({r.registers} registers)")
+        limit = min(r.target.shared_limit, triton_aot.PORTABLE_SHARED_LIMIT) if r.target is triton_aot.SM80 else r.target.shared_limit
+        if r.shared > limit:
+            problems.append(f"{r.specialization.describe()} on {r.target.name}: {r.shared} B of shared memory, more than {limit}")
+    assert not problems, "\n".join(problems)
+
+
+def test_launches_carry_the_tiling_and_exact_matmuls():
+    """Cheap (nothing compiled): every chunked launch sets num_warps/num_stages and asks for
+    exact float32 products; no kernel argument is an unspecialisable Python object."""
+    specs = _specializations("gla(dk=128, dv=128)")
+    chunked = [s for s in specs if s.kernel in ("chunk_states", "pass_states", "chunk_outputs")]
+    assert {s.kernel for s in chunked} == {"chunk_states", "pass_states", "chunk_outputs"}
+    for spec in chunked:
+        assert {name for name, _ in spec.options} == {"num_warps", "num_stages"}, spec.describe()
+        constants = dict(spec.constants)
+        if spec.kernel != "pass_states":
+            assert constants["PRECISION"] == "ieee", spec.describe()
+
+
+def test_heaviest_kernels_compile_without_spills():
+    """Per-row-decay chunk_outputs at dk = dv = 128 (the kernel that spilled before) on both
+    targets, and the complex LRU's backward (the most registers of the generated scans) on sm_90."""
+    outputs = [s for s in _specializations("gla(dk=128, dv=128)") if s.kernel == "chunk_outputs"]
+    backward = [s for s in _specializations("lru(d=1024, n=1024)") if s.kernel.startswith("backward_")]
+    assert len(outputs) == 1 and len(backward) == 1
+    _check(_compile([(outputs[0], triton_aot.SM80), (outputs[0], triton_aot.SM90), (backward[0], triton_aot.SM90)]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("label", sorted(LAYERS))
+def test_every_kernel_compiles_without_spills(label):
+    import torch
+
+    specs: dict[triton_aot.Specialization, None] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        for spec in _specializations(label, dtype):
+            specs.setdefault(spec, None)
+    _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("rows", [True, False], ids=["decay per row", "scalar decay"])
+def test_chunked_kernels_with_tf32_compile_without_spills(rows, size):
+    specs = triton_aot.distinct(triton_aot.chunk_launches(size, size, rows, allow_tf32=True))
+    assert {dict(s.constants).get("PRECISION") for s in specs} == {"tf32", None}
+    _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
