@@ -79,8 +79,12 @@ def _explain(args: argparse.Namespace) -> int:
     from .explainer import explain
 
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
-    if notes:
-        print(f"(dims not given, set to: {', '.join(notes)})")
+    if notes:  # on stderr for json/dot, whose stdout is read by tools
+        print(f"(dims not given, set to: {', '.join(notes)})", file=sys.stdout if args.format == "text" else sys.stderr)
+    if args.format != "text":
+        from .explain_formats import write_explanation
+
+        return write_explanation(args.file, args.format, args.output, cell=args.cell, backend=args.backend, dims=dims)
     print(explain(args.file, cell=args.cell, backend=args.backend, **dims), end="")
     return 0
 
@@ -179,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="print the analysis of a cell", description="Print what kind of recurrence a cell is and how it will run.")
     _common(explain)
+    explain.add_argument("--format", default="text", choices=["text", "json", "dot"], help="text (default); json for tools (schema: recdsl.explain/1); dot: a Graphviz diagram")
+    explain.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout; with --format dot, a .png/.svg/.pdf FILE is rendered by Graphviz")
     explain.set_defaults(handler=_explain)
 
     run = commands.add_parser("run", help="compile a cell and run it on random inputs", description="Compile a cell, run it on random inputs, print output shapes and timing.")
