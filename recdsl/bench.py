@@ -19,8 +19,14 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .errors import BackendError
+from .errors import BackendError, RecDSLError
 from .module import CompiledCell, compile
+
+
+class BenchError(RecDSLError):
+    """``recdsl bench`` was given sizes it cannot time."""
+
+    kind = "bench error"
 
 
 class Pass(Enum):
@@ -126,6 +132,9 @@ def run_bench(
     """
     from .progress import progress
 
+    for what, values in (("length", lengths), ("batch size", batches), ("repeat", (repeat,))):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise BenchError(f"every {what} must be a positive integer, got {list(values)}", expected=f"e.g. --{'lengths 256 1024' if what == 'length' else 'batch 4' if what == 'batch size' else 'repeat 3'}")
     torch.manual_seed(0)
     reference = compile(source_or_path, cell=cell, **dict(dims or {})).to(device)
     chosen = tuple(backends) if backends else runnable_backends(reference, device)

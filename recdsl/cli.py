@@ -86,10 +86,10 @@ def _explain(args: argparse.Namespace) -> int:
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
     if notes:  # on stderr for json/dot, whose stdout is read by tools
         print(f"(dims not given, set to: {', '.join(notes)})", file=sys.stdout if args.format == "text" else sys.stderr)
-    if args.format != "text":
-        from .explain_formats import write_explanation
+    if args.format != "text" or args.output:
+        from .explain_formats import Format, write_explanation
 
-        return write_explanation(args.file, args.format, args.output, cell=args.cell, backend=args.backend, dims=dims)
+        return write_explanation(args.file, Format(args.format), args.output, cell=args.cell, backend=args.backend, dims=dims)
     print(explain(args.file, cell=args.cell, backend=args.backend, **dims), end="")
     return 0
 

@@ -57,6 +57,14 @@ from .printer import format_expr
 SCHEMA = "recdsl.explain/1"
 
 
+class Format(Enum):
+    """What ``recdsl explain --format`` prints."""
+
+    TEXT = "text"
+    JSON = "json"
+    DOT = "dot"
+
+
 # ---- reading the analysis --------------------------------------------------------------
 
 
@@ -316,7 +324,7 @@ def explanation_dot(analysis: Analysis, backend: tuple[str, str, str], params: b
 
 def _output_node(emit: ir.Emit) -> str:
     label = f"out {emit.name or emit.index} {emit.value.type}\n{format_expr(emit.value)}"
-    return f"{_node_id('out', str(emit.index))} [label={_quote(label)}, shape=house, orientation=270, style=filled, fillcolor=\"#e8eefc\"];"
+    return f"{_node_id('out', str(emit.index))} [label={_quote(label)}, shape=box, style=\"filled,bold\", fillcolor=\"#e8eefc\"];"
 
 
 def _edges(sources: list[tuple[str, str, bool]], target: str, params: bool) -> list[str]:
@@ -352,26 +360,32 @@ def render_dot(dot_text: str, path: str | Path) -> Path:
 
 
 def write_explanation(
-    source_or_path: str | Path, form: str, output: str | Path | None = None, *, cell: str | None = None, backend: str = "auto", dims: dict | None = None
+    source_or_path: str | Path, form: Format, output: str | Path | None = None, *, cell: str | None = None, backend: str = "auto", dims: dict | None = None
 ) -> int:
-    """``recdsl explain --format json|dot [--output FILE]``: analyse, then print or write; returns the exit status.
+    """``recdsl explain --format FORMAT [--output FILE]``: analyse, then print or write; returns the exit status.
 
     With ``--format dot`` and an output whose suffix is not ``.dot``/``.gv``, the diagram
     is rendered by Graphviz (:func:`render_dot`).
     """
     from .analysis import analyze
     from .backends import choose_backend
+    from .explainer import explain_analysis
     from .frontend import load
 
     analysis = analyze(load(source_or_path, cell=cell, dims=dims or {}))
     chosen, reason = choose_backend(backend, analysis)
     choice = (backend, chosen.name, reason)
-    text = explanation_json_text(analysis, choice) if form == "json" else explanation_dot(analysis, choice)
+    if form is Format.JSON:
+        text = explanation_json_text(analysis, choice)
+    elif form is Format.DOT:
+        text = explanation_dot(analysis, choice)
+    else:
+        text = explain_analysis(analysis, f"backend: {chosen.name} ({reason})")
     if output is None:
         print(text, end="")
         return 0
     path = Path(output)
-    if form == "dot" and path.suffix.lower() not in (".dot", ".gv", ""):
+    if form is Format.DOT and path.suffix.lower() not in (".dot", ".gv", ""):
         render_dot(text, path)
     else:
         path.write_text(text)

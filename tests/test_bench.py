@@ -110,3 +110,11 @@ def test_bench_parallel_writes_a_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| recdsl chunked | fwd+bwd |" in out
     assert plot.read_bytes().startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize("args, message", [(["--lengths", "0"], "every length must be a positive integer, got [0]"), (["--batch", "-1"], "every batch size"), (["--repeat", "0"], "every repeat")])
+def test_bench_rejects_sizes_it_cannot_time(args, message, capsys):
+    assert main(["bench", *MINGRU, "--no-plot", *args]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("bench error: ") and message in err
+    assert "Traceback" not in err

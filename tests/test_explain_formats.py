@@ -165,3 +165,13 @@ def test_png_without_graphviz_is_a_clean_error(tmp_path, monkeypatch, capsys):
     assert err.startswith("missing dependency: rendering g.png needs Graphviz's `dot` program")
     assert "apt-get install graphviz" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_json_and_text_written_to_files(tmp_path, capsys):
+    target = tmp_path / "gla.json"
+    assert main(["explain", str(EXAMPLES / "gla.rec"), *_dim_args("gla"), "--format", "json", "--output", str(target)]) == 0
+    assert json.loads(target.read_text())["cell"] == "GLA"
+    assert capsys.readouterr().out == f"wrote {target}\n"
+    text = tmp_path / "gla.txt"
+    assert main(["explain", str(EXAMPLES / "gla.rec"), *_dim_args("gla"), "--output", str(text)]) == 0
+    assert "S [4, 3]: state, matrix affine" in text.read_text()
