@@ -313,6 +313,24 @@ def plot(results: list[RunResult], settings: Settings, path: Path) -> None:
     plt.close(figure)
 
 
+def run_all(configs: list[Config], settings: Settings) -> list[RunResult]:
+    """Train and evaluate every configuration, with one progress bar over all steps."""
+    from recdsl.progress import progress
+
+    results: list[RunResult] = []
+    with progress(total=len(configs) * settings.steps, desc="training", unit="step") as bar:
+        for config in configs:
+            bar.set_description(f"{config.kind.value} {config.eigenvalues.value} {config.task.value} seed {config.seed}")
+            result = train(config, settings, bar)
+            results.append(result)
+            accuracies = ", ".join(f"T={n}: {a:.2f}" for n, a in result.accuracy.items())
+            bar.write(
+                f"{config.kind.value:<24} {config.eigenvalues.value:<8} {config.task.value:<19} seed {config.seed}: "
+                f"loss {result.final_loss:.3f}; accuracy {accuracies} ({result.seconds:.1f} s)"
+            )
+    return results
+
+
 # ---- command line ----------------------------------------------------------------------
 
 
@@ -356,22 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         for eigenvalues in Range
         for seed in range(args.seeds)
     ]
-    from recdsl.progress import progress
-
     # The models are small: more threads only add synchronisation (on the shared 2-core
     # machine, two threads made a DeltaNet step 40x slower than one).
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    results: list[RunResult] = []
-    with progress(total=len(configs) * settings.steps, desc="training", unit="step") as bar:
-        for config in configs:
-            bar.set_description(f"{config.kind.value} {config.eigenvalues.value} {config.task.value} seed {config.seed}")
-            result = train(config, settings, bar)
-            results.append(result)
-            accuracies = ", ".join(f"T={n}: {a:.2f}" for n, a in result.accuracy.items())
-            bar.write(
-                f"{config.kind.value:<24} {config.eigenvalues.value:<8} {config.task.value:<19} seed {config.seed}: "
-                f"loss {result.final_loss:.3f}; accuracy {accuracies} ({result.seconds:.1f} s)"
-            )
+    try:
+        results = run_all(configs, settings)
+    finally:
+        torch.set_num_threads(threads)
     text = table(results, settings)
     print()
     print(text)
