@@ -38,16 +38,22 @@ def test_quick_run_writes_table_json_and_figure(tmp_path):
     run = subprocess.run([sys.executable, str(script), "--quick", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     table = (tmp_path / "state_tracking.md").read_text()
-    for cell in ("DeltaNet", "diagonal (Mamba decay)"):
-        for eigenvalues in ("[0, 1]", "[-1, 1]"):
-            assert f"| {cell} | {eigenvalues} |" in table
-    assert "| cell | eigenvalues | parity | modular arithmetic |" in table
+    for task in ("parity", "modular arithmetic"):
+        for cell in ("DeltaNet", "diagonal (Mamba decay)"):
+            for eigenvalues in ("[0, 1]", "[-1, 1]"):
+                assert f"| {task} | {cell} | {eigenvalues} |" in table
+    assert "| task | cell | eigenvalues | T=8 | T=16 |" in table
     runs = json.loads((tmp_path / "state_tracking.json").read_text())["runs"]
     assert len(runs) == 8
     assert all(0.0 <= a <= 1.0 for run in runs for a in run["accuracy"].values())
     assert (tmp_path / "state_tracking.png").read_bytes().startswith(PNG_SIGNATURE)
     assert table in run.stdout
     assert run.stderr == "", "the progress bar must be quiet when stderr is not a terminal"
+    redrawn = tmp_path / "redrawn"
+    again = subprocess.run([sys.executable, str(script), "--from-json", str(tmp_path / "state_tracking.json"), "--out-dir", str(redrawn)], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert (redrawn / "state_tracking.md").read_text() == table
+    assert (redrawn / "state_tracking.png").read_bytes().startswith(PNG_SIGNATURE)
 
 
 def test_task_labels():

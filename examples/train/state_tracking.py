@@ -241,63 +241,81 @@ def train(config: Config, settings: Settings, progress_bar=None) -> RunResult:
 # ---- reporting -------------------------------------------------------------------------
 
 
-def best_by_group(results: list[RunResult]) -> dict[tuple[Kind, Range, Task], RunResult]:
-    """The run with the best accuracy at the longest length, per cell, range and task."""
+def best_by_group(results: list[RunResult], length: int) -> dict[tuple[Kind, Range, Task], RunResult]:
+    """The run with the best accuracy at ``length``, per cell, range and task."""
     best: dict[tuple[Kind, Range, Task], RunResult] = {}
     for result in results:
         key = (result.config.kind, result.config.eigenvalues, result.config.task)
-        longest = max(result.accuracy)
-        if key not in best or result.accuracy[longest] > best[key].accuracy[longest]:
+        if key not in best or result.accuracy[length] > best[key].accuracy[length]:
             best[key] = result
     return best
 
 
 def table(results: list[RunResult], settings: Settings) -> str:
-    """A markdown table like the paper's: best scaled accuracy over seeds at the longest length."""
-    best = best_by_group(results)
+    """A markdown table like the paper's: per cell, range and task, the best scaled accuracy over seeds at each length."""
+    lengths = settings.eval_lengths
+    best = {length: best_by_group(results, length) for length in lengths}
     tasks = sorted({r.config.task for r in results}, key=lambda t: list(Task).index(t))
-    longest = max(settings.eval_lengths)
     seeds = len({r.config.seed for r in results})
     lines = [
-        f"Scaled accuracy (1 = always right, 0 = chance) on the last position at length {longest}, best of {seeds} seed(s); "
-        f"trained on lengths {settings.train_lengths[0]}-{settings.train_lengths[1]}.",
+        f"Scaled accuracy on the last position (1 = always right, 0 = chance), best of {seeds} seed(s) at each evaluation length; "
+        f"trained on lengths {settings.train_lengths[0]}-{settings.train_lengths[1]} for {settings.steps} steps.",
         "",
-        "| cell | eigenvalues | " + " | ".join(t.value for t in tasks) + " |",
-        "|---|---|" + "---|" * len(tasks),
+        "| task | cell | eigenvalues | " + " | ".join(f"T={n}" for n in lengths) + " |",
+        "|---|---|---|" + "---:|" * len(lengths),
     ]
-    for kind in Kind:
-        for eigenvalues in Range:
-            cells = []
-            for task in tasks:
-                result = best.get((kind, eigenvalues, task))
-                cells.append("—" if result is None else f"{scaled(result.accuracy[longest], task):.3f}")
-            if any(c != "—" for c in cells):
-                lines.append(f"| {kind.value} | {eigenvalues.value} | " + " | ".join(cells) + " |")
+    for task in tasks:
+        for kind in Kind:
+            for eigenvalues in Range:
+                key = (kind, eigenvalues, task)
+                if key in best[lengths[0]]:
+                    cells = [f"{scaled(best[n][key].accuracy[n], task):.2f}" for n in lengths]
+                    lines.append(f"| {task.value} | {kind.value} | {eigenvalues.value} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
+def load_results(path: Path) -> tuple[list[RunResult], Settings]:
+    """The runs and settings a previous run saved as JSON (``--from-json``)."""
+    saved = json.loads(path.read_text())
+    settings = dict(saved["settings"])
+    settings["train_lengths"] = tuple(settings["train_lengths"])
+    settings["eval_lengths"] = tuple(settings["eval_lengths"])
+    results = []
+    for run in saved["runs"]:
+        config = run["config"]
+        results.append(
+            RunResult(
+                Config(Kind(config["kind"]), Range(config["eigenvalues"]), Task(config["task"]), config["seed"]),
+                run["final_loss"],
+                {int(length): accuracy for length, accuracy in run["accuracy"].items()},
+                run["seconds"],
+            )
+        )
+    return results, Settings(**settings)
+
+
 def plot(results: list[RunResult], settings: Settings, path: Path) -> None:
-    """Accuracy against evaluation length, one panel per task, best seed as a line, all seeds' range shaded."""
+    """Accuracy against evaluation length, one panel per task: the best seed at each length as a line, the seeds' range shaded."""
     from recdsl.plotting import pyplot
 
     plt = pyplot()
     tasks = sorted({r.config.task for r in results}, key=lambda t: list(Task).index(t))
     figure, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
-    best = best_by_group(results)
     styles = {Range.POSITIVE: "--", Range.SIGNED: "-"}
     colors = {Kind.DELTANET: "tab:blue", Kind.DIAGONAL: "tab:orange"}
     lengths = list(settings.eval_lengths)
     for axis, task in zip(axes[0], tasks):
-        for (kind, eigenvalues, group_task), result in best.items():
-            if group_task is not task:
-                continue
-            runs = [r for r in results if (r.config.kind, r.config.eigenvalues, r.config.task) == (kind, eigenvalues, task)]
-            low = [min(r.accuracy[n] for r in runs) for n in lengths]
-            high = [max(r.accuracy[n] for r in runs) for n in lengths]
-            axis.fill_between(lengths, low, high, color=colors[kind], alpha=0.12)
-            axis.plot(lengths, [result.accuracy[n] for n in lengths], styles[eigenvalues], color=colors[kind], marker="o", label=f"{kind.value}, {eigenvalues.value}")
+        for kind in Kind:
+            for eigenvalues in Range:
+                runs = [r for r in results if (r.config.kind, r.config.eigenvalues, r.config.task) == (kind, eigenvalues, task)]
+                if not runs:
+                    continue
+                low = [min(r.accuracy[n] for r in runs) for n in lengths]
+                high = [max(r.accuracy[n] for r in runs) for n in lengths]
+                axis.fill_between(lengths, low, high, color=colors[kind], alpha=0.12)
+                axis.plot(lengths, high, styles[eigenvalues], color=colors[kind], marker="o", label=f"{kind.value}, {eigenvalues.value}")
         axis.axhline(1 / task.classes, color="gray", linewidth=0.8, linestyle=":", label="chance")
-        axis.axvspan(settings.train_lengths[0], settings.train_lengths[1], color="gray", alpha=0.08, label="training lengths")
+        axis.axvline(settings.train_lengths[1], color="gray", linewidth=0.8, linestyle="--", label=f"longest training length ({settings.train_lengths[1]})")
         axis.set_xscale("log", base=2)
         axis.set_xticks(lengths, [str(n) for n in lengths])
         axis.minorticks_off()
@@ -305,7 +323,7 @@ def plot(results: list[RunResult], settings: Settings, path: Path) -> None:
         axis.set_xlabel("evaluation length")
         axis.set_ylabel("accuracy (last position)")
         axis.set_title(task.value)
-        axis.legend(fontsize=8, loc="lower left")
+        axis.legend(fontsize=8, loc="best")
     figure.suptitle("Eigenvalues in [-1, 1] unlock state tracking (Grazzi, Siems et al., 2024), compiled by recdsl", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,7 +370,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, default=RESULTS, help=f"where the table and figure go (default {RESULTS})")
     parser.add_argument("--no-plot", action="store_true", help="skip the figure (no matplotlib needed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps: a smoke test")
+    parser.add_argument("--from-json", type=Path, metavar="FILE", help="redraw the table and figure from a previous run's state_tracking.json, without training")
     args = parser.parse_args(argv)
+    if args.from_json is not None:
+        results, settings = load_results(args.from_json)
+        report(results, settings, args.out_dir, plot_figure=not args.no_plot, raw=False)
+        return 0
     if args.quick:
         args.seeds, args.steps, args.batch, args.width, args.eval_lengths, args.eval_batch, args.chunk_size = 1, 3, 4, 8, [8, 16], 8, 4
     settings = Settings(
@@ -382,19 +405,24 @@ def main(argv: list[str] | None = None) -> int:
         results = run_all(configs, settings)
     finally:
         torch.set_num_threads(threads)
+    report(results, settings, args.out_dir, plot_figure=not args.no_plot, raw=True)
+    return 0
+
+
+def report(results: list[RunResult], settings: Settings, out_dir: Path, plot_figure: bool, raw: bool) -> None:
+    """Print the table; write it, the runs as JSON (``raw``) and the figure to ``out_dir``."""
     text = table(results, settings)
     print()
     print(text)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "state_tracking.md").write_text(text)
-    raw = [dict(asdict(r), config={k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(r.config).items()}) for r in results]
-    (args.out_dir / "state_tracking.json").write_text(json.dumps({"settings": asdict(settings), "runs": raw}, indent=1, default=str) + "\n")
-    print(f"table: {args.out_dir / 'state_tracking.md'}")
-    if not args.no_plot:
-        plot(results, settings, args.out_dir / "state_tracking.png")
-        print(f"figure: {args.out_dir / 'state_tracking.png'}")
-    return 0
-
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "state_tracking.md").write_text(text)
+    if raw:
+        runs = [dict(asdict(r), config={k: (v.value if isinstance(v, Enum) else v) for k, v in asdict(r.config).items()}) for r in results]
+        (out_dir / "state_tracking.json").write_text(json.dumps({"settings": asdict(settings), "runs": runs}, indent=1, default=str) + "\n")
+    print(f"table: {out_dir / 'state_tracking.md'}")
+    if plot_figure:
+        plot(results, settings, out_dir / "state_tracking.png")
+        print(f"figure: {out_dir / 'state_tracking.png'}")
 
 if __name__ == "__main__":
     sys.exit(main())
