@@ -312,12 +312,15 @@ def explanation_dot(analysis: Analysis, backend: tuple[str, str, str], params: b
             readouts.setdefault((readout.output, readout.state), []).append(format_expr(readout.expr))
     for emit in cell.outputs:
         target = _node_id("out", str(emit.index))
-        for kind, name, previous in _sources(emit.value):
-            if kind == "state" and (emit.index, name) in readouts:
-                label = "linear read-out: " + "; ".join(readouts[(emit.index, name)])
-                lines.append(f"  {_node_id(kind, name)} -> {target} [label={_quote(label)}, color=\"#1f5fbf\", fontcolor=\"#1f5fbf\", penwidth=2];")
-            else:
+        direct = _sources(emit.value)
+        for kind, name, previous in direct:
+            if not (kind == "state" and (emit.index, name) in readouts):
                 lines.extend(_edges([(kind, name, previous)], target, params))
+        # A read-out is drawn from the state even when the output reaches it through bindings.
+        for (output, state_name), exprs in readouts.items():
+            if output == emit.index:
+                label = "linear read-out: " + "; ".join(exprs)
+                lines.append(f"  {_node_id('state', state_name)} -> {target} [label={_quote(label)}, color=\"#1f5fbf\", fontcolor=\"#1f5fbf\", penwidth=2];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -175,3 +175,21 @@ def test_json_and_text_written_to_files(tmp_path, capsys):
     text = tmp_path / "gla.txt"
     assert main(["explain", str(EXAMPLES / "gla.rec"), *_dim_args("gla"), "--output", str(text)]) == 0
     assert "S [4, 3]: state, matrix affine" in text.read_text()
+
+
+def test_dot_draws_a_readout_reached_through_a_binding():
+    source = """
+cell Through(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    state S: [dk, dv] = 0
+    S = 0.5 * S + outer(k, v)
+    o = q @ S
+    out o
+}
+"""
+    text = explanation_dot(analyze(load(source, dims={"dk": 3, "dv": 2})), ("auto", "chunked", "test"))
+    _check_dot_is_well_formed(text)
+    assert '"state:S" -> "out:0" [label="linear read-out: q @ S"' in text
+    assert '"binding:o" -> "out:0";' in text
