@@ -17,7 +17,7 @@ import pytest
 from recdsl.analysis import analyze
 from recdsl.cli import main
 from recdsl.errors import MissingDependencyError
-from recdsl.explain_formats import SCHEMA, explanation_dot, explanation_json, render_dot
+from recdsl.explain_formats import SCHEMA, explanation_dot, render_dot
 from recdsl.frontend import load
 
 from example_dims import DIMS, EXAMPLES
