@@ -3,6 +3,7 @@
     python benchmarks/bench_parallel.py                 # the full table (CPU: a few minutes)
     python benchmarks/bench_parallel.py --quick         # small sizes, a smoke test
     python benchmarks/bench_parallel.py --device cuda   # on a GPU
+    python benchmarks/bench_parallel.py --plot out.png  # also time against T, log-log (needs matplotlib)
 
 Cells: minGRU, S6 (Mamba's selective SSM), GLA and DeltaNet from examples/, at
 T in {256, 1024, 4096, 16384}.  Each row times one form; the columns are milliseconds
@@ -185,9 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sequential-length", type=int, default=4096)
     parser.add_argument("--max-scan-elements", type=int, default=2**24, help="skip the scan backend when it would store more state elements than this")
     parser.add_argument("--quick", action="store_true", help="T in {64, 256}, one repeat: a smoke test")
+    parser.add_argument("--plot", type=Path, metavar="FILE.png", help="write time against T (log-log, one line per form); FILE-<cell>.png when several cells")
     args = parser.parse_args(argv)
     if args.quick:
         args.lengths, args.repeat = [64, 256], 1
+    if args.plot is not None:
+        from recdsl.plotting import pyplot
+
+        pyplot()  # a missing matplotlib is reported before the timing, not after
+    from recdsl.progress import progress
     print(f"# recdsl backends, {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, B={args.batch}")
     for name in args.cells:
         file, dims, heads = CELLS[name]
@@ -196,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         print(header)
         print("|" + "---|" * (2 + len(args.lengths)))
         table: dict[tuple[str, str], dict[int, float]] = {}
-        for length in args.lengths:
+        for length in progress(args.lengths, desc=f"{name}", unit="T"):
             for label, fn in rows_for(name, length, args):
                 for backward in (False, True):
                     key = (label, "fwd+bwd" if backward else "fwd")
@@ -208,6 +215,15 @@ def main(argv: list[str] | None = None) -> int:
             cells = [f"{times[n]:.1f}" if n in times else "—" for n in args.lengths]
             print(f"| {label} | {kind} | " + " | ".join(cells) + " |")
         sys.stdout.flush()
+        if args.plot is not None:
+            from recdsl.plotting import plot_times
+
+            path = args.plot if len(args.cells) == 1 else args.plot.with_name(f"{args.plot.stem}-{name}{args.plot.suffix}")
+            series = {"forward": {}, "forward+backward": {}}
+            for (label, kind), times in table.items():
+                series["forward" if kind == "fwd" else "forward+backward"][label] = times
+            plot_times(series, path, f"{name} ({file}) on {args.device}, B={args.batch}")
+            print(f"\nplot: {path}")
     return 0
 
 

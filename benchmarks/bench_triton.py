@@ -158,7 +158,9 @@ def peers(args, device: str) -> None:
     print(f"\n## Time against peers (B={B}, heads={H}, d={D}, dk=dv={K}; ms, median of {args.repeat})\n")
     print("| case | form | fwd | fwd+bwd |")
     print("|---|---|---|---|")
-    for case, label, fn in rows:
+    from recdsl.progress import progress
+
+    for case, label, fn in progress(rows, desc="peers", unit="form"):
         try:
             with torch.no_grad():
                 forward = timed(fn, False, args.repeat, cuda)

@@ -23,6 +23,11 @@ recdsl compiles recurrences (RNN and state-space cells written in a few lines) t
       property-based test that every backend agrees with the sequential
       reference (outputs, final states, gradients), and that declared
       monoids are associative with their identity
+  recdsl bench examples/gla.rec --lengths 256 1024 4096
+      time every backend forward and forward+backward across T; a table and
+      a plot (time against T, log-log) in gla_bench.png
+  recdsl explain examples/lstm.rec --format dot --output lstm.png
+      the analysis as a diagram (needs Graphviz); --format json for tools
 
 Dims not given on the command line take their defaults from the cell, or else
 distinct values 8, 12, 16, ... (distinct so that mismatched dims are caught).
@@ -105,8 +110,12 @@ def _explain(args: argparse.Namespace) -> int:
     from .explainer import explain
 
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
-    if notes:
-        print(f"(dims not given, set to: {', '.join(notes)})")
+    if notes:  # on stderr for json/dot, whose stdout is read by tools
+        print(f"(dims not given, set to: {', '.join(notes)})", file=sys.stdout if args.format == "text" else sys.stderr)
+    if args.format != "text" or args.output:
+        from .explain_formats import Format, write_explanation
+
+        return write_explanation(args.file, Format(args.format), args.output, cell=args.cell, backend=args.backend, dims=dims)
     print(explain(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims), end="")
     return 0
 
@@ -177,9 +186,13 @@ def _check(args: argparse.Namespace) -> int:
     if notes:
         print(f"(dims not given, set to: {', '.join(notes)})")
     backends = [b for b in args.backends.split(",") if b] if args.backends else None
-    report = check_equivalence(
-        args.file, cell=args.cell, dims=dims, backends=backends, max_examples=args.max_examples, chunk_size=args.chunk_size, hypothesis_seed=args.seed
-    )
+    from .progress import progress
+
+    with progress(total=args.max_examples, desc="check", unit="example") as bar:
+        report = check_equivalence(
+            args.file, cell=args.cell, dims=dims, backends=backends, max_examples=args.max_examples, chunk_size=args.chunk_size,
+            hypothesis_seed=args.seed, on_example=bar.update,
+        )
     print(report)
     violations = check_monoid_laws(args.file, cell=args.cell, dims=dims, max_examples=args.max_examples)
     for violation in violations:
@@ -207,6 +220,36 @@ def _emit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .bench import Pass, format_table, plot_result, run_bench
+
+    plot = None if args.no_plot else Path(args.plot or f"{Path(args.file).stem}_bench.png")
+    if plot is not None:
+        from .plotting import pyplot
+
+        pyplot()  # a missing matplotlib is reported before the timing, not after
+    dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
+    if notes:
+        print(f"(dims not given, set to: {', '.join(notes)})")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RecDSLError(f"device '{args.device}' is not available: this torch has no CUDA device", expected="--device cpu")
+    backends = [b for b in args.backends.split(",") if b] if args.backends else None
+    passes = (Pass.FORWARD,) if args.forward_only else (Pass.FORWARD, Pass.FORWARD_BACKWARD)
+    result = run_bench(
+        args.file, cell=args.cell, dims=dims, lengths=args.lengths, batches=args.batch, heads=args.heads, backends=backends,
+        passes=passes, repeat=args.repeat, device=args.device, max_sequential_length=args.max_sequential_length,
+    )
+    print(format_table(result), end="")
+    if plot is not None:
+        print(f"plot: {plot_result(result, plot)}")
+    return 0
+
+
 def _has_scan(path: str, cell: str | None, dims: dict) -> bool:
     from .frontend import load
 
@@ -221,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     explain = commands.add_parser("explain", help="print the analysis of a cell", description="Print what kind of recurrence a cell is and how it will run.")
     _common(explain)
     explain.add_argument("--plan", action="store_true", help="also print the execution plan: each recurrence's form, the forms rejected and why, and the predicted costs")
+    explain.add_argument("--format", default="text", choices=["text", "json", "dot"], help="text (default); json for tools (schema: recdsl.explain/1); dot: a Graphviz diagram")
+    explain.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout; with --format dot, a .png/.svg/.pdf FILE is rendered by Graphviz")
     explain.set_defaults(handler=_explain)
 
     run = commands.add_parser("run", help="compile a cell and run it on random inputs", description="Compile a cell, run it on random inputs, print output shapes and timing.")
@@ -250,6 +295,28 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--chunk-size", type=_CHECK_CHUNK, default=8, help="chunk length for the chunked backend (default 8, so short sequences cross chunks)")
     check.add_argument("--seed", type=int, default=None, help="Hypothesis seed, for a reproducible search")
     check.set_defaults(handler=_check)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time a cell on every backend across sequence lengths, with a table and a plot",
+        description="Time one cell on every backend that can run it (or --backends), forward and forward+backward, "
+        "at each --lengths T and --batch B; print a table (milliseconds, median after a warm-up) and write a plot "
+        "of time against T (log-log, one line per backend) to a PNG. The plot needs matplotlib (pip install 'recdsl[plot]').",
+    )
+    bench.add_argument("file", help="a .rec source file")
+    bench.add_argument("--cell", help="the cell to use when the file defines several")
+    bench.add_argument("--dim", action="append", default=[], metavar="NAME=VALUE", help="bind a dim (repeatable), e.g. --dim d=64")
+    bench.add_argument("--lengths", type=int, nargs="+", default=[64, 256, 1024, 4096], metavar="T", help="sequence lengths (default 64 256 1024 4096)")
+    bench.add_argument("--batch", type=int, nargs="+", default=[4], metavar="B", help="batch sizes (default 4)")
+    bench.add_argument("--heads", type=int, nargs="*", default=[], help="extra batch-like dims between T and the declared shape")
+    bench.add_argument("--backends", help="comma-separated backends (default: every one that runs the cell here; triton on CUDA only)")
+    bench.add_argument("--repeat", type=int, default=3, help="timed runs after one warm-up (default 3)")
+    bench.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    bench.add_argument("--max-sequential-length", type=int, default=4096, help="skip the sequential backend above this T (default 4096)")
+    bench.add_argument("--forward-only", action="store_true", help="time the forward pass only")
+    bench.add_argument("--plot", metavar="FILE.png", help="where the plot goes (default: FILE's stem + _bench.png)")
+    bench.add_argument("--no-plot", action="store_true", help="print the table only")
+    bench.set_defaults(handler=_bench)
 
     emit = commands.add_parser(
         "emit",

@@ -160,3 +160,9 @@ class BackendError(RecDSLError):
     """A backend was asked for that does not exist or cannot run this cell."""
 
     kind = "backend error"
+
+
+class MissingDependencyError(RecDSLError):
+    """An optional package that a command needs (matplotlib for plots) is not installed."""
+
+    kind = "missing dependency"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -264,6 +264,7 @@ def check_equivalence(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     hypothesis_seed: int | None = None,
+    on_example: Callable[[], None] | None = None,
 ) -> Report:
     """Hypothesis-driven equivalence of ``backends`` (default: all that apply) with the sequential reference.
 
@@ -271,6 +272,7 @@ def check_equivalence(
     ``input_scale``.  Lengths include 1 and lengths just below, at and above multiples of
     ``chunk_size`` (the chunked backend runs with that chunk size so that short sequences
     cross chunk boundaries).  Examples whose reference is not finite are skipped.
+    ``on_example`` is called after each compared example (a progress bar's ``update``).
     """
     _require_hypothesis()
     from hypothesis import HealthCheck, assume, given, seed, settings
@@ -315,6 +317,8 @@ def check_equivalence(
         assume(finite)
         report.examples += 1
         mismatches = compare_backends(module, chosen, inputs, state, seed=example.seed, atol=atol, rtol=rtol, chunk_size=chunk_size)
+        if on_example is not None:
+            on_example()
         if mismatches:
             failures.append((example, mismatches))
         assert not mismatches, "; ".join(str(m) for m in mismatches)
