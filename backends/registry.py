@@ -28,10 +28,18 @@ class Backend:
     run: Runner
 
 
+def _runs_every_cell(analysis: Analysis) -> None:
+    """The sequential backend's ``unsupported``: it runs every cell.
+
+    A module-level function, not a lambda, so that modules holding the backend pickle.
+    """
+    return None
+
+
 def _sequential() -> Backend:
     from . import sequential
 
-    return Backend("sequential", "a loop over time: the definition every other backend is checked against", lambda analysis: None, sequential.run)
+    return Backend("sequential", "a loop over time: the definition every other backend is checked against", _runs_every_cell, sequential.run)
 
 
 def _scan() -> Backend:
@@ -64,7 +72,18 @@ def _triton() -> Backend:
     )
 
 
-_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked, "triton": _triton}
+def _fused() -> Backend:
+    from . import fused_sequential
+
+    return Backend(
+        "fused",
+        "the sequential loop as generated C (matmuls sharing a state merged, gate math in tight loops, a generated adjoint loop), on CPU",
+        fused_sequential.unsupported,
+        fused_sequential.run,
+    )
+
+
+_FACTORIES: dict[str, Callable[[], Backend]] = {"sequential": _sequential, "scan": _scan, "chunked": _chunked, "triton": _triton, "fused": _fused}
 BACKENDS: tuple[str, ...] = tuple(_FACTORIES)
 
 
