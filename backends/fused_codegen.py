@@ -20,6 +20,8 @@ Two functions per cell and dtype:
 
 from __future__ import annotations
 
+from typing import Callable
+
 from .fused_program import Node, NodeKind, StepProgram, literal_text
 
 # The value of op(a, b, c) given the operands' C expressions {0}, {1}, {2}.
@@ -259,6 +261,7 @@ class _Source:
     def __init__(self) -> None:
         self.lines: list[str] = []
         self.depth = 0
+        self.defined: set[str] = set()  # names of the functions written so far
 
     def __call__(self, line: str) -> None:
         self.lines.append("    " * self.depth + line)
@@ -328,26 +331,26 @@ def _unpack(out: _Source, names: list[str], program: StepProgram, backward: bool
 
 def _scratch(out: _Source, program: StepProgram, backward: bool, save: bool) -> None:
     """One allocation for every per-step buffer: node values (and adjoints), unsaved products."""
-    parts: list[tuple[str, str]] = []
+    parts: list[tuple[str, int]] = []  # (name, values per row)
     for node in program.nodes:
         if node.kind is NodeKind.ELEMENTWISE:
-            parts.append((f"V{node.index}", f"N * {node.size}"))
+            parts.append((f"V{node.index}", node.size))
             if backward:
-                parts.append((f"DV{node.index}", f"N * {node.size}"))
+                parts.append((f"DV{node.index}", node.size))
     if backward:
         for s, state in enumerate(program.states):
-            parts.append((f"DHP{s}", f"N * {state.size}"))
-            parts.append((f"DHN{s}", f"N * {state.size}"))
+            parts.append((f"DHP{s}", state.size))
+            parts.append((f"DHN{s}", state.size))
     elif not save:
         for g, group in enumerate(program.groups):
-            parts.append((f"gstep{g}", f"N * {group.outer}"))
-    total = " + ".join(size for _, size in parts) or "1"
-    out(f"real *scratch = (real *)calloc((size_t)({total}), sizeof(real));")
+            parts.append((f"gstep{g}", group.outer))
+    total = sum(size for _, size in parts) or 1
+    out(f"real *scratch = (real *)calloc((size_t)N * {total}, sizeof(real));")
     out("if (!scratch) return 1;")
-    offset = "0"
+    offset = 0
     for name, size in parts:
-        out(f"real *{name} = scratch + {offset};")
-        offset = f"{offset} + {size}" if offset != "0" else size
+        out(f"real *{name} = scratch + N * {offset};")
+        offset += size
 
 
 def _step_pointers(out: _Source, program: StepProgram, backward: bool) -> None:
@@ -365,15 +368,56 @@ def _step_pointers(out: _Source, program: StepProgram, backward: bool) -> None:
             out(f"real *G{g} = save ? gseq{g} + t * N * {group.outer} : gstep{g};")
 
 
-def _loop(out: _Source, size: int):
-    return out.block(f"for (long n = 0; n < N; n++) for (long j = 0; j < {size}; j++)")
+def _loop(out: _Source, size: int, independent: bool = True):
+    """``for n, for j`` over the values of a step.
+
+    ``independent``: no iteration of the inner loop writes what another reads or writes
+    (no accumulation into a broadcast scalar), so the compiler may vectorise it without
+    checking for aliasing at run time (which costs compile time and code size).
+    """
+    out("for (long n = 0; n < N; n++)")
+    if independent and size > 1:
+        out("#pragma GCC ivdep")
+    return out.block(f"for (long j = 0; j < {size}; j++)")
 
 
-def _emit_node_forward(out: _Source, names: _Names, node: Node) -> None:
+def _function(helpers: _Source, out: _Source, name: str, reads: set[str], writes: set[str], body: Callable[[_Source], None]) -> None:
+    """Put ``body`` (a loop over the arrays ``reads`` and ``writes``) in its own function and call it.
+
+    Small functions keep the compile time linear in the number of nodes (register allocation
+    of one function holding every vectorised loop grows much faster); the arrays are
+    distinct buffers, hence ``restrict``.
+    """
+    reads = reads - writes
+    out(f"{name}({', '.join(['N', *sorted(writes), *sorted(reads)])});")
+    if name in helpers.defined:  # the adjoint loop recomputes with the forward's functions
+        return
+    helpers.defined.add(name)
+    signature = ["long N"] + [f"real *restrict {a}" for a in sorted(writes)] + [f"const real *restrict {a}" for a in sorted(reads)]
+    function = _Source()
+    with function.block(f"static void __attribute__((noinline)) {name}({', '.join(signature)})"):
+        body(function)
+    helpers.lines.extend(function.lines)
+
+
+def _arrays(names: _Names, program: StepProgram, nodes, adjoint: bool = False) -> set[str]:
+    found = set()
+    for index in nodes:
+        node = program.nodes[index]
+        if node.kind is not NodeKind.LITERAL and not (adjoint and node.boolean):
+            found.add(names.array(node, adjoint))
+    return found
+
+
+def _emit_node_forward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, node: Node) -> None:
     assert node.op is not None
     operands = [names.value(a, node.size) for a in node.args]
-    with _loop(out, node.size):
-        out(f"V{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}] = {FORWARD[node.op].format(*operands)};")
+
+    def body(code: _Source) -> None:
+        with _loop(code, node.size):
+            code(f"V{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}] = {FORWARD[node.op].format(*operands)};")
+
+    _function(helpers, out, f"forward_{node.index}", _arrays(names, program, node.args), {f"V{node.index}"}, body)
 
 
 def _left(names: _Names, program: StepProgram, group_index: int, adjoint: bool) -> tuple[str, str]:
@@ -385,10 +429,10 @@ def _left(names: _Names, program: StepProgram, group_index: int, adjoint: bool) 
     return array, str(node.size)
 
 
-def _forward_steps(out: _Source, names: _Names, program: StepProgram, backward: bool) -> None:
+def _forward_steps(helpers: _Source, out: _Source, names: _Names, program: StepProgram, backward: bool) -> None:
     for step in program.order:
         if step.node is not None:
-            _emit_node_forward(out, names, program.nodes[step.node])
+            _emit_node_forward(helpers, out, names, program, program.nodes[step.node])
         elif not backward:
             group = program.groups[step.group]
             left, stride = _left(names, program, step.group, False)
@@ -399,9 +443,8 @@ def generate(program: StepProgram, dtype: str) -> str:
     """The C source of ``program``'s forward and backward loops computing in ``dtype`` (``float`` or ``double``)."""
     names = _Names(program)
     layout = pointer_layout(program)
+    helpers = _Source()  # one function per node's loop, forward and adjoint
     out = _Source()
-    for line in _prelude(dtype):
-        out(line)
 
     # ---- forward
     with out.block("int recdsl_forward(long T, long N, int save, void **p)"):
@@ -409,7 +452,7 @@ def generate(program: StepProgram, dtype: str) -> str:
         _scratch(out, program, backward=False, save=False)
         with out.block("for (long t = 0; t < T; t++)"):
             _step_pointers(out, program, backward=False)
-            _forward_steps(out, names, program, backward=False)
+            _forward_steps(helpers, out, names, program, backward=False)
             for s, state in enumerate(program.states):
                 with _loop(out, state.size):
                     out(f"seq{s}[t * N * {state.size} + n * {state.size} + j] = {names.value(state.new, state.size)};")
@@ -427,7 +470,7 @@ def generate(program: StepProgram, dtype: str) -> str:
         with out.block("for (long t = T - 1; t >= 0; t--)"):
             _step_pointers(out, program, backward=True)
             out("/* recompute the step's values from the saved products */")
-            _forward_steps(out, names, program, backward=True)
+            _forward_steps(helpers, out, names, program, backward=True)
             for g, group in enumerate(program.groups):
                 left, stride = _left(names, program, g, False)
                 with _loop(out, group.inner):
@@ -440,14 +483,14 @@ def generate(program: StepProgram, dtype: str) -> str:
             out("/* adjoints arriving at this step: outputs, and the next step's reading of the states */")
             for s, state in enumerate(program.states):
                 target = names.adjoint(state.new, state.size)
-                with _loop(out, state.size):
+                with _loop(out, state.size, independent=program.nodes[state.new].size == state.size):
                     out(f"const real g = DHN{s}[n * {state.size} + j] + dseq{s}[t * N * {state.size} + n * {state.size} + j];")
                     if target is not None:
                         out(f"{target} += g;")
             for o in program.outputs:
                 target = names.adjoint(o.node, o.size)
                 if o.same_as_state is None and target is not None:
-                    with _loop(out, o.size):
+                    with _loop(out, o.size, independent=program.nodes[o.node].size == o.size):
                         out(f"{target} += dout{o.index}[t * N * {o.size} + n * {o.size} + j];")
             out("/* reverse sweep */")
             for step in reversed(program.order):
@@ -461,22 +504,30 @@ def generate(program: StepProgram, dtype: str) -> str:
                 values = [names.value(a, node.size) for a in node.args]
                 result = f"V{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}]"
                 shares = []
+                independent = True
                 for arg, formula in zip(node.args, ADJOINT[node.op]):
                     target = names.adjoint(arg, node.size)
                     if formula is not None and target is not None:
                         shares.append(f"{target} += {formula.format(*values, g='g', r='r')};")
+                        independent = independent and program.nodes[arg].size == node.size
                 if not shares or node.boolean:
                     continue
-                with _loop(out, node.size):
-                    out(f"const real g = DV{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}];")
-                    out(f"const real r = {result};")
-                    out("(void)r;")
-                    for share in shares:
-                        out(share)
+
+                def body(code: _Source, node=node, shares=shares, result=result, independent=independent) -> None:
+                    with _loop(code, node.size, independent):
+                        code(f"const real g = DV{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}];")
+                        code(f"const real r = {result};")
+                        code("(void)r;")
+                        for share in shares:
+                            code(share)
+
+                reads = _arrays(names, program, node.args) | {f"V{node.index}", f"DV{node.index}"}
+                writes = {names.array(program.nodes[a], True) for a, f in zip(node.args, ADJOINT[node.op]) if f is not None and names.adjoint(a, node.size) is not None}
+                _function(helpers, out, f"backward_{node.index}", reads, writes, body)
             for s, state in enumerate(program.states):
                 out(f"{{ real *swap = DHN{s}; DHN{s} = DHP{s}; DHP{s} = swap; }}")
         for s, state in enumerate(program.states):
             out(f"memcpy(dinit{s}, DHN{s}, sizeof(real) * N * {state.size});")
         out("free(scratch);")
         out("return 0;")
-    return "\n".join(out.lines) + "\n"
+    return "\n".join(_prelude(dtype) + helpers.lines + out.lines) + "\n"
