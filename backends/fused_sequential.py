@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from recdsl import ir
 from recdsl.analysis import Analysis
@@ -208,6 +209,7 @@ class _FusedLoop(torch.autograd.Function):
         return (*sequences, *outputs)
 
     @staticmethod
+    @once_differentiable  # the adjoint loop is not itself differentiated: a second derivative raises
     def backward(ctx, *grads: torch.Tensor):
         kernel: Kernel = ctx.kernel
         saved = ctx.saved_tensors

@@ -238,3 +238,11 @@ def test_mingru_uses_fused_in_compare_backends():
     assert "fused" in available_backends(module)
     inputs, state = random_inputs(module, Example(batch=2, length=9, heads=(2,), seed=4, with_state=True))
     assert not compare_backends(module, ["fused"], inputs, state, seed=4)
+
+
+def test_second_derivatives_raise_rather_than_return_zeros():
+    module = recdsl.compile(EXAMPLES / "gru.rec", backend="fused", d_in=5, d=6)
+    x = torch.randn(2, 4, 5, requires_grad=True)
+    (gradient,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|not have been used|does not require grad"):
+        torch.autograd.grad(gradient.sum(), x)
