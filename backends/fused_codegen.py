@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .fused_program import Node, NodeKind, StepProgram, literal_text
+from .fused_program import Node, NodeKind, Step, StepProgram, literal_text
 
 # The value of op(a, b, c) given the operands' C expressions {0}, {1}, {2}.
 FORWARD: dict[str, str] = {
@@ -409,15 +409,80 @@ def _arrays(names: _Names, program: StepProgram, nodes, adjoint: bool = False) -
     return found
 
 
-def _emit_node_forward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, node: Node) -> None:
-    assert node.op is not None
-    operands = [names.value(a, node.size) for a in node.args]
+def _runs(program: StepProgram) -> list[Step]:
+    """``program.order`` with consecutive elementwise nodes of one size grouped into runs (lists of node indices).
+
+    A run is one loop over the step's values: each iteration computes all its nodes for
+    one element, so values pass between them in registers rather than through a loop each.
+    """
+    runs: list = []
+    for step in program.order:
+        if step.node is None:
+            runs.append(step)
+            continue
+        size = program.nodes[step.node].size
+        if runs and isinstance(runs[-1], list) and program.nodes[runs[-1][0]].size == size:
+            runs[-1].append(step.node)
+        else:
+            runs.append([step.node])
+    return runs
+
+
+def _element(node: Node) -> str:
+    return "n" if node.size == 1 else f"n * {node.size} + j"
+
+
+def _emit_run_forward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int]) -> None:
+    nodes = [program.nodes[i] for i in run]
+    size = nodes[0].size
 
     def body(code: _Source) -> None:
-        with _loop(code, node.size):
-            code(f"V{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}] = {FORWARD[node.op].format(*operands)};")
+        with _loop(code, size):
+            for node in nodes:
+                assert node.op is not None
+                operands = [names.value(a, size) for a in node.args]
+                code(f"V{node.index}[{_element(node)}] = {FORWARD[node.op].format(*operands)};")
 
-    _function(helpers, out, f"forward_{node.index}", _arrays(names, program, node.args), {f"V{node.index}"}, body)
+    reads = _arrays(names, program, [a for node in nodes for a in node.args])
+    _function(helpers, out, f"forward_{run[0]}_{run[-1]}", reads, {f"V{i}" for i in run}, body)
+
+
+def _emit_run_backward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int]) -> None:
+    """The adjoints of a run's nodes, last node first, each pushing its share to its operands."""
+    size = program.nodes[run[0]].size
+    independent = True
+    reads: set[str] = set()
+    writes: set[str] = set()
+    blocks: list[list[str]] = []
+    for index in reversed(run):
+        node = program.nodes[index]
+        assert node.op is not None
+        if node.boolean:
+            continue
+        values = [names.value(a, size) for a in node.args]
+        shares = []
+        for arg, formula in zip(node.args, ADJOINT[node.op]):
+            target = names.adjoint(arg, size)
+            if formula is not None and target is not None:
+                shares.append(f"{target} += {formula.format(*values, g='g', r='r')};")
+                writes.add(names.array(program.nodes[arg], True))
+                independent = independent and program.nodes[arg].size == size
+        if not shares:
+            continue
+        reads |= _arrays(names, program, node.args) | {f"V{index}", f"DV{index}"}
+        element = _element(node)
+        blocks.append([f"const real g = DV{index}[{element}];", f"const real r = V{index}[{element}];", "(void)r;", *shares])
+    if not blocks:
+        return
+
+    def body(code: _Source) -> None:
+        with _loop(code, size, independent):
+            for block in blocks:
+                with code.block(""):
+                    for line in block:
+                        code(line)
+
+    _function(helpers, out, f"backward_{run[0]}_{run[-1]}", reads, writes, body)
 
 
 def _left(names: _Names, program: StepProgram, group_index: int, adjoint: bool) -> tuple[str, str]:
@@ -430,9 +495,9 @@ def _left(names: _Names, program: StepProgram, group_index: int, adjoint: bool) 
 
 
 def _forward_steps(helpers: _Source, out: _Source, names: _Names, program: StepProgram, backward: bool) -> None:
-    for step in program.order:
-        if step.node is not None:
-            _emit_node_forward(helpers, out, names, program, program.nodes[step.node])
+    for step in _runs(program):
+        if isinstance(step, list):
+            _emit_run_forward(helpers, out, names, program, step)
         elif not backward:
             group = program.groups[step.group]
             left, stride = _left(names, program, step.group, False)
@@ -493,37 +558,13 @@ def generate(program: StepProgram, dtype: str) -> str:
                     with _loop(out, o.size, independent=program.nodes[o.node].size == o.size):
                         out(f"{target} += dout{o.index}[t * N * {o.size} + n * {o.size} + j];")
             out("/* reverse sweep */")
-            for step in reversed(program.order):
-                if step.group is not None:
-                    group = program.groups[step.group]
-                    dleft, stride = _left(names, program, step.group, True)
-                    out(f"matmul_rows_adjoint(N, {group.inner}, {group.outer}, DG{step.group}, {group.outer}, WT{step.group}, {dleft}, {stride});")
+            for step in reversed(_runs(program)):
+                if isinstance(step, list):
+                    _emit_run_backward(helpers, out, names, program, step)
                     continue
-                node = program.nodes[step.node]
-                assert node.op is not None
-                values = [names.value(a, node.size) for a in node.args]
-                result = f"V{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}]"
-                shares = []
-                independent = True
-                for arg, formula in zip(node.args, ADJOINT[node.op]):
-                    target = names.adjoint(arg, node.size)
-                    if formula is not None and target is not None:
-                        shares.append(f"{target} += {formula.format(*values, g='g', r='r')};")
-                        independent = independent and program.nodes[arg].size == node.size
-                if not shares or node.boolean:
-                    continue
-
-                def body(code: _Source, node=node, shares=shares, result=result, independent=independent) -> None:
-                    with _loop(code, node.size, independent):
-                        code(f"const real g = DV{node.index}[{'n' if node.size == 1 else f'n * {node.size} + j'}];")
-                        code(f"const real r = {result};")
-                        code("(void)r;")
-                        for share in shares:
-                            code(share)
-
-                reads = _arrays(names, program, node.args) | {f"V{node.index}", f"DV{node.index}"}
-                writes = {names.array(program.nodes[a], True) for a, f in zip(node.args, ADJOINT[node.op]) if f is not None and names.adjoint(a, node.size) is not None}
-                _function(helpers, out, f"backward_{node.index}", reads, writes, body)
+                group = program.groups[step.group]
+                dleft, stride = _left(names, program, step.group, True)
+                out(f"matmul_rows_adjoint(N, {group.inner}, {group.outer}, DG{step.group}, {group.outer}, WT{step.group}, {dleft}, {stride});")
             for s, state in enumerate(program.states):
                 out(f"{{ real *swap = DHN{s}; DHN{s} = DHP{s}; DHP{s} = swap; }}")
         for s, state in enumerate(program.states):
