@@ -3,9 +3,9 @@
 Two functions per cell and dtype:
 
 - ``recdsl_forward(T, N, save, p)`` runs the whole time loop: per step, each matmul group
-  is one ``[N, K] @ [K, M]`` product against the concatenated weights (the weights read
-  once per step, the result rows kept in cache), then the elementwise nodes, one tight loop
-  each over the ``N x size`` values; states and outputs are written once per step.  With
+  is one ``[N, K] @ [K, M]`` product against the concatenated weights (blocks of 4 rows x 16
+  columns accumulated in registers), then the elementwise nodes, one loop over the
+  ``N x size`` values per run of nodes of one size; states and outputs are written once per step.  With
   ``save`` the matmul results of every step are kept for the backward.
 - ``recdsl_backward(T, N, p)`` is the adjoint loop over reversed time: per step it
   recomputes the elementwise nodes from the saved products (no matmul is recomputed),
@@ -159,27 +159,44 @@ static inline real logaddexp_(real a, real b) {
     return m + LOG1P(EXP(-FABS(a - b)));
 }
 
-/* C[n, 0:M] = A[n, 0:K] @ W[K, M] for n < N (row strides lda, ldc): W is read once. */
-static void matmul_rows(long N, long K, long M, const real *A, long lda, const real *W, real *C, long ldc) {
-    for (long n = 0; n < N; n++) for (long j = 0; j < M; j++) C[n * ldc + j] = 0;
-    for (long k = 0; k < K; k++) {
-        const real *w = W + k * M;
-        for (long n = 0; n < N; n++) {
-            const real a = A[n * lda + k];
-            real *c = C + n * ldc;
-            for (long j = 0; j < M; j++) c[j] += a * w[j];
+/* C[n, 0:M] (+)= A[n, 0:K] @ W[K, M] for n < N (row strides lda, ldc).  Blocks of 4 rows x 16
+   columns are accumulated in registers over k, so W is read once per 4 rows and C written once. */
+#define ROWS 4
+#define COLUMNS 16
+static void matmul_rows(long N, long K, long M, const real *restrict A, long lda, const real *restrict W, real *restrict C, long ldc, int accumulate) {
+    long j0 = 0;
+    for (; j0 + COLUMNS <= M; j0 += COLUMNS) {
+        for (long n0 = 0; n0 < N; n0 += ROWS) {
+            real acc[ROWS][COLUMNS];
+            for (int r = 0; r < ROWS; r++) for (int c = 0; c < COLUMNS; c++) acc[r][c] = 0;
+            if (n0 + ROWS <= N) {
+                for (long k = 0; k < K; k++) {
+                    const real *w = W + k * M + j0;
+                    for (int r = 0; r < ROWS; r++) {
+                        const real a = A[(n0 + r) * lda + k];
+                        for (int c = 0; c < COLUMNS; c++) acc[r][c] += a * w[c];
+                    }
+                }
+            } else {
+                for (long k = 0; k < K; k++) {
+                    const real *w = W + k * M + j0;
+                    for (int r = 0; r < ROWS; r++) {
+                        const real a = n0 + r < N ? A[(n0 + r) * lda + k] : (real)0;
+                        for (int c = 0; c < COLUMNS; c++) acc[r][c] += a * w[c];
+                    }
+                }
+            }
+            for (int r = 0; r < ROWS && n0 + r < N; r++) {
+                real *out = C + (n0 + r) * ldc + j0;
+                for (int c = 0; c < COLUMNS; c++) out[c] = accumulate ? out[c] + acc[r][c] : acc[r][c];
+            }
         }
     }
-}
-
-/* dA[n, 0:K] += dC[n, 0:M] @ W^T, with WT = W^T stored [M, K]. */
-static void matmul_rows_adjoint(long N, long K, long M, const real *dC, long ldc, const real *WT, real *dA, long lda) {
-    for (long j = 0; j < M; j++) {
-        const real *w = WT + j * K;
-        for (long n = 0; n < N; n++) {
-            const real g = dC[n * ldc + j];
-            real *d = dA + n * lda;
-            for (long k = 0; k < K; k++) d[k] += g * w[k];
+    for (long n = 0; n < N; n++) {
+        for (long j = j0; j < M; j++) {
+            real sum = 0;
+            for (long k = 0; k < K; k++) sum += A[n * lda + k] * W[k * M + j];
+            C[n * ldc + j] = accumulate ? C[n * ldc + j] + sum : sum;
         }
     }
 }
@@ -501,7 +518,7 @@ def _forward_steps(helpers: _Source, out: _Source, names: _Names, program: StepP
         elif not backward:
             group = program.groups[step.group]
             left, stride = _left(names, program, step.group, False)
-            out(f"matmul_rows(N, {group.inner}, {group.outer}, {left}, {stride}, W{step.group}, G{step.group}, {group.outer});")
+            out(f"matmul_rows(N, {group.inner}, {group.outer}, {left}, {stride}, W{step.group}, G{step.group}, {group.outer}, 0);")
 
 
 def generate(program: StepProgram, dtype: str) -> str:
@@ -564,7 +581,7 @@ def generate(program: StepProgram, dtype: str) -> str:
                     continue
                 group = program.groups[step.group]
                 dleft, stride = _left(names, program, step.group, True)
-                out(f"matmul_rows_adjoint(N, {group.inner}, {group.outer}, DG{step.group}, {group.outer}, WT{step.group}, {dleft}, {stride});")
+                out(f"matmul_rows(N, {group.outer}, {group.inner}, DG{step.group}, {group.outer}, WT{step.group}, {dleft}, {stride}, 1);")
             for s, state in enumerate(program.states):
                 out(f"{{ real *swap = DHN{s}; DHN{s} = DHP{s}; DHP{s} = swap; }}")
         for s, state in enumerate(program.states):
