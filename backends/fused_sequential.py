@@ -269,8 +269,8 @@ def run(
 
     def varying(expr: ir.Expr) -> torch.Tensor:
         value = _real(leaves.evaluate(expr), numerics)
-        value = value.expand(lead + expr.type.shape) if value.dim() > expr.type.rank else value.expand(lead + expr.type.shape)
-        return value.movedim(1, 0).reshape(steps, rows, -1).contiguous()
+        # [B, T, *heads, *shape] -> [T, B * heads, size]: the loop reads one step's rows contiguously
+        return value.expand(lead + expr.type.shape).movedim(1, 0).reshape(steps, rows, -1).contiguous()
 
     def constant(expr: ir.Expr) -> torch.Tensor:
         return _real(leaves.evaluate(expr), numerics).expand(expr.type.shape).reshape(-1).contiguous()
