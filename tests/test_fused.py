@@ -246,3 +246,18 @@ def test_second_derivatives_raise_rather_than_return_zeros():
     (gradient,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|not have been used|does not require grad"):
         torch.autograd.grad(gradient.sum(), x)
+
+
+def test_generated_source_matches_the_golden_file():
+    """A change in generated code shows in review.  Regenerate with
+    ``python -c "import recdsl; from recdsl.backends.fused_program import build_program;
+    from recdsl.backends.fused_codegen import generate; m = recdsl.compile('examples/gru.rec', d_in=4, d=8);
+    open('tests/golden/gru_fused.c', 'w').write(generate(build_program(m.analysis), 'float'))"``.
+    """
+    from pathlib import Path
+
+    from recdsl.backends.fused_codegen import generate
+
+    program = build_program(recdsl.compile(EXAMPLES / "gru.rec", d_in=4, d=8).analysis)
+    golden = Path(__file__).resolve().parent / "golden" / "gru_fused.c"
+    assert generate(program, "float") == golden.read_text()
