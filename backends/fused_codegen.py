@@ -449,19 +449,47 @@ def _element(node: Node) -> str:
     return "n" if node.size == 1 else f"n * {node.size} + j"
 
 
-def _emit_run_forward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int]) -> None:
+def _read_outside_their_run(program: StepProgram) -> set[int]:
+    """The elementwise nodes whose values are read outside the run that computes them.
+
+    Only these are stored by the forward loop; the others stay in registers.  (The adjoint
+    loop recomputes and stores every node: its reverse sweep reads them.)
+    """
+    run_of: dict[int, int] = {}
+    for number, step in enumerate(_runs(program)):
+        if isinstance(step, list):
+            run_of.update({index: number for index in step})
+    escaping: set[int] = set()
+    for index, run in run_of.items():
+        for arg in program.nodes[index].args:
+            if arg in run_of and run_of[arg] != run:
+                escaping.add(arg)
+    escaping.update(group.left for group in program.groups)
+    escaping.update(state.new for state in program.states)
+    escaping.update(output.node for output in program.outputs)
+    return escaping & set(run_of)
+
+
+def _emit_run_forward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int], stored: set[int] | None) -> None:
+    """A run's values, one loop; ``stored``: the nodes whose values are written out (None: all of them)."""
     nodes = [program.nodes[i] for i in run]
     size = nodes[0].size
+    kept = set(run) if stored is None else stored & set(run)
 
     def body(code: _Source) -> None:
         with _loop(code, size):
+            local: dict[int, str] = {}
             for node in nodes:
                 assert node.op is not None
-                operands = [names.value(a, size) for a in node.args]
-                code(f"V{node.index}[{_element(node)}] = {FORWARD[node.op].format(*operands)};")
+                operands = [local.get(a) or names.value(a, size) for a in node.args]
+                code(f"const real v{node.index} = {FORWARD[node.op].format(*operands)};")
+                local[node.index] = f"v{node.index}"
+                if node.index in kept:
+                    code(f"V{node.index}[{_element(node)}] = v{node.index};")
 
-    reads = _arrays(names, program, [a for node in nodes for a in node.args])
-    _function(helpers, out, f"forward_{run[0]}_{run[-1]}", reads, {f"V{i}" for i in run}, body)
+    reads = _arrays(names, program, [a for node in nodes for a in node.args if a not in run])
+    prefix = "recompute" if stored is None else "forward"
+    _function(helpers, out, f"{prefix}_{run[0]}_{run[-1]}", reads, {f"V{i}" for i in kept}, body)
 
 
 def _emit_run_backward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int]) -> None:
@@ -512,9 +540,10 @@ def _left(names: _Names, program: StepProgram, group_index: int, adjoint: bool) 
 
 
 def _forward_steps(helpers: _Source, out: _Source, names: _Names, program: StepProgram, backward: bool) -> None:
+    stored = None if backward else _read_outside_their_run(program)
     for step in _runs(program):
         if isinstance(step, list):
-            _emit_run_forward(helpers, out, names, program, step)
+            _emit_run_forward(helpers, out, names, program, step, stored)
         elif not backward:
             group = program.groups[step.group]
             left, stride = _left(names, program, step.group, False)

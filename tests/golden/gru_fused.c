@@ -107,24 +107,59 @@ static void matmul_rows(long N, long K, long M, const real *restrict A, long lda
     }
 }
 
-static void __attribute__((noinline)) forward_4_24(long N, real *restrict V12, real *restrict V14, real *restrict V15, real *restrict V18, real *restrict V19, real *restrict V20, real *restrict V21, real *restrict V22, real *restrict V23, real *restrict V24, real *restrict V4, real *restrict V6, real *restrict V7, real *restrict V8, const real *restrict G0, const real *restrict HP0, const real *restrict LC0, const real *restrict LC1, const real *restrict LC2, const real *restrict LV0, const real *restrict LV1, const real *restrict LV2) {
+static void __attribute__((noinline)) forward_4_24(long N, real *restrict V24, const real *restrict G0, const real *restrict HP0, const real *restrict LC0, const real *restrict LC1, const real *restrict LC2, const real *restrict LV0, const real *restrict LV1, const real *restrict LV2) {
     for (long n = 0; n < N; n++)
     #pragma GCC ivdep
     for (long j = 0; j < 8; j++) {
-        V4[n * 8 + j] = (LV0[n * 8 + j] + G0[n * 24 + 0 + j]);
-        V6[n * 8 + j] = (V4[n * 8 + j] + LC0[j]);
-        V7[n * 8 + j] = sigmoid_(V6[n * 8 + j]);
-        V8[n * 8 + j] = (((real)1.0) - V7[n * 8 + j]);
-        V12[n * 8 + j] = (LV2[n * 8 + j] + G0[n * 24 + 8 + j]);
-        V14[n * 8 + j] = (V12[n * 8 + j] + LC1[j]);
-        V15[n * 8 + j] = sigmoid_(V14[n * 8 + j]);
-        V18[n * 8 + j] = (G0[n * 24 + 16 + j] + LC2[j]);
-        V19[n * 8 + j] = (V15[n * 8 + j] * V18[n * 8 + j]);
-        V20[n * 8 + j] = (LV1[n * 8 + j] + V19[n * 8 + j]);
-        V21[n * 8 + j] = TANH(V20[n * 8 + j]);
-        V22[n * 8 + j] = (V8[n * 8 + j] * V21[n * 8 + j]);
-        V23[n * 8 + j] = (V7[n * 8 + j] * HP0[n * 8 + j]);
-        V24[n * 8 + j] = (V22[n * 8 + j] + V23[n * 8 + j]);
+        const real v4 = (LV0[n * 8 + j] + G0[n * 24 + 0 + j]);
+        const real v6 = (v4 + LC0[j]);
+        const real v7 = sigmoid_(v6);
+        const real v8 = (((real)1.0) - v7);
+        const real v12 = (LV2[n * 8 + j] + G0[n * 24 + 8 + j]);
+        const real v14 = (v12 + LC1[j]);
+        const real v15 = sigmoid_(v14);
+        const real v18 = (G0[n * 24 + 16 + j] + LC2[j]);
+        const real v19 = (v15 * v18);
+        const real v20 = (LV1[n * 8 + j] + v19);
+        const real v21 = TANH(v20);
+        const real v22 = (v8 * v21);
+        const real v23 = (v7 * HP0[n * 8 + j]);
+        const real v24 = (v22 + v23);
+        V24[n * 8 + j] = v24;
+    }
+}
+static void __attribute__((noinline)) recompute_4_24(long N, real *restrict V12, real *restrict V14, real *restrict V15, real *restrict V18, real *restrict V19, real *restrict V20, real *restrict V21, real *restrict V22, real *restrict V23, real *restrict V24, real *restrict V4, real *restrict V6, real *restrict V7, real *restrict V8, const real *restrict G0, const real *restrict HP0, const real *restrict LC0, const real *restrict LC1, const real *restrict LC2, const real *restrict LV0, const real *restrict LV1, const real *restrict LV2) {
+    for (long n = 0; n < N; n++)
+    #pragma GCC ivdep
+    for (long j = 0; j < 8; j++) {
+        const real v4 = (LV0[n * 8 + j] + G0[n * 24 + 0 + j]);
+        V4[n * 8 + j] = v4;
+        const real v6 = (v4 + LC0[j]);
+        V6[n * 8 + j] = v6;
+        const real v7 = sigmoid_(v6);
+        V7[n * 8 + j] = v7;
+        const real v8 = (((real)1.0) - v7);
+        V8[n * 8 + j] = v8;
+        const real v12 = (LV2[n * 8 + j] + G0[n * 24 + 8 + j]);
+        V12[n * 8 + j] = v12;
+        const real v14 = (v12 + LC1[j]);
+        V14[n * 8 + j] = v14;
+        const real v15 = sigmoid_(v14);
+        V15[n * 8 + j] = v15;
+        const real v18 = (G0[n * 24 + 16 + j] + LC2[j]);
+        V18[n * 8 + j] = v18;
+        const real v19 = (v15 * v18);
+        V19[n * 8 + j] = v19;
+        const real v20 = (LV1[n * 8 + j] + v19);
+        V20[n * 8 + j] = v20;
+        const real v21 = TANH(v20);
+        V21[n * 8 + j] = v21;
+        const real v22 = (v8 * v21);
+        V22[n * 8 + j] = v22;
+        const real v23 = (v7 * HP0[n * 8 + j]);
+        V23[n * 8 + j] = v23;
+        const real v24 = (v22 + v23);
+        V24[n * 8 + j] = v24;
     }
 }
 static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, real *restrict DHP0, real *restrict DLC0, real *restrict DLC1, real *restrict DLC2, real *restrict DLV0, real *restrict DLV1, real *restrict DLV2, real *restrict DV12, real *restrict DV14, real *restrict DV15, real *restrict DV18, real *restrict DV19, real *restrict DV20, real *restrict DV21, real *restrict DV22, real *restrict DV23, real *restrict DV4, real *restrict DV6, real *restrict DV7, real *restrict DV8, const real *restrict DV24, const real *restrict G0, const real *restrict HP0, const real *restrict LC0, const real *restrict LC1, const real *restrict LC2, const real *restrict LV0, const real *restrict LV1, const real *restrict LV2, const real *restrict V12, const real *restrict V14, const real *restrict V15, const real *restrict V18, const real *restrict V19, const real *restrict V20, const real *restrict V21, const real *restrict V22, const real *restrict V23, const real *restrict V24, const real *restrict V4, const real *restrict V6, const real *restrict V7, const real *restrict V8) {
@@ -262,7 +297,7 @@ int recdsl_forward(long T, long N, int save, void **p) {
         const real *HP0 = t ? seq0 + (t - 1) * N * 8 : init0;
         real *G0 = save ? gseq0 + t * N * 24 : gstep0;
         matmul_rows(N, 8, 24, HP0, 8, W0, G0, 24, 0);
-        forward_4_24(N, V12, V14, V15, V18, V19, V20, V21, V22, V23, V24, V4, V6, V7, V8, G0, HP0, LC0, LC1, LC2, LV0, LV1, LV2);
+        forward_4_24(N, V24, G0, HP0, LC0, LC1, LC2, LV0, LV1, LV2);
         for (long n = 0; n < N; n++)
         #pragma GCC ivdep
         for (long j = 0; j < 8; j++) {
@@ -337,7 +372,7 @@ int recdsl_backward(long T, long N, void **p) {
         const real *G0 = gseq0 + t * N * 24;
         real *DG0 = dgseq0 + t * N * 24;
         /* recompute the step's values from the saved products */
-        forward_4_24(N, V12, V14, V15, V18, V19, V20, V21, V22, V23, V24, V4, V6, V7, V8, G0, HP0, LC0, LC1, LC2, LV0, LV1, LV2);
+        recompute_4_24(N, V12, V14, V15, V18, V19, V20, V21, V22, V23, V24, V4, V6, V7, V8, G0, HP0, LC0, LC1, LC2, LV0, LV1, LV2);
         for (long n = 0; n < N; n++)
         #pragma GCC ivdep
         for (long j = 0; j < 8; j++) {
