@@ -250,11 +250,14 @@ def run(
     row_lead = (lead[0],) + lead[2:]
     rows = math.prod(row_lead)
 
-    # The time-parallel bindings and outputs, for all steps at once (as the sequential backend does).
+    # The time-parallel bindings and outputs, for all steps at once (as the sequential backend
+    # does), time-major: evaluated on [T, B, *heads, ...] inputs, the leaves come out in the
+    # layout the loop reads, with no transposing copy per leaf.
+    time_major = (steps,) + row_lead
     whole: dict[tuple[RefKind, str], torch.Tensor] = {}
     whole.update({(RefKind.PARAM, name): value for name, value in params.items()})
     whole.update({(RefKind.CONST, name): value for name, value in consts.items()})
-    whole.update({(RefKind.INPUT, name): value for name, value in inputs.items()})
+    whole.update({(RefKind.INPUT, name): value.transpose(0, 1).contiguous() for name, value in inputs.items()})
     parallel_eval = Evaluator(numerics, whole)
     parallel_outputs: dict[int, torch.Tensor] = {}
     for statement in cell.body:
@@ -264,13 +267,13 @@ def run(
             value = parallel_eval.evaluate(statement.value)
             if statement.name is not None:
                 whole[(RefKind.BINDING, statement.name)] = value
-            parallel_outputs[statement.index] = value.expand(lead + tuple(value.shape[value.dim() - statement.value.type.rank :]))
+            trailing = tuple(value.shape[value.dim() - statement.value.type.rank :])
+            parallel_outputs[statement.index] = value.expand(time_major + trailing).transpose(0, 1)
     leaves = Evaluator(numerics, whole, shared=True)
 
     def varying(expr: ir.Expr) -> torch.Tensor:
         value = _real(leaves.evaluate(expr), numerics)
-        # [B, T, *heads, *shape] -> [T, B * heads, size]: the loop reads one step's rows contiguously
-        return value.expand(lead + expr.type.shape).movedim(1, 0).reshape(steps, rows, -1).contiguous()
+        return value.expand(time_major + expr.type.shape).reshape(steps, rows, -1).contiguous()
 
     def constant(expr: ir.Expr) -> torch.Tensor:
         return _real(leaves.evaluate(expr), numerics).expand(expr.type.shape).reshape(-1).contiguous()
