@@ -492,9 +492,15 @@ def _emit_run_forward(helpers: _Source, out: _Source, names: _Names, program: St
     _function(helpers, out, f"{prefix}_{run[0]}_{run[-1]}", reads, {f"V{i}" for i in kept}, body)
 
 
-def _emit_run_backward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int]) -> None:
-    """The adjoints of a run's nodes, last node first, each pushing its share to its operands."""
+def _emit_run_backward(helpers: _Source, out: _Source, names: _Names, program: StepProgram, run: list[int], escaping: set[int]) -> None:
+    """The adjoints of a run's nodes, last node first, each pushing its share to its operands.
+
+    Nodes read only inside the run (not in ``escaping``) keep their adjoints in registers,
+    zeroed at the start of each element; the others accumulate in their ``DV`` arrays.
+    """
     size = program.nodes[run[0]].size
+    members = set(run)
+    local = [i for i in run if i not in escaping and not program.nodes[i].boolean]
     independent = True
     reads: set[str] = set()
     writes: set[str] = set()
@@ -508,20 +514,29 @@ def _emit_run_backward(helpers: _Source, out: _Source, names: _Names, program: S
         shares = []
         for arg, formula in zip(node.args, ADJOINT[node.op]):
             target = names.adjoint(arg, size)
-            if formula is not None and target is not None:
-                shares.append(f"{target} += {formula.format(*values, g='g', r='r')};")
+            if formula is None or target is None:
+                continue
+            if arg in members and arg not in escaping:
+                target = f"d{arg}"
+            else:
                 writes.add(names.array(program.nodes[arg], True))
                 independent = independent and program.nodes[arg].size == size
+            shares.append(f"{target} += {formula.format(*values, g='g', r='r')};")
         if not shares:
             continue
-        reads |= _arrays(names, program, node.args) | {f"V{index}", f"DV{index}"}
         element = _element(node)
-        blocks.append([f"const real g = DV{index}[{element}];", f"const real r = V{index}[{element}];", "(void)r;", *shares])
+        reads |= _arrays(names, program, node.args) | {f"V{index}"}
+        if index in escaping:
+            reads.add(f"DV{index}")
+        adjoint = f"DV{index}[{element}]" if index in escaping else f"d{index}"
+        blocks.append([f"const real g = {adjoint};", f"const real r = V{index}[{element}];", "(void)r;", *shares])
     if not blocks:
         return
 
     def body(code: _Source) -> None:
         with _loop(code, size, independent):
+            for index in local:
+                code(f"real d{index} = 0;")
             for block in blocks:
                 with code.block(""):
                     for line in block:
@@ -554,8 +569,9 @@ def generate(program: StepProgram, dtype: str) -> str:
     """The C source of ``program``'s forward and backward loops computing in ``dtype`` (``float`` or ``double``)."""
     names = _Names(program)
     layout = pointer_layout(program)
-    helpers = _Source()  # one function per node's loop, forward and adjoint
+    helpers = _Source()  # one function per run's loop, forward and adjoint
     out = _Source()
+    escaping = _read_outside_their_run(program)
 
     # ---- forward
     with out.block("int recdsl_forward(long T, long N, int save, void **p)"):
@@ -586,9 +602,8 @@ def generate(program: StepProgram, dtype: str) -> str:
                 left, stride = _left(names, program, g, False)
                 with _loop(out, group.inner):
                     out(f"lseq{g}[t * N * {group.inner} + n * {group.inner} + j] = ({left})[n * {stride} + j];")
-            for node in program.nodes:
-                if node.kind is NodeKind.ELEMENTWISE:
-                    out(f"memset(DV{node.index}, 0, sizeof(real) * N * {node.size});")
+            for index in sorted(escaping):  # the other adjoints live in registers
+                out(f"memset(DV{index}, 0, sizeof(real) * N * {program.nodes[index].size});")
             for s, state in enumerate(program.states):
                 out(f"memset(DHP{s}, 0, sizeof(real) * N * {state.size});")
             out("/* adjoints arriving at this step: outputs, and the next step's reading of the states */")
@@ -606,7 +621,7 @@ def generate(program: StepProgram, dtype: str) -> str:
             out("/* reverse sweep */")
             for step in reversed(_runs(program)):
                 if isinstance(step, list):
-                    _emit_run_backward(helpers, out, names, program, step)
+                    _emit_run_backward(helpers, out, names, program, step, escaping)
                     continue
                 group = program.groups[step.group]
                 dleft, stride = _left(names, program, step.group, True)

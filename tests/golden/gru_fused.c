@@ -162,99 +162,112 @@ static void __attribute__((noinline)) recompute_4_24(long N, real *restrict V12,
         V24[n * 8 + j] = v24;
     }
 }
-static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, real *restrict DHP0, real *restrict DLC0, real *restrict DLC1, real *restrict DLC2, real *restrict DLV0, real *restrict DLV1, real *restrict DLV2, real *restrict DV12, real *restrict DV14, real *restrict DV15, real *restrict DV18, real *restrict DV19, real *restrict DV20, real *restrict DV21, real *restrict DV22, real *restrict DV23, real *restrict DV4, real *restrict DV6, real *restrict DV7, real *restrict DV8, const real *restrict DV24, const real *restrict G0, const real *restrict HP0, const real *restrict LC0, const real *restrict LC1, const real *restrict LC2, const real *restrict LV0, const real *restrict LV1, const real *restrict LV2, const real *restrict V12, const real *restrict V14, const real *restrict V15, const real *restrict V18, const real *restrict V19, const real *restrict V20, const real *restrict V21, const real *restrict V22, const real *restrict V23, const real *restrict V24, const real *restrict V4, const real *restrict V6, const real *restrict V7, const real *restrict V8) {
+static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, real *restrict DHP0, real *restrict DLC0, real *restrict DLC1, real *restrict DLC2, real *restrict DLV0, real *restrict DLV1, real *restrict DLV2, const real *restrict DV24, const real *restrict G0, const real *restrict HP0, const real *restrict LC0, const real *restrict LC1, const real *restrict LC2, const real *restrict LV0, const real *restrict LV1, const real *restrict LV2, const real *restrict V12, const real *restrict V14, const real *restrict V15, const real *restrict V18, const real *restrict V19, const real *restrict V20, const real *restrict V21, const real *restrict V22, const real *restrict V23, const real *restrict V24, const real *restrict V4, const real *restrict V6, const real *restrict V7, const real *restrict V8) {
     for (long n = 0; n < N; n++)
     #pragma GCC ivdep
     for (long j = 0; j < 8; j++) {
+        real d4 = 0;
+        real d6 = 0;
+        real d7 = 0;
+        real d8 = 0;
+        real d12 = 0;
+        real d14 = 0;
+        real d15 = 0;
+        real d18 = 0;
+        real d19 = 0;
+        real d20 = 0;
+        real d21 = 0;
+        real d22 = 0;
+        real d23 = 0;
          {
             const real g = DV24[n * 8 + j];
             const real r = V24[n * 8 + j];
             (void)r;
-            DV22[n * 8 + j] += g;
-            DV23[n * 8 + j] += g;
+            d22 += g;
+            d23 += g;
         }
          {
-            const real g = DV23[n * 8 + j];
+            const real g = d23;
             const real r = V23[n * 8 + j];
             (void)r;
-            DV7[n * 8 + j] += g * HP0[n * 8 + j];
+            d7 += g * HP0[n * 8 + j];
             DHP0[n * 8 + j] += g * V7[n * 8 + j];
         }
          {
-            const real g = DV22[n * 8 + j];
+            const real g = d22;
             const real r = V22[n * 8 + j];
             (void)r;
-            DV8[n * 8 + j] += g * V21[n * 8 + j];
-            DV21[n * 8 + j] += g * V8[n * 8 + j];
+            d8 += g * V21[n * 8 + j];
+            d21 += g * V8[n * 8 + j];
         }
          {
-            const real g = DV21[n * 8 + j];
+            const real g = d21;
             const real r = V21[n * 8 + j];
             (void)r;
-            DV20[n * 8 + j] += g * (1 - r * r);
+            d20 += g * (1 - r * r);
         }
          {
-            const real g = DV20[n * 8 + j];
+            const real g = d20;
             const real r = V20[n * 8 + j];
             (void)r;
             DLV1[n * 8 + j] += g;
-            DV19[n * 8 + j] += g;
+            d19 += g;
         }
          {
-            const real g = DV19[n * 8 + j];
+            const real g = d19;
             const real r = V19[n * 8 + j];
             (void)r;
-            DV15[n * 8 + j] += g * V18[n * 8 + j];
-            DV18[n * 8 + j] += g * V15[n * 8 + j];
+            d15 += g * V18[n * 8 + j];
+            d18 += g * V15[n * 8 + j];
         }
          {
-            const real g = DV18[n * 8 + j];
+            const real g = d18;
             const real r = V18[n * 8 + j];
             (void)r;
             DG0[n * 24 + 16 + j] += g;
             DLC2[j] += g;
         }
          {
-            const real g = DV15[n * 8 + j];
+            const real g = d15;
             const real r = V15[n * 8 + j];
             (void)r;
-            DV14[n * 8 + j] += g * (1 - r) * r;
+            d14 += g * (1 - r) * r;
         }
          {
-            const real g = DV14[n * 8 + j];
+            const real g = d14;
             const real r = V14[n * 8 + j];
             (void)r;
-            DV12[n * 8 + j] += g;
+            d12 += g;
             DLC1[j] += g;
         }
          {
-            const real g = DV12[n * 8 + j];
+            const real g = d12;
             const real r = V12[n * 8 + j];
             (void)r;
             DLV2[n * 8 + j] += g;
             DG0[n * 24 + 8 + j] += g;
         }
          {
-            const real g = DV8[n * 8 + j];
+            const real g = d8;
             const real r = V8[n * 8 + j];
             (void)r;
-            DV7[n * 8 + j] += (-g);
+            d7 += (-g);
         }
          {
-            const real g = DV7[n * 8 + j];
+            const real g = d7;
             const real r = V7[n * 8 + j];
             (void)r;
-            DV6[n * 8 + j] += g * (1 - r) * r;
+            d6 += g * (1 - r) * r;
         }
          {
-            const real g = DV6[n * 8 + j];
+            const real g = d6;
             const real r = V6[n * 8 + j];
             (void)r;
-            DV4[n * 8 + j] += g;
+            d4 += g;
             DLC0[j] += g;
         }
          {
-            const real g = DV4[n * 8 + j];
+            const real g = d4;
             const real r = V4[n * 8 + j];
             (void)r;
             DLV0[n * 8 + j] += g;
@@ -378,19 +391,6 @@ int recdsl_backward(long T, long N, void **p) {
         for (long j = 0; j < 8; j++) {
             lseq0[t * N * 8 + n * 8 + j] = (HP0)[n * 8 + j];
         }
-        memset(DV4, 0, sizeof(real) * N * 8);
-        memset(DV6, 0, sizeof(real) * N * 8);
-        memset(DV7, 0, sizeof(real) * N * 8);
-        memset(DV8, 0, sizeof(real) * N * 8);
-        memset(DV12, 0, sizeof(real) * N * 8);
-        memset(DV14, 0, sizeof(real) * N * 8);
-        memset(DV15, 0, sizeof(real) * N * 8);
-        memset(DV18, 0, sizeof(real) * N * 8);
-        memset(DV19, 0, sizeof(real) * N * 8);
-        memset(DV20, 0, sizeof(real) * N * 8);
-        memset(DV21, 0, sizeof(real) * N * 8);
-        memset(DV22, 0, sizeof(real) * N * 8);
-        memset(DV23, 0, sizeof(real) * N * 8);
         memset(DV24, 0, sizeof(real) * N * 8);
         memset(DHP0, 0, sizeof(real) * N * 8);
         /* adjoints arriving at this step: outputs, and the next step's reading of the states */
@@ -401,7 +401,7 @@ int recdsl_backward(long T, long N, void **p) {
             DV24[n * 8 + j] += g;
         }
         /* reverse sweep */
-        backward_4_24(N, DG0, DHP0, DLC0, DLC1, DLC2, DLV0, DLV1, DLV2, DV12, DV14, DV15, DV18, DV19, DV20, DV21, DV22, DV23, DV4, DV6, DV7, DV8, DV24, G0, HP0, LC0, LC1, LC2, LV0, LV1, LV2, V12, V14, V15, V18, V19, V20, V21, V22, V23, V24, V4, V6, V7, V8);
+        backward_4_24(N, DG0, DHP0, DLC0, DLC1, DLC2, DLV0, DLV1, DLV2, DV24, G0, HP0, LC0, LC1, LC2, LV0, LV1, LV2, V12, V14, V15, V18, V19, V20, V21, V22, V23, V24, V4, V6, V7, V8);
         matmul_rows(N, 24, 8, DG0, 24, WT0, DHP0, 8, 1);
         { real *swap = DHN0; DHN0 = DHP0; DHP0 = swap; }
     }
