@@ -63,6 +63,12 @@ _BACKENDS: dict[BackendKind, Backend] = {
             "newton",
             "run_plan",
         ),
+        Backend(
+            BackendKind.FUSED,
+            "the loop over time compiled to C on the CPU (shared matmuls merged, gate math fused, a hand-derived adjoint loop)",
+            "fused_sequential",
+            "run_plan",
+        ),
     )
 }
 BACKENDS: tuple[str, ...] = tuple(kind.value for kind in _BACKENDS)

@@ -18,9 +18,15 @@ from recdsl.ir import RefKind
 from .torch_ops import Evaluator, Numerics, align, combine_carries
 
 
-def _time_slice(value: torch.Tensor, declared: ir.Type, t: int) -> torch.Tensor:
-    # Values with leading dims are [B, T, *heads, *shape]; params and consts have none.
-    return value[:, t] if value.dim() > declared.rank else value
+def _steps(value: torch.Tensor, declared: ir.Type, steps: int) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """``value``'s per-step slices, taken once for the whole loop.
+
+    Values with leading dims are ``[B, T, *heads, *shape]``; params and consts have none and
+    are the same at every step.  ``unbind`` is one autograd node whose backward stacks the
+    step gradients; indexing ``value[:, t]`` at every step would instead give each step a
+    backward that writes a zero-filled gradient of the whole sequence, quadratic in T.
+    """
+    return value.unbind(1) if value.dim() > declared.rank else [value] * steps
 
 
 def _full_sequence(value: torch.Tensor, declared: ir.Type, lead: tuple[int, ...]) -> torch.Tensor:
@@ -79,20 +85,22 @@ def run(
             parallel_outputs[statement.index] = _full_sequence(value, statement.value.type, lead)
 
     # State-free parts of step-by-step statements (GRU's input projections), for all steps at once.
-    hoisted = [(node, whole_eval.evaluate(node)) for node in analysis.hoisted]
+    hoisted = [(node, _steps(whole_eval.evaluate(node), node.type, steps)) for node in analysis.hoisted]
+    input_steps = {name: value.unbind(1) for name, value in inputs.items()}
+    parallel_steps = {name: _steps(value, decl, steps) for name, (value, decl) in parallel.items()}
 
     carried = dict(state)
     scans = {s.name: s for s in cell.scans}
     per_step: dict[int, list[torch.Tensor]] = {e.index: [] for e in cell.outputs if e.index not in parallel_outputs}
     for t in range(steps):
         values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
-        values.update({(RefKind.INPUT, name): value[:, t] for name, value in inputs.items()})
-        values.update({(RefKind.BINDING, name): _time_slice(v, decl, t) for name, (v, decl) in parallel.items()})
+        values.update({(RefKind.INPUT, name): value[t] for name, value in input_steps.items()})
+        values.update({(RefKind.BINDING, name): value[t] for name, value in parallel_steps.items()})
         values.update({(RefKind.STATE_PREV, s.name): carried[s.name] for s in cell.states})
         # Within a step each ref gets its value once, so one memo serves the whole step.
         evaluator = Evaluator(numerics, values, shared=True)
         for node, value in hoisted:
-            evaluator.seed(node, _time_slice(value, node.type, t))
+            evaluator.seed(node, value[t])
         for statement in cell.body:
             if isinstance(statement, ir.Assign):
                 if statement.name not in analysis.time_parallel:

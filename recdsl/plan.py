@@ -52,6 +52,7 @@ class BackendKind(Enum):
     CHUNKED = "chunked"
     TRITON = "triton"
     NEWTON = "newton"
+    FUSED = "fused"
 
     def __str__(self) -> str:
         return self.value
@@ -72,6 +73,7 @@ class Form(Enum):
     TRITON_SCAN = "generated Triton scan kernel, gate math fused"
     TRITON_CHUNKED = "Triton chunked kernels"
     NEWTON = "Newton's method over the whole trajectory, one scan of the linearised steps per iteration"
+    FUSED = "step by step, the loop compiled to C (shared matmuls merged, gate math fused)"
 
     def __str__(self) -> str:
         return self.value
@@ -187,7 +189,7 @@ class ExecutionPlan:
     costs: tuple[Cost, ...] = ()
     kernel_source: str | None = None  # the generated Triton module, for the triton backend
     gpu: "ExecutionPlan | None" = None  # auto: the plan used on CUDA tensors
-    solver: object | None = None  # the newton backend's JacobianPlan (the Jacobian's structure and blocks)
+    solver: object | None = None  # newton: the JacobianPlan (the Jacobian's structure and blocks); fused: the step program
     analysis: Analysis = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @property
@@ -223,7 +225,7 @@ class ExecutionPlan:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
             for rejected in step.rejected:
                 lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
-        if self.solver is not None:
+        if self.backend is BackendKind.NEWTON and self.solver is not None:
             lines.append(f"  Jacobian: {self.solver.describe()}")
         if self.costs:
             workload = self.options.workload
@@ -581,6 +583,16 @@ def _newton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | U
     return ExecutionPlan(BackendKind.NEWTON, "", steps, options, solver=newton.jacobian_structure(analysis), analysis=analysis)
 
 
+def _fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
+    from .backends import fused_sequential  # the step program: leaves, merged matmuls, elementwise nodes
+
+    program = fused_sequential.prepare(analysis)
+    if isinstance(program, str):
+        return Unsupported(program)
+    steps = tuple(StepPlan(group, Form.FUSED) for group in analysis.schedule)
+    return ExecutionPlan(BackendKind.FUSED, "", steps, options, solver=program, analysis=analysis)
+
+
 # The options each backend takes through compile(backend_options=...).
 BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations")}
 
@@ -605,6 +617,8 @@ def plan_backend(analysis: Analysis, backend: BackendKind, options: PlanOptions)
             return _triton_plan(analysis, options)
         case BackendKind.NEWTON:
             return _newton_plan(analysis, options)
+        case BackendKind.FUSED:
+            return _fused_plan(analysis, options)
     if isinstance(steps, Unsupported):
         return steps
     return ExecutionPlan(backend, "", steps, options, analysis=analysis)

@@ -28,7 +28,8 @@ def test_parallel_backends_apply_exactly_to_the_parallel_examples(name):
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", **DIMS[name])
     expected = (("scan", "chunked") if name in PARALLEL else ()) + (() if name in NEWTON_REFUSED else ("newton",))
-    assert available_backends(module) == expected
+    # The fused form (a compiled sequential loop, tests/test_fused.py) runs nonlinear cells too.
+    assert tuple(b for b in available_backends(module) if b != "fused") == expected
 
 
 @pytest.mark.parametrize("name", PARALLEL)
