@@ -119,6 +119,18 @@ def main() -> None:
         print(f"{label:<12} {chosen.value:<11} {fastest.value:<11} {slower:>15.2f} {speedup:>18.2f}")
     print(f"\nauto picks the measured fastest backend for {picked_fastest} of {len(rows)} cells")
 
+    # The cell that once made auto run a dense matrix scan 95x slower than the loop.
+    ttt_length = 64 if args.quick else 256
+    auto = recdsl.compile(TTT, dk=16, dv=16)
+    sequential = recdsl.compile(TTT, backend="sequential", dk=16, dv=16)
+    inputs = _inputs(auto, batch, ttt_length)
+    auto_seconds, sequential_seconds = _best_seconds(auto, inputs, repeat), _best_seconds(sequential, inputs, repeat)
+    print(
+        f"\nTTT memory written from the right (dk = dv = 16, B = {batch}, T = {ttt_length}): auto runs {auto.backend} "
+        f"({auto.plan.step('W').form.name}) in {auto_seconds * 1e3:.1f} ms, sequential {sequential_seconds * 1e3:.1f} ms "
+        f"({sequential_seconds / auto_seconds:.2f}x)"
+    )
+
 
 if __name__ == "__main__":
     main()

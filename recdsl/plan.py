@@ -433,12 +433,15 @@ OP_OVERHEAD_SECONDS = 6e-6  # dispatching one torch op
 ELEMENTS_PER_SECOND = 1.5e9  # elementwise work
 FLOPS_PER_SECOND = 4e10  # matmuls
 STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time step
+STEP_OP_SECONDS = 10e-6  # one IR node evaluated inside the loop (dispatch plus the evaluator's own work)
+STEP_COMBINE_SECONDS = 150e-6  # one monoid combine per step (carries bound, broadcast and read back)
 
 
 def _small_matmul_seconds(flops: float, size: int) -> float:
-    """Batched products of ``size x size`` matrices: below 64 the rate falls about as size squared
-    (measured: 2.8 GFLOP/s at 16, 0.6 at 8, 0.1 at 4 on the project's 2-core machines)."""
-    return flops / (FLOPS_PER_SECOND * min(1.0, (size / 64) ** 2))
+    """Batched products of ``size x size`` matrices: below 64 the rate falls about in proportion
+    (the matrix scans of DeltaNet at 32 and of a TTT memory at 16 ran at about 23 and 12
+    GFLOP/s on the project's 2-core machines, benchmarks/bench_cost_model.py)."""
+    return flops / (FLOPS_PER_SECOND * min(1.0, size / 64))
 
 
 def _op_work(node: ir.Expr) -> tuple[int, float, float]:
@@ -501,7 +504,8 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
         for value in _stepwise_statements(analysis):
             o, e, f = _op_work(value)
             ops, elements, flops = ops + o, elements + e, flops + f
-        return total + length * (STEP_OVERHEAD_SECONDS + _seconds(ops, elements * batch, flops * batch))
+        per_step = STEP_OVERHEAD_SECONDS + ops * STEP_OP_SECONDS + len(analysis.cell.scans) * STEP_COMBINE_SECONDS
+        return total + length * (per_step + elements * batch / ELEMENTS_PER_SECOND + flops * batch / FLOPS_PER_SECOND)
     states = {s.name: s for s in analysis.cell.states}
     scans = {s.name: s for s in analysis.cell.scans}
     for step in steps:
@@ -525,7 +529,7 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                 total += _seconds(term_ops + 2 * math.sqrt(length) + 10, (term_elements + 8 * size) * batch * length, 0.0)
             case Form.LOW_RANK_MATRIX_SCAN:
                 rows = shape[0] if recurrence.side is Side.LEFT else shape[1]
-                matrices = (rows * rows + rows * size) * batch * length  # the matrices and values, copied every round
+                matrices = (rows * rows + size) * batch * length  # the matrices and values, copied every round
                 total += _seconds(term_ops + 8 * rounds, 4 * stored + 2 * rounds * matrices, 0.0)
                 total += _small_matmul_seconds(rounds * 2.0 * batch * length * (rows**3 + rows * size), rows)
             case Form.DENSE_MATRIX_SCAN:
