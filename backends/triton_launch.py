@@ -10,6 +10,8 @@ imports triton.
 
 from __future__ import annotations
 
+import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -80,12 +82,25 @@ def observe_launches(run_kernels: bool = True) -> Iterator[list[KernelLaunch]]:
         _DRY_RUNS.pop()
 
 
+# Triton's interpreter patches triton.language for the duration of each launch, so two
+# threads interpreting kernels at once break each other ("Did you forget to add
+# @triton.jit?"); compiled launches need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(kernel, grid: tuple[int, ...], *args: Any, **meta: Any) -> None:
-    """``kernel[grid](*args, **meta)``, recorded by any active :func:`observe_launches`."""
+    """``kernel[grid](*args, **meta)``, recorded by any active :func:`observe_launches`.
+
+    Under ``TRITON_INTERPRET=1`` launches run one at a time across threads.
+    """
     if _RECORDS:
         record = KernelLaunch(kernel, tuple(grid), args, dict(meta))
         for records in _RECORDS:
             records.append(record)
         if any(_DRY_RUNS):
             return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with _INTERPRETER_LOCK:
+            kernel[tuple(grid)](*args, **meta)
+        return
     kernel[tuple(grid)](*args, **meta)
