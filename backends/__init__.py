@@ -13,6 +13,6 @@ if __name__ != "recdsl.backends":  # pragma: no cover - a packaging mistake, not
         "install recdsl (pip install -e .) instead of putting the repository root on sys.path"
     )
 
-from .registry import BACKENDS, Backend, choose_backend, get_backend, run_plan, runner  # noqa: E402
+from .registry import BACKENDS, Backend, choose_backend, get_backend, runner  # noqa: E402
 
-__all__ = ["BACKENDS", "Backend", "choose_backend", "get_backend", "run_plan", "runner"]
+__all__ = ["BACKENDS", "Backend", "choose_backend", "get_backend", "runner"]

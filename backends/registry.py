@@ -88,8 +88,3 @@ def choose_backend(name: str, analysis: Analysis) -> tuple[Backend, str]:
 def runner(kind: BackendKind) -> Runner:
     """The function that interprets plans of backend ``kind`` (its module imported now)."""
     return _BACKENDS[kind].run
-
-
-def run_plan(plan: ExecutionPlan, inputs: Mapping, params: Mapping, consts: Mapping, state: Mapping, numerics) -> tuple[list, dict]:
-    """Interpret ``plan`` with its backend's runner."""
-    return _BACKENDS[plan.backend].run(plan, inputs, params, consts, state, numerics)
