@@ -47,7 +47,7 @@ from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan a
     parallel_steps,
 )
 
-from . import chunk_kernels
+from . import chunk_kernels, convolution
 from .scans import (
     linear_scan,
     matrix_affine_scan,
@@ -440,7 +440,18 @@ def run(
             continue
         state_analysis = analysis.state(name)
         chunked_run = None
-        if step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
+        if step.form is Form.CONVOLUTION:
+            assert step.conv is not None
+            convolved = convolution.run(seq, step.conv, state_analysis, state[name])
+            if convolved is not None:
+                readouts, final[name] = convolved
+                for node, value in zip(step.conv.readouts, readouts):
+                    substitutions[id(node)] = value
+                continue
+            # An unstable decay or non-finite pieces: the plan's fallback scan.
+            assert step.fallback is not None
+            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+        elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
             chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)

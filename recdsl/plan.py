@@ -40,6 +40,7 @@ from .analysis import (
 from .errors import BackendError
 from .ir import Kind, Op, Ref, RefKind
 from .printer import format_expr
+from .shapes import make
 
 # ---- the vocabulary of plans ------------------------------------------------------------
 
@@ -70,6 +71,7 @@ class Form(Enum):
     SEMIRING_MATRIX_SCAN = "matrix scan over the semiring"
     MONOID_SCAN = "prefix scan with the monoid's combine"
     CHUNKED = "chunked: matmuls inside chunks, only chunk-boundary states kept"
+    CONVOLUTION = "causal convolution of the input with the impulse response K_l = R(decay^l * B) (FFT for long sequences); the state is never stored per step"
     TRITON_SCAN = "generated Triton scan kernel, gate math fused"
     TRITON_CHUNKED = "Triton chunked kernels"
     NEWTON = "Newton's method over the whole trajectory, one scan of the linearised steps per iteration"
@@ -124,6 +126,29 @@ class ChunkPlan:
 
 
 @dataclass(frozen=True)
+class ConvPlan:
+    """A time-invariant diagonal state whose read-outs are causal convolutions of its input.
+
+    The state's update is ``h = decay * h + coefficient * driver`` with ``decay`` and
+    ``coefficient`` reading only params and consts, and ``driver`` the time-varying factor,
+    constant along the state's *mode* axes (``driver`` broadcasts to the state with size 1
+    there, as ``x[:, None]`` does against ``[d, N]``).  Each read-out ``R`` (linear, its
+    coefficients time-invariant) sums the state over mode axes only, so
+    ``R(h_t) = sum_{s <= t} K_{t-s} * driver_s`` with ``K_l = R(decay^l * coefficient)``:
+    the sequence is never stored per step, only the kernel ``[T, *readout]`` is built.
+    ``driver_axes[i]`` places the driver's axes in read-out ``i`` (None where the driver
+    is constant along that read-out axis), so the driver is reshaped to each read-out.
+    """
+
+    state: str
+    readouts: tuple[ir.Expr, ...]  # nodes inside analysis.expanded_outputs
+    decay: ir.Expr
+    coefficient: ir.Expr | None
+    driver: ir.Expr
+    driver_axes: tuple[tuple[int | None, ...], ...]  # per read-out: for each of its axes, the state axis it keeps
+
+
+@dataclass(frozen=True)
 class Rejected:
     """A form that was considered for a recurrence and not used."""
 
@@ -144,6 +169,7 @@ class StepPlan:
     names: tuple[str, ...]
     form: Form
     chunk: ChunkPlan | None = None
+    conv: ConvPlan | None = None
     kernel: object | None = None
     rejected: tuple[Rejected, ...] = ()
     fallback: Form | None = None
@@ -217,6 +243,10 @@ class ExecutionPlan:
             lines.append(f"  chunk size {self.chunk_size}")
         for step in self.steps:
             lines.append(f"  {step.name}: {step.form}")
+            if step.conv is not None:
+                conv = step.conv
+                coefficient = "" if conv.coefficient is None else f" with coefficient {format_expr(conv.coefficient)}"
+                lines.append(f"      decay {format_expr(conv.decay)}; driven by {format_expr(conv.driver)}{coefficient}")
             if step.chunk is not None:
                 chunk = step.chunk
                 queries = ", ".join(format_expr(q) for q in chunk.queries)
@@ -349,6 +379,167 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
     return Unsupported(f"no chunked form for a {recurrence.name} recurrence with a {structure} transition")
 
 
+# ---- the convolution form ------------------------------------------------------------------
+
+
+def _reads_only_params(expr: ir.Expr, cell: ir.CellIR) -> bool:
+    """Whether ``expr`` (through its bindings) reads only params and consts: the same at every step."""
+    return all(r.kind in (RefKind.PARAM, RefKind.CONST) for r in ir.refs(inline(expr, cell, frozenset())))
+
+
+def _factors(expr: ir.Expr, cell: ir.CellIR) -> list[ir.Expr] | None:
+    """``expr`` as a product of factors (``a * b``, ``-a``, ``a / c`` with ``c`` time-invariant), or None."""
+    if isinstance(expr, Op) and expr.op == "mul":
+        left, right = _factors(expr.args[0], cell), _factors(expr.args[1], cell)
+        return None if left is None or right is None else left + right
+    if isinstance(expr, Op) and expr.op == "neg":
+        inner = _factors(expr.args[0], cell)
+        return None if inner is None else inner + [ir.Literal(-1, ir.Type(()))]
+    if isinstance(expr, Op) and expr.op == "div" and _reads_only_params(expr.args[1], cell):
+        inner = _factors(expr.args[0], cell)
+        return None if inner is None else inner + [make("div", ir.Literal(1, ir.Type(())), expr.args[1])]
+    return [expr]
+
+
+def _product(factors: list[ir.Expr]) -> ir.Expr | None:
+    result = None
+    for factor in factors:
+        result = factor if result is None else make("mul", result, factor)
+    return result
+
+
+def _reduced_axes(node: Op) -> tuple[int, ...]:
+    """The axes (from the front of the argument's shape) a reduction removes."""
+    rank = node.args[0].type.rank
+    axes = node.attrs[0] if node.attrs else None
+    if axes is None:
+        return tuple(range(rank))
+    axes = axes if isinstance(axes, tuple) else (axes,)
+    return tuple(sorted(a % rank for a in axes))
+
+
+def _readout_axes(expr: ir.Expr, state: str, cell: ir.CellIR) -> tuple[int | None, ...] | Unsupported:
+    """For each axis of a linear read-out of ``state``, the state axis it keeps (None for a new axis).
+
+    The read-out may scale the state by time-invariant factors, sum it over axes and
+    contract it with time-invariant vectors or matrices; anything else (or a factor that
+    varies in time) is refused: the convolution's kernel is the read-out of ``decay^l``.
+    """
+    if isinstance(expr, Ref):
+        if expr.kind is RefKind.STATE_NEW and expr.name == state:
+            return tuple(range(expr.type.rank))
+        return Unsupported(f"its read-out reads {expr.name}")
+    if not isinstance(expr, Op):
+        return Unsupported("its read-out is a constant")
+    reads = [_mentions(a, state, set()) for a in expr.args]
+    if expr.op in ("add", "sub"):
+        left, right = (_readout_axes(a, state, cell) for a in expr.args)
+        for side in (left, right):
+            if isinstance(side, Unsupported):
+                return side
+        if left != right:
+            return Unsupported("the terms of its read-out keep different axes of the state")
+        return left
+    if expr.op == "neg":
+        return _readout_axes(expr.args[0], state, cell)
+    if expr.op in ("sum", "mean"):
+        inner = _readout_axes(expr.args[0], state, cell)
+        if isinstance(inner, Unsupported):
+            return inner
+        removed = set(_reduced_axes(expr))
+        return tuple(a for i, a in enumerate(inner) if i not in removed)
+    if expr.op in ("mul", "div", "matmul") and sum(reads) == 1:
+        position = reads.index(True)
+        other = expr.args[1 - position]
+        if expr.op == "div" and position != 0:
+            return Unsupported("its read-out divides by the state")
+        if not _reads_only_params(other, cell):
+            return Unsupported(f"its read-out multiplies the state by {format_expr(other)}, which varies in time")
+        inner = _readout_axes(expr.args[position], state, cell)
+        if isinstance(inner, Unsupported):
+            return inner
+        if expr.op != "matmul":  # broadcasting may add leading axes, along which nothing varies
+            return (None,) * (expr.type.rank - len(inner)) + inner
+        if other.type.rank > 2:
+            return Unsupported("its read-out is a batched matmul")
+        new = (None,) if other.type.rank == 2 else ()
+        if position == 0:  # x @ q contracts x's last axis
+            return inner[:-1] + new
+        if len(inner) == 1:  # q @ x for a vector x
+            return new
+        return inner[:-2] + new + inner[-1:]  # q @ x contracts x's second-to-last axis
+    return Unsupported(f"its read-out applies {expr.op}")
+
+
+def conv_plan(analysis: Analysis, state: StateAnalysis) -> ConvPlan | Unsupported | None:
+    """The convolution form of ``state``; None when its transition varies in time (no such form applies).
+
+    It applies to a diagonal (or row/column-decay) recurrence whose decay reads only params
+    and consts (S4, S4D, a time-invariant LRU), driven by an input that is a time-invariant
+    coefficient times a time-varying factor constant along some axes of the state, and read
+    out only by time-invariant linear maps that sum over those axes.
+    """
+    recurrence = state.recurrence
+    cell = analysis.cell
+    name = state.state
+    if isinstance(recurrence, DiagonalAffine):
+        decay = recurrence.decay
+    elif isinstance(recurrence, MatrixAffine) and not recurrence.low_rank and recurrence.decay is not None:
+        decay = recurrence.decay
+    else:
+        return None
+    if not _reads_only_params(decay, cell):
+        return None
+    if recurrence.input is None:
+        return Unsupported("it has no input term")
+    factors = _factors(recurrence.input, cell)
+    if factors is None:  # pragma: no cover - _factors always finds at least the whole term
+        return Unsupported("its input term is not a product")
+    invariant = [f for f in factors if _reads_only_params(f, cell)]
+    varying = [f for f in factors if not _reads_only_params(f, cell)]
+    driver = _product(varying)
+    if driver is None:
+        return Unsupported("its input term does not vary in time")
+    shape = state.type.shape
+    if driver.type.rank > len(shape):
+        return Unsupported("its input term has more axes than the state")
+    driver_shape = (1,) * (len(shape) - driver.type.rank) + driver.type.shape
+    if any(d not in (1, s) for d, s in zip(driver_shape, shape)):
+        return Unsupported("its time-varying input does not broadcast to the state")
+    mode_axes = {j for j, d in enumerate(driver_shape) if d == 1}
+    if not mode_axes:
+        return Unsupported("its time-varying input varies along every axis of the state (a convolution would be as large as the scan)")
+    if any(_mentions(e, name, set(), (RefKind.STATE_PREV,)) for e in analysis.expanded_outputs):
+        return Unsupported(f"an output reads its previous value ({name} before its update)")
+    if any(other.state != name and name in other.reads for other in analysis.states):
+        return Unsupported("another state's update reads it")
+    readouts = [r for r in analysis.readouts if r.state == name]
+    if not readouts:
+        return Unsupported("no output reads it linearly")
+    readout_ids = {id(r.expr) for r in readouts}
+    if any(_mentions(e, name, readout_ids) for e in analysis.expanded_outputs):
+        return Unsupported("an output reads it other than through its linear read-outs")
+    if not all(r.reduces for r in readouts):
+        return Unsupported("a read-out is as large as the state (the convolution would cost as much as the scan)")
+    axes_of_readouts = []
+    for readout in readouts:
+        axes = _readout_axes(readout.expr, name, cell)
+        if isinstance(axes, Unsupported):
+            return axes
+        kept = [a for a in axes if a is not None]
+        if len(set(kept)) != len(kept) or any(j not in kept for j in range(len(shape)) if j not in mode_axes):
+            return Unsupported("a read-out sums over an axis along which its input varies")
+        axes_of_readouts.append(axes)
+    return ConvPlan(
+        state=name,
+        readouts=tuple(r.expr for r in readouts),
+        decay=decay,
+        coefficient=_product(invariant),
+        driver=driver,
+        driver_axes=tuple(axes_of_readouts),
+    )
+
+
 # ---- scans ---------------------------------------------------------------------------------
 
 # The largest state (in elements) whose transition is scanned as an explicit matrix.
@@ -410,6 +601,13 @@ def parallel_steps(analysis: Analysis, chunked: bool) -> tuple[StepPlan, ...] | 
         if isinstance(form, Unsupported):
             return form
         rejected: list[Rejected] = []
+        if chunked and form is Form.LINEAR_SCAN:
+            conv = conv_plan(analysis, state)
+            if isinstance(conv, ConvPlan):
+                steps.append(StepPlan((name,), Form.CONVOLUTION, conv=conv, rejected=(Rejected(form, "the convolution never stores the state per step"),), fallback=form))
+                continue
+            if isinstance(conv, Unsupported):
+                rejected.append(Rejected(Form.CONVOLUTION, conv.reason))
         if chunked and form is not Form.TIME_PARALLEL:
             plan = chunk_plan(analysis, state)
             if isinstance(plan, ChunkPlan):
@@ -435,6 +633,7 @@ FLOPS_PER_SECOND = 4e10  # matmuls
 STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time step
 STEP_OP_SECONDS = 10e-6  # one IR node evaluated inside the loop (dispatch plus the evaluator's own work)
 STEP_COMBINE_SECONDS = 150e-6  # one monoid combine per step (carries bound, broadcast and read back)
+CONVOLUTION_BLOCK_ELEMENTS = 1 << 20  # lags x state elements of one block of decay powers (backends/convolution.py)
 
 
 def _small_matmul_seconds(flops: float, size: int) -> float:
@@ -542,6 +741,19 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                 # Each round broadcasts [n, n, n] sums and reduces them with logsumexp/amax: about
                 # twenty passes of transcendental work per element.
                 total += _seconds(term_ops + 4 * rounds, (size * term_elements + 20 * rounds * size**3) * batch * length, 0.0)
+            case Form.CONVOLUTION:
+                assert step.conv is not None
+                readout_size = sum(_numel(r.type.shape) for r in step.conv.readouts)
+                readout_ops = sum(_op_work(r)[0] for r in step.conv.readouts)
+                blocks = math.ceil(length * size / CONVOLUTION_BLOCK_ELEMENTS)
+                points = 2 * length
+                # The kernel: decay powers and read-outs over T x state elements, shared by the
+                # batch; the final state: one matmul of the driver with those powers; the
+                # read-outs: three FFTs of 2T points per batch row and read-out element.
+                kernel_elements = length * size * (4 + readout_ops)
+                fft_elements = 3 * batch * readout_size * points * math.log2(points)
+                total += _seconds(term_ops + blocks * (6 + readout_ops) + 12, kernel_elements + fft_elements, 2.0 * batch * length * size)
+                stored = 0
             case Form.CHUNKED | Form.TRITON_CHUNKED:
                 assert step.chunk is not None
                 keys, values = (shape[1], shape[0]) if step.chunk.transposed else shape
@@ -557,7 +769,7 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                     ops += 2 * math.sqrt(chunks)
                 total += _seconds(ops, (keys + values + chunk) * batch * length * 4, flops)
                 stored = 0
-        if step.form is not Form.CHUNKED and step.form is not Form.TRITON_CHUNKED:
+        if stored:
             total += stored * 2 / ELEMENTS_PER_SECOND  # outputs read the stored states
     return total
 

@@ -26,4 +26,5 @@ DIMS = {
     "crf": dict(n=3),
     "paragru": dict(d_in=3, d=4),
     "paralstm": dict(d_in=3, d=4),
+    "s4d": dict(d=3, N=4),
 }

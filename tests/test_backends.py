@@ -15,8 +15,8 @@ from recdsl.testing import Example, assert_backends_agree, available_backends, c
 from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 
 # Newton's method runs every cell with real states and no declared monoid.
-NEWTON_REFUSED = {"lru", "aaren"}
-PARALLEL = ["mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf"]
+NEWTON_REFUSED = {"lru", "aaren", "s4d"}
+PARALLEL = ["mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf"]
 
 
 def test_every_example_has_dims_here():

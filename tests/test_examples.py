@@ -43,7 +43,7 @@ B = 2              # batch size in every test
 # The examples this project ships (the coverage test also catches unlisted ones).
 EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
-    "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm",
+    "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm", "s4d",
 }
 
 
@@ -105,6 +105,11 @@ CASES = {
              C_re=("n", "d"), C_im=("n", "d"), D=("d",)),
         dict(h=(("n",), "complex")), ("y",),
         lambda I, P, D, s: ref.lru(I["x"], **P, state0=s)),
+    "s4d": Case(
+        "s4d", "S4D", dict(d=3, N=4), dict(x=("d",)),
+        dict(log_dt=("d",), A_log=("d", "N"), A_im=("d", "N"), C_re=("d", "N"), C_im=("d", "N"), D=("d",)),
+        dict(h=(("d", "N"), "complex")), ("y",),
+        lambda I, P, D, s: ref.s4d(I["x"], **P, state0=s)),
     "hgrn": Case(
         "hgrn", "HGRN", dict(d_in=3, d=4, lower=0.5), dict(x=("d_in",)),
         _gate_params("d_in", "d", "f", "c", "g"), dict(h=(("d",), "real")), ("o",),

@@ -276,3 +276,13 @@ def test_crf_forward_equals_brute_force_random(T, n, seed):
     start, stop = rnd(n, seed=seed + 2), rnd(n, seed=seed + 3)
     (_, logZ), _ = ref.crf(emit, trans, start, stop)
     close(logZ[:, -1], ref.crf_brute_force_logZ(emit, trans, start, stop), "CRF")
+
+
+@pytest.mark.parametrize("T", [1, 6, 33])
+def test_s4d_recurrence_equals_kernel_convolution(T):
+    B, d, N = 2, 3, 4
+    x = rnd(B, T, d, seed=1)
+    log_dt, A_log, A_im = rnd(d, seed=2, scale=0.5) - 2, rnd(d, N, seed=3, scale=0.3), rnd(d, N, seed=4, scale=3)
+    C_re, C_im, D = rnd(d, N, seed=5), rnd(d, N, seed=6), rnd(d, seed=7)
+    y, _ = ref.s4d(x, log_dt, A_log, A_im, C_re, C_im, D)
+    close(y, ref.s4d_kernel_form(x, log_dt, A_log, A_im, C_re, C_im, D), "S4D recurrence vs kernel convolution")
