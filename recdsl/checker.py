@@ -329,7 +329,7 @@ class _Scope:
             return self.apply(op, (value,), node.span, (node.args[0].span,), attrs=(self.axes(node, value),))
         if op == "transpose":
             value = self.expr(node.args[0])
-            first, second = (self.axis(node, argument, value.type.rank) for argument in node.args[1:])
+            first, second = (self.axis(node, argument, value.type.shape) for argument in node.args[1:])
             return self.apply(op, (value,), node.span, (node.args[0].span,), attrs=(first, second))
         if op == "reshape":
             return self.reshape(node)
@@ -339,12 +339,13 @@ class _Scope:
         return self.apply(op, args, node.span, tuple(a.span for a in node.args))
 
     # ---- static operands of calls: axes, dims
-    def axis(self, node: ast.Call, argument: ast.Expr, rank: int) -> int:
-        """A static axis of a value of ``rank`` dims given to ``node``'s function, counted from 0."""
-        axis = self.static_int(argument, f"an axis of {node.func}()")
+    def axis(self, node: ast.Call, argument: ast.Expr, shape: tuple[int, ...]) -> int:
+        """A static axis of a value of ``shape`` given to ``node``'s function, counted from 0."""
+        axis = self.static_int(argument, f"the axis of {node.func}()")
+        rank = len(shape)
         if not -rank <= axis < rank:
             raise ShapeError(
-                f"axis {axis} is out of range for a value of {rank} dim{'s' if rank != 1 else ''}",
+                f"axis {axis} is out of range for a value of shape {_fmt_shape(shape)}",
                 argument.span,
                 expected=f"an axis in [{-rank}, {rank - 1}]" if rank else f"no axis: the value is a scalar, write {node.func}(x)",
             )
@@ -354,7 +355,7 @@ class _Scope:
         """The axes after a reduction's (or softmax's) operand: None for none (every axis), an int for one, else a sorted tuple."""
         found: list[int] = []
         for argument in node.args[1:]:
-            axis = self.axis(node, argument, value.type.rank)
+            axis = self.axis(node, argument, value.type.shape)
             if axis in found:
                 raise ShapeError(f"axis {axis} is given twice to {node.func}()", argument.span, expected="each axis once")
             found.append(axis)

@@ -192,7 +192,7 @@ OPS: dict[str, OpSpec] = _table(
     OpSpec("amin", "amin", 1, VARIADIC, R, Accepts.REAL, Returns.REAL, "minimum over the axes given (or all)", torch="torch.amin"),
     OpSpec("norm", "norm", 1, VARIADIC, R, Accepts.NUMBER, Returns.REAL, "Euclidean norm sqrt(sum(abs(x) ** 2)) over the axes given (or all)", torch="recdsl.euclidean_norm"),
     # exp(x) / sum(exp(x)) over the axes given (or all): positive, shape kept.
-    OpSpec("softmax", "softmax", 1, VARIADIC, S, Accepts.REAL, Returns.REAL, "softmax(x) or softmax(x, axis, ...): exp(x) / sum(exp(x)) over the axes, computed stably", frozenset({POS})),
+    OpSpec("softmax", "softmax", 1, VARIADIC, S, Accepts.REAL, Returns.REAL, "softmax(x) or softmax(x, axis, ...): exp(x) / sum(exp(x)) over the axes, computed stably", frozenset({POS}), torch="recdsl.softmax"),
     # structure
     OpSpec("outer", "outer", 2, 2, S, Accepts.NUMBER, Returns.PROMOTED, "outer(u, v)[i, j] = u[i] * v[j]", frozenset({BI})),
     OpSpec("diag", "diag", 1, 1, S, Accepts.NUMBER, Returns.PROMOTED, "vector to diagonal matrix, or matrix to its diagonal", frozenset({LIN})),
