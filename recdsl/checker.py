@@ -26,7 +26,7 @@ from .errors import (
 )
 from .ir import Kind, RefKind, Type
 from .ops import BINARY_OPERATORS, CONSTANTS, FUNCTIONS, INITIALIZERS, OPS, VARIADIC, Category
-from .shapes import BROADCAST_EXPECTED, RuleViolation, Violation, broadcast_shapes, format_shape, matmul_shape, result_type  # noqa: F401 (re-exported)
+from .shapes import BROADCAST_EXPECTED, RuleViolation, Violation, broadcast_shapes, format_shape, matmul_shape, reshaped, result_type  # noqa: F401 (re-exported)
 
 SCALAR = Type(())
 # Integer constants computed at compile time are capped at this many bits.
@@ -391,7 +391,8 @@ class _Scope:
             elif size < 1:
                 raise ShapeError(f"a dim given to reshape() must be at least 1 (or -1), got {size}", argument.span, expected="a dim >= 1, or -1 for the one inferred")
             dims.append(size)
-        return self.apply("reshape", (value,), node.span, (node.args[0].span,), attrs=tuple(dims))
+        resolved = reshaped(value.type.shape, tuple(dims))  # the IR holds the dims with -1 resolved
+        return self.apply("reshape", (value,), node.span, (node.args[0].span,), attrs=tuple(dims) if isinstance(resolved, str) else resolved)
 
     def join(self, node: ast.Call, op: str) -> ir.Expr:
         """``concat(a, b, ..., axis)`` or ``stack(a, b, ..., axis)``: the last argument is the axis."""
@@ -399,11 +400,13 @@ class _Scope:
         values = tuple(self.expr(a) for a in operands)
         axis_value = self.static_int(last, f"the axis of {op}() (its last argument)")
         rank = values[0].type.rank + (1 if op == "stack" else 0)
+        if rank == 0:
+            raise ShapeError("concat() cannot join scalars", operands[0].span, expected="values of at least one dim (stack() joins scalars into a vector)")
         if not -rank <= axis_value < rank:
             raise ShapeError(
                 f"axis {axis_value} is out of range for {op}() of values of {values[0].type.rank} dim{'s' if values[0].type.rank != 1 else ''}",
                 last.span,
-                expected=f"an axis in [{-rank}, {rank - 1}]" if rank else "values of at least one dim (stack() joins scalars into a vector)",
+                expected=f"an axis in [{-rank}, {rank - 1}]",
             )
         return self.apply(op, values, node.span, tuple(a.span for a in operands), attrs=(axis_value % rank,))
 

@@ -128,14 +128,15 @@ def reshaped(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...]
     return target
 
 
-def joined_shape(op: str, shapes: Sequence[tuple[int, ...]], axis: int) -> tuple[int, ...] | str:
-    """The shape of ``concat`` (along ``axis``) or ``stack`` (a new ``axis``) of ``shapes``, or a sentence saying why not."""
+def joined_shape(op: str, shapes: Sequence[tuple[int, ...]], axis: int) -> tuple[int, ...] | tuple[int, str]:
+    """The shape of ``concat`` (along ``axis``) or ``stack`` (a new ``axis``) of ``shapes``,
+    or ``(position, sentence)``: the first operand that does not fit, and why."""
     first = shapes[0]
     for position, shape in enumerate(shapes[1:], start=1):
         if op == "stack" and shape != first:
-            return f"operand {position + 1} has shape {format_shape(shape)} and operand 1 {format_shape(first)}"
+            return position, f"operand {position + 1} has shape {format_shape(shape)} and operand 1 {format_shape(first)}"
         if op == "concat" and (len(shape) != len(first) or shape[:axis] + shape[axis + 1 :] != first[:axis] + first[axis + 1 :]):
-            return f"operand {position + 1} has shape {format_shape(shape)} and operand 1 {format_shape(first)}, which differ outside axis {axis}"
+            return position, f"operand {position + 1} has shape {format_shape(shape)} and operand 1 {format_shape(first)}, which differ outside axis {axis}"
     if op == "stack":
         return first[:axis] + (len(shapes),) + first[axis:]
     return first[:axis] + (sum(shape[axis] for shape in shapes),) + first[axis + 1 :]
@@ -223,11 +224,12 @@ def result_type(op: str, args: Sequence[Type], attrs: tuple = ()) -> Type:
         (axis,) = attrs
         if op == "concat" and any(len(shape) == 0 for shape in shapes):
             raise RuleViolation(Violation.SHAPE, "concat() cannot join scalars", "values of at least one dim (stack() joins scalars into a vector)", next(i for i, s in enumerate(shapes) if not s))
-        shape = joined_shape(op, shapes, axis)
-        if isinstance(shape, str):
+        joined = joined_shape(op, shapes, axis)
+        if isinstance(joined[-1], str):
+            position, why = joined
             expected = "the same shape for every operand" if op == "stack" else f"shapes equal except along axis {axis}"
-            raise RuleViolation(Violation.SHAPE, f"cannot {op} these values: {shape}", expected)
-        return Type(shape, kind)
+            raise RuleViolation(Violation.SHAPE, f"cannot {op} these values: {why}", expected, position)
+        return Type(tuple(joined), kind)
     raise RuleViolation(Violation.TYPE, f"'{spec.surface}' cannot be applied here")  # pragma: no cover - every category is handled
 
 
