@@ -91,6 +91,8 @@ def _reduce_dims(rank: int, axis: int | tuple[int, ...] | None) -> tuple[int, ..
 
 def _reduction(function: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]:
     def reduce(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        if not dims:  # a scalar: reduce over a new unit axis (torch reads dim=() as every dim)
+            return function(x.unsqueeze(-1), dim=(-1,))
         return function(x, dim=dims)
 
     return reduce

@@ -447,3 +447,12 @@ def test_explain_prints_the_static_operands():
     text = recdsl.explain(GATES)
     for expected in ("softmax(y, 0, 1)", "transpose(y, 0, 1)", "reshape(", "concat(", "stack(x, z, 0)", "sum(reshape(pair, 2, 1, 4), 0, 1)", "norm(y, 0)", "transpose(W, 0, 1)"):
         assert expected in text, expected
+
+
+@pytest.mark.parametrize("name", ["sum", "mean", "amax", "amin", "logsumexp", "norm", "softmax"])
+def test_reductions_of_a_scalar(name):
+    """Over no axes (a scalar operand) every reduction is its operand (norm: its modulus), softmax is 1; found by the fuzzer."""
+    module = recdsl.compile(f"cell F(d = 2) {{\n    input x: [d]\n    out {name}(x[0]) + 0 * x\n}}\n").double()
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    expected = {"norm": x[..., 0].abs(), "softmax": torch.ones_like(x[..., 0])}.get(name, x[..., 0])
+    torch.testing.assert_close(module(x=x)[..., 0], expected)
