@@ -330,9 +330,32 @@ cell Mixed(d = 4) {
 }
 """
 
-CELLS = {"gates": GATES, "transposed-state": TRANSPOSED_STATE, "clamped-step": CLAMPED_STEP, "structural-step": STRUCTURAL_STEP}
+# Read-outs through a transpose: S.T @ q is q @ S and q @ S.T is S @ q, so the chunked form applies.
+TRANSPOSED_READOUTS = """
+cell ReadT(dk = 4, dv = 3) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input g: [dk]
+    input b: []
+    state S: [dk, dv] = 0
+    state U: [dv, dk] = 0
+    S = exp(logsigmoid(g))[:, None] * S + outer(k, v)
+    U = sigmoid(b) * U + outer(v, k)
+    out S.T @ q + q @ U.T
+}
+"""
+
+CELLS = {
+    "gates": GATES,
+    "transposed-state": TRANSPOSED_STATE,
+    "transposed-readouts": TRANSPOSED_READOUTS,
+    "clamped-step": CLAMPED_STEP,
+    "structural-step": STRUCTURAL_STEP,
+}
 ACCEPTED = {
     "gates": ("scan", "chunked", "triton", "newton", "fused"),
+    "transposed-readouts": ("scan", "chunked", "triton", "newton"),
     "transposed-state": ("scan", "chunked", "newton"),
     "clamped-step": ("newton", "fused"),
     "structural-step": ("newton",),
@@ -362,11 +385,12 @@ def test_property_every_accepting_backend_agrees_with_sequential(name, monkeypat
     assert_backends_agree(CELLS[name], backends=backends, max_examples=6, hypothesis_seed=3, chunk_size=4)
 
 
+@pytest.mark.parametrize("name", ["gates", "transposed-readouts"])
 @pytest.mark.parametrize("length", [1, 5])
-def test_triton_runs_the_gates_cell(length, monkeypatch, tmp_path):
+def test_triton_runs_the_cells_it_accepts(name, length, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
-    module = _module(GATES)
+    module = _module(CELLS[name])
     inputs, state = random_inputs(module, Example(batch=2, length=length, heads=(), seed=length, with_state=True))
     mismatches = compare_backends(module, ["triton"], inputs, state, seed=length)
     assert not mismatches, "\n".join(map(str, mismatches))
@@ -385,11 +409,21 @@ def test_refusals_say_why():
     assert "dense transition" in str(plan_backend(transposed.analysis, BackendKind.TRITON, PlanOptions()))
     structural = _module(STRUCTURAL_STEP)
     assert "'reshape' to a value that reads a state" in str(plan_backend(structural.analysis, BackendKind.FUSED, PlanOptions()))
+    assert "'softmax' applied to a value that depends on it" in str(plan_backend(structural.analysis, BackendKind.TRITON, PlanOptions()))
     with pytest.raises(recdsl.BackendError, match="state 'S' has shape"):
         recdsl.compile(TRANSPOSED_STATE, backend="fused")
 
 
 # ---- the analysis stays sound ----------------------------------------------------------------
+
+
+def test_transposed_readouts_are_chunked():
+    from recdsl.plan import ChunkPlan, chunk_plan
+
+    analysis = _module(TRANSPOSED_READOUTS).analysis
+    plans = {name: chunk_plan(analysis, analysis.state(name)) for name in ("S", "U")}
+    assert all(isinstance(plan, ChunkPlan) for plan in plans.values()), plans
+    assert (plans["S"].transposed, plans["U"].transposed) == (False, True)
 
 
 def test_a_transposed_state_is_a_dense_linear_map():
