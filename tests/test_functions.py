@@ -346,7 +346,22 @@ cell ReadT(dk = 4, dv = 3) {
 }
 """
 
+# Complex values through the rearrangements, and norm's real result (an LRU-like diagonal state).
+COMPLEX = """
+cell Complex(d = 4) {
+    input x: [d]
+    input z: complex[2, d]
+    param nu: [d] = uniform(0.5, 1.5)
+    state h: complex[d] = 0
+    lam = exp(-exp(nu) + 0.3j)
+    u = reshape(transpose(z, 0, 1), -1)
+    h = lam * h + concat(u[:2], u[6:], 0) * norm(z, 0) + stack(x, x, 0)[1] + sum(z, 0, 1)
+    out real(h) + norm(h[None, :].T, 1)
+}
+"""
+
 CELLS = {
+    "complex": COMPLEX,
     "gates": GATES,
     "transposed-state": TRANSPOSED_STATE,
     "transposed-readouts": TRANSPOSED_READOUTS,
@@ -354,6 +369,7 @@ CELLS = {
     "structural-step": STRUCTURAL_STEP,
 }
 ACCEPTED = {
+    "complex": ("scan", "chunked", "triton"),
     "gates": ("scan", "chunked", "triton", "newton", "fused"),
     "transposed-readouts": ("scan", "chunked", "triton", "newton"),
     "transposed-state": ("scan", "chunked", "newton"),
@@ -385,7 +401,7 @@ def test_property_every_accepting_backend_agrees_with_sequential(name, monkeypat
     assert_backends_agree(CELLS[name], backends=backends, max_examples=6, hypothesis_seed=3, chunk_size=4)
 
 
-@pytest.mark.parametrize("name", ["gates", "transposed-readouts"])
+@pytest.mark.parametrize("name", ["gates", "transposed-readouts", "complex"])
 @pytest.mark.parametrize("length", [1, 5])
 def test_triton_runs_the_cells_it_accepts(name, length, monkeypatch, tmp_path):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
