@@ -506,3 +506,13 @@ def test_reductions_of_a_scalar(name):
     x = torch.randn(2, 3, 2, dtype=torch.float64)
     expected = {"norm": x[..., 0].abs(), "softmax": torch.ones_like(x[..., 0])}.get(name, x[..., 0])
     torch.testing.assert_close(module(x=x)[..., 0], expected)
+
+
+def test_triton_keeps_constant_bounds_in_float64(monkeypatch, tmp_path):
+    """clamp(x, -0.4, 0.4) and 1 - 0.3: constant arithmetic is folded or kept inline, never a float32 temporary."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path))
+    module = _module("cell L(d = 4) {\n    input x: [d]\n    state h: [d] = 0\n    h = sigmoid(x) * h + clamp(x, -0.4, 0.4) + max(x, -0.25) * (1 - 0.3)\n    out h\n}\n")
+    inputs, state = random_inputs(module, Example(batch=2, length=3, heads=(), seed=0, with_state=True))
+    mismatches = compare_backends(module, ["triton"], inputs, state, atol=0, rtol=1e-13)
+    assert not mismatches, "\n".join(map(str, mismatches))
