@@ -516,3 +516,11 @@ def test_triton_keeps_constant_bounds_in_float64(monkeypatch, tmp_path):
     inputs, state = random_inputs(module, Example(batch=2, length=3, heads=(), seed=0, with_state=True))
     mismatches = compare_backends(module, ["triton"], inputs, state, atol=0, rtol=1e-13)
     assert not mismatches, "\n".join(map(str, mismatches))
+
+
+@pytest.mark.parametrize("name", sorted(CELLS))
+def test_the_cells_print_back_to_the_same_program(name):
+    from recdsl.printer import unparse
+
+    program = recdsl.parse(CELLS[name])
+    assert recdsl.parse(unparse(program)) == program
