@@ -58,6 +58,8 @@ FORWARD: dict[str, str] = {
     "minimum": "minimum_({0}, {1})",
     "logaddexp": "logaddexp_({0}, {1})",
     "where": "(({0}) != 0 ? ({1}) : ({2}))",
+    "clamp": "minimum_(maximum_({0}, {1}), {2})",
+    "sign": "sign_({0})",
 }
 
 # Each operand's share of the adjoint: {g} is the result's adjoint, {r} the result,
@@ -97,6 +99,14 @@ ADJOINT: dict[str, tuple[str | None, ...]] = {
     "minimum": ("({0} > {1} ? (real)0 : ({0} == {1} ? {g} / 2 : {g}))", "({0} < {1} ? (real)0 : ({0} == {1} ? {g} / 2 : {g}))"),
     "logaddexp": ("{g} / (1 + EXP({1} - {0}))", "{g} / (1 + EXP({0} - {1}))"),
     "where": (None, "(({0}) != 0 ? {g} : (real)0)", "(({0}) != 0 ? (real)0 : {g})"),
+    # torch's clamp_backward and clamp_backward_min_max: x inside [lo, hi] passes the
+    # gradient; below lo it goes to lo (when lo < hi), above hi (or when hi < lo) to hi.
+    "clamp": (
+        "(({0} >= {1} && {0} <= {2}) ? {g} : (real)0)",
+        "(({0} < {1} && {1} < {2}) ? {g} : (real)0)",
+        "(({0} > {2} || {2} < {1}) ? {g} : (real)0)",
+    ),
+    "sign": (None,),
 }
 
 _MATH = ("EXP exp", "LOG log", "SQRT sqrt", "FABS fabs", "TANH tanh", "COS cos", "SIN sin", "LOG1P log1p", "EXPM1 expm1", "POW pow")

@@ -33,6 +33,7 @@ ELEMENTWISE_OPS = frozenset(
         "add", "sub", "mul", "div", "pow", "neg", "lt", "le", "gt", "ge", "eq", "ne",
         "exp", "log", "sqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus", "silu", "relu",
         "cos", "sin", "log1p", "expm1", "real", "conj", "maximum", "minimum", "logaddexp", "where",
+        "clamp", "sign",
     }
 )  # fmt: skip
 

@@ -62,9 +62,10 @@ from recdsl import ir
 from recdsl.analysis import Analysis
 from recdsl.errors import BackendError
 from recdsl.ir import Kind, RefKind
+from recdsl.ops import OPS
 
 from .scans import block_linear_scan, linear_scan
-from .torch_ops import REDUCTIONS, Evaluator, Numerics, _index_key, _reduce_dims, align, matmul
+from .torch_ops import ELEMENTWISE, REDUCTIONS, Evaluator, Numerics, _index_key, _reduce_dims, align, join, matmul, reshape, transpose
 
 # A state larger than this (elements per batch row and head) is not analysed: the
 # dependence pattern holds one number per pair of elements for each operation.
@@ -272,6 +273,19 @@ class _Dependence:
             return torch.diagonal(value, dim1=-2, dim2=-1)
         if op == "index":
             return args[0][_index_key(node.attrs)]
+        if op == "softmax":  # each element reads every element along the axes
+            (axis,) = node.attrs
+            dims = _reduce_dims(rank, axis)
+            return args[0].amax(dim=dims, keepdim=True).expand(full) if dims else args[0]
+        if op == "transpose":
+            return transpose(args[0], node.args[0].type.rank, *node.attrs)
+        if op == "reshape":
+            return reshape(args[0], node.args[0].type.rank, shape)
+        if op in ("concat", "stack"):  # an operand that reads no state contributes no dependence
+            parts = [torch.zeros((self.size,) + arg.type.shape) if a is None else a for a, arg in zip(args, node.args)]
+            return join(op, parts, node.args[0].type.rank, node.attrs[0])
+        if op not in ELEMENTWISE:
+            raise BackendError(f"backend 'newton' has no Jacobian pattern for '{OPS[op].surface}' applied to a value that reads a state", expected="backend='sequential' or 'auto'")
         # Elementwise: each element reads what the operands' elements at its position read.
         present = [_lift(a, arg.type.rank, rank).expand(full) for a, arg in zip(args, node.args) if a is not None]
         return _union(present, full)

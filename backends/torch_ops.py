@@ -64,6 +64,11 @@ def conjugate(x: torch.Tensor) -> torch.Tensor:
     return torch.conj(x).resolve_conj() if x.is_complex() else x
 
 
+def euclidean_norm(x: torch.Tensor, dim: tuple[int, ...]) -> torch.Tensor:
+    """sqrt(sum(|x| ** 2)) over ``dim`` (the modulus for complex ``x``): the torch form of ``norm``."""
+    return torch.linalg.vector_norm(x, dim=dim)
+
+
 def resolve_torch_form(dotted: str) -> Callable[..., torch.Tensor]:
     """The callable a registry row's ``torch`` field names: ``torch.X``, ``F.X`` or ``recdsl.X`` (this module)."""
     namespace, _, attribute = dotted.partition(".")
@@ -77,13 +82,17 @@ ELEMENTWISE: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def _reduce_dims(rank: int, axis: int | None) -> tuple[int, ...]:
+def _reduce_dims(rank: int, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
     # Count from the end so that leading dims never shift the axis.
-    return tuple(range(-rank, 0)) if axis is None else (axis - rank,)
+    if axis is None:
+        return tuple(range(-rank, 0))
+    return (axis - rank,) if isinstance(axis, int) else tuple(a - rank for a in axis)
 
 
 def _reduction(function: Callable[..., torch.Tensor]) -> Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]:
     def reduce(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        if not dims:  # a scalar: reduce over a new unit axis (torch reads dim=() as every dim)
+            return function(x.unsqueeze(-1), dim=(-1,))
         return function(x, dim=dims)
 
     return reduce
@@ -94,7 +103,7 @@ REDUCTIONS: dict[str, Callable[[torch.Tensor, tuple[int, ...]], torch.Tensor]] =
 }
 
 # The ops whose torch form is written by hand in Evaluator.apply (their own shape handling).
-STRUCTURAL_FORMS = frozenset({"matmul", "outer", "diag", "index", "arange", "eye"})
+STRUCTURAL_FORMS = frozenset({"matmul", "outer", "diag", "index", "arange", "eye", "softmax", "transpose", "reshape", "concat", "stack"})
 
 
 def matmul(a: torch.Tensor, a_rank: int, b: torch.Tensor, b_rank: int) -> torch.Tensor:
@@ -112,6 +121,39 @@ def matmul(a: torch.Tensor, a_rank: int, b: torch.Tensor, b_rank: int) -> torch.
     if b_rank == 1:
         out = out.squeeze(-1)
     return out
+
+
+def softmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """exp(x) / sum(exp(x)) over ``dims`` (counted from the end), computed stably; over no dims (a scalar) it is 1."""
+    if not dims:
+        return torch.ones_like(x)
+    if len(dims) == 1:
+        return torch.softmax(x, dim=dims[0])
+    return torch.exp(x - torch.logsumexp(x, dim=dims, keepdim=True))
+
+
+def transpose(x: torch.Tensor, rank: int, first: int, second: int) -> torch.Tensor:
+    """Swap the declared axes ``first`` and ``second`` of ``x`` (declared rank ``rank``; leading dims kept)."""
+    return x.transpose(first - rank, second - rank)
+
+
+def reshape(x: torch.Tensor, rank: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """``x`` with its declared dims (the last ``rank``) reshaped to ``shape`` in row-major order."""
+    return x.reshape(x.shape[: x.dim() - rank] + tuple(shape))
+
+
+def join(op: str, values: list[torch.Tensor], rank: int, axis: int) -> torch.Tensor:
+    """``concat`` (along declared ``axis``) or ``stack`` (a new declared ``axis``) of values of declared rank ``rank``.
+
+    The values' leading dims broadcast first (a param joined with an input takes the
+    input's batch and time dims).
+    """
+    leads = [v.shape[: v.dim() - rank] for v in values]
+    common = torch.broadcast_shapes(*leads)
+    values = [v if v.shape[: v.dim() - rank] == common else v.expand(common + v.shape[v.dim() - rank :]) for v in values]
+    if op == "stack":
+        return torch.stack(values, dim=axis - (rank + 1))
+    return torch.cat(values, dim=axis - rank)
 
 
 def _index_key(items: tuple) -> tuple:
@@ -198,6 +240,17 @@ class Evaluator:
             return torch.diagonal(value, dim1=-2, dim2=-1)
         if op == "index":
             return args[0][_index_key(node.attrs)]
+        if op == "softmax":
+            (value,) = args
+            (axis,) = node.attrs
+            return softmax(self._as_value(value, node.type.kind), _reduce_dims(node.args[0].type.rank, axis))
+        if op == "transpose":
+            return transpose(args[0], node.args[0].type.rank, *node.attrs)
+        if op == "reshape":
+            return reshape(args[0], node.args[0].type.rank, node.type.shape)
+        if op in ("concat", "stack"):
+            values = [self._as_value(a, node.type.kind) for a in args]
+            return join(op, values, node.args[0].type.rank, node.attrs[0])
         if op == "arange":
             return torch.arange(node.attrs[0], dtype=self.numerics.real, device=self.numerics.device)
         if op == "eye":

@@ -25,6 +25,7 @@ each part came from is written above it as a comment.
 from __future__ import annotations
 
 import hashlib
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -35,6 +36,7 @@ from recdsl.errors import Source
 from recdsl.ir import Kind, Literal, Op, Ref
 from recdsl.ops import FUSED, MAX_PLUS, OPS, Semiring
 from recdsl.printer import format_expr
+from recdsl.shapes import fold_constant
 
 # ---- readable output -------------------------------------------------------------------
 
@@ -91,6 +93,10 @@ FUSED_OPS = FUSED
 COMPLEX_OPS = frozenset(name for name in FUSED if OPS[name].triton_complex)
 
 
+# The text of an expression of number literals only (no temporaries, no leaves).
+_CONSTANT_TEXT = re.compile(r"[0-9.eE+\-*/() ]+")
+
+
 def _literal(value: float) -> str:
     if value == float("inf"):
         return 'float("inf")'
@@ -110,6 +116,11 @@ class ExpressionEmitter:
         self.prefix = prefix  # distinct per emission, so two evaluations of one term do not clash
 
     def _temp(self, text: str) -> str:
+        if _CONSTANT_TEXT.fullmatch(text):
+            # Arithmetic of literals stays inline, evaluated in Python's doubles: assigned to a
+            # temporary it would be a float32 scalar in Triton (0.0 + 0.3, the imaginary part of
+            # a real value plus 0.3j, rounded before it meets a float64 block).
+            return f"({text})"
         name = f"{self.prefix}{self.counter}"
         self.counter += 1
         self.buffer.line(f"{name} = {text}")
@@ -131,6 +142,11 @@ class ExpressionEmitter:
             return _literal(expr.value)
         if not isinstance(expr, Op) or expr.op not in FUSED_OPS:
             raise Unsupported(f"'{format_expr(expr)}' is not a leaf the kernel was given")  # pragma: no cover
+        constant = fold_constant(expr)
+        if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+            # Folded here: a temporary holding a Python float is a float32 scalar in Triton,
+            # which would round -0.4 (and 1 - 0.3) before it meets a float64 block.
+            return _literal(constant)
         args = [self.emit(a) for a in expr.args]
         if expr.type.kind is Kind.COMPLEX or any(isinstance(a, tuple) for a in args):
             return self._complex(expr, args)

@@ -34,7 +34,7 @@ from . import ir
 from .errors import DeclarationError
 from .ir import Kind, Literal, Op, Ref, RefKind, Type
 from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Law, Semiring
-from .shapes import broadcast_shapes, fold_constant, make
+from .shapes import broadcast_shapes, fold_constant, make, reduction_axes
 
 ONE = Literal(1, Type(()))
 
@@ -758,6 +758,8 @@ def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
         return args[0]
     if op == "sigmoid":
         return Op("logsigmoid", args, expr.type)
+    if op == "softmax":
+        return _log_softmax(expr)
     if op == "index":
         inner = log_of_positive(args[0], cell)
         return None if inner is None else Op("index", (inner,), expr.type, expr.attrs)
@@ -789,6 +791,18 @@ def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
         if isinstance(inner, Op) and inner.op == "sigmoid":
             return Op("logsigmoid", (Op("neg", inner.args, inner.args[0].type),), expr.type)
     return None
+
+
+def _log_softmax(expr: Op) -> ir.Expr:
+    """log(softmax(x, axes)) = x - logsumexp(x, axes), the sum broadcast back over the axes."""
+    (value,) = expr.args
+    (axis,) = expr.attrs
+    axes = reduction_axes(value.type.rank, axis)
+    if not axes:  # the softmax of a scalar is 1
+        return Literal(0, Type(()))
+    total = make("logsumexp", value, attrs=expr.attrs)
+    spread = make("index", total, attrs=tuple(ir.NEW_AXIS if position in axes else ir.SliceItem(None, None) for position in range(value.type.rank)))
+    return make("sub", value, spread)
 
 
 # ---- order of states --------------------------------------------------------------

@@ -25,8 +25,8 @@ from .errors import (
     TypeCheckError,
 )
 from .ir import Kind, RefKind, Type
-from .ops import BINARY_OPERATORS, CONSTANTS, FUNCTIONS, INITIALIZERS, OPS, Category
-from .shapes import BROADCAST_EXPECTED, RuleViolation, Violation, broadcast_shapes, format_shape, matmul_shape, result_type  # noqa: F401 (re-exported)
+from .ops import BINARY_OPERATORS, CONSTANTS, FUNCTIONS, INITIALIZERS, OPS, VARIADIC, Category
+from .shapes import BROADCAST_EXPECTED, RuleViolation, Violation, broadcast_shapes, format_shape, matmul_shape, reshaped, result_type  # noqa: F401 (re-exported)
 
 SCALAR = Type(())
 # Integer constants computed at compile time are capped at this many bits.
@@ -166,7 +166,10 @@ class _Scope:
 
     @staticmethod
     def _arity(node: ast.Call, spec) -> TypeCheckError:
-        count = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} or {spec.max_args}"
+        if spec.max_args == VARIADIC:
+            count = f"at least {spec.min_args}"
+        else:
+            count = str(spec.min_args) if spec.min_args == spec.max_args else f"{spec.min_args} or {spec.max_args}"
         plural = "s" if spec.max_args > 1 else ""
         return TypeCheckError(
             f"{node.func}() takes {count} argument{plural}, got {len(node.args)}",
@@ -280,6 +283,8 @@ class _Scope:
         raise TypeCheckError("unsupported expression", getattr(node, "span", None))
 
     def field(self, node: ast.Field) -> ir.Expr:
+        if node.name == "T" and not self._has_fields(node.value):
+            return self.transpose_last(node)
         if not isinstance(node.value, ast.Name):
             raise TypeCheckError("a field can only be read from a scan result or a combine operand", node.span, expected="name.carry")
         symbol = self.symbols.get(node.value.id)
@@ -319,23 +324,91 @@ class _Scope:
         if spec.category is Category.CONSTANT:
             size = self.static_int(node.args[0], f"the size given to {node.func}()", minimum=1)
             return self.apply(op, (), node.span, (), attrs=(size,))
-        if spec.category is Category.REDUCTION:
+        if spec.category is Category.REDUCTION or op == "softmax":
             value = self.expr(node.args[0])
-            axis = None
-            if len(node.args) == 2:
-                axis = self.static_int(node.args[1], f"the axis of {node.func}()")
-                if not -value.type.rank <= axis < value.type.rank:
-                    raise ShapeError(
-                        f"axis {axis} is out of range for a value of shape {_fmt_shape(value.type.shape)}",
-                        node.args[1].span,
-                        expected=f"an axis in [{-value.type.rank}, {value.type.rank - 1}]"
-                        if value.type.rank
-                        else f"no axis: the value is a scalar, write {node.func}(x)",
-                    )
-                axis %= value.type.rank
-            return self.apply(op, (value,), node.span, (node.args[0].span,), attrs=(axis,))
+            return self.apply(op, (value,), node.span, (node.args[0].span,), attrs=(self.axes(node, value),))
+        if op == "transpose":
+            value = self.expr(node.args[0])
+            first, second = (self.axis(node, argument, value.type.shape) for argument in node.args[1:])
+            return self.apply(op, (value,), node.span, (node.args[0].span,), attrs=(first, second))
+        if op == "reshape":
+            return self.reshape(node)
+        if op in ("concat", "stack"):
+            return self.join(node, op)
         args = tuple(self.expr(a) for a in node.args)
         return self.apply(op, args, node.span, tuple(a.span for a in node.args))
+
+    # ---- static operands of calls: axes, dims
+    def axis(self, node: ast.Call, argument: ast.Expr, shape: tuple[int, ...]) -> int:
+        """A static axis of a value of ``shape`` given to ``node``'s function, counted from 0."""
+        axis = self.static_int(argument, f"the axis of {node.func}()")
+        rank = len(shape)
+        if not -rank <= axis < rank:
+            raise ShapeError(
+                f"axis {axis} is out of range for a value of shape {_fmt_shape(shape)}",
+                argument.span,
+                expected=f"an axis in [{-rank}, {rank - 1}]" if rank else f"no axis: the value is a scalar, write {node.func}(x)",
+            )
+        return axis % rank
+
+    def axes(self, node: ast.Call, value: ir.Expr) -> int | tuple[int, ...] | None:
+        """The axes after a reduction's (or softmax's) operand: None for none (every axis), an int for one, else a sorted tuple."""
+        found: list[int] = []
+        for argument in node.args[1:]:
+            axis = self.axis(node, argument, value.type.shape)
+            if axis in found:
+                raise ShapeError(f"axis {axis} is given twice to {node.func}()", argument.span, expected="each axis once")
+            found.append(axis)
+        if not found:
+            return None
+        return found[0] if len(found) == 1 else tuple(sorted(found))
+
+    def transpose_last(self, node: ast.Field) -> ir.Expr:
+        """``x.T``: ``x`` with its last two axes swapped."""
+        value = self.expr(node.value)
+        rank = value.type.rank
+        if rank < 2:
+            raise ShapeError(
+                f"'.T' needs a value of at least two dims, got shape {_fmt_shape(value.type.shape)}",
+                node.span,
+                expected="a matrix (a vector has no row or column: write x[:, None] for a column, x[None, :] for a row)",
+            )
+        return self.apply("transpose", (value,), node.span, (node.value.span,), attrs=(rank - 2, rank - 1))
+
+    def _has_fields(self, node: ast.Expr) -> bool:
+        """Whether ``node`` names a scan result or combine operand (whose ``.T`` is a carry named T)."""
+        symbol = self.symbols.get(node.id) if isinstance(node, ast.Name) else None
+        return symbol is not None and symbol.kind in ("scan", "side")
+
+    def reshape(self, node: ast.Call) -> ir.Expr:
+        value = self.expr(node.args[0])
+        dims: list[int] = []
+        for argument in node.args[1:]:
+            size = self.static_int(argument, "a dim given to reshape()")
+            if size == -1:
+                if -1 in dims:
+                    raise ShapeError("reshape() can infer only one dim (-1)", argument.span, expected="at most one -1 among the dims")
+            elif size < 1:
+                raise ShapeError(f"a dim given to reshape() must be at least 1 (or -1), got {size}", argument.span, expected="a dim >= 1, or -1 for the one inferred")
+            dims.append(size)
+        resolved = reshaped(value.type.shape, tuple(dims))  # the IR holds the dims with -1 resolved
+        return self.apply("reshape", (value,), node.span, (node.args[0].span,), attrs=tuple(dims) if isinstance(resolved, str) else resolved)
+
+    def join(self, node: ast.Call, op: str) -> ir.Expr:
+        """``concat(a, b, ..., axis)`` or ``stack(a, b, ..., axis)``: the last argument is the axis."""
+        *operands, last = node.args
+        values = tuple(self.expr(a) for a in operands)
+        axis_value = self.static_int(last, f"the axis of {op}() (its last argument)")
+        rank = values[0].type.rank + (1 if op == "stack" else 0)
+        if rank == 0:
+            raise ShapeError("concat() cannot join scalars", operands[0].span, expected="values of at least one dim (stack() joins scalars into a vector)")
+        if not -rank <= axis_value < rank:
+            raise ShapeError(
+                f"axis {axis_value} is out of range for {op}() of values of {values[0].type.rank} dim{'s' if values[0].type.rank != 1 else ''}",
+                last.span,
+                expected=f"an axis in [{-rank}, {rank - 1}]",
+            )
+        return self.apply(op, values, node.span, tuple(a.span for a in operands), attrs=(axis_value % rank,))
 
     def apply(self, op: str, args: tuple[ir.Expr, ...], span: Span | None, arg_spans: tuple, attrs: tuple = ()) -> ir.Expr:
         """Type-check ``op`` applied to already lowered ``args`` (rules: :func:`recdsl.shapes.result_type`) and build the node."""

@@ -32,7 +32,7 @@ from typing import Callable
 
 class Category(str, Enum):
     ELEMENTWISE = "elementwise"  # numpy broadcasting of every operand
-    REDUCTION = "reduction"  # (x) or (x, axis) over the per-step shape
+    REDUCTION = "reduction"  # (x) or (x, axis, ...) over the per-step shape
     MATMUL = "matmul"  # numpy matmul rules
     STRUCTURAL = "structural"  # outer, diag, index: their own shape rule
     CONSTANT = "constant"  # arange(n), eye(n): static size, no tensor operands
@@ -48,7 +48,7 @@ class Returns(str, Enum):
     PROMOTED = "promoted"  # complex if any operand is complex, else real
     REAL = "real"
     BOOL = "bool"
-    CONDITIONAL = "conditional"  # where: the promotion of the last two operands; index: its operand's kind
+    CONDITIONAL = "conditional"  # where: the promotion of the last two operands; index, transpose, reshape: its operand's kind
 
 
 class Law(Enum):
@@ -64,6 +64,11 @@ class Law(Enum):
     POINTWISE = "f(a)[i] = f(a[i])"
     # Positive wherever it is defined (exp, sigmoid, softplus): the chunked forms take logs of such decays.
     POSITIVE = "f(x) > 0"
+
+
+# ``max_args`` of the ops that take any number of operands (concat, stack) or of axes
+# (reductions, softmax, reshape's dims).
+VARIADIC = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,17 @@ def _softplus(x: float) -> float:
     return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
 
 
+def _sign(x: float) -> float:
+    if x != x:  # NaN stays NaN, as in torch.sign
+        return x
+    return float((x > 0) - (x < 0))
+
+
+def _clamp(x: float, low: float, high: float) -> float:
+    # min(max(x, low), high): torch.clamp's order, so low > high gives high.
+    return min(max(x, low), high)
+
+
 def _logaddexp(a: float, b: float) -> float:
     high = max(a, b)
     if high == -math.inf:
@@ -164,16 +180,27 @@ OPS: dict[str, OpSpec] = _table(
     OpSpec("minimum", "min", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise minimum of two operands", frozenset({A, CM, PW}), min, "torch.minimum", "tl.minimum({0}, {1})"),
     OpSpec("logaddexp", "logaddexp", 2, 2, E, Accepts.REAL, Returns.REAL, "log(exp(a) + exp(b)), computed stably", frozenset({A, CM, PW}), _logaddexp, "torch.logaddexp", "_logaddexp({0}, {1})"),
     OpSpec("where", "where", 3, 3, E, Accepts.ANY, Returns.CONDITIONAL, "where(condition, a, b): a where condition holds, else b", frozenset({PW}), lambda c, a, b: a if c else b, "torch.where", "tl.where({0}, {1}, {2})"),
-    # reductions over the per-step shape
-    OpSpec("sum", "sum", 1, 2, R, Accepts.NUMBER, Returns.PROMOTED, "sum(x) or sum(x, axis)", frozenset({LIN}), torch="torch.sum"),
-    OpSpec("mean", "mean", 1, 2, R, Accepts.NUMBER, Returns.PROMOTED, "mean(x) or mean(x, axis)", frozenset({LIN}), torch="torch.mean"),
-    OpSpec("logsumexp", "logsumexp", 1, 2, R, Accepts.REAL, Returns.REAL, "log(sum(exp(x), axis)), computed stably", torch="torch.logsumexp"),
-    OpSpec("amax", "amax", 1, 2, R, Accepts.REAL, Returns.REAL, "maximum over an axis (or all)", torch="torch.amax"),
-    OpSpec("amin", "amin", 1, 2, R, Accepts.REAL, Returns.REAL, "minimum over an axis (or all)", torch="torch.amin"),
+    # clamp(x, lo, hi) = min(max(x, lo), hi), torch.clamp's order (lo > hi gives hi)
+    OpSpec("clamp", "clamp", 3, 3, E, Accepts.REAL, Returns.REAL, "clamp(x, lo, hi) = min(max(x, lo), hi)", frozenset({PW}), _clamp, "torch.clamp", "tl.minimum(tl.maximum({0}, {1}), {2})"),
+    # sign(x) = where(x > 0, 1, where(x < 0, -1, x * 0)): NaN stays NaN, and the gradient is 0 everywhere.
+    OpSpec("sign", "sign", 1, 1, E, Accepts.REAL, Returns.REAL, "-1, 0 or 1 by the sign of x", frozenset({PW}), _sign, "torch.sign", "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, {0} * 0.0))"),
+    # reductions over the per-step shape: (x) over every axis, (x, axis, ...) over the axes given
+    OpSpec("sum", "sum", 1, VARIADIC, R, Accepts.NUMBER, Returns.PROMOTED, "sum(x), sum(x, axis) or sum(x, axis, axis, ...)", frozenset({LIN}), torch="torch.sum"),
+    OpSpec("mean", "mean", 1, VARIADIC, R, Accepts.NUMBER, Returns.PROMOTED, "mean(x), mean(x, axis) or mean(x, axis, axis, ...)", frozenset({LIN}), torch="torch.mean"),
+    OpSpec("logsumexp", "logsumexp", 1, VARIADIC, R, Accepts.REAL, Returns.REAL, "log(sum(exp(x), axis, ...)), computed stably", torch="torch.logsumexp"),
+    OpSpec("amax", "amax", 1, VARIADIC, R, Accepts.REAL, Returns.REAL, "maximum over the axes given (or all)", torch="torch.amax"),
+    OpSpec("amin", "amin", 1, VARIADIC, R, Accepts.REAL, Returns.REAL, "minimum over the axes given (or all)", torch="torch.amin"),
+    OpSpec("norm", "norm", 1, VARIADIC, R, Accepts.NUMBER, Returns.REAL, "Euclidean norm sqrt(sum(abs(x) ** 2)) over the axes given (or all)", torch="recdsl.euclidean_norm"),
+    # exp(x) / sum(exp(x)) over the axes given (or all): positive, shape kept.
+    OpSpec("softmax", "softmax", 1, VARIADIC, S, Accepts.REAL, Returns.REAL, "softmax(x) or softmax(x, axis, ...): exp(x) / sum(exp(x)) over the axes, computed stably", frozenset({POS}), torch="recdsl.softmax"),
     # structure
     OpSpec("outer", "outer", 2, 2, S, Accepts.NUMBER, Returns.PROMOTED, "outer(u, v)[i, j] = u[i] * v[j]", frozenset({BI})),
     OpSpec("diag", "diag", 1, 1, S, Accepts.NUMBER, Returns.PROMOTED, "vector to diagonal matrix, or matrix to its diagonal", frozenset({LIN})),
     OpSpec("index", "[]", 1, 1, S, Accepts.ANY, Returns.CONDITIONAL, "numpy basic indexing: integers, slices, None, ...", frozenset({LIN})),
+    OpSpec("transpose", "transpose", 3, 3, S, Accepts.ANY, Returns.CONDITIONAL, "transpose(x, i, j) swaps axes i and j; x.T swaps the last two", frozenset({LIN})),
+    OpSpec("reshape", "reshape", 2, VARIADIC, S, Accepts.ANY, Returns.CONDITIONAL, "reshape(x, d1, d2, ...): the same elements in row-major order, static dims (one may be -1)", frozenset({LIN})),
+    OpSpec("concat", "concat", 2, VARIADIC, S, Accepts.NUMBER, Returns.PROMOTED, "concat(a, b, ..., axis): join along an existing axis"),
+    OpSpec("stack", "stack", 2, VARIADIC, S, Accepts.NUMBER, Returns.PROMOTED, "stack(a, b, ..., axis): join along a new axis"),
     OpSpec("arange", "arange", 1, 1, C, Accepts.REAL, Returns.REAL, "arange(n) = [0, 1, ..., n - 1]"),
     OpSpec("eye", "eye", 1, 1, C, Accepts.REAL, Returns.REAL, "eye(n): the n x n identity"),
 )

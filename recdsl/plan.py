@@ -308,6 +308,12 @@ def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool] | None:
         return left, False
     if is_state(left) and right.type.rank == 1:
         return right, True
+    # S.T @ q = q @ S and q @ S.T = S @ q for a matrix state
+    transposed = lambda e: isinstance(e, Op) and e.op == "transpose" and e.args[0].type.rank == 2 and is_state(e.args[0])  # noqa: E731
+    if transposed(left) and right.type.rank == 1:
+        return right, False
+    if transposed(right) and left.type.rank == 1:
+        return left, True
     return None
 
 

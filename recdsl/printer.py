@@ -182,8 +182,11 @@ def _ir_expr(node: ir.Expr, previous: frozenset[str]) -> tuple[str, int]:
     texts = [a[0] for a in args]
     if op in ("arange", "eye"):
         texts = [str(node.attrs[0])]
-    elif OPS[op].category.value == "reduction" and node.attrs and node.attrs[0] is not None:
-        texts.append(str(node.attrs[0]))
+    elif (OPS[op].category.value == "reduction" or op == "softmax") and node.attrs and node.attrs[0] is not None:
+        axis = node.attrs[0]
+        texts.extend(str(a) for a in ((axis,) if isinstance(axis, int) else axis))
+    elif op in ("transpose", "reshape", "concat", "stack"):
+        texts.extend(str(a) for a in node.attrs)
     return f"{surface}({', '.join(texts)})", _PRECEDENCE["postfix"]
 
 

@@ -7,6 +7,7 @@ while rewriting updates.  Both therefore agree on every node's type by construct
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Sequence
@@ -96,14 +97,49 @@ def result_kind(op: str, kinds: Sequence[Kind]) -> Kind:
     if spec.returns is Returns.BOOL:
         return Kind.BOOL
     if spec.returns is Returns.CONDITIONAL:
-        if op == "index":
+        if op in ("index", "transpose", "reshape"):
             return kinds[0]
         return promote(*(kinds[1:] if op == "where" else kinds))
     return promote(*kinds)
 
 
-def reduced_shape(shape: tuple[int, ...], axis: int | None) -> tuple[int, ...]:
-    return () if axis is None else shape[:axis] + shape[axis + 1 :]
+def reduction_axes(rank: int, axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    """The axes a reduction's (or softmax's) ``attrs[0]`` names: None is every axis, an int one, a tuple several."""
+    if axis is None:
+        return tuple(range(rank))
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def reduced_shape(shape: tuple[int, ...], axis: int | tuple[int, ...] | None) -> tuple[int, ...]:
+    axes = reduction_axes(len(shape), axis)
+    return tuple(size for position, size in enumerate(shape) if position not in axes)
+
+
+def reshaped(shape: tuple[int, ...], target: tuple[int, ...]) -> tuple[int, ...] | str:
+    """``target`` with its one ``-1`` (if any) resolved for ``shape``'s elements, or a sentence saying why it does not fit."""
+    count = math.prod(shape)
+    known = math.prod(size for size in target if size != -1)
+    if -1 in target:
+        if known == 0 or count % known:
+            return f"{count} elements cannot be split into {format_shape(target)}"
+        target = tuple(count // known if size == -1 else size for size in target)
+    elif known != count:
+        return f"{format_shape(shape)} holds {count} elements and {format_shape(target)} holds {known}"
+    return target
+
+
+def joined_shape(op: str, shapes: Sequence[tuple[int, ...]], axis: int) -> tuple[int, ...] | tuple[int, str]:
+    """The shape of ``concat`` (along ``axis``) or ``stack`` (a new ``axis``) of ``shapes``,
+    or ``(position, sentence)``: the first operand that does not fit, and why."""
+    first = shapes[0]
+    for position, shape in enumerate(shapes[1:], start=1):
+        if op == "stack" and shape != first:
+            return position, f"operand {position + 1} has shape {format_shape(shape)} and operand 1 {format_shape(first)}"
+        if op == "concat" and (len(shape) != len(first) or shape[:axis] + shape[axis + 1 :] != first[:axis] + first[axis + 1 :]):
+            return position, f"operand {position + 1} has shape {format_shape(shape)} and operand 1 {format_shape(first)}, which differ outside axis {axis}"
+    if op == "stack":
+        return first[:axis] + (len(shapes),) + first[axis:]
+    return first[:axis] + (sum(shape[axis] for shape in shapes),) + first[axis + 1 :]
 
 
 def index_shape(shape: tuple[int, ...], items: tuple) -> tuple[int, ...]:
@@ -126,8 +162,10 @@ def result_type(op: str, args: Sequence[Type], attrs: tuple = ()) -> Type:
     """The type of ``op(args)`` with static operands ``attrs``; a :class:`RuleViolation` if it has none.
 
     Element kinds are checked first, then shapes by the op's category: numpy broadcasting
-    (elementwise), numpy matmul, reductions over ``attrs[0]`` (None: all axes), and the
-    structural rules of ``outer``, ``diag``, ``index``, ``arange`` and ``eye``.
+    (elementwise), numpy matmul, reductions over ``attrs[0]`` (None: all axes; an int or a
+    tuple of ints), and the structural rules of ``outer``, ``diag``, ``index``, ``softmax``
+    (``attrs[0]`` its axes, shape kept), ``transpose`` (``attrs``: the two axes), ``reshape``
+    (``attrs``: the target dims), ``concat``/``stack`` (``attrs[0]``: the axis), ``arange`` and ``eye``.
     """
     spec = OPS[op]
     kinds = [a.kind for a in args]
@@ -170,6 +208,28 @@ def result_type(op: str, args: Sequence[Type], attrs: tuple = ()) -> Type:
         raise RuleViolation(Violation.SHAPE, f"diag() needs a vector or a matrix, got shape {format_shape(shape)}", "a value of shape [n] or [m, n]")
     if op == "index":
         return Type(index_shape(shapes[0], attrs), kind)
+    if op == "softmax":
+        return Type(shapes[0], kind)
+    if op == "transpose":
+        first, second = attrs
+        swapped = list(shapes[0])
+        swapped[first], swapped[second] = swapped[second], swapped[first]
+        return Type(tuple(swapped), kind)
+    if op == "reshape":
+        target = reshaped(shapes[0], tuple(attrs))
+        if isinstance(target, str):
+            raise RuleViolation(Violation.SHAPE, f"cannot reshape {format_shape(shapes[0])} to {format_shape(tuple(attrs))}: {target}", "dims whose product is the number of elements (one of them may be -1)")
+        return Type(target, kind)
+    if op in ("concat", "stack"):
+        (axis,) = attrs
+        if op == "concat" and any(len(shape) == 0 for shape in shapes):
+            raise RuleViolation(Violation.SHAPE, "concat() cannot join scalars", "values of at least one dim (stack() joins scalars into a vector)", next(i for i, s in enumerate(shapes) if not s))
+        joined = joined_shape(op, shapes, axis)
+        if isinstance(joined[-1], str):
+            position, why = joined
+            expected = "the same shape for every operand" if op == "stack" else f"shapes equal except along axis {axis}"
+            raise RuleViolation(Violation.SHAPE, f"cannot {op} these values: {why}", expected, position)
+        return Type(tuple(joined), kind)
     raise RuleViolation(Violation.TYPE, f"'{spec.surface}' cannot be applied here")  # pragma: no cover - every category is handled
 
 

@@ -415,7 +415,7 @@ CASES = [
             model.rec:3:9: name error: unknown function 'sigmod' (did you mean 'sigmoid'?)
                3 |     out sigmod(x)
                            ^~~~~~
-              expected one of: abs, amax, amin, arange, conj, cos, diag, exp, expm1, eye, imag, log, log1p, logaddexp, logsigmoid, logsumexp, max, mean, min, outer, real, relu, sigmoid, silu, sin, softplus, sqrt, sum, tanh, where
+              expected one of: abs, amax, amin, arange, clamp, concat, conj, cos, diag, exp, expm1, eye, imag, log, log1p, logaddexp, logsigmoid, logsumexp, max, mean, min, norm, outer, real, relu, reshape, sigmoid, sign, silu, sin, softmax, softplus, sqrt, stack, sum, tanh, transpose, where
             """,
     ),
     Case(

@@ -208,7 +208,9 @@ def test_random_statements_inside_a_cell(lines, dims):
 LEAVES = ["x", "y", "h", "S", "W", "b", "t", "d", "e", "1", "0.5", "2", "1j", "pi", "inf"]
 UNARY = ["-"] + sorted(f for f, op in recdsl_ops.FUNCTIONS.items() if recdsl_ops.OPS[op].min_args == 1 and recdsl_ops.OPS[op].category is not recdsl_ops.Category.CONSTANT)
 BINARY = sorted({spec.surface for spec in recdsl_ops.OPS.values() if spec.max_args == 2 and spec.category is not recdsl_ops.Category.REDUCTION} - {"<", "<=", ">", ">=", "==", "!="}) + ["where"]
-POSTFIX = ["[:, None]", "[None]", "[0]", "[-1]", "[..., 0]", "[1:]", "[:, 0]"]
+POSTFIX = ["[:, None]", "[None]", "[0]", "[-1]", "[..., 0]", "[1:]", "[:, 0]", ".T"]
+# Calls with static operands after the values (axes, dims): the array functions.
+STATIC_CALLS = ["softmax({a}, {k})", "transpose({a}, 0, {k})", "reshape({a}, -1)", "concat({a}, {b}, {k})", "stack({a}, {b}, {k})", "clamp({a}, -1, {b})", "sum({a}, 0, {k})", "norm({a}, {k})"]
 
 
 def _unary(f: str, a: str) -> str:
@@ -228,6 +230,7 @@ expressions = st.recursive(
         st.builds(_binary, st.sampled_from(BINARY), inner, inner),
         st.builds(lambda a, p: f"({a}){p}", inner, st.sampled_from(POSTFIX)),
         st.builds(lambda a, k: f"sum({a}, {k})", inner, st.sampled_from(["0", "1", "-1"])),
+        st.builds(lambda f, a, b, k: f.format(a=a, b=b, k=k), st.sampled_from(STATIC_CALLS), inner, inner, st.sampled_from(["0", "1", "-1"])),
     ),
     max_leaves=6,
 )

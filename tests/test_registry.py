@@ -22,6 +22,8 @@ from recdsl.shapes import RuleViolation, result_type
 ELEMENTWISE = sorted(name for name, spec in OPS.items() if spec.category is Category.ELEMENTWISE)
 # Operands where every elementwise op is defined and smooth (log, sqrt, pow of a positive base).
 POSITIVE_OPERANDS = [0.3, 0.7, 1.9, 2.6, 0.05]
+# Ops defined everywhere whose forms differ by the operand's sign (also checked on mixed signs).
+MIXED_SIGNS = ["sign", "clamp", "abs", "relu"]
 
 
 def test_every_op_has_a_torch_form():
@@ -49,10 +51,12 @@ def test_every_op_has_a_shape_rule():
     for name, spec in OPS.items():
         if spec.category is Category.CONSTANT:
             args, attrs = [], (3,)
-        elif spec.category is Category.REDUCTION:
+        elif spec.category is Category.REDUCTION or name == "softmax":
             args, attrs = [matrix], (0,)
-        elif name == "index":
-            args, attrs = [matrix], (0,)
+        elif name in ("index", "transpose", "reshape"):
+            args, attrs = [matrix], {"index": (0,), "transpose": (0, 1), "reshape": (9,)}[name]
+        elif name in ("concat", "stack"):
+            args, attrs = [matrix, matrix], (1,)
         elif name == "where":
             args, attrs = [boolean, vector, vector], ()
         else:
@@ -68,6 +72,30 @@ def test_the_shape_rule_rejects_what_numpy_rejects():
         result_type("matmul", [ir.Type((3, 4)), ir.Type((3,))])
     with pytest.raises(RuleViolation, match="needs real operands"):
         result_type("sigmoid", [ir.Type((3,), ir.Kind.COMPLEX)])
+    with pytest.raises(RuleViolation, match="holds 6 elements and \\[4\\] holds 4"):
+        result_type("reshape", [ir.Type((2, 3))], (4,))
+    with pytest.raises(RuleViolation, match="differ outside axis 0"):
+        result_type("concat", [ir.Type((2, 3)), ir.Type((2, 4))], (0,))
+    with pytest.raises(RuleViolation, match="operand 2 has shape \\[3, 2\\]"):
+        result_type("stack", [ir.Type((2, 3)), ir.Type((3, 2))], (0,))
+
+
+def test_the_new_shape_rules_agree_with_torch():
+    """transpose, reshape (with -1), concat, stack and reductions over several axes: the rule's shape is torch's."""
+    x = torch.zeros(2, 3, 4)
+    cases = [
+        ("transpose", [x], (0, 2), x.transpose(0, 2)),
+        ("reshape", [x], (4, -1), x.reshape(4, -1)),
+        ("concat", [x, torch.zeros(2, 5, 4)], (1,), torch.cat([x, torch.zeros(2, 5, 4)], 1)),
+        ("stack", [x, x, x], (3,), torch.stack([x, x, x], 3)),
+        ("sum", [x], ((0, 2),), x.sum((0, 2))),
+        ("amax", [x], (None,), x.amax((0, 1, 2))),
+        ("softmax", [x], ((1, 2),), x),
+        ("norm", [x], (1,), torch.linalg.vector_norm(x, dim=1)),
+    ]
+    for name, values, attrs, expected in cases:
+        result = result_type(name, [ir.Type(tuple(v.shape)) for v in values], attrs)
+        assert result.shape == tuple(expected.shape), name
 
 
 @pytest.mark.parametrize("name", [n for n in ELEMENTWISE if OPS[n].fold is not None])
@@ -98,7 +126,8 @@ def test_declared_associativity_and_commutativity_hold(name):
 @pytest.mark.parametrize("name", sorted(n for n, s in OPS.items() if Law.POSITIVE in s.laws))
 def test_declared_positivity_holds(name):
     function = torch_ops.resolve_torch_form(OPS[name].torch)
-    values = function(torch.linspace(-30, 30, 301, dtype=torch.float64))
+    points = torch.linspace(-30, 30, 301, dtype=torch.float64)
+    values = function(points) if OPS[name].category is Category.ELEMENTWISE else function(points, (-1,))
     assert bool((values > 0).all()), name
 
 
@@ -124,25 +153,35 @@ def test_every_triton_form_agrees_with_the_torch_form(tmp_path, monkeypatch):
     buffer.line("")
     buffer.line("")
     buffer.line("@triton.jit")
-    buffer.line("def every_op(p_x, p_y, p_c, p_out, N: tl.constexpr):")
+    buffer.line("def every_op(p_x, p_y, p_z, p_c, p_out, N: tl.constexpr):")
     with buffer.indent():
         buffer.line("o = tl.arange(0, N)")
         buffer.line("x = tl.load(p_x + o)")
         buffer.line("y = tl.load(p_y + o)")
+        buffer.line("z = tl.load(p_z + o)")
         buffer.line("c = tl.load(p_c + o) > 0.5")
         for i, name in enumerate(real):
-            operands = {"where": ["c", "x", "y"]}.get(name, ["x", "y"][: OPS[name].min_args])
+            operands = {"where": ["c", "x", "y"]}.get(name, ["x", "y", "z"][: OPS[name].min_args])
             buffer.line(f"tl.store(p_out + {i} * N + o, {OPS[name].triton.format(*operands)})")
+        for i, name in enumerate(MIXED_SIGNS):
+            operands = ["(x - 1.0)", "y - 1.5", "z"][: OPS[name].min_args]
+            buffer.line(f"tl.store(p_out + {len(real) + i} * N + o, {OPS[name].triton.format(*operands)})")
     module = load_generated(buffer.text())
     size = 16
     generator = torch.Generator().manual_seed(1)
     x = torch.rand(size, generator=generator, dtype=torch.float64) * 2 + 0.1
     y = torch.rand(size, generator=generator, dtype=torch.float64) * 2 + 0.1
+    z = torch.rand(size, generator=generator, dtype=torch.float64) * 2 + 0.1
+    x[0] = 1.0  # x - 1 below takes sign's three cases and clamp's values below, inside and above its bounds
     c = torch.rand(size, generator=generator, dtype=torch.float64)
-    out = torch.empty(len(real), size, dtype=torch.float64)
-    module.every_op[(1,)](x, y, c, out, N=size)
+    out = torch.empty(len(real) + len(MIXED_SIGNS), size, dtype=torch.float64)
+    module.every_op[(1,)](x, y, z, c, out, N=size)
     for i, name in enumerate(real):
         function = torch_ops.resolve_torch_form(OPS[name].torch)
-        operands = {"where": [c > 0.5, x, y]}.get(name, [x, y][: OPS[name].min_args])
+        operands = {"where": [c > 0.5, x, y]}.get(name, [x, y, z][: OPS[name].min_args])
         torch.testing.assert_close(out[i], function(*operands).to(torch.float64), rtol=1e-9, atol=1e-12, msg=f"{name}: Triton form {OPS[name].triton}")
+    for i, name in enumerate(MIXED_SIGNS):
+        function = torch_ops.resolve_torch_form(OPS[name].torch)
+        expected = function(*[x - 1.0, y - 1.5, z][: OPS[name].min_args])
+        torch.testing.assert_close(out[len(real) + i], expected, rtol=1e-9, atol=1e-12, msg=f"{name} on mixed signs: Triton form {OPS[name].triton}")
     assert os.environ["TRITON_INTERPRET"] == "1"
