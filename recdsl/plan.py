@@ -40,7 +40,7 @@ from .analysis import (
 from .errors import BackendError
 from .ir import Kind, Op, Ref, RefKind
 from .printer import format_expr
-from .shapes import make
+from .shapes import make, reduction_axes
 
 # ---- the vocabulary of plans ------------------------------------------------------------
 
@@ -417,11 +417,7 @@ def _product(factors: list[ir.Expr]) -> ir.Expr | None:
 def _reduced_axes(node: Op) -> tuple[int, ...]:
     """The axes (from the front of the argument's shape) a reduction removes."""
     rank = node.args[0].type.rank
-    axes = node.attrs[0] if node.attrs else None
-    if axes is None:
-        return tuple(range(rank))
-    axes = axes if isinstance(axes, tuple) else (axes,)
-    return tuple(sorted(a % rank for a in axes))
+    return tuple(sorted(a % rank for a in reduction_axes(rank, node.attrs[0] if node.attrs else None)))
 
 
 def _readout_axes(expr: ir.Expr, state: str, cell: ir.CellIR) -> tuple[int | None, ...] | Unsupported:
