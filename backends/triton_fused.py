@@ -40,7 +40,7 @@ class FusedKernelPlan:
     program: StepProgram
     block_rows: int = BLOCK_ROWS
     block_k: int = BLOCK_K
-    num_warps: int = 4
+    num_warps: int = 8
 
     def describe(self) -> str:
         groups = ", ".join(f"[{g.inner}] @ [{g.inner}, {g.outer}]" for g in self.program.groups)

@@ -48,7 +48,7 @@ from .fused_program import Node, NodeKind, StepProgram
 from .triton_codegen import IndentedBuffer
 
 BLOCK_ROWS = 16  # BB: rows of one program (tl.dot needs at least 16)
-BLOCK_K = 32  # BK: columns of a matmul's left operand (and rows of a weight tile) per chunk
+BLOCK_K = 16  # BK: columns of a matmul's left operand (and rows of a weight tile) per chunk
 
 
 class Unsupported(Exception):
@@ -238,14 +238,13 @@ class _Writer:
         program = self.program
         group = program.groups[group_index]
         products = [n for n in program.nodes if n.kind is NodeKind.PRODUCT and n.slot == group_index]
-        for node in products:
+        for node in products:  # one product at a time: one weight tile live, whatever the group's width
             buffer.line(f"b_{node.index} = tl.zeros([BB, {padded(node.size)}], ACC)")
-        buffer.line(f"for k0 in range(0, {group.inner}, BK):")
-        with buffer.indent():
-            buffer.line("o_kk = k0 + o_k")
-            buffer.line("m_kk = o_kk < " + str(group.inner))
-            buffer.line(f"b_a = tl.load({left} + ({stride_time} + o_n) * {group.inner} + o_kk[None, :], mask=m_r[:, None] & m_kk[None, :], other=0.0).to(ACC)")
-            for node in products:
+            buffer.line(f"for k0 in range(0, {group.inner}, BK):")
+            with buffer.indent():
+                buffer.line("o_kk = k0 + o_k")
+                buffer.line("m_kk = o_kk < " + str(group.inner))
+                buffer.line(f"b_a = tl.load({left} + ({stride_time} + o_n) * {group.inner} + o_kk[None, :], mask=m_r[:, None] & m_kk[None, :], other=0.0).to(ACC)")
                 columns = "0" if node.size == 1 else f"o_c{node.size}[None, :]"
                 column_mask = "" if node.size == 1 else f" & m_c{node.size}[None, :]"
                 width = padded(node.size)
