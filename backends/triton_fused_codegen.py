@@ -70,6 +70,8 @@ def _forward_template(op: str) -> str:
         return f"tl.where({OPS[op].triton}, 1.0, 0.0)"
     if op == "where":
         return "tl.where({0} != 0, {1}, {2})"
+    if op == "pow":  # the registry's exp(b * log(a)) is nan for a < 0: torch.pow's signs at integer exponents
+        return "_pow({0}, {1})"
     template = OPS[op].triton
     if template is None:
         raise Unsupported(f"'{op}' has no Triton form")
@@ -84,7 +86,7 @@ ADJOINT: dict[str, tuple[str | None, ...]] = {
     "sub": ("{g}", "(-{g})"),
     "mul": ("{g} * {1}", "{g} * {0}"),
     "div": ("{g} / {1}", "(-{g}) * {0} / ({1} * {1})"),
-    "pow": ("tl.where({1} == 0, 0.0, {g} * {1} * tl.exp(({1} - 1) * tl.log({0})))", "tl.where(({0} == 0) & ({1} >= 0), 0.0, {g} * {r} * tl.log({0}))"),
+    "pow": ("tl.where({1} == 0, 0.0, {g} * {1} * _pow({0}, {1} - 1.0))", "tl.where(({0} == 0) & ({1} >= 0), 0.0, {g} * {r} * tl.log({0}))"),
     "neg": ("(-{g})",),
     "lt": (None, None),
     "le": (None, None),
@@ -115,6 +117,17 @@ ADJOINT: dict[str, tuple[str | None, ...]] = {
 }
 
 _HELPERS = '''
+@triton.jit
+def _pow(a, b):
+    # a ** b as torch.pow computes it: |a| ** b with the sign of a at odd integer b, nan for a
+    # negative base at a non-integer b, 0 ** 0 = 1.
+    magnitude = tl.exp(b * tl.log(tl.abs(a)))
+    integer = b == tl.floor(b)
+    odd = integer & ((b - 2.0 * tl.floor(b * 0.5)) != 0)
+    signed = tl.where(integer, tl.where(odd, -magnitude, magnitude), float("nan"))
+    return tl.where(b == 0, 1.0, tl.where(a < 0, signed, magnitude))
+
+
 @triton.jit
 def _logaddexp(a, b):
     # log(e^a + e^b) without overflow; -inf when both are -inf, inf when both are inf.
@@ -228,9 +241,20 @@ class _Writer:
         """Node ``index``'s value as a ``[BB, P(size)]`` tile of the accumulator type."""
         return f"(tl.zeros([BB, {padded(size)}], ACC) + {self.value(index)}).to(ACC)"
 
+    def operands(self, node: Node) -> list[str]:
+        """The operands' expressions; a number's made a tensor like the other operand's for ``pow``
+        (whose helper calls ``tl.floor``, ``tl.abs`` on it, which take tensors)."""
+        values = [self.value(a) for a in node.args]
+        if node.op == "pow":
+            kinds = [self.program.nodes[a].kind for a in node.args]
+            for i, kind in enumerate(kinds):
+                if kind is NodeKind.LITERAL:
+                    values[i] = f"(tl.zeros_like({values[1 - i]}) + {values[i]})"
+        return values
+
     def elementwise(self, buffer: IndentedBuffer, node: Node) -> None:
         assert node.op is not None
-        text = _forward_template(node.op).format(*(self.value(a) for a in node.args))
+        text = _forward_template(node.op).format(*self.operands(node))
         buffer.line(f"b_{node.index} = {text}")
 
     def product_tiles(self, buffer: IndentedBuffer, group_index: int, left: str, weights: str, stride_time: str) -> None:
@@ -392,7 +416,7 @@ def _backward(program: StepProgram, writer: _Writer, buffer: IndentedBuffer, nam
                     if node.index not in adjoints.present or node.boolean:
                         continue
                     assert node.op is not None
-                    values = [writer.value(a) for a in node.args]
+                    values = writer.operands(node)
                     for arg, formula in zip(node.args, ADJOINT[node.op]):
                         if formula is None or not adjoints.receives(arg):
                             continue
