@@ -29,7 +29,7 @@ from . import fused_sequential
 from .fused_program import StepProgram, build_program
 from .fused_program import Unsupported as ProgramUnsupported
 from .triton_codegen import Unsupported as CodegenUnsupported
-from .triton_fused_codegen import BLOCK_K, BLOCK_ROWS, Unsupported, generate
+from .triton_fused_codegen import BLOCK_K, BLOCK_ROWS, Unsupported, generate, padded
 from .triton_launch import launch
 
 
@@ -58,7 +58,16 @@ def prepare(analysis: Analysis) -> tuple[FusedKernelPlan, str] | str:
         source = generate(program, analysis.cell.name)
     except (ProgramUnsupported, Unsupported, CodegenUnsupported) as reason:
         return str(reason)
-    return FusedKernelPlan(program), source
+    return FusedKernelPlan(program, block_rows=_block_rows(program)), source
+
+
+def _block_rows(program: StepProgram) -> int:
+    """Rows per program: 16 (``tl.dot``'s least) when the step has a matmul; without one, fewer
+    rows for wide states, so that a program's tiles stay near 2048 values (no spills at d = 1024)."""
+    if program.groups:
+        return BLOCK_ROWS
+    widest = max([padded(n.size) for n in program.nodes] + [1])
+    return max(1, min(BLOCK_ROWS, 2048 // widest))
 
 
 def _accumulator(dtype: torch.dtype):

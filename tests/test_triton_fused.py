@@ -86,6 +86,19 @@ def test_wide_states_and_many_rows(name, length):
     assert not mismatches, "\n".join(map(str, mismatches))
 
 
+def test_wide_states_without_a_matmul_take_fewer_rows_per_program():
+    """ParaGRU at d = 300 (blocks of 512): 4 rows per program, so 3 x 2 rows take two programs."""
+    from recdsl.backends.triton_fused import FusedKernelPlan
+
+    torch.manual_seed(3)
+    module = recdsl.compile(EXAMPLES / "paragru.rec", d_in=3, d=300).double()
+    kernel_plan = recdsl.compile(EXAMPLES / "paragru.rec", backend="triton", d_in=3, d=300).plan.solver
+    assert isinstance(kernel_plan, FusedKernelPlan) and kernel_plan.block_rows == 4
+    inputs, state = random_inputs(module, Example(batch=3, length=4, heads=(2,), seed=3, with_state=True))
+    mismatches = compare_backends(module, ["triton"], inputs, state, seed=3)
+    assert not mismatches, "\n".join(map(str, mismatches))
+
+
 @pytest.mark.parametrize("source", [OPS_CELL, SCALAR_CELL], ids=["ops", "scalar-state"])
 def test_random_ops_agree_with_sequential(source):
     """Every elementwise op the kernel differentiates, scalar states, W @ h, a matmul of a
