@@ -75,7 +75,7 @@ def test_emit_prints_the_generated_kernels(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gru", "lstm"])
-@pytest.mark.parametrize("length", [1, 6])
+@pytest.mark.parametrize("length", [1, 3])
 def test_wide_states_and_many_rows(name, length):
     """d = 18: two chunks of 16 columns in every matmul, blocks of 32; 3 x 7 = 21 rows: two programs,
     whose sums of the constant leaves' adjoints (the biases') are added by torch."""
@@ -100,7 +100,19 @@ def test_wide_states_without_a_matmul_take_fewer_rows_per_program():
 
 
 @pytest.mark.parametrize("source", [OPS_CELL, SCALAR_CELL], ids=["ops", "scalar-state"])
-def test_random_ops_agree_with_sequential(source):
+def test_random_ops_cells(source):
+    """One example each (T = 3, a given initial state), in the default run; Hypothesis below."""
+    dims = {"d_in": 3, "d": 4} if "Ops" in source else {"d": 3}
+    torch.manual_seed(0)
+    module = recdsl.compile(source, **dims).double()
+    inputs, state = random_inputs(module, Example(batch=2, length=3, heads=(), seed=3, with_state=True), scale=0.7)
+    mismatches = compare_backends(module, ["triton"], inputs, state, seed=3)
+    assert not mismatches, "\n".join(map(str, mismatches))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("source", [OPS_CELL, SCALAR_CELL], ids=["ops", "scalar-state"])
+def test_property_random_ops_agree_with_sequential(source):
     """Every elementwise op the kernel differentiates, scalar states, W @ h, a matmul of a
     state-dependent binding, outputs that are not states (Hypothesis: B, T, heads, state)."""
     dims = {"d_in": 3, "d": 4} if "Ops" in source else {"d": 3}
@@ -108,19 +120,20 @@ def test_random_ops_agree_with_sequential(source):
     assert report.ok and report.examples > 0, str(report)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", STEP_BY_STEP)
 def test_property_examples_agree_with_sequential(name):
     report = check_equivalence(EXAMPLES / f"{name}.rec", dims={"d_in": 3, "d": 5}, backends=["triton"], max_examples=4, max_length=11, hypothesis_seed=2)
     assert report.ok and report.examples > 0, str(report)
 
 
-@pytest.mark.parametrize("name", ["gru", "lstm", "paralstm"])
+@pytest.mark.parametrize("name", ["gru", "lstm"])
 def test_float32_agrees_with_sequential(name):
     torch.manual_seed(2)
     kernel = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", d_in=5, d=6)
     sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", d_in=5, d=6)
     sequential.load_state_dict(kernel.state_dict())
-    inputs, state = random_inputs(kernel, Example(2, 9, (3,), 4, True), scale=1.0)
+    inputs, state = random_inputs(kernel, Example(2, 5, (3,), 4, True), scale=1.0)
     inputs = {k: v.float() for k, v in inputs.items()}
     state = {k: v.float() for k, v in state.items()}
     expected, actual = _run_float32(sequential, inputs, state), _run_float32(kernel, inputs, state)
