@@ -49,6 +49,20 @@ def test_linear_cells_keep_their_scan_kernels():
     assert {step.form for step in planned.steps} == {Form.TRITON_SCAN}
 
 
+def test_cells_neither_kernel_runs_say_why_for_both():
+    source = """
+cell M(d) {
+    input k: [d]
+    input v: [d]
+    state S: [d, d] = 0
+    S = tanh(S + outer(k, v))
+    out S @ k
+}
+"""
+    with pytest.raises(recdsl.BackendError, match=r"state 'S' is nonlinear.*the fused sequential kernel cannot run it either: state 'S' has shape \[3, 3\]"):
+        recdsl.compile(source, backend="triton", d=3)
+
+
 def test_backend_fused_runs_the_kernel_on_cuda_tensors():
     """backend='fused' keeps the C loop on the CPU; its plan's GPU alternative is the Triton kernel, shown by explain --plan."""
     planned = recdsl.compile(EXAMPLES / "gru.rec", backend="fused", d_in=3, d=4).plan
