@@ -86,6 +86,10 @@ def test_emit_prints_the_generated_kernels(tmp_path):
     source = printed.getvalue()
     path.write_text(source)
     assert "def fused_forward(" in source and "tl.dot(b_a" in source and "for i in range(T):" in source
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["emit", str(EXAMPLES / "lstm.rec"), "--backend", "fused", "--dim", "d_in=3", "--dim", "d=4"]) == 0
+    assert printed.getvalue() == source  # backend 'fused' on CUDA tensors runs the same kernels
 
 
 @pytest.mark.parametrize("name", ["gru", "lstm"])
