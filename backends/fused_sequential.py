@@ -228,18 +228,22 @@ def run(
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
     program: StepProgram | str | None = None,
+    make_kernel=None,
+    backend: str = "fused",
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell as :func:`recdsl.backends.sequential.run` does, with the loop in generated C.
 
     ``program`` is :func:`prepare`'s result when the caller made it once (the plan holds it).
+    ``make_kernel(program, dtype)``: the loops to run instead of the C ones (the Triton
+    kernels of :mod:`.triton_fused`, which take the same tensors); ``backend`` names them in errors.
     """
     program = prepare(analysis) if program is None else program
     if isinstance(program, str):
-        raise BackendError(f"backend 'fused' cannot run cell {analysis.cell.name}: {program}", expected="backend='sequential'")
-    if numerics.device.type != "cpu":
+        raise BackendError(f"backend '{backend}' cannot run cell {analysis.cell.name}: {program}", expected="backend='sequential'")
+    if make_kernel is None and numerics.device.type != "cpu":
         raise BackendError(f"backend 'fused' runs on the CPU, not on {numerics.device}", expected="CPU tensors, or backend='sequential'")
     if numerics.real not in _DTYPES:
-        raise BackendError(f"backend 'fused' computes in float32 or float64, not {numerics.real}", expected="float32 or float64 params")
+        raise BackendError(f"backend '{backend}' computes in float32 or float64, not {numerics.real}", expected="float32 or float64 params")
     cell = analysis.cell
     first = next(iter(inputs.values()))
     lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])  # (B, T, *heads)
@@ -287,7 +291,7 @@ def run(
     tensors += [weights(group) for group in program.groups]
     tensors += [_real(state[s.name], numerics).reshape(rows, s.size).contiguous() for s in program.states]
 
-    kernel = kernel_for(program, numerics.real)
+    kernel = (make_kernel or kernel_for)(program, numerics.real)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         results = _FusedLoop.apply(kernel, steps, rows, *tensors)
         sequences, separate = list(results[: len(program.states)]), list(results[len(program.states) :])

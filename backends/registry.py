@@ -54,7 +54,7 @@ _BACKENDS: dict[BackendKind, Backend] = {
         ),
         Backend(
             BackendKind.TRITON,
-            "generated Triton scan kernels with the gate math fused in, forward and backward (GPU, or TRITON_INTERPRET=1 on a CPU)",
+            "generated Triton scan kernels with the gate math fused in, forward and backward; nonlinear and coupled cells in one fused sequential kernel (GPU, or TRITON_INTERPRET=1 on a CPU)",
             "triton_backend",
         ),
         Backend(

@@ -210,6 +210,10 @@ LAYERS = (
     _layer("aaren", d=1024),
     *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("gla", "retnet", "mlstm")),
     *(_layer("mamba2", p=size, n=size) for size in (64, 128)),
+    # Nonlinear cells: the fused sequential kernel (backends/triton_fused.py), d = 128 as one head of FlashRNN's.
+    _layer("gru", d_in=128, d=128),
+    _layer("lstm", d_in=128, d=128),
+    _layer("paragru", d_in=1024, d=1024),
 )
 
 

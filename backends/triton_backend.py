@@ -517,6 +517,10 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
     (about 1e-3 relative error); by default they are exact (``input_precision="ieee"``).
     """
     _check_device(numerics.device)
+    if any(step.form is Form.TRITON_FUSED for step in plan.steps):  # a nonlinear or coupled cell: the fused sequential kernel
+        from . import triton_fused
+
+        return triton_fused.run_plan(plan, inputs, params, consts, state, numerics)
     import functools
 
     from . import triton_chunk

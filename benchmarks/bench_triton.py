@@ -12,6 +12,10 @@
    ``chunk_gla`` and ``chunk_delta_rule``, mamba's ``selective_scan_fn``, and cuDNN's
    ``torch.nn.GRU``/``LSTM`` for scale.  A peer that is not installed, or does not run on
    this device, is left out of the table (the reason goes to stderr).
+3. Nonlinear cells (GRU, LSTM, ParaGRU at ``--rnn-width``, default 128): the fused sequential
+   Triton kernel (``backend="triton"``, FlashRNN's form) against cuDNN's ``torch.nn.GRU``/
+   ``LSTM`` of the same size, the sequential backend (a Python loop of torch ops per step,
+   only up to ``--sequential-max-length`` steps) and, for ParaGRU, the ``newton`` backend.
 """
 
 from __future__ import annotations
@@ -171,6 +175,44 @@ def peers(args, device: str) -> None:
         sys.stdout.flush()
 
 
+def nonlinear(args, device: str) -> None:
+    import torch
+
+    import recdsl
+
+    cuda = device == "cuda"
+    B, D = args.batch, args.rnn_width
+    rows: list[tuple[str, str, Callable]] = []
+    for length in args.lengths:
+        x = torch.randn(B, length, D, device=device, requires_grad=True)
+        for name, layer in (("gru", torch.nn.GRU), ("lstm", torch.nn.LSTM), ("paragru", None)):
+            case = f"{name} T={length}"
+            backends = ["triton"] + (["newton"] if name == "paragru" else []) + (["sequential"] if length <= args.sequential_max_length else [])
+            for backend in backends:
+                try:
+                    module = recdsl.compile(EXAMPLES / f"{name}.rec", backend=backend, d_in=D, d=D).to(device)
+                except recdsl.RecDSLError as error:
+                    print(f"{case} {backend}: {error}", file=sys.stderr)
+                    continue
+                label = "recdsl triton (fused sequential kernel)" if backend == "triton" else f"recdsl {backend}"
+                rows.append((case, label, lambda m=module, x=x: m(x)))
+            if layer is not None:
+                reference = layer(D, D, batch_first=True).to(device)
+                rows.append((case, f"torch.nn.{layer.__name__} (cuDNN)" if cuda else f"torch.nn.{layer.__name__}", lambda r=reference, x=x: r(x)[0]))
+    print(f"\n## Nonlinear cells (B={B}, d=d_in={D}, float32; ms, median of {args.repeat})\n")
+    print("| case | form | fwd | fwd+bwd |")
+    print("|---|---|---|---|")
+    for case, label, fn in rows:
+        try:
+            with torch.no_grad():
+                forward = timed(fn, False, args.repeat, cuda)
+            both = timed(fn, True, args.repeat, cuda)
+            print(f"| {case} | {label} | {forward:.3f} | {both:.3f} |")
+        except Exception as error:
+            print(f"{case} {label}: {type(error).__name__}: {error}", file=sys.stderr)
+        sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--interpret", action="store_true", help="run in Triton's interpreter on the CPU with tiny sizes")
@@ -180,10 +222,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--key-dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--rnn-width", type=int, default=128, help="d = d_in of the nonlinear cells (GRU, LSTM, ParaGRU)")
+    parser.add_argument("--sequential-max-length", type=int, default=1024, help="the sequential backend runs only up to this T")
+    parser.add_argument("--only", choices=["bandwidth", "peers", "nonlinear"], nargs="*", help="run only these sections")
     args = parser.parse_args(argv)
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
         args.lengths, args.batch, args.heads, args.width, args.key_dim, args.repeat = [40], 1, 1, 8, 4, 1
+        args.rnn_width = 8
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not args.interpret else "cpu"
@@ -192,8 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (Triton interpreter: timings say nothing about speed)"
     print(f"# recdsl Triton backend on {name}, torch {torch.__version__}")
-    bandwidth(args, device)
-    peers(args, device)
+    sections = args.only or ["bandwidth", "peers", "nonlinear"]
+    if "bandwidth" in sections:
+        bandwidth(args, device)
+    if "peers" in sections:
+        peers(args, device)
+    if "nonlinear" in sections:
+        nonlinear(args, device)
     return 0
 
 

@@ -4,7 +4,7 @@ Runs on a CPU: each example layer's forward and backward launches are recorded (
 run) and every distinct kernel is compiled with ``triton.compile`` for both targets; ptxas's
 ``-v`` log gives registers and spills.  ``--tf32`` adds the chunked kernels with TF32 matmuls.
 
-    python benchmarks/compile_report.py [--tf32] [--out FILE]
+    python benchmarks/compile_report.py [--tf32] [--out FILE] [--layers gru lstm ...] [--bfloat16]
 
 (tests/test_triton_compile.py asserts the same numbers: no spills, shared memory within limits.)
 """
@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tf32", action="store_true", help="also compile the chunked kernels with TF32 matmuls")
     parser.add_argument("--out", type=Path, help="write the Markdown table here too")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--layers", nargs="*", help="only the layers of these examples (e.g. gru lstm paragru)")
+    parser.add_argument("--bfloat16", action="store_true", help="also record each layer with bfloat16 inputs and params")
     args = parser.parse_args(argv)
     missing = triton_aot.nvidia_backend_missing()
     if missing:
@@ -32,9 +34,16 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     started = time.time()
     specs: dict[triton_aot.Specialization, str] = {}
+    import torch
+
+    dtypes = [torch.float32] + ([torch.bfloat16] if args.bfloat16 else [])
     for layer in triton_aot.LAYERS:
-        for spec in triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, layer)):
-            specs.setdefault(spec, layer.label)
+        if args.layers and layer.example not in args.layers:
+            continue
+        for dtype in dtypes:
+            suffix = "" if dtype == torch.float32 else ", bfloat16"
+            for spec in triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, layer, dtype)):
+                specs.setdefault(spec, layer.label + suffix)
     if args.tf32:
         for size in (64, 128):
             for rows, label in ((True, "gla"), (False, "retnet")):

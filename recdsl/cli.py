@@ -207,15 +207,20 @@ def _emit(args: argparse.Namespace) -> int:
     from .frontend import load, read_source
     from .plan import plan as make_plan
 
-    if args.backend != "triton":
-        print(f"recdsl emit: only the triton backend generates code (got '{args.backend}')", file=sys.stderr)
+    if args.backend not in ("triton", "fused"):
+        print(f"recdsl emit: only the triton backend (and fused's CUDA kernels) generates code here (got '{args.backend}')", file=sys.stderr)
         return 2
     from .backends import triton_backend
 
     dims, notes = _complete_dims(args.file, args.cell, _parse_dims(args.dim))
     if notes:
         print(f"# (dims not given, set to: {', '.join(notes)})")
-    planned = make_plan(analyze(load(args.file, cell=args.cell, dims=dims)), "triton")
+    planned = make_plan(analyze(load(args.file, cell=args.cell, dims=dims)), args.backend)
+    if args.backend == "fused":  # what it runs on CUDA tensors: the fused sequential Triton kernel
+        if planned.gpu is None:
+            print("recdsl emit: backend 'fused' has no CUDA kernels here (triton is not installed)", file=sys.stderr)
+            return 2
+        planned = planned.gpu
     print(triton_backend.emit(planned, read_source(args.file).filename), end="")
     return 0
 

@@ -76,6 +76,7 @@ class Form(Enum):
     TRITON_CHUNKED = "Triton chunked kernels"
     NEWTON = "Newton's method over the whole trajectory, one scan of the linearised steps per iteration"
     FUSED = "step by step, the loop compiled to C (shared matmuls merged, gate math fused)"
+    TRITON_FUSED = "step by step in one generated Triton kernel (time loop inside, shared matmuls merged, gate math fused)"
 
     def __str__(self) -> str:
         return self.value
@@ -239,7 +240,7 @@ class ExecutionPlan:
     def format(self) -> str:
         """The plan as ``recdsl explain --plan`` prints it."""
         lines = [f"plan: backend {self.backend} ({self.reason})"]
-        if self.backend in (BackendKind.CHUNKED, BackendKind.TRITON):
+        if self.backend in (BackendKind.CHUNKED, BackendKind.TRITON) and not any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  chunk size {self.chunk_size}")
         for step in self.steps:
             lines.append(f"  {step.name}: {step.form}")
@@ -257,6 +258,8 @@ class ExecutionPlan:
                 lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
         if self.backend is BackendKind.NEWTON and self.solver is not None:
             lines.append(f"  Jacobian: {self.solver.describe()}")
+        if self.solver is not None and any(step.form is Form.TRITON_FUSED for step in self.steps):
+            lines.append(f"  kernel: {self.solver.describe()}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
@@ -808,7 +811,45 @@ def _fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Un
     if isinstance(program, str):
         return Unsupported(program)
     steps = tuple(StepPlan(group, Form.FUSED) for group in analysis.schedule)
-    return ExecutionPlan(BackendKind.FUSED, "", steps, options, solver=program, analysis=analysis)
+    gpu = triton_fused_plan(analysis, options)  # on CUDA tensors the same program runs as the fused Triton kernel
+    if isinstance(gpu, ExecutionPlan):
+        gpu = replace(gpu, reason="backend 'fused' on CUDA tensors: the fused sequential Triton kernel")
+    return ExecutionPlan(BackendKind.FUSED, "", steps, options, solver=program, gpu=gpu if isinstance(gpu, ExecutionPlan) else None, analysis=analysis)
+
+
+def triton_fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
+    """The fused sequential Triton kernel's plan (backend ``triton``, every step
+    :attr:`Form.TRITON_FUSED`), or why it cannot run the cell.
+
+    The kernel runs any cell whose step is vectors and scalars, nonlinear and coupled ones
+    included: the generated source and the step program are made here, once.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return Unsupported("triton is not installed (pip install triton)")
+    from .backends import triton_fused  # the step program (as the fused C loop's) and its kernels' source
+
+    prepared = triton_fused.prepare(analysis)
+    if isinstance(prepared, str):
+        return Unsupported(prepared)
+    kernel_plan, source = prepared
+    steps = tuple(StepPlan(group, Form.TRITON_FUSED) for group in analysis.schedule)
+    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, solver=kernel_plan, analysis=analysis)
+
+
+def _runs_step_by_step(analysis: Analysis) -> bool:
+    """Whether a state is nonlinear or states are coupled: no scan kernel applies, the fused kernel may."""
+    return bool(analysis.coupled_groups) or any(isinstance(state.recurrence, Nonlinear) for state in analysis.states)
+
+
+def _triton_or_fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
+    """Backend ``triton``: the scan kernels; for a cell that must run step by step, the fused sequential kernel."""
+    planned = _triton_plan(analysis, options)
+    if isinstance(planned, ExecutionPlan) or not _runs_step_by_step(analysis):
+        return planned
+    fused = triton_fused_plan(analysis, options)
+    if isinstance(fused, Unsupported):
+        return Unsupported(f"{planned.reason}; the fused sequential kernel cannot run it either: {fused.reason}")
+    return fused
 
 
 # The options each backend takes through compile(backend_options=...).
@@ -832,7 +873,7 @@ def plan_backend(analysis: Analysis, backend: BackendKind, options: PlanOptions)
         case BackendKind.SCAN | BackendKind.CHUNKED:
             steps = parallel_steps(analysis, chunked=backend is BackendKind.CHUNKED)
         case BackendKind.TRITON:
-            return _triton_plan(analysis, options)
+            return _triton_or_fused_plan(analysis, options)
         case BackendKind.NEWTON:
             return _newton_plan(analysis, options)
         case BackendKind.FUSED:

@@ -75,6 +75,15 @@ def test_heaviest_kernels_compile_without_spills():
     _check(_compile([(outputs[0], triton_aot.SM80), (outputs[0], triton_aot.SM90), (backward[0], triton_aot.SM90)]))
 
 
+def test_fused_sequential_kernels_compile_without_spills_at_d_128():
+    """The fused sequential kernel of LSTM (the widest matmul group, [128] @ [128, 512]) at d = 128
+    in float32: the weights are tiled, so nothing spills (forward on sm_90, backward on sm_80 here;
+    both on both targets, GRU's and ParaGRU's too, in the slow test)."""
+    specs = {s.kernel: s for s in _specializations("lstm(d_in=128, d=128)")}
+    assert sorted(specs) == ["fused_backward", "fused_forward"]
+    _check(_compile([(specs["fused_forward"], triton_aot.SM90), (specs["fused_backward"], triton_aot.SM80)]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("label", sorted(LAYERS))
 def test_every_kernel_compiles_without_spills(label):
