@@ -132,12 +132,12 @@ def _run(module: CompiledCell, inputs: Mapping[str, torch.Tensor], state: Mappin
     generator = torch.Generator().manual_seed(seed + 7919)
     loss = 0.0
     for value in outputs + [final[k] for k in sorted(final)]:
-        weights = torch.randn(value.shape, generator=generator, dtype=torch.float64)
+        weights = torch.randn(value.shape, generator=generator, dtype=torch.float64).to(value.device)
         part = value.real if value.is_complex() else value
         finite = torch.isfinite(part)
         loss = loss + (torch.where(finite, part, torch.zeros_like(part)) * weights).sum()
         if value.is_complex():
-            loss = loss + (value.imag * torch.randn(value.shape, generator=generator, dtype=torch.float64)).sum()
+            loss = loss + (value.imag * torch.randn(value.shape, generator=generator, dtype=torch.float64).to(value.device)).sum()
     gradients: dict[str, torch.Tensor] = {}
     if isinstance(loss, torch.Tensor) and loss.requires_grad:
         loss.backward()
@@ -189,19 +189,27 @@ def compare_backends(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     chunk_size: int | None = None,
+    device: str | torch.device | None = None,
 ) -> list[Mismatch]:
     """Run ``module``'s cell on each backend and on the sequential reference; list the disagreements.
 
     The backends share ``module``'s parameters.  Compared: every output, every final
     state, and the gradients of a fixed random projection of both with respect to the
-    inputs, the params and (if given) the initial state.
+    inputs, the params and (if given) the initial state.  With ``device`` (``"cuda"``) the
+    backends run there, on copies of the inputs, while the reference stays on the CPU.
     """
     reference_module = _with_backend(module, "sequential", None)
     expected = _run(reference_module, inputs, state, seed)
+    if device is not None:
+        inputs = {n: v.to(device) for n, v in inputs.items()}
+        state = None if state is None else {n: v.to(device) for n, v in state.items()}
     mismatches = []
     for name in backends:
         other = _with_backend(module, name, chunk_size)
-        mismatches.extend(_compare(name, expected, _run(other, inputs, state, seed), atol, rtol))
+        if device is not None:
+            other = other.to(device)
+        actual = {quantity: value.cpu() for quantity, value in _run(other, inputs, state, seed).items()}
+        mismatches.extend(_compare(name, expected, actual, atol, rtol))
     return mismatches
 
 
