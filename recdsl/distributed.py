@@ -1,0 +1,718 @@
+"""Sequence parallelism: one sequence's time axis sharded over a ``torch.distributed`` group.
+
+Each rank holds a contiguous slice ``[B, T_r, ...]`` of the inputs (slices may differ in
+length; a slice of one step is fine) and gets back the same slice of the outputs that a
+single-process run over the whole sequence gives.  Nothing here is written per cell: the
+plan of the compiled module says, for each recurrence, the algebra its slice reduces to.
+
+A slice of ``T_r`` steps acts on its initial state as one element of that algebra, its
+*summary*:
+
+==============================  =============================================================
+class (plan form)               summary of a slice
+==============================  =============================================================
+diagonal / row / scalar decay   ``(prod_t a_t, F)``: the decays' product (a scalar, a vector
+(linear scan, chunked decayed   or a row of the state, in the decay's own shape; accumulated
+outer products)                 in log space where the decay is provably positive) and the
+                                final state ``F`` of the slice run from zero
+delta rule (chunked)            ``(Phi, F)``: ``Phi`` the ``dk x dk`` product of the slice's
+                                ``I - beta_t k_t k_t^T``
+max-plus / log semiring         the same pair over the semiring (the decays' semiring
+                                product; for a matrix transition the ``n x n`` semiring
+                                product of the steps' matrices)
+declared monoid                 the slice's carry (the fold of its elements by ``combine``)
+time-parallel state             its last value
+==============================  =============================================================
+
+The summaries are exchanged with one all-gather per recurrence (LASP-2's single
+collective, derived for every class); each rank folds those of the ranks before it (an
+exclusive prefix: ``S_in(r) = A_{r-1}(S_in(r-1)) + F_{r-1}``) to get its true initial
+state, and corrects its local pass: a state stored per step adds ``P_t * S_in``
+(``P_t`` the decays' product up to ``t``), a matrix state read out linearly adds
+``q_t (D_t * S_in)`` to its read-outs, the delta rule adds ``(q_t Phi_t) S_in`` with
+``q_t Phi_t`` read out of the same chunked pass run on the widened state ``[S | Phi]``, a
+monoid combines the received carry into its prefix; a semiring matrix transition (CRF)
+reruns its local pass from the received state.  Rank 0 runs from the true initial state
+(the ``state=`` it was given, or the cell's) and needs no correction.  The whole-sequence
+final state is the fold of all summaries, on every rank.
+
+Backward: the all-gather is an autograd function whose backward all-reduces the
+gradients of the gathered summaries, so each rank receives the adjoints of its own
+summary from every later rank (the reverse exchange) and carries them through its local
+pass.  Parameter gradients are partial per rank; their sum over ranks (what
+``DistributedDataParallel`` reduces) is the single-process gradient.  The exchange uses
+its own process group, so that its collectives never interleave with those of DDP.
+
+Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
+e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import ir
+from .analysis import DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, StateAnalysis, Structure, log_of_positive
+from .errors import BackendError, InputError
+from .ir import Kind, RefKind
+from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions
+from .plan import plan as make_plan
+
+
+class SequenceParallelError(BackendError):
+    """A cell, group or call that cannot run sequence-parallel."""
+
+    kind = "sequence-parallel error"
+
+
+# ---- the exchange, planned once per module ---------------------------------------------------
+
+
+class Exchange(Enum):
+    """How the ranks exchange one recurrence's summaries; the value is its name in prose."""
+
+    ALL_GATHER = "all-gather of every rank's summary, exclusive prefix on each rank"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Correction(Enum):
+    """How a rank turns its local pass into the true one once its initial state is known."""
+
+    NONE = "none needed: it reads no previous value except at the slice's first step"
+    DECAY_PRODUCT = "local scan from zero, plus the decays' running product times the received state"
+    DECAYED_READOUT = "local chunked pass from zero, plus q_t (D_t * S_in) added to each read-out (D_t the running decay)"
+    TRANSITION_READOUT = "local chunked pass on [S | Phi] from [0 | I], plus (q_t Phi_t) S_in added to each read-out"
+    SEMIRING_DECAY = "local scan from the semiring zero, (+)-combined with the received state (x) the running decay"
+    MONOID_FOLD = "the received carry combined into the local prefix"
+    RECOMPUTE = "the local pass rerun from the received state"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class SummaryPart:
+    """One tensor of a slice's summary: its role, shape (per batch row and head) and kind."""
+
+    role: str  # "transition" or "state" or a monoid carry's name
+    shape: tuple[int, ...]
+    is_complex: bool
+
+    @property
+    def elements(self) -> int:
+        """Real numbers sent for it per batch row and head."""
+        return math.prod(self.shape) * (2 if self.is_complex else 1)
+
+
+@dataclass(frozen=True)
+class StepExchange:
+    """The exchange planned for one entry of the local plan."""
+
+    names: tuple[str, ...]
+    form: Form
+    summary: tuple[SummaryPart, ...]
+    exchange: Exchange
+    correction: Correction
+    description: str
+
+    @property
+    def elements(self) -> int:
+        return sum(part.elements for part in self.summary)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _decay_shape(decay: ir.Expr, state: ir.Type) -> tuple[int, ...]:
+    """The shape a decay broadcasts to against ``state``, without the dims it is constant along."""
+    shape = (1,) * (state.rank - decay.type.rank) + tuple(decay.type.shape)
+    return tuple(shape)
+
+
+def _is_complex(t: ir.Type) -> bool:
+    return t.kind is Kind.COMPLEX
+
+
+def plan_exchanges(local: ExecutionPlan) -> tuple[StepExchange, ...]:
+    """For each step of the local plan, the summary its slice reduces to and how it is used.
+
+    Raises :class:`SequenceParallelError` for a form with no sequence-parallel summary.
+    """
+    analysis = local.analysis
+    scans = {s.name: s for s in analysis.cell.scans}
+    steps = []
+    for step in local.steps:
+        (name,) = step.names
+        if name in scans:
+            carries = tuple(SummaryPart(c.name, tuple(c.type.shape), _is_complex(c.type)) for c in scans[name].monoid.carries)
+            steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}"))
+            continue
+        state = analysis.state(name)
+        recurrence = state.recurrence
+        final = SummaryPart("state", tuple(state.type.shape), _is_complex(state.type))
+        match step.form:
+            case Form.TIME_PARALLEL:
+                steps.append(StepExchange(step.names, step.form, (final,), Exchange.ALL_GATHER, Correction.NONE, "its last value"))
+            case Form.LINEAR_SCAN:
+                assert isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and recurrence.decay is not None
+                decay = SummaryPart("transition", _decay_shape(recurrence.decay, state.type), _is_complex(recurrence.decay.type))
+                steps.append(StepExchange(step.names, step.form, (decay, final), Exchange.ALL_GATHER, Correction.DECAY_PRODUCT, f"the product of its decays ({recurrence.structure}) and its final state from zero"))
+            case Form.CHUNKED:
+                assert step.chunk is not None
+                if step.chunk.kind is ChunkKind.DECAYED_OUTER_PRODUCTS:
+                    assert step.chunk.log_decay is not None
+                    decay = SummaryPart("transition", _decay_shape(step.chunk.log_decay, state.type), False)
+                    steps.append(StepExchange(step.names, step.form, (decay, final), Exchange.ALL_GATHER, Correction.DECAYED_READOUT, f"the product of its decays ({recurrence.structure}) and its final state from zero"))
+                else:
+                    rows = state.type.shape[0]
+                    transition = SummaryPart("transition", (rows, rows), False)
+                    steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.TRANSITION_READOUT, f"its total transition ({rows} x {rows}, the product of the identity-plus-rank-one steps) and its final state from zero"))
+            case Form.SEMIRING_DIAGONAL_SCAN:
+                assert isinstance(recurrence, SemiringAffine) and recurrence.decay is not None
+                decay = SummaryPart("transition", _decay_shape(recurrence.decay, state.type), False)
+                steps.append(StepExchange(step.names, step.form, (decay, final), Exchange.ALL_GATHER, Correction.SEMIRING_DECAY, f"the {recurrence.semiring.name} product of its decays and its final state from the semiring zero"))
+            case Form.SEMIRING_MATRIX_SCAN:
+                assert isinstance(recurrence, SemiringAffine)
+                size = _numel(state.type.shape)
+                transition = SummaryPart("transition", (size, size), False)
+                steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.RECOMPUTE, f"the {recurrence.semiring.name} product of its {size} x {size} step matrices and its final state from the semiring zero (rank 0: from the initial state)"))
+            case _:
+                raise SequenceParallelError(
+                    f"state '{name}' runs as a {step.form.name.lower().replace('_', ' ')}, which has no sequence-parallel summary yet",
+                    expected="cells whose states are diagonal, row/column/scalar-decay or delta-rule affine, semiring affine, or declared monoids",
+                )
+    return tuple(steps)
+
+
+def local_plan(module: Any) -> ExecutionPlan:
+    """The plan each rank runs its slice with: the ``chunked`` backend's forms for the module's cell.
+
+    A :class:`SequenceParallelError` says why a cell cannot run sequence-parallel.
+    """
+    try:
+        return make_plan(module.analysis, "chunked", PlanOptions(chunk_size=module.plan.chunk_size))
+    except BackendError as error:
+        reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
+        raise SequenceParallelError(
+            f"cell {module.cell.name} cannot run sequence-parallel: {reason}",
+            expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
+        ) from None
+
+
+# ---- collectives with their reverse exchange as backward --------------------------------------
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather of one flat summary per rank -> ``[P, n]``; backward all-reduces the adjoints.
+
+    ``order`` is the previous exchange's output (or None): tying it in makes every rank's
+    autograd run the exchanges' backwards in the same (reverse) order, so the
+    collectives of the backward pass match across ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, order: torch.Tensor | None, group: Any, rank: int, world: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.has_order = group, rank, order is not None
+        if ctx.has_order:
+            ctx.order_shape = order.shape
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        order_grad = grad.new_zeros(ctx.order_shape) if ctx.has_order else None
+        return total[ctx.rank], order_grad, None, None, None
+
+
+class _Tie(torch.autograd.Function):
+    """``value`` unchanged, with ``others`` in its graph (zero gradient), so that their backward runs on every rank."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(o.shape, o.dtype) for o in others]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad,) + tuple(torch.zeros(shape, dtype=dtype, device=grad.device) for shape, dtype in ctx.shapes)
+
+
+def _pack(parts: Sequence[torch.Tensor], lead: tuple[int, ...], real: torch.dtype) -> torch.Tensor:
+    pieces = []
+    for part in parts:
+        part = part.expand(lead + tuple(part.shape[len(lead):])) if part.dim() >= len(lead) else part
+        if part.is_complex():
+            part = torch.view_as_real(part.contiguous())
+        pieces.append(part.to(real).reshape(-1))
+    return torch.cat(pieces)
+
+
+def _unpack(flat: torch.Tensor, templates: Sequence[torch.Tensor], lead: tuple[int, ...]) -> list[torch.Tensor]:
+    parts, offset = [], 0
+    for template in templates:
+        shape = lead + tuple(template.shape[len(lead):])
+        count = _numel(shape) * (2 if template.is_complex() else 1)
+        piece = flat[offset : offset + count]
+        offset += count
+        if template.is_complex():
+            piece = torch.view_as_complex(piece.reshape(shape + (2,)).contiguous())
+        else:
+            piece = piece.reshape(shape).to(template.dtype)
+        parts.append(piece)
+    return parts
+
+
+# ---- the module ---------------------------------------------------------------------------
+
+
+class SequenceParallel(nn.Module):
+    """A compiled module run with its time axis sharded over a ``torch.distributed`` group.
+
+    Call it on every rank of ``group`` with that rank's contiguous slice of every input,
+    ``[B, T_r, *heads, *shape]`` (rank 0 holds the first steps; ``T_r`` may differ between
+    ranks and may be 1).  It returns that rank's slice of the outputs, equal to the same
+    slice of ``module`` run over the whole sequence in one process; with
+    ``return_state=True`` also the state after the whole sequence, on every rank.
+    ``state=`` (the initial state of the whole sequence) is read on rank 0 only.
+
+    ``group`` defaults to a new group of all ranks (every rank must construct the module,
+    as for any ``new_group``); pass your own to shard within a subgroup, but not the group
+    ``DistributedDataParallel`` reduces over.  ``exchanges`` lists, per recurrence, the
+    summary exchanged and the correction; :meth:`describe` prints them.
+    """
+
+    def __init__(self, module: nn.Module, group: Any = None) -> None:
+        super().__init__()
+        import torch.distributed as dist
+
+        from .module import CompiledCell
+
+        if not isinstance(module, CompiledCell):
+            raise SequenceParallelError(f"SequenceParallel wraps a module made by recdsl.compile, got {type(module).__name__}", expected="SequenceParallel(recdsl.compile(...))")
+        self.module = module
+        self.plan: ExecutionPlan = local_plan(module)
+        self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan)
+        if not dist.is_available() or not dist.is_initialized():
+            raise SequenceParallelError("torch.distributed is not initialised", expected="torch.distributed.init_process_group(...) on every rank first (torchrun does the rendezvous)")
+        self.group = group if group is not None else dist.new_group(list(range(dist.get_world_size())))
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        # What the last call sent, per exchange: (names, elements per rank, bytes per rank).
+        self.last_exchange: list[tuple[tuple[str, ...], int, int]] = []
+
+    def describe(self, batch: int = 1, heads: int = 1, dtype: torch.dtype = torch.float32) -> str:
+        """The exchange of each recurrence: summary, its size per rank, correction; and the bytes per call."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        lines = [f"sequence parallel over {self.world_size} rank{'s' if self.world_size != 1 else ''}: cell {self.module.cell.name}, local forms of the chunked backend"]
+        for step in self.exchanges:
+            lines.append(f"  {', '.join(step.names)}: {step.form}")
+            lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.elements} numbers per batch row and head")
+            lines.append(f"      exchange: {step.exchange}")
+            lines.append(f"      correction: {step.correction}")
+        total = sum(s.elements for s in self.exchanges) * batch * heads * itemsize
+        lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {str(dtype).replace('torch.', '')}): forward {communication_bytes(total, self.world_size).forward}, backward {communication_bytes(total, self.world_size).backward}")
+        return "\n".join(lines) + "\n"
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}"
+
+    # ---- calling
+    def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
+        module = self.module
+        inputs = module._bind_inputs(args, kwargs)
+        batch, _, heads = module._check_inputs(inputs)
+        numerics, output_dtype = module._numerics(inputs)
+        module._check_param_devices(numerics.device)
+        lead = (batch, *heads)
+        carried = module._initial_state(numerics, lead)
+        if state is not None and self.rank == 0:
+            carried = _given_state(module, state, carried, lead, numerics)
+        cast_inputs = {
+            d.name: inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
+            for d in module.cell.inputs
+        }
+        params = {name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in module.named_parameters()}
+        consts = {name: value for (_, name), value in module._consts(numerics).items()}
+        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics)
+        outputs, final = runner.run()
+        if output_dtype is not None:
+            outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
+        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if return_state:
+            return result, final
+        return result
+
+
+def _given_state(module: Any, state: Mapping[str, torch.Tensor], carried: dict, lead: tuple[int, ...], numerics: Any) -> dict:
+    """``carried`` with the values of ``state`` checked as ``CompiledCell.forward`` checks them."""
+    types = module._carried_types()
+    if not isinstance(state, Mapping):
+        raise InputError(f"state must be a dict of tensors, got {type(state).__name__}", expected="the dict returned with return_state=True")
+    carried = dict(carried)
+    for name, value in state.items():
+        if name not in types:
+            raise InputError(f"cell {module.cell.name} has no state '{name}'", expected="keys among: " + ", ".join(types))
+        declared = types[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) not in (lead + declared.shape, declared.shape):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"state '{name}' has shape {got}", expected=f"[{', '.join(map(str, lead + declared.shape))}] (batch, heads, then the declared shape)")
+        module._check_state_value(name, value, declared, numerics.device)
+        carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
+    return carried
+
+
+@dataclass(frozen=True)
+class CommunicationBytes:
+    """Bytes one rank sends for one call: the all-gather forward, the all-reduce of adjoints backward."""
+
+    forward: int
+    backward: int
+
+
+def communication_bytes(summary_bytes: int, world_size: int) -> CommunicationBytes:
+    """What one rank sends when every rank's summary is ``summary_bytes``, by ring algorithms.
+
+    Forward, a ring all-gather: each rank forwards ``P - 1`` summaries.  Backward, a ring
+    all-reduce of the ``[P, n]`` adjoints: reduce-scatter and all-gather, each
+    ``(P - 1) / P`` of ``P`` summaries.
+    """
+    forward = (world_size - 1) * summary_bytes
+    backward = 2 * (world_size - 1) * summary_bytes
+    return CommunicationBytes(forward, backward)
+
+
+# ---- one call -----------------------------------------------------------------------------
+
+
+class _SlicedRun:
+    """One call on one rank: the local plan's steps in schedule order, each exchanged and corrected."""
+
+    def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics) -> None:
+        from .backends.parallel import _Sequences
+
+        self.owner = owner
+        self.plan = owner.plan
+        self.analysis = self.plan.analysis
+        self.cell = self.analysis.cell
+        self.rank, self.world = owner.rank, owner.world_size
+        self.numerics = numerics
+        self.initial = initial
+        first = next(iter(inputs.values()))
+        self.lead = tuple(first.shape[: first.dim() - self.cell.inputs[0].type.rank])  # (B, T_r, *heads)
+        self.state_lead = (self.lead[0],) + self.lead[2:]
+        seq = _Sequences(numerics, self.lead)
+        seq.values.update({(RefKind.PARAM, n): v for n, v in params.items()})
+        seq.values.update({(RefKind.CONST, n): v for n, v in consts.items()})
+        seq.values.update({(RefKind.INPUT, n): v for n, v in inputs.items()})
+        for statement in self.cell.body:
+            if isinstance(statement, ir.Assign) and statement.name in self.analysis.time_parallel:
+                seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
+        self.seq = seq
+        self.order: torch.Tensor | None = None  # the last exchange's output (see _AllGather)
+        owner.last_exchange = []
+
+    # -- the exchange
+    def exchange(self, names: tuple[str, ...], parts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """All ranks' summaries, ``[rank][part]``, gathered (differentiably) from this rank's ``parts``."""
+        flat = _pack(parts, self.state_lead, self.numerics.real)
+        gathered = _AllGather.apply(flat, self.order, self.owner.group, self.rank, self.world)
+        self.order = gathered
+        self.owner.last_exchange.append((names, flat.numel(), flat.numel() * flat.element_size()))
+        return [_unpack(gathered[r], parts, self.state_lead) for r in range(self.world)]
+
+    # -- helpers
+    def full_state(self, state: StateAnalysis, fill: float) -> torch.Tensor:
+        return torch.full(self.state_lead + tuple(state.type.shape), fill, dtype=self.numerics.dtype_of(state.type.kind), device=self.numerics.device)
+
+    def evaluate_full(self, expr: ir.Expr, target: ir.Type) -> torch.Tensor:
+        return self.seq.full(self.seq.evaluate(expr), expr.type, target)
+
+    def fold(self, summaries: list[list[torch.Tensor]], apply, upto: int) -> torch.Tensor:
+        """``S_in(upto)``: rank 0's final state carried through the summaries of ranks 1..upto-1."""
+        value = summaries[0][-1]
+        for r in range(1, upto):
+            value = apply(summaries[r], value)
+        return value
+
+    def run(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        from .backends.parallel import _shift
+
+        scans = {s.name: s for s in self.cell.scans}
+        final: dict[str, torch.Tensor] = {}
+        substitutions: dict[int, torch.Tensor] = {}
+        for step, planned in zip(self.plan.steps, self.owner.exchanges):
+            (name,) = step.names
+            if name in scans:
+                carries = self.monoid(scans[name], final)
+                for carry, value in carries.items():
+                    self.seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
+                continue
+            state = self.analysis.state(name)
+            sequence, start, last = self.solve(step, planned, state, substitutions)
+            final[name] = last
+            if sequence is not None:
+                sequence = sequence.expand(self.lead + state.type.shape)
+                self.seq.values[(RefKind.STATE_NEW, name)] = sequence
+                self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start)
+        outputs = []
+        for emit, expanded in zip(self.cell.outputs, self.analysis.expanded_outputs):
+            value = self.seq.evaluate(expanded, substitutions)
+            outputs.append(self.seq.full(value, emit.value.type, emit.value.type).expand(self.lead + emit.value.type.shape))
+        if self.order is not None and torch.is_grad_enabled() and self.order.requires_grad:
+            # Every rank's backward must reach every exchange (the chain in _AllGather does the
+            # rest), and every initial value must be used so DDP sees each param's gradient.
+            extra = [v for v in self.initial.values() if v.requires_grad]
+            outputs[0] = _Tie.apply(outputs[0], self.order, *extra)
+        return outputs, final
+
+    # -- one recurrence
+    def solve(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(sequence or None, true initial state, whole-sequence final state)`` of one state on this slice."""
+        from .backends.parallel import Solver
+
+        name = state.state
+        recurrence = state.recurrence
+        first = self.rank == 0
+        match planned.correction:
+            case Correction.NONE:
+                sequence = Solver(self.plan, self.seq, self.initial).solve(step, state).expand(self.lead + state.type.shape)
+                gathered = self.exchange(step.names, [sequence[:, -1]])
+                start = self.initial[name] if first else gathered[self.rank - 1][0]
+                return sequence, start, gathered[-1][0]
+            case Correction.DECAY_PRODUCT:
+                zero = self.initial[name] if first else self.full_state(state, 0.0)
+                sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
+                running = self._running_decay(recurrence.decay, state)
+                gathered = self.exchange(step.names, [running[:, -1], sequence[:, -1]])
+                apply = lambda summary, s: summary[0] * s + summary[1]  # noqa: E731
+                start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+                if not first:
+                    sequence = sequence + running * start.unsqueeze(1)
+                return sequence, start, self.fold(gathered, apply, self.world)
+            case Correction.SEMIRING_DECAY:
+                from .backends.scans import _tropical_times
+                from .backends.torch_ops import ELEMENTWISE
+
+                plus = ELEMENTWISE[recurrence.semiring.plus]
+                zero = self.initial[name] if first else self.full_state(state, recurrence.semiring.zero)
+                sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
+                running = self.evaluate_full(recurrence.decay, state.type).cumsum(1)
+                gathered = self.exchange(step.names, [running[:, -1], sequence[:, -1]])
+                apply = lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1])  # noqa: E731
+                start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+                if not first:
+                    sequence = plus(_tropical_times(start.unsqueeze(1), running), sequence)
+                return sequence, start, self.fold(gathered, apply, self.world)
+            case Correction.RECOMPUTE:
+                return self._semiring_matrix(step, planned, state)
+            case Correction.DECAYED_READOUT | Correction.TRANSITION_READOUT:
+                return self._chunked(step, planned, state, substitutions)
+        raise AssertionError(planned.correction)  # pragma: no cover - plan_exchanges rules this out
+
+    def _running_decay(self, decay: ir.Expr, state: StateAnalysis) -> torch.Tensor:
+        """``P_t = a_1 ... a_t`` over the slice, ``[B, T_r, *heads, *decay shape]``; in log space when the decay is provably positive."""
+        log_decay = log_of_positive(decay, self.cell)
+        if log_decay is not None:
+            return self.evaluate_full(log_decay, state.type).cumsum(1).exp()
+        return self.evaluate_full(decay, state.type).cumprod(1)
+
+    def _semiring_matrix(self, step, planned: StepExchange, state: StateAnalysis):
+        """A semiring matrix transition (CRF): the product of the slice's matrices, then the pass from the received state."""
+        from .backends.parallel import Solver
+        from .backends.scans import semiring_matmul
+        from .backends.torch_ops import ELEMENTWISE, REDUCTIONS
+
+        name = state.state
+        recurrence = state.recurrence
+        assert isinstance(recurrence, SemiringAffine)
+        semiring = recurrence.semiring
+        plus, reduce = ELEMENTWISE[semiring.plus], REDUCTIONS[semiring.reduce]
+        reduce_fn = lambda x, dim: reduce(x, (dim,))  # noqa: E731
+        size = _numel(state.type.shape)
+        solver = Solver(self.plan, self.seq, self.initial)
+        dtype = self.numerics.real
+        standin = torch.finfo(dtype).min if semiring.zero == float("-inf") else semiring.zero
+        basis = torch.full((size, size), standin, dtype=dtype, device=self.numerics.device)
+        basis.fill_diagonal_(semiring.one)
+        rows = solver._apply_to_basis(state, recurrence.transition, basis)
+        if standin != semiring.zero:
+            rows = rows.masked_fill(rows < standin / 2, semiring.zero)
+        matrices = rows.movedim(0, -2).movedim(1, 0)  # [T_r, B, *heads, size, size]
+        while matrices.shape[0] > 1:  # the ordered product, pairwise: log depth
+            pairs = matrices.shape[0] // 2
+            product = semiring_matmul(matrices[0 : 2 * pairs : 2], matrices[1 : 2 * pairs : 2], reduce_fn)
+            matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+        transition = matrices[0]
+        first = self.rank == 0
+        if first:
+            sequence = solver.solve(step, state).expand(self.lead + state.type.shape)
+            last = sequence[:, -1]
+        elif recurrence.input is not None:
+            # The local final state from the semiring zero; with no input term it stays the zero.
+            sequence = None
+            last = Solver(self.plan, self.seq, {name: self.full_state(state, semiring.zero)}).solve(step, state)[:, -1]
+        else:
+            sequence, last = None, self.full_state(state, semiring.zero)
+        flat_shape = self.state_lead + (size,)
+        summaries = self.exchange(step.names, [transition, last])
+
+        def apply(summary, s):
+            moved = semiring_matmul(s.reshape(flat_shape).unsqueeze(-2), summary[0], reduce_fn).squeeze(-2).reshape(s.shape)
+            return plus(moved, summary[1])
+
+        start = self.initial[name] if first else self.fold(summaries, apply, self.rank)
+        if not first:
+            sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
+        return sequence, start, self.fold(summaries, apply, self.world)
+
+    def _chunked(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict):
+        """A matrix state read out linearly: chunked pass from zero, summary, read-outs corrected."""
+        from .backends.parallel import _run_chunk_plan
+
+        name = state.state
+        chunk = step.chunk
+        assert chunk is not None
+        first = self.rank == 0
+        zero = self.initial[name] if first else self.full_state(state, 0.0)
+        if planned.correction is Correction.DECAYED_READOUT:
+            ran = _run_chunk_plan(self.seq, chunk, state, zero, self.plan.chunk_size)
+            if ran is None:
+                raise SequenceParallelError(
+                    f"state '{name}': the chunked pass met non-finite keys, values or decays on rank {self.rank}",
+                    expected="finite inputs (the sequence-parallel chunked form has no scan fallback)",
+                )
+            readouts, last = ran
+            log_decay = self.evaluate_full(chunk.log_decay, state.type)  # [B, T_r, *heads, r or 1, c or 1]
+            running_log = log_decay.cumsum(1)
+            gathered = self.exchange(step.names, [running_log[:, -1].exp(), last])
+            apply = lambda summary, s: summary[0] * s + summary[1]  # noqa: E731
+            start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+            if not first:
+                running = running_log.exp()
+                readouts = [r + self._decayed_readout(q, running, start, chunk.transposed) for r, q in zip(readouts, chunk.queries)]
+        else:
+            readouts, last, transition_readouts, transition = self._delta_rule(chunk, state, zero)
+            gathered = self.exchange(step.names, [transition, last])
+            apply = lambda summary, s: summary[0] @ s + summary[1]  # noqa: E731
+            start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+            if not first:
+                readouts = [r + (p.unsqueeze(-2) @ start.unsqueeze(1)).squeeze(-2) for r, p in zip(readouts, transition_readouts)]
+        for node, value in zip(chunk.readouts, readouts):
+            substitutions[id(node)] = value
+        return None, start, self.fold(gathered, apply, self.world)
+
+    def _decayed_readout(self, query: ir.Expr, running: torch.Tensor, start: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """``q_t (D_t * S_in)`` (or ``(D_t * S_in) q_t``) without forming ``D_t * S_in`` per step."""
+        rows, columns = start.shape[-2:]
+        along_rows = running.shape[-2] != 1
+        along_columns = running.shape[-1] != 1
+        s_in = start.unsqueeze(1)  # [B, 1, *heads, r, c]
+        if not transposed:  # q @ S: q runs along the rows
+            q = self.evaluate_full(query, ir.Type((rows,))).expand(self.lead + (rows,))
+            if along_rows:
+                return ((q * running[..., 0]).unsqueeze(-2) @ s_in).squeeze(-2)
+            return (q.unsqueeze(-2) @ s_in).squeeze(-2) * running[..., 0, :]
+        q = self.evaluate_full(query, ir.Type((columns,))).expand(self.lead + (columns,))
+        if along_columns:
+            return (s_in @ (q * running[..., 0, :]).unsqueeze(-1)).squeeze(-1)
+        return (s_in @ q.unsqueeze(-1)).squeeze(-1) * running[..., 0]
+
+    def _delta_rule(self, chunk, state: StateAnalysis, start: torch.Tensor):
+        """The chunked delta rule on the widened state ``[S | Phi]`` from ``[start | I]``.
+
+        ``Phi_t`` is the product of the transitions ``I - beta k k^T`` so far (the pass with
+        no input from the identity); its read-outs ``q_t Phi_t`` give each step's
+        correction ``(q_t Phi_t) S_in`` and its last value the slice's transition.
+        """
+        from .backends import chunk_kernels
+
+        recurrence = state.recurrence
+        assert isinstance(recurrence, MatrixAffine)
+        lead, seq = self.lead, self.seq
+        batch_dims = (lead[0],) + lead[2:]
+        rows, columns = state.type.shape
+
+        def flat_vector(expr: ir.Expr, length: int) -> torch.Tensor:
+            value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
+            return value.movedim(1, -2).reshape((-1, lead[1], length))
+
+        def flat_scalar(expr: ir.Expr) -> torch.Tensor:
+            value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
+            return value.movedim(1, -1).reshape((-1, lead[1]))
+
+        term = recurrence.low_rank[0]
+        left, right = flat_vector(term.left, rows), flat_vector(term.right, rows)
+        coefficient = flat_scalar(term.coefficient)
+        values = []
+        for input_term in chunk.inputs:
+            column = flat_vector(input_term.column, columns)
+            if input_term.coefficient is not None:
+                column = column * flat_scalar(input_term.coefficient).unsqueeze(-1)
+            values.append(torch.cat([column, column.new_zeros(column.shape[:-1] + (rows,))], -1))
+        flat_start = start.reshape((-1, rows, columns))
+        eye = torch.eye(rows, dtype=flat_start.dtype, device=flat_start.device).expand(flat_start.shape[0], rows, rows)
+        widened = torch.cat([flat_start, eye], -1)
+        queries = [flat_vector(q, rows) for q in chunk.queries]
+        results, final = chunk_kernels.delta_rule(queries, left, right, coefficient, values, widened, self.plan.chunk_size)
+        unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
+        readouts = [unflatten(r[..., :columns]) for r in results]
+        transition_readouts = [unflatten(r[..., columns:]) for r in results]
+        final = final.reshape(batch_dims + final.shape[1:])
+        return readouts, final[..., :columns], transition_readouts, final[..., columns:]
+
+    # -- a declared monoid
+    def monoid(self, scan: ir.ScanAssign, final: dict) -> dict[str, torch.Tensor]:
+        from .backends.parallel import Solver
+        from .backends.torch_ops import combine_carries
+
+        names = [c.name for c in scan.monoid.carries]
+        keys = [f"{scan.name}.{n}" for n in names]
+        if self.rank == 0:
+            local = Solver(self.plan, self.seq, self.initial).scan(scan)
+        else:
+            identity = {k: self.initial_identity(scan, n) for k, n in zip(keys, names)}
+            local = Solver(self.plan, self.seq, identity).scan(scan)
+        gathered = self.exchange((scan.name,), [local[n][:, -1] for n in names])
+
+        def apply(summary, carry):
+            combined = combine_carries(scan.monoid, dict(zip(names, carry)), dict(zip(names, summary)), self.numerics)
+            return [combined[n] for n in names]
+
+        def fold(upto: int):
+            carry = list(gathered[0])
+            for r in range(1, upto):
+                carry = apply(gathered[r], carry)
+            return carry
+
+        if self.rank > 0:
+            received = fold(self.rank)
+            combined = combine_carries(scan.monoid, {n: v.unsqueeze(1) for n, v in zip(names, received)}, local, self.numerics)
+            local = {n: combined[n] for n in names}
+        for key, value in zip(keys, fold(self.world)):
+            final[key] = value
+        return local
+
+    def initial_identity(self, scan: ir.ScanAssign, carry: str) -> torch.Tensor:
+        """The monoid's identity for ``carry``, the carry a slice other than the first starts from."""
+        from .backends.torch_ops import Evaluator
+
+        declared = next(c for c in scan.monoid.carries if c.name == carry)
+        value = Evaluator(self.numerics, {}).evaluate(declared.identity).to(self.numerics.dtype_of(declared.type.kind))
+        return value.expand(self.state_lead + declared.type.shape)

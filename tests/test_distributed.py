@@ -1,0 +1,290 @@
+"""Sequence parallelism (recdsl.distributed) against the single-process run, on CPU with gloo.
+
+Spawning is expensive on the project's 2-core machines, so each world size is one spawn
+whose workers run every case and write their measured errors to a JSON file per rank;
+the tests then read those files.  Every case compares, in float64, one rank's slice of
+the outputs, the whole-sequence final state, the gradients of the rank's input slice,
+of the initial state (rank 0) and of every param (summed over ranks, as DDP reduces
+them) with the single-process run of the same module on the whole sequence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import recdsl
+from recdsl.distributed import SequenceParallelError
+from recdsl.ir import Kind
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_dims import DIMS, EXAMPLES  # noqa: E402
+
+TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1, |reference|))
+
+# The examples the parallel backends run, one per parallel class at least.
+PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf")
+NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
+
+
+@dataclass(frozen=True)
+class Case:
+    example: str
+    lengths: tuple[int, ...]  # the slice of every rank, rank 0 first
+    with_state: bool
+    chunk_size: int = 3  # small, so that slices cross chunk boundaries
+    heads: tuple[int, ...] = ()
+    ddp: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{'-h' + 'x'.join(map(str, self.heads)) if self.heads else ''}{'-ddp' if self.ddp else ''}"
+
+
+def default_cases(world: int) -> list[Case]:
+    """Every parallel example, uneven slices with a slice of one step; some with a given state."""
+    shapes = {2: [(5, 3), (1, 6)], 4: [(3, 1, 4, 2)]}[world]
+    cases = []
+    for i, example in enumerate(PARALLEL_EXAMPLES):
+        lengths = shapes[i % len(shapes)]
+        cases.append(Case(example, lengths, with_state=bool(i % 2)))
+    if world == 4:
+        cases.append(Case("gla", (2, 2, 2, 2), with_state=True, heads=(2,)))
+        cases.append(Case("mlstm", (1, 1, 1, 1), with_state=True))
+    # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
+    cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
+    cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
+    return cases
+
+
+def slow_cases(world: int) -> list[Case]:
+    """The whole matrix: every parallel example x several slicings x with and without a state."""
+    slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
+    cases = []
+    for example in PARALLEL_EXAMPLES:
+        for lengths in slicings:
+            for with_state in (False, True):
+                cases.append(Case(example, lengths, with_state))
+        cases.append(Case(example, slicings[1], True, heads=(2,)))
+        if any(True for _ in _module(Case(example, slicings[1], False)).parameters()):
+            cases.append(Case(example, slicings[1], False, ddp=True))
+    return cases
+
+
+# ---- the worker ---------------------------------------------------------------------------
+
+
+def _module(case: Case) -> recdsl.CompiledCell:
+    torch.manual_seed(1234)
+    module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), chunk_size=case.chunk_size, **DIMS[case.example]).double()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return module
+
+
+def _inputs(module: recdsl.CompiledCell, case: Case):
+    generator = torch.Generator().manual_seed(99)
+    total = sum(case.lengths)
+    batch = 2
+    inputs = {}
+    for declared in module.cell.inputs:
+        shape = (batch, total, *case.heads, *declared.type.shape)
+        value = 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        if declared.type.kind is Kind.COMPLEX:
+            value = torch.complex(value, 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64))
+        inputs[declared.name] = value
+    if case.example in ("deltanet",):
+        inputs["k"] = torch.nn.functional.normalize(inputs["k"], dim=-1)
+    state = None
+    if case.with_state:
+        start = module.initial_state(batch, *case.heads, dtype=torch.float64)
+        state = {}
+        for name, value in start.items():
+            noise = 0.5 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+            if value.is_complex():
+                noise = torch.complex(noise, 0.5 * torch.randn(value.shape, generator=generator, dtype=torch.float64))
+            state[name] = torch.where(torch.isinf(value), value, noise) if not value.is_complex() else noise
+    return inputs, state
+
+
+def _weights(values, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(v.shape, generator=generator, dtype=torch.float64) for v in values]
+
+
+def _loss(outputs, weights) -> torch.Tensor:
+    loss = torch.zeros((), dtype=torch.float64)
+    for value, weight in zip(outputs, weights):
+        part = value.real if value.is_complex() else value
+        loss = loss + (torch.where(torch.isfinite(part), part, torch.zeros_like(part)) * weight).sum()
+        if value.is_complex():
+            loss = loss + (value.imag * weight.flip(-1)).sum()
+    return loss
+
+
+def _error(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
+    if got is None and want is None:
+        return 0.0
+    if got is None or want is None:
+        got = torch.zeros_like(want) if got is None else got
+        want = torch.zeros_like(got) if want is None else want
+    both_inf = torch.isinf(got) & torch.isinf(want) & (got == want)
+    got = torch.where(both_inf, torch.zeros_like(got), got)
+    want = torch.where(both_inf, torch.zeros_like(want), want)
+    scale = torch.clamp(want.abs(), min=1.0)
+    difference = ((got - want).abs() / scale)
+    if difference.numel() == 0:
+        return 0.0
+    value = float(difference.max())
+    return value if value == value else float("inf")  # NaN is an error
+
+
+def _run_case(case: Case, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from recdsl.distributed import SequenceParallel
+
+    module = _module(case)
+    inputs, state = _inputs(module, case)
+    starts = [sum(case.lengths[:r]) for r in range(world)]
+    begin, end = starts[rank], starts[rank] + case.lengths[rank]
+
+    # The single-process run over the whole sequence.
+    leaf_inputs = {n: v.clone().requires_grad_(True) for n, v in inputs.items()}
+    leaf_state = None if state is None else {n: v.clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    outputs, final = module(**leaf_inputs, state=leaf_state, return_state=True)
+    outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+    output_weights = _weights(outputs, 5)
+    final_names = sorted(final)
+    final_weights = _weights([final[k] for k in final_names], 6)
+    _loss(outputs + [final[k] for k in final_names], output_weights + final_weights).backward()
+    want = {
+        "outputs": [o[:, begin:end].detach() for o in outputs],
+        "final": {k: final[k].detach() for k in final_names},
+        "input_grads": {n: v.grad[:, begin:end] for n, v in leaf_inputs.items()},
+        "state_grads": {} if leaf_state is None else {n: v.grad for n, v in leaf_state.items()},
+        "param_grads": {n: p.grad.clone() for n, p in module.named_parameters()},
+    }
+    module.zero_grad(set_to_none=True)
+
+    # The sharded run.
+    parallel = SequenceParallel(module, group=_SEQUENCE_GROUP)
+    model = parallel
+    if case.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(parallel)
+    local_inputs = {n: v[:, begin:end].clone().requires_grad_(True) for n, v in inputs.items()}
+    local_state = None
+    if rank == 0 and state is not None:
+        local_state = {n: v.clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True)
+    got_outputs = list(got_outputs) if isinstance(got_outputs, tuple) else [got_outputs]
+    # The final state enters the loss once, on the last rank; outputs with their slice of the weights.
+    pieces = got_outputs + ([got_final[k] for k in final_names] if rank == world - 1 else [])
+    weights = [w[:, begin:end] for w in output_weights] + (final_weights if rank == world - 1 else [])
+    _loss(pieces, weights).backward()
+    errors = {}
+    for i, (g, w) in enumerate(zip(got_outputs, want["outputs"])):
+        errors[f"output {i}"] = _error(g.detach(), w)
+    for k in final_names:
+        errors[f"final {k}"] = _error(got_final[k].detach(), want["final"][k])
+    for n, v in local_inputs.items():
+        errors[f"grad input {n}"] = _error(v.grad, want["input_grads"][n])
+    if rank == 0:
+        for n, v in (local_state or {}).items():
+            if v.requires_grad:
+                errors[f"grad state {n}"] = _error(v.grad, want["state_grads"][n])
+    for n, p in module.named_parameters():
+        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        if case.ddp:
+            grad = grad * world  # DDP averaged the ranks' gradients
+        else:
+            dist.all_reduce(grad)
+        errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
+    errors["_bytes"] = sum(b for _, _, b in parallel.last_exchange)
+    return errors
+
+
+_SEQUENCE_GROUP = None
+
+
+def _worker(rank: int, world: int, store: str, cases: list[Case], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    global _SEQUENCE_GROUP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    _SEQUENCE_GROUP = dist.new_group(list(range(world)))
+    results = {}
+    for case in cases:
+        try:
+            results[case.name] = _run_case(case, rank, world)
+        except Exception as error:  # noqa: BLE001 - reported per case
+            results[case.name] = {"_error": f"{type(error).__name__}: {error}"}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_world(world: int, cases: list[Case], tmp_path: Path, deadline: float = 600.0) -> dict[int, dict]:
+    """Spawn ``world`` gloo ranks that run ``cases``; each rank's results by case name."""
+    import torch.multiprocessing as mp
+
+    store = tmp_path / "store"
+    context = mp.start_processes(_worker, args=(world, str(store), cases, str(tmp_path)), nprocs=world, join=False, start_method="spawn")
+    started = time.monotonic()
+    while not context.join(timeout=5):
+        if time.monotonic() - started > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"the {world} ranks did not finish within {deadline} s")
+    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+def _check(results: dict[int, dict], cases: list[Case]) -> None:
+    failures = []
+    for case in cases:
+        for rank, by_case in results.items():
+            found = by_case[case.name]
+            if "_error" in found:
+                failures.append(f"{case.name} rank {rank}: {found['_error']}")
+                continue
+            for quantity, error in found.items():
+                if not quantity.startswith("_") and not error <= TOLERANCE:
+                    failures.append(f"{case.name} rank {rank}: {quantity} differs from the single-process run by {error:.3g} (tolerance {TOLERANCE})")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    cases = default_cases(2)
+    return cases, run_world(2, cases, tmp_path_factory.mktemp("sp2"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    cases = default_cases(4)
+    return cases, run_world(4, cases, tmp_path_factory.mktemp("sp4"))
+
+
+def test_two_ranks_equal_the_single_process_run(two_ranks):
+    _check(two_ranks[1], two_ranks[0])
+
+
+def test_four_ranks_equal_the_single_process_run(four_ranks):
+    _check(four_ranks[1], four_ranks[0])
+
+
+@pytest.mark.slow
+def test_every_example_every_slicing(tmp_path):
+    for world in (2, 4):
+        cases = slow_cases(world)
+        _check(run_world(world, cases, tmp_path / str(world), deadline=1800.0), cases)
