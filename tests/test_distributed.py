@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -209,7 +210,10 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         else:
             dist.all_reduce(grad)
         errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
-    errors["_bytes"] = sum(b for _, _, b in parallel.last_exchange)
+    sent = sum(b for _, _, b in parallel.last_exchange)
+    planned = sum(e.elements for e in parallel.exchanges) * 2 * math.prod(case.heads) * 8  # B = 2, float64
+    errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
+    errors["_bytes"] = sent
     return errors
 
 
@@ -288,3 +292,69 @@ def test_every_example_every_slicing(tmp_path):
     for world in (2, 4):
         cases = slow_cases(world)
         _check(run_world(world, cases, tmp_path / str(world), deadline=1800.0), cases)
+
+
+# ---- in this process: a group of one rank ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is already initialised in this process")
+    store = tmp_path_factory.mktemp("sp1") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_is_the_module_itself(one_rank):
+    from recdsl.distributed import SequenceParallel
+
+    module = _module(Case("mlstm", (5,), with_state=False))
+    inputs, _ = _inputs(module, Case("mlstm", (5,), with_state=False))
+    parallel = SequenceParallel(module)
+    got, got_final = parallel(**inputs, return_state=True)
+    want, want_final = module(**inputs, return_state=True)
+    assert _error(got, want) <= TOLERANCE, "output of a one-rank group"
+    for name in want_final:
+        assert _error(got_final[name], want_final[name]) <= TOLERANCE, f"final state {name} of a one-rank group"
+    assert [names for names, _, _ in parallel.last_exchange] == [("m",), ("C",), ("n",)]
+
+
+def test_describe_names_each_summary_and_exchange(one_rank):
+    from recdsl.distributed import Correction, SequenceParallel
+
+    gla = SequenceParallel(recdsl.compile(str(EXAMPLES / "gla.rec"), dk=64, dv=64))
+    text = gla.describe(batch=1, heads=1)
+    assert "S: chunked" in text
+    assert "transition [64, 1] + state [64, 64] = 4160 numbers per batch row and head" in text
+    assert "exchange: all-gather of every rank's summary" in text
+    assert "q_t (D_t * S_in)" in text
+    delta = SequenceParallel(recdsl.compile(str(EXAMPLES / "deltanet.rec"), dk=8, dv=4))
+    assert delta.exchanges[0].correction is Correction.TRANSITION_READOUT
+    assert "transition [8, 8] + state [8, 4]" in delta.describe()
+    crf = SequenceParallel(recdsl.compile(str(EXAMPLES / "crf.rec"), n=5))
+    assert crf.exchanges[0].correction is Correction.RECOMPUTE
+    aaren = SequenceParallel(recdsl.compile(str(EXAMPLES / "aaren.rec"), d=3))
+    assert aaren.exchanges[0].correction is Correction.MONOID_FOLD and aaren.exchanges[0].elements == 5
+
+
+@pytest.mark.parametrize("example", NONLINEAR_EXAMPLES)
+def test_a_nonlinear_cell_is_refused_with_its_reason(one_rank, example):
+    from recdsl.distributed import SequenceParallel
+
+    module = recdsl.compile(str(EXAMPLES / f"{example}.rec"), **DIMS[example])
+    with pytest.raises(SequenceParallelError) as raised:
+        SequenceParallel(module)
+    message = str(raised.value)
+    assert "cannot run sequence-parallel" in message and ("nonlinear" in message or "coupled" in message), message
+    assert isinstance(raised.value, recdsl.RecDSLError)
+
+
+def test_only_compiled_modules_are_wrapped(one_rank):
+    from recdsl.distributed import SequenceParallel
+
+    with pytest.raises(SequenceParallelError, match="wraps a module made by recdsl.compile"):
+        SequenceParallel(torch.nn.Linear(2, 2))
