@@ -36,10 +36,10 @@ reruns its local pass from the received state.  Rank 0 runs from the true initia
 (the ``state=`` it was given, or the cell's) and needs no correction.  The whole-sequence
 final state is the fold of all summaries, on every rank.
 
-Backward: the all-gather is an autograd function whose backward all-reduces the
-gradients of the gathered summaries, so each rank receives the adjoints of its own
-summary from every later rank (the reverse exchange) and carries them through its local
-pass.  Parameter gradients are partial per rank; their sum over ranks (what
+Backward: the all-gather is an autograd function whose backward is the reverse exchange:
+an all-to-all of the gradients of the gathered summaries (a reduce-scatter), so each rank
+receives the adjoints of its own summary from every later rank and carries them through
+its local pass.  Parameter gradients are partial per rank; their sum over ranks (what
 ``DistributedDataParallel`` reduces) is the single-process gradient.  The exchange uses
 its own process group, so that its collectives never interleave with those of DDP.
 
@@ -213,7 +213,7 @@ def local_plan(module: Any) -> ExecutionPlan:
 
 
 class _AllGather(torch.autograd.Function):
-    """All-gather of one flat summary per rank -> ``[P, n]``; backward all-reduces the adjoints.
+    """All-gather of one flat summary per rank -> ``[P, n]``; backward sums each rank's adjoints over the ranks.
 
     ``order`` is the previous exchange's output (or None): tying it in makes every rank's
     autograd run the exchanges' backwards in the same (reverse) order, so the
@@ -235,10 +235,12 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         import torch.distributed as dist
 
-        total = grad.contiguous().clone()
-        dist.all_reduce(total, group=ctx.group)
+        # Rank j holds the adjoints of every rank's summary from its own slice's use of them;
+        # an all-to-all sends each rank its row (a reduce-scatter, (P - 1) summaries per rank).
+        received = torch.empty_like(grad)
+        dist.all_to_all_single(received, grad.contiguous(), group=ctx.group)
         order_grad = grad.new_zeros(ctx.order_shape) if ctx.has_order else None
-        return total[ctx.rank], order_grad, None, None, None
+        return received.sum(0), order_grad, None, None, None
 
 
 class _Tie(torch.autograd.Function):
@@ -380,7 +382,7 @@ def _given_state(module: Any, state: Mapping[str, torch.Tensor], carried: dict, 
 
 @dataclass(frozen=True)
 class CommunicationBytes:
-    """Bytes one rank sends for one call: the all-gather forward, the all-reduce of adjoints backward."""
+    """Bytes one rank sends for one call: the all-gather forward, the all-to-all of adjoints backward."""
 
     forward: int
     backward: int
@@ -389,12 +391,12 @@ class CommunicationBytes:
 def communication_bytes(summary_bytes: int, world_size: int) -> CommunicationBytes:
     """What one rank sends when every rank's summary is ``summary_bytes``, by ring algorithms.
 
-    Forward, a ring all-gather: each rank forwards ``P - 1`` summaries.  Backward, a ring
-    all-reduce of the ``[P, n]`` adjoints: reduce-scatter and all-gather, each
-    ``(P - 1) / P`` of ``P`` summaries.
+    Forward, an all-gather: each rank's summary reaches ``P - 1`` others (a ring forwards
+    ``P - 1`` summaries per rank).  Backward, an all-to-all of the ``[P, n]`` adjoints:
+    each rank sends the ``P - 1`` rows that belong to the others.
     """
     forward = (world_size - 1) * summary_bytes
-    backward = 2 * (world_size - 1) * summary_bytes
+    backward = (world_size - 1) * summary_bytes
     return CommunicationBytes(forward, backward)
 
 
