@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from . import ir
-from .analysis import DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, StateAnalysis, Structure, log_of_positive
+from .analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, StateAnalysis, Structure, log_of_positive
 from .errors import BackendError, InputError
 from .ir import Kind, RefKind
 from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions
@@ -194,19 +194,40 @@ def plan_exchanges(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     return tuple(steps)
 
 
-def local_plan(module: Any) -> ExecutionPlan:
-    """The plan each rank runs its slice with: the ``chunked`` backend's forms for the module's cell.
+def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
+    """The plan each rank runs its slice with: the ``chunked`` backend's forms for the cell.
 
     A :class:`SequenceParallelError` says why a cell cannot run sequence-parallel.
     """
     try:
-        return make_plan(module.analysis, "chunked", PlanOptions(chunk_size=module.plan.chunk_size))
+        return make_plan(analysis, "chunked", PlanOptions(chunk_size=chunk_size))
     except BackendError as error:
         reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
         raise SequenceParallelError(
-            f"cell {module.cell.name} cannot run sequence-parallel: {reason}",
+            f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
             expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
         ) from None
+
+
+def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, heads: int = 1, itemsize: int = 4, chunk_size: int = 64) -> str:
+    """What :class:`SequenceParallel` exchanges for this cell over ``world_size`` ranks, in words.
+
+    Per recurrence: the local form, the summary and its size, the exchange and the
+    correction; then the bytes one rank sends per call (``batch`` rows, ``heads`` heads,
+    ``itemsize`` bytes per number).  Needs no process group (``recdsl explain
+    --sequence-parallel P`` prints it).
+    """
+    exchanges = plan_exchanges(local_plan(analysis, chunk_size))
+    lines = [f"sequence parallel over {world_size} rank{'s' if world_size != 1 else ''}: cell {analysis.cell.name}, each slice run in the chunked backend's forms"]
+    for step in exchanges:
+        lines.append(f"  {', '.join(step.names)}: {step.form}")
+        lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.elements} numbers per batch row and head")
+        lines.append(f"      exchange: {step.exchange}")
+        lines.append(f"      correction: {step.correction}")
+    summary_bytes = sum(s.elements for s in exchanges) * batch * heads * itemsize
+    sent = communication_bytes(summary_bytes, world_size)
+    lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {sent.forward}, backward {sent.backward}")
+    return "\n".join(lines) + "\n"
 
 
 # ---- collectives with their reverse exchange as backward --------------------------------------
@@ -309,7 +330,7 @@ class SequenceParallel(nn.Module):
         if not isinstance(module, CompiledCell):
             raise SequenceParallelError(f"SequenceParallel wraps a module made by recdsl.compile, got {type(module).__name__}", expected="SequenceParallel(recdsl.compile(...))")
         self.module = module
-        self.plan: ExecutionPlan = local_plan(module)
+        self.plan: ExecutionPlan = local_plan(module.analysis, module.plan.chunk_size)
         self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan)
         if not dist.is_available() or not dist.is_initialized():
             raise SequenceParallelError("torch.distributed is not initialised", expected="torch.distributed.init_process_group(...) on every rank first (torchrun does the rendezvous)")
@@ -320,17 +341,9 @@ class SequenceParallel(nn.Module):
         self.last_exchange: list[tuple[tuple[str, ...], int, int]] = []
 
     def describe(self, batch: int = 1, heads: int = 1, dtype: torch.dtype = torch.float32) -> str:
-        """The exchange of each recurrence: summary, its size per rank, correction; and the bytes per call."""
+        """The exchange of each recurrence (summary, its size, correction) and the bytes one rank sends per call."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        lines = [f"sequence parallel over {self.world_size} rank{'s' if self.world_size != 1 else ''}: cell {self.module.cell.name}, local forms of the chunked backend"]
-        for step in self.exchanges:
-            lines.append(f"  {', '.join(step.names)}: {step.form}")
-            lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.elements} numbers per batch row and head")
-            lines.append(f"      exchange: {step.exchange}")
-            lines.append(f"      correction: {step.correction}")
-        total = sum(s.elements for s in self.exchanges) * batch * heads * itemsize
-        lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {str(dtype).replace('torch.', '')}): forward {communication_bytes(total, self.world_size).forward}, backward {communication_bytes(total, self.world_size).backward}")
-        return "\n".join(lines) + "\n"
+        return describe_exchanges(self.plan.analysis, self.world_size, batch, heads, itemsize, self.plan.chunk_size)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}"

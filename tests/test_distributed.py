@@ -358,3 +358,16 @@ def test_only_compiled_modules_are_wrapped(one_rank):
 
     with pytest.raises(SequenceParallelError, match="wraps a module made by recdsl.compile"):
         SequenceParallel(torch.nn.Linear(2, 2))
+
+
+def test_explain_prints_the_exchange_without_a_process_group(capsys):
+    from recdsl.cli import main
+
+    assert main(["explain", "--sequence-parallel", "4", "examples/gla.rec", "--dim", "dk=8", "--dim", "dv=8"]) == 0
+    out = capsys.readouterr().out
+    assert "sequence parallel over 4 ranks: cell GLA" in out
+    assert "transition [8, 1] + state [8, 8] = 72 numbers per batch row and head" in out
+    # 72 numbers of 4 bytes reach the 3 other ranks forward; 3 rows of adjoints go back.
+    assert "forward 864, backward 864" in out
+    assert main(["explain", "--sequence-parallel", "2", "examples/gru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 1
+    assert "cannot run sequence-parallel: state 'h' is nonlinear" in capsys.readouterr().err
