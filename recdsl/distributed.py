@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Mapping, Sequence
@@ -59,11 +60,12 @@ import torch
 from torch import nn
 
 from . import ir
-from .analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, StateAnalysis, Structure, log_of_positive
+from .analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure, log_of_positive
 from .errors import BackendError, InputError
 from .ir import Kind, RefKind
 from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions
 from .plan import plan as make_plan
+from .backends.parallel import Solver, _run_chunk_plan, _Sequences, _shift
 
 
 class SequenceParallelError(BackendError):
@@ -186,6 +188,14 @@ def plan_exchanges(local: ExecutionPlan) -> tuple[StepExchange, ...]:
                 size = _numel(state.type.shape)
                 transition = SummaryPart("transition", (size, size), False)
                 steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.RECOMPUTE, f"the {recurrence.semiring.name} product of its {size} x {size} step matrices and its final state from the semiring zero (rank 0: from the initial state)"))
+            case Form.LOW_RANK_MATRIX_SCAN | Form.DENSE_MATRIX_SCAN:
+                assert isinstance(recurrence, MatrixAffine)
+                if step.form is Form.DENSE_MATRIX_SCAN:
+                    rows = _numel(state.type.shape)
+                else:
+                    rows = state.type.shape[1 if recurrence.side is Side.RIGHT else 0]
+                transition = SummaryPart("transition", (rows, rows), _is_complex(state.type))
+                steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.RECOMPUTE, f"the product of its {rows} x {rows} step matrices ({recurrence.structure}) and its final state from zero"))
             case _:
                 raise SequenceParallelError(
                     f"state '{name}' runs as a {step.form.name.lower().replace('_', ' ')}, which has no sequence-parallel summary yet",
@@ -233,6 +243,14 @@ def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, head
 # ---- collectives with their reverse exchange as backward --------------------------------------
 
 
+@dataclass
+class CollectiveTime:
+    """Seconds this rank spent inside the exchange's collectives (including waiting for the other ranks)."""
+
+    forward: float = 0.0
+    backward: float = 0.0
+
+
 class _AllGather(torch.autograd.Function):
     """All-gather of one flat summary per rank -> ``[P, n]``; backward sums each rank's adjoints over the ranks.
 
@@ -242,12 +260,14 @@ class _AllGather(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, flat: torch.Tensor, order: torch.Tensor | None, group: Any, rank: int, world: int) -> torch.Tensor:
+    def forward(ctx, flat: torch.Tensor, order: torch.Tensor | None, group: Any, rank: int, world: int, clock: "CollectiveTime") -> torch.Tensor:
         import torch.distributed as dist
 
         gathered = [torch.empty_like(flat) for _ in range(world)]
+        started = time.perf_counter()
         dist.all_gather(gathered, flat.contiguous(), group=group)
-        ctx.group, ctx.rank, ctx.has_order = group, rank, order is not None
+        clock.forward += time.perf_counter() - started
+        ctx.group, ctx.rank, ctx.has_order, ctx.clock = group, rank, order is not None, clock
         if ctx.has_order:
             ctx.order_shape = order.shape
         return torch.stack(gathered)
@@ -259,9 +279,11 @@ class _AllGather(torch.autograd.Function):
         # Rank j holds the adjoints of every rank's summary from its own slice's use of them;
         # an all-to-all sends each rank its row (a reduce-scatter, (P - 1) summaries per rank).
         received = torch.empty_like(grad)
+        started = time.perf_counter()
         dist.all_to_all_single(received, grad.contiguous(), group=ctx.group)
+        ctx.clock.backward += time.perf_counter() - started
         order_grad = grad.new_zeros(ctx.order_shape) if ctx.has_order else None
-        return received.sum(0), order_grad, None, None, None
+        return received.sum(0), order_grad, None, None, None, None
 
 
 class _Tie(torch.autograd.Function):
@@ -339,6 +361,8 @@ class SequenceParallel(nn.Module):
         self.world_size = dist.get_world_size(self.group)
         # What the last call sent, per exchange: (names, elements per rank, bytes per rank).
         self.last_exchange: list[tuple[tuple[str, ...], int, int]] = []
+        # Seconds spent in the exchange's collectives, accumulated over calls (reset it to measure).
+        self.collective_time = CollectiveTime()
 
     def describe(self, batch: int = 1, heads: int = 1, dtype: torch.dtype = torch.float32) -> str:
         """The exchange of each recurrence (summary, its size, correction) and the bytes one rank sends per call."""
@@ -420,8 +444,6 @@ class _SlicedRun:
     """One call on one rank: the local plan's steps in schedule order, each exchanged and corrected."""
 
     def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics) -> None:
-        from .backends.parallel import _Sequences
-
         self.owner = owner
         self.plan = owner.plan
         self.analysis = self.plan.analysis
@@ -447,7 +469,7 @@ class _SlicedRun:
     def exchange(self, names: tuple[str, ...], parts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """All ranks' summaries, ``[rank][part]``, gathered (differentiably) from this rank's ``parts``."""
         flat = _pack(parts, self.state_lead, self.numerics.real)
-        gathered = _AllGather.apply(flat, self.order, self.owner.group, self.rank, self.world)
+        gathered = _AllGather.apply(flat, self.order, self.owner.group, self.rank, self.world, self.owner.collective_time)
         self.order = gathered
         self.owner.last_exchange.append((names, flat.numel(), flat.numel() * flat.element_size()))
         return [_unpack(gathered[r], parts, self.state_lead) for r in range(self.world)]
@@ -467,8 +489,6 @@ class _SlicedRun:
         return value
 
     def run(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        from .backends.parallel import _shift
-
         scans = {s.name: s for s in self.cell.scans}
         final: dict[str, torch.Tensor] = {}
         substitutions: dict[int, torch.Tensor] = {}
@@ -500,8 +520,6 @@ class _SlicedRun:
     # -- one recurrence
     def solve(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """``(sequence or None, true initial state, whole-sequence final state)`` of one state on this slice."""
-        from .backends.parallel import Solver
-
         name = state.state
         recurrence = state.recurrence
         first = self.rank == 0
@@ -535,8 +553,10 @@ class _SlicedRun:
                 if not first:
                     sequence = plus(_tropical_times(start.unsqueeze(1), running), sequence)
                 return sequence, start, self.fold(gathered, apply, self.world)
-            case Correction.RECOMPUTE:
+            case Correction.RECOMPUTE if step.form is Form.SEMIRING_MATRIX_SCAN:
                 return self._semiring_matrix(step, planned, state)
+            case Correction.RECOMPUTE:
+                return self._matrix_scan(step, planned, state)
             case Correction.DECAYED_READOUT | Correction.TRANSITION_READOUT:
                 return self._chunked(step, planned, state, substitutions)
         raise AssertionError(planned.correction)  # pragma: no cover - plan_exchanges rules this out
@@ -550,7 +570,6 @@ class _SlicedRun:
 
     def _semiring_matrix(self, step, planned: StepExchange, state: StateAnalysis):
         """A semiring matrix transition (CRF): the product of the slice's matrices, then the pass from the received state."""
-        from .backends.parallel import Solver
         from .backends.scans import semiring_matmul
         from .backends.torch_ops import ELEMENTWISE, REDUCTIONS
 
@@ -597,10 +616,36 @@ class _SlicedRun:
             sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
         return sequence, start, self.fold(summaries, apply, self.world)
 
+    def _matrix_scan(self, step, planned: StepExchange, state: StateAnalysis):
+        """A low-rank or dense transition scanned as explicit matrices: their ordered product, then the pass from the received state."""
+        name = state.state
+        first = self.rank == 0
+        solver = _CapturingSolver(self.plan, self.seq, {name: self.initial[name] if first else self.full_state(state, 0.0)})
+        sequence = solver.solve(step, state).expand(self.lead + state.type.shape)
+        matrices, flat, transposed = solver.captured
+        matrices = matrices.to(sequence.dtype).movedim(1, 0)  # [T_r, B, *heads, K, K]
+        while matrices.shape[0] > 1:  # M_T ... M_1, pairwise: log depth
+            pairs = matrices.shape[0] // 2
+            product = matrices[1 : 2 * pairs : 2] @ matrices[0 : 2 * pairs : 2]
+            matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+        gathered = self.exchange(step.names, [matrices[0], sequence[:, -1]])
+
+        def apply(summary, s):
+            if transposed:  # S_t^T = M_t S_{t-1}^T + B_t^T
+                moved = (summary[0] @ s.transpose(-1, -2)).transpose(-1, -2)
+            elif flat:  # a map on the flattened state
+                moved = (summary[0] @ s.reshape(self.state_lead + (-1, 1))).reshape(s.shape)
+            else:
+                moved = summary[0] @ s
+            return moved + summary[1]
+
+        start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+        if not first:
+            sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
+        return sequence, start, self.fold(gathered, apply, self.world)
+
     def _chunked(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict):
         """A matrix state read out linearly: chunked pass from zero, summary, read-outs corrected."""
-        from .backends.parallel import _run_chunk_plan
-
         name = state.state
         chunk = step.chunk
         assert chunk is not None
@@ -694,7 +739,6 @@ class _SlicedRun:
 
     # -- a declared monoid
     def monoid(self, scan: ir.ScanAssign, final: dict) -> dict[str, torch.Tensor]:
-        from .backends.parallel import Solver
         from .backends.torch_ops import combine_carries
 
         names = [c.name for c in scan.monoid.carries]
@@ -731,3 +775,14 @@ class _SlicedRun:
         declared = next(c for c in scan.monoid.carries if c.name == carry)
         value = Evaluator(self.numerics, {}).evaluate(declared.identity).to(self.numerics.dtype_of(declared.type.kind))
         return value.expand(self.state_lead + declared.type.shape)
+
+
+
+class _CapturingSolver(Solver):
+    """The parallel backend's solver, keeping the step matrices of the last matrix scan it ran."""
+
+    captured: tuple[torch.Tensor, bool, bool] | None = None
+
+    def _matrix_scan(self, state, matrix, flat=False, transposed=False):
+        self.captured = (matrix, flat, transposed)
+        return super()._matrix_scan(state, matrix, flat=flat, transposed=transposed)

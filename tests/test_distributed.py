@@ -35,6 +35,33 @@ TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1
 PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf")
 NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
 
+# Cells whose states the chunked backend scans as explicit matrices (no example does).
+MATRIX_SCAN_CELLS = {
+    "delta_state": ("""cell DeltaState(dk, dv) {
+    input k: [dk]
+    input v: [dv]
+    input b: []
+    state S: [dk, dv] = 0
+    beta = sigmoid(b)
+    S = S - beta * outer(k, k @ S) + beta * outer(k, v)
+    out S
+}""", dict(dk=3, dv=2)),  # the delta rule with the whole state as output: low rank from the left
+    "right_memory": ("""cell RightMemory(d) {
+    input k: [d]
+    input v: [d]
+    state W: [d, d] = 0
+    W = W - 0.5 * outer(W @ k, k) + outer(v, k)
+    out W
+}""", dict(d=3)),  # low rank from the right
+    "dense": ("""cell Dense(d) {
+    input x: [d]
+    param A: [d, d] = normal(0.4)
+    state h: [d] = 0
+    h = h @ A + x
+    out h
+}""", dict(d=3)),  # a dense transition
+}
+
 
 @dataclass(frozen=True)
 class Case:
@@ -57,6 +84,8 @@ def default_cases(world: int) -> list[Case]:
     for i, example in enumerate(PARALLEL_EXAMPLES):
         lengths = shapes[i % len(shapes)]
         cases.append(Case(example, lengths, with_state=bool(i % 2)))
+    for i, cell in enumerate(MATRIX_SCAN_CELLS):
+        cases.append(Case(cell, shapes[i % len(shapes)], with_state=bool(i % 2)))
     if world == 4:
         cases.append(Case("gla", (2, 2, 2, 2), with_state=True, heads=(2,)))
         cases.append(Case("mlstm", (1, 1, 1, 1), with_state=True))
@@ -70,7 +99,7 @@ def slow_cases(world: int) -> list[Case]:
     """The whole matrix: every parallel example x several slicings x with and without a state."""
     slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
     cases = []
-    for example in PARALLEL_EXAMPLES:
+    for example in PARALLEL_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
                 cases.append(Case(example, lengths, with_state))
@@ -85,7 +114,11 @@ def slow_cases(world: int) -> list[Case]:
 
 def _module(case: Case) -> recdsl.CompiledCell:
     torch.manual_seed(1234)
-    module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), chunk_size=case.chunk_size, **DIMS[case.example]).double()
+    if case.example in MATRIX_SCAN_CELLS:
+        source, dims = MATRIX_SCAN_CELLS[case.example]
+        module = recdsl.compile(source, chunk_size=case.chunk_size, **dims).double()
+    else:
+        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), chunk_size=case.chunk_size, **DIMS[case.example]).double()
     with torch.no_grad():
         for param in module.parameters():
             param.add_(0.3 * torch.randn_like(param))
