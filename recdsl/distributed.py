@@ -52,7 +52,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Mapping, Sequence
 
@@ -81,6 +81,7 @@ class Exchange(Enum):
     """How the ranks exchange one recurrence's summaries; the value is its name in prose."""
 
     ALL_GATHER = "all-gather of every rank's summary, exclusive prefix on each rank"
+    RING = "ring: each rank receives its initial state from the previous rank and sends its final state to the next (P - 1 hops)"
 
     def __str__(self) -> str:
         return self.value
@@ -125,10 +126,21 @@ class StepExchange:
     exchange: Exchange
     correction: Correction
     description: str
+    state_count: int = 1  # the summary's last parts are the slice's final state
+
+    @property
+    def summary_elements(self) -> int:
+        """Real numbers in one slice's summary, per batch row and head."""
+        return sum(part.elements for part in self.summary)
+
+    @property
+    def state_elements(self) -> int:
+        return sum(part.elements for part in self.summary[-self.state_count :])
 
     @property
     def elements(self) -> int:
-        return sum(part.elements for part in self.summary)
+        """Real numbers one rank contributes per batch row and head: its summary (all-gather) or its outgoing state (ring)."""
+        return self.state_elements if self.exchange is Exchange.RING else self.summary_elements
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -145,11 +157,27 @@ def _is_complex(t: ir.Type) -> bool:
     return t.kind is Kind.COMPLEX
 
 
-def plan_exchanges(local: ExecutionPlan) -> tuple[StepExchange, ...]:
-    """For each step of the local plan, the summary its slice reduces to and how it is used.
+def plan_exchanges(local: ExecutionPlan, exchange: Exchange | None = None) -> tuple[StepExchange, ...]:
+    """For each step of the local plan, the summary its slice reduces to, how it is exchanged and used.
 
+    The exchange is ``exchange`` when given; otherwise by size: an all-gather (one
+    collective, every rank receives every summary) unless the summary's transition is
+    larger than its state (a CRF's ``n x n`` semiring matrix for an ``n``-vector, a dense
+    transition, a delta rule with ``dk > dv``), where a ring sends one state per rank
+    instead, at the price of ``P - 1`` hops one after the other.
     Raises :class:`SequenceParallelError` for a form with no sequence-parallel summary.
     """
+    return tuple(_with_exchange(step, exchange) for step in _summaries(local))
+
+
+def _with_exchange(step: StepExchange, exchange: Exchange | None) -> StepExchange:
+    if exchange is None:
+        transition = step.summary_elements - step.state_elements
+        exchange = Exchange.RING if transition > step.state_elements else Exchange.ALL_GATHER
+    return replace(step, exchange=exchange)
+
+
+def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     analysis = local.analysis
     scans = {s.name: s for s in analysis.cell.scans}
     steps = []
@@ -157,7 +185,7 @@ def plan_exchanges(local: ExecutionPlan) -> tuple[StepExchange, ...]:
         (name,) = step.names
         if name in scans:
             carries = tuple(SummaryPart(c.name, tuple(c.type.shape), _is_complex(c.type)) for c in scans[name].monoid.carries)
-            steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}"))
+            steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}", len(carries)))
             continue
         state = analysis.state(name)
         recurrence = state.recurrence
@@ -231,12 +259,14 @@ def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, head
     lines = [f"sequence parallel over {world_size} rank{'s' if world_size != 1 else ''}: cell {analysis.cell.name}, each slice run in the chunked backend's forms"]
     for step in exchanges:
         lines.append(f"  {', '.join(step.names)}: {step.form}")
-        lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.elements} numbers per batch row and head")
+        lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.summary_elements} numbers per batch row and head")
         lines.append(f"      exchange: {step.exchange}")
         lines.append(f"      correction: {step.correction}")
-    summary_bytes = sum(s.elements for s in exchanges) * batch * heads * itemsize
-    sent = communication_bytes(summary_bytes, world_size)
-    lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {sent.forward}, backward {sent.backward}")
+    forward = backward = 0
+    for step in exchanges:
+        sent = communication_bytes(step.elements * batch * heads * itemsize, world_size, step.exchange)
+        forward, backward = forward + sent.forward, backward + sent.backward
+    lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {forward}, backward {backward}")
     return "\n".join(lines) + "\n"
 
 
@@ -284,6 +314,113 @@ class _AllGather(torch.autograd.Function):
         ctx.clock.backward += time.perf_counter() - started
         order_grad = grad.new_zeros(ctx.order_shape) if ctx.has_order else None
         return received.sum(0), order_grad, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _RingSpec:
+    """What :class:`_RingPrefix` needs besides tensors."""
+
+    apply: Any  # (summary parts, state parts) -> state parts
+    parts: int
+    state_count: int  # the summary's last parts are the slice's final state
+    group: Any
+    rank: int
+    world: int
+    lead: tuple[int, ...]
+    real: torch.dtype
+    need_final: bool  # the whole-sequence final state is wanted on every rank: the last rank broadcasts it
+    clock: "CollectiveTime"
+
+    def global_rank(self, rank: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+
+class _RingPrefix(torch.autograd.Function):
+    """The exclusive prefix passed along the ranks: rank r receives ``S_in(r)`` from r - 1 and
+    sends ``A_r(S_in(r)) + F_r`` to r + 1 (LASP's ring, for any summary).
+
+    Each rank sends one state forward; backward the adjoint of ``S_in`` travels the other way,
+    rank r + 1 to r, each rank applying the transpose of its own summary (the
+    vector-Jacobian product of ``apply``).  Returns ``(*S_in parts, *final parts, token)``;
+    the token orders the exchanges' backwards as :class:`_AllGather`'s output does.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _RingSpec, order: torch.Tensor, *parts: torch.Tensor):
+        import torch.distributed as dist
+
+        summary = [p.detach() for p in parts]
+        templates = summary[-spec.state_count :]
+        started = time.perf_counter()
+        if spec.rank == 0:
+            received = None
+            outgoing = templates
+        else:
+            buffer = torch.empty_like(_pack(templates, spec.lead, spec.real))
+            dist.recv(buffer, src=spec.global_rank(spec.rank - 1), group=spec.group)
+            received = _unpack(buffer, templates, spec.lead)
+            outgoing = spec.apply(summary, received)
+        if spec.rank < spec.world - 1:
+            dist.send(_pack(outgoing, spec.lead, spec.real), dst=spec.global_rank(spec.rank + 1), group=spec.group)
+        if spec.need_final:
+            final_buffer = _pack(outgoing, spec.lead, spec.real).clone() if spec.rank == spec.world - 1 else torch.empty_like(_pack(templates, spec.lead, spec.real))
+            dist.broadcast(final_buffer, src=spec.global_rank(spec.world - 1), group=spec.group)
+            final = _unpack(final_buffer, templates, spec.lead)
+        else:  # not asked for: the last rank's own value stands in (its gradient is not used)
+            final = [t.clone() for t in outgoing] if spec.rank == spec.world - 1 else [torch.zeros_like(t) for t in templates]
+        spec.clock.forward += time.perf_counter() - started
+        ctx.spec = spec
+        ctx.save_for_backward(*summary, *(received if received is not None else []))
+        ctx.order_shape = order.shape
+        incoming = received if received is not None else [torch.zeros_like(t) for t in templates]
+        token = torch.zeros((), dtype=spec.real, device=templates[0].device)
+        return (*incoming, *final, token)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        import torch.distributed as dist
+
+        spec = ctx.spec
+        saved = ctx.saved_tensors
+        summary = list(saved[: spec.parts])
+        received = list(saved[spec.parts :]) or None
+        templates = summary[-spec.state_count :]
+        grad_received = grads[: spec.state_count]
+        grad_final = grads[spec.state_count : 2 * spec.state_count]
+        started = time.perf_counter()
+        # The adjoint of this rank's outgoing state: from the next rank, or (last rank) the
+        # adjoint of the broadcast final state summed over the ranks.
+        if spec.need_final:
+            total = _pack([g if g is not None else torch.zeros_like(t) for g, t in zip(grad_final, templates)], spec.lead, spec.real).clone()
+            dist.all_reduce(total, group=spec.group)
+        if spec.rank < spec.world - 1:
+            buffer = torch.empty_like(_pack(templates, spec.lead, spec.real))
+            dist.recv(buffer, src=spec.global_rank(spec.rank + 1), group=spec.group)
+            grad_outgoing = _unpack(buffer, templates, spec.lead)
+        elif spec.need_final:
+            grad_outgoing = _unpack(total, templates, spec.lead)
+        else:
+            grad_outgoing = [torch.zeros_like(t) for t in templates]
+        spec.clock.backward += time.perf_counter() - started
+        if received is None:  # rank 0: its outgoing state is its summary's state part
+            grad_summary = [torch.zeros_like(p) for p in summary[: -spec.state_count]] + grad_outgoing
+        else:
+            with torch.enable_grad():
+                leaves = [p.detach().requires_grad_(True) for p in summary]
+                incoming = [r.detach().requires_grad_(True) for r in received]
+                outgoing = spec.apply(leaves, incoming)
+                grads_in = torch.autograd.grad(outgoing, leaves + incoming, grad_outgoing, allow_unused=True)
+            grad_summary = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads_in[: spec.parts], summary)]
+            grad_incoming = [
+                (g if g is not None else torch.zeros_like(r)) + (l if l is not None else torch.zeros_like(r))
+                for g, l, r in zip(grads_in[spec.parts :], grad_received, received)
+            ]
+            started = time.perf_counter()
+            dist.send(_pack(grad_incoming, spec.lead, spec.real), dst=spec.global_rank(spec.rank - 1), group=spec.group)
+            spec.clock.backward += time.perf_counter() - started
+        return (None, torch.zeros(ctx.order_shape, dtype=spec.real, device=templates[0].device), *grad_summary)
 
 
 class _Tie(torch.autograd.Function):
@@ -343,7 +480,7 @@ class SequenceParallel(nn.Module):
     summary exchanged and the correction; :meth:`describe` prints them.
     """
 
-    def __init__(self, module: nn.Module, group: Any = None) -> None:
+    def __init__(self, module: nn.Module, group: Any = None, exchange: Exchange | None = None) -> None:
         super().__init__()
         import torch.distributed as dist
 
@@ -353,7 +490,11 @@ class SequenceParallel(nn.Module):
             raise SequenceParallelError(f"SequenceParallel wraps a module made by recdsl.compile, got {type(module).__name__}", expected="SequenceParallel(recdsl.compile(...))")
         self.module = module
         self.plan: ExecutionPlan = local_plan(module.analysis, module.plan.chunk_size)
-        self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan)
+        if exchange is not None and not isinstance(exchange, Exchange):
+            raise SequenceParallelError(f"exchange must be an Exchange, got {exchange!r}", expected="None (chosen by size), Exchange.ALL_GATHER or Exchange.RING")
+        self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan, exchange)
+        # Set: every recurrence uses it (tests compare both on one cell); None: each its planned one.
+        self.exchange_override = exchange
         if not dist.is_available() or not dist.is_initialized():
             raise SequenceParallelError("torch.distributed is not initialised", expected="torch.distributed.init_process_group(...) on every rank first (torchrun does the rendezvous)")
         self.group = group if group is not None else dist.new_group(list(range(dist.get_world_size())))
@@ -389,7 +530,7 @@ class SequenceParallel(nn.Module):
         }
         params = {name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in module.named_parameters()}
         consts = {name: value for (_, name), value in module._consts(numerics).items()}
-        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics)
+        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state)
         outputs, final = runner.run()
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
@@ -425,15 +566,21 @@ class CommunicationBytes:
     backward: int
 
 
-def communication_bytes(summary_bytes: int, world_size: int) -> CommunicationBytes:
-    """What one rank sends when every rank's summary is ``summary_bytes``, by ring algorithms.
+def communication_bytes(contributed_bytes: int, world_size: int, exchange: Exchange = Exchange.ALL_GATHER) -> CommunicationBytes:
+    """What one rank sends for one exchange in which it contributes ``contributed_bytes``.
 
-    Forward, an all-gather: each rank's summary reaches ``P - 1`` others (a ring forwards
-    ``P - 1`` summaries per rank).  Backward, an all-to-all of the ``[P, n]`` adjoints:
-    each rank sends the ``P - 1`` rows that belong to the others.
+    All-gather (of summaries): forward, each rank's summary reaches ``P - 1`` others (a
+    ring all-gather forwards ``P - 1`` summaries per rank); backward, an all-to-all of the
+    ``[P, n]`` adjoints, each rank sending the ``P - 1`` rows that belong to the others.
+    Ring (of states): one state forward, one adjoint backward, whatever ``P`` (plus one
+    broadcast of the final state when ``return_state`` asks for it on every rank).
     """
-    forward = (world_size - 1) * summary_bytes
-    backward = (world_size - 1) * summary_bytes
+    if world_size == 1:
+        return CommunicationBytes(0, 0)
+    if exchange is Exchange.RING:
+        return CommunicationBytes(contributed_bytes, contributed_bytes)
+    forward = (world_size - 1) * contributed_bytes
+    backward = (world_size - 1) * contributed_bytes
     return CommunicationBytes(forward, backward)
 
 
@@ -443,8 +590,9 @@ def communication_bytes(summary_bytes: int, world_size: int) -> CommunicationByt
 class _SlicedRun:
     """One call on one rank: the local plan's steps in schedule order, each exchanged and corrected."""
 
-    def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics) -> None:
+    def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics, need_final: bool = True) -> None:
         self.owner = owner
+        self.need_final = need_final
         self.plan = owner.plan
         self.analysis = self.plan.analysis
         self.cell = self.analysis.cell
@@ -481,12 +629,40 @@ class _SlicedRun:
     def evaluate_full(self, expr: ir.Expr, target: ir.Type) -> torch.Tensor:
         return self.seq.full(self.seq.evaluate(expr), expr.type, target)
 
-    def fold(self, summaries: list[list[torch.Tensor]], apply, upto: int) -> torch.Tensor:
-        """``S_in(upto)``: rank 0's final state carried through the summaries of ranks 1..upto-1."""
-        value = summaries[0][-1]
-        for r in range(1, upto):
-            value = apply(summaries[r], value)
-        return value
+    def prefix(self, planned: StepExchange, parts: list[torch.Tensor], apply) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One state's exchange: ``(S_in of this rank (None on rank 0), state after the whole sequence)``.
+
+        ``parts`` is this rank's summary, its last part the slice's final state (rank 0: from
+        the true initial state); ``apply(summary, s)`` carries a state through a summary.
+        """
+        received, whole = self.prefix_parts(planned, parts, lambda summary, state: [apply(summary, state[0])], 1)
+        return (None if received is None else received[0]), whole[0]
+
+    def prefix_parts(self, planned: StepExchange, parts: list[torch.Tensor], apply, state_count: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """:meth:`prefix` for a state of ``state_count`` tensors (a monoid's carries), the last parts of the summary."""
+        exchange = self.owner.exchange_override or planned.exchange
+        if exchange is Exchange.RING:
+            return self.ring(planned.names, parts, apply, state_count)
+        gathered = self.exchange(planned.names, parts)
+
+        def fold(upto: int) -> list[torch.Tensor]:
+            value = gathered[0][-state_count:]
+            for r in range(1, upto):
+                value = apply(gathered[r], value)
+            return value
+
+        return (None if self.rank == 0 else fold(self.rank)), fold(self.world)
+
+    def ring(self, names: tuple[str, ...], parts: list[torch.Tensor], apply, state_count: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """The exclusive prefix passed rank to rank: each sends only its outgoing state."""
+        spec = _RingSpec(apply, len(parts), state_count, self.owner.group, self.rank, self.world, self.state_lead, self.numerics.real, self.need_final, self.owner.collective_time)
+        order = self.order if self.order is not None else parts[0].new_zeros(())
+        results = _RingPrefix.apply(spec, order, *parts)
+        received, whole, token = list(results[:state_count]), list(results[state_count : 2 * state_count]), results[-1]
+        self.order = token
+        sent = _pack(parts[-state_count:], self.state_lead, self.numerics.real)
+        self.owner.last_exchange.append((names, sent.numel(), sent.numel() * sent.element_size()))
+        return (None if self.rank == 0 else received), whole
 
     def run(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         scans = {s.name: s for s in self.cell.scans}
@@ -526,19 +702,17 @@ class _SlicedRun:
         match planned.correction:
             case Correction.NONE:
                 sequence = Solver(self.plan, self.seq, self.initial).solve(step, state).expand(self.lead + state.type.shape)
-                gathered = self.exchange(step.names, [sequence[:, -1]])
-                start = self.initial[name] if first else gathered[self.rank - 1][0]
-                return sequence, start, gathered[-1][0]
+                received, whole = self.prefix(planned, [sequence[:, -1]], lambda summary, s: summary[0])
+                return sequence, self.initial[name] if first else received, whole
             case Correction.DECAY_PRODUCT:
                 zero = self.initial[name] if first else self.full_state(state, 0.0)
                 sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
                 running = self._running_decay(recurrence.decay, state)
-                gathered = self.exchange(step.names, [running[:, -1], sequence[:, -1]])
-                apply = lambda summary, s: summary[0] * s + summary[1]  # noqa: E731
-                start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+                received, whole = self.prefix(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: summary[0] * s + summary[1])
+                start = self.initial[name] if first else received
                 if not first:
                     sequence = sequence + running * start.unsqueeze(1)
-                return sequence, start, self.fold(gathered, apply, self.world)
+                return sequence, start, whole
             case Correction.SEMIRING_DECAY:
                 from .backends.scans import _tropical_times
                 from .backends.torch_ops import ELEMENTWISE
@@ -547,12 +721,11 @@ class _SlicedRun:
                 zero = self.initial[name] if first else self.full_state(state, recurrence.semiring.zero)
                 sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
                 running = self.evaluate_full(recurrence.decay, state.type).cumsum(1)
-                gathered = self.exchange(step.names, [running[:, -1], sequence[:, -1]])
-                apply = lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1])  # noqa: E731
-                start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+                received, whole = self.prefix(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1]))
+                start = self.initial[name] if first else received
                 if not first:
                     sequence = plus(_tropical_times(start.unsqueeze(1), running), sequence)
-                return sequence, start, self.fold(gathered, apply, self.world)
+                return sequence, start, whole
             case Correction.RECOMPUTE if step.form is Form.SEMIRING_MATRIX_SCAN:
                 return self._semiring_matrix(step, planned, state)
             case Correction.RECOMPUTE:
@@ -605,16 +778,16 @@ class _SlicedRun:
         else:
             sequence, last = None, self.full_state(state, semiring.zero)
         flat_shape = self.state_lead + (size,)
-        summaries = self.exchange(step.names, [transition, last])
 
         def apply(summary, s):
             moved = semiring_matmul(s.reshape(flat_shape).unsqueeze(-2), summary[0], reduce_fn).squeeze(-2).reshape(s.shape)
             return plus(moved, summary[1])
 
-        start = self.initial[name] if first else self.fold(summaries, apply, self.rank)
+        received, whole = self.prefix(planned, [transition, last], apply)
+        start = self.initial[name] if first else received
         if not first:
             sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
-        return sequence, start, self.fold(summaries, apply, self.world)
+        return sequence, start, whole
 
     def _matrix_scan(self, step, planned: StepExchange, state: StateAnalysis):
         """A low-rank or dense transition scanned as explicit matrices: their ordered product, then the pass from the received state."""
@@ -628,7 +801,6 @@ class _SlicedRun:
             pairs = matrices.shape[0] // 2
             product = matrices[1 : 2 * pairs : 2] @ matrices[0 : 2 * pairs : 2]
             matrices = torch.cat([product, matrices[2 * pairs :]], 0)
-        gathered = self.exchange(step.names, [matrices[0], sequence[:, -1]])
 
         def apply(summary, s):
             if transposed:  # S_t^T = M_t S_{t-1}^T + B_t^T
@@ -639,10 +811,11 @@ class _SlicedRun:
                 moved = summary[0] @ s
             return moved + summary[1]
 
-        start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+        received, whole = self.prefix(planned, [matrices[0], sequence[:, -1]], apply)
+        start = self.initial[name] if first else received
         if not first:
             sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
-        return sequence, start, self.fold(gathered, apply, self.world)
+        return sequence, start, whole
 
     def _chunked(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict):
         """A matrix state read out linearly: chunked pass from zero, summary, read-outs corrected."""
@@ -661,22 +834,20 @@ class _SlicedRun:
             readouts, last = ran
             log_decay = self.evaluate_full(chunk.log_decay, state.type)  # [B, T_r, *heads, r or 1, c or 1]
             running_log = log_decay.cumsum(1)
-            gathered = self.exchange(step.names, [running_log[:, -1].exp(), last])
-            apply = lambda summary, s: summary[0] * s + summary[1]  # noqa: E731
-            start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+            received, whole = self.prefix(planned, [running_log[:, -1].exp(), last], lambda summary, s: summary[0] * s + summary[1])
+            start = self.initial[name] if first else received
             if not first:
                 running = running_log.exp()
                 readouts = [r + self._decayed_readout(q, running, start, chunk.transposed) for r, q in zip(readouts, chunk.queries)]
         else:
             readouts, last, transition_readouts, transition = self._delta_rule(chunk, state, zero)
-            gathered = self.exchange(step.names, [transition, last])
-            apply = lambda summary, s: summary[0] @ s + summary[1]  # noqa: E731
-            start = self.initial[name] if first else self.fold(gathered, apply, self.rank)
+            received, whole = self.prefix(planned, [transition, last], lambda summary, s: summary[0] @ s + summary[1])
+            start = self.initial[name] if first else received
             if not first:
                 readouts = [r + (p.unsqueeze(-2) @ start.unsqueeze(1)).squeeze(-2) for r, p in zip(readouts, transition_readouts)]
         for node, value in zip(chunk.readouts, readouts):
             substitutions[id(node)] = value
-        return None, start, self.fold(gathered, apply, self.world)
+        return None, start, whole
 
     def _decayed_readout(self, query: ir.Expr, running: torch.Tensor, start: torch.Tensor, transposed: bool) -> torch.Tensor:
         """``q_t (D_t * S_in)`` (or ``(D_t * S_in) q_t``) without forming ``D_t * S_in`` per step."""
@@ -748,23 +919,16 @@ class _SlicedRun:
         else:
             identity = {k: self.initial_identity(scan, n) for k, n in zip(keys, names)}
             local = Solver(self.plan, self.seq, identity).scan(scan)
-        gathered = self.exchange((scan.name,), [local[n][:, -1] for n in names])
-
         def apply(summary, carry):
             combined = combine_carries(scan.monoid, dict(zip(names, carry)), dict(zip(names, summary)), self.numerics)
             return [combined[n] for n in names]
 
-        def fold(upto: int):
-            carry = list(gathered[0])
-            for r in range(1, upto):
-                carry = apply(gathered[r], carry)
-            return carry
-
+        planned = next(e for e in self.owner.exchanges if e.names == (scan.name,))
+        received, whole = self.prefix_parts(planned, [local[n][:, -1] for n in names], apply, len(names))
         if self.rank > 0:
-            received = fold(self.rank)
             combined = combine_carries(scan.monoid, {n: v.unsqueeze(1) for n, v in zip(names, received)}, local, self.numerics)
             local = {n: combined[n] for n in names}
-        for key, value in zip(keys, fold(self.world)):
+        for key, value in zip(keys, whole):
             final[key] = value
         return local
 

@@ -71,10 +71,13 @@ class Case:
     chunk_size: int = 3  # small, so that slices cross chunk boundaries
     heads: tuple[int, ...] = ()
     ddp: bool = False
+    exchange: str | None = None  # an Exchange member's name to force it; None: as planned by size
+    return_state: bool = True
 
     @property
     def name(self) -> str:
-        return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{'-h' + 'x'.join(map(str, self.heads)) if self.heads else ''}{'-ddp' if self.ddp else ''}"
+        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal")
+        return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
 def default_cases(world: int) -> list[Case]:
@@ -86,6 +89,12 @@ def default_cases(world: int) -> list[Case]:
         cases.append(Case(example, lengths, with_state=bool(i % 2)))
     for i, cell in enumerate(MATRIX_SCAN_CELLS):
         cases.append(Case(cell, shapes[i % len(shapes)], with_state=bool(i % 2)))
+    # Each exchange on cells planned with the other: three chained rings (mLSTM), a monoid's ring,
+    # a ring without the final state, the CRF's all-gather.
+    cases.append(Case("mlstm", shapes[-1], with_state=True, exchange="RING"))
+    cases.append(Case("aaren", shapes[0], with_state=True, exchange="RING"))
+    cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
+    cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
     if world == 4:
         cases.append(Case("gla", (2, 2, 2, 2), with_state=True, heads=(2,)))
         cases.append(Case("mlstm", (1, 1, 1, 1), with_state=True))
@@ -194,41 +203,48 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
 
     # The single-process run over the whole sequence.
     leaf_inputs = {n: v.clone().requires_grad_(True) for n, v in inputs.items()}
-    leaf_state = None if state is None else {n: v.clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    leaf_state = None if state is None else {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
     outputs, final = module(**leaf_inputs, state=leaf_state, return_state=True)
     outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
     output_weights = _weights(outputs, 5)
     final_names = sorted(final)
     final_weights = _weights([final[k] for k in final_names], 6)
-    _loss(outputs + [final[k] for k in final_names], output_weights + final_weights).backward()
+    counted = final_names if case.return_state else []
+    _loss(outputs + [final[k] for k in counted], output_weights + final_weights[: len(counted)]).backward()
     want = {
         "outputs": [o[:, begin:end].detach() for o in outputs],
         "final": {k: final[k].detach() for k in final_names},
         "input_grads": {n: v.grad[:, begin:end] for n, v in leaf_inputs.items()},
         "state_grads": {} if leaf_state is None else {n: v.grad for n, v in leaf_state.items()},
-        "param_grads": {n: p.grad.clone() for n, p in module.named_parameters()},
+        "param_grads": {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in module.named_parameters()},
     }
     module.zero_grad(set_to_none=True)
 
     # The sharded run.
-    parallel = SequenceParallel(module, group=_SEQUENCE_GROUP)
+    from recdsl.distributed import Exchange
+
+    parallel = SequenceParallel(module, group=_SEQUENCE_GROUP, exchange=None if case.exchange is None else Exchange[case.exchange])
     model = parallel
     if case.ddp:
         model = torch.nn.parallel.DistributedDataParallel(parallel)
     local_inputs = {n: v[:, begin:end].clone().requires_grad_(True) for n, v in inputs.items()}
     local_state = None
     if rank == 0 and state is not None:
-        local_state = {n: v.clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
-    got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True)
+        local_state = {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    if case.return_state:
+        got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True)
+    else:
+        got_outputs, got_final = model(**local_inputs, state=local_state), {}
     got_outputs = list(got_outputs) if isinstance(got_outputs, tuple) else [got_outputs]
     # The final state enters the loss once, on the last rank; outputs with their slice of the weights.
-    pieces = got_outputs + ([got_final[k] for k in final_names] if rank == world - 1 else [])
-    weights = [w[:, begin:end] for w in output_weights] + (final_weights if rank == world - 1 else [])
+    with_final = case.return_state and rank == world - 1
+    pieces = got_outputs + ([got_final[k] for k in final_names] if with_final else [])
+    weights = [w[:, begin:end] for w in output_weights] + (final_weights if with_final else [])
     _loss(pieces, weights).backward()
     errors = {}
     for i, (g, w) in enumerate(zip(got_outputs, want["outputs"])):
         errors[f"output {i}"] = _error(g.detach(), w)
-    for k in final_names:
+    for k in final_names if case.return_state else ():
         errors[f"final {k}"] = _error(got_final[k].detach(), want["final"][k])
     for n, v in local_inputs.items():
         errors[f"grad input {n}"] = _error(v.grad, want["input_grads"][n])
