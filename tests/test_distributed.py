@@ -373,7 +373,7 @@ def test_one_rank_is_the_module_itself(one_rank):
 
 
 def test_describe_names_each_summary_and_exchange(one_rank):
-    from recdsl.distributed import Correction, SequenceParallel
+    from recdsl.distributed import Correction, Exchange, SequenceParallel
 
     gla = SequenceParallel(recdsl.compile(str(EXAMPLES / "gla.rec"), dk=64, dv=64))
     text = gla.describe(batch=1, heads=1)
@@ -386,6 +386,11 @@ def test_describe_names_each_summary_and_exchange(one_rank):
     assert "transition [8, 8] + state [8, 4]" in delta.describe()
     crf = SequenceParallel(recdsl.compile(str(EXAMPLES / "crf.rec"), n=5))
     assert crf.exchanges[0].correction is Correction.RECOMPUTE
+    # 25 numbers of transition for a state of 5: a ring sends the state only.
+    assert crf.exchanges[0].exchange is Exchange.RING and crf.exchanges[0].elements == 5
+    assert "exchange: ring" in crf.describe()
+    forced = SequenceParallel(recdsl.compile(str(EXAMPLES / "crf.rec"), n=5), exchange=Exchange.ALL_GATHER)
+    assert forced.exchanges[0].exchange is Exchange.ALL_GATHER and forced.exchanges[0].elements == 30
     aaren = SequenceParallel(recdsl.compile(str(EXAMPLES / "aaren.rec"), d=3))
     assert aaren.exchanges[0].correction is Correction.MONOID_FOLD and aaren.exchanges[0].elements == 5
 
