@@ -81,23 +81,31 @@ class Case:
 
 
 def default_cases(world: int) -> list[Case]:
-    """Every parallel example, uneven slices with a slice of one step; some with a given state."""
-    shapes = {2: [(5, 3), (1, 6)], 4: [(3, 1, 4, 2)]}[world]
+    """2 ranks: every parallel example, uneven slices with a slice of one step, each exchange
+    forced on cells planned with the other, DDP.  4 ranks (4 processes on 2 cores): one
+    cell per summary kind."""
+    if world == 4:
+        lengths = (3, 1, 4, 2)
+        return [
+            Case("lru", lengths, with_state=True),  # complex diagonal decays
+            Case("gla", (2, 2, 2, 2), with_state=True, heads=(2,)),  # row decays, chunked, heads
+            Case("mlstm", (1, 1, 1, 1), with_state=True),  # max-plus, scalar-decay chunked, vector: three exchanges
+            Case("deltanet", lengths, with_state=False),  # the delta rule's transition
+            Case("aaren", lengths, with_state=True),  # a monoid
+            Case("crf", lengths, with_state=False, ddp=True),  # a semiring matrix, on the ring, under DDP
+            Case("dense", lengths, with_state=True, exchange="ALL_GATHER"),  # a dense matrix scan
+            Case("mamba2", lengths, with_state=True, exchange="RING", return_state=False),
+        ]
+    shapes = [(5, 3), (1, 6)]
     cases = []
-    for i, example in enumerate(PARALLEL_EXAMPLES):
-        lengths = shapes[i % len(shapes)]
-        cases.append(Case(example, lengths, with_state=bool(i % 2)))
-    for i, cell in enumerate(MATRIX_SCAN_CELLS):
-        cases.append(Case(cell, shapes[i % len(shapes)], with_state=bool(i % 2)))
+    for i, example in enumerate(PARALLEL_EXAMPLES + tuple(MATRIX_SCAN_CELLS)):
+        cases.append(Case(example, shapes[i % len(shapes)], with_state=bool(i % 2)))
     # Each exchange on cells planned with the other: three chained rings (mLSTM), a monoid's ring,
     # a ring without the final state, the CRF's all-gather.
     cases.append(Case("mlstm", shapes[-1], with_state=True, exchange="RING"))
     cases.append(Case("aaren", shapes[0], with_state=True, exchange="RING"))
     cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
     cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
-    if world == 4:
-        cases.append(Case("gla", (2, 2, 2, 2), with_state=True, heads=(2,)))
-        cases.append(Case("mlstm", (1, 1, 1, 1), with_state=True))
     # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
@@ -113,6 +121,8 @@ def slow_cases(world: int) -> list[Case]:
             for with_state in (False, True):
                 cases.append(Case(example, lengths, with_state))
         cases.append(Case(example, slicings[1], True, heads=(2,)))
+        cases.append(Case(example, slicings[1], True, exchange="RING"))
+        cases.append(Case(example, slicings[1], False, exchange="ALL_GATHER", return_state=False))
         if any(True for _ in _module(Case(example, slicings[1], False)).parameters()):
             cases.append(Case(example, slicings[1], False, ddp=True))
     return cases
