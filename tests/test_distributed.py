@@ -71,12 +71,13 @@ class Case:
     chunk_size: int = 3  # small, so that slices cross chunk boundaries
     heads: tuple[int, ...] = ()
     ddp: bool = False
+    fsdp: bool = False  # FSDP2's fully_shard over a CPU device mesh
     exchange: str | None = None  # an Exchange member's name to force it; None: as planned by size
     return_state: bool = True
 
     @property
     def name(self) -> str:
-        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal")
+        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal")
         return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
@@ -109,6 +110,7 @@ def default_cases(world: int) -> list[Case]:
     # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
+    cases.append(Case("hgrn", shapes[0], with_state=True, fsdp=True))
     return cases
 
 
@@ -125,6 +127,7 @@ def slow_cases(world: int) -> list[Case]:
         cases.append(Case(example, slicings[1], False, exchange="ALL_GATHER", return_state=False))
         if any(True for _ in _module(Case(example, slicings[1], False)).parameters()):
             cases.append(Case(example, slicings[1], False, ddp=True))
+            cases.append(Case(example, slicings[1], True, fsdp=True))
     return cases
 
 
@@ -237,6 +240,11 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     model = parallel
     if case.ddp:
         model = torch.nn.parallel.DistributedDataParallel(parallel)
+    if case.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(parallel, mesh=init_device_mesh("cpu", (world,)))
     local_inputs = {n: v[:, begin:end].clone().requires_grad_(True) for n, v in inputs.items()}
     local_state = None
     if rank == 0 and state is not None:
@@ -263,9 +271,12 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
             if v.requires_grad:
                 errors[f"grad state {n}"] = _error(v.grad, want["state_grads"][n])
     for n, p in module.named_parameters():
-        grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        if case.ddp:
-            grad = grad * world  # DDP averaged the ranks' gradients
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if case.fsdp:
+            grad = grad.full_tensor()  # FSDP keeps each rank's shard of the averaged gradient
+        grad = grad.clone()
+        if case.ddp or case.fsdp:
+            grad = grad * world  # DDP and FSDP average the ranks' gradients
         else:
             dist.all_reduce(grad)
         errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
