@@ -687,10 +687,12 @@ class _SlicedRun:
             value = self.seq.evaluate(expanded, substitutions)
             outputs.append(self.seq.full(value, emit.value.type, emit.value.type).expand(self.lead + emit.value.type.shape))
         if self.order is not None and torch.is_grad_enabled() and self.order.requires_grad:
-            # Every rank's backward must reach every exchange (the chain in _AllGather does the
-            # rest), and every initial value must be used so DDP sees each param's gradient.
+            # Every rank's backward must reach every exchange, whichever outputs or final states
+            # its loss reads (the exchanges are chained, so reaching the last reaches all), and
+            # every initial value must be used so that DDP sees each param's gradient.
             extra = [v for v in self.initial.values() if v.requires_grad]
-            outputs[0] = _Tie.apply(outputs[0], self.order, *extra)
+            outputs = [_Tie.apply(o, self.order, *(extra if i == 0 else [])) for i, o in enumerate(outputs)]
+            final = {k: _Tie.apply(v, self.order) for k, v in final.items()}
         return outputs, final
 
     # -- one recurrence

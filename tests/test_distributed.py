@@ -74,10 +74,11 @@ class Case:
     fsdp: bool = False  # FSDP2's fully_shard over a CPU device mesh
     exchange: str | None = None  # an Exchange member's name to force it; None: as planned by size
     return_state: bool = True
+    last_output_only: bool = False  # the loss reads only the last output (every rank must still reach the exchanges' backward)
 
     @property
     def name(self) -> str:
-        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal")
+        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "")
         return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
@@ -111,6 +112,7 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
     cases.append(Case("hgrn", shapes[0], with_state=True, fsdp=True))
+    cases.append(Case("crf", shapes[0], with_state=True, return_state=False, last_output_only=True))  # log Z alone
     return cases
 
 
@@ -223,7 +225,8 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     final_names = sorted(final)
     final_weights = _weights([final[k] for k in final_names], 6)
     counted = final_names if case.return_state else []
-    _loss(outputs + [final[k] for k in counted], output_weights + final_weights[: len(counted)]).backward()
+    read = slice(len(outputs) - 1, None) if case.last_output_only else slice(None)
+    _loss(outputs[read] + [final[k] for k in counted], output_weights[read] + final_weights[: len(counted)]).backward()
     want = {
         "outputs": [o[:, begin:end].detach() for o in outputs],
         "final": {k: final[k].detach() for k in final_names},
@@ -256,8 +259,8 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     got_outputs = list(got_outputs) if isinstance(got_outputs, tuple) else [got_outputs]
     # The final state enters the loss once, on the last rank; outputs with their slice of the weights.
     with_final = case.return_state and rank == world - 1
-    pieces = got_outputs + ([got_final[k] for k in final_names] if with_final else [])
-    weights = [w[:, begin:end] for w in output_weights] + (final_weights if with_final else [])
+    pieces = got_outputs[read] + ([got_final[k] for k in final_names] if with_final else [])
+    weights = [w[:, begin:end] for w in output_weights][read] + (final_weights if with_final else [])
     _loss(pieces, weights).backward()
     errors = {}
     for i, (g, w) in enumerate(zip(got_outputs, want["outputs"])):
