@@ -232,6 +232,12 @@ def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     return tuple(steps)
 
 
+def exchange_groups(analysis: Analysis, chunk_size: int = 64) -> list[tuple[str, ...]]:
+    """The recurrences whose summaries travel together, in order (one collective per group and exchange kind)."""
+    local = local_plan(analysis, chunk_size)
+    return [tuple(step.names[0] for step, _ in level) for level in _levels(local, plan_exchanges(local))]
+
+
 def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
     """The plan each rank runs its slice with: the ``chunked`` backend's forms for the cell.
 
@@ -267,6 +273,8 @@ def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, head
         sent = communication_bytes(step.elements * batch * heads * itemsize, world_size, step.exchange)
         forward, backward = forward + sent.forward, backward + sent.backward
     lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {forward}, backward {backward}")
+    groups = exchange_groups(analysis, chunk_size)
+    lines.append(f"  exchanges per call: {len(groups)} (" + "; ".join(", ".join(names) for names in groups) + "): recurrences that do not read each other share one")
     return "\n".join(lines) + "\n"
 
 
@@ -629,29 +637,54 @@ class _SlicedRun:
     def evaluate_full(self, expr: ir.Expr, target: ir.Type) -> torch.Tensor:
         return self.seq.full(self.seq.evaluate(expr), expr.type, target)
 
-    def prefix(self, planned: StepExchange, parts: list[torch.Tensor], apply) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """One state's exchange: ``(S_in of this rank (None on rank 0), state after the whole sequence)``.
+    def exchange_level(self, requests: list["_Request"]) -> list[tuple]:
+        """The exchanges of recurrences that do not read each other, batched: one collective per kind.
 
-        ``parts`` is this rank's summary, its last part the slice's final state (rank 0: from
-        the true initial state); ``apply(summary, s)`` carries a state through a summary.
+        Returns, per request, ``(S_in parts (None on rank 0), whole-sequence final parts)``.
         """
-        received, whole = self.prefix_parts(planned, parts, lambda summary, state: [apply(summary, state[0])], 1)
-        return (None if received is None else received[0]), whole[0]
+        answers: list[tuple | None] = [None] * len(requests)
+        by_kind: dict[Exchange, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_kind.setdefault(self.owner.exchange_override or request.planned.exchange, []).append(i)
+        for kind, indices in by_kind.items():
+            batch = [requests[i] for i in indices]
+            names = tuple(name for r in batch for name in r.planned.names)
+            if kind is Exchange.RING:
+                # The ring carries the concatenated states; each summary keeps its transition parts in front.
+                transitions = [r.parts[: len(r.parts) - r.state_count] for r in batch]
+                states = [r.parts[len(r.parts) - r.state_count :] for r in batch]
+                counts = [r.state_count for r in batch]
 
-    def prefix_parts(self, planned: StepExchange, parts: list[torch.Tensor], apply, state_count: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
-        """:meth:`prefix` for a state of ``state_count`` tensors (a monoid's carries), the last parts of the summary."""
-        exchange = self.owner.exchange_override or planned.exchange
-        if exchange is Exchange.RING:
-            return self.ring(planned.names, parts, apply, state_count)
-        gathered = self.exchange(planned.names, parts)
+                def apply_all(summary, state, transitions=transitions, counts=counts, batch=batch):
+                    # summary = every request's transition parts, then every request's state parts.
+                    out, t_at, s_at = [], 0, 0
+                    tail = sum(len(t) for t in transitions)
+                    for request, own, count in zip(batch, transitions, counts):
+                        own_summary = list(summary[t_at : t_at + len(own)]) + list(summary[tail + s_at : tail + s_at + count])
+                        out += request.apply(own_summary, list(state[s_at : s_at + count]))
+                        t_at, s_at = t_at + len(own), s_at + count
+                    return out
 
-        def fold(upto: int) -> list[torch.Tensor]:
-            value = gathered[0][-state_count:]
-            for r in range(1, upto):
-                value = apply(gathered[r], value)
-            return value
+                received, whole = self.ring(names, [p for t in transitions for p in t] + [p for st in states for p in st], apply_all, sum(counts))
+                at = 0
+                for i, count in zip(indices, counts):
+                    answers[i] = (None if received is None else received[at : at + count], whole[at : at + count])
+                    at += count
+                continue
+            gathered = self.exchange(names, [p for r in batch for p in r.parts])
+            at = 0
+            for i, request in zip(indices, batch):
+                own = [g[at : at + len(request.parts)] for g in gathered]
+                at += len(request.parts)
 
-        return (None if self.rank == 0 else fold(self.rank)), fold(self.world)
+                def fold(upto: int, own=own, request=request) -> list[torch.Tensor]:
+                    value = own[0][-request.state_count :]
+                    for r in range(1, upto):
+                        value = request.apply(own[r], value)
+                    return value
+
+                answers[i] = (None if self.rank == 0 else fold(self.rank), fold(self.world))
+        return answers
 
     def ring(self, names: tuple[str, ...], parts: list[torch.Tensor], apply, state_count: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
         """The exclusive prefix passed rank to rank: each sends only its outgoing state."""
@@ -668,20 +701,39 @@ class _SlicedRun:
         scans = {s.name: s for s in self.cell.scans}
         final: dict[str, torch.Tensor] = {}
         substitutions: dict[int, torch.Tensor] = {}
-        for step, planned in zip(self.plan.steps, self.owner.exchanges):
-            (name,) = step.names
-            if name in scans:
-                carries = self.monoid(scans[name], final)
-                for carry, value in carries.items():
-                    self.seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
-                continue
-            state = self.analysis.state(name)
-            sequence, start, last = self.solve(step, planned, state, substitutions)
-            final[name] = last
-            if sequence is not None:
-                sequence = sequence.expand(self.lead + state.type.shape)
-                self.seq.values[(RefKind.STATE_NEW, name)] = sequence
-                self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start)
+        for level in _levels(self.plan, self.owner.exchanges):
+            # Each recurrence of a level runs its local pass up to its exchange; the level's
+            # exchanges go out together; then each applies its correction.
+            running = []
+            for step, planned in level:
+                (name,) = step.names
+                if name in scans:
+                    running.append((step, self.monoid(scans[name], final)))
+                else:
+                    running.append((step, self.solve(step, planned, self.analysis.state(name), substitutions)))
+            requests = [next(task) for _, task in running]
+            answers = self.exchange_level(requests)
+            for (step, task), request, (received, whole) in zip(running, requests, answers):
+                if request.single:
+                    received, whole = (None if received is None else received[0]), whole[0]
+                try:
+                    task.send((received, whole))
+                except StopIteration as done:
+                    result = done.value
+                else:  # pragma: no cover - each task yields once
+                    raise AssertionError("a recurrence asked for two exchanges")
+                (name,) = step.names
+                if name in scans:
+                    for carry, value in result.items():
+                        self.seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
+                    continue
+                state = self.analysis.state(name)
+                sequence, start, last = result
+                final[name] = last
+                if sequence is not None:
+                    sequence = sequence.expand(self.lead + state.type.shape)
+                    self.seq.values[(RefKind.STATE_NEW, name)] = sequence
+                    self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start)
         outputs = []
         for emit, expanded in zip(self.cell.outputs, self.analysis.expanded_outputs):
             value = self.seq.evaluate(expanded, substitutions)
@@ -704,13 +756,13 @@ class _SlicedRun:
         match planned.correction:
             case Correction.NONE:
                 sequence = Solver(self.plan, self.seq, self.initial).solve(step, state).expand(self.lead + state.type.shape)
-                received, whole = self.prefix(planned, [sequence[:, -1]], lambda summary, s: summary[0])
+                received, whole = yield _Request.single_state(planned, [sequence[:, -1]], lambda summary, s: summary[0])
                 return sequence, self.initial[name] if first else received, whole
             case Correction.DECAY_PRODUCT:
                 zero = self.initial[name] if first else self.full_state(state, 0.0)
                 sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
                 running = self._running_decay(recurrence.decay, state)
-                received, whole = self.prefix(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: summary[0] * s + summary[1])
+                received, whole = yield _Request.single_state(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: summary[0] * s + summary[1])
                 start = self.initial[name] if first else received
                 if not first:
                     sequence = sequence + running * start.unsqueeze(1)
@@ -723,17 +775,17 @@ class _SlicedRun:
                 zero = self.initial[name] if first else self.full_state(state, recurrence.semiring.zero)
                 sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
                 running = self.evaluate_full(recurrence.decay, state.type).cumsum(1)
-                received, whole = self.prefix(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1]))
+                received, whole = yield _Request.single_state(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1]))
                 start = self.initial[name] if first else received
                 if not first:
                     sequence = plus(_tropical_times(start.unsqueeze(1), running), sequence)
                 return sequence, start, whole
             case Correction.RECOMPUTE if step.form is Form.SEMIRING_MATRIX_SCAN:
-                return self._semiring_matrix(step, planned, state)
+                return (yield from self._semiring_matrix(step, planned, state))
             case Correction.RECOMPUTE:
-                return self._matrix_scan(step, planned, state)
+                return (yield from self._matrix_scan(step, planned, state))
             case Correction.DECAYED_READOUT | Correction.TRANSITION_READOUT:
-                return self._chunked(step, planned, state, substitutions)
+                return (yield from self._chunked(step, planned, state, substitutions))
         raise AssertionError(planned.correction)  # pragma: no cover - plan_exchanges rules this out
 
     def _running_decay(self, decay: ir.Expr, state: StateAnalysis) -> torch.Tensor:
@@ -785,7 +837,7 @@ class _SlicedRun:
             moved = semiring_matmul(s.reshape(flat_shape).unsqueeze(-2), summary[0], reduce_fn).squeeze(-2).reshape(s.shape)
             return plus(moved, summary[1])
 
-        received, whole = self.prefix(planned, [transition, last], apply)
+        received, whole = yield _Request.single_state(planned, [transition, last], apply)
         start = self.initial[name] if first else received
         if not first:
             sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
@@ -813,7 +865,7 @@ class _SlicedRun:
                 moved = summary[0] @ s
             return moved + summary[1]
 
-        received, whole = self.prefix(planned, [matrices[0], sequence[:, -1]], apply)
+        received, whole = yield _Request.single_state(planned, [matrices[0], sequence[:, -1]], apply)
         start = self.initial[name] if first else received
         if not first:
             sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
@@ -836,14 +888,14 @@ class _SlicedRun:
             readouts, last = ran
             log_decay = self.evaluate_full(chunk.log_decay, state.type)  # [B, T_r, *heads, r or 1, c or 1]
             running_log = log_decay.cumsum(1)
-            received, whole = self.prefix(planned, [running_log[:, -1].exp(), last], lambda summary, s: summary[0] * s + summary[1])
+            received, whole = yield _Request.single_state(planned, [running_log[:, -1].exp(), last], lambda summary, s: summary[0] * s + summary[1])
             start = self.initial[name] if first else received
             if not first:
                 running = running_log.exp()
                 readouts = [r + self._decayed_readout(q, running, start, chunk.transposed) for r, q in zip(readouts, chunk.queries)]
         else:
             readouts, last, transition_readouts, transition = self._delta_rule(chunk, state, zero)
-            received, whole = self.prefix(planned, [transition, last], lambda summary, s: summary[0] @ s + summary[1])
+            received, whole = yield _Request.single_state(planned, [transition, last], lambda summary, s: summary[0] @ s + summary[1])
             start = self.initial[name] if first else received
             if not first:
                 readouts = [r + (p.unsqueeze(-2) @ start.unsqueeze(1)).squeeze(-2) for r, p in zip(readouts, transition_readouts)]
@@ -926,7 +978,7 @@ class _SlicedRun:
             return [combined[n] for n in names]
 
         planned = next(e for e in self.owner.exchanges if e.names == (scan.name,))
-        received, whole = self.prefix_parts(planned, [local[n][:, -1] for n in names], apply, len(names))
+        received, whole = yield _Request(planned, [local[n][:, -1] for n in names], apply, len(names))
         if self.rank > 0:
             combined = combine_carries(scan.monoid, {n: v.unsqueeze(1) for n, v in zip(names, received)}, local, self.numerics)
             local = {n: combined[n] for n in names}
@@ -942,6 +994,62 @@ class _SlicedRun:
         value = Evaluator(self.numerics, {}).evaluate(declared.identity).to(self.numerics.dtype_of(declared.type.kind))
         return value.expand(self.state_lead + declared.type.shape)
 
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a recurrence's local pass asks of the exchange: its summary and how a state crosses it."""
+
+    planned: StepExchange
+    parts: list
+    apply: Any  # (summary parts, state parts) -> state parts
+    state_count: int = 1
+    single: bool = False  # a single-tensor state: the answer is unwrapped
+
+    @staticmethod
+    def single_state(planned: StepExchange, parts: list, apply) -> "_Request":
+        return _Request(planned, parts, lambda summary, state: [apply(summary, state[0])], 1, True)
+
+
+def _recurrences_read(exprs: list[ir.Expr], cell: ir.CellIR) -> set[str]:
+    """The states and scans these expressions read (through bindings too)."""
+    found: set[str] = set()
+    seen: set[str] = set()
+    stack = list(exprs)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ir.Ref):
+            if node.kind in (RefKind.STATE_NEW, RefKind.STATE_PREV):
+                found.add(node.name)
+            elif node.kind is RefKind.SCAN:
+                found.add(node.name.split(".")[0])
+            elif node.kind is RefKind.BINDING and node.name not in seen:
+                seen.add(node.name)
+                stack.append(cell.binding(node.name).value)
+        elif isinstance(node, ir.Op):
+            stack.extend(node.args)
+    return found
+
+
+def _levels(plan: ExecutionPlan, exchanges: tuple[StepExchange, ...]) -> list[list[tuple]]:
+    """The plan's steps grouped so that no step reads a recurrence of its own or a later group."""
+    analysis = plan.analysis
+    scans = {s.name: s for s in analysis.cell.scans}
+    level_of: dict[str, int] = {}
+    levels: list[list[tuple]] = []
+    for step, planned in zip(plan.steps, exchanges):
+        (name,) = step.names
+        if name in scans:
+            exprs = list(scans[name].lifts)
+        else:
+            exprs = [analysis.state(name).update] + (list(step.chunk.queries) if step.chunk is not None else [])
+        reads = _recurrences_read(exprs, analysis.cell) - {name}
+        level = 1 + max((level_of[r] for r in reads if r in level_of), default=-1)
+        level_of[name] = level
+        while len(levels) <= level:
+            levels.append([])
+        levels[level].append((step, planned))
+    return levels
 
 
 class _CapturingSolver(Solver):

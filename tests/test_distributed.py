@@ -393,7 +393,8 @@ def test_one_rank_is_the_module_itself(one_rank):
     assert _error(got, want) <= TOLERANCE, "output of a one-rank group"
     for name in want_final:
         assert _error(got_final[name], want_final[name]) <= TOLERANCE, f"final state {name} of a one-rank group"
-    assert [names for names, _, _ in parallel.last_exchange] == [("m",), ("C",), ("n",)]
+    # m first (C and n read it), then C and n in one all-gather.
+    assert [names for names, _, _ in parallel.last_exchange] == [("m",), ("C", "n")]
 
 
 def test_describe_names_each_summary_and_exchange(one_rank):
@@ -449,3 +450,12 @@ def test_explain_prints_the_exchange_without_a_process_group(capsys):
     assert "forward 864, backward 864" in out
     assert main(["explain", "--sequence-parallel", "2", "examples/gru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 1
     assert "cannot run sequence-parallel: state 'h' is nonlinear" in capsys.readouterr().err
+
+
+def test_recurrences_that_do_not_read_each_other_share_an_exchange():
+    from recdsl.distributed import exchange_groups
+
+    mlstm = recdsl.compile(str(EXAMPLES / "mlstm.rec"), dk=4, dv=3)
+    assert exchange_groups(mlstm.analysis) == [("m",), ("C", "n")]  # C and n decay by m
+    gla = recdsl.compile(str(EXAMPLES / "gla.rec"), dk=4, dv=3)
+    assert exchange_groups(gla.analysis) == [("S",)]
