@@ -364,6 +364,7 @@ def test_four_ranks_equal_the_single_process_run(four_ranks):
 def test_every_example_every_slicing(tmp_path):
     for world in (2, 4):
         cases = slow_cases(world)
+        (tmp_path / str(world)).mkdir()
         _check(run_world(world, cases, tmp_path / str(world), deadline=1800.0), cases)
 
 
