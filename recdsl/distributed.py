@@ -20,27 +20,32 @@ delta rule (chunked)            ``(Phi, F)``: ``Phi`` the ``dk x dk`` product of
 max-plus / log semiring         the same pair over the semiring (the decays' semiring
                                 product; for a matrix transition the ``n x n`` semiring
                                 product of the steps' matrices)
+low-rank or dense transition    ``(M, F)``: the ordered product of the step matrices
+(matrix scans)
 declared monoid                 the slice's carry (the fold of its elements by ``combine``)
 time-parallel state             its last value
 ==============================  =============================================================
 
-The summaries are exchanged with one all-gather per recurrence (LASP-2's single
-collective, derived for every class); each rank folds those of the ranks before it (an
-exclusive prefix: ``S_in(r) = A_{r-1}(S_in(r-1)) + F_{r-1}``) to get its true initial
-state, and corrects its local pass: a state stored per step adds ``P_t * S_in``
+The summaries are exchanged with one all-gather (LASP-2's single collective, derived for
+every class; recurrences that do not read each other share one), or, where a summary's
+transition is larger than its state, along a ring (LASP's) that carries only states.
+Each rank folds the summaries of the ranks before it (an exclusive prefix:
+``S_in(r) = A_{r-1}(S_in(r-1)) + F_{r-1}``) to get its true initial state, and corrects
+its local pass: a state stored per step adds ``P_t * S_in``
 (``P_t`` the decays' product up to ``t``), a matrix state read out linearly adds
 ``q_t (D_t * S_in)`` to its read-outs, the delta rule adds ``(q_t Phi_t) S_in`` with
 ``q_t Phi_t`` read out of the same chunked pass run on the widened state ``[S | Phi]``, a
 monoid combines the received carry into its prefix; a semiring matrix transition (CRF)
-reruns its local pass from the received state.  Rank 0 runs from the true initial state
+and the matrix scans rerun their local pass from the received state.  Rank 0 runs from the true initial state
 (the ``state=`` it was given, or the cell's) and needs no correction.  The whole-sequence
 final state is the fold of all summaries, on every rank.
 
 Backward: the all-gather is an autograd function whose backward is the reverse exchange:
 an all-to-all of the gradients of the gathered summaries (a reduce-scatter), so each rank
 receives the adjoints of its own summary from every later rank and carries them through
-its local pass.  Parameter gradients are partial per rank; their sum over ranks (what
-``DistributedDataParallel`` reduces) is the single-process gradient.  The exchange uses
+its local pass; on the ring the adjoint of ``S_in`` travels back rank to rank.  Parameter
+gradients are partial per rank; their sum over ranks (what ``DistributedDataParallel`` and
+FSDP reduce) is the single-process gradient.  The exchange uses
 its own process group, so that its collectives never interleave with those of DDP.
 
 Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
