@@ -534,7 +534,8 @@ class SequenceParallel(nn.Module):
         numerics, output_dtype = module._numerics(inputs)
         module._check_param_devices(numerics.device)
         lead = (batch, *heads)
-        carried = module._initial_state(numerics, lead)
+        defaults = module._initial_state(numerics, lead)
+        carried = defaults
         if state is not None and self.rank == 0:
             carried = _given_state(module, state, carried, lead, numerics)
         cast_inputs = {
@@ -543,7 +544,7 @@ class SequenceParallel(nn.Module):
         }
         params = {name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in module.named_parameters()}
         consts = {name: value for (_, name), value in module._consts(numerics).items()}
-        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state)
+        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
         outputs, final = runner.run()
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
@@ -603,9 +604,10 @@ def communication_bytes(contributed_bytes: int, world_size: int, exchange: Excha
 class _SlicedRun:
     """One call on one rank: the local plan's steps in schedule order, each exchanged and corrected."""
 
-    def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics, need_final: bool = True) -> None:
+    def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics, need_final: bool = True, defaults: Mapping[str, torch.Tensor] | None = None) -> None:
         self.owner = owner
         self.need_final = need_final
+        self.defaults = dict(defaults or {})  # the cell's own initial values (params may define them)
         self.plan = owner.plan
         self.analysis = self.plan.analysis
         self.cell = self.analysis.cell
@@ -746,8 +748,9 @@ class _SlicedRun:
         if self.order is not None and torch.is_grad_enabled() and self.order.requires_grad:
             # Every rank's backward must reach every exchange, whichever outputs or final states
             # its loss reads (the exchanges are chained, so reaching the last reaches all), and
-            # every initial value must be used so that DDP sees each param's gradient.
-            extra = [v for v in self.initial.values() if v.requires_grad]
+            # the cell's initial values are used on every rank (zero gradient where a given state
+            # or a later slice replaces them) so that DDP and FSDP see the same params on all ranks.
+            extra = [v for v in [*self.defaults.values(), *self.initial.values()] if v.requires_grad]
             outputs = [_Tie.apply(o, self.order, *(extra if i == 0 else [])) for i, o in enumerate(outputs)]
             final = {k: _Tie.apply(v, self.order) for k, v in final.items()}
         return outputs, final

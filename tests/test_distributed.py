@@ -112,6 +112,9 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
     cases.append(Case("hgrn", shapes[0], with_state=True, fsdp=True))
+    # A given state on rank 0 leaves the CRF's learnable start unused there: every rank must
+    # still give it a (zero) gradient, or FSDP's reduce-scatter differs between ranks.
+    cases.append(Case("crf", shapes[-1], with_state=True, fsdp=True))
     cases.append(Case("crf", shapes[0], with_state=True, return_state=False, last_output_only=True))  # log Z alone
     return cases
 
@@ -302,6 +305,8 @@ def _worker(rank: int, world: int, store: str, cases: list[Case], out_dir: str) 
     _SEQUENCE_GROUP = dist.new_group(list(range(world)))
     results = {}
     for case in cases:
+        if os.environ.get("RECDSL_SP_TRACE"):
+            print(f"rank {rank}: {case.name}", file=sys.stderr, flush=True)
         try:
             results[case.name] = _run_case(case, rank, world)
         except Exception as error:  # noqa: BLE001 - reported per case
