@@ -65,7 +65,7 @@ import torch
 from torch import nn
 
 from . import ir
-from .analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure, log_of_positive
+from .analysis import Analysis, DiagonalAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
 from .errors import BackendError, InputError
 from .ir import Kind, RefKind
 from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions
