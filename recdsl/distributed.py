@@ -769,8 +769,10 @@ class _SlicedRun:
             case Correction.DECAY_PRODUCT:
                 zero = self.initial[name] if first else self.full_state(state, 0.0)
                 sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
-                running = self._running_decay(recurrence.decay, state)
-                received, whole = yield _Request.single_state(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: summary[0] * s + summary[1])
+                # Rank 0's transition is never applied (the prefix starts from its final state): a stand-in.
+                running = self._running_decay(recurrence.decay, state) if not first else None
+                total = running[:, -1] if not first else self._stand_in(recurrence.decay, state, 1.0)
+                received, whole = yield _Request.single_state(planned, [total, sequence[:, -1]], lambda summary, s: summary[0] * s + summary[1])
                 start = self.initial[name] if first else received
                 if not first:
                     sequence = sequence + running * start.unsqueeze(1)
@@ -782,8 +784,9 @@ class _SlicedRun:
                 plus = ELEMENTWISE[recurrence.semiring.plus]
                 zero = self.initial[name] if first else self.full_state(state, recurrence.semiring.zero)
                 sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
-                running = self.evaluate_full(recurrence.decay, state.type).cumsum(1)
-                received, whole = yield _Request.single_state(planned, [running[:, -1], sequence[:, -1]], lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1]))
+                running = self.evaluate_full(recurrence.decay, state.type).cumsum(1) if not first else None
+                total = running[:, -1] if not first else self._stand_in(recurrence.decay, state, 0.0)
+                received, whole = yield _Request.single_state(planned, [total, sequence[:, -1]], lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1]))
                 start = self.initial[name] if first else received
                 if not first:
                     sequence = plus(_tropical_times(start.unsqueeze(1), running), sequence)
@@ -795,6 +798,12 @@ class _SlicedRun:
             case Correction.DECAYED_READOUT | Correction.TRANSITION_READOUT:
                 return (yield from self._chunked(step, planned, state, substitutions))
         raise AssertionError(planned.correction)  # pragma: no cover - plan_exchanges rules this out
+
+    def _stand_in(self, decay: ir.Expr, state: StateAnalysis, fill: float) -> torch.Tensor:
+        """A constant in the shape of a decay's total over the slice (rank 0 sends it in place of its transition)."""
+        shape = self.state_lead + (1,) * (state.type.rank - decay.type.rank) + tuple(decay.type.shape)
+        dtype = self.numerics.dtype_of(decay.type.kind)
+        return torch.full(shape, fill, dtype=dtype, device=self.numerics.device)
 
     def _running_decay(self, decay: ir.Expr, state: StateAnalysis) -> torch.Tensor:
         """``P_t = a_1 ... a_t`` over the slice, ``[B, T_r, *heads, *decay shape]``; in log space when the decay is provably positive."""
@@ -894,9 +903,9 @@ class _SlicedRun:
                     expected="finite inputs (the sequence-parallel chunked form has no scan fallback)",
                 )
             readouts, last = ran
-            log_decay = self.evaluate_full(chunk.log_decay, state.type)  # [B, T_r, *heads, r or 1, c or 1]
-            running_log = log_decay.cumsum(1)
-            received, whole = yield _Request.single_state(planned, [running_log[:, -1].exp(), last], lambda summary, s: summary[0] * s + summary[1])
+            running_log = self.evaluate_full(chunk.log_decay, state.type).cumsum(1) if not first else None  # [B, T_r, *heads, r or 1, c or 1]
+            total = running_log[:, -1].exp() if not first else self._stand_in(chunk.log_decay, state, 1.0)
+            received, whole = yield _Request.single_state(planned, [total, last], lambda summary, s: summary[0] * s + summary[1])
             start = self.initial[name] if first else received
             if not first:
                 running = running_log.exp()
