@@ -117,6 +117,12 @@ def _explain(args: argparse.Namespace) -> int:
 
         return write_explanation(args.file, Format(args.format), args.output, cell=args.cell, backend=args.backend, dims=dims)
     print(explain(args.file, cell=args.cell, backend=args.backend, plan=args.plan, dims=dims), end="")
+    if args.sequence_parallel is not None:
+        from .analysis import analyze
+        from .distributed import describe_exchanges
+        from .frontend import load
+
+        print(describe_exchanges(analyze(load(args.file, cell=args.cell, dims=dims)), args.sequence_parallel), end="")
     return 0
 
 
@@ -270,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(explain)
     explain.add_argument("--plan", action="store_true", help="also print the execution plan: each recurrence's form, the forms rejected and why, and the predicted costs")
     explain.add_argument("--format", default="text", choices=["text", "json", "dot"], help="text (default); json for tools (schema: recdsl.explain/1); dot: a Graphviz diagram")
+    explain.add_argument("--sequence-parallel", type=int, metavar="P", help="also print what recdsl.distributed.SequenceParallel exchanges over P ranks: each recurrence's summary, exchange and correction")
     explain.add_argument("--output", metavar="FILE", help="write to FILE instead of stdout; with --format dot, a .png/.svg/.pdf FILE is rendered by Graphviz")
     explain.set_defaults(handler=_explain)
 

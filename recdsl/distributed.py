@@ -1,0 +1,1079 @@
+"""Sequence parallelism: one sequence's time axis sharded over a ``torch.distributed`` group.
+
+Each rank holds a contiguous slice ``[B, T_r, ...]`` of the inputs (slices may differ in
+length; a slice of one step is fine) and gets back the same slice of the outputs that a
+single-process run over the whole sequence gives.  Nothing here is written per cell: the
+plan of the compiled module says, for each recurrence, the algebra its slice reduces to.
+
+A slice of ``T_r`` steps acts on its initial state as one element of that algebra, its
+*summary*:
+
+==============================  =============================================================
+class (plan form)               summary of a slice
+==============================  =============================================================
+diagonal / row / scalar decay   ``(prod_t a_t, F)``: the decays' product (a scalar, a vector
+(linear scan, chunked decayed   or a row of the state, in the decay's own shape; accumulated
+outer products)                 in log space where the decay is provably positive) and the
+                                final state ``F`` of the slice run from zero
+delta rule (chunked)            ``(Phi, F)``: ``Phi`` the ``dk x dk`` product of the slice's
+                                ``I - beta_t k_t k_t^T``
+max-plus / log semiring         the same pair over the semiring (the decays' semiring
+                                product; for a matrix transition the ``n x n`` semiring
+                                product of the steps' matrices)
+low-rank or dense transition    ``(M, F)``: the ordered product of the step matrices
+(matrix scans)
+declared monoid                 the slice's carry (the fold of its elements by ``combine``)
+time-parallel state             its last value
+==============================  =============================================================
+
+The summaries are exchanged with one all-gather (LASP-2's single collective, derived for
+every class; recurrences that do not read each other share one), or, where a summary's
+transition is larger than its state, along a ring (LASP's) that carries only states.
+Each rank folds the summaries of the ranks before it (an exclusive prefix:
+``S_in(r) = A_{r-1}(S_in(r-1)) + F_{r-1}``) to get its true initial state, and corrects
+its local pass: a state stored per step adds ``P_t * S_in``
+(``P_t`` the decays' product up to ``t``), a matrix state read out linearly adds
+``q_t (D_t * S_in)`` to its read-outs, the delta rule adds ``(q_t Phi_t) S_in`` with
+``q_t Phi_t`` read out of the same chunked pass run on the widened state ``[S | Phi]``, a
+monoid combines the received carry into its prefix; a semiring matrix transition (CRF)
+and the matrix scans rerun their local pass from the received state.  Rank 0 runs from the true initial state
+(the ``state=`` it was given, or the cell's) and needs no correction.  The whole-sequence
+final state is the fold of all summaries, on every rank.
+
+Backward: the all-gather is an autograd function whose backward is the reverse exchange:
+an all-to-all of the gradients of the gathered summaries (a reduce-scatter), so each rank
+receives the adjoints of its own summary from every later rank and carries them through
+its local pass; on the ring the adjoint of ``S_in`` travels back rank to rank.  Parameter
+gradients are partial per rank; their sum over ranks (what ``DistributedDataParallel`` and
+FSDP reduce) is the single-process gradient.  The exchange uses
+its own process group, so that its collectives never interleave with those of DDP.
+
+Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
+e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from . import ir
+from .analysis import Analysis, DiagonalAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
+from .errors import BackendError, InputError
+from .ir import Kind, RefKind
+from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions
+from .plan import plan as make_plan
+from .backends.parallel import Solver, _run_chunk_plan, _Sequences, _shift
+
+
+class SequenceParallelError(BackendError):
+    """A cell, group or call that cannot run sequence-parallel."""
+
+    kind = "sequence-parallel error"
+
+
+# ---- the exchange, planned once per module ---------------------------------------------------
+
+
+class Exchange(Enum):
+    """How the ranks exchange one recurrence's summaries; the value is its name in prose."""
+
+    ALL_GATHER = "all-gather of every rank's summary, exclusive prefix on each rank"
+    RING = "ring: each rank receives its initial state from the previous rank and sends its final state to the next (P - 1 hops)"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Correction(Enum):
+    """How a rank turns its local pass into the true one once its initial state is known."""
+
+    NONE = "none needed: it reads no previous value except at the slice's first step"
+    DECAY_PRODUCT = "local scan from zero, plus the decays' running product times the received state"
+    DECAYED_READOUT = "local chunked pass from zero, plus q_t (D_t * S_in) added to each read-out (D_t the running decay)"
+    TRANSITION_READOUT = "local chunked pass on [S | Phi] from [0 | I], plus (q_t Phi_t) S_in added to each read-out"
+    SEMIRING_DECAY = "local scan from the semiring zero, (+)-combined with the received state (x) the running decay"
+    MONOID_FOLD = "the received carry combined into the local prefix"
+    RECOMPUTE = "the local pass rerun from the received state"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class SummaryPart:
+    """One tensor of a slice's summary: its role, shape (per batch row and head) and kind."""
+
+    role: str  # "transition" or "state" or a monoid carry's name
+    shape: tuple[int, ...]
+    is_complex: bool
+
+    @property
+    def elements(self) -> int:
+        """Real numbers sent for it per batch row and head."""
+        return math.prod(self.shape) * (2 if self.is_complex else 1)
+
+
+@dataclass(frozen=True)
+class StepExchange:
+    """The exchange planned for one entry of the local plan."""
+
+    names: tuple[str, ...]
+    form: Form
+    summary: tuple[SummaryPart, ...]
+    exchange: Exchange
+    correction: Correction
+    description: str
+    state_count: int = 1  # the summary's last parts are the slice's final state
+
+    @property
+    def summary_elements(self) -> int:
+        """Real numbers in one slice's summary, per batch row and head."""
+        return sum(part.elements for part in self.summary)
+
+    @property
+    def state_elements(self) -> int:
+        return sum(part.elements for part in self.summary[-self.state_count :])
+
+    @property
+    def elements(self) -> int:
+        """Real numbers one rank contributes per batch row and head: its summary (all-gather) or its outgoing state (ring)."""
+        return self.state_elements if self.exchange is Exchange.RING else self.summary_elements
+
+
+def _numel(shape: Sequence[int]) -> int:
+    return math.prod(shape)
+
+
+def _decay_shape(decay: ir.Expr, state: ir.Type) -> tuple[int, ...]:
+    """The shape a decay broadcasts to against ``state``, without the dims it is constant along."""
+    shape = (1,) * (state.rank - decay.type.rank) + tuple(decay.type.shape)
+    return tuple(shape)
+
+
+def _is_complex(t: ir.Type) -> bool:
+    return t.kind is Kind.COMPLEX
+
+
+def plan_exchanges(local: ExecutionPlan, exchange: Exchange | None = None) -> tuple[StepExchange, ...]:
+    """For each step of the local plan, the summary its slice reduces to, how it is exchanged and used.
+
+    The exchange is ``exchange`` when given; otherwise by size: an all-gather (one
+    collective, every rank receives every summary) unless the summary's transition is
+    larger than its state (a CRF's ``n x n`` semiring matrix for an ``n``-vector, a dense
+    transition, a delta rule with ``dk > dv``), where a ring sends one state per rank
+    instead, at the price of ``P - 1`` hops one after the other.
+    Raises :class:`SequenceParallelError` for a form with no sequence-parallel summary.
+    """
+    return tuple(_with_exchange(step, exchange) for step in _summaries(local))
+
+
+def _with_exchange(step: StepExchange, exchange: Exchange | None) -> StepExchange:
+    if exchange is None:
+        transition = step.summary_elements - step.state_elements
+        exchange = Exchange.RING if transition > step.state_elements else Exchange.ALL_GATHER
+    return replace(step, exchange=exchange)
+
+
+def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
+    analysis = local.analysis
+    scans = {s.name: s for s in analysis.cell.scans}
+    steps = []
+    for step in local.steps:
+        (name,) = step.names
+        if name in scans:
+            carries = tuple(SummaryPart(c.name, tuple(c.type.shape), _is_complex(c.type)) for c in scans[name].monoid.carries)
+            steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}", len(carries)))
+            continue
+        state = analysis.state(name)
+        recurrence = state.recurrence
+        final = SummaryPart("state", tuple(state.type.shape), _is_complex(state.type))
+        match step.form:
+            case Form.TIME_PARALLEL:
+                steps.append(StepExchange(step.names, step.form, (final,), Exchange.ALL_GATHER, Correction.NONE, "its last value"))
+            case Form.LINEAR_SCAN:
+                assert isinstance(recurrence, (DiagonalAffine, MatrixAffine)) and recurrence.decay is not None
+                decay = SummaryPart("transition", _decay_shape(recurrence.decay, state.type), _is_complex(recurrence.decay.type))
+                steps.append(StepExchange(step.names, step.form, (decay, final), Exchange.ALL_GATHER, Correction.DECAY_PRODUCT, f"the product of its decays ({recurrence.structure}) and its final state from zero"))
+            case Form.CHUNKED:
+                assert step.chunk is not None
+                if step.chunk.kind is ChunkKind.DECAYED_OUTER_PRODUCTS:
+                    assert step.chunk.log_decay is not None
+                    decay = SummaryPart("transition", _decay_shape(step.chunk.log_decay, state.type), False)
+                    steps.append(StepExchange(step.names, step.form, (decay, final), Exchange.ALL_GATHER, Correction.DECAYED_READOUT, f"the product of its decays ({recurrence.structure}) and its final state from zero"))
+                else:
+                    rows = state.type.shape[0]
+                    transition = SummaryPart("transition", (rows, rows), False)
+                    steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.TRANSITION_READOUT, f"its total transition ({rows} x {rows}, the product of the identity-plus-rank-one steps) and its final state from zero"))
+            case Form.SEMIRING_DIAGONAL_SCAN:
+                assert isinstance(recurrence, SemiringAffine) and recurrence.decay is not None
+                decay = SummaryPart("transition", _decay_shape(recurrence.decay, state.type), False)
+                steps.append(StepExchange(step.names, step.form, (decay, final), Exchange.ALL_GATHER, Correction.SEMIRING_DECAY, f"the {recurrence.semiring.name} product of its decays and its final state from the semiring zero"))
+            case Form.SEMIRING_MATRIX_SCAN:
+                assert isinstance(recurrence, SemiringAffine)
+                size = _numel(state.type.shape)
+                transition = SummaryPart("transition", (size, size), False)
+                steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.RECOMPUTE, f"the {recurrence.semiring.name} product of its {size} x {size} step matrices and its final state from the semiring zero (rank 0: from the initial state)"))
+            case Form.LOW_RANK_MATRIX_SCAN | Form.DENSE_MATRIX_SCAN:
+                assert isinstance(recurrence, MatrixAffine)
+                if step.form is Form.DENSE_MATRIX_SCAN:
+                    rows = _numel(state.type.shape)
+                else:
+                    rows = state.type.shape[1 if recurrence.side is Side.RIGHT else 0]
+                transition = SummaryPart("transition", (rows, rows), _is_complex(state.type))
+                steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.RECOMPUTE, f"the product of its {rows} x {rows} step matrices ({recurrence.structure}) and its final state from zero"))
+            case _:
+                raise SequenceParallelError(
+                    f"state '{name}' runs as a {step.form.name.lower().replace('_', ' ')}, which has no sequence-parallel summary yet",
+                    expected="cells whose states are diagonal, row/column/scalar-decay or delta-rule affine, semiring affine, or declared monoids",
+                )
+    return tuple(steps)
+
+
+def exchange_groups(analysis: Analysis, chunk_size: int = 64) -> list[tuple[str, ...]]:
+    """The recurrences whose summaries travel together, in order (one collective per group and exchange kind)."""
+    local = local_plan(analysis, chunk_size)
+    return [tuple(step.names[0] for step, _ in level) for level in _levels(local, plan_exchanges(local))]
+
+
+def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
+    """The plan each rank runs its slice with: the ``chunked`` backend's forms for the cell.
+
+    A :class:`SequenceParallelError` says why a cell cannot run sequence-parallel.
+    """
+    try:
+        return make_plan(analysis, "chunked", PlanOptions(chunk_size=chunk_size))
+    except BackendError as error:
+        reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
+        raise SequenceParallelError(
+            f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
+            expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
+        ) from None
+
+
+def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, heads: int = 1, itemsize: int = 4, chunk_size: int = 64) -> str:
+    """What :class:`SequenceParallel` exchanges for this cell over ``world_size`` ranks, in words.
+
+    Per recurrence: the local form, the summary and its size, the exchange and the
+    correction; then the bytes one rank sends per call (``batch`` rows, ``heads`` heads,
+    ``itemsize`` bytes per number).  Needs no process group (``recdsl explain
+    --sequence-parallel P`` prints it).
+    """
+    exchanges = plan_exchanges(local_plan(analysis, chunk_size))
+    lines = [f"sequence parallel over {world_size} rank{'s' if world_size != 1 else ''}: cell {analysis.cell.name}, each slice run in the chunked backend's forms"]
+    for step in exchanges:
+        lines.append(f"  {', '.join(step.names)}: {step.form}")
+        lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.summary_elements} numbers per batch row and head")
+        lines.append(f"      exchange: {step.exchange}")
+        lines.append(f"      correction: {step.correction}")
+    forward = backward = 0
+    for step in exchanges:
+        sent = communication_bytes(step.elements * batch * heads * itemsize, world_size, step.exchange)
+        forward, backward = forward + sent.forward, backward + sent.backward
+    lines.append(f"  bytes sent per rank per call (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {forward}, backward {backward}")
+    groups = exchange_groups(analysis, chunk_size)
+    lines.append(f"  exchanges per call: {len(groups)} (" + "; ".join(", ".join(names) for names in groups) + "): recurrences that do not read each other share one")
+    return "\n".join(lines) + "\n"
+
+
+# ---- collectives with their reverse exchange as backward --------------------------------------
+
+
+@dataclass
+class CollectiveTime:
+    """Seconds this rank spent inside the exchange's collectives (including waiting for the other ranks)."""
+
+    forward: float = 0.0
+    backward: float = 0.0
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather of one flat summary per rank -> ``[P, n]``; backward sums each rank's adjoints over the ranks.
+
+    ``order`` is the previous exchange's output (or None): tying it in makes every rank's
+    autograd run the exchanges' backwards in the same (reverse) order, so the
+    collectives of the backward pass match across ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, order: torch.Tensor | None, group: Any, rank: int, world: int, clock: "CollectiveTime") -> torch.Tensor:
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        started = time.perf_counter()
+        dist.all_gather(gathered, flat.contiguous(), group=group)
+        clock.forward += time.perf_counter() - started
+        ctx.group, ctx.rank, ctx.has_order, ctx.clock = group, rank, order is not None, clock
+        if ctx.has_order:
+            ctx.order_shape = order.shape
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        # Rank j holds the adjoints of every rank's summary from its own slice's use of them;
+        # an all-to-all sends each rank its row (a reduce-scatter, (P - 1) summaries per rank).
+        received = torch.empty_like(grad)
+        started = time.perf_counter()
+        dist.all_to_all_single(received, grad.contiguous(), group=ctx.group)
+        ctx.clock.backward += time.perf_counter() - started
+        order_grad = grad.new_zeros(ctx.order_shape) if ctx.has_order else None
+        return received.sum(0), order_grad, None, None, None, None
+
+
+@dataclass(frozen=True)
+class _RingSpec:
+    """What :class:`_RingPrefix` needs besides tensors."""
+
+    apply: Any  # (summary parts, state parts) -> state parts
+    parts: int
+    state_count: int  # the summary's last parts are the slice's final state
+    group: Any
+    rank: int
+    world: int
+    lead: tuple[int, ...]
+    real: torch.dtype
+    need_final: bool  # the whole-sequence final state is wanted on every rank: the last rank broadcasts it
+    clock: "CollectiveTime"
+
+    def global_rank(self, rank: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, rank) if self.group is not None else rank
+
+
+class _RingPrefix(torch.autograd.Function):
+    """The exclusive prefix passed along the ranks: rank r receives ``S_in(r)`` from r - 1 and
+    sends ``A_r(S_in(r)) + F_r`` to r + 1 (LASP's ring, for any summary).
+
+    Each rank sends one state forward; backward the adjoint of ``S_in`` travels the other way,
+    rank r + 1 to r, each rank applying the transpose of its own summary (the
+    vector-Jacobian product of ``apply``).  Returns ``(*S_in parts, *final parts, token)``;
+    the token orders the exchanges' backwards as :class:`_AllGather`'s output does.
+    """
+
+    @staticmethod
+    def forward(ctx, spec: _RingSpec, order: torch.Tensor, *parts: torch.Tensor):
+        import torch.distributed as dist
+
+        summary = [p.detach() for p in parts]
+        templates = summary[-spec.state_count :]
+        started = time.perf_counter()
+        if spec.rank == 0:
+            received = None
+            outgoing = templates
+        else:
+            buffer = torch.empty_like(_pack(templates, spec.lead, spec.real))
+            dist.recv(buffer, src=spec.global_rank(spec.rank - 1), group=spec.group)
+            received = _unpack(buffer, templates, spec.lead)
+            outgoing = spec.apply(summary, received)
+        if spec.rank < spec.world - 1:
+            dist.send(_pack(outgoing, spec.lead, spec.real), dst=spec.global_rank(spec.rank + 1), group=spec.group)
+        if spec.need_final:
+            final_buffer = _pack(outgoing, spec.lead, spec.real).clone() if spec.rank == spec.world - 1 else torch.empty_like(_pack(templates, spec.lead, spec.real))
+            dist.broadcast(final_buffer, src=spec.global_rank(spec.world - 1), group=spec.group)
+            final = _unpack(final_buffer, templates, spec.lead)
+        else:  # not asked for: the last rank's own value stands in (its gradient is not used)
+            final = [t.clone() for t in outgoing] if spec.rank == spec.world - 1 else [torch.zeros_like(t) for t in templates]
+        spec.clock.forward += time.perf_counter() - started
+        ctx.spec = spec
+        ctx.save_for_backward(*summary, *(received if received is not None else []))
+        ctx.order_shape = order.shape
+        incoming = received if received is not None else [torch.zeros_like(t) for t in templates]
+        token = torch.zeros((), dtype=spec.real, device=templates[0].device)
+        return (*incoming, *final, token)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        import torch.distributed as dist
+
+        spec = ctx.spec
+        saved = ctx.saved_tensors
+        summary = list(saved[: spec.parts])
+        received = list(saved[spec.parts :]) or None
+        templates = summary[-spec.state_count :]
+        grad_received = grads[: spec.state_count]
+        grad_final = grads[spec.state_count : 2 * spec.state_count]
+        started = time.perf_counter()
+        # The adjoint of this rank's outgoing state: from the next rank, or (last rank) the
+        # adjoint of the broadcast final state summed over the ranks.
+        if spec.need_final:
+            total = _pack([g if g is not None else torch.zeros_like(t) for g, t in zip(grad_final, templates)], spec.lead, spec.real).clone()
+            dist.all_reduce(total, group=spec.group)
+        if spec.rank < spec.world - 1:
+            buffer = torch.empty_like(_pack(templates, spec.lead, spec.real))
+            dist.recv(buffer, src=spec.global_rank(spec.rank + 1), group=spec.group)
+            grad_outgoing = _unpack(buffer, templates, spec.lead)
+        elif spec.need_final:
+            grad_outgoing = _unpack(total, templates, spec.lead)
+        else:
+            grad_outgoing = [torch.zeros_like(t) for t in templates]
+        spec.clock.backward += time.perf_counter() - started
+        if received is None:  # rank 0: its outgoing state is its summary's state part
+            grad_summary = [torch.zeros_like(p) for p in summary[: -spec.state_count]] + grad_outgoing
+        else:
+            with torch.enable_grad():
+                leaves = [p.detach().requires_grad_(True) for p in summary]
+                incoming = [r.detach().requires_grad_(True) for r in received]
+                outgoing = spec.apply(leaves, incoming)
+                grads_in = torch.autograd.grad(outgoing, leaves + incoming, grad_outgoing, allow_unused=True)
+            grad_summary = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads_in[: spec.parts], summary)]
+            grad_incoming = [
+                (g if g is not None else torch.zeros_like(r)) + (l if l is not None else torch.zeros_like(r))
+                for g, l, r in zip(grads_in[spec.parts :], grad_received, received)
+            ]
+            started = time.perf_counter()
+            dist.send(_pack(grad_incoming, spec.lead, spec.real), dst=spec.global_rank(spec.rank - 1), group=spec.group)
+            spec.clock.backward += time.perf_counter() - started
+        return (None, torch.zeros(ctx.order_shape, dtype=spec.real, device=templates[0].device), *grad_summary)
+
+
+class _Tie(torch.autograd.Function):
+    """``value`` unchanged, with ``others`` in its graph (zero gradient), so that their backward runs on every rank."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(o.shape, o.dtype) for o in others]
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (grad,) + tuple(torch.zeros(shape, dtype=dtype, device=grad.device) for shape, dtype in ctx.shapes)
+
+
+def _pack(parts: Sequence[torch.Tensor], lead: tuple[int, ...], real: torch.dtype) -> torch.Tensor:
+    pieces = []
+    for part in parts:
+        part = part.expand(lead + tuple(part.shape[len(lead):])) if part.dim() >= len(lead) else part
+        if part.is_complex():
+            part = torch.view_as_real(part.contiguous())
+        pieces.append(part.to(real).reshape(-1))
+    return torch.cat(pieces)
+
+
+def _unpack(flat: torch.Tensor, templates: Sequence[torch.Tensor], lead: tuple[int, ...]) -> list[torch.Tensor]:
+    parts, offset = [], 0
+    for template in templates:
+        shape = lead + tuple(template.shape[len(lead):])
+        count = _numel(shape) * (2 if template.is_complex() else 1)
+        piece = flat[offset : offset + count]
+        offset += count
+        if template.is_complex():
+            piece = torch.view_as_complex(piece.reshape(shape + (2,)).contiguous())
+        else:
+            piece = piece.reshape(shape).to(template.dtype)
+        parts.append(piece)
+    return parts
+
+
+# ---- the module ---------------------------------------------------------------------------
+
+
+class SequenceParallel(nn.Module):
+    """A compiled module run with its time axis sharded over a ``torch.distributed`` group.
+
+    Call it on every rank of ``group`` with that rank's contiguous slice of every input,
+    ``[B, T_r, *heads, *shape]`` (rank 0 holds the first steps; ``T_r`` may differ between
+    ranks and may be 1).  It returns that rank's slice of the outputs, equal to the same
+    slice of ``module`` run over the whole sequence in one process; with
+    ``return_state=True`` also the state after the whole sequence, on every rank.
+    ``state=`` (the initial state of the whole sequence) is read on rank 0 only.
+
+    ``group`` defaults to a new group of all ranks (every rank must construct the module,
+    as for any ``new_group``); pass your own to shard within a subgroup, but not the group
+    ``DistributedDataParallel`` reduces over.  ``exchanges`` lists, per recurrence, the
+    summary exchanged and the correction; :meth:`describe` prints them.
+    """
+
+    def __init__(self, module: nn.Module, group: Any = None, exchange: Exchange | None = None) -> None:
+        super().__init__()
+        import torch.distributed as dist
+
+        from .module import CompiledCell
+
+        if not isinstance(module, CompiledCell):
+            raise SequenceParallelError(f"SequenceParallel wraps a module made by recdsl.compile, got {type(module).__name__}", expected="SequenceParallel(recdsl.compile(...))")
+        self.module = module
+        self.plan: ExecutionPlan = local_plan(module.analysis, module.plan.chunk_size)
+        if exchange is not None and not isinstance(exchange, Exchange):
+            raise SequenceParallelError(f"exchange must be an Exchange, got {exchange!r}", expected="None (chosen by size), Exchange.ALL_GATHER or Exchange.RING")
+        self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan, exchange)
+        # Set: every recurrence uses it (tests compare both on one cell); None: each its planned one.
+        self.exchange_override = exchange
+        if not dist.is_available() or not dist.is_initialized():
+            raise SequenceParallelError("torch.distributed is not initialised", expected="torch.distributed.init_process_group(...) on every rank first (torchrun does the rendezvous)")
+        self.group = group if group is not None else dist.new_group(list(range(dist.get_world_size())))
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        # What the last call sent, per exchange: (names, elements per rank, bytes per rank).
+        self.last_exchange: list[tuple[tuple[str, ...], int, int]] = []
+        # Seconds spent in the exchange's collectives, accumulated over calls (reset it to measure).
+        self.collective_time = CollectiveTime()
+
+    def describe(self, batch: int = 1, heads: int = 1, dtype: torch.dtype = torch.float32) -> str:
+        """The exchange of each recurrence (summary, its size, correction) and the bytes one rank sends per call."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return describe_exchanges(self.plan.analysis, self.world_size, batch, heads, itemsize, self.plan.chunk_size)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, world_size={self.world_size}"
+
+    # ---- calling
+    def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
+        module = self.module
+        inputs = module._bind_inputs(args, kwargs)
+        batch, _, heads = module._check_inputs(inputs)
+        numerics, output_dtype = module._numerics(inputs)
+        module._check_param_devices(numerics.device)
+        lead = (batch, *heads)
+        defaults = module._initial_state(numerics, lead)
+        carried = defaults
+        if state is not None and self.rank == 0:
+            carried = _given_state(module, state, carried, lead, numerics)
+        cast_inputs = {
+            d.name: inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
+            for d in module.cell.inputs
+        }
+        params = {name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in module.named_parameters()}
+        consts = {name: value for (_, name), value in module._consts(numerics).items()}
+        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
+        outputs, final = runner.run()
+        if output_dtype is not None:
+            outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
+        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if return_state:
+            return result, final
+        return result
+
+
+def _given_state(module: Any, state: Mapping[str, torch.Tensor], carried: dict, lead: tuple[int, ...], numerics: Any) -> dict:
+    """``carried`` with the values of ``state`` checked as ``CompiledCell.forward`` checks them."""
+    types = module._carried_types()
+    if not isinstance(state, Mapping):
+        raise InputError(f"state must be a dict of tensors, got {type(state).__name__}", expected="the dict returned with return_state=True")
+    carried = dict(carried)
+    for name, value in state.items():
+        if name not in types:
+            raise InputError(f"cell {module.cell.name} has no state '{name}'", expected="keys among: " + ", ".join(types))
+        declared = types[name]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) not in (lead + declared.shape, declared.shape):
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise InputError(f"state '{name}' has shape {got}", expected=f"[{', '.join(map(str, lead + declared.shape))}] (batch, heads, then the declared shape)")
+        module._check_state_value(name, value, declared, numerics.device)
+        carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
+    return carried
+
+
+@dataclass(frozen=True)
+class CommunicationBytes:
+    """Bytes one rank sends for one call: the all-gather forward, the all-to-all of adjoints backward."""
+
+    forward: int
+    backward: int
+
+
+def communication_bytes(contributed_bytes: int, world_size: int, exchange: Exchange = Exchange.ALL_GATHER) -> CommunicationBytes:
+    """What one rank sends for one exchange in which it contributes ``contributed_bytes``.
+
+    All-gather (of summaries): forward, each rank's summary reaches ``P - 1`` others (a
+    ring all-gather forwards ``P - 1`` summaries per rank); backward, an all-to-all of the
+    ``[P, n]`` adjoints, each rank sending the ``P - 1`` rows that belong to the others.
+    Ring (of states): one state forward, one adjoint backward, whatever ``P`` (plus one
+    broadcast of the final state when ``return_state`` asks for it on every rank).
+    """
+    if world_size == 1:
+        return CommunicationBytes(0, 0)
+    if exchange is Exchange.RING:
+        return CommunicationBytes(contributed_bytes, contributed_bytes)
+    forward = (world_size - 1) * contributed_bytes
+    backward = (world_size - 1) * contributed_bytes
+    return CommunicationBytes(forward, backward)
+
+
+# ---- one call -----------------------------------------------------------------------------
+
+
+class _SlicedRun:
+    """One call on one rank: the local plan's steps in schedule order, each exchanged and corrected."""
+
+    def __init__(self, owner: SequenceParallel, inputs, params, consts, initial, numerics, need_final: bool = True, defaults: Mapping[str, torch.Tensor] | None = None) -> None:
+        self.owner = owner
+        self.need_final = need_final
+        self.defaults = dict(defaults or {})  # the cell's own initial values (params may define them)
+        self.plan = owner.plan
+        self.analysis = self.plan.analysis
+        self.cell = self.analysis.cell
+        self.rank, self.world = owner.rank, owner.world_size
+        self.numerics = numerics
+        self.initial = initial
+        first = next(iter(inputs.values()))
+        self.lead = tuple(first.shape[: first.dim() - self.cell.inputs[0].type.rank])  # (B, T_r, *heads)
+        self.state_lead = (self.lead[0],) + self.lead[2:]
+        seq = _Sequences(numerics, self.lead)
+        seq.values.update({(RefKind.PARAM, n): v for n, v in params.items()})
+        seq.values.update({(RefKind.CONST, n): v for n, v in consts.items()})
+        seq.values.update({(RefKind.INPUT, n): v for n, v in inputs.items()})
+        for statement in self.cell.body:
+            if isinstance(statement, ir.Assign) and statement.name in self.analysis.time_parallel:
+                seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
+        self.seq = seq
+        self.order: torch.Tensor | None = None  # the last exchange's output (see _AllGather)
+        owner.last_exchange = []
+
+    # -- the exchange
+    def exchange(self, names: tuple[str, ...], parts: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """All ranks' summaries, ``[rank][part]``, gathered (differentiably) from this rank's ``parts``."""
+        flat = _pack(parts, self.state_lead, self.numerics.real)
+        gathered = _AllGather.apply(flat, self.order, self.owner.group, self.rank, self.world, self.owner.collective_time)
+        self.order = gathered
+        self.owner.last_exchange.append((names, flat.numel(), flat.numel() * flat.element_size()))
+        return [_unpack(gathered[r], parts, self.state_lead) for r in range(self.world)]
+
+    # -- helpers
+    def full_state(self, state: StateAnalysis, fill: float) -> torch.Tensor:
+        return torch.full(self.state_lead + tuple(state.type.shape), fill, dtype=self.numerics.dtype_of(state.type.kind), device=self.numerics.device)
+
+    def evaluate_full(self, expr: ir.Expr, target: ir.Type) -> torch.Tensor:
+        return self.seq.full(self.seq.evaluate(expr), expr.type, target)
+
+    def exchange_level(self, requests: list["_Request"]) -> list[tuple]:
+        """The exchanges of recurrences that do not read each other, batched: one collective per kind.
+
+        Returns, per request, ``(S_in parts (None on rank 0), whole-sequence final parts)``.
+        """
+        answers: list[tuple | None] = [None] * len(requests)
+        by_kind: dict[Exchange, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_kind.setdefault(self.owner.exchange_override or request.planned.exchange, []).append(i)
+        for kind, indices in by_kind.items():
+            batch = [requests[i] for i in indices]
+            names = tuple(name for r in batch for name in r.planned.names)
+            if kind is Exchange.RING:
+                # The ring carries the concatenated states; each summary keeps its transition parts in front.
+                transitions = [r.parts[: len(r.parts) - r.state_count] for r in batch]
+                states = [r.parts[len(r.parts) - r.state_count :] for r in batch]
+                counts = [r.state_count for r in batch]
+
+                def apply_all(summary, state, transitions=transitions, counts=counts, batch=batch):
+                    # summary = every request's transition parts, then every request's state parts.
+                    out, t_at, s_at = [], 0, 0
+                    tail = sum(len(t) for t in transitions)
+                    for request, own, count in zip(batch, transitions, counts):
+                        own_summary = list(summary[t_at : t_at + len(own)]) + list(summary[tail + s_at : tail + s_at + count])
+                        out += request.apply(own_summary, list(state[s_at : s_at + count]))
+                        t_at, s_at = t_at + len(own), s_at + count
+                    return out
+
+                received, whole = self.ring(names, [p for t in transitions for p in t] + [p for st in states for p in st], apply_all, sum(counts))
+                at = 0
+                for i, count in zip(indices, counts):
+                    answers[i] = (None if received is None else received[at : at + count], whole[at : at + count])
+                    at += count
+                continue
+            gathered = self.exchange(names, [p for r in batch for p in r.parts])
+            at = 0
+            for i, request in zip(indices, batch):
+                own = [g[at : at + len(request.parts)] for g in gathered]
+                at += len(request.parts)
+
+                def fold(upto: int, own=own, request=request) -> list[torch.Tensor]:
+                    value = own[0][-request.state_count :]
+                    for r in range(1, upto):
+                        value = request.apply(own[r], value)
+                    return value
+
+                answers[i] = (None if self.rank == 0 else fold(self.rank), fold(self.world))
+        return answers
+
+    def ring(self, names: tuple[str, ...], parts: list[torch.Tensor], apply, state_count: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """The exclusive prefix passed rank to rank: each sends only its outgoing state."""
+        spec = _RingSpec(apply, len(parts), state_count, self.owner.group, self.rank, self.world, self.state_lead, self.numerics.real, self.need_final, self.owner.collective_time)
+        order = self.order if self.order is not None else parts[0].new_zeros(())
+        results = _RingPrefix.apply(spec, order, *parts)
+        received, whole, token = list(results[:state_count]), list(results[state_count : 2 * state_count]), results[-1]
+        self.order = token
+        sent = _pack(parts[-state_count:], self.state_lead, self.numerics.real)
+        self.owner.last_exchange.append((names, sent.numel(), sent.numel() * sent.element_size()))
+        return (None if self.rank == 0 else received), whole
+
+    def run(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+        scans = {s.name: s for s in self.cell.scans}
+        final: dict[str, torch.Tensor] = {}
+        substitutions: dict[int, torch.Tensor] = {}
+        for level in _levels(self.plan, self.owner.exchanges):
+            # Each recurrence of a level runs its local pass up to its exchange; the level's
+            # exchanges go out together; then each applies its correction.
+            running = []
+            for step, planned in level:
+                (name,) = step.names
+                if name in scans:
+                    running.append((step, self.monoid(scans[name], final)))
+                else:
+                    running.append((step, self.solve(step, planned, self.analysis.state(name), substitutions)))
+            requests = [next(task) for _, task in running]
+            answers = self.exchange_level(requests)
+            for (step, task), request, (received, whole) in zip(running, requests, answers):
+                if request.single:
+                    received, whole = (None if received is None else received[0]), whole[0]
+                try:
+                    task.send((received, whole))
+                except StopIteration as done:
+                    result = done.value
+                else:  # pragma: no cover - each task yields once
+                    raise AssertionError("a recurrence asked for two exchanges")
+                (name,) = step.names
+                if name in scans:
+                    for carry, value in result.items():
+                        self.seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
+                    continue
+                state = self.analysis.state(name)
+                sequence, start, last = result
+                final[name] = last
+                if sequence is not None:
+                    sequence = sequence.expand(self.lead + state.type.shape)
+                    self.seq.values[(RefKind.STATE_NEW, name)] = sequence
+                    self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start)
+        outputs = []
+        for emit, expanded in zip(self.cell.outputs, self.analysis.expanded_outputs):
+            value = self.seq.evaluate(expanded, substitutions)
+            outputs.append(self.seq.full(value, emit.value.type, emit.value.type).expand(self.lead + emit.value.type.shape))
+        if self.order is not None and torch.is_grad_enabled() and self.order.requires_grad:
+            # Every rank's backward must reach every exchange, whichever outputs or final states
+            # its loss reads (the exchanges are chained, so reaching the last reaches all), and
+            # the cell's initial values are used on every rank (zero gradient where a given state
+            # or a later slice replaces them) so that DDP and FSDP see the same params on all ranks.
+            extra = [v for v in [*self.defaults.values(), *self.initial.values()] if v.requires_grad]
+            outputs = [_Tie.apply(o, self.order, *(extra if i == 0 else [])) for i, o in enumerate(outputs)]
+            final = {k: _Tie.apply(v, self.order) for k, v in final.items()}
+        return outputs, final
+
+    # -- one recurrence
+    def solve(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """``(sequence or None, true initial state, whole-sequence final state)`` of one state on this slice."""
+        name = state.state
+        recurrence = state.recurrence
+        first = self.rank == 0
+        match planned.correction:
+            case Correction.NONE:
+                sequence = Solver(self.plan, self.seq, self.initial).solve(step, state).expand(self.lead + state.type.shape)
+                received, whole = yield _Request.single_state(planned, [sequence[:, -1]], lambda summary, s: summary[0])
+                return sequence, self.initial[name] if first else received, whole
+            case Correction.DECAY_PRODUCT:
+                zero = self.initial[name] if first else self.full_state(state, 0.0)
+                sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
+                # Rank 0's transition is never applied (the prefix starts from its final state): a stand-in.
+                running = self._running_decay(recurrence.decay, state) if not first else None
+                total = running[:, -1] if not first else self._stand_in(recurrence.decay, state, 1.0)
+                received, whole = yield _Request.single_state(planned, [total, sequence[:, -1]], lambda summary, s: summary[0] * s + summary[1])
+                start = self.initial[name] if first else received
+                if not first:
+                    sequence = sequence + running * start.unsqueeze(1)
+                return sequence, start, whole
+            case Correction.SEMIRING_DECAY:
+                from .backends.scans import _tropical_times
+                from .backends.torch_ops import ELEMENTWISE
+
+                plus = ELEMENTWISE[recurrence.semiring.plus]
+                zero = self.initial[name] if first else self.full_state(state, recurrence.semiring.zero)
+                sequence = Solver(self.plan, self.seq, {name: zero}).solve(step, state).expand(self.lead + state.type.shape)
+                running = self.evaluate_full(recurrence.decay, state.type).cumsum(1) if not first else None
+                total = running[:, -1] if not first else self._stand_in(recurrence.decay, state, 0.0)
+                received, whole = yield _Request.single_state(planned, [total, sequence[:, -1]], lambda summary, s: plus(_tropical_times(s, summary[0]), summary[1]))
+                start = self.initial[name] if first else received
+                if not first:
+                    sequence = plus(_tropical_times(start.unsqueeze(1), running), sequence)
+                return sequence, start, whole
+            case Correction.RECOMPUTE if step.form is Form.SEMIRING_MATRIX_SCAN:
+                return (yield from self._semiring_matrix(step, planned, state))
+            case Correction.RECOMPUTE:
+                return (yield from self._matrix_scan(step, planned, state))
+            case Correction.DECAYED_READOUT | Correction.TRANSITION_READOUT:
+                return (yield from self._chunked(step, planned, state, substitutions))
+        raise AssertionError(planned.correction)  # pragma: no cover - plan_exchanges rules this out
+
+    def _stand_in(self, decay: ir.Expr, state: StateAnalysis, fill: float) -> torch.Tensor:
+        """A constant in the shape of a decay's total over the slice (rank 0 sends it in place of its transition)."""
+        shape = self.state_lead + (1,) * (state.type.rank - decay.type.rank) + tuple(decay.type.shape)
+        dtype = self.numerics.dtype_of(decay.type.kind)
+        return torch.full(shape, fill, dtype=dtype, device=self.numerics.device)
+
+    def _running_decay(self, decay: ir.Expr, state: StateAnalysis) -> torch.Tensor:
+        """``P_t = a_1 ... a_t`` over the slice, ``[B, T_r, *heads, *decay shape]``; in log space when the decay is provably positive."""
+        log_decay = log_of_positive(decay, self.cell)
+        if log_decay is not None:
+            return self.evaluate_full(log_decay, state.type).cumsum(1).exp()
+        return self.evaluate_full(decay, state.type).cumprod(1)
+
+    def _semiring_matrix(self, step, planned: StepExchange, state: StateAnalysis):
+        """A semiring matrix transition (CRF): the product of the slice's matrices, then the pass from the received state."""
+        from .backends.scans import semiring_matmul
+        from .backends.torch_ops import ELEMENTWISE, REDUCTIONS
+
+        name = state.state
+        recurrence = state.recurrence
+        assert isinstance(recurrence, SemiringAffine)
+        semiring = recurrence.semiring
+        plus, reduce = ELEMENTWISE[semiring.plus], REDUCTIONS[semiring.reduce]
+        reduce_fn = lambda x, dim: reduce(x, (dim,))  # noqa: E731
+        size = _numel(state.type.shape)
+        solver = Solver(self.plan, self.seq, self.initial)
+        dtype = self.numerics.real
+        standin = torch.finfo(dtype).min if semiring.zero == float("-inf") else semiring.zero
+        basis = torch.full((size, size), standin, dtype=dtype, device=self.numerics.device)
+        basis.fill_diagonal_(semiring.one)
+        rows = solver._apply_to_basis(state, recurrence.transition, basis)
+        if standin != semiring.zero:
+            rows = rows.masked_fill(rows < standin / 2, semiring.zero)
+        matrices = rows.movedim(0, -2).movedim(1, 0)  # [T_r, B, *heads, size, size]
+        while matrices.shape[0] > 1:  # the ordered product, pairwise: log depth
+            pairs = matrices.shape[0] // 2
+            product = semiring_matmul(matrices[0 : 2 * pairs : 2], matrices[1 : 2 * pairs : 2], reduce_fn)
+            matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+        transition = matrices[0]
+        first = self.rank == 0
+        if first:
+            sequence = solver.solve(step, state).expand(self.lead + state.type.shape)
+            last = sequence[:, -1]
+        elif recurrence.input is not None:
+            # The local final state from the semiring zero; with no input term it stays the zero.
+            sequence = None
+            last = Solver(self.plan, self.seq, {name: self.full_state(state, semiring.zero)}).solve(step, state)[:, -1]
+        else:
+            sequence, last = None, self.full_state(state, semiring.zero)
+        flat_shape = self.state_lead + (size,)
+
+        def apply(summary, s):
+            moved = semiring_matmul(s.reshape(flat_shape).unsqueeze(-2), summary[0], reduce_fn).squeeze(-2).reshape(s.shape)
+            return plus(moved, summary[1])
+
+        received, whole = yield _Request.single_state(planned, [transition, last], apply)
+        start = self.initial[name] if first else received
+        if not first:
+            sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
+        return sequence, start, whole
+
+    def _matrix_scan(self, step, planned: StepExchange, state: StateAnalysis):
+        """A low-rank or dense transition scanned as explicit matrices: their ordered product, then the pass from the received state."""
+        name = state.state
+        first = self.rank == 0
+        solver = _CapturingSolver(self.plan, self.seq, {name: self.initial[name] if first else self.full_state(state, 0.0)})
+        sequence = solver.solve(step, state).expand(self.lead + state.type.shape)
+        matrices, flat, transposed = solver.captured
+        matrices = matrices.to(sequence.dtype).movedim(1, 0)  # [T_r, B, *heads, K, K]
+        while matrices.shape[0] > 1:  # M_T ... M_1, pairwise: log depth
+            pairs = matrices.shape[0] // 2
+            product = matrices[1 : 2 * pairs : 2] @ matrices[0 : 2 * pairs : 2]
+            matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+
+        def apply(summary, s):
+            if transposed:  # S_t^T = M_t S_{t-1}^T + B_t^T
+                moved = (summary[0] @ s.transpose(-1, -2)).transpose(-1, -2)
+            elif flat:  # a map on the flattened state
+                moved = (summary[0] @ s.reshape(self.state_lead + (-1, 1))).reshape(s.shape)
+            else:
+                moved = summary[0] @ s
+            return moved + summary[1]
+
+        received, whole = yield _Request.single_state(planned, [matrices[0], sequence[:, -1]], apply)
+        start = self.initial[name] if first else received
+        if not first:
+            sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
+        return sequence, start, whole
+
+    def _chunked(self, step, planned: StepExchange, state: StateAnalysis, substitutions: dict):
+        """A matrix state read out linearly: chunked pass from zero, summary, read-outs corrected."""
+        name = state.state
+        chunk = step.chunk
+        assert chunk is not None
+        first = self.rank == 0
+        zero = self.initial[name] if first else self.full_state(state, 0.0)
+        if planned.correction is Correction.DECAYED_READOUT:
+            ran = _run_chunk_plan(self.seq, chunk, state, zero, self.plan.chunk_size)
+            if ran is None:
+                raise SequenceParallelError(
+                    f"state '{name}': the chunked pass met non-finite keys, values or decays on rank {self.rank}",
+                    expected="finite inputs (the sequence-parallel chunked form has no scan fallback)",
+                )
+            readouts, last = ran
+            running_log = self.evaluate_full(chunk.log_decay, state.type).cumsum(1) if not first else None  # [B, T_r, *heads, r or 1, c or 1]
+            total = running_log[:, -1].exp() if not first else self._stand_in(chunk.log_decay, state, 1.0)
+            received, whole = yield _Request.single_state(planned, [total, last], lambda summary, s: summary[0] * s + summary[1])
+            start = self.initial[name] if first else received
+            if not first:
+                running = running_log.exp()
+                readouts = [r + self._decayed_readout(q, running, start, chunk.transposed) for r, q in zip(readouts, chunk.queries)]
+        else:
+            readouts, last, transition_readouts, transition = self._delta_rule(chunk, state, zero)
+            received, whole = yield _Request.single_state(planned, [transition, last], lambda summary, s: summary[0] @ s + summary[1])
+            start = self.initial[name] if first else received
+            if not first:
+                readouts = [r + (p.unsqueeze(-2) @ start.unsqueeze(1)).squeeze(-2) for r, p in zip(readouts, transition_readouts)]
+        for node, value in zip(chunk.readouts, readouts):
+            substitutions[id(node)] = value
+        return None, start, whole
+
+    def _decayed_readout(self, query: ir.Expr, running: torch.Tensor, start: torch.Tensor, transposed: bool) -> torch.Tensor:
+        """``q_t (D_t * S_in)`` (or ``(D_t * S_in) q_t``) without forming ``D_t * S_in`` per step."""
+        rows, columns = start.shape[-2:]
+        along_rows = running.shape[-2] != 1
+        along_columns = running.shape[-1] != 1
+        s_in = start.unsqueeze(1)  # [B, 1, *heads, r, c]
+        if not transposed:  # q @ S: q runs along the rows
+            q = self.evaluate_full(query, ir.Type((rows,))).expand(self.lead + (rows,))
+            if along_rows:
+                return ((q * running[..., 0]).unsqueeze(-2) @ s_in).squeeze(-2)
+            return (q.unsqueeze(-2) @ s_in).squeeze(-2) * running[..., 0, :]
+        q = self.evaluate_full(query, ir.Type((columns,))).expand(self.lead + (columns,))
+        if along_columns:
+            return (s_in @ (q * running[..., 0, :]).unsqueeze(-1)).squeeze(-1)
+        return (s_in @ q.unsqueeze(-1)).squeeze(-1) * running[..., 0]
+
+    def _delta_rule(self, chunk, state: StateAnalysis, start: torch.Tensor):
+        """The chunked delta rule on the widened state ``[S | Phi]`` from ``[start | I]``.
+
+        ``Phi_t`` is the product of the transitions ``I - beta k k^T`` so far (the pass with
+        no input from the identity); its read-outs ``q_t Phi_t`` give each step's
+        correction ``(q_t Phi_t) S_in`` and its last value the slice's transition.
+        """
+        from .backends import chunk_kernels
+
+        recurrence = state.recurrence
+        assert isinstance(recurrence, MatrixAffine)
+        lead, seq = self.lead, self.seq
+        batch_dims = (lead[0],) + lead[2:]
+        rows, columns = state.type.shape
+
+        def flat_vector(expr: ir.Expr, length: int) -> torch.Tensor:
+            value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
+            return value.movedim(1, -2).reshape((-1, lead[1], length))
+
+        def flat_scalar(expr: ir.Expr) -> torch.Tensor:
+            value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
+            return value.movedim(1, -1).reshape((-1, lead[1]))
+
+        term = recurrence.low_rank[0]
+        left, right = flat_vector(term.left, rows), flat_vector(term.right, rows)
+        coefficient = flat_scalar(term.coefficient)
+        values = []
+        for input_term in chunk.inputs:
+            column = flat_vector(input_term.column, columns)
+            if input_term.coefficient is not None:
+                column = column * flat_scalar(input_term.coefficient).unsqueeze(-1)
+            values.append(torch.cat([column, column.new_zeros(column.shape[:-1] + (rows,))], -1))
+        flat_start = start.reshape((-1, rows, columns))
+        eye = torch.eye(rows, dtype=flat_start.dtype, device=flat_start.device).expand(flat_start.shape[0], rows, rows)
+        widened = torch.cat([flat_start, eye], -1)
+        queries = [flat_vector(q, rows) for q in chunk.queries]
+        results, final = chunk_kernels.delta_rule(queries, left, right, coefficient, values, widened, self.plan.chunk_size)
+        unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
+        readouts = [unflatten(r[..., :columns]) for r in results]
+        transition_readouts = [unflatten(r[..., columns:]) for r in results]
+        final = final.reshape(batch_dims + final.shape[1:])
+        return readouts, final[..., :columns], transition_readouts, final[..., columns:]
+
+    # -- a declared monoid
+    def monoid(self, scan: ir.ScanAssign, final: dict) -> dict[str, torch.Tensor]:
+        from .backends.torch_ops import combine_carries
+
+        names = [c.name for c in scan.monoid.carries]
+        keys = [f"{scan.name}.{n}" for n in names]
+        if self.rank == 0:
+            local = Solver(self.plan, self.seq, self.initial).scan(scan)
+        else:
+            identity = {k: self.initial_identity(scan, n) for k, n in zip(keys, names)}
+            local = Solver(self.plan, self.seq, identity).scan(scan)
+        def apply(summary, carry):
+            combined = combine_carries(scan.monoid, dict(zip(names, carry)), dict(zip(names, summary)), self.numerics)
+            return [combined[n] for n in names]
+
+        planned = next(e for e in self.owner.exchanges if e.names == (scan.name,))
+        received, whole = yield _Request(planned, [local[n][:, -1] for n in names], apply, len(names))
+        if self.rank > 0:
+            combined = combine_carries(scan.monoid, {n: v.unsqueeze(1) for n, v in zip(names, received)}, local, self.numerics)
+            local = {n: combined[n] for n in names}
+        for key, value in zip(keys, whole):
+            final[key] = value
+        return local
+
+    def initial_identity(self, scan: ir.ScanAssign, carry: str) -> torch.Tensor:
+        """The monoid's identity for ``carry``, the carry a slice other than the first starts from."""
+        from .backends.torch_ops import Evaluator
+
+        declared = next(c for c in scan.monoid.carries if c.name == carry)
+        value = Evaluator(self.numerics, {}).evaluate(declared.identity).to(self.numerics.dtype_of(declared.type.kind))
+        return value.expand(self.state_lead + declared.type.shape)
+
+
+
+@dataclass(frozen=True)
+class _Request:
+    """What a recurrence's local pass asks of the exchange: its summary and how a state crosses it."""
+
+    planned: StepExchange
+    parts: list
+    apply: Any  # (summary parts, state parts) -> state parts
+    state_count: int = 1
+    single: bool = False  # a single-tensor state: the answer is unwrapped
+
+    @staticmethod
+    def single_state(planned: StepExchange, parts: list, apply) -> "_Request":
+        return _Request(planned, parts, lambda summary, state: [apply(summary, state[0])], 1, True)
+
+
+def _recurrences_read(exprs: list[ir.Expr], cell: ir.CellIR) -> set[str]:
+    """The states and scans these expressions read (through bindings too)."""
+    found: set[str] = set()
+    seen: set[str] = set()
+    stack = list(exprs)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ir.Ref):
+            if node.kind in (RefKind.STATE_NEW, RefKind.STATE_PREV):
+                found.add(node.name)
+            elif node.kind is RefKind.SCAN:
+                found.add(node.name.split(".")[0])
+            elif node.kind is RefKind.BINDING and node.name not in seen:
+                seen.add(node.name)
+                stack.append(cell.binding(node.name).value)
+        elif isinstance(node, ir.Op):
+            stack.extend(node.args)
+    return found
+
+
+def _levels(plan: ExecutionPlan, exchanges: tuple[StepExchange, ...]) -> list[list[tuple]]:
+    """The plan's steps grouped so that no step reads a recurrence of its own or a later group."""
+    analysis = plan.analysis
+    scans = {s.name: s for s in analysis.cell.scans}
+    level_of: dict[str, int] = {}
+    levels: list[list[tuple]] = []
+    for step, planned in zip(plan.steps, exchanges):
+        (name,) = step.names
+        if name in scans:
+            exprs = list(scans[name].lifts)
+        else:
+            exprs = [analysis.state(name).update] + (list(step.chunk.queries) if step.chunk is not None else [])
+        reads = _recurrences_read(exprs, analysis.cell) - {name}
+        level = 1 + max((level_of[r] for r in reads if r in level_of), default=-1)
+        level_of[name] = level
+        while len(levels) <= level:
+            levels.append([])
+        levels[level].append((step, planned))
+    return levels
+
+
+class _CapturingSolver(Solver):
+    """The parallel backend's solver, keeping the step matrices of the last matrix scan it ran."""
+
+    captured: tuple[torch.Tensor, bool, bool] | None = None
+
+    def _matrix_scan(self, state, matrix, flat=False, transposed=False):
+        self.captured = (matrix, flat, transposed)
+        return super()._matrix_scan(state, matrix, flat=flat, transposed=transposed)

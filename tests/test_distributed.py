@@ -1,0 +1,469 @@
+"""Sequence parallelism (recdsl.distributed) against the single-process run, on CPU with gloo.
+
+Spawning is expensive on the project's 2-core machines, so each world size is one spawn
+whose workers run every case and write their measured errors to a JSON file per rank;
+the tests then read those files.  Every case compares, in float64, one rank's slice of
+the outputs, the whole-sequence final state, the gradients of the rank's input slice,
+of the initial state (rank 0) and of every param (summed over ranks, as DDP reduces
+them) with the single-process run of the same module on the whole sequence.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import recdsl
+from recdsl.distributed import SequenceParallelError
+from recdsl.ir import Kind
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_dims import DIMS, EXAMPLES  # noqa: E402
+
+TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1, |reference|))
+
+# The examples the parallel backends run, one per parallel class at least.
+PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf")
+NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
+
+# Cells whose states the chunked backend scans as explicit matrices (no example does).
+MATRIX_SCAN_CELLS = {
+    "delta_state": ("""cell DeltaState(dk, dv) {
+    input k: [dk]
+    input v: [dv]
+    input b: []
+    state S: [dk, dv] = 0
+    beta = sigmoid(b)
+    S = S - beta * outer(k, k @ S) + beta * outer(k, v)
+    out S
+}""", dict(dk=3, dv=2)),  # the delta rule with the whole state as output: low rank from the left
+    "right_memory": ("""cell RightMemory(d) {
+    input k: [d]
+    input v: [d]
+    state W: [d, d] = 0
+    W = W - 0.5 * outer(W @ k, k) + outer(v, k)
+    out W
+}""", dict(d=3)),  # low rank from the right
+    "dense": ("""cell Dense(d) {
+    input x: [d]
+    param A: [d, d] = normal(0.4)
+    state h: [d] = 0
+    h = h @ A + x
+    out h
+}""", dict(d=3)),  # a dense transition
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    example: str
+    lengths: tuple[int, ...]  # the slice of every rank, rank 0 first
+    with_state: bool
+    chunk_size: int = 3  # small, so that slices cross chunk boundaries
+    heads: tuple[int, ...] = ()
+    ddp: bool = False
+    fsdp: bool = False  # FSDP2's fully_shard over a CPU device mesh
+    exchange: str | None = None  # an Exchange member's name to force it; None: as planned by size
+    return_state: bool = True
+    last_output_only: bool = False  # the loss reads only the last output (every rank must still reach the exchanges' backward)
+
+    @property
+    def name(self) -> str:
+        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "")
+        return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
+
+
+def default_cases(world: int) -> list[Case]:
+    """2 ranks: every parallel example, uneven slices with a slice of one step, each exchange
+    forced on cells planned with the other, DDP.  4 ranks (4 processes on 2 cores): one
+    cell per summary kind."""
+    if world == 4:
+        lengths = (3, 1, 4, 2)
+        return [
+            Case("lru", lengths, with_state=True),  # complex diagonal decays
+            Case("gla", (2, 2, 2, 2), with_state=True, heads=(2,)),  # row decays, chunked, heads
+            Case("mlstm", (1, 1, 1, 1), with_state=True),  # max-plus, scalar-decay chunked, vector: three exchanges
+            Case("deltanet", lengths, with_state=False),  # the delta rule's transition
+            Case("aaren", lengths, with_state=True),  # a monoid
+            Case("crf", lengths, with_state=False, ddp=True),  # a semiring matrix, on the ring, under DDP
+            Case("dense", lengths, with_state=True, exchange="ALL_GATHER"),  # a dense matrix scan
+            Case("mamba2", lengths, with_state=True, exchange="RING", return_state=False),
+        ]
+    shapes = [(5, 3), (1, 6)]
+    cases = []
+    for i, example in enumerate(PARALLEL_EXAMPLES + tuple(MATRIX_SCAN_CELLS)):
+        cases.append(Case(example, shapes[i % len(shapes)], with_state=bool(i % 2)))
+    # Each exchange on cells planned with the other: three chained rings (mLSTM), a monoid's ring,
+    # a ring without the final state, the CRF's all-gather.
+    cases.append(Case("mlstm", shapes[-1], with_state=True, exchange="RING"))
+    cases.append(Case("aaren", shapes[0], with_state=True, exchange="RING"))
+    cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
+    cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
+    # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
+    cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
+    cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
+    cases.append(Case("hgrn", shapes[0], with_state=True, fsdp=True))
+    # A given state on rank 0 leaves the CRF's learnable start unused there: every rank must
+    # still give it a (zero) gradient, or FSDP's reduce-scatter differs between ranks.
+    cases.append(Case("crf", shapes[-1], with_state=True, fsdp=True))
+    cases.append(Case("crf", shapes[0], with_state=True, return_state=False, last_output_only=True))  # log Z alone
+    return cases
+
+
+def slow_cases(world: int) -> list[Case]:
+    """The whole matrix: every parallel example x several slicings x with and without a state."""
+    slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
+    cases = []
+    for example in PARALLEL_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
+        for lengths in slicings:
+            for with_state in (False, True):
+                cases.append(Case(example, lengths, with_state))
+        cases.append(Case(example, slicings[1], True, heads=(2,)))
+        cases.append(Case(example, slicings[1], True, exchange="RING"))
+        cases.append(Case(example, slicings[1], False, exchange="ALL_GATHER", return_state=False))
+        params = list(_module(Case(example, slicings[1], False)).parameters())
+        if params:
+            cases.append(Case(example, slicings[1], False, ddp=True))
+        if params and all(p.dim() > 0 for p in params):  # fully_shard refuses scalar params (Mamba-2's A_log)
+            cases.append(Case(example, slicings[1], True, fsdp=True))
+    return cases
+
+
+# ---- the worker ---------------------------------------------------------------------------
+
+
+def _module(case: Case) -> recdsl.CompiledCell:
+    torch.manual_seed(1234)
+    if case.example in MATRIX_SCAN_CELLS:
+        source, dims = MATRIX_SCAN_CELLS[case.example]
+        module = recdsl.compile(source, chunk_size=case.chunk_size, **dims).double()
+    else:
+        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), chunk_size=case.chunk_size, **DIMS[case.example]).double()
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return module
+
+
+def _inputs(module: recdsl.CompiledCell, case: Case):
+    generator = torch.Generator().manual_seed(99)
+    total = sum(case.lengths)
+    batch = 2
+    inputs = {}
+    for declared in module.cell.inputs:
+        shape = (batch, total, *case.heads, *declared.type.shape)
+        value = 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64)
+        if declared.type.kind is Kind.COMPLEX:
+            value = torch.complex(value, 0.5 * torch.randn(shape, generator=generator, dtype=torch.float64))
+        inputs[declared.name] = value
+    if case.example in ("deltanet",):
+        inputs["k"] = torch.nn.functional.normalize(inputs["k"], dim=-1)
+    state = None
+    if case.with_state:
+        start = module.initial_state(batch, *case.heads, dtype=torch.float64)
+        state = {}
+        for name, value in start.items():
+            noise = 0.5 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
+            if value.is_complex():
+                noise = torch.complex(noise, 0.5 * torch.randn(value.shape, generator=generator, dtype=torch.float64))
+            state[name] = torch.where(torch.isinf(value), value, noise) if not value.is_complex() else noise
+    return inputs, state
+
+
+def _weights(values, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(v.shape, generator=generator, dtype=torch.float64) for v in values]
+
+
+def _loss(outputs, weights) -> torch.Tensor:
+    loss = torch.zeros((), dtype=torch.float64)
+    for value, weight in zip(outputs, weights):
+        part = value.real if value.is_complex() else value
+        loss = loss + (torch.where(torch.isfinite(part), part, torch.zeros_like(part)) * weight).sum()
+        if value.is_complex():
+            loss = loss + (value.imag * weight.flip(-1)).sum()
+    return loss
+
+
+def _error(got: torch.Tensor | None, want: torch.Tensor | None) -> float:
+    if got is None and want is None:
+        return 0.0
+    if got is None or want is None:
+        got = torch.zeros_like(want) if got is None else got
+        want = torch.zeros_like(got) if want is None else want
+    both_inf = torch.isinf(got) & torch.isinf(want) & (got == want)
+    got = torch.where(both_inf, torch.zeros_like(got), got)
+    want = torch.where(both_inf, torch.zeros_like(want), want)
+    scale = torch.clamp(want.abs(), min=1.0)
+    difference = ((got - want).abs() / scale)
+    if difference.numel() == 0:
+        return 0.0
+    value = float(difference.max())
+    return value if value == value else float("inf")  # NaN is an error
+
+
+def _run_case(case: Case, rank: int, world: int) -> dict:
+    import torch.distributed as dist
+
+    from recdsl.distributed import SequenceParallel
+
+    module = _module(case)
+    inputs, state = _inputs(module, case)
+    starts = [sum(case.lengths[:r]) for r in range(world)]
+    begin, end = starts[rank], starts[rank] + case.lengths[rank]
+
+    # The single-process run over the whole sequence.
+    leaf_inputs = {n: v.clone().requires_grad_(True) for n, v in inputs.items()}
+    leaf_state = None if state is None else {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    outputs, final = module(**leaf_inputs, state=leaf_state, return_state=True)
+    outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
+    output_weights = _weights(outputs, 5)
+    final_names = sorted(final)
+    final_weights = _weights([final[k] for k in final_names], 6)
+    counted = final_names if case.return_state else []
+    read = slice(len(outputs) - 1, None) if case.last_output_only else slice(None)
+    _loss(outputs[read] + [final[k] for k in counted], output_weights[read] + final_weights[: len(counted)]).backward()
+    want = {
+        "outputs": [o[:, begin:end].detach() for o in outputs],
+        "final": {k: final[k].detach() for k in final_names},
+        "input_grads": {n: v.grad[:, begin:end] for n, v in leaf_inputs.items()},
+        "state_grads": {} if leaf_state is None else {n: v.grad for n, v in leaf_state.items()},
+        "param_grads": {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in module.named_parameters()},
+    }
+    module.zero_grad(set_to_none=True)
+
+    # The sharded run.
+    from recdsl.distributed import Exchange
+
+    parallel = SequenceParallel(module, group=_SEQUENCE_GROUP, exchange=None if case.exchange is None else Exchange[case.exchange])
+    model = parallel
+    if case.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(parallel)
+    if case.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(parallel, mesh=init_device_mesh("cpu", (world,)))
+    local_inputs = {n: v[:, begin:end].clone().requires_grad_(True) for n, v in inputs.items()}
+    local_state = None
+    if rank == 0 and state is not None:
+        local_state = {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    if case.return_state:
+        got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True)
+    else:
+        got_outputs, got_final = model(**local_inputs, state=local_state), {}
+    got_outputs = list(got_outputs) if isinstance(got_outputs, tuple) else [got_outputs]
+    # The final state enters the loss once, on the last rank; outputs with their slice of the weights.
+    with_final = case.return_state and rank == world - 1
+    pieces = got_outputs[read] + ([got_final[k] for k in final_names] if with_final else [])
+    weights = [w[:, begin:end] for w in output_weights][read] + (final_weights if with_final else [])
+    _loss(pieces, weights).backward()
+    errors = {}
+    for i, (g, w) in enumerate(zip(got_outputs, want["outputs"])):
+        errors[f"output {i}"] = _error(g.detach(), w)
+    for k in final_names if case.return_state else ():
+        errors[f"final {k}"] = _error(got_final[k].detach(), want["final"][k])
+    for n, v in local_inputs.items():
+        errors[f"grad input {n}"] = _error(v.grad, want["input_grads"][n])
+    if rank == 0:
+        for n, v in (local_state or {}).items():
+            if v.requires_grad:
+                errors[f"grad state {n}"] = _error(v.grad, want["state_grads"][n])
+    for n, p in module.named_parameters():
+        grad = p.grad if p.grad is not None else torch.zeros_like(p)
+        if case.fsdp:
+            grad = grad.full_tensor()  # FSDP keeps each rank's shard of the averaged gradient
+        grad = grad.clone()
+        if case.ddp or case.fsdp:
+            grad = grad * world  # DDP and FSDP average the ranks' gradients
+        else:
+            dist.all_reduce(grad)
+        errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
+    sent = sum(b for _, _, b in parallel.last_exchange)
+    planned = sum(e.elements for e in parallel.exchanges) * 2 * math.prod(case.heads) * 8  # B = 2, float64
+    errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
+    errors["_bytes"] = sent
+    return errors
+
+
+_SEQUENCE_GROUP = None
+
+
+def _worker(rank: int, world: int, store: str, cases: list[Case], out_dir: str) -> None:
+    import torch.distributed as dist
+
+    global _SEQUENCE_GROUP
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    _SEQUENCE_GROUP = dist.new_group(list(range(world)))
+    results = {}
+    for case in cases:
+        if os.environ.get("RECDSL_SP_TRACE"):
+            print(f"rank {rank}: {case.name}", file=sys.stderr, flush=True)
+        try:
+            results[case.name] = _run_case(case, rank, world)
+        except Exception as error:  # noqa: BLE001 - reported per case
+            results[case.name] = {"_error": f"{type(error).__name__}: {error}"}
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run_world(world: int, cases: list[Case], tmp_path: Path, deadline: float = 600.0) -> dict[int, dict]:
+    """Spawn ``world`` gloo ranks that run ``cases``; each rank's results by case name."""
+    import torch.multiprocessing as mp
+
+    store = tmp_path / "store"
+    context = mp.start_processes(_worker, args=(world, str(store), cases, str(tmp_path)), nprocs=world, join=False, start_method="spawn")
+    started = time.monotonic()
+    while not context.join(timeout=5):
+        if time.monotonic() - started > deadline:
+            for process in context.processes:
+                process.kill()
+            raise AssertionError(f"the {world} ranks did not finish within {deadline} s")
+    return {r: json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)}
+
+
+def _check(results: dict[int, dict], cases: list[Case]) -> None:
+    failures = []
+    for case in cases:
+        for rank, by_case in results.items():
+            found = by_case[case.name]
+            if "_error" in found:
+                failures.append(f"{case.name} rank {rank}: {found['_error']}")
+                continue
+            for quantity, error in found.items():
+                if not quantity.startswith("_") and not error <= TOLERANCE:
+                    failures.append(f"{case.name} rank {rank}: {quantity} differs from the single-process run by {error:.3g} (tolerance {TOLERANCE})")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    cases = default_cases(2)
+    return cases, run_world(2, cases, tmp_path_factory.mktemp("sp2"))
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    cases = default_cases(4)
+    return cases, run_world(4, cases, tmp_path_factory.mktemp("sp4"))
+
+
+def test_two_ranks_equal_the_single_process_run(two_ranks):
+    _check(two_ranks[1], two_ranks[0])
+
+
+def test_four_ranks_equal_the_single_process_run(four_ranks):
+    _check(four_ranks[1], four_ranks[0])
+
+
+@pytest.mark.slow
+def test_every_example_every_slicing(tmp_path):
+    for world in (2, 4):
+        cases = slow_cases(world)
+        (tmp_path / str(world)).mkdir()
+        _check(run_world(world, cases, tmp_path / str(world), deadline=1800.0), cases)
+
+
+# ---- in this process: a group of one rank ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # pragma: no cover - another test left a group behind
+        pytest.skip("a process group is already initialised in this process")
+    store = tmp_path_factory.mktemp("sp1") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_one_rank_is_the_module_itself(one_rank):
+    from recdsl.distributed import SequenceParallel
+
+    module = _module(Case("mlstm", (5,), with_state=False))
+    inputs, _ = _inputs(module, Case("mlstm", (5,), with_state=False))
+    parallel = SequenceParallel(module)
+    got, got_final = parallel(**inputs, return_state=True)
+    want, want_final = module(**inputs, return_state=True)
+    assert _error(got, want) <= TOLERANCE, "output of a one-rank group"
+    for name in want_final:
+        assert _error(got_final[name], want_final[name]) <= TOLERANCE, f"final state {name} of a one-rank group"
+    # m first (C and n read it), then C and n in one all-gather.
+    assert [names for names, _, _ in parallel.last_exchange] == [("m",), ("C", "n")]
+
+
+def test_describe_names_each_summary_and_exchange(one_rank):
+    from recdsl.distributed import Correction, Exchange, SequenceParallel
+
+    gla = SequenceParallel(recdsl.compile(str(EXAMPLES / "gla.rec"), dk=64, dv=64))
+    text = gla.describe(batch=1, heads=1)
+    assert "S: chunked" in text
+    assert "transition [64, 1] + state [64, 64] = 4160 numbers per batch row and head" in text
+    assert "exchange: all-gather of every rank's summary" in text
+    assert "q_t (D_t * S_in)" in text
+    delta = SequenceParallel(recdsl.compile(str(EXAMPLES / "deltanet.rec"), dk=8, dv=4))
+    assert delta.exchanges[0].correction is Correction.TRANSITION_READOUT
+    assert "transition [8, 8] + state [8, 4]" in delta.describe()
+    crf = SequenceParallel(recdsl.compile(str(EXAMPLES / "crf.rec"), n=5))
+    assert crf.exchanges[0].correction is Correction.RECOMPUTE
+    # 25 numbers of transition for a state of 5: a ring sends the state only.
+    assert crf.exchanges[0].exchange is Exchange.RING and crf.exchanges[0].elements == 5
+    assert "exchange: ring" in crf.describe()
+    forced = SequenceParallel(recdsl.compile(str(EXAMPLES / "crf.rec"), n=5), exchange=Exchange.ALL_GATHER)
+    assert forced.exchanges[0].exchange is Exchange.ALL_GATHER and forced.exchanges[0].elements == 30
+    aaren = SequenceParallel(recdsl.compile(str(EXAMPLES / "aaren.rec"), d=3))
+    assert aaren.exchanges[0].correction is Correction.MONOID_FOLD and aaren.exchanges[0].elements == 5
+
+
+@pytest.mark.parametrize("example", NONLINEAR_EXAMPLES)
+def test_a_nonlinear_cell_is_refused_with_its_reason(one_rank, example):
+    from recdsl.distributed import SequenceParallel
+
+    module = recdsl.compile(str(EXAMPLES / f"{example}.rec"), **DIMS[example])
+    with pytest.raises(SequenceParallelError) as raised:
+        SequenceParallel(module)
+    message = str(raised.value)
+    assert "cannot run sequence-parallel" in message and ("nonlinear" in message or "coupled" in message), message
+    assert isinstance(raised.value, recdsl.RecDSLError)
+
+
+def test_only_compiled_modules_are_wrapped(one_rank):
+    from recdsl.distributed import SequenceParallel
+
+    with pytest.raises(SequenceParallelError, match="wraps a module made by recdsl.compile"):
+        SequenceParallel(torch.nn.Linear(2, 2))
+
+
+def test_explain_prints_the_exchange_without_a_process_group(capsys):
+    from recdsl.cli import main
+
+    assert main(["explain", "--sequence-parallel", "4", "examples/gla.rec", "--dim", "dk=8", "--dim", "dv=8"]) == 0
+    out = capsys.readouterr().out
+    assert "sequence parallel over 4 ranks: cell GLA" in out
+    assert "transition [8, 1] + state [8, 8] = 72 numbers per batch row and head" in out
+    # 72 numbers of 4 bytes reach the 3 other ranks forward; 3 rows of adjoints go back.
+    assert "forward 864, backward 864" in out
+    assert main(["explain", "--sequence-parallel", "2", "examples/gru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 1
+    assert "cannot run sequence-parallel: state 'h' is nonlinear" in capsys.readouterr().err
+
+
+def test_recurrences_that_do_not_read_each_other_share_an_exchange():
+    from recdsl.distributed import exchange_groups
+
+    mlstm = recdsl.compile(str(EXAMPLES / "mlstm.rec"), dk=4, dv=3)
+    assert exchange_groups(mlstm.analysis) == [("m",), ("C", "n")]  # C and n decay by m
+    gla = recdsl.compile(str(EXAMPLES / "gla.rec"), dk=4, dv=3)
+    assert exchange_groups(gla.analysis) == [("S",)]
