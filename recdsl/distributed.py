@@ -249,13 +249,17 @@ def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
     A :class:`SequenceParallelError` says why a cell cannot run sequence-parallel.
     """
     try:
-        return make_plan(analysis, "chunked", PlanOptions(chunk_size=chunk_size))
+        planned = make_plan(analysis, "chunked", PlanOptions(chunk_size=chunk_size))
     except BackendError as error:
         reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
         raise SequenceParallelError(
             f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
             expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
         ) from None
+    # A time-invariant state's convolution (S4D) keeps no per-step state to correct from a
+    # received initial state: its slice runs the scan the plan keeps as the fallback.
+    steps = tuple(replace(step, form=step.fallback, conv=None) if step.form is Form.CONVOLUTION and step.fallback is not None else step for step in planned.steps)
+    return replace(planned, steps=steps)
 
 
 def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, heads: int = 1, itemsize: int = 4, chunk_size: int = 64) -> str:
