@@ -609,9 +609,13 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                 readouts = len(step.chunk.queries)
                 flops = 2.0 * batch * length * ((keys + values) * chunk * readouts + 2 * keys * values)
                 ops = 40 + term_ops
-                if step.chunk.kind is ChunkKind.DELTA_RULE:
-                    ops += 6 * chunks  # a loop over chunks
-                    flops += 2.0 * batch * length * chunk * (chunk / 3 + keys + values)
+                if step.chunk.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE):
+                    # Batched over all chunks: R L^T, two triangular solves, the chunk
+                    # transitions M (K x K) and inputs B, the read-outs; then a loop over
+                    # chunks of one K x K by K x V product each.
+                    ops += 2 * chunks + 30
+                    per_step = chunk * (3 * keys + 2 * values) + keys * keys + 2 * keys * values + keys * keys * values / chunk
+                    flops += 2.0 * batch * length * per_step
                 else:
                     ops += 2 * math.sqrt(chunks)
                 total += _seconds(ops, (keys + values + chunk) * batch * length * 4, flops)
