@@ -217,6 +217,22 @@ class ExecutionPlan:
                 return step
         raise KeyError(name)
 
+    def not_chunked(self) -> tuple[tuple[str, str], ...]:
+        """Each recurrence this plan scans or loops over rather than chunks, with the reason it is not chunked.
+
+        Time-parallel states are left out (they need no form over time).  For the
+        ``chunked`` backend these are the recurrences that run as the ``scan`` backend
+        would run them."""
+        found = []
+        for step in self.steps:
+            if step.form in (Form.CHUNKED, Form.TRITON_CHUNKED, Form.TIME_PARALLEL):
+                continue
+            reason = next((r.reason for r in step.rejected if r.form in (Form.CHUNKED, Form.TRITON_CHUNKED)), None)
+            if reason is None and step.form is Form.MONOID_SCAN:
+                reason = "a declared monoid scan (the chunked forms are for matrix states read out linearly)"
+            found.append((step.name, reason or "no chunked form was considered"))
+        return tuple(found)
+
     def for_device(self, device_type: str) -> "ExecutionPlan":
         """The plan to run on tensors of ``device_type`` (``auto``'s GPU alternative on ``cuda``)."""
         return self.gpu if device_type == "cuda" and self.gpu is not None else self
@@ -715,8 +731,27 @@ def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanO
         costs = ()
         if kind in _CPU_CANDIDATES:
             costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options)),)
-        return replace(planned, reason=f"backend '{kind}' was requested", costs=costs)
+        reason = f"backend '{kind}' was requested"
+        if kind is BackendKind.CHUNKED:
+            reason += _chunked_note(planned)
+        return replace(planned, reason=reason, costs=costs)
     return _plan_auto(analysis, options)
+
+
+def _chunked_note(chunked: ExecutionPlan) -> str:
+    """What the ``chunked`` backend does not chunk, and why, for its plan's reason.
+
+    The chunked backend chunks the matrix states read out linearly and scans the rest, as
+    the ``scan`` backend does (mLSTM: its memory chunked, its normaliser scanned), so a
+    recurrence it cannot chunk is no error; but the plan says which and why, so that a
+    request for ``chunked`` never silently runs a scan."""
+    missing = chunked.not_chunked()
+    if not missing:
+        return ""
+    listed = "; ".join(f"{name}: {reason}" for name, reason in missing)
+    if not any(step.form is Form.CHUNKED for step in chunked.steps):
+        return f"; nothing in this cell is chunked, so it runs as backend 'scan' would (not chunked: {listed})"
+    return f"; not chunked, scanned instead: {listed}"
 
 
 def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) -> ExecutionPlan:
