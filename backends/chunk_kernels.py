@@ -222,43 +222,45 @@ def delta_rule(
         chunked = _chunks(_pad_time(w, padded), chunk)
         W = chunked if W is None else W + chunked
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=L.device).tril()
-    strict = causal.tril(-1)
     if log_decay is None:
         G = G_previous = None
         decay_incl = causal.to(L.dtype)
-        decay_strict = strict.to(L.dtype)
     else:
         # Log decays accumulated from the chunk start (padding: decay 1); a decay of 0 is
         # clamped to exp(_LOG_DECAY_FLOOR) so that no difference of two sums is -inf - -inf.
         G = _chunks(_pad_time(log_decay.clamp(min=_LOG_DECAY_FLOOR), padded), chunk).cumsum(2)  # [N, n, C]
         G_previous = _previous(G)
         decay_incl = _pairwise_decay(G, G, causal)  # e^{G_t - G_s}, s <= t: [N, n, C, C]
-        decay_strict = _pairwise_decay(G_previous, G, strict)  # e^{G_{t-1} - G_s}, s < t
-    # (I - diag(a) (tril(R L^T, -1) * decay)) U = diag(a e^{G'}) R S_0 + W: U = U_r S_0 + U_w.
-    eye = torch.eye(chunk, dtype=L.dtype, device=L.device)
-    system = eye - a.unsqueeze(-1) * (R @ L.transpose(-1, -2)) * decay_strict
-    rhs_r = a.unsqueeze(-1) * R
-    if G_previous is not None:
-        rhs_r = rhs_r * G_previous.exp().unsqueeze(-1)
-    U_r = torch.linalg.solve_triangular(system, rhs_r, upper=False, unitriangular=True)  # [N, n, C, K]
-    U_w = torch.linalg.solve_triangular(system, W, upper=False, unitriangular=True) if W is not None else None
-    # The chunk boundary states: S_{c+1} = M_c S_c + B_c.
+    # e^{G_{t-1} - G_s} for s < t is the row above's e^{G_{t-1} - G_s} for s <= t - 1.
+    decay_strict = torch.nn.functional.pad(decay_incl[..., :-1, :], (0, 0, 1, 0))
+    # (I - diag(a) (tril(R L^T, -1) * decay)) U = [diag(a e^{G'}) R, W]: U = [U_r, U_w], so
+    # that U_r S_0 + U_w is the chunk's u.  The solve reads only the strictly lower part
+    # (unitriangular), so the identity is never formed.
+    aR = a.unsqueeze(-1) * R
+    system = (aR @ L.transpose(-1, -2)) * decay_strict.neg()
+    rhs = aR if G_previous is None else aR * G_previous.exp().unsqueeze(-1)
+    keys = rhs.shape[-1]
+    if W is not None:
+        rhs = torch.cat([rhs, W], -1)
+    U = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)  # [N, n, C, K (+ V)]
+    U_r = U[..., :keys]
+    # The chunk boundary states: S_{c+1} = M_c S_c + B_c, with [M_c - e^{G_C} I, B_c] = (L e^{G_C - G_s})^T U.
+    eye = torch.eye(keys, dtype=L.dtype, device=L.device)
     if G is None:
         L_to_end = L
-        M = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device) + L.transpose(-1, -2) @ U_r
+        end_decay = None
     else:
         G_end = G[:, :, -1:]  # [N, n, 1]
         L_to_end = L * (G_end - G).exp().unsqueeze(-1)
-        M = G_end.exp().unsqueeze(-1) * torch.eye(L.shape[-1], dtype=L.dtype, device=L.device) + L_to_end.transpose(-1, -2) @ U_r
-    B = L_to_end.transpose(-1, -2) @ U_w if U_w is not None else None  # [N, n, K, V]
-    starts = []
+        end_decay = G_end.exp().unsqueeze(-1)  # [N, n, 1, 1]
+    transfer = L_to_end.transpose(-1, -2) @ U  # [N, n, K, K (+ V)]
+    M = transfer[..., :keys] + (eye if end_decay is None else end_decay * eye)
+    B = transfer[..., keys:] if W is not None else None
+    starts = initial.new_empty((initial.shape[0], L.shape[1]) + initial.shape[1:])  # [N, n, K, V]
     state = initial
     for c in range(L.shape[1]):
-        starts.append(state)
-        state = M[:, c] @ state
-        if B is not None:
-            state = state + B[:, c]
-    S0 = torch.stack(starts, 1)  # [N, n, K, V]: the state each chunk starts from
+        starts[:, c] = state
+        state = torch.baddbmm(B[:, c], M[:, c], state) if B is not None else M[:, c] @ state
     results = []
     for q_full, before in zip(readouts, exclusive):
         q = _chunks(_pad_time(q_full, padded), chunk)
@@ -266,9 +268,10 @@ def delta_rule(
         G_q = G_previous if before else G
         q_start = q if G_q is None else q * G_q.exp().unsqueeze(-1)
         # O = (Q e^{G_q} + A U_r) S_0 + A U_w, every chunk at once.
-        out = (q_start + attention @ U_r) @ S0
-        if U_w is not None:
-            out = out + attention @ U_w
+        mixed = attention @ U
+        out = (q_start + mixed[..., :keys]) @ starts
+        if W is not None:
+            out = out + mixed[..., keys:]
         results.append(out.reshape((out.shape[0], padded) + out.shape[3:])[:, :steps])
     return results, state
 
@@ -289,7 +292,11 @@ def with_infinite_readouts(kernel: Callable[..., tuple[list[torch.Tensor], torch
     each direction read-out taking its read-out's flag.
     """
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    split = [not q.is_complex() and not (is_compiling is not None and is_compiling()) and bool(torch.isinf(q).any()) for q in readouts]
+    # A finite sum rules out infinities in one reduction; only otherwise is q searched.
+    split = [
+        not q.is_complex() and not (is_compiling is not None and is_compiling()) and not bool(torch.isfinite(q.sum())) and bool(torch.isinf(q).any())
+        for q in readouts
+    ]
     if not any(split):
         return kernel(readouts, *arguments, exclusive=exclusive) if exclusive else kernel(readouts, *arguments)
     finite = [q.masked_fill(torch.isinf(q), 0.0) if s else q for q, s in zip(readouts, split)]

@@ -109,9 +109,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke test)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sequential", action="store_true", help="also time the sequential loop on the Gated DeltaNet target (slow)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch, length, heads, dk = (2, 256, 2, 16) if args.quick else (4, 4096, 4, 64)
-    torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(table(f"Gated DeltaNet, dk = dv = {dk}, {heads} heads, B = {batch}, T = {length}", gated_deltanet(batch, length, heads, dk, args.repeat, args.sequential)))
     T2 = 256 if args.quick else 1024
