@@ -287,3 +287,18 @@ def test_rwkv6_agrees_with_fla_naive_recurrent_form():
         ours = module(r=r * dk**-0.5, k=k, v=v, d=d)
         theirs = naive.naive_recurrent_rwkv6(to_heads(r), to_heads(k), to_heads(v), to_heads(-d.exp()), module.u.expand(H, dk))[0]
     torch.testing.assert_close(ours, to_heads(theirs), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name, query", [("rwkv6", "r"), ("gated_deltanet", "q")])
+def test_an_infinite_query_gives_the_loops_infinities(name, query):
+    """``with_infinite_readouts`` passes each direction read-out its read-out's exclusive flag."""
+    torch.manual_seed(0)
+    sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **DIMS[name]).double()
+    chunked = recdsl.compile(EXAMPLES / f"{name}.rec", backend="chunked", chunk_size=4, **DIMS[name]).double()
+    chunked.load_state_dict(sequential.state_dict())
+    inputs = {i.name: 0.5 * torch.randn(2, 11, *i.type.shape, dtype=torch.float64) for i in sequential.cell.inputs}
+    inputs[query][0, 5, 1] = float("inf")
+    expected, got = sequential(**inputs), chunked(**inputs)
+    assert torch.equal(torch.isinf(expected), torch.isinf(got)) and torch.equal(torch.isnan(expected), torch.isnan(got))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-12)
