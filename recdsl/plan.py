@@ -246,9 +246,14 @@ class ExecutionPlan:
             lines.append(f"  {step.name}: {step.form}")
             if step.chunk is not None:
                 chunk = step.chunk
-                queries = ", ".join(format_expr(q) for q in chunk.queries)
-                read = "S_prev" if chunk.reads_previous else "S"
-                lines.append(f"      {chunk.kind}; read-outs {f'{read} @ q' if chunk.transposed else f'q @ {read}'} with q = {queries}")
+                groups = [(before, [q for q, b in zip(chunk.queries, chunk.previous or (False,) * len(chunk.queries)) if b == before]) for before in (True, False)]
+                described = []
+                for before, queries in groups:
+                    if queries:
+                        read = "S_prev" if before else "S"
+                        form = f"{read} @ q" if chunk.transposed else f"q @ {read}"
+                        described.append(f"{form} with q = {', '.join(format_expr(q) for q in queries)}")
+                lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
             for rejected in step.rejected:
