@@ -178,10 +178,11 @@ def test_exclusive_decayed_outer_products_with_tiny_and_mixed_decays(shape):
         return log_decay[:, t].exp() * S + k[:, t, :, None] * v[:, t, None, :]
 
     expected, final = _loop([q, q], (True, False), step, initial, T)
-    got, got_final = chunk_kernels.decayed_outer_products([q, q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, 16, exclusive=(True, False))
-    for e, g in zip(expected, got):
-        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(got_final, final, rtol=1e-10, atol=1e-12)
+    for chunk in (16, 64):  # 64: most dims decay past e^-60, so the kernel re-chunks by 16
+        got, got_final = chunk_kernels.decayed_outer_products([q, q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, chunk, exclusive=(True, False))
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(got_final, final, rtol=1e-10, atol=1e-12)
 
 
 # ---- numerics ------------------------------------------------------------------------------
