@@ -352,9 +352,16 @@ def _run_chunk_plan(
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
 
+    flattened: list[tuple[ir.Expr, int, torch.Tensor]] = []  # one copy per distinct vector (the delta rule's k is its map's both sides and its input's row)
+
     def flat_vector(expr: ir.Expr, length: int) -> torch.Tensor:
+        for seen, seen_length, value in flattened:
+            if seen_length == length and seen == expr:
+                return value
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
-        return value.movedim(1, -2).reshape((-1, lead[1], length))
+        value = value.movedim(1, -2).reshape((-1, lead[1], length))
+        flattened.append((expr, length, value))
+        return value
 
     def flat_scalar(expr: ir.Expr) -> torch.Tensor:
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
