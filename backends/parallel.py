@@ -335,7 +335,7 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if is_compiling is not None and is_compiling():
         return True
-    if log_decay is not None and not bool(log_decay.amax() < float("inf")):  # NaN (amax propagates it) or +inf
+    if log_decay is not None and log_decay.numel() and not bool(log_decay.amax() < float("inf")):  # NaN (amax propagates it) or +inf
         return False
     # One reduction per piece: a finite sum means every element is finite; only a sum that
     # is not (an overflow of finite values, or a real inf or NaN) needs the elementwise test.
