@@ -335,9 +335,11 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if is_compiling is not None and is_compiling():
         return True
-    if log_decay is not None and not bool((log_decay < float("inf")).all()):  # NaN or +inf
+    if log_decay is not None and log_decay.numel() and not bool(log_decay.amax() < float("inf")):  # NaN (amax propagates it) or +inf
         return False
-    return all(bool(torch.isfinite(piece).all()) for piece in pieces)
+    # One reduction per piece: a finite sum means every element is finite; only a sum that
+    # is not (an overflow of finite values, or a real inf or NaN) needs the elementwise test.
+    return all(bool(torch.isfinite(piece.sum())) or bool(torch.isfinite(piece).all()) for piece in pieces)
 
 
 def _run_chunk_plan(
@@ -350,9 +352,16 @@ def _run_chunk_plan(
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
 
+    flattened: list[tuple[ir.Expr, int, torch.Tensor]] = []  # one copy per distinct vector (the delta rule's k is its map's both sides and its input's row)
+
     def flat_vector(expr: ir.Expr, length: int) -> torch.Tensor:
+        for seen, seen_length, value in flattened:
+            if seen_length == length and seen == expr:
+                return value
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
-        return value.movedim(1, -2).reshape((-1, lead[1], length))
+        value = value.movedim(1, -2).reshape((-1, lead[1], length))
+        flattened.append((expr, length, value))
+        return value
 
     def flat_scalar(expr: ir.Expr) -> torch.Tensor:
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
@@ -377,18 +386,34 @@ def _run_chunk_plan(
         log_decay = log_decay.expand(lead + shape).movedim(1, -3).reshape((-1, lead[1]) + shape)
         if not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
             return None
-        results, final = chunk_kernels.with_infinite_readouts(
-            decayed or chunk_kernels.decayed_outer_products, queries, [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns], log_decay, start, chunk
-        )
+        inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
+        if plan.reads_previous:  # only the torch kernel reads out the previous state (the planner keeps it off Triton)
+            results, final = chunk_kernels.with_infinite_readouts(
+                chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, exclusive=plan.previous
+            )
+        else:
+            results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk)
     else:
-        recurrence = state.recurrence
-        assert isinstance(recurrence, MatrixAffine)
-        term = recurrence.low_rank[0]
-        left, right = flat_vector(term.left, rows), flat_vector(term.right, rows)
-        coefficient = flat_scalar(term.coefficient)
-        if not _chunkable(None, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
+        transition = plan.transition
+        assert transition is not None and transition.coefficient is not None
+        left, right = flat_vector(transition.row, rows), flat_vector(transition.column, rows)
+        coefficient = flat_scalar(transition.coefficient)
+        log_decay = None
+        if plan.log_decay is not None:  # the gated delta rule: a scalar decay per step
+            log_decay = flat_scalar(plan.log_decay)
+        if not _chunkable(log_decay, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
             return None
-        results, final = chunk_kernels.with_infinite_readouts(chunk_kernels.delta_rule, queries, left, right, coefficient, [v for _, v in scaled_columns], start, chunk)
+        results, final = chunk_kernels.with_infinite_readouts(
+            functools.partial(chunk_kernels.delta_rule, log_decay=log_decay),
+            queries,
+            left,
+            right,
+            coefficient,
+            [v for _, v in scaled_columns],
+            start,
+            chunk,
+            exclusive=plan.previous or None,
+        )
     unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
     outputs = [unflatten(r) for r in results]
     final = final.reshape(batch_dims + final.shape[1:])

@@ -127,6 +127,8 @@ def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsup
         return Unsupported(f"no Triton kernel for the {chunk.kind} yet")
     if len(chunk.inputs) != 1:
         return Unsupported("the Triton chunked kernels take one outer product per step")
+    if chunk.reads_previous:
+        return Unsupported("an output reads its previous value, which the Triton chunked kernels do not read out")
     structure = state.recurrence.structure
     key_rows = Structure.COLUMNS if chunk.transposed else Structure.ROWS
     if structure is not Structure.SCALAR and structure is not key_rows:

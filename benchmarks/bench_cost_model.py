@@ -1,6 +1,6 @@
 """Does the plan stage's cost model rank the forms as the clock does?
 
-For every example cell (and a TTT memory written from the right, the cell that once made
+For every example cell (examples/ttt_linear.rec included: a TTT memory written from the right, the cell that once made
 `auto` pick a dense matrix scan 95x slower than the loop), at benchmark dims, this times the
 forward pass of every CPU backend that can run the cell at the cost model's nominal
 workload, and prints, per cell, the model's prediction beside the measurement, which
@@ -25,20 +25,7 @@ from recdsl.plan import BackendKind, PlanOptions, Workload
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
-TTT = """
-cell TTT(dk, dv) {
-    input k: [dk]
-    input v: [dv]
-    input q: [dk]
-    input a_pre: []
-    input lr_pre: []
-    state W: [dv, dk] = 0
-    a = sigmoid(a_pre)
-    lr = sigmoid(lr_pre) / dk
-    W = (1 - a) * W - lr * outer(W @ k - v, k)
-    out W @ q
-}
-"""
+TTT = EXAMPLES / "ttt_linear.rec"  # a memory written from the right (W @ k)
 
 # Benchmark dims: the sizes a model would use, scaled so the loop finishes on 2 cores.
 CELLS: list[tuple[str, str | Path, dict]] = [
@@ -56,7 +43,10 @@ CELLS: list[tuple[str, str | Path, dict]] = [
     ("aaren", EXAMPLES / "aaren.rec", dict(d=64)),
     ("crf", EXAMPLES / "crf.rec", dict(n=8)),
     ("gru", EXAMPLES / "gru.rec", dict(d_in=64, d=64)),
-    ("ttt (right)", TTT, dict(dk=16, dv=16)),
+    ("ttt_linear (right)", TTT, dict(dk=16, dv=16)),
+    ("gated_deltanet", EXAMPLES / "gated_deltanet.rec", dict(dk=32, dv=32)),
+    ("rwkv6", EXAMPLES / "rwkv6.rec", dict(dk=64, dv=64)),
+    ("hgrn2", EXAMPLES / "hgrn2.rec", dict(d_in=64, dk=64, dv=64)),
 ]
 
 

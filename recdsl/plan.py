@@ -85,6 +85,7 @@ class Form(Enum):
 class ChunkKind(Enum):
     DECAYED_OUTER_PRODUCTS = "decayed outer products"  # GLA, RetNet, mLSTM, Mamba-2
     DELTA_RULE = "delta rule"  # DeltaNet: the UT transform inside chunks
+    GATED_DELTA_RULE = "gated delta rule"  # Gated DeltaNet, TTT / Titans memories: the UT transform with the decay folded in
 
     def __str__(self) -> str:
         return self.value
@@ -114,7 +115,11 @@ class ChunkPlan:
     """How a matrix state's read-outs are produced chunk by chunk, without storing it per step.
 
     ``transposed`` is set when the read-outs contract the state's second axis (``S @ q``);
-    the kernels then see ``S^T``.  ``queries[i]`` is the vector of ``readouts[i]``.
+    the kernels then see ``S^T``.  ``queries[i]`` is the vector of ``readouts[i]``, and
+    ``previous[i]`` is set when that read-out takes the value before the update
+    (``q @ S_{t-1}``: an exclusive causal mask).  For the delta rules ``transition`` is the
+    rank-one map ``coefficient * row column^T`` multiplying the kernels' state from the left,
+    and ``log_decay`` (gated) the log of its scalar identity part.
     """
 
     state: str
@@ -124,6 +129,12 @@ class ChunkPlan:
     queries: tuple[ir.Expr, ...]
     inputs: tuple[RankOneTerm, ...]
     log_decay: ir.Expr | None = None
+    previous: tuple[bool, ...] = ()
+    transition: RankOneTerm | None = None
+
+    @property
+    def reads_previous(self) -> bool:
+        return any(self.previous)
 
 
 @dataclass(frozen=True)
@@ -233,6 +244,22 @@ class ExecutionPlan:
                 return step
         raise KeyError(name)
 
+    def not_chunked(self) -> tuple[tuple[str, str], ...]:
+        """Each recurrence this plan scans or loops over rather than chunks, with the reason it is not chunked.
+
+        Time-parallel states are left out (they need no form over time).  For the
+        ``chunked`` backend these are the recurrences that run as the ``scan`` backend
+        would run them."""
+        found = []
+        for step in self.steps:
+            if step.form in (Form.CHUNKED, Form.TRITON_CHUNKED, Form.CONVOLUTION, Form.TIME_PARALLEL):
+                continue
+            reason = next((r.reason for r in step.rejected if r.form in (Form.CHUNKED, Form.TRITON_CHUNKED)), None)
+            if reason is None and step.form is Form.MONOID_SCAN:
+                reason = "a declared monoid scan (the chunked forms are for matrix states read out linearly)"
+            found.append((step.name, reason or "no chunked form was considered"))
+        return tuple(found)
+
     def for_device(self, device_type: str) -> "ExecutionPlan":
         """The plan to run on tensors of ``device_type`` (``auto``'s GPU alternative on ``cuda``)."""
         return self.gpu if device_type == "cuda" and self.gpu is not None else self
@@ -250,8 +277,14 @@ class ExecutionPlan:
                 lines.append(f"      decay {format_expr(conv.decay)}; driven by {format_expr(conv.driver)}{coefficient}")
             if step.chunk is not None:
                 chunk = step.chunk
-                queries = ", ".join(format_expr(q) for q in chunk.queries)
-                lines.append(f"      {chunk.kind}; read-outs {'S @ q' if chunk.transposed else 'q @ S'} with q = {queries}")
+                groups = [(before, [q for q, b in zip(chunk.queries, chunk.previous or (False,) * len(chunk.queries)) if b == before]) for before in (True, False)]
+                described = []
+                for before, queries in groups:
+                    if queries:
+                        read = "S_prev" if before else "S"
+                        form = f"{read} @ q" if chunk.transposed else f"q @ {read}"
+                        described.append(f"{form} with q = {', '.join(format_expr(q) for q in queries)}")
+                lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
             for rejected in step.rejected:
@@ -289,6 +322,12 @@ def rank_one_terms(expr: ir.Expr | None) -> list[RankOneTerm] | None:
     if expr.op == "add":
         left, right = rank_one_terms(expr.args[0]), rank_one_terms(expr.args[1])
         return None if left is None or right is None else left + right
+    if expr.op == "neg":  # -(c u v^T) = (-c) u v^T (a gradient step: - lr * outer(W @ k - v, k))
+        inner = rank_one_terms(expr.args[0])
+        return None if inner is None else [_negated(t) for t in inner]
+    if expr.op == "sub":
+        left, right = rank_one_terms(expr.args[0]), rank_one_terms(expr.args[1])
+        return None if left is None or right is None else left + [_negated(t) for t in right]
     outer = as_outer(expr)
     if outer is not None:
         return [RankOneTerm(outer[0], outer[1], None)]
@@ -301,22 +340,30 @@ def rank_one_terms(expr: ir.Expr | None) -> list[RankOneTerm] | None:
     return None
 
 
-def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool] | None:
-    """For ``q @ S`` the pair ``(q, False)``; for ``S @ q`` ``(q, True)``; else None."""
+def _negated(term: RankOneTerm) -> RankOneTerm:
+    if term.coefficient is None:
+        return replace(term, coefficient=ir.Literal(-1.0, ir.Type(())))
+    return replace(term, coefficient=Op("neg", (term.coefficient,), term.coefficient.type))
+
+
+def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool, bool] | None:
+    """For ``q @ S`` the triple ``(q, False, previous)``; for ``S @ q`` ``(q, True, previous)``; else None.
+
+    ``previous`` is set when the read-out takes the state's value before its update."""
     if not (isinstance(readout, Op) and readout.op == "matmul"):
         return None
     left, right = readout.args
-    is_state = lambda e: isinstance(e, Ref) and e.kind is RefKind.STATE_NEW and e.name == state  # noqa: E731
+    is_state = lambda e: isinstance(e, Ref) and e.kind in (RefKind.STATE_NEW, RefKind.STATE_PREV) and e.name == state  # noqa: E731
     if is_state(right) and left.type.rank == 1:
-        return left, False
+        return left, False, right.kind is RefKind.STATE_PREV
     if is_state(left) and right.type.rank == 1:
-        return right, True
+        return right, True, left.kind is RefKind.STATE_PREV
     # S.T @ q = q @ S and q @ S.T = S @ q for a matrix state
     transposed = lambda e: isinstance(e, Op) and e.op == "transpose" and e.args[0].type.rank == 2 and is_state(e.args[0])  # noqa: E731
     if transposed(left) and right.type.rank == 1:
-        return right, False
+        return right, False, left.args[0].kind is RefKind.STATE_PREV
     if transposed(right) and left.type.rank == 1:
-        return left, True
+        return left, True, right.args[0].kind is RefKind.STATE_PREV
     return None
 
 
@@ -341,8 +388,6 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
         return Unsupported("not a matrix state (the chunked form is for matrix states read out linearly)")
     if state.type.kind is not Kind.REAL:
         return Unsupported("a complex state")
-    if any(_mentions(e, name, set(), (RefKind.STATE_PREV,)) for e in analysis.expanded_outputs):
-        return Unsupported(f"an output reads its previous value ({name} before its update); the chunked form reads out the new value only")
     readouts = [r for r in analysis.readouts if r.state == name]
     if not readouts:
         return Unsupported("no output reads it linearly (q @ S)")
@@ -366,7 +411,15 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
         return Unsupported("a complex input term")
     if transposed:
         terms = [RankOneTerm(t.column, t.row, t.coefficient) for t in terms]
-    base = dict(state=name, transposed=transposed, readouts=tuple(r.expr for r in readouts), queries=tuple(q[0] for q in queries), inputs=tuple(terms))  # type: ignore[index]
+    previous = tuple(q[2] for q in queries)  # type: ignore[index]
+    base = dict(
+        state=name,
+        transposed=transposed,
+        readouts=tuple(r.expr for r in readouts),
+        queries=tuple(q[0] for q in queries),  # type: ignore[index]
+        inputs=tuple(terms),
+        previous=previous if any(previous) else (),
+    )
     structure = recurrence.structure
     if isinstance(recurrence, DiagonalAffine) and structure is Structure.ELEMENTWISE:
         # S6: a decay per element makes every chunk's decay tensor as large as the states
@@ -378,14 +431,41 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
             written = format_expr(inline(recurrence.decay, analysis.cell, frozenset()))
             return Unsupported(f"its decay {written} is not provably positive (chunked forms accumulate decays in log space)")
         return ChunkPlan(kind=ChunkKind.DECAYED_OUTER_PRODUCTS, log_decay=log_decay, **base)
-    if isinstance(recurrence, MatrixAffine) and structure is Structure.IDENTITY_PLUS_LOW_RANK and len(recurrence.low_rank) == 1:
-        if recurrence.side is Side.RIGHT or transposed:
-            return Unsupported("the chunked delta rule takes the rank-one map from the left, read out as q @ S")
-        term = recurrence.low_rank[0]
-        if any(t.row != term.left for t in terms):
-            return Unsupported("its input term does not share the rank-one update's left vector")
-        return ChunkPlan(kind=ChunkKind.DELTA_RULE, **base)
+    delta = (Structure.IDENTITY_PLUS_LOW_RANK, Structure.SCALED_IDENTITY_PLUS_LOW_RANK)
+    if isinstance(recurrence, MatrixAffine) and structure in delta and len(recurrence.low_rank) == 1:
+        return _delta_rule_plan(analysis, recurrence, terms, base)
     return Unsupported(f"no chunked form for a {recurrence.name} recurrence with a {structure} transition")
+
+
+def _delta_rule_plan(analysis: Analysis, recurrence: MatrixAffine, terms: list[RankOneTerm], base: dict) -> ChunkPlan | Unsupported:
+    """The (gated) delta rule's chunk plan: ``S = d S + c l (r^T S) + sum l w^T`` in the kernels' orientation.
+
+    The kernels multiply the rank-one map from the left of the state they see: ``S`` read
+    out as ``q @ S`` with a map from the left (DeltaNet), or ``S^T`` read out as ``S @ q``
+    with a map from the right (a TTT or Titans memory ``W`` applied as ``W @ k``).  Every
+    input term must share the map's left vector there (the UT transform solves for one
+    column update ``u_t`` per step).
+    """
+    term = recurrence.low_rank[0]
+    transposed = base["transposed"]
+    if (recurrence.side is Side.RIGHT) != transposed:
+        read = "S @ q" if transposed else "q @ S"
+        return Unsupported(f"its rank-one map multiplies from the {recurrence.side} but it is read out as {read}; the chunked delta rule needs the map on the read-out's far side")
+    # For S^T the map c S (u v^T) is c (v u^T) S^T: its left vector is v.
+    left, right = (term.right, term.left) if transposed else (term.left, term.right)
+    if any(t.row != left for t in terms):
+        return Unsupported("its input term does not share the rank-one update's left vector")
+    transition = RankOneTerm(left, right, term.coefficient)
+    if recurrence.structure is Structure.IDENTITY_PLUS_LOW_RANK:
+        return ChunkPlan(kind=ChunkKind.DELTA_RULE, transition=transition, **base)
+    assert recurrence.decay is not None
+    if recurrence.decay.type.rank != 0:
+        return Unsupported("its identity part's scale is not a scalar per step (the chunked gated delta rule takes one decay per step)")
+    log_decay = log_of_positive(recurrence.decay, analysis.cell)
+    if log_decay is None:
+        written = format_expr(inline(recurrence.decay, analysis.cell, frozenset()))
+        return Unsupported(f"its decay {written} is not provably positive (chunked forms accumulate decays in log space)")
+    return ChunkPlan(kind=ChunkKind.GATED_DELTA_RULE, transition=transition, log_decay=log_decay, **base)
 
 
 # ---- the convolution form ------------------------------------------------------------------
@@ -767,9 +847,13 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                 readouts = len(step.chunk.queries)
                 flops = 2.0 * batch * length * ((keys + values) * chunk * readouts + 2 * keys * values)
                 ops = 40 + term_ops
-                if step.chunk.kind is ChunkKind.DELTA_RULE:
-                    ops += 6 * chunks  # a loop over chunks
-                    flops += 2.0 * batch * length * chunk * (chunk / 3 + keys + values)
+                if step.chunk.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE):
+                    # Batched over all chunks: R L^T, two triangular solves, the chunk
+                    # transitions M (K x K) and inputs B, the read-outs; then a loop over
+                    # chunks of one K x K by K x V product each.
+                    ops += 2 * chunks + 30
+                    per_step = chunk * (3 * keys + 2 * values) + keys * keys + 2 * keys * values + keys * keys * values / chunk
+                    flops += 2.0 * batch * length * per_step
                 else:
                     ops += 2 * math.sqrt(chunks)
                 total += _seconds(ops, (keys + values + chunk) * batch * length * 4, flops)
@@ -907,8 +991,27 @@ def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanO
         costs = ()
         if kind in _CPU_CANDIDATES:
             costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options)),)
-        return replace(planned, reason=f"backend '{kind}' was requested", costs=costs)
+        reason = f"backend '{kind}' was requested"
+        if kind is BackendKind.CHUNKED:
+            reason += _chunked_note(planned)
+        return replace(planned, reason=reason, costs=costs)
     return _plan_auto(analysis, options)
+
+
+def _chunked_note(chunked: ExecutionPlan) -> str:
+    """What the ``chunked`` backend does not chunk, and why, for its plan's reason.
+
+    The chunked backend chunks the matrix states read out linearly and scans the rest, as
+    the ``scan`` backend does (mLSTM: its memory chunked, its normaliser scanned), so a
+    recurrence it cannot chunk is no error; but the plan says which and why, so that a
+    request for ``chunked`` never silently runs a scan."""
+    missing = chunked.not_chunked()
+    if not missing:
+        return ""
+    listed = "; ".join(f"{name}: {reason}" for name, reason in missing)
+    if not any(step.form is Form.CHUNKED for step in chunked.steps):
+        return f"; nothing in this cell is chunked, so it runs as backend 'scan' would (not chunked: {listed})"
+    return f"; not chunked, scanned instead: {listed}"
 
 
 def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) -> ExecutionPlan:

@@ -504,6 +504,98 @@ def deltanet_product_form(q, k, v, b):
     return torch.stack(ys, 1)
 
 
+def gated_deltanet(q, k, v, a, b, A_log, dt_bias, state0=None):
+    """Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks", eq. 10), in
+    the paper's convention, the state H = S^T of shape [dv, dk]:
+
+        alpha_t = exp(-exp(A_log) softplus(a_t + dt_bias)),   beta_t = sigmoid(b_t)
+        H_t = H_{t-1} (alpha_t (I - beta_t k_t k_t^T)) + beta_t v_t k_t^T
+        o_t = H_t q_t
+
+    q, k: [B, T, dk]; v: [B, T, dv]; a, b: [B, T]. Returns (o, {"S": H_T^T}), the state in
+    recdsl's [dk, dv] layout.
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    H = _init(state0, "S", q.new_zeros(B, dk, dv)).transpose(1, 2)
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    ys = []
+    for t in range(T):
+        alpha = torch.exp(-torch.exp(A_log) * F.softplus(a[:, t] + dt_bias))[:, None, None]
+        beta = _sigmoid(b[:, t])[:, None, None]
+        kk = k[:, t, :, None] * k[:, t, None, :]
+        H = H @ (alpha * (eye - beta * kk)) + beta * v[:, t, :, None] * k[:, t, None, :]
+        ys.append((H @ q[:, t, :, None])[..., 0])
+    return torch.stack(ys, 1), {"S": H.transpose(1, 2)}
+
+
+def rwkv6(r, k, v, d, u, state0=None):
+    """RWKV-6 "Finch" time mixing (Peng et al. 2024, "Eagle and Finch", Section 4), one head:
+
+        w_t = exp(-exp(d_t))
+        wkv_t = S_{t-1} + diag(u) k_t^T v_t
+        o_t = r_t wkv_t
+        S_t = diag(w_t) S_{t-1} + k_t^T v_t
+
+    r, k, d: [B, T, dk]; v: [B, T, dv]; u: [dk]. Returns (o, {"S": S_T}).
+    """
+    B, T, dk = r.shape
+    S = _init(state0, "S", r.new_zeros(B, dk, v.shape[-1]))
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, None] * v[:, t, None, :]
+        wkv = S + u[:, None] * kv
+        ys.append(torch.einsum("bi,bij->bj", r[:, t], wkv))
+        S = torch.exp(-torch.exp(d[:, t]))[:, :, None] * S + kv
+    return torch.stack(ys, 1), {"S": S}
+
+
+def ttt_linear(k, v, q, a_pre, lr_pre, state0=None):
+    """TTT-linear (Sun et al. 2024, "Learning to (Learn at Test Time)"), inner mini-batches of
+    one step, no inner LayerNorm, with Titans' forget gate (Behrouz et al. 2024): the hidden
+    state is a linear model W [dv, dk] taking one gradient step per token on
+    l(W) = ||W k_t - v_t||^2 / 2 (its gradient taken by autograd, not written out):
+
+        W_t = (1 - a_t) W_{t-1} - lr_t grad l(W_{t-1}),   a_t = sigmoid(a_pre_t),
+        lr_t = sigmoid(lr_pre_t) / dk,                     o_t = W_t q_t
+
+    k, q: [B, T, dk]; v: [B, T, dv]; a_pre, lr_pre: [B, T]. Returns (o, {"W": W_T}).
+    """
+    B, T, dk = k.shape
+    W = _init(state0, "W", k.new_zeros(B, v.shape[-1], dk))
+    ys = []
+    for t in range(T):
+        with torch.enable_grad():  # the gradient of the inner loss, kept differentiable for the tests' gradients
+            model = W if W.requires_grad else W.detach().requires_grad_(True)
+            loss = 0.5 * ((model @ k[:, t, :, None])[..., 0] - v[:, t]).square().sum()
+            (gradient,) = torch.autograd.grad(loss, model, create_graph=True)
+        a = _sigmoid(a_pre[:, t])[:, None, None]
+        lr = (_sigmoid(lr_pre[:, t]) / dk)[:, None, None]
+        W = (1 - a) * W - lr * gradient
+        ys.append((W @ q[:, t, :, None])[..., 0])
+    return torch.stack(ys, 1), {"W": W}
+
+
+def hgrn2(x, W_f, W_i, W_o, lower=0.0, state0=None):
+    """HGRN2 (Qin et al. 2024, "HGRN2: Gated Linear RNNs with State Expansion", Section 3):
+
+        f_t = lower + (1 - lower) sigmoid(x_t W_f),   i_t = x_t W_i,   o_t = silu(x_t W_o)
+        S_t = Diag(f_t) S_{t-1} + (1 - f_t)^T i_t,    y_t = o_t S_t
+
+    x: [B, T, d_in]. Returns (y: [B, T, dv], {"S": S_T}).
+    """
+    B, T, _ = x.shape
+    S = _init(state0, "S", x.new_zeros(B, W_f.shape[1], W_i.shape[1]))
+    ys = []
+    for t in range(T):
+        f = lower + (1 - lower) * _sigmoid(x[:, t] @ W_f)
+        i = x[:, t] @ W_i
+        o = F.silu(x[:, t] @ W_o)
+        S = f[:, :, None] * S + (1 - f)[:, :, None] * i[:, None, :]
+        ys.append(torch.einsum("bi,bij->bj", o, S))
+    return torch.stack(ys, 1), {"S": S}
+
+
 # --------------------------------------------------------------------------------------
 # Attention as a scan
 # --------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ B = 2              # batch size in every test
 EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
     "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm", "s4d",
+    "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2",
 }
 
 
@@ -153,6 +154,23 @@ CASES = {
         {}, dict(S=(("dk", "dv"), "real")), ("o",),
         lambda I, P, D, s: ref.deltanet(**I, state0=s), prepare=_normalise_k,
         input_scale=dict(b=2.0)),
+    "gated_deltanet": Case(
+        "gated_deltanet", "GatedDeltaNet", dict(dk=4, dv=3), dict(q=("dk",), k=("dk",), v=("dv",), a=(), b=()),
+        dict(A_log=(), dt_bias=()), dict(S=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.gated_deltanet(**I, **P, state0=s), prepare=_normalise_k,
+        input_scale=dict(a=2.0, b=2.0)),
+    "rwkv6": Case(
+        "rwkv6", "RWKV6", dict(dk=4, dv=3), dict(r=("dk",), k=("dk",), v=("dv",), d=("dk",)),
+        dict(u=("dk",)), dict(S=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.rwkv6(**I, **P, state0=s)),
+    "ttt_linear": Case(
+        "ttt_linear", "TTT", dict(dk=4, dv=3), dict(k=("dk",), v=("dv",), q=("dk",), a_pre=(), lr_pre=()),
+        {}, dict(W=(("dv", "dk"), "real")), ("o",),
+        lambda I, P, D, s: ref.ttt_linear(**I, state0=s), prepare=_normalise_k),
+    "hgrn2": Case(
+        "hgrn2", "HGRN2", dict(d_in=3, dk=4, dv=3, lower=0.3), dict(x=("d_in",)),
+        dict(W_f=("d_in", "dk"), W_i=("d_in", "dv"), W_o=("d_in", "dk")), dict(S=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.hgrn2(I["x"], **P, lower=D["lower"], state0=s)),
     "aaren": Case(
         # The scan's carries are internal: their names in the state dict are the compiler's
         # business, so final states are compared only run-against-run (state splitting).
