@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from .scans import linear_scan
+from .segments import ChunkLayout
 
 # exp(-60) ~ 1e-26: a decay below that is zero for every float type we compute in, and
 # clamping keeps the chunk-local sums of log decays finite (log 0 = -inf would give
@@ -76,11 +77,15 @@ def decayed_outer_products(
     log_decay: torch.Tensor,
     initial: torch.Tensor,
     chunk: int,
+    sequences: ChunkLayout | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs ``q @ S_t`` for each ``q`` in ``readouts`` (``[N, T, K]``), and the final state.
 
     ``log_decay`` is ``[N, T, K', V']`` with ``K'`` in ``{1, K}`` and ``V'`` in ``{1, V}``;
     ``initial`` is ``S_0`` ``[N, K, V]``.  Returns ``([N, T, V], ...)`` and ``[N, K, V]``.
+    With ``sequences`` (packed sequences, each on whole chunks) ``initial`` and the
+    final state are ``[N, sequences, K, V]``: the recurrence over chunk-boundary states
+    restarts at each sequence's first chunk.
     """
     steps = log_decay.shape[1]
     padded = -(-steps // chunk) * chunk
@@ -122,10 +127,19 @@ def decayed_outer_products(
     if update is None:
         update = initial.new_zeros((initial.shape[0], g.shape[1]) + state_shape[1:])
     chunk_decay = G_end.exp()
-    shifted = update.clone()
-    shifted[:, 0] = shifted[:, 0] + chunk_decay[:, 0] * initial
-    ends = linear_scan(chunk_decay.transpose(0, 1), shifted.transpose(0, 1)).transpose(0, 1)  # [N, n, K, V]
-    starts = torch.cat([initial.unsqueeze(1), ends[:, :-1]], 1)
+    if sequences is None:
+        shifted = update.clone()
+        shifted[:, 0] = shifted[:, 0] + chunk_decay[:, 0] * initial
+        ends = linear_scan(chunk_decay.transpose(0, 1), shifted.transpose(0, 1)).transpose(0, 1)  # [N, n, K, V]
+        starts = torch.cat([initial.unsqueeze(1), ends[:, :-1]], 1)
+        final = ends[:, -1]
+    else:
+        # Each sequence's initial state enters at its first chunk, whose transition is zeroed.
+        firsts = sequences.first_chunks
+        shifted = update.index_add(1, firsts, chunk_decay.index_select(1, firsts) * initial)
+        ends = linear_scan(chunk_decay.index_fill(1, firsts, 0.0).transpose(0, 1), shifted.transpose(0, 1)).transpose(0, 1)
+        starts = torch.cat([ends[:, :1], ends[:, :-1]], 1).index_copy(1, firsts, initial.to(ends.dtype))
+        final = ends.index_select(1, sequences.last_chunks)
 
     results = []
     for q_full in readouts:
@@ -152,7 +166,7 @@ def decayed_outer_products(
                     scores = scores + torch.einsum("bntk,bnsk,bntsk->bnts", q, k, pairwise)
             out = out + scores @ v
         results.append(out.reshape((out.shape[0], padded) + out.shape[3:])[:, :steps])
-    return results, ends[:, -1]
+    return results, final
 
 
 def delta_rule(
@@ -163,12 +177,15 @@ def delta_rule(
     inputs: list[tuple[torch.Tensor, torch.Tensor]],
     initial: torch.Tensor,
     chunk: int,
+    sequences: ChunkLayout | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs and final state of ``S_t = S_{t-1} + a_t l_t (r_t^T S_{t-1}) + sum_i l_t w_{i,t}^T``.
 
     ``left``/``right`` (``l``, ``r``) are ``[N, T, K]``, ``coefficient`` (``a``) ``[N, T]``;
     each input is ``w`` ``[N, T, V]`` given with the same left vector ``l`` (its scalar factor
-    already folded in).  ``initial`` is ``[N, K, V]``.
+    already folded in).  ``initial`` is ``[N, K, V]``; with ``sequences`` (packed
+    sequences, each on whole chunks) it and the final state are ``[N, sequences, K, V]``,
+    and the loop over chunks restarts at each sequence's first chunk.
     """
     steps = left.shape[1]
     padded = -(-steps // chunk) * chunk
@@ -191,14 +208,24 @@ def delta_rule(
     attention = [(q @ L.transpose(-1, -2)).masked_fill(~causal, 0.0) for q in Qs]
     outs: list[list[torch.Tensor]] = [[] for _ in Qs]
     state = initial
+    if sequences is not None:
+        entering = {c: n for n, c in enumerate(sequences.first_chunk_list)}
+        leaving = {c: n for n, c in enumerate(sequences.last_chunk_list)}
+        finals: list[torch.Tensor] = []
     for c in range(L.shape[1]):
+        if sequences is not None and c in entering:
+            state = initial[:, entering[c]]
         U = U_r[:, c] @ state
         if U_w is not None:
             U = U + U_w[:, c]
         for i, q in enumerate(Qs):
             outs[i].append(q[:, c] @ state + attention[i][:, c] @ U)
         state = state + L[:, c].transpose(-1, -2) @ U
+        if sequences is not None and c in leaving:
+            finals.append(state)
     results = [torch.cat(o, 1)[:, :steps] for o in outs]
+    if sequences is not None:
+        return results, torch.stack(finals, 1)
     return results, state
 
 

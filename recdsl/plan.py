@@ -58,6 +58,28 @@ class BackendKind(Enum):
         return self.value
 
 
+class VarlenForm(Enum):
+    """How a backend runs a packed batch of variable-length sequences (``cu_seqlens``); the value is its prose."""
+
+    SEGMENT_RESETS = "natively, one pass over the packed sequence with the states reset at each sequence's first step"
+    GROUPED_BY_LENGTH = "grouped: sequences of equal length run as one batch, one call per distinct length"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The loop and the torch scans reset states inside their one pass (recdsl.backends.segments);
+# the generated kernels (Triton, C) and Newton's solver run equal-length groups as batches.
+VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
+    BackendKind.SEQUENTIAL: VarlenForm.SEGMENT_RESETS,
+    BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
+    BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
+    BackendKind.TRITON: VarlenForm.GROUPED_BY_LENGTH,
+    BackendKind.NEWTON: VarlenForm.GROUPED_BY_LENGTH,
+    BackendKind.FUSED: VarlenForm.GROUPED_BY_LENGTH,
+}
+
+
 class Form(Enum):
     """How one recurrence (a state, a coupled group or a scan) is computed; the value is its name in prose."""
 
@@ -200,6 +222,11 @@ class ExecutionPlan:
     def chunk_size(self) -> int:
         return self.options.chunk_size
 
+    @property
+    def varlen(self) -> VarlenForm:
+        """How this plan runs a packed variable-length batch (``module(..., cu_seqlens=...)``)."""
+        return VARLEN_FORMS[self.backend]
+
     def step(self, name: str) -> StepPlan:
         for step in self.steps:
             if name in step.names:
@@ -227,6 +254,7 @@ class ExecutionPlan:
                 lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
         if self.backend is BackendKind.NEWTON and self.solver is not None:
             lines.append(f"  Jacobian: {self.solver.describe()}")
+        lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
