@@ -56,6 +56,7 @@ from .scans import (
     semiring_matmul,
     semiring_matrix_scan,
     semiring_product_scan,
+    segmented,
 )
 from .segments import ChunkLayout, Segments
 from .torch_ops import ELEMENTWISE, REDUCTIONS, Evaluator, Numerics, align, combine_carries
@@ -263,7 +264,11 @@ class Solver:
             decay = self.seq.full(self.seq.evaluate(recurrence.decay), recurrence.decay.type, state.type)
             if value is None and self.segments is None:
                 return h0.unsqueeze(1) + decay.expand(full_shape).cumsum(1)
-            value = h0.new_full(full_shape, semiring.zero) if value is None else value.expand(full_shape)
+            if value is None:  # a sum of decays restarting at each sequence (a zero input's logaddexp has a NaN gradient)
+                flags = self.segments.start_flags(full_shape[1])
+                sums = prefix_scan((self.seq.time_first(decay.expand(full_shape)), flags), segmented(lambda e, l: (e[0] + l[0],)))[0]
+                return self.seq.batch_first(sums) + self.segments.per_step(h0)
+            value = value.expand(full_shape)
             decay, value = self._carry_in(decay, value, h0, lambda a, h, v: plus(a + h, v), semiring.zero)
             return self.seq.batch_first(semiring_diagonal_scan(self.seq.time_first(decay), self.seq.time_first(value), plus))
         size = _matrix_size(state)
@@ -283,14 +288,23 @@ class Solver:
         matrix = rows.movedim(0, -2)  # [B, T, *heads, size(j), size(i)]
         start = h0.reshape(h0.shape[: len(self.seq.lead) - 1] + (1, size))
         reduce_fn = lambda x, dim: reduce(x, (dim,))  # noqa: E731
-        if value is None and self.segments is None:
-            products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn))
-            return semiring_matmul(start.unsqueeze(1), products, reduce_fn).reshape(full_shape)
-        value = h0.new_full(full_shape, semiring.zero) if value is None else value.expand(full_shape)
-        value = value.reshape(self.seq.lead + (size,))
+        if value is None:
+            if self.segments is None:
+                products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn))
+                return semiring_matmul(start.unsqueeze(1), products, reduce_fn).reshape(full_shape)
+            flags = self.segments.start_flags(full_shape[1])  # products restarting at each sequence, from its initial state
+            products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn, flags))
+            return semiring_matmul(self.segments.per_step(start), products, reduce_fn).reshape(full_shape)
+        value = value.expand(full_shape).reshape(self.seq.lead + (size,))
         enter = lambda m, s, v: plus(semiring_matmul(s, m, reduce_fn).squeeze(-2), v)  # noqa: E731
-        matrix, value = self._carry_in(matrix, value, start, enter, semiring.zero)
-        result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
+        if self.segments is None:
+            matrix, value = self._carry_in(matrix, value, start, enter, semiring.zero)
+            result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
+        else:  # each sequence's first value takes in its initial state; the scan restarts there
+            first = enter(self.segments.at_starts(matrix), start.unsqueeze(0), self.segments.at_starts(value))
+            value = value.index_copy(1, self.segments.starts, first.expand((1, self.segments.count) + tuple(value.shape[2:])).to(value.dtype))
+            flags = self.segments.start_flags(value.shape[1])
+            result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn, flags)
         return self.seq.batch_first(result).reshape(full_shape)
 
     def solve(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
@@ -336,8 +350,8 @@ class Solver:
             starts = self.segments.starts
             entered = combine(tuple(self.initial[f"{scan.name}.{n}"].unsqueeze(1) for n in names), tuple(e.index_select(0, starts) for e in elements))
             elements = [e.index_copy(0, starts, x.expand((x.shape[0],) + e.shape[1:]).to(e.dtype)) for e, x in zip(elements, entered)]
-            segmented, flags = self.segments.segmented(combine, elements[0].shape[0], 1)
-            folded = prefix_scan(tuple(elements) + (flags,), segmented)[:-1]
+            flags = self.segments.start_flags(elements[0].shape[0])
+            folded = prefix_scan(tuple(elements) + (flags,), segmented(combine))[:-1]
             return {n: self.seq.batch_first(v) for n, v in zip(names, folded)}
         scanned = prefix_scan(tuple(elements), combine)
         initial = tuple(self.initial[f"{scan.name}.{n}"].unsqueeze(0) for n in names)

@@ -41,12 +41,14 @@ class Segments:
     offsets: tuple[int, ...]
     starts: torch.Tensor  # [N] int64: offsets[n]
     lasts: torch.Tensor  # [N] int64: offsets[n + 1] - 1
+    sequence_of_step: torch.Tensor  # [T] int64: the sequence each step belongs to
 
     @staticmethod
     def of(offsets: tuple[int, ...], device: torch.device) -> "Segments":
         starts = torch.tensor(offsets[:-1], dtype=torch.long, device=device)
         lasts = torch.tensor(offsets[1:], dtype=torch.long, device=device) - 1
-        return Segments(tuple(offsets), starts, lasts)
+        owners = torch.repeat_interleave(torch.arange(len(offsets) - 1, device=device), lasts - starts + 1)
+        return Segments(tuple(offsets), starts, lasts, owners)
 
     @property
     def count(self) -> int:
@@ -80,6 +82,10 @@ class Segments:
         """``sequence``'s values at each first step: ``[1, T, ...]`` -> ``[1, N, ...]``."""
         return sequence.index_select(1, self.starts)
 
+    def per_step(self, initial: torch.Tensor) -> torch.Tensor:
+        """Each step's sequence's row of ``initial``: ``[N, ...]`` -> ``[1, T, ...]``."""
+        return initial.index_select(0, self.sequence_of_step).unsqueeze(0)
+
     def finals(self, sequence: torch.Tensor) -> torch.Tensor:
         """Each sequence's value at its last step: ``[1, T, *rest]`` -> ``[N, *rest]``."""
         return sequence[0].index_select(0, self.lasts)
@@ -109,29 +115,10 @@ class Segments:
         shifted = torch.cat([sequence[:, :1], sequence[:, :-1]], 1)
         return shifted.index_copy(1, self.starts, initial.unsqueeze(0).to(shifted.dtype).expand((1, self.count) + tuple(shifted.shape[2:])))
 
-    def segmented(self, combine: Callable, steps: int, rank: int) -> tuple[Callable, torch.Tensor]:
-        """The segmented form of a monoid's ``combine`` over time-first elements, and the start flags.
-
-        ``(f1, x1) (o) (f2, x2) = (f1 | f2, x2 if f2 else x1 (o) x2)`` is associative
-        whenever ``(o)`` is (Blelloch, 1990, section 1.5): a prefix never combines across
-        the start of a sequence.  The flags are ``[T, 1, ..., 1]`` (``rank`` ones).
-        """
+    def start_flags(self, steps: int) -> torch.Tensor:
+        """``[T, 1]`` booleans, set at each sequence's first step: the flags of :func:`.scans.segmented`."""
         flags = torch.zeros(steps, dtype=torch.bool, device=self.starts.device).index_fill(0, self.starts, True)
-        flags = flags.reshape((steps,) + (1,) * rank)
-
-        def combine_segmented(earlier: tuple, later: tuple) -> tuple:
-            *left, left_flag = earlier
-            *right, right_flag = later
-            combined = combine(tuple(left), tuple(right))
-            chosen = tuple(torch.where(_lift(right_flag, c), r.expand(c.shape) if r.shape != c.shape else r, c) for r, c in zip(right, combined))
-            return chosen + (left_flag | right_flag,)
-
-        return combine_segmented, flags
-
-
-def _lift(flag: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``flag`` ``[T, 1, ...]`` with as many trailing dims as ``like``."""
-    return flag.reshape(flag.shape + (1,) * (like.dim() - flag.dim())) if like.dim() > flag.dim() else flag
+        return flags.unsqueeze(1)
 
 
 @dataclass(frozen=True)
