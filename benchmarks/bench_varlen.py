@@ -90,7 +90,8 @@ def main() -> None:
         times = [_best(fn, args.repeats) for fn in (run_packed, run_one_by_one, run_padded)]
         print(
             f"{name:10s} {backend:11s} {times[0] * 1e3:8.1f}ms {times[1] * 1e3:10.1f}ms {times[2] * 1e3:8.1f}ms"
-            f"   {times[1] / times[0]:5.1f}x faster, {times[2] / times[0]:5.2f}x"
+            f"   {times[1] / times[0]:5.1f}x faster, {times[2] / times[0]:5.2f}x",
+            flush=True,
         )
 
 

@@ -51,6 +51,16 @@ cell Viterbi(n) {
     h = amax(h[:, None] + trans, 0)
     out h + x
 }""",
+    "logplus": """
+cell LogPlus(d) {
+    input x: [d]
+    input a: [d]
+    state m: [d] = 0
+    state l: [d] = 0
+    m = max(m + logsigmoid(a), x)
+    l = logaddexp(l + logsigmoid(a), x)
+    out m + l
+}""",
     "dense": """
 cell Dense(d) {
     input x: [d]
@@ -158,7 +168,7 @@ LENGTHS = st.lists(st.sampled_from([1, 1, 2, 3, 5, 8, 9, 13]), min_size=1, max_s
 
 
 @pytest.mark.parametrize("backend", ["scan", "chunked"])
-@pytest.mark.parametrize("name", PARALLEL + ["previous", "delay", "viterbi", "dense"])
+@pytest.mark.parametrize("name", PARALLEL + sorted(CELLS))
 @settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(lengths=LENGTHS, with_state=st.booleans())
 def test_property_parallel_backends_reset_at_every_boundary(name, backend, lengths, with_state):
