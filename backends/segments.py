@@ -8,8 +8,9 @@ value at its last step.
 
 How each backend does it (:data:`recdsl.plan.VARLEN_FORMS`):
 
-- ``sequential``: the loop over all ``total_T`` steps puts the initial state back at each
-  sequence's first step (:meth:`Segments.enter`) and keeps the state at each last step.
+- ``sequential``: the sequences become the rows of a batch, aligned at their ends
+  (:class:`EndAligned`); the loop over ``max_len`` steps puts each row's initial state
+  back at its sequence's first step, so the state after the last step is final for all.
 - ``scan`` / ``chunked``: one scan over the packed sequence whose transition is zeroed at
   each first step, the initial state entering through that step's input term
   (``h_t0 = a_t0 h0 + b_t0``); monoids use the segmented combine
@@ -58,25 +59,6 @@ class Segments:
     def lengths(self) -> tuple[int, ...]:
         return tuple(b - a for a, b in zip(self.offsets, self.offsets[1:]))
 
-    # ---- the loop over time (sequential backend)
-    def first_steps(self) -> dict[int, int]:
-        """``{first step of sequence n: n}``."""
-        return {start: n for n, start in enumerate(self.offsets[:-1])}
-
-    def last_steps(self) -> dict[int, int]:
-        """``{last step of sequence n: n}``."""
-        return {end - 1: n for n, end in enumerate(self.offsets[1:])}
-
-    @staticmethod
-    def enter(state: Mapping[str, torch.Tensor], sequence: int) -> dict[str, torch.Tensor]:
-        """The carried values at the first step of ``sequence``: row ``sequence`` of each initial value, as a batch of one."""
-        return {name: value[sequence : sequence + 1] for name, value in state.items()}
-
-    @staticmethod
-    def stack_finals(finals: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Per-sequence final values (each a batch of one) as ``[N, *heads, *shape]``."""
-        return {name: torch.cat([final[name] for final in finals], 0) for name in finals[0]}
-
     # ---- whole sequences (scan and chunked backends), time on dim 1
     def at_starts(self, sequence: torch.Tensor) -> torch.Tensor:
         """``sequence``'s values at each first step: ``[1, T, ...]`` -> ``[1, N, ...]``."""
@@ -119,6 +101,48 @@ class Segments:
         """``[T, 1]`` booleans, set at each sequence's first step: the flags of :func:`.scans.segmented`."""
         flags = torch.zeros(steps, dtype=torch.bool, device=self.starts.device).index_fill(0, self.starts, True)
         return flags.unsqueeze(1)
+
+
+@dataclass(frozen=True)
+class EndAligned:
+    """A packed batch as a batch of ``N`` rows of ``max_len`` steps that all end at the last step.
+
+    Row ``n`` holds sequence ``n`` in its last ``L_n`` steps; before that it repeats the
+    sequence's first step (real values, so nothing non-finite is computed and discarded).
+    The loop puts row ``n``'s initial state back at its first step (:attr:`resets`), so
+    the state after the last step is every sequence's final state, and a loop over time
+    takes ``max_len`` steps of a batch of ``N``, not ``total_T`` steps of one.
+    """
+
+    steps: int  # max_len
+    sources: torch.Tensor  # [N * max_len] int64: the packed step each padded step reads
+    positions: torch.Tensor  # [T] int64: where each packed step sits in the flattened [N * max_len]
+    resets: dict[int, torch.Tensor]  # {step: rows whose sequence starts there}, steps > 0
+
+    @staticmethod
+    def of(segments: Segments) -> "EndAligned":
+        device = segments.starts.device
+        lengths = segments.lengths
+        longest = max(lengths)
+        steps = torch.arange(longest)
+        sources, positions, starting = [], [], {}
+        for n, (start, length) in enumerate(zip(segments.offsets, lengths)):
+            pad = longest - length
+            sources.append(start + (steps - pad).clamp(min=0))
+            positions.append(n * longest + pad + torch.arange(length))
+            if pad:
+                starting.setdefault(pad, []).append(n)
+        resets = {t: torch.tensor(rows, dtype=torch.long, device=device) for t, rows in starting.items()}
+        return EndAligned(longest, torch.cat(sources).to(device), torch.cat(positions).to(device), resets)
+
+    def rows(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, T, *rest]`` -> ``[N, max_len, *rest]``."""
+        rest = tuple(packed.shape[2:])
+        return packed[0].index_select(0, self.sources).reshape((-1, self.steps) + rest)
+
+    def packed(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[N, max_len, *rest]`` -> ``[1, T, *rest]``: the steps of the sequences, in packed order."""
+        return rows.reshape((-1,) + tuple(rows.shape[2:])).index_select(0, self.positions).unsqueeze(0)
 
 
 @dataclass(frozen=True)
@@ -227,6 +251,11 @@ def run_packed(
     match plan.varlen:
         case VarlenForm.SEGMENT_RESETS:
             return run(plan, inputs, params, consts, state, numerics, segments=segments, **options)
+        case VarlenForm.END_ALIGNED_RESETS:
+            aligned = EndAligned.of(segments)
+            rows = {name: aligned.rows(value) for name, value in inputs.items()}
+            outputs, final = run(plan, rows, params, consts, state, numerics, resets=aligned.resets, **options)
+            return [aligned.packed(o) for o in outputs], final
         case VarlenForm.GROUPED_BY_LENGTH:
             return run_grouped(run, plan, segments, inputs, params, consts, state, numerics, **options)
     raise AssertionError(plan.varlen)  # pragma: no cover - every form is handled above

@@ -15,7 +15,6 @@ from recdsl import ir
 from recdsl.plan import ExecutionPlan
 from recdsl.ir import RefKind
 
-from .segments import Segments
 from .torch_ops import Evaluator, Numerics, align, combine_carries
 
 
@@ -49,16 +48,16 @@ def run(
     consts: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
-    segments: Segments | None = None,
+    resets: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell over ``inputs`` (``[B, T, *heads, *shape]``) from ``state``.
 
     ``state`` holds every carried value (``[B, *heads, *shape]``): the states by name and
     each scan's carries as ``scan.carry``.  Returns the outputs, each
     ``[B, T, *heads, *shape]``, and the final state in the same form as ``state``.
-    With ``segments`` (a packed variable-length batch, B = 1) ``state`` and the final
-    state are ``[N, *heads, *shape]``: the loop puts sequence ``n``'s initial state back
-    at its first step and keeps the state at its last.
+    ``resets`` maps a step to the batch rows whose carried values are put back to their
+    rows of ``state`` before it (sequences of different lengths aligned at their ends,
+    :class:`.segments.EndAligned`).
     """
     analysis = plan.analysis
     cell = analysis.cell
@@ -95,14 +94,12 @@ def run(
     parallel_steps = {name: _steps(value, decl, steps) for name, (value, decl) in parallel.items()}
 
     carried = dict(state)
-    first_steps = segments.first_steps() if segments is not None else {}
-    last_steps = segments.last_steps() if segments is not None else {}
-    finals: list[dict[str, torch.Tensor]] = []
     scans = {s.name: s for s in cell.scans}
     per_step: dict[int, list[torch.Tensor]] = {e.index: [] for e in cell.outputs if e.index not in parallel_outputs}
     for t in range(steps):
-        if t in first_steps:
-            carried = Segments.enter(state, first_steps[t])
+        if resets is not None and t in resets:
+            rows = resets[t]
+            carried = {name: value.index_copy(0, rows, state[name].index_select(0, rows).to(value.dtype)) for name, value in carried.items()}
         values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
         values.update({(RefKind.INPUT, name): value[t] for name, value in input_steps.items()})
         values.update({(RefKind.BINDING, name): value[t] for name, value in parallel_steps.items()})
@@ -137,8 +134,6 @@ def run(
                     values[(RefKind.BINDING, statement.name)] = value
                 step_lead = (lead[0],) + lead[2:]
                 per_step[statement.index].append(_full_sequence(value, statement.value.type, step_lead))
-        if t in last_steps:
-            finals.append(dict(carried))
 
     outputs = []
     for emit in cell.outputs:
@@ -146,6 +141,4 @@ def run(
             outputs.append(parallel_outputs[emit.index])
         else:
             outputs.append(torch.stack(per_step[emit.index], dim=1))
-    if segments is not None:
-        return outputs, Segments.stack_finals(finals)
     return outputs, carried

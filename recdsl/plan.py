@@ -62,16 +62,18 @@ class VarlenForm(Enum):
     """How a backend runs a packed batch of variable-length sequences (``cu_seqlens``); the value is its prose."""
 
     SEGMENT_RESETS = "natively, one pass over the packed sequence with the states reset at each sequence's first step"
+    END_ALIGNED_RESETS = "natively, the sequences as batch rows aligned at their ends, each row's state reset at its sequence's first step"
     GROUPED_BY_LENGTH = "grouped: sequences of equal length run as one batch, one call per distinct length"
 
     def __str__(self) -> str:
         return self.value
 
 
-# The loop and the torch scans reset states inside their one pass (recdsl.backends.segments);
-# the generated kernels (Triton, C) and Newton's solver run equal-length groups as batches.
+# The torch scans reset states inside their one pass over the packed sequence, the loop
+# inside its max_len steps over a batch of the sequences (recdsl.backends.segments); the
+# generated kernels (Triton, C) and Newton's solver run equal-length groups as batches.
 VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
-    BackendKind.SEQUENTIAL: VarlenForm.SEGMENT_RESETS,
+    BackendKind.SEQUENTIAL: VarlenForm.END_ALIGNED_RESETS,
     BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
     BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
     BackendKind.TRITON: VarlenForm.GROUPED_BY_LENGTH,

@@ -181,11 +181,12 @@ def test_property_parallel_backends_reset_at_every_boundary(name, backend, lengt
 
 @pytest.mark.parametrize("name", ["mingru", "gru", "lstm", "crf", "aaren", "deltanet", "previous", "delay"])
 @settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
-@given(lengths=LENGTHS)
-def test_property_sequential_loop_resets_at_every_boundary(name, lengths):
+@given(lengths=LENGTHS, with_state=st.booleans())
+def test_property_sequential_loop_resets_at_every_boundary(name, lengths, with_state):
+    """The loop runs the sequences as batch rows aligned at their ends, each reset at its first step."""
     module = _compile(name, "sequential")
-    assert module.plan.varlen is VarlenForm.SEGMENT_RESETS
-    assert_packed_matches_one_by_one(module, lengths, seed=sum(lengths))
+    assert module.plan.varlen is VarlenForm.END_ALIGNED_RESETS
+    assert_packed_matches_one_by_one(module, lengths, seed=sum(lengths), with_state=with_state)
 
 
 @pytest.mark.parametrize("name", ["gla", "deltanet", "mamba2"])
@@ -216,7 +217,8 @@ def test_triton_groups_by_length(name, monkeypatch, tmp_path_factory):
 
 
 def test_plan_says_how_packed_batches_run():
-    assert "variable-length batches (cu_seqlens): natively" in _compile("gla", "chunked").plan.format()
+    assert "variable-length batches (cu_seqlens): natively, one pass over the packed sequence" in _compile("gla", "chunked").plan.format()
+    assert "variable-length batches (cu_seqlens): natively, the sequences as batch rows aligned" in _compile("gru", "sequential").plan.format()
     assert "variable-length batches (cu_seqlens): grouped" in _compile("gru", "newton").plan.format()
     assert "cu_seqlens" in recdsl.explain(EXAMPLES / "mingru.rec", plan=True, **DIMS["mingru"])
 
