@@ -13,8 +13,8 @@ How each backend does it (:data:`recdsl.plan.VARLEN_FORMS`):
   back at its sequence's first step, so the state after the last step is final for all.
 - ``scan`` / ``chunked``: one scan over the packed sequence whose transition is zeroed at
   each first step, the initial state entering through that step's input term
-  (``h_t0 = a_t0 h0 + b_t0``); monoids use the segmented combine
-  (``(f1, x1) (o) (f2, x2) = (f1 | f2, x2 if f2 else x1 (o) x2)``); the chunk kernels lay
+  (``h_t0 = a_t0 h0 + b_t0``); monoids and semiring matrices use the segmented combine
+  (``(x1, f1) (o) (x2, f2) = (x2 if f2 else x1 (o) x2, f1 | f2)``); the chunk kernels lay
   each sequence out on whole chunks (:class:`ChunkLayout`) and restart the recurrence
   over chunk-boundary states at each sequence's first chunk.
 - ``triton``, ``newton``, ``fused``: sequences of equal length are run as one batch, one
@@ -108,7 +108,8 @@ class EndAligned:
     """A packed batch as a batch of ``N`` rows of ``max_len`` steps that all end at the last step.
 
     Row ``n`` holds sequence ``n`` in its last ``L_n`` steps; before that it repeats the
-    sequence's first step (real values, so nothing non-finite is computed and discarded).
+    sequence's first step (values from the data rather than zeros a cell might take the
+    log of; what those steps compute is discarded, and the reset cuts off their state).
     The loop puts row ``n``'s initial state back at its first step (:attr:`resets`), so
     the state after the last step is every sequence's final state, and a loop over time
     takes ``max_len`` steps of a batch of ``N``, not ``total_T`` steps of one.
