@@ -8,6 +8,9 @@ three ways, forward and backward:
 - ``padded``: one call on a ``[N, max_len, ...]`` batch padded at the end (gives the
   outputs, but not the final states, which the padding runs on past each sequence's end).
 
+Then the cost of ``mod.step`` (decoding): one call per step against the sequential
+loop's time per step over a whole sequence, forward only.
+
     python benchmarks/bench_varlen.py            # N = 64 sequences of mean length 64, best of 3
     python benchmarks/bench_varlen.py --quick    # tiny sizes: checks that it runs
 
@@ -93,6 +96,24 @@ def main() -> None:
             f"   {times[1] / times[0]:5.1f}x faster, {times[2] / times[0]:5.2f}x",
             flush=True,
         )
+
+    print(f"\nmod.step(), B = 4, {args.heads} heads, forward only: time per call against the sequential loop's time per step")
+    for name, dims in [("gru", dict(d_in=64, d=64)), ("gla", dict(dk=64, dv=64))]:
+        if args.quick:
+            dims = {k: min(v, 4) for k, v in dims.items()}
+        module = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **dims)
+        steps = 16 if args.quick else 256
+        x = {i.name: torch.randn(4, steps, args.heads, *i.type.shape) for i in module.cell.inputs}
+
+        def stepping():
+            state = None
+            for t in range(steps):
+                _, state = module.step(**{n: v[:, t] for n, v in x.items()}, state=state)
+
+        with torch.no_grad():
+            per_call = _best(stepping, args.repeats) / steps
+            per_step = _best(lambda: module(**x), args.repeats) / steps
+        print(f"{name:10s} step() {per_call * 1e6:8.0f} us   loop {per_step * 1e6:8.0f} us/step   ratio {per_call / per_step:5.2f}", flush=True)
 
 
 if __name__ == "__main__":
