@@ -58,6 +58,8 @@ class CompiledCell(nn.Module):
     ``(output, state)`` with ``return_state=True``, where ``state`` maps each state
     (and each scan carry, as ``scan.carry``) to its final value ``[B, *heads, *shape]``.
     Passing that ``state`` to the next call continues the sequence.
+    ``cu_seqlens=offsets`` runs sequences of different lengths packed along time
+    (``[1, total_T, ...]``, states ``[N, ...]``); :meth:`step` runs one time step.
     """
 
     def __init__(
