@@ -269,3 +269,14 @@ def test_packed_inputs_need_batch_one_and_states_per_sequence():
         module(torch.randn(2, 9, 3), cu_seqlens=torch.tensor([0, 9]))
     with pytest.raises(InputError, match=r"state 'h' has shape \[1, 4\]\n  expected \[2, 4\]"):
         module(torch.randn(1, 9, 3), cu_seqlens=torch.tensor([0, 4, 9]), state={"h": torch.zeros(1, 4)})
+
+
+def test_int32_offsets_and_a_state_shared_by_every_sequence():
+    """int32 offsets (as flash-linear-attention's kernels take them) and a state given as ``[*shape]``, broadcast to each sequence."""
+    module = recdsl.compile(EXAMPLES / "mingru.rec", **DIMS["mingru"]).double()
+    x = torch.randn(1, 7, 3, dtype=torch.float64)
+    shared = torch.randn(4, dtype=torch.float64)
+    out, final = module(x, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32), state={"h": shared}, return_state=True)
+    expected, last = module(x[:, 3:], state={"h": shared}, return_state=True)
+    torch.testing.assert_close(out[:, 3:], expected)
+    torch.testing.assert_close(final["h"][1:], last["h"])
