@@ -17,8 +17,11 @@ How each backend does it (:data:`recdsl.plan.VARLEN_FORMS`):
   (``(x1, f1) (o) (x2, f2) = (x2 if f2 else x1 (o) x2, f1 | f2)``); the chunk kernels lay
   each sequence out on whole chunks (:class:`ChunkLayout`) and restart the recurrence
   over chunk-boundary states at each sequence's first chunk.
-- ``triton``, ``newton``, ``fused``: sequences of equal length are run as one batch, one
-  call per distinct length (:func:`run_grouped`).
+- ``fused``: the sequences become batch rows starting together and padded at their ends
+  (:class:`StartAligned`); the C loop keeps every step's state, so each row's final state
+  is read at its sequence's last step.
+- ``triton``, ``newton``: sequences of equal length are run as one batch, one call per
+  distinct length (:func:`run_grouped`).
 """
 
 from __future__ import annotations
@@ -103,8 +106,25 @@ class Segments:
         return flags.unsqueeze(1)
 
 
+class _Rows:
+    """Moving values between the packed layout and a batch of padded rows (``sources``, ``positions``, ``steps``)."""
+
+    steps: int
+    sources: torch.Tensor
+    positions: torch.Tensor
+
+    def rows(self, packed: torch.Tensor) -> torch.Tensor:
+        """``[1, T, *rest]`` -> ``[N, max_len, *rest]``."""
+        rest = tuple(packed.shape[2:])
+        return packed[0].index_select(0, self.sources).reshape((-1, self.steps) + rest)
+
+    def packed(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[N, max_len, *rest]`` -> ``[1, T, *rest]``: the steps of the sequences, in packed order."""
+        return rows.reshape((-1,) + tuple(rows.shape[2:])).index_select(0, self.positions).unsqueeze(0)
+
+
 @dataclass(frozen=True)
-class EndAligned:
+class EndAligned(_Rows):
     """A packed batch as a batch of ``N`` rows of ``max_len`` steps that all end at the last step.
 
     Row ``n`` holds sequence ``n`` in its last ``L_n`` steps; before that it repeats the
@@ -136,14 +156,32 @@ class EndAligned:
         resets = {t: torch.tensor(rows, dtype=torch.long, device=device) for t, rows in starting.items()}
         return EndAligned(longest, torch.cat(sources).to(device), torch.cat(positions).to(device), resets)
 
-    def rows(self, packed: torch.Tensor) -> torch.Tensor:
-        """``[1, T, *rest]`` -> ``[N, max_len, *rest]``."""
-        rest = tuple(packed.shape[2:])
-        return packed[0].index_select(0, self.sources).reshape((-1, self.steps) + rest)
 
-    def packed(self, rows: torch.Tensor) -> torch.Tensor:
-        """``[N, max_len, *rest]`` -> ``[1, T, *rest]``: the steps of the sequences, in packed order."""
-        return rows.reshape((-1,) + tuple(rows.shape[2:])).index_select(0, self.positions).unsqueeze(0)
+@dataclass(frozen=True)
+class StartAligned(_Rows):
+    """A packed batch as a batch of ``N`` rows of ``max_len`` steps that all start at step 0.
+
+    Row ``n`` holds sequence ``n`` in its first ``L_n`` steps, then repeats its last step
+    (values from the data; what those steps compute is discarded).  A backend that keeps
+    the state of every step reads row ``n``'s final state after step ``L_n - 1``
+    (:attr:`last_steps`); nothing needs resetting, since every row starts at step 0.
+    """
+
+    steps: int  # max_len
+    sources: torch.Tensor  # [N * max_len] int64: the packed step each padded step reads
+    positions: torch.Tensor  # [T] int64: where each packed step sits in the flattened [N * max_len]
+    last_steps: torch.Tensor  # [N] int64: L_n - 1
+
+    @staticmethod
+    def of(segments: Segments) -> "StartAligned":
+        device = segments.starts.device
+        lengths = segments.lengths
+        longest = max(lengths)
+        steps = torch.arange(longest)
+        sources = [start + steps.clamp(max=length - 1) for start, length in zip(segments.offsets, lengths)]
+        positions = [n * longest + torch.arange(length) for n, length in enumerate(lengths)]
+        last_steps = torch.tensor(lengths, dtype=torch.long, device=device) - 1
+        return StartAligned(longest, torch.cat(sources).to(device), torch.cat(positions).to(device), last_steps)
 
 
 @dataclass(frozen=True)
@@ -256,6 +294,11 @@ def run_packed(
             aligned = EndAligned.of(segments)
             rows = {name: aligned.rows(value) for name, value in inputs.items()}
             outputs, final = run(plan, rows, params, consts, state, numerics, resets=aligned.resets, **options)
+            return [aligned.packed(o) for o in outputs], final
+        case VarlenForm.START_ALIGNED:
+            aligned = StartAligned.of(segments)
+            rows = {name: aligned.rows(value) for name, value in inputs.items()}
+            outputs, final = run(plan, rows, params, consts, state, numerics, last_steps=aligned.last_steps, **options)
             return [aligned.packed(o) for o in outputs], final
         case VarlenForm.GROUPED_BY_LENGTH:
             return run_grouped(run, plan, segments, inputs, params, consts, state, numerics, **options)

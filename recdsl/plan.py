@@ -63,6 +63,7 @@ class VarlenForm(Enum):
 
     SEGMENT_RESETS = "natively, one pass over the packed sequence with the states reset at each sequence's first step"
     END_ALIGNED_RESETS = "natively, the sequences as batch rows aligned at their ends, each row's state reset at its sequence's first step"
+    START_ALIGNED = "natively, the sequences as batch rows padded at their ends, each final state read at its sequence's last step"
     GROUPED_BY_LENGTH = "grouped: sequences of equal length run as one batch, one call per distinct length"
 
     def __str__(self) -> str:
@@ -70,15 +71,17 @@ class VarlenForm(Enum):
 
 
 # The torch scans reset states inside their one pass over the packed sequence, the loop
-# inside its max_len steps over a batch of the sequences (recdsl.backends.segments); the
-# generated kernels (Triton, C) and Newton's solver run equal-length groups as batches.
+# inside its max_len steps over a batch of the sequences, and the C loop, which keeps the
+# state of every step, reads each padded row's final state at its own last step
+# (recdsl.backends.segments); the Triton kernels and Newton's solver run equal-length
+# groups as batches.
 VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
     BackendKind.SEQUENTIAL: VarlenForm.END_ALIGNED_RESETS,
     BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
     BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
     BackendKind.TRITON: VarlenForm.GROUPED_BY_LENGTH,
     BackendKind.NEWTON: VarlenForm.GROUPED_BY_LENGTH,
-    BackendKind.FUSED: VarlenForm.GROUPED_BY_LENGTH,
+    BackendKind.FUSED: VarlenForm.START_ALIGNED,
 }
 
 

@@ -197,16 +197,26 @@ def test_chunked_kernels_across_chunk_boundaries_at_the_default_chunk_size(name)
     assert_packed_matches_one_by_one(module, [65, 1, 64, 130, 63], heads=(), seed=3)
 
 
-@pytest.mark.parametrize("backend,name", [("newton", "gru"), ("newton", "mingru"), ("fused", "lstm"), ("fused", "rglru")])
-def test_grouped_backends_match_one_by_one(backend, name):
+@pytest.mark.parametrize("name", ["gru", "mingru"])
+def test_newton_groups_by_length(name):
     """Equal-length sequences run as one batch: lengths 3 and 1 twice each, 5 and 7 once."""
-    from recdsl.backends import fused_sequential
-
-    if backend == "fused" and fused_sequential.compiler() is None:
-        pytest.skip("no C compiler")
-    module = _compile(name, backend)
+    module = _compile(name, "newton")
     assert module.plan.varlen is VarlenForm.GROUPED_BY_LENGTH
     assert_packed_matches_one_by_one(module, [3, 1, 5, 3, 1, 7], seed=5)
+
+
+@pytest.mark.parametrize("name", ["lstm", "rglru", "gru", "previous"])
+@settings(max_examples=3, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=LENGTHS, with_state=st.booleans())
+def test_property_fused_reads_each_final_state_at_its_last_step(name, lengths, with_state):
+    """The C loop on rows padded at their ends; each row's final state read at its sequence's last step."""
+    from recdsl.backends import fused_sequential
+
+    if fused_sequential.compiler() is None:
+        pytest.skip("no C compiler")
+    module = _compile(name, "fused")
+    assert module.plan.varlen is VarlenForm.START_ALIGNED
+    assert_packed_matches_one_by_one(module, lengths, seed=len(lengths), with_state=with_state)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
