@@ -71,16 +71,15 @@ class VarlenForm(Enum):
 
 
 # The torch scans reset states inside their one pass over the packed sequence, the loop
-# inside its max_len steps over a batch of the sequences, and the C loop, which keeps the
-# state of every step, reads each padded row's final state at its own last step
-# (recdsl.backends.segments); the Triton kernels and Newton's solver run equal-length
-# groups as batches.
+# inside its max_len steps over a batch of the sequences; the C loop and Newton's solver,
+# which keep the state of every step, read each padded row's final state at its own last
+# step (recdsl.backends.segments); the Triton kernels run equal-length groups as batches.
 VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
     BackendKind.SEQUENTIAL: VarlenForm.END_ALIGNED_RESETS,
     BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
     BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
     BackendKind.TRITON: VarlenForm.GROUPED_BY_LENGTH,
-    BackendKind.NEWTON: VarlenForm.GROUPED_BY_LENGTH,
+    BackendKind.NEWTON: VarlenForm.START_ALIGNED,
     BackendKind.FUSED: VarlenForm.START_ALIGNED,
 }
 

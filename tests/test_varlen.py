@@ -197,11 +197,11 @@ def test_chunked_kernels_across_chunk_boundaries_at_the_default_chunk_size(name)
     assert_packed_matches_one_by_one(module, [65, 1, 64, 130, 63], heads=(), seed=3)
 
 
-@pytest.mark.parametrize("name", ["gru", "mingru"])
-def test_newton_groups_by_length(name):
-    """Equal-length sequences run as one batch: lengths 3 and 1 twice each, 5 and 7 once."""
+@pytest.mark.parametrize("name", ["gru", "mingru", "previous"])
+def test_newton_reads_each_final_state_at_its_last_step(name):
+    """Newton's solver on rows padded at their ends: lengths 3 and 1 twice each, 5 and 7 once."""
     module = _compile(name, "newton")
-    assert module.plan.varlen is VarlenForm.GROUPED_BY_LENGTH
+    assert module.plan.varlen is VarlenForm.START_ALIGNED
     assert_packed_matches_one_by_one(module, [3, 1, 5, 3, 1, 7], seed=5)
 
 
@@ -232,8 +232,10 @@ def test_triton_groups_by_length(name, monkeypatch, tmp_path_factory):
 def test_plan_says_how_packed_batches_run():
     assert "variable-length batches (cu_seqlens): natively, one pass over the packed sequence" in _compile("gla", "chunked").plan.format()
     assert "variable-length batches (cu_seqlens): natively, the sequences as batch rows aligned" in _compile("gru", "sequential").plan.format()
-    assert "variable-length batches (cu_seqlens): grouped" in _compile("gru", "newton").plan.format()
+    assert "variable-length batches (cu_seqlens): natively, the sequences as batch rows padded" in _compile("gru", "newton").plan.format()
     assert "cu_seqlens" in recdsl.explain(EXAMPLES / "mingru.rec", plan=True, **DIMS["mingru"])
+    if importlib.util.find_spec("triton") is not None:
+        assert "variable-length batches (cu_seqlens): grouped" in _compile("mingru", "triton").plan.format()
 
 
 def test_default_state_and_float32():
