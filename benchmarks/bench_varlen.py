@@ -36,6 +36,7 @@ CASES = [
     ("gla", "chunked", dict(dk=64, dv=64)),
     ("deltanet", "chunked", dict(dk=32, dv=32)),
     ("gru", "sequential", dict(d_in=64, d=64)),
+    ("gru", "fused", dict(d_in=64, d=64)),
 ]
 
 
