@@ -11,7 +11,7 @@ three ways, forward and backward:
 Then the cost of ``mod.step`` (decoding): one call per step against the sequential
 loop's time per step over a whole sequence, forward only.
 
-    python benchmarks/bench_varlen.py            # N = 64 sequences of mean length 64, best of 3
+    python benchmarks/bench_varlen.py            # N = 64 sequences of mean length 64, best of 3, one thread
     python benchmarks/bench_varlen.py --quick    # tiny sizes: checks that it runs
 
 Ratios are measured within one run; on a shared machine, run it alone (under
@@ -56,15 +56,16 @@ def main() -> None:
     parser.add_argument("--mean-length", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
     args = parser.parse_args()
     if args.quick:
         args.sequences, args.mean_length, args.heads, args.repeats = 4, 5, 1, 1
     torch.manual_seed(0)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     lengths = torch.randint(1, 2 * args.mean_length, (args.sequences,)).tolist()
     offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
     total, longest = int(offsets[-1]), max(lengths)
-    print(f"N = {args.sequences} sequences, total T = {total}, longest {longest}, {args.heads} heads; forward + backward, best of {args.repeats}")
+    print(f"N = {args.sequences} sequences, total T = {total}, longest {longest}, {args.heads} heads; forward + backward, best of {args.repeats}, {args.threads} thread(s)")
     print(f"{'cell':10s} {'backend':11s} {'packed':>9s} {'one by one':>11s} {'padded':>9s}   packed vs one by one, vs padded")
     for name, backend, dims in CASES:
         if args.quick:
