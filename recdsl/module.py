@@ -456,7 +456,9 @@ class CompiledCell(nn.Module):
         numerics, output_dtype = self._numerics(inputs)
         self._check_param_devices(numerics.device)
         lead = (batch, *heads)
-        carried = self._given_state(state, self._initial_state(numerics, lead), lead, numerics)
+        # Decoding passes every state back each call: evaluate the declared initial values only when one is missing.
+        complete = isinstance(state, Mapping) and all(name in state for name in self._carried_types())
+        carried = self._given_state(state, {} if complete else self._initial_state(numerics, lead), lead, numerics)
         cast_inputs, params, consts = self._cast(inputs, numerics)
         one_step = {name: value.unsqueeze(1) for name, value in cast_inputs.items()}  # [B, 1, *heads, *shape]
         outputs, final = self._run_step(self.plan, one_step, params, consts, carried, numerics)
