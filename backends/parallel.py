@@ -455,6 +455,7 @@ def run(
     solver: type | None = None,
     decayed_outer_products=None,
     segments: Segments | None = None,
+    last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``plan`` over the whole sequence at once; the signature of :func:`.sequential.run`.
 
@@ -462,7 +463,10 @@ def run(
     :class:`Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
     (the Triton backend brings kernels for both).  ``segments``: a packed
     variable-length batch (B = 1, ``state`` and the final state ``[N, *heads, *shape]``),
-    each scan reset at every sequence's first step (:mod:`.segments`).
+    each scan reset at every sequence's first step (:mod:`.segments`).  ``last_steps``
+    (``[B]`` int64): batch row ``b``'s final state is its value after step
+    ``last_steps[b]`` (rows padded at their ends, :class:`.segments.StartAligned`); not
+    for chunked states, whose kernels keep only the state after the last step.
     """
     if segments is not None and (solver is not None or decayed_outer_products is not None):
         raise AssertionError("packed sequences run on the torch solver and chunk kernels")  # pragma: no cover - segments.run_packed routes the others
@@ -479,7 +483,12 @@ def run(
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
     solver = (solver or Solver)(plan, seq, state, segments)
-    last = segments.finals if segments is not None else (lambda sequence: sequence[:, -1])
+    if segments is not None:
+        last = segments.finals
+    elif last_steps is not None:
+        last = lambda sequence: sequence[torch.arange(sequence.shape[0], device=sequence.device), last_steps]  # noqa: E731
+    else:
+        last = lambda sequence: sequence[:, -1]  # noqa: E731
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
@@ -494,7 +503,7 @@ def run(
         state_analysis = analysis.state(name)
         chunked_run = None
         if step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
-            assert step.chunk is not None
+            assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
             chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel, segments)
             if chunked_run is not None:

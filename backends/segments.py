@@ -17,11 +17,12 @@ How each backend does it (:data:`recdsl.plan.VARLEN_FORMS`):
   (``(x1, f1) (o) (x2, f2) = (x2 if f2 else x1 (o) x2, f1 | f2)``); the chunk kernels lay
   each sequence out on whole chunks (:class:`ChunkLayout`) and restart the recurrence
   over chunk-boundary states at each sequence's first chunk.
-- ``fused``, ``newton``: the sequences become batch rows starting together and padded at
-  their ends (:class:`StartAligned`); the C loop and Newton's solver keep every step's
-  state, so each row's final state is read at its sequence's last step.
-- ``triton``: sequences of equal length are run as one batch, one call per distinct
-  length (:func:`run_grouped`).
+- ``fused``, ``newton``, ``triton``: the sequences become batch rows starting together
+  and padded at their ends (:class:`StartAligned`); the C loop, Newton's solver and the
+  Triton scan kernels keep every step's state, so each row's final state is read at its
+  sequence's last step.
+- ``triton`` with a chunk kernel (which keeps only the last state): sequences of equal
+  length are run as one batch, one call per distinct length (:func:`run_grouped`).
 """
 
 from __future__ import annotations

@@ -71,14 +71,15 @@ class VarlenForm(Enum):
 
 
 # The torch scans reset states inside their one pass over the packed sequence, the loop
-# inside its max_len steps over a batch of the sequences; the C loop and Newton's solver,
-# which keep the state of every step, read each padded row's final state at its own last
-# step (recdsl.backends.segments); the Triton kernels run equal-length groups as batches.
+# inside its max_len steps over a batch of the sequences; the C loop, Newton's solver and
+# the Triton scan kernels, which keep the state of every step, read each padded row's final
+# state at its own last step (recdsl.backends.segments).  The Triton chunk kernels keep only
+# the state after the last step: such a plan runs equal-length groups as batches.
 VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
     BackendKind.SEQUENTIAL: VarlenForm.END_ALIGNED_RESETS,
     BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
     BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
-    BackendKind.TRITON: VarlenForm.GROUPED_BY_LENGTH,
+    BackendKind.TRITON: VarlenForm.START_ALIGNED,
     BackendKind.NEWTON: VarlenForm.START_ALIGNED,
     BackendKind.FUSED: VarlenForm.START_ALIGNED,
 }
@@ -229,6 +230,8 @@ class ExecutionPlan:
     @property
     def varlen(self) -> VarlenForm:
         """How this plan runs a packed variable-length batch (``module(..., cu_seqlens=...)``)."""
+        if self.backend is BackendKind.TRITON and any(step.form is Form.TRITON_CHUNKED for step in self.steps):
+            return VarlenForm.GROUPED_BY_LENGTH
         return VARLEN_FORMS[self.backend]
 
     def step(self, name: str) -> StepPlan:

@@ -220,13 +220,14 @@ def test_property_fused_reads_each_final_state_at_its_last_step(name, lengths, w
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("name", ["mingru", "gla"])
-def test_triton_groups_by_length(name, monkeypatch, tmp_path_factory):
+@pytest.mark.parametrize("name,form", [("mingru", VarlenForm.START_ALIGNED), ("aaren", VarlenForm.START_ALIGNED), ("gla", VarlenForm.GROUPED_BY_LENGTH)])
+def test_triton_in_the_interpreter(name, form, monkeypatch, tmp_path_factory):
+    """Scan kernels keep every step's state (rows padded at their ends); a chunk kernel only the last (equal-length groups)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "recdsl-cache"))
     module = _compile(name, "triton")
-    assert module.plan.varlen is VarlenForm.GROUPED_BY_LENGTH
-    assert_packed_matches_one_by_one(module, [3, 1, 3], heads=(), seed=2)
+    assert module.plan.varlen is form
+    assert_packed_matches_one_by_one(module, [3, 1, 3, 2], heads=(), seed=2)
 
 
 def test_plan_says_how_packed_batches_run():
@@ -235,7 +236,7 @@ def test_plan_says_how_packed_batches_run():
     assert "variable-length batches (cu_seqlens): natively, the sequences as batch rows padded" in _compile("gru", "newton").plan.format()
     assert "cu_seqlens" in recdsl.explain(EXAMPLES / "mingru.rec", plan=True, **DIMS["mingru"])
     if importlib.util.find_spec("triton") is not None:
-        assert "variable-length batches (cu_seqlens): grouped" in _compile("mingru", "triton").plan.format()
+        assert "variable-length batches (cu_seqlens): grouped" in _compile("gla", "triton").plan.format()
 
 
 def test_default_state_and_float32():
