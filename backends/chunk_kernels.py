@@ -177,15 +177,12 @@ def delta_rule(
     inputs: list[tuple[torch.Tensor, torch.Tensor]],
     initial: torch.Tensor,
     chunk: int,
-    sequences: ChunkLayout | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs and final state of ``S_t = S_{t-1} + a_t l_t (r_t^T S_{t-1}) + sum_i l_t w_{i,t}^T``.
 
     ``left``/``right`` (``l``, ``r``) are ``[N, T, K]``, ``coefficient`` (``a``) ``[N, T]``;
     each input is ``w`` ``[N, T, V]`` given with the same left vector ``l`` (its scalar factor
-    already folded in).  ``initial`` is ``[N, K, V]``; with ``sequences`` (packed
-    sequences, each on whole chunks) it and the final state are ``[N, sequences, K, V]``,
-    and the loop over chunks restarts at each sequence's first chunk.
+    already folded in).  ``initial`` is ``[N, K, V]``.
     """
     steps = left.shape[1]
     padded = -(-steps // chunk) * chunk
@@ -208,24 +205,14 @@ def delta_rule(
     attention = [(q @ L.transpose(-1, -2)).masked_fill(~causal, 0.0) for q in Qs]
     outs: list[list[torch.Tensor]] = [[] for _ in Qs]
     state = initial
-    if sequences is not None:
-        entering = {c: n for n, c in enumerate(sequences.first_chunk_list)}
-        leaving = {c: n for n, c in enumerate(sequences.last_chunk_list)}
-        finals: list[torch.Tensor] = []
     for c in range(L.shape[1]):
-        if sequences is not None and c in entering:
-            state = initial[:, entering[c]]
         U = U_r[:, c] @ state
         if U_w is not None:
             U = U + U_w[:, c]
         for i, q in enumerate(Qs):
             outs[i].append(q[:, c] @ state + attention[i][:, c] @ U)
         state = state + L[:, c].transpose(-1, -2) @ U
-        if sequences is not None and c in leaving:
-            finals.append(state)
     results = [torch.cat(o, 1)[:, :steps] for o in outs]
-    if sequences is not None:
-        return results, torch.stack(finals, 1)
     return results, state
 
 

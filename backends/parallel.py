@@ -58,7 +58,7 @@ from .scans import (
     semiring_product_scan,
     segmented,
 )
-from .segments import ChunkLayout, Segments
+from .segments import ChunkLayout, ChunkRows, Segments
 from .torch_ops import ELEMENTWISE, REDUCTIONS, Evaluator, Numerics, align, combine_carries
 
 DEFAULT_CHUNK = 64
@@ -387,7 +387,11 @@ def _run_chunk_plan(
     """
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
-    layout = ChunkLayout.of(segments, chunk) if segments is not None else None
+    # Packed sequences: on whole chunks of one row for the decayed products (a scan over chunk
+    # states), in rows of their own for the delta rule (a loop over chunks).
+    layout: ChunkLayout | ChunkRows | None = None
+    if segments is not None:
+        layout = ChunkRows.of(segments, chunk) if plan.kind is ChunkKind.DELTA_RULE else ChunkLayout.of(segments, chunk)
     place = layout.spread if layout is not None else (lambda x: x)
 
     def flat_vector(expr: ir.Expr, length: int) -> torch.Tensor:
@@ -402,7 +406,9 @@ def _run_chunk_plan(
     start = h0.transpose(-1, -2) if plan.transposed else h0
     # [N', K, V] for N' = batch x heads; in a packed batch [N', sequences, K, V].
     start = start.reshape((-1, rows, columns)) if layout is None else start.reshape((segments.count, -1, rows, columns)).transpose(0, 1)
-    extra = () if layout is None else (layout,)
+    extra = (layout,) if isinstance(layout, ChunkLayout) else ()
+    if isinstance(layout, ChunkRows):
+        start = start.reshape((-1, rows, columns))  # [N' * sequences, K, V], as the rows
     queries = [flat_vector(q, rows) for q in plan.queries]
     scaled_columns = []
     for term in plan.inputs:
@@ -435,7 +441,7 @@ def _run_chunk_plan(
         results, final = chunk_kernels.with_infinite_readouts(chunk_kernels.delta_rule, queries, left, right, coefficient, [v for _, v in scaled_columns], start, chunk, *extra)
     if layout is not None:
         results = [layout.gather(r) for r in results]
-        final = final.transpose(0, 1)  # [sequences, N', K, V]
+        final = final.reshape((-1, segments.count) + tuple(final.shape[-2:])).transpose(0, 1)  # [sequences, N', K, V]
     unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
     outputs = [unflatten(r) for r in results]
     final = final.reshape((batch_dims if layout is None else (segments.count,) + lead[2:]) + final.shape[-2:])

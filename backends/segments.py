@@ -16,7 +16,8 @@ How each backend does it (:data:`recdsl.plan.VARLEN_FORMS`):
   (``h_t0 = a_t0 h0 + b_t0``); monoids and semiring matrices use the segmented combine
   (``(x1, f1) (o) (x2, f2) = (x2 if f2 else x1 (o) x2, f1 | f2)``); the chunk kernels lay
   each sequence out on whole chunks (:class:`ChunkLayout`) and restart the recurrence
-  over chunk-boundary states at each sequence's first chunk.
+  over chunk-boundary states at each sequence's first chunk; the delta rule, which loops
+  over chunks, takes the sequences as rows of their own (:class:`ChunkRows`).
 - ``fused``, ``newton``, ``triton``: the sequences become batch rows starting together
   and padded at their ends (:class:`StartAligned`); the C loop, Newton's solver and the
   Triton scan kernels keep every step's state, so each row's final state is read at its
@@ -213,14 +214,6 @@ class ChunkLayout:
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         return ChunkLayout(torch.cat(positions).to(device), cursor, as_tensor(firsts), as_tensor(lasts))
 
-    @property
-    def first_chunk_list(self) -> list[int]:
-        return self.first_chunks.tolist()
-
-    @property
-    def last_chunk_list(self) -> list[int]:
-        return self.last_chunks.tolist()
-
     def spread(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``[N', T, ...]`` -> ``[N', padded_steps, ...]``, the padding filled with ``fill``."""
         padded = packed.new_full((packed.shape[0], self.padded_steps) + tuple(packed.shape[2:]), fill)
@@ -229,6 +222,40 @@ class ChunkLayout:
     def gather(self, padded: torch.Tensor) -> torch.Tensor:
         """``[N', padded_steps, ...]`` -> ``[N', T, ...]``: the steps of the packed batch."""
         return padded.index_select(1, self.positions)
+
+
+@dataclass(frozen=True)
+class ChunkRows:
+    """Each sequence of a packed batch in a row of its own, for a chunk kernel that loops over chunks.
+
+    The delta rule's chunked form steps from chunk to chunk; on one packed row it would
+    take as many steps as all sequences have chunks.  Here the ``N`` sequences are ``N``
+    rows of ``max_len`` steps rounded up to whole chunks, padded at their ends with steps
+    that leave the state unchanged (zero keys, values and coefficients), so the loop takes
+    the longest sequence's chunks and the state after each row's last step is final.
+    Values are ``[N', T, ...]`` packed and ``[N' * N, steps, ...]`` in rows.
+    """
+
+    positions: torch.Tensor  # [T] int64: where each packed step sits in the flattened [N * steps]
+    count: int  # N
+    steps: int  # the longest sequence, rounded up to whole chunks
+
+    @staticmethod
+    def of(segments: Segments, chunk: int) -> "ChunkRows":
+        steps = -(-max(segments.lengths) // chunk) * chunk
+        positions = torch.cat([n * steps + torch.arange(length) for n, length in enumerate(segments.lengths)])
+        return ChunkRows(positions.to(segments.starts.device), segments.count, steps)
+
+    def spread(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``[N', T, ...]`` -> ``[N' * N, steps, ...]``, the padding filled with ``fill``."""
+        rest = tuple(packed.shape[2:])
+        padded = packed.new_full((packed.shape[0], self.count * self.steps) + rest, fill)
+        return padded.index_copy(1, self.positions, packed).reshape((-1, self.steps) + rest)
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[N' * N, steps, ...]`` -> ``[N', T, ...]``."""
+        rest = tuple(rows.shape[2:])
+        return rows.reshape((-1, self.count * self.steps) + rest).index_select(1, self.positions)
 
 
 # ---- the grouped fallback -----------------------------------------------------------------
