@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared machine)")
+    parser.add_argument("--cells", nargs="*", help="only these example cells (default: all of them)")
     args = parser.parse_args()
     if args.quick:
         args.sequences, args.mean_length, args.heads, args.repeats = 4, 5, 1, 1
@@ -68,6 +69,8 @@ def main() -> None:
     print(f"N = {args.sequences} sequences, total T = {total}, longest {longest}, {args.heads} heads; forward + backward, best of {args.repeats}, {args.threads} thread(s)")
     print(f"{'cell':10s} {'backend':11s} {'packed':>9s} {'one by one':>11s} {'padded':>9s}   packed vs one by one, vs padded")
     for name, backend, dims in CASES:
+        if args.cells and name not in args.cells:
+            continue
         if args.quick:
             dims = {k: min(v, 4) for k, v in dims.items()}
         module = recdsl.compile(EXAMPLES / f"{name}.rec", backend=backend, **dims)
@@ -101,6 +104,8 @@ def main() -> None:
 
     print(f"\nmod.step(), B = 4, {args.heads} heads, forward only: time per call against the sequential loop's time per step")
     for name, dims in [("gru", dict(d_in=64, d=64)), ("gla", dict(dk=64, dv=64))]:
+        if args.cells and name not in args.cells:
+            continue
         if args.quick:
             dims = {k: min(v, 4) for k, v in dims.items()}
         module = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **dims)
