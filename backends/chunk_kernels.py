@@ -54,6 +54,7 @@ from typing import Callable
 import torch
 
 from .scans import linear_scan
+from .segments import ChunkLayout
 
 # exp(-60) ~ 1e-26: a decay below that is zero for every float type we compute in, and
 # clamping keeps the chunk-local sums of log decays finite (log 0 = -inf would give
@@ -110,6 +111,7 @@ def decayed_outer_products(
     log_decay: torch.Tensor,
     initial: torch.Tensor,
     chunk: int,
+    sequences: ChunkLayout | None = None,
     exclusive: tuple[bool, ...] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs ``q @ S_t`` for each ``q`` in ``readouts`` (``[N, T, K]``), and the final state.
@@ -117,6 +119,9 @@ def decayed_outer_products(
     ``log_decay`` is ``[N, T, K', V']`` with ``K'`` in ``{1, K}`` and ``V'`` in ``{1, V}``;
     ``initial`` is ``S_0`` ``[N, K, V]``.  Returns ``([N, T, V], ...)`` and ``[N, K, V]``.
     Where ``exclusive[i]`` is set, read-out ``i`` is ``q_t @ S_{t-1}`` instead.
+    With ``sequences`` (packed sequences, each on whole chunks) ``initial`` and the
+    final state are ``[N, sequences, K, V]``: the recurrence over chunk-boundary states
+    restarts at each sequence's first chunk.
     """
     exclusive = exclusive or (False,) * len(readouts)
     steps = log_decay.shape[1]
@@ -141,11 +146,12 @@ def decayed_outer_products(
         # torch.compile cannot trace, so compiled graphs always take the masked correction).
         skip_correction = not torch.compiler.is_compiling() and bool(safe.all())
         unsafe = None if skip_correction else ~safe
-        if unsafe is not None and chunk > _SUBCHUNK and not torch.compiler.is_compiling() and bool(unsafe.float().mean() > 0.25):
+        # (Packed sequences sit on whole chunks of the layout's size, so they keep it.)
+        if unsafe is not None and sequences is None and chunk > _SUBCHUNK and not torch.compiler.is_compiling() and bool(unsafe.float().mean() > 0.25):
             # Strong decays (RWKV-6's w = exp(-exp(d)) with d near 0 loses e^-60 in 20 steps):
             # most dims would take the C x C x K pairwise form, so shorter chunks, whose
             # decays stay in the factorisable range far more often, are cheaper.  Same values.
-            return decayed_outer_products(readouts, inputs, log_decay, initial, _SUBCHUNK, exclusive)
+            return decayed_outer_products(readouts, inputs, log_decay, initial, _SUBCHUNK, exclusive=exclusive)
 
     # The chunk-boundary states: S_end[c] = exp(G_end[c]) * S_end[c-1] + update[c].
     update = None
@@ -161,10 +167,19 @@ def decayed_outer_products(
     if update is None:
         update = initial.new_zeros((initial.shape[0], g.shape[1]) + state_shape[1:])
     chunk_decay = G_end.exp()
-    shifted = update.clone()
-    shifted[:, 0] = shifted[:, 0] + chunk_decay[:, 0] * initial
-    ends = linear_scan(chunk_decay.transpose(0, 1), shifted.transpose(0, 1)).transpose(0, 1)  # [N, n, K, V]
-    starts = torch.cat([initial.unsqueeze(1), ends[:, :-1]], 1)
+    if sequences is None:
+        shifted = update.clone()
+        shifted[:, 0] = shifted[:, 0] + chunk_decay[:, 0] * initial
+        ends = linear_scan(chunk_decay.transpose(0, 1), shifted.transpose(0, 1)).transpose(0, 1)  # [N, n, K, V]
+        starts = torch.cat([initial.unsqueeze(1), ends[:, :-1]], 1)
+        final = ends[:, -1]
+    else:
+        # Each sequence's initial state enters at its first chunk, whose transition is zeroed.
+        firsts = sequences.first_chunks
+        shifted = update.index_add(1, firsts, chunk_decay.index_select(1, firsts) * initial)
+        ends = linear_scan(chunk_decay.index_fill(1, firsts, 0.0).transpose(0, 1), shifted.transpose(0, 1)).transpose(0, 1)
+        starts = torch.cat([ends[:, :1], ends[:, :-1]], 1).index_copy(1, firsts, initial.to(ends.dtype))
+        final = ends.index_select(1, sequences.last_chunks)
 
     results = []
     strict = torch.ones(chunk, chunk, dtype=torch.bool, device=G.device).tril(-1)
@@ -198,7 +213,7 @@ def decayed_outer_products(
                     scores = scores + torch.einsum("bntk,bnsk,bntsk->bnts", q, k, pairwise)
             out = out + scores @ v
         results.append(out.reshape((out.shape[0], padded) + out.shape[3:])[:, :steps])
-    return results, ends[:, -1]
+    return results, final
 
 
 def delta_rule(

@@ -717,6 +717,7 @@ def run(
     max_iterations: int | None = None,
     report: Callable[[NewtonSolve], None] | None = None,
     plan: JacobianPlan | None = None,
+    last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell by Newton's method over the whole sequence; the signature of the sequential backend's ``run``.
 
@@ -726,6 +727,8 @@ def run(
     ``max_iterations``: Newton updates before the unconverged suffix runs step by step.
     ``report`` receives the :class:`NewtonSolve` of the call; ``plan`` is
     :func:`jacobian_structure`'s result when the caller made it once (else it is made here).
+    ``last_steps`` (``[B]`` int64): the final state of batch row ``b`` is its state after step
+    ``last_steps[b]`` (sequences padded at their ends, :class:`.segments.StartAligned`).
     """
     plan = plan if plan is not None else jacobian_structure(analysis)
     requested, tolerance, max_iterations = _options(jacobian, tolerance, max_iterations, numerics)
@@ -791,11 +794,17 @@ def run(
             continue
         value = values.evaluator.evaluate(emit.value)
         outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
-    final = {s.name: solution[:, -1, ..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
+    # Each row's state after its last step: the whole trajectory is solved, so any step can be read.
+    last = solution[:, -1] if last_steps is None else solution[torch.arange(lead[0], device=solution.device), last_steps]
+    final = {s.name: last[..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
     return outputs, final
 
 
 
-def run_plan(plan, inputs, params, consts, state, numerics: Numerics, report: Callable[[NewtonSolve], None] | None = None):
+def run_plan(
+    plan, inputs, params, consts, state, numerics: Numerics, report: Callable[[NewtonSolve], None] | None = None, last_steps: torch.Tensor | None = None
+):
     """Interpret a newton :class:`~recdsl.plan.ExecutionPlan`: its Jacobian plan was made at compile time."""
-    return run(plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, **dict(plan.options.backend_options))
+    return run(
+        plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, last_steps=last_steps, **dict(plan.options.backend_options)
+    )

@@ -56,7 +56,9 @@ from .scans import (
     semiring_matmul,
     semiring_matrix_scan,
     semiring_product_scan,
+    segmented,
 )
+from .segments import ChunkLayout, ChunkRows, Segments
 from .torch_ops import ELEMENTWISE, REDUCTIONS, Evaluator, Numerics, align, combine_carries
 
 DEFAULT_CHUNK = 64
@@ -139,11 +141,24 @@ def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
 class Solver:
     """Solves each recurrence of one call over the whole sequence, in the form its plan step names."""
 
-    def __init__(self, plan: ExecutionPlan, sequences: _Sequences, initial: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, plan: ExecutionPlan, sequences: _Sequences, initial: Mapping[str, torch.Tensor], segments: Segments | None = None) -> None:
         self.plan = plan
         self.analysis = plan.analysis
         self.seq = sequences
         self.initial = initial
+        self.segments = segments  # a packed variable-length batch: initial values are [N, *heads, *shape]
+
+    def _carry_in(self, transition: torch.Tensor, value: torch.Tensor, h0: torch.Tensor, enter: Callable, reset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scan's elements with the initial state carried into the first step: ``v_0 = enter(T_0, h0, v_0)``.
+
+        The scans start from the zero state, so the initial state enters through the first
+        step's input term; in a packed batch, through each sequence's first step, whose
+        transition is then ``reset`` (see :meth:`.segments.Segments.carry_in`).
+        """
+        if self.segments is not None:
+            return self.segments.carry_in(transition, value, h0, enter, reset)
+        first = enter(transition[:, :1], h0.unsqueeze(1), value[:, :1])
+        return transition, torch.cat([first, value[:, 1:]], 1)
 
     def _input(self, recurrence, state_type: ir.Type) -> torch.Tensor | None:
         if recurrence.input is None:
@@ -159,7 +174,7 @@ class Solver:
         value = torch.zeros(full_shape, dtype=h0.dtype, device=h0.device) if value is None else value.expand(full_shape)
         if value.dtype != h0.dtype:
             value = value.to(h0.dtype)
-        value = torch.cat([(decay[:, :1] * h0.unsqueeze(1) + value[:, :1]), value[:, 1:]], 1)
+        decay, value = self._carry_in(decay, value, h0, lambda a, h, v: a * h + v, 0.0)
         return self.seq.batch_first(linear_scan(self.seq.time_first(decay), self.seq.time_first(value)))
 
     def low_rank(self, state: StateAnalysis) -> torch.Tensor:
@@ -234,8 +249,7 @@ class Solver:
     def _matrix_scan_of(self, matrix: torch.Tensor, value: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """``S_t = M_t S_{t-1} + B_t`` from ``S_0 = start``, batch first."""
         matrix = matrix.to(value.dtype)
-        first = matrix[:, 0] @ start + value[:, 0]
-        value = torch.cat([first.unsqueeze(1), value[:, 1:]], 1)
+        matrix, value = self._carry_in(matrix, value, start, lambda m, s, v: m @ s + v, 0.0)
         return self.seq.batch_first(matrix_affine_scan(self.seq.time_first(matrix), self.seq.time_first(value)))
 
     def semiring(self, state: StateAnalysis) -> torch.Tensor:
@@ -248,10 +262,14 @@ class Solver:
         full_shape = self.seq.lead + state.type.shape
         if recurrence.structure is Structure.DIAGONAL:
             decay = self.seq.full(self.seq.evaluate(recurrence.decay), recurrence.decay.type, state.type)
-            if value is None:
+            if value is None and self.segments is None:
                 return h0.unsqueeze(1) + decay.expand(full_shape).cumsum(1)
+            if value is None:  # a sum of decays restarting at each sequence (a zero input's logaddexp has a NaN gradient)
+                flags = self.segments.start_flags(full_shape[1])
+                sums = prefix_scan((self.seq.time_first(decay.expand(full_shape)), flags), segmented(lambda e, l: (e[0] + l[0],)))[0]
+                return self.seq.batch_first(sums) + self.segments.per_step(h0)
             value = value.expand(full_shape)
-            value = torch.cat([plus(decay[:, :1] + h0.unsqueeze(1), value[:, :1]), value[:, 1:]], 1)
+            decay, value = self._carry_in(decay, value, h0, lambda a, h, v: plus(a + h, v), semiring.zero)
             return self.seq.batch_first(semiring_diagonal_scan(self.seq.time_first(decay), self.seq.time_first(value), plus))
         size = _matrix_size(state)
         # The semiring's zero annihilates (zero (x) w = zero for every weight w), but in IEEE
@@ -271,12 +289,22 @@ class Solver:
         start = h0.reshape(h0.shape[: len(self.seq.lead) - 1] + (1, size))
         reduce_fn = lambda x, dim: reduce(x, (dim,))  # noqa: E731
         if value is None:
-            products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn))
-            return semiring_matmul(start.unsqueeze(1), products, reduce_fn).reshape(full_shape)
+            if self.segments is None:
+                products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn))
+                return semiring_matmul(start.unsqueeze(1), products, reduce_fn).reshape(full_shape)
+            flags = self.segments.start_flags(full_shape[1])  # products restarting at each sequence, from its initial state
+            products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn, flags))
+            return semiring_matmul(self.segments.per_step(start), products, reduce_fn).reshape(full_shape)
         value = value.expand(full_shape).reshape(self.seq.lead + (size,))
-        first = plus(semiring_matmul(start, matrix[:, 0], reduce_fn).squeeze(-2), value[:, 0])
-        value = torch.cat([first.unsqueeze(1), value[:, 1:]], 1)
-        result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
+        enter = lambda m, s, v: plus(semiring_matmul(s, m, reduce_fn).squeeze(-2), v)  # noqa: E731
+        if self.segments is None:
+            matrix, value = self._carry_in(matrix, value, start, enter, semiring.zero)
+            result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
+        else:  # each sequence's first value takes in its initial state; the scan restarts there
+            first = enter(self.segments.at_starts(matrix), start.unsqueeze(0), self.segments.at_starts(value))
+            value = value.index_copy(1, self.segments.starts, first.expand((1, self.segments.count) + tuple(value.shape[2:])).to(value.dtype))
+            flags = self.segments.start_flags(value.shape[1])
+            result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn, flags)
         return self.seq.batch_first(result).reshape(full_shape)
 
     def solve(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
@@ -317,6 +345,14 @@ class Solver:
             result = combine_carries(monoid, dict(zip(names, earlier)), dict(zip(names, later)), numerics)
             return tuple(result[n] for n in names)
 
+        if self.segments is not None:
+            # Each sequence's initial carry folded into its first element, then a segmented scan.
+            starts = self.segments.starts
+            entered = combine(tuple(self.initial[f"{scan.name}.{n}"].unsqueeze(1) for n in names), tuple(e.index_select(0, starts) for e in elements))
+            elements = [e.index_copy(0, starts, x.expand((x.shape[0],) + e.shape[1:]).to(e.dtype)) for e, x in zip(elements, entered)]
+            flags = self.segments.start_flags(elements[0].shape[0])
+            folded = prefix_scan(tuple(elements) + (flags,), segmented(combine))[:-1]
+            return {n: self.seq.batch_first(v) for n, v in zip(names, folded)}
         scanned = prefix_scan(tuple(elements), combine)
         initial = tuple(self.initial[f"{scan.name}.{n}"].unsqueeze(0) for n in names)
         folded = combine(initial, scanned)
@@ -343,14 +379,22 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
 
 
 def _run_chunk_plan(
-    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None
+    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
     """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel.
 
     None when the pieces are not finite (see :func:`_chunkable`): the caller scans the state.
+    With ``segments`` each sequence is laid out on whole chunks (:class:`.segments.ChunkLayout`)
+    and the kernel restarts at each sequence's first chunk from its row of ``h0``.
     """
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
+    # Packed sequences: on whole chunks of one row for the decayed products (a scan over chunk
+    # states), in rows of their own for the delta rule (a loop over chunks).
+    layout: ChunkLayout | ChunkRows | None = None
+    if segments is not None:
+        layout = ChunkRows.of(segments, chunk) if plan.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE) else ChunkLayout.of(segments, chunk)
+    place = layout.spread if layout is not None else (lambda x: x)
 
     flattened: list[tuple[ir.Expr, int, torch.Tensor]] = []  # one copy per distinct vector (the delta rule's k is its map's both sides and its input's row)
 
@@ -359,16 +403,21 @@ def _run_chunk_plan(
             if seen_length == length and seen == expr:
                 return value
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
-        value = value.movedim(1, -2).reshape((-1, lead[1], length))
+        value = place(value.movedim(1, -2).reshape((-1, lead[1], length)))
         flattened.append((expr, length, value))
         return value
 
     def flat_scalar(expr: ir.Expr) -> torch.Tensor:
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
-        return value.movedim(1, -1).reshape((-1, lead[1]))
+        return place(value.movedim(1, -1).reshape((-1, lead[1])))
 
     rows, columns = state.type.shape[::-1] if plan.transposed else state.type.shape
-    start = (h0.transpose(-1, -2) if plan.transposed else h0).reshape((-1, rows, columns))
+    start = h0.transpose(-1, -2) if plan.transposed else h0
+    # [N', K, V] for N' = batch x heads; in a packed batch [N', sequences, K, V].
+    start = start.reshape((-1, rows, columns)) if layout is None else start.reshape((segments.count, -1, rows, columns)).transpose(0, 1)
+    extra = (layout,) if isinstance(layout, ChunkLayout) else ()
+    if isinstance(layout, ChunkRows):
+        start = start.reshape((-1, rows, columns))  # [N' * sequences, K, V], as the rows
     queries = [flat_vector(q, rows) for q in plan.queries]
     scaled_columns = []
     for term in plan.inputs:
@@ -384,15 +433,16 @@ def _run_chunk_plan(
             log_decay = log_decay.transpose(-1, -2)
         shape = tuple(log_decay.shape[-2:])
         log_decay = log_decay.expand(lead + shape).movedim(1, -3).reshape((-1, lead[1]) + shape)
+        log_decay = place(log_decay)  # padding: log decay 0, the state carried unchanged
         if not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
             return None
         inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
         if plan.reads_previous:  # only the torch kernel reads out the previous state (the planner keeps it off Triton)
             results, final = chunk_kernels.with_infinite_readouts(
-                chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, exclusive=plan.previous
+                chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra, exclusive=plan.previous
             )
         else:
-            results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk)
+            results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra)
     else:
         transition = plan.transition
         assert transition is not None and transition.coefficient is not None
@@ -414,9 +464,12 @@ def _run_chunk_plan(
             chunk,
             exclusive=plan.previous or None,
         )
+    if layout is not None:
+        results = [layout.gather(r) for r in results]
+        final = final.reshape((-1, segments.count) + tuple(final.shape[-2:])).transpose(0, 1)  # [sequences, N', K, V]
     unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
     outputs = [unflatten(r) for r in results]
-    final = final.reshape(batch_dims + final.shape[1:])
+    final = final.reshape((batch_dims if layout is None else (segments.count,) + lead[2:]) + final.shape[-2:])
     if plan.transposed:
         final = final.transpose(-1, -2)
     return outputs, final
@@ -432,13 +485,22 @@ def run(
     *,
     solver: type | None = None,
     decayed_outer_products=None,
+    segments: Segments | None = None,
+    last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``plan`` over the whole sequence at once; the signature of :func:`.sequential.run`.
 
     Each step of the plan is solved in its form, in schedule order.  ``solver`` replaces
     :class:`Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
-    (the Triton backend brings kernels for both).
+    (the Triton backend brings kernels for both).  ``segments``: a packed
+    variable-length batch (B = 1, ``state`` and the final state ``[N, *heads, *shape]``),
+    each scan reset at every sequence's first step (:mod:`.segments`).  ``last_steps``
+    (``[B]`` int64): batch row ``b``'s final state is its value after step
+    ``last_steps[b]`` (rows padded at their ends, :class:`.segments.StartAligned`); not
+    for chunked states, whose kernels keep only the state after the last step.
     """
+    if segments is not None and (solver is not None or decayed_outer_products is not None):
+        raise AssertionError("packed sequences run on the torch solver and chunk kernels")  # pragma: no cover - segments.run_packed routes the others
     analysis = plan.analysis
     cell = analysis.cell
     first = next(iter(inputs.values()))
@@ -451,7 +513,13 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = (solver or Solver)(plan, seq, state)
+    solver = (solver or Solver)(plan, seq, state, segments)
+    if segments is not None:
+        last = segments.finals
+    elif last_steps is not None:
+        last = lambda sequence: sequence[torch.arange(sequence.shape[0], device=sequence.device), last_steps]  # noqa: E731
+    else:
+        last = lambda sequence: sequence[:, -1]  # noqa: E731
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
@@ -461,25 +529,26 @@ def run(
             carries = solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else solver.scan(scans[name])
             for carry, value in carries.items():
                 seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
-                final[f"{name}.{carry}"] = value[:, -1]
+                final[f"{name}.{carry}"] = last(value)
             continue
         state_analysis = analysis.state(name)
         chunked_run = None
         if step.form is Form.CONVOLUTION:
-            assert step.conv is not None
-            convolved = convolution.run(seq, step.conv, state_analysis, state[name])
+            assert step.conv is not None and step.fallback is not None
+            convolved = None
+            if segments is None and last_steps is None:  # packed or padded rows: the scan resets per sequence
+                convolved = convolution.run(seq, step.conv, state_analysis, state[name])
             if convolved is not None:
                 readouts, final[name] = convolved
                 for node, value in zip(step.conv.readouts, readouts):
                     substitutions[id(node)] = value
                 continue
-            # An unstable decay or non-finite pieces: the plan's fallback scan.
-            assert step.fallback is not None
-            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+            # Packed sequences, an unstable decay or non-finite pieces: the plan's fallback scan.
+            sequence = Solver(plan, seq, state, segments).solve(replace(step, form=step.fallback), state_analysis)
         elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
-            assert step.chunk is not None
+            assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
+            chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel, segments)
             if chunked_run is not None:
                 readouts, final[name] = chunked_run
                 for node, value in zip(step.chunk.readouts, readouts):
@@ -488,14 +557,15 @@ def run(
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
             # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
             assert step.fallback is not None
-            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, seq, state, segments).solve(replace(step, form=step.fallback), state_analysis)
         else:
             sequence = solver.solve(step, state_analysis)
         sequence = sequence.expand(lead + state_analysis.type.shape)
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         # h_{t-1}, built only if an output or a later state reads it (most read h_t).
-        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, state[name])
-        final[name] = sequence[:, -1]
+        shift = segments.shift if segments is not None else _shift
+        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
+        final[name] = last(sequence)
 
     outputs = []
     for emit, expanded in zip(cell.outputs, analysis.expanded_outputs):

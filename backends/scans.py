@@ -44,6 +44,29 @@ def prefix_scan(elements: Sequence[torch.Tensor], combine: Combine) -> Elements:
     return current
 
 
+def segmented(combine: Combine) -> Combine:
+    """``combine`` on segments: each element carries, as its last member, a flag set at a segment's first step.
+
+    ``(x1, f1) (o) (x2, f2) = (x2 if f2 else x1 (o) x2, f1 | f2)`` is associative whenever
+    ``(o)`` is (Blelloch, 1990, "Prefix sums and their applications", section 1.5), and a
+    prefix never combines across the start of a segment.  Flags are ``[T, 1]`` booleans.
+    The combine across a start is still computed (and discarded by ``where``, which sends
+    it no gradient), so it must be finite wherever the unsegmented scan's is.
+    """
+
+    def combine_segmented(earlier: Elements, later: Elements) -> Elements:
+        *left, left_flag = earlier
+        *right, right_flag = later
+        combined = combine(tuple(left), tuple(right))
+        chosen = []
+        for value, joined in zip(right, combined):
+            flag = right_flag.reshape(right_flag.shape + (1,) * (joined.dim() - right_flag.dim()))
+            chosen.append(torch.where(flag, value.expand(joined.shape) if value.shape != joined.shape else value, joined))
+        return tuple(chosen) + (left_flag | right_flag,)
+
+    return combine_segmented
+
+
 def _affine_combine(earlier: Elements, later: Elements) -> Elements:
     a1, b1 = earlier
     a2, b2 = later
@@ -188,23 +211,35 @@ def semiring_matmul(left: torch.Tensor, right: torch.Tensor, reduce: Callable) -
     return reduce(_tropical_times(left.unsqueeze(-1), right.unsqueeze(-3)), -2)
 
 
-def semiring_product_scan(transition: torch.Tensor, reduce: Callable) -> torch.Tensor:
-    """Prefix products ``P_t = T_0 (x) T_1 (x) ... (x) T_t`` of ``[T, ..., N, N]`` semiring matrices."""
+def semiring_product_scan(transition: torch.Tensor, reduce: Callable, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefix products ``P_t = T_0 (x) T_1 (x) ... (x) T_t`` of ``[T, ..., N, N]`` semiring matrices.
+
+    ``starts`` (``[T, 1]`` booleans): segments, each product restarting at its first step.
+    """
 
     def combine(earlier: Elements, later: Elements) -> Elements:
         return (semiring_matmul(earlier[0], later[0], reduce),)
 
+    if starts is not None:
+        return prefix_scan((transition, starts), segmented(combine))[0]
     return prefix_scan((transition,), combine)[0]
 
 
-def semiring_matrix_scan(transition: torch.Tensor, value: torch.Tensor, plus: Callable, reduce: Callable) -> torch.Tensor:
-    """``h_t = plus(h_{t-1} (x) T_t, value_t)`` for row vectors ``value`` ``[T, ..., N]``, ``h_{-1}`` = the zero."""
+def semiring_matrix_scan(transition: torch.Tensor, value: torch.Tensor, plus: Callable, reduce: Callable, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """``h_t = plus(h_{t-1} (x) T_t, value_t)`` for row vectors ``value`` ``[T, ..., N]``, ``h_{-1}`` = the zero.
+
+    ``starts`` (``[T, 1]`` booleans): segments, each restarting from the zero at its first
+    step (a zero matrix there instead would reduce rows of zeros, whose logsumexp has a
+    NaN gradient).
+    """
 
     def combine(earlier: Elements, later: Elements) -> Elements:
         t1, b1 = earlier
         t2, b2 = later
         return semiring_matmul(t1, t2, reduce), plus(semiring_matmul(b1.unsqueeze(-2), t2, reduce).squeeze(-2), b2)
 
+    if starts is not None:
+        return prefix_scan((transition, value, starts), segmented(combine))[1]
     return prefix_scan((transition, value), combine)[1]
 
 

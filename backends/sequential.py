@@ -48,12 +48,16 @@ def run(
     consts: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
+    resets: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell over ``inputs`` (``[B, T, *heads, *shape]``) from ``state``.
 
     ``state`` holds every carried value (``[B, *heads, *shape]``): the states by name and
     each scan's carries as ``scan.carry``.  Returns the outputs, each
     ``[B, T, *heads, *shape]``, and the final state in the same form as ``state``.
+    ``resets`` maps a step to the batch rows whose carried values are put back to their
+    rows of ``state`` before it (sequences of different lengths aligned at their ends,
+    :class:`.segments.EndAligned`).
     """
     analysis = plan.analysis
     cell = analysis.cell
@@ -93,6 +97,9 @@ def run(
     scans = {s.name: s for s in cell.scans}
     per_step: dict[int, list[torch.Tensor]] = {e.index: [] for e in cell.outputs if e.index not in parallel_outputs}
     for t in range(steps):
+        if resets is not None and t in resets:
+            rows = resets[t]
+            carried = {name: value.index_copy(0, rows, state[name].index_select(0, rows).to(value.dtype)) for name, value in carried.items()}
         values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
         values.update({(RefKind.INPUT, name): value[t] for name, value in input_steps.items()})
         values.update({(RefKind.BINDING, name): value[t] for name, value in parallel_steps.items()})

@@ -510,13 +510,15 @@ class TritonSolver(parallel.Solver):
         return result
 
 
-def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics):
+def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics, last_steps: torch.Tensor | None = None):
     """Run a Triton plan; the signature of :func:`.sequential.run`.
 
     Matrix states read out linearly (GLA, RetNet, mLSTM, Mamba-2) go through the chunked
     kernels of :mod:`.triton_chunk`; every other recurrence through its generated scan.
     ``allow_tf32``: let the chunked kernels' float32 matmuls run as TF32 on tensor cores
     (about 1e-3 relative error); by default they are exact (``input_precision="ieee"``).
+    ``last_steps``: each batch row's last step, as in :func:`.parallel.run` (plans without
+    chunked kernels).
     """
     _check_device(numerics.device)
     if any(step.form is Form.TRITON_FUSED for step in plan.steps):  # a nonlinear or coupled cell: the fused sequential kernel
@@ -530,4 +532,5 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
     return parallel.run(
         plan, inputs, params, consts, state, numerics, solver=TritonSolver,
         decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32),
+        last_steps=last_steps,
     )

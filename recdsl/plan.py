@@ -59,6 +59,33 @@ class BackendKind(Enum):
         return self.value
 
 
+class VarlenForm(Enum):
+    """How a backend runs a packed batch of variable-length sequences (``cu_seqlens``); the value is its prose."""
+
+    SEGMENT_RESETS = "natively, one pass over the packed sequence with the states reset at each sequence's first step"
+    END_ALIGNED_RESETS = "natively, the sequences as batch rows aligned at their ends, each row's state reset at its sequence's first step"
+    START_ALIGNED = "natively, the sequences as batch rows padded at their ends, each final state read at its sequence's last step"
+    GROUPED_BY_LENGTH = "grouped: sequences of equal length run as one batch, one call per distinct length"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The torch scans reset states inside their one pass over the packed sequence, the loop
+# inside its max_len steps over a batch of the sequences; the C loop, Newton's solver and
+# the Triton scan kernels, which keep the state of every step, read each padded row's final
+# state at its own last step (recdsl.backends.segments).  The Triton chunk kernels keep only
+# the state after the last step: such a plan runs equal-length groups as batches.
+VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
+    BackendKind.SEQUENTIAL: VarlenForm.END_ALIGNED_RESETS,
+    BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
+    BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
+    BackendKind.TRITON: VarlenForm.START_ALIGNED,
+    BackendKind.NEWTON: VarlenForm.START_ALIGNED,
+    BackendKind.FUSED: VarlenForm.START_ALIGNED,
+}
+
+
 class Form(Enum):
     """How one recurrence (a state, a coupled group or a scan) is computed; the value is its name in prose."""
 
@@ -238,6 +265,13 @@ class ExecutionPlan:
     def chunk_size(self) -> int:
         return self.options.chunk_size
 
+    @property
+    def varlen(self) -> VarlenForm:
+        """How this plan runs a packed variable-length batch (``module(..., cu_seqlens=...)``)."""
+        if self.backend is BackendKind.TRITON and any(step.form is Form.TRITON_CHUNKED for step in self.steps):
+            return VarlenForm.GROUPED_BY_LENGTH
+        return VARLEN_FORMS[self.backend]
+
     def step(self, name: str) -> StepPlan:
         for step in self.steps:
             if name in step.names:
@@ -293,6 +327,7 @@ class ExecutionPlan:
             lines.append(f"  Jacobian: {self.solver.describe()}")
         if self.solver is not None and any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  kernel: {self.solver.describe()}")
+        lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
