@@ -628,7 +628,9 @@ def _block_scan_seconds(analysis: Analysis, step: StepPlan, batch: int, length: 
     blocks = size // m
     matrices = 1 if shared else blocks
     term_ops = sum(_op_work(t)[0] for t in transitions)
-    probe_elements = m * (m if shared else size) * max(1, term_ops)
+    term_elements = sum(_op_work(t)[1] for t in transitions)
+    # m probes at once; shared blocks probe one block's worth (the block axes of size 1).
+    probe_elements = term_elements * (m / blocks if shared else m)
     chunk_steps = 1.2 * math.sqrt(length)
     rows = batch * length
     if m <= 4:  # PLANAR_BLOCK
