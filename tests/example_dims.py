@@ -26,4 +26,6 @@ DIMS = {
     "crf": dict(n=3),
     "paragru": dict(d_in=3, d=4),
     "paralstm": dict(d_in=3, d=4),
+    "state_tracking_lrnn": dict(d=3, n=4),
+    "titans": dict(dk=4, dv=3),
 }

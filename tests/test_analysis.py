@@ -45,6 +45,10 @@ EXPECTED = [
     ("paragru", "h", Nonlinear, None),
     ("paralstm", "c", Nonlinear, None),
     ("paralstm", "h", Nonlinear, None),
+    ("state_tracking_lrnn", "h", MatrixAffine, Structure.BLOCK_DIAGONAL),
+    # Titans' states, each alone (the other one free); the pair's joint update is in tests/test_blocks.py.
+    ("titans", "M", MatrixAffine, Structure.SCALAR),
+    ("titans", "W", MatrixAffine, Structure.SCALAR),
 ]
 
 

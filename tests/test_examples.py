@@ -44,6 +44,7 @@ B = 2              # batch size in every test
 EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
     "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm",
+    "state_tracking_lrnn", "titans",
 }
 
 
@@ -177,6 +178,16 @@ CASES = {
         dict(trans=("n", "n"), start=("n",), stop=("n",)), dict(prior=(("n",), "real")),
         ("alpha", "logZ"),
         lambda I, P, D, s: ref.crf(I["emit"], **P, state0=s)),
+    "state_tracking_lrnn": Case(
+        "state_tracking_lrnn", "StateTrackingLRNN", dict(d=3, n=4), dict(x=("d",)),
+        {f"W_{g}": ("d", "n") for g in ("theta", "phi", "beta", "v")},
+        dict(h=(("n", 2), "real")), ("h",),
+        lambda I, P, D, s: ref.state_tracking_lrnn(I["x"], **P, state0=s)),
+    "titans": Case(
+        "titans", "Titans", dict(dk=4, dv=3),
+        dict(q=("dk",), k=("dk",), v=("dv",), a=(), e=(), g=()),
+        {}, dict(M=(("dk", "dv"), "real"), W=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.titans(**I, state0=s), prepare=_normalise_k),
 }
 
 STATELESS_REFERENCE = {name for name, c in CASES.items() if not c.states}
