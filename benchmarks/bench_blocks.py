@@ -4,13 +4,14 @@
     python benchmarks/bench_blocks.py --quick    # small sizes, a smoke test
 
 Cells: ``examples/state_tracking_lrnn.rec`` (n = 64 blocks of 2 x 2, d = 64) and
-``examples/titans.rec`` (Titans with momentum, dk = dv = 16: the momentum and memory
+``examples/titans.rec`` (Titans with momentum, dk = dv = 16: the momentum and the memory
 stacked, 16 columns sharing one 32 x 32 transition).  Each is timed on the sequential
-backend, on the scan backend as planned now (``block``: one ``m x m`` matrix per block) and,
-for the block-diagonal cell, on the scan backend forced to the form it had before blocks
+backend and on the scan backend as planned now (``block``: one ``m x m`` matrix per block);
+the block-diagonal cell also on the scan backend forced to the form it had before blocks
 were detected (``dense``: the transition applied to a basis of the whole 128-element state,
-a scan of 128 x 128 matrices).  Milliseconds, best of ``--repeat`` runs after a warm-up,
-float32, forward and forward + backward (gradients of every input and parameter).
+a scan of 128 x 128 matrices; run once, without a warm-up, since one run takes seconds).
+Milliseconds, best of ``--repeat`` runs after a warm-up, float32; forward, and forward plus
+the backward pass of a loss of the outputs (gradients of every input and parameter).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from recdsl.plan import Form
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def best_of(run, repeat: int) -> float:
-    run()
+def best_of(run, repeat: int, warm_up: bool = True) -> float:
+    if warm_up:
+        run()
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
@@ -39,42 +41,53 @@ def best_of(run, repeat: int) -> float:
 
 
 def forced_dense(mod: torch.nn.Module) -> torch.nn.Module:
-    """The module with its block scan replaced by the dense matrix scan (the form before this change)."""
+    """The module with its block scan replaced by the dense matrix scan (the form before blocks were detected)."""
     steps = tuple(replace(s, form=Form.DENSE_MATRIX_SCAN) if s.form is Form.BLOCK_MATRIX_SCAN else s for s in mod.plan.steps)
     mod.plan = replace(mod.plan, steps=steps)
     return mod
 
 
-def time_cell(label: str, path: Path, dims: dict, shapes: dict, batch: int, length: int, repeat: int, dense: bool) -> list[str]:
+def time_forms(path: Path, dims: dict, shapes: dict, batch: int, length: int, repeat: int, forms: dict) -> dict:
+    """``forms``: name -> (backend, forced dense, with backward). Returns name -> (forward ms, forward + backward ms or None)."""
     torch.manual_seed(0)
-    sequential = recdsl.compile(path, backend="sequential", **dims)
-    modules = {"sequential": sequential, "block": recdsl.compile(path, backend="scan", **dims)}
-    if dense:
-        modules["dense"] = forced_dense(recdsl.compile(path, backend="scan", **dims))
-    for mod in modules.values():
-        mod.load_state_dict(sequential.state_dict())
+    reference = recdsl.compile(path, backend="sequential", **dims)
     inputs = {name: torch.randn(batch, length, *shape) for name, shape in shapes.items()}
     if "k" in inputs:
         inputs["k"] = torch.nn.functional.normalize(inputs["k"], dim=-1)
-    rows = []
-    for name, mod in modules.items():
+    times = {}
+    for name, (backend, dense, backward) in forms.items():
+        mod = recdsl.compile(path, backend=backend, **dims)
+        mod.load_state_dict(reference.state_dict())
+        if dense:
+            mod = forced_dense(mod)
+        runs = 1 if dense else repeat
         with torch.no_grad():
-            forward = best_of(lambda: mod(**inputs), repeat)
-        leaves = {n: v.clone().requires_grad_() for n, v in inputs.items()}
+            forward = best_of(lambda: mod(**inputs), runs, warm_up=not dense)
+        both = None
+        if backward:
+            leaves = {n: v.clone().requires_grad_() for n, v in inputs.items()}
 
-        def forward_backward():
-            mod(**leaves).square().mean().backward()
+            def forward_backward():
+                mod(**leaves).square().mean().backward()
 
-        both = best_of(forward_backward, repeat)
-        rows.append((name, forward, both))
-    base = {name: (f, b) for name, f, b in rows}
+            both = best_of(forward_backward, runs, warm_up=not dense)
+        times[name] = (forward, both)
+    return times
+
+
+def table(label: str, size: str, times: dict) -> list[str]:
     lines = []
-    for name, forward, both in rows:
+    for name, (forward, both) in times.items():
         ratios = []
         for other in ("sequential", "dense"):
-            if other in base and other != name:
-                ratios.append(f"{base[other][0] / forward:.1f}x / {base[other][1] / both:.1f}x vs {other}")
-        lines.append(f"| {label} | B={batch}, T={length} | {name} | {forward:.1f} | {both:.1f} | {'; '.join(ratios)} |")
+            if other in times and other != name:
+                f_other, b_other = times[other]
+                text = f"{f_other / forward:.1f}x"
+                if both is not None and b_other is not None:
+                    text += f" / {b_other / both:.1f}x"
+                ratios.append(f"{text} vs {other}")
+        both_text = f"{both:.1f}" if both is not None else "-"
+        lines.append(f"| {label} | {size} | {name} | {forward:.1f} | {both_text} | {'; '.join(ratios)} |")
     return lines
 
 
@@ -82,19 +95,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the machines have 2 cores)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
-    length = 256 if args.quick else 4096
-    print("| cell | size | form | forward (ms) | forward + backward (ms) | speed-up (forward / forward + backward) |")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), float32, best of {args.repeat}\n")
+    print("| cell | size | form | forward (ms) | forward + backward (ms) | speed-up of this form (forward / forward + backward) |")
     print("|---|---|---|---|---|---|")
-    block = dict(d=64, n=64)
-    for line in time_cell("block-diagonal LRNN, 64 blocks of 2 x 2", EXAMPLES / "state_tracking_lrnn.rec", block, {"x": (64,)}, 1, length, args.repeat, dense=True):
+    long = 256 if args.quick else 4096
+    short = 128 if args.quick else 1024
+    block_cell = EXAMPLES / "state_tracking_lrnn.rec"
+    block_dims, block_shapes = dict(d=64, n=64), {"x": (64,)}
+    label = "state tracking LRNN, 64 blocks of 2 x 2"
+    with_dense = {"sequential": ("sequential", False, True), "block": ("scan", False, True), "dense": ("scan", True, False)}
+    for line in table(label, f"B=1, T={long}", time_forms(block_cell, block_dims, block_shapes, 1, long, args.repeat, with_dense)):
         print(line, flush=True)
-    for line in time_cell("block-diagonal LRNN, 64 blocks of 2 x 2", EXAMPLES / "state_tracking_lrnn.rec", block, {"x": (64,)}, 4, length, args.repeat, dense=False):
+    dense_backward = {"sequential": ("sequential", False, True), "block": ("scan", False, True), "dense": ("scan", True, True)}
+    for line in table(label, f"B=1, T={short}", time_forms(block_cell, block_dims, block_shapes, 1, short, args.repeat, dense_backward)):
         print(line, flush=True)
-    titans = dict(dk=16, dv=16)
-    shapes = {"q": (16,), "k": (16,), "v": (16,), "a": (), "e": (), "g": ()}
-    for line in time_cell("Titans with momentum, dk = dv = 16", EXAMPLES / "titans.rec", titans, shapes, 4, 1024 if not args.quick else 128, args.repeat, dense=False):
+    plain = {"sequential": ("sequential", False, True), "block": ("scan", False, True)}
+    for line in table(label, f"B=4, T={long}", time_forms(block_cell, block_dims, block_shapes, 4, long, args.repeat, plain)):
+        print(line, flush=True)
+    titans_shapes = {"q": (16,), "k": (16,), "v": (16,), "a": (), "e": (), "g": ()}
+    label = "Titans with momentum, dk = dv = 16"
+    for line in table(label, f"B=4, T={short}", time_forms(EXAMPLES / "titans.rec", dict(dk=16, dv=16), titans_shapes, 4, short, args.repeat, plain)):
         print(line, flush=True)
 
 
