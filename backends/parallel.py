@@ -136,6 +136,18 @@ class _Sequences:
         return value.transpose(0, 1)
 
 
+class _ProbeValues(dict):
+    """The values of an evaluation at probe states: the probes' own entries; everything else
+    (time-parallel bindings, other states) read from the run's values, computed there once."""
+
+    def __init__(self, base: _LazyValues) -> None:
+        super().__init__()
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+
 def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
     """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]``."""
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
@@ -277,9 +289,7 @@ class Solver:
         # The probes: [m, *lead ones, *shape] per state, block axes of size 1 when shared.
         probe_shape = tuple(1 if shared else n for n in block_shape)
         identity = torch.eye(m, dtype=dtype, device=device)
-        values = _LazyValues()
-        values.update(seq.values)
-        values.pending = dict(seq.values.pending)
+        values = _ProbeValues(seq.values)
         offset = 0
         for name, state_type, size in zip(names, types, sizes):
             inner_shape = tuple(state_type.shape[a] for a in inner)
@@ -288,7 +298,6 @@ class Solver:
             values[(RefKind.STATE_PREV, name)] = piece.reshape((m,) + (1,) * len(lead) + tuple(piece.shape[1:]))
             offset += size
         evaluator = Evaluator(seq.numerics, values)
-        values.evaluator = evaluator
         columns = []
         for transition, state_type in zip(transitions, types):
             result = evaluator.evaluate(transition)
