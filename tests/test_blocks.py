@@ -241,3 +241,18 @@ def test_block_affine_scan_is_the_loop_with_its_gradients(length, block, blocks,
         ("transition", "value"),
     ):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m: f"gradient of the {what}: {m}")
+
+
+def test_complex_blocks_agree_with_sequential():
+    source = """
+cell ComplexBlocks(n) {
+    input a: [n, 2, 2]
+    input x: [n, 2]
+    A = 0.5 * exp(1j * a)
+    state h: complex[n, 2] = 0
+    h = (A @ h[:, :, None])[:, :, 0] + x
+    out real(h) + imag(h)
+}
+"""
+    assert recdsl.compile(source, n=3, backend="scan").plan.step("h").form is Form.BLOCK_MATRIX_SCAN
+    assert_backends_agree(source, dims=dict(n=3), backends=("scan",), max_examples=6, hypothesis_seed=8)
