@@ -33,7 +33,7 @@ __all__ = [
     "gla", "gla_parallel", "retnet", "retnet_parallel", "mlstm", "mlstm_unstabilised",
     "mlstm_parallel", "deltanet", "deltanet_product_form", "aaren", "aaren_closed_form",
     "gru_torch", "lstm_torch", "paragru", "paralstm", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
-    "state_tracking_lrnn", "titans",
+    "state_tracking_lrnn", "titans", "titans_joint_form",
 ]
 
 
@@ -712,3 +712,25 @@ def titans(q, k, v, a, e, g, state0=None):
         memory = (1 - alpha)[:, None, None] * memory + momentum
         ys.append(torch.einsum("bi,bij->bj", q[:, t], memory))
     return torch.stack(ys, 1), {"M": momentum, "W": memory}
+
+
+def titans_joint_form(q, k, v, a, e, g):
+    """Titans with momentum as one linear recurrence of the stacked state X = [S; W] ([2 dk, dv]),
+    from S_0 = W_0 = 0, the transition written out from the update rules:
+
+        X_t = [[eta I, -theta k k^T], [eta I, (1 - alpha) I - theta k k^T]] X_{t-1} + [theta k v^T; theta k v^T]
+    """
+    B, T, dk = q.shape
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    stacked = q.new_zeros(B, 2 * dk, v.shape[-1])
+    ys = []
+    for t in range(T):
+        alpha, eta, theta = (_sigmoid(z[:, t])[:, None, None] for z in (a, e, g))
+        kk = k[:, t, :, None] * k[:, t, None, :]
+        top = torch.cat([eta * eye, -theta * kk], -1)
+        bottom = torch.cat([eta * eye, (1 - alpha) * eye - theta * kk], -1)
+        transition = torch.cat([top, bottom], -2)
+        written = theta * k[:, t, :, None] * v[:, t, None, :]
+        stacked = transition @ stacked + torch.cat([written, written], -2)
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], stacked[:, dk:]))
+    return torch.stack(ys, 1)

@@ -528,6 +528,7 @@ ALTERNATIVES = {
     ("gru", "torch.nn.GRU with copied weights"): _alt_gru,
     ("lstm", "torch.nn.LSTM with copied weights"): _alt_lstm,
     ("mingru", "closed-form scan"): _alt_mingru_closed_form,
+    ("titans", "joint transition of the stacked state"): lambda I, mod, D: (ref.titans_joint_form(**I),),
 }
 
 
