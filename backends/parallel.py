@@ -13,6 +13,9 @@ matrix affine, identity plus low rank   ``matrix_affine_scan`` of ``(M_t, B_t)``
                                         from the rank-one terms
 matrix affine, dense                    ``matrix_affine_scan``, ``M_t`` found by applying the
                                         transition to the basis of the state
+matrix affine, block diagonal; a        ``block_affine_scan`` of each block's ``m x m`` matrix,
+coupled group with an affine joint      found by applying the transition to ``m`` probe
+update                                  states (one per position inside a block)
 semiring affine (max-plus, log)         the same scans over the semiring
 declared monoid                         ``prefix_scan`` with the monoid's combine
 ======================================  =====================================================
@@ -26,13 +29,14 @@ chunk boundaries are kept.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
 
 from recdsl import ir
-from recdsl.analysis import Analysis, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure
+from recdsl.analysis import Analysis, BlockAxes, JointAffine, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure
 from recdsl.ir import RefKind
 from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan are re-exported for compatibility)
     MAX_MATRIX_STATE,
@@ -49,6 +53,7 @@ from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan a
 
 from . import chunk_kernels, convolution
 from .scans import (
+    block_affine_scan,
     linear_scan,
     matrix_affine_scan,
     prefix_scan,
@@ -131,6 +136,18 @@ class _Sequences:
 
     def batch_first(self, value: torch.Tensor) -> torch.Tensor:
         return value.transpose(0, 1)
+
+
+class _ProbeValues(dict):
+    """The values of an evaluation at probe states: the probes' own entries; everything else
+    (time-parallel bindings, other states) read from the run's values, computed there once."""
+
+    def __init__(self, base: _LazyValues) -> None:
+        super().__init__()
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
 
 
 def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
@@ -252,6 +269,93 @@ class Solver:
         matrix, value = self._carry_in(matrix, value, start, lambda m, s, v: m @ s + v, 0.0)
         return self.seq.batch_first(matrix_affine_scan(self.seq.time_first(matrix), self.seq.time_first(value)))
 
+    def blocks(self, names: tuple[str, ...], transitions: tuple[ir.Expr, ...], inputs: tuple[ir.Expr | None, ...], blocks: BlockAxes | None) -> dict[str, torch.Tensor]:
+        """States whose (joint) transition is block diagonal along ``blocks.axes``, scanned block by block.
+
+        Each block holds, for every state of ``names``, its elements at one index of the
+        block axes: ``m`` elements in all.  Applying the transitions to probe ``j`` (a one at
+        position ``j`` of every block, zeros elsewhere) gives column ``j`` of every block's
+        matrix at once, since blocks do not mix; ``m`` probes, evaluated together, give the
+        ``[B, T, *heads, blocks, m, m]`` matrices.  When no value the transition multiplies
+        by varies along the block axes (``blocks.shared``) the probes have those axes of
+        size 1 and one matrix serves every block.  No block axes: one block, the dense map.
+        """
+        seq = self.seq
+        lead = seq.lead
+        types = [self.analysis.state(name).type for name in names]
+        rank = types[0].rank
+        axes = blocks.axes if blocks is not None else ()
+        shared = blocks is not None and blocks.shared
+        inner = tuple(a for a in range(rank) if a not in axes)
+        order = axes + inner  # block axes first, then the axes inside a block
+        inverse = tuple(order.index(a) for a in range(rank))
+        block_shape = tuple(types[0].shape[a] for a in axes)
+        sizes = [math.prod(t.shape[a] for a in inner) for t in types]
+        m = sum(sizes)
+        dtype = seq.numerics.dtype_of(types[0].kind)
+        device = seq.numerics.device
+
+        def to_blocks(value: torch.Tensor, kept: int, declared: ir.Type) -> torch.Tensor:
+            """``[*kept dims, *declared shape]`` -> ``[*kept dims, *block dims, size inside]``."""
+            moved = value.permute(tuple(range(kept)) + tuple(kept + a for a in order))
+            return moved.reshape(moved.shape[: kept + len(axes)] + (-1,))
+
+        # The probes: [m, *lead ones, *shape] per state, block axes of size 1 when shared.
+        probe_shape = tuple(1 if shared else n for n in block_shape)
+        identity = torch.eye(m, dtype=dtype, device=device)
+        values = _ProbeValues(seq.values)
+        offset = 0
+        for name, state_type, size in zip(names, types, sizes):
+            inner_shape = tuple(state_type.shape[a] for a in inner)
+            piece = identity[:, offset : offset + size].reshape((m,) + (1,) * len(axes) + inner_shape)
+            piece = piece.expand((m,) + probe_shape + inner_shape).permute((0,) + tuple(1 + a for a in inverse))
+            values[(RefKind.STATE_PREV, name)] = piece.reshape((m,) + (1,) * len(lead) + tuple(piece.shape[1:]))
+            offset += size
+        evaluator = Evaluator(seq.numerics, values)
+        columns = []
+        for transition, state_type in zip(transitions, types):
+            result = evaluator.evaluate(transition)
+            if result.dim() > transition.type.rank:
+                result = align(result, transition.type.rank, rank)
+            else:
+                result = result.reshape((1,) * (1 + len(lead) + rank - result.dim()) + tuple(result.shape))
+            target = tuple(1 if shared and a in axes else n for a, n in enumerate(state_type.shape))
+            result = result.expand((m,) + lead + target).to(dtype)
+            columns.append(to_blocks(result, 1 + len(lead), state_type))
+        matrix = torch.cat(columns, -1).movedim(0, -1)  # [B, T, *heads, *blocks, m (row), m (column)]
+        matrix = matrix.reshape(matrix.shape[: len(lead)] + (-1, m, m))
+
+        pieces, starts = [], []
+        for name, state_type, expr in zip(names, types, inputs):
+            full = lead + state_type.shape
+            if expr is None:
+                value = torch.zeros(full, dtype=dtype, device=device)
+            else:
+                value = seq.full(seq.evaluate(expr), expr.type, state_type).expand(full).to(dtype)
+            pieces.append(to_blocks(value, len(lead), state_type))
+            h0 = self.initial[name]
+            start = h0.expand((h0.shape[0],) + lead[2:] + state_type.shape).to(dtype)  # [B or, packed, N, *heads, *shape]
+            starts.append(to_blocks(start, len(lead) - 1, state_type))
+        value = torch.cat(pieces, -1).reshape(lead + (-1, m))
+        start = torch.cat(starts, -1).reshape((starts[0].shape[0],) + lead[2:] + (-1, m))
+        matrix, value = self._carry_in(matrix, value, start, lambda m_t, h, v: (m_t @ h.unsqueeze(-1)).squeeze(-1) + v, 0.0)
+        solved = seq.batch_first(block_affine_scan(seq.time_first(matrix), seq.time_first(value)))  # [B, T, *heads, blocks, m]
+        solved = solved.reshape(lead + block_shape + (m,))
+        results, offset = {}, 0
+        for name, state_type, size in zip(names, types, sizes):
+            inner_shape = tuple(state_type.shape[a] for a in inner)
+            piece = solved[..., offset : offset + size].reshape(lead + block_shape + inner_shape)
+            results[name] = piece.permute(tuple(range(len(lead))) + tuple(len(lead) + a for a in inverse))
+            offset += size
+        return results
+
+    def joint(self, step: StepPlan) -> dict[str, torch.Tensor]:
+        """A coupled group whose joint update is affine: one block scan of the states stacked."""
+        group = self.analysis.group(step.names)
+        assert group is not None and isinstance(group.recurrence, JointAffine)
+        joint = group.recurrence
+        return self.blocks(joint.states, joint.transitions, joint.inputs, joint.blocks)
+
     def semiring(self, state: StateAnalysis) -> torch.Tensor:
         recurrence = state.recurrence
         assert isinstance(recurrence, SemiringAffine)
@@ -320,6 +424,9 @@ class Solver:
                 return self.low_rank(state)
             case Form.DENSE_MATRIX_SCAN:
                 return self.dense(state)
+            case Form.BLOCK_MATRIX_SCAN:
+                recurrence = state.recurrence
+                return self.blocks((state.state,), (recurrence.transition,), (recurrence.input,), recurrence.blocks)[state.state]
             case Form.SEMIRING_DIAGONAL_SCAN | Form.SEMIRING_MATRIX_SCAN:
                 return self.semiring(state)
             case Form.TRITON_SCAN:
@@ -524,6 +631,14 @@ def run(
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
     for step in plan.steps:
+        if step.form is Form.JOINT_MATRIX_SCAN:
+            for name, sequence in Solver.joint(solver, step).items():
+                sequence = sequence.expand(lead + analysis.state(name).type.shape)
+                seq.values[(RefKind.STATE_NEW, name)] = sequence
+                shift = segments.shift if segments is not None else _shift
+                seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
+                final[name] = last(sequence)
+            continue
         (name,) = step.names
         if name in scans:
             carries = solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else solver.scan(scans[name])

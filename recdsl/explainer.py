@@ -8,7 +8,9 @@ from typing import Mapping
 from . import ir
 from .analysis import (
     Analysis,
+    BlockAxes,
     DiagonalAffine,
+    JointAffine,
     MatrixAffine,
     NoRecurrence,
     Nonlinear,
@@ -49,6 +51,8 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
         lines.append(f"      transition  A({name}) = {format_expr(recurrence.transition)}   ({prev})")
         if recurrence.decay is not None:
             lines.append(f"      decay       {format_expr(recurrence.decay)}")
+        if recurrence.blocks is not None:
+            lines.append(f"      blocks      {_blocks_phrase(recurrence.blocks, state.type)}")
         for term in recurrence.low_rank:
             lines.append(
                 f"      rank one    {format_expr(term.coefficient)} * outer({format_expr(term.left)}, {format_expr(term.right)} @ {name})"
@@ -71,6 +75,35 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
         lines.append("      the new value does not read the previous one: no recurrence")
     if state.reads:
         lines.append(f"      reads the recurrent values of: {', '.join(state.reads)}")
+    return lines
+
+
+def _blocks_phrase(blocks: BlockAxes, state_type: ir.Type, members: int = 1) -> str:
+    """``one 2 x 2 matrix per index of axis 0 (64 blocks)``: how a block-diagonal map splits."""
+    count, inner = 1, 1
+    for axis, size in enumerate(state_type.shape):
+        if axis in blocks.axes:
+            count *= size
+        else:
+            inner *= size
+    inner *= members
+    where = ", ".join(str(a) for a in blocks.axes)
+    which = "the same matrix for every block" if blocks.shared else "each block its own matrix"
+    return f"{count} blocks of {inner} elements, one per index of axis {where}: a {inner} x {inner} matrix per step, {which}"
+
+
+def _group_lines(analysis: Analysis, group: tuple[str, ...]) -> list[str]:
+    joint = analysis.group(group)
+    if joint is None or not isinstance(joint.recurrence, JointAffine):
+        why = f" ({joint.recurrence.reason})" if joint is not None else ""
+        return [f"  coupled: {', '.join(group)} read each other's values, so they run jointly, step by step{why}"]
+    recurrence = joint.recurrence
+    lines = [f"  coupled: {', '.join(group)} read each other's values; their joint update is affine, X_t = A_t(X_(t-1)) + B_t with X the states stacked"]
+    state_type = analysis.state(group[0]).type
+    if recurrence.blocks is not None:
+        lines.append(f"      joint transition: {_blocks_phrase(recurrence.blocks, state_type, len(group))}")
+    else:
+        lines.append("      joint transition: dense over all the members' elements")
     return lines
 
 
@@ -129,7 +162,7 @@ def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str
         lines.append("  (none: the cell has no state)")
     for group in analysis.schedule:
         if len(group) > 1:
-            lines.append(f"  coupled: {', '.join(group)} read each other's values, so they run jointly, step by step")
+            lines.extend(_group_lines(analysis, group))
         for name in group:
             lines.extend(_scan_lines(scans[name]) if name in scans else _state_lines(analysis, name))
 

@@ -94,6 +94,8 @@ class Form(Enum):
     LINEAR_SCAN = "linear scan of (decay, input)"
     LOW_RANK_MATRIX_SCAN = "scan of small transition matrices built from the rank-one terms"
     DENSE_MATRIX_SCAN = "scan of dense transition matrices (the transition applied to a basis)"
+    BLOCK_MATRIX_SCAN = "scan of the small blocks of a block-diagonal transition (one matrix per block, not the whole state's)"
+    JOINT_MATRIX_SCAN = "one scan of the coupled states stacked: their joint update is affine"
     SEMIRING_DIAGONAL_SCAN = "diagonal scan over the semiring"
     SEMIRING_MATRIX_SCAN = "matrix scan over the semiring"
     MONOID_SCAN = "prefix scan with the monoid's combine"
@@ -691,6 +693,11 @@ def scan_form(state: StateAnalysis) -> Form | Unsupported:
             return Form.LINEAR_SCAN
         case MatrixAffine() if low_rank_as_one_matrix(recurrence, state.type):
             return Form.LOW_RANK_MATRIX_SCAN
+        case MatrixAffine(structure=Structure.BLOCK_DIAGONAL):
+            block = block_size(state.type, recurrence.blocks.axes)
+            if block > MAX_MATRIX_STATE:
+                return Unsupported(f"state '{state.state}' has a block-diagonal transition with blocks of {block} elements (more than {MAX_MATRIX_STATE} to scan as matrices)")
+            return Form.BLOCK_MATRIX_SCAN
         case MatrixAffine():
             size = _numel(state.type.shape)
             if size > MAX_MATRIX_STATE:
@@ -706,13 +713,45 @@ def scan_form(state: StateAnalysis) -> Form | Unsupported:
     raise AssertionError(f"unclassified recurrence {recurrence}")  # pragma: no cover
 
 
+def block_size(state: ir.Type, axes: tuple[int, ...]) -> int:
+    """The elements of one block of a state block diagonal along ``axes``."""
+    return _numel(tuple(n for axis, n in enumerate(state.shape) if axis not in axes))
+
+
+def joint_form(analysis: Analysis, group: tuple[str, ...]) -> Form | Unsupported:
+    """The scan of a coupled group, or why it must run step by step."""
+    coupled = f"states {', '.join(group)} are coupled (each reads the other)"
+    joint = analysis.group(group)
+    if joint is None:
+        return Unsupported(f"{coupled}, so they can only run step by step")
+    recurrence = joint.recurrence
+    if isinstance(recurrence, Nonlinear):
+        return Unsupported(f"{coupled} and their joint update is not affine: {recurrence.reason}, so they can only run step by step")
+    types = [analysis.state(name).type for name in group]
+    if any(t.kind is not types[0].kind for t in types):
+        return Unsupported(f"{coupled} and mix real and complex values, so they can only run step by step")
+    axes = recurrence.blocks.axes if recurrence.blocks is not None else ()
+    block = sum(block_size(t, axes) for t in types)
+    if block > MAX_MATRIX_STATE:
+        return Unsupported(f"{coupled}; their joint update is affine but a block of it has {block} elements (more than {MAX_MATRIX_STATE} to scan as a matrix)")
+    return Form.JOINT_MATRIX_SCAN
+
+
 def parallel_steps(analysis: Analysis, chunked: bool) -> tuple[StepPlan, ...] | Unsupported:
     """The plan of the ``scan`` (or, with ``chunked``, the ``chunked``) backend, or why it cannot run the cell."""
+    joint: dict[tuple[str, ...], Form] = {}
     for group in analysis.coupled_groups:
-        return Unsupported(f"states {', '.join(group)} are coupled (each reads the other), so they can only run step by step")
+        form = joint_form(analysis, group)
+        if isinstance(form, Unsupported):
+            return form
+        joint[group] = form
     scans = {s.name for s in analysis.cell.scans}
     steps = []
-    for (name,) in analysis.schedule:
+    for group in analysis.schedule:
+        if group in joint:
+            steps.append(StepPlan(group, joint[group]))
+            continue
+        (name,) = group
         if name in scans:
             steps.append(StepPlan((name,), Form.MONOID_SCAN))
             continue
@@ -828,6 +867,9 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
     states = {s.name: s for s in analysis.cell.states}
     scans = {s.name: s for s in analysis.cell.scans}
     for step in steps:
+        if step.form is Form.JOINT_MATRIX_SCAN or step.form is Form.BLOCK_MATRIX_SCAN:
+            total += _block_scan_seconds(analysis, step, batch, length)
+            continue
         (name,) = step.names
         if name in scans:
             carries = sum(_numel(c.type.shape) for c in scans[name].monoid.carries)
@@ -896,6 +938,46 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
         if stored:
             total += stored * 2 / ELEMENTS_PER_SECOND  # outputs read the stored states
     return total
+
+
+def _block_scan_seconds(analysis: Analysis, step: StepPlan, batch: int, length: int) -> float:
+    """A scan of ``nb`` independent ``m x m`` blocks (a block-diagonal state or a coupled group).
+
+    The transition is applied to ``m`` probe states at once (one evaluation, ``m`` times the
+    elements), giving every block's matrix; :func:`~recdsl.backends.scans.block_linear_scan`
+    then runs about ``sqrt(T)`` chunk steps, each ``m^3 + 2 m^2`` fused multiply-adds on
+    planes for ``m <= 4`` (so as many ops) or a few batched matmuls above.
+    """
+    names = step.names
+    types = [analysis.state(name).type for name in names]
+    if step.form is Form.JOINT_MATRIX_SCAN:
+        joint = analysis.group(names).recurrence
+        transitions = list(joint.transitions) + [t for t in joint.inputs if t is not None]
+    else:
+        recurrence = analysis.state(names[0]).recurrence
+        joint = recurrence
+        transitions = [recurrence.transition] + ([recurrence.input] if recurrence.input is not None else [])
+    axes = joint.blocks.axes if joint.blocks is not None else ()
+    shared = joint.blocks is not None and joint.blocks.shared
+    m = sum(block_size(t, axes) for t in types)
+    size = sum(_numel(t.shape) for t in types)
+    blocks = size // m
+    matrices = 1 if shared else blocks
+    term_ops = sum(_op_work(t)[0] for t in transitions)
+    term_elements = sum(_op_work(t)[1] for t in transitions)
+    # m probes at once; shared blocks probe one block's worth (the block axes of size 1).
+    probe_elements = term_elements * (m / blocks if shared else m)
+    chunk_steps = 1.2 * math.sqrt(length)
+    rows = batch * length
+    if m <= 4:  # PLANAR_BLOCK
+        ops = chunk_steps * (m**3 + 2 * m**2)
+        elements = rows * (3 * matrices * (m**3 + m**2) + 3 * blocks * m**2)
+        scan = _seconds(ops, elements, 0.0)
+    else:
+        scan = _seconds(chunk_steps * 6, rows * 3 * (matrices * m**2 + size), 0.0)
+        scan += _small_matmul_seconds(2.0 * rows * 2 * (matrices * m**3 + blocks * m**2), m)
+    stored = size * rows  # the states of every step, read back by the outputs
+    return _seconds(term_ops + 20, probe_elements * rows + 4 * matrices * m * m * rows + 4 * stored, 0.0) + scan + stored * 2 / ELEMENTS_PER_SECOND
 
 
 # ---- planning ------------------------------------------------------------------------------

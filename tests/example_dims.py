@@ -31,4 +31,6 @@ DIMS = {
     "paragru": dict(d_in=3, d=4),
     "paralstm": dict(d_in=3, d=4),
     "s4d": dict(d=3, N=4),
+    "state_tracking_lrnn": dict(d=3, n=4),
+    "titans": dict(dk=4, dv=3),
 }

@@ -33,6 +33,7 @@ __all__ = [
     "gla", "gla_parallel", "retnet", "retnet_parallel", "mlstm", "mlstm_unstabilised",
     "mlstm_parallel", "deltanet", "deltanet_product_form", "aaren", "aaren_closed_form",
     "gru_torch", "lstm_torch", "paragru", "paralstm", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
+    "state_tracking_lrnn", "titans", "titans_joint_form",
 ]
 
 
@@ -789,3 +790,92 @@ def paralstm(x, W_f, W_c, W_o, a_f, a_c, a_o, p_f, p_o, b_f, b_c, b_o, state0=No
         h = o * torch.tanh(c)
         ys.append(h)
     return torch.stack(ys, 1), {"c": c, "h": h}
+
+
+# --------------------------------------------------------------------------------------
+# Block-diagonal transitions and coupled affine groups
+# --------------------------------------------------------------------------------------
+
+def state_tracking_lrnn(x, W_theta, W_phi, W_beta, W_v, state0=None):
+    """A state-tracking linear RNN with input-dependent 2 x 2 blocks (Grazzi, Siems et al.
+    2024, generalised Householder transitions with beta in (0, 2); Fan et al. 2024,
+    block-diagonal input-dependent transitions), each block's matrices built explicitly:
+
+        H_t = I - beta_t w_t w_t^T,   w_t = (cos phi_t, sin phi_t),   beta_t = 2 sigmoid(x_t W_beta)
+        R_t = [[cos theta_t, -sin theta_t], [sin theta_t, cos theta_t]],  theta_t = pi tanh(x_t W_theta)
+        h_t = R_t (H_t h_{t-1} + beta_t w_t v_t),   v_t = x_t W_v,   per block
+
+    x: [B, T, d]; the state h: [B, n, 2]. Returns (h: [B, T, n, 2], {"h": h_T}).
+    """
+    B, T, _ = x.shape
+    n = W_theta.shape[1]
+    h = _init(state0, "h", x.new_zeros(B, n, 2))
+    eye = torch.eye(2, dtype=x.dtype, device=x.device)
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        theta = math.pi * torch.tanh(xt @ W_theta)
+        phi = xt @ W_phi
+        beta = 2 * _sigmoid(xt @ W_beta)
+        v = xt @ W_v
+        w = torch.stack([torch.cos(phi), torch.sin(phi)], -1)  # [B, n, 2]
+        householder = eye - beta[..., None, None] * w[..., :, None] * w[..., None, :]
+        c, s = torch.cos(theta), torch.sin(theta)
+        rotation = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [B, n, 2, 2]
+        reflected = (householder @ h[..., None])[..., 0] + beta[..., None] * w * v[..., None]
+        h = (rotation @ reflected[..., None])[..., 0]
+        ys.append(h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def titans(q, k, v, a, e, g, state0=None):
+    """Titans' neural memory with momentum (Behrouz, Zhong and Mirrokni 2024, Eqs. 9-14),
+    linear memory ``M(k) = k W`` (row-vector convention), the gradient taken by autograd:
+
+        loss_t(W) = 1/2 ||k_t W - v_t||^2
+        S_t = eta_t S_{t-1} - theta_t grad loss_t(W_{t-1})      (momentum, "surprise")
+        W_t = (1 - alpha_t) W_{t-1} + S_t                       (forgetting gate)
+        y_t = q_t W_t
+
+    with alpha = sigmoid(a), eta = sigmoid(e), theta = sigmoid(g) (the paper's 2 of the
+    squared loss is folded into theta by the 1/2). q, k: [B, T, dk]; v: [B, T, dv];
+    a, e, g: [B, T]. States "M" (the momentum S) and "W". Returns (y: [B, T, dv], states).
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    momentum = _init(state0, "M", q.new_zeros(B, dk, dv))
+    memory = _init(state0, "W", q.new_zeros(B, dk, dv))
+    ys = []
+    for t in range(T):
+        alpha, eta, theta = _sigmoid(a[:, t]), _sigmoid(e[:, t]), _sigmoid(g[:, t])
+        with torch.enable_grad():
+            point = memory if memory.requires_grad else memory.detach().requires_grad_(True)
+            prediction = torch.einsum("bi,bij->bj", k[:, t], point)
+            loss = 0.5 * (prediction - v[:, t]).square().sum()
+            (grad,) = torch.autograd.grad(loss, point, create_graph=torch.is_grad_enabled())
+        momentum = eta[:, None, None] * momentum - theta[:, None, None] * grad
+        memory = (1 - alpha)[:, None, None] * memory + momentum
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], memory))
+    return torch.stack(ys, 1), {"M": momentum, "W": memory}
+
+
+def titans_joint_form(q, k, v, a, e, g):
+    """Titans with momentum as one linear recurrence of the stacked state X = [S; W] ([2 dk, dv]),
+    from S_0 = W_0 = 0, the transition written out from the update rules:
+
+        X_t = [[eta I, -theta k k^T], [eta I, (1 - alpha) I - theta k k^T]] X_{t-1} + [theta k v^T; theta k v^T]
+    """
+    B, T, dk = q.shape
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    stacked = q.new_zeros(B, 2 * dk, v.shape[-1])
+    ys = []
+    for t in range(T):
+        alpha, eta, theta = (_sigmoid(z[:, t])[:, None, None] for z in (a, e, g))
+        kk = k[:, t, :, None] * k[:, t, None, :]
+        top = torch.cat([eta * eye, -theta * kk], -1)
+        bottom = torch.cat([eta * eye, (1 - alpha) * eye - theta * kk], -1)
+        transition = torch.cat([top, bottom], -2)
+        written = theta * k[:, t, :, None] * v[:, t, None, :]
+        stacked = transition @ stacked + torch.cat([written, written], -2)
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], stacked[:, dk:]))
+    return torch.stack(ys, 1)

@@ -28,6 +28,7 @@ EXPECTED = [
     ("mingru", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("minlstm", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("lru", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("s4d", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("hgrn", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("rglru", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("s6", "h", DiagonalAffine, Structure.ELEMENTWISE),
@@ -49,6 +50,10 @@ EXPECTED = [
     ("paragru", "h", Nonlinear, None),
     ("paralstm", "c", Nonlinear, None),
     ("paralstm", "h", Nonlinear, None),
+    ("state_tracking_lrnn", "h", MatrixAffine, Structure.BLOCK_DIAGONAL),
+    # Titans' states, each alone (the other one free); the pair's joint update is in tests/test_blocks.py.
+    ("titans", "M", MatrixAffine, Structure.SCALAR),
+    ("titans", "W", MatrixAffine, Structure.SCALAR),
 ]
 
 

@@ -45,6 +45,7 @@ EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
     "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm", "s4d",
     "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2",
+    "state_tracking_lrnn", "titans",
 }
 
 
@@ -200,6 +201,16 @@ CASES = {
         dict(trans=("n", "n"), start=("n",), stop=("n",)), dict(prior=(("n",), "real")),
         ("alpha", "logZ"),
         lambda I, P, D, s: ref.crf(I["emit"], **P, state0=s)),
+    "state_tracking_lrnn": Case(
+        "state_tracking_lrnn", "StateTrackingLRNN", dict(d=3, n=4), dict(x=("d",)),
+        {f"W_{g}": ("d", "n") for g in ("theta", "phi", "beta", "v")},
+        dict(h=(("n", 2), "real")), ("h",),
+        lambda I, P, D, s: ref.state_tracking_lrnn(I["x"], **P, state0=s)),
+    "titans": Case(
+        "titans", "Titans", dict(dk=4, dv=3),
+        dict(q=("dk",), k=("dk",), v=("dv",), a=(), e=(), g=()),
+        {}, dict(M=(("dk", "dv"), "real"), W=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.titans(**I, state0=s), prepare=_normalise_k),
 }
 
 STATELESS_REFERENCE = {name for name, c in CASES.items() if not c.states}
@@ -540,6 +551,7 @@ ALTERNATIVES = {
     ("gru", "torch.nn.GRU with copied weights"): _alt_gru,
     ("lstm", "torch.nn.LSTM with copied weights"): _alt_lstm,
     ("mingru", "closed-form scan"): _alt_mingru_closed_form,
+    ("titans", "joint transition of the stacked state"): lambda I, mod, D: (ref.titans_joint_form(**I),),
 }
 
 

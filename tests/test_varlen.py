@@ -20,7 +20,7 @@ from recdsl.plan import VarlenForm
 
 from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 
-PARALLEL = ["mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2"]
+PARALLEL = ["mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2", "state_tracking_lrnn", "titans"]
 NONLINEAR = ["gru", "lstm", "paragru", "paralstm"]
 TOLERANCE = dict(rtol=1e-9, atol=1e-10)
 
