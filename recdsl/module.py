@@ -330,7 +330,8 @@ class CompiledCell(nn.Module):
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
         if self._run_on_gpu is not None and numerics.device.type == "cuda":
-            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics)
+            reporting = {"report": self._record_solve} if self.plan.gpu.backend is BackendKind.NEWTON else {}
+            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics, **reporting)
         else:
             reporting = {"report": self._record_solve} if self.plan.backend is BackendKind.NEWTON else {}
             outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics, **reporting)
