@@ -187,7 +187,10 @@ class _Dependence:
 
     ``None`` stands for "reads no state".  Values that read no state are treated as dense
     (a param may hold any value), so the pattern is a property of the program, not of
-    its current weights.
+    its current weights, except for zeros the program itself fixes: a const's zero
+    entries, and what a product with one keeps zero (:meth:`support`).  A recurrent matrix
+    written ``R * mask`` with a block-diagonal const ``mask`` (sLSTM's heads) gives a
+    block-diagonal Jacobian.
     """
 
     def __init__(self, cell: ir.CellIR, slots: tuple[StateSlot, ...]) -> None:
@@ -198,6 +201,68 @@ class _Dependence:
         self.bindings.update({s.name: s.value for s in cell.body if isinstance(s, ir.Emit) and s.name})
         self.memo: dict[int, tuple[ir.Expr, torch.Tensor | None]] = {}
         self.named: dict[tuple[RefKind, str], torch.Tensor | None] = {}
+        self.consts: dict[tuple[RefKind, str], torch.Tensor] = {}
+        self.support_memo: dict[int, tuple[ir.Expr, torch.Tensor | None]] = {}
+
+    def const_value(self, name: str) -> torch.Tensor:
+        key = (RefKind.CONST, name)
+        if key not in self.consts:
+            with torch.no_grad():
+                evaluator = Evaluator(Numerics(torch.float64, torch.device("cpu")), self.consts)
+                for const in self.cell.consts:
+                    if (RefKind.CONST, const.name) not in self.consts:
+                        self.consts[(RefKind.CONST, const.name)] = evaluator.evaluate(const.value)
+                    if const.name == name:
+                        break
+        return self.consts[key]
+
+    def support(self, node: ir.Expr) -> torch.Tensor | None:
+        """Where a value that reads no state can be nonzero (0/1 of its shape); None: anywhere.
+
+        Only zeros the program fixes count: a literal 0, a const's zero entries, and what
+        multiplying, dividing, negating, indexing or matrix-multiplying them keeps zero.
+        """
+        hit = self.support_memo.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        result = self._support(node)
+        if result is not None:
+            result = result.expand(node.type.shape) if result.dim() <= node.type.rank else result
+            if bool(result.all()):
+                result = None
+        self.support_memo[id(node)] = (node, result)
+        return result
+
+    def _support(self, node: ir.Expr) -> torch.Tensor | None:
+        if node.type.kind is not Kind.REAL:
+            return None
+        if isinstance(node, ir.Literal):
+            return None if node.value else torch.zeros(node.type.shape)
+        if isinstance(node, ir.Ref):
+            if node.kind is RefKind.CONST:
+                return (self.const_value(node.name) != 0).to(torch.float32)
+            if node.kind is RefKind.BINDING and node.name in self.bindings:
+                return self.support(self.bindings[node.name])
+            return None
+        ones = lambda arg: torch.ones(arg.type.shape)  # noqa: E731
+        if node.op == "mul":
+            a, b = (self.support(arg) for arg in node.args)
+            if a is None and b is None:
+                return None
+            return (a if a is not None else ones(node.args[0])) * (b if b is not None else ones(node.args[1]))
+        if node.op in ("div", "neg"):
+            return self.support(node.args[0])
+        if node.op == "index":
+            inner = self.support(node.args[0])
+            return None if inner is None else inner[_index_key(node.attrs)]
+        if node.op == "matmul":
+            a, b = (self.support(arg) for arg in node.args)
+            if a is None and b is None:
+                return None
+            left = a if a is not None else ones(node.args[0])
+            right = b if b is not None else ones(node.args[1])
+            return _matmul_pattern(left, node.args[0].type.rank, right, node.args[1].type.rank)
+        return None
 
     def of_update(self, state: str) -> torch.Tensor:
         key = (RefKind.STATE_NEW, state)
@@ -251,11 +316,14 @@ class _Dependence:
         if op == "matmul":
             (a, b), (ta, tb) = args, (node.args[0].type, node.args[1].type)
             parts = []
-            # Structurally, out[i, j] reads a[i, k] and b[k, j] for every k.
+            # Structurally, out[i, j] reads a[i, k] and b[k, j] for every k where the other
+            # operand's entry is not fixed at zero.
             if a is not None:
-                parts.append(_matmul_pattern(a, ta.rank, torch.ones(tb.shape), tb.rank))
+                other = self.support(node.args[1]) if b is None else None
+                parts.append(_matmul_pattern(a, ta.rank, torch.ones(tb.shape) if other is None else other, tb.rank))
             if b is not None:
-                parts.append(_matmul_pattern(torch.ones(ta.shape), ta.rank, b, tb.rank))
+                other = self.support(node.args[0]) if a is None else None
+                parts.append(_matmul_pattern(torch.ones(ta.shape) if other is None else other, ta.rank, b, tb.rank))
             return _union([p.expand(full) for p in parts], full)
         if op == "outer":
             (u, v) = args
@@ -272,6 +340,14 @@ class _Dependence:
             return torch.diagonal(value, dim1=-2, dim2=-1)
         if op == "index":
             return args[0][_index_key(node.attrs)]
+        if op == "mul" and sum(a is None for a in args) == 1:
+            # A product with a value fixed at zero somewhere reads nothing there.
+            free = 0 if args[0] is None else 1
+            zeros = self.support(node.args[free])
+            if zeros is not None:
+                dependent = 1 - free
+                pattern = _lift(args[dependent], node.args[dependent].type.rank, rank).expand(full)
+                return pattern * zeros.reshape((1,) * (1 + rank - zeros.dim()) + tuple(zeros.shape)).expand(full)
         # Elementwise: each element reads what the operands' elements at its position read.
         present = [_lift(a, arg.type.rank, rank).expand(full) for a, arg in zip(args, node.args) if a is not None]
         return _union(present, full)

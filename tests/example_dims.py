@@ -26,4 +26,5 @@ DIMS = {
     "crf": dict(n=3),
     "paragru": dict(d_in=3, d=4),
     "paralstm": dict(d_in=3, d=4),
+    "slstm": dict(d_in=3, heads=2, dh=2),
 }
