@@ -52,7 +52,7 @@ products of the step), corrections by the reverse diagonal scan.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable, Iterator, Mapping
 
@@ -74,7 +74,7 @@ MAX_STATE_ELEMENTS = 1024
 MAX_FULL_BLOCK = 64
 DEFAULT_MAX_ITERATIONS = 48
 # The options of ``run`` a user passes through ``recdsl.compile(backend_options=...)``.
-OPTIONS = ("jacobian", "tolerance", "max_iterations")
+OPTIONS = ("jacobian", "tolerance", "max_iterations", "warm_start")
 TOLERANCE_IN_EPS = 16
 
 
@@ -152,6 +152,10 @@ class NewtonSolve:
     steps: int
     structure: JacobianStructure
     mode: JacobianMode
+    warm_started: bool = False  # the initial guess was the previous call's solution
+    # The converged joint-state trajectory [B, T, *heads, n] (detached), kept only with
+    # warm_start=True: the next call's initial guess.
+    trajectory: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 # ---- the structure of the Jacobian, from the IR -----------------------------------------------
@@ -631,11 +635,20 @@ def _step_errors(residual: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return relative.transpose(0, 1).reshape(residual.shape[1], -1).amax(1)
 
 
-def _newton(step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, mode: JacobianMode, tolerance: float, max_iterations: int, keep_jacobian: bool):
-    """The converged trajectory ``[B, T, *heads, n]``, its Jacobians (when kept) and the report."""
+def _newton(
+    step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, mode: JacobianMode, tolerance: float, max_iterations: int, keep_jacobian: bool,
+    guess: torch.Tensor | None = None,
+):
+    """The converged trajectory ``[B, T, *heads, n]``, its Jacobians (when kept) and the report.
+
+    ``guess`` (a trajectory of the same shape) replaces the default initial guess.
+    """
     index = _index(plan, initial.device)
-    # The initial guess: every step taken from the initial state, f(s_{-1}, x_t) (ParaRNN's guess).
-    trajectory = step(initial.unsqueeze(1).expand(initial.shape[:1] + (steps,) + initial.shape[1:]))
+    if guess is not None:
+        trajectory = guess.clone()
+    else:
+        # The initial guess: every step taken from the initial state, f(s_{-1}, x_t) (ParaRNN's guess).
+        trajectory = step(initial.unsqueeze(1).expand(initial.shape[:1] + (steps,) + initial.shape[1:]))
     iterations = 0
     while True:
         value, jacobian = _evaluate_with_jacobian(step, _shift(initial, trajectory), plan, mode, index)
@@ -660,7 +673,7 @@ def _newton(step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, 
         value, jacobian = _evaluate_with_jacobian(step, _shift(initial, trajectory), plan, mode, index) if keep_jacobian else (trajectory, None)
         prefix = errors[:start]
         worst = float(prefix.max()) if start else 0.0
-    report = NewtonSolve(iterations, worst, tolerance, converged, sequential, steps, plan.structure, mode)
+    report = NewtonSolve(iterations, worst, tolerance, converged, sequential, steps, plan.structure, mode, warm_started=guess is not None)
     return trajectory, (jacobian if keep_jacobian else None), report
 
 
@@ -750,6 +763,16 @@ class _ImplicitAdjoint(torch.autograd.Function):
 # ---- the backend --------------------------------------------------------------------------
 
 
+def _warm_guess(previous: "NewtonSolve | None", like: tuple[int, ...], numerics: Numerics) -> torch.Tensor | None:
+    """The previous call's solution when it can start this call: same shape, dtype and device, finite."""
+    if previous is None or previous.trajectory is None:
+        return None
+    guess = previous.trajectory
+    if tuple(guess.shape) != like or guess.dtype != numerics.real or guess.device != numerics.device:
+        return None
+    return guess if bool(torch.isfinite(guess).all()) else None
+
+
 def _options(jacobian, tolerance, max_iterations, numerics: Numerics) -> tuple[JacobianMode, float, int]:
     try:
         mode = JacobianMode(jacobian)
@@ -777,7 +800,9 @@ def run(
     jacobian: str = "auto",
     tolerance: float | None = None,
     max_iterations: int | None = None,
+    warm_start: bool = False,
     report: Callable[[NewtonSolve], None] | None = None,
+    previous: NewtonSolve | None = None,
     plan: JacobianPlan | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell by Newton's method over the whole sequence; the signature of the sequential backend's ``run``.
@@ -786,9 +811,15 @@ def run(
     diagonal beyond), ``full`` or ``diagonal`` (quasi-Newton).  ``tolerance``: the bound
     on the relative residual (default ``16 * eps`` of the computing dtype);
     ``max_iterations``: Newton updates before the unconverged suffix runs step by step.
+    ``warm_start``: start from ``previous.trajectory`` (the last call's solution, kept in
+    its report) when it has this call's shape, dtype and device, instead of the cold guess;
+    the solution is the same (Newton's fixed point does not depend on the guess), the
+    iterations fewer when the two calls solve nearby systems.
     ``report`` receives the :class:`NewtonSolve` of the call; ``plan`` is
     :func:`jacobian_structure`'s result when the caller made it once (else it is made here).
     """
+    if not isinstance(warm_start, bool):
+        raise BackendError(f"warm_start must be True or False, got {warm_start!r}", expected="warm_start=True")
     plan = plan if plan is not None else jacobian_structure(analysis)
     requested, tolerance, max_iterations = _options(jacobian, tolerance, max_iterations, numerics)
     mode = plan.mode(requested)
@@ -825,8 +856,11 @@ def run(
 
     attached = _Step(analysis, numerics, plan, whole, hoisted)
     detached = attached.detached()
+    guess = _warm_guess(previous, tuple(state_lead[:1]) + (steps,) + tuple(state_lead[1:]) + (plan.size,), numerics) if warm_start else None
     with torch.no_grad():
-        trajectory, jacobian_values, solve = _newton(detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, keep_jacobian=differentiable)
+        trajectory, jacobian_values, solve = _newton(detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, keep_jacobian=differentiable, guess=guess)
+    if warm_start:
+        solve = replace(solve, trajectory=trajectory.detach())
     if report is not None:
         report(solve)
 
@@ -858,6 +892,9 @@ def run(
 
 
 
-def run_plan(plan, inputs, params, consts, state, numerics: Numerics, report: Callable[[NewtonSolve], None] | None = None):
-    """Interpret a newton :class:`~recdsl.plan.ExecutionPlan`: its Jacobian plan was made at compile time."""
-    return run(plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, **dict(plan.options.backend_options))
+def run_plan(plan, inputs, params, consts, state, numerics: Numerics, report: Callable[[NewtonSolve], None] | None = None, previous: NewtonSolve | None = None):
+    """Interpret a newton :class:`~recdsl.plan.ExecutionPlan`: its Jacobian plan was made at compile time.
+
+    ``previous`` is the module's last report, the warm start's guess (with ``warm_start=True``).
+    """
+    return run(plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, previous=previous, **dict(plan.options.backend_options))

@@ -330,10 +330,10 @@ class CompiledCell(nn.Module):
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
         if self._run_on_gpu is not None and numerics.device.type == "cuda":
-            reporting = {"report": self._record_solve} if self.plan.gpu.backend is BackendKind.NEWTON else {}
+            reporting = {"report": self._record_solve, "previous": self.last_solve} if self.plan.gpu.backend is BackendKind.NEWTON else {}
             outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics, **reporting)
         else:
-            reporting = {"report": self._record_solve} if self.plan.backend is BackendKind.NEWTON else {}
+            reporting = {"report": self._record_solve, "previous": self.last_solve} if self.plan.backend is BackendKind.NEWTON else {}
             outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics, **reporting)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]

@@ -648,7 +648,7 @@ def _fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Un
 
 
 # The options each backend takes through compile(backend_options=...).
-BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations")}
+BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations", "warm_start")}
 
 
 def _check_backend_options(kind: BackendKind, options: PlanOptions) -> None:
