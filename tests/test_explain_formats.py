@@ -55,7 +55,7 @@ def test_json_has_the_documented_schema_for_every_example(example, capsys):
         assert set(state) == STATE_KEYS, f"{example}: state {state['name']} keys differ from the schema"
     assert document["schedule"] == [list(g) for g in analysis.schedule]
     assert [o["index"] for o in document["outputs"]] == [e.index for e in analysis.cell.outputs]
-    assert document["backend"]["requested"] == "auto" and document["backend"]["name"] in ("sequential", "scan", "chunked")
+    assert document["backend"]["requested"] == "auto" and document["backend"]["name"] in ("sequential", "scan", "chunked", "fused", "newton")
 
 
 @pytest.mark.parametrize(
