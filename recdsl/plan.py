@@ -438,13 +438,16 @@ FLOPS_PER_SECOND = 4e10  # matmuls
 STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time step
 STEP_OP_SECONDS = 10e-6  # one IR node evaluated inside the loop (dispatch plus the evaluator's own work)
 STEP_COMBINE_SECONDS = 150e-6  # one monoid combine per step (carries bound, broadcast and read back)
-# The fused form: the loop in generated C, one thread (benchmarks/bench_cost_model.py).
+# The fused form: the loop in generated C, one thread.  Fitted to the quiet-machine runs of
+# benchmarks/bench_sequential.py (GRU 43 ms, LSTM 66 ms forward at B = 4, T = 2048, d = 128;
+# RESULTS_SEQUENTIAL.md): the per-step matmul runs at about 30 GFLOP/s with -march=native.
 FUSED_CALL_SECONDS = 300e-6  # per call: ctypes, the output buffers, autograd's bookkeeping
 FUSED_STEP_SECONDS = 0.3e-6  # per time step: the loop's own pointer arithmetic
-FUSED_ELEMENTS_PER_SECOND = 1.5e9  # gate math, vectorised
-FUSED_FLOPS_PER_SECOND = 1.2e10  # the register-blocked per-step matmul
+FUSED_ELEMENTS_PER_SECOND = 3e9  # gate math, vectorised
+FUSED_FLOPS_PER_SECOND = 3e10  # the register-blocked per-step matmul
 # The newton form: iterations assumed at plan time (RESULTS_NEWTON_CPU.md measures 4-5 for
 # exact Newton at every T from 256 to 65536, 13-34 for the diagonal of a dense Jacobian).
+# With them the model predicts ParaGRU at B = 2, T = 8192, d = 64 in 0.55 s (measured 0.37 s).
 NEWTON_EXACT_ITERATIONS = 5
 NEWTON_QUASI_ITERATIONS = 30
 
