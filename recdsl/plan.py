@@ -237,7 +237,8 @@ class ExecutionPlan:
                 elif cost.seconds is None:
                     lines.append(f"      {cost.backend}: cannot run ({cost.reason})")
                 else:
-                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms")
+                    note = f" ({cost.reason})" if cost.reason else ""  # what the prediction assumed
+                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms{note}")
         if self.gpu is not None:
             lines.append(f"  on CUDA tensors: backend {self.gpu.backend}")
             lines.extend("  " + line for line in self.gpu.format().splitlines()[1:])
@@ -761,7 +762,8 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
             costs.append(Cost(kind, None, planned.reason))
             continue
         candidates[kind] = planned
-        costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options, planned.solver)))
+        assumed = f"Jacobian {planned.solver.describe()}" if kind is BackendKind.NEWTON else None  # type: ignore[union-attr]
+        costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options, planned.solver), assumed))
     predicted = {c.backend: c.seconds for c in costs if c.seconds is not None}
     order = _CPU_CANDIDATES + _STEPWISE_CANDIDATES
     # Ties go to the earlier (simpler) form: sequential, then scan, chunked, fused, newton.

@@ -34,6 +34,7 @@ def test_auto_runs_the_fused_loop_and_agrees_with_sequential(name):
     assert "the loop compiled to C is predicted fastest" in text
     for backend in ("sequential", "fused", "newton"):
         assert f"      {backend}: " in text and " ms" in text
+    assert " ms (Jacobian " in text  # newton's prediction says which structure it assumed
     inputs, state = random_inputs(module, Example(batch=2, length=7, heads=(), seed=1, with_state=False))
     reference = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **DIMS[name]).double()
     reference.load_state_dict(module.state_dict())
