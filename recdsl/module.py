@@ -374,7 +374,7 @@ def compile(
     every param, const, state and per-step value (default ``$RECDSL_MAX_ELEMENTS`` or
     2 ** 28, see :mod:`recdsl.limits`); a larger one is a located ``DimensionError``.
     ``backend_options`` passes options to the chosen backend (the newton backend's
-    ``jacobian``, ``tolerance``, ``max_iterations``).  ``allow_tf32`` lets the Triton
+    ``jacobian``, ``tolerance``, ``max_iterations``, ``warm_start``).  ``allow_tf32`` lets the Triton
     kernels multiply float32 matrices as TF32 (faster on tensor cores, about 1e-3
     relative error); by default float32 products are exact.
 
