@@ -526,6 +526,18 @@ def _newton_seconds(analysis: Analysis, solver: object, options: PlanOptions, pe
     return (iterations + 1) * per_iteration + 2 * evaluation
 
 
+def _newton_lower_bound(analysis: Analysis, options: PlanOptions) -> float | None:
+    """Newton's predicted time if the step's Jacobian were diagonal (any other structure costs
+    more), without analysing it; None when the newton backend cannot run the cell."""
+    from .backends import newton  # the Jacobian plan's types
+
+    if newton.unsupported(analysis) is not None:
+        return None
+    size = sum(_numel(state.type.shape) for state in analysis.cell.states)
+    diagonal = newton.JacobianPlan(newton.JacobianStructure.DIAGONAL, (), size, 1, ())
+    return predict_seconds(analysis, BackendKind.NEWTON, (), options, diagonal)
+
+
 def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepPlan, ...], options: PlanOptions, solver: object | None = None) -> float:
     """Predicted forward time of ``backend`` running ``steps`` on ``options.workload``, on one CPU.
 
@@ -757,6 +769,13 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
         if not stepwise_only:
             costs.append(Cost(kind, None, _NOT_A_CANDIDATE, candidate=False))
             continue
+        if kind is BackendKind.NEWTON and BackendKind.SEQUENTIAL in candidates:
+            # The Jacobian's structure takes seconds to find for large states: skip it when
+            # even a diagonal one (the cheapest) is predicted slower than the loop.
+            bound = _newton_lower_bound(analysis, options)
+            if bound is not None and bound > costs[0].seconds:  # type: ignore[operator]
+                costs.append(Cost(kind, bound, "at least: even a diagonal Jacobian is predicted slower than the loop, so its structure was not analysed"))
+                continue
         planned = plan_backend(analysis, kind, options)
         if isinstance(planned, Unsupported):
             costs.append(Cost(kind, None, planned.reason))

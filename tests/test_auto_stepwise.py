@@ -103,3 +103,13 @@ def test_the_workload_moves_the_choice_and_the_explanation_follows():
         costs = {c.backend: c.seconds for c in planned.costs if c.seconds is not None}
         assert planned.backend is min(costs, key=costs.__getitem__)
         assert f"T = {length}" in planned.format()
+
+
+def test_newton_is_not_analysed_when_even_a_diagonal_jacobian_loses():
+    """A large LSTM: the lower bound (a diagonal Jacobian) already exceeds the loop, so the
+    structure (seconds of pattern propagation for 512 state elements) is never computed."""
+    module = recdsl.compile(EXAMPLES / "lstm.rec", d_in=256, d=256)
+    (newton,) = [c for c in module.plan.costs if c.backend is BackendKind.NEWTON]
+    sequential = next(c for c in module.plan.costs if c.backend is BackendKind.SEQUENTIAL)
+    assert newton.seconds > sequential.seconds and newton.reason.startswith("at least")
+    assert "newton: " in module.plan.format() and "its structure was not analysed" in module.plan.format()
