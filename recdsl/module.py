@@ -351,9 +351,10 @@ class CompiledCell(nn.Module):
             reporting = {"report": self._record_solve} if plan.backend is BackendKind.NEWTON else {}
             outputs, final = run_packed(run, plan, segments, cast_inputs, params, consts, carried, numerics, **reporting)
         elif self._run_on_gpu is not None and numerics.device.type == "cuda":
-            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics)
+            reporting = {"report": self._record_solve, "previous": self.last_solve} if self.plan.gpu.backend is BackendKind.NEWTON else {}
+            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics, **reporting)
         else:
-            reporting = {"report": self._record_solve} if self.plan.backend is BackendKind.NEWTON else {}
+            reporting = {"report": self._record_solve, "previous": self.last_solve} if self.plan.backend is BackendKind.NEWTON else {}
             outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics, **reporting)
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
@@ -499,7 +500,7 @@ def compile(
     every param, const, state and per-step value (default ``$RECDSL_MAX_ELEMENTS`` or
     2 ** 28, see :mod:`recdsl.limits`); a larger one is a located ``DimensionError``.
     ``backend_options`` passes options to the chosen backend (the newton backend's
-    ``jacobian``, ``tolerance``, ``max_iterations``).  ``allow_tf32`` lets the Triton
+    ``jacobian``, ``tolerance``, ``max_iterations``, ``warm_start``).  ``allow_tf32`` lets the Triton
     kernels multiply float32 matrices as TF32 (faster on tensor cores, about 1e-3
     relative error); by default float32 products are exact.
 

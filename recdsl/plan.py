@@ -243,6 +243,7 @@ class Cost:
     backend: BackendKind
     seconds: float | None
     reason: str | None = None
+    candidate: bool = True  # False: it could run the cell but auto does not consider it (``reason`` says why)
 
 
 @dataclass(frozen=True)
@@ -334,10 +335,13 @@ class ExecutionPlan:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
             for cost in self.costs:
-                if cost.seconds is None:
+                if not cost.candidate:
+                    lines.append(f"      {cost.backend}: not a candidate ({cost.reason})")
+                elif cost.seconds is None:
                     lines.append(f"      {cost.backend}: cannot run ({cost.reason})")
                 else:
-                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms")
+                    note = f" ({cost.reason})" if cost.reason else ""  # what the prediction assumed
+                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms{note}")
         if self.gpu is not None:
             lines.append(f"  on CUDA tensors: backend {self.gpu.backend}")
             lines.extend("  " + line for line in self.gpu.format().splitlines()[1:])
@@ -793,6 +797,18 @@ STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time 
 STEP_OP_SECONDS = 10e-6  # one IR node evaluated inside the loop (dispatch plus the evaluator's own work)
 STEP_COMBINE_SECONDS = 150e-6  # one monoid combine per step (carries bound, broadcast and read back)
 CONVOLUTION_BLOCK_ELEMENTS = 1 << 20  # lags x state elements of one block of decay powers (backends/convolution.py)
+# The fused form: the loop in generated C, one thread.  Fitted to the quiet-machine runs of
+# benchmarks/bench_sequential.py (GRU 43 ms, LSTM 66 ms forward at B = 4, T = 2048, d = 128;
+# RESULTS_SEQUENTIAL.md): the per-step matmul runs at about 30 GFLOP/s with -march=native.
+FUSED_CALL_SECONDS = 300e-6  # per call: ctypes, the output buffers, autograd's bookkeeping
+FUSED_STEP_SECONDS = 0.3e-6  # per time step: the loop's own pointer arithmetic
+FUSED_ELEMENTS_PER_SECOND = 3e9  # gate math, vectorised
+FUSED_FLOPS_PER_SECOND = 3e10  # the register-blocked per-step matmul
+# The newton form: iterations assumed at plan time (RESULTS_NEWTON_CPU.md measures 4-5 for
+# exact Newton at every T from 256 to 65536, 13-34 for the diagonal of a dense Jacobian).
+# With them the model predicts ParaGRU at B = 2, T = 8192, d = 64 in 0.55 s (measured 0.37 s).
+NEWTON_EXACT_ITERATIONS = 5
+NEWTON_QUASI_ITERATIONS = 30
 
 
 def _small_matmul_seconds(flops: float, size: int) -> float:
@@ -842,12 +858,53 @@ def _stepwise_statements(analysis: Analysis) -> list[ir.Expr]:
     return values
 
 
-def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepPlan, ...], options: PlanOptions) -> float:
+def _newton_seconds(analysis: Analysis, solver: object, options: PlanOptions, per_step: tuple[int, float, float]) -> float:
+    """Newton's method over the trajectory: a few iterations of (step for all ``t``, its
+    vector-Jacobian products, one scan of the linearised steps)."""
+    from .backends.newton import JacobianMode, JacobianStructure  # the solver is newton's JacobianPlan
+
+    batch, length = options.workload.batch, options.workload.length
+    requested = dict(options.backend_options).get("jacobian", "auto")
+    mode = solver.mode(JacobianMode(requested)) if requested in {m.value for m in JacobianMode} else JacobianMode.AUTO  # type: ignore[attr-defined]
+    size, block = solver.size, solver.block_size  # type: ignore[attr-defined]
+    exact = solver.structure is JacobianStructure.DIAGONAL or mode is JacobianMode.FULL  # type: ignore[attr-defined]
+    iterations = NEWTON_EXACT_ITERATIONS if exact else NEWTON_QUASI_ITERATIONS
+    ops, elements, flops = per_step
+    evaluation = _seconds(ops, elements * batch * length, flops * batch * length)
+    products = block  # one vector-Jacobian product (about twice an evaluation) per position in a block
+    rounds = max(1, math.ceil(math.log2(length)))
+    if block == 1 or mode is JacobianMode.DIAGONAL:
+        scan = _seconds(2 * math.sqrt(length) + 10, 8 * size * batch * length, 0.0)
+    else:
+        blocks = len(solver.blocks)  # type: ignore[attr-defined]
+        scan = _seconds(8 * rounds, 2 * rounds * blocks * block * block * batch * length, 0.0)
+        scan += _small_matmul_seconds(rounds * 2.0 * batch * length * blocks * (block**3 + block**2), block)
+    per_iteration = evaluation * (1 + 2 * products) + scan + _seconds(12, 6 * size * batch * length, 0.0)
+    # The initial guess and the read-outs are one evaluation each.
+    return (iterations + 1) * per_iteration + 2 * evaluation
+
+
+def _newton_lower_bound(analysis: Analysis, options: PlanOptions) -> float | None:
+    """Newton's predicted time if the step's Jacobian were diagonal (any other structure costs
+    more), without analysing it; None when the newton backend cannot run the cell."""
+    from .backends import newton  # the Jacobian plan's types
+
+    if newton.unsupported(analysis) is not None:
+        return None
+    size = sum(_numel(state.type.shape) for state in analysis.cell.states)
+    diagonal = newton.JacobianPlan(newton.JacobianStructure.DIAGONAL, (), size, 1, ())
+    return predict_seconds(analysis, BackendKind.NEWTON, (), options, diagonal)
+
+
+def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepPlan, ...], options: PlanOptions, solver: object | None = None) -> float:
     """Predicted forward time of ``backend`` running ``steps`` on ``options.workload``, on one CPU.
 
     A roofline of eager torch: every op costs a dispatch, plus its elements at
     :data:`ELEMENTS_PER_SECOND` and its matmul flops at :data:`FLOPS_PER_SECOND`.  The
-    time-parallel part is common to every backend and included once.
+    time-parallel part is common to every backend and included once.  The ``fused`` loop
+    is priced per step at the generated C's rates; ``newton`` (``solver`` is its plan's
+    Jacobian plan) as a nominal number of iterations of whole-sequence evaluations,
+    vector-Jacobian products and scans.
     """
     batch, length = options.workload.batch, options.workload.length
     rounds = max(1, math.ceil(math.log2(length)))
@@ -864,6 +921,15 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
             ops, elements, flops = ops + o, elements + e, flops + f
         per_step = STEP_OVERHEAD_SECONDS + ops * STEP_OP_SECONDS + len(analysis.cell.scans) * STEP_COMBINE_SECONDS
         return total + length * (per_step + elements * batch / ELEMENTS_PER_SECOND + flops * batch / FLOPS_PER_SECOND)
+    if backend in (BackendKind.FUSED, BackendKind.NEWTON):
+        ops, elements, flops = 0, 0.0, 0.0
+        for value in _stepwise_statements(analysis):
+            o, e, f = _op_work(value)
+            ops, elements, flops = ops + o, elements + e, flops + f
+        if backend is BackendKind.NEWTON:
+            return total + _newton_seconds(analysis, solver, options, (ops, elements, flops))
+        per_row = elements / FUSED_ELEMENTS_PER_SECOND + flops / FUSED_FLOPS_PER_SECOND
+        return total + FUSED_CALL_SECONDS + length * (FUSED_STEP_SECONDS + batch * per_row)
     states = {s.name: s for s in analysis.cell.states}
     scans = {s.name: s for s in analysis.cell.scans}
     for step in steps:
@@ -1054,7 +1120,7 @@ def _triton_or_fused_plan(analysis: Analysis, options: PlanOptions) -> "Executio
 
 
 # The options each backend takes through compile(backend_options=...).
-BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations")}
+BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations", "warm_start")}
 
 
 def _check_backend_options(kind: BackendKind, options: PlanOptions) -> None:
@@ -1095,6 +1161,12 @@ def backend_kind(name: str | BackendKind) -> BackendKind:
 
 
 _CPU_CANDIDATES = (BackendKind.SEQUENTIAL, BackendKind.SCAN, BackendKind.CHUNKED)
+# The faster forms of a cell that has no scan form (auto considers them only then).
+_STEPWISE_CANDIDATES = (BackendKind.FUSED, BackendKind.NEWTON)
+_NOT_A_CANDIDATE = (
+    "every recurrence has a scan form, which auto keeps: it runs on any device (Triton on a GPU) "
+    "without compiling C per cell; ask for it by name"
+)
 
 
 def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanOptions = PlanOptions()) -> ExecutionPlan:
@@ -1106,8 +1178,8 @@ def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanO
         if isinstance(planned, Unsupported):
             raise BackendError(f"backend '{kind}' cannot run cell {analysis.cell.name}: {planned.reason}", expected="backend='sequential' or 'auto'")
         costs = ()
-        if kind in _CPU_CANDIDATES:
-            costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options)),)
+        if kind in _CPU_CANDIDATES + _STEPWISE_CANDIDATES:
+            costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options, planned.solver)),)
         reason = f"backend '{kind}' was requested"
         if kind is BackendKind.CHUNKED:
             reason += _chunked_note(planned)
@@ -1147,7 +1219,16 @@ def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) ->
 
 
 def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
-    """The candidate the cost model predicts fastest; never one predicted slower than the loop."""
+    """The candidate the cost model predicts fastest; never one predicted slower than the loop.
+
+    A cell whose recurrences all have scan forms runs on ``scan`` or ``chunked`` (or the
+    loop, when the model predicts it faster).  A cell that has none (a nonlinear or coupled
+    recurrence) is also planned on ``fused`` (the loop compiled to C; unavailable without a
+    C compiler) and ``newton``, and runs on whichever of those and the loop is predicted
+    fastest.  On CUDA tensors the plan's ``gpu`` alternative runs: the Triton kernels where
+    they apply (the scan and chunked kernels, or for a cell with no scan form the fused
+    sequential kernel); otherwise, after ``fused`` (CPU only), the faster of ``newton`` and the loop.
+    """
     if options.backend_options:
         raise BackendError("backend options need a named backend, not auto", expected="e.g. backend='newton', backend_options={'jacobian': 'diagonal'}")
     candidates: dict[BackendKind, ExecutionPlan] = {}
@@ -1159,12 +1240,44 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
             continue
         candidates[kind] = planned
         costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options)))
+    stepwise_only = BackendKind.SCAN not in candidates
+    for kind in _STEPWISE_CANDIDATES:
+        if not stepwise_only:
+            costs.append(Cost(kind, None, _NOT_A_CANDIDATE, candidate=False))
+            continue
+        if kind is BackendKind.NEWTON and BackendKind.SEQUENTIAL in candidates:
+            # The Jacobian's structure takes seconds to find for large states: skip it when
+            # even a diagonal one (the cheapest) is predicted slower than the loop.
+            bound = _newton_lower_bound(analysis, options)
+            if bound is not None and bound > costs[0].seconds:  # type: ignore[operator]
+                costs.append(Cost(kind, bound, "at least: even a diagonal Jacobian is predicted slower than the loop, so its structure was not analysed"))
+                continue
+        planned = plan_backend(analysis, kind, options)
+        if isinstance(planned, Unsupported):
+            costs.append(Cost(kind, None, planned.reason))
+            continue
+        candidates[kind] = planned
+        assumed = f"Jacobian {planned.solver.describe()}" if kind is BackendKind.NEWTON else None  # type: ignore[union-attr]
+        costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options, planned.solver), assumed))
     predicted = {c.backend: c.seconds for c in costs if c.seconds is not None}
-    # Ties go to the earlier (simpler) form: sequential, then scan, then chunked.
-    best = min(predicted, key=lambda kind: (predicted[kind], _CPU_CANDIDATES.index(kind)))
+    order = _CPU_CANDIDATES + _STEPWISE_CANDIDATES
+    # Ties go to the earlier (simpler) form: sequential, then scan, chunked, fused, newton.
+    best = min(predicted, key=lambda kind: (predicted[kind], order.index(kind)))
     chosen = _with_rejections_of(candidates[best], candidates.get(BackendKind.CHUNKED))
-    if best is BackendKind.SEQUENTIAL:
-        blocked = next((c.reason for c in costs if c.backend is BackendKind.SCAN and c.reason), None)
+    unavailable = "; ".join(f"{c.backend}: {c.reason}" for c in costs if c.backend in _STEPWISE_CANDIDATES and c.seconds is None and c.candidate)
+    blocked = next((c.reason for c in costs if c.backend is BackendKind.SCAN and c.reason), None)
+    if stepwise_only:
+        if best is BackendKind.NEWTON:
+            winner = f"Newton's method over the trajectory (Jacobian {chosen.solver.describe()}) is predicted fastest"  # type: ignore[union-attr]
+        elif best is BackendKind.FUSED:
+            winner = "the loop compiled to C is predicted fastest"
+        else:
+            winner = "the loop over time is predicted fastest"
+        timings = ", ".join(f"{kind} {predicted[kind] * 1e3:.3g} ms" for kind in order if kind in predicted)
+        reason = f"no time-parallel form: {blocked}; {winner} ({timings})"
+        if unavailable:
+            reason += f"; unavailable: {unavailable}"
+    elif best is BackendKind.SEQUENTIAL:
         reason = f"no time-parallel form: {blocked}" if blocked else "the cost model predicts the loop over time fastest for these dims"
     elif best is BackendKind.CHUNKED and any(step.form is Form.CHUNKED for step in chosen.steps):
         chunked = ", ".join(f"{s.name} ({s.chunk.kind})" for s in chosen.steps if s.chunk is not None)
@@ -1174,8 +1287,22 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
         )
     else:
         reason = "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one scan over the sequence"
-    gpu = _triton_plan(analysis, options) if best is not BackendKind.SEQUENTIAL else Unsupported("the cell runs step by step")
-    if isinstance(gpu, ExecutionPlan):
-        reason += "; on a GPU, the generated Triton kernels"
-        gpu = replace(gpu, reason="auto on CUDA tensors: the generated Triton kernels apply")
+    gpu: ExecutionPlan | Unsupported | None
+    if best in (BackendKind.SCAN, BackendKind.CHUNKED):
+        gpu = _triton_plan(analysis, options)
+        if isinstance(gpu, ExecutionPlan):
+            reason += "; on a GPU, the generated Triton kernels"
+            gpu = replace(gpu, reason="auto on CUDA tensors: the generated Triton kernels apply")
+    elif stepwise_only and isinstance(kernel := triton_fused_plan(analysis, options), ExecutionPlan):
+        # Measured on an H200 (benchmarks/RESULTS_GPU.md): the fused kernel runs GRU and LSTM
+        # 30x faster than the loop of torch ops, and ParaGRU's forward faster than newton.
+        gpu = replace(kernel, reason="auto on CUDA tensors: the fused sequential Triton kernel (the time loop inside one kernel, gate math fused)")
+        reason += "; on a GPU, the fused sequential Triton kernel"
+    elif best is BackendKind.FUSED:
+        # The generated C runs on the CPU only: on CUDA tensors, the better of the others.
+        fallback = min((k for k in (BackendKind.SEQUENTIAL, BackendKind.NEWTON) if k in predicted), key=lambda kind: predicted[kind])
+        gpu = replace(candidates[fallback], reason=f"auto on CUDA tensors: the fused loop runs on the CPU only; {fallback} is predicted the faster of the others")
+        reason += f"; on a GPU, {fallback}"
+    else:
+        gpu = None
     return replace(chosen, reason=reason, costs=tuple(costs), gpu=gpu if isinstance(gpu, ExecutionPlan) else None)

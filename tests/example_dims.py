@@ -33,4 +33,5 @@ DIMS = {
     "s4d": dict(d=3, N=4),
     "state_tracking_lrnn": dict(d=3, n=4),
     "titans": dict(dk=4, dv=3),
+    "slstm": dict(d_in=3, heads=2, dh=2),
 }

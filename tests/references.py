@@ -34,6 +34,7 @@ __all__ = [
     "mlstm_parallel", "deltanet", "deltanet_product_form", "aaren", "aaren_closed_form",
     "gru_torch", "lstm_torch", "paragru", "paralstm", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
     "state_tracking_lrnn", "titans", "titans_joint_form",
+    "slstm", "slstm_unstabilised",
 ]
 
 
@@ -878,4 +879,80 @@ def titans_joint_form(q, k, v, a, e, g):
         written = theta * k[:, t, :, None] * v[:, t, None, :]
         stacked = transition @ stacked + torch.cat([written, written], -2)
         ys.append(torch.einsum("bi,bij->bj", q[:, t], stacked[:, dk:]))
+    return torch.stack(ys, 1)
+
+
+# --------------------------------------------------------------------------------------
+# sLSTM of xLSTM (Beck et al. 2024)
+# --------------------------------------------------------------------------------------
+
+def _head_blocks(R, heads):
+    """The diagonal blocks ``[heads, dh, dh]`` of a recurrent matrix ``[d, d]``, d = heads * dh
+    (the recurrence of head ``k`` reads only that head's ``dh`` elements of h)."""
+    dh = R.shape[0] // heads
+    return torch.stack([R[k * dh:(k + 1) * dh, k * dh:(k + 1) * dh] for k in range(heads)])
+
+
+def _per_head(h, blocks):
+    """``h @ blockdiag(blocks)`` for ``h: [B, d]`` and ``blocks: [heads, dh, dh]``."""
+    heads, dh, _ = blocks.shape
+    return torch.einsum("bki,kij->bkj", h.reshape(h.shape[0], heads, dh), blocks).reshape(h.shape)
+
+
+def slstm(x, W_z, W_i, W_f, W_o, R_z, R_i, R_f, R_o, b_z, b_i, b_f, b_o, heads, state0=None):
+    """sLSTM (Beck et al. 2024, "xLSTM", Sec. 2.2 and the stabilised form of App. A), with the
+    sigmoid forget gate and recurrent weights acting within each head:
+
+        z_t = tanh(W_z x_t + R_z h_{t-1} + b_z)        (R_* block-diagonal per head)
+        i~_t = W_i x_t + R_i h_{t-1} + b_i,  log f_t = logsigmoid(W_f x_t + R_f h_{t-1} + b_f)
+        o_t = sigmoid(W_o x_t + R_o h_{t-1} + b_o)
+        m_t = max(log f_t + m_{t-1}, i~_t)
+        i'_t = exp(i~_t - m_t),  f'_t = exp(log f_t + m_{t-1} - m_t)
+        c_t = f'_t c_{t-1} + i'_t z_t,  n_t = f'_t n_{t-1} + i'_t,  h_t = o_t c_t / n_t
+
+    Only the diagonal blocks of the ``[d, d]`` matrices ``R_*`` are read.  x: [B, T, d_in].
+    Returns (h: [B, T, d], {"c", "n", "m", "h"} at T).
+    """
+    B, T, _ = x.shape
+    d = W_z.shape[1]
+    blocks = {g: _head_blocks(R, heads) for g, R in (("z", R_z), ("i", R_i), ("f", R_f), ("o", R_o))}
+    c, n, m, h = (_init(state0, name, x.new_zeros(B, d)) for name in ("c", "n", "m", "h"))
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        z = torch.tanh(xt @ W_z + _per_head(h, blocks["z"]) + b_z)
+        i_tilde = xt @ W_i + _per_head(h, blocks["i"]) + b_i
+        log_f = F.logsigmoid(xt @ W_f + _per_head(h, blocks["f"]) + b_f)
+        o = _sigmoid(xt @ W_o + _per_head(h, blocks["o"]) + b_o)
+        m_new = torch.maximum(log_f + m, i_tilde)
+        i_gate = torch.exp(i_tilde - m_new)
+        f_gate = torch.exp(log_f + m - m_new)
+        c = f_gate * c + i_gate * z
+        n = f_gate * n + i_gate
+        m = m_new
+        h = o * c / n
+        ys.append(h)
+    return torch.stack(ys, 1), {"c": c, "n": n, "m": m, "h": h}
+
+
+def slstm_unstabilised(x, W_z, W_i, W_f, W_o, R_z, R_i, R_f, R_o, b_z, b_i, b_f, b_o, heads):
+    """sLSTM from the zero state without the stabiliser (Beck et al. 2024, Eqs. 8-14):
+    ``c_t = f_t c_{t-1} + i_t z_t``, ``n_t = f_t n_{t-1} + i_t`` with ``i_t = exp(i~_t)``,
+    ``f_t = sigmoid(f~_t)``, ``h_t = o_t c_t / n_t``.  Equal to :func:`slstm`'s h while
+    ``exp(i~_t)`` does not overflow.  Returns h: [B, T, d]."""
+    B, T, _ = x.shape
+    d = W_z.shape[1]
+    blocks = {g: _head_blocks(R, heads) for g, R in (("z", R_z), ("i", R_i), ("f", R_f), ("o", R_o))}
+    c, n, h = x.new_zeros(B, d), x.new_zeros(B, d), x.new_zeros(B, d)
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        z = torch.tanh(xt @ W_z + _per_head(h, blocks["z"]) + b_z)
+        i = torch.exp(xt @ W_i + _per_head(h, blocks["i"]) + b_i)
+        f = _sigmoid(xt @ W_f + _per_head(h, blocks["f"]) + b_f)
+        o = _sigmoid(xt @ W_o + _per_head(h, blocks["o"]) + b_o)
+        c = f * c + i * z
+        n = f * n + i
+        h = o * c / n
+        ys.append(h)
     return torch.stack(ys, 1)

@@ -13,7 +13,7 @@ from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinea
 from recdsl.ops import LOG, MAX_PLUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5, p=4)
+DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5, p=4, heads=2, dh=2)
 
 
 def analysis_of(name: str):
@@ -54,6 +54,12 @@ EXPECTED = [
     # Titans' states, each alone (the other one free); the pair's joint update is in tests/test_blocks.py.
     ("titans", "M", MatrixAffine, Structure.SCALAR),
     ("titans", "W", MatrixAffine, Structure.SCALAR),
+    # sLSTM: given the gates (which read h), m is max-plus and c, n are elementwise affine;
+    # h reads them through o * c / n and the gates through sigmoid/exp.
+    ("slstm", "m", SemiringAffine, Structure.DIAGONAL),
+    ("slstm", "c", DiagonalAffine, Structure.ELEMENTWISE),
+    ("slstm", "n", DiagonalAffine, Structure.ELEMENTWISE),
+    ("slstm", "h", Nonlinear, None),
 ]
 
 

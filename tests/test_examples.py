@@ -46,6 +46,7 @@ EXPECTED_EXAMPLES = {
     "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm", "s4d",
     "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2",
     "state_tracking_lrnn", "titans",
+    "slstm",
 }
 
 
@@ -196,6 +197,12 @@ CASES = {
          **{f"p_{g}": ("d",) for g in "fo"}, **{f"b_{g}": ("d",) for g in "fco"}},
         dict(c=(("d",), "real"), h=(("d",), "real")), ("h",),
         lambda I, P, D, s: ref.paralstm(I["x"], **P, state0=s)),
+    "slstm": Case(
+        # d = heads * dh = 4: two heads of 2.
+        "slstm", "SLSTM", dict(d_in=3, heads=2, dh=2), dict(x=("d_in",)),
+        {**{f"W_{g}": ("d_in", 4) for g in "zifo"}, **{f"R_{g}": (4, 4) for g in "zifo"}, **{f"b_{g}": (4,) for g in "zifo"}},
+        dict(c=((4,), "real"), n=((4,), "real"), m=((4,), "real"), h=((4,), "real")), ("h",),
+        lambda I, P, D, s: ref.slstm(I["x"], **P, heads=D["heads"], state0=s)),
     "crf": Case(
         "crf", "CRF", dict(n=3), dict(emit=("n",)),
         dict(trans=("n", "n"), start=("n",), stop=("n",)), dict(prior=(("n",), "real")),
@@ -552,6 +559,7 @@ ALTERNATIVES = {
     ("lstm", "torch.nn.LSTM with copied weights"): _alt_lstm,
     ("mingru", "closed-form scan"): _alt_mingru_closed_form,
     ("titans", "joint transition of the stacked state"): lambda I, mod, D: (ref.titans_joint_form(**I),),
+    ("slstm", "unstabilised"): lambda I, mod, D: (ref.slstm_unstabilised(I["x"], **params_of(CASES["slstm"], mod), heads=D["heads"]),),
 }
 
 
