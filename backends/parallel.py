@@ -131,9 +131,45 @@ class _Sequences:
         return value.transpose(0, 1)
 
 
-def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-    """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]``."""
+def _shift(sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction = ir.Direction.FORWARD) -> torch.Tensor:
+    """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]`` (for a
+    reverse recurrence ``[S_2, ..., S_T, S_{T+1}]``, the value of the step after)."""
+    if direction is ir.Direction.REVERSE:
+        return torch.cat([sequence[:, 1:], initial.unsqueeze(1)], 1)
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
+
+
+def _declared_ranks(cell: ir.CellIR) -> dict[tuple[RefKind, str], int]:
+    """The per-step rank of every value that may carry time (inputs, bindings, states, scan carries)."""
+    ranks: dict[tuple[RefKind, str], int] = {(RefKind.INPUT, i.name): i.type.rank for i in cell.inputs}
+    for statement in cell.body:
+        if isinstance(statement, (ir.Assign, ir.Emit)) and statement.name is not None:
+            ranks[(RefKind.BINDING, statement.name)] = statement.value.type.rank
+        elif isinstance(statement, ir.ScanAssign):
+            ranks.update({(RefKind.SCAN, f"{statement.name}.{c.name}"): c.type.rank for c in statement.monoid.carries})
+    for state in cell.states:
+        ranks[(RefKind.STATE_NEW, state.name)] = ranks[(RefKind.STATE_PREV, state.name)] = state.type.rank
+    return ranks
+
+
+def _time_reversed(seq: _Sequences, cell: ir.CellIR) -> _Sequences:
+    """A view of ``seq`` with time running backwards, where a reverse recurrence is a forward one.
+
+    Every value (computed or pending) is flipped on first read; params, consts and values
+    that read only them have no time dim and are left alone.  Solving a reverse state in
+    this view and flipping its sequence back gives its values in the cell's time.
+    """
+    ranks = _declared_ranks(cell)
+    flipped = _Sequences(seq.numerics, seq.lead)
+
+    def read(key: tuple[RefKind, str]) -> torch.Tensor:
+        value = seq.values[key]
+        rank = ranks.get(key)
+        return value.flip(1) if rank is not None and value.dim() > rank else value
+
+    for key in list(seq.values) + list(seq.values.pending):
+        flipped.values.pending[key] = functools.partial(read, key)
+    return flipped
 
 
 class Solver:
@@ -314,6 +350,8 @@ class Solver:
         names = [c.name for c in monoid.carries]
 
         def combine(earlier, later):
+            if scan.reverse:  # solved in reversed time: the element met later is the earlier one in the cell's time
+                earlier, later = later, earlier
             result = combine_carries(monoid, dict(zip(names, earlier)), dict(zip(names, later)), numerics)
             return tuple(result[n] for n in names)
 
@@ -426,40 +464,49 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = (solver or Solver)(plan, seq, state)
+    solver_kind = solver or Solver
+    solver = solver_kind(plan, seq, state)
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
     for step in plan.steps:
         (name,) = step.names
+        direction = analysis.direction(name)
+        # A reverse recurrence is solved forward in reversed time, its results flipped back.
+        reverse = direction is ir.Direction.REVERSE
+        frame = _time_reversed(seq, cell) if reverse else seq
+        frame_solver = solver_kind(plan, frame, state) if reverse else solver
+        restore = (lambda x: x.flip(1)) if reverse else (lambda x: x)  # noqa: E731
+        last = 0 if reverse else -1  # the value a module returns: after the last step it runs
         if name in scans:
-            carries = solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else solver.scan(scans[name])
+            carries = frame_solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else frame_solver.scan(scans[name])
             for carry, value in carries.items():
+                value = restore(value)
                 seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
-                final[f"{name}.{carry}"] = value[:, -1]
+                final[f"{name}.{carry}"] = value[:, last]
             continue
         state_analysis = analysis.state(name)
         chunked_run = None
         if step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
             if chunked_run is not None:
                 readouts, final[name] = chunked_run
                 for node, value in zip(step.chunk.readouts, readouts):
-                    substitutions[id(node)] = value
+                    substitutions[id(node)] = restore(value)
                 continue
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
             # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
             assert step.fallback is not None
-            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, frame, state).solve(replace(step, form=step.fallback), state_analysis)
         else:
-            sequence = solver.solve(step, state_analysis)
-        sequence = sequence.expand(lead + state_analysis.type.shape)
+            sequence = frame_solver.solve(step, state_analysis)
+        sequence = restore(sequence.expand(lead + state_analysis.type.shape))
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         # h_{t-1}, built only if an output or a later state reads it (most read h_t).
-        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, state[name])
-        final[name] = sequence[:, -1]
+        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, state[name], direction)
+        final[name] = sequence[:, last]
 
     outputs = []
     for emit, expanded in zip(cell.outputs, analysis.expanded_outputs):
