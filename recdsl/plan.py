@@ -216,7 +216,7 @@ class ExecutionPlan:
         if self.backend in (BackendKind.CHUNKED, BackendKind.TRITON):
             lines.append(f"  chunk size {self.chunk_size}")
         for step in self.steps:
-            direction = " (reverse: solved in reversed time)" if self.analysis is not None and self.analysis.direction(step.names[0]) is ir.Direction.REVERSE else ""
+            direction = " (reverse)" if self.analysis is not None and self.analysis.direction(step.names[0]) is ir.Direction.REVERSE else ""
             if self.analysis is not None and set(step.names) <= self.analysis.delays and step.form is Form.TIME_PARALLEL:
                 lines.append(f"  {step.name}{direction}: a delay: its update's values shifted one step (one cat), no recurrence")
                 continue

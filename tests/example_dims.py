@@ -26,4 +26,7 @@ DIMS = {
     "crf": dict(n=3),
     "paragru": dict(d_in=3, d=4),
     "paralstm": dict(d_in=3, d=4),
+    "lion": dict(dk=4, dv=3),
+    "bigru": dict(d_in=3, d=4),
+    "crf_marginals": dict(n=3),
 }
