@@ -220,11 +220,21 @@ def _run_directed(
         whole.pending[(RefKind.STATE_NEW, name)] = new_values
         whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: delayed(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
 
+    # Bindings that read delays and nothing else recurrent are time-parallel too, once the
+    # delays are shifted (RWKV's token-shift mix).
+    after_delays = {
+        s.name for s in cell.body
+        if isinstance(s, ir.Assign) and s.name not in analysis.time_parallel and analysis.delays and sources.get(s.name, frozenset()) <= analysis.delays
+    }
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in after_delays:
+            whole.pending[(RefKind.BINDING, statement.name)] = lambda expr=statement.value: whole_eval.evaluate(expr)
+
     per_step: dict[tuple[RefKind, str], list[torch.Tensor] | tuple[torch.Tensor, ...]] = {}
     per_step.update({(RefKind.INPUT, name): value.unbind(1) for name, value in inputs.items()})
     parallel_outputs: dict[int, torch.Tensor] = {}
     for statement in cell.body:
-        if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
+        if isinstance(statement, ir.Assign) and (statement.name in analysis.time_parallel or statement.name in after_delays):
             per_step[(RefKind.BINDING, statement.name)] = _steps(whole[(RefKind.BINDING, statement.name)], statement.value.type, steps)
         elif isinstance(statement, ir.Emit) and statement.index in analysis.parallel_outputs:
             value = whole_eval.evaluate(statement.value)
