@@ -167,9 +167,17 @@ def _time_reversed(seq: _Sequences, cell: ir.CellIR) -> _Sequences:
         rank = ranks.get(key)
         return value.flip(1) if rank is not None and value.dim() > rank else value
 
-    for key in list(seq.values) + list(seq.values.pending):
-        flipped.values.pending[key] = functools.partial(read, key)
+    flipped.read_source = read  # type: ignore[attr-defined]
+    _follow(flipped, seq)
     return flipped
+
+
+def _follow(flipped: _Sequences, seq: _Sequences) -> None:
+    """Give ``flipped`` (a :func:`_time_reversed` view) the values ``seq`` gained since (states solved meanwhile)."""
+    known = flipped.values.keys() | flipped.values.pending.keys()
+    for key in list(seq.values) + list(seq.values.pending):
+        if key not in known:
+            flipped.values.pending[key] = functools.partial(flipped.read_source, key)  # type: ignore[attr-defined]
 
 
 class Solver:
@@ -469,13 +477,21 @@ def run(
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
+    reversed_frame: _Sequences | None = None
+    reversed_solver = None
     for step in plan.steps:
         (name,) = step.names
         direction = analysis.direction(name)
         # A reverse recurrence is solved forward in reversed time, its results flipped back.
         reverse = direction is ir.Direction.REVERSE
-        frame = _time_reversed(seq, cell) if reverse else seq
-        frame_solver = solver_kind(plan, frame, state) if reverse else solver
+        if reverse and reversed_frame is None:
+            # One reversed view for every reverse group, so that the values they share are flipped once.
+            reversed_frame = _time_reversed(seq, cell)
+            reversed_solver = solver_kind(plan, reversed_frame, state)
+        elif reverse:
+            _follow(reversed_frame, seq)
+        frame = reversed_frame if reverse else seq
+        frame_solver = reversed_solver if reverse else solver
         restore = (lambda x: x.flip(1)) if reverse else (lambda x: x)  # noqa: E731
         last = 0 if reverse else -1  # the value a module returns: after the last step it runs
         if name in scans:

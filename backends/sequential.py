@@ -340,4 +340,4 @@ def _run_directed(
             outputs.append(parallel_outputs[emit.index])
         else:
             outputs.append(torch.stack(emitted[emit.index], dim=1))
-    return outputs, final
+    return outputs, {name: final[name] for name in state}
