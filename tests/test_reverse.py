@@ -35,6 +35,24 @@ cell Mixed(d) {
 }
 """
 
+# Directions alternate along a chain: forward h, reverse g reading h (before and after its
+# update), forward k reading g's value of the step after.
+CHAIN = """
+cell Chain(d) {
+    input x: [d]
+    input u: [d]
+    state h: [d] = 0
+    state g: [d] = 0 reverse
+    state k: [d] = 0
+    before = h
+    h = sigmoid(u) * h + x
+    g = 0.7 * g + h * before
+    k = 0.9 * k + g
+    later = g
+    out k - later
+}
+"""
+
 # The composition of affine maps x -> m x + c, applied earlier map first: not commutative,
 # so a suffix combine in the wrong order would show.
 AFFINE_SCAN = """
@@ -161,7 +179,11 @@ def test_reverse_scan_is_the_suffix_combine_in_sequence_order():
     torch.testing.assert_close(y, expected, atol=1e-12, rtol=1e-12, msg="reverse scan vs the suffix combine")
 
 
-@pytest.mark.parametrize("source, cell", [(MIXED, None), (AFFINE_SCAN, "Suffix"), (TOKEN_SHIFT, None)], ids=["mixed", "reverse-scan", "token-shift"])
+def test_alternating_directions_are_scheduled_in_order():
+    assert analyze(load(CHAIN, dims={"d": 2})).schedule == (("h",), ("g",), ("k",))
+
+
+@pytest.mark.parametrize("source, cell", [(MIXED, None), (AFFINE_SCAN, "Suffix"), (TOKEN_SHIFT, None), (CHAIN, None)], ids=["mixed", "reverse-scan", "token-shift", "chain"])
 def test_property_parallel_backends_agree_with_sequential(source, cell):
     """Hypothesis: T = 1, lengths around the chunk size, heads, initial states, gradients."""
     assert_backends_agree(source, cell=cell, dims={"d": 3}, backends=("scan", "chunked"), max_examples=15, hypothesis_seed=2)
