@@ -63,6 +63,9 @@ def prepare(analysis: Analysis) -> StepProgram | str:
 
     The plan stage calls it once per compiled module and keeps the program in the plan.
     """
+    if analysis.cell.reversed_recurrences:
+        name = analysis.cell.reversed_recurrences[0]
+        return f"'{name}' runs in reverse, and the compiled loop runs every state forward in one pass"
     if compiler() is None:
         return "no C compiler found (set $CC)"
     try:

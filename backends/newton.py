@@ -178,6 +178,9 @@ def unsupported(analysis: Analysis) -> str | None:
         return f"scan '{cell.scans[0].name}' combines a declared monoid, which Newton's method does not linearise"
     if not cell.states:
         return "the cell has no state"
+    if cell.reversed_recurrences:
+        name = cell.reversed_recurrences[0]
+        return f"state '{name}' runs in reverse, and the Newton solve iterates on one forward trajectory of the joint state"
     for state in cell.states:
         if state.type.kind is not Kind.REAL:
             return f"state '{state.name}' is complex (the Jacobian would not be complex-linear)"

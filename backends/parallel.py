@@ -36,6 +36,7 @@ from typing import Callable, Mapping
 import torch
 
 from recdsl import ir
+from recdsl.errors import BackendError
 from recdsl.analysis import Analysis, BlockAxes, JointAffine, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure
 from recdsl.ir import RefKind
 from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan are re-exported for compatibility)
@@ -150,9 +151,53 @@ class _ProbeValues(dict):
         return self.base[key]
 
 
-def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-    """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]``."""
+def _shift(sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction = ir.Direction.FORWARD) -> torch.Tensor:
+    """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]`` (for a
+    reverse recurrence ``[S_2, ..., S_T, S_{T+1}]``, the value of the step after)."""
+    if direction is ir.Direction.REVERSE:
+        return torch.cat([sequence[:, 1:], initial.unsqueeze(1)], 1)
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
+
+
+def _declared_ranks(cell: ir.CellIR) -> dict[tuple[RefKind, str], int]:
+    """The per-step rank of every value that may carry time (inputs, bindings, states, scan carries)."""
+    ranks: dict[tuple[RefKind, str], int] = {(RefKind.INPUT, i.name): i.type.rank for i in cell.inputs}
+    for statement in cell.body:
+        if isinstance(statement, (ir.Assign, ir.Emit)) and statement.name is not None:
+            ranks[(RefKind.BINDING, statement.name)] = statement.value.type.rank
+        elif isinstance(statement, ir.ScanAssign):
+            ranks.update({(RefKind.SCAN, f"{statement.name}.{c.name}"): c.type.rank for c in statement.monoid.carries})
+    for state in cell.states:
+        ranks[(RefKind.STATE_NEW, state.name)] = ranks[(RefKind.STATE_PREV, state.name)] = state.type.rank
+    return ranks
+
+
+def _time_reversed(seq: _Sequences, cell: ir.CellIR) -> _Sequences:
+    """A view of ``seq`` with time running backwards, where a reverse recurrence is a forward one.
+
+    Every value (computed or pending) is flipped on first read; params, consts and values
+    that read only them have no time dim and are left alone.  Solving a reverse state in
+    this view and flipping its sequence back gives its values in the cell's time.
+    """
+    ranks = _declared_ranks(cell)
+    flipped = _Sequences(seq.numerics, seq.lead)
+
+    def read(key: tuple[RefKind, str]) -> torch.Tensor:
+        value = seq.values[key]
+        rank = ranks.get(key)
+        return value.flip(1) if rank is not None and value.dim() > rank else value
+
+    flipped.read_source = read  # type: ignore[attr-defined]
+    _follow(flipped, seq)
+    return flipped
+
+
+def _follow(flipped: _Sequences, seq: _Sequences) -> None:
+    """Give ``flipped`` (a :func:`_time_reversed` view) the values ``seq`` gained since (states solved meanwhile)."""
+    known = flipped.values.keys() | flipped.values.pending.keys()
+    for key in list(seq.values) + list(seq.values.pending):
+        if key not in known:
+            flipped.values.pending[key] = functools.partial(flipped.read_source, key)  # type: ignore[attr-defined]
 
 
 class Solver:
@@ -449,6 +494,8 @@ class Solver:
         names = [c.name for c in monoid.carries]
 
         def combine(earlier, later):
+            if scan.reverse:  # solved in reversed time: the element met later is the earlier one in the cell's time
+                earlier, later = later, earlier
             result = combine_carries(monoid, dict(zip(names, earlier)), dict(zip(names, later)), numerics)
             return tuple(result[n] for n in names)
 
@@ -620,29 +667,52 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = (solver or Solver)(plan, seq, state, segments)
+    if (segments is not None or last_steps is not None) and cell.reversed_recurrences:
+        raise BackendError(
+            f"cell {cell.name} has states that run backwards in time, which packed or padded batches do not support yet",
+            expected="one call per sequence (no cu_seqlens) for a cell with reverse states",
+        )
+    solver_kind = solver or Solver
+    solver = solver_kind(plan, seq, state, segments)
     if segments is not None:
-        last = segments.finals
+        last_of = segments.finals
     elif last_steps is not None:
-        last = lambda sequence: sequence[torch.arange(sequence.shape[0], device=sequence.device), last_steps]  # noqa: E731
+        last_of = lambda sequence: sequence[torch.arange(sequence.shape[0], device=sequence.device), last_steps]  # noqa: E731
     else:
-        last = lambda sequence: sequence[:, -1]  # noqa: E731
+        last_of = lambda sequence: sequence[:, -1]  # noqa: E731
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
+    reversed_frame: _Sequences | None = None
+    reversed_solver = None
     for step in plan.steps:
+        direction = analysis.direction(step.names[0])
+        # A reverse recurrence is solved forward in reversed time, its results flipped back.
+        reverse = direction is ir.Direction.REVERSE
+        if reverse and reversed_frame is None:
+            # One reversed view for every reverse group, so that the values they share are flipped once.
+            reversed_frame = _time_reversed(seq, cell)
+            reversed_solver = solver_kind(plan, reversed_frame, state)
+        elif reverse:
+            _follow(reversed_frame, seq)
+        frame = reversed_frame if reverse else seq
+        frame_solver = reversed_solver if reverse else solver
+        restore = (lambda x: x.flip(1)) if reverse else (lambda x: x)  # noqa: E731
+        # The value a module returns: after the last step it runs (step 0 for a reverse recurrence).
+        last = (lambda x: x[:, 0]) if reverse else last_of  # noqa: E731
+        shift = segments.shift if segments is not None else functools.partial(_shift, direction=direction)
         if step.form is Form.JOINT_MATRIX_SCAN:
-            for name, sequence in Solver.joint(solver, step).items():
-                sequence = sequence.expand(lead + analysis.state(name).type.shape)
+            for name, sequence in Solver.joint(frame_solver, step).items():
+                sequence = restore(sequence.expand(lead + analysis.state(name).type.shape))
                 seq.values[(RefKind.STATE_NEW, name)] = sequence
-                shift = segments.shift if segments is not None else _shift
                 seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
                 final[name] = last(sequence)
             continue
         (name,) = step.names
         if name in scans:
-            carries = solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else solver.scan(scans[name])
+            carries = frame_solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else frame_solver.scan(scans[name])
             for carry, value in carries.items():
+                value = restore(value)
                 seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
                 final[f"{name}.{carry}"] = last(value)
             continue
@@ -652,33 +722,32 @@ def run(
             assert step.conv is not None and step.fallback is not None
             convolved = None
             if segments is None and last_steps is None:  # packed or padded rows: the scan resets per sequence
-                convolved = convolution.run(seq, step.conv, state_analysis, state[name])
+                convolved = convolution.run(frame, step.conv, state_analysis, state[name])
             if convolved is not None:
                 readouts, final[name] = convolved
                 for node, value in zip(step.conv.readouts, readouts):
-                    substitutions[id(node)] = value
+                    substitutions[id(node)] = restore(value)
                 continue
             # Packed sequences, an unstable decay or non-finite pieces: the plan's fallback scan.
-            sequence = Solver(plan, seq, state, segments).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, frame, state, segments).solve(replace(step, form=step.fallback), state_analysis)
         elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel, segments)
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, state[name], plan.chunk_size, kernel, segments)
             if chunked_run is not None:
                 readouts, final[name] = chunked_run
                 for node, value in zip(step.chunk.readouts, readouts):
-                    substitutions[id(node)] = value
+                    substitutions[id(node)] = restore(value)
                 continue
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
             # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
             assert step.fallback is not None
-            sequence = Solver(plan, seq, state, segments).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, frame, state, segments).solve(replace(step, form=step.fallback), state_analysis)
         else:
-            sequence = solver.solve(step, state_analysis)
-        sequence = sequence.expand(lead + state_analysis.type.shape)
+            sequence = frame_solver.solve(step, state_analysis)
+        sequence = restore(sequence.expand(lead + state_analysis.type.shape))
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         # h_{t-1}, built only if an output or a later state reads it (most read h_t).
-        shift = segments.shift if segments is not None else _shift
         seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
         final[name] = last(sequence)
 

@@ -153,6 +153,12 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     steps: list[StepPlan] = []
     specs: list[ScanSpec] = []
     for (name,) in analysis.schedule:
+        if name in scans and scans[name].reverse:
+            # Solved in reversed time, the generated kernel would combine the elements in the
+            # opposite order; the torch prefix scan swaps its operands (monoids need not commute).
+            note = Rejected(Form.TRITON_SCAN, "a reverse scan: the generated kernel combines only in forward order")
+            steps.append(StepPlan((name,), Form.MONOID_SCAN, rejected=(note,)))
+            continue
         if name in scans:
             spec = _scan_spec(analysis, scans[name])
             if isinstance(spec, Unsupported):

@@ -26,7 +26,7 @@ Four questions, answered from the IR alone:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable, Union
 
@@ -93,6 +93,21 @@ class NoRecurrence:
 
     value: ir.Expr
     name = "no recurrence"
+
+
+@dataclass(frozen=True)
+class Delay(NoRecurrence):
+    """A state whose update reads no recurrent value at all (only inputs, params, consts,
+    time-parallel bindings and other delays): ``xp = x`` carries ``x`` one step.
+
+    Its value at every step is time-parallel, and its previous value is that sequence
+    shifted one step (from ``init``): a token shift (RWKV), a decay carried one step (the
+    backward half of LION), never a recurrence.  ``direction`` is the state's: a REVERSE
+    delay's previous value is the value of the step after.
+    """
+
+    direction: ir.Direction = ir.Direction.FORWARD
+    name = "delay"
 
 
 @dataclass(frozen=True)
@@ -207,7 +222,7 @@ class JointAffine:
     name = "joint affine"
 
 
-Recurrence = Union[NoRecurrence, DiagonalAffine, MatrixAffine, SemiringAffine, Nonlinear]
+Recurrence = Union[NoRecurrence, Delay, DiagonalAffine, MatrixAffine, SemiringAffine, Nonlinear]
 
 
 @dataclass(frozen=True)
@@ -250,6 +265,8 @@ class Analysis:
     # x @ W_ir + b_ir): a step-by-step backend computes them for all steps at once.
     hoisted: tuple[ir.Expr, ...] = ()
     dependencies: dict[str, frozenset[str]] = field(compare=False, repr=False, default_factory=dict)
+    # States classified as Delay: time-parallel values shifted one step, solved before any recurrence.
+    delays: frozenset[str] = frozenset()
     groups: tuple[GroupAnalysis, ...] = ()  # the joint recurrence of each coupled group
 
     def group(self, names: tuple[str, ...]) -> GroupAnalysis | None:
@@ -265,6 +282,11 @@ class Analysis:
     @property
     def coupled_groups(self) -> tuple[tuple[str, ...], ...]:
         return tuple(group for group in self.schedule if len(group) > 1)
+
+    def direction(self, group: tuple[str, ...] | str) -> ir.Direction:
+        """The direction a schedule entry runs in (every member of a group shares it)."""
+        name = group if isinstance(group, str) else group[0]
+        return self.cell.direction_of(name)
 
 
 # ---- dependencies ----------------------------------------------------------------
@@ -1009,6 +1031,11 @@ def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
         if expr.kind is RefKind.CONST:
             const = next((c for c in cell.consts if c.name == expr.name), None)
             return log_of_positive(const.value, cell) if const is not None else None
+        if expr.kind in (RefKind.STATE_PREV, RefKind.STATE_NEW) and _is_positive_delay(expr.name, cell):
+            # A delay's values are its update's values shifted one step, and its initial value:
+            # positive when both are.  The log is taken of the carried value (log space needs no
+            # more: the value was rounded once, as the loop rounds it).
+            return Op("log", (expr,), expr.type)
         return None
     op, args = expr.op, expr.args
     if op == "exp":
@@ -1060,6 +1087,38 @@ def _log_softmax(expr: Op) -> ir.Expr:
     total = make("logsumexp", value, attrs=expr.attrs)
     spread = make("index", total, attrs=tuple(ir.NEW_AXIS if position in axes else ir.SliceItem(None, None) for position in range(value.type.rank)))
     return make("sub", value, spread)
+
+
+def _is_positive_delay(name: str, cell: ir.CellIR, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether state ``name`` is a delay (its update reads no state except other delays)
+    whose update and initial value are provably positive."""
+    if name in seen:
+        return False
+    try:
+        state, update = cell.state(name), cell.update(name)
+    except KeyError:
+        return False
+    if not _reads_only_delays(update.value, cell, seen | {name}):
+        return False
+    init = fold_constant(state.init)
+    init_positive = (isinstance(init, (int, float)) and not isinstance(init, bool) and init > 0) or log_of_positive(state.init, cell) is not None
+    return init_positive and log_of_positive(update.value, cell) is not None
+
+
+def _reads_only_delays(expr: ir.Expr, cell: ir.CellIR, seen: frozenset[str]) -> bool:
+    for ref in ir.refs(expr):
+        if ref.kind is RefKind.SCAN:
+            return False
+        if ref.kind in (RefKind.STATE_PREV, RefKind.STATE_NEW):
+            if ref.name in seen:
+                return False
+            if not _reads_only_delays(cell.update(ref.name).value, cell, seen | {ref.name}):
+                return False
+        elif ref.kind is RefKind.BINDING:
+            binding = cell.binding(ref.name)
+            if binding is not None and not _reads_only_delays(binding.value, cell, seen):
+                return False
+    return True
 
 
 # ---- order of states --------------------------------------------------------------
@@ -1304,7 +1363,11 @@ def _analyze(cell: ir.CellIR) -> Analysis:
             reads[statement.name] = lifted
             order.append(statement.name)
 
+    delays = _delays(cell, states, sources)
+    states = [replace(s, recurrence=Delay(s.recurrence.value, cell.state(s.state).direction)) if s.state in delays else s for s in states]
     schedule = _schedule(order, reads)
+    _check_directions(cell, schedule)
+
     readouts: list[Readout] = []
     state_types = {s.name: s.type for s in cell.states}
     expanded_outputs = tuple(inline(emit.value, cell, time_parallel) for emit in cell.outputs)
@@ -1325,4 +1388,46 @@ def _analyze(cell: ir.CellIR) -> Analysis:
         hoisted=_hoistable(cell, time_parallel, sources),
         dependencies=sources,
         groups=_group_analyses(cell, schedule, states),
+        delays=frozenset(delays),
     )
+
+
+def _delays(cell: ir.CellIR, states: list[StateAnalysis], sources: dict[str, frozenset[str]]) -> set[str]:
+    """The states whose update reads nothing recurrent except other delays (and not itself).
+
+    Found in rounds, each delay after those it reads, so delays never read each other in a circle.
+    """
+    delays: set[str] = set()
+    candidates = [s.state for s in states if isinstance(s.recurrence, NoRecurrence)]
+    changed = True
+    while changed:
+        changed = False
+        for name in candidates:
+            if name in delays:
+                continue
+            read = recurrent_sources(cell.update(name).value, sources)
+            if name not in read and read <= delays:
+                delays.add(name)
+                changed = True
+    return delays
+
+
+def _check_directions(cell: ir.CellIR, schedule: tuple[tuple[str, ...], ...]) -> None:
+    """A group of recurrences that read each other must run one way: a forward state needs the
+    past of a reverse one and the reverse one its future, which no order of steps gives."""
+    for group in schedule:
+        directions = {cell.direction_of(name) for name in group}
+        if len(directions) > 1:
+            forward = [n for n in group if cell.direction_of(n) is ir.Direction.FORWARD]
+            backward = [n for n in group if cell.direction_of(n) is ir.Direction.REVERSE]
+            span = next((s.span for s in cell.states if s.name == backward[0]), None) or cell.span
+            raise DeclarationError(
+                f"forward {_plural(forward)} and reverse {_plural(backward)} read each other, so neither can run first",
+                span,
+                expected="no cycle between forward and reverse recurrences (a forward state may read a reverse one, or the other way, not both)",
+            )
+
+
+def _plural(names: list[str]) -> str:
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return f"state {quoted}" if len(names) == 1 else f"states {quoted}"

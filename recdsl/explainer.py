@@ -12,6 +12,7 @@ from .analysis import (
     DiagonalAffine,
     JointAffine,
     MatrixAffine,
+    Delay,
     NoRecurrence,
     Nonlinear,
     SemiringAffine,
@@ -36,7 +37,11 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
     def format_expr(expr: ir.Expr) -> str:
         return _format(expr, others)
 
-    lines = [f"  {name} {_shape(state.type)}: state, {_recurrence_title(state.recurrence)}"]
+    reverse = analysis.cell.state(name).reverse
+    direction = "reverse state (runs from the last step to the first)" if reverse else "state"
+    lines = [f"  {name} {_shape(state.type)}: {direction}, {_recurrence_title(state.recurrence)}"]
+    if reverse:
+        lines.append(f"      on the right, {name} is its value at step t + 1; its initial value is the one after the last step")
     lines.append(f"      {name} = {format_expr(update)}")
     expanded = format_expr(state.update)
     if expanded != format_expr(update):
@@ -71,6 +76,9 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
         lines.append(f"      input term  {format_expr(recurrence.input) if recurrence.input is not None else 'none (the semiring zero, -inf)'}")
     elif isinstance(recurrence, Nonlinear):
         lines.append(f"      the previous value enters through {recurrence.reason}")
+    elif isinstance(recurrence, Delay):
+        step = "t + 1" if recurrence.direction is ir.Direction.REVERSE else "t - 1"
+        lines.append(f"      a delay: its update reads no recurrent value, so its previous value is its update's value at step {step}, one shift of a time-parallel value")
     elif isinstance(recurrence, NoRecurrence):
         lines.append("      the new value does not read the previous one: no recurrence")
     if state.reads:
@@ -120,8 +128,9 @@ def _scan_lines(scan: ir.ScanAssign) -> list[str]:
     carries = ", ".join(f"{c.name} {_shape(c.type)}" for c in monoid.carries)
     lifts = ", ".join(f"{c.name} = {format_expr(l)}" for c, l in zip(monoid.carries, scan.lifts))
     identity = ", ".join(f"{c.name} = {format_expr(c.identity)}" for c in monoid.carries)
+    order = "suffix combine x_t (+) ... (+) x_T, from the last step to the first" if scan.reverse else "prefix combine"
     return [
-        f"  {scan.name}: scan of the declared monoid {monoid.name} (associative by declaration; `recdsl check` tests it)",
+        f"  {scan.name}: scan of the declared monoid {monoid.name}, {order} (associative by declaration; `recdsl check` tests it)",
         f"      carries     {carries}",
         f"      identity    {identity}",
         f"      each step   {lifts}",

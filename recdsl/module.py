@@ -336,6 +336,12 @@ class CompiledCell(nn.Module):
         batch, steps, heads = self._check_inputs(inputs)
         segments = None
         if cu_seqlens is not None:
+            if self.cell.reversed_recurrences:
+                names = ", ".join(f"'{name}'" for name in self.cell.reversed_recurrences)
+                raise BackendError(
+                    f"cell {self.cell.name} has states that run backwards in time ({names}), which packed batches (cu_seqlens) do not support yet",
+                    expected="one call per sequence for a cell with reverse states",
+                )
             segments = self._check_offsets(cu_seqlens, batch, steps, next(iter(inputs.values())).device)
             batch = segments.count  # states are per sequence
         numerics, output_dtype = self._numerics(inputs)
@@ -428,12 +434,9 @@ class CompiledCell(nn.Module):
         """Why :meth:`step` cannot run this cell, or None.
 
         A state (or scan) that runs backwards in time has at step t the value computed from
-        steps t..T-1, which a decoder has not seen yet.  The IR has no such flag yet (issue
-        10.1 adds reverse states); ``reverse`` on an ``ir.State`` or ``ir.ScanAssign`` is the
-        hook: set, it makes ``step`` refuse with this reason.
+        steps t..T-1, which a decoder has not seen yet.
         """
-        backwards = [s.name for s in self.cell.states if getattr(s, "reverse", False)]
-        backwards += [scan.name for scan in self.cell.scans if getattr(scan, "reverse", False)]
+        backwards = list(self.cell.reversed_recurrences)
         if backwards:
             names = ", ".join(f"'{name}'" for name in backwards)
             return f"state {names} of cell {self.cell.name} runs backwards in time: its value at a step depends on the steps after it"

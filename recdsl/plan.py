@@ -307,7 +307,11 @@ class ExecutionPlan:
         if self.backend in (BackendKind.CHUNKED, BackendKind.TRITON) and not any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  chunk size {self.chunk_size}")
         for step in self.steps:
-            lines.append(f"  {step.name}: {step.form}")
+            direction = " (reverse)" if self.analysis is not None and self.analysis.direction(step.names[0]) is ir.Direction.REVERSE else ""
+            if self.analysis is not None and set(step.names) <= self.analysis.delays and step.form is Form.TIME_PARALLEL:
+                lines.append(f"  {step.name}{direction}: a delay: its update's values shifted one step (one cat), no recurrence")
+                continue
+            lines.append(f"  {step.name}{direction}: {step.form}")
             if step.conv is not None:
                 conv = step.conv
                 coefficient = "" if conv.coefficient is None else f" with coefficient {format_expr(conv.coefficient)}"

@@ -34,4 +34,7 @@ DIMS = {
     "state_tracking_lrnn": dict(d=3, n=4),
     "titans": dict(dk=4, dv=3),
     "slstm": dict(d_in=3, heads=2, dh=2),
+    "lion": dict(dk=4, dv=3),
+    "bigru": dict(d_in=3, d=4),
+    "crf_marginals": dict(n=3),
 }

@@ -956,3 +956,91 @@ def slstm_unstabilised(x, W_z, W_i, W_f, W_o, R_z, R_i, R_f, R_o, b_z, b_i, b_f,
         h = o * c / n
         ys.append(h)
     return torch.stack(ys, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Bidirectional cells (reverse states)
+# --------------------------------------------------------------------------------------
+
+def lion(q, k, v, a, state0=None):
+    """LION-S (Afzal et al. 2025, arXiv:2502.16249) from its full-attention form,
+
+        Y = C^-1 (Q K^T * M) V,   C_i = sum_j (Q K^T * M)_ij,
+        M_ij = prod_{l=j+1..i} lambda_l (j <= i),  prod_{l=i+1..j} lambda_l (j > i),
+
+    with lambda = sigmoid(a), queries and keys through softplus. An initial state adds the
+    terms of the states before the first step (S^F_0, z^F_0, decayed by lambda_1..i) and
+    after the last (S^B_{T+1}, z^B_{T+1}, decayed by lambda_{i+1..T} and "lam_next", the
+    decay lambda_{T+1}). q, k: [B, T, dk], v: [B, T, dv], a: [B, T].
+    Returns (y: [B, T, dv], final states {Sf: S^F_T, zf, Sb: S^B_1, zb, lam_next: lambda_1}).
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    qf, kf = F.softplus(q), F.softplus(k)
+    log_lam = F.logsigmoid(a)
+    L = log_lam.cumsum(1)  # L_i = log prod_{l<=i} lambda_l
+    index = torch.arange(T, device=q.device)
+    gap = L[:, :, None] - L[:, None, :]  # L_i - L_j
+    M = torch.where(index[:, None] >= index[None, :], gap, -gap).exp()
+    A = (qf @ kf.transpose(1, 2)) * M
+    Sf0 = _init(state0, "Sf", q.new_zeros(B, dk, dv))
+    zf0 = _init(state0, "zf", q.new_zeros(B, dk))
+    Sb0 = _init(state0, "Sb", q.new_zeros(B, dk, dv))
+    zb0 = _init(state0, "zb", q.new_zeros(B, dk))
+    lam_end = _init(state0, "lam_next", q.new_ones(B))
+    from_start = L.exp()  # prod_{l<=i} lambda_l
+    to_end = (L[:, -1:] - L).exp() * lam_end[:, None]  # prod_{l=i+1..T+1} lambda_l
+    numerator = A @ v + from_start[..., None] * (qf @ Sf0) + to_end[..., None] * (qf @ Sb0)
+    denominator = A.sum(-1) + from_start * (qf @ zf0[..., None])[..., 0] + to_end * (qf @ zb0[..., None])[..., 0]
+    y = numerator / denominator[..., None]
+    weight_end = (L[:, -1:] - L).exp()  # prod_{l=j+1..T} lambda_l
+    weight_first = (L - L[:, :1]).exp()  # prod_{l=2..j} lambda_l
+    Sf = torch.einsum("bt,btk,btv->bkv", weight_end, kf, v) + L[:, -1].exp()[:, None, None] * Sf0
+    zf = torch.einsum("bt,btk->bk", weight_end, kf) + L[:, -1].exp()[:, None] * zf0
+    back = (L[:, -1] - L[:, 0]).exp() * lam_end
+    Sb = torch.einsum("bt,btk,btv->bkv", weight_first, kf, v) + back[:, None, None] * Sb0
+    zb = torch.einsum("bt,btk->bk", weight_first, kf) + back[:, None] * zb0
+    return y, {"Sf": Sf, "zf": zf, "Sb": Sb, "zb": zb, "lam_next": log_lam[:, 0].exp()}
+
+
+def bigru_torch(x, state0=None, **weights):
+    """torch.nn.GRU(batch_first=True, bidirectional=True) with the given weights (the
+    reverse direction's blocks carry the suffix b, as in examples/bigru.rec).
+
+    Returns ((h: [B, T, d], g: [B, T, d]), {"h": h_T, "g": g_1}).
+    """
+    d_in, d = weights["W_ir"].shape
+    module = torch.nn.GRU(d_in, d, batch_first=True, bidirectional=True).to(dtype=x.dtype, device=x.device)
+    layout = {}
+    for suffix, torch_suffix in (("", ""), ("b", "_reverse")):
+        w = {name: weights[name + suffix] for name in ("W_ir", "W_iz", "W_in", "W_hr", "W_hz", "W_hn", "b_ir", "b_iz", "b_in", "b_hr", "b_hz", "b_hn")}
+        layout[f"weight_ih_l0{torch_suffix}"] = torch.cat([w["W_ir"], w["W_iz"], w["W_in"]], dim=1).T
+        layout[f"weight_hh_l0{torch_suffix}"] = torch.cat([w["W_hr"], w["W_hz"], w["W_hn"]], dim=1).T
+        layout[f"bias_ih_l0{torch_suffix}"] = torch.cat([w["b_ir"], w["b_iz"], w["b_in"]])
+        layout[f"bias_hh_l0{torch_suffix}"] = torch.cat([w["b_hr"], w["b_hz"], w["b_hn"]])
+    B = x.shape[0]
+    h0 = _init(state0, "h", x.new_zeros(B, d))
+    g0 = _init(state0, "g", x.new_zeros(B, d))
+    out, h_n = torch.func.functional_call(module, layout, (x, torch.stack([h0, g0])))
+    return (out[..., :d], out[..., d:]), {"h": h_n[0], "g": h_n[1]}
+
+
+def crf_marginals(emit, trans, start, stop, state0=None):
+    """Log marginals log P(y_t = j | emit) of a linear-chain CRF, as the gradient of the
+    log-partition function (the forward algorithm of :func:`crf`) with respect to the
+    emissions: d log Z / d emit_t[j] = P(y_t = j).  An initial state replaces the start
+    scores ("prior") and the stop scores ("beta", the backward variables after the last step).
+
+    Returns (log p: [B, T, n], {"prior": prior_{T+1}, "beta": beta_0}), where
+    beta_0[i] = log Z of the paths that follow label i at a step before the first.
+    """
+    B, T, n = emit.shape
+    prior0 = _init(state0, "prior", start.expand(B, n))
+    beta_end = _init(state0, "beta", stop.expand(B, n))
+    with torch.enable_grad():
+        e = emit if emit.requires_grad else emit.detach().requires_grad_()
+        (_, logZ), final = crf(e, trans, start, beta_end, state0={"prior": prior0})
+        (marginals,) = torch.autograd.grad(logZ[:, -1].sum(), e, create_graph=True)
+    beta0 = torch.stack(
+        [crf(emit, trans, start, beta_end, state0={"prior": trans[i].expand(B, n)})[0][1][:, -1] for i in range(n)], -1)
+    return marginals.log(), {"prior": final["prior"], "beta": beta0}

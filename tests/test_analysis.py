@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import recdsl
-from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, Side, Structure, analyze
+from recdsl.analysis import Delay, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, Side, Structure, analyze
 from recdsl.ops import LOG, MAX_PLUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -60,6 +60,14 @@ EXPECTED = [
     ("slstm", "c", DiagonalAffine, Structure.ELEMENTWISE),
     ("slstm", "n", DiagonalAffine, Structure.ELEMENTWISE),
     ("slstm", "h", Nonlinear, None),
+    ("lion", "Sf", MatrixAffine, Structure.SCALAR),
+    ("lion", "Sb", MatrixAffine, Structure.SCALAR),
+    ("lion", "zb", DiagonalAffine, Structure.SCALAR),
+    ("lion", "lam_next", Delay, None),
+    ("bigru", "h", Nonlinear, None),
+    ("bigru", "g", Nonlinear, None),
+    ("crf_marginals", "prior", SemiringAffine, Structure.MATRIX),
+    ("crf_marginals", "beta", SemiringAffine, Structure.MATRIX),
 ]
 
 

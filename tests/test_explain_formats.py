@@ -28,7 +28,7 @@ TOP_LEVEL_KEYS = {
 }
 STATE_KEYS = {
     "name", "shape", "kind", "class", "class_text", "structure", "update", "expanded_update",
-    "decay", "input", "transition", "low_rank", "semiring", "reason", "reads",
+    "decay", "input", "transition", "low_rank", "semiring", "reason", "reads", "direction",
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
