@@ -312,6 +312,9 @@ class _Builder:
 
 def build_program(analysis: Analysis) -> StepProgram:
     """The step program of ``analysis``'s cell; raises :class:`Unsupported` with the reason."""
+    if analysis.cell.reversed_recurrences:  # the program's one loop runs every state forward
+        name = analysis.cell.reversed_recurrences[0]
+        raise Unsupported(f"'{name}' runs in reverse, and the fused loop runs every state forward in one pass")
     return _Builder(analysis).build()
 
 
