@@ -35,7 +35,7 @@ TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1
 PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2", "state_tracking_lrnn")
 NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
 
-# Cells whose states the chunked backend scans as explicit matrices (no example does).
+# Cells whose states the chunked backend scans as explicit matrices (no example does), and delays.
 MATRIX_SCAN_CELLS = {
     "delta_state": ("""cell DeltaState(dk, dv) {
     input k: [dk]
@@ -69,6 +69,14 @@ MATRIX_SCAN_CELLS = {
     lam = sigmoid(a)
     out h + before
 }""", dict(d=3)),
+    # Block diagonal along the columns, every block the same matrix (the scan keeps one block).
+    "shared_blocks": ("""cell SharedBlocks(d, c) {
+    input g: [d, d]
+    input v: [d, c]
+    state S: [d, c] = 0
+    S = 0.5 * (g @ S) + v
+    out S
+}""", dict(d=3, c=2)),
     "dense": ("""cell Dense(d) {
     input x: [d]
     param A: [d, d] = normal(0.4)
