@@ -22,8 +22,10 @@ max-plus / log semiring         the same pair over the semiring (the decays' sem
                                 product of the steps' matrices)
 low-rank or dense transition    ``(M, F)``: the ordered product of the step matrices
 (matrix scans)
+block-diagonal transition       ``(M, F)``: per block, the ordered product of the slice's
+(block matrix scans)            ``m x m`` block matrices (one for all when they are equal)
 declared monoid                 the slice's carry (the fold of its elements by ``combine``)
-time-parallel state             its last value
+time-parallel state, delay      its last value (a delay's first step reads it: a one-step halo)
 ==============================  =============================================================
 
 The summaries are exchanged with one all-gather (LASP-2's single collective, derived for
@@ -36,7 +38,7 @@ its local pass: a state stored per step adds ``P_t * S_in``
 ``q_t (D_t * S_in)`` to its read-outs, the delta rule adds ``(q_t Phi_t) S_in`` with
 ``q_t Phi_t`` read out of the same chunked pass run on the widened state ``[S | Phi]``, a
 monoid combines the received carry into its prefix; a semiring matrix transition (CRF)
-and the matrix scans rerun their local pass from the received state.  Rank 0 runs from the true initial state
+and the matrix and block scans rerun their local pass from the received state.  Rank 0 runs from the true initial state
 (the ``state=`` it was given, or the cell's) and needs no correction.  The whole-sequence
 final state is the fold of all summaries, on every rank.
 
@@ -49,7 +51,9 @@ FSDP reduce) is the single-process gradient.  The exchange uses
 its own process group, so that its collectives never interleave with those of DDP.
 
 Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
-e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why.
+e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why; so are,
+until their summaries are derived, coupled groups scanned jointly (an affine joint update,
+Titans) and reverse states and scans (whose initial value comes from the later ranks).
 """
 
 from __future__ import annotations

@@ -121,7 +121,7 @@ def default_cases(world: int) -> list[Case]:
             Case("crf", lengths, with_state=False, ddp=True),  # a semiring matrix, on the ring, under DDP
             Case("dense", lengths, with_state=True, exchange="ALL_GATHER"),  # a dense matrix scan
             Case("mamba2", lengths, with_state=True, exchange="RING", return_state=False),
-            Case("state_tracking_lrnn", lengths, with_state=True),  # block matrices
+            Case("state_tracking_lrnn", lengths, with_state=True),  # block matrices, on the ring
             Case("delays", (1, 1, 1, 1), with_state=True),  # shifts across every slice boundary
         ]
     shapes = [(5, 3), (1, 6)]
@@ -134,6 +134,7 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("aaren", shapes[0], with_state=True, exchange="RING"))
     cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
     cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
+    cases.append(Case("state_tracking_lrnn", shapes[0], with_state=True, exchange="ALL_GATHER"))  # block products gathered
     # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
