@@ -22,8 +22,10 @@ max-plus / log semiring         the same pair over the semiring (the decays' sem
                                 product of the steps' matrices)
 low-rank or dense transition    ``(M, F)``: the ordered product of the step matrices
 (matrix scans)
+block-diagonal transition       ``(M, F)``: per block, the ordered product of the slice's
+(block matrix scans)            ``m x m`` block matrices (one for all when they are equal)
 declared monoid                 the slice's carry (the fold of its elements by ``combine``)
-time-parallel state             its last value
+time-parallel state, delay      its last value (a delay's first step reads it: a one-step halo)
 ==============================  =============================================================
 
 The summaries are exchanged with one all-gather (LASP-2's single collective, derived for
@@ -36,7 +38,7 @@ its local pass: a state stored per step adds ``P_t * S_in``
 ``q_t (D_t * S_in)`` to its read-outs, the delta rule adds ``(q_t Phi_t) S_in`` with
 ``q_t Phi_t`` read out of the same chunked pass run on the widened state ``[S | Phi]``, a
 monoid combines the received carry into its prefix; a semiring matrix transition (CRF)
-and the matrix scans rerun their local pass from the received state.  Rank 0 runs from the true initial state
+and the matrix and block scans rerun their local pass from the received state.  Rank 0 runs from the true initial state
 (the ``state=`` it was given, or the cell's) and needs no correction.  The whole-sequence
 final state is the fold of all summaries, on every rank.
 
@@ -49,7 +51,9 @@ FSDP reduce) is the single-process gradient.  The exchange uses
 its own process group, so that its collectives never interleave with those of DDP.
 
 Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
-e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why.
+e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why; so are,
+until their summaries are derived, coupled groups scanned jointly (an affine joint update,
+Titans) and reverse states and scans (whose initial value comes from the later ranks).
 """
 
 from __future__ import annotations
@@ -187,7 +191,22 @@ def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     scans = {s.name: s for s in analysis.cell.scans}
     steps = []
     for step in local.steps:
+        if len(step.names) > 1:
+            # A coupled group's slice does reduce to a block matrix and a final state, but the
+            # exchange and corrections here carry one recurrence per step: refuse, never run it wrong.
+            raise SequenceParallelError(
+                f"states {', '.join(repr(n) for n in step.names)} are coupled and scanned jointly ({step.form}), which has no sequence-parallel summary yet",
+                expected="cells whose coupled states are not scanned jointly (run this cell on one device)",
+            )
         (name,) = step.names
+        if analysis.cell.direction_of(name) is ir.Direction.REVERSE:
+            # Its initial value would come from the ranks after it (an exclusive suffix), which
+            # the exchange does not derive yet; a forward prefix would give wrong values.
+            kind = "scan" if name in scans else "state"
+            raise SequenceParallelError(
+                f"{kind} '{name}' runs in reverse time, whose slice summaries would travel from the last rank back to the first; not supported yet",
+                expected="cells whose states and scans all run forward in time (run this cell on one device)",
+            )
         if name in scans:
             carries = tuple(SummaryPart(c.name, tuple(c.type.shape), _is_complex(c.type)) for c in scans[name].monoid.carries)
             steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}", len(carries)))
@@ -212,6 +231,11 @@ def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
                     rows = state.type.shape[0]
                     transition = SummaryPart("transition", (rows, rows), False)
                     steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.TRANSITION_READOUT, f"its total transition ({rows} x {rows}, the product of the identity-plus-rank-one steps) and its final state from zero"))
+            case Form.BLOCK_MATRIX_SCAN:
+                assert isinstance(recurrence, MatrixAffine)
+                blocks, size = _block_layout(recurrence, state.type)
+                transition = SummaryPart("transition", (blocks, size, size), _is_complex(state.type))
+                steps.append(StepExchange(step.names, step.form, (transition, final), Exchange.ALL_GATHER, Correction.RECOMPUTE, f"the products of its {blocks} block{'s' if blocks != 1 else ''} of {size} x {size} step matrices and its final state from zero"))
             case Form.SEMIRING_DIAGONAL_SCAN:
                 assert isinstance(recurrence, SemiringAffine) and recurrence.decay is not None
                 decay = SummaryPart("transition", _decay_shape(recurrence.decay, state.type), False)
@@ -235,6 +259,15 @@ def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
                     expected="cells whose states are diagonal, row/column/scalar-decay or delta-rule affine, semiring affine, or declared monoids",
                 )
     return tuple(steps)
+
+
+def _block_layout(recurrence: MatrixAffine, state: ir.Type) -> tuple[int, int]:
+    """``(blocks, m)`` of a block-diagonal transition as the block scan builds it: one block per
+    index of the block axes (one for all when every block is the same matrix), ``m`` elements inside."""
+    axes = recurrence.blocks.axes if recurrence.blocks is not None else ()
+    shared = recurrence.blocks is not None and recurrence.blocks.shared
+    blocks = 1 if shared else _numel([state.shape[a] for a in axes])
+    return blocks, _numel([n for a, n in enumerate(state.shape) if a not in axes])
 
 
 def exchange_groups(analysis: Analysis, chunk_size: int = 64) -> list[tuple[str, ...]]:
@@ -813,6 +846,8 @@ class _SlicedRun:
                 return sequence, start, whole
             case Correction.RECOMPUTE if step.form is Form.SEMIRING_MATRIX_SCAN:
                 return (yield from self._semiring_matrix(step, planned, state))
+            case Correction.RECOMPUTE if step.form is Form.BLOCK_MATRIX_SCAN:
+                return (yield from self._block_scan(step, planned, state))
             case Correction.RECOMPUTE:
                 return (yield from self._matrix_scan(step, planned, state))
             case Correction.DECAYED_READOUT | Correction.TRANSITION_READOUT:
@@ -901,6 +936,40 @@ class _SlicedRun:
             else:
                 moved = summary[0] @ s
             return moved + summary[1]
+
+        received, whole = yield _Request.single_state(planned, [matrices[0], sequence[:, -1]], apply)
+        start = self.initial[name] if first else received
+        if not first:
+            sequence = Solver(self.plan, self.seq, {name: start}).solve(step, state).expand(self.lead + state.type.shape)
+        return sequence, start, whole
+
+    def _block_scan(self, step, planned: StepExchange, state: StateAnalysis):
+        """A block-diagonal transition: the products of the slice's block matrices, then the pass from the received state."""
+        name = state.state
+        recurrence = state.recurrence
+        assert isinstance(recurrence, MatrixAffine)
+        first = self.rank == 0
+        solver = _CapturingSolver(self.plan, self.seq, {name: self.initial[name] if first else self.full_state(state, 0.0)})
+        sequence = solver.solve(step, state).expand(self.lead + state.type.shape)
+        assert solver.captured_blocks is not None
+        matrices = solver.captured_blocks.to(sequence.dtype).movedim(1, 0)  # [T_r, B, *heads, blocks, m, m]
+        while matrices.shape[0] > 1:  # M_T ... M_1, pairwise: log depth
+            pairs = matrices.shape[0] // 2
+            product = matrices[1 : 2 * pairs : 2] @ matrices[0 : 2 * pairs : 2]
+            matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+        # The state's layout in blocks, as Solver.blocks lays it out: block axes first, then the rest.
+        axes = recurrence.blocks.axes if recurrence.blocks is not None else ()
+        rank = state.type.rank
+        order = axes + tuple(a for a in range(rank) if a not in axes)
+        inverse = tuple(order.index(a) for a in range(rank))
+        kept = len(self.state_lead)
+        size = planned.summary[0].shape[-1]
+
+        def apply(summary, s):
+            moved = s.permute(tuple(range(kept)) + tuple(kept + a for a in order))
+            blocked = moved.reshape(moved.shape[: kept] + (-1, size, 1))
+            mapped = (summary[0] @ blocked).reshape(moved.shape)
+            return mapped.permute(tuple(range(kept)) + tuple(kept + a for a in inverse)) + summary[1]
 
         received, whole = yield _Request.single_state(planned, [matrices[0], sequence[:, -1]], apply)
         start = self.initial[name] if first else received
@@ -1093,6 +1162,20 @@ class _CapturingSolver(Solver):
     """The parallel backend's solver, keeping the step matrices of the last matrix scan it ran."""
 
     captured: tuple[torch.Tensor, bool, bool] | None = None
+    captured_blocks: torch.Tensor | None = None  # [B, T, *heads, blocks, m, m] of the last block scan
+    _in_blocks = False
+
+    def blocks(self, names, transitions, inputs, blocks):
+        self._in_blocks = True
+        try:
+            return super().blocks(names, transitions, inputs, blocks)
+        finally:
+            self._in_blocks = False
+
+    def _carry_in(self, transition, value, h0, enter, reset):
+        if self._in_blocks:
+            self.captured_blocks = transition
+        return super()._carry_in(transition, value, h0, enter, reset)
 
     def _matrix_scan(self, state, matrix, flat=False, transposed=False):
         self.captured = (matrix, flat, transposed)

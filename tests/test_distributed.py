@@ -32,10 +32,10 @@ from example_dims import DIMS, EXAMPLES  # noqa: E402
 TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1, |reference|))
 
 # The examples the parallel backends run, one per parallel class at least.
-PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2")
+PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2", "state_tracking_lrnn")
 NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
 
-# Cells whose states the chunked backend scans as explicit matrices (no example does).
+# Cells whose states the chunked backend scans as explicit matrices (no example does), and delays.
 MATRIX_SCAN_CELLS = {
     "delta_state": ("""cell DeltaState(dk, dv) {
     input k: [dk]
@@ -53,6 +53,30 @@ MATRIX_SCAN_CELLS = {
     W = W - 0.5 * outer(W @ k, k) + outer(v, k)
     out W
 }""", dict(d=3)),  # low rank from the right
+    # Delays (no example runs one forward): a token shift, a shift of a shift, and a decay carried
+    # one step into a diagonal scan; each rank's first steps read the previous rank's last inputs.
+    "delays": ("""cell Delays(d) {
+    input x: [d]
+    input a: [d]
+    state xp: [d] = 0.5
+    state xpp: [d] = 0.25
+    state lam: [d] = 1
+    state h: [d] = 0
+    before = xpp
+    h = lam * h + xp
+    xpp = xp
+    xp = x
+    lam = sigmoid(a)
+    out h + before
+}""", dict(d=3)),
+    # Block diagonal along the columns, every block the same matrix (the scan keeps one block).
+    "shared_blocks": ("""cell SharedBlocks(d, c) {
+    input g: [d, d]
+    input v: [d, c]
+    state S: [d, c] = 0
+    S = 0.5 * (g @ S) + v
+    out S
+}""", dict(d=3, c=2)),
     "dense": ("""cell Dense(d) {
     input x: [d]
     param A: [d, d] = normal(0.4)
@@ -97,6 +121,8 @@ def default_cases(world: int) -> list[Case]:
             Case("crf", lengths, with_state=False, ddp=True),  # a semiring matrix, on the ring, under DDP
             Case("dense", lengths, with_state=True, exchange="ALL_GATHER"),  # a dense matrix scan
             Case("mamba2", lengths, with_state=True, exchange="RING", return_state=False),
+            Case("state_tracking_lrnn", lengths, with_state=True),  # block matrices, on the ring
+            Case("delays", (1, 1, 1, 1), with_state=True),  # shifts across every slice boundary
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -108,6 +134,7 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("aaren", shapes[0], with_state=True, exchange="RING"))
     cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
     cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
+    cases.append(Case("state_tracking_lrnn", shapes[0], with_state=True, exchange="ALL_GATHER"))  # block products gathered
     # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
@@ -426,6 +453,44 @@ def test_describe_names_each_summary_and_exchange(one_rank):
     assert forced.exchanges[0].exchange is Exchange.ALL_GATHER and forced.exchanges[0].elements == 30
     aaren = SequenceParallel(recdsl.compile(str(EXAMPLES / "aaren.rec"), d=3))
     assert aaren.exchanges[0].correction is Correction.MONOID_FOLD and aaren.exchanges[0].elements == 5
+
+
+def test_block_diagonal_summary_is_described(one_rank):
+    from recdsl.distributed import Correction, SequenceParallel
+
+    lrnn = SequenceParallel(recdsl.compile(str(EXAMPLES / "state_tracking_lrnn.rec"), **DIMS["state_tracking_lrnn"]))
+    (planned,) = lrnn.exchanges
+    assert planned.correction is Correction.RECOMPUTE
+    assert "h: scan of the small blocks" in lrnn.describe()
+    assert "the products of its" in lrnn.describe() and "step matrices and its final state from zero" in lrnn.describe()
+
+
+def test_delays_are_time_parallel_with_the_previous_rank_last_value(one_rank):
+    from recdsl.distributed import Correction, SequenceParallel
+
+    source, dims = MATRIX_SCAN_CELLS["delays"]
+    parallel = SequenceParallel(recdsl.compile(source, **dims))
+    corrections = {e.names[0]: e.correction for e in parallel.exchanges}
+    assert corrections["xp"] is corrections["xpp"] is corrections["lam"] is Correction.NONE
+
+
+@pytest.mark.parametrize(
+    "example, named",
+    [
+        ("titans", "states 'M', 'W' are coupled and scanned jointly"),  # a joint matrix scan
+        ("lion", "state 'lam_next' runs in reverse time"),  # a reverse delay (and reverse scans)
+        ("crf_marginals", "state 'beta' runs in reverse time"),  # a reverse semiring matrix scan
+        ("bigru", "cannot run sequence-parallel"),  # nonlinear, reverse too
+    ],
+)
+def test_forms_without_a_summary_are_refused_when_wrapped(one_rank, example, named):
+    from recdsl.distributed import SequenceParallel
+
+    module = recdsl.compile(str(EXAMPLES / f"{example}.rec"), **DIMS[example])
+    with pytest.raises(SequenceParallelError, match="not supported yet|no sequence-parallel summary yet|cannot run sequence-parallel") as raised:
+        SequenceParallel(module)
+    assert named in str(raised.value), str(raised.value)
+    assert isinstance(raised.value, recdsl.RecDSLError)
 
 
 @pytest.mark.parametrize("example", NONLINEAR_EXAMPLES)
