@@ -853,7 +853,10 @@ def _triton_or_fused_plan(analysis: Analysis, options: PlanOptions) -> "Executio
 
 
 # The options each backend takes through compile(backend_options=...).
-BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations")}
+BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {
+    BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations"),
+    BackendKind.TRITON: ("split_programs", "split_min_steps"),  # the scan kernels' TimeSplit (backends/triton_codegen.py)
+}
 
 
 def _check_backend_options(kind: BackendKind, options: PlanOptions) -> None:
