@@ -190,7 +190,7 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
 def time_split(options) -> TimeSplit:
     """When the scan kernels split T across programs: ``compile(backend="triton",
     backend_options={"split_programs": P, "split_min_steps": S})`` (defaults: 4 x 132
-    programs, chunks of at least 256 steps; ``split_programs=0`` never splits)."""
+    programs, chunks of at least 128 steps; ``split_programs=0`` never splits)."""
     given = dict(options.backend_options)
     default = TimeSplit()
     values = {"split_programs": given.get("split_programs", default.target_programs), "split_min_steps": given.get("split_min_steps", default.min_chunk_steps)}

@@ -290,7 +290,7 @@ class TimeSplit:
     """
 
     target_programs: int = 4 * 132  # about four programs per SM of an H100/H200
-    min_chunk_steps: int = 256
+    min_chunk_steps: int = 128
 
     def chunk_steps(self, programs: int, steps: int, block: int) -> int | None:
         """The steps per chunk for a call of ``programs`` single-pass programs over ``steps`` steps, or None: one pass."""

@@ -52,13 +52,13 @@ def _compare_split(module, length: int, min_steps: int, heads=(2,), batch: int =
 
 
 def test_chunk_steps_fill_the_machine_only_when_rows_are_few():
-    split = TimeSplit()  # 528 programs, chunks of at least 256 steps
+    split = TimeSplit()  # 528 programs, chunks of at least 128 steps
     # B = 8, d = 1024: 8 rows x 16 blocks of 64 = 128 programs, a quarter of the target.
-    assert split.chunk_steps(128, 1024, 32) == 256  # 4 chunks: 512 programs
+    assert split.chunk_steps(128, 1024, 32) == 224  # 5 chunks of 7 blocks (the last of 4): 640 programs
     assert split.chunk_steps(128, 4096, 32) == 832  # 5 chunks of 26 blocks
     assert split.chunk_steps(128, 16384, 32) == 3296
-    assert split.chunk_steps(128, 300, 32) == 256  # two chunks, the second of 44 steps
-    assert split.chunk_steps(128, 256, 32) is None  # one chunk of at least 256 steps would be all of T
+    assert split.chunk_steps(128, 300, 32) == 128  # three chunks, the last of 44 steps
+    assert split.chunk_steps(128, 128, 32) is None  # one chunk of at least 128 steps would be all of T
     assert split.chunk_steps(528, 1 << 16, 32) is None  # enough programs: one pass
     assert split.chunk_steps(1, 1, 32) is None
     assert TimeSplit(target_programs=0).chunk_steps(1, 1 << 16, 32) is None
@@ -100,15 +100,13 @@ def test_split_options_are_checked():
 
 
 def test_default_plan_splits_a_small_batch_and_not_a_large_one():
-    """Recorded, not run: B = 8, d = 1024 is 128 programs, so T = 1024 runs in 4 chunks; B = 64 is 1024 programs: one pass."""
+    """Recorded, not run: B = 8, d = 1024 is 128 programs, so T = 1024 runs in 5 chunks; B = 64 is 1024 programs: one pass."""
     from recdsl.backends.triton_launch import observe_launches
 
-    module = recdsl.compile(EXAMPLES / "mingru.rec", backend="triton", d_in=8, d=1024)
-    for batch, expected in ((8, "forward_h_chunks"), (64, "forward_h")):
-        x = torch.randn(batch, 1024, 8)
+    module = recdsl.compile(EXAMPLES / "mingru.rec", backend="triton", d_in=2, d=1024)
+    for batch, length, expected, grid in ((8, 1024, "forward_h_chunks", (8, 16, 5)), (64, 256, "forward_h", (64, 16))):
+        x = torch.randn(batch, length, 2)
         with torch.no_grad(), observe_launches(run_kernels=False) as launches:
             module(x)
         scans = [launch for launch in launches if launch.name.startswith("forward_h")]
-        assert [launch.name for launch in scans] == [expected]
-        if expected == "forward_h_chunks":
-            assert scans[0].grid == (8, 16, 4)
+        assert [(launch.name, launch.grid) for launch in scans] == [(expected, grid)]
