@@ -305,7 +305,10 @@ class TimeSplit:
     def describe(self) -> str:
         if self.target_programs == 0:
             return "T is never split across programs"
-        return f"T split across programs when a call has fewer than {self.target_programs} (chunks of at least {self.min_chunk_steps} steps)"
+        return (
+            f"T split across programs when a call has fewer than {self.target_programs} (one per row and block of state elements): "
+            f"chunks of at least {self.min_chunk_steps} steps folded, carried, rescanned"
+        )
 
 
 class ScanKind(Enum):
@@ -604,7 +607,7 @@ def emit_carries(buffer: IndentedBuffer, spec: ScanSpec, backward: bool = False)
                 buffer.line(f"tl.store({pointer} + i_k * C + o_c, {running[i]}, mask=m_c)")
             parts = [f"b_s{i}" for i in range(len(names))]
             for part, pointer in zip(parts, sums):
-                buffer.line(f"{part} = tl.load({pointer} + i_k * C + o_c, mask=m_c, other=0.0)")
+                buffer.line(f"{part} = tl.load({pointer} + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)")
             buffer.line(f"{', '.join(running)} = {combine}({', '.join(running)}, {', '.join(parts)})")
     buffer.line("")
     buffer.line("")

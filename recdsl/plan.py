@@ -254,6 +254,8 @@ class ExecutionPlan:
                 lines.append(f"      {chunk.kind}; read-outs {'S @ q' if chunk.transposed else 'q @ S'} with q = {queries}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+            if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T
+                lines.append(f"      {step.kernel.split.describe()}")
             for rejected in step.rejected:
                 lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
         if self.backend is BackendKind.NEWTON and self.solver is not None:

@@ -186,8 +186,8 @@ def carries_h(p_init_0, p_sum_a, p_sum_b, p_carry_0, C, n_chunks, BC: tl.constex
     b_r1 = tl.load(p_init_0 + o_c, mask=m_c, other=0.0).to(ACC)
     for i_k in range(0, n_chunks):
         tl.store(p_carry_0 + i_k * C + o_c, b_r1, mask=m_c)
-        b_s0 = tl.load(p_sum_a + i_k * C + o_c, mask=m_c, other=0.0)
-        b_s1 = tl.load(p_sum_b + i_k * C + o_c, mask=m_c, other=0.0)
+        b_s0 = tl.load(p_sum_a + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
+        b_s1 = tl.load(p_sum_b + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
         b_r0, b_r1 = combine_h(b_r0, b_r1, b_s0, b_s1)
 
 
@@ -305,8 +305,8 @@ def carries_backward_h(p_sum_w, p_sum_g, p_carry_0, C, n_chunks, BC: tl.constexp
     b_r1 = tl.full([BC], 0.0, dtype=ACC)
     for i_k in range(0, n_chunks):
         tl.store(p_carry_0 + i_k * C + o_c, b_r1, mask=m_c)
-        b_s0 = tl.load(p_sum_w + i_k * C + o_c, mask=m_c, other=0.0)
-        b_s1 = tl.load(p_sum_g + i_k * C + o_c, mask=m_c, other=0.0)
+        b_s0 = tl.load(p_sum_w + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
+        b_s1 = tl.load(p_sum_g + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
         b_r0, b_r1 = combine_h(b_r0, b_r1, b_s0, b_s1)
 
 
