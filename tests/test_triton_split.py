@@ -8,6 +8,8 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import recdsl
@@ -111,3 +113,23 @@ def test_default_plan_splits_a_small_batch_and_not_a_large_one():
             module(x)
         scans = [launch for launch in launches if launch.name.startswith("forward_h")]
         assert [(launch.name, launch.grid) for launch in scans] == [(expected, grid)]
+
+
+AFFINE = """
+cell Affine(d) {
+    input a: [d]
+    input b: [d]
+    state h: [d] = 0
+    h = a * h + b
+    out h
+}
+"""
+
+
+@settings(max_examples=6, deadline=None)
+@given(length=st.integers(1, 70), min_steps=st.integers(1, 40), batch=st.integers(1, 3), width=st.integers(1, 5))
+def test_any_split_of_an_affine_scan_matches_sequential(length, min_steps, batch, width):
+    module = recdsl.compile(AFFINE, d=width).double()
+    inputs, state = random_inputs(module, Example(batch=batch, length=length, heads=(), seed=length, with_state=True))
+    mismatches = compare_backends(module, ["triton"], inputs, state, seed=length, backend_options={"split_programs": 1000, "split_min_steps": min_steps})
+    assert not mismatches, "\n".join(map(str, mismatches))
