@@ -12,7 +12,11 @@ Triton backend runs, it emits
   softplus, ...) in registers, scans the block and carries the last state into the next;
 - ``backward_<state>`` for affine and semiring recurrences: the adjoint's recurrence
   ``g_t = dy_t + w_{t+1} g_{t+1}``, run as a forward scan over reversed time, with the
-  gates recomputed from the leaves rather than stored.
+  gates recomputed from the leaves rather than stored;
+- the same scans with T split across programs (:class:`TimeSplit`), for calls with too few
+  rows to fill the GPU: ``summarize_<state>`` folds each chunk of T, ``carries_<state>``
+  passes the folds along the chunks, ``forward_<state>_chunks`` rescans each chunk from its
+  carry (and ``summarize_backward_``, ``carries_backward_``, ``backward_<state>_chunks``).
 
 States and gradients are addressed as ``[N, T, C]``: ``N`` rows (batch times heads), ``T``
 steps and ``C`` state elements; leaves are read in place as ``[B, H, T, C]``, each with its
