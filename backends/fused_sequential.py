@@ -63,6 +63,9 @@ def prepare(analysis: Analysis) -> StepProgram | str:
 
     The plan stage calls it once per compiled module and keeps the program in the plan.
     """
+    if analysis.cell.reversed_recurrences:
+        name = analysis.cell.reversed_recurrences[0]
+        return f"'{name}' runs in reverse, and the compiled loop runs every state forward in one pass"
     if compiler() is None:
         return "no C compiler found (set $CC)"
     try:
@@ -230,12 +233,16 @@ def run(
     program: StepProgram | str | None = None,
     make_kernel=None,
     backend: str = "fused",
+    last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell as :func:`recdsl.backends.sequential.run` does, with the loop in generated C.
 
     ``program`` is :func:`prepare`'s result when the caller made it once (the plan holds it).
     ``make_kernel(program, dtype)``: the loops to run instead of the C ones (the Triton
     kernels of :mod:`.triton_fused`, which take the same tensors); ``backend`` names them in errors.
+    ``last_steps`` (``[B]`` int64): the final state of batch row ``b`` is its state after
+    step ``last_steps[b]`` rather than after the last (sequences of different lengths
+    padded at their ends, :class:`.segments.StartAligned`).
     """
     program = prepare(analysis) if program is None else program
     if isinstance(program, str):
@@ -301,7 +308,12 @@ def run(
     def per_step(value: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         return value.view((steps,) + row_lead + shape).movedim(0, 1)
 
-    final = {s.name: sequences[i][-1].view(row_lead + s.shape) for i, s in enumerate(program.states)}
+    if last_steps is None:
+        final = {s.name: sequences[i][-1].view(row_lead + s.shape) for i, s in enumerate(program.states)}
+    else:  # every state is kept per step: read each row's at its own last step
+        per_row = last_steps.repeat_interleave(rows // lead[0])
+        every_row = torch.arange(rows, device=per_row.device)
+        final = {s.name: sequences[i][per_row, every_row].view(row_lead + s.shape) for i, s in enumerate(program.states)}
     step_outputs: dict[int, torch.Tensor] = {}
     separate_iter = iter(separate)
     for slot in program.outputs:
@@ -311,6 +323,6 @@ def run(
     return outputs, final
 
 
-def run_plan(plan, inputs, params, consts, state, numerics: Numerics):
+def run_plan(plan, inputs, params, consts, state, numerics: Numerics, last_steps: torch.Tensor | None = None):
     """Interpret a fused :class:`~recdsl.plan.ExecutionPlan`: its step program was built at compile time."""
-    return run(plan.analysis, inputs, params, consts, state, numerics, program=plan.solver)
+    return run(plan.analysis, inputs, params, consts, state, numerics, program=plan.solver, last_steps=last_steps)

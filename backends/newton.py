@@ -52,7 +52,7 @@ products of the step), corrections by the reverse diagonal scan.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable, Iterator, Mapping
 
@@ -75,7 +75,7 @@ MAX_STATE_ELEMENTS = 1024
 MAX_FULL_BLOCK = 64
 DEFAULT_MAX_ITERATIONS = 48
 # The options of ``run`` a user passes through ``recdsl.compile(backend_options=...)``.
-OPTIONS = ("jacobian", "tolerance", "max_iterations")
+OPTIONS = ("jacobian", "tolerance", "max_iterations", "warm_start")
 TOLERANCE_IN_EPS = 16
 
 
@@ -153,6 +153,10 @@ class NewtonSolve:
     steps: int
     structure: JacobianStructure
     mode: JacobianMode
+    warm_started: bool = False  # the initial guess was the previous call's solution
+    # The converged joint-state trajectory [B, T, *heads, n] (detached), kept only with
+    # warm_start=True: the next call's initial guess.
+    trajectory: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 # ---- the structure of the Jacobian, from the IR -----------------------------------------------
@@ -174,6 +178,9 @@ def unsupported(analysis: Analysis) -> str | None:
         return f"scan '{cell.scans[0].name}' combines a declared monoid, which Newton's method does not linearise"
     if not cell.states:
         return "the cell has no state"
+    if cell.reversed_recurrences:
+        name = cell.reversed_recurrences[0]
+        return f"state '{name}' runs in reverse, and the Newton solve iterates on one forward trajectory of the joint state"
     for state in cell.states:
         if state.type.kind is not Kind.REAL:
             return f"state '{state.name}' is complex (the Jacobian would not be complex-linear)"
@@ -188,7 +195,10 @@ class _Dependence:
 
     ``None`` stands for "reads no state".  Values that read no state are treated as dense
     (a param may hold any value), so the pattern is a property of the program, not of
-    its current weights.
+    its current weights, except for zeros the program itself fixes: a const's zero
+    entries, and what a product with one keeps zero (:meth:`support`).  A recurrent matrix
+    written ``R * mask`` with a block-diagonal const ``mask`` (sLSTM's heads) gives a
+    block-diagonal Jacobian.
     """
 
     def __init__(self, cell: ir.CellIR, slots: tuple[StateSlot, ...]) -> None:
@@ -199,6 +209,68 @@ class _Dependence:
         self.bindings.update({s.name: s.value for s in cell.body if isinstance(s, ir.Emit) and s.name})
         self.memo: dict[int, tuple[ir.Expr, torch.Tensor | None]] = {}
         self.named: dict[tuple[RefKind, str], torch.Tensor | None] = {}
+        self.consts: dict[tuple[RefKind, str], torch.Tensor] = {}
+        self.support_memo: dict[int, tuple[ir.Expr, torch.Tensor | None]] = {}
+
+    def const_value(self, name: str) -> torch.Tensor:
+        key = (RefKind.CONST, name)
+        if key not in self.consts:
+            with torch.no_grad():
+                evaluator = Evaluator(Numerics(torch.float64, torch.device("cpu")), self.consts)
+                for const in self.cell.consts:
+                    if (RefKind.CONST, const.name) not in self.consts:
+                        self.consts[(RefKind.CONST, const.name)] = evaluator.evaluate(const.value)
+                    if const.name == name:
+                        break
+        return self.consts[key]
+
+    def support(self, node: ir.Expr) -> torch.Tensor | None:
+        """Where a value that reads no state can be nonzero (0/1 of its shape); None: anywhere.
+
+        Only zeros the program fixes count: a literal 0, a const's zero entries, and what
+        multiplying, dividing, negating, indexing or matrix-multiplying them keeps zero.
+        """
+        hit = self.support_memo.get(id(node))
+        if hit is not None and hit[0] is node:
+            return hit[1]
+        result = self._support(node)
+        if result is not None:
+            result = result.expand(node.type.shape) if result.dim() <= node.type.rank else result
+            if bool(result.all()):
+                result = None
+        self.support_memo[id(node)] = (node, result)
+        return result
+
+    def _support(self, node: ir.Expr) -> torch.Tensor | None:
+        if node.type.kind is not Kind.REAL:
+            return None
+        if isinstance(node, ir.Literal):
+            return None if node.value else torch.zeros(node.type.shape)
+        if isinstance(node, ir.Ref):
+            if node.kind is RefKind.CONST:
+                return (self.const_value(node.name) != 0).to(torch.float32)
+            if node.kind is RefKind.BINDING and node.name in self.bindings:
+                return self.support(self.bindings[node.name])
+            return None
+        ones = lambda arg: torch.ones(arg.type.shape)  # noqa: E731
+        if node.op == "mul":
+            a, b = (self.support(arg) for arg in node.args)
+            if a is None and b is None:
+                return None
+            return (a if a is not None else ones(node.args[0])) * (b if b is not None else ones(node.args[1]))
+        if node.op in ("div", "neg"):
+            return self.support(node.args[0])
+        if node.op == "index":
+            inner = self.support(node.args[0])
+            return None if inner is None else inner[_index_key(node.attrs)]
+        if node.op == "matmul":
+            a, b = (self.support(arg) for arg in node.args)
+            if a is None and b is None:
+                return None
+            left = a if a is not None else ones(node.args[0])
+            right = b if b is not None else ones(node.args[1])
+            return _matmul_pattern(left, node.args[0].type.rank, right, node.args[1].type.rank)
+        return None
 
     def of_update(self, state: str) -> torch.Tensor:
         key = (RefKind.STATE_NEW, state)
@@ -252,11 +324,14 @@ class _Dependence:
         if op == "matmul":
             (a, b), (ta, tb) = args, (node.args[0].type, node.args[1].type)
             parts = []
-            # Structurally, out[i, j] reads a[i, k] and b[k, j] for every k.
+            # Structurally, out[i, j] reads a[i, k] and b[k, j] for every k where the other
+            # operand's entry is not fixed at zero.
             if a is not None:
-                parts.append(_matmul_pattern(a, ta.rank, torch.ones(tb.shape), tb.rank))
+                other = self.support(node.args[1]) if b is None else None
+                parts.append(_matmul_pattern(a, ta.rank, torch.ones(tb.shape) if other is None else other, tb.rank))
             if b is not None:
-                parts.append(_matmul_pattern(torch.ones(ta.shape), ta.rank, b, tb.rank))
+                other = self.support(node.args[0]) if a is None else None
+                parts.append(_matmul_pattern(torch.ones(ta.shape) if other is None else other, ta.rank, b, tb.rank))
             return _union([p.expand(full) for p in parts], full)
         if op == "outer":
             (u, v) = args
@@ -273,6 +348,14 @@ class _Dependence:
             return torch.diagonal(value, dim1=-2, dim2=-1)
         if op == "index":
             return args[0][_index_key(node.attrs)]
+        if op == "mul" and sum(a is None for a in args) == 1:
+            # A product with a value fixed at zero somewhere reads nothing there.
+            free = 0 if args[0] is None else 1
+            zeros = self.support(node.args[free])
+            if zeros is not None:
+                dependent = 1 - free
+                pattern = _lift(args[dependent], node.args[dependent].type.rank, rank).expand(full)
+                return pattern * zeros.reshape((1,) * (1 + rank - zeros.dim()) + tuple(zeros.shape)).expand(full)
         if op == "softmax":  # each element reads every element along the axes
             (axis,) = node.attrs
             dims = _reduce_dims(rank, axis)
@@ -569,11 +652,20 @@ def _step_errors(residual: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return relative.transpose(0, 1).reshape(residual.shape[1], -1).amax(1)
 
 
-def _newton(step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, mode: JacobianMode, tolerance: float, max_iterations: int, keep_jacobian: bool):
-    """The converged trajectory ``[B, T, *heads, n]``, its Jacobians (when kept) and the report."""
+def _newton(
+    step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, mode: JacobianMode, tolerance: float, max_iterations: int, keep_jacobian: bool,
+    guess: torch.Tensor | None = None,
+):
+    """The converged trajectory ``[B, T, *heads, n]``, its Jacobians (when kept) and the report.
+
+    ``guess`` (a trajectory of the same shape) replaces the default initial guess.
+    """
     index = _index(plan, initial.device)
-    # The initial guess: every step taken from the initial state, f(s_{-1}, x_t) (ParaRNN's guess).
-    trajectory = step(initial.unsqueeze(1).expand(initial.shape[:1] + (steps,) + initial.shape[1:]))
+    if guess is not None:
+        trajectory = guess.clone()
+    else:
+        # The initial guess: every step taken from the initial state, f(s_{-1}, x_t) (ParaRNN's guess).
+        trajectory = step(initial.unsqueeze(1).expand(initial.shape[:1] + (steps,) + initial.shape[1:]))
     iterations = 0
     while True:
         value, jacobian = _evaluate_with_jacobian(step, _shift(initial, trajectory), plan, mode, index)
@@ -598,7 +690,7 @@ def _newton(step: _Step, initial: torch.Tensor, steps: int, plan: JacobianPlan, 
         value, jacobian = _evaluate_with_jacobian(step, _shift(initial, trajectory), plan, mode, index) if keep_jacobian else (trajectory, None)
         prefix = errors[:start]
         worst = float(prefix.max()) if start else 0.0
-    report = NewtonSolve(iterations, worst, tolerance, converged, sequential, steps, plan.structure, mode)
+    report = NewtonSolve(iterations, worst, tolerance, converged, sequential, steps, plan.structure, mode, warm_started=guess is not None)
     return trajectory, (jacobian if keep_jacobian else None), report
 
 
@@ -688,6 +780,16 @@ class _ImplicitAdjoint(torch.autograd.Function):
 # ---- the backend --------------------------------------------------------------------------
 
 
+def _warm_guess(previous: "NewtonSolve | None", like: tuple[int, ...], numerics: Numerics) -> torch.Tensor | None:
+    """The previous call's solution when it can start this call: same shape, dtype and device, finite."""
+    if previous is None or previous.trajectory is None:
+        return None
+    guess = previous.trajectory
+    if tuple(guess.shape) != like or guess.dtype != numerics.real or guess.device != numerics.device:
+        return None
+    return guess if bool(torch.isfinite(guess).all()) else None
+
+
 def _options(jacobian, tolerance, max_iterations, numerics: Numerics) -> tuple[JacobianMode, float, int]:
     try:
         mode = JacobianMode(jacobian)
@@ -715,8 +817,11 @@ def run(
     jacobian: str = "auto",
     tolerance: float | None = None,
     max_iterations: int | None = None,
+    warm_start: bool = False,
     report: Callable[[NewtonSolve], None] | None = None,
+    previous: NewtonSolve | None = None,
     plan: JacobianPlan | None = None,
+    last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell by Newton's method over the whole sequence; the signature of the sequential backend's ``run``.
 
@@ -724,9 +829,17 @@ def run(
     diagonal beyond), ``full`` or ``diagonal`` (quasi-Newton).  ``tolerance``: the bound
     on the relative residual (default ``16 * eps`` of the computing dtype);
     ``max_iterations``: Newton updates before the unconverged suffix runs step by step.
+    ``warm_start``: start from ``previous.trajectory`` (the last call's solution, kept in
+    its report) when it has this call's shape, dtype and device, instead of the cold guess;
+    the solution is the same (Newton's fixed point does not depend on the guess), the
+    iterations fewer when the two calls solve nearby systems.
     ``report`` receives the :class:`NewtonSolve` of the call; ``plan`` is
     :func:`jacobian_structure`'s result when the caller made it once (else it is made here).
+    ``last_steps`` (``[B]`` int64): the final state of batch row ``b`` is its state after step
+    ``last_steps[b]`` (sequences padded at their ends, :class:`.segments.StartAligned`).
     """
+    if not isinstance(warm_start, bool):
+        raise BackendError(f"warm_start must be True or False, got {warm_start!r}", expected="warm_start=True")
     plan = plan if plan is not None else jacobian_structure(analysis)
     requested, tolerance, max_iterations = _options(jacobian, tolerance, max_iterations, numerics)
     mode = plan.mode(requested)
@@ -763,8 +876,11 @@ def run(
 
     attached = _Step(analysis, numerics, plan, whole, hoisted)
     detached = attached.detached()
+    guess = _warm_guess(previous, tuple(state_lead[:1]) + (steps,) + tuple(state_lead[1:]) + (plan.size,), numerics) if warm_start else None
     with torch.no_grad():
-        trajectory, jacobian_values, solve = _newton(detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, keep_jacobian=differentiable)
+        trajectory, jacobian_values, solve = _newton(detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, keep_jacobian=differentiable, guess=guess)
+    if warm_start:
+        solve = replace(solve, trajectory=trajectory.detach())
     if report is not None:
         report(solve)
 
@@ -791,11 +907,28 @@ def run(
             continue
         value = values.evaluator.evaluate(emit.value)
         outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
-    final = {s.name: solution[:, -1, ..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
+    # Each row's state after its last step: the whole trajectory is solved, so any step can be read.
+    last = solution[:, -1] if last_steps is None else solution[torch.arange(lead[0], device=solution.device), last_steps]
+    final = {s.name: last[..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
     return outputs, final
 
 
 
-def run_plan(plan, inputs, params, consts, state, numerics: Numerics, report: Callable[[NewtonSolve], None] | None = None):
-    """Interpret a newton :class:`~recdsl.plan.ExecutionPlan`: its Jacobian plan was made at compile time."""
-    return run(plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, **dict(plan.options.backend_options))
+def run_plan(
+    plan,
+    inputs,
+    params,
+    consts,
+    state,
+    numerics: Numerics,
+    report: Callable[[NewtonSolve], None] | None = None,
+    last_steps: torch.Tensor | None = None,
+    previous: NewtonSolve | None = None,
+):
+    """Interpret a newton :class:`~recdsl.plan.ExecutionPlan`: its Jacobian plan was made at compile time.
+
+    ``previous`` is the module's last report, the warm start's guess (with ``warm_start=True``).
+    """
+    return run(
+        plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, last_steps=last_steps, previous=previous, **dict(plan.options.backend_options)
+    )

@@ -13,6 +13,9 @@ matrix affine, identity plus low rank   ``matrix_affine_scan`` of ``(M_t, B_t)``
                                         from the rank-one terms
 matrix affine, dense                    ``matrix_affine_scan``, ``M_t`` found by applying the
                                         transition to the basis of the state
+matrix affine, block diagonal; a        ``block_affine_scan`` of each block's ``m x m`` matrix,
+coupled group with an affine joint      found by applying the transition to ``m`` probe
+update                                  states (one per position inside a block)
 semiring affine (max-plus, log)         the same scans over the semiring
 declared monoid                         ``prefix_scan`` with the monoid's combine
 ======================================  =====================================================
@@ -26,13 +29,15 @@ chunk boundaries are kept.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
 import torch
 
 from recdsl import ir
-from recdsl.analysis import Analysis, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure
+from recdsl.errors import BackendError
+from recdsl.analysis import Analysis, BlockAxes, JointAffine, MatrixAffine, NoRecurrence, SemiringAffine, Side, StateAnalysis, Structure
 from recdsl.ir import RefKind
 from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan are re-exported for compatibility)
     MAX_MATRIX_STATE,
@@ -49,6 +54,7 @@ from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan a
 
 from . import chunk_kernels, convolution
 from .scans import (
+    block_affine_scan,
     linear_scan,
     matrix_affine_scan,
     prefix_scan,
@@ -56,7 +62,9 @@ from .scans import (
     semiring_matmul,
     semiring_matrix_scan,
     semiring_product_scan,
+    segmented,
 )
+from .segments import ChunkLayout, ChunkRows, Segments
 from .torch_ops import ELEMENTWISE, REDUCTIONS, Evaluator, Numerics, align, combine_carries
 
 DEFAULT_CHUNK = 64
@@ -131,19 +139,88 @@ class _Sequences:
         return value.transpose(0, 1)
 
 
-def _shift(sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-    """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]``."""
+class _ProbeValues(dict):
+    """The values of an evaluation at probe states: the probes' own entries; everything else
+    (time-parallel bindings, other states) read from the run's values, computed there once."""
+
+    def __init__(self, base: _LazyValues) -> None:
+        super().__init__()
+        self.base = base
+
+    def __missing__(self, key):
+        return self.base[key]
+
+
+def _shift(sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction = ir.Direction.FORWARD) -> torch.Tensor:
+    """The previous values: ``[S_0, S_1, ..., S_{T-1}]`` from ``[S_1, ..., S_T]`` (for a
+    reverse recurrence ``[S_2, ..., S_T, S_{T+1}]``, the value of the step after)."""
+    if direction is ir.Direction.REVERSE:
+        return torch.cat([sequence[:, 1:], initial.unsqueeze(1)], 1)
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
+
+
+def _declared_ranks(cell: ir.CellIR) -> dict[tuple[RefKind, str], int]:
+    """The per-step rank of every value that may carry time (inputs, bindings, states, scan carries)."""
+    ranks: dict[tuple[RefKind, str], int] = {(RefKind.INPUT, i.name): i.type.rank for i in cell.inputs}
+    for statement in cell.body:
+        if isinstance(statement, (ir.Assign, ir.Emit)) and statement.name is not None:
+            ranks[(RefKind.BINDING, statement.name)] = statement.value.type.rank
+        elif isinstance(statement, ir.ScanAssign):
+            ranks.update({(RefKind.SCAN, f"{statement.name}.{c.name}"): c.type.rank for c in statement.monoid.carries})
+    for state in cell.states:
+        ranks[(RefKind.STATE_NEW, state.name)] = ranks[(RefKind.STATE_PREV, state.name)] = state.type.rank
+    return ranks
+
+
+def _time_reversed(seq: _Sequences, cell: ir.CellIR) -> _Sequences:
+    """A view of ``seq`` with time running backwards, where a reverse recurrence is a forward one.
+
+    Every value (computed or pending) is flipped on first read; params, consts and values
+    that read only them have no time dim and are left alone.  Solving a reverse state in
+    this view and flipping its sequence back gives its values in the cell's time.
+    """
+    ranks = _declared_ranks(cell)
+    flipped = _Sequences(seq.numerics, seq.lead)
+
+    def read(key: tuple[RefKind, str]) -> torch.Tensor:
+        value = seq.values[key]
+        rank = ranks.get(key)
+        return value.flip(1) if rank is not None and value.dim() > rank else value
+
+    flipped.read_source = read  # type: ignore[attr-defined]
+    _follow(flipped, seq)
+    return flipped
+
+
+def _follow(flipped: _Sequences, seq: _Sequences) -> None:
+    """Give ``flipped`` (a :func:`_time_reversed` view) the values ``seq`` gained since (states solved meanwhile)."""
+    known = flipped.values.keys() | flipped.values.pending.keys()
+    for key in list(seq.values) + list(seq.values.pending):
+        if key not in known:
+            flipped.values.pending[key] = functools.partial(flipped.read_source, key)  # type: ignore[attr-defined]
 
 
 class Solver:
     """Solves each recurrence of one call over the whole sequence, in the form its plan step names."""
 
-    def __init__(self, plan: ExecutionPlan, sequences: _Sequences, initial: Mapping[str, torch.Tensor]) -> None:
+    def __init__(self, plan: ExecutionPlan, sequences: _Sequences, initial: Mapping[str, torch.Tensor], segments: Segments | None = None) -> None:
         self.plan = plan
         self.analysis = plan.analysis
         self.seq = sequences
         self.initial = initial
+        self.segments = segments  # a packed variable-length batch: initial values are [N, *heads, *shape]
+
+    def _carry_in(self, transition: torch.Tensor, value: torch.Tensor, h0: torch.Tensor, enter: Callable, reset: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scan's elements with the initial state carried into the first step: ``v_0 = enter(T_0, h0, v_0)``.
+
+        The scans start from the zero state, so the initial state enters through the first
+        step's input term; in a packed batch, through each sequence's first step, whose
+        transition is then ``reset`` (see :meth:`.segments.Segments.carry_in`).
+        """
+        if self.segments is not None:
+            return self.segments.carry_in(transition, value, h0, enter, reset)
+        first = enter(transition[:, :1], h0.unsqueeze(1), value[:, :1])
+        return transition, torch.cat([first, value[:, 1:]], 1)
 
     def _input(self, recurrence, state_type: ir.Type) -> torch.Tensor | None:
         if recurrence.input is None:
@@ -159,7 +236,7 @@ class Solver:
         value = torch.zeros(full_shape, dtype=h0.dtype, device=h0.device) if value is None else value.expand(full_shape)
         if value.dtype != h0.dtype:
             value = value.to(h0.dtype)
-        value = torch.cat([(decay[:, :1] * h0.unsqueeze(1) + value[:, :1]), value[:, 1:]], 1)
+        decay, value = self._carry_in(decay, value, h0, lambda a, h, v: a * h + v, 0.0)
         return self.seq.batch_first(linear_scan(self.seq.time_first(decay), self.seq.time_first(value)))
 
     def low_rank(self, state: StateAnalysis) -> torch.Tensor:
@@ -234,9 +311,95 @@ class Solver:
     def _matrix_scan_of(self, matrix: torch.Tensor, value: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
         """``S_t = M_t S_{t-1} + B_t`` from ``S_0 = start``, batch first."""
         matrix = matrix.to(value.dtype)
-        first = matrix[:, 0] @ start + value[:, 0]
-        value = torch.cat([first.unsqueeze(1), value[:, 1:]], 1)
+        matrix, value = self._carry_in(matrix, value, start, lambda m, s, v: m @ s + v, 0.0)
         return self.seq.batch_first(matrix_affine_scan(self.seq.time_first(matrix), self.seq.time_first(value)))
+
+    def blocks(self, names: tuple[str, ...], transitions: tuple[ir.Expr, ...], inputs: tuple[ir.Expr | None, ...], blocks: BlockAxes | None) -> dict[str, torch.Tensor]:
+        """States whose (joint) transition is block diagonal along ``blocks.axes``, scanned block by block.
+
+        Each block holds, for every state of ``names``, its elements at one index of the
+        block axes: ``m`` elements in all.  Applying the transitions to probe ``j`` (a one at
+        position ``j`` of every block, zeros elsewhere) gives column ``j`` of every block's
+        matrix at once, since blocks do not mix; ``m`` probes, evaluated together, give the
+        ``[B, T, *heads, blocks, m, m]`` matrices.  When no value the transition multiplies
+        by varies along the block axes (``blocks.shared``) the probes have those axes of
+        size 1 and one matrix serves every block.  No block axes: one block, the dense map.
+        """
+        seq = self.seq
+        lead = seq.lead
+        types = [self.analysis.state(name).type for name in names]
+        rank = types[0].rank
+        axes = blocks.axes if blocks is not None else ()
+        shared = blocks is not None and blocks.shared
+        inner = tuple(a for a in range(rank) if a not in axes)
+        order = axes + inner  # block axes first, then the axes inside a block
+        inverse = tuple(order.index(a) for a in range(rank))
+        block_shape = tuple(types[0].shape[a] for a in axes)
+        sizes = [math.prod(t.shape[a] for a in inner) for t in types]
+        m = sum(sizes)
+        dtype = seq.numerics.dtype_of(types[0].kind)
+        device = seq.numerics.device
+
+        def to_blocks(value: torch.Tensor, kept: int, declared: ir.Type) -> torch.Tensor:
+            """``[*kept dims, *declared shape]`` -> ``[*kept dims, *block dims, size inside]``."""
+            moved = value.permute(tuple(range(kept)) + tuple(kept + a for a in order))
+            return moved.reshape(moved.shape[: kept + len(axes)] + (-1,))
+
+        # The probes: [m, *lead ones, *shape] per state, block axes of size 1 when shared.
+        probe_shape = tuple(1 if shared else n for n in block_shape)
+        identity = torch.eye(m, dtype=dtype, device=device)
+        values = _ProbeValues(seq.values)
+        offset = 0
+        for name, state_type, size in zip(names, types, sizes):
+            inner_shape = tuple(state_type.shape[a] for a in inner)
+            piece = identity[:, offset : offset + size].reshape((m,) + (1,) * len(axes) + inner_shape)
+            piece = piece.expand((m,) + probe_shape + inner_shape).permute((0,) + tuple(1 + a for a in inverse))
+            values[(RefKind.STATE_PREV, name)] = piece.reshape((m,) + (1,) * len(lead) + tuple(piece.shape[1:]))
+            offset += size
+        evaluator = Evaluator(seq.numerics, values)
+        columns = []
+        for transition, state_type in zip(transitions, types):
+            result = evaluator.evaluate(transition)
+            if result.dim() > transition.type.rank:
+                result = align(result, transition.type.rank, rank)
+            else:
+                result = result.reshape((1,) * (1 + len(lead) + rank - result.dim()) + tuple(result.shape))
+            target = tuple(1 if shared and a in axes else n for a, n in enumerate(state_type.shape))
+            result = result.expand((m,) + lead + target).to(dtype)
+            columns.append(to_blocks(result, 1 + len(lead), state_type))
+        matrix = torch.cat(columns, -1).movedim(0, -1)  # [B, T, *heads, *blocks, m (row), m (column)]
+        matrix = matrix.reshape(matrix.shape[: len(lead)] + (-1, m, m))
+
+        pieces, starts = [], []
+        for name, state_type, expr in zip(names, types, inputs):
+            full = lead + state_type.shape
+            if expr is None:
+                value = torch.zeros(full, dtype=dtype, device=device)
+            else:
+                value = seq.full(seq.evaluate(expr), expr.type, state_type).expand(full).to(dtype)
+            pieces.append(to_blocks(value, len(lead), state_type))
+            h0 = self.initial[name]
+            start = h0.expand((h0.shape[0],) + lead[2:] + state_type.shape).to(dtype)  # [B or, packed, N, *heads, *shape]
+            starts.append(to_blocks(start, len(lead) - 1, state_type))
+        value = torch.cat(pieces, -1).reshape(lead + (-1, m))
+        start = torch.cat(starts, -1).reshape((starts[0].shape[0],) + lead[2:] + (-1, m))
+        matrix, value = self._carry_in(matrix, value, start, lambda m_t, h, v: (m_t @ h.unsqueeze(-1)).squeeze(-1) + v, 0.0)
+        solved = seq.batch_first(block_affine_scan(seq.time_first(matrix), seq.time_first(value)))  # [B, T, *heads, blocks, m]
+        solved = solved.reshape(lead + block_shape + (m,))
+        results, offset = {}, 0
+        for name, state_type, size in zip(names, types, sizes):
+            inner_shape = tuple(state_type.shape[a] for a in inner)
+            piece = solved[..., offset : offset + size].reshape(lead + block_shape + inner_shape)
+            results[name] = piece.permute(tuple(range(len(lead))) + tuple(len(lead) + a for a in inverse))
+            offset += size
+        return results
+
+    def joint(self, step: StepPlan) -> dict[str, torch.Tensor]:
+        """A coupled group whose joint update is affine: one block scan of the states stacked."""
+        group = self.analysis.group(step.names)
+        assert group is not None and isinstance(group.recurrence, JointAffine)
+        joint = group.recurrence
+        return self.blocks(joint.states, joint.transitions, joint.inputs, joint.blocks)
 
     def semiring(self, state: StateAnalysis) -> torch.Tensor:
         recurrence = state.recurrence
@@ -248,10 +411,14 @@ class Solver:
         full_shape = self.seq.lead + state.type.shape
         if recurrence.structure is Structure.DIAGONAL:
             decay = self.seq.full(self.seq.evaluate(recurrence.decay), recurrence.decay.type, state.type)
-            if value is None:
+            if value is None and self.segments is None:
                 return h0.unsqueeze(1) + decay.expand(full_shape).cumsum(1)
+            if value is None:  # a sum of decays restarting at each sequence (a zero input's logaddexp has a NaN gradient)
+                flags = self.segments.start_flags(full_shape[1])
+                sums = prefix_scan((self.seq.time_first(decay.expand(full_shape)), flags), segmented(lambda e, l: (e[0] + l[0],)))[0]
+                return self.seq.batch_first(sums) + self.segments.per_step(h0)
             value = value.expand(full_shape)
-            value = torch.cat([plus(decay[:, :1] + h0.unsqueeze(1), value[:, :1]), value[:, 1:]], 1)
+            decay, value = self._carry_in(decay, value, h0, lambda a, h, v: plus(a + h, v), semiring.zero)
             return self.seq.batch_first(semiring_diagonal_scan(self.seq.time_first(decay), self.seq.time_first(value), plus))
         size = _matrix_size(state)
         # The semiring's zero annihilates (zero (x) w = zero for every weight w), but in IEEE
@@ -271,12 +438,22 @@ class Solver:
         start = h0.reshape(h0.shape[: len(self.seq.lead) - 1] + (1, size))
         reduce_fn = lambda x, dim: reduce(x, (dim,))  # noqa: E731
         if value is None:
-            products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn))
-            return semiring_matmul(start.unsqueeze(1), products, reduce_fn).reshape(full_shape)
+            if self.segments is None:
+                products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn))
+                return semiring_matmul(start.unsqueeze(1), products, reduce_fn).reshape(full_shape)
+            flags = self.segments.start_flags(full_shape[1])  # products restarting at each sequence, from its initial state
+            products = self.seq.batch_first(semiring_product_scan(self.seq.time_first(matrix), reduce_fn, flags))
+            return semiring_matmul(self.segments.per_step(start), products, reduce_fn).reshape(full_shape)
         value = value.expand(full_shape).reshape(self.seq.lead + (size,))
-        first = plus(semiring_matmul(start, matrix[:, 0], reduce_fn).squeeze(-2), value[:, 0])
-        value = torch.cat([first.unsqueeze(1), value[:, 1:]], 1)
-        result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
+        enter = lambda m, s, v: plus(semiring_matmul(s, m, reduce_fn).squeeze(-2), v)  # noqa: E731
+        if self.segments is None:
+            matrix, value = self._carry_in(matrix, value, start, enter, semiring.zero)
+            result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn)
+        else:  # each sequence's first value takes in its initial state; the scan restarts there
+            first = enter(self.segments.at_starts(matrix), start.unsqueeze(0), self.segments.at_starts(value))
+            value = value.index_copy(1, self.segments.starts, first.expand((1, self.segments.count) + tuple(value.shape[2:])).to(value.dtype))
+            flags = self.segments.start_flags(value.shape[1])
+            result = semiring_matrix_scan(self.seq.time_first(matrix), self.seq.time_first(value), plus, reduce_fn, flags)
         return self.seq.batch_first(result).reshape(full_shape)
 
     def solve(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
@@ -292,6 +469,9 @@ class Solver:
                 return self.low_rank(state)
             case Form.DENSE_MATRIX_SCAN:
                 return self.dense(state)
+            case Form.BLOCK_MATRIX_SCAN:
+                recurrence = state.recurrence
+                return self.blocks((state.state,), (recurrence.transition,), (recurrence.input,), recurrence.blocks)[state.state]
             case Form.SEMIRING_DIAGONAL_SCAN | Form.SEMIRING_MATRIX_SCAN:
                 return self.semiring(state)
             case Form.TRITON_SCAN:
@@ -314,9 +494,19 @@ class Solver:
         names = [c.name for c in monoid.carries]
 
         def combine(earlier, later):
+            if scan.reverse:  # solved in reversed time: the element met later is the earlier one in the cell's time
+                earlier, later = later, earlier
             result = combine_carries(monoid, dict(zip(names, earlier)), dict(zip(names, later)), numerics)
             return tuple(result[n] for n in names)
 
+        if self.segments is not None:
+            # Each sequence's initial carry folded into its first element, then a segmented scan.
+            starts = self.segments.starts
+            entered = combine(tuple(self.initial[f"{scan.name}.{n}"].unsqueeze(1) for n in names), tuple(e.index_select(0, starts) for e in elements))
+            elements = [e.index_copy(0, starts, x.expand((x.shape[0],) + e.shape[1:]).to(e.dtype)) for e, x in zip(elements, entered)]
+            flags = self.segments.start_flags(elements[0].shape[0])
+            folded = prefix_scan(tuple(elements) + (flags,), segmented(combine))[:-1]
+            return {n: self.seq.batch_first(v) for n, v in zip(names, folded)}
         scanned = prefix_scan(tuple(elements), combine)
         initial = tuple(self.initial[f"{scan.name}.{n}"].unsqueeze(0) for n in names)
         folded = combine(initial, scanned)
@@ -335,31 +525,53 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if is_compiling is not None and is_compiling():
         return True
-    if log_decay is not None and not bool((log_decay < float("inf")).all()):  # NaN or +inf
+    if log_decay is not None and log_decay.numel() and not bool(log_decay.amax() < float("inf")):  # NaN (amax propagates it) or +inf
         return False
-    return all(bool(torch.isfinite(piece).all()) for piece in pieces)
+    # One reduction per piece: a finite sum means every element is finite; only a sum that
+    # is not (an overflow of finite values, or a real inf or NaN) needs the elementwise test.
+    return all(bool(torch.isfinite(piece.sum())) or bool(torch.isfinite(piece).all()) for piece in pieces)
 
 
 def _run_chunk_plan(
-    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None
+    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
     """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel.
 
     None when the pieces are not finite (see :func:`_chunkable`): the caller scans the state.
+    With ``segments`` each sequence is laid out on whole chunks (:class:`.segments.ChunkLayout`)
+    and the kernel restarts at each sequence's first chunk from its row of ``h0``.
     """
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
+    # Packed sequences: on whole chunks of one row for the decayed products (a scan over chunk
+    # states), in rows of their own for the delta rule (a loop over chunks).
+    layout: ChunkLayout | ChunkRows | None = None
+    if segments is not None:
+        layout = ChunkRows.of(segments, chunk) if plan.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE) else ChunkLayout.of(segments, chunk)
+    place = layout.spread if layout is not None else (lambda x: x)
+
+    flattened: list[tuple[ir.Expr, int, torch.Tensor]] = []  # one copy per distinct vector (the delta rule's k is its map's both sides and its input's row)
 
     def flat_vector(expr: ir.Expr, length: int) -> torch.Tensor:
+        for seen, seen_length, value in flattened:
+            if seen_length == length and seen == expr:
+                return value
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
-        return value.movedim(1, -2).reshape((-1, lead[1], length))
+        value = place(value.movedim(1, -2).reshape((-1, lead[1], length)))
+        flattened.append((expr, length, value))
+        return value
 
     def flat_scalar(expr: ir.Expr) -> torch.Tensor:
         value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
-        return value.movedim(1, -1).reshape((-1, lead[1]))
+        return place(value.movedim(1, -1).reshape((-1, lead[1])))
 
     rows, columns = state.type.shape[::-1] if plan.transposed else state.type.shape
-    start = (h0.transpose(-1, -2) if plan.transposed else h0).reshape((-1, rows, columns))
+    start = h0.transpose(-1, -2) if plan.transposed else h0
+    # [N', K, V] for N' = batch x heads; in a packed batch [N', sequences, K, V].
+    start = start.reshape((-1, rows, columns)) if layout is None else start.reshape((segments.count, -1, rows, columns)).transpose(0, 1)
+    extra = (layout,) if isinstance(layout, ChunkLayout) else ()
+    if isinstance(layout, ChunkRows):
+        start = start.reshape((-1, rows, columns))  # [N' * sequences, K, V], as the rows
     queries = [flat_vector(q, rows) for q in plan.queries]
     scaled_columns = []
     for term in plan.inputs:
@@ -375,23 +587,43 @@ def _run_chunk_plan(
             log_decay = log_decay.transpose(-1, -2)
         shape = tuple(log_decay.shape[-2:])
         log_decay = log_decay.expand(lead + shape).movedim(1, -3).reshape((-1, lead[1]) + shape)
+        log_decay = place(log_decay)  # padding: log decay 0, the state carried unchanged
         if not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
             return None
-        results, final = chunk_kernels.with_infinite_readouts(
-            decayed or chunk_kernels.decayed_outer_products, queries, [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns], log_decay, start, chunk
-        )
+        inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
+        if plan.reads_previous:  # only the torch kernel reads out the previous state (the planner keeps it off Triton)
+            results, final = chunk_kernels.with_infinite_readouts(
+                chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra, exclusive=plan.previous
+            )
+        else:
+            results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra)
     else:
-        recurrence = state.recurrence
-        assert isinstance(recurrence, MatrixAffine)
-        term = recurrence.low_rank[0]
-        left, right = flat_vector(term.left, rows), flat_vector(term.right, rows)
-        coefficient = flat_scalar(term.coefficient)
-        if not _chunkable(None, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
+        transition = plan.transition
+        assert transition is not None and transition.coefficient is not None
+        left, right = flat_vector(transition.row, rows), flat_vector(transition.column, rows)
+        coefficient = flat_scalar(transition.coefficient)
+        log_decay = None
+        if plan.log_decay is not None:  # the gated delta rule: a scalar decay per step
+            log_decay = flat_scalar(plan.log_decay)
+        if not _chunkable(log_decay, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
             return None
-        results, final = chunk_kernels.with_infinite_readouts(chunk_kernels.delta_rule, queries, left, right, coefficient, [v for _, v in scaled_columns], start, chunk)
+        results, final = chunk_kernels.with_infinite_readouts(
+            functools.partial(chunk_kernels.delta_rule, log_decay=log_decay),
+            queries,
+            left,
+            right,
+            coefficient,
+            [v for _, v in scaled_columns],
+            start,
+            chunk,
+            exclusive=plan.previous or None,
+        )
+    if layout is not None:
+        results = [layout.gather(r) for r in results]
+        final = final.reshape((-1, segments.count) + tuple(final.shape[-2:])).transpose(0, 1)  # [sequences, N', K, V]
     unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
     outputs = [unflatten(r) for r in results]
-    final = final.reshape(batch_dims + final.shape[1:])
+    final = final.reshape((batch_dims if layout is None else (segments.count,) + lead[2:]) + final.shape[-2:])
     if plan.transposed:
         final = final.transpose(-1, -2)
     return outputs, final
@@ -407,13 +639,22 @@ def run(
     *,
     solver: type | None = None,
     decayed_outer_products=None,
+    segments: Segments | None = None,
+    last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``plan`` over the whole sequence at once; the signature of :func:`.sequential.run`.
 
     Each step of the plan is solved in its form, in schedule order.  ``solver`` replaces
     :class:`Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
-    (the Triton backend brings kernels for both).
+    (the Triton backend brings kernels for both).  ``segments``: a packed
+    variable-length batch (B = 1, ``state`` and the final state ``[N, *heads, *shape]``),
+    each scan reset at every sequence's first step (:mod:`.segments`).  ``last_steps``
+    (``[B]`` int64): batch row ``b``'s final state is its value after step
+    ``last_steps[b]`` (rows padded at their ends, :class:`.segments.StartAligned`); not
+    for chunked states, whose kernels keep only the state after the last step.
     """
+    if segments is not None and (solver is not None or decayed_outer_products is not None):
+        raise AssertionError("packed sequences run on the torch solver and chunk kernels")  # pragma: no cover - segments.run_packed routes the others
     analysis = plan.analysis
     cell = analysis.cell
     first = next(iter(inputs.values()))
@@ -426,51 +667,89 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    solver = (solver or Solver)(plan, seq, state)
+    if (segments is not None or last_steps is not None) and cell.reversed_recurrences:
+        raise BackendError(
+            f"cell {cell.name} has states that run backwards in time, which packed or padded batches do not support yet",
+            expected="one call per sequence (no cu_seqlens) for a cell with reverse states",
+        )
+    solver_kind = solver or Solver
+    solver = solver_kind(plan, seq, state, segments)
+    if segments is not None:
+        last_of = segments.finals
+    elif last_steps is not None:
+        last_of = lambda sequence: sequence[torch.arange(sequence.shape[0], device=sequence.device), last_steps]  # noqa: E731
+    else:
+        last_of = lambda sequence: sequence[:, -1]  # noqa: E731
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
+    reversed_frame: _Sequences | None = None
+    reversed_solver = None
     for step in plan.steps:
+        direction = analysis.direction(step.names[0])
+        # A reverse recurrence is solved forward in reversed time, its results flipped back.
+        reverse = direction is ir.Direction.REVERSE
+        if reverse and reversed_frame is None:
+            # One reversed view for every reverse group, so that the values they share are flipped once.
+            reversed_frame = _time_reversed(seq, cell)
+            reversed_solver = solver_kind(plan, reversed_frame, state)
+        elif reverse:
+            _follow(reversed_frame, seq)
+        frame = reversed_frame if reverse else seq
+        frame_solver = reversed_solver if reverse else solver
+        restore = (lambda x: x.flip(1)) if reverse else (lambda x: x)  # noqa: E731
+        # The value a module returns: after the last step it runs (step 0 for a reverse recurrence).
+        last = (lambda x: x[:, 0]) if reverse else last_of  # noqa: E731
+        shift = segments.shift if segments is not None else functools.partial(_shift, direction=direction)
+        if step.form is Form.JOINT_MATRIX_SCAN:
+            for name, sequence in Solver.joint(frame_solver, step).items():
+                sequence = restore(sequence.expand(lead + analysis.state(name).type.shape))
+                seq.values[(RefKind.STATE_NEW, name)] = sequence
+                seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
+                final[name] = last(sequence)
+            continue
         (name,) = step.names
         if name in scans:
-            carries = solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else solver.scan(scans[name])
+            carries = frame_solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else frame_solver.scan(scans[name])
             for carry, value in carries.items():
+                value = restore(value)
                 seq.values[(RefKind.SCAN, f"{name}.{carry}")] = value
-                final[f"{name}.{carry}"] = value[:, -1]
+                final[f"{name}.{carry}"] = last(value)
             continue
         state_analysis = analysis.state(name)
         chunked_run = None
         if step.form is Form.CONVOLUTION:
-            assert step.conv is not None
-            convolved = convolution.run(seq, step.conv, state_analysis, state[name])
+            assert step.conv is not None and step.fallback is not None
+            convolved = None
+            if segments is None and last_steps is None:  # packed or padded rows: the scan resets per sequence
+                convolved = convolution.run(frame, step.conv, state_analysis, state[name])
             if convolved is not None:
                 readouts, final[name] = convolved
                 for node, value in zip(step.conv.readouts, readouts):
-                    substitutions[id(node)] = value
+                    substitutions[id(node)] = restore(value)
                 continue
-            # An unstable decay or non-finite pieces: the plan's fallback scan.
-            assert step.fallback is not None
-            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+            # Packed sequences, an unstable decay or non-finite pieces: the plan's fallback scan.
+            sequence = Solver(plan, frame, state, segments).solve(replace(step, form=step.fallback), state_analysis)
         elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
-            assert step.chunk is not None
+            assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(seq, step.chunk, state_analysis, state[name], plan.chunk_size, kernel)
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, state[name], plan.chunk_size, kernel, segments)
             if chunked_run is not None:
                 readouts, final[name] = chunked_run
                 for node, value in zip(step.chunk.readouts, readouts):
-                    substitutions[id(node)] = value
+                    substitutions[id(node)] = restore(value)
                 continue
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
             # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
             assert step.fallback is not None
-            sequence = Solver(plan, seq, state).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, frame, state, segments).solve(replace(step, form=step.fallback), state_analysis)
         else:
-            sequence = solver.solve(step, state_analysis)
-        sequence = sequence.expand(lead + state_analysis.type.shape)
+            sequence = frame_solver.solve(step, state_analysis)
+        sequence = restore(sequence.expand(lead + state_analysis.type.shape))
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         # h_{t-1}, built only if an output or a later state reads it (most read h_t).
-        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, state[name])
-        final[name] = sequence[:, -1]
+        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
+        final[name] = last(sequence)
 
     outputs = []
     for emit, expanded in zip(cell.outputs, analysis.expanded_outputs):

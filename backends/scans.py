@@ -44,6 +44,29 @@ def prefix_scan(elements: Sequence[torch.Tensor], combine: Combine) -> Elements:
     return current
 
 
+def segmented(combine: Combine) -> Combine:
+    """``combine`` on segments: each element carries, as its last member, a flag set at a segment's first step.
+
+    ``(x1, f1) (o) (x2, f2) = (x2 if f2 else x1 (o) x2, f1 | f2)`` is associative whenever
+    ``(o)`` is (Blelloch, 1990, "Prefix sums and their applications", section 1.5), and a
+    prefix never combines across the start of a segment.  Flags are ``[T, 1]`` booleans.
+    The combine across a start is still computed (and discarded by ``where``, which sends
+    it no gradient), so it must be finite wherever the unsegmented scan's is.
+    """
+
+    def combine_segmented(earlier: Elements, later: Elements) -> Elements:
+        *left, left_flag = earlier
+        *right, right_flag = later
+        combined = combine(tuple(left), tuple(right))
+        chosen = []
+        for value, joined in zip(right, combined):
+            flag = right_flag.reshape(right_flag.shape + (1,) * (joined.dim() - right_flag.dim()))
+            chosen.append(torch.where(flag, value.expand(joined.shape) if value.shape != joined.shape else value, joined))
+        return tuple(chosen) + (left_flag | right_flag,)
+
+    return combine_segmented
+
+
 def _affine_combine(earlier: Elements, later: Elements) -> Elements:
     a1, b1 = earlier
     a2, b2 = later
@@ -188,23 +211,35 @@ def semiring_matmul(left: torch.Tensor, right: torch.Tensor, reduce: Callable) -
     return reduce(_tropical_times(left.unsqueeze(-1), right.unsqueeze(-3)), -2)
 
 
-def semiring_product_scan(transition: torch.Tensor, reduce: Callable) -> torch.Tensor:
-    """Prefix products ``P_t = T_0 (x) T_1 (x) ... (x) T_t`` of ``[T, ..., N, N]`` semiring matrices."""
+def semiring_product_scan(transition: torch.Tensor, reduce: Callable, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefix products ``P_t = T_0 (x) T_1 (x) ... (x) T_t`` of ``[T, ..., N, N]`` semiring matrices.
+
+    ``starts`` (``[T, 1]`` booleans): segments, each product restarting at its first step.
+    """
 
     def combine(earlier: Elements, later: Elements) -> Elements:
         return (semiring_matmul(earlier[0], later[0], reduce),)
 
+    if starts is not None:
+        return prefix_scan((transition, starts), segmented(combine))[0]
     return prefix_scan((transition,), combine)[0]
 
 
-def semiring_matrix_scan(transition: torch.Tensor, value: torch.Tensor, plus: Callable, reduce: Callable) -> torch.Tensor:
-    """``h_t = plus(h_{t-1} (x) T_t, value_t)`` for row vectors ``value`` ``[T, ..., N]``, ``h_{-1}`` = the zero."""
+def semiring_matrix_scan(transition: torch.Tensor, value: torch.Tensor, plus: Callable, reduce: Callable, starts: torch.Tensor | None = None) -> torch.Tensor:
+    """``h_t = plus(h_{t-1} (x) T_t, value_t)`` for row vectors ``value`` ``[T, ..., N]``, ``h_{-1}`` = the zero.
+
+    ``starts`` (``[T, 1]`` booleans): segments, each restarting from the zero at its first
+    step (a zero matrix there instead would reduce rows of zeros, whose logsumexp has a
+    NaN gradient).
+    """
 
     def combine(earlier: Elements, later: Elements) -> Elements:
         t1, b1 = earlier
         t2, b2 = later
         return semiring_matmul(t1, t2, reduce), plus(semiring_matmul(b1.unsqueeze(-2), t2, reduce).squeeze(-2), b2)
 
+    if starts is not None:
+        return prefix_scan((transition, value, starts), segmented(combine))[1]
     return prefix_scan((transition, value), combine)[1]
 
 
@@ -305,3 +340,114 @@ def _dense_block_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Te
     carry_in = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]], 0)
     local = local + _matvec(products, carry_in.unsqueeze(0))
     return local.transpose(0, 1).reshape((chunks * size,) + local.shape[2:])[:steps]
+
+
+class _BlockLinearScan(torch.autograd.Function):
+    """``x_t = M_t x_{t-1} + v_t`` over small blocks, with its adjoint derived rather than taped.
+
+    The gradient runs the same block recurrence backwards with the transposed blocks:
+    ``g_t = dL/dx_t + M_{t+1}^H g_{t+1}``; then ``dL/dv_t = g_t`` and ``dL/dM_t = g_t x_{t-1}^H``
+    (summed over the blocks a shared ``M`` is broadcast to).  Only ``M`` and ``x`` are kept.
+    """
+
+    @staticmethod
+    def forward(ctx, transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        states = block_linear_scan(transition, value)
+        ctx.save_for_backward(transition, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: torch.Tensor):
+        transition, states = ctx.saved_tensors
+        following = torch.cat([transition[1:], torch.zeros_like(transition[:1])], 0).transpose(-1, -2).conj()
+        adjoint = block_linear_scan(following.flip(0), grad_states.flip(0).to(states.dtype)).flip(0)
+        grad_transition = None
+        if ctx.needs_input_grad[0]:
+            previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]], 0)
+            grad_transition = adjoint.unsqueeze(-1) * previous.conj().unsqueeze(-2)
+            shape = transition.shape
+            extra = grad_transition.dim() - len(shape)
+            if extra:
+                grad_transition = grad_transition.sum(tuple(range(extra)))
+            grad_transition = _sum_to(grad_transition, shape)
+            if not transition.is_complex() and grad_transition.is_complex():
+                grad_transition = grad_transition.real
+        return grad_transition, adjoint if ctx.needs_input_grad[1] else None
+
+
+def _columns_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``X_t = M_t X_{t-1} + V_t`` with ``X_{-1} = 0``: ``transition`` ``[T, ..., m, m]``, ``value`` ``[T, ..., m, c]``.
+
+    :func:`block_linear_scan` for blocks that share one matrix: the blocks are the columns
+    of one matrix recurrence, so every step is a matmul (never the matrix copied per block).
+    """
+    steps = value.shape[0]
+    if steps <= 16:
+        states = torch.empty_like(value)
+        states[0] = value[0]
+        for t in range(1, steps):
+            states[t] = transition[t] @ states[t - 1] + value[t]
+        return states
+    size, chunks, pad = _chunks(steps)
+    if pad:
+        transition = torch.cat([transition, transition.new_zeros((pad,) + transition.shape[1:])], 0)
+        value = torch.cat([value, value.new_zeros((pad,) + value.shape[1:])], 0)
+    a = transition.reshape((chunks, size) + transition.shape[1:]).transpose(0, 1).contiguous()
+    b = value.reshape((chunks, size) + value.shape[1:]).transpose(0, 1).contiguous()
+    local = torch.empty_like(b)
+    products = torch.empty_like(a)
+    local[0] = b[0]
+    products[0] = a[0]
+    for i in range(1, size):
+        torch.matmul(a[i], local[i - 1], out=local[i])
+        local[i] += b[i]
+        torch.matmul(a[i], products[i - 1], out=products[i])
+    ends = _columns_scan(products[-1], local[-1])
+    carry_in = torch.cat([torch.zeros_like(ends[:1]), ends[:-1]], 0)
+    local = local + products @ carry_in.unsqueeze(0)
+    return local.transpose(0, 1).reshape((chunks * size,) + local.shape[2:])[:steps]
+
+
+class _ColumnsScan(torch.autograd.Function):
+    """:func:`_columns_scan` with its adjoint: ``G_t = dL/dX_t + M_{t+1}^H G_{t+1}``,
+    ``dL/dV_t = G_t``, ``dL/dM_t = G_t X_{t-1}^H``."""
+
+    @staticmethod
+    def forward(ctx, transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        states = _columns_scan(transition, value)
+        ctx.save_for_backward(transition, states)
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states: torch.Tensor):
+        transition, states = ctx.saved_tensors
+        following = torch.cat([transition[1:], torch.zeros_like(transition[:1])], 0).transpose(-1, -2).conj()
+        adjoint = _columns_scan(following.flip(0), grad_states.flip(0).to(states.dtype)).flip(0)
+        grad_transition = None
+        if ctx.needs_input_grad[0]:
+            previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]], 0)
+            grad_transition = _sum_to(adjoint @ previous.transpose(-1, -2).conj(), transition.shape)
+            if not transition.is_complex() and grad_transition.is_complex():
+                grad_transition = grad_transition.real
+        return grad_transition, adjoint if ctx.needs_input_grad[1] else None
+
+
+def block_affine_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``x_t = M_t x_{t-1} + v_t`` with ``x_{-1} = 0``, for all t; time on dim 0.
+
+    ``transition`` ``[T, ..., m, m]`` broadcasts against ``value`` ``[T, ..., m]`` over the
+    middle dims (one matrix shared by every block stays ``[T, ..., 1, m, m]``).  The scan of
+    a block-diagonal state's ``n`` blocks: ``O(T n m^3)`` work, never the ``(n m)^3`` of the
+    whole state's matrix.  Differentiable, with the reverse scan as its backward pass.
+    """
+    transition = transition.to(torch.promote_types(transition.dtype, value.dtype))
+    value = value.to(transition.dtype)
+    if transition.shape[-3] == 1 and value.shape[-2] > 1 and value.shape[-1] > PLANAR_BLOCK:
+        # One matrix for every block: the blocks are the columns of X_t = M_t X_{t-1} + V_t.
+        matrix, columns = transition.squeeze(-3), value.transpose(-1, -2)
+        if torch.is_grad_enabled() and (matrix.requires_grad or columns.requires_grad):
+            return _ColumnsScan.apply(matrix, columns).transpose(-1, -2)
+        return _columns_scan(matrix, columns).transpose(-1, -2)
+    if torch.is_grad_enabled() and (transition.requires_grad or value.requires_grad):
+        return _BlockLinearScan.apply(transition, value)
+    return block_linear_scan(transition, value)

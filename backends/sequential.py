@@ -7,12 +7,13 @@ the program reads.  Every other backend is tested against this one.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from recdsl import ir
 from recdsl.plan import ExecutionPlan
+from recdsl.analysis import recurrent_sources
 from recdsl.ir import RefKind
 
 from .torch_ops import Evaluator, Numerics, align, combine_carries
@@ -48,15 +49,21 @@ def run(
     consts: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
+    resets: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run the cell over ``inputs`` (``[B, T, *heads, *shape]``) from ``state``.
 
     ``state`` holds every carried value (``[B, *heads, *shape]``): the states by name and
     each scan's carries as ``scan.carry``.  Returns the outputs, each
     ``[B, T, *heads, *shape]``, and the final state in the same form as ``state``.
+    ``resets`` maps a step to the batch rows whose carried values are put back to their
+    rows of ``state`` before it (sequences of different lengths aligned at their ends,
+    :class:`.segments.EndAligned`).
     """
     analysis = plan.analysis
     cell = analysis.cell
+    if cell.reversed_recurrences or analysis.delays:
+        return _run_directed(plan, inputs, params, consts, state, numerics)
     first = next(iter(inputs.values()))
     first_decl = cell.inputs[0].type
     lead = tuple(first.shape[: first.dim() - first_decl.rank])  # (B, T, *heads)
@@ -93,6 +100,9 @@ def run(
     scans = {s.name: s for s in cell.scans}
     per_step: dict[int, list[torch.Tensor]] = {e.index: [] for e in cell.outputs if e.index not in parallel_outputs}
     for t in range(steps):
+        if resets is not None and t in resets:
+            rows = resets[t]
+            carried = {name: value.index_copy(0, rows, state[name].index_select(0, rows).to(value.dtype)) for name, value in carried.items()}
         values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
         values.update({(RefKind.INPUT, name): value[t] for name, value in input_steps.items()})
         values.update({(RefKind.BINDING, name): value[t] for name, value in parallel_steps.items()})
@@ -135,3 +145,206 @@ def run(
         else:
             outputs.append(torch.stack(per_step[emit.index], dim=1))
     return outputs, carried
+
+
+# ---- cells with reverse recurrences or delays --------------------------------------------
+
+
+class _LazySequences(dict):
+    """Whole-sequence values by ``(RefKind, label)``; a pending one is computed on first read
+    (a time-parallel binding may read a delay declared, or updated, further down)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pending: dict[tuple[RefKind, str], Callable[[], torch.Tensor]] = {}
+
+    def __missing__(self, key):
+        make = self.pending.pop(key, None)
+        if make is None:
+            raise KeyError(key)
+        value = make()
+        self[key] = value
+        return value
+
+
+def _sequence_of(value: torch.Tensor, declared: ir.Type, target: ir.Type, lead: tuple[int, ...]) -> torch.Tensor:
+    """``value`` (declared ``declared``, broadcasting to ``target``) as ``[*lead, *target.shape]``."""
+    if value.dim() > declared.rank:
+        value = align(value, declared.rank, target.rank)
+    else:
+        value = value.reshape((1,) * (target.rank - declared.rank) + tuple(value.shape))
+    return value.expand(lead + target.shape)
+
+
+def delayed(sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
+    """The previous values of a sequence ``[B, T, ...]``: shifted one step later (forward) or
+    earlier (reverse), ``initial`` (``[B, ...]``) filling the step with no predecessor."""
+    if direction is ir.Direction.REVERSE:
+        return torch.cat([sequence[:, 1:], initial.unsqueeze(1)], 1)
+    return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
+
+
+def _run_directed(
+    plan: ExecutionPlan,
+    inputs: Mapping[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    consts: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    numerics: Numerics,
+) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """:func:`run` for a cell with reverse recurrences or delays: the definition of both.
+
+    Delays are their update's values shifted one step (one ``cat``).  Then each group of
+    the schedule runs its own loop over time, forward or from the last step to the first,
+    evaluating in source order its updates and the bindings that become computable, with
+    the values of earlier groups at the same step; a reverse state's previous value is its
+    value at the step after.  A last forward loop evaluates the outputs.
+    """
+    analysis = plan.analysis
+    cell = analysis.cell
+    first = next(iter(inputs.values()))
+    lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])  # (B, T, *heads)
+    steps = lead[1]
+    sources = analysis.dependencies
+
+    shared: dict[tuple[RefKind, str], torch.Tensor] = {}
+    shared.update({(RefKind.PARAM, name): value for name, value in params.items()})
+    shared.update({(RefKind.CONST, name): value for name, value in consts.items()})
+    whole = _LazySequences()
+    whole.update(shared)
+    whole.update({(RefKind.INPUT, name): value for name, value in inputs.items()})
+    whole_eval = Evaluator(numerics, whole)
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
+            whole.pending[(RefKind.BINDING, statement.name)] = lambda expr=statement.value: whole_eval.evaluate(expr)
+    for name in analysis.delays:
+        declared = cell.state(name)
+        update = analysis.state(name).update
+
+        def new_values(update=update, declared=declared) -> torch.Tensor:
+            return _sequence_of(whole_eval.evaluate(update), update.type, declared.type, lead)
+
+        whole.pending[(RefKind.STATE_NEW, name)] = new_values
+        whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: delayed(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
+
+    # Bindings that read delays and nothing else recurrent are time-parallel too, once the
+    # delays are shifted (RWKV's token-shift mix).
+    after_delays = {
+        s.name for s in cell.body
+        if isinstance(s, ir.Assign) and s.name not in analysis.time_parallel and analysis.delays and sources.get(s.name, frozenset()) <= analysis.delays
+    }
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in after_delays:
+            whole.pending[(RefKind.BINDING, statement.name)] = lambda expr=statement.value: whole_eval.evaluate(expr)
+
+    per_step: dict[tuple[RefKind, str], list[torch.Tensor] | tuple[torch.Tensor, ...]] = {}
+    per_step.update({(RefKind.INPUT, name): value.unbind(1) for name, value in inputs.items()})
+    parallel_outputs: dict[int, torch.Tensor] = {}
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and (statement.name in analysis.time_parallel or statement.name in after_delays):
+            per_step[(RefKind.BINDING, statement.name)] = _steps(whole[(RefKind.BINDING, statement.name)], statement.value.type, steps)
+        elif isinstance(statement, ir.Emit) and statement.index in analysis.parallel_outputs:
+            value = whole_eval.evaluate(statement.value)
+            if statement.name is not None:
+                whole[(RefKind.BINDING, statement.name)] = value
+                per_step[(RefKind.BINDING, statement.name)] = _steps(value, statement.value.type, steps)
+            parallel_outputs[statement.index] = _full_sequence(value, statement.value.type, lead)
+    final: dict[str, torch.Tensor] = {}
+    for name in sorted(analysis.delays):
+        for kind in (RefKind.STATE_NEW, RefKind.STATE_PREV):
+            per_step[(kind, name)] = whole[(kind, name)].unbind(1)
+        sequence = whole[(RefKind.STATE_NEW, name)]
+        final[name] = sequence[:, 0] if cell.state(name).reverse else sequence[:, -1]
+    hoisted = [(node, _steps(whole_eval.evaluate(node), node.type, steps)) for node in analysis.hoisted]
+
+    scans = {s.name: s for s in cell.scans}
+    done: set[str] = set(analysis.delays)
+    computed = {name for kind, name in per_step if kind is RefKind.BINDING}
+    computed |= {f"#out{index}" for index in parallel_outputs}
+    emitted: dict[int, list[torch.Tensor]] = {}
+
+    def named(statement) -> str | None:
+        """The key of a binding or step-by-step output (None for anything else)."""
+        if isinstance(statement, ir.Assign):
+            return statement.name
+        if isinstance(statement, ir.Emit) and statement.index not in parallel_outputs:
+            return statement.name if statement.name is not None else f"#out{statement.index}"
+        return None
+
+    def reads(statement) -> frozenset[str]:
+        return recurrent_sources(statement.value, sources)
+
+    def loop(order: range, statements: list, carried: dict[str, torch.Tensor], members: set[str]) -> None:
+        records: dict[tuple[RefKind, str], list] = {}
+        for t in order:
+            values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
+            values.update({key: sequence[t] for key, sequence in per_step.items()})
+            values.update({(RefKind.STATE_PREV, s.name): carried[s.name] for s in cell.states if s.name in members})
+            evaluator = Evaluator(numerics, values, shared=True)
+            for node, value in hoisted:
+                evaluator.seed(node, value[t])
+
+            def record(key: tuple[RefKind, str], value: torch.Tensor) -> None:
+                values[key] = value
+                records.setdefault(key, [None] * steps)[t] = value
+
+            for statement in statements:
+                if isinstance(statement, ir.Update):
+                    new = _to_shape(evaluator.evaluate(statement.value), statement.value.type, carried[statement.state])
+                    record((RefKind.STATE_PREV, statement.state), carried[statement.state])
+                    record((RefKind.STATE_NEW, statement.state), new)
+                    carried[statement.state] = new
+                elif isinstance(statement, ir.ScanAssign):
+                    monoid = scans[statement.name].monoid
+                    element = {}
+                    for carry, lift in zip(monoid.carries, statement.lifts):
+                        element[carry.name] = _to_shape(evaluator.evaluate(lift), lift.type, carried[f"{statement.name}.{carry.name}"])
+                    previous = {c.name: carried[f"{statement.name}.{c.name}"] for c in monoid.carries}
+                    # The suffix combine keeps the sequence's order: x_t (+) (x_{t+1} (+) ...).
+                    if statement.reverse:
+                        combined = combine_carries(monoid, element, previous, numerics)
+                    else:
+                        combined = combine_carries(monoid, previous, element, numerics)
+                    for carry in monoid.carries:
+                        carried[f"{statement.name}.{carry.name}"] = combined[carry.name]
+                        record((RefKind.SCAN, f"{statement.name}.{carry.name}"), combined[carry.name])
+                else:
+                    value = evaluator.evaluate(statement.value)
+                    if statement.name is not None:
+                        record((RefKind.BINDING, statement.name), value)
+                    if isinstance(statement, ir.Emit):
+                        step_lead = (lead[0],) + lead[2:]
+                        emitted.setdefault(statement.index, [None] * steps)[t] = _full_sequence(value, statement.value.type, step_lead)
+        per_step.update(records)
+
+    for group in analysis.schedule:
+        members = set(group)
+        if members <= done:
+            continue
+        ready = done | members
+        statements = []
+        for statement in cell.body:
+            name = named(statement)
+            if name is not None and name not in computed and reads(statement) <= ready:
+                statements.append(statement)
+                computed.add(name)
+            elif isinstance(statement, ir.Update) and statement.state in members:
+                statements.append(statement)
+            elif isinstance(statement, ir.ScanAssign) and statement.name in members:
+                statements.append(statement)
+        carried = {key: value for key, value in state.items() if key.split(".")[0] in members}
+        reverse = analysis.direction(group) is ir.Direction.REVERSE
+        loop(range(steps - 1, -1, -1) if reverse else range(steps), statements, carried, members)
+        final.update(carried)
+        done |= members
+    rest = [s for s in cell.body if named(s) is not None and named(s) not in computed]
+    if rest:
+        loop(range(steps), rest, {}, set())
+
+    outputs = []
+    for emit in cell.outputs:
+        if emit.index in parallel_outputs:
+            outputs.append(parallel_outputs[emit.index])
+        else:
+            outputs.append(torch.stack(emitted[emit.index], dim=1))
+    return outputs, {name: final[name] for name in state}

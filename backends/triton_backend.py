@@ -130,6 +130,8 @@ def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsup
         return Unsupported(f"no Triton kernel for the {chunk.kind} yet")
     if len(chunk.inputs) != 1:
         return Unsupported("the Triton chunked kernels take one outer product per step")
+    if chunk.reads_previous:
+        return Unsupported("an output reads its previous value, which the Triton chunked kernels do not read out")
     structure = state.recurrence.structure
     key_rows = Structure.COLUMNS if chunk.transposed else Structure.ROWS
     if structure is not Structure.SCALAR and structure is not key_rows:
@@ -155,6 +157,12 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     specs: list[ScanSpec] = []
     split = time_split(options)
     for (name,) in analysis.schedule:
+        if name in scans and scans[name].reverse:
+            # Solved in reversed time, the generated kernel would combine the elements in the
+            # opposite order; the torch prefix scan swaps its operands (monoids need not commute).
+            note = Rejected(Form.TRITON_SCAN, "a reverse scan: the generated kernel combines only in forward order")
+            steps.append(StepPlan((name,), Form.MONOID_SCAN, rejected=(note,)))
+            continue
         if name in scans:
             spec = _scan_spec(analysis, scans[name])
             if isinstance(spec, Unsupported):
@@ -567,13 +575,15 @@ class TritonSolver(parallel.Solver):
         return result
 
 
-def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics):
+def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts, state, numerics: Numerics, last_steps: torch.Tensor | None = None):
     """Run a Triton plan; the signature of :func:`.sequential.run`.
 
     Matrix states read out linearly (GLA, RetNet, mLSTM, Mamba-2) go through the chunked
     kernels of :mod:`.triton_chunk`; every other recurrence through its generated scan.
     ``allow_tf32``: let the chunked kernels' float32 matmuls run as TF32 on tensor cores
     (about 1e-3 relative error); by default they are exact (``input_precision="ieee"``).
+    ``last_steps``: each batch row's last step, as in :func:`.parallel.run` (plans without
+    chunked kernels).
     """
     _check_device(numerics.device)
     if any(step.form is Form.TRITON_FUSED for step in plan.steps):  # a nonlinear or coupled cell: the fused sequential kernel
@@ -587,4 +597,5 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
     return parallel.run(
         plan, inputs, params, consts, state, numerics, solver=TritonSolver,
         decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32),
+        last_steps=last_steps,
     )

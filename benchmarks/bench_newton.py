@@ -110,6 +110,8 @@ def iterations(name: str, dims: dict, lengths: list[int], options: dict, batch: 
         row = []
         for steps in lengths:
             x = torch.randn(batch, steps, dims["d_in"], dtype=dtype)
+            if name == "slstm":
+                x = 0.5 * x  # unit-scale gates
             start = time.perf_counter()
             with torch.no_grad():
                 module(x)
@@ -130,19 +132,24 @@ def main() -> None:
     parser.add_argument("--gru-width", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: stable timings on a shared machine)")
     parser.add_argument("--max-sequential-backward", type=int, default=8192, help="skip the sequential backend's backward above this T")
+    parser.add_argument("--iterations-only", action="store_true", help="only the tables of iterations to converge")
+    parser.add_argument("--gru-max-length", type=int, default=16384, help="the longest T of the GRU rows (65536 takes minutes)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     lengths = [256, 1024, 4096, 16384, 65536]
-    gru_lengths = [256, 1024, 4096, 16384]
+    gru_lengths = [t for t in lengths if t <= args.gru_max_length]
     if args.quick:
         args.length, args.width, args.repeat, args.gru_width = 256, 8, 1, 4
         lengths, gru_lengths = [64, 256], [64, 256]
-    timing(args)
+    if not args.iterations_only:
+        timing(args)
     print(f"\nNewton iterations to converge (tolerance 16 eps of the dtype), B = {args.batch}; [forward seconds]")
     iterations("paragru", dict(d_in=args.width, d=args.width), lengths, {}, args.batch)
     gru = dict(d_in=args.gru_width, d=args.gru_width)
     iterations("gru", gru, gru_lengths, {"jacobian": "diagonal"}, args.batch)
     iterations("gru", gru, gru_lengths, {"jacobian": "full"}, args.batch)
+    slstm = dict(d_in=args.gru_width, heads=4, dh=max(1, args.gru_width // 4))
+    iterations("slstm", slstm, [t for t in gru_lengths if t <= 4096], {}, args.batch)
 
 
 if __name__ == "__main__":

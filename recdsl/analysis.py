@@ -26,14 +26,14 @@ Four questions, answered from the IR alone:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Iterable, Union
 
 from . import ir
 from .errors import DeclarationError
 from .ir import Kind, Literal, Op, Ref, RefKind, Type
-from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Law, Semiring
+from .ops import BILINEAR, LINEAR_UNARY, OPS, TROPICAL_SEMIRINGS, Category, Law, Semiring
 from .shapes import broadcast_shapes, fold_constant, make, reduction_axes
 
 ONE = Literal(1, Type(()))
@@ -54,6 +54,9 @@ class Structure(Enum):
     SCALED_IDENTITY_PLUS_LOW_RANK = "scaled identity plus low rank"  # (a I + sum c u v^T) S: gated delta rule
     DIAGONAL_PLUS_LOW_RANK = "diagonal plus low rank"
     DENSE = "dense"  # any other linear map
+    # Independent small dense blocks along some axes of the state (2 x 2 rotations of a [n, 2]
+    # state): the map keeps those axes, mixing only the elements inside each block.
+    BLOCK_DIAGONAL = "block diagonal"
     DIAGONAL = "diagonal"  # semirings: S (x) decay elementwise
     MATRIX = "matrix"  # semirings: a semiring matrix product
 
@@ -93,6 +96,21 @@ class NoRecurrence:
 
 
 @dataclass(frozen=True)
+class Delay(NoRecurrence):
+    """A state whose update reads no recurrent value at all (only inputs, params, consts,
+    time-parallel bindings and other delays): ``xp = x`` carries ``x`` one step.
+
+    Its value at every step is time-parallel, and its previous value is that sequence
+    shifted one step (from ``init``): a token shift (RWKV), a decay carried one step (the
+    backward half of LION), never a recurrence.  ``direction`` is the state's: a REVERSE
+    delay's previous value is the value of the step after.
+    """
+
+    direction: ir.Direction = ir.Direction.FORWARD
+    name = "delay"
+
+
+@dataclass(frozen=True)
 class DiagonalAffine:
     """``h = decay * h + input``: independent scalar recurrences, one per element.
 
@@ -119,6 +137,21 @@ class LowRankTerm:
 
 
 @dataclass(frozen=True)
+class BlockAxes:
+    """The axes of a state along which a linear map is block diagonal.
+
+    Element ``i`` along each of ``axes`` of the new value reads only elements with the same
+    ``i`` along that axis of the previous value, so the map is ``prod(sizes of axes)``
+    independent dense blocks over the remaining axes.  ``shared`` is set when no value the
+    map multiplies by varies along those axes: every block is then the same matrix (Titans'
+    memory, whose columns are updated alike).
+    """
+
+    axes: tuple[int, ...]
+    shared: bool
+
+
+@dataclass(frozen=True)
 class MatrixAffine:
     """``S = A(S) + input`` with ``A`` linear in ``S`` and more than elementwise per element.
 
@@ -136,6 +169,7 @@ class MatrixAffine:
     low_rank: tuple[LowRankTerm, ...] = ()
     decay_axes: tuple[int, ...] = ()
     side: Side | None = None
+    blocks: "BlockAxes | None" = None  # for BLOCK_DIAGONAL: the axes that index the blocks
     name = "matrix affine"
 
 
@@ -168,7 +202,35 @@ class Nonlinear:
     name = "nonlinear"
 
 
-Recurrence = Union[NoRecurrence, DiagonalAffine, MatrixAffine, SemiringAffine, Nonlinear]
+@dataclass(frozen=True)
+class JointAffine:
+    """A coupled group whose update is affine in all its members' previous values at once.
+
+    ``X_t = A_t(X_{t-1}) + B_t`` with ``X`` the members stacked (Titans with momentum: the
+    momentum ``M`` and the memory ``W``, ``W`` reading the new ``M``).  ``transitions[i]``
+    and ``inputs[i]`` are member ``i``'s linear part and free part, written with the
+    members' previous values only (a member's new value read by a later one is replaced by
+    its update).  ``structure`` is BLOCK_DIAGONAL (``blocks`` set: axes every member shares)
+    or DENSE.
+    """
+
+    states: tuple[str, ...]
+    transitions: tuple[ir.Expr, ...]
+    inputs: tuple[ir.Expr | None, ...]
+    structure: Structure
+    blocks: BlockAxes | None = None
+    name = "joint affine"
+
+
+Recurrence = Union[NoRecurrence, Delay, DiagonalAffine, MatrixAffine, SemiringAffine, Nonlinear]
+
+
+@dataclass(frozen=True)
+class GroupAnalysis:
+    """A coupled group of the schedule and its joint recurrence."""
+
+    states: tuple[str, ...]
+    recurrence: Union[JointAffine, Nonlinear]
 
 
 @dataclass(frozen=True)
@@ -203,6 +265,13 @@ class Analysis:
     # x @ W_ir + b_ir): a step-by-step backend computes them for all steps at once.
     hoisted: tuple[ir.Expr, ...] = ()
     dependencies: dict[str, frozenset[str]] = field(compare=False, repr=False, default_factory=dict)
+    # States classified as Delay: time-parallel values shifted one step, solved before any recurrence.
+    delays: frozenset[str] = frozenset()
+    groups: tuple[GroupAnalysis, ...] = ()  # the joint recurrence of each coupled group
+
+    def group(self, names: tuple[str, ...]) -> GroupAnalysis | None:
+        """The joint analysis of the coupled group ``names``, None if it has none (it holds a scan)."""
+        return next((g for g in self.groups if g.states == names), None)
 
     def state(self, name: str) -> StateAnalysis:
         for analysis in self.states:
@@ -213,6 +282,11 @@ class Analysis:
     @property
     def coupled_groups(self) -> tuple[tuple[str, ...], ...]:
         return tuple(group for group in self.schedule if len(group) > 1)
+
+    def direction(self, group: tuple[str, ...] | str) -> ir.Direction:
+        """The direction a schedule entry runs in (every member of a group shares it)."""
+        name = group if isinstance(group, str) else group[0]
+        return self.cell.direction_of(name)
 
 
 # ---- dependencies ----------------------------------------------------------------
@@ -267,9 +341,14 @@ class _Probe:
     repeated walks into one.  It lives only as long as one classification.
     """
 
-    def __init__(self, variable: Ref) -> None:
+    def __init__(self, variable: Ref, others: tuple[Ref, ...] = ()) -> None:
         self.variable = variable
+        # A coupled group's joint update is split in all its members' previous values at once.
+        self.variables = (variable,) + tuple(others)
         self._memo: dict[int, tuple[ir.Expr, bool]] = {}
+
+    def is_variable(self, expr: ir.Expr) -> bool:
+        return isinstance(expr, Ref) and expr in self.variables
 
     def contains(self, expr: ir.Expr) -> bool:
         """Whether ``expr`` reads the variable."""
@@ -279,7 +358,7 @@ class _Probe:
         if isinstance(expr, Op):
             answer = any(self.contains(arg) for arg in expr.args)
         else:
-            answer = expr == self.variable
+            answer = self.is_variable(expr)
         self._memo[id(expr)] = (expr, answer)
         return answer
 
@@ -329,7 +408,7 @@ def linear_split(expr: ir.Expr, variable: Ref | _Probe) -> _Linear | None:
     variable = probe.variable
     if not probe.contains(expr):
         return _Linear((), expr)
-    if expr == variable:
+    if probe.is_variable(expr):
         return _Linear((expr,), None)
     if not isinstance(expr, Op):
         return None
@@ -577,7 +656,7 @@ def _classify_linear(split: _Linear, probe: _Probe, transition: ir.Expr) -> Recu
     shapes = [_term_shape(t, probe) for t in split.terms]
     state = probe.variable.type
     if any(s is None for s in shapes):
-        return MatrixAffine(transition, split.bias, Structure.DENSE)
+        return _dense_or_blocks(transition, split.bias, probe)
     scales = [s.coefficient for s in shapes if isinstance(s, _Scale)]
     low_rank = tuple(s for s in shapes if isinstance(s, LowRankTerm))
     decay = _sum(scales)
@@ -597,7 +676,7 @@ def _classify_linear(split: _Linear, probe: _Probe, transition: ir.Expr) -> Recu
         return MatrixAffine(transition, split.bias, structure, decay=decay, decay_axes=axes)
     sides = {term.side for term in low_rank}
     if len(sides) != 1:  # maps from both sides do not compose into one small matrix
-        return MatrixAffine(transition, split.bias, Structure.DENSE)
+        return _dense_or_blocks(transition, split.bias, probe)
     (side,) = sides
     if decay is None:
         structure = Structure.LOW_RANK
@@ -608,6 +687,206 @@ def _classify_linear(split: _Linear, probe: _Probe, transition: ir.Expr) -> Recu
     else:
         structure = Structure.DIAGONAL_PLUS_LOW_RANK
     return MatrixAffine(transition, split.bias, structure, decay=decay, low_rank=low_rank, decay_axes=() if decay is None else _varying_axes(decay, state), side=side)
+
+
+# ---- block-diagonal transitions -------------------------------------------------------
+#
+# A linear map of a state is block diagonal along axis ``a`` when element ``i`` along ``a``
+# of its value reads only elements with index ``i`` along ``a`` of the state.  That is a
+# property of how each operation moves axes, found by one walk: elementwise ops keep an
+# axis where the operand is not broadcast along it; ``@`` keeps its batch axes, the rows
+# of its left and the columns of its right operand; ``outer`` puts ``u``'s axis first and
+# ``v``'s second; a reduction drops its axis; whole slices and ``None`` keep or insert
+# axes.  Any other operation (an integer index, a partial slice, ``diag``) keeps nothing.
+
+
+@dataclass(frozen=True)
+class _Alignment:
+    """How a subexpression reading the state moves the state's axes.
+
+    ``axes[a] = p``: element ``i`` along axis ``p`` of the value reads only the state's
+    elements with ``i`` along axis ``a``.  ``varying``: state axes along which a value that
+    multiplies the state (free of it) takes different values.
+    """
+
+    axes: dict[int, int]
+    varying: frozenset[int]
+
+
+def _elementwise_alignment(node: Op, parts: list[_Alignment | None]) -> _Alignment:
+    shape, rank = node.type.shape, node.type.rank
+    kept: dict[int, int] | None = None
+    varying: set[int] = set()
+    for arg, part in zip(node.args, parts):
+        if part is None:
+            continue
+        offset = rank - arg.type.rank
+        moved = {a: p + offset for a, p in part.axes.items() if arg.type.shape[p] == shape[p + offset]}
+        kept = moved if kept is None else {a: p for a, p in kept.items() if moved.get(a) == p}
+        varying |= part.varying
+    assert kept is not None
+    for arg, part in zip(node.args, parts):  # free operands that vary along a kept axis
+        if part is None:
+            offset = rank - arg.type.rank
+            varying |= {a for a, p in kept.items() if p >= offset and arg.type.shape[p - offset] > 1}
+    return _Alignment(kept, frozenset(varying))
+
+
+def _matmul_alignment(node: Op, parts: list[_Alignment | None]) -> _Alignment:
+    """numpy matmul: batch axes broadcast, the left's rows and the right's columns are kept."""
+    rank = node.type.rank
+    kept: dict[int, int] = {}
+    varying: set[int] = set()
+    for position, (arg, part) in enumerate(zip(node.args, parts)):
+        if part is None:
+            continue
+        varying |= part.varying
+        k = arg.type.rank
+        if k == 1:
+            continue  # a vector operand is contracted
+        other = node.args[1 - position]
+        for a, p in part.axes.items():
+            if p < k - 2:  # a batch axis
+                # [..., m, k] @ [k] drops the last axis, [k] @ [..., k, n] the second last.
+                target = p if other.type.rank == 1 else p + rank - k
+                if node.type.shape[target] == arg.type.shape[p]:
+                    kept[a] = target
+            elif position == 0 and p == k - 2:  # the left operand's rows
+                kept[a] = rank - 2 if other.type.rank > 1 else rank - 1
+            elif position == 1 and p == k - 1:  # the right operand's columns
+                kept[a] = rank - 1
+        # The free operand multiplies every kept axis: does it vary along them?
+        if parts[1 - position] is None:
+            other_rank = other.type.rank
+            for a, p in kept.items():
+                if other_rank >= 2 and p < rank - 2:
+                    q = p - (rank - other_rank)
+                    if 0 <= q < other_rank - 2 and other.type.shape[q] > 1:
+                        varying.add(a)
+    return _Alignment(kept, frozenset(varying))
+
+
+def _index_alignment(node: Op, part: _Alignment) -> _Alignment:
+    items = list(node.attrs)
+    source_rank = node.args[0].type.rank
+    if ir.ELLIPSIS in items:
+        at = items.index(ir.ELLIPSIS)
+        used = sum(1 for item in items if item not in (ir.NEW_AXIS, ir.ELLIPSIS))
+        items[at : at + 1] = [ir.SliceItem(None, None)] * (source_rank - used)
+    source, target, moved = 0, 0, {}
+    for item in items:
+        if item == ir.NEW_AXIS:
+            target += 1
+            continue
+        if item == ir.SliceItem(None, None):
+            moved[source] = target
+            target += 1
+        elif isinstance(item, ir.SliceItem):
+            target += 1  # a partial slice shifts indices: the axis is not kept
+        source += 1
+    for rest in range(source, source_rank):  # axes left at the end are kept whole
+        moved[rest] = target
+        target += 1
+    return _Alignment({a: moved[p] for a, p in part.axes.items() if p in moved}, part.varying)
+
+
+def _alignment(expr: ir.Expr, probe: _Probe, memo: dict[int, tuple[ir.Expr, _Alignment | None]]) -> _Alignment | None:
+    """How ``expr`` moves the axes of the probe's variables; None when it reads none of them."""
+    hit = memo.get(id(expr))
+    if hit is not None and hit[0] is expr:
+        return hit[1]
+    result: _Alignment | None
+    if not probe.contains(expr):
+        result = None
+    elif probe.is_variable(expr):
+        result = _Alignment({a: a for a in range(expr.type.rank)}, frozenset())
+    else:
+        assert isinstance(expr, Op)
+        parts = [_alignment(arg, probe, memo) for arg in expr.args]
+        spec = OPS.get(expr.op)
+        category = spec.category if spec is not None else None
+        if spec is not None and spec.has(Law.POINTWISE):
+            result = _elementwise_alignment(expr, parts)
+        elif expr.op == "matmul":
+            result = _matmul_alignment(expr, parts)
+        elif expr.op == "outer":
+            axes: dict[int, int] = {}
+            varying: set[int] = set()
+            for position, part in enumerate(parts):
+                if part is not None:
+                    axes.update({a: position for a in part.axes})
+                    varying |= part.varying
+            result = _Alignment(axes, frozenset(varying))
+        elif expr.op == "index":
+            result = _index_alignment(expr, parts[0]) if parts[0] is not None else None
+        elif category is Category.REDUCTION and expr.attrs and expr.attrs[0] is not None and parts[0] is not None:
+            (axis,) = expr.attrs[:1]
+            axes = {a: p - (p > axis) for a, p in parts[0].axes.items() if p != axis}
+            result = _Alignment(axes, parts[0].varying)
+        else:  # diag, full reductions and anything unknown keep no axis
+            varying = set()
+            for part in parts:
+                if part is not None:
+                    varying |= part.varying
+            result = _Alignment({}, frozenset(varying))
+    memo[id(expr)] = (expr, result)
+    return result
+
+
+def block_axes(transitions: Iterable[tuple[ir.Expr, Type]], probe: _Probe) -> BlockAxes | None:
+    """The axes along which the linear maps ``transitions`` (each with the type of the state
+    it updates; every state the same rank) are block diagonal, or None if there are none."""
+    memo: dict[int, tuple[ir.Expr, _Alignment | None]] = {}
+    common: set[int] | None = None
+    varying: set[int] = set()
+    for transition, state in transitions:
+        part = _alignment(transition, probe, memo)
+        if part is None:
+            continue
+        offset = state.rank - transition.type.rank
+        kept = {a for a, p in part.axes.items() if p + offset == a and transition.type.shape[p] == state.shape[a] and state.shape[a] > 1}
+        common = kept if common is None else common & kept
+        varying |= part.varying
+    if not common:
+        return None
+    axes = tuple(sorted(common))
+    return BlockAxes(axes, shared=not (varying & common))
+
+
+def _dense_or_blocks(transition: ir.Expr, bias: ir.Expr | None, probe: _Probe) -> MatrixAffine:
+    """A linear map with no cheaper structure: block diagonal when some axes are kept, else dense."""
+    state = probe.variable.type
+    blocks = block_axes([(transition, state)], probe)
+    if blocks is not None and len(blocks.axes) < state.rank:
+        return MatrixAffine(transition, bias, Structure.BLOCK_DIAGONAL, blocks=blocks)
+    return MatrixAffine(transition, bias, Structure.DENSE)
+
+
+def joint_affine(group: tuple[str, ...], updates: dict[str, ir.Expr], types: dict[str, Type]) -> JointAffine | Nonlinear:
+    """The joint recurrence of a coupled group, from each member's update written in the
+    members' previous values (see :class:`JointAffine`)."""
+    variables = tuple(Ref(RefKind.STATE_PREV, name, types[name]) for name in group)
+    probe = _Probe(variables[0], variables[1:])
+    transitions, inputs = [], []
+    for name in group:
+        split = linear_split(updates[name], probe)
+        if split is None:
+            return Nonlinear(f"the update of '{name}' is not linear in the group's previous values ({_nonlinear_reason(updates[name], probe)})")
+        if not split.terms:
+            return Nonlinear(f"the update of '{name}' reads no previous value of the group")
+        transition = _sum(split.terms)
+        assert transition is not None
+        transitions.append(transition)
+        inputs.append(split.bias)
+    blocks = None
+    if len({types[name].rank for name in group}) == 1:
+        blocks = block_axes(zip(transitions, (types[n] for n in group)), probe)
+        if blocks is not None:
+            sizes = {tuple(types[n].shape[a] for a in blocks.axes) for n in group}
+            if len(sizes) != 1:
+                blocks = None
+    structure = Structure.BLOCK_DIAGONAL if blocks is not None else Structure.DENSE
+    return JointAffine(group, tuple(transitions), tuple(inputs), structure, blocks)
 
 
 # ---- tropical semirings -----------------------------------------------------------
@@ -752,6 +1031,11 @@ def log_of_positive(expr: ir.Expr, cell: ir.CellIR) -> ir.Expr | None:
         if expr.kind is RefKind.CONST:
             const = next((c for c in cell.consts if c.name == expr.name), None)
             return log_of_positive(const.value, cell) if const is not None else None
+        if expr.kind in (RefKind.STATE_PREV, RefKind.STATE_NEW) and _is_positive_delay(expr.name, cell):
+            # A delay's values are its update's values shifted one step, and its initial value:
+            # positive when both are.  The log is taken of the carried value (log space needs no
+            # more: the value was rounded once, as the loop rounds it).
+            return Op("log", (expr,), expr.type)
         return None
     op, args = expr.op, expr.args
     if op == "exp":
@@ -803,6 +1087,38 @@ def _log_softmax(expr: Op) -> ir.Expr:
     total = make("logsumexp", value, attrs=expr.attrs)
     spread = make("index", total, attrs=tuple(ir.NEW_AXIS if position in axes else ir.SliceItem(None, None) for position in range(value.type.rank)))
     return make("sub", value, spread)
+
+
+def _is_positive_delay(name: str, cell: ir.CellIR, seen: frozenset[str] = frozenset()) -> bool:
+    """Whether state ``name`` is a delay (its update reads no state except other delays)
+    whose update and initial value are provably positive."""
+    if name in seen:
+        return False
+    try:
+        state, update = cell.state(name), cell.update(name)
+    except KeyError:
+        return False
+    if not _reads_only_delays(update.value, cell, seen | {name}):
+        return False
+    init = fold_constant(state.init)
+    init_positive = (isinstance(init, (int, float)) and not isinstance(init, bool) and init > 0) or log_of_positive(state.init, cell) is not None
+    return init_positive and log_of_positive(update.value, cell) is not None
+
+
+def _reads_only_delays(expr: ir.Expr, cell: ir.CellIR, seen: frozenset[str]) -> bool:
+    for ref in ir.refs(expr):
+        if ref.kind is RefKind.SCAN:
+            return False
+        if ref.kind in (RefKind.STATE_PREV, RefKind.STATE_NEW):
+            if ref.name in seen:
+                return False
+            if not _reads_only_delays(cell.update(ref.name).value, cell, seen | {ref.name}):
+                return False
+        elif ref.kind is RefKind.BINDING:
+            binding = cell.binding(ref.name)
+            if binding is not None and not _reads_only_delays(binding.value, cell, seen):
+                return False
+    return True
 
 
 # ---- order of states --------------------------------------------------------------
@@ -930,6 +1246,47 @@ def _hoistable(cell: ir.CellIR, time_parallel: frozenset[str], sources: dict[str
     return tuple(found.values())
 
 
+# ---- coupled groups -------------------------------------------------------------------
+
+
+def _substitute_new_values(expr: ir.Expr, written: dict[str, ir.Expr], memo: dict[int, tuple[ir.Expr, ir.Expr]]) -> ir.Expr:
+    """``expr`` with each new value of a state in ``written`` replaced by its update."""
+    hit = memo.get(id(expr))
+    if hit is not None and hit[0] is expr:
+        return hit[1]
+    if isinstance(expr, Ref):
+        result = written.get(expr.name, expr) if expr.kind is RefKind.STATE_NEW else expr
+    elif isinstance(expr, Op):
+        args = tuple(_substitute_new_values(a, written, memo) for a in expr.args)
+        result = expr if all(a is b for a, b in zip(args, expr.args)) else Op(expr.op, args, expr.type, expr.attrs)
+    else:
+        result = expr
+    memo[id(expr)] = (expr, result)
+    return result
+
+
+def _group_analyses(cell: ir.CellIR, schedule: tuple[tuple[str, ...], ...], states: list[StateAnalysis]) -> tuple[GroupAnalysis, ...]:
+    """The joint recurrence of every coupled group of states (groups holding a scan have none)."""
+    by_name = {s.state: s for s in states}
+    found = []
+    for group in schedule:
+        if len(group) < 2 or any(name not in by_name for name in group):
+            continue
+        written: dict[str, ir.Expr] = {}
+        memo: dict[int, tuple[ir.Expr, ir.Expr]] = {}
+        for name in group:  # in the order of the body: a member reads the new values of earlier ones
+            written[name] = _substitute_new_values(by_name[name].update, written, memo)
+        unresolved = next(
+            (r.name for e in written.values() for r in ir.refs(e) if r.kind is RefKind.STATE_NEW and r.name in by_name and r.name in group), None
+        )
+        if unresolved is not None:
+            recurrence: JointAffine | Nonlinear = Nonlinear(f"a member reads the new value of '{unresolved}' before its update")
+        else:
+            recurrence = joint_affine(group, written, {name: by_name[name].type for name in group})
+        found.append(GroupAnalysis(group, recurrence))
+    return tuple(found)
+
+
 # ---- the whole analysis ---------------------------------------------------------------
 
 
@@ -1006,6 +1363,11 @@ def _analyze(cell: ir.CellIR) -> Analysis:
             reads[statement.name] = lifted
             order.append(statement.name)
 
+    delays = _delays(cell, states, sources)
+    states = [replace(s, recurrence=Delay(s.recurrence.value, cell.state(s.state).direction)) if s.state in delays else s for s in states]
+    schedule = _schedule(order, reads)
+    _check_directions(cell, schedule)
+
     readouts: list[Readout] = []
     state_types = {s.name: s.type for s in cell.states}
     expanded_outputs = tuple(inline(emit.value, cell, time_parallel) for emit in cell.outputs)
@@ -1020,9 +1382,52 @@ def _analyze(cell: ir.CellIR) -> Analysis:
         time_parallel=time_parallel,
         parallel_outputs=parallel_outputs,
         states=tuple(states),
-        schedule=_schedule(order, reads),
+        schedule=schedule,
         readouts=tuple(readouts),
         expanded_outputs=expanded_outputs,
         hoisted=_hoistable(cell, time_parallel, sources),
         dependencies=sources,
+        groups=_group_analyses(cell, schedule, states),
+        delays=frozenset(delays),
     )
+
+
+def _delays(cell: ir.CellIR, states: list[StateAnalysis], sources: dict[str, frozenset[str]]) -> set[str]:
+    """The states whose update reads nothing recurrent except other delays (and not itself).
+
+    Found in rounds, each delay after those it reads, so delays never read each other in a circle.
+    """
+    delays: set[str] = set()
+    candidates = [s.state for s in states if isinstance(s.recurrence, NoRecurrence)]
+    changed = True
+    while changed:
+        changed = False
+        for name in candidates:
+            if name in delays:
+                continue
+            read = recurrent_sources(cell.update(name).value, sources)
+            if name not in read and read <= delays:
+                delays.add(name)
+                changed = True
+    return delays
+
+
+def _check_directions(cell: ir.CellIR, schedule: tuple[tuple[str, ...], ...]) -> None:
+    """A group of recurrences that read each other must run one way: a forward state needs the
+    past of a reverse one and the reverse one its future, which no order of steps gives."""
+    for group in schedule:
+        directions = {cell.direction_of(name) for name in group}
+        if len(directions) > 1:
+            forward = [n for n in group if cell.direction_of(n) is ir.Direction.FORWARD]
+            backward = [n for n in group if cell.direction_of(n) is ir.Direction.REVERSE]
+            span = next((s.span for s in cell.states if s.name == backward[0]), None) or cell.span
+            raise DeclarationError(
+                f"forward {_plural(forward)} and reverse {_plural(backward)} read each other, so neither can run first",
+                span,
+                expected="no cycle between forward and reverse recurrences (a forward state may read a reverse one, or the other way, not both)",
+            )
+
+
+def _plural(names: list[str]) -> str:
+    quoted = ", ".join(f"'{n}'" for n in names)
+    return f"state {quoted}" if len(names) == 1 else f"states {quoted}"

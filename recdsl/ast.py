@@ -161,6 +161,7 @@ class StateDecl:
     type: TypeSpec
     init: Expr
     span: Span | None = _span()
+    reverse: bool = False  # `state ... = init reverse`: runs from the last step to the first
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class ScanBinding:
     args: tuple[Expr, ...]
     lifts: tuple[Lift, ...]
     span: Span | None = _span()
+    reverse: bool = False  # `scan reverse M(...)`: the suffix combine
 
 
 @dataclass(frozen=True)

@@ -661,7 +661,8 @@ def check_cell(cell: ast.Cell, monoids: Mapping[str, ast.Monoid], dims: Mapping[
     for decl, state_type in states:
         init = scope.expr(decl.init)
         scope.fits(init, state_type, decl.init.span, f"the initial value of state '{decl.name}'")
-        checked_states.append(ir.State(decl.name, state_type, init, span=decl.span))
+        direction = ir.Direction.REVERSE if decl.reverse else ir.Direction.FORWARD
+        checked_states.append(ir.State(decl.name, state_type, init, span=decl.span, direction=direction))
 
     scope.allowed = frozenset({"dim", "constant", "const", "param", "input", "state", "binding", "scan"})
     scope.context = "the cell body"
@@ -724,7 +725,8 @@ def check_cell(cell: ast.Cell, monoids: Mapping[str, ast.Monoid], dims: Mapping[
                     f"scan of {monoid.name} does not give carry '{missing[0]}'", statement.span, expected=f"'{missing[0]} = ...' inside from (...)"
                 )
             scope.declare(statement.name, _Symbol("scan", statement.span, monoid.struct_type))
-            body.append(ir.ScanAssign(statement.name, monoid, tuple(lifts[c.name] for c in monoid.carries), span=statement.span))
+            direction = ir.Direction.REVERSE if statement.reverse else ir.Direction.FORWARD
+            body.append(ir.ScanAssign(statement.name, monoid, tuple(lifts[c.name] for c in monoid.carries), span=statement.span, direction=direction))
         elif isinstance(statement, ast.Output):
             value = scope.expr(statement.value)
             if value.type.kind is Kind.BOOL:

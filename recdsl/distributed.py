@@ -68,7 +68,7 @@ from . import ir
 from .analysis import Analysis, DiagonalAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
 from .errors import BackendError, InputError
 from .ir import Kind, RefKind
-from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions
+from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
 from .plan import plan as make_plan
 from .backends.parallel import Solver, _run_chunk_plan, _Sequences, _shift
 
@@ -256,10 +256,26 @@ def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
             f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
             expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
         ) from None
-    # A time-invariant state's convolution (S4D) keeps no per-step state to correct from a
-    # received initial state: its slice runs the scan the plan keeps as the fallback.
-    steps = tuple(replace(step, form=step.fallback, conv=None) if step.form is Form.CONVOLUTION and step.fallback is not None else step for step in planned.steps)
+    # Forms whose slice summary is not derived yet run the scan the plan keeps as their
+    # fallback: a time-invariant state's convolution (S4D: no per-step state to correct),
+    # the gated delta rule (its transition's decay is not in the delta-rule summary), a
+    # delta rule read out as S @ q (TTT), and read-outs of the previous state (RWKV-6).
+    steps = tuple(replace(step, form=step.fallback, conv=None, chunk=None) if _scanned_on_slices(step) else step for step in planned.steps)
     return replace(planned, steps=steps)
+
+
+def _scanned_on_slices(step: StepPlan) -> bool:
+    """Whether a step of the chunked plan runs its fallback scan on each rank's slice."""
+    if step.fallback is None:
+        return False
+    if step.form is Form.CONVOLUTION:
+        return True
+    chunk = step.chunk
+    if step.form is not Form.CHUNKED or chunk is None:
+        return False
+    if chunk.reads_previous:
+        return True
+    return chunk.kind is ChunkKind.GATED_DELTA_RULE or (chunk.kind is ChunkKind.DELTA_RULE and chunk.transposed)
 
 
 def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, heads: int = 1, itemsize: int = 4, chunk_size: int = 64) -> str:

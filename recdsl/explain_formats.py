@@ -15,8 +15,8 @@ version) is one object:
 ``stepwise_bindings``  ``[{name, expr, reads}]``: bindings computed inside the recurrence, with the states they read
 ``hoisted``     ``[expr]``: state-free parts of stepwise lines, computed for all steps at once
 ``states``      ``[{name, shape, kind, class, class_text, structure, update, expanded_update,
-                decay, input, transition, low_rank, semiring, reason, reads}]``; ``class`` is one
-                of ``no_recurrence``, ``diagonal_affine``, ``matrix_affine``, ``semiring_affine``,
+                decay, input, transition, low_rank, semiring, reason, reads, direction}]``; ``class`` is one
+                of ``delay``, ``no_recurrence``, ``diagonal_affine``, ``matrix_affine``, ``semiring_affine``,
                 ``nonlinear``; ``class_text`` is how ``recdsl explain`` says it; ``structure``
                 the transition's structure in words (``"elementwise"``, ``"diagonal over rows"``,
                 ``"identity plus low rank"``, ...) or null; ``decay``, ``input``, ``transition``
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ir
-from .analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, StateAnalysis
+from .analysis import Analysis, Delay, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, StateAnalysis
 from .errors import MissingDependencyError, RecDSLError
 from .printer import format_expr
 
@@ -83,6 +83,7 @@ def structure_text(recurrence: object) -> str | None:
 
 
 _CLASS_IDS: tuple[tuple[type, str], ...] = (
+    (Delay, "delay"),  # before its base class
     (NoRecurrence, "no_recurrence"),
     (DiagonalAffine, "diagonal_affine"),
     (MatrixAffine, "matrix_affine"),
@@ -136,6 +137,7 @@ def _state_json(analysis: Analysis, state: StateAnalysis) -> dict[str, Any]:
         "semiring": semiring.name if semiring is not None else None,
         "reason": recurrence.reason if isinstance(recurrence, Nonlinear) else None,
         "reads": list(state.reads),
+        "direction": analysis.cell.state(state.state).direction.value,
     }
 
 

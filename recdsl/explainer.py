@@ -8,8 +8,11 @@ from typing import Mapping
 from . import ir
 from .analysis import (
     Analysis,
+    BlockAxes,
     DiagonalAffine,
+    JointAffine,
     MatrixAffine,
+    Delay,
     NoRecurrence,
     Nonlinear,
     SemiringAffine,
@@ -34,7 +37,11 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
     def format_expr(expr: ir.Expr) -> str:
         return _format(expr, others)
 
-    lines = [f"  {name} {_shape(state.type)}: state, {_recurrence_title(state.recurrence)}"]
+    reverse = analysis.cell.state(name).reverse
+    direction = "reverse state (runs from the last step to the first)" if reverse else "state"
+    lines = [f"  {name} {_shape(state.type)}: {direction}, {_recurrence_title(state.recurrence)}"]
+    if reverse:
+        lines.append(f"      on the right, {name} is its value at step t + 1; its initial value is the one after the last step")
     lines.append(f"      {name} = {format_expr(update)}")
     expanded = format_expr(state.update)
     if expanded != format_expr(update):
@@ -49,6 +56,8 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
         lines.append(f"      transition  A({name}) = {format_expr(recurrence.transition)}   ({prev})")
         if recurrence.decay is not None:
             lines.append(f"      decay       {format_expr(recurrence.decay)}")
+        if recurrence.blocks is not None:
+            lines.append(f"      blocks      {_blocks_phrase(recurrence.blocks, state.type)}")
         for term in recurrence.low_rank:
             lines.append(
                 f"      rank one    {format_expr(term.coefficient)} * outer({format_expr(term.left)}, {format_expr(term.right)} @ {name})"
@@ -67,10 +76,42 @@ def _state_lines(analysis: Analysis, name: str) -> list[str]:
         lines.append(f"      input term  {format_expr(recurrence.input) if recurrence.input is not None else 'none (the semiring zero, -inf)'}")
     elif isinstance(recurrence, Nonlinear):
         lines.append(f"      the previous value enters through {recurrence.reason}")
+    elif isinstance(recurrence, Delay):
+        step = "t + 1" if recurrence.direction is ir.Direction.REVERSE else "t - 1"
+        lines.append(f"      a delay: its update reads no recurrent value, so its previous value is its update's value at step {step}, one shift of a time-parallel value")
     elif isinstance(recurrence, NoRecurrence):
         lines.append("      the new value does not read the previous one: no recurrence")
     if state.reads:
         lines.append(f"      reads the recurrent values of: {', '.join(state.reads)}")
+    return lines
+
+
+def _blocks_phrase(blocks: BlockAxes, state_type: ir.Type, members: int = 1) -> str:
+    """``one 2 x 2 matrix per index of axis 0 (64 blocks)``: how a block-diagonal map splits."""
+    count, inner = 1, 1
+    for axis, size in enumerate(state_type.shape):
+        if axis in blocks.axes:
+            count *= size
+        else:
+            inner *= size
+    inner *= members
+    where = ", ".join(str(a) for a in blocks.axes)
+    which = "the same matrix for every block" if blocks.shared else "each block its own matrix"
+    return f"{count} blocks of {inner} elements, one per index of axis {where}: a {inner} x {inner} matrix per step, {which}"
+
+
+def _group_lines(analysis: Analysis, group: tuple[str, ...]) -> list[str]:
+    joint = analysis.group(group)
+    if joint is None or not isinstance(joint.recurrence, JointAffine):
+        why = f" ({joint.recurrence.reason})" if joint is not None else ""
+        return [f"  coupled: {', '.join(group)} read each other's values, so they run jointly, step by step{why}"]
+    recurrence = joint.recurrence
+    lines = [f"  coupled: {', '.join(group)} read each other's values; their joint update is affine, X_t = A_t(X_(t-1)) + B_t with X the states stacked"]
+    state_type = analysis.state(group[0]).type
+    if recurrence.blocks is not None:
+        lines.append(f"      joint transition: {_blocks_phrase(recurrence.blocks, state_type, len(group))}")
+    else:
+        lines.append("      joint transition: dense over all the members' elements")
     return lines
 
 
@@ -87,8 +128,9 @@ def _scan_lines(scan: ir.ScanAssign) -> list[str]:
     carries = ", ".join(f"{c.name} {_shape(c.type)}" for c in monoid.carries)
     lifts = ", ".join(f"{c.name} = {format_expr(l)}" for c, l in zip(monoid.carries, scan.lifts))
     identity = ", ".join(f"{c.name} = {format_expr(c.identity)}" for c in monoid.carries)
+    order = "suffix combine x_t (+) ... (+) x_T, from the last step to the first" if scan.reverse else "prefix combine"
     return [
-        f"  {scan.name}: scan of the declared monoid {monoid.name} (associative by declaration; `recdsl check` tests it)",
+        f"  {scan.name}: scan of the declared monoid {monoid.name}, {order} (associative by declaration; `recdsl check` tests it)",
         f"      carries     {carries}",
         f"      identity    {identity}",
         f"      each step   {lifts}",
@@ -129,7 +171,7 @@ def explain_analysis(analysis: Analysis, backend_line: str | None = None) -> str
         lines.append("  (none: the cell has no state)")
     for group in analysis.schedule:
         if len(group) > 1:
-            lines.append(f"  coupled: {', '.join(group)} read each other's values, so they run jointly, step by step")
+            lines.extend(_group_lines(analysis, group))
         for name in group:
             lines.extend(_scan_lines(scans[name]) if name in scans else _state_lines(analysis, name))
 

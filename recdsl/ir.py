@@ -171,14 +171,34 @@ class Const:
     span: Span | None = field(default=None, compare=False, repr=False)
 
 
+class Direction(Enum):
+    """Which way a recurrence runs through time; the value is its name in prose."""
+
+    FORWARD = "forward"  # from the first step to the last: the previous value is the one at t - 1
+    REVERSE = "reverse"  # from the last step to the first: the previous value is the one at t + 1
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class State:
-    """A recurrent state; ``init`` uses only literals, consts and params."""
+    """A recurrent state; ``init`` uses only literals, consts and params.
+
+    A REVERSE state runs from the last step to the first: in its update its previous value
+    is its value at step t + 1, ``init`` is its value after the last step, and the value a
+    module returns for it is its value at the first step.
+    """
 
     name: str
     type: Type
     init: Expr
     span: Span | None = field(default=None, compare=False, repr=False)
+    direction: Direction = Direction.FORWARD
+
+    @property
+    def reverse(self) -> bool:
+        return self.direction is Direction.REVERSE
 
 
 # ---- statements -------------------------------------------------------------
@@ -240,6 +260,12 @@ class ScanAssign:
     monoid: MonoidIR
     lifts: tuple[Expr, ...]  # one per carry, in the monoid's carry order
     span: Span | None = field(default=None, compare=False, repr=False)
+    # REVERSE: the suffix combine, x_t (+) x_{t+1} (+) ... (+) x_T (+) identity (earlier operand on the left).
+    direction: Direction = Direction.FORWARD
+
+    @property
+    def reverse(self) -> bool:
+        return self.direction is Direction.REVERSE
 
 
 @dataclass(frozen=True)
@@ -293,6 +319,21 @@ class CellIR:
             if state.name == name:
                 return state
         raise KeyError(name)
+
+    def direction_of(self, name: str) -> Direction:
+        """The direction of the state or scan called ``name``."""
+        for state in self.states:
+            if state.name == name:
+                return state.direction
+        for scan in self.scans:
+            if scan.name == name:
+                return scan.direction
+        raise KeyError(name)
+
+    @property
+    def reversed_recurrences(self) -> tuple[str, ...]:
+        """The states and scans that run from the last step to the first (empty for a causal cell)."""
+        return tuple(s.name for s in self.states if s.reverse) + tuple(s.name for s in self.scans if s.reverse)
 
     def carried_state_names(self) -> tuple[str, ...]:
         """The keys of the state dict a module returns: states, then scan carries."""

@@ -31,6 +31,10 @@ def _shape_words(shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(["B", "T", "*heads"] + [str(s) for s in shape]) + "]"
 
 
+def _step_shape_words(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(["B", "*heads"] + [str(s) for s in shape]) + "]"
+
+
 def _tracing() -> bool:
     """Whether torch.compile (dynamo) or export is tracing the current call."""
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
@@ -54,6 +58,8 @@ class CompiledCell(nn.Module):
     ``(output, state)`` with ``return_state=True``, where ``state`` maps each state
     (and each scan carry, as ``scan.carry``) to its final value ``[B, *heads, *shape]``.
     Passing that ``state`` to the next call continues the sequence.
+    ``cu_seqlens=offsets`` runs sequences of different lengths packed along time
+    (``[1, total_T, ...]``, states ``[N, ...]``); :meth:`step` runs one time step.
     """
 
     def __init__(
@@ -86,6 +92,8 @@ class CompiledCell(nn.Module):
         # Resolved once here, so that a forward pass only calls (torch.compile traces no imports).
         self._run = runner(self.plan.backend)
         self._run_on_gpu = runner(self.plan.gpu.backend) if self.plan.gpu is not None else None
+        # step(): one step of the loop over time, the definition every backend agrees with.
+        self._run_step = runner(BackendKind.SEQUENTIAL)
         # The newton backend reports each call's solve (iterations, residual) here.
         self.last_solve: Any = None
         reserved = set(dir(self))
@@ -191,13 +199,17 @@ class CompiledCell(nn.Module):
             raise InputError(f"input '{missing[0]}' is missing", expected=signature)
         return bound
 
-    def _check_inputs(self, inputs: dict[str, Any]) -> tuple[int, int, tuple[int, ...]]:
-        """Validate shapes and dtypes; return ``(B, T, heads)``."""
+    def _check_inputs(self, inputs: dict[str, Any], time_axis: bool = True) -> tuple[int, int, tuple[int, ...]]:
+        """Validate shapes and dtypes; return ``(B, T, heads)``.
+
+        Without ``time_axis`` (one step, :meth:`step`) inputs are ``[B, *heads, *shape]`` and T is 1.
+        """
         reference: tuple[str, tuple[int, ...]] | None = None
         first = inputs[self.cell.inputs[0].name]
+        lead_dims = 2 if time_axis else 1
         for declared in self.cell.inputs:
             value = inputs[declared.name]
-            expected = _shape_words(declared.type.shape)
+            expected = _shape_words(declared.type.shape) if time_axis else _step_shape_words(declared.type.shape)
             if not isinstance(value, torch.Tensor):
                 raise InputError(f"input '{declared.name}' is a {type(value).__name__}, not a torch.Tensor", expected=f"a tensor of shape {expected}")
             if not (value.is_floating_point() or value.is_complex()):
@@ -208,10 +220,11 @@ class CompiledCell(nn.Module):
                 raise InputError(f"input '{declared.name}' is on the meta device, which holds no values", expected="a tensor with values (on cpu, cuda, ...)")
             rank = declared.type.rank
             shape = tuple(value.shape)
-            if value.dim() < rank + 2 or shape[value.dim() - rank :] != declared.type.shape:
+            if value.dim() < rank + lead_dims or shape[value.dim() - rank :] != declared.type.shape:
+                axes = "batch, time" if time_axis else "batch (one step: no time axis)"
                 raise InputError(
                     f"input '{declared.name}' has shape {list(shape)}",
-                    expected=f"{expected}: batch, time, optional head dims, then its declared shape [{', '.join(map(str, declared.type.shape))}]",
+                    expected=f"{expected}: {axes}, optional head dims, then its declared shape [{', '.join(map(str, declared.type.shape))}]",
                 )
             lead = shape[: value.dim() - rank]
             if value.device != first.device:
@@ -224,10 +237,12 @@ class CompiledCell(nn.Module):
             elif lead != reference[1]:
                 raise InputError(
                     f"input '{declared.name}' has leading dims {list(lead)} but input '{reference[0]}' has {list(reference[1])}",
-                    expected="the same [B, T, *heads] for every input",
+                    expected="the same [B, T, *heads] for every input" if time_axis else "the same [B, *heads] for every input",
                 )
         assert reference is not None
         lead = reference[1]
+        if not time_axis:
+            return lead[0], 1, lead[1:]
         if lead[1] == 0:
             raise InputError("the sequences are empty (T = 0)", expected="at least one time step")
         return lead[0], lead[1], lead[2:]
@@ -300,13 +315,62 @@ class CompiledCell(nn.Module):
         if value.device != device:
             raise InputError(f"state '{name}' is on {value.device} but the inputs are on {device}", expected="every input, state and param on one device")
 
-    def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
+    def forward(
+        self,
+        *args: torch.Tensor,
+        state: Mapping[str, torch.Tensor] | None = None,
+        return_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs: torch.Tensor,
+    ):
+        """Run the cell over whole sequences (see the class docstring).
+
+        ``cu_seqlens``: several sequences of different lengths packed along time, as in
+        flash-linear-attention: inputs ``[1, total_T, *heads, *shape]`` and offsets, an
+        int64 tensor ``[N + 1]`` rising from 0 to ``total_T``; sequence ``n`` is steps
+        ``cu_seqlens[n]`` to ``cu_seqlens[n + 1] - 1``.  Every state starts afresh at each
+        sequence's first step, and ``state=`` and the returned state are ``[N, *heads, *shape]``
+        (``plan.varlen`` says how the backend does it).
+        """
         inputs = self._bind_inputs(args, kwargs)
-        batch, _, heads = self._check_inputs(inputs)
+        batch, steps, heads = self._check_inputs(inputs)
+        segments = None
+        if cu_seqlens is not None:
+            if self.cell.reversed_recurrences:
+                names = ", ".join(f"'{name}'" for name in self.cell.reversed_recurrences)
+                raise BackendError(
+                    f"cell {self.cell.name} has states that run backwards in time ({names}), which packed batches (cu_seqlens) do not support yet",
+                    expected="one call per sequence for a cell with reverse states",
+                )
+            segments = self._check_offsets(cu_seqlens, batch, steps, next(iter(inputs.values())).device)
+            batch = segments.count  # states are per sequence
         numerics, output_dtype = self._numerics(inputs)
         self._check_param_devices(numerics.device)
         lead = (batch, *heads)
-        carried = self._initial_state(numerics, lead)
+        carried = self._given_state(state, self._initial_state(numerics, lead), lead, numerics)
+        cast_inputs, params, consts = self._cast(inputs, numerics)
+        if segments is not None:
+            from .backends.segments import run_packed
+
+            on_gpu = self._run_on_gpu is not None and numerics.device.type == "cuda"
+            plan, run = (self.plan.gpu, self._run_on_gpu) if on_gpu else (self.plan, self._run)
+            reporting = {"report": self._record_solve} if plan.backend is BackendKind.NEWTON else {}
+            outputs, final = run_packed(run, plan, segments, cast_inputs, params, consts, carried, numerics, **reporting)
+        elif self._run_on_gpu is not None and numerics.device.type == "cuda":
+            reporting = {"report": self._record_solve, "previous": self.last_solve} if self.plan.gpu.backend is BackendKind.NEWTON else {}
+            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics, **reporting)
+        else:
+            reporting = {"report": self._record_solve, "previous": self.last_solve} if self.plan.backend is BackendKind.NEWTON else {}
+            outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics, **reporting)
+        if output_dtype is not None:
+            outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
+        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
+        if return_state:
+            return result, final
+        return result
+
+    def _given_state(self, state: Mapping[str, torch.Tensor] | None, carried: dict[str, torch.Tensor], lead: tuple[int, ...], numerics) -> dict[str, torch.Tensor]:
+        """``carried`` (the declared initial values, ``[*lead, *shape]``) with the values given in ``state``, checked and cast."""
         types = self._carried_types()
         if state is not None:
             if not isinstance(state, Mapping):
@@ -320,7 +384,10 @@ class CompiledCell(nn.Module):
                     raise InputError(f"state '{name}' has shape {got}", expected=f"[{', '.join(map(str, lead + declared.shape))}] (batch, heads, then the declared shape)")
                 self._check_state_value(name, value, declared, numerics.device)
                 carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
+        return carried
 
+    def _cast(self, inputs: dict[str, torch.Tensor], numerics) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The inputs, params and consts in the computing dtype."""
         cast_inputs = {
             d.name: inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
             for d in self.cell.inputs
@@ -329,17 +396,80 @@ class CompiledCell(nn.Module):
             name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
-        if self._run_on_gpu is not None and numerics.device.type == "cuda":
-            outputs, final = self._run_on_gpu(self.plan.gpu, cast_inputs, params, consts, carried, numerics)
-        else:
-            reporting = {"report": self._record_solve} if self.plan.backend is BackendKind.NEWTON else {}
-            outputs, final = self._run(self.plan, cast_inputs, params, consts, carried, numerics, **reporting)
+        return cast_inputs, params, consts
+
+    # ---- packed variable-length batches
+    def _check_offsets(self, cu_seqlens: Any, batch: int, steps: int, device: torch.device):
+        """Validate ``cu_seqlens`` against inputs ``[batch, steps, ...]``; return the :class:`~recdsl.backends.segments.Segments`."""
+        from .backends.segments import Segments
+
+        first = self.cell.inputs[0].name
+        expected = f"cu_seqlens: an int64 tensor [N + 1] rising from 0 to total_T = {steps} (the inputs' time length)"
+        if not isinstance(cu_seqlens, torch.Tensor):
+            raise InputError(f"cu_seqlens is a {type(cu_seqlens).__name__}, not a torch.Tensor", expected=expected)
+        if cu_seqlens.dtype not in (torch.int64, torch.int32):
+            raise InputError(f"cu_seqlens has dtype {cu_seqlens.dtype}", expected=expected)
+        if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+            raise InputError(f"cu_seqlens has shape {list(cu_seqlens.shape)}", expected=expected + ", at least [0, total_T]")
+        if batch != 1:
+            raise InputError(
+                f"input '{first}' has batch size {batch} with cu_seqlens",
+                expected=f"the sequences packed along time into one batch row: [1, total_T, *heads, *shape] (here total_T = {steps})",
+            )
+        offsets = tuple(int(v) for v in cu_seqlens.tolist())
+        if offsets[0] != 0:
+            raise InputError(f"cu_seqlens starts at {offsets[0]}", expected=expected + ", so it starts at 0")
+        if offsets[-1] != steps:
+            raise InputError(f"cu_seqlens ends at {offsets[-1]} but input '{first}' has {steps} time steps", expected=expected)
+        for n, (start, end) in enumerate(zip(offsets, offsets[1:])):
+            if end <= start:
+                raise InputError(
+                    f"cu_seqlens is not increasing: sequence {n} runs from {start} to {end}",
+                    expected=expected + ", strictly increasing (every sequence at least one step)",
+                )
+        return Segments.of(offsets, device)
+
+    # ---- one step at a time
+    def _step_refusal(self) -> str | None:
+        """Why :meth:`step` cannot run this cell, or None.
+
+        A state (or scan) that runs backwards in time has at step t the value computed from
+        steps t..T-1, which a decoder has not seen yet.
+        """
+        backwards = list(self.cell.reversed_recurrences)
+        if backwards:
+            names = ", ".join(f"'{name}'" for name in backwards)
+            return f"state {names} of cell {self.cell.name} runs backwards in time: its value at a step depends on the steps after it"
+        return None
+
+    def step(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, **kwargs: torch.Tensor):
+        """One time step, for decoding: inputs ``[B, *heads, *shape]`` (no time axis) -> ``(outputs, new_state)``.
+
+        ``outputs`` is one tensor ``[B, *heads, *shape]`` per ``out`` line (the tensor
+        itself when there is one); ``new_state`` is the dict ``forward(..., return_state=True)``
+        returns, to pass to the next call.  ``state=None`` starts from the declared
+        initial state.  A loop of ``step`` gives what ``forward`` gives over the whole
+        sequence.  The step is the sequential backend's loop body evaluated from the IR
+        (whatever backend the module was compiled for), so nothing is planned per call.
+        """
+        refusal = self._step_refusal()
+        if refusal is not None:
+            raise BackendError(f"step() cannot run one step at a time: {refusal}", expected="forward() over the whole sequence")
+        inputs = self._bind_inputs(args, kwargs)
+        batch, _, heads = self._check_inputs(inputs, time_axis=False)
+        numerics, output_dtype = self._numerics(inputs)
+        self._check_param_devices(numerics.device)
+        lead = (batch, *heads)
+        # Decoding passes every state back each call: evaluate the declared initial values only when one is missing.
+        complete = isinstance(state, Mapping) and all(name in state for name in self._carried_types())
+        carried = self._given_state(state, {} if complete else self._initial_state(numerics, lead), lead, numerics)
+        cast_inputs, params, consts = self._cast(inputs, numerics)
+        one_step = {name: value.unsqueeze(1) for name, value in cast_inputs.items()}  # [B, 1, *heads, *shape]
+        outputs, final = self._run_step(self.plan, one_step, params, consts, carried, numerics)
+        outputs = [o.squeeze(1) for o in outputs]
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
-        result = outputs[0] if len(outputs) == 1 else tuple(outputs)
-        if return_state:
-            return result, final
-        return result
+        return (outputs[0] if len(outputs) == 1 else tuple(outputs)), final
 
     def _record_solve(self, solve: Any) -> None:
         self.last_solve = solve
@@ -373,7 +503,7 @@ def compile(
     every param, const, state and per-step value (default ``$RECDSL_MAX_ELEMENTS`` or
     2 ** 28, see :mod:`recdsl.limits`); a larger one is a located ``DimensionError``.
     ``backend_options`` passes options to the chosen backend (the newton backend's
-    ``jacobian``, ``tolerance``, ``max_iterations``).  ``allow_tf32`` lets the Triton
+    ``jacobian``, ``tolerance``, ``max_iterations``, ``warm_start``).  ``allow_tf32`` lets the Triton
     kernels multiply float32 matrices as TF32 (faster on tensor cores, about 1e-3
     relative error); by default float32 products are exact.
 

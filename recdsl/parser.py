@@ -300,8 +300,8 @@ class _ToAST(Transformer):
         return ast.ConstDecl(str(name), value, span=_meta_span(meta))
 
     def state_decl(self, meta, children):
-        name, type_spec, init = children
-        return ast.StateDecl(str(name), type_spec, init, span=_meta_span(meta))
+        name, type_spec, init, reverse = children
+        return ast.StateDecl(str(name), type_spec, init, span=_meta_span(meta), reverse=reverse is not None)
 
     def binding(self, meta, children):
         name, value = children
@@ -312,8 +312,9 @@ class _ToAST(Transformer):
         return ast.Lift(str(name), value, span=_meta_span(meta))
 
     def scan_binding(self, meta, children):
-        name, monoid, args, *lifts = children
-        return ast.ScanBinding(str(name), str(monoid), args, tuple(l for l in lifts if l is not None), span=_meta_span(meta))
+        name, reverse, monoid, args, *lifts = children
+        lifts = tuple(l for l in lifts if l is not None)
+        return ast.ScanBinding(str(name), str(monoid), args, lifts, span=_meta_span(meta), reverse=reverse is not None)
 
     def output_anon(self, meta, children):
         return ast.Output(None, children[0], span=_meta_span(meta))

@@ -59,6 +59,33 @@ class BackendKind(Enum):
         return self.value
 
 
+class VarlenForm(Enum):
+    """How a backend runs a packed batch of variable-length sequences (``cu_seqlens``); the value is its prose."""
+
+    SEGMENT_RESETS = "natively, one pass over the packed sequence with the states reset at each sequence's first step"
+    END_ALIGNED_RESETS = "natively, the sequences as batch rows aligned at their ends, each row's state reset at its sequence's first step"
+    START_ALIGNED = "natively, the sequences as batch rows padded at their ends, each final state read at its sequence's last step"
+    GROUPED_BY_LENGTH = "grouped: sequences of equal length run as one batch, one call per distinct length"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The torch scans reset states inside their one pass over the packed sequence, the loop
+# inside its max_len steps over a batch of the sequences; the C loop, Newton's solver and
+# the Triton scan kernels, which keep the state of every step, read each padded row's final
+# state at its own last step (recdsl.backends.segments).  The Triton chunk kernels keep only
+# the state after the last step: such a plan runs equal-length groups as batches.
+VARLEN_FORMS: dict[BackendKind, VarlenForm] = {
+    BackendKind.SEQUENTIAL: VarlenForm.END_ALIGNED_RESETS,
+    BackendKind.SCAN: VarlenForm.SEGMENT_RESETS,
+    BackendKind.CHUNKED: VarlenForm.SEGMENT_RESETS,
+    BackendKind.TRITON: VarlenForm.START_ALIGNED,
+    BackendKind.NEWTON: VarlenForm.START_ALIGNED,
+    BackendKind.FUSED: VarlenForm.START_ALIGNED,
+}
+
+
 class Form(Enum):
     """How one recurrence (a state, a coupled group or a scan) is computed; the value is its name in prose."""
 
@@ -67,6 +94,8 @@ class Form(Enum):
     LINEAR_SCAN = "linear scan of (decay, input)"
     LOW_RANK_MATRIX_SCAN = "scan of small transition matrices built from the rank-one terms"
     DENSE_MATRIX_SCAN = "scan of dense transition matrices (the transition applied to a basis)"
+    BLOCK_MATRIX_SCAN = "scan of the small blocks of a block-diagonal transition (one matrix per block, not the whole state's)"
+    JOINT_MATRIX_SCAN = "one scan of the coupled states stacked: their joint update is affine"
     SEMIRING_DIAGONAL_SCAN = "diagonal scan over the semiring"
     SEMIRING_MATRIX_SCAN = "matrix scan over the semiring"
     MONOID_SCAN = "prefix scan with the monoid's combine"
@@ -85,6 +114,7 @@ class Form(Enum):
 class ChunkKind(Enum):
     DECAYED_OUTER_PRODUCTS = "decayed outer products"  # GLA, RetNet, mLSTM, Mamba-2
     DELTA_RULE = "delta rule"  # DeltaNet: the UT transform inside chunks
+    GATED_DELTA_RULE = "gated delta rule"  # Gated DeltaNet, TTT / Titans memories: the UT transform with the decay folded in
 
     def __str__(self) -> str:
         return self.value
@@ -114,7 +144,11 @@ class ChunkPlan:
     """How a matrix state's read-outs are produced chunk by chunk, without storing it per step.
 
     ``transposed`` is set when the read-outs contract the state's second axis (``S @ q``);
-    the kernels then see ``S^T``.  ``queries[i]`` is the vector of ``readouts[i]``.
+    the kernels then see ``S^T``.  ``queries[i]`` is the vector of ``readouts[i]``, and
+    ``previous[i]`` is set when that read-out takes the value before the update
+    (``q @ S_{t-1}``: an exclusive causal mask).  For the delta rules ``transition`` is the
+    rank-one map ``coefficient * row column^T`` multiplying the kernels' state from the left,
+    and ``log_decay`` (gated) the log of its scalar identity part.
     """
 
     state: str
@@ -124,6 +158,12 @@ class ChunkPlan:
     queries: tuple[ir.Expr, ...]
     inputs: tuple[RankOneTerm, ...]
     log_decay: ir.Expr | None = None
+    previous: tuple[bool, ...] = ()
+    transition: RankOneTerm | None = None
+
+    @property
+    def reads_previous(self) -> bool:
+        return any(self.previous)
 
 
 @dataclass(frozen=True)
@@ -203,6 +243,7 @@ class Cost:
     backend: BackendKind
     seconds: float | None
     reason: str | None = None
+    candidate: bool = True  # False: it could run the cell but auto does not consider it (``reason`` says why)
 
 
 @dataclass(frozen=True)
@@ -227,11 +268,34 @@ class ExecutionPlan:
     def chunk_size(self) -> int:
         return self.options.chunk_size
 
+    @property
+    def varlen(self) -> VarlenForm:
+        """How this plan runs a packed variable-length batch (``module(..., cu_seqlens=...)``)."""
+        if self.backend is BackendKind.TRITON and any(step.form is Form.TRITON_CHUNKED for step in self.steps):
+            return VarlenForm.GROUPED_BY_LENGTH
+        return VARLEN_FORMS[self.backend]
+
     def step(self, name: str) -> StepPlan:
         for step in self.steps:
             if name in step.names:
                 return step
         raise KeyError(name)
+
+    def not_chunked(self) -> tuple[tuple[str, str], ...]:
+        """Each recurrence this plan scans or loops over rather than chunks, with the reason it is not chunked.
+
+        Time-parallel states are left out (they need no form over time).  For the
+        ``chunked`` backend these are the recurrences that run as the ``scan`` backend
+        would run them."""
+        found = []
+        for step in self.steps:
+            if step.form in (Form.CHUNKED, Form.TRITON_CHUNKED, Form.CONVOLUTION, Form.TIME_PARALLEL):
+                continue
+            reason = next((r.reason for r in step.rejected if r.form in (Form.CHUNKED, Form.TRITON_CHUNKED)), None)
+            if reason is None and step.form is Form.MONOID_SCAN:
+                reason = "a declared monoid scan (the chunked forms are for matrix states read out linearly)"
+            found.append((step.name, reason or "no chunked form was considered"))
+        return tuple(found)
 
     def for_device(self, device_type: str) -> "ExecutionPlan":
         """The plan to run on tensors of ``device_type`` (``auto``'s GPU alternative on ``cuda``)."""
@@ -243,15 +307,25 @@ class ExecutionPlan:
         if self.backend in (BackendKind.CHUNKED, BackendKind.TRITON) and not any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  chunk size {self.chunk_size}")
         for step in self.steps:
-            lines.append(f"  {step.name}: {step.form}")
+            direction = " (reverse)" if self.analysis is not None and self.analysis.direction(step.names[0]) is ir.Direction.REVERSE else ""
+            if self.analysis is not None and set(step.names) <= self.analysis.delays and step.form is Form.TIME_PARALLEL:
+                lines.append(f"  {step.name}{direction}: a delay: its update's values shifted one step (one cat), no recurrence")
+                continue
+            lines.append(f"  {step.name}{direction}: {step.form}")
             if step.conv is not None:
                 conv = step.conv
                 coefficient = "" if conv.coefficient is None else f" with coefficient {format_expr(conv.coefficient)}"
                 lines.append(f"      decay {format_expr(conv.decay)}; driven by {format_expr(conv.driver)}{coefficient}")
             if step.chunk is not None:
                 chunk = step.chunk
-                queries = ", ".join(format_expr(q) for q in chunk.queries)
-                lines.append(f"      {chunk.kind}; read-outs {'S @ q' if chunk.transposed else 'q @ S'} with q = {queries}")
+                groups = [(before, [q for q, b in zip(chunk.queries, chunk.previous or (False,) * len(chunk.queries)) if b == before]) for before in (True, False)]
+                described = []
+                for before, queries in groups:
+                    if queries:
+                        read = "S_prev" if before else "S"
+                        form = f"{read} @ q" if chunk.transposed else f"q @ {read}"
+                        described.append(f"{form} with q = {', '.join(format_expr(q) for q in queries)}")
+                lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
             if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T
@@ -262,14 +336,18 @@ class ExecutionPlan:
             lines.append(f"  Jacobian: {self.solver.describe()}")
         if self.solver is not None and any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  kernel: {self.solver.describe()}")
+        lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
             for cost in self.costs:
-                if cost.seconds is None:
+                if not cost.candidate:
+                    lines.append(f"      {cost.backend}: not a candidate ({cost.reason})")
+                elif cost.seconds is None:
                     lines.append(f"      {cost.backend}: cannot run ({cost.reason})")
                 else:
-                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms")
+                    note = f" ({cost.reason})" if cost.reason else ""  # what the prediction assumed
+                    lines.append(f"      {cost.backend}: {cost.seconds * 1e3:.3g} ms{note}")
         if self.gpu is not None:
             lines.append(f"  on CUDA tensors: backend {self.gpu.backend}")
             lines.extend("  " + line for line in self.gpu.format().splitlines()[1:])
@@ -291,6 +369,12 @@ def rank_one_terms(expr: ir.Expr | None) -> list[RankOneTerm] | None:
     if expr.op == "add":
         left, right = rank_one_terms(expr.args[0]), rank_one_terms(expr.args[1])
         return None if left is None or right is None else left + right
+    if expr.op == "neg":  # -(c u v^T) = (-c) u v^T (a gradient step: - lr * outer(W @ k - v, k))
+        inner = rank_one_terms(expr.args[0])
+        return None if inner is None else [_negated(t) for t in inner]
+    if expr.op == "sub":
+        left, right = rank_one_terms(expr.args[0]), rank_one_terms(expr.args[1])
+        return None if left is None or right is None else left + [_negated(t) for t in right]
     outer = as_outer(expr)
     if outer is not None:
         return [RankOneTerm(outer[0], outer[1], None)]
@@ -303,22 +387,30 @@ def rank_one_terms(expr: ir.Expr | None) -> list[RankOneTerm] | None:
     return None
 
 
-def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool] | None:
-    """For ``q @ S`` the pair ``(q, False)``; for ``S @ q`` ``(q, True)``; else None."""
+def _negated(term: RankOneTerm) -> RankOneTerm:
+    if term.coefficient is None:
+        return replace(term, coefficient=ir.Literal(-1.0, ir.Type(())))
+    return replace(term, coefficient=Op("neg", (term.coefficient,), term.coefficient.type))
+
+
+def _readout_query(readout: ir.Expr, state: str) -> tuple[ir.Expr, bool, bool] | None:
+    """For ``q @ S`` the triple ``(q, False, previous)``; for ``S @ q`` ``(q, True, previous)``; else None.
+
+    ``previous`` is set when the read-out takes the state's value before its update."""
     if not (isinstance(readout, Op) and readout.op == "matmul"):
         return None
     left, right = readout.args
-    is_state = lambda e: isinstance(e, Ref) and e.kind is RefKind.STATE_NEW and e.name == state  # noqa: E731
+    is_state = lambda e: isinstance(e, Ref) and e.kind in (RefKind.STATE_NEW, RefKind.STATE_PREV) and e.name == state  # noqa: E731
     if is_state(right) and left.type.rank == 1:
-        return left, False
+        return left, False, right.kind is RefKind.STATE_PREV
     if is_state(left) and right.type.rank == 1:
-        return right, True
+        return right, True, left.kind is RefKind.STATE_PREV
     # S.T @ q = q @ S and q @ S.T = S @ q for a matrix state
     transposed = lambda e: isinstance(e, Op) and e.op == "transpose" and e.args[0].type.rank == 2 and is_state(e.args[0])  # noqa: E731
     if transposed(left) and right.type.rank == 1:
-        return right, False
+        return right, False, left.args[0].kind is RefKind.STATE_PREV
     if transposed(right) and left.type.rank == 1:
-        return left, True
+        return left, True, right.args[0].kind is RefKind.STATE_PREV
     return None
 
 
@@ -343,8 +435,6 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
         return Unsupported("not a matrix state (the chunked form is for matrix states read out linearly)")
     if state.type.kind is not Kind.REAL:
         return Unsupported("a complex state")
-    if any(_mentions(e, name, set(), (RefKind.STATE_PREV,)) for e in analysis.expanded_outputs):
-        return Unsupported(f"an output reads its previous value ({name} before its update); the chunked form reads out the new value only")
     readouts = [r for r in analysis.readouts if r.state == name]
     if not readouts:
         return Unsupported("no output reads it linearly (q @ S)")
@@ -368,7 +458,15 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
         return Unsupported("a complex input term")
     if transposed:
         terms = [RankOneTerm(t.column, t.row, t.coefficient) for t in terms]
-    base = dict(state=name, transposed=transposed, readouts=tuple(r.expr for r in readouts), queries=tuple(q[0] for q in queries), inputs=tuple(terms))  # type: ignore[index]
+    previous = tuple(q[2] for q in queries)  # type: ignore[index]
+    base = dict(
+        state=name,
+        transposed=transposed,
+        readouts=tuple(r.expr for r in readouts),
+        queries=tuple(q[0] for q in queries),  # type: ignore[index]
+        inputs=tuple(terms),
+        previous=previous if any(previous) else (),
+    )
     structure = recurrence.structure
     if isinstance(recurrence, DiagonalAffine) and structure is Structure.ELEMENTWISE:
         # S6: a decay per element makes every chunk's decay tensor as large as the states
@@ -380,14 +478,41 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
             written = format_expr(inline(recurrence.decay, analysis.cell, frozenset()))
             return Unsupported(f"its decay {written} is not provably positive (chunked forms accumulate decays in log space)")
         return ChunkPlan(kind=ChunkKind.DECAYED_OUTER_PRODUCTS, log_decay=log_decay, **base)
-    if isinstance(recurrence, MatrixAffine) and structure is Structure.IDENTITY_PLUS_LOW_RANK and len(recurrence.low_rank) == 1:
-        if recurrence.side is Side.RIGHT or transposed:
-            return Unsupported("the chunked delta rule takes the rank-one map from the left, read out as q @ S")
-        term = recurrence.low_rank[0]
-        if any(t.row != term.left for t in terms):
-            return Unsupported("its input term does not share the rank-one update's left vector")
-        return ChunkPlan(kind=ChunkKind.DELTA_RULE, **base)
+    delta = (Structure.IDENTITY_PLUS_LOW_RANK, Structure.SCALED_IDENTITY_PLUS_LOW_RANK)
+    if isinstance(recurrence, MatrixAffine) and structure in delta and len(recurrence.low_rank) == 1:
+        return _delta_rule_plan(analysis, recurrence, terms, base)
     return Unsupported(f"no chunked form for a {recurrence.name} recurrence with a {structure} transition")
+
+
+def _delta_rule_plan(analysis: Analysis, recurrence: MatrixAffine, terms: list[RankOneTerm], base: dict) -> ChunkPlan | Unsupported:
+    """The (gated) delta rule's chunk plan: ``S = d S + c l (r^T S) + sum l w^T`` in the kernels' orientation.
+
+    The kernels multiply the rank-one map from the left of the state they see: ``S`` read
+    out as ``q @ S`` with a map from the left (DeltaNet), or ``S^T`` read out as ``S @ q``
+    with a map from the right (a TTT or Titans memory ``W`` applied as ``W @ k``).  Every
+    input term must share the map's left vector there (the UT transform solves for one
+    column update ``u_t`` per step).
+    """
+    term = recurrence.low_rank[0]
+    transposed = base["transposed"]
+    if (recurrence.side is Side.RIGHT) != transposed:
+        read = "S @ q" if transposed else "q @ S"
+        return Unsupported(f"its rank-one map multiplies from the {recurrence.side} but it is read out as {read}; the chunked delta rule needs the map on the read-out's far side")
+    # For S^T the map c S (u v^T) is c (v u^T) S^T: its left vector is v.
+    left, right = (term.right, term.left) if transposed else (term.left, term.right)
+    if any(t.row != left for t in terms):
+        return Unsupported("its input term does not share the rank-one update's left vector")
+    transition = RankOneTerm(left, right, term.coefficient)
+    if recurrence.structure is Structure.IDENTITY_PLUS_LOW_RANK:
+        return ChunkPlan(kind=ChunkKind.DELTA_RULE, transition=transition, **base)
+    assert recurrence.decay is not None
+    if recurrence.decay.type.rank != 0:
+        return Unsupported("its identity part's scale is not a scalar per step (the chunked gated delta rule takes one decay per step)")
+    log_decay = log_of_positive(recurrence.decay, analysis.cell)
+    if log_decay is None:
+        written = format_expr(inline(recurrence.decay, analysis.cell, frozenset()))
+        return Unsupported(f"its decay {written} is not provably positive (chunked forms accumulate decays in log space)")
+    return ChunkPlan(kind=ChunkKind.GATED_DELTA_RULE, transition=transition, log_decay=log_decay, **base)
 
 
 # ---- the convolution form ------------------------------------------------------------------
@@ -578,6 +703,11 @@ def scan_form(state: StateAnalysis) -> Form | Unsupported:
             return Form.LINEAR_SCAN
         case MatrixAffine() if low_rank_as_one_matrix(recurrence, state.type):
             return Form.LOW_RANK_MATRIX_SCAN
+        case MatrixAffine(structure=Structure.BLOCK_DIAGONAL):
+            block = block_size(state.type, recurrence.blocks.axes)
+            if block > MAX_MATRIX_STATE:
+                return Unsupported(f"state '{state.state}' has a block-diagonal transition with blocks of {block} elements (more than {MAX_MATRIX_STATE} to scan as matrices)")
+            return Form.BLOCK_MATRIX_SCAN
         case MatrixAffine():
             size = _numel(state.type.shape)
             if size > MAX_MATRIX_STATE:
@@ -593,13 +723,45 @@ def scan_form(state: StateAnalysis) -> Form | Unsupported:
     raise AssertionError(f"unclassified recurrence {recurrence}")  # pragma: no cover
 
 
+def block_size(state: ir.Type, axes: tuple[int, ...]) -> int:
+    """The elements of one block of a state block diagonal along ``axes``."""
+    return _numel(tuple(n for axis, n in enumerate(state.shape) if axis not in axes))
+
+
+def joint_form(analysis: Analysis, group: tuple[str, ...]) -> Form | Unsupported:
+    """The scan of a coupled group, or why it must run step by step."""
+    coupled = f"states {', '.join(group)} are coupled (each reads the other)"
+    joint = analysis.group(group)
+    if joint is None:
+        return Unsupported(f"{coupled}, so they can only run step by step")
+    recurrence = joint.recurrence
+    if isinstance(recurrence, Nonlinear):
+        return Unsupported(f"{coupled} and their joint update is not affine: {recurrence.reason}, so they can only run step by step")
+    types = [analysis.state(name).type for name in group]
+    if any(t.kind is not types[0].kind for t in types):
+        return Unsupported(f"{coupled} and mix real and complex values, so they can only run step by step")
+    axes = recurrence.blocks.axes if recurrence.blocks is not None else ()
+    block = sum(block_size(t, axes) for t in types)
+    if block > MAX_MATRIX_STATE:
+        return Unsupported(f"{coupled}; their joint update is affine but a block of it has {block} elements (more than {MAX_MATRIX_STATE} to scan as a matrix)")
+    return Form.JOINT_MATRIX_SCAN
+
+
 def parallel_steps(analysis: Analysis, chunked: bool) -> tuple[StepPlan, ...] | Unsupported:
     """The plan of the ``scan`` (or, with ``chunked``, the ``chunked``) backend, or why it cannot run the cell."""
+    joint: dict[tuple[str, ...], Form] = {}
     for group in analysis.coupled_groups:
-        return Unsupported(f"states {', '.join(group)} are coupled (each reads the other), so they can only run step by step")
+        form = joint_form(analysis, group)
+        if isinstance(form, Unsupported):
+            return form
+        joint[group] = form
     scans = {s.name for s in analysis.cell.scans}
     steps = []
-    for (name,) in analysis.schedule:
+    for group in analysis.schedule:
+        if group in joint:
+            steps.append(StepPlan(group, joint[group]))
+            continue
+        (name,) = group
         if name in scans:
             steps.append(StepPlan((name,), Form.MONOID_SCAN))
             continue
@@ -641,6 +803,18 @@ STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time 
 STEP_OP_SECONDS = 10e-6  # one IR node evaluated inside the loop (dispatch plus the evaluator's own work)
 STEP_COMBINE_SECONDS = 150e-6  # one monoid combine per step (carries bound, broadcast and read back)
 CONVOLUTION_BLOCK_ELEMENTS = 1 << 20  # lags x state elements of one block of decay powers (backends/convolution.py)
+# The fused form: the loop in generated C, one thread.  Fitted to the quiet-machine runs of
+# benchmarks/bench_sequential.py (GRU 43 ms, LSTM 66 ms forward at B = 4, T = 2048, d = 128;
+# RESULTS_SEQUENTIAL.md): the per-step matmul runs at about 30 GFLOP/s with -march=native.
+FUSED_CALL_SECONDS = 300e-6  # per call: ctypes, the output buffers, autograd's bookkeeping
+FUSED_STEP_SECONDS = 0.3e-6  # per time step: the loop's own pointer arithmetic
+FUSED_ELEMENTS_PER_SECOND = 3e9  # gate math, vectorised
+FUSED_FLOPS_PER_SECOND = 3e10  # the register-blocked per-step matmul
+# The newton form: iterations assumed at plan time (RESULTS_NEWTON_CPU.md measures 4-5 for
+# exact Newton at every T from 256 to 65536, 13-34 for the diagonal of a dense Jacobian).
+# With them the model predicts ParaGRU at B = 2, T = 8192, d = 64 in 0.55 s (measured 0.37 s).
+NEWTON_EXACT_ITERATIONS = 5
+NEWTON_QUASI_ITERATIONS = 30
 
 
 def _small_matmul_seconds(flops: float, size: int) -> float:
@@ -690,12 +864,53 @@ def _stepwise_statements(analysis: Analysis) -> list[ir.Expr]:
     return values
 
 
-def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepPlan, ...], options: PlanOptions) -> float:
+def _newton_seconds(analysis: Analysis, solver: object, options: PlanOptions, per_step: tuple[int, float, float]) -> float:
+    """Newton's method over the trajectory: a few iterations of (step for all ``t``, its
+    vector-Jacobian products, one scan of the linearised steps)."""
+    from .backends.newton import JacobianMode, JacobianStructure  # the solver is newton's JacobianPlan
+
+    batch, length = options.workload.batch, options.workload.length
+    requested = dict(options.backend_options).get("jacobian", "auto")
+    mode = solver.mode(JacobianMode(requested)) if requested in {m.value for m in JacobianMode} else JacobianMode.AUTO  # type: ignore[attr-defined]
+    size, block = solver.size, solver.block_size  # type: ignore[attr-defined]
+    exact = solver.structure is JacobianStructure.DIAGONAL or mode is JacobianMode.FULL  # type: ignore[attr-defined]
+    iterations = NEWTON_EXACT_ITERATIONS if exact else NEWTON_QUASI_ITERATIONS
+    ops, elements, flops = per_step
+    evaluation = _seconds(ops, elements * batch * length, flops * batch * length)
+    products = block  # one vector-Jacobian product (about twice an evaluation) per position in a block
+    rounds = max(1, math.ceil(math.log2(length)))
+    if block == 1 or mode is JacobianMode.DIAGONAL:
+        scan = _seconds(2 * math.sqrt(length) + 10, 8 * size * batch * length, 0.0)
+    else:
+        blocks = len(solver.blocks)  # type: ignore[attr-defined]
+        scan = _seconds(8 * rounds, 2 * rounds * blocks * block * block * batch * length, 0.0)
+        scan += _small_matmul_seconds(rounds * 2.0 * batch * length * blocks * (block**3 + block**2), block)
+    per_iteration = evaluation * (1 + 2 * products) + scan + _seconds(12, 6 * size * batch * length, 0.0)
+    # The initial guess and the read-outs are one evaluation each.
+    return (iterations + 1) * per_iteration + 2 * evaluation
+
+
+def _newton_lower_bound(analysis: Analysis, options: PlanOptions) -> float | None:
+    """Newton's predicted time if the step's Jacobian were diagonal (any other structure costs
+    more), without analysing it; None when the newton backend cannot run the cell."""
+    from .backends import newton  # the Jacobian plan's types
+
+    if newton.unsupported(analysis) is not None:
+        return None
+    size = sum(_numel(state.type.shape) for state in analysis.cell.states)
+    diagonal = newton.JacobianPlan(newton.JacobianStructure.DIAGONAL, (), size, 1, ())
+    return predict_seconds(analysis, BackendKind.NEWTON, (), options, diagonal)
+
+
+def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepPlan, ...], options: PlanOptions, solver: object | None = None) -> float:
     """Predicted forward time of ``backend`` running ``steps`` on ``options.workload``, on one CPU.
 
     A roofline of eager torch: every op costs a dispatch, plus its elements at
     :data:`ELEMENTS_PER_SECOND` and its matmul flops at :data:`FLOPS_PER_SECOND`.  The
-    time-parallel part is common to every backend and included once.
+    time-parallel part is common to every backend and included once.  The ``fused`` loop
+    is priced per step at the generated C's rates; ``newton`` (``solver`` is its plan's
+    Jacobian plan) as a nominal number of iterations of whole-sequence evaluations,
+    vector-Jacobian products and scans.
     """
     batch, length = options.workload.batch, options.workload.length
     rounds = max(1, math.ceil(math.log2(length)))
@@ -712,9 +927,21 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
             ops, elements, flops = ops + o, elements + e, flops + f
         per_step = STEP_OVERHEAD_SECONDS + ops * STEP_OP_SECONDS + len(analysis.cell.scans) * STEP_COMBINE_SECONDS
         return total + length * (per_step + elements * batch / ELEMENTS_PER_SECOND + flops * batch / FLOPS_PER_SECOND)
+    if backend in (BackendKind.FUSED, BackendKind.NEWTON):
+        ops, elements, flops = 0, 0.0, 0.0
+        for value in _stepwise_statements(analysis):
+            o, e, f = _op_work(value)
+            ops, elements, flops = ops + o, elements + e, flops + f
+        if backend is BackendKind.NEWTON:
+            return total + _newton_seconds(analysis, solver, options, (ops, elements, flops))
+        per_row = elements / FUSED_ELEMENTS_PER_SECOND + flops / FUSED_FLOPS_PER_SECOND
+        return total + FUSED_CALL_SECONDS + length * (FUSED_STEP_SECONDS + batch * per_row)
     states = {s.name: s for s in analysis.cell.states}
     scans = {s.name: s for s in analysis.cell.scans}
     for step in steps:
+        if step.form is Form.JOINT_MATRIX_SCAN or step.form is Form.BLOCK_MATRIX_SCAN:
+            total += _block_scan_seconds(analysis, step, batch, length)
+            continue
         (name,) = step.names
         if name in scans:
             carries = sum(_numel(c.type.shape) for c in scans[name].monoid.carries)
@@ -769,9 +996,13 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
                 readouts = len(step.chunk.queries)
                 flops = 2.0 * batch * length * ((keys + values) * chunk * readouts + 2 * keys * values)
                 ops = 40 + term_ops
-                if step.chunk.kind is ChunkKind.DELTA_RULE:
-                    ops += 6 * chunks  # a loop over chunks
-                    flops += 2.0 * batch * length * chunk * (chunk / 3 + keys + values)
+                if step.chunk.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE):
+                    # Batched over all chunks: R L^T, two triangular solves, the chunk
+                    # transitions M (K x K) and inputs B, the read-outs; then a loop over
+                    # chunks of one K x K by K x V product each.
+                    ops += 2 * chunks + 30
+                    per_step = chunk * (3 * keys + 2 * values) + keys * keys + 2 * keys * values + keys * keys * values / chunk
+                    flops += 2.0 * batch * length * per_step
                 else:
                     ops += 2 * math.sqrt(chunks)
                 total += _seconds(ops, (keys + values + chunk) * batch * length * 4, flops)
@@ -779,6 +1010,46 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
         if stored:
             total += stored * 2 / ELEMENTS_PER_SECOND  # outputs read the stored states
     return total
+
+
+def _block_scan_seconds(analysis: Analysis, step: StepPlan, batch: int, length: int) -> float:
+    """A scan of ``nb`` independent ``m x m`` blocks (a block-diagonal state or a coupled group).
+
+    The transition is applied to ``m`` probe states at once (one evaluation, ``m`` times the
+    elements), giving every block's matrix; :func:`~recdsl.backends.scans.block_linear_scan`
+    then runs about ``sqrt(T)`` chunk steps, each ``m^3 + 2 m^2`` fused multiply-adds on
+    planes for ``m <= 4`` (so as many ops) or a few batched matmuls above.
+    """
+    names = step.names
+    types = [analysis.state(name).type for name in names]
+    if step.form is Form.JOINT_MATRIX_SCAN:
+        joint = analysis.group(names).recurrence
+        transitions = list(joint.transitions) + [t for t in joint.inputs if t is not None]
+    else:
+        recurrence = analysis.state(names[0]).recurrence
+        joint = recurrence
+        transitions = [recurrence.transition] + ([recurrence.input] if recurrence.input is not None else [])
+    axes = joint.blocks.axes if joint.blocks is not None else ()
+    shared = joint.blocks is not None and joint.blocks.shared
+    m = sum(block_size(t, axes) for t in types)
+    size = sum(_numel(t.shape) for t in types)
+    blocks = size // m
+    matrices = 1 if shared else blocks
+    term_ops = sum(_op_work(t)[0] for t in transitions)
+    term_elements = sum(_op_work(t)[1] for t in transitions)
+    # m probes at once; shared blocks probe one block's worth (the block axes of size 1).
+    probe_elements = term_elements * (m / blocks if shared else m)
+    chunk_steps = 1.2 * math.sqrt(length)
+    rows = batch * length
+    if m <= 4:  # PLANAR_BLOCK
+        ops = chunk_steps * (m**3 + 2 * m**2)
+        elements = rows * (3 * matrices * (m**3 + m**2) + 3 * blocks * m**2)
+        scan = _seconds(ops, elements, 0.0)
+    else:
+        scan = _seconds(chunk_steps * 6, rows * 3 * (matrices * m**2 + size), 0.0)
+        scan += _small_matmul_seconds(2.0 * rows * 2 * (matrices * m**3 + blocks * m**2), m)
+    stored = size * rows  # the states of every step, read back by the outputs
+    return _seconds(term_ops + 20, probe_elements * rows + 4 * matrices * m * m * rows + 4 * stored, 0.0) + scan + stored * 2 / ELEMENTS_PER_SECOND
 
 
 # ---- planning ------------------------------------------------------------------------------
@@ -856,7 +1127,7 @@ def _triton_or_fused_plan(analysis: Analysis, options: PlanOptions) -> "Executio
 
 # The options each backend takes through compile(backend_options=...).
 BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {
-    BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations"),
+    BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations", "warm_start"),
     BackendKind.TRITON: ("split_programs", "split_min_steps"),  # the scan kernels' TimeSplit (backends/triton_codegen.py)
 }
 
@@ -899,6 +1170,12 @@ def backend_kind(name: str | BackendKind) -> BackendKind:
 
 
 _CPU_CANDIDATES = (BackendKind.SEQUENTIAL, BackendKind.SCAN, BackendKind.CHUNKED)
+# The faster forms of a cell that has no scan form (auto considers them only then).
+_STEPWISE_CANDIDATES = (BackendKind.FUSED, BackendKind.NEWTON)
+_NOT_A_CANDIDATE = (
+    "every recurrence has a scan form, which auto keeps: it runs on any device (Triton on a GPU) "
+    "without compiling C per cell; ask for it by name"
+)
 
 
 def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanOptions = PlanOptions()) -> ExecutionPlan:
@@ -910,10 +1187,29 @@ def plan(analysis: Analysis, backend: str | BackendKind = "auto", options: PlanO
         if isinstance(planned, Unsupported):
             raise BackendError(f"backend '{kind}' cannot run cell {analysis.cell.name}: {planned.reason}", expected="backend='sequential' or 'auto'")
         costs = ()
-        if kind in _CPU_CANDIDATES:
-            costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options)),)
-        return replace(planned, reason=f"backend '{kind}' was requested", costs=costs)
+        if kind in _CPU_CANDIDATES + _STEPWISE_CANDIDATES:
+            costs = (Cost(kind, predict_seconds(analysis, kind, planned.steps, options, planned.solver)),)
+        reason = f"backend '{kind}' was requested"
+        if kind is BackendKind.CHUNKED:
+            reason += _chunked_note(planned)
+        return replace(planned, reason=reason, costs=costs)
     return _plan_auto(analysis, options)
+
+
+def _chunked_note(chunked: ExecutionPlan) -> str:
+    """What the ``chunked`` backend does not chunk, and why, for its plan's reason.
+
+    The chunked backend chunks the matrix states read out linearly and scans the rest, as
+    the ``scan`` backend does (mLSTM: its memory chunked, its normaliser scanned), so a
+    recurrence it cannot chunk is no error; but the plan says which and why, so that a
+    request for ``chunked`` never silently runs a scan."""
+    missing = chunked.not_chunked()
+    if not missing:
+        return ""
+    listed = "; ".join(f"{name}: {reason}" for name, reason in missing)
+    if not any(step.form is Form.CHUNKED for step in chunked.steps):
+        return f"; nothing in this cell is chunked, so it runs as backend 'scan' would (not chunked: {listed})"
+    return f"; not chunked, scanned instead: {listed}"
 
 
 def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) -> ExecutionPlan:
@@ -932,7 +1228,16 @@ def _with_rejections_of(chosen: ExecutionPlan, chunked: ExecutionPlan | None) ->
 
 
 def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
-    """The candidate the cost model predicts fastest; never one predicted slower than the loop."""
+    """The candidate the cost model predicts fastest; never one predicted slower than the loop.
+
+    A cell whose recurrences all have scan forms runs on ``scan`` or ``chunked`` (or the
+    loop, when the model predicts it faster).  A cell that has none (a nonlinear or coupled
+    recurrence) is also planned on ``fused`` (the loop compiled to C; unavailable without a
+    C compiler) and ``newton``, and runs on whichever of those and the loop is predicted
+    fastest.  On CUDA tensors the plan's ``gpu`` alternative runs: the Triton kernels where
+    they apply (the scan and chunked kernels, or for a cell with no scan form the fused
+    sequential kernel); otherwise, after ``fused`` (CPU only), the faster of ``newton`` and the loop.
+    """
     if options.backend_options:
         raise BackendError("backend options need a named backend, not auto", expected="e.g. backend='newton', backend_options={'jacobian': 'diagonal'}")
     candidates: dict[BackendKind, ExecutionPlan] = {}
@@ -944,12 +1249,44 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
             continue
         candidates[kind] = planned
         costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options)))
+    stepwise_only = BackendKind.SCAN not in candidates
+    for kind in _STEPWISE_CANDIDATES:
+        if not stepwise_only:
+            costs.append(Cost(kind, None, _NOT_A_CANDIDATE, candidate=False))
+            continue
+        if kind is BackendKind.NEWTON and BackendKind.SEQUENTIAL in candidates:
+            # The Jacobian's structure takes seconds to find for large states: skip it when
+            # even a diagonal one (the cheapest) is predicted slower than the loop.
+            bound = _newton_lower_bound(analysis, options)
+            if bound is not None and bound > costs[0].seconds:  # type: ignore[operator]
+                costs.append(Cost(kind, bound, "at least: even a diagonal Jacobian is predicted slower than the loop, so its structure was not analysed"))
+                continue
+        planned = plan_backend(analysis, kind, options)
+        if isinstance(planned, Unsupported):
+            costs.append(Cost(kind, None, planned.reason))
+            continue
+        candidates[kind] = planned
+        assumed = f"Jacobian {planned.solver.describe()}" if kind is BackendKind.NEWTON else None  # type: ignore[union-attr]
+        costs.append(Cost(kind, predict_seconds(analysis, kind, planned.steps, options, planned.solver), assumed))
     predicted = {c.backend: c.seconds for c in costs if c.seconds is not None}
-    # Ties go to the earlier (simpler) form: sequential, then scan, then chunked.
-    best = min(predicted, key=lambda kind: (predicted[kind], _CPU_CANDIDATES.index(kind)))
+    order = _CPU_CANDIDATES + _STEPWISE_CANDIDATES
+    # Ties go to the earlier (simpler) form: sequential, then scan, chunked, fused, newton.
+    best = min(predicted, key=lambda kind: (predicted[kind], order.index(kind)))
     chosen = _with_rejections_of(candidates[best], candidates.get(BackendKind.CHUNKED))
-    if best is BackendKind.SEQUENTIAL:
-        blocked = next((c.reason for c in costs if c.backend is BackendKind.SCAN and c.reason), None)
+    unavailable = "; ".join(f"{c.backend}: {c.reason}" for c in costs if c.backend in _STEPWISE_CANDIDATES and c.seconds is None and c.candidate)
+    blocked = next((c.reason for c in costs if c.backend is BackendKind.SCAN and c.reason), None)
+    if stepwise_only:
+        if best is BackendKind.NEWTON:
+            winner = f"Newton's method over the trajectory (Jacobian {chosen.solver.describe()}) is predicted fastest"  # type: ignore[union-attr]
+        elif best is BackendKind.FUSED:
+            winner = "the loop compiled to C is predicted fastest"
+        else:
+            winner = "the loop over time is predicted fastest"
+        timings = ", ".join(f"{kind} {predicted[kind] * 1e3:.3g} ms" for kind in order if kind in predicted)
+        reason = f"no time-parallel form: {blocked}; {winner} ({timings})"
+        if unavailable:
+            reason += f"; unavailable: {unavailable}"
+    elif best is BackendKind.SEQUENTIAL:
         reason = f"no time-parallel form: {blocked}" if blocked else "the cost model predicts the loop over time fastest for these dims"
     elif best is BackendKind.CHUNKED and any(step.form is Form.CHUNKED for step in chosen.steps):
         chunked = ", ".join(f"{s.name} ({s.chunk.kind})" for s in chosen.steps if s.chunk is not None)
@@ -959,8 +1296,22 @@ def _plan_auto(analysis: Analysis, options: PlanOptions) -> ExecutionPlan:
         )
     else:
         reason = "every recurrence is associative (affine, semiring-affine or a declared monoid), so each is one scan over the sequence"
-    gpu = _triton_plan(analysis, options) if best is not BackendKind.SEQUENTIAL else Unsupported("the cell runs step by step")
-    if isinstance(gpu, ExecutionPlan):
-        reason += "; on a GPU, the generated Triton kernels"
-        gpu = replace(gpu, reason="auto on CUDA tensors: the generated Triton kernels apply")
+    gpu: ExecutionPlan | Unsupported | None
+    if best in (BackendKind.SCAN, BackendKind.CHUNKED):
+        gpu = _triton_plan(analysis, options)
+        if isinstance(gpu, ExecutionPlan):
+            reason += "; on a GPU, the generated Triton kernels"
+            gpu = replace(gpu, reason="auto on CUDA tensors: the generated Triton kernels apply")
+    elif stepwise_only and isinstance(kernel := triton_fused_plan(analysis, options), ExecutionPlan):
+        # Measured on an H200 (benchmarks/RESULTS_GPU.md): the fused kernel runs GRU and LSTM
+        # 30x faster than the loop of torch ops, and ParaGRU's forward faster than newton.
+        gpu = replace(kernel, reason="auto on CUDA tensors: the fused sequential Triton kernel (the time loop inside one kernel, gate math fused)")
+        reason += "; on a GPU, the fused sequential Triton kernel"
+    elif best is BackendKind.FUSED:
+        # The generated C runs on the CPU only: on CUDA tensors, the better of the others.
+        fallback = min((k for k in (BackendKind.SEQUENTIAL, BackendKind.NEWTON) if k in predicted), key=lambda kind: predicted[kind])
+        gpu = replace(candidates[fallback], reason=f"auto on CUDA tensors: the fused loop runs on the CPU only; {fallback} is predicted the faster of the others")
+        reason += f"; on a GPU, {fallback}"
+    else:
+        gpu = None
     return replace(chosen, reason=reason, costs=tuple(costs), gpu=gpu if isinstance(gpu, ExecutionPlan) else None)

@@ -101,13 +101,13 @@ def _statement(node) -> str:
     if isinstance(node, ast.ConstDecl):
         return f"const {node.name} = {unparse_expr(node.value)}"
     if isinstance(node, ast.StateDecl):
-        return f"state {node.name}: {_type_spec(node.type)} = {unparse_expr(node.init)}"
+        return f"state {node.name}: {_type_spec(node.type)} = {unparse_expr(node.init)}" + (" reverse" if node.reverse else "")
     if isinstance(node, ast.Binding):
         return f"{node.name} = {unparse_expr(node.value)}"
     if isinstance(node, ast.ScanBinding):
         lifts = ", ".join(f"{l.carry} = {unparse_expr(l.value)}" for l in node.lifts)
         args = ", ".join(unparse_expr(a) for a in node.args)
-        return f"{node.name} = scan {node.monoid}({args}) from ({lifts})"
+        return f"{node.name} = scan {'reverse ' if node.reverse else ''}{node.monoid}({args}) from ({lifts})"
     if isinstance(node, ast.Output):
         return f"out {node.name} = {unparse_expr(node.value)}" if node.name else f"out {unparse_expr(node.value)}"
     if isinstance(node, ast.CarryDecl):

@@ -33,6 +33,8 @@ __all__ = [
     "gla", "gla_parallel", "retnet", "retnet_parallel", "mlstm", "mlstm_unstabilised",
     "mlstm_parallel", "deltanet", "deltanet_product_form", "aaren", "aaren_closed_form",
     "gru_torch", "lstm_torch", "paragru", "paralstm", "crf", "crf_brute_force_logZ", "linear_scan_closed_form",
+    "state_tracking_lrnn", "titans", "titans_joint_form",
+    "slstm", "slstm_unstabilised",
 ]
 
 
@@ -504,6 +506,98 @@ def deltanet_product_form(q, k, v, b):
     return torch.stack(ys, 1)
 
 
+def gated_deltanet(q, k, v, a, b, A_log, dt_bias, state0=None):
+    """Gated DeltaNet (Yang, Kautz and Hatamizadeh 2024, "Gated Delta Networks", eq. 10), in
+    the paper's convention, the state H = S^T of shape [dv, dk]:
+
+        alpha_t = exp(-exp(A_log) softplus(a_t + dt_bias)),   beta_t = sigmoid(b_t)
+        H_t = H_{t-1} (alpha_t (I - beta_t k_t k_t^T)) + beta_t v_t k_t^T
+        o_t = H_t q_t
+
+    q, k: [B, T, dk]; v: [B, T, dv]; a, b: [B, T]. Returns (o, {"S": H_T^T}), the state in
+    recdsl's [dk, dv] layout.
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    H = _init(state0, "S", q.new_zeros(B, dk, dv)).transpose(1, 2)
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    ys = []
+    for t in range(T):
+        alpha = torch.exp(-torch.exp(A_log) * F.softplus(a[:, t] + dt_bias))[:, None, None]
+        beta = _sigmoid(b[:, t])[:, None, None]
+        kk = k[:, t, :, None] * k[:, t, None, :]
+        H = H @ (alpha * (eye - beta * kk)) + beta * v[:, t, :, None] * k[:, t, None, :]
+        ys.append((H @ q[:, t, :, None])[..., 0])
+    return torch.stack(ys, 1), {"S": H.transpose(1, 2)}
+
+
+def rwkv6(r, k, v, d, u, state0=None):
+    """RWKV-6 "Finch" time mixing (Peng et al. 2024, "Eagle and Finch", Section 4), one head:
+
+        w_t = exp(-exp(d_t))
+        wkv_t = S_{t-1} + diag(u) k_t^T v_t
+        o_t = r_t wkv_t
+        S_t = diag(w_t) S_{t-1} + k_t^T v_t
+
+    r, k, d: [B, T, dk]; v: [B, T, dv]; u: [dk]. Returns (o, {"S": S_T}).
+    """
+    B, T, dk = r.shape
+    S = _init(state0, "S", r.new_zeros(B, dk, v.shape[-1]))
+    ys = []
+    for t in range(T):
+        kv = k[:, t, :, None] * v[:, t, None, :]
+        wkv = S + u[:, None] * kv
+        ys.append(torch.einsum("bi,bij->bj", r[:, t], wkv))
+        S = torch.exp(-torch.exp(d[:, t]))[:, :, None] * S + kv
+    return torch.stack(ys, 1), {"S": S}
+
+
+def ttt_linear(k, v, q, a_pre, lr_pre, state0=None):
+    """TTT-linear (Sun et al. 2024, "Learning to (Learn at Test Time)"), inner mini-batches of
+    one step, no inner LayerNorm, with Titans' forget gate (Behrouz et al. 2024): the hidden
+    state is a linear model W [dv, dk] taking one gradient step per token on
+    l(W) = ||W k_t - v_t||^2 / 2 (its gradient taken by autograd, not written out):
+
+        W_t = (1 - a_t) W_{t-1} - lr_t grad l(W_{t-1}),   a_t = sigmoid(a_pre_t),
+        lr_t = sigmoid(lr_pre_t) / dk,                     o_t = W_t q_t
+
+    k, q: [B, T, dk]; v: [B, T, dv]; a_pre, lr_pre: [B, T]. Returns (o, {"W": W_T}).
+    """
+    B, T, dk = k.shape
+    W = _init(state0, "W", k.new_zeros(B, v.shape[-1], dk))
+    ys = []
+    for t in range(T):
+        with torch.enable_grad():  # the gradient of the inner loss, kept differentiable for the tests' gradients
+            model = W if W.requires_grad else W.detach().requires_grad_(True)
+            loss = 0.5 * ((model @ k[:, t, :, None])[..., 0] - v[:, t]).square().sum()
+            (gradient,) = torch.autograd.grad(loss, model, create_graph=True)
+        a = _sigmoid(a_pre[:, t])[:, None, None]
+        lr = (_sigmoid(lr_pre[:, t]) / dk)[:, None, None]
+        W = (1 - a) * W - lr * gradient
+        ys.append((W @ q[:, t, :, None])[..., 0])
+    return torch.stack(ys, 1), {"W": W}
+
+
+def hgrn2(x, W_f, W_i, W_o, lower=0.0, state0=None):
+    """HGRN2 (Qin et al. 2024, "HGRN2: Gated Linear RNNs with State Expansion", Section 3):
+
+        f_t = lower + (1 - lower) sigmoid(x_t W_f),   i_t = x_t W_i,   o_t = silu(x_t W_o)
+        S_t = Diag(f_t) S_{t-1} + (1 - f_t)^T i_t,    y_t = o_t S_t
+
+    x: [B, T, d_in]. Returns (y: [B, T, dv], {"S": S_T}).
+    """
+    B, T, _ = x.shape
+    S = _init(state0, "S", x.new_zeros(B, W_f.shape[1], W_i.shape[1]))
+    ys = []
+    for t in range(T):
+        f = lower + (1 - lower) * _sigmoid(x[:, t] @ W_f)
+        i = x[:, t] @ W_i
+        o = F.silu(x[:, t] @ W_o)
+        S = f[:, :, None] * S + (1 - f)[:, :, None] * i[:, None, :]
+        ys.append(torch.einsum("bi,bij->bj", o, S))
+    return torch.stack(ys, 1), {"S": S}
+
+
 # --------------------------------------------------------------------------------------
 # Attention as a scan
 # --------------------------------------------------------------------------------------
@@ -697,3 +791,256 @@ def paralstm(x, W_f, W_c, W_o, a_f, a_c, a_o, p_f, p_o, b_f, b_c, b_o, state0=No
         h = o * torch.tanh(c)
         ys.append(h)
     return torch.stack(ys, 1), {"c": c, "h": h}
+
+
+# --------------------------------------------------------------------------------------
+# Block-diagonal transitions and coupled affine groups
+# --------------------------------------------------------------------------------------
+
+def state_tracking_lrnn(x, W_theta, W_phi, W_beta, W_v, state0=None):
+    """A state-tracking linear RNN with input-dependent 2 x 2 blocks (Grazzi, Siems et al.
+    2024, generalised Householder transitions with beta in (0, 2); Fan et al. 2024,
+    block-diagonal input-dependent transitions), each block's matrices built explicitly:
+
+        H_t = I - beta_t w_t w_t^T,   w_t = (cos phi_t, sin phi_t),   beta_t = 2 sigmoid(x_t W_beta)
+        R_t = [[cos theta_t, -sin theta_t], [sin theta_t, cos theta_t]],  theta_t = pi tanh(x_t W_theta)
+        h_t = R_t (H_t h_{t-1} + beta_t w_t v_t),   v_t = x_t W_v,   per block
+
+    x: [B, T, d]; the state h: [B, n, 2]. Returns (h: [B, T, n, 2], {"h": h_T}).
+    """
+    B, T, _ = x.shape
+    n = W_theta.shape[1]
+    h = _init(state0, "h", x.new_zeros(B, n, 2))
+    eye = torch.eye(2, dtype=x.dtype, device=x.device)
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        theta = math.pi * torch.tanh(xt @ W_theta)
+        phi = xt @ W_phi
+        beta = 2 * _sigmoid(xt @ W_beta)
+        v = xt @ W_v
+        w = torch.stack([torch.cos(phi), torch.sin(phi)], -1)  # [B, n, 2]
+        householder = eye - beta[..., None, None] * w[..., :, None] * w[..., None, :]
+        c, s = torch.cos(theta), torch.sin(theta)
+        rotation = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)  # [B, n, 2, 2]
+        reflected = (householder @ h[..., None])[..., 0] + beta[..., None] * w * v[..., None]
+        h = (rotation @ reflected[..., None])[..., 0]
+        ys.append(h)
+    return torch.stack(ys, 1), {"h": h}
+
+
+def titans(q, k, v, a, e, g, state0=None):
+    """Titans' neural memory with momentum (Behrouz, Zhong and Mirrokni 2024, Eqs. 9-14),
+    linear memory ``M(k) = k W`` (row-vector convention), the gradient taken by autograd:
+
+        loss_t(W) = 1/2 ||k_t W - v_t||^2
+        S_t = eta_t S_{t-1} - theta_t grad loss_t(W_{t-1})      (momentum, "surprise")
+        W_t = (1 - alpha_t) W_{t-1} + S_t                       (forgetting gate)
+        y_t = q_t W_t
+
+    with alpha = sigmoid(a), eta = sigmoid(e), theta = sigmoid(g) (the paper's 2 of the
+    squared loss is folded into theta by the 1/2). q, k: [B, T, dk]; v: [B, T, dv];
+    a, e, g: [B, T]. States "M" (the momentum S) and "W". Returns (y: [B, T, dv], states).
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    momentum = _init(state0, "M", q.new_zeros(B, dk, dv))
+    memory = _init(state0, "W", q.new_zeros(B, dk, dv))
+    ys = []
+    for t in range(T):
+        alpha, eta, theta = _sigmoid(a[:, t]), _sigmoid(e[:, t]), _sigmoid(g[:, t])
+        with torch.enable_grad():
+            point = memory if memory.requires_grad else memory.detach().requires_grad_(True)
+            prediction = torch.einsum("bi,bij->bj", k[:, t], point)
+            loss = 0.5 * (prediction - v[:, t]).square().sum()
+            (grad,) = torch.autograd.grad(loss, point, create_graph=torch.is_grad_enabled())
+        momentum = eta[:, None, None] * momentum - theta[:, None, None] * grad
+        memory = (1 - alpha)[:, None, None] * memory + momentum
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], memory))
+    return torch.stack(ys, 1), {"M": momentum, "W": memory}
+
+
+def titans_joint_form(q, k, v, a, e, g):
+    """Titans with momentum as one linear recurrence of the stacked state X = [S; W] ([2 dk, dv]),
+    from S_0 = W_0 = 0, the transition written out from the update rules:
+
+        X_t = [[eta I, -theta k k^T], [eta I, (1 - alpha) I - theta k k^T]] X_{t-1} + [theta k v^T; theta k v^T]
+    """
+    B, T, dk = q.shape
+    eye = torch.eye(dk, dtype=q.dtype, device=q.device)
+    stacked = q.new_zeros(B, 2 * dk, v.shape[-1])
+    ys = []
+    for t in range(T):
+        alpha, eta, theta = (_sigmoid(z[:, t])[:, None, None] for z in (a, e, g))
+        kk = k[:, t, :, None] * k[:, t, None, :]
+        top = torch.cat([eta * eye, -theta * kk], -1)
+        bottom = torch.cat([eta * eye, (1 - alpha) * eye - theta * kk], -1)
+        transition = torch.cat([top, bottom], -2)
+        written = theta * k[:, t, :, None] * v[:, t, None, :]
+        stacked = transition @ stacked + torch.cat([written, written], -2)
+        ys.append(torch.einsum("bi,bij->bj", q[:, t], stacked[:, dk:]))
+    return torch.stack(ys, 1)
+
+
+# --------------------------------------------------------------------------------------
+# sLSTM of xLSTM (Beck et al. 2024)
+# --------------------------------------------------------------------------------------
+
+def _head_blocks(R, heads):
+    """The diagonal blocks ``[heads, dh, dh]`` of a recurrent matrix ``[d, d]``, d = heads * dh
+    (the recurrence of head ``k`` reads only that head's ``dh`` elements of h)."""
+    dh = R.shape[0] // heads
+    return torch.stack([R[k * dh:(k + 1) * dh, k * dh:(k + 1) * dh] for k in range(heads)])
+
+
+def _per_head(h, blocks):
+    """``h @ blockdiag(blocks)`` for ``h: [B, d]`` and ``blocks: [heads, dh, dh]``."""
+    heads, dh, _ = blocks.shape
+    return torch.einsum("bki,kij->bkj", h.reshape(h.shape[0], heads, dh), blocks).reshape(h.shape)
+
+
+def slstm(x, W_z, W_i, W_f, W_o, R_z, R_i, R_f, R_o, b_z, b_i, b_f, b_o, heads, state0=None):
+    """sLSTM (Beck et al. 2024, "xLSTM", Sec. 2.2 and the stabilised form of App. A), with the
+    sigmoid forget gate and recurrent weights acting within each head:
+
+        z_t = tanh(W_z x_t + R_z h_{t-1} + b_z)        (R_* block-diagonal per head)
+        i~_t = W_i x_t + R_i h_{t-1} + b_i,  log f_t = logsigmoid(W_f x_t + R_f h_{t-1} + b_f)
+        o_t = sigmoid(W_o x_t + R_o h_{t-1} + b_o)
+        m_t = max(log f_t + m_{t-1}, i~_t)
+        i'_t = exp(i~_t - m_t),  f'_t = exp(log f_t + m_{t-1} - m_t)
+        c_t = f'_t c_{t-1} + i'_t z_t,  n_t = f'_t n_{t-1} + i'_t,  h_t = o_t c_t / n_t
+
+    Only the diagonal blocks of the ``[d, d]`` matrices ``R_*`` are read.  x: [B, T, d_in].
+    Returns (h: [B, T, d], {"c", "n", "m", "h"} at T).
+    """
+    B, T, _ = x.shape
+    d = W_z.shape[1]
+    blocks = {g: _head_blocks(R, heads) for g, R in (("z", R_z), ("i", R_i), ("f", R_f), ("o", R_o))}
+    c, n, m, h = (_init(state0, name, x.new_zeros(B, d)) for name in ("c", "n", "m", "h"))
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        z = torch.tanh(xt @ W_z + _per_head(h, blocks["z"]) + b_z)
+        i_tilde = xt @ W_i + _per_head(h, blocks["i"]) + b_i
+        log_f = F.logsigmoid(xt @ W_f + _per_head(h, blocks["f"]) + b_f)
+        o = _sigmoid(xt @ W_o + _per_head(h, blocks["o"]) + b_o)
+        m_new = torch.maximum(log_f + m, i_tilde)
+        i_gate = torch.exp(i_tilde - m_new)
+        f_gate = torch.exp(log_f + m - m_new)
+        c = f_gate * c + i_gate * z
+        n = f_gate * n + i_gate
+        m = m_new
+        h = o * c / n
+        ys.append(h)
+    return torch.stack(ys, 1), {"c": c, "n": n, "m": m, "h": h}
+
+
+def slstm_unstabilised(x, W_z, W_i, W_f, W_o, R_z, R_i, R_f, R_o, b_z, b_i, b_f, b_o, heads):
+    """sLSTM from the zero state without the stabiliser (Beck et al. 2024, Eqs. 8-14):
+    ``c_t = f_t c_{t-1} + i_t z_t``, ``n_t = f_t n_{t-1} + i_t`` with ``i_t = exp(i~_t)``,
+    ``f_t = sigmoid(f~_t)``, ``h_t = o_t c_t / n_t``.  Equal to :func:`slstm`'s h while
+    ``exp(i~_t)`` does not overflow.  Returns h: [B, T, d]."""
+    B, T, _ = x.shape
+    d = W_z.shape[1]
+    blocks = {g: _head_blocks(R, heads) for g, R in (("z", R_z), ("i", R_i), ("f", R_f), ("o", R_o))}
+    c, n, h = x.new_zeros(B, d), x.new_zeros(B, d), x.new_zeros(B, d)
+    ys = []
+    for t in range(T):
+        xt = x[:, t]
+        z = torch.tanh(xt @ W_z + _per_head(h, blocks["z"]) + b_z)
+        i = torch.exp(xt @ W_i + _per_head(h, blocks["i"]) + b_i)
+        f = _sigmoid(xt @ W_f + _per_head(h, blocks["f"]) + b_f)
+        o = _sigmoid(xt @ W_o + _per_head(h, blocks["o"]) + b_o)
+        c = f * c + i * z
+        n = f * n + i
+        h = o * c / n
+        ys.append(h)
+    return torch.stack(ys, 1)
+
+
+# --------------------------------------------------------------------------------------
+# Bidirectional cells (reverse states)
+# --------------------------------------------------------------------------------------
+
+def lion(q, k, v, a, state0=None):
+    """LION-S (Afzal et al. 2025, arXiv:2502.16249) from its full-attention form,
+
+        Y = C^-1 (Q K^T * M) V,   C_i = sum_j (Q K^T * M)_ij,
+        M_ij = prod_{l=j+1..i} lambda_l (j <= i),  prod_{l=i+1..j} lambda_l (j > i),
+
+    with lambda = sigmoid(a), queries and keys through softplus. An initial state adds the
+    terms of the states before the first step (S^F_0, z^F_0, decayed by lambda_1..i) and
+    after the last (S^B_{T+1}, z^B_{T+1}, decayed by lambda_{i+1..T} and "lam_next", the
+    decay lambda_{T+1}). q, k: [B, T, dk], v: [B, T, dv], a: [B, T].
+    Returns (y: [B, T, dv], final states {Sf: S^F_T, zf, Sb: S^B_1, zb, lam_next: lambda_1}).
+    """
+    B, T, dk = q.shape
+    dv = v.shape[-1]
+    qf, kf = F.softplus(q), F.softplus(k)
+    log_lam = F.logsigmoid(a)
+    L = log_lam.cumsum(1)  # L_i = log prod_{l<=i} lambda_l
+    index = torch.arange(T, device=q.device)
+    gap = L[:, :, None] - L[:, None, :]  # L_i - L_j
+    M = torch.where(index[:, None] >= index[None, :], gap, -gap).exp()
+    A = (qf @ kf.transpose(1, 2)) * M
+    Sf0 = _init(state0, "Sf", q.new_zeros(B, dk, dv))
+    zf0 = _init(state0, "zf", q.new_zeros(B, dk))
+    Sb0 = _init(state0, "Sb", q.new_zeros(B, dk, dv))
+    zb0 = _init(state0, "zb", q.new_zeros(B, dk))
+    lam_end = _init(state0, "lam_next", q.new_ones(B))
+    from_start = L.exp()  # prod_{l<=i} lambda_l
+    to_end = (L[:, -1:] - L).exp() * lam_end[:, None]  # prod_{l=i+1..T+1} lambda_l
+    numerator = A @ v + from_start[..., None] * (qf @ Sf0) + to_end[..., None] * (qf @ Sb0)
+    denominator = A.sum(-1) + from_start * (qf @ zf0[..., None])[..., 0] + to_end * (qf @ zb0[..., None])[..., 0]
+    y = numerator / denominator[..., None]
+    weight_end = (L[:, -1:] - L).exp()  # prod_{l=j+1..T} lambda_l
+    weight_first = (L - L[:, :1]).exp()  # prod_{l=2..j} lambda_l
+    Sf = torch.einsum("bt,btk,btv->bkv", weight_end, kf, v) + L[:, -1].exp()[:, None, None] * Sf0
+    zf = torch.einsum("bt,btk->bk", weight_end, kf) + L[:, -1].exp()[:, None] * zf0
+    back = (L[:, -1] - L[:, 0]).exp() * lam_end
+    Sb = torch.einsum("bt,btk,btv->bkv", weight_first, kf, v) + back[:, None, None] * Sb0
+    zb = torch.einsum("bt,btk->bk", weight_first, kf) + back[:, None] * zb0
+    return y, {"Sf": Sf, "zf": zf, "Sb": Sb, "zb": zb, "lam_next": log_lam[:, 0].exp()}
+
+
+def bigru_torch(x, state0=None, **weights):
+    """torch.nn.GRU(batch_first=True, bidirectional=True) with the given weights (the
+    reverse direction's blocks carry the suffix b, as in examples/bigru.rec).
+
+    Returns ((h: [B, T, d], g: [B, T, d]), {"h": h_T, "g": g_1}).
+    """
+    d_in, d = weights["W_ir"].shape
+    module = torch.nn.GRU(d_in, d, batch_first=True, bidirectional=True).to(dtype=x.dtype, device=x.device)
+    layout = {}
+    for suffix, torch_suffix in (("", ""), ("b", "_reverse")):
+        w = {name: weights[name + suffix] for name in ("W_ir", "W_iz", "W_in", "W_hr", "W_hz", "W_hn", "b_ir", "b_iz", "b_in", "b_hr", "b_hz", "b_hn")}
+        layout[f"weight_ih_l0{torch_suffix}"] = torch.cat([w["W_ir"], w["W_iz"], w["W_in"]], dim=1).T
+        layout[f"weight_hh_l0{torch_suffix}"] = torch.cat([w["W_hr"], w["W_hz"], w["W_hn"]], dim=1).T
+        layout[f"bias_ih_l0{torch_suffix}"] = torch.cat([w["b_ir"], w["b_iz"], w["b_in"]])
+        layout[f"bias_hh_l0{torch_suffix}"] = torch.cat([w["b_hr"], w["b_hz"], w["b_hn"]])
+    B = x.shape[0]
+    h0 = _init(state0, "h", x.new_zeros(B, d))
+    g0 = _init(state0, "g", x.new_zeros(B, d))
+    out, h_n = torch.func.functional_call(module, layout, (x, torch.stack([h0, g0])))
+    return (out[..., :d], out[..., d:]), {"h": h_n[0], "g": h_n[1]}
+
+
+def crf_marginals(emit, trans, start, stop, state0=None):
+    """Log marginals log P(y_t = j | emit) of a linear-chain CRF, as the gradient of the
+    log-partition function (the forward algorithm of :func:`crf`) with respect to the
+    emissions: d log Z / d emit_t[j] = P(y_t = j).  An initial state replaces the start
+    scores ("prior") and the stop scores ("beta", the backward variables after the last step).
+
+    Returns (log p: [B, T, n], {"prior": prior_{T+1}, "beta": beta_0}), where
+    beta_0[i] = log Z of the paths that follow label i at a step before the first.
+    """
+    B, T, n = emit.shape
+    prior0 = _init(state0, "prior", start.expand(B, n))
+    beta_end = _init(state0, "beta", stop.expand(B, n))
+    with torch.enable_grad():
+        e = emit if emit.requires_grad else emit.detach().requires_grad_()
+        (_, logZ), final = crf(e, trans, start, beta_end, state0={"prior": prior0})
+        (marginals,) = torch.autograd.grad(logZ[:, -1].sum(), e, create_graph=True)
+    beta0 = torch.stack(
+        [crf(emit, trans, start, beta_end, state0={"prior": trans[i].expand(B, n)})[0][1][:, -1] for i in range(n)], -1)
+    return marginals.log(), {"prior": final["prior"], "beta": beta0}

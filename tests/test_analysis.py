@@ -9,11 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import recdsl
-from recdsl.analysis import DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, Side, Structure, analyze
+from recdsl.analysis import Delay, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, Side, Structure, analyze
 from recdsl.ops import LOG, MAX_PLUS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5, p=4)
+DIMS = dict(d_in=3, d=4, n=3, dk=4, dv=5, p=4, heads=2, dh=2)
 
 
 def analysis_of(name: str):
@@ -28,6 +28,7 @@ EXPECTED = [
     ("mingru", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("minlstm", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("lru", "h", DiagonalAffine, Structure.ELEMENTWISE),
+    ("s4d", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("hgrn", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("rglru", "h", DiagonalAffine, Structure.ELEMENTWISE),
     ("s6", "h", DiagonalAffine, Structure.ELEMENTWISE),
@@ -38,6 +39,10 @@ EXPECTED = [
     ("mlstm", "n", DiagonalAffine, Structure.SCALAR),
     ("mlstm", "m", SemiringAffine, Structure.DIAGONAL),
     ("deltanet", "S", MatrixAffine, Structure.IDENTITY_PLUS_LOW_RANK),
+    ("gated_deltanet", "S", MatrixAffine, Structure.SCALED_IDENTITY_PLUS_LOW_RANK),
+    ("ttt_linear", "W", MatrixAffine, Structure.SCALED_IDENTITY_PLUS_LOW_RANK),
+    ("rwkv6", "S", MatrixAffine, Structure.ROWS),
+    ("hgrn2", "S", MatrixAffine, Structure.ROWS),
     ("crf", "prior", SemiringAffine, Structure.MATRIX),
     ("gru", "h", Nonlinear, None),
     ("lstm", "h", Nonlinear, None),
@@ -45,6 +50,24 @@ EXPECTED = [
     ("paragru", "h", Nonlinear, None),
     ("paralstm", "c", Nonlinear, None),
     ("paralstm", "h", Nonlinear, None),
+    ("state_tracking_lrnn", "h", MatrixAffine, Structure.BLOCK_DIAGONAL),
+    # Titans' states, each alone (the other one free); the pair's joint update is in tests/test_blocks.py.
+    ("titans", "M", MatrixAffine, Structure.SCALAR),
+    ("titans", "W", MatrixAffine, Structure.SCALAR),
+    # sLSTM: given the gates (which read h), m is max-plus and c, n are elementwise affine;
+    # h reads them through o * c / n and the gates through sigmoid/exp.
+    ("slstm", "m", SemiringAffine, Structure.DIAGONAL),
+    ("slstm", "c", DiagonalAffine, Structure.ELEMENTWISE),
+    ("slstm", "n", DiagonalAffine, Structure.ELEMENTWISE),
+    ("slstm", "h", Nonlinear, None),
+    ("lion", "Sf", MatrixAffine, Structure.SCALAR),
+    ("lion", "Sb", MatrixAffine, Structure.SCALAR),
+    ("lion", "zb", DiagonalAffine, Structure.SCALAR),
+    ("lion", "lam_next", Delay, None),
+    ("bigru", "h", Nonlinear, None),
+    ("bigru", "g", Nonlinear, None),
+    ("crf_marginals", "prior", SemiringAffine, Structure.MATRIX),
+    ("crf_marginals", "beta", SemiringAffine, Structure.MATRIX),
 ]
 
 

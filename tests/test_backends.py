@@ -15,8 +15,10 @@ from recdsl.testing import Example, assert_backends_agree, available_backends, c
 from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 
 # Newton's method runs every cell with real states and no declared monoid.
-NEWTON_REFUSED = {"lru", "aaren", "s4d"}
-PARALLEL = ["mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf"]
+NEWTON_REFUSED = {"lru", "aaren", "s4d", "lion", "bigru", "crf_marginals"}  # the last three: reverse states
+PARALLEL = ["mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2"]
+PARALLEL += ["state_tracking_lrnn", "titans"]  # a block-diagonal state; a coupled group with an affine joint update
+PARALLEL += ["lion", "crf_marginals"]  # reverse states
 
 
 def test_every_example_has_dims_here():
@@ -54,7 +56,10 @@ def test_explain_reports_the_chosen_backend():
     text = recdsl.explain(EXAMPLES / "gla.rec", dk=64, dv=64)
     assert "backend: chunked" in text and "S (decayed outer products)" in text
     assert "backend: scan" in recdsl.explain(EXAMPLES / "s6.rec", d=3, n=2)
-    assert "backend: sequential (no time-parallel form: state 'h' is nonlinear" in recdsl.explain(EXAMPLES / "gru.rec", d_in=3, d=4)
+    from recdsl.backends.fused_sequential import compiler
+
+    chosen = "fused" if compiler() else "sequential"  # no scan form: the loop, compiled to C when it can be
+    assert f"backend: {chosen} (no time-parallel form: state 'h' is nonlinear" in recdsl.explain(EXAMPLES / "gru.rec", d_in=3, d=4)
 
 
 # ---- random programs --------------------------------------------------------------------

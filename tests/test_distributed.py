@@ -32,7 +32,7 @@ from example_dims import DIMS, EXAMPLES  # noqa: E402
 TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1, |reference|))
 
 # The examples the parallel backends run, one per parallel class at least.
-PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf")
+PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2")
 NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
 
 # Cells whose states the chunked backend scans as explicit matrices (no example does).

@@ -44,6 +44,10 @@ B = 2              # batch size in every test
 EXPECTED_EXAMPLES = {
     "mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "gla", "retnet", "mlstm",
     "deltanet", "aaren", "gru", "lstm", "crf", "mamba2", "paragru", "paralstm", "s4d",
+    "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2",
+    "state_tracking_lrnn", "titans",
+    "slstm",
+    "lion", "bigru", "crf_marginals",
 }
 
 
@@ -153,6 +157,23 @@ CASES = {
         {}, dict(S=(("dk", "dv"), "real")), ("o",),
         lambda I, P, D, s: ref.deltanet(**I, state0=s), prepare=_normalise_k,
         input_scale=dict(b=2.0)),
+    "gated_deltanet": Case(
+        "gated_deltanet", "GatedDeltaNet", dict(dk=4, dv=3), dict(q=("dk",), k=("dk",), v=("dv",), a=(), b=()),
+        dict(A_log=(), dt_bias=()), dict(S=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.gated_deltanet(**I, **P, state0=s), prepare=_normalise_k,
+        input_scale=dict(a=2.0, b=2.0)),
+    "rwkv6": Case(
+        "rwkv6", "RWKV6", dict(dk=4, dv=3), dict(r=("dk",), k=("dk",), v=("dv",), d=("dk",)),
+        dict(u=("dk",)), dict(S=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.rwkv6(**I, **P, state0=s)),
+    "ttt_linear": Case(
+        "ttt_linear", "TTT", dict(dk=4, dv=3), dict(k=("dk",), v=("dv",), q=("dk",), a_pre=(), lr_pre=()),
+        {}, dict(W=(("dv", "dk"), "real")), ("o",),
+        lambda I, P, D, s: ref.ttt_linear(**I, state0=s), prepare=_normalise_k),
+    "hgrn2": Case(
+        "hgrn2", "HGRN2", dict(d_in=3, dk=4, dv=3, lower=0.3), dict(x=("d_in",)),
+        dict(W_f=("d_in", "dk"), W_i=("d_in", "dv"), W_o=("d_in", "dk")), dict(S=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.hgrn2(I["x"], **P, lower=D["lower"], state0=s)),
     "aaren": Case(
         # The scan's carries are internal: their names in the state dict are the compiler's
         # business, so final states are compared only run-against-run (state splitting).
@@ -177,12 +198,49 @@ CASES = {
          **{f"p_{g}": ("d",) for g in "fo"}, **{f"b_{g}": ("d",) for g in "fco"}},
         dict(c=(("d",), "real"), h=(("d",), "real")), ("h",),
         lambda I, P, D, s: ref.paralstm(I["x"], **P, state0=s)),
+    "slstm": Case(
+        # d = heads * dh = 4: two heads of 2.
+        "slstm", "SLSTM", dict(d_in=3, heads=2, dh=2), dict(x=("d_in",)),
+        {**{f"W_{g}": ("d_in", 4) for g in "zifo"}, **{f"R_{g}": (4, 4) for g in "zifo"}, **{f"b_{g}": (4,) for g in "zifo"}},
+        dict(c=((4,), "real"), n=((4,), "real"), m=((4,), "real"), h=((4,), "real")), ("h",),
+        lambda I, P, D, s: ref.slstm(I["x"], **P, heads=D["heads"], state0=s)),
     "crf": Case(
         "crf", "CRF", dict(n=3), dict(emit=("n",)),
         dict(trans=("n", "n"), start=("n",), stop=("n",)), dict(prior=(("n",), "real")),
         ("alpha", "logZ"),
         lambda I, P, D, s: ref.crf(I["emit"], **P, state0=s)),
+    "state_tracking_lrnn": Case(
+        "state_tracking_lrnn", "StateTrackingLRNN", dict(d=3, n=4), dict(x=("d",)),
+        {f"W_{g}": ("d", "n") for g in ("theta", "phi", "beta", "v")},
+        dict(h=(("n", 2), "real")), ("h",),
+        lambda I, P, D, s: ref.state_tracking_lrnn(I["x"], **P, state0=s)),
+    "titans": Case(
+        "titans", "Titans", dict(dk=4, dv=3),
+        dict(q=("dk",), k=("dk",), v=("dv",), a=(), e=(), g=()),
+        {}, dict(M=(("dk", "dv"), "real"), W=(("dk", "dv"), "real")), ("o",),
+        lambda I, P, D, s: ref.titans(**I, state0=s), prepare=_normalise_k),
+    # Bidirectional cells: reverse states (and LION's delayed decay).
+    "lion": Case(
+        "lion", "LION", dict(dk=4, dv=3), dict(q=("dk",), k=("dk",), v=("dv",), a=()),
+        {}, dict(Sf=(("dk", "dv"), "real"), zf=(("dk",), "real"), Sb=(("dk", "dv"), "real"),
+                 zb=(("dk",), "real"), lam_next=((), "real")), ("y",),
+        lambda I, P, D, s: ref.lion(**I, state0=s),
+        prepare=lambda I: {**I, "a": I["a"] + 2.0}),
+    "bigru": Case(
+        "bigru", "BiGRU", dict(d_in=3, d=4), dict(x=("d_in",)),
+        {**_GRU_PARAMS, **{name + "b": shape for name, shape in _GRU_PARAMS.items()}},
+        dict(h=(("d",), "real"), g=(("d",), "real")), ("h", "g"),
+        lambda I, P, D, s: ref.bigru_torch(I["x"], state0=s, **P)),
+    "crf_marginals": Case(
+        "crf_marginals", "CRFMarginals", dict(n=3), dict(emit=("n",)),
+        dict(trans=("n", "n"), start=("n",), stop=("n",)),
+        dict(prior=(("n",), "real"), beta=(("n",), "real")), ("logp",),
+        lambda I, P, D, s: ref.crf_marginals(I["emit"], **P, state0=s)),
 }
+
+# Cells with reverse states: their outputs depend on the steps after, so a sequence cannot be
+# split into calls that continue from the returned state.
+BIDIRECTIONAL = {"lion", "bigru", "crf_marginals"}
 
 STATELESS_REFERENCE = {name for name, c in CASES.items() if not c.states}
 
@@ -419,7 +477,7 @@ def test_initial_state_matches_reference(name):
 
 
 @pytest.mark.parametrize("extra", [(), (2,)], ids=["no-heads", "H=2"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in BIDIRECTIONAL])
 def test_state_splitting(name, extra):
     """Running T=10 at once equals running 4 steps, then 6 from the returned state."""
     case = CASES[name]
@@ -522,6 +580,8 @@ ALTERNATIVES = {
     ("gru", "torch.nn.GRU with copied weights"): _alt_gru,
     ("lstm", "torch.nn.LSTM with copied weights"): _alt_lstm,
     ("mingru", "closed-form scan"): _alt_mingru_closed_form,
+    ("titans", "joint transition of the stacked state"): lambda I, mod, D: (ref.titans_joint_form(**I),),
+    ("slstm", "unstabilised"): lambda I, mod, D: (ref.slstm_unstabilised(I["x"], **params_of(CASES["slstm"], mod), heads=D["heads"]),),
 }
 
 

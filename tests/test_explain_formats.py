@@ -28,7 +28,7 @@ TOP_LEVEL_KEYS = {
 }
 STATE_KEYS = {
     "name", "shape", "kind", "class", "class_text", "structure", "update", "expanded_update",
-    "decay", "input", "transition", "low_rank", "semiring", "reason", "reads",
+    "decay", "input", "transition", "low_rank", "semiring", "reason", "reads", "direction",
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -55,7 +55,7 @@ def test_json_has_the_documented_schema_for_every_example(example, capsys):
         assert set(state) == STATE_KEYS, f"{example}: state {state['name']} keys differ from the schema"
     assert document["schedule"] == [list(g) for g in analysis.schedule]
     assert [o["index"] for o in document["outputs"]] == [e.index for e in analysis.cell.outputs]
-    assert document["backend"]["requested"] == "auto" and document["backend"]["name"] in ("sequential", "scan", "chunked")
+    assert document["backend"]["requested"] == "auto" and document["backend"]["name"] in ("sequential", "scan", "chunked", "fused", "newton")
 
 
 @pytest.mark.parametrize(
@@ -85,7 +85,9 @@ def test_json_details_of_deltanet_lstm_mlstm_and_aaren(capsys):
 
     lstm = _json("lstm", capsys)
     assert lstm["coupled_groups"] == [["c", "h"]]
-    assert lstm["backend"]["name"] == "sequential"
+    from recdsl.backends.fused_sequential import compiler
+
+    assert lstm["backend"]["name"] == ("fused" if compiler() else "sequential")  # no scan form: the loop, compiled when it can be
     assert {s["name"]: s["reads"] for s in lstm["states"]} == {"c": ["h"], "h": ["c"]}
 
     mlstm = {s["name"]: s for s in _json("mlstm", capsys)["states"]}

@@ -20,7 +20,7 @@ from recdsl.testing import Example, compare_backends, random_inputs
 from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 
 NEWTON = sorted(n for n in DIMS if get_backend("newton").unsupported(recdsl.compile(EXAMPLES / f"{n}.rec", backend="sequential", **DIMS[n]).analysis) is None)
-NONLINEAR = ["gru", "lstm", "paragru", "paralstm"]
+NONLINEAR = ["gru", "lstm", "paragru", "paralstm", "slstm"]
 F64_TOLERANCE = 1e-10
 F32_TOLERANCE = 1e-5
 
@@ -63,6 +63,7 @@ def test_refusals_say_why():
         ("mingru", JacobianStructure.DIAGONAL, 1),
         ("gla", JacobianStructure.DIAGONAL, 1),  # decay per row: still one element per element
         ("paralstm", JacobianStructure.BLOCK_DIAGONAL, 2),
+        ("slstm", JacobianStructure.BLOCK_DIAGONAL, 8),  # c, n, m, h of a head of 2
         ("gru", JacobianStructure.DENSE, 4),
         ("lstm", JacobianStructure.DENSE, 8),
     ],
@@ -77,6 +78,28 @@ def test_paralstm_blocks_pair_each_c_with_its_h():
     plan = jacobian_structure(_module("paralstm").analysis)
     c, h = plan.slots
     assert plan.blocks == tuple((c.offset + i, h.offset + i) for i in range(4))
+
+
+def test_slstm_blocks_are_its_heads():
+    """The recurrent matrices are masked by a block-diagonal const: one block per head."""
+    plan = jacobian_structure(recdsl.compile(EXAMPLES / "slstm.rec", backend="newton", d_in=3, heads=3, dh=2).analysis)
+    assert plan.structure is JacobianStructure.BLOCK_DIAGONAL and plan.describe() == "block-diagonal (3 blocks of 8)"
+    for head, block in enumerate(plan.blocks):
+        assert sorted(block) == sorted(slot.offset + 2 * head + i for slot in plan.slots for i in range(2))
+    explained = recdsl.explain(EXAMPLES / "slstm.rec", backend="newton", d_in=3, heads=3, dh=2)
+    assert "block-diagonal (3 blocks of 8)" in explained
+
+
+def test_a_const_zero_pattern_is_structural_but_a_param_is_not():
+    """Zeros fixed by the program (a const mask) shape the Jacobian; a param's values never do."""
+    masked = recdsl.compile(
+        "cell C(d) {\n input x: [d]\n param R: [d, d] = zeros\n const mask = eye(d)\n state h: [d] = 0\n h = tanh(x + h @ (R * mask))\n out h\n}",
+        backend="newton",
+        d=3,
+    )
+    assert jacobian_structure(masked.analysis).structure is JacobianStructure.DIAGONAL
+    unmasked = recdsl.compile("cell C(d) {\n input x: [d]\n param R: [d, d] = zeros\n state h: [d] = 0\n h = tanh(x + h @ R)\n out h\n}", backend="newton", d=3)
+    assert jacobian_structure(unmasked.analysis).structure is JacobianStructure.DENSE
 
 
 def test_block_diagonal_recurrent_weights_give_one_block_per_head():
@@ -147,12 +170,20 @@ def _assert_agree(expected, actual, tolerance, name):
 @pytest.mark.parametrize("name", NONLINEAR)
 def test_newton_agrees_with_sequential_float32(name):
     torch.manual_seed(0)
-    sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", d_in=5, d=6)
-    newton = recdsl.compile(EXAMPLES / f"{name}.rec", backend="newton", d_in=5, d=6)
+    dims = dict(d_in=5, heads=2, dh=3) if name == "slstm" else dict(d_in=5, d=6)
+    sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **dims)
+    newton = recdsl.compile(EXAMPLES / f"{name}.rec", backend="newton", **dims)
     newton.load_state_dict(sequential.state_dict())
     generator = torch.Generator().manual_seed(2)
-    inputs = {"x": torch.randn(3, 57, 5, generator=generator)}
+    # sLSTM's iterates overflow in float32 over long horizons (h = o c / n with n near zero
+    # in a linearised guess), and then the suffix runs step by step (RESULTS_NEWTON_CPU.md):
+    # a short sequence keeps this a test of Newton's method.  Its normaliser is positive in
+    # any state a run reaches.
+    length = 12 if name == "slstm" else 57
+    inputs = {"x": torch.randn(3, length, 5, generator=generator)}
     state = {k: 0.5 * torch.randn(v.shape, generator=generator) for k, v in sequential.initial_state(3).items()}
+    if name == "slstm":
+        state["n"] = state["n"].abs() + 0.5
     expected, actual = _outputs_and_gradients(sequential, inputs, state), _outputs_and_gradients(newton, inputs, state)
     assert newton.last_solve.converged and newton.last_solve.sequential_steps == 0
     _assert_agree(expected, actual, F32_TOLERANCE, name)

@@ -23,20 +23,7 @@ from example_dims import DIMS, EXAMPLES  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 # A TTT / Titans memory W (dv x dk) trained online on ||W k - v||^2: the rank-one map multiplies from the right.
-TTT = """
-cell TTT(dk, dv) {
-    input k: [dk]
-    input v: [dv]
-    input q: [dk]
-    input a_pre: []
-    input lr_pre: []
-    state W: [dv, dk] = 0
-    a = sigmoid(a_pre)
-    lr = sigmoid(lr_pre) / dk
-    W = (1 - a) * W - lr * outer(W @ k - v, k)
-    out W @ q
-}
-"""
+TTT = EXAMPLES / "ttt_linear.rec"
 
 # HGRN2: a matrix state with a per-row forget gate bounded below, written as users write it.
 HGRN2 = """
@@ -102,9 +89,9 @@ def test_explain_plan_says_why_a_decay_that_may_be_negative_is_not_chunked():
     assert "not chunked: its decay (lower + tanh(f_pre))[:, None] is not provably positive" in text, text
 
 
-def test_explain_plan_says_why_a_read_out_of_the_previous_state_is_not_chunked():
+def test_a_read_out_of_the_previous_state_is_chunked_with_an_exclusive_mask():
     text = recdsl.explain(RWKV, plan=True, dk=8, dv=8)
-    assert "not chunked: an output reads its previous value (S before its update)" in text, text
+    assert "S: chunked" in text and "read-outs q @ S_prev with q = r" in text, text
 
 
 def test_a_backend_that_cannot_run_a_cell_says_why():
@@ -251,7 +238,7 @@ def test_no_string_comparison_decides_which_form_runs():
 
 # The default run traces a chunked and a scanned example; `pytest -m slow` traces all of them.
 COMPILE_CASES = [("gla", "chunked"), ("aaren", "scan")]
-ALL_COMPILE_CASES = [(name, backend) for name in sorted(DIMS) if name not in ("gru", "lstm", "paragru", "paralstm") for backend in ("scan", "chunked")]  # nonlinear cells run step by step
+ALL_COMPILE_CASES = [(name, backend) for name in sorted(DIMS) if name not in ("gru", "lstm", "paragru", "paralstm", "slstm") for backend in ("scan", "chunked")]  # nonlinear cells run step by step
 
 
 def _check_compiles(name: str, backend: str) -> None:

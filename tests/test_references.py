@@ -286,3 +286,43 @@ def test_s4d_recurrence_equals_kernel_convolution(T):
     C_re, C_im, D = rnd(d, N, seed=5), rnd(d, N, seed=6), rnd(d, seed=7)
     y, _ = ref.s4d(x, log_dt, A_log, A_im, C_re, C_im, D)
     close(y, ref.s4d_kernel_form(x, log_dt, A_log, A_im, C_re, C_im, D), "S4D recurrence vs kernel convolution")
+
+
+def _slstm_weights(d_in, heads, dh, seed):
+    g = torch.Generator().manual_seed(seed)
+    d = heads * dh
+    weights = {f"W_{k}": 0.5 * torch.randn(d_in, d, generator=g, dtype=torch.float64) for k in "zifo"}
+    weights.update({f"R_{k}": 0.5 * torch.randn(d, d, generator=g, dtype=torch.float64) for k in "zifo"})
+    weights.update({f"b_{k}": 0.5 * torch.randn(d, generator=g, dtype=torch.float64) for k in "zifo"})
+    return weights
+
+
+def test_slstm_stabilised_equals_unstabilised_and_reads_only_the_head_blocks():
+    weights = _slstm_weights(3, 2, 3, seed=0)
+    x = torch.randn(2, 11, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h, _ = ref.slstm(x, **weights, heads=2)
+    close(h, ref.slstm_unstabilised(x, **weights, heads=2), "sLSTM stabilised vs unstabilised")
+    # Entries of R outside the heads' blocks are never read.
+    off_block = {k: (v + torch.ones_like(v).triu(3) if k.startswith("R_") else v) for k, v in weights.items()}
+    close(ref.slstm(x, **off_block, heads=2)[0], h, "sLSTM with the off-block entries of R changed")
+
+
+def test_slstm_matches_the_xlstm_package_pointwise_step():
+    """Optional: the xlstm package's vanilla sLSTM step (`pip install --no-deps xlstm`), gates in
+    its order (i, f, z, o), the per-head recurrent products computed here."""
+    vanilla = pytest.importorskip("xlstm.blocks.slstm.src.vanilla.slstm")
+    heads, dh, d_in = 2, 3, 4
+    d = heads * dh
+    weights = _slstm_weights(d_in, heads, dh, seed=2)
+    x = torch.randn(2, 9, d_in, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    expected, _ = ref.slstm(x, **weights, heads=heads)
+    blocks = {k: ref._head_blocks(weights[f"R_{k}"], heads) for k in "ifzo"}
+    W = torch.cat([weights[f"W_{k}"] for k in "ifzo"], 1)
+    b = torch.cat([weights[f"b_{k}"] for k in "ifzo"])[None]
+    states = torch.zeros(4, 2, d, dtype=torch.float64)  # y, c, n, m
+    ys = []
+    for t in range(x.shape[1]):
+        Ry = torch.cat([ref._per_head(states[0], blocks[k]) for k in "ifzo"], 1)
+        states, _ = vanilla.slstm_forward_pointwise(x[:, t] @ W, Ry, b, states, {})
+        ys.append(states[0])
+    close(torch.stack(ys, 1), expected, "sLSTM reference vs xlstm's slstm_forward_pointwise")
