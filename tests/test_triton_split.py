@@ -23,7 +23,7 @@ from example_dims import EXAMPLES  # noqa: E402
 
 # The examples the Triton backend runs with its scan kernels (the fused sequential kernel and
 # the chunked kernels have no time split; their cells' other scans do).
-SCANNED = ("mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mlstm", "aaren")  # GLA, RetNet, Mamba-2: only chunked kernels
+SCANNED = ("mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mlstm", "aaren", "lion", "rwkv6", "s4d")  # GLA, RetNet, Mamba-2: only chunked kernels
 
 LOG_SEMIRING = """
 cell LogScan(d) {
@@ -133,3 +133,17 @@ def test_any_split_of_an_affine_scan_matches_sequential(length, min_steps, batch
     inputs, state = random_inputs(module, Example(batch=batch, length=length, heads=(), seed=length, with_state=True))
     mismatches = compare_backends(module, ["triton"], inputs, state, seed=length, backend_options={"split_programs": 1000, "split_min_steps": min_steps})
     assert not mismatches, "\n".join(map(str, mismatches))
+
+
+def test_every_example_with_a_scan_kernel_is_split_tested():
+    from recdsl.plan import Form
+
+    scanned = set()
+    for name, dims in ALL_DIMS.items():
+        try:
+            planned = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", **dims).plan
+        except recdsl.BackendError:
+            continue
+        if any(step.form is Form.TRITON_SCAN for step in planned.steps):
+            scanned.add(name)
+    assert scanned == set(SCANNED)
