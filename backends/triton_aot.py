@@ -28,7 +28,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from .triton_launch import KernelLaunch, observe_launches
 
@@ -217,14 +217,18 @@ LAYERS = (
 )
 
 
-def layer_launches(examples: Path, layer: Layer, dtype: Any = None, batch: int = 1) -> list[KernelLaunch]:
-    """The launches of one forward and backward pass of ``layer`` (inputs and params in ``dtype``)."""
+def layer_launches(examples: Path, layer: Layer, dtype: Any = None, batch: int = 1, backend_options: Mapping[str, Any] | None = None) -> list[KernelLaunch]:
+    """The launches of one forward and backward pass of ``layer`` (inputs and params in ``dtype``).
+
+    At ``batch = 1`` the diagonal scans split T across programs (the time-split kernels are
+    launched); ``backend_options={"split_programs": 0}`` records the one-pass kernels instead.
+    """
     import torch
 
     import recdsl
 
     dtype = dtype or torch.float32
-    module = recdsl.compile(examples / f"{layer.example}.rec", backend="triton", **dict(layer.dims)).to(dtype)
+    module = recdsl.compile(examples / f"{layer.example}.rec", backend="triton", backend_options=backend_options, **dict(layer.dims)).to(dtype)
     generator = torch.Generator().manual_seed(0)
     inputs = []
     for declared in module.cell.inputs:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 from typing import Mapping
 
 import torch
@@ -42,9 +43,11 @@ from .triton_codegen import (
     Leaf,
     ScanKind,
     ScanSpec,
+    TimeSplit,
     find_leaves,
     generate,
     inline_parallel_bindings,
+    summary_parts,
 )
 from .triton_codegen import Unsupported as Unsupportable
 
@@ -152,6 +155,7 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     scans = {s.name: s for s in analysis.cell.scans}
     steps: list[StepPlan] = []
     specs: list[ScanSpec] = []
+    split = time_split(options)
     for (name,) in analysis.schedule:
         if name in scans and scans[name].reverse:
             # Solved in reversed time, the generated kernel would combine the elements in the
@@ -163,6 +167,7 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
             spec = _scan_spec(analysis, scans[name])
             if isinstance(spec, Unsupported):
                 return spec
+            spec = replace(spec, split=split)
             steps.append(StepPlan((name,), Form.TRITON_SCAN, kernel=spec))
             specs.append(spec)
             continue
@@ -180,6 +185,7 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
         spec = _state_spec(analysis, state)
         if isinstance(spec, Unsupported):
             return spec
+        spec = replace(spec, split=split)
         steps.append(StepPlan((name,), Form.TRITON_SCAN, kernel=spec, rejected=(Rejected(Form.TRITON_CHUNKED, chunk.reason),)))
         specs.append(spec)
     try:
@@ -187,6 +193,20 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     except Unsupportable as reason:
         return Unsupported(str(reason))
     return tuple(steps), source
+
+
+def time_split(options) -> TimeSplit:
+    """When the scan kernels split T across programs: ``compile(backend="triton",
+    backend_options={"split_programs": P, "split_min_steps": S})`` (defaults: 4 x 132
+    programs, chunks of at least 128 steps; ``split_programs=0`` never splits)."""
+    given = dict(options.backend_options)
+    default = TimeSplit()
+    values = {"split_programs": given.get("split_programs", default.target_programs), "split_min_steps": given.get("split_min_steps", default.min_chunk_steps)}
+    for key, value in values.items():
+        lowest = 0 if key == "split_programs" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise BackendError(f"backend option '{key}' is {value!r}", expected=f"an integer of at least {lowest}")
+    return TimeSplit(target_programs=values["split_programs"], min_chunk_steps=values["split_min_steps"])
 
 
 def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
@@ -325,6 +345,51 @@ class _Launch:
     def constants(self) -> dict:
         return dict(BT=BLOCK_T, BC=_block_c(self.channels), ACC=_accumulator(self.seq.numerics))
 
+    def chunk_steps(self) -> int | None:
+        """This call's steps per chunk of T when the plan's :class:`TimeSplit` splits it, else None."""
+        rows, blocks = self.grid()
+        return self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T)
+
+    def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list) -> None:
+        """Run the forward (or adjoint) scan: one kernel, or, when the call's rows and blocks
+        of state elements are too few programs for the device, T split across programs.
+
+        ``inputs``: the initial state's parts (backward: also the states' and the output
+        gradients' parts); ``outputs``: the states' parts (backward: the gradients' of the
+        decay and input terms).
+
+        Split, the third launch reads every chunk's inputs again (the leaves, or ``dy``,
+        the states and the leaves) rather than the first storing local results for it to
+        correct: for ``h = a * h + b`` in float32, recomputing moves 8 + 12 = 20 bytes per
+        element, storing the chunk-local states and cumulative decays and correcting them
+        8 + 8 + 8 + 4 = 28; gates fused in the kernel are recomputed either way.
+        """
+        spec = self.spec
+        module = self.module()
+        stem = f"backward_{spec.name}" if backward else f"forward_{spec.name}"
+        length = self.chunk_steps()
+        sizes = (self.steps, self.channels, self.heads)
+        if length is None:
+            launch_kernel(getattr(module, stem), self.grid(), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants())
+            return
+        chunks = -(-self.steps // length)
+        grid = self.grid() + (chunks,)
+        shape = (self.rows, chunks, self.channels)
+        device = outputs[0].device
+        dtype = self.seq.numerics.real
+        sums = [torch.empty(shape, dtype=dtype, device=device) for _ in range(summary_parts(spec))]
+        carried = [torch.empty(shape, dtype=dtype, device=device) for _ in range(len(inputs) if not backward else (2 if spec.is_complex else 1))]
+        per_chunk = (*sizes, length, -(-length // BLOCK_T), chunks)
+        constants = self.constants()
+        if backward:
+            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid, *inputs, *sums, *leaf_arguments, *per_chunk, **constants)
+            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), self.grid(), *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
+        else:
+            launch_kernel(getattr(module, f"summarize_{spec.name}"), grid, *sums, *leaf_arguments, *per_chunk, **constants)
+            launch_kernel(getattr(module, f"carries_{spec.name}"), self.grid(), *inputs, *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
+            inputs = []
+        launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants)
+
     def recompute_terms(self, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """The decay and input (or lifts) from the leaves, in torch, for autograd."""
         known = {id(leaf.expr): value for leaf, value in zip(self.spec.leaves, leaves)}
@@ -344,9 +409,7 @@ class _RecurrenceScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
-        module = launch.module()
         spec = launch.spec
-        kernel = getattr(module, f"forward_{spec.name}")
         dtype = launch.seq.numerics.real
         start = initial.reshape(launch.rows, launch.channels)
         views = launch.ntc(list(leaves))
@@ -355,11 +418,11 @@ class _RecurrenceScan(torch.autograd.Function):
             out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             out_im = torch.empty_like(out_re)
             init = torch.view_as_real(start.contiguous())
-            launch_kernel(kernel, launch.grid(), init[..., 0].contiguous(), init[..., 1].contiguous(), out_re, out_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
+            launch.scan(False, [init[..., 0].contiguous(), init[..., 1].contiguous()], [out_re, out_im], _leaf_arguments(views, spec.leaves))
             states = torch.complex(out_re, out_im)
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            launch_kernel(kernel, launch.grid(), start.to(dtype).contiguous(), states, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
+            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(views, spec.leaves))
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -369,8 +432,6 @@ class _RecurrenceScan(torch.autograd.Function):
         launch: _Launch = ctx.launch
         initial, states, *leaves = ctx.saved_tensors
         spec = launch.spec
-        module = launch.module()
-        kernel = getattr(module, f"backward_{spec.name}")
         dtype = launch.seq.numerics.real
         views = launch.ntc(list(leaves))
         start = initial.reshape(launch.rows, launch.channels)
@@ -378,12 +439,12 @@ class _RecurrenceScan(torch.autograd.Function):
         if spec.is_complex:
             parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
             ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
-            launch_kernel(kernel, launch.grid(), *parts(start.to(states.dtype)), *parts(states), *parts(grad_states), ga_re, ga_im, gb_re, gb_im, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
+            launch.scan(True, [*parts(start.to(states.dtype)), *parts(states), *parts(grad_states)], [ga_re, ga_im, gb_re, gb_im], _leaf_arguments(views, spec.leaves))
             grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
         else:
             grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
             grad_input = torch.empty_like(grad_decay)
-            launch_kernel(kernel, launch.grid(), start.to(dtype).contiguous(), states.contiguous(), grad_states, grad_decay, grad_input, *_leaf_arguments(views, spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
+            launch.scan(True, [start.to(dtype).contiguous(), states.contiguous(), grad_states], [grad_decay, grad_input], _leaf_arguments(views, spec.leaves))
         # dL/dh_0: the adjoint one step further back.
         if spec.kind is ScanKind.AFFINE:
             with torch.no_grad():
@@ -424,12 +485,10 @@ class _MonoidScan(torch.autograd.Function):
     def forward(ctx, launch: _Launch, scan: ir.ScanAssign, *tensors: torch.Tensor):
         count = len(scan.monoid.carries)
         initial, leaves = tensors[:count], tensors[count:]
-        module = launch.module()
-        kernel = getattr(module, f"forward_{launch.spec.name}")
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
         outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
-        launch_kernel(kernel, launch.grid(), *starts, *outputs, *_leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves), launch.steps, launch.channels, launch.heads, launch.blocks, **launch.constants())
+        launch.scan(False, starts, outputs, _leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves))
         ctx.launch, ctx.scan = launch, scan
         ctx.save_for_backward(*tensors)
         return tuple(outputs)

@@ -12,7 +12,11 @@ Triton backend runs, it emits
   softplus, ...) in registers, scans the block and carries the last state into the next;
 - ``backward_<state>`` for affine and semiring recurrences: the adjoint's recurrence
   ``g_t = dy_t + w_{t+1} g_{t+1}``, run as a forward scan over reversed time, with the
-  gates recomputed from the leaves rather than stored.
+  gates recomputed from the leaves rather than stored;
+- the same scans with T split across programs (:class:`TimeSplit`), for calls with too few
+  rows to fill the GPU: ``summarize_<state>`` folds each chunk of T, ``carries_<state>``
+  passes the folds along the chunks, ``forward_<state>_chunks`` rescans each chunk from its
+  carry (and ``summarize_backward_``, ``carries_backward_``, ``backward_<state>_chunks``).
 
 States and gradients are addressed as ``[N, T, C]``: ``N`` rows (batch times heads), ``T``
 steps and ``C`` state elements; leaves are read in place as ``[B, H, T, C]``, each with its
@@ -266,6 +270,51 @@ def _push_broadcast_index(node: Op, inner: ir.Expr) -> ir.Expr | None:
 # ---- kernels -------------------------------------------------------------------------------
 
 
+class SplitMode(Enum):
+    """Which part of a scan one generated kernel computes (see :class:`TimeSplit`)."""
+
+    WHOLE = "whole"  # one program per (row, block of state elements) walks all of T
+    SUMMARY = "summary"  # pass 1: one program per (row, block, chunk of T) folds its chunk from the identity
+    CHUNK = "chunk"  # pass 3: one program per (row, block, chunk of T) rescans its chunk from the carry into it
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """When a scan kernel splits T across programs, decided at plan time and applied per call.
+
+    The single-pass kernels launch one program per (row, block of ``BC`` state elements):
+    at ``B = 8, d = 1024`` that is 128 programs, one per SM of an H100/H200, each walking all
+    of T with nothing in flight to hide its loads' latency.  When a call has fewer
+    programs than ``target_programs``, T is cut into chunks of at least
+    ``min_chunk_steps`` steps (a multiple of the block of steps past one block) and the
+    scan runs in three launches: ``summarize_*`` (per chunk, the fold of its elements),
+    ``carries_*`` (per row block, a short sequential pass over the chunk folds giving the
+    carry into each chunk) and ``*_chunks`` (per chunk, the scan again from that carry,
+    writing the outputs).  ``target_programs = 0`` never splits.
+    """
+
+    target_programs: int = 4 * 132  # about four programs per SM of an H100/H200
+    min_chunk_steps: int = 128
+
+    def chunk_steps(self, programs: int, steps: int, block: int) -> int | None:
+        """The steps per chunk for a call of ``programs`` single-pass programs over ``steps`` steps, or None: one pass."""
+        if programs >= self.target_programs or steps <= 1:
+            return None
+        wanted = -(-self.target_programs // programs)  # chunks per row block to reach the target
+        length = max(self.min_chunk_steps, -(-steps // wanted), 1)
+        if length > block:
+            length = -(-length // block) * block  # whole blocks, so only the last block of the last chunk is ragged
+        return length if length < steps else None
+
+    def describe(self) -> str:
+        if self.target_programs == 0:
+            return "T is never split across programs"
+        return (
+            f"T split across programs when a call has fewer than {self.target_programs} (one per row and block of state elements): "
+            f"chunks of at least {self.min_chunk_steps} steps folded, carried, rescanned"
+        )
+
+
 class ScanKind(Enum):
     AFFINE = "affine"  # h = a * h + b
     SEMIRING = "semiring"  # h = plus(h + a, b)
@@ -290,6 +339,7 @@ class ScanSpec:
     semiring: Semiring | None = None
     monoid: ir.MonoidIR | None = None
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
+    split: TimeSplit = TimeSplit()  # when the launch splits T across programs (the source has both forms)
 
 _PRELUDE = '''import triton
 import triton.language as tl
@@ -413,32 +463,156 @@ def _emit_loads_for(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask
     return _emit_loads(buffer, reduced, offsets_t, mask, suffix)
 
 
-def emit_forward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
-    """The forward kernel of ``spec``: fused terms, a blocked scan, the carry between blocks."""
+def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
+    """The forward kernel of ``spec``: fused terms, a blocked scan, the carry between blocks.
+
+    ``mode``: the whole sequence per program (``forward_*``), or one chunk of T per program:
+    its fold from the identity (``summarize_*``, pass 1 of :class:`TimeSplit`) or its scan
+    from the carry into it, read from the ``carries_*`` pass's ``[N, n_chunks, C]`` output
+    (``forward_*_chunks``, pass 3).
+    """
     names = _carry_names(spec)
     outputs = ["p_out_re", "p_out_im"] if spec.is_complex else (["p_out"] if spec.kind is not ScanKind.MONOID else [f"p_out_{n}" for n in names])
     initial = ["p_init_re", "p_init_im"] if spec.is_complex else (["p_init"] if spec.kind is not ScanKind.MONOID else [f"p_init_{n}" for n in names])
-    arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    sums = [f"p_sum_{n}" for n in names]
+    if mode is SplitMode.WHOLE:
+        arguments = initial + outputs + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        title = f"forward_{spec.name}"
+    else:
+        chunk_args = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        if mode is SplitMode.SUMMARY:
+            arguments = sums + _leaf_args(spec) + chunk_args
+            title = f"summarize_{spec.name}"
+        else:
+            arguments = initial + outputs + _leaf_args(spec) + chunk_args
+            title = f"forward_{spec.name}_chunks"
     buffer.line("@triton.jit")
-    buffer.line(f"def forward_{spec.name}({', '.join(arguments)}):")
+    buffer.line(f"def {title}({', '.join(arguments)}):")
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
-        _emit_row_pointers(buffer, spec, initial, outputs)
+        if mode is SplitMode.WHOLE:
+            _emit_row_pointers(buffer, spec, initial, outputs)
+        else:
+            buffer.line("i_k = tl.program_id(2)  # the chunk of T: steps [i_k * L, min(T, (i_k + 1) * L))")
+            _emit_row_pointers(buffer, spec, [], outputs if mode is SplitMode.CHUNK else [])
+            for pointer in initial if mode is SplitMode.CHUNK else sums:
+                buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
+            buffer.line("t_end = tl.minimum(T, (i_k + 1) * L)")
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
-        buffer.line("o_init = o_c")
         carries = [f"b_carry_{i}" for i in range(len(initial))]
-        for carry, pointer in zip(carries, initial):
-            buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
+        if mode is SplitMode.SUMMARY:
+            totals = [f"b_sum_{i}" for i in range(len(names))]
+            for total, identity in zip(totals, summary_identities(spec)):
+                buffer.line(f"{total} = tl.full([BC], {_literal(identity)}, dtype=ACC)")
+        else:
+            buffer.line("o_init = o_c")
+            for carry, pointer in zip(carries, initial):
+                buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
         buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
-        buffer.line("for i_t in range(0, n_blocks):  # n_blocks = ceil(T / BT), from the host")
+        if mode is SplitMode.WHOLE:
+            buffer.line("for i_t in range(0, n_blocks):  # n_blocks = ceil(T / BT), from the host")
+        else:
+            buffer.line("for i_t in range(0, n_blocks):  # n_blocks = ceil(L / BT), from the host")
         with buffer.indent():
-            buffer.line("o_t = i_t * BT + tl.arange(0, BT)")
-            buffer.line("m = (o_t[:, None] < T) & m_c[None, :]")
+            if mode is SplitMode.WHOLE:
+                buffer.line("o_t = i_t * BT + tl.arange(0, BT)")
+                buffer.line("m = (o_t[:, None] < T) & m_c[None, :]")
+            else:
+                buffer.line("o_t = i_k * L + i_t * BT + tl.arange(0, BT)")
+                buffer.line("m = (o_t[:, None] < t_end) & m_c[None, :]")
             values = _emit_loads(buffer, spec, "o_t", "m")
             terms = _emit_terms(buffer, spec, values)
-            _emit_scan_and_store(buffer, spec, terms, carries, outputs)
+            if mode is SplitMode.SUMMARY:
+                _emit_fold(buffer, _emit_elements(buffer, spec, terms), f"combine_{spec.name}", totals)
+            else:
+                _emit_scan_and_store(buffer, spec, terms, carries, outputs)
+        if mode is SplitMode.SUMMARY:
+            for pointer, total in zip(sums, totals):
+                buffer.line(f"tl.store({pointer} + o_c, {total}, mask=m_c)")
+    buffer.line("")
+    buffer.line("")
+
+
+def summary_identities(spec: ScanSpec, backward: bool = False) -> tuple[float, ...]:
+    """The identity of the scan's combine, one number per part of a chunk's fold.
+
+    Forward: the affine pair's ``(1, 0)`` (complex: ``(1, 0, 0, 0)``), the semiring pair's
+    ``(0, -inf)``, a monoid's declared identity.  Backward: the adjoint is always an affine
+    pair, ``(1, 0)`` (complex: ``(1, 0, 0, 0)``).
+    """
+    if backward or spec.kind is ScanKind.AFFINE:
+        return (1.0, 0.0, 0.0, 0.0) if spec.is_complex else (1.0, 0.0)
+    if spec.kind is ScanKind.SEMIRING:
+        return (0.0, float("-inf"))
+    return spec.identities
+
+
+def summary_parts(spec: ScanSpec) -> int:
+    """How many ``[N, n_chunks, C]`` tensors hold a chunk's fold (forward or backward)."""
+    return len(_carry_names(spec))
+
+
+def state_parts(spec: ScanSpec, backward: bool = False) -> tuple[int, ...]:
+    """Which parts of a fold are the carried state: the affine and semiring pairs' second
+    half (``b``: the state reached from the carry), a monoid's every carry."""
+    if backward or spec.kind is not ScanKind.MONOID:
+        return (2, 3) if spec.is_complex else (1,)
+    return tuple(range(len(_carry_names(spec))))
+
+
+def _emit_fold(buffer: IndentedBuffer, elements: list[str], combine: str, totals: list[str]) -> None:
+    """Fold one block of elements (identity past the chunk's end) into the running ``totals``."""
+    scanned = [f"b_S{i}" for i in range(len(elements))]
+    buffer.line(f"{', '.join(scanned)} = tl.associative_scan(({', '.join(elements)},), 0, {combine})")
+    ends = [f"b_end{i}" for i in range(len(elements))]
+    for end, value in zip(ends, scanned):
+        buffer.line(f"{end} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
+    buffer.line(f"{', '.join(totals)} = {combine}({', '.join(totals)}, {', '.join(ends)})")
+
+
+def emit_carries(buffer: IndentedBuffer, spec: ScanSpec, backward: bool = False) -> None:
+    """Pass 2 of :class:`TimeSplit`: per (row, block of state elements), the carry into each chunk.
+
+    A short sequential loop over the ``n_chunks`` folds: the running prefix starts at the
+    identity with the initial state as its state part (backward: a zero adjoint) and
+    combines each chunk's fold after storing the state part as that chunk's carry.
+    """
+    names = (["w_re", "w_im", "g_re", "g_im"] if spec.is_complex else ["w", "g"]) if backward else _carry_names(spec)
+    states = state_parts(spec, backward)
+    sums = [f"p_sum_{n}" for n in names]
+    carries = [f"p_carry_{i}" for i in range(len(states))]
+    initial = [] if backward else [f"p_init_{i}" for i in range(len(states))]
+    combine = "_affine_pair" if backward and spec.kind is ScanKind.SEMIRING else f"combine_{spec.name}"
+    title = f"carries_backward_{spec.name}" if backward else f"carries_{spec.name}"
+    buffer.line("@triton.jit")
+    buffer.line(f"def {title}({', '.join(initial + sums + carries + ['C', 'n_chunks', 'BC: tl.constexpr', 'ACC: tl.constexpr'])}):")
+    with buffer.indent():
+        buffer.line("i_n = tl.program_id(0)")
+        buffer.line("i_c = tl.program_id(1)")
+        buffer.line("o_row = i_n.to(tl.int64)")
+        for pointer in initial:
+            buffer.line(f"{pointer} += o_row * C")
+        for pointer in sums + carries:
+            buffer.line(f"{pointer} += o_row * n_chunks * C  # [N, n_chunks, C]")
+        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+        buffer.line("m_c = o_c < C")
+        running = [f"b_r{i}" for i in range(len(names))]
+        identities = summary_identities(spec, backward)
+        for i, name in enumerate(running):
+            if i in states and not backward:
+                buffer.line(f"{name} = tl.load({initial[states.index(i)]} + o_c, mask=m_c, other=0.0).to(ACC)")
+            else:
+                buffer.line(f"{name} = tl.full([BC], {_literal(identities[i])}, dtype=ACC)")
+        buffer.line("for i_k in range(0, n_chunks):")
+        with buffer.indent():
+            for pointer, i in zip(carries, states):
+                buffer.line(f"tl.store({pointer} + i_k * C + o_c, {running[i]}, mask=m_c)")
+            parts = [f"b_s{i}" for i in range(len(names))]
+            for part, pointer in zip(parts, sums):
+                buffer.line(f"{part} = tl.load({pointer} + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)")
+            buffer.line(f"{', '.join(running)} = {combine}({', '.join(running)}, {', '.join(parts)})")
     buffer.line("")
     buffer.line("")
 
@@ -477,20 +651,38 @@ def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: st
     buffer.line(f"{carry} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
 
 
-def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, carries: list[str], outputs: list[str]) -> None:
+def _emit_elements(buffer: IndentedBuffer, spec: ScanSpec, terms: list) -> list[str]:
+    """The block's scan elements from the terms, the combine's identity past T (or the chunk) and C."""
     if spec.kind is ScanKind.AFFINE and not spec.is_complex:
         _full(buffer, "b_a", terms[0], "1.0")
         _full(buffer, "b_b", terms[1] if terms[1] is not None else "0.0", "0.0")
-        buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
-        buffer.line(f"b_h = b_A * {carries[0]}[None, :] + b_B")
-        _store_and_carry(buffer, outputs[0], "b_h", carries[0])
-    elif spec.kind is ScanKind.AFFINE:
+        return ["b_a", "b_b"]
+    if spec.kind is ScanKind.AFFINE:
         a = terms[0] if isinstance(terms[0], tuple) else (terms[0], "0.0")
         b = terms[1] if isinstance(terms[1], tuple) else ((terms[1], "0.0") if terms[1] is not None else ("0.0", "0.0"))
         _full(buffer, "b_a_re", a[0], "1.0")
         _full(buffer, "b_a_im", a[1], "0.0")
         _full(buffer, "b_b_re", b[0], "0.0")
         _full(buffer, "b_b_im", b[1], "0.0")
+        return ["b_a_re", "b_a_im", "b_b_re", "b_b_im"]
+    if spec.kind is ScanKind.SEMIRING:
+        _full(buffer, "b_a", terms[0], "0.0")
+        _full(buffer, "b_b", terms[1] if terms[1] is not None else 'float("-inf")', 'float("-inf")')
+        return ["b_a", "b_b"]
+    elements = []
+    for i, (term, identity) in enumerate(zip(terms, spec.identities)):
+        _full(buffer, f"b_e{i}", term, _literal(identity))
+        elements.append(f"b_e{i}")
+    return elements
+
+
+def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, carries: list[str], outputs: list[str]) -> None:
+    elements = _emit_elements(buffer, spec, terms)
+    if spec.kind is ScanKind.AFFINE and not spec.is_complex:
+        buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
+        buffer.line(f"b_h = b_A * {carries[0]}[None, :] + b_B")
+        _store_and_carry(buffer, outputs[0], "b_h", carries[0])
+    elif spec.kind is ScanKind.AFFINE:
         buffer.line(f"b_A_re, b_A_im, b_B_re, b_B_im = tl.associative_scan((b_a_re, b_a_im, b_b_re, b_b_im), 0, combine_{spec.name})")
         buffer.line(f"b_h_re = b_A_re * {carries[0]}[None, :] - b_A_im * {carries[1]}[None, :] + b_B_re")
         buffer.line(f"b_h_im = b_A_re * {carries[1]}[None, :] + b_A_im * {carries[0]}[None, :] + b_B_im")
@@ -498,17 +690,11 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         _store_and_carry(buffer, outputs[1], "b_h_im", carries[1])
     elif spec.kind is ScanKind.SEMIRING:
         plus = "tl.maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
-        _full(buffer, "b_a", terms[0], "0.0")
-        _full(buffer, "b_b", terms[1] if terms[1] is not None else 'float("-inf")', 'float("-inf")')
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
         buffer.line(f"b_h = {plus}({carries[0]}[None, :] + b_A, b_B)")
         _store_and_carry(buffer, outputs[0], "b_h", carries[0])
     else:
         assert spec.monoid is not None
-        elements = []
-        for i, (term, identity) in enumerate(zip(terms, spec.identities)):
-            _full(buffer, f"b_e{i}", term, _literal(identity))
-            elements.append(f"b_e{i}")
         scanned = [f"b_s{i}" for i in range(len(elements))]
         buffer.line(f"{', '.join(scanned)} = tl.associative_scan(({', '.join(elements)},), 0, combine_{spec.name})")
         # Fold in the carry from earlier blocks: combine(carry, scanned).
@@ -518,7 +704,7 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
             _store_and_carry(buffer, pointer, value, carry)
 
 
-def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
+def emit_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
     """The adjoint of an affine or semiring scan, over reversed time, gates recomputed.
 
     For ``h_t = f(h_{t-1}, a_t, b_t)`` with ``w_t = d h_t / d h_{t-1}``:
@@ -529,6 +715,12 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     affine: ``w = a``, ``dh/da = h_{t-1}``, ``dh/db = 1`` (conjugated for complex values);
     semiring: ``w = dh/da = e_t`` (max-plus: ``[h_{t-1} + a_t >= b_t]``; log:
     ``exp(h_{t-1} + a_t - h_t)``), ``dh/db = 1 - e_t``.
+
+    ``mode`` as for :func:`emit_forward`: chunks of the reversed sequence ``j``, folded
+    (``summarize_backward_*``: the adjoint's affine pairs ``(w_{t+1}, dy_t)``) or rescanned
+    from the adjoint carried into the chunk (``backward_*_chunks``).  Split, steps past the
+    chunk's end get the pair's identity ``(1, 0)``: whole, they come after the last step
+    and nothing reads them.
     """
     complex_ = spec.is_complex
     grads = ["p_grad_re", "p_grad_im"] if complex_ else ["p_grad"]
@@ -536,25 +728,59 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
     out_a = ["p_ga_re", "p_ga_im"] if complex_ else ["p_ga"]
     out_b = ["p_gb_re", "p_gb_im"] if complex_ else ["p_gb"]
-    arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    sums = ["p_sum_w_re", "p_sum_w_im", "p_sum_g_re", "p_sum_g_im"] if complex_ else ["p_sum_w", "p_sum_g"]
+    carried = ["p_carry_re", "p_carry_im"] if complex_ else ["p_carry"]
+    split = mode is not SplitMode.WHOLE
+    if not split:
+        arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        title = f"backward_{spec.name}"
+    else:
+        chunk_args = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        if mode is SplitMode.SUMMARY:
+            arguments = initial + states + grads + sums + _leaf_args(spec) + chunk_args
+            title = f"summarize_backward_{spec.name}"
+        else:
+            arguments = carried + initial + states + grads + out_a + out_b + _leaf_args(spec) + chunk_args
+            title = f"backward_{spec.name}_chunks"
     buffer.line("@triton.jit")
-    buffer.line(f"def backward_{spec.name}({', '.join(arguments)}):")
+    buffer.line(f"def {title}({', '.join(arguments)}):")
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
-        _emit_row_pointers(buffer, spec, initial, states + grads + out_a + out_b)
+        if not split:
+            _emit_row_pointers(buffer, spec, initial, states + grads + out_a + out_b)
+        else:
+            buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
+            _emit_row_pointers(buffer, spec, initial, states + grads + (out_a + out_b if mode is SplitMode.CHUNK else []))
+            for pointer in sums if mode is SplitMode.SUMMARY else carried:
+                buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
+            buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
-        for carry in carries:
-            buffer.line(f"{carry} = tl.zeros([BC], dtype=ACC)")
+        if mode is SplitMode.SUMMARY:
+            totals = [f"b_sum_{i}" for i in range(len(sums))]
+            for total, identity in zip(totals, summary_identities(spec, backward=True)):
+                buffer.line(f"{total} = tl.full([BC], {_literal(identity)}, dtype=ACC)")
+        elif mode is SplitMode.CHUNK:
+            for carry, pointer in zip(carries, carried):
+                buffer.line(f"{carry} = tl.load({pointer} + o_c, mask=m_c, other=0.0).to(ACC)")
+        else:
+            for carry in carries:
+                buffer.line(f"{carry} = tl.zeros([BC], dtype=ACC)")
         buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
         buffer.line("for i_j in range(0, n_blocks):")
         with buffer.indent():
             buffer.line("# step j of the reversed sequence is time t = T - 1 - j")
-            buffer.line("o_t = T - 1 - (i_j * BT + tl.arange(0, BT))")
-            buffer.line("m = (o_t[:, None] >= 0) & m_c[None, :]")
-            buffer.line("m_next = (o_t[:, None] + 1 < T) & m_c[None, :]")
+            if not split:
+                buffer.line("o_t = T - 1 - (i_j * BT + tl.arange(0, BT))")
+                buffer.line("m = (o_t[:, None] >= 0) & m_c[None, :]")
+            else:
+                buffer.line("o_j = i_k * L + i_j * BT + tl.arange(0, BT)")
+                buffer.line("o_t = T - 1 - o_j")
+                buffer.line("m = (o_j[:, None] < j_end) & m_c[None, :]")
+            # m, not just t + 1 < T: a padding step's t + 1 may be negative (before the leaf's first row).
+            buffer.line("m_next = m & (o_t[:, None] + 1 < T)")
             buffer.line("m_prev = (o_t[:, None] >= 1) & m_c[None, :]")
             offset = _STATE_OFFSET
             buffer.line("o_init = o_c[None, :] + o_t[:, None] * 0")
@@ -574,27 +800,33 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
                 values = _emit_loads(buffer, spec, "o_t", "m")
                 terms = _emit_terms(buffer, spec, values)
             if spec.kind is ScanKind.AFFINE and not complex_:
-                _full_mask(buffer, "b_w", next_terms[0], "0.0", "m_next")
-                buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
-                buffer.line("b_gt = b_W * b_g[None, :] + b_G")
-                buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_hp, mask=m)")
-                buffer.line(f"tl.store(p_gb + {offset}, b_gt, mask=m)")
-                buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+                _adjoint_decay(buffer, "b_w", next_terms[0], "1.0", split)
+                if mode is SplitMode.SUMMARY:
+                    _emit_fold(buffer, ["b_w", "b_dy"], f"combine_{spec.name}", totals)
+                else:
+                    buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
+                    buffer.line("b_gt = b_W * b_g[None, :] + b_G")
+                    buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_hp, mask=m)")
+                    buffer.line(f"tl.store(p_gb + {offset}, b_gt, mask=m)")
+                    buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
             elif spec.kind is ScanKind.AFFINE:
                 a_next = next_terms[0] if isinstance(next_terms[0], tuple) else (next_terms[0], "0.0")
                 # The adjoint runs with conj(a): g_t = dy_t + conj(a_{t+1}) g_{t+1}.
-                _full_mask(buffer, "b_w_re", a_next[0], "0.0", "m_next")
-                _full_mask(buffer, "b_w_im", f"-({a_next[1]})", "0.0", "m_next")
-                buffer.line(f"b_W_re, b_W_im, b_G_re, b_G_im = tl.associative_scan((b_w_re, b_w_im, b_dy_re, b_dy_im), 0, combine_{spec.name})")
-                buffer.line("b_gt_re = b_W_re * b_g_re[None, :] - b_W_im * b_g_im[None, :] + b_G_re")
-                buffer.line("b_gt_im = b_W_re * b_g_im[None, :] + b_W_im * b_g_re[None, :] + b_G_im")
-                buffer.line("# dL/da_t = g_t conj(h_{t-1})")
-                buffer.line(f"tl.store(p_ga_re + {offset}, b_gt_re * b_hp_re + b_gt_im * b_hp_im, mask=m)")
-                buffer.line(f"tl.store(p_ga_im + {offset}, b_gt_im * b_hp_re - b_gt_re * b_hp_im, mask=m)")
-                buffer.line(f"tl.store(p_gb_re + {offset}, b_gt_re, mask=m)")
-                buffer.line(f"tl.store(p_gb_im + {offset}, b_gt_im, mask=m)")
-                buffer.line("b_g_re = tl.sum(tl.where(b_last, b_gt_re, 0.0), axis=0)")
-                buffer.line("b_g_im = tl.sum(tl.where(b_last, b_gt_im, 0.0), axis=0)")
+                _adjoint_decay(buffer, "b_w_re", a_next[0], "1.0", split)
+                _adjoint_decay(buffer, "b_w_im", f"-({a_next[1]})", "0.0", split)
+                if mode is SplitMode.SUMMARY:
+                    _emit_fold(buffer, ["b_w_re", "b_w_im", "b_dy_re", "b_dy_im"], f"combine_{spec.name}", totals)
+                else:
+                    buffer.line(f"b_W_re, b_W_im, b_G_re, b_G_im = tl.associative_scan((b_w_re, b_w_im, b_dy_re, b_dy_im), 0, combine_{spec.name})")
+                    buffer.line("b_gt_re = b_W_re * b_g_re[None, :] - b_W_im * b_g_im[None, :] + b_G_re")
+                    buffer.line("b_gt_im = b_W_re * b_g_im[None, :] + b_W_im * b_g_re[None, :] + b_G_im")
+                    buffer.line("# dL/da_t = g_t conj(h_{t-1})")
+                    buffer.line(f"tl.store(p_ga_re + {offset}, b_gt_re * b_hp_re + b_gt_im * b_hp_im, mask=m)")
+                    buffer.line(f"tl.store(p_ga_im + {offset}, b_gt_im * b_hp_re - b_gt_re * b_hp_im, mask=m)")
+                    buffer.line(f"tl.store(p_gb_re + {offset}, b_gt_re, mask=m)")
+                    buffer.line(f"tl.store(p_gb_im + {offset}, b_gt_im, mask=m)")
+                    buffer.line("b_g_re = tl.sum(tl.where(b_last, b_gt_re, 0.0), axis=0)")
+                    buffer.line("b_g_im = tl.sum(tl.where(b_last, b_gt_im, 0.0), axis=0)")
             else:
                 # e_t = dh_t/da_t; w_{t+1} = e_{t+1} needs h_t, a_{t+1}, b_{t+1}, h_{t+1}.
                 buffer.line(f"b_h = tl.load(p_h + {offset}, mask=m, other=0.0)")
@@ -609,15 +841,30 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec) -> None:
                 else:
                     buffer.line(f"b_e_next = tl.exp(b_h + {a_next} - tl.where(m_next, b_h_next, 0.0))")
                     buffer.line(f"b_e = tl.exp(b_hp + {a_now} - b_h)")
-                _full_mask(buffer, "b_w", "b_e_next", "0.0", "m_next")
-                buffer.line("b_W, b_G = tl.associative_scan((b_w, b_dy), 0, _affine_pair)")
-                buffer.line("b_gt = b_W * b_g[None, :] + b_G")
-                buffer.line("b_e = tl.where(b_e == b_e, b_e, 0.0)  # NaN (from -inf - -inf) carries no gradient")
-                buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_e, mask=m)")
-                buffer.line(f"tl.store(p_gb + {offset}, b_gt * (1.0 - b_e), mask=m)")
-                buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+                _adjoint_decay(buffer, "b_w", "b_e_next", "1.0", split)
+                if mode is SplitMode.SUMMARY:
+                    _emit_fold(buffer, ["b_w", "b_dy"], "_affine_pair", totals)
+                else:
+                    buffer.line("b_W, b_G = tl.associative_scan((b_w, b_dy), 0, _affine_pair)")
+                    buffer.line("b_gt = b_W * b_g[None, :] + b_G")
+                    buffer.line("b_e = tl.where(b_e == b_e, b_e, 0.0)  # NaN (from -inf - -inf) carries no gradient")
+                    buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_e, mask=m)")
+                    buffer.line(f"tl.store(p_gb + {offset}, b_gt * (1.0 - b_e), mask=m)")
+                    buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+        if mode is SplitMode.SUMMARY:
+            for pointer, total in zip(sums, totals):
+                buffer.line(f"tl.store({pointer} + o_c, {total}, mask=m_c)")
     buffer.line("")
     buffer.line("")
+
+
+def _adjoint_decay(buffer: IndentedBuffer, name: str, value: str, identity: str, split: bool) -> None:
+    """``w_{t+1}`` as a block: 0 past the last step; split, also the identity past the chunk's
+    end (a chunk's fold must not see them; whole, nothing reads the steps after the last)."""
+    if not split:
+        _full_mask(buffer, name, value, "0.0", "m_next")
+        return
+    buffer.line(f"{name} = tl.where(m, tl.where(m_next, {value} + tl.zeros([BT, BC], dtype=ACC), 0.0), {identity})")
 
 
 def _full_mask(buffer: IndentedBuffer, name: str, value: str, padding: str, mask: str) -> None:
@@ -652,6 +899,15 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
         emit_forward(buffer, spec)
         if spec.kind is not ScanKind.MONOID:
             emit_backward(buffer, spec)
+        buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan")
+        buffer.line("")
+        emit_forward(buffer, spec, SplitMode.SUMMARY)
+        emit_carries(buffer, spec)
+        emit_forward(buffer, spec, SplitMode.CHUNK)
+        if spec.kind is not ScanKind.MONOID:
+            emit_backward(buffer, spec, SplitMode.SUMMARY)
+            emit_carries(buffer, spec, backward=True)
+            emit_backward(buffer, spec, SplitMode.CHUNK)
     return buffer.text()
 
 

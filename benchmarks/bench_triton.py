@@ -6,7 +6,12 @@
 1. Bandwidth.  A cell ``h = a * h + b`` with ``a`` and ``b`` given as inputs reads two
    tensors and writes one; the kernel's achieved bandwidth is ``3 * bytes / time``, shown as
    a fraction of the device's copy bandwidth (``y.copy_(x)`` moves ``2 * bytes``).  The goal
-   is at least 80%.
+   is at least 80%.  Each size runs once per ``--split-targets`` value (the backend option
+   ``split_programs``: 0 is the one-pass kernel, one program per row and block of 64
+   channels; otherwise T is split across programs when the call has fewer than that many:
+   fold each chunk, carry, rescan), and the table says which form ran, with how many
+   programs.  Split, the kernels move 20 bytes per element, not 12 (the rescan reads ``a``
+   and ``b`` again), so the bandwidth column counts the 12 useful bytes.
 2. Forward and forward+backward milliseconds of recdsl's Triton kernels beside the peers
    that are installed: accelerated-scan (first-order scan), flash-linear-attention's
    ``chunk_gla`` and ``chunk_delta_rule``, mamba's ``selective_scan_fn``, and cuDNN's
@@ -64,21 +69,44 @@ def bandwidth(args, device: str) -> None:
 
     import recdsl
 
+    from recdsl.backends.triton_launch import observe_launches
+
     print("\n## Diagonal scan bandwidth (h = a * h + b, float32)\n")
-    print("| B | T | d | recdsl triton (ms) | GB/s | copy GB/s | fraction of copy |")
-    print("|---|---|---|---|---|---|---|")
-    module = recdsl.compile(SCAN_CELL, backend="triton", d=args.width).to(device)
+    print("| B | T | d | form | recdsl triton (ms) | GB/s | copy GB/s | fraction of copy | fwd+bwd (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    modules = [recdsl.compile(SCAN_CELL, backend="triton", backend_options={"split_programs": target, "split_min_steps": args.split_min_steps}, d=args.width).to(device) for target in args.split_targets]
     for length in args.lengths:
         a = torch.rand(args.batch, length, args.width, device=device)
         b = torch.randn(args.batch, length, args.width, device=device)
-        with torch.no_grad():
-            milliseconds = timed(lambda: module(a, b), False, args.repeat, device == "cuda")
-        moved = 3 * a.numel() * a.element_size()
         target = torch.empty_like(a)
         copy_ms = timed(lambda: target.copy_(a), False, args.repeat, device == "cuda")
         copy_rate = 2 * a.numel() * a.element_size() / copy_ms / 1e6
-        rate = moved / milliseconds / 1e6
-        print(f"| {args.batch} | {length} | {args.width} | {milliseconds:.3f} | {rate:.1f} | {copy_rate:.1f} | {rate / copy_rate:.0%} |")
+        moved = 3 * a.numel() * a.element_size()
+        for module in modules:
+            with torch.no_grad(), observe_launches() as launches:
+                module(a, b)
+            form = _scan_form(launches)
+            with torch.no_grad():
+                milliseconds = timed(lambda: module(a, b), False, args.repeat, device == "cuda")
+            a_grad, b_grad = a.clone().requires_grad_(), b.clone().requires_grad_()
+            both_ms = timed(lambda: module(a_grad, b_grad), True, args.repeat, device == "cuda")
+            rate = moved / milliseconds / 1e6
+            print(f"| {args.batch} | {length} | {args.width} | {form} | {milliseconds:.3f} | {rate:.1f} | {copy_rate:.1f} | {rate / copy_rate:.0%} | {both_ms:.3f} |", flush=True)
+
+
+def _scan_form(launches) -> str:
+    """Which form of the scan kernel a forward call launched, and how many programs it ran."""
+    for launch in launches:
+        if launch.name.endswith("_chunks"):
+            rows, blocks, chunks = launch.grid
+            return f"T split: {chunks} chunks, {rows * blocks * chunks} programs"
+    for launch in launches:
+        if launch.name.startswith("forward_"):
+            programs = 1
+            for size in launch.grid:
+                programs *= size
+            return f"one pass, {programs} programs"
+    return "no scan kernel"
 
 
 def peers(args, device: str) -> None:
@@ -222,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--key-dim", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--split-targets", type=int, nargs="*", default=[0, 528, 1056, 2112], help="bandwidth: the backend option split_programs, one row each (0: one pass)")
+    parser.add_argument("--split-min-steps", type=int, default=128, help="bandwidth: the backend option split_min_steps (the shortest chunk of T)")
     parser.add_argument("--rnn-width", type=int, default=128, help="d = d_in of the nonlinear cells (GRU, LSTM, ParaGRU)")
     parser.add_argument("--sequential-max-length", type=int, default=1024, help="the sequential backend runs only up to this T")
     parser.add_argument("--only", choices=["bandwidth", "peers", "nonlinear"], nargs="*", help="run only these sections")
@@ -229,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret:
         os.environ["TRITON_INTERPRET"] = "1"
         args.lengths, args.batch, args.heads, args.width, args.key_dim, args.repeat = [40], 1, 1, 8, 4, 1
+        args.split_targets, args.split_min_steps = [0, 1000], 8
         args.rnn_width = 8
     import torch
 

@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for dtype in dtypes:
             suffix = "" if dtype == torch.float32 else ", bfloat16"
-            for spec in triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, layer, dtype)):
-                specs.setdefault(spec, layer.label + suffix)
+            # Batch 1: the diagonal scans run with T split across programs; split_programs = 0 adds the one-pass kernels.
+            for options in (None, {"split_programs": 0}):
+                for spec in triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, layer, dtype, backend_options=options)):
+                    specs.setdefault(spec, layer.label + suffix)
     if args.tf32:
         for size in (64, 128):
             for rows, label in ((True, "gla"), (False, "retnet")):

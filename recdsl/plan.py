@@ -328,6 +328,8 @@ class ExecutionPlan:
                 lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+            if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T
+                lines.append(f"      {step.kernel.split.describe()}")
             for rejected in step.rejected:
                 lines.append(f"      not {rejected.form.name.lower().replace('_', ' ')}: {rejected.reason}")
         if self.backend is BackendKind.NEWTON and self.solver is not None:
@@ -1124,7 +1126,10 @@ def _triton_or_fused_plan(analysis: Analysis, options: PlanOptions) -> "Executio
 
 
 # The options each backend takes through compile(backend_options=...).
-BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations", "warm_start")}
+BACKEND_OPTIONS: dict[BackendKind, tuple[str, ...]] = {
+    BackendKind.NEWTON: ("jacobian", "tolerance", "max_iterations", "warm_start"),
+    BackendKind.TRITON: ("split_programs", "split_min_steps"),  # the scan kernels' TimeSplit (backends/triton_codegen.py)
+}
 
 
 def _check_backend_options(kind: BackendKind, options: PlanOptions) -> None:

@@ -190,6 +190,7 @@ def compare_backends(
     rtol: float = DEFAULT_RTOL,
     chunk_size: int | None = None,
     device: str | torch.device | None = None,
+    backend_options: Mapping[str, object] | None = None,
 ) -> list[Mismatch]:
     """Run ``module``'s cell on each backend and on the sequential reference; list the disagreements.
 
@@ -197,6 +198,7 @@ def compare_backends(
     state, and the gradients of a fixed random projection of both with respect to the
     inputs, the params and (if given) the initial state.  With ``device`` (``"cuda"``) the
     backends run there, on copies of the inputs, while the reference stays on the CPU.
+    ``backend_options`` go to every backend compared (not to the reference).
     """
     reference_module = _with_backend(module, "sequential", None)
     expected = _run(reference_module, inputs, state, seed)
@@ -205,7 +207,7 @@ def compare_backends(
         state = None if state is None else {n: v.to(device) for n, v in state.items()}
     mismatches = []
     for name in backends:
-        other = _with_backend(module, name, chunk_size)
+        other = _with_backend(module, name, chunk_size, backend_options)
         if device is not None:
             other = other.to(device)
         actual = {quantity: value.cpu() for quantity, value in _run(other, inputs, state, seed).items()}
@@ -213,8 +215,8 @@ def compare_backends(
     return mismatches
 
 
-def _with_backend(module: CompiledCell, backend: str, chunk_size: int | None) -> CompiledCell:
-    other = CompiledCell(module.analysis, backend, chunk_size if backend == "chunked" else None)
+def _with_backend(module: CompiledCell, backend: str, chunk_size: int | None, backend_options: Mapping[str, object] | None = None) -> CompiledCell:
+    other = CompiledCell(module.analysis, backend, chunk_size if backend == "chunked" else None, backend_options)
     other.load_state_dict(module.state_dict())
     return other.to(torch.float64)
 

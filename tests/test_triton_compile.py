@@ -7,8 +7,9 @@ The launches are recorded by running the layer's forward and backward pass on th
 the kernels not run (:func:`recdsl.backends.triton_aot.record_launches`); each distinct kernel
 is compiled by ``triton.compile`` and ptxas's ``-v`` log is read.  Compiling takes seconds
 per kernel, so the default run compiles the heaviest kernels (per-row-decay ``chunk_outputs``
-at dk = dv = 128, the complex LRU's backward); ``pytest -m slow`` compiles all of them, for
-float32 and bfloat16 layers and with TF32 matmuls.
+at dk = dv = 128, the complex LRU's backward, its time-split kernels); ``pytest -m slow``
+compiles all of them, for float32 and bfloat16 layers, one-pass and time-split, and with TF32
+matmuls.
 """
 
 from __future__ import annotations
@@ -30,8 +31,11 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 LAYERS = {layer.label: layer for layer in triton_aot.LAYERS}
 
 
-def _specializations(label: str, dtype=None) -> list[triton_aot.Specialization]:
-    return triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, LAYERS[label], dtype))
+def _specializations(label: str, dtype=None, split: bool = True) -> list[triton_aot.Specialization]:
+    """The layer's kernels at batch 1: with ``split``, the diagonal scans' time-split kernels
+    (a batch of one row is too few programs), else the one-pass kernels."""
+    options = None if split else {"split_programs": 0}
+    return triton_aot.distinct(triton_aot.layer_launches(EXAMPLES, LAYERS[label], dtype, backend_options=options))
 
 
 def _compile(jobs: list[tuple[triton_aot.Specialization, triton_aot.Target]]) -> list[triton_aot.CompileReport]:
@@ -70,7 +74,7 @@ def test_heaviest_kernels_compile_without_spills():
     """Per-row-decay chunk_outputs at dk = dv = 128 (the kernel that spilled before) on both
     targets, and the complex LRU's backward (the most registers of the generated scans) on sm_90."""
     outputs = [s for s in _specializations("gla(dk=128, dv=128)") if s.kernel == "chunk_outputs"]
-    backward = [s for s in _specializations("lru(d=1024, n=1024)") if s.kernel.startswith("backward_")]
+    backward = [s for s in _specializations("lru(d=1024, n=1024)", split=False) if s.kernel.startswith("backward_")]
     assert len(outputs) == 1 and len(backward) == 1
     _check(_compile([(outputs[0], triton_aot.SM80), (outputs[0], triton_aot.SM90), (backward[0], triton_aot.SM90)]))
 
@@ -84,6 +88,18 @@ def test_fused_sequential_kernels_compile_without_spills_at_d_128():
     _check(_compile([(specs["fused_forward"], triton_aot.SM90), (specs["fused_backward"], triton_aot.SM80)]))
 
 
+def test_time_split_kernels_compile_without_spills():
+    """The complex LRU's scan with T split across programs (fold, carry, rescan; forward and
+    adjoint): the three backward kernels on sm_90, the forward rescan on sm_80 (every one on
+    both targets, and every cell's, in the slow test)."""
+    specs = {s.kernel: s for s in _specializations("lru(d=1024, n=1024)")}
+    split = sorted(name for name in specs if name.startswith(("summarize_", "carries_")) or name.endswith("_chunks"))
+    assert len(split) == 6, sorted(specs)
+    backward = [specs[name] for name in split if "backward" in name]
+    forward = [specs[name] for name in split if name.startswith("forward_")]
+    _check(_compile([(spec, triton_aot.SM90) for spec in backward] + [(forward[0], triton_aot.SM80)]))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("label", sorted(LAYERS))
 def test_every_kernel_compiles_without_spills(label):
@@ -91,8 +107,9 @@ def test_every_kernel_compiles_without_spills(label):
 
     specs: dict[triton_aot.Specialization, None] = {}
     for dtype in (torch.float32, torch.bfloat16):
-        for spec in _specializations(label, dtype):
-            specs.setdefault(spec, None)
+        for split in (True, False):
+            for spec in _specializations(label, dtype, split):
+                specs.setdefault(spec, None)
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
 
 
