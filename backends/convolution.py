@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from recdsl import ir
 from recdsl.analysis import StateAnalysis
@@ -87,6 +88,11 @@ def causal_convolution(kernel: torch.Tensor, driver: torch.Tensor, heads: int) -
     return torch.fft.irfft(spectrum, n=size, dim=1)[:, :length]
 
 
+def _tracing() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling is not None and is_compiling())
+
+
 def _convolvable(decay: torch.Tensor, *pieces: torch.Tensor) -> bool:
     """Whether the convolution gives the loop's values: a stable decay (|decay| <= 1) and finite pieces.
 
@@ -133,25 +139,38 @@ def run(seq, plan: ConvPlan, state: StateAnalysis, h0: torch.Tensor) -> tuple[li
     flat_driver = flat_driver.reshape((-1, length) + tuple(driver_shape[j] for j in channels))
     flat_driver = flat_driver.reshape(flat_driver.shape[0], length, channel_size).to(decay.dtype)
 
+    # The first block of powers by pow (decay^0 is 1 even where the decay is 0, whose pow has
+    # no gradient at 0); block k is that block times decay^(k L): one complex multiply per
+    # element instead of a pow (an exp and a log), which dominated the call.
+    lags = torch.arange(1, min(block, length), device=decay.device, dtype=decay.real.dtype if decay.is_complex() else decay.dtype)
+    base = torch.cat([torch.ones_like(decay).unsqueeze(0), decay.unsqueeze(0) ** lags.reshape((-1,) + (1,) * len(shape))], 0)
+
+    def one_block(start: int, stop: int, driver_steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The kernel's lags [start, stop) for every read-out, and their part of the final state."""
+        powers = base[: stop - start] if start == 0 else base[: stop - start] * decay ** float(start)  # [L, *state]
+        terms = powers if coefficient is None else powers * coefficient
+        kernel_blocks = tuple(_evaluate_with_state(seq, readout, plan.state, terms) for readout in plan.readouts)
+        # The final state's input part: sum_s decay^(T-1-s) u_s, the lags of this block reversed.
+        grid = powers.permute(0, *(1 + j for j in channels), *(1 + j for j in modes)).reshape(stop - start, channel_size, mode_size)
+        # One batched matmul over the channels: [C, B', L] @ [C, L, M] -> [C, B', M].
+        part = torch.matmul(driver_steps.permute(2, 0, 1).contiguous(), grid.transpose(0, 1).contiguous()).permute(1, 0, 2)
+        return kernel_blocks + (part,)
+
+    # Under autograd each block is recomputed in the backward pass (checkpointed), so that no
+    # tensor of lags x state elements is kept: the memory stays that of one block.
+    recompute = torch.is_grad_enabled() and not _tracing()
     kernels: list[list[torch.Tensor]] = [[] for _ in plan.readouts]
     accumulated = None
     for start in range(0, length, block):
         stop = min(length, start + block)
-        lags = torch.arange(start, stop, device=decay.device, dtype=decay.real.dtype if decay.is_complex() else decay.dtype)
-        lags = lags.reshape((-1,) + (1,) * len(shape))
-        if start == 0:  # decay^0 is 1 even where the decay is 0 (whose pow has no gradient at 0)
-            powers = torch.cat([torch.ones_like(decay).unsqueeze(0), decay.unsqueeze(0) ** lags[1:]], 0)
+        driver_steps = flat_driver[:, length - stop : length - start].flip(1)  # s = T-1-l for l in the block
+        if recompute:
+            pieces = torch.utils.checkpoint.checkpoint(one_block, start, stop, driver_steps, use_reentrant=False)
         else:
-            powers = decay.unsqueeze(0) ** lags  # [L, *state]
-        terms = powers if coefficient is None else powers * coefficient
-        for index, readout in enumerate(plan.readouts):
-            kernels[index].append(_evaluate_with_state(seq, readout, plan.state, terms))
-        # The final state's input part: sum_s decay^(T-1-s) u_s, the lags of this block reversed.
-        steps = flat_driver[:, length - stop : length - start].flip(1)  # s = T-1-l for l in the block
-        grid = powers.permute(0, *(1 + j for j in channels), *(1 + j for j in modes)).reshape(stop - start, channel_size, mode_size)
-        # One batched matmul over the channels: [C, B', L] @ [C, L, M] -> [C, B', M].
-        part = torch.matmul(steps.permute(2, 0, 1).contiguous(), grid.transpose(0, 1).contiguous()).permute(1, 0, 2)
-        accumulated = part if accumulated is None else accumulated + part
+            pieces = one_block(start, stop, driver_steps)
+        for index in range(len(plan.readouts)):
+            kernels[index].append(pieces[index])
+        accumulated = pieces[-1] if accumulated is None else accumulated + pieces[-1]
 
     assert accumulated is not None
     permuted_shape = tuple(shape[j] for j in channels) + tuple(shape[j] for j in modes)

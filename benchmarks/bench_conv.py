@@ -4,8 +4,8 @@ S4D (examples/s4d.rec) at d = 256 channels and N = 64 complex modes per channel:
 stores the [B, T, d, N] state of every step, the convolution (the chunked backend's form for
 a state whose transition reads only params) builds the [T, d] kernel K_l = 2 Re(sum_n C dB
 dA^l) and convolves it with the input by FFT.  Forward and forward+backward, best of
-``--repeat``, and the peak resident memory of a fresh process running one forward and
-backward of each form (``ru_maxrss``, less the same process's memory before the call).
+``--repeat``, and the peak resident memory a fresh process adds running one forward and backward of
+each form (its ``VmHWM`` after a warm-up, less its size before the call; Linux).
 
     python benchmarks/bench_conv.py                 # B = 2, T = 4096, d = 256, N = 64
     python benchmarks/bench_conv.py --quick         # tiny sizes: checks that it runs
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -45,18 +44,25 @@ def _time(module: recdsl.CompiledCell, x: torch.Tensor, repeat: int, backward: b
 
 
 def _peak_bytes(backend: str, batch: int, length: int, d: int, n: int) -> int:
-    """Peak resident memory added by one forward and backward, measured in a fresh process."""
+    """Peak resident memory added by one forward and backward, measured in a fresh process.
+
+    Linux: the process's high-water mark (``VmHWM``) is reset to its current size after a
+    warm-up (``/proc/self/clear_refs``), so the figure is what the call itself adds.  (Not
+    ``ru_maxrss``: it carries the parent's peak across ``exec``.)
+    """
     code = (
-        "import resource, torch, recdsl, json, sys\n"
+        "import torch, recdsl, json\n"
+        "def status(key):\n"
+        "    return next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith(key + ':'))\n"
         f"m = recdsl.compile({str(EXAMPLE)!r}, backend={backend!r}, d={d}, N={n})\n"
         f"x = torch.randn({batch}, {length}, {d})\n"
         "m(x[:, :2]).sum().backward()\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = status('VmRSS')\n"
         "m(x).sum().backward()\n"
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "print(json.dumps((after - before) * 1024))\n"
+        "print(json.dumps(status('VmHWM') - before))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     return int(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
