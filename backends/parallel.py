@@ -76,6 +76,14 @@ def unsupported(analysis: Analysis) -> str | None:
     return steps.reason if isinstance(steps, Unsupported) else None
 
 
+def _product(sizes: list[int]) -> int:
+    """The product of static sizes, in a loop torch.compile traces (it cannot trace math.prod of a generator)."""
+    total = 1
+    for size in sizes:
+        total *= size
+    return total
+
+
 def _matrix_size(state: StateAnalysis) -> int:
     size = 1
     for n in state.type.shape:
@@ -335,7 +343,7 @@ class Solver:
         order = axes + inner  # block axes first, then the axes inside a block
         inverse = tuple(order.index(a) for a in range(rank))
         block_shape = tuple(types[0].shape[a] for a in axes)
-        sizes = [math.prod(t.shape[a] for a in inner) for t in types]
+        sizes = [_product([t.shape[a] for a in inner]) for t in types]
         m = sum(sizes)
         dtype = seq.numerics.dtype_of(types[0].kind)
         device = seq.numerics.device
