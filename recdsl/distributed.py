@@ -70,7 +70,7 @@ from torch import nn
 
 from . import ir
 from .analysis import Analysis, DiagonalAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
-from .errors import BackendError, InputError
+from .errors import BackendError
 from .ir import Kind, RefKind
 from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
 from .plan import plan as make_plan
@@ -590,13 +590,8 @@ class SequenceParallel(nn.Module):
         defaults = module._initial_state(numerics, lead)
         carried = defaults
         if state is not None and self.rank == 0:
-            carried = _given_state(module, state, carried, lead, numerics)
-        cast_inputs = {
-            d.name: inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
-            for d in module.cell.inputs
-        }
-        params = {name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in module.named_parameters()}
-        consts = {name: value for (_, name), value in module._consts(numerics).items()}
+            carried = module._given_state(state, dict(carried), lead, numerics)
+        cast_inputs, params, consts = module._cast(inputs, numerics)
         runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
         outputs, final = runner.run()
         if output_dtype is not None:
@@ -605,24 +600,6 @@ class SequenceParallel(nn.Module):
         if return_state:
             return result, final
         return result
-
-
-def _given_state(module: Any, state: Mapping[str, torch.Tensor], carried: dict, lead: tuple[int, ...], numerics: Any) -> dict:
-    """``carried`` with the values of ``state`` checked as ``CompiledCell.forward`` checks them."""
-    types = module._carried_types()
-    if not isinstance(state, Mapping):
-        raise InputError(f"state must be a dict of tensors, got {type(state).__name__}", expected="the dict returned with return_state=True")
-    carried = dict(carried)
-    for name, value in state.items():
-        if name not in types:
-            raise InputError(f"cell {module.cell.name} has no state '{name}'", expected="keys among: " + ", ".join(types))
-        declared = types[name]
-        if not isinstance(value, torch.Tensor) or tuple(value.shape) not in (lead + declared.shape, declared.shape):
-            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            raise InputError(f"state '{name}' has shape {got}", expected=f"[{', '.join(map(str, lead + declared.shape))}] (batch, heads, then the declared shape)")
-        module._check_state_value(name, value, declared, numerics.device)
-        carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
-    return carried
 
 
 @dataclass(frozen=True)
