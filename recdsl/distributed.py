@@ -58,6 +58,7 @@ Titans) and reverse states and scans (whose initial value comes from the later r
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import time
@@ -69,12 +70,12 @@ import torch
 from torch import nn
 
 from . import ir
-from .analysis import Analysis, DiagonalAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
+from .analysis import Analysis, DiagonalAffine, JointAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
 from .errors import BackendError
 from .ir import Kind, RefKind
 from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
 from .plan import plan as make_plan
-from .backends.parallel import Solver, _run_chunk_plan, _Sequences, _shift
+from .backends.parallel import Solver, _follow, _run_chunk_plan, _Sequences, _shift, _time_reversed
 
 
 class SequenceParallelError(BackendError):
@@ -136,6 +137,8 @@ class StepExchange:
     correction: Correction
     description: str
     state_count: int = 1  # the summary's last parts are the slice's final state
+    # REVERSE: the summaries travel from the last rank to the first (an exclusive suffix).
+    direction: ir.Direction = ir.Direction.FORWARD
 
     @property
     def summary_elements(self) -> int:
@@ -187,26 +190,20 @@ def _with_exchange(step: StepExchange, exchange: Exchange | None) -> StepExchang
 
 
 def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
+    # A reverse recurrence's summary is the forward one of its slice in reversed time; only
+    # the direction the summaries travel differs (see _directed).
+    return tuple(replace(s, direction=local.analysis.direction(s.names)) for s in _forward_summaries(local))
+
+
+def _forward_summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     analysis = local.analysis
     scans = {s.name: s for s in analysis.cell.scans}
     steps = []
     for step in local.steps:
         if len(step.names) > 1:
-            # A coupled group's slice does reduce to a block matrix and a final state, but the
-            # exchange and corrections here carry one recurrence per step: refuse, never run it wrong.
-            raise SequenceParallelError(
-                f"states {', '.join(repr(n) for n in step.names)} are coupled and scanned jointly ({step.form}), which has no sequence-parallel summary yet",
-                expected="cells whose coupled states are not scanned jointly (run this cell on one device)",
-            )
+            steps.append(_joint_summary(analysis, step))
+            continue
         (name,) = step.names
-        if analysis.cell.direction_of(name) is ir.Direction.REVERSE:
-            # Its initial value would come from the ranks after it (an exclusive suffix), which
-            # the exchange does not derive yet; a forward prefix would give wrong values.
-            kind = "scan" if name in scans else "state"
-            raise SequenceParallelError(
-                f"{kind} '{name}' runs in reverse time, whose slice summaries would travel from the last rank back to the first; not supported yet",
-                expected="cells whose states and scans all run forward in time (run this cell on one device)",
-            )
         if name in scans:
             carries = tuple(SummaryPart(c.name, tuple(c.type.shape), _is_complex(c.type)) for c in scans[name].monoid.carries)
             steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}", len(carries)))
@@ -261,6 +258,36 @@ def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     return tuple(steps)
 
 
+def _joint_summary(analysis: Analysis, step: StepPlan) -> StepExchange:
+    """A coupled group scanned jointly (Titans' ``M`` and ``W``): its slice acts on the stacked
+    states as the ordered product of the joint block matrices the block scan multiplies."""
+    group = analysis.group(step.names)
+    if step.form is not Form.JOINT_MATRIX_SCAN or group is None or not isinstance(group.recurrence, JointAffine):
+        raise SequenceParallelError(
+            f"states {', '.join(repr(n) for n in step.names)} are coupled and run as a {step.form.name.lower().replace('_', ' ')}, which has no sequence-parallel summary",
+            expected="coupled states whose joint update is affine (scanned jointly)",
+        )
+    blocks, size, _ = _joint_layout(analysis, group.recurrence)
+    types = [analysis.state(n).type for n in step.names]
+    transition = SummaryPart("transition", (blocks, size, size), any(_is_complex(t) for t in types))
+    finals = tuple(SummaryPart("state", tuple(t.shape), _is_complex(t)) for t in types)
+    described = f"the products of the {blocks} joint block{'s' if blocks != 1 else ''} of {size} x {size} step matrices of the stacked states ({', '.join(step.names)}) and their final states from zero"
+    return StepExchange(step.names, step.form, (transition,) + finals, Exchange.ALL_GATHER, Correction.RECOMPUTE, described, len(finals))
+
+
+def _joint_layout(analysis: Analysis, joint: JointAffine) -> tuple[int, int, tuple[int, ...]]:
+    """``(blocks, m, order)`` of a joint block scan as :meth:`Solver.blocks` lays it out: one block
+    per index of the shared block axes (one for all when shared), ``m`` the members' elements
+    inside a block, stacked in member order; ``order`` the axes, block axes first."""
+    types = [analysis.state(n).type for n in joint.states]
+    axes = joint.blocks.axes if joint.blocks is not None else ()
+    shared = joint.blocks is not None and joint.blocks.shared
+    blocks = 1 if shared else _numel([types[0].shape[a] for a in axes])
+    inner = tuple(a for a in range(types[0].rank) if a not in axes)
+    size = sum(_numel([t.shape[a] for a in inner]) for t in types)
+    return blocks, size, axes + inner
+
+
 def _block_layout(recurrence: MatrixAffine, state: ir.Type) -> tuple[int, int]:
     """``(blocks, m)`` of a block-diagonal transition as the block scan builds it: one block per
     index of the block axes (one for all when every block is the same matrix), ``m`` elements inside."""
@@ -273,7 +300,7 @@ def _block_layout(recurrence: MatrixAffine, state: ir.Type) -> tuple[int, int]:
 def exchange_groups(analysis: Analysis, chunk_size: int = 64) -> list[tuple[str, ...]]:
     """The recurrences whose summaries travel together, in order (one collective per group and exchange kind)."""
     local = local_plan(analysis, chunk_size)
-    return [tuple(step.names[0] for step, _ in level) for level in _levels(local, plan_exchanges(local))]
+    return [tuple(name for step, _ in level for name in step.names) for level in _levels(local, plan_exchanges(local))]
 
 
 def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
@@ -396,10 +423,14 @@ class _RingSpec:
     real: torch.dtype
     need_final: bool  # the whole-sequence final state is wanted on every rank: the last rank broadcasts it
     clock: "CollectiveTime"
+    # Reverse recurrences: ``rank`` counts from the group's last rank, which the ring starts from.
+    reverse: bool = False
 
     def global_rank(self, rank: int) -> int:
         import torch.distributed as dist
 
+        if self.reverse:
+            rank = self.world - 1 - rank
         return dist.get_global_rank(self.group, rank) if self.group is not None else rank
 
 
@@ -579,6 +610,20 @@ class SequenceParallel(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}"
 
+    def _read_here(self, state: Any) -> Any:
+        """The entries of a given ``state=`` this rank reads: those of forward recurrences on rank 0,
+        of reverse ones (whose given value is the one after the last step) on the last rank."""
+        if not isinstance(state, Mapping):
+            return state  # the module's own check says what is wrong
+        cell = self.module.cell
+        reverse = set(cell.reversed_recurrences)
+        here = {}
+        for name, value in state.items():
+            backwards = name.split(".")[0] in reverse
+            if (backwards and self.rank == self.world_size - 1) or (not backwards and self.rank == 0):
+                here[name] = value
+        return here
+
     # ---- calling
     def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
         module = self.module
@@ -589,8 +634,8 @@ class SequenceParallel(nn.Module):
         lead = (batch, *heads)
         defaults = module._initial_state(numerics, lead)
         carried = defaults
-        if state is not None and self.rank == 0:
-            carried = module._given_state(state, dict(carried), lead, numerics)
+        if state is not None:
+            carried = module._given_state(self._read_here(state), dict(carried), lead, numerics)
         cast_inputs, params, consts = module._cast(inputs, numerics)
         runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
         outputs, final = runner.run()
@@ -656,6 +701,7 @@ class _SlicedRun:
                 seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
         self.seq = seq
         self.order: torch.Tensor | None = None  # the last exchange's output (see _AllGather)
+        self._reversed_view: "_SlicedRun | None" = None  # this run in reversed time (see _reverse_view)
         owner.last_exchange = []
 
     # -- the exchange
@@ -680,10 +726,12 @@ class _SlicedRun:
         Returns, per request, ``(S_in parts (None on rank 0), whole-sequence final parts)``.
         """
         answers: list[tuple | None] = [None] * len(requests)
-        by_kind: dict[Exchange, list[int]] = {}
+        by_kind: dict[tuple[Exchange, bool], list[int]] = {}
         for i, request in enumerate(requests):
-            by_kind.setdefault(self.owner.exchange_override or request.planned.exchange, []).append(i)
-        for kind, indices in by_kind.items():
+            # A ring runs one way: forward and reverse recurrences of a level take a ring each.
+            kind = self.owner.exchange_override or request.planned.exchange
+            by_kind.setdefault((kind, request.reverse and kind is Exchange.RING), []).append(i)
+        for (kind, reverse), indices in by_kind.items():
             batch = [requests[i] for i in indices]
             names = tuple(name for r in batch for name in r.planned.names)
             if kind is Exchange.RING:
@@ -702,7 +750,7 @@ class _SlicedRun:
                         t_at, s_at = t_at + len(own), s_at + count
                     return out
 
-                received, whole = self.ring(names, [p for t in transitions for p in t] + [p for st in states for p in st], apply_all, sum(counts))
+                received, whole = self.ring(names, [p for t in transitions for p in t] + [p for st in states for p in st], apply_all, sum(counts), reverse)
                 at = 0
                 for i, count in zip(indices, counts):
                     answers[i] = (None if received is None else received[at : at + count], whole[at : at + count])
@@ -713,6 +761,9 @@ class _SlicedRun:
             for i, request in zip(indices, batch):
                 own = [g[at : at + len(request.parts)] for g in gathered]
                 at += len(request.parts)
+                position = self.rank
+                if request.reverse:  # an exclusive suffix: fold from the last rank back
+                    own, position = own[::-1], self.world - 1 - self.rank
 
                 def fold(upto: int, own=own, request=request) -> list[torch.Tensor]:
                     value = own[0][-request.state_count :]
@@ -720,19 +771,20 @@ class _SlicedRun:
                         value = request.apply(own[r], value)
                     return value
 
-                answers[i] = (None if self.rank == 0 else fold(self.rank), fold(self.world))
+                answers[i] = (None if position == 0 else fold(position), fold(self.world))
         return answers
 
-    def ring(self, names: tuple[str, ...], parts: list[torch.Tensor], apply, state_count: int) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
-        """The exclusive prefix passed rank to rank: each sends only its outgoing state."""
-        spec = _RingSpec(apply, len(parts), state_count, self.owner.group, self.rank, self.world, self.state_lead, self.numerics.real, self.need_final, self.owner.collective_time)
+    def ring(self, names: tuple[str, ...], parts: list[torch.Tensor], apply, state_count: int, reverse: bool = False) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """The exclusive prefix passed rank to rank: each sends only its outgoing state (``reverse``: from the last rank back)."""
+        position = self.world - 1 - self.rank if reverse else self.rank
+        spec = _RingSpec(apply, len(parts), state_count, self.owner.group, position, self.world, self.state_lead, self.numerics.real, self.need_final, self.owner.collective_time, reverse=reverse)
         order = self.order if self.order is not None else parts[0].new_zeros(())
         results = _RingPrefix.apply(spec, order, *parts)
         received, whole, token = list(results[:state_count]), list(results[state_count : 2 * state_count]), results[-1]
         self.order = token
         sent = _pack(parts[-state_count:], self.state_lead, self.numerics.real)
         self.owner.last_exchange.append((names, sent.numel(), sent.numel() * sent.element_size()))
-        return (None if self.rank == 0 else received), whole
+        return (None if position == 0 else received), whole
 
     def run(self) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
         scans = {s.name: s for s in self.cell.scans}
@@ -741,13 +793,7 @@ class _SlicedRun:
         for level in _levels(self.plan, self.owner.exchanges):
             # Each recurrence of a level runs its local pass up to its exchange; the level's
             # exchanges go out together; then each applies its correction.
-            running = []
-            for step, planned in level:
-                (name,) = step.names
-                if name in scans:
-                    running.append((step, self.monoid(scans[name], final)))
-                else:
-                    running.append((step, self.solve(step, planned, self.analysis.state(name), substitutions)))
+            running = [(step, self._task(step, planned, final, substitutions)) for step, planned in level]
             requests = [next(task) for _, task in running]
             answers = self.exchange_level(requests)
             for (step, task), request, (received, whole) in zip(running, requests, answers):
@@ -759,6 +805,9 @@ class _SlicedRun:
                     result = done.value
                 else:  # pragma: no cover - each task yields once
                     raise AssertionError("a recurrence asked for two exchanges")
+                if len(step.names) > 1:  # a coupled group: per member
+                    self._store_group(step, result, final)
+                    continue
                 (name,) = step.names
                 if name in scans:
                     for carry, value in result.items():
@@ -770,7 +819,7 @@ class _SlicedRun:
                 if sequence is not None:
                     sequence = sequence.expand(self.lead + state.type.shape)
                     self.seq.values[(RefKind.STATE_NEW, name)] = sequence
-                    self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start)
+                    self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start, self.analysis.direction(name))
         outputs = []
         for emit, expanded in zip(self.cell.outputs, self.analysis.expanded_outputs):
             value = self.seq.evaluate(expanded, substitutions)
@@ -1057,13 +1106,16 @@ class _SlicedRun:
             identity = {k: self.initial_identity(scan, n) for k, n in zip(keys, names)}
             local = Solver(self.plan, self.seq, identity).scan(scan)
         def apply(summary, carry):
-            combined = combine_carries(scan.monoid, dict(zip(names, carry)), dict(zip(names, summary)), self.numerics)
+            # A reverse scan (run here in reversed time) folds this slice before the later carry.
+            earlier, later = (summary, carry) if scan.reverse else (carry, summary)
+            combined = combine_carries(scan.monoid, dict(zip(names, earlier)), dict(zip(names, later)), self.numerics)
             return [combined[n] for n in names]
 
         planned = next(e for e in self.owner.exchanges if e.names == (scan.name,))
         received, whole = yield _Request(planned, [local[n][:, -1] for n in names], apply, len(names))
         if self.rank > 0:
-            combined = combine_carries(scan.monoid, {n: v.unsqueeze(1) for n, v in zip(names, received)}, local, self.numerics)
+            carried = {n: v.unsqueeze(1) for n, v in zip(names, received)}
+            combined = combine_carries(scan.monoid, *((local, carried) if scan.reverse else (carried, local)), self.numerics)
             local = {n: combined[n] for n in names}
         for key, value in zip(keys, whole):
             final[key] = value
@@ -1078,6 +1130,117 @@ class _SlicedRun:
         return value.expand(self.state_lead + declared.type.shape)
 
 
+    # -- dispatch, reverse time and coupled groups
+    def _task(self, step, planned: StepExchange, final: dict, substitutions: dict):
+        """The generator of one plan step: local pass, one exchange request, correction."""
+        if planned.direction is ir.Direction.REVERSE:
+            return self._in_reverse(step, planned, final, substitutions)
+        return self._local(step, planned, final, substitutions)
+
+    def _local(self, step, planned: StepExchange, final: dict, substitutions: dict):
+        if len(step.names) > 1:
+            return self._joint(step, planned)
+        (name,) = step.names
+        scan = next((s for s in self.cell.scans if s.name == name), None)
+        if scan is not None:
+            return self.monoid(scan, final)
+        return self.solve(step, planned, self.analysis.state(name), substitutions)
+
+    def _reverse_view(self) -> "_SlicedRun":
+        """This run with time reversed, where a reverse recurrence is a forward one.
+
+        Its values are this run's flipped on read (as the parallel backend solves reverse
+        groups) and its rank counts from the last: rank ``P - 1`` starts from the initial
+        (or given) state and each rank's initial state is the exclusive suffix of the later
+        ranks' summaries.  Every form's local pass, summary and correction apply unchanged.
+        """
+        view = self._reversed_view
+        if view is None:
+            view = copy.copy(self)
+            view.seq = _time_reversed(self.seq, self.cell)
+            view.rank = self.world - 1 - self.rank
+            self._reversed_view = view
+        else:  # the values this run gained since (states of earlier levels)
+            _follow(view.seq, self.seq)
+        return view
+
+    def _in_reverse(self, step, planned: StepExchange, final: dict, substitutions: dict):
+        """A reverse recurrence: its local pass in the reversed view, its request folded from the last rank, its values flipped back."""
+        flipped: dict[int, torch.Tensor] = {}
+        task = self._reverse_view()._local(step, planned, final, flipped)
+        request = next(task)
+        answer = yield replace(request, reverse=True)
+        try:
+            task.send(answer)
+        except StopIteration as done:
+            result = done.value
+        else:  # pragma: no cover - each task yields once
+            raise AssertionError("a recurrence asked for two exchanges")
+        back = lambda x: x.flip(1)  # noqa: E731
+        substitutions.update({key: back(value) for key, value in flipped.items()})
+        if len(step.names) > 1:
+            sequences, starts, wholes = result
+            return {n: back(v) for n, v in sequences.items()}, starts, wholes
+        if any(s.name == step.names[0] for s in self.cell.scans):
+            return {carry: back(value) for carry, value in result.items()}
+        sequence, start, whole = result
+        return (None if sequence is None else back(sequence)), start, whole
+
+    def _joint(self, step, planned: StepExchange):
+        """A coupled group scanned jointly: the products of its slice's joint block matrices, then the pass from the received states."""
+        group = self.analysis.group(step.names)
+        assert group is not None and isinstance(group.recurrence, JointAffine)
+        joint = group.recurrence
+        names = step.names
+        states = [self.analysis.state(n) for n in names]
+        first = self.rank == 0
+        solver = _CapturingSolver(self.plan, self.seq, {n: self.initial[n] if first else self.full_state(s, 0.0) for n, s in zip(names, states)})
+        sequences = Solver.joint(solver, step)
+        assert solver.captured_blocks is not None
+        matrices = solver.captured_blocks.to(sequences[names[0]].dtype).movedim(1, 0)  # [T_r, B, *heads, blocks, m, m]
+        while matrices.shape[0] > 1:  # M_T ... M_1, pairwise: log depth
+            pairs = matrices.shape[0] // 2
+            product = matrices[1 : 2 * pairs : 2] @ matrices[0 : 2 * pairs : 2]
+            matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+        _, _, order = _joint_layout(self.analysis, joint)
+        inverse = tuple(order.index(a) for a in range(len(order)))
+        axes = joint.blocks.axes if joint.blocks is not None else ()
+        kept = len(self.state_lead)
+        block_shape = tuple(states[0].type.shape[a] for a in axes)
+        sizes = [_numel([s.type.shape[a] for a in order[len(axes):]]) for s in states]
+
+        def apply(summary, values):
+            stacked = []
+            for value, size in zip(values, sizes):  # each member in the block layout: [*lead, blocks, its elements]
+                moved = value.permute(tuple(range(kept)) + tuple(kept + a for a in order))
+                stacked.append(moved.reshape(moved.shape[:kept] + (-1, size)))
+            mapped = (summary[0] @ torch.cat(stacked, -1).unsqueeze(-1)).squeeze(-1)
+            out, at = [], 0
+            for value, state, size, final in zip(values, states, sizes, summary[1:]):
+                inner = tuple(state.type.shape[a] for a in order[len(axes):])
+                piece = mapped[..., at : at + size].reshape(mapped.shape[:kept] + block_shape + inner)
+                out.append(piece.permute(tuple(range(kept)) + tuple(kept + a for a in inverse)) + final)
+                at += size
+            return out
+
+        lasts = [sequences[n].expand(self.lead + s.type.shape)[:, -1] for n, s in zip(names, states)]
+        received, whole = yield _Request(planned, [matrices[0], *lasts], apply, len(names))
+        starts = dict(zip(names, [self.initial[n] for n in names] if first else received))
+        if not first:
+            sequences = Solver.joint(Solver(self.plan, self.seq, starts), step)
+        return sequences, starts, dict(zip(names, whole))
+
+    def _store_group(self, step, result, final: dict) -> None:
+        """A coupled group's corrected sequences, initial and whole-sequence final states, per member."""
+        sequences, starts, wholes = result
+        direction = self.analysis.direction(step.names)
+        for name in step.names:
+            state = self.analysis.state(name)
+            final[name] = wholes[name]
+            sequence = sequences[name].expand(self.lead + state.type.shape)
+            self.seq.values[(RefKind.STATE_NEW, name)] = sequence
+            self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, starts[name], direction)
+
 
 @dataclass(frozen=True)
 class _Request:
@@ -1088,6 +1251,7 @@ class _Request:
     apply: Any  # (summary parts, state parts) -> state parts
     state_count: int = 1
     single: bool = False  # a single-tensor state: the answer is unwrapped
+    reverse: bool = False  # a reverse recurrence: its summaries are folded from the last rank back
 
     @staticmethod
     def single_state(planned: StepExchange, parts: list, apply) -> "_Request":
@@ -1121,14 +1285,15 @@ def _levels(plan: ExecutionPlan, exchanges: tuple[StepExchange, ...]) -> list[li
     level_of: dict[str, int] = {}
     levels: list[list[tuple]] = []
     for step, planned in zip(plan.steps, exchanges):
-        (name,) = step.names
-        if name in scans:
-            exprs = list(scans[name].lifts)
-        else:
-            exprs = [analysis.state(name).update] + (list(step.chunk.queries) if step.chunk is not None else [])
-        reads = _recurrences_read(exprs, analysis.cell) - {name}
+        exprs = []
+        for name in step.names:  # a coupled group: every member's update
+            if name in scans:
+                exprs += list(scans[name].lifts)
+            else:
+                exprs += [analysis.state(name).update] + (list(step.chunk.queries) if step.chunk is not None else [])
+        reads = _recurrences_read(exprs, analysis.cell) - set(step.names)
         level = 1 + max((level_of[r] for r in reads if r in level_of), default=-1)
-        level_of[name] = level
+        level_of.update({name: level for name in step.names})
         while len(levels) <= level:
             levels.append([])
         levels[level].append((step, planned))

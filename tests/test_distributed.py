@@ -203,6 +203,8 @@ def _inputs(module: recdsl.CompiledCell, case: Case):
             if value.is_complex():
                 noise = torch.complex(noise, 0.5 * torch.randn(value.shape, generator=generator, dtype=torch.float64))
             state[name] = torch.where(torch.isinf(value), value, noise) if not value.is_complex() else noise
+        if "lam_next" in state:  # LION's decay after the last step: in (0, 1), as the chunked form's log needs
+            state["lam_next"] = torch.sigmoid(state["lam_next"])
     return inputs, state
 
 
@@ -281,9 +283,13 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
 
         fully_shard(parallel, mesh=init_device_mesh("cpu", (world,)))
     local_inputs = {n: v[:, begin:end].clone().requires_grad_(True) for n, v in inputs.items()}
+    # Every rank passes the whole state; a forward recurrence's entry is read on rank 0, a
+    # reverse one's (its value after the last step) on the last rank.
     local_state = None
-    if rank == 0 and state is not None:
+    if state is not None:
         local_state = {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
+    reverse = set(module.cell.reversed_recurrences)
+    reads_here = lambda name: rank == (world - 1 if name.split(".")[0] in reverse else 0)  # noqa: E731
     if case.return_state:
         got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True)
     else:
@@ -301,10 +307,11 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         errors[f"final {k}"] = _error(got_final[k].detach(), want["final"][k])
     for n, v in local_inputs.items():
         errors[f"grad input {n}"] = _error(v.grad, want["input_grads"][n])
-    if rank == 0:
-        for n, v in (local_state or {}).items():
-            if v.requires_grad:
-                errors[f"grad state {n}"] = _error(v.grad, want["state_grads"][n])
+    for n, v in (local_state or {}).items():
+        if v.requires_grad and reads_here(n):
+            errors[f"grad state {n}"] = _error(v.grad, want["state_grads"][n])
+        elif v.requires_grad and v.grad is not None and bool((v.grad != 0).any()):
+            errors[f"grad state {n} where it is not read"] = float("inf")
     for n, p in module.named_parameters():
         grad = p.grad if p.grad is not None else torch.zeros_like(p)
         if case.fsdp:
@@ -340,6 +347,10 @@ def _worker(rank: int, world: int, store: str, cases: list[Case], out_dir: str) 
             results[case.name] = _run_case(case, rank, world)
         except Exception as error:  # noqa: BLE001 - reported per case
             results[case.name] = {"_error": f"{type(error).__name__}: {error}"}
+            if os.environ.get("RECDSL_SP_TRACE"):
+                import traceback
+
+                traceback.print_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     dist.barrier()
     dist.destroy_process_group()
