@@ -56,6 +56,10 @@ SIZES = {
     "lru": dict(d=1024, n=1024),
     "aaren": dict(d=512),
     "crf": dict(n=64),
+    # Reverse states and a coupled joint group.
+    "lion": dict(dk=64, dv=64),  # LION-S, BERT/ViT-base: d = 768 in 12 heads of 64; a forward and a reverse dk x dv state
+    "crf_marginals": dict(n=64),  # forward and backward variables, each an n x n log-semiring matrix per slice
+    "titans": dict(dk=64, dv=64),  # heads of 64: the joint block of M and W is 128 x 128, shared by the columns
 }
 # The cells LASP-2 writes a summary for: (key dim, value dim) of their dk x dv memory.
 LASP2_CELLS = {"gla": ("dk", "dv"), "retnet": ("dk", "dv"), "mlstm": ("dk", "dv"), "deltanet": ("dk", "dv"), "mamba2": ("n", "p")}
@@ -70,13 +74,16 @@ def _analysis(name: str):
 
 
 def dense_transition_elements(analysis) -> int:
-    """Numbers in a summary ``(A, S)`` with ``A`` dense over the rows of each state (a vector state: over its elements)."""
+    """Numbers in a summary ``(A, S)`` with ``A`` dense over the rows of each state (a vector state: over its elements; a coupled group: over its members' rows together)."""
     total = 0
-    for state in analysis.states:
-        shape = state.type.shape
-        rows = shape[0] if len(shape) == 2 else math.prod(shape)
-        factor = 2 if state.type.kind.name == "COMPLEX" else 1
-        total += factor * (math.prod(shape) + rows * rows)
+    # A coupled group scanned jointly (Titans) is one state stacked from its members: its rows add up.
+    groups = [g.states for g in analysis.groups if len(g.states) > 1]
+    grouped = {name for group in groups for name in group}
+    for members in [(s.state,) for s in analysis.states if s.state not in grouped] + groups:
+        states = [analysis.state(name) for name in members]
+        rows = sum(s.type.shape[0] if len(s.type.shape) == 2 else math.prod(s.type.shape) for s in states)
+        factor = 2 if states[0].type.kind.name == "COMPLEX" else 1
+        total += factor * (sum(math.prod(s.type.shape) for s in states) + rows * rows)
     for scan in analysis.cell.scans:
         total += sum(math.prod(c.type.shape) for c in scan.monoid.carries)
     return total

@@ -25,6 +25,8 @@ low-rank or dense transition    ``(M, F)``: the ordered product of the step matr
 block-diagonal transition       ``(M, F)``: per block, the ordered product of the slice's
 (block matrix scans)            ``m x m`` block matrices (one for all when they are equal)
 declared monoid                 the slice's carry (the fold of its elements by ``combine``)
+coupled group, jointly affine   ``(M, F)``: per joint block, the ordered product of the
+(joint block matrix scan)       slice's block matrices over the stacked states (Titans)
 time-parallel state, delay      its last value (a delay's first step reads it: a one-step halo)
 ==============================  =============================================================
 
@@ -50,10 +52,16 @@ gradients are partial per rank; their sum over ranks (what ``DistributedDataPara
 FSDP reduce) is the single-process gradient.  The exchange uses
 its own process group, so that its collectives never interleave with those of DDP.
 
+Reverse states and scans have the same summaries, of their slice in reversed time (the
+local pass runs in a time-reversed view of the slice, as the parallel backend solves
+them); their summaries travel the other way: an exclusive *suffix* over the ranks gives
+each rank its state at its slice's last step, the last rank starting from the initial
+state.  Packed sequences (``cu_seqlens``): a slice holding a sequence's first step (in
+the recurrence's own time) sends a summary whose transition is the zero (a reset) and
+runs its local pass with the sequences' resets (see :meth:`_SlicedRun._packed_task`).
+
 Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
-e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why; so are,
-until their summaries are derived, coupled groups scanned jointly (an affine joint update,
-Titans) and reverse states and scans (whose initial value comes from the later ranks).
+e.g. GRU, LSTM and BiGRU) are refused with a :class:`SequenceParallelError` that says why.
 """
 
 from __future__ import annotations
@@ -349,7 +357,8 @@ def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, head
     exchanges = plan_exchanges(local_plan(analysis, chunk_size))
     lines = [f"sequence parallel over {world_size} rank{'s' if world_size != 1 else ''}: cell {analysis.cell.name}, each slice run in the chunked backend's forms"]
     for step in exchanges:
-        lines.append(f"  {', '.join(step.names)}: {step.form}")
+        reverse = " (reverse: the summaries travel from the last rank to the first, an exclusive suffix)" if step.direction is ir.Direction.REVERSE else ""
+        lines.append(f"  {', '.join(step.names)}: {step.form}{reverse}")
         lines.append(f"      summary: {step.description}: " + " + ".join(f"{p.role} {list(p.shape)}{' complex' if p.is_complex else ''}" for p in step.summary) + f" = {step.summary_elements} numbers per batch row and head")
         lines.append(f"      exchange: {step.exchange}")
         lines.append(f"      correction: {step.correction}")
@@ -569,7 +578,12 @@ class SequenceParallel(nn.Module):
     ranks and may be 1).  It returns that rank's slice of the outputs, equal to the same
     slice of ``module`` run over the whole sequence in one process; with
     ``return_state=True`` also the state after the whole sequence, on every rank.
-    ``state=`` (the initial state of the whole sequence) is read on rank 0 only.
+    ``state=`` (the initial state of the whole sequence) is read where each recurrence
+    begins: a forward one's entry on rank 0, a reverse one's on the last rank.
+
+    ``cu_seqlens=``: packed sequences (inputs ``[1, T_r, ...]``); every rank passes the same
+    global offsets ``[N + 1]`` (from 0 to the whole packed length), ``state=`` and the
+    returned state are ``[N, *heads, *shape]`` on every rank.
 
     ``group`` defaults to a new group of all ranks (every rank must construct the module,
     as for any ``new_group``); pass your own to shard within a subgroup, but not the group
@@ -610,6 +624,28 @@ class SequenceParallel(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, world_size={self.world_size}"
 
+    def _packed(self, cu_seqlens: Any, batch: int, steps: int, device: torch.device) -> "_Packed":
+        """The global offsets of a packed batch and where this rank's slice starts in it.
+
+        Every rank passes the same global ``cu_seqlens`` (offsets into the whole packed
+        sequence) and its own slice ``[1, T_r, ...]``; the slices' lengths are all-gathered
+        (``P`` integers) so that each rank knows where its slice starts.
+        """
+        import torch.distributed as dist
+
+        if self.module.cell.scans:
+            raise SequenceParallelError(
+                f"cell {self.module.cell.name} has declared monoid scans, whose carries have no reset for a sequence boundary inside a slice (cu_seqlens)",
+                expected="cu_seqlens with cells whose recurrences are states; run the sequences one call each, or without sequence parallelism",
+            )
+        gathered = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        dist.all_gather(gathered, torch.tensor([steps], dtype=torch.long), group=self.group)
+        lengths = [int(v) for v in torch.cat(gathered).tolist()]
+        total = sum(lengths)
+        # The module's own checks of the offsets, against the whole packed length.
+        segments = self.module._check_offsets(cu_seqlens, batch, total, device)
+        return _Packed(segments.offsets, sum(lengths[: self.rank]), steps)
+
     def _read_here(self, state: Any) -> Any:
         """The entries of a given ``state=`` this rank reads: those of forward recurrences on rank 0,
         of reverse ones (whose given value is the one after the last step) on the last rank."""
@@ -625,19 +661,25 @@ class SequenceParallel(nn.Module):
         return here
 
     # ---- calling
-    def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, **kwargs: torch.Tensor):
+    def forward(self, *args: torch.Tensor, state: Mapping[str, torch.Tensor] | None = None, return_state: bool = False, cu_seqlens: torch.Tensor | None = None, **kwargs: torch.Tensor):
         module = self.module
         inputs = module._bind_inputs(args, kwargs)
-        batch, _, heads = module._check_inputs(inputs)
+        batch, steps, heads = module._check_inputs(inputs)
+        packed = None
+        if cu_seqlens is not None:
+            packed = self._packed(cu_seqlens, batch, steps, next(iter(inputs.values())).device)
+            batch = len(packed.offsets) - 1  # states are per sequence
         numerics, output_dtype = module._numerics(inputs)
         module._check_param_devices(numerics.device)
         lead = (batch, *heads)
         defaults = module._initial_state(numerics, lead)
         carried = defaults
         if state is not None:
-            carried = module._given_state(self._read_here(state), dict(carried), lead, numerics)
+            # Packed: every rank reads the rows of the sequences that begin in its slice.
+            carried = module._given_state(self._read_here(state) if packed is None else state, dict(carried), lead, numerics)
         cast_inputs, params, consts = module._cast(inputs, numerics)
-        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
+        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state and packed is None, defaults=defaults)
+        runner.packed = packed
         outputs, final = runner.run()
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
@@ -702,6 +744,7 @@ class _SlicedRun:
         self.seq = seq
         self.order: torch.Tensor | None = None  # the last exchange's output (see _AllGather)
         self._reversed_view: "_SlicedRun | None" = None  # this run in reversed time (see _reverse_view)
+        self.rows: dict[str, dict[int, torch.Tensor]] = {}  # packed: the final-state rows of the sequences this slice ends
         owner.last_exchange = []
 
     # -- the exchange
@@ -805,6 +848,11 @@ class _SlicedRun:
                     result = done.value
                 else:  # pragma: no cover - each task yields once
                     raise AssertionError("a recurrence asked for two exchanges")
+                if isinstance(result, _SegmentedResult):  # a packed slice with sequence boundaries
+                    for name, sequence in result.sequences.items():
+                        self.seq.values[(RefKind.STATE_NEW, name)] = sequence.expand(self.lead + self.analysis.state(name).type.shape)
+                        self.seq.values[(RefKind.STATE_PREV, name)] = result.previous[name]
+                    continue
                 if len(step.names) > 1:  # a coupled group: per member
                     self._store_group(step, result, final)
                     continue
@@ -820,6 +868,8 @@ class _SlicedRun:
                     sequence = sequence.expand(self.lead + state.type.shape)
                     self.seq.values[(RefKind.STATE_NEW, name)] = sequence
                     self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, start, self.analysis.direction(name))
+        if self.packed is not None:
+            final = self._packed_finals()
         outputs = []
         for emit, expanded in zip(self.cell.outputs, self.analysis.expanded_outputs):
             value = self.seq.evaluate(expanded, substitutions)
@@ -1133,6 +1183,8 @@ class _SlicedRun:
     # -- dispatch, reverse time and coupled groups
     def _task(self, step, planned: StepExchange, final: dict, substitutions: dict):
         """The generator of one plan step: local pass, one exchange request, correction."""
+        if self.packed is not None:
+            return self._packed_task(step, planned, substitutions)
         if planned.direction is ir.Direction.REVERSE:
             return self._in_reverse(step, planned, final, substitutions)
         return self._local(step, planned, final, substitutions)
@@ -1240,6 +1292,227 @@ class _SlicedRun:
             sequence = sequences[name].expand(self.lead + state.type.shape)
             self.seq.values[(RefKind.STATE_NEW, name)] = sequence
             self.seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(_shift, sequence, starts[name], direction)
+
+    # -- packed sequences (cu_seqlens)
+    packed: "_Packed | None" = None
+
+    def _packed_task(self, step, planned: StepExchange, substitutions: dict):
+        """One recurrence of a packed batch: the slice's summary is cut by a sequence boundary inside it.
+
+        In the recurrence's own time (reversed for a reverse one), a slice that holds no
+        sequence's first step runs as any slice does.  One that holds one has a summary
+        whose transition is the semiring's zero (a reset: nothing received crosses the
+        boundary) and whose state is its value at the slice's end; its local pass runs with
+        the sequences' resets (the scan backend's segments), and again from the received
+        state when its first steps continue a sequence of the earlier ranks.
+        """
+        reverse = planned.direction is ir.Direction.REVERSE
+        run = self._reverse_view() if reverse else self
+        frame = _FrameSlice.of(self.packed, reverse)
+        flipped: dict[int, torch.Tensor] = {}
+        if frame.has_start:
+            result = yield from run._segmented(step, planned, frame, flipped, reverse)
+        else:
+            result = yield from run._continuing(step, planned, frame, flipped, reverse)
+        back = (lambda x: x.flip(1)) if reverse else (lambda x: x)  # noqa: E731
+        substitutions.update({key: back(value) for key, value in flipped.items()})
+        if isinstance(result, _SegmentedResult):
+            return _SegmentedResult({n: back(v) for n, v in result.sequences.items()}, {n: back(v) for n, v in result.previous.items()})
+        if len(step.names) > 1:
+            sequences, starts, wholes = result
+            return {n: back(v) for n, v in sequences.items()}, starts, wholes
+        sequence, start, whole = result
+        return (None if sequence is None else back(sequence)), start, whole
+
+    def _continuing(self, step, planned: StepExchange, frame: "_FrameSlice", substitutions: dict, reverse: bool):
+        """A slice inside one sequence: the usual pass; its end value, if it ends the sequence, is a row of the final state."""
+        task = self._local(step, planned, {}, substitutions)
+        request = next(task)
+        answer = yield replace(request, reverse=reverse)
+        try:
+            task.send(answer)
+        except StopIteration as done:
+            result = done.value
+        else:  # pragma: no cover - each task yields once
+            raise AssertionError("a recurrence asked for two exchanges")
+        if frame.ends[0]:
+            received = [answer[0]] if request.single else answer[0]
+            for name, value in zip(step.names, request.apply(request.parts, received)):
+                self.rows.setdefault(name, {})[frame.sequences[0]] = value[0]
+        return result
+
+    def _segmented(self, step, planned: StepExchange, frame: "_FrameSlice", substitutions: dict, reverse: bool):
+        """A slice that holds a sequence's first step: reset summary, segmented local pass (see :meth:`_packed_task`)."""
+        from .backends.segments import Segments
+
+        names = step.names
+        states = [self.analysis.state(n) for n in names]
+        # The form's own request, from a slice that is not the first, gives its combine (how a
+        # state crosses a summary), which every rank's fold applies to every summary.
+        probe = copy.copy(self)
+        probe.rank = max(1, self.rank)
+        task = probe._local(step, planned, {}, {})
+        request = next(task)
+        task.close()
+        segments = Segments.of(frame.offsets, self.numerics.device)
+        form_step = step if step.form in _SEGMENTED_FORMS else replace(step, form=step.fallback, conv=None, chunk=None)
+
+        def initial_rows(carry: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
+            rows = {}
+            for i, (name, state) in enumerate(zip(names, states)):
+                pieces = []
+                for j, sequence in enumerate(frame.sequences):
+                    if j == 0 and frame.continues:
+                        pieces.append(carry[i] if carry is not None else self.full_state(state, 0.0))
+                    else:
+                        pieces.append(self.initial[name][sequence : sequence + 1])
+                rows[name] = torch.cat([p.to(self.numerics.dtype_of(state.type.kind)) for p in pieces], 0)
+            return rows
+
+        def local_pass(carry):
+            starts = initial_rows(carry)
+            if len(names) > 1:
+                sequences = Solver(self.plan, self.seq, starts, segments).joint(form_step)
+                return sequences, None, {n: segments.finals(v) for n, v in sequences.items()}, starts
+            (name,), (state,) = names, states
+            if form_step.form is Form.CHUNKED:
+                assert form_step.chunk is not None
+                ran = _run_chunk_plan(self.seq, form_step.chunk, state, starts[name], self.plan.chunk_size, None, segments)
+                if ran is None:
+                    raise SequenceParallelError(
+                        f"state '{name}': the chunked pass met non-finite keys, values or decays",
+                        expected="finite inputs (the sequence-parallel chunked form has no scan fallback)",
+                    )
+                return None, ran[0], {name: ran[1]}, starts
+            sequence = Solver(self.plan, self.seq, starts, segments).solve(form_step, state).expand(self.lead + state.type.shape)
+            return {name: sequence}, None, {name: segments.finals(sequence)}, starts
+
+        sequences, readouts, lasts, starts = local_pass(None)
+        resets = []
+        for part in planned.summary[: len(planned.summary) - planned.state_count]:
+            recurrence = states[0].recurrence
+            dtype = self.numerics.complex if part.is_complex else self.numerics.real
+            # The semiring's zero; the most negative finite number stands in for -inf, whose
+            # logsumexp has a NaN gradient (its effect on every finite state is the zero's).
+            fill = torch.finfo(self.numerics.real).min if isinstance(recurrence, SemiringAffine) and recurrence.semiring.zero == float("-inf") else 0.0
+            resets.append(torch.full(self.state_lead + part.shape, fill, dtype=dtype, device=self.numerics.device))
+        parts = resets + [lasts[n][-1:].reshape(self.state_lead + s.type.shape) for n, s in zip(names, states)]
+        answer = yield replace(request, parts=parts, reverse=reverse)
+        received = answer[0]
+        if frame.continues:  # its first steps continue a sequence: again from the received state
+            sequences, readouts, lasts, starts = local_pass([received] if request.single else received)
+        for j, (sequence, ends) in enumerate(zip(frame.sequences, frame.ends)):
+            if ends:
+                for name in names:
+                    self.rows.setdefault(name, {})[sequence] = lasts[name][j]
+        if readouts is not None:
+            for node, value in zip(step.chunk.readouts, readouts):
+                substitutions[id(node)] = value
+            return _SegmentedResult({}, {})
+        return _SegmentedResult(sequences, {n: segments.shift(sequences[n], starts[n]) for n in names})
+
+    def _packed_finals(self) -> dict[str, torch.Tensor]:
+        """Each sequence's final state ``[N, *heads, *shape]`` on every rank: the rows each rank holds, summed over the ranks."""
+        count = len(self.packed.offsets) - 1
+        names = [s.name for s in self.cell.states]
+        finals = []
+        for name in names:
+            declared = self.analysis.state(name).type
+            zero = torch.zeros(self.state_lead[1:] + declared.shape, dtype=self.numerics.dtype_of(declared.kind), device=self.numerics.device)
+            held = self.rows.get(name, {})
+            finals.append(torch.stack([held[n].reshape(zero.shape).to(zero.dtype) if n in held else zero for n in range(count)]))
+        lead = (count,) + self.state_lead[1:]
+        flat = _pack(finals, lead, self.numerics.real)
+        order = self.order if self.order is not None else flat.new_zeros(())
+        summed = _AllReduceSum.apply(flat, order, self.owner.group, self.owner.collective_time)
+        self.order = summed
+        self.owner.last_exchange.append((tuple(names), flat.numel(), flat.numel() * flat.element_size()))
+        return dict(zip(names, _unpack(summed, finals, lead)))
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A packed batch as one rank sees it: the global offsets and its slice of the packed time axis."""
+
+    offsets: tuple[int, ...]
+    begin: int  # the slice's first step in the packed sequence
+    length: int
+
+
+@dataclass(frozen=True)
+class _FrameSlice:
+    """A rank's slice of a packed batch in one recurrence's time (reversed for a reverse one).
+
+    ``offsets`` cut the slice into local segments at the sequences' first steps (in that
+    time: a reverse recurrence's sequences begin at their last steps); ``sequences`` is
+    each segment's sequence, ``ends`` whether the segment ends it, and ``continues``
+    whether the first segment continues a sequence from the ranks before.
+    """
+
+    offsets: tuple[int, ...]
+    sequences: tuple[int, ...]
+    ends: tuple[bool, ...]
+    continues: bool
+
+    @property
+    def has_start(self) -> bool:
+        return not self.continues or len(self.offsets) > 2
+
+    @staticmethod
+    def of(packed: _Packed, reverse: bool) -> "_FrameSlice":
+        import bisect
+
+        total = packed.offsets[-1]
+        count = len(packed.offsets) - 1
+        if reverse:  # sequence k of reversed time is sequence count - 1 - k
+            bounds = [total - o for o in reversed(packed.offsets)]
+            ids = list(range(count - 1, -1, -1))
+            begin = total - packed.begin - packed.length
+        else:
+            bounds, ids, begin = list(packed.offsets), list(range(count)), packed.begin
+        end = begin + packed.length
+        starts = [o - begin for o in bounds[:-1] if begin <= o < end]
+        local = sorted(set([0, packed.length] + starts))
+        sequences = tuple(ids[bisect.bisect_right(bounds, begin + a) - 1] for a in local[:-1])
+        ends = tuple(begin + b in bounds for b in local[1:])
+        return _FrameSlice(tuple(local), sequences, ends, 0 not in starts)
+
+
+@dataclass(frozen=True)
+class _SegmentedResult:
+    """A recurrence's values on a slice with sequence boundaries: its sequences and previous values (none when chunked)."""
+
+    sequences: dict
+    previous: dict
+
+
+# The forms whose segmented pass runs as planned; others (a convolution) run their fallback scan.
+_SEGMENTED_FORMS = frozenset({Form.TIME_PARALLEL, Form.LINEAR_SCAN, Form.LOW_RANK_MATRIX_SCAN, Form.DENSE_MATRIX_SCAN, Form.BLOCK_MATRIX_SCAN, Form.SEMIRING_DIAGONAL_SCAN, Form.SEMIRING_MATRIX_SCAN, Form.CHUNKED, Form.JOINT_MATRIX_SCAN})
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the ranks of one flat tensor per rank (each sequence's final state is held by one rank); backward, the same sum of the adjoints."""
+
+    @staticmethod
+    def forward(ctx, flat: torch.Tensor, order: torch.Tensor, group: Any, clock: "CollectiveTime") -> torch.Tensor:
+        import torch.distributed as dist
+
+        summed = flat.detach().clone()
+        started = time.perf_counter()
+        dist.all_reduce(summed, group=group)
+        clock.forward += time.perf_counter() - started
+        ctx.group, ctx.clock, ctx.order_shape = group, clock, order.shape
+        return summed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        import torch.distributed as dist
+
+        summed = grad.contiguous().clone()
+        started = time.perf_counter()
+        dist.all_reduce(summed, group=ctx.group)
+        ctx.clock.backward += time.perf_counter() - started
+        return summed, grad.new_zeros(ctx.order_shape), None, None
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import torch
 
 import recdsl
 from recdsl.distributed import SequenceParallelError
+from recdsl import ir
 from recdsl.ir import Kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,6 +35,9 @@ TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1
 # The examples the parallel backends run, one per parallel class at least.
 PARALLEL_EXAMPLES = ("mingru", "minlstm", "lru", "s4d", "hgrn", "rglru", "s6", "mamba2", "gla", "retnet", "mlstm", "deltanet", "aaren", "crf", "gated_deltanet", "rwkv6", "ttt_linear", "hgrn2", "state_tracking_lrnn")
 NONLINEAR_EXAMPLES = ("gru", "lstm", "paragru", "paralstm")
+# Reverse states (LION: forward and reverse halves, a reverse delay; the CRF's backward
+# variables: a reverse semiring matrix) and a coupled group scanned jointly (Titans).
+REVERSE_AND_JOINT_EXAMPLES = ("lion", "crf_marginals", "titans")
 
 # Cells whose states the chunked backend scans as explicit matrices (no example does), and delays.
 MATRIX_SCAN_CELLS = {
@@ -77,6 +81,22 @@ MATRIX_SCAN_CELLS = {
     S = 0.5 * (g @ S) + v
     out S
 }""", dict(d=3, c=2)),
+    # A reverse scan of a monoid that does not commute beside a forward one.
+    "suffix_scan": ("""monoid Affine(d) {
+    carry m: [d] = 1
+    carry c: [d] = 0
+    combine(p, q) {
+        m = p.m * q.m
+        c = q.m * p.c + q.c
+    }
+}
+cell Suffix(d) {
+    input x: [d]
+    input u: [d]
+    acc = scan reverse Affine(d) from (m = sigmoid(u), c = x)
+    pre = scan Affine(d) from (m = sigmoid(u), c = x)
+    out acc.c + 2 * pre.c
+}""", dict(d=3)),
     "dense": ("""cell Dense(d) {
     input x: [d]
     param A: [d, d] = normal(0.4)
@@ -99,10 +119,11 @@ class Case:
     exchange: str | None = None  # an Exchange member's name to force it; None: as planned by size
     return_state: bool = True
     last_output_only: bool = False  # the loss reads only the last output (every rank must still reach the exchanges' backward)
+    cu_seqlens: tuple[int, ...] | None = None  # packed sequences (B = 1): the global offsets every rank passes
 
     @property
     def name(self) -> str:
-        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "")
+        extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "") + ("-cu" + "_".join(map(str, self.cu_seqlens)) if self.cu_seqlens else "")
         return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
@@ -123,6 +144,14 @@ def default_cases(world: int) -> list[Case]:
             Case("mamba2", lengths, with_state=True, exchange="RING", return_state=False),
             Case("state_tracking_lrnn", lengths, with_state=True),  # block matrices, on the ring
             Case("delays", (1, 1, 1, 1), with_state=True),  # shifts across every slice boundary
+            Case("lion", lengths, with_state=True),  # forward and reverse exchanges in one cell
+            Case("crf_marginals", (1, 4, 2, 1), with_state=True),  # a reverse semiring matrix on the ring
+            Case("titans", lengths, with_state=True, exchange="ALL_GATHER"),  # joint block products gathered
+            Case("suffix_scan", lengths, with_state=True, exchange="RING"),  # a reverse monoid on a reverse ring
+            # Packed sequences over steps 0-2 | 3 | 4-7 | 8-9: sequence 1 (steps 2-5) crosses three
+            # slices (rank 1's lies inside it), sequence 2 starts inside rank 2's slice.
+            Case("gla", lengths, with_state=True, heads=(2,), cu_seqlens=PACKED_4),
+            Case("lion", lengths, with_state=True, cu_seqlens=PACKED_4),
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -143,14 +172,30 @@ def default_cases(world: int) -> list[Case]:
     # still give it a (zero) gradient, or FSDP's reduce-scatter differs between ranks.
     cases.append(Case("crf", shapes[-1], with_state=True, fsdp=True))
     cases.append(Case("crf", shapes[0], with_state=True, return_state=False, last_output_only=True))  # log Z alone
+    # Packed sequences: boundaries inside a slice and on the slice boundary (5), a one-step
+    # slice that starts a sequence continued by the next rank; diagonal, chunked matrix, both directions.
+    cases.append(Case("mingru", (5, 3), with_state=True, cu_seqlens=(0, 2, 5, 8)))
+    cases.append(Case("gla", (1, 6), with_state=True, cu_seqlens=(0, 3, 7)))
+    cases.append(Case("lion", (5, 3), with_state=True, cu_seqlens=(0, 2, 6, 8)))
+    cases.append(Case("lion", (1, 6), with_state=False, exchange="RING", cu_seqlens=(0, 1, 7)))
+    # Reverse recurrences (summaries folded from the last rank) and a joint group, each exchange.
+    cases.append(Case("lion", shapes[0], with_state=True))
+    cases.append(Case("crf_marginals", shapes[-1], with_state=True, exchange="ALL_GATHER"))
+    cases.append(Case("crf_marginals", shapes[0], with_state=False, return_state=False))
+    cases.append(Case("titans", shapes[0], with_state=True))
+    cases.append(Case("suffix_scan", shapes[-1], with_state=True))
     return cases
 
 
+PACKED_4 = (0, 2, 6, 10)  # packed sequences over the 4-rank slices (3, 1, 4, 2)
+
+
 def slow_cases(world: int) -> list[Case]:
-    """The whole matrix: every parallel example x several slicings x with and without a state."""
+    """The whole matrix: every parallel example x several slicings x with and without a state;
+    packed sequences on every example whose recurrences are states."""
     slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
     cases = []
-    for example in PARALLEL_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
+    for example in PARALLEL_EXAMPLES + REVERSE_AND_JOINT_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
                 cases.append(Case(example, lengths, with_state))
@@ -162,6 +207,10 @@ def slow_cases(world: int) -> list[Case]:
             cases.append(Case(example, slicings[1], False, ddp=True))
         if params and all(p.dim() > 0 for p in params):  # fully_shard refuses scalar params (Mamba-2's A_log)
             cases.append(Case(example, slicings[1], True, fsdp=True))
+        if not _module(Case(example, slicings[1], False)).cell.scans:  # monoid carries have no reset
+            for offsets in {2: [(0, 3, 9), (0, 1, 2, 9), (0, 7, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:
+                cases.append(Case(example, slicings[1], True, cu_seqlens=offsets))
+            cases.append(Case(example, slicings[1], False, exchange="RING", cu_seqlens=offsets))
     return cases
 
 
@@ -184,7 +233,7 @@ def _module(case: Case) -> recdsl.CompiledCell:
 def _inputs(module: recdsl.CompiledCell, case: Case):
     generator = torch.Generator().manual_seed(99)
     total = sum(case.lengths)
-    batch = 2
+    batch = 1 if case.cu_seqlens else 2
     inputs = {}
     for declared in module.cell.inputs:
         shape = (batch, total, *case.heads, *declared.type.shape)
@@ -196,7 +245,8 @@ def _inputs(module: recdsl.CompiledCell, case: Case):
         inputs["k"] = torch.nn.functional.normalize(inputs["k"], dim=-1)
     state = None
     if case.with_state:
-        start = module.initial_state(batch, *case.heads, dtype=torch.float64)
+        rows = len(case.cu_seqlens) - 1 if case.cu_seqlens else batch  # packed: one row per sequence
+        start = module.initial_state(rows, *case.heads, dtype=torch.float64)
         state = {}
         for name, value in start.items():
             noise = 0.5 * torch.randn(value.shape, generator=generator, dtype=torch.float64)
@@ -253,7 +303,10 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     # The single-process run over the whole sequence.
     leaf_inputs = {n: v.clone().requires_grad_(True) for n, v in inputs.items()}
     leaf_state = None if state is None else {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
-    outputs, final = module(**leaf_inputs, state=leaf_state, return_state=True)
+    if case.cu_seqlens:
+        outputs, final = _one_by_one(module, leaf_inputs, leaf_state, case.cu_seqlens)
+    else:
+        outputs, final = module(**leaf_inputs, state=leaf_state, return_state=True)
     outputs = list(outputs) if isinstance(outputs, tuple) else [outputs]
     output_weights = _weights(outputs, 5)
     final_names = sorted(final)
@@ -290,10 +343,11 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         local_state = {n: v.detach().clone().requires_grad_(bool(torch.isfinite(v).all())) for n, v in state.items()}
     reverse = set(module.cell.reversed_recurrences)
     reads_here = lambda name: rank == (world - 1 if name.split(".")[0] in reverse else 0)  # noqa: E731
+    packed = {} if case.cu_seqlens is None else {"cu_seqlens": torch.tensor(case.cu_seqlens)}
     if case.return_state:
-        got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True)
+        got_outputs, got_final = model(**local_inputs, state=local_state, return_state=True, **packed)
     else:
-        got_outputs, got_final = model(**local_inputs, state=local_state), {}
+        got_outputs, got_final = model(**local_inputs, state=local_state, **packed), {}
     got_outputs = list(got_outputs) if isinstance(got_outputs, tuple) else [got_outputs]
     # The final state enters the loss once, on the last rank; outputs with their slice of the weights.
     with_final = case.return_state and rank == world - 1
@@ -308,7 +362,11 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     for n, v in local_inputs.items():
         errors[f"grad input {n}"] = _error(v.grad, want["input_grads"][n])
     for n, v in (local_state or {}).items():
-        if v.requires_grad and reads_here(n):
+        if v.requires_grad and case.cu_seqlens:  # each rank reads the rows of the sequences that begin in its slice
+            grad = v.grad.clone() if v.grad is not None else torch.zeros_like(v)
+            dist.all_reduce(grad)
+            errors[f"grad state {n}"] = _error(grad, want["state_grads"][n])
+        elif v.requires_grad and reads_here(n):
             errors[f"grad state {n}"] = _error(v.grad, want["state_grads"][n])
         elif v.requires_grad and v.grad is not None and bool((v.grad != 0).any()):
             errors[f"grad state {n} where it is not read"] = float("inf")
@@ -323,10 +381,24 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
             dist.all_reduce(grad)
         errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
     sent = sum(b for _, _, b in parallel.last_exchange)
-    planned = sum(e.elements for e in parallel.exchanges) * 2 * math.prod(case.heads) * 8  # B = 2, float64
+    planned = sum(e.elements for e in parallel.exchanges) * (1 if case.cu_seqlens else 2) * math.prod(case.heads) * 8  # B = 2 (packed: 1), float64
+    if case.cu_seqlens:  # and the final states' rows, summed over the ranks
+        planned += sum(v[0].numel() for v in want["final"].values()) * (len(case.cu_seqlens) - 1) * 8
     errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
     errors["_bytes"] = sent
     return errors
+
+
+def _one_by_one(module, inputs, state, offsets):
+    """A packed batch's reference: each sequence run alone, outputs concatenated along time, final states stacked."""
+    outputs, finals = [], []
+    for n, (begin, end) in enumerate(zip(offsets, offsets[1:])):
+        start = None if state is None else {k: v[n : n + 1] for k, v in state.items()}
+        got, final = module(**{k: v[:, begin:end] for k, v in inputs.items()}, state=start, return_state=True)
+        outputs.append(list(got) if isinstance(got, tuple) else [got])
+        finals.append(final)
+    joined = [torch.cat([o[i] for o in outputs], 1) for i in range(len(outputs[0]))]
+    return tuple(joined), {k: torch.cat([f[k] for f in finals], 0) for k in finals[0]}
 
 
 _SEQUENCE_GROUP = None
@@ -485,23 +557,31 @@ def test_delays_are_time_parallel_with_the_previous_rank_last_value(one_rank):
     assert corrections["xp"] is corrections["xpp"] is corrections["lam"] is Correction.NONE
 
 
-@pytest.mark.parametrize(
-    "example, named",
-    [
-        ("titans", "states 'M', 'W' are coupled and scanned jointly"),  # a joint matrix scan
-        ("lion", "state 'lam_next' runs in reverse time"),  # a reverse delay (and reverse scans)
-        ("crf_marginals", "state 'beta' runs in reverse time"),  # a reverse semiring matrix scan
-        ("bigru", "cannot run sequence-parallel"),  # nonlinear, reverse too
-    ],
-)
-def test_forms_without_a_summary_are_refused_when_wrapped(one_rank, example, named):
+def test_a_nonlinear_reverse_cell_is_refused_when_wrapped(one_rank):
     from recdsl.distributed import SequenceParallel
 
-    module = recdsl.compile(str(EXAMPLES / f"{example}.rec"), **DIMS[example])
-    with pytest.raises(SequenceParallelError, match="not supported yet|no sequence-parallel summary yet|cannot run sequence-parallel") as raised:
+    module = recdsl.compile(str(EXAMPLES / "bigru.rec"), **DIMS["bigru"])
+    with pytest.raises(SequenceParallelError, match="cannot run sequence-parallel") as raised:
         SequenceParallel(module)
-    assert named in str(raised.value), str(raised.value)
+    assert "nonlinear" in str(raised.value), str(raised.value)
     assert isinstance(raised.value, recdsl.RecDSLError)
+
+
+def test_reverse_and_joint_summaries_are_described(one_rank):
+    from recdsl.distributed import Correction, Exchange, SequenceParallel
+
+    lion = SequenceParallel(recdsl.compile(str(EXAMPLES / "lion.rec"), dk=4, dv=3))
+    directions = {e.names: e.direction for e in lion.exchanges}
+    assert directions[("Sf",)] is ir.Direction.FORWARD and directions[("Sb",)] is directions[("lam_next",)] is ir.Direction.REVERSE
+    text = lion.describe()
+    assert "Sb: chunked" in text and "reverse: the summaries travel from the last rank to the first" in text
+    titans = SequenceParallel(recdsl.compile(str(EXAMPLES / "titans.rec"), dk=4, dv=3))
+    (joint,) = titans.exchanges
+    assert joint.names == ("M", "W") and joint.correction is Correction.RECOMPUTE
+    # One 8 x 8 joint block serves every column (shared), and the two [4, 3] states.
+    assert [p.shape for p in joint.summary] == [(1, 8, 8), (4, 3), (4, 3)] and joint.state_count == 2
+    assert joint.exchange is Exchange.RING and joint.elements == 24  # 64 numbers of transition for 24 of state
+    assert "joint block of 8 x 8 step matrices of the stacked states (M, W)" in titans.describe()
 
 
 @pytest.mark.parametrize("example", NONLINEAR_EXAMPLES)
