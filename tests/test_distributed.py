@@ -383,7 +383,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     sent = sum(b for _, _, b in parallel.last_exchange)
     planned = sum(e.elements for e in parallel.exchanges) * (1 if case.cu_seqlens else 2) * math.prod(case.heads) * 8  # B = 2 (packed: 1), float64
     if case.cu_seqlens:  # and the final states' rows, summed over the ranks
-        planned += sum(v[0].numel() for v in want["final"].values()) * (len(case.cu_seqlens) - 1) * 8
+        planned += sum(v[0].numel() * (2 if v.is_complex() else 1) for v in want["final"].values()) * (len(case.cu_seqlens) - 1) * 8
     errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
     errors["_bytes"] = sent
     return errors
@@ -623,3 +623,21 @@ def test_recurrences_that_do_not_read_each_other_share_an_exchange():
     assert exchange_groups(mlstm.analysis) == [("m",), ("C", "n")]  # C and n decay by m
     gla = recdsl.compile(str(EXAMPLES / "gla.rec"), dk=4, dv=3)
     assert exchange_groups(gla.analysis) == [("S",)]
+
+
+def test_packed_sequences_are_checked_and_monoid_scans_refused(one_rank):
+    from recdsl.distributed import SequenceParallel
+
+    aaren = _module(Case("aaren", (5,), with_state=False))
+    inputs, _ = _inputs(aaren, Case("aaren", (5,), with_state=False, cu_seqlens=(0, 2, 5)))
+    with pytest.raises(SequenceParallelError, match="declared monoid scans, whose carries have no reset"):
+        SequenceParallel(aaren)(**inputs, cu_seqlens=torch.tensor([0, 2, 5]))
+    gla = _module(Case("gla", (5,), with_state=False))
+    inputs, _ = _inputs(gla, Case("gla", (5,), with_state=False, cu_seqlens=(0, 2, 5)))
+    # The offsets are global: they must end at the sum of every rank's slice (here 5).
+    with pytest.raises(recdsl.RecDSLError, match="cu_seqlens ends at 4"):
+        SequenceParallel(gla)(**inputs, cu_seqlens=torch.tensor([0, 2, 4]))
+    y, final = SequenceParallel(gla)(**inputs, cu_seqlens=torch.tensor([0, 2, 5]), return_state=True)
+    want, want_final = _one_by_one(gla, inputs, None, (0, 2, 5))
+    assert _error(y, want[0]) <= TOLERANCE, "packed output of a one-rank group"
+    assert _error(final["S"], want_final["S"]) <= TOLERANCE and final["S"].shape[0] == 2, "one final row per sequence"
