@@ -1355,6 +1355,11 @@ class _SlicedRun:
         request = next(task)
         task.close()
         segments = Segments.of(frame.offsets, self.numerics.device)
+        if step.form not in _SEGMENTED_FORMS and step.fallback is None:
+            raise SequenceParallelError(
+                f"{', '.join(repr(n) for n in names)} run{'s' if len(names) == 1 else ''} as a {step.form.name.lower().replace('_', ' ')}, which has no pass with sequence resets for cu_seqlens",
+                expected="cu_seqlens with cells whose recurrences have scan or chunked forms",
+            )
         form_step = step if step.form in _SEGMENTED_FORMS else replace(step, form=step.fallback, conv=None, chunk=None)
 
         def initial_rows(carry: list[torch.Tensor] | None) -> dict[str, torch.Tensor]:
