@@ -199,7 +199,7 @@ def _with_exchange(step: StepExchange, exchange: Exchange | None) -> StepExchang
 
 def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
     # A reverse recurrence's summary is the forward one of its slice in reversed time; only
-    # the direction the summaries travel differs (see _directed).
+    # the direction the summaries travel differs (see _SlicedRun._reverse_view).
     return tuple(replace(s, direction=local.analysis.direction(s.names)) for s in _forward_summaries(local))
 
 
