@@ -1342,7 +1342,12 @@ class _SlicedRun:
         return result
 
     def _segmented(self, step, planned: StepExchange, frame: "_FrameSlice", substitutions: dict, reverse: bool):
-        """A slice that holds a sequence's first step: reset summary, segmented local pass (see :meth:`_packed_task`)."""
+        """A slice that holds a sequence's first step: reset summary, segmented local pass (see :meth:`_packed_task`).
+
+        Up to three local passes: the form's own (for its combine), the segmented one, and
+        the segmented one again from the received state when the first steps continue a
+        sequence.  Deriving each form's combine without its pass would save the first.
+        """
         from .backends.segments import Segments
 
         names = step.names
