@@ -106,6 +106,10 @@ class Correction(Enum):
     SEMIRING_DECAY = "local scan from the semiring zero, (+)-combined with the received state (x) the running decay"
     MONOID_FOLD = "the received carry combined into the local prefix"
     RECOMPUTE = "the local pass rerun from the received state"
+    # Summarised in recdsl.distributed_native:
+    PREVIOUS_DECAYED_READOUT = "local chunked pass from zero, plus q_t (D_{t-1} * S_in) added to each read-out of the previous state (D_0 = 1)"
+    PREVIOUS_TRANSITION_READOUT = "local chunked pass on [S | Phi] from [0 | I], plus (q_t Phi_{t-1}) S_in added to each read-out of the previous state (Phi_0 = I)"
+    CONVOLUTION_READOUT = "local convolution from zero, plus R(decay^(t+1) * S_in) added to each read-out R, in blocks of lags (no state stored per step)"
 
     def __str__(self) -> str:
         return self.value
@@ -212,6 +216,11 @@ def _summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
             steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}", len(carries)))
             continue
         state = analysis.state(name)
+        if _has_native_summary(step):  # the gated / S @ q / previous-state delta rules, RWKV-6's read-outs, the convolution
+            from .distributed_native import native_exchange
+
+            steps.append(native_exchange(step, state))
+            continue
         recurrence = state.recurrence
         final = SummaryPart("state", tuple(state.type.shape), _is_complex(state.type))
         match step.form:
@@ -289,17 +298,16 @@ def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
             f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
             expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
         ) from None
-    # Forms whose slice summary is not derived yet run the scan the plan keeps as their
-    # fallback: a time-invariant state's convolution (S4D: no per-step state to correct),
-    # the gated delta rule (its transition's decay is not in the delta-rule summary), a
-    # delta rule read out as S @ q (TTT), and read-outs of the previous state (RWKV-6).
+    # Forms whose slice summary is not derived run the scan the plan keeps as their fallback
+    # (none today: the convolution, the gated delta rule, S @ q and previous-state read-outs
+    # are summarised in recdsl.distributed_native).
     steps = tuple(replace(step, form=step.fallback, conv=None, chunk=None) if _scanned_on_slices(step) else step for step in planned.steps)
     return replace(planned, steps=steps)
 
 
 def _scanned_on_slices(step: StepPlan) -> bool:
     """Whether a step of the chunked plan runs its fallback scan on each rank's slice."""
-    if step.fallback is None:
+    if step.fallback is None or _has_native_summary(step):
         return False
     if step.form is Form.CONVOLUTION:
         return True
@@ -309,6 +317,12 @@ def _scanned_on_slices(step: StepPlan) -> bool:
     if chunk.reads_previous:
         return True
     return chunk.kind is ChunkKind.GATED_DELTA_RULE or (chunk.kind is ChunkKind.DELTA_RULE and chunk.transposed)
+
+
+def _has_native_summary(step: StepPlan) -> bool:
+    from .distributed_native import has_native_summary
+
+    return has_native_summary(step)
 
 
 def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, heads: int = 1, itemsize: int = 4, chunk_size: int = 64) -> str:
@@ -791,6 +805,10 @@ class _SlicedRun:
         name = state.state
         recurrence = state.recurrence
         first = self.rank == 0
+        if _has_native_summary(step):
+            from .distributed_native import solve_native
+
+            return (yield from solve_native(self, step, planned, state, substitutions))
         match planned.correction:
             case Correction.NONE:
                 sequence = Solver(self.plan, self.seq, self.initial).solve(step, state).expand(self.lead + state.type.shape)

@@ -84,6 +84,30 @@ MATRIX_SCAN_CELLS = {
     h = h @ A + x
     out h
 }""", dict(d=3)),  # a dense transition
+    # The gated delta rule read out before its update and after it (one exclusive, one inclusive read-out).
+    "previous_delta": ("""cell PreviousDelta(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input a: []
+    input b: []
+    state S: [dk, dv] = 0
+    alpha = sigmoid(a)
+    beta = sigmoid(b)
+    out q @ S
+    S = alpha * (S - beta * outer(k, k @ S)) + beta * outer(k, v)
+    out q @ S
+}""", dict(dk=3, dv=2)),
+    # A convolution whose decay exceeds 1 somewhere: each slice runs the plan's fallback scan
+    # with the convolution's summary (its length and final state).
+    "unstable_conv": ("""cell UnstableConv(d, n) {
+    input x: [d]
+    param a: [d, n] = 1.2
+    param c: [d, n] = normal(1.0)
+    state h: [d, n] = 0
+    h = a * h + x[:, None]
+    out sum(c * h, -1)
+}""", dict(d=2, n=3)),
 }
 
 
@@ -123,6 +147,13 @@ def default_cases(world: int) -> list[Case]:
             Case("mamba2", lengths, with_state=True, exchange="RING", return_state=False),
             Case("state_tracking_lrnn", lengths, with_state=True),  # block matrices, on the ring
             Case("delays", (1, 1, 1, 1), with_state=True),  # shifts across every slice boundary
+            # Summaries of recdsl.distributed_native: the gated delta rule's transition, its
+            # transposed form (S @ q, on the ring), previous-state read-outs, the convolution.
+            Case("gated_deltanet", lengths, with_state=True),
+            Case("ttt_linear", lengths, with_state=False, exchange="RING"),
+            Case("rwkv6", (1, 1, 1, 1), with_state=True),
+            Case("previous_delta", lengths, with_state=True),
+            Case("s4d", lengths, with_state=True),
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -135,6 +166,8 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
     cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
     cases.append(Case("state_tracking_lrnn", shapes[0], with_state=True, exchange="ALL_GATHER"))  # block products gathered
+    cases.append(Case("s4d", shapes[0], with_state=True, exchange="RING"))  # the convolution's own transition on the ring
+    cases.append(Case("ttt_linear", shapes[-1], with_state=True, exchange="ALL_GATHER", heads=(2,)))  # S @ q gathered, heads
     # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
@@ -453,6 +486,29 @@ def test_describe_names_each_summary_and_exchange(one_rank):
     assert forced.exchanges[0].exchange is Exchange.ALL_GATHER and forced.exchanges[0].elements == 30
     aaren = SequenceParallel(recdsl.compile(str(EXAMPLES / "aaren.rec"), d=3))
     assert aaren.exchanges[0].correction is Correction.MONOID_FOLD and aaren.exchanges[0].elements == 5
+
+
+def test_native_summaries_are_described():
+    """The gated delta rule, S @ q, previous-state read-outs and the convolution have summaries of their own."""
+    from recdsl.distributed import Correction, Exchange, describe_exchanges, local_plan, plan_exchanges
+
+    def planned(example, **dims):
+        analysis = recdsl.compile(str(EXAMPLES / f"{example}.rec"), **dims).analysis
+        (exchange,) = plan_exchanges(local_plan(analysis))
+        return exchange, describe_exchanges(analysis, 4)
+
+    gated, text = planned("gated_deltanet", dk=8, dv=8)
+    assert gated.correction is Correction.TRANSITION_READOUT and gated.exchange is Exchange.ALL_GATHER
+    assert "times the decays" in text and "transition [8, 8] + state [8, 8] = 128 numbers" in text
+    ttt, text = planned("ttt_linear", dk=8, dv=16)  # W [dv, dk]: the kernel runs W^T, an 8 x 8 transition
+    assert ttt.summary[0].shape == (8, 8) and "transposed state" in text
+    rwkv, text = planned("rwkv6", dk=8, dv=4)
+    assert rwkv.correction is Correction.PREVIOUS_DECAYED_READOUT and "transition [8, 1] + state [8, 4]" in text
+    s4d, text = planned("s4d", d=4, N=3)
+    # The length stands for decay^length: one number beside the complex [4, 3] state.
+    assert s4d.correction is Correction.CONVOLUTION_READOUT and s4d.summary_elements == 1 + 2 * 12
+    assert "length [1] + state [4, 3] complex = 25 numbers" in text
+    assert "scan" not in text.split("\n")[1], "the convolution runs on the slices, not the fallback scan"
 
 
 def test_block_diagonal_summary_is_described(one_rank):
