@@ -56,9 +56,13 @@ SIZES = {
     "lru": dict(d=1024, n=1024),
     "aaren": dict(d=512),
     "crf": dict(n=64),
+    "gated_deltanet": dict(dk=128, dv=128),  # Qwen3-Next's Gated DeltaNet heads: 128 keys, 128 values
+    "ttt_linear": dict(dk=64, dv=64),  # TTT-Linear 1.3B: d = 2048, 32 heads of 64
+    "rwkv6": dict(dk=64, dv=64),  # RWKV-6: head size 64
+    "s4d": dict(d=1024, N=64),  # S4D: 1024 channels, 64 complex modes each (the example's default N)
 }
 # The cells LASP-2 writes a summary for: (key dim, value dim) of their dk x dv memory.
-LASP2_CELLS = {"gla": ("dk", "dv"), "retnet": ("dk", "dv"), "mlstm": ("dk", "dv"), "deltanet": ("dk", "dv"), "mamba2": ("n", "p")}
+LASP2_CELLS = {"gla": ("dk", "dv"), "retnet": ("dk", "dv"), "mlstm": ("dk", "dv"), "deltanet": ("dk", "dv"), "mamba2": ("n", "p"), "gated_deltanet": ("dk", "dv"), "ttt_linear": ("dk", "dv"), "rwkv6": ("dk", "dv")}
 WORLDS = (2, 4, 8, 16, 64)
 ITEMSIZE = 4  # fp32 summaries (states are accumulated in fp32 even for bf16 models)
 

@@ -25,6 +25,10 @@ low-rank or dense transition    ``(M, F)``: the ordered product of the step matr
 block-diagonal transition       ``(M, F)``: per block, the ordered product of the slice's
 (block matrix scans)            ``m x m`` block matrices (one for all when they are equal)
 declared monoid                 the slice's carry (the fold of its elements by ``combine``)
+gated delta rule, ``S @ q``,    as the delta rule, ``Phi`` with the decays folded in (on
+previous-state read-outs,       ``S^T`` for ``S @ q``); RWKV-6's decays as GLA's; for a
+convolution (S4D)               convolution its length stands for ``decay^T_r``: see
+                                :mod:`recdsl.distributed_native`
 time-parallel state, delay      its last value (a delay's first step reads it: a one-step halo)
 ==============================  =============================================================
 
@@ -296,7 +300,7 @@ def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
         reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
         raise SequenceParallelError(
             f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
-            expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
+            expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step, and Newton's method with the summary exchange in each iteration's linear solve is not implemented yet; run them on one device)",
         ) from None
     # Forms whose slice summary is not derived run the scan the plan keeps as their fallback
     # (none today: the convolution, the gated delta rule, S @ q and previous-state read-outs

@@ -152,7 +152,6 @@ def default_cases(world: int) -> list[Case]:
             Case("gated_deltanet", lengths, with_state=True),
             Case("ttt_linear", lengths, with_state=False, exchange="RING"),
             Case("rwkv6", (1, 1, 1, 1), with_state=True),
-            Case("previous_delta", lengths, with_state=True),
             Case("s4d", lengths, with_state=True),
         ]
     shapes = [(5, 3), (1, 6)]
