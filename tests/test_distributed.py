@@ -98,6 +98,17 @@ MATRIX_SCAN_CELLS = {
     S = alpha * (S - beta * outer(k, k @ S)) + beta * outer(k, v)
     out q @ S
 }""", dict(dk=3, dv=2)),
+    # Decayed outer products with a decay per column, read out before and after the update.
+    "previous_decayed": ("""cell PreviousDecayed(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input d: [dv]
+    state S: [dk, dv] = 0
+    out q @ S
+    S = exp(-exp(d))[None, :] * S + outer(k, v)
+    out q @ S
+}""", dict(dk=3, dv=2)),
     # A convolution whose decay exceeds 1 somewhere: each slice runs the plan's fallback scan
     # with the convolution's summary (its length and final state).
     "unstable_conv": ("""cell UnstableConv(d, n) {
