@@ -54,7 +54,9 @@ gradients are partial per rank; their sum over ranks (what ``DistributedDataPara
 FSDP reduce) is the single-process gradient.  The exchange uses
 its own process group, so that its collectives never interleave with those of DDP.
 
-Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
+A module compiled with ``backend="newton"`` runs Newton's iterations with each linear
+solve sharded by the same kind of exchange (:mod:`recdsl.distributed_newton`).  Otherwise
+cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
 e.g. GRU and LSTM) are refused with a :class:`SequenceParallelError` that says why; so are,
 until their summaries are derived, coupled groups scanned jointly (an affine joint update,
 Titans) and reverse states and scans (whose initial value comes from the later ranks).
@@ -76,7 +78,7 @@ from . import ir
 from .analysis import Analysis, DiagonalAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
 from .errors import BackendError
 from .ir import Kind, RefKind
-from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
+from .plan import BackendKind, ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
 from .plan import plan as make_plan
 from .backends.parallel import Solver, _run_chunk_plan, _Sequences, _shift
 
@@ -300,7 +302,7 @@ def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
         reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
         raise SequenceParallelError(
             f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
-            expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step, and Newton's method with the summary exchange in each iteration's linear solve is not implemented yet; run them on one device)",
+            expected="a cell whose recurrences the scan/chunked backends run; a nonlinear or coupled cell compiled with backend='newton' runs Newton's iterations with each linear solve sharded",
         ) from None
     # Forms whose slice summary is not derived run the scan the plan keeps as their fallback
     # (none today: the convolution, the gated delta rule, S @ q and previous-state read-outs
@@ -573,10 +575,17 @@ class SequenceParallel(nn.Module):
         if not isinstance(module, CompiledCell):
             raise SequenceParallelError(f"SequenceParallel wraps a module made by recdsl.compile, got {type(module).__name__}", expected="SequenceParallel(recdsl.compile(...))")
         self.module = module
-        self.plan: ExecutionPlan = local_plan(module.analysis, module.plan.chunk_size)
+        # A module compiled with backend="newton" runs Newton's iterations with each linear
+        # solve sharded (recdsl.distributed_newton); the others the chunked forms on slices.
+        self.newton = module.plan.backend is BackendKind.NEWTON
+        if self.newton:
+            from .distributed_newton import check_newton
+
+            check_newton(module)
+        self.plan: ExecutionPlan = module.plan if self.newton else local_plan(module.analysis, module.plan.chunk_size)
         if exchange is not None and not isinstance(exchange, Exchange):
             raise SequenceParallelError(f"exchange must be an Exchange, got {exchange!r}", expected="None (chosen by size), Exchange.ALL_GATHER or Exchange.RING")
-        self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan, exchange)
+        self.exchanges: tuple[StepExchange, ...] = () if self.newton else plan_exchanges(self.plan, exchange)
         # Set: every recurrence uses it (tests compare both on one cell); None: each its planned one.
         self.exchange_override = exchange
         if not dist.is_available() or not dist.is_initialized():
@@ -592,6 +601,10 @@ class SequenceParallel(nn.Module):
     def describe(self, batch: int = 1, heads: int = 1, dtype: torch.dtype = torch.float32) -> str:
         """The exchange of each recurrence (summary, its size, correction) and the bytes one rank sends per call."""
         itemsize = torch.empty((), dtype=dtype).element_size()
+        if self.newton:
+            from .distributed_newton import describe_newton
+
+            return describe_newton(self.plan, self.world_size, batch, heads, itemsize)
         return describe_exchanges(self.plan.analysis, self.world_size, batch, heads, itemsize, self.plan.chunk_size)
 
     def extra_repr(self) -> str:
@@ -610,8 +623,13 @@ class SequenceParallel(nn.Module):
         if state is not None and self.rank == 0:
             carried = module._given_state(state, dict(carried), lead, numerics)
         cast_inputs, params, consts = module._cast(inputs, numerics)
-        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
-        outputs, final = runner.run()
+        if self.newton:
+            from .distributed_newton import run_sharded
+
+            outputs, final = run_sharded(self, cast_inputs, params, consts, carried, numerics, need_final=return_state)
+        else:
+            runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, defaults=defaults)
+            outputs, final = runner.run()
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)

@@ -134,10 +134,13 @@ class Case:
     exchange: str | None = None  # an Exchange member's name to force it; None: as planned by size
     return_state: bool = True
     last_output_only: bool = False  # the loss reads only the last output (every rank must still reach the exchanges' backward)
+    newton_iterations: int | None = None  # set: compiled with backend="newton" and this max_iterations (-1: the default)
 
     @property
     def name(self) -> str:
         extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "")
+        if self.newton_iterations is not None:
+            extras += f"-newton{self.newton_iterations}"
         return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
@@ -164,6 +167,10 @@ def default_cases(world: int) -> list[Case]:
             Case("ttt_linear", lengths, with_state=False, exchange="RING"),
             Case("rwkv6", (1, 1, 1, 1), with_state=True),
             Case("s4d", lengths, with_state=True),
+            # Newton's method with each iteration's linear solve sharded: a dense Jacobian, and
+            # 2 x 2 blocks with a budget of 2 iterations (the rest swept rank after rank).
+            Case("gru", lengths, with_state=True, newton_iterations=-1),
+            Case("paralstm", lengths, with_state=False, newton_iterations=2),
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -186,6 +193,12 @@ def default_cases(world: int) -> list[Case]:
     # still give it a (zero) gradient, or FSDP's reduce-scatter differs between ranks.
     cases.append(Case("crf", shapes[-1], with_state=True, fsdp=True))
     cases.append(Case("crf", shapes[0], with_state=True, return_state=False, last_output_only=True))  # log Z alone
+    # Newton with the exchange: a diagonal Jacobian under DDP, a dense one, coupled blocks; one
+    # iteration then the sequential sweep.
+    cases.append(Case("paragru", shapes[0], with_state=True, ddp=True, newton_iterations=-1))
+    cases.append(Case("gru", shapes[-1], with_state=False, newton_iterations=-1))
+    cases.append(Case("lstm", shapes[0], with_state=True, newton_iterations=-1))
+    cases.append(Case("paragru", shapes[-1], with_state=True, newton_iterations=1))
     return cases
 
 
@@ -193,6 +206,10 @@ def slow_cases(world: int) -> list[Case]:
     """The whole matrix: every parallel example x several slicings x with and without a state."""
     slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
     cases = []
+    for example in NONLINEAR_EXAMPLES + ("slstm",):  # by Newton's method, sharded
+        for lengths in slicings:
+            cases.append(Case(example, lengths, with_state=len(lengths) % 2 == 0, newton_iterations=-1))
+        cases.append(Case(example, slicings[1], True, heads=(2,), newton_iterations=3))
     for example in PARALLEL_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
@@ -213,11 +230,14 @@ def slow_cases(world: int) -> list[Case]:
 
 def _module(case: Case) -> recdsl.CompiledCell:
     torch.manual_seed(1234)
+    options = dict(chunk_size=case.chunk_size)
+    if case.newton_iterations is not None:
+        options = dict(backend="newton", backend_options={} if case.newton_iterations < 0 else {"max_iterations": case.newton_iterations})
     if case.example in MATRIX_SCAN_CELLS:
         source, dims = MATRIX_SCAN_CELLS[case.example]
-        module = recdsl.compile(source, chunk_size=case.chunk_size, **dims).double()
+        module = recdsl.compile(source, **options, **dims).double()
     else:
-        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), chunk_size=case.chunk_size, **DIMS[case.example]).double()
+        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), **options, **DIMS[case.example]).double()
     with torch.no_grad():
         for param in module.parameters():
             param.add_(0.3 * torch.randn_like(param))
@@ -359,8 +379,9 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
             dist.all_reduce(grad)
         errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
     sent = sum(b for _, _, b in parallel.last_exchange)
-    planned = sum(e.elements for e in parallel.exchanges) * 2 * math.prod(case.heads) * 8  # B = 2, float64
-    errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
+    if case.newton_iterations is None:
+        planned = sum(e.elements for e in parallel.exchanges) * 2 * math.prod(case.heads) * 8  # B = 2, float64
+        errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
     errors["_bytes"] = sent
     return errors
 
@@ -519,6 +540,28 @@ def test_native_summaries_are_described():
     assert s4d.correction is Correction.CONVOLUTION_READOUT and s4d.summary_elements == 1 + 2 * 12
     assert "length [1] + state [4, 3] complex = 25 numbers" in text
     assert "scan" not in text.split("\n")[1], "the convolution runs on the slices, not the fallback scan"
+
+
+def test_newton_modules_run_each_iteration_sharded(one_rank, capsys):
+    """A module compiled with backend="newton" is wrapped, not refused; a quasi-Newton gradient is refused."""
+    from recdsl.cli import main
+    from recdsl.distributed import SequenceParallel
+
+    assert main(["explain", "--sequence-parallel", "2", "--backend", "newton", "examples/paragru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 0
+    assert "Newton's method (the newton backend) with each iteration's linear solve sharded" in capsys.readouterr().out
+
+    gru = SequenceParallel(recdsl.compile(str(EXAMPLES / "gru.rec"), backend="newton", **DIMS["gru"]))
+    text = gru.describe()
+    assert "Newton's method" in text and "one all-gather per iteration" in text and "dense" in text
+    case = Case("paralstm", (4,), with_state=False)
+    module = recdsl.compile(str(EXAMPLES / "paralstm.rec"), backend="newton", backend_options={"jacobian": "diagonal"}, **DIMS["paralstm"]).double()
+    inputs, _ = _inputs(module, case)
+    quasi = SequenceParallel(module)
+    with torch.no_grad():
+        assert _error(quasi(**inputs), module(**inputs)) <= TOLERANCE, "quasi-Newton forward on a one-rank group"
+    with pytest.raises(SequenceParallelError, match="quasi-Newton solve") as raised:
+        quasi(**{n: v.requires_grad_(True) for n, v in inputs.items()})
+    assert isinstance(raised.value, recdsl.RecDSLError)
 
 
 def test_block_diagonal_summary_is_described(one_rank):
