@@ -254,6 +254,12 @@ def _newton(group: _Group, step, initial: torch.Tensor, steps: int, plan, mode, 
     # The initial guess: every step taken from the (cell's) initial state, as the newton backend.
     trajectory = step(initial.unsqueeze(1).expand(initial.shape[:1] + (steps,) + initial.shape[1:]))
     halo = initial
+    if world > 1:
+        # Each slice's first step reads the previous slice's last state from the start, so that
+        # every iteration is a Newton step of the whole sequence's system (a guess that holds a
+        # slice's own initial value would let its residual vanish at the wrong fixed point).
+        guessed = group.gather(trajectory[:, -1].reshape(-1))
+        halo = initial if rank == 0 else guessed[rank - 1].reshape(initial.shape)
     iterations = 0
     while True:
         value, jacobian = nt._evaluate_with_jacobian(step, nt._shift(halo, trajectory), plan, mode, index)
