@@ -91,7 +91,7 @@ def native_exchange(step: StepPlan, state: StateAnalysis) -> "StepExchange":
     rows = state.type.shape[1 if chunk.transposed else 0]
     transition = SummaryPart("transition", (rows, rows), False)
     gated = " times the decays" if chunk.kind is ChunkKind.GATED_DELTA_RULE else ""
-    side = f", acting on the transposed state (read out as S @ q)" if chunk.transposed else ""
+    side = ", acting on the transposed state (read out as S @ q)" if chunk.transposed else ""
     correction = Correction.PREVIOUS_TRANSITION_READOUT if chunk.reads_previous else Correction.TRANSITION_READOUT
     return StepExchange(
         step.names, step.form, (transition, final), Exchange.ALL_GATHER, correction,

@@ -15,8 +15,10 @@ linear recurrence ``delta_t = J_t delta_{t-1} + r_t`` in the step Jacobians, whi
    the largest residual, so all stop at the same iteration;
 4. the local solve again with the incoming ``delta`` entered at the first step.
 
-One collective per iteration; the iterations, the tolerance and the result are those of
-the single-process newton run (up to rounding).  Steps still unconverged when the budget
+One collective per iteration (and one before the first: the guess's last states, each the
+next slice's halo); the tolerance and the solution are those of the single-process newton
+run (up to rounding; a slice after the first guesses from the cell's initial value, not from
+a given state, so the count of iterations may differ).  Steps still unconverged when the budget
 runs out are run one by one, rank after rank, as the single-process backend runs its
 unconverged suffix.
 
