@@ -60,9 +60,13 @@ SIZES = {
     "lion": dict(dk=64, dv=64),  # LION-S, BERT/ViT-base: d = 768 in 12 heads of 64; a forward and a reverse dk x dv state
     "crf_marginals": dict(n=64),  # forward and backward variables, each an n x n log-semiring matrix per slice
     "titans": dict(dk=64, dv=64),  # heads of 64: the joint block of M and W is 128 x 128, shared by the columns
+    "gated_deltanet": dict(dk=128, dv=128),  # Qwen3-Next's Gated DeltaNet heads: 128 keys, 128 values
+    "ttt_linear": dict(dk=64, dv=64),  # TTT-Linear 1.3B: d = 2048, 32 heads of 64
+    "rwkv6": dict(dk=64, dv=64),  # RWKV-6: head size 64
+    "s4d": dict(d=1024, N=64),  # S4D: 1024 channels, 64 complex modes each (the example's default N)
 }
 # The cells LASP-2 writes a summary for: (key dim, value dim) of their dk x dv memory.
-LASP2_CELLS = {"gla": ("dk", "dv"), "retnet": ("dk", "dv"), "mlstm": ("dk", "dv"), "deltanet": ("dk", "dv"), "mamba2": ("n", "p")}
+LASP2_CELLS = {"gla": ("dk", "dv"), "retnet": ("dk", "dv"), "mlstm": ("dk", "dv"), "deltanet": ("dk", "dv"), "mamba2": ("n", "p"), "gated_deltanet": ("dk", "dv"), "ttt_linear": ("dk", "dv"), "rwkv6": ("dk", "dv")}
 WORLDS = (2, 4, 8, 16, 64)
 ITEMSIZE = 4  # fp32 summaries (states are accumulated in fp32 even for bf16 models)
 
@@ -116,6 +120,44 @@ def bytes_table() -> str:
         kinds = ", ".join(sorted({"ring" if e.exchange is Exchange.RING else "all-gather" for e in exchanges}))
         sizes = ", ".join(f"{k}={v}" for k, v in SIZES[name].items())
         lines.append(f"| {name} | {sizes} | {kinds} ({len(exchange_groups(analysis))}) | {elements} | {lasp} | {dense} | {ratio} | {elements / dense:.4f} | {forward} | {backward} |")
+    return "\n".join(lines) + "\n"
+
+
+# Nonlinear cells compiled with backend="newton": one exchange per Newton iteration.
+# (the newton backend analyses states of up to 1024 elements per batch row)
+NEWTON_SIZES = {
+    "paragru": dict(d_in=1024, d=1024),  # ParaRNN's diagonal GRU
+    "paralstm": dict(d_in=512, d=512),  # ParaRNN's LSTM: 2 x 2 blocks (c_i, h_i)
+    "lstm": dict(d_in=256, d=256),  # 2 x 2 blocks as well
+    "gru": dict(d_in=256, d=256),  # a dense 256 x 256 Jacobian
+    "slstm": dict(d_in=256, heads=4, dh=64),  # blocks of 4 dh = 256 > 64: auto solves with their diagonal
+}
+
+
+def newton_table() -> str:
+    """Numbers and bytes one rank sends per Newton iteration (forward) and once backward."""
+    import recdsl
+    from recdsl.backends import newton as nt
+    from recdsl.distributed_newton import _product_elements
+
+    lines = [
+        "| cell (backend newton) | sizes | Jacobian, as solved | summary per iteration (numbers) | state (numbers) | forward bytes per rank per iteration, P = " + ", ".join(map(str, WORLDS)) + " | backward bytes per rank, same P |",
+        "|---|---|---|---:|---:|---|---|",
+    ]
+    for name, dims in NEWTON_SIZES.items():
+        executed = recdsl.compile(str(EXAMPLES / f"{name}.rec"), backend="newton", **dims).plan
+        plan = executed.solver
+        mode = plan.mode(nt.JacobianMode.AUTO)
+        product = _product_elements(plan, mode)
+        summary = product + 2 * plan.size
+        forward = ", ".join(_kib((p - 1) * (summary + 2) * ITEMSIZE) for p in WORLDS)
+        backward = ", ".join(_kib((p - 1) * summary * ITEMSIZE) for p in WORLDS)
+        exact = mode is nt.JacobianMode.FULL or plan.structure is nt.JacobianStructure.DIAGONAL
+        if not exact:  # the sharded adjoint needs exact Jacobians
+            full = _product_elements(plan, nt.JacobianMode.FULL) + 2 * plan.size
+            backward = f"gradients refused (quasi-Newton); with jacobian='full': {full} numbers per iteration and backward"
+        sizes = ", ".join(f"{k}={v}" for k, v in dims.items())
+        lines.append(f"| {name} | {sizes} | {plan.describe()}, {mode.value} | {summary} | {plan.size} | {forward} | {backward} |")
     return "\n".join(lines) + "\n"
 
 
@@ -303,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bytes:
         print("## Bytes per rank per layer\n")
         print(bytes_table())
+        print("## Newton's method, sharded: bytes per iteration\n")
+        print(newton_table())
     measured = None
     if args.time:
         measured = measure(args.length, args.repeat)

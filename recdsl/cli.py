@@ -122,7 +122,16 @@ def _explain(args: argparse.Namespace) -> int:
         from .distributed import describe_exchanges
         from .frontend import load
 
-        print(describe_exchanges(analyze(load(args.file, cell=args.cell, dims=dims)), args.sequence_parallel), end="")
+        from .plan import BackendKind
+
+        analysis = analyze(load(args.file, cell=args.cell, dims=dims))
+        if args.backend in {kind.value for kind in BackendKind} and BackendKind(args.backend) is BackendKind.NEWTON:
+            from .distributed_newton import describe_newton
+            from .plan import plan as make_plan
+
+            print(describe_newton(make_plan(analysis, BackendKind.NEWTON.value), args.sequence_parallel), end="")
+        else:
+            print(describe_exchanges(analysis, args.sequence_parallel), end="")
     return 0
 
 

@@ -27,6 +27,10 @@ block-diagonal transition       ``(M, F)``: per block, the ordered product of th
 declared monoid                 the slice's carry (the fold of its elements by ``combine``)
 coupled group, jointly affine   ``(M, F)``: per joint block, the ordered product of the
 (joint block matrix scan)       slice's block matrices over the stacked states (Titans)
+gated delta rule, ``S @ q``,    as the delta rule, ``Phi`` with the decays folded in (on
+previous-state read-outs,       ``S^T`` for ``S @ q``); RWKV-6's decays as GLA's; for a
+convolution (S4D)               convolution its length stands for ``decay^T_r``: see
+                                :mod:`recdsl.distributed_native`
 time-parallel state, delay      its last value (a delay's first step reads it: a one-step halo)
 ==============================  =============================================================
 
@@ -60,7 +64,9 @@ state.  Packed sequences (``cu_seqlens``): a slice holding a sequence's first st
 the recurrence's own time) sends a summary whose transition is the zero (a reset) and
 runs its local pass with the sequences' resets (see :meth:`_SlicedRun._packed_task`).
 
-Cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
+A module compiled with ``backend="newton"`` runs Newton's iterations with each linear
+solve sharded by the same kind of exchange (:mod:`recdsl.distributed_newton`).  Otherwise
+cells whose recurrences the parallel backends cannot run (nonlinear or coupled states,
 e.g. GRU, LSTM and BiGRU) are refused with a :class:`SequenceParallelError` that says why.
 """
 
@@ -81,7 +87,7 @@ from . import ir
 from .analysis import Analysis, DiagonalAffine, JointAffine, MatrixAffine, SemiringAffine, Side, StateAnalysis, log_of_positive
 from .errors import BackendError
 from .ir import Kind, RefKind
-from .plan import ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
+from .plan import BackendKind, ChunkKind, ExecutionPlan, Form, PlanOptions, StepPlan
 from .plan import plan as make_plan
 from .backends.parallel import Solver, _follow, _run_chunk_plan, _Sequences, _shift, _time_reversed
 
@@ -115,6 +121,10 @@ class Correction(Enum):
     SEMIRING_DECAY = "local scan from the semiring zero, (+)-combined with the received state (x) the running decay"
     MONOID_FOLD = "the received carry combined into the local prefix"
     RECOMPUTE = "the local pass rerun from the received state"
+    # Summarised in recdsl.distributed_native:
+    PREVIOUS_DECAYED_READOUT = "local chunked pass from zero, plus q_t (D_{t-1} * S_in) added to each read-out of the previous state (D_0 = 1)"
+    PREVIOUS_TRANSITION_READOUT = "local chunked pass on [S | Phi] from [0 | I], plus (q_t Phi_{t-1}) S_in added to each read-out of the previous state (Phi_0 = I)"
+    CONVOLUTION_READOUT = "local convolution from zero, plus R(decay^(t+1) * S_in) added to each read-out R, in blocks of lags (no state stored per step)"
 
     def __str__(self) -> str:
         return self.value
@@ -217,6 +227,11 @@ def _forward_summaries(local: ExecutionPlan) -> tuple[StepExchange, ...]:
             steps.append(StepExchange(step.names, step.form, carries, Exchange.ALL_GATHER, Correction.MONOID_FOLD, f"the carry of the monoid {scans[name].monoid.name}", len(carries)))
             continue
         state = analysis.state(name)
+        if _has_native_summary(step):  # the gated / S @ q / previous-state delta rules, RWKV-6's read-outs, the convolution
+            from .distributed_native import native_exchange
+
+            steps.append(native_exchange(step, state))
+            continue
         recurrence = state.recurrence
         final = SummaryPart("state", tuple(state.type.shape), _is_complex(state.type))
         match step.form:
@@ -322,19 +337,18 @@ def local_plan(analysis: Analysis, chunk_size: int = 64) -> ExecutionPlan:
         reason = error.summary.split(": ", 1)[-1] if ": " in error.summary else error.summary
         raise SequenceParallelError(
             f"cell {analysis.cell.name} cannot run sequence-parallel: {reason}",
-            expected="a cell whose recurrences the scan/chunked backends run (nonlinear and coupled states need every earlier step; run them on one device)",
+            expected="a cell whose recurrences the scan/chunked backends run; a nonlinear or coupled cell compiled with backend='newton' runs Newton's iterations with each linear solve sharded",
         ) from None
-    # Forms whose slice summary is not derived yet run the scan the plan keeps as their
-    # fallback: a time-invariant state's convolution (S4D: no per-step state to correct),
-    # the gated delta rule (its transition's decay is not in the delta-rule summary), a
-    # delta rule read out as S @ q (TTT), and read-outs of the previous state (RWKV-6).
+    # Forms whose slice summary is not derived run the scan the plan keeps as their fallback
+    # (none today: the convolution, the gated delta rule, S @ q and previous-state read-outs
+    # are summarised in recdsl.distributed_native).
     steps = tuple(replace(step, form=step.fallback, conv=None, chunk=None) if _scanned_on_slices(step) else step for step in planned.steps)
     return replace(planned, steps=steps)
 
 
 def _scanned_on_slices(step: StepPlan) -> bool:
     """Whether a step of the chunked plan runs its fallback scan on each rank's slice."""
-    if step.fallback is None:
+    if step.fallback is None or _has_native_summary(step):
         return False
     if step.form is Form.CONVOLUTION:
         return True
@@ -344,6 +358,12 @@ def _scanned_on_slices(step: StepPlan) -> bool:
     if chunk.reads_previous:
         return True
     return chunk.kind is ChunkKind.GATED_DELTA_RULE or (chunk.kind is ChunkKind.DELTA_RULE and chunk.transposed)
+
+
+def _has_native_summary(step: StepPlan) -> bool:
+    from .distributed_native import has_native_summary
+
+    return has_native_summary(step)
 
 
 def describe_exchanges(analysis: Analysis, world_size: int, batch: int = 1, heads: int = 1, itemsize: int = 4, chunk_size: int = 64) -> str:
@@ -600,10 +620,17 @@ class SequenceParallel(nn.Module):
         if not isinstance(module, CompiledCell):
             raise SequenceParallelError(f"SequenceParallel wraps a module made by recdsl.compile, got {type(module).__name__}", expected="SequenceParallel(recdsl.compile(...))")
         self.module = module
-        self.plan: ExecutionPlan = local_plan(module.analysis, module.plan.chunk_size)
+        # A module compiled with backend="newton" runs Newton's iterations with each linear
+        # solve sharded (recdsl.distributed_newton); the others the chunked forms on slices.
+        self.newton = module.plan.backend is BackendKind.NEWTON
+        if self.newton:
+            from .distributed_newton import check_newton
+
+            check_newton(module)
+        self.plan: ExecutionPlan = module.plan if self.newton else local_plan(module.analysis, module.plan.chunk_size)
         if exchange is not None and not isinstance(exchange, Exchange):
             raise SequenceParallelError(f"exchange must be an Exchange, got {exchange!r}", expected="None (chosen by size), Exchange.ALL_GATHER or Exchange.RING")
-        self.exchanges: tuple[StepExchange, ...] = plan_exchanges(self.plan, exchange)
+        self.exchanges: tuple[StepExchange, ...] = () if self.newton else plan_exchanges(self.plan, exchange)
         # Set: every recurrence uses it (tests compare both on one cell); None: each its planned one.
         self.exchange_override = exchange
         if not dist.is_available() or not dist.is_initialized():
@@ -619,6 +646,10 @@ class SequenceParallel(nn.Module):
     def describe(self, batch: int = 1, heads: int = 1, dtype: torch.dtype = torch.float32) -> str:
         """The exchange of each recurrence (summary, its size, correction) and the bytes one rank sends per call."""
         itemsize = torch.empty((), dtype=dtype).element_size()
+        if self.newton:
+            from .distributed_newton import describe_newton
+
+            return describe_newton(self.plan, self.world_size, batch, heads, itemsize)
         return describe_exchanges(self.plan.analysis, self.world_size, batch, heads, itemsize, self.plan.chunk_size)
 
     def extra_repr(self) -> str:
@@ -678,9 +709,20 @@ class SequenceParallel(nn.Module):
             # Packed: every rank reads the rows of the sequences that begin in its slice.
             carried = module._given_state(self._read_here(state) if packed is None else state, dict(carried), lead, numerics)
         cast_inputs, params, consts = module._cast(inputs, numerics)
-        runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state and packed is None, defaults=defaults)
-        runner.packed = packed
-        outputs, final = runner.run()
+        if self.newton:
+            from .distributed_newton import run_sharded
+
+            if packed is not None:
+                raise SequenceParallelError(
+                    f"cell {module.cell.name} is run by Newton's method, whose sharded solve does not take packed sequences yet",
+                    expected="one sequence per batch row (no cu_seqlens) with backend='newton' under SequenceParallel",
+                )
+
+            outputs, final = run_sharded(self, cast_inputs, params, consts, carried, numerics, need_final=return_state)
+        else:
+            runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state and packed is None, defaults=defaults)
+            runner.packed = packed
+            outputs, final = runner.run()
         if output_dtype is not None:
             outputs = [o if o.is_complex() else o.to(output_dtype) for o in outputs]
         result = outputs[0] if len(outputs) == 1 else tuple(outputs)
@@ -890,6 +932,10 @@ class _SlicedRun:
         name = state.state
         recurrence = state.recurrence
         first = self.rank == 0
+        if _has_native_summary(step):
+            from .distributed_native import solve_native
+
+            return (yield from solve_native(self, step, planned, state, substitutions))
         match planned.correction:
             case Correction.NONE:
                 sequence = Solver(self.plan, self.seq, self.initial).solve(step, state).expand(self.lead + state.type.shape)

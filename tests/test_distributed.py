@@ -104,6 +104,41 @@ cell Suffix(d) {
     h = h @ A + x
     out h
 }""", dict(d=3)),  # a dense transition
+    # The gated delta rule read out before its update and after it (one exclusive, one inclusive read-out).
+    "previous_delta": ("""cell PreviousDelta(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input a: []
+    input b: []
+    state S: [dk, dv] = 0
+    alpha = sigmoid(a)
+    beta = sigmoid(b)
+    out q @ S
+    S = alpha * (S - beta * outer(k, k @ S)) + beta * outer(k, v)
+    out q @ S
+}""", dict(dk=3, dv=2)),
+    # Decayed outer products with a decay per column, read out before and after the update.
+    "previous_decayed": ("""cell PreviousDecayed(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input d: [dv]
+    state S: [dk, dv] = 0
+    out q @ S
+    S = exp(-exp(d))[None, :] * S + outer(k, v)
+    out q @ S
+}""", dict(dk=3, dv=2)),
+    # A convolution whose decay exceeds 1 somewhere: each slice runs the plan's fallback scan
+    # with the convolution's summary (its length and final state).
+    "unstable_conv": ("""cell UnstableConv(d, n) {
+    input x: [d]
+    param a: [d, n] = 1.2
+    param c: [d, n] = normal(1.0)
+    state h: [d, n] = 0
+    h = a * h + x[:, None]
+    out sum(c * h, -1)
+}""", dict(d=2, n=3)),
 }
 
 
@@ -120,10 +155,13 @@ class Case:
     return_state: bool = True
     last_output_only: bool = False  # the loss reads only the last output (every rank must still reach the exchanges' backward)
     cu_seqlens: tuple[int, ...] | None = None  # packed sequences (B = 1): the global offsets every rank passes
+    newton_iterations: int | None = None  # set: compiled with backend="newton" and this max_iterations (-1: the default)
 
     @property
     def name(self) -> str:
         extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "") + ("-cu" + "_".join(map(str, self.cu_seqlens)) if self.cu_seqlens else "")
+        if self.newton_iterations is not None:
+            extras += f"-newton{self.newton_iterations}"
         return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
@@ -152,6 +190,16 @@ def default_cases(world: int) -> list[Case]:
             # slices (rank 1's lies inside it), sequence 2 starts inside rank 2's slice.
             Case("gla", lengths, with_state=True, heads=(2,), cu_seqlens=PACKED_4),
             Case("lion", lengths, with_state=True, cu_seqlens=PACKED_4),
+            # Summaries of recdsl.distributed_native: the gated delta rule's transition, its
+            # transposed form (S @ q, on the ring), previous-state read-outs, the convolution.
+            Case("gated_deltanet", lengths, with_state=True),
+            Case("ttt_linear", lengths, with_state=False, exchange="RING"),
+            Case("rwkv6", (1, 1, 1, 1), with_state=True),
+            Case("s4d", lengths, with_state=True),
+            # Newton's method with each iteration's linear solve sharded: a dense Jacobian, and
+            # 2 x 2 blocks with a budget of 2 iterations (the rest swept rank after rank).
+            Case("gru", lengths, with_state=True, newton_iterations=-1),
+            Case("paralstm", lengths, with_state=False, newton_iterations=2),
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -164,6 +212,8 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("gla", shapes[0], with_state=True, exchange="RING", return_state=False))
     cases.append(Case("crf", shapes[-1], with_state=True, exchange="ALL_GATHER"))
     cases.append(Case("state_tracking_lrnn", shapes[0], with_state=True, exchange="ALL_GATHER"))  # block products gathered
+    cases.append(Case("s4d", shapes[0], with_state=True, exchange="RING"))  # the convolution's own transition on the ring
+    cases.append(Case("ttt_linear", shapes[-1], with_state=True, exchange="ALL_GATHER", heads=(2,)))  # S @ q gathered, heads
     # Under DDP: CRF's learnable initial state is read on rank 0 only; minGRU's params everywhere.
     cases.append(Case("crf", shapes[0], with_state=False, ddp=True))
     cases.append(Case("mingru", shapes[-1], with_state=True, ddp=True))
@@ -184,6 +234,13 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("crf_marginals", shapes[0], with_state=False, return_state=False))
     cases.append(Case("titans", shapes[0], with_state=True))
     cases.append(Case("suffix_scan", shapes[-1], with_state=True))
+    # Newton with the exchange: a diagonal Jacobian under DDP, a dense one, coupled blocks; one
+    # iteration then the sequential sweep.
+    cases.append(Case("paragru", shapes[0], with_state=True, ddp=True, newton_iterations=-1))
+    cases.append(Case("gru", shapes[-1], with_state=False, newton_iterations=-1))
+    cases.append(Case("lstm", shapes[0], with_state=True, newton_iterations=-1))
+    cases.append(Case("paragru", shapes[-1], with_state=True, newton_iterations=1))
+    cases.append(Case("gru", (1, 1), with_state=True, newton_iterations=-1))  # each slice's guess already solves its own step
     return cases
 
 
@@ -195,6 +252,10 @@ def slow_cases(world: int) -> list[Case]:
     packed sequences on every example whose recurrences are states."""
     slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
     cases = []
+    for example in NONLINEAR_EXAMPLES + ("slstm",):  # by Newton's method, sharded
+        for lengths in slicings:
+            cases.append(Case(example, lengths, with_state=len(lengths) % 2 == 0, newton_iterations=-1))
+        cases.append(Case(example, slicings[1], True, heads=(2,), newton_iterations=3))
     for example in PARALLEL_EXAMPLES + REVERSE_AND_JOINT_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
@@ -219,11 +280,14 @@ def slow_cases(world: int) -> list[Case]:
 
 def _module(case: Case) -> recdsl.CompiledCell:
     torch.manual_seed(1234)
+    options = dict(chunk_size=case.chunk_size)
+    if case.newton_iterations is not None:
+        options = dict(backend="newton", backend_options={} if case.newton_iterations < 0 else {"max_iterations": case.newton_iterations})
     if case.example in MATRIX_SCAN_CELLS:
         source, dims = MATRIX_SCAN_CELLS[case.example]
-        module = recdsl.compile(source, chunk_size=case.chunk_size, **dims).double()
+        module = recdsl.compile(source, **options, **dims).double()
     else:
-        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), chunk_size=case.chunk_size, **DIMS[case.example]).double()
+        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), **options, **DIMS[case.example]).double()
     with torch.no_grad():
         for param in module.parameters():
             param.add_(0.3 * torch.randn_like(param))
@@ -357,6 +421,14 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     errors = {}
     for i, (g, w) in enumerate(zip(got_outputs, want["outputs"])):
         errors[f"output {i}"] = _error(g.detach(), w)
+    if case.newton_iterations is not None:  # Newton's fixed point is the loop's, within its tolerance
+        looped = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), backend="sequential", **DIMS[case.example]).double()
+        looped.load_state_dict(module.state_dict())
+        with torch.no_grad():
+            loop_outputs = looped(**inputs, state=state)
+        loop_outputs = list(loop_outputs) if isinstance(loop_outputs, tuple) else [loop_outputs]
+        for i, (g, w) in enumerate(zip(got_outputs, loop_outputs)):
+            errors[f"output {i} against the sequential backend"] = _error(g.detach(), w[:, begin:end])
     for k in final_names if case.return_state else ():
         errors[f"final {k}"] = _error(got_final[k].detach(), want["final"][k])
     for n, v in local_inputs.items():
@@ -381,10 +453,11 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
             dist.all_reduce(grad)
         errors[f"grad param {n}"] = _error(grad, want["param_grads"][n])
     sent = sum(b for _, _, b in parallel.last_exchange)
-    planned = sum(e.elements for e in parallel.exchanges) * (1 if case.cu_seqlens else 2) * math.prod(case.heads) * 8  # B = 2 (packed: 1), float64
-    if case.cu_seqlens:  # and the final states' rows, summed over the ranks
-        planned += sum(v[0].numel() * (2 if v.is_complex() else 1) for v in want["final"].values()) * (len(case.cu_seqlens) - 1) * 8
-    errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
+    if case.newton_iterations is None:
+        planned = sum(e.elements for e in parallel.exchanges) * (1 if case.cu_seqlens else 2) * math.prod(case.heads) * 8  # B = 2 (packed: 1), float64
+        if case.cu_seqlens:  # and the final states' rows, summed over the ranks
+            planned += sum(v[0].numel() * (2 if v.is_complex() else 1) for v in want["final"].values()) * (len(case.cu_seqlens) - 1) * 8
+        errors["bytes sent against the plan's summary sizes"] = 0.0 if sent == planned else float("inf")
     errors["_bytes"] = sent
     return errors
 
@@ -536,6 +609,51 @@ def test_describe_names_each_summary_and_exchange(one_rank):
     assert forced.exchanges[0].exchange is Exchange.ALL_GATHER and forced.exchanges[0].elements == 30
     aaren = SequenceParallel(recdsl.compile(str(EXAMPLES / "aaren.rec"), d=3))
     assert aaren.exchanges[0].correction is Correction.MONOID_FOLD and aaren.exchanges[0].elements == 5
+
+
+def test_native_summaries_are_described():
+    """The gated delta rule, S @ q, previous-state read-outs and the convolution have summaries of their own."""
+    from recdsl.distributed import Correction, Exchange, describe_exchanges, local_plan, plan_exchanges
+
+    def planned(example, **dims):
+        analysis = recdsl.compile(str(EXAMPLES / f"{example}.rec"), **dims).analysis
+        (exchange,) = plan_exchanges(local_plan(analysis))
+        return exchange, describe_exchanges(analysis, 4)
+
+    gated, text = planned("gated_deltanet", dk=8, dv=8)
+    assert gated.correction is Correction.TRANSITION_READOUT and gated.exchange is Exchange.ALL_GATHER
+    assert "times the decays" in text and "transition [8, 8] + state [8, 8] = 128 numbers" in text
+    ttt, text = planned("ttt_linear", dk=8, dv=16)  # W [dv, dk]: the kernel runs W^T, an 8 x 8 transition
+    assert ttt.summary[0].shape == (8, 8) and "transposed state" in text
+    rwkv, text = planned("rwkv6", dk=8, dv=4)
+    assert rwkv.correction is Correction.PREVIOUS_DECAYED_READOUT and "transition [8, 1] + state [8, 4]" in text
+    s4d, text = planned("s4d", d=4, N=3)
+    # The length stands for decay^length: one number beside the complex [4, 3] state.
+    assert s4d.correction is Correction.CONVOLUTION_READOUT and s4d.summary_elements == 1 + 2 * 12
+    assert "length [1] + state [4, 3] complex = 25 numbers" in text
+    assert "scan" not in text.split("\n")[1], "the convolution runs on the slices, not the fallback scan"
+
+
+def test_newton_modules_run_each_iteration_sharded(one_rank, capsys):
+    """A module compiled with backend="newton" is wrapped, not refused; a quasi-Newton gradient is refused."""
+    from recdsl.cli import main
+    from recdsl.distributed import SequenceParallel
+
+    assert main(["explain", "--sequence-parallel", "2", "--backend", "newton", "examples/paragru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 0
+    assert "Newton's method (the newton backend) with each iteration's linear solve sharded" in capsys.readouterr().out
+
+    gru = SequenceParallel(recdsl.compile(str(EXAMPLES / "gru.rec"), backend="newton", **DIMS["gru"]))
+    text = gru.describe()
+    assert "Newton's method" in text and "one all-gather per iteration" in text and "dense" in text
+    case = Case("paralstm", (4,), with_state=False)
+    module = recdsl.compile(str(EXAMPLES / "paralstm.rec"), backend="newton", backend_options={"jacobian": "diagonal"}, **DIMS["paralstm"]).double()
+    inputs, _ = _inputs(module, case)
+    quasi = SequenceParallel(module)
+    with torch.no_grad():
+        assert _error(quasi(**inputs), module(**inputs)) <= TOLERANCE, "quasi-Newton forward on a one-rank group"
+    with pytest.raises(SequenceParallelError, match="quasi-Newton solve") as raised:
+        quasi(**{n: v.requires_grad_(True) for n, v in inputs.items()})
+    assert isinstance(raised.value, recdsl.RecDSLError)
 
 
 def test_block_diagonal_summary_is_described(one_rank):

@@ -1,0 +1,363 @@
+"""Newton's method with the time axis sharded: each iteration's linear solve uses the summary exchange.
+
+A cell compiled with ``backend="newton"`` (:mod:`recdsl.backends.newton`) solves the whole
+trajectory ``s_t = f(s_{t-1}, x_t)`` by Newton's method; each iteration's correction is the
+linear recurrence ``delta_t = J_t delta_{t-1} + r_t`` in the step Jacobians, which is what
+:mod:`recdsl.distributed` knows how to shard.  Per iteration, on every rank:
+
+1. the step and its Jacobians on the slice, at the slice's trajectory shifted by the
+   previous rank's last state (its *halo*);
+2. the local solve of ``delta`` from zero, and the slice's summary: the product of its
+   Jacobians (a vector for a diagonal Jacobian, ``nb`` blocks of ``m x m`` otherwise),
+   the local final ``delta``, its current last state and its largest residual;
+3. one all-gather of those summaries: every rank folds the summaries before it into its
+   incoming ``delta`` (and every rank's halo for the next iteration), and all agree on
+   the largest residual, so all stop at the same iteration;
+4. the local solve again with the incoming ``delta`` entered at the first step.
+
+One collective per iteration (and one before the first: the guess's last states, each the
+next slice's halo); the tolerance and the solution are those of the single-process newton
+run (up to rounding; a slice after the first guesses from the cell's initial value, not from
+a given state, so the count of iterations may differ).  Steps still unconverged when the budget
+runs out are run one by one, rank after rank, as the single-process backend runs its
+unconverged suffix.
+
+Backward (implicit differentiation, as the newton backend): the adjoint
+``lambda_t = g_t + J_{t+1}^T lambda_{t+1}`` runs in reverse time, so its summaries travel
+the other way: each rank solves its slice's adjoint from a zero carry, and sends
+``a_r = h_r + J_0^T lambda_0`` (``h_r`` the gradient of the outputs reading the halo) with
+``(prod_t J_t)^T``; each rank folds the summaries of the ranks after it into the adjoint
+entering its last step, solves its slice again, and the step's ordinary backward gives the
+parameter gradients (partial per rank: their sum is the single-process gradient).
+The backward needs exact Jacobians (a diagonal structure, or ``jacobian="full"``, which
+``auto`` picks up to 64-element blocks); a quasi-Newton solve of larger blocks is refused
+when gradients are asked for.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from . import ir
+from .ir import RefKind
+
+if TYPE_CHECKING:
+    from .distributed import SequenceParallel
+
+
+def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, itemsize: int = 4) -> str:
+    """What a sharded newton run of ``executed`` (a newton plan) exchanges over ``world`` ranks, in words."""
+    from .backends import newton as nt
+
+    plan = executed.solver
+    assert isinstance(plan, nt.JacobianPlan)
+    mode = plan.mode(nt.JacobianMode(dict(executed.options.backend_options).get("jacobian", "auto")))
+    product = _product_elements(plan, mode)
+    summary = product + 2 * plan.size
+    adjoint = product + 2 * plan.size
+    per_iteration = (world - 1) * (summary * batch * heads + 2) * itemsize if world > 1 else 0
+    backward = (world - 1) * adjoint * batch * heads * itemsize if world > 1 else 0
+    jacobian = "diagonal" if product == plan.size else f"{len(plan.blocks)} block{'s' if len(plan.blocks) != 1 else ''} of {plan.block_size} x {plan.block_size}"
+    return (
+        f"sequence parallel over {world} rank{'s' if world != 1 else ''}: cell {executed.analysis.cell.name}, Newton's method (the newton backend) with each iteration's linear solve sharded\n"
+        f"  joint state of {plan.size} numbers, Jacobian {plan.describe()}, solved {mode.value}\n"
+        f"      summary per iteration: the product of the slice's Jacobians ({jacobian}: {product}) + the local final correction ({plan.size}) + the slice's last state ({plan.size}) = {summary} numbers per batch row and head, and 2 per rank (its largest residual and first unconverged step)\n"
+        f"      exchange: one all-gather per iteration (every rank folds the summaries before it; all stop at the same iteration)\n"
+        f"      correction: the slice's linear solve rerun with the incoming correction entered at its first step\n"
+        f"      backward: one all-gather of (the product, J_0^T lambda_0 plus the halo's gradient, the final state's gradient) = {adjoint} numbers; the adjoint entering each slice folded from the ranks after it\n"
+        f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
+    )
+
+
+def _product_elements(plan: Any, mode: Any) -> int:
+    from .backends import newton as nt
+
+    if plan.block_size == 1 or mode is nt.JacobianMode.DIAGONAL:
+        return plan.size
+    return len(plan.blocks) * plan.block_size * plan.block_size
+
+
+def check_newton(module: Any) -> None:
+    """Refuse, when wrapped, what the sharded newton run does not handle."""
+    from .distributed import SequenceParallelError
+
+    cell = module.analysis.cell
+    if cell.reversed_recurrences:
+        raise SequenceParallelError(
+            f"cell {cell.name} has states that run in reverse time, which the sharded newton run does not support yet",
+            expected="a cell whose states all run forward in time",
+        )
+
+
+class _Group:
+    """The process group and this rank's place in it, with the collectives the run uses."""
+
+    def __init__(self, owner: "SequenceParallel") -> None:
+        self.group, self.rank, self.world = owner.group, owner.rank, owner.world_size
+        self.clock = owner.collective_time
+        self.owner = owner
+
+    def gather(self, flat: torch.Tensor, backward: bool = False) -> torch.Tensor:
+        import time
+
+        import torch.distributed as dist
+
+        gathered = [torch.empty_like(flat) for _ in range(self.world)]
+        started = time.perf_counter()
+        dist.all_gather(gathered, flat.contiguous(), group=self.group)
+        elapsed = time.perf_counter() - started
+        if backward:
+            self.clock.backward += elapsed
+        else:
+            self.clock.forward += elapsed
+            self.owner.last_exchange.append((("newton",), flat.numel(), flat.numel() * flat.element_size()))
+        return torch.stack(gathered)
+
+    def global_rank(self, rank: int) -> int:
+        import torch.distributed as dist
+
+        return dist.get_global_rank(self.group, rank)
+
+
+# ---- the Jacobians' products and their action ---------------------------------------------------
+
+
+def _product(jacobian) -> torch.Tensor:
+    """``J_{T-1} ... J_0`` of a slice: ``[*lead, n]`` (diagonal) or ``[*lead, nb, m, m]``."""
+    values = jacobian.values
+    if jacobian.diagonal:
+        return values.prod(1)
+    matrices = values.movedim(1, 0)
+    while matrices.shape[0] > 1:  # pairwise, log depth: later steps on the left
+        pairs = matrices.shape[0] // 2
+        product = matrices[1 : 2 * pairs : 2] @ matrices[0 : 2 * pairs : 2]
+        matrices = torch.cat([product, matrices[2 * pairs :]], 0)
+    return matrices[0]
+
+
+def _apply(matrix: torch.Tensor, diagonal: bool, vector: torch.Tensor, index: torch.Tensor, size: int, transposed: bool = False) -> torch.Tensor:
+    """``M v`` (or ``M^T v``) for ``M`` a diagonal ``[*lead, n]`` or blocks ``[*lead, nb, m, m]``."""
+    from .backends import newton as nt
+
+    if diagonal:
+        return matrix * vector
+    if transposed:
+        matrix = matrix.transpose(-1, -2)
+    blocks = nt._to_blocks(vector, index)
+    return nt._from_blocks((matrix @ blocks.unsqueeze(-1)).squeeze(-1), index, size)
+
+
+def _pack(parts: list[torch.Tensor], lead: tuple[int, ...]) -> torch.Tensor:
+    return torch.cat([p.expand(lead + tuple(p.shape[len(lead) :])).reshape(-1) for p in parts])
+
+
+def _unpack(flat: torch.Tensor, templates: list[torch.Tensor]) -> list[torch.Tensor]:
+    parts, offset = [], 0
+    for template in templates:
+        count = template.numel()
+        parts.append(flat[offset : offset + count].reshape(template.shape))
+        offset += count
+    return parts
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool):
+    """This rank's outputs and the whole sequence's final state, by sharded Newton iterations."""
+    from .backends import newton as nt
+    from .backends.torch_ops import Evaluator
+    from .distributed import SequenceParallelError, _Tie
+
+    module = owner.module
+    executed = module.plan
+    analysis = executed.analysis
+    cell = analysis.cell
+    plan = executed.solver
+    assert isinstance(plan, nt.JacobianPlan)
+    options = dict(executed.options.backend_options)
+    requested, tolerance, max_iterations = nt._options(options.get("jacobian", "auto"), options.get("tolerance"), options.get("max_iterations"), numerics)
+    mode = plan.mode(requested)
+    group = _Group(owner)
+    owner.last_exchange = []
+    first = next(iter(inputs.values()))
+    lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])  # (B, T_r, *heads)
+    steps = lead[1]
+    state_lead = (lead[0],) + lead[2:]
+
+    # Everything that reads no state, for all steps of the slice at once (as the newton backend).
+    whole: dict[tuple[RefKind, str], torch.Tensor] = {}
+    whole.update({(RefKind.PARAM, n): v for n, v in params.items()})
+    whole.update({(RefKind.CONST, n): v for n, v in consts.items()})
+    whole.update({(RefKind.INPUT, n): v for n, v in inputs.items()})
+    whole_eval = Evaluator(numerics, whole, shared=True)
+    parallel_outputs: dict[int, torch.Tensor] = {}
+    for statement in cell.body:
+        if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
+            whole[(RefKind.BINDING, statement.name)] = whole_eval.evaluate(statement.value)
+        elif isinstance(statement, ir.Emit) and statement.index in analysis.parallel_outputs:
+            value = whole_eval.evaluate(statement.value)
+            if statement.name is not None:
+                whole[(RefKind.BINDING, statement.name)] = value
+            parallel_outputs[statement.index] = value.expand(lead + tuple(value.shape[value.dim() - statement.value.type.rank :]))
+    hoisted = [(node, whole_eval.evaluate(node)) for node in analysis.hoisted]
+
+    # Rank 0: the sequence's initial state; the others: the cell's initial value, a guess only.
+    initial = nt.pack(state, plan, state_lead).to(numerics.real)
+    tracked = [v for v in list(whole.values()) + [v for _, v in hoisted] + [initial] if isinstance(v, torch.Tensor) and v.requires_grad]
+    differentiable = torch.is_grad_enabled() and bool(tracked)
+    exact = mode is nt.JacobianMode.FULL or plan.structure is nt.JacobianStructure.DIAGONAL
+    if differentiable and not exact:
+        raise SequenceParallelError(
+            f"cell {cell.name}: the gradient of a quasi-Newton solve (the diagonal of {plan.describe()} Jacobian blocks) needs the iterative adjoint, which is not sharded",
+            expected="backend_options={'jacobian': 'full'} for gradients, or a call under torch.no_grad()",
+        )
+    attached = nt._Step(analysis, numerics, plan, whole, hoisted)
+    detached = attached.detached()
+    index = nt._index(plan, initial.device)
+    with torch.no_grad():
+        trajectory, halo, final, jacobian = _newton(group, detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, index)
+
+    if differentiable:
+        # The step at the solution, differentiable in the params and inputs (and, on rank 0,
+        # the initial state); the halo of the other ranks is a constant here: its adjoint
+        # travels in the exchange of _ShardedAdjoint's backward.
+        start = initial if group.rank == 0 else halo
+        solution = attached(nt._shift(start, trajectory))
+        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size))
+    else:
+        solution, halo_out, final_out = trajectory, initial if group.rank == 0 else halo, final
+    previous = nt._shift(halo_out, solution)
+    evaluation = attached if differentiable else detached
+    new_states = {(RefKind.STATE_NEW, name): value for (_, name), value in nt.unpack(solution, plan).items()}
+    values = evaluation.values(previous, new_states)
+    outputs = []
+    for emit in cell.outputs:
+        if emit.index in parallel_outputs:
+            value = parallel_outputs[emit.index]
+            if differentiable:  # every rank's backward must reach the exchange
+                value = _Tie.apply(value, solution)
+            outputs.append(value)
+            continue
+        value = values.evaluator.evaluate(emit.value)
+        outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
+    final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
+    return outputs, final_states
+
+
+def _newton(group: _Group, step, initial: torch.Tensor, steps: int, plan, mode, tolerance: float, max_iterations: int, index: torch.Tensor):
+    """The converged slice ``[B, T_r, *heads, n]``, its halo, the whole sequence's final state, the Jacobians there."""
+    from .backends import newton as nt
+
+    rank, world, size = group.rank, group.world, plan.size
+    lead = tuple(initial.shape[:-1])
+    # The initial guess: every step taken from the (cell's) initial state, as the newton backend.
+    trajectory = step(initial.unsqueeze(1).expand(initial.shape[:1] + (steps,) + initial.shape[1:]))
+    halo = initial
+    if world > 1:
+        # Each slice's first step reads the previous slice's last state from the start, so that
+        # every iteration is a Newton step of the whole sequence's system (a guess that holds a
+        # slice's own initial value would let its residual vanish at the wrong fixed point).
+        guessed = group.gather(trajectory[:, -1].reshape(-1))
+        halo = initial if rank == 0 else guessed[rank - 1].reshape(initial.shape)
+    iterations = 0
+    while True:
+        value, jacobian = nt._evaluate_with_jacobian(step, nt._shift(halo, trajectory), plan, mode, index)
+        residual = nt._residual(value, trajectory)
+        errors = nt._step_errors(residual, value)
+        local = nt._solve_linear(jacobian, residual, index, size)
+        unconverged = torch.nonzero(~(errors <= tolerance))
+        first_unconverged = float(unconverged[0]) if len(unconverged) else -1.0
+        templates = [_product(jacobian), local[:, -1], trajectory[:, -1]]
+        scalars = torch.tensor([float(errors.max()), first_unconverged], dtype=initial.dtype, device=initial.device)
+        gathered = group.gather(torch.cat([_pack(templates, lead), scalars]))
+        summaries = [_unpack(g, templates) for g in gathered]
+        worst = max(float(g[-2]) for g in gathered)
+        if worst != worst or worst == float("inf") or worst <= tolerance or iterations >= max_iterations:
+            break
+        # The correction entering each slice: the exclusive fold of the slices before it (rank 0's is zero).
+        incoming = [torch.zeros_like(local[:, -1])]
+        for j in range(world - 1):
+            incoming.append(_apply(summaries[j][0], jacobian.diagonal, incoming[j], index, size) + summaries[j][1])
+        if rank > 0:
+            residual = residual.clone()
+            residual[:, 0] = residual[:, 0] + _apply(jacobian.values[:, 0], jacobian.diagonal, incoming[rank], index, size)
+            local = nt._solve_linear(jacobian, residual, index, size)
+            halo = summaries[rank - 1][2] + incoming[rank]  # the previous slice's last state, corrected
+        trajectory = trajectory + local
+        iterations += 1
+    lasts = [summary[2] for summary in summaries]
+    if not worst <= tolerance:
+        # Steps from the first unconverged one on are run one by one, rank after rank (the
+        # single-process backend runs its unconverged suffix so).
+        first_bad = [int(g[-1]) for g in gathered]
+        bad_rank = next(j for j, found in enumerate(first_bad) if found >= 0)
+        trajectory = _sweep(group, step, trajectory, initial if rank == 0 else lasts[rank - 1], first_bad[rank] if rank == bad_rank else 0, bad_rank)
+        lasts = [g.reshape(initial.shape) for g in group.gather(trajectory[:, -1].reshape(-1))]
+    halo = initial if rank == 0 else lasts[rank - 1]
+    _, jacobian = nt._evaluate_with_jacobian(step, nt._shift(halo, trajectory), plan, mode, index)
+    return trajectory, halo, lasts[world - 1], jacobian
+
+
+def _sweep(group: _Group, step, trajectory: torch.Tensor, halo: torch.Tensor, start: int, bad_rank: int) -> torch.Tensor:
+    """Run this slice's steps from ``start`` one by one; from the first unconverged rank on, in rank order."""
+    import torch.distributed as dist
+
+    rank, world = group.rank, group.world
+    if rank < bad_rank:
+        return trajectory
+    carried = halo if start == 0 else trajectory[:, start - 1]
+    if rank > bad_rank:
+        carried = torch.empty_like(halo)
+        dist.recv(carried, src=group.global_rank(rank - 1), group=group.group)
+    trajectory = trajectory.clone()
+    for t in range(start, trajectory.shape[1]):
+        carried = step.at(t, t + 1)(carried.unsqueeze(1)).squeeze(1)
+        trajectory[:, t] = carried
+    if rank < world - 1:
+        dist.send(carried.contiguous(), dst=group.global_rank(rank + 1), group=group.group)
+    return trajectory
+
+
+class _ShardedAdjoint(torch.autograd.Function):
+    """``(solution, halo, final)`` unchanged; backward turns their gradients into this slice's adjoint ``lambda``.
+
+    ``halo`` is the state before the slice's first step as its outputs read it, ``final`` the
+    whole sequence's final state; their gradients enter the exchange of adjoint summaries.
+    """
+
+    @staticmethod
+    def forward(ctx, solution: torch.Tensor, halo: torch.Tensor, final: torch.Tensor, context: tuple):
+        ctx.context = context
+        ctx.shapes = (solution.shape, halo.shape, final.shape)
+        ctx.dtype = solution.dtype
+        return solution.view_as(solution), halo.clone(), final.clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gradient, halo_gradient, final_gradient):
+        from .backends import newton as nt
+
+        group, jacobian, index, size = ctx.context
+        solution_shape, halo_shape, final_shape = ctx.shapes
+        zeros = lambda shape: torch.zeros(shape, dtype=ctx.dtype, device=jacobian.values.device)  # noqa: E731
+        gradient = zeros(solution_shape) if gradient is None else gradient.contiguous()
+        halo_gradient = zeros(halo_shape) if halo_gradient is None else halo_gradient
+        final_gradient = zeros(final_shape) if final_gradient is None else final_gradient
+        # The slice's adjoint from a zero carry, and what it sends to the slice before it.
+        adjoint = nt._solve_adjoint(jacobian, gradient, index, size)
+        leaving = halo_gradient + _apply(jacobian.values[:, 0], jacobian.diagonal, adjoint[:, 0], index, size, transposed=True)
+        product = _product(jacobian)
+        templates = [product, leaving, final_gradient]
+        lead = tuple(halo_shape[:-1])
+        summaries = [_unpack(g, templates) for g in group.gather(_pack(templates, lead), backward=True)]
+        # The adjoint entering this slice's last step: the final state's gradient (summed over
+        # the ranks that read it), carried back through every later slice.
+        carry = sum(summary[2] for summary in summaries)
+        for j in range(group.world - 1, group.rank, -1):
+            carry = summaries[j][1] + _apply(summaries[j][0], jacobian.diagonal, carry, index, size, transposed=True)
+        gradient = gradient.clone()
+        gradient[:, -1] = gradient[:, -1] + carry
+        return nt._solve_adjoint(jacobian, gradient, index, size), halo_gradient, None, None
