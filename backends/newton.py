@@ -52,6 +52,7 @@ products of the step), corrections by the reverse diagonal scan.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable, Iterator, Mapping
@@ -465,7 +466,9 @@ class _StepValues(Mapping):
         self.cell = analysis.cell
         self.time_parallel = analysis.time_parallel
         self.known = known
-        self.evaluator = Evaluator(evaluator_numerics, self, shared=True)
+        # A proxy, not self: the evaluator lives only through these values, and a cycle would
+        # keep every evaluation's tensors alive until the garbage collector ran.
+        self.evaluator = Evaluator(evaluator_numerics, weakref.proxy(self), shared=True)
         for node, value in hoisted:
             self.evaluator.seed(node, value)
         self.bindings = {s.name: s.value for s in self.cell.body if isinstance(s, ir.Assign)}

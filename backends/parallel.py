@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from dataclasses import dataclass, replace
 from typing import Callable, Mapping
 
@@ -101,7 +102,18 @@ class _LazyValues(dict):
     def __init__(self) -> None:
         super().__init__()
         self.pending: dict[tuple[RefKind, str], ir.Expr | Callable[[], torch.Tensor]] = {}
-        self.evaluator: Evaluator | None = None
+        self._evaluator: weakref.ReferenceType[Evaluator] | None = None
+
+    # The evaluator holds these values, so they hold it weakly: a cycle would keep every
+    # memoised tensor of a run (whole state sequences) alive until the garbage collector
+    # happened to run, long after the call returned.
+    @property
+    def evaluator(self) -> Evaluator | None:
+        return self._evaluator() if self._evaluator is not None else None
+
+    @evaluator.setter
+    def evaluator(self, evaluator: Evaluator | None) -> None:
+        self._evaluator = weakref.ref(evaluator) if evaluator is not None else None
 
     def __missing__(self, key):
         expr = self.pending.pop(key, None)
