@@ -33,6 +33,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from recdsl import ir
 from recdsl.plan import ExecutionPlan, VarlenForm
 
 
@@ -77,6 +78,21 @@ class Segments:
         """Each sequence's value at its last step: ``[1, T, *rest]`` -> ``[N, *rest]``."""
         return sequence[0].index_select(0, self.lasts)
 
+    def firsts(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Each sequence's value at its first step (a reverse state's final value): ``[1, T, *rest]`` -> ``[N, *rest]``."""
+        return sequence[0].index_select(0, self.starts)
+
+    def reversed(self) -> "Segments":
+        """The same sequences with time running backwards, for a reverse recurrence solved forward.
+
+        Flipping the packed time axis flips each sequence and their order: sequence ``n``
+        becomes sequence ``N - 1 - n`` of the flipped batch (so its rows of ``state=`` are
+        read flipped too), and its last step becomes that sequence's first, where the
+        recurrence restarts.
+        """
+        total = self.offsets[-1]
+        return Segments.of(tuple(total - offset for offset in reversed(self.offsets)), self.starts.device)
+
     def carry_in(
         self,
         transition: torch.Tensor,
@@ -97,10 +113,18 @@ class Segments:
         first = first.expand((1, self.count) + tuple(value.shape[2:]))
         return transition.index_fill(1, self.starts, reset), value.index_copy(1, self.starts, first.to(value.dtype))
 
-    def shift(self, sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-        """The previous values ``x_{t-1}``: the sequence shifted by one step, each sequence's initial state at its first step."""
-        shifted = torch.cat([sequence[:, :1], sequence[:, :-1]], 1)
-        return shifted.index_copy(1, self.starts, initial.unsqueeze(0).to(shifted.dtype).expand((1, self.count) + tuple(shifted.shape[2:])))
+    def shift(self, sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction = ir.Direction.FORWARD) -> torch.Tensor:
+        """The previous values: ``x_{t-1}``, each sequence's initial state at its first step; for a
+        reverse recurrence ``x_{t+1}``, the initial state at each sequence's last step.
+
+        Nothing crosses a boundary in either direction: the step a shift would take from the
+        neighbouring sequence is the one overwritten by the initial state.
+        """
+        if direction is ir.Direction.REVERSE:
+            shifted, entry = torch.cat([sequence[:, 1:], sequence[:, -1:]], 1), self.lasts
+        else:
+            shifted, entry = torch.cat([sequence[:, :1], sequence[:, :-1]], 1), self.starts
+        return shifted.index_copy(1, entry, initial.unsqueeze(0).to(shifted.dtype).expand((1, self.count) + tuple(shifted.shape[2:])))
 
     def start_flags(self, steps: int) -> torch.Tensor:
         """``[T, 1]`` booleans, set at each sequence's first step: the flags of :func:`.scans.segmented`."""
