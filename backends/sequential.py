@@ -202,9 +202,10 @@ def _run_directed(
     value at the step after.  A last forward loop evaluates the outputs.
 
     ``resets`` (rows aligned at their ends, :class:`.segments.EndAligned`): row ``b``'s
-    sequence starts at step ``first[b]``.  Forward states and delays take their initial
-    value there; reverse ones start at the last step, every row's own, and return their
-    value at ``first[b]``.
+    sequence starts at step ``first_steps[b]``.  Forward states and delays take their
+    initial value there; reverse ones start at the last step, every row's own, and return
+    their value at ``first_steps[b]`` (what they compute before it, over the padding, is
+    discarded).
     """
     analysis = plan.analysis
     cell = analysis.cell
@@ -334,7 +335,7 @@ def _run_directed(
                     if isinstance(statement, ir.Emit):
                         step_lead = (lead[0],) + lead[2:]
                         emitted.setdefault(statement.index, [None] * steps)[t] = _full_sequence(value, statement.value.type, step_lead)
-            if resets and reverse and t in resets:  # a row's sequence starts here: its reverse states' final values
+            if resets and reverse and t in resets:  # a row's sequence starts here: keep its reverse states' returned values
                 starting = resets[t]
                 returned.update({key: returned.get(key, value).index_copy(0, starting, value.index_select(0, starting)) for key, value in carried.items()})
         per_step.update(records)
