@@ -697,8 +697,9 @@ def run(
     reversed_solver = None
     # A packed batch in reversed time: the sequences flipped and in the opposite order, so
     # the rows of the initial state are read flipped (Segments.reversed).
-    reversed_segments = segments.reversed() if segments is not None else None
-    reversed_state = {key: value.flip(0) for key, value in state.items()} if segments is not None else state
+    packed_reverse = segments is not None and bool(cell.reversed_recurrences)
+    reversed_segments = segments.reversed() if packed_reverse else None
+    reversed_state = {key: value.flip(0) for key, value in state.items()} if packed_reverse else state
     for step in plan.steps:
         direction = analysis.direction(step.names[0])
         # A reverse recurrence is solved forward in reversed time, its results flipped back.
