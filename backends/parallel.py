@@ -687,10 +687,12 @@ def run(
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
 
-    if (segments is not None or last_steps is not None) and cell.reversed_recurrences:
+    if last_steps is not None and cell.reversed_recurrences:
+        # Rows padded at their ends would start a reverse state in the padding; packed batches
+        # of such cells run equal-length groups instead (ExecutionPlan.varlen).
         raise BackendError(
-            f"cell {cell.name} has states that run backwards in time, which packed or padded batches do not support yet",
-            expected="one call per sequence (no cu_seqlens) for a cell with reverse states",
+            f"cell {cell.name} has states that run backwards in time, which batch rows padded at their ends cannot start at each row's last step",
+            expected="cu_seqlens (each sequence's reverse states start at its own last step) or one call per sequence",
         )
     solver_kind = solver or Solver
     solver = solver_kind(plan, seq, state, segments)
@@ -705,6 +707,11 @@ def run(
     substitutions: dict[int, torch.Tensor] = {}
     reversed_frame: _Sequences | None = None
     reversed_solver = None
+    # A packed batch in reversed time: the sequences flipped and in the opposite order, so
+    # the rows of the initial state are read flipped (Segments.reversed).
+    packed_reverse = segments is not None and bool(cell.reversed_recurrences)
+    reversed_segments = segments.reversed() if packed_reverse else None
+    reversed_state = {key: value.flip(0) for key, value in state.items()} if packed_reverse else state
     for step in plan.steps:
         direction = analysis.direction(step.names[0])
         # A reverse recurrence is solved forward in reversed time, its results flipped back.
@@ -712,15 +719,22 @@ def run(
         if reverse and reversed_frame is None:
             # One reversed view for every reverse group, so that the values they share are flipped once.
             reversed_frame = _time_reversed(seq, cell)
-            reversed_solver = solver_kind(plan, reversed_frame, state)
+            reversed_solver = solver_kind(plan, reversed_frame, reversed_state, reversed_segments)
         elif reverse:
             _follow(reversed_frame, seq)
         frame = reversed_frame if reverse else seq
         frame_solver = reversed_solver if reverse else solver
+        frame_state, frame_segments = (reversed_state, reversed_segments) if reverse else (state, segments)
         restore = (lambda x: x.flip(1)) if reverse else (lambda x: x)  # noqa: E731
-        # The value a module returns: after the last step it runs (step 0 for a reverse recurrence).
-        last = (lambda x: x[:, 0]) if reverse else last_of  # noqa: E731
-        shift = segments.shift if segments is not None else functools.partial(_shift, direction=direction)
+        # A chunk kernel's final states of a packed batch come in the frame's order of sequences.
+        restore_rows = (lambda x: x.flip(0)) if reverse and segments is not None else (lambda x: x)  # noqa: E731
+        # The value a module returns: after the last step it runs (step 0, or each sequence's
+        # first step, for a reverse recurrence).
+        if reverse:
+            last = segments.firsts if segments is not None else (lambda x: x[:, 0])  # noqa: E731
+        else:
+            last = last_of
+        shift = functools.partial(segments.shift, direction=direction) if segments is not None else functools.partial(_shift, direction=direction)
         if step.form is Form.JOINT_MATRIX_SCAN:
             for name, sequence in Solver.joint(frame_solver, step).items():
                 sequence = restore(sequence.expand(lead + analysis.state(name).type.shape))
@@ -749,20 +763,21 @@ def run(
                     substitutions[id(node)] = restore(value)
                 continue
             # Packed sequences, an unstable decay or non-finite pieces: the plan's fallback scan.
-            sequence = Solver(plan, frame, state, segments).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(step, form=step.fallback), state_analysis)
         elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, state[name], plan.chunk_size, kernel, segments)
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments)
             if chunked_run is not None:
-                readouts, final[name] = chunked_run
+                readouts, chunk_final = chunked_run
+                final[name] = restore_rows(chunk_final)
                 for node, value in zip(step.chunk.readouts, readouts):
                     substitutions[id(node)] = restore(value)
                 continue
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
             # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
             assert step.fallback is not None
-            sequence = Solver(plan, frame, state, segments).solve(replace(step, form=step.fallback), state_analysis)
+            sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(step, form=step.fallback), state_analysis)
         else:
             sequence = frame_solver.solve(step, state_analysis)
         sequence = restore(sequence.expand(lead + state_analysis.type.shape))

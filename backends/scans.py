@@ -342,6 +342,30 @@ def _dense_block_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Te
     return local.transpose(0, 1).reshape((chunks * size,) + local.shape[2:])[:steps]
 
 
+def _affine_scan_backward(ctx, grad_states: torch.Tensor, scan: Callable, step_outer: Callable) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The adjoint of ``x_t = M_t x_{t-1} + v_t`` (``ctx`` saved ``M`` and the states ``x``), solved by ``scan``.
+
+    The same recurrence backwards with the transposed transitions,
+    ``g_t = dL/dx_t + M_{t+1}^H g_{t+1}``, gives ``dL/dv_t = g_t``; then
+    ``dL/dM_t = step_outer(g_t, x_{t-1}^*)`` (``g x^H`` of vectors or of column blocks),
+    summed over the dims a broadcast ``M`` was spread to.
+    """
+    transition, states = ctx.saved_tensors
+    following = torch.cat([transition[1:], torch.zeros_like(transition[:1])], 0).transpose(-1, -2).conj()
+    adjoint = scan(following.flip(0), grad_states.flip(0).to(states.dtype)).flip(0)
+    grad_transition = None
+    if ctx.needs_input_grad[0]:
+        previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]], 0)
+        grad_transition = step_outer(adjoint, previous.conj())
+        extra = grad_transition.dim() - transition.dim()
+        if extra:
+            grad_transition = grad_transition.sum(tuple(range(extra)))
+        grad_transition = _sum_to(grad_transition, transition.shape)
+        if not transition.is_complex() and grad_transition.is_complex():
+            grad_transition = grad_transition.real
+    return grad_transition, adjoint if ctx.needs_input_grad[1] else None
+
+
 class _BlockLinearScan(torch.autograd.Function):
     """``x_t = M_t x_{t-1} + v_t`` over small blocks, with its adjoint derived rather than taped.
 
@@ -358,21 +382,7 @@ class _BlockLinearScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_states: torch.Tensor):
-        transition, states = ctx.saved_tensors
-        following = torch.cat([transition[1:], torch.zeros_like(transition[:1])], 0).transpose(-1, -2).conj()
-        adjoint = block_linear_scan(following.flip(0), grad_states.flip(0).to(states.dtype)).flip(0)
-        grad_transition = None
-        if ctx.needs_input_grad[0]:
-            previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]], 0)
-            grad_transition = adjoint.unsqueeze(-1) * previous.conj().unsqueeze(-2)
-            shape = transition.shape
-            extra = grad_transition.dim() - len(shape)
-            if extra:
-                grad_transition = grad_transition.sum(tuple(range(extra)))
-            grad_transition = _sum_to(grad_transition, shape)
-            if not transition.is_complex() and grad_transition.is_complex():
-                grad_transition = grad_transition.real
-        return grad_transition, adjoint if ctx.needs_input_grad[1] else None
+        return _affine_scan_backward(ctx, grad_states, block_linear_scan, lambda g, x: g.unsqueeze(-1) * x.unsqueeze(-2))
 
 
 def _columns_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -420,16 +430,7 @@ class _ColumnsScan(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_states: torch.Tensor):
-        transition, states = ctx.saved_tensors
-        following = torch.cat([transition[1:], torch.zeros_like(transition[:1])], 0).transpose(-1, -2).conj()
-        adjoint = _columns_scan(following.flip(0), grad_states.flip(0).to(states.dtype)).flip(0)
-        grad_transition = None
-        if ctx.needs_input_grad[0]:
-            previous = torch.cat([torch.zeros_like(states[:1]), states[:-1]], 0)
-            grad_transition = _sum_to(adjoint @ previous.transpose(-1, -2).conj(), transition.shape)
-            if not transition.is_complex() and grad_transition.is_complex():
-                grad_transition = grad_transition.real
-        return grad_transition, adjoint if ctx.needs_input_grad[1] else None
+        return _affine_scan_backward(ctx, grad_states, _columns_scan, lambda g, x: g @ x.transpose(-1, -2))
 
 
 def block_affine_scan(transition: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

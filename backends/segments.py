@@ -33,6 +33,7 @@ from typing import Callable, Mapping
 
 import torch
 
+from recdsl import ir
 from recdsl.plan import ExecutionPlan, VarlenForm
 
 
@@ -77,6 +78,21 @@ class Segments:
         """Each sequence's value at its last step: ``[1, T, *rest]`` -> ``[N, *rest]``."""
         return sequence[0].index_select(0, self.lasts)
 
+    def firsts(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Each sequence's value at its first step (a reverse state's final value): ``[1, T, *rest]`` -> ``[N, *rest]``."""
+        return sequence[0].index_select(0, self.starts)
+
+    def reversed(self) -> "Segments":
+        """The same sequences with time running backwards, for a reverse recurrence solved forward.
+
+        Flipping the packed time axis flips each sequence and their order: sequence ``n``
+        becomes sequence ``N - 1 - n`` of the flipped batch (so its rows of ``state=`` are
+        read flipped too), and its last step becomes that sequence's first, where the
+        recurrence restarts.
+        """
+        total = self.offsets[-1]
+        return Segments.of(tuple(total - offset for offset in reversed(self.offsets)), self.starts.device)
+
     def carry_in(
         self,
         transition: torch.Tensor,
@@ -97,10 +113,18 @@ class Segments:
         first = first.expand((1, self.count) + tuple(value.shape[2:]))
         return transition.index_fill(1, self.starts, reset), value.index_copy(1, self.starts, first.to(value.dtype))
 
-    def shift(self, sequence: torch.Tensor, initial: torch.Tensor) -> torch.Tensor:
-        """The previous values ``x_{t-1}``: the sequence shifted by one step, each sequence's initial state at its first step."""
-        shifted = torch.cat([sequence[:, :1], sequence[:, :-1]], 1)
-        return shifted.index_copy(1, self.starts, initial.unsqueeze(0).to(shifted.dtype).expand((1, self.count) + tuple(shifted.shape[2:])))
+    def shift(self, sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction = ir.Direction.FORWARD) -> torch.Tensor:
+        """The previous values: ``x_{t-1}``, each sequence's initial state at its first step; for a
+        reverse recurrence ``x_{t+1}``, the initial state at each sequence's last step.
+
+        Nothing crosses a boundary in either direction: the step a shift would take from the
+        neighbouring sequence is the one overwritten by the initial state.
+        """
+        if direction is ir.Direction.REVERSE:
+            shifted, entry = torch.cat([sequence[:, 1:], sequence[:, -1:]], 1), self.lasts
+        else:
+            shifted, entry = torch.cat([sequence[:, :1], sequence[:, :-1]], 1), self.starts
+        return shifted.index_copy(1, entry, initial.unsqueeze(0).to(shifted.dtype).expand((1, self.count) + tuple(shifted.shape[2:])))
 
     def start_flags(self, steps: int) -> torch.Tensor:
         """``[T, 1]`` booleans, set at each sequence's first step: the flags of :func:`.scans.segmented`."""
@@ -186,8 +210,32 @@ class StartAligned(_Rows):
         return StartAligned(longest, torch.cat(sources).to(device), torch.cat(positions).to(device), last_steps)
 
 
+class _Slots:
+    """Packed steps placed on a longer, padded time axis: step ``t`` at ``positions[t]``, padding between.
+
+    A sequence's slot starts where its padded layout begins it and holds its steps in
+    order; the padding steps leave the state unchanged (zero keys and values, log decay 0).
+    """
+
+    positions: torch.Tensor  # [T] int64: where each packed step sits on the padded axis
+    padded_steps: int
+
+    @staticmethod
+    def _positions(slot_starts: list[int], lengths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        return torch.cat([start + torch.arange(length) for start, length in zip(slot_starts, lengths)]).to(device)
+
+    def spread(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``[N', T, ...]`` -> ``[N', padded_steps, ...]``, the padding filled with ``fill``."""
+        padded = packed.new_full((packed.shape[0], self.padded_steps) + tuple(packed.shape[2:]), fill)
+        return padded.index_copy(1, self.positions, packed)
+
+    def gather(self, padded: torch.Tensor) -> torch.Tensor:
+        """``[N', padded_steps, ...]`` -> ``[N', T, ...]``: the steps of the packed batch."""
+        return padded.index_select(1, self.positions)
+
+
 @dataclass(frozen=True)
-class ChunkLayout:
+class ChunkLayout(_Slots):
     """Each sequence of a packed batch laid out on whole chunks, for the chunked kernels.
 
     Sequence ``n`` of length ``L`` occupies ``ceil(L / C)`` chunks; the steps after its end
@@ -204,28 +252,19 @@ class ChunkLayout:
     @staticmethod
     def of(segments: Segments, chunk: int) -> "ChunkLayout":
         device = segments.starts.device
-        positions, firsts, lasts, cursor = [], [], [], 0
+        slot_starts, firsts, lasts, cursor = [], [], [], 0
         for length in segments.lengths:
             chunks = -(-length // chunk)
-            positions.append(torch.arange(cursor, cursor + length))
+            slot_starts.append(cursor)
             firsts.append(cursor // chunk)
             lasts.append(cursor // chunk + chunks - 1)
             cursor += chunks * chunk
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return ChunkLayout(torch.cat(positions).to(device), cursor, as_tensor(firsts), as_tensor(lasts))
-
-    def spread(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """``[N', T, ...]`` -> ``[N', padded_steps, ...]``, the padding filled with ``fill``."""
-        padded = packed.new_full((packed.shape[0], self.padded_steps) + tuple(packed.shape[2:]), fill)
-        return padded.index_copy(1, self.positions, packed)
-
-    def gather(self, padded: torch.Tensor) -> torch.Tensor:
-        """``[N', padded_steps, ...]`` -> ``[N', T, ...]``: the steps of the packed batch."""
-        return padded.index_select(1, self.positions)
+        return ChunkLayout(_Slots._positions(slot_starts, segments.lengths, device), cursor, as_tensor(firsts), as_tensor(lasts))
 
 
 @dataclass(frozen=True)
-class ChunkRows:
+class ChunkRows(_Slots):
     """Each sequence of a packed batch in a row of its own, for a chunk kernel that loops over chunks.
 
     The delta rule's chunked form steps from chunk to chunk; on one packed row it would
@@ -233,7 +272,8 @@ class ChunkRows:
     rows of ``max_len`` steps rounded up to whole chunks, padded at their ends with steps
     that leave the state unchanged (zero keys, values and coefficients), so the loop takes
     the longest sequence's chunks and the state after each row's last step is final.
-    Values are ``[N', T, ...]`` packed and ``[N' * N, steps, ...]`` in rows.
+    Values are ``[N', T, ...]`` packed and ``[N' * N, steps, ...]`` in rows: the padded
+    axis of :class:`_Slots` cut into the rows.
     """
 
     positions: torch.Tensor  # [T] int64: where each packed step sits in the flattened [N * steps]
@@ -243,19 +283,20 @@ class ChunkRows:
     @staticmethod
     def of(segments: Segments, chunk: int) -> "ChunkRows":
         steps = -(-max(segments.lengths) // chunk) * chunk
-        positions = torch.cat([n * steps + torch.arange(length) for n, length in enumerate(segments.lengths)])
-        return ChunkRows(positions.to(segments.starts.device), segments.count, steps)
+        slot_starts = [n * steps for n in range(segments.count)]
+        return ChunkRows(_Slots._positions(slot_starts, segments.lengths, segments.starts.device), segments.count, steps)
+
+    @property
+    def padded_steps(self) -> int:  # type: ignore[override]
+        return self.count * self.steps
 
     def spread(self, packed: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
         """``[N', T, ...]`` -> ``[N' * N, steps, ...]``, the padding filled with ``fill``."""
-        rest = tuple(packed.shape[2:])
-        padded = packed.new_full((packed.shape[0], self.count * self.steps) + rest, fill)
-        return padded.index_copy(1, self.positions, packed).reshape((-1, self.steps) + rest)
+        return super().spread(packed, fill).reshape((-1, self.steps) + tuple(packed.shape[2:]))
 
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """``[N' * N, steps, ...]`` -> ``[N', T, ...]``."""
-        rest = tuple(rows.shape[2:])
-        return rows.reshape((-1, self.count * self.steps) + rest).index_select(1, self.positions)
+        return super().gather(rows.reshape((-1, self.padded_steps) + tuple(rows.shape[2:])))
 
 
 # ---- the grouped fallback -----------------------------------------------------------------

@@ -63,7 +63,7 @@ def run(
     analysis = plan.analysis
     cell = analysis.cell
     if cell.reversed_recurrences or analysis.delays:
-        return _run_directed(plan, inputs, params, consts, state, numerics)
+        return _run_directed(plan, inputs, params, consts, state, numerics, resets)
     first = next(iter(inputs.values()))
     first_decl = cell.inputs[0].type
     lead = tuple(first.shape[: first.dim() - first_decl.rank])  # (B, T, *heads)
@@ -191,6 +191,7 @@ def _run_directed(
     consts: Mapping[str, torch.Tensor],
     state: Mapping[str, torch.Tensor],
     numerics: Numerics,
+    resets: Mapping[int, torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """:func:`run` for a cell with reverse recurrences or delays: the definition of both.
 
@@ -199,6 +200,12 @@ def _run_directed(
     evaluating in source order its updates and the bindings that become computable, with
     the values of earlier groups at the same step; a reverse state's previous value is its
     value at the step after.  A last forward loop evaluates the outputs.
+
+    ``resets`` (rows aligned at their ends, :class:`.segments.EndAligned`): row ``b``'s
+    sequence starts at step ``first_steps[b]``.  Forward states and delays take their
+    initial value there; reverse ones start at the last step, every row's own, and return
+    their value at ``first_steps[b]`` (what they compute before it, over the padding, is
+    discarded).
     """
     analysis = plan.analysis
     cell = analysis.cell
@@ -206,6 +213,16 @@ def _run_directed(
     lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])  # (B, T, *heads)
     steps = lead[1]
     sources = analysis.dependencies
+    rows = torch.arange(lead[0], device=first.device)
+    first_steps = torch.zeros(lead[0], dtype=torch.long, device=first.device)  # each row's first step
+    for t, starting in (resets or {}).items():
+        first_steps = first_steps.index_fill(0, starting, t)
+
+    def delayed_in_rows(sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
+        shifted = delayed(sequence, initial, direction)
+        if resets and direction is ir.Direction.FORWARD:  # nothing leaks in from the padding before a row's first step
+            shifted = shifted.index_put((rows, first_steps), initial.to(shifted.dtype).expand(shifted[:, 0].shape))
+        return shifted
 
     shared: dict[tuple[RefKind, str], torch.Tensor] = {}
     shared.update({(RefKind.PARAM, name): value for name, value in params.items()})
@@ -225,7 +242,7 @@ def _run_directed(
             return _sequence_of(whole_eval.evaluate(update), update.type, declared.type, lead)
 
         whole.pending[(RefKind.STATE_NEW, name)] = new_values
-        whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: delayed(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
+        whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: delayed_in_rows(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
 
     # Bindings that read delays and nothing else recurrent are time-parallel too, once the
     # delays are shifted (RWKV's token-shift mix).
@@ -254,7 +271,7 @@ def _run_directed(
         for kind in (RefKind.STATE_NEW, RefKind.STATE_PREV):
             per_step[(kind, name)] = whole[(kind, name)].unbind(1)
         sequence = whole[(RefKind.STATE_NEW, name)]
-        final[name] = sequence[:, 0] if cell.state(name).reverse else sequence[:, -1]
+        final[name] = sequence[rows, first_steps] if cell.state(name).reverse else sequence[:, -1]
     hoisted = [(node, _steps(whole_eval.evaluate(node), node.type, steps)) for node in analysis.hoisted]
 
     scans = {s.name: s for s in cell.scans}
@@ -274,9 +291,12 @@ def _run_directed(
     def reads(statement) -> frozenset[str]:
         return recurrent_sources(statement.value, sources)
 
-    def loop(order: range, statements: list, carried: dict[str, torch.Tensor], members: set[str]) -> None:
+    def loop(order: range, statements: list, carried: dict[str, torch.Tensor], members: set[str], reverse: bool = False) -> None:
         records: dict[tuple[RefKind, str], list] = {}
         for t in order:
+            if resets and not reverse and t in resets:  # a row's sequence starts here: its initial state
+                starting = resets[t]
+                carried.update({key: value.index_copy(0, starting, state[key].index_select(0, starting).to(value.dtype)) for key, value in carried.items()})
             values: dict[tuple[RefKind, str], torch.Tensor] = dict(shared)
             values.update({key: sequence[t] for key, sequence in per_step.items()})
             values.update({(RefKind.STATE_PREV, s.name): carried[s.name] for s in cell.states if s.name in members})
@@ -315,6 +335,9 @@ def _run_directed(
                     if isinstance(statement, ir.Emit):
                         step_lead = (lead[0],) + lead[2:]
                         emitted.setdefault(statement.index, [None] * steps)[t] = _full_sequence(value, statement.value.type, step_lead)
+            if resets and reverse and t in resets:  # a row's sequence starts here: keep its reverse states' returned values
+                starting = resets[t]
+                returned.update({key: returned.get(key, value).index_copy(0, starting, value.index_select(0, starting)) for key, value in carried.items()})
         per_step.update(records)
 
     for group in analysis.schedule:
@@ -334,8 +357,12 @@ def _run_directed(
                 statements.append(statement)
         carried = {key: value for key, value in state.items() if key.split(".")[0] in members}
         reverse = analysis.direction(group) is ir.Direction.REVERSE
-        loop(range(steps - 1, -1, -1) if reverse else range(steps), statements, carried, members)
+        returned: dict[str, torch.Tensor] = {}
+        loop(range(steps - 1, -1, -1) if reverse else range(steps), statements, carried, members, reverse)
         final.update(carried)
+        if returned:  # rows that start after step 0 return the value kept at their first step
+            late = torch.cat(list(resets.values()))
+            final.update({key: carried[key].index_copy(0, late, returned[key].index_select(0, late)) for key in returned})
         done |= members
     rest = [s for s in cell.body if named(s) is not None and named(s) not in computed]
     if rest:

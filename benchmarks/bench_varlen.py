@@ -6,7 +6,9 @@ three ways, forward and backward:
 - ``packed``: one call, ``mod(x, cu_seqlens=offsets)`` (states reset at each boundary);
 - ``one by one``: a Python loop of N calls, one per sequence;
 - ``padded``: one call on a ``[N, max_len, ...]`` batch padded at the end (gives the
-  outputs, but not the final states, which the padding runs on past each sequence's end).
+  outputs, but not the final states, which the padding runs on past each sequence's end;
+  for a cell with reverse states, LION and BiGRU, not the outputs either: the reverse
+  states start in the padding, so that column is a time only).
 
 Then the cost of ``mod.step`` (decoding): one call per step against the sequential
 loop's time per step over a whole sequence, forward only.
@@ -37,6 +39,8 @@ CASES = [
     ("deltanet", "chunked", dict(dk=32, dv=32)),
     ("gru", "sequential", dict(d_in=64, d=64)),
     ("gru", "fused", dict(d_in=64, d=64)),
+    ("lion", "chunked", dict(dk=64, dv=64)),  # reverse states: packed flips the batch for Sb, zb
+    ("bigru", "sequential", dict(d_in=64, d=64)),
 ]
 
 

@@ -329,19 +329,14 @@ class CompiledCell(nn.Module):
         flash-linear-attention: inputs ``[1, total_T, *heads, *shape]`` and offsets, an
         int64 tensor ``[N + 1]`` rising from 0 to ``total_T``; sequence ``n`` is steps
         ``cu_seqlens[n]`` to ``cu_seqlens[n + 1] - 1``.  Every state starts afresh at each
-        sequence's first step, and ``state=`` and the returned state are ``[N, *heads, *shape]``
-        (``plan.varlen`` says how the backend does it).
+        sequence's first step (a reverse state at its last step), and ``state=`` and the
+        returned state are ``[N, *heads, *shape]`` (a reverse state's value at each
+        sequence's first step; ``plan.varlen`` says how the backend does it).
         """
         inputs = self._bind_inputs(args, kwargs)
         batch, steps, heads = self._check_inputs(inputs)
         segments = None
         if cu_seqlens is not None:
-            if self.cell.reversed_recurrences:
-                names = ", ".join(f"'{name}'" for name in self.cell.reversed_recurrences)
-                raise BackendError(
-                    f"cell {self.cell.name} has states that run backwards in time ({names}), which packed batches (cu_seqlens) do not support yet",
-                    expected="one call per sequence for a cell with reverse states",
-                )
             segments = self._check_offsets(cu_seqlens, batch, steps, next(iter(inputs.values())).device)
             batch = segments.count  # states are per sequence
         numerics, output_dtype = self._numerics(inputs)

@@ -273,7 +273,12 @@ class ExecutionPlan:
         """How this plan runs a packed variable-length batch (``module(..., cu_seqlens=...)``)."""
         if self.backend is BackendKind.TRITON and any(step.form is Form.TRITON_CHUNKED for step in self.steps):
             return VarlenForm.GROUPED_BY_LENGTH
-        return VARLEN_FORMS[self.backend]
+        form = VARLEN_FORMS[self.backend]
+        if form is VarlenForm.START_ALIGNED and self.cell.reversed_recurrences:
+            # Rows padded at their ends would start a reverse state in the padding, not at
+            # each sequence's last step: equal lengths run together, unpadded.
+            return VarlenForm.GROUPED_BY_LENGTH
+        return form
 
     def step(self, name: str) -> StepPlan:
         for step in self.steps:

@@ -82,3 +82,50 @@ def test_bfloat16_inputs_accumulate_in_float32_on_cuda(name):
     expected = expected[0] if isinstance(expected, tuple) else expected
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float().cpu(), expected.float(), rtol=3e-2, atol=3e-2)
+
+
+def _packed_against_one_call_per_sequence(name: str, device: str) -> None:
+    """Every backend that runs ``name`` on ``device``, on a packed batch (``cu_seqlens``), against
+    the CPU sequential loop called once per sequence: outputs, returned states (a reverse
+    state's at each sequence's first step) and input gradients, float64."""
+    lengths = [65, 1, 64, 3, 130]
+    offsets = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    reference = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **DIMS[name]).double()
+    generator = torch.Generator().manual_seed(0)
+    inputs = {i.name: 0.5 * torch.randn((1, offsets[-1].item(), 2, *i.type.shape), generator=generator, dtype=torch.float64) for i in reference.cell.inputs}
+    state = {k: 0.5 * torch.randn(v.shape, generator=generator, dtype=torch.float64) for k, v in reference.initial_state(len(lengths), 2, dtype=torch.float64).items()}
+
+    def run(module, x, s, dev, packed):
+        x = {k: v.to(dev).requires_grad_() for k, v in x.items()}
+        if packed:
+            out, final = module(**x, state={k: v.to(dev) for k, v in s.items()}, cu_seqlens=offsets.to(dev), return_state=True)
+            outs = list(out) if isinstance(out, tuple) else [out]
+        else:
+            pieces, finals = [], []
+            for n in range(len(lengths)):
+                a, b = int(offsets[n]), int(offsets[n + 1])
+                out, fin = module(**{k: v[:, a:b] for k, v in x.items()}, state={k: v[n : n + 1] for k, v in s.items()}, return_state=True)
+                pieces.append(list(out) if isinstance(out, tuple) else [out])
+                finals.append(fin)
+            outs = [torch.cat([p[i] for p in pieces], 1) for i in range(len(pieces[0]))]
+            final = {k: torch.cat([f[k] for f in finals], 0) for k in finals[0]}
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype, device=o.device).reshape(o.shape)).sum() for o in outs)
+        grads = torch.autograd.grad(loss, list(x.values()))
+        return [o.detach().cpu() for o in outs], {k: v.detach().cpu() for k, v in final.items()}, [g.cpu() for g in grads]
+
+    expected = run(reference, inputs, state, "cpu", packed=False)
+    for backend in _backends(reference) if device == "cuda" else ["scan", "chunked"]:
+        module = recdsl.compile(EXAMPLES / f"{name}.rec", backend=backend, **DIMS[name]).double().to(device)
+        module.load_state_dict(reference.state_dict())
+        got = run(module, inputs, state, device, packed=True)
+        for what, g, e in (("output", got[0], expected[0]), ("input gradient", got[2], expected[2])):
+            for i, (a, b) in enumerate(zip(g, e)):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} on {backend}: {what} {i}: {m}")
+        for key in expected[1]:
+            torch.testing.assert_close(got[1][key], expected[1][key], rtol=1e-9, atol=1e-10, msg=lambda m: f"{name} on {backend}: returned state {key}: {m}")
+
+
+@pytest.mark.parametrize("name", ["mingru", "gla", "deltanet", "lion", "crf_marginals"])
+def test_packed_sequences_on_cuda_match_one_call_per_sequence(name):
+    """Packed batches with forward and reverse states (LION, CRF marginals) on CUDA: native resets, or equal-length groups on Triton."""
+    _packed_against_one_call_per_sequence(name, "cuda")

@@ -131,9 +131,3 @@ def test_a_state_running_backwards_refuses_to_step():
         "its value at a step depends on the steps after it\n"
         "  expected forward() over the whole sequence"
     )
-
-
-def test_packed_batches_refuse_reverse_states():
-    module = recdsl.compile(EXAMPLES / "bigru.rec", **DIMS["bigru"])
-    with pytest.raises(BackendError, match="run backwards in time \\('g'\\), which packed batches"):
-        module(torch.randn(1, 6, 3), cu_seqlens=torch.tensor([0, 2, 6]))
