@@ -210,6 +210,8 @@ LAYERS = (
     _layer("aaren", d=1024),
     *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("gla", "retnet", "mlstm")),
     *(_layer("mamba2", p=size, n=size) for size in (64, 128)),
+    # The delta rule's chunked kernels (backends/triton_delta.py).
+    *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("deltanet", "gated_deltanet")),
     # Nonlinear cells: the fused sequential kernel (backends/triton_fused.py), d = 128 as one head of FlashRNN's.
     _layer("gru", d_in=128, d=128),
     _layer("lstm", d_in=128, d=128),

@@ -25,11 +25,12 @@ Two kernels:
    ``T`` is ``e_t + sum_{s<t} A_ts T_s``, one row per step of a loop over the chunk), then
    ``U_w = T W`` and ``W_r = T diag(a e^{G'}) R``, written out (one ``[C, V]`` and one
    ``[C, K]`` tile per chunk, the sizes of ``v`` and ``k``).
-2. ``delta_chunks``, one program per (row, value block), walking the chunks in order: the
-   state's columns of this value block stay in registers in fp32 (in at most two key halves
-   of up to 64 rows, so dk <= 128), ``U = U_w + W_r S_0``, the chunk's outputs and the next
-   state.  The chunk-boundary states are never written; every read-out is computed on the
-   way.
+2. ``delta_chunks``, one program per (row, value block), walking the chunks in order:
+   ``U = U_w + W_r S_0``, the chunk's outputs and the next state.  The state's columns of
+   this value block are kept in fp32 in the final state's buffer (a few KB per program,
+   which stay in cache) and walked in key blocks of 16 rows, so that no product holds more
+   than a ``[C, 16]`` or ``[16, C]`` operand per thread (fp32 products run on FMA units);
+   the chunk-boundary states are never stored, and every read-out is computed on the way.
 
 Every exponent is a decay accumulated forward from a step to a later one inside one chunk
 (at most 0), so nothing overflows whatever T; each step's log decay is clamped at -60 as
@@ -55,8 +56,8 @@ from .triton_launch import launch
 
 _LOG_DECAY_FLOOR = -60.0
 
-# Keys are held in at most two halves of this many rows in delta_chunks.
-_KEY_HALF = 64
+# The most key rows the kernels take (dk <= 128 compiles without spills; see tiling()).
+_MAX_KEYS = 128
 
 
 @triton.jit
@@ -113,66 +114,64 @@ def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED:
 
 
 @triton.jit
-def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_final, T, K, V, n_chunks, GATED: tl.constexpr, TWO_HALVES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (row, value block), the chunks in order; the state's key rows in one
-    # or two halves of BK rows (b_s0: rows [0, BK), b_s1: rows [BK, 2 BK)).
+def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, T, K, V, n_chunks, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row, value block), the chunks in order.  The state's columns of this
+    # value block live in p_state (the final state's buffer, cached on chip) between chunks
+    # and are walked in key blocks of BK rows, so every product's inner dimension is BK or
+    # BT: an fp32 tl.dot on FMA units holds whole rows and columns of its operands.
     i_n = tl.program_id(0).to(tl.int64)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_t = tl.arange(0, BT)
     causal = o_t[:, None] >= o_t[None, :]
-    o_k0 = tl.arange(0, BK)
-    o_k1 = BK + tl.arange(0, BK)
-    m_k0 = o_k0 < K
-    m_k1 = o_k1 < K
-    b_s0 = tl.load(p_initial + i_n * K * V + o_k0[:, None] * V + o_v[None, :], mask=m_k0[:, None] & m_v[None, :], other=0.0).to(ACC)
-    if TWO_HALVES:
-        b_s1 = tl.load(p_initial + i_n * K * V + o_k1[:, None] * V + o_v[None, :], mask=m_k1[:, None] & m_v[None, :], other=0.0).to(ACC)
+    o_state = i_n * K * V
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_kv = (o_k[:, None] < K) & m_v[None, :]
+        b_s = tl.load(p_initial + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
+        tl.store(p_state + o_state + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
+    tl.debug_barrier()
     for i_c in range(0, n_chunks):
         o_row = i_n * T + i_c * BT
         m_t = i_c * BT + o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
+        # U = U_w + W_r S_0, and the read-outs' parts Q S_0 and Q L^T, one key block at a time.
+        b_u = tl.load(p_uw + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_out = tl.zeros([BT, BV], dtype=ACC)
+        b_scores = tl.zeros([BT, BT], dtype=ACC)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k[None, :] < K)
+            b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
+            b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_u += tl.dot(b_wr, b_s, input_precision=PRECISION)
+            b_out += tl.dot(b_q.to(ACC), b_s, input_precision=PRECISION)
+            b_scores += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
         if GATED:
             b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)
             b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # G_C (padding steps carry the state)
-            b_to_end = tl.exp(b_end - b_G)
-            b_from_start = tl.exp(b_G)
-        # U = U_w + W_r S_0, and the read-outs' parts: (Q e^{G}) S_0 and the scores Q L^T.
-        b_u = tl.load(p_uw + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        m_tk0 = m_t[:, None] & m_k0[None, :]
-        b_wr0 = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k0[None, :], mask=m_tk0, other=0.0).to(ACC)
-        b_q0 = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k0[None, :], mask=m_tk0, other=0.0)
-        b_l0 = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k0[None, :], mask=m_tk0, other=0.0)
-        b_u += tl.dot(b_wr0, b_s0, input_precision=PRECISION)
-        b_out = tl.dot(b_q0.to(ACC), b_s0, input_precision=PRECISION)
-        b_scores = tl.dot(b_q0, tl.trans(b_l0), input_precision=PRECISION, out_dtype=ACC)
-        if TWO_HALVES:
-            m_tk1 = m_t[:, None] & m_k1[None, :]
-            b_wr1 = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k1[None, :], mask=m_tk1, other=0.0).to(ACC)
-            b_q1 = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k1[None, :], mask=m_tk1, other=0.0)
-            b_l1 = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k1[None, :], mask=m_tk1, other=0.0)
-            b_u += tl.dot(b_wr1, b_s1, input_precision=PRECISION)
-            b_out += tl.dot(b_q1.to(ACC), b_s1, input_precision=PRECISION)
-            b_scores += tl.dot(b_q1, tl.trans(b_l1), input_precision=PRECISION, out_dtype=ACC)
-        if GATED:
-            b_out = b_out * b_from_start[:, None]
+            b_out = b_out * tl.exp(b_G)[:, None]
             b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
         else:
             b_scores = tl.where(causal, b_scores, 0.0)
         b_out += tl.dot(b_scores, b_u, input_precision=PRECISION)
         tl.store(p_out + o_row * V + o_t[:, None] * V + o_v[None, :], b_out, mask=m_tv)
+        tl.debug_barrier()  # every thread has read S_0 before it is overwritten
         # S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
-        if GATED:
-            b_s0 = b_s0 * tl.exp(b_end) + tl.dot(tl.trans(b_l0.to(ACC) * b_to_end[:, None]), b_u, input_precision=PRECISION)
-            if TWO_HALVES:
-                b_s1 = b_s1 * tl.exp(b_end) + tl.dot(tl.trans(b_l1.to(ACC) * b_to_end[:, None]), b_u, input_precision=PRECISION)
-        else:
-            b_s0 += tl.dot(tl.trans(b_l0.to(ACC)), b_u, input_precision=PRECISION)
-            if TWO_HALVES:
-                b_s1 += tl.dot(tl.trans(b_l1.to(ACC)), b_u, input_precision=PRECISION)
-    tl.store(p_final + i_n * K * V + o_k0[:, None] * V + o_v[None, :], b_s0, mask=m_k0[:, None] & m_v[None, :])
-    if TWO_HALVES:
-        tl.store(p_final + i_n * K * V + o_k1[:, None] * V + o_v[None, :], b_s1, mask=m_k1[:, None] & m_v[None, :])
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k[None, :] < K)
+            m_kv = (o_k[:, None] < K) & m_v[None, :]
+            b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            if GATED:
+                b_s = b_s * tl.exp(b_end) + tl.dot(tl.trans(b_l * tl.exp(b_end - b_G)[:, None]), b_u, input_precision=PRECISION)
+            else:
+                b_s += tl.dot(tl.trans(b_l), b_u, input_precision=PRECISION)
+            tl.store(p_state + o_state + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
+        tl.debug_barrier()  # the next chunk reads the state in another layout
 
 
 @dataclass(frozen=True)
@@ -181,14 +180,14 @@ class DeltaTiling:
 
     ``chunk``: steps per chunk (``BT``, 16 to 64: the forward substitution walks its rows);
     ``prepare_block``: the key and value blocks ``delta_prepare`` walks ``R``, ``L`` and
-    ``W`` in; ``key_half``: the rows of each of ``delta_chunks``' (at most two) key halves of
-    the state; ``value_block``: the state's columns per ``delta_chunks`` program.
+    ``W`` in; ``key_block``: the state rows ``delta_chunks`` walks in; ``value_block``: the
+    state's columns per ``delta_chunks`` program.
     ``precision``: ``tl.dot``'s ``input_precision``, ``"ieee"`` unless TF32 was asked for.
     """
 
     chunk: int
     prepare_block: int
-    key_half: int
+    key_block: int
     value_block: int
     num_warps: int
     num_stages: int
@@ -198,21 +197,20 @@ class DeltaTiling:
 def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False) -> DeltaTiling:
     """The :class:`DeltaTiling` for chunks of ``chunk`` steps and ``keys x values`` states (``keys <= 128``)."""
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
-    half = _block(keys) if keys <= _KEY_HALF else _KEY_HALF
     return DeltaTiling(
         chunk=min(_block(chunk), 64),
-        prepare_block=32,
-        key_half=half,
+        prepare_block=16,
+        key_block=16,
         value_block=min(_block(values), 32),
-        num_warps=4,
+        num_warps=8,
         num_stages=1,
         precision=precision,
     )
 
 
 def supports(keys: int) -> bool:
-    """Whether the kernels take states of ``keys`` rows (in their orientation): at most two halves of 64."""
-    return keys <= 2 * _KEY_HALF
+    """Whether the kernels take states of ``keys`` rows (in their orientation): at most 128."""
+    return keys <= _MAX_KEYS
 
 
 def _block(size: int) -> int:
@@ -237,7 +235,7 @@ def forward(
     is computed in float32 (float64 for a float64 state)."""
     N, T, K = left.shape
     V = initial.shape[-1]
-    assert supports(K), f"the delta-rule kernels take at most {2 * _KEY_HALF} key rows"
+    assert supports(K), f"the delta-rule kernels take at most {_MAX_KEYS} key rows"
     dtype = torch.float64 if initial.dtype == torch.float64 else torch.float32
     ACC = tl.float64 if dtype == torch.float64 else tl.float32
     tiles = tiling(chunk, K, V, dtype, allow_tf32)
@@ -265,11 +263,11 @@ def forward(
         # One pass over the chunks per read-out (each recomputes the same states; cells read a
         # delta-rule state out once).
         out = torch.empty(N, T, V, dtype=dtype, device=device)
-        launch(delta_chunks, grid, q.to(low).contiguous(), left, g, uw, wr, start, out, final, T, K, V, n_chunks, GATED=gated, TWO_HALVES=K > tiles.key_half, BT=BT, BK=tiles.key_half, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+        launch(delta_chunks, grid, q.to(low).contiguous(), left, g, uw, wr, start, out, final, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
         results.append(out)
     if not readouts:
         empty = torch.zeros(N, T, K, dtype=low, device=device)
-        launch(delta_chunks, grid, empty, left, g, uw, wr, start, torch.empty(N, T, V, dtype=dtype, device=device), final, T, K, V, n_chunks, GATED=gated, TWO_HALVES=K > tiles.key_half, BT=BT, BK=tiles.key_half, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+        launch(delta_chunks, grid, empty, left, g, uw, wr, start, torch.empty(N, T, V, dtype=dtype, device=device), final, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
     return results, final
 
 
