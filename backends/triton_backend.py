@@ -197,6 +197,9 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
             continue
         spec = _state_spec(analysis, state)
         if isinstance(spec, Unsupported):
+            planned = chunk_plan(analysis, state)
+            if isinstance(planned, ChunkPlan) and planned.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE):
+                return chunk  # a delta rule has no scan kernel: the delta-rule kernels' reason is the one to give
             return spec
         spec = replace(spec, split=split)
         steps.append(StepPlan((name,), Form.TRITON_SCAN, kernel=spec, rejected=(Rejected(Form.TRITON_CHUNKED, chunk.reason),)))

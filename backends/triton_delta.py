@@ -61,7 +61,7 @@ _MAX_KEYS = 128
 
 
 @triton.jit
-def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk): the chunk's UT transform.
     i_nc = tl.program_id(0)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -85,8 +85,11 @@ def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED:
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
         b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        if SAME_SIDES:  # DeltaNet's k (I - beta k k^T): one vector read once
+            b_r = b_l
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
         b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
     b_A = b_A * b_a[:, None]
     if GATED:
@@ -109,7 +112,10 @@ def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED:
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        if SAME_SIDES:
+            b_r = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         tl.store(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(b_inv, b_r * b_ar[:, None], input_precision=PRECISION), mask=m_tk)
 
 
@@ -194,11 +200,15 @@ class DeltaTiling:
     precision: str
 
 
-def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False) -> DeltaTiling:
-    """The :class:`DeltaTiling` for chunks of ``chunk`` steps and ``keys x values`` states (``keys <= 128``)."""
+def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, steps: int | None = None) -> DeltaTiling:
+    """The :class:`DeltaTiling` for chunks of ``chunk`` steps and ``keys x values`` states (``keys <= 128``).
+
+    The kernels' chunk is at most 64 steps, and no longer than a sequence of ``steps``: the
+    delta rule's values do not depend on where the chunks fall, and the forward substitution
+    walks every row of a chunk."""
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return DeltaTiling(
-        chunk=min(_block(chunk), 64),
+        chunk=min(_block(chunk), 64, _block(steps or chunk)),
         prepare_block=16,
         key_block=16,
         value_block=min(_block(values), 32),
@@ -238,13 +248,15 @@ def forward(
     assert supports(K), f"the delta-rule kernels take at most {_MAX_KEYS} key rows"
     dtype = torch.float64 if initial.dtype == torch.float64 else torch.float32
     ACC = tl.float64 if dtype == torch.float64 else tl.float32
-    tiles = tiling(chunk, K, V, dtype, allow_tf32)
+    tiles = tiling(chunk, K, V, dtype, allow_tf32, steps=T)
     BT = tiles.chunk
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     n_chunks = triton.cdiv(T, BT)
     device = left.device
     low = left.dtype if left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype else dtype
-    left, right = left.to(low).contiguous(), right.to(low).contiguous()
+    same_sides = right is left
+    left = left.to(low).contiguous()
+    right = left if same_sides else right.to(low).contiguous()
     w = None
     for term in inputs:
         w = term if w is None else w + term
@@ -254,7 +266,7 @@ def forward(
     g = log_decay.contiguous() if gated else a  # (not read when not gated)
     uw = torch.empty(N, T, V, dtype=dtype, device=device)
     wr = torch.empty(N, T, K, dtype=dtype, device=device)
-    launch(delta_prepare, (N * n_chunks,), left, right, w, a, g, uw, wr, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, **options)
+    launch(delta_prepare, (N * n_chunks,), left, right, w, a, g, uw, wr, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, **options)
     start = initial.to(dtype).contiguous()
     results = []
     final = torch.empty(N, K, V, dtype=dtype, device=device)
