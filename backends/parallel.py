@@ -537,6 +537,8 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
         return False
     # One reduction per piece: a finite sum means every element is finite; only a sum that
     # is not (an overflow of finite values, or a real inf or NaN) needs the elementwise test.
+    # A piece given twice (the delta rule's k is its map's both sides and its input's row) is checked once.
+    pieces = tuple({id(piece): piece for piece in pieces}.values())
     return all(bool(torch.isfinite(piece.sum())) or bool(torch.isfinite(piece).all()) for piece in pieces)
 
 
