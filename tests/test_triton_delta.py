@@ -210,6 +210,8 @@ def test_allow_tf32_reaches_the_delta_kernels():
     inputs = [torch.randn(1, 20, *i.type.shape) for i in module.cell.inputs]
     launches = record_launches(lambda: module(*inputs))
     assert {launch.meta["PRECISION"] for launch in launches if launch.name.startswith("delta_")} == {"tf32"}
+    # DeltaNet's k is both sides of its map (I - beta k k^T): the kernel reads it once.
+    assert [launch.meta["SAME_SIDES"] for launch in launches if launch.name == "delta_prepare"] == [True]
 
 
 def _fla_naive_gated_delta_rule():
