@@ -54,8 +54,6 @@ import triton.language as tl
 
 from .triton_launch import launch
 
-_LOG_DECAY_FLOOR = -60.0
-
 # The most key rows the kernels take (dk <= 128 compiles without spills; see tiling()).
 _MAX_KEYS = 128
 
