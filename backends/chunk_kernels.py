@@ -280,11 +280,16 @@ def delta_rule(
     transfer = L_to_end.transpose(-1, -2) @ U  # [N, n, K, K (+ V)]
     M = transfer[..., :keys] + (eye if end_decay is None else end_decay * eye)
     B = transfer[..., keys:] if W is not None else None
-    starts = initial.new_empty((initial.shape[0], L.shape[1]) + initial.shape[1:])  # [N, n, K, V]
+    # Each chunk's M and B taken apart once and the starts stacked once: indexing M[:, c] and
+    # writing starts[:, c] in the loop would cost a full-size gradient tensor per chunk in backward.
+    transitions = M.unbind(1)
+    chunk_inputs = B.unbind(1) if B is not None else None
     state = initial
+    boundary = []
     for c in range(L.shape[1]):
-        starts[:, c] = state
-        state = torch.baddbmm(B[:, c], M[:, c], state) if B is not None else M[:, c] @ state
+        boundary.append(state)
+        state = torch.baddbmm(chunk_inputs[c], transitions[c], state) if chunk_inputs is not None else transitions[c] @ state
+    starts = torch.stack(boundary, 1)  # [N, n, K, V]
     results = []
     for q_full, before in zip(readouts, exclusive):
         q = _chunks(_pad_time(q_full, padded), chunk)

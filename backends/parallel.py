@@ -549,11 +549,13 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
         return False
     # One reduction per piece: a finite sum means every element is finite; only a sum that
     # is not (an overflow of finite values, or a real inf or NaN) needs the elementwise test.
+    # A piece given twice (the delta rule's k is its map's both sides and its input's row) is checked once.
+    pieces = tuple({id(piece): piece for piece in pieces}.values())
     return all(bool(torch.isfinite(piece.sum())) or bool(torch.isfinite(piece).all()) for piece in pieces)
 
 
 def _run_chunk_plan(
-    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None
+    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
     """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel.
 
@@ -628,7 +630,7 @@ def _run_chunk_plan(
         if not _chunkable(log_decay, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
             return None
         results, final = chunk_kernels.with_infinite_readouts(
-            functools.partial(chunk_kernels.delta_rule, log_decay=log_decay),
+            functools.partial(delta or chunk_kernels.delta_rule, log_decay=log_decay),
             queries,
             left,
             right,
@@ -660,20 +662,22 @@ def run(
     solver: type | None = None,
     decayed_outer_products=None,
     segments: Segments | None = None,
+    delta_rule=None,
     last_steps: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run ``plan`` over the whole sequence at once; the signature of :func:`.sequential.run`.
 
     Each step of the plan is solved in its form, in schedule order.  ``solver`` replaces
     :class:`Solver` and ``decayed_outer_products`` the torch chunk kernel of that name
-    (the Triton backend brings kernels for both).  ``segments``: a packed
+    (the Triton backend brings kernels for both); ``delta_rule`` likewise replaces
+    :func:`.chunk_kernels.delta_rule`.  ``segments``: a packed
     variable-length batch (B = 1, ``state`` and the final state ``[N, *heads, *shape]``),
     each scan reset at every sequence's first step (:mod:`.segments`).  ``last_steps``
     (``[B]`` int64): batch row ``b``'s final state is its value after step
     ``last_steps[b]`` (rows padded at their ends, :class:`.segments.StartAligned`); not
     for chunked states, whose kernels keep only the state after the last step.
     """
-    if segments is not None and (solver is not None or decayed_outer_products is not None):
+    if segments is not None and (solver is not None or decayed_outer_products is not None or delta_rule is not None):
         raise AssertionError("packed sequences run on the torch solver and chunk kernels")  # pragma: no cover - segments.run_packed routes the others
     analysis = plan.analysis
     cell = analysis.cell
@@ -767,7 +771,8 @@ def run(
         elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments)
+            delta_kernel = delta_rule if step.form is Form.TRITON_CHUNKED else None
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments, delta=delta_kernel)
             if chunked_run is not None:
                 readouts, chunk_final = chunked_run
                 final[name] = restore_rows(chunk_final)

@@ -210,6 +210,8 @@ LAYERS = (
     _layer("aaren", d=1024),
     *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("gla", "retnet", "mlstm")),
     *(_layer("mamba2", p=size, n=size) for size in (64, 128)),
+    # The delta rule's chunked kernels (backends/triton_delta.py).
+    *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("deltanet", "gated_deltanet")),
     # Nonlinear cells: the fused sequential kernel (backends/triton_fused.py), d = 128 as one head of FlashRNN's.
     _layer("gru", d_in=128, d=128),
     _layer("lstm", d_in=128, d=128),
@@ -262,6 +264,23 @@ def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length:
     log_decay = -torch.rand(1, length, keys if rows else 1, 1)
     initial = torch.zeros(1, keys, values)
     return record_launches(lambda: triton_chunk.forward([q], k, v, log_decay, initial, chunk, allow_tf32=allow_tf32))
+
+
+def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow_tf32: bool = False, length: int = 4096, chunk: int = 64) -> list[KernelLaunch]:
+    """The launches of :func:`.triton_delta.forward` for one head of ``keys x values`` states,
+    keys and queries in ``dtype`` (bfloat16 enters the kernels' products as such; a compiled
+    cell casts its pieces to float32 before the kernels today)."""
+    import torch
+
+    from . import triton_delta
+
+    dtype = dtype or torch.float32
+    q, k = torch.randn(1, length, keys).to(dtype), torch.randn(1, length, keys).to(dtype)
+    w = torch.randn(1, length, values)
+    coefficient = -torch.rand(1, length)
+    log_decay = -torch.rand(1, length) if gated else None
+    initial = torch.zeros(1, keys, values)
+    return record_launches(lambda: triton_delta.forward([q], k, k, coefficient, [w], initial, chunk, log_decay, allow_tf32=allow_tf32))
 
 
 # ---- compiling -----------------------------------------------------------------------------------

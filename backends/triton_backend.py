@@ -126,6 +126,8 @@ def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsup
     chunk = chunk_plan(analysis, state)
     if isinstance(chunk, Unsupported):
         return chunk
+    if chunk.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE):
+        return _triton_delta_chunk(chunk, state)
     if chunk.kind is not ChunkKind.DECAYED_OUTER_PRODUCTS:
         return Unsupported(f"no Triton kernel for the {chunk.kind} yet")
     if len(chunk.inputs) != 1:
@@ -136,6 +138,17 @@ def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsup
     key_rows = Structure.COLUMNS if chunk.transposed else Structure.ROWS
     if structure is not Structure.SCALAR and structure is not key_rows:
         return Unsupported("its decay is shared along the read-out's axis, which the Triton kernels do not tile")
+    return chunk
+
+
+def _triton_delta_chunk(chunk: ChunkPlan, state: StateAnalysis) -> ChunkPlan | Unsupported:
+    """A (gated) delta rule's chunk plan, when the kernels of :mod:`.triton_delta` take it:
+    read-outs of the updated state and at most 128 key rows (two halves of 64 in registers)."""
+    if chunk.reads_previous:
+        return Unsupported("an output reads its previous value, which the Triton delta-rule kernels do not read out")
+    keys = state.type.shape[1] if chunk.transposed else state.type.shape[0]
+    if keys > 128:
+        return Unsupported(f"its state has {keys} key rows; the Triton delta-rule kernels hold at most 128 in registers")
     return chunk
 
 
@@ -184,6 +197,9 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
             continue
         spec = _state_spec(analysis, state)
         if isinstance(spec, Unsupported):
+            planned = chunk_plan(analysis, state)
+            if isinstance(planned, ChunkPlan) and planned.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE):
+                return chunk  # a delta rule has no scan kernel: the delta-rule kernels' reason is the one to give
             return spec
         spec = replace(spec, split=split)
         steps.append(StepPlan((name,), Form.TRITON_SCAN, kernel=spec, rejected=(Rejected(Form.TRITON_CHUNKED, chunk.reason),)))
@@ -220,12 +236,16 @@ def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
     if filename:
         first, rest = source.split("\n", 1)
         source = first.replace("<string>", filename) + "\n" + rest
-    chunked = sorted(step.name for step in plan.steps if step.form is Form.TRITON_CHUNKED)
+    chunked = sorted((step.name, step.chunk) for step in plan.steps if step.form is Form.TRITON_CHUNKED)
     if chunked:
+        delta = (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE)
         notes = "".join(
+            f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_delta.py "
+            f"(delta_prepare, delta_chunks: the {chunk.kind}'s UT transform), never stored per step.\n"
+            if chunk is not None and chunk.kind in delta else
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
             f"(chunk_states, pass_states, chunk_outputs), never stored per step.\n"
-            for name in chunked
+            for name, chunk in chunked
         )
         first, rest = source.split("\n", 1)
         source = first + "\n" + notes + rest
@@ -592,10 +612,11 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
         return triton_fused.run_plan(plan, inputs, params, consts, state, numerics)
     import functools
 
-    from . import triton_chunk
+    from . import triton_chunk, triton_delta
 
     return parallel.run(
         plan, inputs, params, consts, state, numerics, solver=TritonSolver,
         decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32),
+        delta_rule=functools.partial(triton_delta.delta_rule, allow_tf32=plan.options.allow_tf32),
         last_steps=last_steps,
     )

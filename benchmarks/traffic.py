@@ -13,7 +13,7 @@ timed, so the table is the same on a CPU as on a GPU:
   broadcast, count once); views (ops whose results alias an argument: ``view``,
   ``expand``, ``transpose``, ``detach``, ...) and allocations (``empty``) move nothing;
   an in-place op reads and writes the tensor it mutates (``copy_`` and ``fill_`` only write);
-- each Triton kernel launch moves the footprint of every tensor argument once
+- each Triton kernel launch moves the footprint of every distinct tensor argument once
   (:mod:`recdsl.backends.triton_launch` records launches).  The Triton backend runs here
   with its kernels recorded but not run (no GPU needed; values are meaningless, sizes are
   real), so the torch work around the kernels is counted at full size;
@@ -69,6 +69,8 @@ LAYERS = (
     Layer("retnet", dict(dk=64, dv=64), heads=(16,), backends=("chunked", "triton")),
     Layer("mlstm", dict(dk=64, dv=64), heads=(16,), backends=("chunked", "triton")),
     Layer("mamba2", dict(p=64, n=64), heads=(16,), backends=("chunked", "triton")),
+    Layer("deltanet", dict(dk=64, dv=64), heads=(16,), backends=("chunked", "triton")),
+    Layer("gated_deltanet", dict(dk=64, dv=64), heads=(16,), backends=("chunked", "triton")),
 )
 
 
@@ -162,7 +164,9 @@ def counting(traffic: Traffic):
         yield
     for launch in launches:
         traffic.kernels += 1
-        traffic.kernel_bytes += sum(footprint(a) for a in launch.args if isinstance(a, torch.Tensor))
+        # A tensor passed twice (the delta rule's k as both sides of its map) is one buffer.
+        distinct = {(a.data_ptr(), a.shape, a.stride()): a for a in launch.args if isinstance(a, torch.Tensor)}
+        traffic.kernel_bytes += sum(footprint(a) for a in distinct.values())
 
 
 # ---- one layer ---------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def test_float32_on_cuda_matches_sequential(name):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("name", ["mingru", "gla", "gru"])
+@pytest.mark.parametrize("name", ["mingru", "gla", "gated_deltanet", "gru"])
 def test_bfloat16_inputs_accumulate_in_float32_on_cuda(name):
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", **DIMS[name]).cuda()

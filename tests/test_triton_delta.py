@@ -1,0 +1,261 @@
+"""The chunked Triton kernels of the delta rule and gated delta rule (DeltaNet, Gated DeltaNet,
+TTT-linear) in Triton's interpreter: the kernels against the torch chunked form (float64 to
+1e-10: several key and value blocks, ragged chunks, T = 1, initial states, a left vector other
+than the right), float32 against float64, Hypothesis over the sizes; the compiled cells
+against the sequential reference with every gradient, heads and initial states; the plan's
+statements; the matmul precision each launch asks for; and flash-linear-attention's naive
+chunked gated delta rule as an outside oracle when it is installed."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import recdsl
+from recdsl.plan import Form
+from recdsl.testing import Example, compare_backends, random_inputs
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from example_dims import EXAMPLES  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def interpreter(monkeypatch, tmp_path_factory):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("RECDSL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "recdsl-cache"))
+
+
+def _problem(keys: int, values: int, steps: int, gated: bool, dtype=torch.float64, seed: int = 11, rows: int = 2, same_sides: bool = False):
+    """A delta rule ``S_t = d_t S_{t-1} + a_t l_t (r_t^T S_{t-1}) + l_t w_t^T`` with unit-norm
+    keys, ``a`` in (-2, 0) (transitions with eigenvalues in (-1, 1]) and decays in (e^-2, 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=generator, dtype=dtype)  # noqa: E731
+    left = F.normalize(draw(rows, steps, keys), dim=-1)
+    right = left if same_sides else F.normalize(draw(rows, steps, keys), dim=-1)
+    coefficient = -2 * torch.rand(rows, steps, generator=generator, dtype=dtype)
+    w = draw(rows, steps, values)
+    q = draw(rows, steps, keys)
+    log_decay = -2 * torch.rand(rows, steps, generator=generator, dtype=dtype) if gated else None
+    initial = draw(rows, keys, values)
+    return q, left, right, coefficient, w, initial, log_decay
+
+
+def _both(problem, chunk: int = 64):
+    from recdsl.backends import chunk_kernels, triton_delta
+
+    q, left, right, coefficient, w, initial, log_decay = problem
+    (out,), final = triton_delta.forward([q], left, right, coefficient, [w], initial, chunk, log_decay)
+    (expected,), expected_final = chunk_kernels.delta_rule([q], left, right, coefficient, [w], initial, chunk, log_decay=log_decay)
+    return out, final, expected, expected_final
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["delta rule", "gated delta rule"])
+@pytest.mark.parametrize("keys, values, steps, chunk", [(36, 40, 40, 32), (128, 20, 1, 64), (5, 3, 33, 64)], ids=["several blocks, ragged", "dk=128, T=1", "small, one ragged chunk"])
+def test_kernels_match_the_torch_chunked_form(gated, keys, values, steps, chunk):
+    """dk = 36, dv = 40: three key blocks of 16, the last ragged, and two value blocks of 32,
+    the second ragged; 40 steps: two chunks of 32, the second ragged; a left vector other
+    than the right."""
+    out, final, expected, expected_final = _both(_problem(keys, values, steps, gated), chunk)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg="read-outs q_t @ S_t")
+    torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10, msg="final state S_T")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gated", [False, True], ids=["delta rule", "gated delta rule"])
+def test_float32_kernels_agree_with_float64(gated):
+    problem = _problem(32, 16, 70, gated, dtype=torch.float64, same_sides=True)
+    *_, expected, expected_final = _both(problem, 32)
+    single = tuple(None if t is None else t.float() for t in problem)
+    out, final, *_ = _both(single, 32)
+    assert out.dtype == final.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4, msg="float32 read-outs against float64")
+    torch.testing.assert_close(final.double(), expected_final, rtol=1e-4, atol=1e-4, msg="float32 final state against float64")
+
+
+def test_half_precision_keys_and_queries_accumulate_in_float32():
+    """Keys and queries in float16 enter the kernels' products as they are; the result is the
+    float64 form of the same (rounded) values to float32 accuracy.  (bfloat16 takes the same
+    path; Triton's interpreter multiplies bfloat16 tiles as their raw bits, so it is checked
+    by compiling, tests/test_triton_compile.py.)"""
+    from recdsl.backends import chunk_kernels, triton_delta
+
+    q, left, right, coefficient, w, initial, log_decay = _problem(32, 16, 40, True, dtype=torch.float64, same_sides=True)
+    low = [t.to(torch.float16) for t in (q, left)]
+    (out,), final = triton_delta.forward([low[0]], low[1], low[1], coefficient.float(), [w.float()], initial.float(), 32, log_decay.float())
+    rounded = [t.double() for t in low]
+    (expected,), expected_final = chunk_kernels.delta_rule([rounded[0]], rounded[1], rounded[1], coefficient, [w], initial, 64, log_decay=log_decay)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4, msg="read-outs")
+    torch.testing.assert_close(final.double(), expected_final, rtol=1e-4, atol=1e-4, msg="final state")
+
+
+@pytest.mark.slow
+def test_hypothesis_over_sizes_and_chunks():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=5, deadline=None, derandomize=True)
+    @hypothesis.given(
+        keys=st.integers(1, 36), values=st.integers(1, 36), steps=st.integers(1, 50),
+        gated=st.booleans(), chunk=st.sampled_from([16, 32, 64]), seed=st.integers(0, 1000),
+    )
+    def agree(keys, values, steps, gated, chunk, seed):
+        out, final, expected, expected_final = _both(_problem(keys, values, steps, gated, seed=seed, rows=1), chunk)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10, msg=f"read-outs, dk={keys} dv={values} T={steps} chunk={chunk}")
+        torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10, msg=f"final state, dk={keys} dv={values} T={steps} chunk={chunk}")
+
+    agree()
+
+
+# A gated delta rule in the paper's (and flash-linear-attention's) layout, S [dv, dk] read out as
+# S @ q: the kernels see S^T.
+GATED_DELTA_TRANSPOSED = """
+cell GatedDeltaT(dk, dv) {
+    input q: [dk]
+    input k: [dk]
+    input v: [dv]
+    input g: []
+    input b: []
+    state S: [dv, dk] = 0
+    alpha = exp(logsigmoid(g))
+    beta = sigmoid(b)
+    S = alpha * (S - beta * outer(S @ k, k)) + beta * outer(v, k)
+    out S @ q
+}
+"""
+
+
+def _cell(name: str, backend: str | None = None, **dims):
+    source = GATED_DELTA_TRANSPOSED if name == "transposed" else EXAMPLES / f"{name}.rec"
+    return recdsl.compile(source, **({"backend": backend} if backend else {}), **dims)
+
+
+# DeltaNet and TTT-linear also run by default in tests/test_triton.py (T = 1 and 37, one chunk).
+@pytest.mark.parametrize("name", [
+    pytest.param("deltanet", marks=pytest.mark.slow), "gated_deltanet", pytest.param("ttt_linear", marks=pytest.mark.slow), "transposed",
+])
+def test_cells_match_sequential_across_chunks_with_gradients(name):
+    """40 steps in chunks of 16 (three chunks, the last ragged), two heads, an initial state:
+    outputs, final states and the gradients of inputs, params and the initial state."""
+    dims = dict(dk=20, dv=12)
+    planned = _cell(name, "triton", **dims).plan
+    assert [s.form for s in planned.steps if s.chunk is not None] == [Form.TRITON_CHUNKED]
+    torch.manual_seed(0)
+    module = _cell(name, **dims).double()
+    inputs, state = random_inputs(module, Example(batch=2, length=40, heads=(2,), seed=3, with_state=True))
+    mismatches = compare_backends(module, ["triton"], inputs, state, seed=3, chunk_size=16)
+    assert not mismatches, "\n".join(map(str, mismatches))
+
+
+def test_float32_cell_against_sequential():
+    torch.manual_seed(0)
+    module = _cell("gated_deltanet", dk=16, dv=8)
+    inputs, _ = random_inputs(module, Example(batch=1, length=90, heads=(), seed=5, with_state=False))
+    inputs = {n: v.float() for n, v in inputs.items()}
+    mismatches = compare_backends(module.double(), ["triton"], inputs, None, rtol=1e-5, atol=1e-6)
+    assert not mismatches, "\n".join(map(str, mismatches))
+
+
+def test_plan_names_the_kernels_and_refuses_what_they_do_not_take():
+    from recdsl.backends import triton_backend
+
+    source = triton_backend.emit(_cell("gated_deltanet", "triton", dk=8, dv=8).plan)
+    assert "triton_delta.py (delta_prepare, delta_chunks: the gated delta rule's UT transform)" in source
+    with pytest.raises(recdsl.BackendError, match="129 key rows; the Triton delta-rule kernels hold at most 128"):
+        _cell("deltanet", "triton", dk=129, dv=4)
+    before_and_after = """
+    cell BeforeAfter(dk, dv) {
+        input q: [dk]
+        input p: [dk]
+        input k: [dk]
+        input v: [dv]
+        input b: []
+        state S: [dk, dv] = 0
+        out p @ S
+        S = S - sigmoid(b) * outer(k, k @ S) + outer(k, v)
+        out q @ S
+    }
+    """
+    with pytest.raises(recdsl.BackendError, match="reads its previous value, which the Triton delta-rule kernels do not read out"):
+        recdsl.compile(before_and_after, backend="triton", dk=4, dv=4)
+
+
+@pytest.mark.parametrize("dtype, allow_tf32, precision", [
+    (torch.float32, False, "ieee"),
+    (torch.float32, True, "tf32"),
+    (torch.float64, True, "ieee"),
+])
+def test_matmuls_are_exact_unless_tf32_is_asked_for(dtype, allow_tf32, precision):
+    from recdsl.backends import triton_delta
+    from recdsl.backends.triton_aot import record_launches
+
+    q, left, right, coefficient, w, initial, log_decay = _problem(16, 16, 16, True, dtype=dtype)
+    launches = record_launches(lambda: triton_delta.forward([q], left, right, coefficient, [w], initial, 64, log_decay, allow_tf32=allow_tf32))
+    assert [launch.name for launch in launches] == ["delta_prepare", "delta_chunks"]
+    assert {launch.meta["PRECISION"] for launch in launches} == {precision}
+    assert all({"num_warps", "num_stages"} <= set(launch.meta) for launch in launches)
+
+
+def test_allow_tf32_reaches_the_delta_kernels():
+    from recdsl.backends.triton_aot import record_launches
+
+    module = recdsl.compile(EXAMPLES / "deltanet.rec", backend="triton", allow_tf32=True, dk=16, dv=16)
+    inputs = [torch.randn(1, 20, *i.type.shape) for i in module.cell.inputs]
+    launches = record_launches(lambda: module(*inputs))
+    assert {launch.meta["PRECISION"] for launch in launches if launch.name.startswith("delta_")} == {"tf32"}
+    # DeltaNet's k is both sides of its map (I - beta k k^T): the kernel reads it once.
+    assert [launch.meta["SAME_SIDES"] for launch in launches if launch.name == "delta_prepare"] == [True]
+
+
+def _fla_naive_gated_delta_rule():
+    """flash-linear-attention's naive chunked gated delta rule, loaded on its own (importing the
+    ``fla`` package loads its Triton kernels, which fail under the interpreter)."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or spec.submodule_search_locations is None:
+        pytest.skip("flash-linear-attention is not installed (an optional test oracle)")
+    if importlib.util.find_spec("einops") is None:
+        pytest.skip("einops is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "ops/gated_delta_rule/naive.py"
+    module_spec = importlib.util.spec_from_file_location("fla_naive_gated_delta_rule", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def test_gated_deltanet_agrees_with_fla_naive_chunked_form():
+    naive = _fla_naive_gated_delta_rule()
+    dk, dv, H, B, T = 16, 8, 2, 2, 70
+    module = _cell("gated_deltanet", "triton", dk=dk, dv=dv)
+    torch.manual_seed(0)
+    q, k, v = torch.randn(B, T, H, dk), F.normalize(torch.randn(B, T, H, dk), dim=-1), torch.randn(B, T, H, dv)
+    a, b = torch.randn(B, T, H), torch.randn(B, T, H)
+    initial = torch.randn(B, H, dk, dv)
+    g = -module.A_log.exp() * F.softplus(a + module.dt_bias)
+    with torch.no_grad():
+        ours, state = module(q=q * dk**-0.5, k=k, v=v, a=a, b=b, state={"S": initial}, return_state=True)
+        theirs, final = naive.naive_chunk_gated_delta_rule(q, k, v, g, torch.sigmoid(b), chunk_size=16, initial_state=initial, output_final_state=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg="read-outs against fla's naive chunked form")
+    torch.testing.assert_close(state["S"], final, rtol=1e-4, atol=1e-4, msg="final state against fla's naive chunked form")
+
+
+def test_packed_sequences_match_one_call_per_sequence():
+    """cu_seqlens on the Triton plan: the delta-rule kernels run each group of equal-length
+    sequences as one batch; the result is one call per sequence, final states included."""
+    torch.manual_seed(0)
+    module = _cell("gated_deltanet", "triton", dk=8, dv=4).double()
+    offsets = torch.tensor([0, 5, 6, 11, 20])
+    inputs = {i.name: 0.5 * torch.randn(1, 20, *i.type.shape, dtype=torch.float64) for i in module.cell.inputs}
+    inputs["k"] = F.normalize(inputs["k"], dim=-1)
+    out, state = module(**inputs, cu_seqlens=offsets, return_state=True)
+    for n in range(4):
+        a, b = int(offsets[n]), int(offsets[n + 1])
+        piece, last = module(**{name: value[:, a:b] for name, value in inputs.items()}, return_state=True)
+        torch.testing.assert_close(out[:, a:b], piece, rtol=1e-10, atol=1e-10, msg=f"read-outs of sequence {n}")
+        torch.testing.assert_close(state["S"][n : n + 1], last["S"], rtol=1e-10, atol=1e-10, msg=f"final state of sequence {n}")
