@@ -55,6 +55,11 @@ CELLS: list[tuple[str, str | Path, dict]] = [
     ("rwkv6", EXAMPLES / "rwkv6.rec", dict(dk=64, dv=64)),
     ("hgrn2", EXAMPLES / "hgrn2.rec", dict(d_in=64, dk=64, dv=64)),
     ("s4d", EXAMPLES / "s4d.rec", dict(d=64, N=64)),
+    ("lion", EXAMPLES / "lion.rec", dict(dk=64, dv=64)),
+    ("bigru", EXAMPLES / "bigru.rec", dict(d_in=64, d=64)),
+    ("crf_marginals", EXAMPLES / "crf_marginals.rec", dict(n=8)),
+    ("state_tracking_lrnn", EXAMPLES / "state_tracking_lrnn.rec", dict(d=64, n=64)),
+    ("titans", EXAMPLES / "titans.rec", dict(dk=16, dv=16)),
 ]
 
 
