@@ -61,8 +61,9 @@ class Part:
 
     def describe(self) -> str:
         solver = getattr(self.plan, "solver", None)
-        detail = f": {solver.describe()}" if solver is not None and hasattr(solver, "describe") else ""
-        return f"{', '.join(self.names)} ({self.direction}){detail}"
+        detail = solver.describe().splitlines()[0] if solver is not None and hasattr(solver, "describe") else ""
+        run = "on the sequence flipped in time" if self.direction is ir.Direction.REVERSE else "forward"
+        return f"{', '.join(self.names)} ({self.direction}): a sub-cell run {run}" + (f"; {detail}" if detail else "")
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,10 @@ class DirectedPlan:
     parts: tuple[Part, ...]
 
     def describe(self) -> str:
-        return "delays shifted; one forward problem per group, reverse groups on the flipped sequence: " + "; ".join(p.describe() for p in self.parts)
+        """One line for the whole, then one per part (``explain --plan``)."""
+        lines = ["delays shifted one step (time-parallel); each other group of the schedule its own forward run, in schedule order"]
+        lines.extend(f"    {part.describe()}" for part in self.parts)
+        return "\n".join(lines)
 
 
 def needed(analysis: Analysis) -> bool:

@@ -340,7 +340,7 @@ class ExecutionPlan:
         if self.solver is not None and any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  kernel: {self.solver.describe()}")
         if self.directed is not None:
-            lines.append(f"  reverse states and delays: {self.directed.describe()}")
+            lines.extend(f"  {line}" for line in f"reverse states and delays: {self.directed.describe()}".splitlines())
         lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
         if self.costs:
             workload = self.options.workload
