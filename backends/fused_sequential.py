@@ -76,6 +76,11 @@ def prepare(analysis: Analysis) -> StepProgram | str:
 
 def unsupported(analysis: Analysis) -> str | None:
     """None when the fused form can run the cell, else the reason in words."""
+    if analysis.cell.reversed_recurrences or analysis.delays:  # run in parts, each group's own loop (backends/directed.py)
+        from recdsl.plan import BackendKind, PlanOptions, Unsupported as Refused, plan_backend
+
+        planned = plan_backend(analysis, BackendKind.FUSED, PlanOptions())
+        return planned.reason if isinstance(planned, Refused) else None
     program = prepare(analysis)
     return program if isinstance(program, str) else None
 

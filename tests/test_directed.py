@@ -284,3 +284,25 @@ def test_packed_batches_with_reverse_states_are_refused_with_a_reason(backend):
     x = torch.randn(1, 6, 3)
     with pytest.raises(recdsl.RecDSLError, match="run backwards in time"):
         module(x, cu_seqlens=torch.tensor([0, 2, 6]))
+
+
+def test_newton_warm_start_with_one_part():
+    """The delay cell is one Newton solve (its delays are shifted): the warm start applies, and the second call converges at once."""
+    torch.manual_seed(0)
+    module = recdsl.compile(DELAYS, backend="newton", backend_options={"warm_start": True}, d=3).double()
+    assert len(module.plan.directed.parts) == 1
+    x = torch.randn(2, 9, 3, dtype=torch.float64)
+    first = module(x)
+    cold = module.last_solve
+    second = module(x)
+    assert module.last_solve.warm_started and module.last_solve.iterations <= cold.iterations
+    torch.testing.assert_close(second, first, msg="warm-started solution vs cold one")
+
+
+@needs_compiler
+def test_fused_unsupported_agrees_with_the_plan():
+    from recdsl.backends.registry import get_backend
+
+    module = recdsl.compile(EXAMPLES / "lion.rec", dk=3, dv=2)
+    reason = fused_sequential.unsupported(module.analysis)
+    assert reason is not None and "group Sf (forward)" in reason and reason == get_backend("fused").unsupported(module.analysis)
