@@ -76,6 +76,11 @@ def prepare(analysis: Analysis) -> StepProgram | str:
 
 def unsupported(analysis: Analysis) -> str | None:
     """None when the fused form can run the cell, else the reason in words."""
+    if analysis.cell.reversed_recurrences or analysis.delays:  # run in parts, each group's own loop (backends/directed.py)
+        from recdsl.plan import BackendKind, PlanOptions, Unsupported as Refused, plan_backend
+
+        planned = plan_backend(analysis, BackendKind.FUSED, PlanOptions())
+        return planned.reason if isinstance(planned, Refused) else None
     program = prepare(analysis)
     return program if isinstance(program, str) else None
 
@@ -324,5 +329,12 @@ def run(
 
 
 def run_plan(plan, inputs, params, consts, state, numerics: Numerics, last_steps: torch.Tensor | None = None):
-    """Interpret a fused :class:`~recdsl.plan.ExecutionPlan`: its step program was built at compile time."""
+    """Interpret a fused :class:`~recdsl.plan.ExecutionPlan`: its step program was built at compile time.
+
+    A cell with reverse states or delays runs in parts (:mod:`.directed`): one compiled loop
+    per group of its schedule, a reverse one over the flipped sequence."""
+    if plan.directed is not None:
+        from .directed import run as run_directed
+
+        return run_directed(plan, inputs, params, consts, state, numerics, run_plan, last_steps=last_steps)
     return run(plan.analysis, inputs, params, consts, state, numerics, program=plan.solver, last_steps=last_steps)

@@ -163,6 +163,11 @@ class NewtonSolve:
 # ---- the structure of the Jacobian, from the IR -----------------------------------------------
 
 
+def cell_is_directed(analysis: Analysis) -> bool:
+    """Whether the cell has reverse states or delays: its plan then solves it in parts (:mod:`.directed`)."""
+    return bool(analysis.cell.reversed_recurrences or analysis.delays)
+
+
 def _slots(cell: ir.CellIR) -> tuple[StateSlot, ...]:
     slots, offset = [], 0
     for state in cell.states:
@@ -179,9 +184,6 @@ def unsupported(analysis: Analysis) -> str | None:
         return f"scan '{cell.scans[0].name}' combines a declared monoid, which Newton's method does not linearise"
     if not cell.states:
         return "the cell has no state"
-    if cell.reversed_recurrences:
-        name = cell.reversed_recurrences[0]
-        return f"state '{name}' runs in reverse, and the Newton solve iterates on one forward trajectory of the joint state"
     for state in cell.states:
         if state.type.kind is not Kind.REAL:
             return f"state '{state.name}' is complex (the Jacobian would not be complex-linear)"
@@ -843,6 +845,11 @@ def run(
     """
     if not isinstance(warm_start, bool):
         raise BackendError(f"warm_start must be True or False, got {warm_start!r}", expected="warm_start=True")
+    if cell_is_directed(analysis):
+        raise BackendError(
+            f"newton.run solves one forward trajectory, and cell {analysis.cell.name} has reverse states or delays",
+            expected="the plan of recdsl.compile(..., backend='newton') (run_plan), which solves each group in its own direction",
+        )
     plan = plan if plan is not None else jacobian_structure(analysis)
     requested, tolerance, max_iterations = _options(jacobian, tolerance, max_iterations, numerics)
     mode = plan.mode(requested)
@@ -931,7 +938,15 @@ def run_plan(
     """Interpret a newton :class:`~recdsl.plan.ExecutionPlan`: its Jacobian plan was made at compile time.
 
     ``previous`` is the module's last report, the warm start's guess (with ``warm_start=True``).
+    A cell with reverse states or delays runs in parts (:mod:`.directed`): one solve per
+    group of its schedule, each in its own time direction, one report for all of them (the
+    warm start then applies when there is one part).
     """
+    if plan.directed is not None:
+        from .directed import run as run_directed
+
+        single = len(plan.directed.parts) == 1
+        return run_directed(plan, inputs, params, consts, state, numerics, run_plan, last_steps=last_steps, report=report, previous=previous if single else None)
     return run(
         plan.analysis, inputs, params, consts, state, numerics, plan=plan.solver, report=report, last_steps=last_steps, previous=previous, **dict(plan.options.backend_options)
     )

@@ -216,6 +216,8 @@ LAYERS = (
     _layer("gru", d_in=128, d=128),
     _layer("lstm", d_in=128, d=128),
     _layer("paragru", d_in=1024, d=1024),
+    # A reverse state: one fused kernel per direction, the reverse one on the flipped sequence (backends/directed.py).
+    _layer("bigru", d_in=128, d=128),
 )
 
 

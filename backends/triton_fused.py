@@ -146,6 +146,10 @@ def run_plan(plan, inputs, params, consts, state, numerics):
     from .triton_backend import _check_device
 
     _check_device(numerics.device)
+    if plan.directed is not None:  # reverse states or delays: one kernel per group of the schedule (backends/directed.py)
+        from .directed import run as run_directed
+
+        return run_directed(plan, inputs, params, consts, state, numerics, run_plan)
     kernel_plan: FusedKernelPlan = plan.solver
     source = plan.kernel_source
 

@@ -258,6 +258,9 @@ class ExecutionPlan:
     kernel_source: str | None = None  # the generated Triton module, for the triton backend
     gpu: "ExecutionPlan | None" = None  # auto: the plan used on CUDA tensors
     solver: object | None = None  # newton: the JacobianPlan (the Jacobian's structure and blocks); fused: the step program
+    # newton, fused and the fused Triton kernel on a cell with reverse states or delays: its
+    # per-group forward sub-cells and their plans (a backends.directed.DirectedPlan)
+    directed: object | None = None
     analysis: Analysis = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @property
@@ -341,6 +344,8 @@ class ExecutionPlan:
             lines.append(f"  Jacobian: {self.solver.describe()}")
         if self.solver is not None and any(step.form is Form.TRITON_FUSED for step in self.steps):
             lines.append(f"  kernel: {self.solver.describe()}")
+        if self.directed is not None:
+            lines.extend(f"  {line}" for line in f"reverse states and delays: {self.directed.describe()}".splitlines())
         lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
         if self.costs:
             workload = self.options.workload
@@ -1078,13 +1083,46 @@ def _newton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | U
     reason = newton.unsupported(analysis)
     if reason is not None:
         return Unsupported(reason)
+    if _is_directed(analysis):
+        return _directed_plan(analysis, options, BackendKind.NEWTON, Form.NEWTON, _newton_plan, solver=newton.jacobian_structure(analysis))
     steps = tuple(StepPlan(group, Form.NEWTON) for group in analysis.schedule)
     return ExecutionPlan(BackendKind.NEWTON, "", steps, options, solver=newton.jacobian_structure(analysis), analysis=analysis)
+
+
+def _is_directed(analysis: Analysis) -> bool:
+    """Whether the cell has reverse states or delays (the step-by-step backends then run it in parts)."""
+    return bool(analysis.cell.reversed_recurrences or analysis.delays)
+
+
+def _directed_plan(analysis: Analysis, options: PlanOptions, kind: BackendKind, form: Form, make, solver: object | None = None, gpu: "ExecutionPlan | None" = None) -> "ExecutionPlan | Unsupported":
+    """The plan of a step-by-step backend for a cell with reverse states or delays: the
+    delays shifted, each other group of the schedule a forward sub-cell planned by ``make``
+    (a reverse one run on the flipped sequence; backends/directed.py)."""
+    from .backends import directed  # the sub-cells are built from the IR, once
+
+    parts = directed.split(analysis)
+    if isinstance(parts, str):
+        return Unsupported(parts)
+    planned = []
+    for part in parts:
+        sub = make(part.analysis, options)
+        if isinstance(sub, Unsupported):
+            return Unsupported(f"group {', '.join(part.names)} ({part.direction}): {sub.reason}")
+        planned.append(replace(part, plan=sub))
+    steps = tuple(StepPlan(group, Form.TIME_PARALLEL if set(group) <= analysis.delays else form) for group in analysis.schedule)
+    return ExecutionPlan(kind, "", steps, options, solver=solver, gpu=gpu, directed=directed.DirectedPlan(tuple(planned)), analysis=analysis)
 
 
 def _fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
     from .backends import fused_sequential  # the step program: leaves, merged matmuls, elementwise nodes
 
+    if _is_directed(analysis):
+        if fused_sequential.compiler() is None:
+            return Unsupported("no C compiler found (set $CC)")
+        gpu_directed = triton_fused_plan(analysis, options)
+        if isinstance(gpu_directed, ExecutionPlan):
+            gpu_directed = replace(gpu_directed, reason="backend 'fused' on CUDA tensors: the fused sequential Triton kernel")
+        return _directed_plan(analysis, options, BackendKind.FUSED, Form.FUSED, _fused_plan, gpu=gpu_directed if isinstance(gpu_directed, ExecutionPlan) else None)
     program = fused_sequential.prepare(analysis)
     if isinstance(program, str):
         return Unsupported(program)
@@ -1106,6 +1144,8 @@ def triton_fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPla
         return Unsupported("triton is not installed (pip install triton)")
     from .backends import triton_fused  # the step program (as the fused C loop's) and its kernels' source
 
+    if _is_directed(analysis):
+        return _directed_plan(analysis, options, BackendKind.TRITON, Form.TRITON_FUSED, triton_fused_plan)
     prepared = triton_fused.prepare(analysis)
     if isinstance(prepared, str):
         return Unsupported(prepared)

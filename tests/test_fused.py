@@ -25,7 +25,7 @@ from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 pytestmark = pytest.mark.skipif(fused_sequential.compiler() is None, reason="no C compiler")
 
 # The examples whose step is vectors and scalars (the others have matrix or complex states, or scans).
-FUSED = ["mingru", "minlstm", "hgrn", "rglru", "gru", "lstm", "paragru", "paralstm", "slstm"]
+FUSED = ["mingru", "minlstm", "hgrn", "rglru", "gru", "lstm", "paragru", "paralstm", "slstm", "bigru"]
 
 # Every elementwise op the fused form runs, in cells whose states feed them.
 OPS_CELL = """

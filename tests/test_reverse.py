@@ -218,9 +218,15 @@ def test_explain_shows_reverse_states_and_delays():
 
 
 @pytest.mark.parametrize("backend", ["newton", "fused"])
-def test_backends_without_reverse_time_refuse_with_a_reason(backend):
-    with pytest.raises(recdsl.RecDSLError, match="runs in reverse"):
-        recdsl.compile(EXAMPLES / "bigru.rec", d_in=3, d=4, backend=backend)
+def test_step_by_step_backends_run_reverse_states_in_parts(backend):
+    """newton and fused run a BiGRU as two forward sub-cells, the reverse one flipped (tests/test_directed.py compares them)."""
+    if backend == "fused":
+        from recdsl.backends import fused_sequential
+
+        if fused_sequential.compiler() is None:
+            pytest.skip("no C compiler")
+    planned = recdsl.compile(EXAMPLES / "bigru.rec", d_in=3, d=4, backend=backend).plan
+    assert [(part.names, str(part.direction)) for part in planned.directed.parts] == [(("h",), "forward"), (("g",), "reverse")]
 
 
 def test_triton_runs_reverse_states_and_scans(monkeypatch, tmp_path):
