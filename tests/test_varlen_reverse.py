@@ -94,6 +94,20 @@ def test_property_sequential_loop_runs_reverse_states_from_each_last_step(name, 
     assert_packed_matches_one_by_one(module, lengths, seed=sum(lengths), with_state=with_state)
 
 
+@pytest.mark.parametrize("backend", ["newton", "fused"])
+@pytest.mark.parametrize("name", ["bigru", "mixed", "token_shift"])
+@settings(max_examples=2, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(lengths=LENGTHS, with_state=st.booleans())
+def test_property_split_backends_run_packed_reverse_states_in_groups_of_equal_length(name, backend, lengths, with_state):
+    """newton and fused run a reverse cell as forward sub-cells; packed, they run it grouped by length (no padding to start a reverse state inside)."""
+    from recdsl.backends import fused_sequential
+
+    if backend == "fused" and fused_sequential.compiler() is None:
+        pytest.skip("no C compiler (the fused backend compiles C)")
+    module = _compile(name, backend)
+    assert_packed_matches_one_by_one(module, lengths, seed=len(lengths) + 7, with_state=with_state)
+
+
 def test_lion_chunked_across_chunk_boundaries_at_the_default_chunk_size():
     """Sequences of 65, 1, 64, 130 and 63 steps with chunks of 64, both halves chunked."""
     module = _compile("lion", "chunked")
