@@ -1,27 +1,43 @@
 """Triton kernels for the chunked form of decayed outer products (GLA, RetNet, mLSTM, Mamba-2).
 
 The same algorithm as :func:`recdsl.backends.chunk_kernels.decayed_outer_products`, for a
-decay shared by a whole state (``[N, T, 1, 1]``) or by each row (``[N, T, K, 1]``):
+decay shared by a whole state (``[N, T, 1, 1]``) or by each row (``[N, T, K, 1]``).
 
-1. ``chunk_states``: per chunk, the log decays accumulated inside it (``tl.cumsum``), the
-   chunk's total decay and its update ``sum_s (k_s * exp(G_C - G_s))^T v_s`` (a ``tl.dot``);
-2. ``pass_states``: one program per (row, key block, value block) walks the chunks in
-   order, keeping the state in fp32 and writing the state each chunk starts from;
-3. ``chunk_outputs``: ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
+Forward (:func:`forward`, two launches):
+
+1. ``walk_states``: one program per (row, key block, value block) walks the chunks in order,
+   the state tile in fp32 registers; per chunk the log decays accumulated inside it
+   (``tl.cumsum``) and its update ``sum_s (k_s * exp(G_C - G_s))^T v_s`` (a ``tl.dot``); it
+   writes the state each chunk starts from (``T / chunk`` states, kept for the backward) and
+   the final state;
+2. ``chunk_outputs``: ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
    ``A = (Q K^T) * exp(G_t - G_s)`` for a scalar decay, and for per-row decays
    ``A = (Q * exp(G)) (K * exp(-G))^T`` summed over key blocks, each block factorised where
    its ``G`` stays within ``+-60`` inside the chunk, else summed exactly pair by pair.
 
+(``chunk_states`` + ``pass_states`` are the same walk in two launches, one program per chunk
+for the updates; they write and read back every chunk's update, one state per chunk more.)
+
+Backward (:func:`backward`, three launches, from the kept chunk-start states; nothing of the
+torch chunked form is recomputed):
+
+1. ``walk_state_grads``: the adjoint walk over reversed chunks,
+   ``dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dS_{c+1}``: the gradient of the state
+   each chunk ends with, and of the initial state;
+2. ``chunk_key_grads``: per (chunk, key block) dq, dk and the log decays' gradient, the
+   reverse cumulative sum over the chunk of ``q dq - k dk`` plus the chunk-end term;
+3. ``chunk_value_grads``: per (chunk, value block) dv.
+
 Blocks are at least 16 wide so that ``tl.dot`` maps to tensor cores on a GPU; float32
 products are exact (``input_precision="ieee"``) unless the caller passes ``allow_tf32=True``
 (TF32 tensor cores, about 1e-3 relative error).  :func:`tiling` chooses the blocks and
-launch options; offsets are 64-bit where they count over rows or chunks.  The backward pass
-recomputes the chunked form in torch under autograd (chunk-boundary states only); a
-dedicated backward kernel is future work.
+launch options; offsets are 64-bit where they count over rows or chunks.  Log decays are
+floored at -60 as the kernels load them (a decay of 0 is e^-60, with no gradient).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +47,27 @@ import triton.language as tl
 from .triton_launch import launch
 
 _FACTOR_LIMIT = 60.0
+
+
+# Triton's interpreter (3.9) multiplies bfloat16 operands as their raw 16-bit patterns, so there
+# the operands are rounded to bfloat16 and multiplied in float32: the same products.  Decided
+# when the module is imported, as @triton.jit decides whether its kernels are interpreted.
+_BFLOAT16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def _dot(a, b, p_like, PRECISION: tl.constexpr):
+    # a @ b accumulated in the accumulator's type.  With bfloat16 inputs (``p_like`` points to
+    # them) both operands go to tl.dot as bfloat16, for tensor cores with fp32 accumulation
+    # (scores, decayed keys and states are rounded to bfloat16 there, as the inputs were);
+    # float16 inputs stay in float32 products, since exp(-G) factors up to e^60 overflow float16.
+    if p_like.dtype.element_ty == tl.bfloat16:
+        if _BFLOAT16_DOT:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 # Addressing: ``p_x += base`` with ``base`` an int64 scalar (the first element of the
@@ -67,7 +104,7 @@ def chunk_states(p_k, p_v, p_g, p_update, p_decay, T, K, V, n_chunks, ROWS: tl.c
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
         b_decay = tl.exp(b_end) + tl.zeros([BK], dtype=ACC)
-    b_update = tl.dot(tl.trans(b_scaled), b_v, input_precision=PRECISION)
+    b_update = _dot(tl.trans(b_scaled), b_v, p_k, PRECISION)
     o_state = (i_n * n_chunks + i_c) * K * V
     tl.store(p_update + o_state + o_k[:, None] * V + o_v[None, :], b_update, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
@@ -119,12 +156,12 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
             b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), -60.0), axis=0)
             b_qg = b_q * tl.exp(b_G)
             # From the state at the chunk start.
-            b_out += tl.dot(b_qg, b_start, input_precision=PRECISION)
+            b_out += _dot(b_qg, b_start, p_k, PRECISION)
             b_lowest = tl.min(tl.min(b_G, axis=1), axis=0)
             b_highest = tl.max(tl.max(b_G, axis=1), axis=0)
             if (b_lowest > -60.0) & (b_highest < 60.0):
                 # exp(G_t - G_s) = exp(G_t) exp(-G_s), each factor within exp(+-60).
-                b_scores += tl.dot(b_qg, tl.trans(b_k * tl.exp(-b_G)), input_precision=PRECISION)
+                b_scores += _dot(b_qg, tl.trans(b_k * tl.exp(-b_G)), p_k, PRECISION)
             else:
                 # The exact pairwise form, one key dimension of this block at a time.
                 for i_j in range(0, BK):
@@ -136,15 +173,15 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
                     gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
                     b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
         else:
-            b_out += tl.dot(b_q, b_start, input_precision=PRECISION)
-            b_scores += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+            b_out += _dot(b_q, b_start, p_k, PRECISION)
+            b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
     if not ROWS:
         # The shared decay factors out of the key sum: q_t exp(G_t) S, and (q_t . k_s) exp(G_t - G_s).
         b_out = b_out * tl.exp(b_Gt)[:, None]
         b_scores = b_scores * tl.exp(tl.where(causal, b_Gt[:, None] - b_Gt[None, :], float("-inf")))
     b_scores = tl.where(causal, b_scores, 0.0)
     b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-    b_out += tl.dot(b_scores, b_v, input_precision=PRECISION)
+    b_out += _dot(b_scores, b_v, p_k, PRECISION)
     tl.store(p_out + o_row * V + o_t[:, None] * V + o_v[None, :], b_out, mask=m_t[:, None] & m_v[None, :])
 
 
@@ -188,7 +225,7 @@ def walk_states(p_k, p_v, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, 
             b_end = tl.sum(b_g, axis=0)
             b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
             b_state = tl.exp(b_end) * b_state
-        b_state += tl.dot(tl.trans(b_scaled), b_v, input_precision=PRECISION)
+        b_state += _dot(tl.trans(b_scaled), b_v, p_k, PRECISION)
     tl.store(p_final + i_n * K * V + o_tile, b_state, mask=m)
 
 
@@ -221,7 +258,7 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
             b_g = tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0)
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))[:, None]
             b_dstate = tl.exp(tl.sum(b_g, axis=0)) * b_dstate
-        b_dstate += tl.dot(tl.trans(b_qg), b_do, input_precision=PRECISION)
+        b_dstate += _dot(tl.trans(b_qg), b_do, p_q, PRECISION)
     tl.store(p_dinitial + i_n * K * V + o_tile, b_dstate, mask=m)
 
 
@@ -277,9 +314,9 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
         else:
             b_S_end = tl.load(p_starts + o_state + K * V + o_tile, mask=m_kv, other=0.0).to(ACC)
         b_E = tl.load(p_dends + o_state + o_tile, mask=m_kv, other=0.0).to(ACC)
-        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
-        b_dq += tl.dot(b_do, tl.trans(b_S), input_precision=PRECISION)
-        b_dk += tl.dot(b_v, tl.trans(b_E), input_precision=PRECISION)
+        b_dA += _dot(b_do, tl.trans(b_v), p_k, PRECISION)
+        b_dq += _dot(b_do, tl.trans(b_S), p_k, PRECISION)
+        b_dk += _dot(b_v, tl.trans(b_E), p_k, PRECISION)
         b_dend += tl.sum(b_E * b_S_end, axis=1)
     b_dA = tl.where(causal, b_dA, 0.0)
     last = o_t[:, None] == BT - 1
@@ -296,8 +333,8 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
             # exp(G_t - G_s) = exp(G_t) exp(-G_s), each factor within exp(+-60).
             b_qg = b_q * tl.exp(b_G)
             b_kg = b_k * tl.exp(-b_G)
-            b_dq += tl.dot(b_dA, b_kg, input_precision=PRECISION) * tl.exp(b_G)
-            b_dk += tl.dot(tl.trans(b_dA), b_qg, input_precision=PRECISION) * tl.exp(-b_G)
+            b_dq += _dot(b_dA, b_kg, p_k, PRECISION) * tl.exp(b_G)
+            b_dk += _dot(tl.trans(b_dA), b_qg, p_k, PRECISION) * tl.exp(-b_G)
         else:
             # The exact pairwise form, one key of this block at a time.
             for i_j in range(0, BK):
@@ -318,8 +355,8 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
         b_G = tl.cumsum(tl.maximum(b_g_raw, -60.0), axis=0)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_dAD = b_dA * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
-        b_dq = b_dq * tl.exp(b_G)[:, None] + tl.dot(b_dAD, b_k, input_precision=PRECISION)
-        b_dk = b_dk * tl.exp(b_end - b_G)[:, None] + tl.dot(tl.trans(b_dAD), b_q, input_precision=PRECISION)
+        b_dq = b_dq * tl.exp(b_G)[:, None] + _dot(b_dAD, b_k, p_k, PRECISION)
+        b_dk = b_dk * tl.exp(b_end - b_G)[:, None] + _dot(tl.trans(b_dAD), b_q, p_k, PRECISION)
         b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1) + tl.where(o_t == BT - 1, tl.sum(b_dend, axis=0), 0.0)
         b_dg = tl.where(b_g_raw >= -60.0, tl.cumsum(b_dG, axis=0, reverse=True), 0.0)  # the floor's gradient
         tl.store(p_dg + (o_row + o_t) * tl.num_programs(1) + i_k, b_dg, mask=m_t)
@@ -359,11 +396,11 @@ def chunk_value_grads(p_q, p_k, p_g, p_dout, p_dends, p_dv, T, K, V, n_chunks, R
             b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), -60.0)
             b_Gk = tl.cumsum(b_g, axis=0)
             b_endk = tl.sum(b_g, axis=0)
-            b_dv += tl.dot(b_k * tl.exp(b_endk[None, :] - b_Gk), b_E, input_precision=PRECISION)
+            b_dv += _dot(b_k * tl.exp(b_endk[None, :] - b_Gk), b_E, p_k, PRECISION)
             b_lowest = tl.min(tl.min(b_Gk, axis=1), axis=0)
             b_highest = tl.max(tl.max(b_Gk, axis=1), axis=0)
             if (b_lowest > -60.0) & (b_highest < 60.0):
-                b_scores += tl.dot(b_q * tl.exp(b_Gk), tl.trans(b_k * tl.exp(-b_Gk)), input_precision=PRECISION)
+                b_scores += _dot(b_q * tl.exp(b_Gk), tl.trans(b_k * tl.exp(-b_Gk)), p_k, PRECISION)
             else:
                 for i_j in range(0, BK):
                     pick = tl.arange(0, BK)[None, :] == i_j
@@ -373,14 +410,14 @@ def chunk_value_grads(p_q, p_k, p_g, p_dout, p_dends, p_dv, T, K, V, n_chunks, R
                     gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
                     b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
         else:
-            b_dv += tl.dot(b_k, b_E, input_precision=PRECISION)
-            b_scores += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+            b_dv += _dot(b_k, b_E, p_k, PRECISION)
+            b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
     if not ROWS:
         b_dv = b_dv * tl.exp(b_end - b_G)[:, None]
         b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_scores = tl.where(causal, b_scores, 0.0)
     b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-    b_dv += tl.dot(tl.trans(b_scores), b_do, input_precision=PRECISION)
+    b_dv += _dot(tl.trans(b_scores), b_do, p_k, PRECISION)
     tl.store(p_dv + o_row * V + o_t[:, None] * V + o_v[None, :], b_dv, mask=m_t[:, None] & m_v[None, :])
 
 
