@@ -450,12 +450,14 @@ class Tiling:
     gradient_value_block: int = 16
 
 
-def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False) -> Tiling:
-    """The :class:`Tiling` for chunks of ``chunk`` steps, ``keys`` x ``values`` states in ``dtype``."""
+def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, operands: torch.dtype | None = None) -> Tiling:
+    """The :class:`Tiling` for chunks of ``chunk`` steps, ``keys`` x ``values`` states in ``dtype``;
+    ``operands``: the dtype of the queries, keys and values (bfloat16 ones go to ``tl.dot`` as such)."""
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return Tiling(
         chunk=_block(chunk),
-        state_key_block=min(_block(keys), 32),
+        # bfloat16 operands' layout conversions spill 4 B in walk_states on sm_90 with 32 key rows.
+        state_key_block=16 if operands == torch.bfloat16 else min(_block(keys), 32),
         # 16, tl.dot's smallest inner dimension, for FMA products; tensor cores (TF32) hold their
         # operands in fewer registers but spill on sm_80 with blocks of 16 (ptxas -v).
         output_key_block=32 if precision == "tf32" else 16,
@@ -463,8 +465,9 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
         num_warps=8,
         num_stages=1,
         precision=precision,
-        gradient_key_block=min(_block(keys), 16 if precision == "ieee" else 32),
-        gradient_value_block=min(_block(values), 16 if precision == "ieee" else 32),
+        # chunk_key_grads holds dA [BT, BT] and six [BT, BK] tiles: blocks of 32 spill on sm_80 even with TF32.
+        gradient_key_block=16,
+        gradient_value_block=16,
     )
 
 
@@ -518,7 +521,7 @@ def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_
     """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``."""
     g, rows = _log_decay_rows(log_decay)
     k, v = k.contiguous(), v.contiguous()
-    tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32)
+    tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
     starts, final = _states(k, v, g, rows, initial, tiles)
     return [_outputs(q.contiguous(), k, v, g, rows, starts, tiles) for q in readouts], final
 
@@ -598,7 +601,7 @@ class DecayedOuterProducts(torch.autograd.Function):
         g, rows = _log_decay_rows(log_decay)
         k, v = k.contiguous(), v.contiguous()
         readouts = tuple(q.contiguous() for q in readouts)
-        tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32)
+        tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
         starts, final = _states(k, v, g, rows, initial, tiles)
         outputs = [_outputs(q, k, v, g, rows, starts, tiles) for q in readouts]
         ctx.tiles, ctx.rows = tiles, rows

@@ -187,7 +187,7 @@ def _relative_errors(expected: dict[str, torch.Tensor], actual: dict[str, torch.
     errors = {}
     for quantity, reference in expected.items():
         assert quantity in actual, f"{quantity} missing"
-        value = actual[quantity].double()
+        value, reference = actual[quantity].detach().double(), reference.detach()
         errors[quantity] = float((value - reference).abs().max() / reference.abs().max().clamp(min=1e-3))
     return errors
 
