@@ -519,11 +519,34 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor,
 
 def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``."""
-    g, rows = _log_decay_rows(log_decay)
-    k, v = k.contiguous(), v.contiguous()
-    tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
-    starts, final = _states(k, v, g, rows, initial, tiles)
-    return [_outputs(q.contiguous(), k, v, g, rows, starts, tiles) for q in readouts], final
+    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32)
+    return run.outputs, run.final
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """One forward pass and what its backward needs: the inputs as the kernels read them, the tiling,
+    the chunk-start states, the read-outs and the final state."""
+
+    readouts: tuple[torch.Tensor, ...]
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    rows: bool
+    tiles: Tiling
+    starts: torch.Tensor
+    outputs: list[torch.Tensor]
+    final: torch.Tensor
+
+    @staticmethod
+    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool) -> "_Forward":
+        g, rows = _log_decay_rows(log_decay)
+        k, v = k.contiguous(), v.contiguous()
+        readouts = tuple(q.contiguous() for q in readouts)
+        tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
+        starts, final = _states(k, v, g, rows, initial, tiles)
+        outputs = [_outputs(q, k, v, g, rows, starts, tiles) for q in readouts]
+        return _Forward(readouts, k, v, g, rows, tiles, starts, outputs, final)
 
 
 @dataclass(frozen=True)
@@ -598,17 +621,13 @@ class DecayedOuterProducts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, chunk: int, allow_tf32: bool, k, v, log_decay, initial, *readouts):
-        g, rows = _log_decay_rows(log_decay)
-        k, v = k.contiguous(), v.contiguous()
-        readouts = tuple(q.contiguous() for q in readouts)
-        tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
-        starts, final = _states(k, v, g, rows, initial, tiles)
-        outputs = [_outputs(q, k, v, g, rows, starts, tiles) for q in readouts]
-        ctx.tiles, ctx.rows = tiles, rows
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32)
+        ctx.tiles, ctx.rows = run.tiles, run.rows
         ctx.dtypes = (k.dtype, v.dtype, log_decay.dtype, initial.dtype, *(q.dtype for q in readouts))
         ctx.log_decay_shape = log_decay.shape
-        ctx.save_for_backward(k, v, g, starts, final, *readouts)
-        return (*outputs, final)
+        # A copy of the final state (one state per row): the caller may change the one returned in place.
+        ctx.save_for_backward(run.k, run.v, run.g, run.starts, run.final.clone(), *run.readouts)
+        return (*run.outputs, run.final)
 
     @staticmethod
     def backward(ctx, *grads):
