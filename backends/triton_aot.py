@@ -251,21 +251,31 @@ def layer_launches(examples: Path, layer: Layer, dtype: Any = None, batch: int =
     return record_launches(run)
 
 
-def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length: int = 4096, chunk: int = 64) -> list[KernelLaunch]:
-    """The launches of :func:`.triton_chunk.forward` for one head of ``keys x values`` states (float32).
+def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length: int = 4096, chunk: int = 64, dtype: Any = None) -> list[KernelLaunch]:
+    """The launches of the Triton chunked form's forward and backward (:mod:`.triton_chunk`) for one
+    head of ``keys x values`` states, with queries, keys, values and log decays in ``dtype``
+    (float32 by default; bfloat16 feeds ``tl.dot`` bfloat16 operands).
 
-    For options a compiled cell does not pass yet (``allow_tf32``); ``rows``: a decay per
-    key row (GLA) rather than one per state (RetNet, mLSTM, Mamba-2).
+    For options a compiled cell does not pass yet (``allow_tf32``, bfloat16 operands: a cell
+    computes bfloat16 inputs in float32); ``rows``: a decay per key row (GLA) rather than one
+    per state (RetNet, mLSTM, Mamba-2).
     """
     import torch
 
-    from . import triton_chunk
+    from . import chunk_kernels, triton_chunk
 
-    q, k = torch.randn(1, length, keys), torch.randn(1, length, keys)
-    v = torch.randn(1, length, values)
-    log_decay = -torch.rand(1, length, keys if rows else 1, 1)
+    dtype = dtype or torch.float32
+    q, k = torch.randn(1, length, keys, dtype=dtype), torch.randn(1, length, keys, dtype=dtype)
+    v = torch.randn(1, length, values, dtype=dtype)
+    log_decay = -torch.rand(1, length, keys if rows else 1, 1).to(dtype)
     initial = torch.zeros(1, keys, values)
-    return record_launches(lambda: triton_chunk.forward([q], k, v, log_decay, initial, chunk, allow_tf32=allow_tf32))
+    leaves = [t.requires_grad_() for t in (q, k, v, log_decay, initial)]
+
+    def run() -> None:
+        (out,), final = triton_chunk.decayed_outer_products([q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, chunk, allow_tf32=allow_tf32)
+        torch.autograd.grad(out.float().sum() + final.sum(), leaves)
+
+    return record_launches(run)
 
 
 def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow_tf32: bool = False, length: int = 4096, chunk: int = 64) -> list[KernelLaunch]:

@@ -244,7 +244,7 @@ def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
             f"(delta_prepare, delta_chunks: the {chunk.kind}'s UT transform), never stored per step.\n"
             if chunk is not None and chunk.kind in delta else
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
-            f"(chunk_states, pass_states, chunk_outputs), never stored per step.\n"
+            f"(walk_states, chunk_outputs; backward walk_state_grads, chunk_key_grads, chunk_value_grads), never stored per step.\n"
             for name, chunk in chunked
         )
         first, rest = source.split("\n", 1)

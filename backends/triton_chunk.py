@@ -1,27 +1,43 @@
 """Triton kernels for the chunked form of decayed outer products (GLA, RetNet, mLSTM, Mamba-2).
 
 The same algorithm as :func:`recdsl.backends.chunk_kernels.decayed_outer_products`, for a
-decay shared by a whole state (``[N, T, 1, 1]``) or by each row (``[N, T, K, 1]``):
+decay shared by a whole state (``[N, T, 1, 1]``) or by each row (``[N, T, K, 1]``).
 
-1. ``chunk_states``: per chunk, the log decays accumulated inside it (``tl.cumsum``), the
-   chunk's total decay and its update ``sum_s (k_s * exp(G_C - G_s))^T v_s`` (a ``tl.dot``);
-2. ``pass_states``: one program per (row, key block, value block) walks the chunks in
-   order, keeping the state in fp32 and writing the state each chunk starts from;
-3. ``chunk_outputs``: ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
+Forward (:func:`forward`, two launches):
+
+1. ``walk_states``: one program per (row, key block, value block) walks the chunks in order,
+   the state tile in fp32 registers; per chunk the log decays accumulated inside it
+   (``tl.cumsum``) and its update ``sum_s (k_s * exp(G_C - G_s))^T v_s`` (a ``tl.dot``); it
+   writes the state each chunk starts from (``T / chunk`` states, kept for the backward) and
+   the final state;
+2. ``chunk_outputs``: ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
    ``A = (Q K^T) * exp(G_t - G_s)`` for a scalar decay, and for per-row decays
    ``A = (Q * exp(G)) (K * exp(-G))^T`` summed over key blocks, each block factorised where
    its ``G`` stays within ``+-60`` inside the chunk, else summed exactly pair by pair.
 
+(``chunk_states`` + ``pass_states`` are the same walk in two launches, one program per chunk
+for the updates; they write and read back every chunk's update, one state per chunk more.)
+
+Backward (:func:`backward`, three launches, from the kept chunk-start states; nothing of the
+torch chunked form is recomputed):
+
+1. ``walk_state_grads``: the adjoint walk over reversed chunks,
+   ``dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dS_{c+1}``: the gradient of the state
+   each chunk ends with, and of the initial state;
+2. ``chunk_key_grads``: per (chunk, key block) dq, dk and the log decays' gradient, the
+   reverse cumulative sum over the chunk of ``q dq - k dk`` plus the chunk-end term;
+3. ``chunk_value_grads``: per (chunk, value block) dv.
+
 Blocks are at least 16 wide so that ``tl.dot`` maps to tensor cores on a GPU; float32
 products are exact (``input_precision="ieee"``) unless the caller passes ``allow_tf32=True``
 (TF32 tensor cores, about 1e-3 relative error).  :func:`tiling` chooses the blocks and
-launch options; offsets are 64-bit where they count over rows or chunks.  The backward pass
-recomputes the chunked form in torch under autograd (chunk-boundary states only); a
-dedicated backward kernel is future work.
+launch options; offsets are 64-bit where they count over rows or chunks.  Log decays are
+floored at -60 as the kernels load them (a decay of 0 is e^-60, with no gradient).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +47,27 @@ import triton.language as tl
 from .triton_launch import launch
 
 _FACTOR_LIMIT = 60.0
+
+
+# Triton's interpreter (3.9) multiplies bfloat16 operands as their raw 16-bit patterns, so there
+# the operands are rounded to bfloat16 and multiplied in float32: the same products.  Decided
+# when the module is imported, as @triton.jit decides whether its kernels are interpreted.
+_BFLOAT16_DOT = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+
+@triton.jit
+def _dot(a, b, p_like, PRECISION: tl.constexpr):
+    # a @ b accumulated in the accumulator's type.  With bfloat16 inputs (``p_like`` points to
+    # them) both operands go to tl.dot as bfloat16, for tensor cores with fp32 accumulation
+    # (scores, decayed keys and states are rounded to bfloat16 there, as the inputs were);
+    # float16 inputs stay in float32 products, since exp(-G) factors up to e^60 overflow float16.
+    if p_like.dtype.element_ty == tl.bfloat16:
+        if _BFLOAT16_DOT:
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        else:
+            return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PRECISION)
 
 
 # Addressing: ``p_x += base`` with ``base`` an int64 scalar (the first element of the
@@ -67,7 +104,7 @@ def chunk_states(p_k, p_v, p_g, p_update, p_decay, T, K, V, n_chunks, ROWS: tl.c
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
         b_decay = tl.exp(b_end) + tl.zeros([BK], dtype=ACC)
-    b_update = tl.dot(tl.trans(b_scaled), b_v, input_precision=PRECISION)
+    b_update = _dot(tl.trans(b_scaled), b_v, p_k, PRECISION)
     o_state = (i_n * n_chunks + i_c) * K * V
     tl.store(p_update + o_state + o_k[:, None] * V + o_v[None, :], b_update, mask=m_k[:, None] & m_v[None, :])
     if i_v == 0:
@@ -108,7 +145,7 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
     b_out = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
-        b_Gt = tl.cumsum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), axis=0)  # the (shared) log decay of each step
+        b_Gt = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)  # the (shared) log decay of each step
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -116,15 +153,15 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
         b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_start = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_G = tl.cumsum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), axis=0)
+            b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), -60.0), axis=0)
             b_qg = b_q * tl.exp(b_G)
             # From the state at the chunk start.
-            b_out += tl.dot(b_qg, b_start, input_precision=PRECISION)
+            b_out += _dot(b_qg, b_start, p_k, PRECISION)
             b_lowest = tl.min(tl.min(b_G, axis=1), axis=0)
             b_highest = tl.max(tl.max(b_G, axis=1), axis=0)
             if (b_lowest > -60.0) & (b_highest < 60.0):
                 # exp(G_t - G_s) = exp(G_t) exp(-G_s), each factor within exp(+-60).
-                b_scores += tl.dot(b_qg, tl.trans(b_k * tl.exp(-b_G)), input_precision=PRECISION)
+                b_scores += _dot(b_qg, tl.trans(b_k * tl.exp(-b_G)), p_k, PRECISION)
             else:
                 # The exact pairwise form, one key dimension of this block at a time.
                 for i_j in range(0, BK):
@@ -136,16 +173,252 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
                     gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
                     b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
         else:
-            b_out += tl.dot(b_q, b_start, input_precision=PRECISION)
-            b_scores += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+            b_out += _dot(b_q, b_start, p_k, PRECISION)
+            b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
     if not ROWS:
         # The shared decay factors out of the key sum: q_t exp(G_t) S, and (q_t . k_s) exp(G_t - G_s).
         b_out = b_out * tl.exp(b_Gt)[:, None]
         b_scores = b_scores * tl.exp(tl.where(causal, b_Gt[:, None] - b_Gt[None, :], float("-inf")))
     b_scores = tl.where(causal, b_scores, 0.0)
     b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-    b_out += tl.dot(b_scores, b_v, input_precision=PRECISION)
+    b_out += _dot(b_scores, b_v, p_k, PRECISION)
     tl.store(p_out + o_row * V + o_t[:, None] * V + o_v[None, :], b_out, mask=m_t[:, None] & m_v[None, :])
+
+
+# ---- one walk over the chunks (forward states, backward state gradients) ----------------------
+#
+# ``chunk_states`` + ``pass_states`` write each chunk's update and read it back; the walks below
+# compute the update inside the loop over chunks instead (as fla's ``chunk_fwd_h`` does), so the
+# only state-sized tensor written is the one the read-outs need (forward: the state each chunk
+# starts from; backward: the gradient of the state each chunk ends with).
+
+
+@triton.jit
+def walk_states(p_k, p_v, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row, key block, value block), walking the chunks in order with the
+    # state tile in fp32 registers; writes what pass_states writes: ``p_starts`` [N, n_chunks,
+    # K, V], the state each chunk starts from, and ``p_final``.
+    i_n = tl.program_id(0).to(tl.int64)
+    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    o_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    m_k = o_k < K
+    m_v = o_v < V
+    m = m_k[:, None] & m_v[None, :]
+    o_tile = o_k[:, None] * V + o_v[None, :]
+    b_state = tl.load(p_initial + i_n * K * V + o_tile, mask=m, other=0.0).to(ACC)
+    for i_c in range(0, n_chunks):
+        tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_tile, b_state, mask=m)
+        o_row = i_n * T + i_c * BT
+        m_t = i_c * BT + o_t < T
+        b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+        b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if ROWS:
+            b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC), -60.0)
+            b_G = tl.cumsum(b_g, axis=0)
+            b_end = tl.sum(b_g, axis=0)  # G at the chunk's last step (padding adds 0)
+            b_scaled = b_k * tl.exp(b_end[None, :] - b_G)
+            b_state = tl.exp(b_end)[:, None] * b_state
+        else:
+            b_g = tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0)
+            b_G = tl.cumsum(b_g, axis=0)
+            b_end = tl.sum(b_g, axis=0)
+            b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
+            b_state = tl.exp(b_end) * b_state
+        b_state += _dot(tl.trans(b_scaled), b_v, p_k, PRECISION)
+    tl.store(p_final + i_n * K * V + o_tile, b_state, mask=m)
+
+
+@triton.jit
+def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # The adjoint of walk_states, over reversed chunks: with S_c the state chunk c starts from,
+    # dL/dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dL/dS_{c+1}.  ``p_dends`` [N, n_chunks, K, V]
+    # gets dL/dS_{c+1}, the gradient of the state chunk c ends with; ``p_dinitial`` dL/dS_0.
+    i_n = tl.program_id(0).to(tl.int64)
+    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
+    o_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    o_t = tl.arange(0, BT)
+    m_k = o_k < K
+    m_v = o_v < V
+    m = m_k[:, None] & m_v[None, :]
+    o_tile = o_k[:, None] * V + o_v[None, :]
+    b_dstate = tl.load(p_dfinal + i_n * K * V + o_tile, mask=m, other=0.0).to(ACC)
+    for i_back in range(0, n_chunks):
+        i_c = n_chunks - 1 - i_back
+        tl.store(p_dends + (i_n * n_chunks + i_c) * K * V + o_tile, b_dstate, mask=m)
+        o_row = i_n * T + i_c * BT
+        m_t = i_c * BT + o_t < T
+        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+        b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if ROWS:
+            b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC), -60.0)
+            b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))
+            b_dstate = tl.exp(tl.sum(b_g, axis=0))[:, None] * b_dstate
+        else:
+            b_g = tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0)
+            b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))[:, None]
+            b_dstate = tl.exp(tl.sum(b_g, axis=0)) * b_dstate
+        b_dstate += _dot(tl.trans(b_qg), b_do, p_q, PRECISION)
+    tl.store(p_dinitial + i_n * K * V + o_tile, b_dstate, mask=m)
+
+
+# ---- gradients inside a chunk ------------------------------------------------------------------
+#
+# With S the state the chunk starts from, E = dL/dS_end the gradient of the state it ends with,
+# dA_ts = do_t . v_s (s <= t) and D_ts = exp(G_t - G_s) (per key for a decay per row):
+#
+#   dq_t = exp(G_t) (do_t S^T) + sum_{s <= t} dA_ts D_ts k_s
+#   dk_s = exp(G_C - G_s) (v_s E^T) + sum_{t >= s} dA_ts D_ts q_t
+#   dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t,     A_ts = sum_k q_t k_s D_ts
+#
+# and the log decays' gradient without differentiating any exponential again: q_t enters every
+# term as q_t exp(G_t), k_s as k_s exp(-G_s), and G_C scales S_end, so
+# dL/dG_t = q_t dq_t - k_t dk_t (+ sum_v E S_end at the chunk's last step), and since G is the
+# cumulative sum of g inside the chunk, dL/dg_t is the reverse cumulative sum of dL/dG over the
+# chunk (fla's chunk GLA backward uses the same identity).
+
+
+@triton.jit
+def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row and chunk, key block); the value dimension is walked in blocks of BV.
+    # ``p_dg``: [N, T, K] for a decay per row; for a shared decay [N, T, key blocks], each
+    # block's share of the sum over keys (the caller adds them).
+    i_nc = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_n = (i_nc // n_chunks).to(tl.int64)
+    i_c = i_nc % n_chunks
+    o_row = i_n * T + i_c * BT
+    o_state = (i_n * n_chunks + i_c) * K * V  # S and E; S_end is the next chunk's S, or the final state
+    o_t = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_t = i_c * BT + o_t < T
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    causal = o_t[:, None] >= o_t[None, :]
+    b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    b_dA = tl.zeros([BT, BT], dtype=ACC)
+    b_dq = tl.zeros([BT, BK], dtype=ACC)  # do S^T, then the whole dq
+    b_dk = tl.zeros([BT, BK], dtype=ACC)  # v E^T, then the whole dk
+    b_dend = tl.zeros([BK], dtype=ACC)  # sum_v E S_end, per key
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_v = o_v < V
+        m_kv = m_k[:, None] & m_v[None, :]
+        o_tile = o_k[:, None] * V + o_v[None, :]
+        b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_S = tl.load(p_starts + o_state + o_tile, mask=m_kv, other=0.0).to(ACC)
+        if i_c == n_chunks - 1:
+            b_S_end = tl.load(p_final + i_n * K * V + o_tile, mask=m_kv, other=0.0).to(ACC)
+        else:
+            b_S_end = tl.load(p_starts + o_state + K * V + o_tile, mask=m_kv, other=0.0).to(ACC)
+        b_E = tl.load(p_dends + o_state + o_tile, mask=m_kv, other=0.0).to(ACC)
+        b_dA += _dot(b_do, tl.trans(b_v), p_k, PRECISION)
+        b_dq += _dot(b_do, tl.trans(b_S), p_k, PRECISION)
+        b_dk += _dot(b_v, tl.trans(b_E), p_k, PRECISION)
+        b_dend += tl.sum(b_E * b_S_end, axis=1)
+    b_dA = tl.where(causal, b_dA, 0.0)
+    last = o_t[:, None] == BT - 1
+    if ROWS:
+        b_g_raw = tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_g = tl.maximum(b_g_raw, -60.0)
+        b_G = tl.cumsum(b_g, axis=0)
+        b_end = tl.sum(b_g, axis=0)
+        b_dq = b_dq * tl.exp(b_G)
+        b_dk = b_dk * tl.exp(b_end[None, :] - b_G)
+        b_lowest = tl.min(tl.min(b_G, axis=1), axis=0)
+        b_highest = tl.max(tl.max(b_G, axis=1), axis=0)
+        if (b_lowest > -60.0) & (b_highest < 60.0):
+            # exp(G_t - G_s) = exp(G_t) exp(-G_s), each factor within exp(+-60).
+            b_qg = b_q * tl.exp(b_G)
+            b_kg = b_k * tl.exp(-b_G)
+            b_dq += _dot(b_dA, b_kg, p_k, PRECISION) * tl.exp(b_G)
+            b_dk += _dot(tl.trans(b_dA), b_qg, p_k, PRECISION) * tl.exp(-b_G)
+        else:
+            # The exact pairwise form, one key of this block at a time.
+            for i_j in range(0, BK):
+                pick = tl.arange(0, BK)[None, :] == i_j
+                q_col = tl.sum(tl.where(pick, b_q, 0.0), axis=1)
+                k_col = tl.sum(tl.where(pick, b_k, 0.0), axis=1)
+                g_col = tl.sum(tl.where(pick, b_G, 0.0), axis=1)
+                b_dAD = b_dA * tl.exp(tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf")))
+                dq_col = tl.sum(b_dAD * k_col[None, :], axis=1)
+                dk_col = tl.sum(b_dAD * q_col[:, None], axis=0)
+                b_dq += tl.where(pick, dq_col[:, None], 0.0)
+                b_dk += tl.where(pick, dk_col[:, None], 0.0)
+        b_dG = b_q * b_dq - b_k * b_dk + tl.where(last, b_dend[None, :], 0.0)
+        b_dg = tl.where(b_g_raw >= -60.0, tl.cumsum(b_dG, axis=0, reverse=True), 0.0)  # the floor's gradient
+        tl.store(p_dg + o_row * K + o_t[:, None] * K + o_k[None, :], b_dg, mask=m_tk)
+    else:
+        b_g_raw = tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC)
+        b_G = tl.cumsum(tl.maximum(b_g_raw, -60.0), axis=0)
+        b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+        b_dAD = b_dA * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        b_dq = b_dq * tl.exp(b_G)[:, None] + _dot(b_dAD, b_k, p_k, PRECISION)
+        b_dk = b_dk * tl.exp(b_end - b_G)[:, None] + _dot(tl.trans(b_dAD), b_q, p_k, PRECISION)
+        b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1) + tl.where(o_t == BT - 1, tl.sum(b_dend, axis=0), 0.0)
+        b_dg = tl.where(b_g_raw >= -60.0, tl.cumsum(b_dG, axis=0, reverse=True), 0.0)  # the floor's gradient
+        tl.store(p_dg + (o_row + o_t) * tl.num_programs(1) + i_k, b_dg, mask=m_t)
+    tl.store(p_dq + o_row * K + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
+    tl.store(p_dk + o_row * K + o_t[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+
+
+@triton.jit
+def chunk_value_grads(p_q, p_k, p_g, p_dout, p_dends, p_dv, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
+    # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
+    # chunk_outputs forms them.
+    i_nc = tl.program_id(0)
+    i_v = tl.program_id(1)
+    i_n = (i_nc // n_chunks).to(tl.int64)
+    i_c = i_nc % n_chunks
+    o_row = i_n * T + i_c * BT
+    o_state = (i_n * n_chunks + i_c) * K * V
+    o_t = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_t = i_c * BT + o_t < T
+    m_v = o_v < V
+    causal = o_t[:, None] >= o_t[None, :]
+    b_dv = tl.zeros([BT, BV], dtype=ACC)
+    b_scores = tl.zeros([BT, BT], dtype=ACC)
+    if not ROWS:
+        b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)
+        b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_E = tl.load(p_dends + o_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if ROWS:
+            b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), -60.0)
+            b_Gk = tl.cumsum(b_g, axis=0)
+            b_endk = tl.sum(b_g, axis=0)
+            b_dv += _dot(b_k * tl.exp(b_endk[None, :] - b_Gk), b_E, p_k, PRECISION)
+            b_lowest = tl.min(tl.min(b_Gk, axis=1), axis=0)
+            b_highest = tl.max(tl.max(b_Gk, axis=1), axis=0)
+            if (b_lowest > -60.0) & (b_highest < 60.0):
+                b_scores += _dot(b_q * tl.exp(b_Gk), tl.trans(b_k * tl.exp(-b_Gk)), p_k, PRECISION)
+            else:
+                for i_j in range(0, BK):
+                    pick = tl.arange(0, BK)[None, :] == i_j
+                    q_col = tl.sum(tl.where(pick, b_q, 0.0), axis=1)
+                    k_col = tl.sum(tl.where(pick, b_k, 0.0), axis=1)
+                    g_col = tl.sum(tl.where(pick, b_Gk, 0.0), axis=1)
+                    gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
+                    b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
+        else:
+            b_dv += _dot(b_k, b_E, p_k, PRECISION)
+            b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
+    if not ROWS:
+        b_dv = b_dv * tl.exp(b_end - b_G)[:, None]
+        b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+    b_scores = tl.where(causal, b_scores, 0.0)
+    b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    b_dv += _dot(tl.trans(b_scores), b_do, p_k, PRECISION)
+    tl.store(p_dv + o_row * V + o_t[:, None] * V + o_v[None, :], b_dv, mask=m_t[:, None] & m_v[None, :])
 
 
 @dataclass(frozen=True)
@@ -153,15 +426,18 @@ class Tiling:
     """Block sizes and launch options of the chunked kernels, chosen so that nothing spills.
 
     ``chunk``: steps per chunk (``BT``).  ``state_key_block``: the key rows of one program of
-    ``chunk_states``/``pass_states`` (the key dimension is split across programs there);
-    ``output_key_block``: the key block ``chunk_outputs`` walks the key dimension in;
-    ``value_block``: the value columns of one program.  ``precision``: ``tl.dot``'s
+    the walks over chunks (``walk_states``, ``walk_state_grads``; the key dimension is split
+    across programs there); ``output_key_block``: the key block ``chunk_outputs`` and
+    ``chunk_value_grads`` walk the key dimension in; ``value_block``: the value columns of one
+    program; ``gradient_key_block``/``gradient_value_block``: the key block of one
+    ``chunk_key_grads`` program and the value block it walks in.  ``precision``: ``tl.dot``'s
     ``input_precision``, ``"ieee"`` (exact float32) unless TF32 was asked for.
 
     The float32 ``ieee`` product runs on FMA units with each thread holding whole rows and
     columns of its operands, so the blocks that feed it stay narrow: compiled for sm_80 and
-    sm_90 (``tests/test_triton_compile.py``, ``benchmarks/RESULTS_COMPILE.md``) these give
-    at most 236 registers, no spills and at most 40 KB of shared memory at dk, dv <= 128.
+    sm_90 (``tests/test_triton_compile.py``, ``benchmarks/RESULTS_COMPILE.md``) every kernel,
+    forward and backward, float32, TF32 or bfloat16 operands, uses at most 236 registers, no
+    spills and at most 40 KB of shared memory at dk, dv <= 128.
     """
 
     chunk: int
@@ -171,14 +447,18 @@ class Tiling:
     num_warps: int
     num_stages: int
     precision: str
+    gradient_key_block: int = 16
+    gradient_value_block: int = 16
 
 
-def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False) -> Tiling:
-    """The :class:`Tiling` for chunks of ``chunk`` steps, ``keys`` x ``values`` states in ``dtype``."""
+def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, operands: torch.dtype | None = None) -> Tiling:
+    """The :class:`Tiling` for chunks of ``chunk`` steps, ``keys`` x ``values`` states in ``dtype``;
+    ``operands``: the dtype of the queries, keys and values (bfloat16 ones go to ``tl.dot`` as such)."""
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return Tiling(
         chunk=_block(chunk),
-        state_key_block=min(_block(keys), 32),
+        # bfloat16 operands' layout conversions spill 4 B in walk_states on sm_90 with 32 key rows.
+        state_key_block=16 if operands == torch.bfloat16 else min(_block(keys), 32),
         # 16, tl.dot's smallest inner dimension, for FMA products; tensor cores (TF32) hold their
         # operands in fewer registers but spill on sm_80 with blocks of 16 (ptxas -v).
         output_key_block=32 if precision == "tf32" else 16,
@@ -186,6 +466,9 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
         num_warps=8,
         num_stages=1,
         precision=precision,
+        # chunk_key_grads holds dA [BT, BT] and six [BT, BK] tiles: blocks of 32 spill on sm_80 even with TF32.
+        gradient_key_block=16,
+        gradient_value_block=16,
     )
 
 
@@ -193,32 +476,130 @@ def _block(size: int) -> int:
     return max(16, triton.next_power_of_2(size))
 
 
-def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``."""
+def _accumulator(initial: torch.Tensor):
+    """The dtype the kernels compute and write in (float64 for float64 states, else float32) and its Triton type."""
+    return (torch.float64, tl.float64) if initial.dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def _log_decay_rows(log_decay: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``log_decay`` ``[N, T, K or 1, 1]`` as the kernels read it, ``[N, T, K]`` or ``[N, T]``, and whether
+    it is per key row.  The kernels floor it at ``-60`` as they load it (a decay of exactly 0
+    counts as ``e^-60``; the floor's gradient is zero below it), so no floored copy is made."""
     rows = log_decay.shape[-2] != 1
+    g = log_decay[..., 0] if rows else log_decay[..., 0, 0]
+    return g.contiguous(), rows
+
+
+def _states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state each chunk starts from, ``[N, n_chunks, K, V]``, and the final state ``[N, K, V]``."""
     N, T, K = k.shape
     V = v.shape[-1]
-    dtype = torch.float64 if initial.dtype == torch.float64 else torch.float32
-    ACC = tl.float64 if dtype == torch.float64 else tl.float32
-    tiles = tiling(chunk, K, V, dtype, allow_tf32)
-    BT, BK, BV = tiles.chunk, tiles.state_key_block, tiles.value_block
-    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    n_chunks = triton.cdiv(T, BT)
-    k, v = k.contiguous(), v.contiguous()
-    g = (log_decay[..., 0] if rows else log_decay[..., 0, 0]).clamp(min=-60.0).contiguous()
-    updates = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
-    decays = torch.empty(N, n_chunks, K, dtype=dtype, device=k.device)
-    key_blocks, value_blocks = triton.cdiv(K, BK), triton.cdiv(V, BV)
-    launch(chunk_states, (N * n_chunks, key_blocks, value_blocks), k, v, g, updates, decays, T, K, V, n_chunks, ROWS=rows, BT=BT, BK=BK, BV=BV, ACC=ACC, PRECISION=tiles.precision, **options)
-    starts = torch.empty_like(updates)
+    dtype, ACC = _accumulator(initial)
+    n_chunks = triton.cdiv(T, tiles.chunk)
+    starts = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
     final = torch.empty(N, K, V, dtype=dtype, device=k.device)
-    launch(pass_states, (N, key_blocks, value_blocks), initial.to(dtype).contiguous(), updates, decays, starts, final, K, V, n_chunks, BK=BK, BV=BV, ACC=ACC, **options)
-    results = []
-    for q in readouts:
-        out = torch.empty(N, T, V, dtype=dtype, device=k.device)
-        launch(chunk_outputs, (N * n_chunks, value_blocks), q.contiguous(), k, v, g, starts, out, T, K, V, n_chunks, ROWS=rows, BT=BT, BK=tiles.output_key_block, BV=BV, ACC=ACC, PRECISION=tiles.precision, **options)
-        results.append(out)
-    return results, final
+    grid = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
+    launch(walk_states, grid, k, v, g, initial.to(dtype).contiguous(), starts, final, T, K, V, n_chunks, ROWS=rows, BT=tiles.chunk, BK=tiles.state_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    return starts, final
+
+
+def _options(tiles: Tiling) -> dict:
+    return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, tiles: Tiling) -> torch.Tensor:
+    """The read-outs ``q_t @ S_t`` ``[N, T, V]`` from the chunk-start states."""
+    N, T, K = k.shape
+    V = v.shape[-1]
+    n_chunks = starts.shape[1]
+    out = torch.empty(N, T, V, dtype=starts.dtype, device=k.device)
+    ACC = tl.float64 if starts.dtype == torch.float64 else tl.float32
+    launch(chunk_outputs, (N * n_chunks, triton.cdiv(V, tiles.value_block)), q, k, v, g, starts, out, T, K, V, n_chunks, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    return out
+
+
+def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``."""
+    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32)
+    return run.outputs, run.final
+
+
+@dataclass(frozen=True)
+class _Forward:
+    """One forward pass and what its backward needs: the inputs as the kernels read them, the tiling,
+    the chunk-start states, the read-outs and the final state."""
+
+    readouts: tuple[torch.Tensor, ...]
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    rows: bool
+    tiles: Tiling
+    starts: torch.Tensor
+    outputs: list[torch.Tensor]
+    final: torch.Tensor
+
+    @staticmethod
+    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool) -> "_Forward":
+        g, rows = _log_decay_rows(log_decay)
+        k, v = k.contiguous(), v.contiguous()
+        readouts = tuple(q.contiguous() for q in readouts)
+        tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
+        starts, final = _states(k, v, g, rows, initial, tiles)
+        outputs = [_outputs(q, k, v, g, rows, starts, tiles) for q in readouts]
+        return _Forward(readouts, k, v, g, rows, tiles, starts, outputs, final)
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """What :func:`backward` returns: one gradient per read-out, of ``k``, ``v``, the (floored) log
+    decay ``[N, T, K]`` or ``[N, T]``, and the initial state."""
+
+    readouts: list[torch.Tensor]
+    k: torch.Tensor
+    v: torch.Tensor
+    log_decay: torch.Tensor
+    initial: torch.Tensor
+
+
+def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling) -> Gradients:
+    """The adjoint of :func:`forward` by Triton kernels, from the chunk-start states it kept.
+
+    Per read-out (the map is linear in the pair of read-out and final-state gradients, so the
+    read-outs' gradients are summed): ``walk_state_grads`` walks the chunks backwards for the
+    gradient of each chunk's end state and of the initial state; ``chunk_key_grads`` and
+    ``chunk_value_grads`` recompute each chunk's scores and give dq, dk, dg and dv.
+    """
+    N, T, K = k.shape
+    V = v.shape[-1]
+    n_chunks = starts.shape[1]
+    dtype, ACC = starts.dtype, (tl.float64 if starts.dtype == torch.float64 else tl.float32)
+    constants = dict(ROWS=rows, BT=tiles.chunk, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    key_blocks = triton.cdiv(K, tiles.gradient_key_block)
+    d_readouts: list[torch.Tensor] = []
+    dk = dv = dg = d_initial = None
+    pairs = [(q, d) for q, d in zip(readouts, grad_outputs)]
+    if not any(d is not None for _, d in pairs):
+        pairs = pairs[:1]  # only the final state's gradient: one walk, with zero read-out gradients
+    for i, (q, d_out) in enumerate(pairs):
+        d_out = torch.zeros(N, T, V, dtype=dtype, device=k.device) if d_out is None else d_out.to(dtype).contiguous()
+        d_final = grad_final if (i == 0 and grad_final is not None) else torch.zeros(N, K, V, dtype=dtype, device=k.device)
+        d_ends = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
+        d_start = torch.empty(N, K, V, dtype=dtype, device=k.device)
+        walk = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
+        launch(walk_state_grads, walk, q, g, d_out, d_final.to(dtype).contiguous(), d_ends, d_start, T, K, V, n_chunks, BK=tiles.state_key_block, BV=tiles.value_block, **constants)
+        dq = torch.empty(N, T, K, dtype=dtype, device=k.device)
+        dk_i = torch.empty_like(dq)
+        dg_i = torch.empty(N, T, K, dtype=dtype, device=k.device) if rows else torch.empty(N, T, key_blocks, dtype=dtype, device=k.device)
+        launch(chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, T, K, V, n_chunks, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants)
+        dv_i = torch.empty(N, T, V, dtype=dtype, device=k.device)
+        launch(chunk_value_grads, (N * n_chunks, triton.cdiv(V, tiles.value_block)), q, k, g, d_out, d_ends, dv_i, T, K, V, n_chunks, BK=tiles.output_key_block, BV=tiles.value_block, **constants)
+        if not rows:
+            dg_i = dg_i[..., 0] if key_blocks == 1 else dg_i.sum(-1)
+        d_readouts.append(dq)
+        dk, dv, dg, d_initial = (dk_i, dv_i, dg_i, d_start) if dk is None else (dk + dk_i, dv + dv_i, dg + dg_i, d_initial + d_start)
+    d_readouts += [torch.zeros_like(d_readouts[0])] * (len(readouts) - len(d_readouts))
+    return Gradients(d_readouts, dk, dv, dg, d_initial)
 
 
 def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False):
@@ -237,28 +618,31 @@ def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf
 
 
 class DecayedOuterProducts(torch.autograd.Function):
-    """The Triton forward; the backward differentiates the torch chunked form, recomputed."""
+    """The Triton forward, keeping the chunk-start states (``T / chunk`` of them); the Triton backward."""
 
     @staticmethod
     def forward(ctx, chunk: int, allow_tf32: bool, k, v, log_decay, initial, *readouts):
-        outputs, final = forward(list(readouts), k, v, log_decay, initial, chunk, allow_tf32)
-        ctx.chunk = chunk
-        ctx.save_for_backward(k, v, log_decay, initial, *readouts)
-        return (*outputs, final)
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32)
+        ctx.tiles, ctx.rows = run.tiles, run.rows
+        ctx.dtypes = (k.dtype, v.dtype, log_decay.dtype, initial.dtype, *(q.dtype for q in readouts))
+        ctx.log_decay_shape = log_decay.shape
+        # A copy of the final state (one state per row): the caller may change the one returned in place.
+        ctx.save_for_backward(run.k, run.v, run.g, run.starts, run.final.clone(), *run.readouts)
+        return (*run.outputs, run.final)
 
     @staticmethod
     def backward(ctx, *grads):
-        from .chunk_kernels import RankOneInput, decayed_outer_products
-
-        k, v, log_decay, initial, *readouts = ctx.saved_tensors
-        with torch.enable_grad():
-            fresh = [t.detach().requires_grad_(t.requires_grad) for t in (k, v, log_decay, initial, *readouts)]
-            fk, fv, fg, f0, *fq = fresh
-            outputs, final = decayed_outer_products(fq, [RankOneInput(fk, fv)], fg, f0, ctx.chunk)
-            pairs = [(o, g) for o, g in zip([*outputs, final], grads) if g is not None]
-            wanted = [i for i, t in enumerate(fresh) if t.requires_grad]
-            found = torch.autograd.grad([o for o, _ in pairs], [fresh[i] for i in wanted], [g for _, g in pairs], allow_unused=True) if wanted and pairs else ()
-        result: list = [None] * len(fresh)
-        for i, g in zip(wanted, found):
-            result[i] = g
-        return (None, None, *result)
+        k, v, g, starts, final, *readouts = ctx.saved_tensors
+        *grad_outputs, grad_final = grads
+        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles)
+        d_log_decay = found.log_decay.reshape(ctx.log_decay_shape)
+        k_dtype, v_dtype, g_dtype, initial_dtype, *q_dtypes = ctx.dtypes
+        return (
+            None,
+            None,
+            found.k.to(k_dtype),
+            found.v.to(v_dtype),
+            d_log_decay.to(g_dtype),
+            found.initial.to(initial_dtype),
+            *(d.to(t) for d, t in zip(found.readouts, q_dtypes)),
+        )

@@ -2,7 +2,8 @@
 
 Runs on a CPU: each example layer's forward and backward launches are recorded (kernels not
 run) and every distinct kernel is compiled with ``triton.compile`` for both targets; ptxas's
-``-v`` log gives registers and spills.  ``--tf32`` adds the chunked kernels with TF32 matmuls.
+``-v`` log gives registers and spills.  ``--tf32`` adds the chunked kernels with TF32 matmuls,
+``--bfloat16`` the layers in bfloat16 and the chunked kernels with bfloat16 operands.
 
     python benchmarks/compile_report.py [--tf32] [--out FILE] [--layers gru lstm ...] [--bfloat16]
 
@@ -51,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             for rows, label in ((True, "gla"), (False, "retnet")):
                 for spec in triton_aot.distinct(triton_aot.chunk_launches(size, size, rows, allow_tf32=True)):
                     specs.setdefault(spec, f"{label}(dk={size}, dv={size}), allow_tf32")
+    if args.bfloat16:
+        # A cell computes bfloat16 inputs in float32; the chunked kernels called with bfloat16 operands directly.
+        for size in (64, 128):
+            for rows, label in ((True, "gla"), (False, "retnet")):
+                for spec in triton_aot.distinct(triton_aot.chunk_launches(size, size, rows, allow_tf32=False, dtype=torch.bfloat16)):
+                    specs.setdefault(spec, f"{label}(dk={size}, dv={size}), bfloat16 operands")
     jobs = [(spec, target) for spec in specs for target in triton_aot.TARGETS]
     reports = triton_aot.compile_all(jobs, workers=args.workers)
     table = triton_aot.report_table([(specs[r.specialization], r) for r in reports])
