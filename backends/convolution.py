@@ -139,11 +139,14 @@ def run(seq, plan: ConvPlan, state: StateAnalysis, h0: torch.Tensor) -> tuple[li
     flat_driver = flat_driver.reshape((-1, length) + tuple(driver_shape[j] for j in channels))
     flat_driver = flat_driver.reshape(flat_driver.shape[0], length, channel_size).to(decay.dtype)
 
-    # The first block of powers by pow (decay^0 is 1 even where the decay is 0, whose pow has
-    # no gradient at 0); block k is that block times decay^(k L): one complex multiply per
-    # element instead of a pow (an exp and a log), which dominated the call.
-    lags = torch.arange(1, min(block, length), device=decay.device, dtype=decay.real.dtype if decay.is_complex() else decay.dtype)
-    base = torch.cat([torch.ones_like(decay).unsqueeze(0), decay.unsqueeze(0) ** lags.reshape((-1,) + (1,) * len(shape))], 0)
+    # The first block of powers by doubling: [1, d], then [1, d, d^2, d^3] = [1, d] and
+    # [1, d] * d^2, ...: log2(L) multiplies and one small pow per doubling, never a pow per
+    # element (an exp and a log each, which dominated the call); the rounding grows with
+    # log2(L), as a pow's does with the exponent.  Block k is this block times decay^(k L).
+    base = torch.ones_like(decay).unsqueeze(0)
+    first_block = min(block, length)
+    while base.shape[0] < first_block:
+        base = torch.cat([base, base[: first_block - base.shape[0]] * decay ** base.shape[0]], 0)
 
     def one_block(start: int, stop: int, driver_steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The kernel's lags [start, stop) for every read-out, and their part of the final state."""
