@@ -10,9 +10,11 @@ kernel's source through ``inspect``, so a bare ``exec`` would not do.
 
 Gradients: a ``torch.autograd.Function`` per recurrence.  Its backward runs the generated
 adjoint kernel (``g_t = dy_t + w_{t+1} g_{t+1}``, gates recomputed from the leaves, not
-stored), which gives the gradients with respect to the decay and input terms; torch then
-carries them to the leaves by recomputing the gate math under autograd.  Declared
-monoids differentiate through torch's scan of the same combine.
+stored), which differentiates the gate math in registers and writes one gradient per leaf
+(summed over the steps of each program for a leaf constant in time) and ``dL/dh_0``; the
+leaves reach the kernel as views (:meth:`_Launch.leaf_views`), so torch's autograd sums
+them over what they broadcast and carries them on to the projections.  Declared monoids
+differentiate through torch's scan of the same combine.
 
 On a CPU, kernels run in Triton's interpreter: set ``TRITON_INTERPRET=1`` before the first
 kernel is loaded.  Triton is imported only when this backend runs.
@@ -41,6 +43,7 @@ from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
     FUSED_OPS,
     Leaf,
+    LeafGradient,
     ScanKind,
     ScanSpec,
     TimeSplit,
@@ -337,6 +340,26 @@ class _Launch:
         """The leaves as the kernel addresses them: ``[B, H, T, C]``, views where torch can (stride 0 where they broadcast)."""
         return [_to_bhtc(self.seq.full(v, leaf.expr.type, self.state_type), self.lead, self.state_type.shape) for v, leaf in zip(leaves, self.spec.leaves)]
 
+    def leaf_views(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The leaves as the recurrence kernels read them: ``[B', H', T', C]`` views, each of
+        ``B'``, ``H'``, ``T'`` the full size where the leaf varies along it and 1 where it does
+        not (a parameter is ``[1, 1, 1, C]``), so that the backward kernel can sum a leaf
+        constant in time over each program's steps, and autograd sums over the rest."""
+        return [self._leaf_view(value, leaf) for value, leaf in zip(leaves, self.spec.leaves)]
+
+    def _leaf_view(self, value: torch.Tensor, leaf: Leaf) -> torch.Tensor:
+        declared, lead, shape = leaf.expr.type, self.lead, self.state_type.shape
+        if value.dim() == declared.rank:  # params and consts: no leading dims
+            value = value.reshape((1,) * (len(lead) + len(shape) - declared.rank) + tuple(value.shape))
+        else:
+            value = align(value, declared.rank, len(shape))
+        keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
+        if any(k != 1 for k in keep[2:]):
+            keep[2:] = lead[2:]  # the kernel has one head stride: all head dims, or none
+        value = value.expand(tuple(keep) + shape)
+        moved = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
+        return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
+
     def grid(self):
         import triton
 
@@ -350,13 +373,18 @@ class _Launch:
         rows, blocks = self.grid()
         return self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T)
 
-    def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list) -> None:
+    def chunk_count(self) -> int:
+        """How many chunks of T this call's scans run in (1: one pass)."""
+        length = self.chunk_steps()
+        return 1 if length is None else -(-self.steps // length)
+
+    def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list, modes: dict | None = None) -> None:
         """Run the forward (or adjoint) scan: one kernel, or, when the call's rows and blocks
         of state elements are too few programs for the device, T split across programs.
 
         ``inputs``: the initial state's parts (backward: also the states' and the output
-        gradients' parts); ``outputs``: the states' parts (backward: the gradients' of the
-        decay and input terms).
+        gradients' parts); ``outputs``: the states' parts (backward: ``dL/dh_0``'s parts, then
+        each leaf's gradient parts, written as ``modes`` says: :class:`LeafGradient` per leaf).
 
         Split, the third launch reads every chunk's inputs again (the leaves, or ``dy``,
         the states and the leaves) rather than the first storing local results for it to
@@ -369,8 +397,9 @@ class _Launch:
         stem = f"backward_{spec.name}" if backward else f"forward_{spec.name}"
         length = self.chunk_steps()
         sizes = (self.steps, self.channels, self.heads)
+        gradient_modes = modes or {}
         if length is None:
-            launch_kernel(getattr(module, stem), self.grid(), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants())
+            launch_kernel(getattr(module, stem), self.grid(), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(), **gradient_modes)
             return
         chunks = -(-self.steps // length)
         grid = self.grid() + (chunks,)
@@ -388,41 +417,33 @@ class _Launch:
             launch_kernel(getattr(module, f"summarize_{spec.name}"), grid, *sums, *leaf_arguments, *per_chunk, **constants)
             launch_kernel(getattr(module, f"carries_{spec.name}"), self.grid(), *inputs, *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
             inputs = []
-        launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants)
-
-    def recompute_terms(self, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The decay and input (or lifts) from the leaves, in torch, for autograd."""
-        known = {id(leaf.expr): value for leaf, value in zip(self.spec.leaves, leaves)}
-        evaluator = Evaluator(self.seq.numerics, {})
-        results = []
-        for term in self.spec.terms:
-            if term is None:
-                results.append(None)
-                continue
-            value = evaluator.evaluate(term, known)
-            results.append(_to_ntc(self.seq.full(value, term.type, self.state_type), self.lead, self.state_type.shape))
-        return results
+        launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants, **gradient_modes)
 
 
 class _RecurrenceScan(torch.autograd.Function):
-    """An affine or semiring recurrence solved by its generated kernels."""
+    """An affine or semiring recurrence solved by its generated kernels.
+
+    ``leaves`` are the kernel's views of the leaves (:meth:`_Launch.leaf_views`), so that
+    torch's autograd carries their gradients back through the views (summing over what
+    they broadcast) and on to whatever computed the leaves.  The backward kernel writes one
+    gradient per leaf (the gate math differentiated in the kernel) and ``dL/dh_0``.
+    """
 
     @staticmethod
     def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
         spec = launch.spec
         dtype = launch.seq.numerics.real
         start = initial.reshape(launch.rows, launch.channels)
-        views = launch.ntc(list(leaves))
         if spec.is_complex:
             start = start.to(launch.seq.numerics.complex)
             out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             out_im = torch.empty_like(out_re)
             init = torch.view_as_real(start.contiguous())
-            launch.scan(False, [init[..., 0].contiguous(), init[..., 1].contiguous()], [out_re, out_im], _leaf_arguments(views, spec.leaves))
+            launch.scan(False, [init[..., 0].contiguous(), init[..., 1].contiguous()], [out_re, out_im], _leaf_arguments(list(leaves), spec.leaves))
             states = torch.complex(out_re, out_im)
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(views, spec.leaves))
+            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(list(leaves), spec.leaves))
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -433,44 +454,50 @@ class _RecurrenceScan(torch.autograd.Function):
         initial, states, *leaves = ctx.saved_tensors
         spec = launch.spec
         dtype = launch.seq.numerics.real
-        views = launch.ntc(list(leaves))
+        device = states.device
         start = initial.reshape(launch.rows, launch.channels)
         grad_states = grad_states.contiguous()
+        chunks = launch.chunk_count()
+        # Each leaf's gradient: per step ([N, T, C]) where the view varies in time, else each
+        # program's sum over its steps ([N, chunks, C]); a placeholder where none is needed.
+        modes, buffers = {}, []
+        for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
+            if not ctx.needs_input_grad[2 + i]:
+                mode, shape = LeafGradient.NONE, (1,)
+            elif view.shape[2] == launch.steps:
+                mode, shape = LeafGradient.PER_STEP, (launch.rows, launch.steps, launch.channels)
+            else:
+                mode, shape = LeafGradient.SUMMED_OVER_TIME, (launch.rows, chunks, launch.channels)
+            modes[f"G_{leaf.name}"] = mode.value
+            buffers.append([torch.empty(shape, dtype=dtype, device=device) for _ in range(2 if leaf.is_complex else 1)])
+        dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(2 if spec.is_complex else 1)]
+        outputs = dinit + [b for parts in buffers for b in parts]
         if spec.is_complex:
-            parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
-            ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
-            launch.scan(True, [*parts(start.to(states.dtype)), *parts(states), *parts(grad_states)], [ga_re, ga_im, gb_re, gb_im], _leaf_arguments(views, spec.leaves))
-            grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
+            def parts(x):
+                pair = torch.view_as_real(x.contiguous())
+                return pair[..., 0].contiguous(), pair[..., 1].contiguous()
+
+            inputs = [*parts(start.to(states.dtype)), *parts(states), *parts(grad_states)]
         else:
-            grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
-            grad_input = torch.empty_like(grad_decay)
-            launch.scan(True, [start.to(dtype).contiguous(), states.contiguous(), grad_states], [grad_decay, grad_input], _leaf_arguments(views, spec.leaves))
-        # dL/dh_0: the adjoint one step further back.
-        if spec.kind is ScanKind.AFFINE:
-            with torch.no_grad():
-                decay_0 = launch.recompute_terms(list(leaves))[0][:, 0]
-            grad_initial = (decay_0.conj() * grad_input[:, 0]) if spec.is_complex else decay_0 * grad_input[:, 0]
-        else:
-            grad_initial = grad_decay[:, 0]
+            inputs = [start.to(dtype).contiguous(), states, grad_states]
+        launch.scan(True, inputs, outputs, _leaf_arguments(list(leaves), spec.leaves), modes)
+        grad_initial = torch.complex(*dinit) if spec.is_complex else dinit[0]
         if not initial.is_complex() and grad_initial.is_complex():
             grad_initial = grad_initial.real
-        grad_initial = grad_initial.reshape(initial.shape)
-        # From the terms to the leaves: the gate math again, this time under autograd.
-        differentiable = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
-        grads: list[torch.Tensor | None] = [None] * len(leaves)
-        if differentiable:
-            with torch.enable_grad():
-                fresh = [leaf.detach().requires_grad_(i in differentiable) for i, leaf in enumerate(leaves)]
-                terms = launch.recompute_terms(fresh)
-                outputs, cotangents = [], []
-                for term, cotangent in zip(terms, (grad_decay, grad_input)):
-                    if term is not None and term.requires_grad:
-                        outputs.append(term)
-                        cotangents.append(cotangent.to(term.dtype) if term.is_complex() or not cotangent.is_complex() else cotangent.real)
-                if outputs:
-                    found = torch.autograd.grad(outputs, [fresh[i] for i in differentiable], cotangents, allow_unused=True)
-                    for i, g in zip(differentiable, found):
-                        grads[i] = g
+        grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
+        grads: list[torch.Tensor | None] = []
+        for view, leaf, parts_ in zip(leaves, spec.leaves, buffers):
+            mode = LeafGradient(modes[f"G_{leaf.name}"])
+            if mode is LeafGradient.NONE:
+                grads.append(None)
+                continue
+            grad = torch.complex(*parts_) if leaf.is_complex else parts_[0]
+            grad = grad.reshape(launch.lead[0], launch.heads, -1, launch.channels)
+            if mode is LeafGradient.SUMMED_OVER_TIME:
+                grad = grad.sum(2, keepdim=True)
+            if grad.shape != view.shape:
+                grad = grad.sum_to_size(view.shape)
+            grads.append(grad.to(view.dtype))
         return (None, grad_initial, *grads)
 
 
@@ -549,7 +576,7 @@ class TritonSolver(parallel.Solver):
     def kernel_recurrence(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
         launch = self._launch(step, state.type)
         _check_device(self.seq.numerics.device)
-        leaves = launch.leaf_values()
+        leaves = launch.leaf_views(launch.leaf_values())
         states = _RecurrenceScan.apply(launch, self.initial[state.state], *leaves)
         # [N, T, C] -> [B, T, *heads, *shape]
         lead = self.seq.lead
