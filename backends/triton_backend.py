@@ -50,11 +50,14 @@ from .triton_codegen import (
     find_leaves,
     generate,
     inline_parallel_bindings,
+    summary_backward_terms,
     summary_parts,
 )
 from .triton_codegen import Unsupported as Unsupportable
 
 BLOCK_T = 32
+BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
+BACKWARD_BLOCK_C = 32  # and their most state elements per program
 
 
 # ---- planning: which kernels, generated once at compile time ------------------------------
@@ -313,6 +316,17 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
     return arguments
 
 
+def _leaf_subset(arguments: list, specs: tuple[Leaf, ...], keep: list[int]) -> list:
+    """The kernel arguments (:func:`_leaf_arguments`) of the leaves at positions ``keep``."""
+    result, start = [], 0
+    for i, leaf in enumerate(specs):
+        count = (2 if leaf.is_complex else 1) + 4
+        if i in keep:
+            result.extend(arguments[start:start + count])
+        start += count
+    return result
+
+
 class _Launch:
     """Everything a kernel call needs, shared by the forward and backward passes."""
 
@@ -360,13 +374,18 @@ class _Launch:
         moved = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
         return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
 
-    def grid(self):
+    def block_c(self, backward: bool = False) -> int:
+        """``BC``: state elements per program; the backward kernels take at most 32 (registers, below)."""
+        block = _block_c(self.channels)
+        return min(block, BACKWARD_BLOCK_C) if backward else block
+
+    def grid(self, backward: bool = False):
         import triton
 
-        return (self.rows, triton.cdiv(self.channels, _block_c(self.channels)))
+        return (self.rows, triton.cdiv(self.channels, self.block_c(backward)))
 
-    def constants(self) -> dict:
-        return dict(BT=BLOCK_T, BC=_block_c(self.channels), ACC=_accumulator(self.seq.numerics))
+    def constants(self, backward: bool = False) -> dict:
+        return dict(BT=BLOCK_T, BC=self.block_c(backward), ACC=_accumulator(self.seq.numerics))
 
     def chunk_steps(self) -> int | None:
         """This call's steps per chunk of T when the plan's :class:`TimeSplit` splits it, else None."""
@@ -397,22 +416,30 @@ class _Launch:
         stem = f"backward_{spec.name}" if backward else f"forward_{spec.name}"
         length = self.chunk_steps()
         sizes = (self.steps, self.channels, self.heads)
-        gradient_modes = modes or {}
+        # The backward kernels hold the gates at t and t + 1, the adjoint scan and the chain
+        # rule's temporaries: blocks of 32 state elements over eight warps take a quarter of the
+        # registers per thread of the forward's [32, 64] over four (which spill on sm_90 for the
+        # complex LRU's backward).
+        gradient_modes = dict(modes or {}, num_warps=BACKWARD_WARPS) if backward else {}
         if length is None:
-            launch_kernel(getattr(module, stem), self.grid(), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(), **gradient_modes)
+            launch_kernel(getattr(module, stem), self.grid(backward), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(backward), **gradient_modes)
             return
         chunks = -(-self.steps // length)
-        grid = self.grid() + (chunks,)
+        grid = self.grid(backward) + (chunks,)
         shape = (self.rows, chunks, self.channels)
         device = outputs[0].device
         dtype = self.seq.numerics.real
         sums = [torch.empty(shape, dtype=dtype, device=device) for _ in range(summary_parts(spec))]
         carried = [torch.empty(shape, dtype=dtype, device=device) for _ in range(len(inputs) if not backward else (2 if spec.is_complex else 1))]
         per_chunk = (*sizes, length, -(-length // BLOCK_T), chunks)
-        constants = self.constants()
+        constants = self.constants(backward)
         if backward:
-            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid, *inputs, *sums, *leaf_arguments, *per_chunk, **constants)
-            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), self.grid(), *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
+            # The fold reads dy (semiring: and the states) and the leaves of w_{t+1} only.
+            read = [i for i, leaf in enumerate(spec.leaves) if leaf in spec.leaves_of(summary_backward_terms(spec))]
+            parts = 2 if spec.is_complex else 1
+            folded = inputs[parts:] if spec.kind is ScanKind.SEMIRING else inputs[2 * parts:]
+            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid, *folded, *sums, *_leaf_subset(leaf_arguments, spec.leaves, read), *per_chunk, **constants)
+            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), self.grid(backward), *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
         else:
             launch_kernel(getattr(module, f"summarize_{spec.name}"), grid, *sums, *leaf_arguments, *per_chunk, **constants)
             launch_kernel(getattr(module, f"carries_{spec.name}"), self.grid(), *inputs, *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
@@ -458,20 +485,27 @@ class _RecurrenceScan(torch.autograd.Function):
         start = initial.reshape(launch.rows, launch.channels)
         grad_states = grad_states.contiguous()
         chunks = launch.chunk_count()
-        # Each leaf's gradient: per step ([N, T, C]) where the view varies in time, else each
-        # program's sum over its steps ([N, chunks, C]); a placeholder where none is needed.
-        modes, buffers = {}, []
+        # Each leaf's gradient: per step where the view varies in time, written in the leaf's
+        # own layout (empty_like keeps a dense view's strides), else each program's sum over its
+        # steps ([B, H, chunks, C]); a placeholder where none is needed.
+        modes, grad_buffers, gradient_arguments = {}, [], []
         for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
+            complex_dtype = launch.seq.numerics.complex if leaf.is_complex else dtype
             if not ctx.needs_input_grad[2 + i]:
-                mode, shape = LeafGradient.NONE, (1,)
+                mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=complex_dtype, device=device)
             elif view.shape[2] == launch.steps:
-                mode, shape = LeafGradient.PER_STEP, (launch.rows, launch.steps, launch.channels)
+                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=complex_dtype)
+                if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
+                    buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=complex_dtype, device=device)
             else:
-                mode, shape = LeafGradient.SUMMED_OVER_TIME, (launch.rows, chunks, launch.channels)
+                mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunks, launch.channels), dtype=complex_dtype, device=device)
             modes[f"G_{leaf.name}"] = mode.value
-            buffers.append([torch.empty(shape, dtype=dtype, device=device) for _ in range(2 if leaf.is_complex else 1)])
+            grad_buffers.append(buffer)
+            parts_ = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
+            gradient_arguments.extend(parts_)
+            gradient_arguments.extend(parts_[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
         dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(2 if spec.is_complex else 1)]
-        outputs = dinit + [b for parts in buffers for b in parts]
+        outputs = dinit + gradient_arguments
         if spec.is_complex:
             def parts(x):
                 pair = torch.view_as_real(x.contiguous())
@@ -486,13 +520,11 @@ class _RecurrenceScan(torch.autograd.Function):
             grad_initial = grad_initial.real
         grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
         grads: list[torch.Tensor | None] = []
-        for view, leaf, parts_ in zip(leaves, spec.leaves, buffers):
+        for view, leaf, grad in zip(leaves, spec.leaves, grad_buffers):
             mode = LeafGradient(modes[f"G_{leaf.name}"])
             if mode is LeafGradient.NONE:
                 grads.append(None)
                 continue
-            grad = torch.complex(*parts_) if leaf.is_complex else parts_[0]
-            grad = grad.reshape(launch.lead[0], launch.heads, -1, launch.channels)
             if mode is LeafGradient.SUMMED_OVER_TIME:
                 grad = grad.sum(2, keepdim=True)
             if grad.shape != view.shape:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import hashlib
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Iterator, Union
 
@@ -344,6 +344,11 @@ class ScanSpec:
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
     split: TimeSplit = TimeSplit()  # when the launch splits T across programs (the source has both forms)
 
+    def leaves_of(self, positions: tuple[int, ...]) -> tuple[Leaf, ...]:
+        """The leaves the terms at ``positions`` read, in the spec's order."""
+        needed = {node for i in positions if self.terms[i] is not None for node in ir.walk(self.terms[i])}  # type: ignore[arg-type]
+        return tuple(leaf for leaf in self.leaves if leaf.expr in needed)
+
 _PRELUDE = '''import triton
 import triton.language as tl
 
@@ -457,13 +462,7 @@ def _emit_terms(buffer: IndentedBuffer, spec: ScanSpec, values: dict[ir.Expr, Va
 
 def _emit_loads_for(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str, only: tuple[int, ...]) -> dict[ir.Expr, Value]:
     """Loads of just the leaves that the terms at positions ``only`` read."""
-    needed = set()
-    for i in only:
-        term = spec.terms[i]
-        if term is not None:
-            needed |= set(ir.walk(term))
-    reduced = ScanSpec(**{**spec.__dict__, "leaves": tuple(l for l in spec.leaves if l.expr in needed)})
-    return _emit_loads(buffer, reduced, offsets_t, mask, suffix)
+    return _emit_loads(buffer, replace(spec, leaves=spec.leaves_of(only)), offsets_t, mask, suffix)
 
 
 def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
@@ -707,6 +706,11 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
             _store_and_carry(buffer, pointer, value, carry)
 
 
+def summary_backward_terms(spec: ScanSpec) -> tuple[int, ...]:
+    """The terms the split backward's fold evaluates: the decay (affine), decay and input (semiring: ``e_{t+1}``)."""
+    return (0,) if spec.kind is ScanKind.AFFINE else (0, 1)
+
+
 def emit_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     """Pass 1 of the split backward: each chunk of reversed time folded into the adjoint's affine pair.
 
@@ -726,14 +730,17 @@ def emit_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None:
     initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
     sums = ["p_sum_w_re", "p_sum_w_im", "p_sum_g_re", "p_sum_g_im"] if complex_ else ["p_sum_w", "p_sum_g"]
     chunk_args = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
-    arguments = initial + states + grads + sums + _leaf_args(spec) + chunk_args
+    # Only what the fold reads: dy, the leaves of w_{t+1} and, for a semiring's w, the states.
+    read = spec.leaves_of(summary_backward_terms(spec))
+    states = states if spec.kind is ScanKind.SEMIRING else []
+    arguments = states + grads + sums + _leaf_args(replace(spec, leaves=read)) + chunk_args
     buffer.line("@triton.jit")
     buffer.line(f"def summarize_backward_{spec.name}({', '.join(arguments)}):")
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
         buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
-        _emit_row_pointers(buffer, spec, initial, states + grads)
+        _emit_row_pointers(buffer, replace(spec, leaves=read), [], states + grads)
         for pointer in sums:
             buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
         buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
@@ -753,10 +760,9 @@ def emit_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None:
             buffer.line("m_next = m & (o_t[:, None] + 1 < T)")
             for pointer, name in zip(grads, ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]):
                 buffer.line(f"{name} = tl.load({pointer} + {_STATE_OFFSET}, mask=m, other=0.0).to(ACC)")
-            needed_next = (0,) if spec.kind is ScanKind.AFFINE else (0, 1)
             buffer.line("# gates at t + 1")
-            next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", needed_next)
-            next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=needed_next)
+            next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", summary_backward_terms(spec))
+            next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=summary_backward_terms(spec))
             if spec.kind is ScanKind.AFFINE and not complex_:
                 _adjoint_decay(buffer, "b_w", next_terms[0], "1.0", True)
                 _emit_fold(buffer, ["b_w", "b_dy"], f"combine_{spec.name}", totals)
@@ -787,8 +793,15 @@ def emit_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None:
 
 
 def leaf_gradient_args(spec: ScanSpec) -> list[str]:
-    """The gradient pointers of the backward kernels, one per leaf part (``p_d<leaf>[_re|_im]``)."""
-    return [f"p_d{leaf.name}_{part}" for leaf in spec.leaves for part in (("re", "im") if leaf.is_complex else ("v",))]
+    """The gradient arguments of the backward kernels: per leaf its parts' pointers
+    (``p_d<leaf>_v``, or ``_re``, ``_im``) and the ``[B, H, T, C]`` strides of the gradient
+    (``T`` is the chunk for a gradient summed over time), so that a per-step gradient is
+    written in the leaf's own layout (``[B, T, H, C]`` under heads) and needs no copy."""
+    args = []
+    for leaf in spec.leaves:
+        args.extend(f"p_d{leaf.name}_{part}" for part in (("re", "im") if leaf.is_complex else ("v",)))
+        args.extend(f"s_d{leaf.name}_{axis}" for axis in "bhtc")
+    return args
 
 
 def leaf_mode_args(spec: ScanSpec) -> list[str]:
@@ -801,7 +814,7 @@ class LeafGradient(Enum):
 
     NONE = 0  # the leaf needs no gradient
     PER_STEP = 1  # [N, T, C]: one value per row, step and element
-    SUMMED_OVER_TIME = 2  # [N, chunks, C]: the leaf does not vary in time; each program sums its steps
+    SUMMED_OVER_TIME = 2  # [B, H, chunks, C]: the leaf does not vary in time; each program sums its steps
 
 
 def _result_kind(op: str, kinds: list[Kind]) -> Kind:
@@ -923,7 +936,10 @@ def _emit_leaf_gradients(buffer: IndentedBuffer, spec: ScanSpec, found: dict[ir.
         buffer.line(f"if G_{leaf.name} == 1:  # d {format_expr(leaf.expr)}"[:160])
         with buffer.indent():
             for part, v in zip(parts, values):
-                buffer.line(f"tl.store(p_d{leaf.name}_{part} + o_row * T * C + {_STATE_OFFSET}, {v} + tl.zeros([BT, BC], dtype=ACC), mask=m)")
+                buffer.line(
+                    f"tl.store(p_d{leaf.name}_{part} + o_b * s_d{leaf.name}_b + o_h * s_d{leaf.name}_h + o_t[:, None] * s_d{leaf.name}_t + o_c[None, :] * s_d{leaf.name}_c, "
+                    f"{v} + tl.zeros([BT, BC], dtype=ACC), mask=m)"
+                )
         buffer.line(f"if G_{leaf.name} == 2:")
         with buffer.indent():
             for part, v in zip(parts, values):
@@ -973,9 +989,8 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
             for pointer in carried:
                 buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
             buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
-            buffer.line("o_part = (o_row * n_chunks + i_k) * C  # a leaf constant in time: this program's sum, [N, n_chunks, C]")
         else:
-            buffer.line("o_part = o_row * C  # a leaf constant in time: this program's sum, [N, 1, C]")
+            buffer.line("i_k = 0")
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
@@ -1073,7 +1088,8 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
             buffer.line(f"if G_{leaf.name} == 2:")
             with buffer.indent():
                 for part in ("re", "im") if leaf.is_complex else ("v",):
-                    buffer.line(f"tl.store(p_d{leaf.name}_{part} + o_part + o_c, b_acc_{leaf.name}_{part}, mask=m_c)")
+                    pointer = f"p_d{leaf.name}_{part} + o_b * s_d{leaf.name}_b + o_h * s_d{leaf.name}_h + i_k * s_d{leaf.name}_t + o_c * s_d{leaf.name}_c"
+                    buffer.line(f"tl.store({pointer}, b_acc_{leaf.name}_{part}, mask=m_c)  # this program's sum over its steps")
     buffer.line("")
     buffer.line("")
 

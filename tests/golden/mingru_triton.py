@@ -73,7 +73,7 @@ def forward_h(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l
 
 
 @triton.jit
-def backward_h(p_init, p_h, p_grad, p_dinit, p_dl0_v, p_dl1_v, p_dl2_v, p_dl3_v, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
+def backward_h(p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t, s_dl0_c, p_dl1_v, s_dl1_b, s_dl1_h, s_dl1_t, s_dl1_c, p_dl2_v, s_dl2_b, s_dl2_h, s_dl2_t, s_dl2_c, p_dl3_v, s_dl3_b, s_dl3_h, s_dl3_t, s_dl3_c, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
@@ -87,7 +87,7 @@ def backward_h(p_init, p_h, p_grad, p_dinit, p_dl0_v, p_dl1_v, p_dl2_v, p_dl3_v,
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
     p_l2_v += o_b * s_l2_b + o_h * s_l2_h
     p_l3_v += o_b * s_l3_b + o_h * s_l3_h
-    o_part = o_row * C  # a leaf constant in time: this program's sum, [N, 1, C]
+    i_k = 0
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.zeros([BC], dtype=ACC)
@@ -155,30 +155,30 @@ def backward_h(p_init, p_h, p_grad, p_dinit, p_dl0_v, p_dl1_v, p_dl2_v, p_dl3_v,
         b_12 = b_11 * b_1
         # d/d operands of x @ W_z + b_z
         if G_l0 == 1:  # d x @ W_z
-            tl.store(p_dl0_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + o_t[:, None] * s_dl0_t + o_c[None, :] * s_dl0_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l0 == 2:
             b_acc_l0_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
         if G_l1 == 1:  # d b_z
-            tl.store(p_dl1_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + o_t[:, None] * s_dl1_t + o_c[None, :] * s_dl1_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l1 == 2:
             b_acc_l1_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
         if G_l2 == 1:  # d x @ W_h
-            tl.store(p_dl2_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + o_t[:, None] * s_dl2_t + o_c[None, :] * s_dl2_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l2 == 2:
             b_acc_l2_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
         if G_l3 == 1:  # d b_h
-            tl.store(p_dl3_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + o_t[:, None] * s_dl3_t + o_c[None, :] * s_dl3_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l3 == 2:
             b_acc_l3_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
     tl.store(p_dinit + o_c, b_dh0, mask=m_c)
     if G_l0 == 2:
-        tl.store(p_dl0_v + o_part + o_c, b_acc_l0_v, mask=m_c)
+        tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + i_k * s_dl0_t + o_c * s_dl0_c, b_acc_l0_v, mask=m_c)  # this program's sum over its steps
     if G_l1 == 2:
-        tl.store(p_dl1_v + o_part + o_c, b_acc_l1_v, mask=m_c)
+        tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + i_k * s_dl1_t + o_c * s_dl1_c, b_acc_l1_v, mask=m_c)  # this program's sum over its steps
     if G_l2 == 2:
-        tl.store(p_dl2_v + o_part + o_c, b_acc_l2_v, mask=m_c)
+        tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + i_k * s_dl2_t + o_c * s_dl2_c, b_acc_l2_v, mask=m_c)  # this program's sum over its steps
     if G_l3 == 2:
-        tl.store(p_dl3_v + o_part + o_c, b_acc_l3_v, mask=m_c)
+        tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + i_k * s_dl3_t + o_c * s_dl3_c, b_acc_l3_v, mask=m_c)  # this program's sum over its steps
 
 
 # h with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan
@@ -300,20 +300,16 @@ def forward_h_chunks(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1
 
 
 @triton.jit
-def summarize_backward_h(p_init, p_h, p_grad, p_sum_w, p_sum_g, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def summarize_backward_h(p_grad, p_sum_w, p_sum_g, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
     o_b = o_row // H
     o_h = o_row % H
-    p_init += o_row * C
-    p_h += o_row * T * C
     p_grad += o_row * T * C
     p_l0_v += o_b * s_l0_b + o_h * s_l0_h
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
-    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
-    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
     p_sum_w += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
     p_sum_g += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
     j_end = tl.minimum(T, (i_k + 1) * L)
@@ -369,7 +365,7 @@ def carries_backward_h(p_sum_w, p_sum_g, p_carry_0, C, n_chunks, BC: tl.constexp
 
 
 @triton.jit
-def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, p_dl1_v, p_dl2_v, p_dl3_v, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
+def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t, s_dl0_c, p_dl1_v, s_dl1_b, s_dl1_h, s_dl1_t, s_dl1_c, p_dl2_v, s_dl2_b, s_dl2_h, s_dl2_t, s_dl2_c, p_dl3_v, s_dl3_b, s_dl3_h, s_dl3_t, s_dl3_c, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
@@ -386,7 +382,6 @@ def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, p_dl1_v, p
     i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
     p_carry += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
     j_end = tl.minimum(T, (i_k + 1) * L)
-    o_part = (o_row * n_chunks + i_k) * C  # a leaf constant in time: this program's sum, [N, n_chunks, C]
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.load(p_carry + o_c, mask=m_c, other=0.0).to(ACC)
@@ -455,29 +450,29 @@ def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, p_dl1_v, p
         b_12 = b_11 * b_1
         # d/d operands of x @ W_z + b_z
         if G_l0 == 1:  # d x @ W_z
-            tl.store(p_dl0_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + o_t[:, None] * s_dl0_t + o_c[None, :] * s_dl0_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l0 == 2:
             b_acc_l0_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
         if G_l1 == 1:  # d b_z
-            tl.store(p_dl1_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + o_t[:, None] * s_dl1_t + o_c[None, :] * s_dl1_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l1 == 2:
             b_acc_l1_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
         if G_l2 == 1:  # d x @ W_h
-            tl.store(p_dl2_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + o_t[:, None] * s_dl2_t + o_c[None, :] * s_dl2_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l2 == 2:
             b_acc_l2_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
         if G_l3 == 1:  # d b_h
-            tl.store(p_dl3_v + o_row * T * C + o_t[:, None] * C + o_c[None, :], b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+            tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + o_t[:, None] * s_dl3_t + o_c[None, :] * s_dl3_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
         if G_l3 == 2:
             b_acc_l3_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
-    tl.store(p_dinit + o_c, b_dh0, mask=m_c & (j_end >= T))
+    tl.store(p_dinit + o_c, b_dh0, mask=m_c & (o_c * 0 + j_end >= T))
     if G_l0 == 2:
-        tl.store(p_dl0_v + o_part + o_c, b_acc_l0_v, mask=m_c)
+        tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + i_k * s_dl0_t + o_c * s_dl0_c, b_acc_l0_v, mask=m_c)  # this program's sum over its steps
     if G_l1 == 2:
-        tl.store(p_dl1_v + o_part + o_c, b_acc_l1_v, mask=m_c)
+        tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + i_k * s_dl1_t + o_c * s_dl1_c, b_acc_l1_v, mask=m_c)  # this program's sum over its steps
     if G_l2 == 2:
-        tl.store(p_dl2_v + o_part + o_c, b_acc_l2_v, mask=m_c)
+        tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + i_k * s_dl2_t + o_c * s_dl2_c, b_acc_l2_v, mask=m_c)  # this program's sum over its steps
     if G_l3 == 2:
-        tl.store(p_dl3_v + o_part + o_c, b_acc_l3_v, mask=m_c)
+        tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + i_k * s_dl3_t + o_c * s_dl3_c, b_acc_l3_v, mask=m_c)  # this program's sum over its steps
 
 
