@@ -58,6 +58,7 @@ from .triton_codegen import Unsupported as Unsupportable
 BLOCK_T = 32
 BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
 BACKWARD_BLOCK_C = 32  # and their most state elements per program
+BACKWARD_REGISTERS = 255  # and registers per thread (ptxas otherwise caps 8 warps at 128 on sm_90, and spills)
 
 
 # ---- planning: which kernels, generated once at compile time ------------------------------
@@ -419,8 +420,9 @@ class _Launch:
         # The backward kernels hold the gates at t and t + 1, the adjoint scan and the chain
         # rule's temporaries: blocks of 32 state elements over eight warps take a quarter of the
         # registers per thread of the forward's [32, 64] over four (which spill on sm_90 for the
-        # complex LRU's backward).
-        gradient_modes = dict(modes or {}, num_warps=BACKWARD_WARPS) if backward else {}
+        # complex LRU's backward), and up to 255 registers each (ptxas would cap eight warps at
+        # 128 on sm_90 and spill RG-LRU's).  Compiled for sm_80/sm_90: 120-210 registers, no spills.
+        gradient_modes = dict(modes or {}, num_warps=BACKWARD_WARPS, maxnreg=BACKWARD_REGISTERS) if backward else {}
         if length is None:
             launch_kernel(getattr(module, stem), self.grid(backward), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(backward), **gradient_modes)
             return
