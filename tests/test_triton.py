@@ -162,3 +162,13 @@ def test_backward_runs_no_gate_math_in_torch(name):
     gate_math = {"sigmoid", "exp", "log", "softplus", "mul", "div", "sub", "neg", "pow", "sqrt", "tanh", "where", "rsub"}
     assert not recorder.names & gate_math, f"torch ran gate math in the backward: {sorted(recorder.names & gate_math)}"
     assert not {n for n in recorder.names if n.endswith("_backward")}, sorted(recorder.names)
+
+
+def test_leaves_are_deduplicated_by_structure():
+    """S6 reads ``delta[:, None]`` in its decay and its input, as two IR nodes: one leaf, loaded once."""
+    from recdsl.printer import format_expr
+
+    plan = recdsl.compile(EXAMPLES / "s6.rec", backend="triton", **DIMS["s6"]).plan
+    (spec,) = [step.kernel for step in plan.steps if step.kernel is not None]
+    leaves = [format_expr(leaf.expr) for leaf in spec.leaves]
+    assert leaves.count("delta[:, None]") == 1, leaves
