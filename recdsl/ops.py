@@ -188,7 +188,15 @@ class Term:
         """The rule's value on Python numbers, by the registry's folds (for tests)."""
         if self.op is not None:
             return OPS[self.op].fold(*(arg.evaluate(operands, result, adjoint) for arg in self.args))  # type: ignore[misc]
-        return {TermLeaf.ADJOINT: adjoint, TermLeaf.RESULT: result, TermLeaf.NUMBER: self.value}.get(self.leaf, None) if self.leaf is not TermLeaf.OPERAND else operands[self.index]
+        match self.leaf:
+            case TermLeaf.ADJOINT:
+                return adjoint
+            case TermLeaf.RESULT:
+                return result
+            case TermLeaf.OPERAND:
+                return operands[self.index]
+            case _:
+                return self.value
 
     def _binary(self, op: str, other, swap: bool = False) -> "Term":
         other = other if isinstance(other, Term) else Term(leaf=TermLeaf.NUMBER, value=other)
