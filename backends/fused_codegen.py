@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from recdsl.ops import adjoint_templates
+
 from .fused_program import Node, NodeKind, Step, StepProgram, literal_text
 
 # The value of op(a, b, c) given the operands' C expressions {0}, {1}, {2}.
@@ -63,50 +65,11 @@ FORWARD: dict[str, str] = {
 }
 
 # Each operand's share of the adjoint: {g} is the result's adjoint, {r} the result,
-# {0}, {1}, {2} the operands.  None: no gradient flows to that operand.  These follow
-# torch's derivative formulas (tools/autograd/derivatives.yaml) so that the fused form's
-# gradients agree with the sequential backend's to rounding.
+# {0}, {1}, {2} the operands.  None: no gradient flows to that operand.  The rules are the op
+# registry's (recdsl/ops.py, ``OpSpec.derivative``: torch's derivatives.yaml conventions),
+# printed here in C so that the fused form's gradients agree with the sequential backend's.
 ADJOINT: dict[str, tuple[str | None, ...]] = {
-    "add": ("{g}", "{g}"),
-    "sub": ("{g}", "(-{g})"),
-    "mul": ("{g} * {1}", "{g} * {0}"),
-    "div": ("{g} / {1}", "-{g} * {0} / ({1} * {1})"),
-    "pow": ("({1} == 0 ? (real)0 : {g} * {1} * POW({0}, {1} - 1))", "(({0} == 0 && {1} >= 0) ? (real)0 : {g} * {r} * LOG({0}))"),
-    "neg": ("(-{g})",),
-    "lt": (None, None),
-    "le": (None, None),
-    "gt": (None, None),
-    "ge": (None, None),
-    "eq": (None, None),
-    "ne": (None, None),
-    "exp": ("{g} * {r}",),
-    "log": ("{g} / {0}",),
-    "sqrt": ("{g} / (2 * {r})",),
-    "abs": ("{g} * sign_({0})",),
-    "tanh": ("{g} * (1 - {r} * {r})",),
-    "sigmoid": ("{g} * (1 - {r}) * {r}",),
-    "logsigmoid": ("{g} / (1 + EXP({0}))",),
-    "softplus": ("({0} > 20 ? {g} : {g} * sigmoid_({0}))",),
-    "silu": ("{g} * sigmoid_({0}) * (1 + {0} * (1 - sigmoid_({0})))",),
-    "relu": ("({r} > 0 ? {g} : (real)0)",),
-    "cos": ("-{g} * SIN({0})",),
-    "sin": ("{g} * COS({0})",),
-    "log1p": ("{g} / (1 + {0})",),
-    "expm1": ("{g} * ({r} + 1)",),
-    "real": ("{g}",),
-    "conj": ("{g}",),
-    "maximum": ("({0} < {1} ? (real)0 : ({0} == {1} ? {g} / 2 : {g}))", "({0} > {1} ? (real)0 : ({0} == {1} ? {g} / 2 : {g}))"),
-    "minimum": ("({0} > {1} ? (real)0 : ({0} == {1} ? {g} / 2 : {g}))", "({0} < {1} ? (real)0 : ({0} == {1} ? {g} / 2 : {g}))"),
-    "logaddexp": ("{g} / (1 + EXP({1} - {0}))", "{g} / (1 + EXP({0} - {1}))"),
-    "where": (None, "(({0}) != 0 ? {g} : (real)0)", "(({0}) != 0 ? (real)0 : {g})"),
-    # torch's clamp_backward and clamp_backward_min_max: x inside [lo, hi] passes the
-    # gradient; below lo it goes to lo (when lo < hi), above hi (or when hi < lo) to hi.
-    "clamp": (
-        "(({0} >= {1} && {0} <= {2}) ? {g} : (real)0)",
-        "(({0} < {1} && {1} < {2}) ? {g} : (real)0)",
-        "(({0} > {2} || {2} < {1}) ? {g} : (real)0)",
-    ),
-    "sign": (None,),
+    op: adjoint_templates(op, lambda name, args: FORWARD[name].format(*args), literal_text) for op in FORWARD
 }
 
 _MATH = ("EXP exp", "LOG log", "SQRT sqrt", "FABS fabs", "TANH tanh", "COS cos", "SIN sin", "LOG1P log1p", "EXPM1 expm1", "POW pow")

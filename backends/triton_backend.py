@@ -10,9 +10,11 @@ kernel's source through ``inspect``, so a bare ``exec`` would not do.
 
 Gradients: a ``torch.autograd.Function`` per recurrence.  Its backward runs the generated
 adjoint kernel (``g_t = dy_t + w_{t+1} g_{t+1}``, gates recomputed from the leaves, not
-stored), which gives the gradients with respect to the decay and input terms; torch then
-carries them to the leaves by recomputing the gate math under autograd.  Declared
-monoids differentiate through torch's scan of the same combine.
+stored), which differentiates the gate math in registers and writes one gradient per leaf
+(summed over the steps of each program for a leaf constant in time) and ``dL/dh_0``; the
+leaves reach the kernel as views (:meth:`_Launch.leaf_views`), so torch's autograd sums
+them over what they broadcast and carries them on to the projections.  Declared monoids
+differentiate through torch's scan of the same combine.
 
 On a CPU, kernels run in Triton's interpreter: set ``TRITON_INTERPRET=1`` before the first
 kernel is loaded.  Triton is imported only when this backend runs.
@@ -41,17 +43,22 @@ from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
     FUSED_OPS,
     Leaf,
+    LeafGradient,
     ScanKind,
     ScanSpec,
     TimeSplit,
     find_leaves,
     generate,
     inline_parallel_bindings,
+    summary_backward_terms,
     summary_parts,
 )
 from .triton_codegen import Unsupported as Unsupportable
 
 BLOCK_T = 32
+BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
+BACKWARD_BLOCK_C = 32  # and their most state elements per program
+BACKWARD_REGISTERS = 255  # and registers per thread (ptxas otherwise caps 8 warps at 128 on sm_90, and spills)
 
 
 # ---- planning: which kernels, generated once at compile time ------------------------------
@@ -330,6 +337,17 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
     return arguments
 
 
+def _leaf_subset(arguments: list, specs: tuple[Leaf, ...], keep: list[int]) -> list:
+    """The kernel arguments (:func:`_leaf_arguments`) of the leaves at positions ``keep``."""
+    result, start = [], 0
+    for i, leaf in enumerate(specs):
+        count = (2 if leaf.is_complex else 1) + 4
+        if i in keep:
+            result.extend(arguments[start:start + count])
+        start += count
+    return result
+
+
 class _Launch:
     """Everything a kernel call needs, shared by the forward and backward passes."""
 
@@ -357,26 +375,56 @@ class _Launch:
         """The leaves as the kernel addresses them: ``[B, H, T, C]``, views where torch can (stride 0 where they broadcast)."""
         return [_to_bhtc(self.seq.full(v, leaf.expr.type, self.state_type), self.lead, self.state_type.shape) for v, leaf in zip(leaves, self.spec.leaves)]
 
-    def grid(self):
+    def leaf_views(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The leaves as the recurrence kernels read them: ``[B', H', T', C]`` views, each of
+        ``B'``, ``H'``, ``T'`` the full size where the leaf varies along it and 1 where it does
+        not (a parameter is ``[1, 1, 1, C]``), so that the backward kernel can sum a leaf
+        constant in time over each program's steps, and autograd sums over the rest."""
+        return [self._leaf_view(value, leaf) for value, leaf in zip(leaves, self.spec.leaves)]
+
+    def _leaf_view(self, value: torch.Tensor, leaf: Leaf) -> torch.Tensor:
+        declared, lead, shape = leaf.expr.type, self.lead, self.state_type.shape
+        if value.dim() == declared.rank:  # params and consts: no leading dims
+            value = value.reshape((1,) * (len(lead) + len(shape) - declared.rank) + tuple(value.shape))
+        else:
+            value = align(value, declared.rank, len(shape))
+        keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
+        if any(k != 1 for k in keep[2:]):
+            keep[2:] = lead[2:]  # the kernel has one head stride: all head dims, or none
+        value = value.expand(tuple(keep) + shape)
+        moved = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
+        return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
+
+    def block_c(self, backward: bool = False) -> int:
+        """``BC``: state elements per program; the backward kernels take at most 32 (registers, below)."""
+        block = _block_c(self.channels)
+        return min(block, BACKWARD_BLOCK_C) if backward else block
+
+    def grid(self, backward: bool = False):
         import triton
 
-        return (self.rows, triton.cdiv(self.channels, _block_c(self.channels)))
+        return (self.rows, triton.cdiv(self.channels, self.block_c(backward)))
 
-    def constants(self) -> dict:
-        return dict(BT=BLOCK_T, BC=_block_c(self.channels), ACC=_accumulator(self.seq.numerics))
+    def constants(self, backward: bool = False) -> dict:
+        return dict(BT=BLOCK_T, BC=self.block_c(backward), ACC=_accumulator(self.seq.numerics))
 
     def chunk_steps(self) -> int | None:
         """This call's steps per chunk of T when the plan's :class:`TimeSplit` splits it, else None."""
         rows, blocks = self.grid()
         return self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T)
 
-    def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list) -> None:
+    def chunk_count(self) -> int:
+        """How many chunks of T this call's scans run in (1: one pass)."""
+        length = self.chunk_steps()
+        return 1 if length is None else -(-self.steps // length)
+
+    def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list, modes: dict | None = None) -> None:
         """Run the forward (or adjoint) scan: one kernel, or, when the call's rows and blocks
         of state elements are too few programs for the device, T split across programs.
 
         ``inputs``: the initial state's parts (backward: also the states' and the output
-        gradients' parts); ``outputs``: the states' parts (backward: the gradients' of the
-        decay and input terms).
+        gradients' parts); ``outputs``: the states' parts (backward: ``dL/dh_0``'s parts, then
+        each leaf's gradient parts, written as ``modes`` says: :class:`LeafGradient` per leaf).
 
         Split, the third launch reads every chunk's inputs again (the leaves, or ``dy``,
         the states and the leaves) rather than the first storing local results for it to
@@ -389,60 +437,62 @@ class _Launch:
         stem = f"backward_{spec.name}" if backward else f"forward_{spec.name}"
         length = self.chunk_steps()
         sizes = (self.steps, self.channels, self.heads)
+        # The backward kernels hold the gates at t and t + 1, the adjoint scan and the chain
+        # rule's temporaries: blocks of 32 state elements over eight warps take a quarter of the
+        # registers per thread of the forward's [32, 64] over four (which spill on sm_90 for the
+        # complex LRU's backward), and up to 255 registers each (ptxas would cap eight warps at
+        # 128 on sm_90 and spill RG-LRU's).  Compiled for sm_80/sm_90: 120-210 registers, no spills.
+        gradient_modes = dict(modes or {}, num_warps=BACKWARD_WARPS, maxnreg=BACKWARD_REGISTERS) if backward else {}
         if length is None:
-            launch_kernel(getattr(module, stem), self.grid(), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants())
+            launch_kernel(getattr(module, stem), self.grid(backward), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(backward), **gradient_modes)
             return
         chunks = -(-self.steps // length)
-        grid = self.grid() + (chunks,)
+        grid = self.grid(backward) + (chunks,)
         shape = (self.rows, chunks, self.channels)
         device = outputs[0].device
         dtype = self.seq.numerics.real
         sums = [torch.empty(shape, dtype=dtype, device=device) for _ in range(summary_parts(spec))]
         carried = [torch.empty(shape, dtype=dtype, device=device) for _ in range(len(inputs) if not backward else (2 if spec.is_complex else 1))]
         per_chunk = (*sizes, length, -(-length // BLOCK_T), chunks)
-        constants = self.constants()
+        constants = self.constants(backward)
         if backward:
-            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid, *inputs, *sums, *leaf_arguments, *per_chunk, **constants)
-            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), self.grid(), *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
+            # The fold reads dy (semiring: and the states) and the leaves of w_{t+1} only.
+            read = [i for i, leaf in enumerate(spec.leaves) if leaf in spec.leaves_of(summary_backward_terms(spec))]
+            parts = 2 if spec.is_complex else 1
+            folded = inputs[parts:] if spec.kind is ScanKind.SEMIRING else inputs[2 * parts:]
+            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid, *folded, *sums, *_leaf_subset(leaf_arguments, spec.leaves, read), *per_chunk, **constants)
+            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), self.grid(backward), *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
         else:
             launch_kernel(getattr(module, f"summarize_{spec.name}"), grid, *sums, *leaf_arguments, *per_chunk, **constants)
             launch_kernel(getattr(module, f"carries_{spec.name}"), self.grid(), *inputs, *sums, *carried, self.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
             inputs = []
-        launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants)
-
-    def recompute_terms(self, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The decay and input (or lifts) from the leaves, in torch, for autograd."""
-        known = {id(leaf.expr): value for leaf, value in zip(self.spec.leaves, leaves)}
-        evaluator = Evaluator(self.seq.numerics, {})
-        results = []
-        for term in self.spec.terms:
-            if term is None:
-                results.append(None)
-                continue
-            value = evaluator.evaluate(term, known)
-            results.append(_to_ntc(self.seq.full(value, term.type, self.state_type), self.lead, self.state_type.shape))
-        return results
+        launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants, **gradient_modes)
 
 
 class _RecurrenceScan(torch.autograd.Function):
-    """An affine or semiring recurrence solved by its generated kernels."""
+    """An affine or semiring recurrence solved by its generated kernels.
+
+    ``leaves`` are the kernel's views of the leaves (:meth:`_Launch.leaf_views`), so that
+    torch's autograd carries their gradients back through the views (summing over what
+    they broadcast) and on to whatever computed the leaves.  The backward kernel writes one
+    gradient per leaf (the gate math differentiated in the kernel) and ``dL/dh_0``.
+    """
 
     @staticmethod
     def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
         spec = launch.spec
         dtype = launch.seq.numerics.real
         start = initial.reshape(launch.rows, launch.channels)
-        views = launch.ntc(list(leaves))
         if spec.is_complex:
             start = start.to(launch.seq.numerics.complex)
             out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             out_im = torch.empty_like(out_re)
             init = torch.view_as_real(start.contiguous())
-            launch.scan(False, [init[..., 0].contiguous(), init[..., 1].contiguous()], [out_re, out_im], _leaf_arguments(views, spec.leaves))
+            launch.scan(False, [init[..., 0].contiguous(), init[..., 1].contiguous()], [out_re, out_im], _leaf_arguments(list(leaves), spec.leaves))
             states = torch.complex(out_re, out_im)
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(views, spec.leaves))
+            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(list(leaves), spec.leaves))
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -453,44 +503,55 @@ class _RecurrenceScan(torch.autograd.Function):
         initial, states, *leaves = ctx.saved_tensors
         spec = launch.spec
         dtype = launch.seq.numerics.real
-        views = launch.ntc(list(leaves))
+        device = states.device
         start = initial.reshape(launch.rows, launch.channels)
         grad_states = grad_states.contiguous()
+        chunks = launch.chunk_count()
+        # Each leaf's gradient: per step where the view varies in time, written in the leaf's
+        # own layout (empty_like keeps a dense view's strides), else each program's sum over its
+        # steps ([B, H, chunks, C]); a placeholder where none is needed.
+        modes, grad_buffers, gradient_arguments = {}, [], []
+        for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
+            complex_dtype = launch.seq.numerics.complex if leaf.is_complex else dtype
+            if not ctx.needs_input_grad[2 + i]:
+                mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=complex_dtype, device=device)
+            elif view.shape[2] == launch.steps:
+                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=complex_dtype)
+                if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
+                    buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=complex_dtype, device=device)
+            else:
+                mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunks, launch.channels), dtype=complex_dtype, device=device)
+            modes[f"G_{leaf.name}"] = mode.value
+            grad_buffers.append(buffer)
+            parts_ = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
+            gradient_arguments.extend(parts_)
+            gradient_arguments.extend(parts_[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(2 if spec.is_complex else 1)]
+        outputs = dinit + gradient_arguments
         if spec.is_complex:
-            parts = lambda x: (torch.view_as_real(x.contiguous())[..., 0].contiguous(), torch.view_as_real(x.contiguous())[..., 1].contiguous())  # noqa: E731
-            ga_re, ga_im, gb_re, gb_im = (torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device) for _ in range(4))
-            launch.scan(True, [*parts(start.to(states.dtype)), *parts(states), *parts(grad_states)], [ga_re, ga_im, gb_re, gb_im], _leaf_arguments(views, spec.leaves))
-            grad_decay, grad_input = torch.complex(ga_re, ga_im), torch.complex(gb_re, gb_im)
+            def parts(x):
+                pair = torch.view_as_real(x.contiguous())
+                return pair[..., 0].contiguous(), pair[..., 1].contiguous()
+
+            inputs = [*parts(start.to(states.dtype)), *parts(states), *parts(grad_states)]
         else:
-            grad_decay = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=states.device)
-            grad_input = torch.empty_like(grad_decay)
-            launch.scan(True, [start.to(dtype).contiguous(), states.contiguous(), grad_states], [grad_decay, grad_input], _leaf_arguments(views, spec.leaves))
-        # dL/dh_0: the adjoint one step further back.
-        if spec.kind is ScanKind.AFFINE:
-            with torch.no_grad():
-                decay_0 = launch.recompute_terms(list(leaves))[0][:, 0]
-            grad_initial = (decay_0.conj() * grad_input[:, 0]) if spec.is_complex else decay_0 * grad_input[:, 0]
-        else:
-            grad_initial = grad_decay[:, 0]
+            inputs = [start.to(dtype).contiguous(), states, grad_states]
+        launch.scan(True, inputs, outputs, _leaf_arguments(list(leaves), spec.leaves), modes)
+        grad_initial = torch.complex(*dinit) if spec.is_complex else dinit[0]
         if not initial.is_complex() and grad_initial.is_complex():
             grad_initial = grad_initial.real
-        grad_initial = grad_initial.reshape(initial.shape)
-        # From the terms to the leaves: the gate math again, this time under autograd.
-        differentiable = [i for i, leaf in enumerate(leaves) if leaf.requires_grad]
-        grads: list[torch.Tensor | None] = [None] * len(leaves)
-        if differentiable:
-            with torch.enable_grad():
-                fresh = [leaf.detach().requires_grad_(i in differentiable) for i, leaf in enumerate(leaves)]
-                terms = launch.recompute_terms(fresh)
-                outputs, cotangents = [], []
-                for term, cotangent in zip(terms, (grad_decay, grad_input)):
-                    if term is not None and term.requires_grad:
-                        outputs.append(term)
-                        cotangents.append(cotangent.to(term.dtype) if term.is_complex() or not cotangent.is_complex() else cotangent.real)
-                if outputs:
-                    found = torch.autograd.grad(outputs, [fresh[i] for i in differentiable], cotangents, allow_unused=True)
-                    for i, g in zip(differentiable, found):
-                        grads[i] = g
+        grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
+        grads: list[torch.Tensor | None] = []
+        for view, leaf, grad in zip(leaves, spec.leaves, grad_buffers):
+            mode = LeafGradient(modes[f"G_{leaf.name}"])
+            if mode is LeafGradient.NONE:
+                grads.append(None)
+                continue
+            if mode is LeafGradient.SUMMED_OVER_TIME:
+                grad = grad.sum(2, keepdim=True)
+            if grad.shape != view.shape:
+                grad = grad.sum_to_size(view.shape)
+            grads.append(grad.to(view.dtype))
         return (None, grad_initial, *grads)
 
 
@@ -569,7 +630,7 @@ class TritonSolver(parallel.Solver):
     def kernel_recurrence(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
         launch = self._launch(step, state.type)
         _check_device(self.seq.numerics.device)
-        leaves = launch.leaf_values()
+        leaves = launch.leaf_views(launch.leaf_values())
         states = _RecurrenceScan.apply(launch, self.initial[state.state], *leaves)
         # [N, T, C] -> [B, T, *heads, *shape]
         lead = self.seq.lead

@@ -12,7 +12,10 @@ Triton backend runs, it emits
   softplus, ...) in registers, scans the block and carries the last state into the next;
 - ``backward_<state>`` for affine and semiring recurrences: the adjoint's recurrence
   ``g_t = dy_t + w_{t+1} g_{t+1}``, run as a forward scan over reversed time, with the
-  gates recomputed from the leaves rather than stored;
+  gates recomputed from the leaves rather than stored, then the chain rule through the gate
+  math (each op's derivative rule from its registry row, :data:`recdsl.ops.DERIVATIVES`)
+  down to one gradient per leaf and ``dL/dh_0``: torch only carries the leaves' gradients
+  on through whatever computed them (a matmul, a view);
 - the same scans with T split across programs (:class:`TimeSplit`), for calls with too few
   rows to fill the GPU: ``summarize_<state>`` folds each chunk of T, ``carries_<state>``
   passes the folds along the chunks, ``forward_<state>_chunks`` rescans each chunk from its
@@ -31,14 +34,14 @@ from __future__ import annotations
 import hashlib
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Iterator, Union
 
 from recdsl import ir
 from recdsl.errors import Source
 from recdsl.ir import Kind, Literal, Op, Ref
-from recdsl.ops import FUSED, MAX_PLUS, OPS, Semiring
+from recdsl.ops import FUSED, MAX_PLUS, OPS, Semiring, Term, TermLeaf
 from recdsl.printer import format_expr
 from recdsl.shapes import fold_constant
 
@@ -112,9 +115,9 @@ def _literal(value: float) -> str:
 class ExpressionEmitter:
     """Writes Triton statements computing IR expressions from leaves, one temporary per node."""
 
-    def __init__(self, buffer: IndentedBuffer, leaf_values: dict[int, Value], prefix: str = "b_") -> None:
+    def __init__(self, buffer: IndentedBuffer, leaf_values: dict[ir.Expr, Value], prefix: str = "b_") -> None:
         self.buffer = buffer
-        self.leaf_values = leaf_values  # id(leaf expr) -> the name(s) its loaded block has
+        self.leaf_values = leaf_values  # leaf expr (structural: equal leaves are one) -> the name(s) its loaded block has
         self.memo: dict[ir.Expr, Value] = {}  # structural: equal subexpressions are computed once
         self.counter = 0
         self.prefix = prefix  # distinct per emission, so two evaluations of one term do not clash
@@ -131,8 +134,8 @@ class ExpressionEmitter:
         return name
 
     def emit(self, expr: ir.Expr) -> Value:
-        if id(expr) in self.leaf_values:
-            return self.leaf_values[id(expr)]
+        if expr in self.leaf_values:
+            return self.leaf_values[expr]
         if expr in self.memo:
             return self.memo[expr]
         value = self._emit(expr)
@@ -212,7 +215,7 @@ def find_leaves(exprs: list[ir.Expr]) -> list[ir.Expr]:
     elementwise math is fused too: minGRU's ``z = sigmoid(x @ W_z + b_z)`` then leaves only
     ``x @ W_z`` and ``b_z`` to torch.
     """
-    leaves: dict[int, ir.Expr] = {}
+    leaves: dict[ir.Expr, ir.Expr] = {}  # by structure: the same value written twice is one leaf
 
     def visit(expr: ir.Expr) -> None:
         if isinstance(expr, Literal):
@@ -221,7 +224,7 @@ def find_leaves(exprs: list[ir.Expr]) -> list[ir.Expr]:
             for arg in expr.args:
                 visit(arg)
             return
-        leaves[id(expr)] = expr
+        leaves.setdefault(expr, expr)
 
     for expr in exprs:
         visit(expr)
@@ -341,6 +344,11 @@ class ScanSpec:
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
     split: TimeSplit = TimeSplit()  # when the launch splits T across programs (the source has both forms)
 
+    def leaves_of(self, positions: tuple[int, ...]) -> tuple[Leaf, ...]:
+        """The leaves the terms at ``positions`` read, in the spec's order."""
+        needed = {node for i in positions if self.terms[i] is not None for node in ir.walk(self.terms[i])}  # type: ignore[arg-type]
+        return tuple(leaf for leaf in self.leaves if leaf.expr in needed)
+
 _PRELUDE = '''import triton
 import triton.language as tl
 
@@ -364,8 +372,8 @@ def _leaf_args(spec: ScanSpec) -> list[str]:
     return args
 
 
-def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str = "") -> dict[int, Value]:
-    values: dict[int, Value] = {}
+def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str = "") -> dict[ir.Expr, Value]:
+    values: dict[ir.Expr, Value] = {}
     for leaf in spec.leaves:
         buffer.line(f"# {format_expr(leaf.expr)}")
         offset = f"{offsets_t}[:, None] * s_{leaf.name}_t + o_c[None, :] * s_{leaf.name}_c"
@@ -374,11 +382,11 @@ def _emit_loads(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: st
             im = f"b_{leaf.name}{suffix}_im"
             buffer.line(f"{re} = tl.load(p_{leaf.name}_re + {offset}, mask={mask}, other=0.0).to(ACC)")
             buffer.line(f"{im} = tl.load(p_{leaf.name}_im + {offset}, mask={mask}, other=0.0).to(ACC)")
-            values[id(leaf.expr)] = (re, im)
+            values[leaf.expr] = (re, im)
         else:
             name = f"b_{leaf.name}{suffix}"
             buffer.line(f"{name} = tl.load(p_{leaf.name}_v + {offset}, mask={mask}, other=0.0).to(ACC)")
-            values[id(leaf.expr)] = name
+            values[leaf.expr] = name
     return values
 
 
@@ -444,7 +452,7 @@ class _CombineEmitter(ExpressionEmitter):
         return super()._emit(expr)
 
 
-def _emit_terms(buffer: IndentedBuffer, spec: ScanSpec, values: dict[int, Value], prefix: str = "b_", only: tuple[int, ...] | None = None) -> list[Value]:
+def _emit_terms(buffer: IndentedBuffer, spec: ScanSpec, values: dict[ir.Expr, Value], prefix: str = "b_", only: tuple[int, ...] | None = None) -> list[Value]:
     """Statements computing the spec's terms (all, or those at positions ``only``)."""
     emitter = ExpressionEmitter(buffer, values, prefix)
     for line in spec.comment:
@@ -452,15 +460,9 @@ def _emit_terms(buffer: IndentedBuffer, spec: ScanSpec, values: dict[int, Value]
     return [emitter.emit(term) if term is not None and (only is None or i in only) else None for i, term in enumerate(spec.terms)]  # type: ignore[misc]
 
 
-def _emit_loads_for(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str, only: tuple[int, ...]) -> dict[int, Value]:
+def _emit_loads_for(buffer: IndentedBuffer, spec: ScanSpec, offsets_t: str, mask: str, suffix: str, only: tuple[int, ...]) -> dict[ir.Expr, Value]:
     """Loads of just the leaves that the terms at positions ``only`` read."""
-    needed = set()
-    for i in only:
-        term = spec.terms[i]
-        if term is not None:
-            needed |= {id(node) for node in ir.walk(term)}
-    reduced = ScanSpec(**{**spec.__dict__, "leaves": tuple(l for l in spec.leaves if id(l.expr) in needed)})
-    return _emit_loads(buffer, reduced, offsets_t, mask, suffix)
+    return _emit_loads(buffer, replace(spec, leaves=spec.leaves_of(only)), offsets_t, mask, suffix)
 
 
 def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
@@ -704,70 +706,305 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
             _store_and_carry(buffer, pointer, value, carry)
 
 
-def emit_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
-    """The adjoint of an affine or semiring scan, over reversed time, gates recomputed.
+def summary_backward_terms(spec: ScanSpec) -> tuple[int, ...]:
+    """The terms the split backward's fold evaluates: the decay (affine), decay and input (semiring: ``e_{t+1}``)."""
+    return (0,) if spec.kind is ScanKind.AFFINE else (0, 1)
 
-    For ``h_t = f(h_{t-1}, a_t, b_t)`` with ``w_t = d h_t / d h_{t-1}``:
+
+def emit_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None:
+    """Pass 1 of the split backward: each chunk of reversed time folded into the adjoint's affine pair.
+
+    For ``h_t = f(h_{t-1}, a_t, b_t)`` with ``w_t = d h_t / d h_{t-1}`` the adjoint is
 
         g_t = dL/dh_t + w_{t+1} g_{t+1}       (a forward scan over j = T - 1 - t)
-        dL/da_t = g_t * d h_t / d a_t,  dL/db_t = g_t * d h_t / d b_t
 
-    affine: ``w = a``, ``dh/da = h_{t-1}``, ``dh/db = 1`` (conjugated for complex values);
-    semiring: ``w = dh/da = e_t`` (max-plus: ``[h_{t-1} + a_t >= b_t]``; log:
-    ``exp(h_{t-1} + a_t - h_t)``), ``dh/db = 1 - e_t``.
-
-    ``mode`` as for :func:`emit_forward`: chunks of the reversed sequence ``j``, folded
-    (``summarize_backward_*``: the adjoint's affine pairs ``(w_{t+1}, dy_t)``) or rescanned
-    from the adjoint carried into the chunk (``backward_*_chunks``).  Split, steps past the
-    chunk's end get the pair's identity ``(1, 0)``: whole, they come after the last step
-    and nothing reads them.
+    affine: ``w = a`` (conjugated for complex values); semiring: ``w_t = e_t``
+    (max-plus: ``[h_{t-1} + a_t >= b_t]``; log: ``exp(h_{t-1} + a_t - h_t)``).  Steps past the
+    chunk's end get the pair's identity ``(1, 0)``.  ``summarize_backward_*`` writes each
+    chunk's fold of the pairs ``(w_{t+1}, dy_t)``; ``carries_backward_*`` passes them along
+    and :func:`emit_gradient_backward` rescans each chunk from its carry.
     """
     complex_ = spec.is_complex
     grads = ["p_grad_re", "p_grad_im"] if complex_ else ["p_grad"]
     states = ["p_h_re", "p_h_im"] if complex_ else ["p_h"]
     initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
-    out_a = ["p_ga_re", "p_ga_im"] if complex_ else ["p_ga"]
-    out_b = ["p_gb_re", "p_gb_im"] if complex_ else ["p_gb"]
     sums = ["p_sum_w_re", "p_sum_w_im", "p_sum_g_re", "p_sum_g_im"] if complex_ else ["p_sum_w", "p_sum_g"]
+    chunk_args = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    # Only what the fold reads: dy, the leaves of w_{t+1} and, for a semiring's w, the states.
+    read = spec.leaves_of(summary_backward_terms(spec))
+    states = states if spec.kind is ScanKind.SEMIRING else []
+    arguments = states + grads + sums + _leaf_args(replace(spec, leaves=read)) + chunk_args
+    buffer.line("@triton.jit")
+    buffer.line(f"def summarize_backward_{spec.name}({', '.join(arguments)}):")
+    with buffer.indent():
+        buffer.line("i_n = tl.program_id(0)")
+        buffer.line("i_c = tl.program_id(1)")
+        buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
+        _emit_row_pointers(buffer, replace(spec, leaves=read), [], states + grads)
+        for pointer in sums:
+            buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
+        buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
+        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+        buffer.line("m_c = o_c < C")
+        totals = [f"b_sum_{i}" for i in range(len(sums))]
+        for total, identity in zip(totals, summary_identities(spec, backward=True)):
+            buffer.line(f"{total} = tl.full([BC], {_literal(identity)}, dtype=ACC)")
+        buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
+        buffer.line("for i_j in range(0, n_blocks):")
+        with buffer.indent():
+            buffer.line("# step j of the reversed sequence is time t = T - 1 - j")
+            buffer.line("o_j = i_k * L + i_j * BT + tl.arange(0, BT)")
+            buffer.line("o_t = T - 1 - o_j")
+            buffer.line("m = (o_j[:, None] < j_end) & m_c[None, :]")
+            # m, not just t + 1 < T: a padding step's t + 1 may be negative (before the leaf's first row).
+            buffer.line("m_next = m & (o_t[:, None] + 1 < T)")
+            for pointer, name in zip(grads, ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]):
+                buffer.line(f"{name} = tl.load({pointer} + {_STATE_OFFSET}, mask=m, other=0.0).to(ACC)")
+            buffer.line("# gates at t + 1")
+            next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", summary_backward_terms(spec))
+            next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=summary_backward_terms(spec))
+            if spec.kind is ScanKind.AFFINE and not complex_:
+                _adjoint_decay(buffer, "b_w", next_terms[0], "1.0", True)
+                _emit_fold(buffer, ["b_w", "b_dy"], f"combine_{spec.name}", totals)
+            elif spec.kind is ScanKind.AFFINE:
+                a_next = next_terms[0] if isinstance(next_terms[0], tuple) else (next_terms[0], "0.0")
+                # The adjoint runs with conj(a): g_t = dy_t + conj(a_{t+1}) g_{t+1}.
+                _adjoint_decay(buffer, "b_w_re", a_next[0], "1.0", True)
+                _adjoint_decay(buffer, "b_w_im", f"-({a_next[1]})", "0.0", True)
+                _emit_fold(buffer, ["b_w_re", "b_w_im", "b_dy_re", "b_dy_im"], f"combine_{spec.name}", totals)
+            else:
+                # w_{t+1} = e_{t+1} needs h_t, a_{t+1}, b_{t+1}, h_{t+1}.
+                buffer.line(f"b_h = tl.load(p_h + {_STATE_OFFSET}, mask=m, other=0.0)")
+                buffer.line(f"b_h_next = tl.load(p_h + {_STATE_OFFSET} + C, mask=m_next, other=0.0)")
+                b_next = next_terms[1] if next_terms[1] is not None else 'float("-inf")'
+                if spec.semiring is MAX_PLUS:
+                    buffer.line(f"b_e_next = tl.where(b_h + {next_terms[0]} >= {b_next}, 1.0, 0.0)")
+                else:
+                    buffer.line(f"b_e_next = tl.exp(b_h + {next_terms[0]} - tl.where(m_next, b_h_next, 0.0))")
+                _adjoint_decay(buffer, "b_w", "b_e_next", "1.0", True)
+                _emit_fold(buffer, ["b_w", "b_dy"], "_affine_pair", totals)
+        for pointer, total in zip(sums, totals):
+            buffer.line(f"tl.store({pointer} + o_c, {total}, mask=m_c)")
+    buffer.line("")
+    buffer.line("")
+
+
+# ---- the backward kernel: adjoint scan, then the chain rule through the gate math ----------
+
+
+def leaf_gradient_args(spec: ScanSpec) -> list[str]:
+    """The gradient arguments of the backward kernels: per leaf its parts' pointers
+    (``p_d<leaf>_v``, or ``_re``, ``_im``) and the ``[B, H, T, C]`` strides of the gradient
+    (``T`` is the chunk for a gradient summed over time), so that a per-step gradient is
+    written in the leaf's own layout (``[B, T, H, C]`` under heads) and needs no copy."""
+    args = []
+    for leaf in spec.leaves:
+        args.extend(f"p_d{leaf.name}_{part}" for part in (("re", "im") if leaf.is_complex else ("v",)))
+        args.extend(f"s_d{leaf.name}_{axis}" for axis in "bhtc")
+    return args
+
+
+def leaf_mode_args(spec: ScanSpec) -> list[str]:
+    """Per leaf, how its gradient is written (:class:`LeafGradient`), a ``tl.constexpr``."""
+    return [f"G_{leaf.name}: tl.constexpr" for leaf in spec.leaves]
+
+
+class LeafGradient(Enum):
+    """How the backward kernel writes one leaf's gradient (the value of its ``G_<leaf>`` constexpr)."""
+
+    NONE = 0  # the leaf needs no gradient
+    PER_STEP = 1  # [N, T, C]: one value per row, step and element
+    SUMMED_OVER_TIME = 2  # [B, H, chunks, C]: the leaf does not vary in time; each program sums its steps
+
+
+def _result_kind(op: str, kinds: list[Kind]) -> Kind:
+    from recdsl.shapes import result_kind
+
+    return result_kind(op, kinds)
+
+
+def _rule_expr(term: Term, node: Op, adjoint: ir.Expr, conjugate: bool) -> ir.Expr:
+    """A registry derivative rule as an IR expression over ``node``'s operands, result and adjoint.
+
+    ``conjugate``: the operands and the result enter conjugated (a holomorphic op's complex
+    gradient, see :class:`recdsl.ops.Term`).  Constant conditions pick their branch, and
+    ``pow(x, 1)`` is ``x`` (the registry's pow form goes through a log).
+    """
+    if term.op is None:
+        if term.leaf is TermLeaf.ADJOINT:
+            return adjoint
+        if term.leaf is TermLeaf.NUMBER:
+            return Literal(term.value, ir.Type((), Kind.COMPLEX if isinstance(term.value, complex) else Kind.REAL))
+        value = node if term.leaf is TermLeaf.RESULT else node.args[term.index]
+        if conjugate and value.type.kind is Kind.COMPLEX:
+            return Op("conj", (value,), value.type)
+        return value
+    args = tuple(_rule_expr(arg, node, adjoint, conjugate) for arg in term.args)
+    if term.op == "where":
+        condition = fold_constant(args[0])
+        if isinstance(condition, bool):
+            return args[1] if condition else args[2]
+    if term.op == "pow" and fold_constant(args[1]) == 1:
+        return args[0]
+    kind = _result_kind(term.op, [a.type.kind for a in args])
+    return Op(term.op, args, ir.Type((), kind))
+
+
+def _as_kind(value: Value, complex_: bool) -> Value:
+    """A share as the receiving value's kind: the real part for a real value, ``(x, 0)`` for a complex one."""
+    if complex_:
+        return value if isinstance(value, tuple) else (value, "0.0")
+    return value[0] if isinstance(value, tuple) else value
+
+
+def emit_chain_rule(emitter: ExpressionEmitter, seeds: list[tuple[ir.Expr, Value]], leaves: tuple[Leaf, ...]) -> dict[ir.Expr, Value]:
+    """Reverse-mode differentiation of the gate math: from the adjoints of the terms
+    (``seeds``) to those of the leaves, each op's share by its registry rule.
+
+    ``emitter`` holds the forward values of every node (it computed the terms at this step),
+    so the rules read them from registers; shares of a node read by several others add up.
+    Returns each leaf's adjoint (absent: no gradient reaches it).
+    """
+    leaf_exprs = {leaf.expr for leaf in leaves}
+    order: list[ir.Expr] = []
+    seen: set[ir.Expr] = set()
+    reaches: set[ir.Expr] = set()  # nodes with a leaf below them
+
+    def visit(node: ir.Expr) -> bool:
+        if node in seen:
+            return node in reaches
+        seen.add(node)
+        if node in leaf_exprs:
+            reaches.add(node)
+            return True
+        if isinstance(node, Literal) or not isinstance(node, Op) or fold_constant(node) is not None:
+            return False
+        found = False
+        for arg in node.args:
+            found = visit(arg) or found
+        if found:
+            reaches.add(node)
+            order.append(node)
+        return found
+
+    for root, _ in seeds:
+        visit(root)
+    adjoints: dict[ir.Expr, Value] = {}
+
+    def add(node: ir.Expr, share: Value) -> None:
+        complex_ = node.type.kind is Kind.COMPLEX
+        share = _as_kind(share, complex_)
+        if node not in adjoints:
+            adjoints[node] = share
+            return
+        old = adjoints[node]
+        if complex_:
+            adjoints[node] = (emitter._temp(f"{old[0]} + {share[0]}"), emitter._temp(f"{old[1]} + {share[1]}"))
+        else:
+            adjoints[node] = emitter._temp(f"{old} + {share}")
+
+    for root, seed in seeds:
+        if root in reaches:
+            add(root, seed)
+    for count, node in enumerate(reversed(order)):
+        assert isinstance(node, Op)
+        if node not in adjoints:
+            continue
+        complex_ = node.type.kind is Kind.COMPLEX or any(a.type.kind is Kind.COMPLEX for a in node.args)
+        spec = OPS[node.op]
+        rules = spec.derivative_complex if complex_ and spec.derivative_complex is not None else spec.derivative
+        if rules is None:
+            raise Unsupported(f"'{node.op}' has no derivative rule in the op registry")
+        placeholder = Ref(ir.RefKind.LOCAL, f"__adjoint_{count}", ir.Type((), node.type.kind))
+        emitter.leaf_values[placeholder] = adjoints[node]
+        conjugate = complex_ and spec.derivative_complex is None
+        emitter.buffer.line(f"# d/d operands of {format_expr(node)}"[:160])
+        for arg, rule in zip(node.args, rules):
+            if rule is None or arg not in reaches:
+                continue
+            add(arg, emitter.emit(_rule_expr(rule, node, placeholder, conjugate)))
+    return {leaf: adjoints[leaf] for leaf in leaf_exprs if leaf in adjoints}
+
+
+def _emit_leaf_gradients(buffer: IndentedBuffer, spec: ScanSpec, found: dict[ir.Expr, Value], chunked: bool) -> None:
+    """Write each leaf's gradient block per its ``G_<leaf>`` mode (masked: lanes past T, C or the chunk hold garbage)."""
+    for leaf in spec.leaves:
+        value = found.get(leaf.expr)
+        parts = ("re", "im") if leaf.is_complex else ("v",)
+        values = _as_kind(value, leaf.is_complex) if value is not None else (("0.0", "0.0") if leaf.is_complex else "0.0")
+        values = values if isinstance(values, tuple) else (values,)
+        buffer.line(f"if G_{leaf.name} == 1:  # d {format_expr(leaf.expr)}"[:160])
+        with buffer.indent():
+            for part, v in zip(parts, values):
+                buffer.line(
+                    f"tl.store(p_d{leaf.name}_{part} + o_b * s_d{leaf.name}_b + o_h * s_d{leaf.name}_h + o_t[:, None] * s_d{leaf.name}_t + o_c[None, :] * s_d{leaf.name}_c, "
+                    f"{v} + tl.zeros([BT, BC], dtype=ACC), mask=m)"
+                )
+        buffer.line(f"if G_{leaf.name} == 2:")
+        with buffer.indent():
+            for part, v in zip(parts, values):
+                buffer.line(f"b_acc_{leaf.name}_{part} += tl.sum(tl.where(m, {v} + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)")
+
+
+def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
+    """The backward of an affine or semiring scan, writing the gradients of the kernel's leaves.
+
+    Per block of reversed time it loads the leaves (and the decay's leaves one step later),
+    recomputes the gates in registers, runs the adjoint scan ``g_t = dy_t + w_{t+1} g_{t+1}``
+    (see :func:`emit_backward_summary`), forms the adjoints of the decay and input terms
+    (affine: ``g_t conj(h_{t-1})`` and ``g_t``; semiring: ``g_t e_t`` and ``g_t (1 - e_t)``)
+    and carries them through the gate math by the registry's derivative rules
+    (:func:`emit_chain_rule`) to one gradient per leaf: per step (``[N, T, C]``), or summed
+    over the program's steps for a leaf constant in time (``[N, chunks, C]``, summed over
+    rows by torch).  ``dL/dh_0`` (``g_0 conj(a_0)``, semiring ``g_0 e_0``) is written too.
+
+    ``mode``: WHOLE, or CHUNK (one chunk of reversed time from the adjoint carried into it;
+    the chunk holding t = 0 writes ``dL/dh_0``).
+    """
+    assert mode is not SplitMode.SUMMARY
+    complex_ = spec.is_complex
+    grads = ["p_grad_re", "p_grad_im"] if complex_ else ["p_grad"]
+    states = ["p_h_re", "p_h_im"] if complex_ else ["p_h"]
+    initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
+    dinit = ["p_dinit_re", "p_dinit_im"] if complex_ else ["p_dinit"]
     carried = ["p_carry_re", "p_carry_im"] if complex_ else ["p_carry"]
-    split = mode is not SplitMode.WHOLE
+    split = mode is SplitMode.CHUNK
+    leaf_grads = leaf_gradient_args(spec)
     if not split:
-        arguments = initial + states + grads + out_a + out_b + _leaf_args(spec) + ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        sizes = ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        arguments = initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
         title = f"backward_{spec.name}"
     else:
-        chunk_args = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
-        if mode is SplitMode.SUMMARY:
-            arguments = initial + states + grads + sums + _leaf_args(spec) + chunk_args
-            title = f"summarize_backward_{spec.name}"
-        else:
-            arguments = carried + initial + states + grads + out_a + out_b + _leaf_args(spec) + chunk_args
-            title = f"backward_{spec.name}_chunks"
+        sizes = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        arguments = carried + initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
+        title = f"backward_{spec.name}_chunks"
     buffer.line("@triton.jit")
     buffer.line(f"def {title}({', '.join(arguments)}):")
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
-        if not split:
-            _emit_row_pointers(buffer, spec, initial, states + grads + out_a + out_b)
-        else:
+        _emit_row_pointers(buffer, spec, initial + dinit, states + grads)
+        if split:
             buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
-            _emit_row_pointers(buffer, spec, initial, states + grads + (out_a + out_b if mode is SplitMode.CHUNK else []))
-            for pointer in sums if mode is SplitMode.SUMMARY else carried:
+            for pointer in carried:
                 buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
             buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
+        else:
+            buffer.line("i_k = 0")
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
         buffer.line("m_c = o_c < C")
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
-        if mode is SplitMode.SUMMARY:
-            totals = [f"b_sum_{i}" for i in range(len(sums))]
-            for total, identity in zip(totals, summary_identities(spec, backward=True)):
-                buffer.line(f"{total} = tl.full([BC], {_literal(identity)}, dtype=ACC)")
-        elif mode is SplitMode.CHUNK:
-            for carry, pointer in zip(carries, carried):
+        for carry, pointer in zip(carries, carried):
+            if split:
                 buffer.line(f"{carry} = tl.load({pointer} + o_c, mask=m_c, other=0.0).to(ACC)")
-        else:
-            for carry in carries:
+            else:
                 buffer.line(f"{carry} = tl.zeros([BC], dtype=ACC)")
+        dh0 = ["b_dh0_re", "b_dh0_im"] if complex_ else ["b_dh0"]
+        for name in dh0:
+            buffer.line(f"{name} = tl.zeros([BC], dtype=ACC)")
+        for leaf in spec.leaves:
+            for part in ("re", "im") if leaf.is_complex else ("v",):
+                buffer.line(f"b_acc_{leaf.name}_{part} = tl.zeros([BC], dtype=ACC)")
         buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
         buffer.line("for i_j in range(0, n_blocks):")
         with buffer.indent():
@@ -779,81 +1016,80 @@ def emit_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = Spli
                 buffer.line("o_j = i_k * L + i_j * BT + tl.arange(0, BT)")
                 buffer.line("o_t = T - 1 - o_j")
                 buffer.line("m = (o_j[:, None] < j_end) & m_c[None, :]")
-            # m, not just t + 1 < T: a padding step's t + 1 may be negative (before the leaf's first row).
             buffer.line("m_next = m & (o_t[:, None] + 1 < T)")
             buffer.line("m_prev = (o_t[:, None] >= 1) & m_c[None, :]")
+            buffer.line("m_first = m & (o_t[:, None] == 0)")
             offset = _STATE_OFFSET
             buffer.line("o_init = o_c[None, :] + o_t[:, None] * 0")
-            # h_{t-1}: the state before step t (the initial state at t = 0).
-            for pointer, init, name in zip(states, initial, ["b_hp_re", "b_hp_im"] if complex_ else ["b_hp"]):
-                buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {offset} - C, mask=m_prev, other=0.0), tl.load({init} + o_init, mask=m, other=0.0))")
-            for pointer, name in zip(grads, ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]):
+            hp = ["b_hp_re", "b_hp_im"] if complex_ else ["b_hp"]
+            for pointer, init, name in zip(states, initial, hp):
+                buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {offset} - C, mask=m_prev, other=0.0), tl.load({init} + o_init, mask=m, other=0.0)).to(ACC)")
+            dy = ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]
+            for pointer, name in zip(grads, dy):
                 buffer.line(f"{name} = tl.load({pointer} + {offset}, mask=m, other=0.0).to(ACC)")
-            # The gates at t + 1 (for w_{t+1}) and, for semirings, at t (for dh_t/da_t, dh_t/db_t), recomputed.
             needed_next = (0,) if spec.kind is ScanKind.AFFINE else (0, 1)
             buffer.line("# gates at t + 1")
             next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", needed_next)
             next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=needed_next)
-            terms: list = [None, None]
-            if spec.kind is ScanKind.SEMIRING:
-                buffer.line("# gates at t")
-                values = _emit_loads(buffer, spec, "o_t", "m")
-                terms = _emit_terms(buffer, spec, values)
+            buffer.line("# gates at t")
+            values = _emit_loads(buffer, spec, "o_t", "m")
+            emitter = ExpressionEmitter(buffer, values, "b_")
+            for line in spec.comment:
+                buffer.line(f"# {line}")
+            terms = [emitter.emit(term) if term is not None else None for term in spec.terms]
             if spec.kind is ScanKind.AFFINE and not complex_:
                 _adjoint_decay(buffer, "b_w", next_terms[0], "1.0", split)
-                if mode is SplitMode.SUMMARY:
-                    _emit_fold(buffer, ["b_w", "b_dy"], f"combine_{spec.name}", totals)
-                else:
-                    buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
-                    buffer.line("b_gt = b_W * b_g[None, :] + b_G")
-                    buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_hp, mask=m)")
-                    buffer.line(f"tl.store(p_gb + {offset}, b_gt, mask=m)")
-                    buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+                buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
+                buffer.line("b_gt = b_W * b_g[None, :] + b_G")
+                buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+                buffer.line(f"b_dh0 += tl.sum(tl.where(m_first, b_gt * ({terms[0]}), 0.0), axis=0)")
+                seeds = [(spec.terms[0], emitter._temp("b_gt * b_hp")), (spec.terms[1], "b_gt")]
             elif spec.kind is ScanKind.AFFINE:
                 a_next = next_terms[0] if isinstance(next_terms[0], tuple) else (next_terms[0], "0.0")
-                # The adjoint runs with conj(a): g_t = dy_t + conj(a_{t+1}) g_{t+1}.
                 _adjoint_decay(buffer, "b_w_re", a_next[0], "1.0", split)
                 _adjoint_decay(buffer, "b_w_im", f"-({a_next[1]})", "0.0", split)
-                if mode is SplitMode.SUMMARY:
-                    _emit_fold(buffer, ["b_w_re", "b_w_im", "b_dy_re", "b_dy_im"], f"combine_{spec.name}", totals)
-                else:
-                    buffer.line(f"b_W_re, b_W_im, b_G_re, b_G_im = tl.associative_scan((b_w_re, b_w_im, b_dy_re, b_dy_im), 0, combine_{spec.name})")
-                    buffer.line("b_gt_re = b_W_re * b_g_re[None, :] - b_W_im * b_g_im[None, :] + b_G_re")
-                    buffer.line("b_gt_im = b_W_re * b_g_im[None, :] + b_W_im * b_g_re[None, :] + b_G_im")
-                    buffer.line("# dL/da_t = g_t conj(h_{t-1})")
-                    buffer.line(f"tl.store(p_ga_re + {offset}, b_gt_re * b_hp_re + b_gt_im * b_hp_im, mask=m)")
-                    buffer.line(f"tl.store(p_ga_im + {offset}, b_gt_im * b_hp_re - b_gt_re * b_hp_im, mask=m)")
-                    buffer.line(f"tl.store(p_gb_re + {offset}, b_gt_re, mask=m)")
-                    buffer.line(f"tl.store(p_gb_im + {offset}, b_gt_im, mask=m)")
-                    buffer.line("b_g_re = tl.sum(tl.where(b_last, b_gt_re, 0.0), axis=0)")
-                    buffer.line("b_g_im = tl.sum(tl.where(b_last, b_gt_im, 0.0), axis=0)")
+                buffer.line(f"b_W_re, b_W_im, b_G_re, b_G_im = tl.associative_scan((b_w_re, b_w_im, b_dy_re, b_dy_im), 0, combine_{spec.name})")
+                buffer.line("b_gt_re = b_W_re * b_g_re[None, :] - b_W_im * b_g_im[None, :] + b_G_re")
+                buffer.line("b_gt_im = b_W_re * b_g_im[None, :] + b_W_im * b_g_re[None, :] + b_G_im")
+                buffer.line("b_g_re = tl.sum(tl.where(b_last, b_gt_re, 0.0), axis=0)")
+                buffer.line("b_g_im = tl.sum(tl.where(b_last, b_gt_im, 0.0), axis=0)")
+                a_now = terms[0] if isinstance(terms[0], tuple) else (terms[0], "0.0")
+                buffer.line("# dL/dh_0 = g_0 conj(a_0); dL/da_t = g_t conj(h_{t-1})")
+                buffer.line(f"b_dh0_re += tl.sum(tl.where(m_first, b_gt_re * ({a_now[0]}) + b_gt_im * ({a_now[1]}), 0.0), axis=0)")
+                buffer.line(f"b_dh0_im += tl.sum(tl.where(m_first, b_gt_im * ({a_now[0]}) - b_gt_re * ({a_now[1]}), 0.0), axis=0)")
+                da = (emitter._temp("b_gt_re * b_hp_re + b_gt_im * b_hp_im"), emitter._temp("b_gt_im * b_hp_re - b_gt_re * b_hp_im"))
+                seeds = [(spec.terms[0], da), (spec.terms[1], ("b_gt_re", "b_gt_im"))]
             else:
-                # e_t = dh_t/da_t; w_{t+1} = e_{t+1} needs h_t, a_{t+1}, b_{t+1}, h_{t+1}.
-                buffer.line(f"b_h = tl.load(p_h + {offset}, mask=m, other=0.0)")
-                buffer.line(f"b_h_next = tl.load(p_h + {offset} + C, mask=m_next, other=0.0)")
-                a_next = next_terms[0]
+                buffer.line(f"b_h = tl.load(p_h + {offset}, mask=m, other=0.0).to(ACC)")
+                buffer.line(f"b_h_next = tl.load(p_h + {offset} + C, mask=m_next, other=0.0).to(ACC)")
                 b_next = next_terms[1] if next_terms[1] is not None else 'float("-inf")'
-                a_now = terms[0]
                 b_now = terms[1] if terms[1] is not None else 'float("-inf")'
                 if spec.semiring is MAX_PLUS:
-                    buffer.line(f"b_e_next = tl.where(b_h + {a_next} >= {b_next}, 1.0, 0.0)")
-                    buffer.line(f"b_e = tl.where(b_hp + {a_now} >= {b_now}, 1.0, 0.0)")
+                    buffer.line(f"b_e_next = tl.where(b_h + {next_terms[0]} >= {b_next}, 1.0, 0.0)")
+                    buffer.line(f"b_e = tl.where(b_hp + {terms[0]} >= {b_now}, 1.0, 0.0)")
                 else:
-                    buffer.line(f"b_e_next = tl.exp(b_h + {a_next} - tl.where(m_next, b_h_next, 0.0))")
-                    buffer.line(f"b_e = tl.exp(b_hp + {a_now} - b_h)")
+                    buffer.line(f"b_e_next = tl.exp(b_h + {next_terms[0]} - tl.where(m_next, b_h_next, 0.0))")
+                    buffer.line(f"b_e = tl.exp(b_hp + {terms[0]} - b_h)")
                 _adjoint_decay(buffer, "b_w", "b_e_next", "1.0", split)
-                if mode is SplitMode.SUMMARY:
-                    _emit_fold(buffer, ["b_w", "b_dy"], "_affine_pair", totals)
-                else:
-                    buffer.line("b_W, b_G = tl.associative_scan((b_w, b_dy), 0, _affine_pair)")
-                    buffer.line("b_gt = b_W * b_g[None, :] + b_G")
-                    buffer.line("b_e = tl.where(b_e == b_e, b_e, 0.0)  # NaN (from -inf - -inf) carries no gradient")
-                    buffer.line(f"tl.store(p_ga + {offset}, b_gt * b_e, mask=m)")
-                    buffer.line(f"tl.store(p_gb + {offset}, b_gt * (1.0 - b_e), mask=m)")
-                    buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
-        if mode is SplitMode.SUMMARY:
-            for pointer, total in zip(sums, totals):
-                buffer.line(f"tl.store({pointer} + o_c, {total}, mask=m_c)")
+                buffer.line("b_W, b_G = tl.associative_scan((b_w, b_dy), 0, _affine_pair)")
+                buffer.line("b_gt = b_W * b_g[None, :] + b_G")
+                buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+                buffer.line("b_e = tl.where(b_e == b_e, b_e, 0.0)  # NaN (from -inf - -inf) carries no gradient")
+                buffer.line("b_dh0 += tl.sum(tl.where(m_first, b_gt * b_e, 0.0), axis=0)")
+                seeds = [(spec.terms[0], emitter._temp("b_gt * b_e")), (spec.terms[1], emitter._temp("b_gt * (1.0 - b_e)"))]
+            seeds = [(term, value) for term, value in seeds if term is not None]
+            buffer.line("# the chain rule through the gate math, each op's rule from the op registry")
+            found = emit_chain_rule(emitter, seeds, spec.leaves)
+            _emit_leaf_gradients(buffer, spec, found, split)
+        last = " & (o_c * 0 + j_end >= T)" if split else ""  # split: only the chunk holding t = 0
+        for pointer, name in zip(dinit, dh0):
+            buffer.line(f"tl.store({pointer} + o_c, {name}, mask=m_c{last})")
+        for leaf in spec.leaves:
+            buffer.line(f"if G_{leaf.name} == 2:")
+            with buffer.indent():
+                for part in ("re", "im") if leaf.is_complex else ("v",):
+                    pointer = f"p_d{leaf.name}_{part} + o_b * s_d{leaf.name}_b + o_h * s_d{leaf.name}_h + i_k * s_d{leaf.name}_t + o_c * s_d{leaf.name}_c"
+                    buffer.line(f"tl.store({pointer}, b_acc_{leaf.name}_{part}, mask=m_c)  # this program's sum over its steps")
     buffer.line("")
     buffer.line("")
 
@@ -898,16 +1134,16 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
         _emit_combine(buffer, spec)
         emit_forward(buffer, spec)
         if spec.kind is not ScanKind.MONOID:
-            emit_backward(buffer, spec)
+            emit_gradient_backward(buffer, spec)
         buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan")
         buffer.line("")
         emit_forward(buffer, spec, SplitMode.SUMMARY)
         emit_carries(buffer, spec)
         emit_forward(buffer, spec, SplitMode.CHUNK)
         if spec.kind is not ScanKind.MONOID:
-            emit_backward(buffer, spec, SplitMode.SUMMARY)
+            emit_backward_summary(buffer, spec)
             emit_carries(buffer, spec, backward=True)
-            emit_backward(buffer, spec, SplitMode.CHUNK)
+            emit_gradient_backward(buffer, spec, SplitMode.CHUNK)
     return buffer.text()
 
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from recdsl.ops import OPS
+from recdsl.ops import OPS, adjoint_templates
 
 from .fused_program import Node, NodeKind, StepProgram
 from .triton_codegen import IndentedBuffer
@@ -79,42 +79,11 @@ def _forward_template(op: str) -> str:
 
 
 # Each operand's share of the adjoint: {g} is the result's adjoint, {r} the result, {0}, {1},
-# {2} the operands; None: no gradient flows there.  The same formulas as the C loop's
-# (fused_codegen.ADJOINT), which follow torch's derivatives.yaml.
-ADJOINT: dict[str, tuple[str | None, ...]] = {
-    "add": ("{g}", "{g}"),
-    "sub": ("{g}", "(-{g})"),
-    "mul": ("{g} * {1}", "{g} * {0}"),
-    "div": ("{g} / {1}", "(-{g}) * {0} / ({1} * {1})"),
-    "pow": ("tl.where({1} == 0, 0.0, {g} * {1} * _pow({0}, {1} - 1.0))", "tl.where(({0} == 0) & ({1} >= 0), 0.0, {g} * {r} * tl.log({0}))"),
-    "neg": ("(-{g})",),
-    "lt": (None, None),
-    "le": (None, None),
-    "gt": (None, None),
-    "ge": (None, None),
-    "eq": (None, None),
-    "ne": (None, None),
-    "exp": ("{g} * {r}",),
-    "log": ("{g} / {0}",),
-    "sqrt": ("{g} / (2.0 * {r})",),
-    "abs": ("{g} * tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",),
-    "tanh": ("{g} * (1.0 - {r} * {r})",),
-    "sigmoid": ("{g} * (1.0 - {r}) * {r}",),
-    "logsigmoid": ("{g} / (1.0 + tl.exp({0}))",),
-    "softplus": ("tl.where({0} > 20.0, {g}, {g} / (1.0 + tl.exp(-{0})))",),
-    "silu": ("{g} / (1.0 + tl.exp(-{0})) * (1.0 + {0} * (1.0 - 1.0 / (1.0 + tl.exp(-{0}))))",),
-    "relu": ("tl.where({r} > 0, {g}, 0.0)",),
-    "cos": ("(-{g}) * tl.sin({0})",),
-    "sin": ("{g} * tl.cos({0})",),
-    "log1p": ("{g} / (1.0 + {0})",),
-    "expm1": ("{g} * ({r} + 1.0)",),
-    "real": ("{g}",),
-    "conj": ("{g}",),
-    "maximum": ("tl.where({0} < {1}, 0.0, tl.where({0} == {1}, {g} / 2.0, {g}))", "tl.where({0} > {1}, 0.0, tl.where({0} == {1}, {g} / 2.0, {g}))"),
-    "minimum": ("tl.where({0} > {1}, 0.0, tl.where({0} == {1}, {g} / 2.0, {g}))", "tl.where({0} < {1}, 0.0, tl.where({0} == {1}, {g} / 2.0, {g}))"),
-    "logaddexp": ("{g} / (1.0 + tl.exp({1} - {0}))", "{g} / (1.0 + tl.exp({0} - {1}))"),
-    "where": (None, "tl.where({0} != 0, {g}, 0.0)", "tl.where({0} != 0, 0.0, {g})"),
-}
+# {2} the operands; None: no gradient flows there.  The op registry's rules (recdsl/ops.py,
+# ``OpSpec.derivative``, as the C loop's), printed in Triton.
+def _adjoint(op: str) -> tuple[str | None, ...]:
+    return adjoint_templates(op, lambda name, args: _forward_template(name).format(*args), _literal)
+
 
 _HELPERS = '''
 @triton.jit
@@ -417,7 +386,7 @@ def _backward(program: StepProgram, writer: _Writer, buffer: IndentedBuffer, nam
                         continue
                     assert node.op is not None
                     values = writer.operands(node)
-                    for arg, formula in zip(node.args, ADJOINT[node.op]):
+                    for arg, formula in zip(node.args, _adjoint(node.op)):
                         if formula is None or not adjoints.receives(arg):
                             continue
                         share = formula.format(*values, g=f"d_{node.index}", r=f"b_{node.index}")
@@ -466,7 +435,7 @@ def _backward(program: StepProgram, writer: _Writer, buffer: IndentedBuffer, nam
 def generate(program: StepProgram, cell_name: str) -> str:
     """The Triton module (source text) of ``program``'s forward and backward kernels."""
     for node in program.nodes:
-        if node.op is not None and node.op not in ADJOINT:
+        if node.op is not None and OPS[node.op].derivative is None:
             raise Unsupported(f"'{node.op}' has no adjoint in the fused Triton kernel")
         if node.op is not None:
             _forward_template(node.op)

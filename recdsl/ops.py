@@ -13,7 +13,13 @@ A row (:class:`OpSpec`) holds, in one place,
 - ``triton``: its elementwise Triton expression, a template over the operands' temporaries
   (``{0}``, ``{1}``, ...), or None when the op is not fused into kernels (then the
   kernel receives its value as a leaf computed by torch); ``triton_complex`` says
-  whether the Triton emitter has a form for complex operands.
+  whether the Triton emitter has a form for complex operands,
+- ``derivative``: each operand's share of the adjoint, a :class:`Term` over the result's
+  adjoint ``G``, the result ``F`` and the operands ``X``, ``Y``, ``Z`` (None: no gradient
+  flows there), written once and printed by every code generator in its own language (the
+  fused C loop, the fused Triton kernel, the Triton scan kernels' backward);
+  ``derivative_complex`` the same for complex operands where the rule is not the real one
+  applied to conjugates (see :class:`Term`).
 
 Nothing here imports torch or triton: the backends read these strings.  Adding an op
 means adding its row; ``tests/test_registry.py`` fails when a row lacks a form that a
@@ -25,7 +31,7 @@ from __future__ import annotations
 import cmath
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Callable
 
@@ -86,6 +92,8 @@ class OpSpec:
     torch: str | None = None
     triton: str | None = None
     triton_complex: bool = False
+    derivative: "tuple[Term | None, ...] | None" = None
+    derivative_complex: "tuple[Term | None, ...] | None" = None
 
     def has(self, law: Law) -> bool:
         return law in self.laws
@@ -136,6 +144,161 @@ def _logaddexp(a: float, b: float) -> float:
     if high == -math.inf:
         return -math.inf
     return high + math.log1p(math.exp(-abs(a - b)))
+
+
+# ---- derivative rules ------------------------------------------------------------
+
+
+class TermLeaf(Enum):
+    """What a leaf of a derivative rule stands for."""
+
+    ADJOINT = "G"  # the adjoint of the op's result
+    RESULT = "F"  # the op's result
+    OPERAND = "operand"  # one of the op's operands (``Term.index``)
+    NUMBER = "number"  # a number (``Term.value``)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One node of a derivative rule: a registry op applied to terms, or a leaf.
+
+    A rule gives one operand's share of the adjoint (the adjoint already multiplied in), in
+    the conventions of torch's ``derivatives.yaml`` so that every backend's gradients agree
+    with the sequential backend's to rounding: ties of max/min split the gradient, relu'(0)
+    = 0, ... .  Rules are written for real values.  For complex operands of a holomorphic op
+    (add, mul, exp, ...) torch's gradient is ``G * conj(f'(z))``, which is the real rule
+    evaluated at the conjugated operands and result (``f'`` has real coefficients); the
+    non-holomorphic ops (conj, real, imag, abs) give their complex rule in
+    ``OpSpec.derivative_complex``.  Code generators print a rule with :meth:`render`.
+    """
+
+    op: str | None = None
+    args: tuple["Term", ...] = ()
+    leaf: TermLeaf | None = None
+    index: int = 0
+    value: float | complex = 0.0
+
+    def render(self, apply: Callable[[str, list[str]], str], leaf: Callable[["Term"], str]) -> str:
+        """The rule as text: ``apply(op, operand_texts)`` for each op, ``leaf(term)`` for each leaf."""
+        if self.op is None:
+            return leaf(self)
+        return apply(self.op, [arg.render(apply, leaf) for arg in self.args])
+
+    def evaluate(self, operands: list, result, adjoint):
+        """The rule's value on Python numbers, by the registry's folds (for tests)."""
+        if self.op is not None:
+            return OPS[self.op].fold(*(arg.evaluate(operands, result, adjoint) for arg in self.args))  # type: ignore[misc]
+        match self.leaf:
+            case TermLeaf.ADJOINT:
+                return adjoint
+            case TermLeaf.RESULT:
+                return result
+            case TermLeaf.OPERAND:
+                return operands[self.index]
+            case _:
+                return self.value
+
+    def _binary(self, op: str, other, swap: bool = False) -> "Term":
+        other = other if isinstance(other, Term) else Term(leaf=TermLeaf.NUMBER, value=other)
+        return Term(op, (other, self) if swap else (self, other))
+
+    def __add__(self, other) -> "Term":
+        return self._binary("add", other)
+
+    def __radd__(self, other) -> "Term":
+        return self._binary("add", other, swap=True)
+
+    def __sub__(self, other) -> "Term":
+        return self._binary("sub", other)
+
+    def __rsub__(self, other) -> "Term":
+        return self._binary("sub", other, swap=True)
+
+    def __mul__(self, other) -> "Term":
+        return self._binary("mul", other)
+
+    def __rmul__(self, other) -> "Term":
+        return self._binary("mul", other, swap=True)
+
+    def __truediv__(self, other) -> "Term":
+        return self._binary("div", other)
+
+    def __rtruediv__(self, other) -> "Term":
+        return self._binary("div", other, swap=True)
+
+    def __neg__(self) -> "Term":
+        return Term("neg", (self,))
+
+
+def _call(op: str, *args) -> Term:
+    return Term(op, tuple(a if isinstance(a, Term) else Term(leaf=TermLeaf.NUMBER, value=a) for a in args))
+
+
+G = Term(leaf=TermLeaf.ADJOINT)
+F = Term(leaf=TermLeaf.RESULT)  # the result, f(x)
+X, Y, Z = (Term(leaf=TermLeaf.OPERAND, index=i) for i in range(3))
+_NONE2: tuple[None, None] = (None, None)
+
+
+def _max_rules(lose_x: str, lose_y: str) -> tuple[Term, Term]:
+    x_share = _call("where", _call(lose_x, X, Y), 0.0, _call("where", _call("eq", X, Y), G / 2.0, G))
+    y_share = _call("where", _call(lose_y, X, Y), 0.0, _call("where", _call("eq", X, Y), G / 2.0, G))
+    return x_share, y_share
+
+
+_POW_BASE = _call("where", _call("eq", Y, 0.0), 0.0, G * Y * _call("pow", X, Y - 1.0))
+_POW_EXPONENT_VALUE = G * F * _call("log", X)
+_POW_EXPONENT = _call("where", _call("eq", X, 0.0), _call("where", _call("ge", Y, 0.0), 0.0, _POW_EXPONENT_VALUE), _POW_EXPONENT_VALUE)
+# torch's clamp_backward and clamp_backward_min_max: x inside [lo, hi] passes the gradient;
+# below lo it goes to lo (when lo < hi), above hi (or when hi < lo) to hi.
+_CLAMP = (
+    _call("where", _call("ge", X, Y), _call("where", _call("le", X, Z), G, 0.0), 0.0),
+    _call("where", _call("lt", X, Y), _call("where", _call("lt", Y, Z), G, 0.0), 0.0),
+    _call("where", _call("gt", X, Z), G, _call("where", _call("lt", Z, Y), G, 0.0)),
+)
+
+DERIVATIVES: dict[str, tuple[Term | None, ...]] = {
+    "add": (G, G),
+    "sub": (G, -G),
+    "mul": (G * Y, G * X),
+    "div": (G / Y, -G * X / (Y * Y)),
+    "floordiv": _NONE2,  # a step function: no gradient flows (torch has no derivative for it)
+    "pow": (_POW_BASE, _POW_EXPONENT),
+    "neg": (-G,),
+    "lt": _NONE2, "le": _NONE2, "gt": _NONE2, "ge": _NONE2, "eq": _NONE2, "ne": _NONE2,
+    "exp": (G * F,),
+    "log": (G / X,),
+    "sqrt": (G / (2.0 * F),),
+    "abs": (G * _call("sign", X),),
+    "tanh": (G * (1.0 - F * F),),
+    "sigmoid": (G * (1.0 - F) * F,),
+    "logsigmoid": (G / (1.0 + _call("exp", X)),),
+    "softplus": (_call("where", _call("gt", X, 20.0), G, G * _call("sigmoid", X)),),  # torch's threshold 20
+    "silu": (G * _call("sigmoid", X) * (1.0 + X * (1.0 - _call("sigmoid", X))),),
+    "relu": (_call("where", _call("gt", F, 0.0), G, 0.0),),
+    "cos": (-G * _call("sin", X),),
+    "sin": (G * _call("cos", X),),
+    "log1p": (G / (1.0 + X),),
+    "expm1": (G * (F + 1.0),),
+    "real": (G,),
+    "imag": (None,),  # of a real operand: 0
+    "conj": (G,),
+    "maximum": _max_rules("lt", "gt"),
+    "minimum": _max_rules("gt", "lt"),
+    "logaddexp": (G / (1.0 + _call("exp", Y - X)), G / (1.0 + _call("exp", X - Y))),
+    "where": (None, _call("where", X, G, 0.0), _call("where", X, 0.0, G)),
+    "clamp": _CLAMP,
+    "sign": (None,),
+}
+
+# The non-holomorphic ops' rules for a complex operand (torch's convention: the gradient of
+# a real loss w.r.t. z is dL/dRe(z) + i dL/dIm(z)).
+DERIVATIVES_COMPLEX: dict[str, tuple[Term | None, ...]] = {
+    "conj": (_call("conj", G),),
+    "real": (G,),
+    "imag": (G * 1j,),
+    "abs": (G * X / F,),
+}
 
 
 OPS: dict[str, OpSpec] = _table(
@@ -204,6 +367,36 @@ OPS: dict[str, OpSpec] = _table(
     OpSpec("arange", "arange", 1, 1, C, Accepts.REAL, Returns.REAL, "arange(n) = [0, 1, ..., n - 1]"),
     OpSpec("eye", "eye", 1, 1, C, Accepts.REAL, Returns.REAL, "eye(n): the n x n identity"),
 )
+
+# Each row's derivative rules (written above, beside the other rules of the ops they cover).
+OPS = {
+    name: replace(row, derivative=DERIVATIVES.get(name), derivative_complex=DERIVATIVES_COMPLEX.get(name))
+    for name, row in OPS.items()
+}
+assert set(DERIVATIVES) <= set(OPS) and set(DERIVATIVES_COMPLEX) <= set(OPS), "a derivative rule for an op with no row"
+
+def adjoint_templates(op: str, apply: Callable[[str, list[str]], str], number: Callable[[float], str]) -> tuple[str | None, ...]:
+    """``op``'s derivative rules printed in a target language: each operand's share as a
+    template over ``{g}`` (the result's adjoint), ``{r}`` (the result) and ``{0}``, ``{1}``, ...
+    (the operands); None where no gradient flows.  ``apply(op, operand_texts)`` prints an op,
+    ``number(value)`` a number.  Raises KeyError for an op with no rules."""
+    rules = OPS[op].derivative
+    if rules is None:
+        raise KeyError(op)
+
+    def leaf(term: Term) -> str:
+        match term.leaf:
+            case TermLeaf.ADJOINT:
+                return "{g}"
+            case TermLeaf.RESULT:
+                return "{r}"
+            case TermLeaf.OPERAND:
+                return "{" + str(term.index) + "}"
+            case _:
+                return number(term.value)  # type: ignore[arg-type]
+
+    return tuple(None if rule is None else rule.render(apply, leaf) for rule in rules)
+
 
 # The surface name of a call -> the IR op.
 FUNCTIONS: dict[str, str] = {

@@ -185,3 +185,46 @@ def test_every_triton_form_agrees_with_the_torch_form(tmp_path, monkeypatch):
         expected = function(*[x - 1.0, y - 1.5, z][: OPS[name].min_args])
         torch.testing.assert_close(out[len(real) + i], expected, rtol=1e-9, atol=1e-12, msg=f"{name} on mixed signs: Triton form {OPS[name].triton}")
     assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_every_op_triton_fuses_has_its_derivative_rule():
+    """The Triton scan kernels' backward differentiates the gate math by these rules (and the
+    fused C loop and fused Triton kernel print the same rules): an op the kernels fuse must
+    have one rule per operand, and a complex form where the emitter fuses complex operands."""
+    from recdsl.ops import DERIVATIVES_COMPLEX
+
+    for name in sorted(FUSED):
+        rules = OPS[name].derivative
+        assert rules is not None, f"{name}: fused into Triton kernels but its registry row has no derivative rule"
+        assert len(rules) == OPS[name].max_args, f"{name}: {len(rules)} derivative rules for {OPS[name].max_args} operands"
+    # Complex operands: the holomorphic ops use the real rule at conjugated values; these are not holomorphic.
+    assert set(DERIVATIVES_COMPLEX) == {"conj", "real", "imag", "abs"}
+
+
+@pytest.mark.parametrize("name", [n for n in ELEMENTWISE if OPS[n].derivative is not None and any(OPS[n].derivative)])
+def test_derivative_rules_agree_with_torch_autograd(name):
+    """Each operand's share, evaluated by the registry's folds, against torch.autograd of the torch form (float64)."""
+    spec = OPS[name]
+    form = torch_ops.resolve_torch_form(spec.torch)
+    points = [POSITIVE_OPERANDS[i:] + POSITIVE_OPERANDS[:i] for i in range(spec.max_args)]
+    if name in MIXED_SIGNS or name in ("maximum", "minimum", "where"):
+        points = [[-1.3, 0.4, 2.2, -0.2, 0.7], [0.5, 0.4, -2.0, 1.1, 0.9], [1.0, -0.5, 3.0, 0.6, -0.1]][: spec.max_args]
+    for k in range(len(points[0])):
+        values = [p[k] for p in points]
+        tensors = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+        if name == "where":
+            tensors[0] = torch.tensor(values[0] > 0)
+            values[0] = values[0] > 0
+        result = form(*tensors)
+        adjoint = 0.7
+        wanted = [t for t in tensors if t.requires_grad]
+        expected = torch.autograd.grad(result, wanted, torch.tensor(adjoint, dtype=torch.float64), allow_unused=True)
+        expected_iter = iter(expected)
+        for position, (rule, tensor) in enumerate(zip(spec.derivative, tensors)):
+            torch_value = next(expected_iter) if tensor.requires_grad else None
+            if rule is None:
+                assert torch_value is None or float(torch_value) == 0.0, f"{name}: operand {position} has no rule but torch gives {torch_value}"
+                continue
+            got = rule.evaluate(values, float(result.detach()), adjoint)
+            want = 0.0 if torch_value is None else float(torch_value)
+            assert math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12), f"{name} operand {position} at {values}: rule gives {got}, torch {want}"

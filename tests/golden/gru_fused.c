@@ -190,21 +190,21 @@ static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, 
             const real g = d23;
             const real r = V23[n * 8 + j];
             (void)r;
-            d7 += g * HP0[n * 8 + j];
-            DHP0[n * 8 + j] += g * V7[n * 8 + j];
+            d7 += (g * HP0[n * 8 + j]);
+            DHP0[n * 8 + j] += (g * V7[n * 8 + j]);
         }
          {
             const real g = d22;
             const real r = V22[n * 8 + j];
             (void)r;
-            d8 += g * V21[n * 8 + j];
-            d21 += g * V8[n * 8 + j];
+            d8 += (g * V21[n * 8 + j]);
+            d21 += (g * V8[n * 8 + j]);
         }
          {
             const real g = d21;
             const real r = V21[n * 8 + j];
             (void)r;
-            d20 += g * (1 - r * r);
+            d20 += (g * (((real)1.0) - (r * r)));
         }
          {
             const real g = d20;
@@ -217,8 +217,8 @@ static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, 
             const real g = d19;
             const real r = V19[n * 8 + j];
             (void)r;
-            d15 += g * V18[n * 8 + j];
-            d18 += g * V15[n * 8 + j];
+            d15 += (g * V18[n * 8 + j]);
+            d18 += (g * V15[n * 8 + j]);
         }
          {
             const real g = d18;
@@ -231,7 +231,7 @@ static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, 
             const real g = d15;
             const real r = V15[n * 8 + j];
             (void)r;
-            d14 += g * (1 - r) * r;
+            d14 += ((g * (((real)1.0) - r)) * r);
         }
          {
             const real g = d14;
@@ -257,7 +257,7 @@ static void __attribute__((noinline)) backward_4_24(long N, real *restrict DG0, 
             const real g = d7;
             const real r = V7[n * 8 + j];
             (void)r;
-            d6 += g * (1 - r) * r;
+            d6 += ((g * (((real)1.0) - r)) * r);
         }
          {
             const real g = d6;

@@ -73,24 +73,29 @@ def forward_h(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l
 
 
 @triton.jit
-def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def backward_h(p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t, s_dl0_c, p_dl1_v, s_dl1_b, s_dl1_h, s_dl1_t, s_dl1_c, p_dl2_v, s_dl2_b, s_dl2_h, s_dl2_t, s_dl2_c, p_dl3_v, s_dl3_b, s_dl3_h, s_dl3_t, s_dl3_c, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, n_blocks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
     o_b = o_row // H
     o_h = o_row % H
     p_init += o_row * C
+    p_dinit += o_row * C
     p_h += o_row * T * C
     p_grad += o_row * T * C
-    p_ga += o_row * T * C
-    p_gb += o_row * T * C
     p_l0_v += o_b * s_l0_b + o_h * s_l0_h
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
     p_l2_v += o_b * s_l2_b + o_h * s_l2_h
     p_l3_v += o_b * s_l3_b + o_h * s_l3_h
+    i_k = 0
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.zeros([BC], dtype=ACC)
+    b_dh0 = tl.zeros([BC], dtype=ACC)
+    b_acc_l0_v = tl.zeros([BC], dtype=ACC)
+    b_acc_l1_v = tl.zeros([BC], dtype=ACC)
+    b_acc_l2_v = tl.zeros([BC], dtype=ACC)
+    b_acc_l3_v = tl.zeros([BC], dtype=ACC)
     b_last = tl.arange(0, BT)[:, None] == BT - 1
     for i_j in range(0, n_blocks):
         # step j of the reversed sequence is time t = T - 1 - j
@@ -98,8 +103,9 @@ def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, s_l0_h, s_l0_t, 
         m = (o_t[:, None] >= 0) & m_c[None, :]
         m_next = m & (o_t[:, None] + 1 < T)
         m_prev = (o_t[:, None] >= 1) & m_c[None, :]
+        m_first = m & (o_t[:, None] == 0)
         o_init = o_c[None, :] + o_t[:, None] * 0
-        b_hp = tl.where(m_prev, tl.load(p_h + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0))
+        b_hp = tl.where(m_prev, tl.load(p_h + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0)).to(ACC)
         b_dy = tl.load(p_grad + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
         # gates at t + 1
         # x @ W_z
@@ -112,12 +118,67 @@ def backward_h(p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, s_l0_h, s_l0_t, 
         b_next_0 = b_l0_next + b_l1_next
         b_next_1 = 1.0 / (1.0 + tl.exp(-b_next_0))
         b_next_2 = 1.0 - b_next_1
+        # gates at t
+        # x @ W_z
+        b_l0 = tl.load(p_l0_v + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
+        # b_z
+        b_l1 = tl.load(p_l1_v + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
+        # x @ W_h
+        b_l2 = tl.load(p_l2_v + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
+        # b_h
+        b_l3 = tl.load(p_l3_v + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
+        # line 22: h = (1 - z) * h + z * hc
+        # decay: 1 - sigmoid(x @ W_z + b_z)
+        # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
+        b_0 = b_l0 + b_l1
+        b_1 = 1.0 / (1.0 + tl.exp(-b_0))
+        b_2 = 1.0 - b_1
+        b_3 = b_l2 + b_l3
+        b_4 = b_1 * b_3
         b_w = tl.where(m_next, b_next_2 + tl.zeros([BT, BC], dtype=ACC), 0.0)
         b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_h)
         b_gt = b_W * b_g[None, :] + b_G
-        tl.store(p_ga + o_t[:, None] * C + o_c[None, :], b_gt * b_hp, mask=m)
-        tl.store(p_gb + o_t[:, None] * C + o_c[None, :], b_gt, mask=m)
         b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)
+        b_dh0 += tl.sum(tl.where(m_first, b_gt * (b_2), 0.0), axis=0)
+        b_5 = b_gt * b_hp
+        # the chain rule through the gate math, each op's rule from the op registry
+        # d/d operands of sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
+        b_6 = b_gt * b_3
+        b_7 = b_gt * b_1
+        # d/d operands of x @ W_h + b_h
+        # d/d operands of 1 - sigmoid(x @ W_z + b_z)
+        b_8 = -b_5
+        b_9 = b_6 + b_8
+        # d/d operands of sigmoid(x @ W_z + b_z)
+        b_10 = 1.0 - b_1
+        b_11 = b_9 * b_10
+        b_12 = b_11 * b_1
+        # d/d operands of x @ W_z + b_z
+        if G_l0 == 1:  # d x @ W_z
+            tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + o_t[:, None] * s_dl0_t + o_c[None, :] * s_dl0_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l0 == 2:
+            b_acc_l0_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+        if G_l1 == 1:  # d b_z
+            tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + o_t[:, None] * s_dl1_t + o_c[None, :] * s_dl1_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l1 == 2:
+            b_acc_l1_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+        if G_l2 == 1:  # d x @ W_h
+            tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + o_t[:, None] * s_dl2_t + o_c[None, :] * s_dl2_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l2 == 2:
+            b_acc_l2_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+        if G_l3 == 1:  # d b_h
+            tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + o_t[:, None] * s_dl3_t + o_c[None, :] * s_dl3_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l3 == 2:
+            b_acc_l3_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+    tl.store(p_dinit + o_c, b_dh0, mask=m_c)
+    if G_l0 == 2:
+        tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + i_k * s_dl0_t + o_c * s_dl0_c, b_acc_l0_v, mask=m_c)  # this program's sum over its steps
+    if G_l1 == 2:
+        tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + i_k * s_dl1_t + o_c * s_dl1_c, b_acc_l1_v, mask=m_c)  # this program's sum over its steps
+    if G_l2 == 2:
+        tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + i_k * s_dl2_t + o_c * s_dl2_c, b_acc_l2_v, mask=m_c)  # this program's sum over its steps
+    if G_l3 == 2:
+        tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + i_k * s_dl3_t + o_c * s_dl3_c, b_acc_l3_v, mask=m_c)  # this program's sum over its steps
 
 
 # h with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan
@@ -239,20 +300,16 @@ def forward_h_chunks(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1
 
 
 @triton.jit
-def summarize_backward_h(p_init, p_h, p_grad, p_sum_w, p_sum_g, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def summarize_backward_h(p_grad, p_sum_w, p_sum_g, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
     i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
     o_b = o_row // H
     o_h = o_row % H
-    p_init += o_row * C
-    p_h += o_row * T * C
     p_grad += o_row * T * C
     p_l0_v += o_b * s_l0_b + o_h * s_l0_h
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
-    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
-    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
     p_sum_w += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
     p_sum_g += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
     j_end = tl.minimum(T, (i_k + 1) * L)
@@ -267,9 +324,6 @@ def summarize_backward_h(p_init, p_h, p_grad, p_sum_w, p_sum_g, p_l0_v, s_l0_b, 
         o_t = T - 1 - o_j
         m = (o_j[:, None] < j_end) & m_c[None, :]
         m_next = m & (o_t[:, None] + 1 < T)
-        m_prev = (o_t[:, None] >= 1) & m_c[None, :]
-        o_init = o_c[None, :] + o_t[:, None] * 0
-        b_hp = tl.where(m_prev, tl.load(p_h + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0))
         b_dy = tl.load(p_grad + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
         # gates at t + 1
         # x @ W_z
@@ -311,27 +365,31 @@ def carries_backward_h(p_sum_w, p_sum_g, p_carry_0, C, n_chunks, BC: tl.constexp
 
 
 @triton.jit
-def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t, s_dl0_c, p_dl1_v, s_dl1_b, s_dl1_h, s_dl1_t, s_dl1_c, p_dl2_v, s_dl2_b, s_dl2_h, s_dl2_t, s_dl2_c, p_dl3_v, s_dl3_b, s_dl3_h, s_dl3_t, s_dl3_c, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
     i_n = tl.program_id(0)
     i_c = tl.program_id(1)
-    i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
     o_b = o_row // H
     o_h = o_row % H
     p_init += o_row * C
+    p_dinit += o_row * C
     p_h += o_row * T * C
     p_grad += o_row * T * C
-    p_ga += o_row * T * C
-    p_gb += o_row * T * C
     p_l0_v += o_b * s_l0_b + o_h * s_l0_h
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
     p_l2_v += o_b * s_l2_b + o_h * s_l2_h
     p_l3_v += o_b * s_l3_b + o_h * s_l3_h
+    i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
     p_carry += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
     j_end = tl.minimum(T, (i_k + 1) * L)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
     b_g = tl.load(p_carry + o_c, mask=m_c, other=0.0).to(ACC)
+    b_dh0 = tl.zeros([BC], dtype=ACC)
+    b_acc_l0_v = tl.zeros([BC], dtype=ACC)
+    b_acc_l1_v = tl.zeros([BC], dtype=ACC)
+    b_acc_l2_v = tl.zeros([BC], dtype=ACC)
+    b_acc_l3_v = tl.zeros([BC], dtype=ACC)
     b_last = tl.arange(0, BT)[:, None] == BT - 1
     for i_j in range(0, n_blocks):
         # step j of the reversed sequence is time t = T - 1 - j
@@ -340,8 +398,9 @@ def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, 
         m = (o_j[:, None] < j_end) & m_c[None, :]
         m_next = m & (o_t[:, None] + 1 < T)
         m_prev = (o_t[:, None] >= 1) & m_c[None, :]
+        m_first = m & (o_t[:, None] == 0)
         o_init = o_c[None, :] + o_t[:, None] * 0
-        b_hp = tl.where(m_prev, tl.load(p_h + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0))
+        b_hp = tl.where(m_prev, tl.load(p_h + o_t[:, None] * C + o_c[None, :] - C, mask=m_prev, other=0.0), tl.load(p_init + o_init, mask=m, other=0.0)).to(ACC)
         b_dy = tl.load(p_grad + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
         # gates at t + 1
         # x @ W_z
@@ -354,11 +413,66 @@ def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_ga, p_gb, p_l0_v, s_l0_b, 
         b_next_0 = b_l0_next + b_l1_next
         b_next_1 = 1.0 / (1.0 + tl.exp(-b_next_0))
         b_next_2 = 1.0 - b_next_1
+        # gates at t
+        # x @ W_z
+        b_l0 = tl.load(p_l0_v + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
+        # b_z
+        b_l1 = tl.load(p_l1_v + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
+        # x @ W_h
+        b_l2 = tl.load(p_l2_v + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
+        # b_h
+        b_l3 = tl.load(p_l3_v + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
+        # line 22: h = (1 - z) * h + z * hc
+        # decay: 1 - sigmoid(x @ W_z + b_z)
+        # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
+        b_0 = b_l0 + b_l1
+        b_1 = 1.0 / (1.0 + tl.exp(-b_0))
+        b_2 = 1.0 - b_1
+        b_3 = b_l2 + b_l3
+        b_4 = b_1 * b_3
         b_w = tl.where(m, tl.where(m_next, b_next_2 + tl.zeros([BT, BC], dtype=ACC), 0.0), 1.0)
         b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_h)
         b_gt = b_W * b_g[None, :] + b_G
-        tl.store(p_ga + o_t[:, None] * C + o_c[None, :], b_gt * b_hp, mask=m)
-        tl.store(p_gb + o_t[:, None] * C + o_c[None, :], b_gt, mask=m)
         b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)
+        b_dh0 += tl.sum(tl.where(m_first, b_gt * (b_2), 0.0), axis=0)
+        b_5 = b_gt * b_hp
+        # the chain rule through the gate math, each op's rule from the op registry
+        # d/d operands of sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
+        b_6 = b_gt * b_3
+        b_7 = b_gt * b_1
+        # d/d operands of x @ W_h + b_h
+        # d/d operands of 1 - sigmoid(x @ W_z + b_z)
+        b_8 = -b_5
+        b_9 = b_6 + b_8
+        # d/d operands of sigmoid(x @ W_z + b_z)
+        b_10 = 1.0 - b_1
+        b_11 = b_9 * b_10
+        b_12 = b_11 * b_1
+        # d/d operands of x @ W_z + b_z
+        if G_l0 == 1:  # d x @ W_z
+            tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + o_t[:, None] * s_dl0_t + o_c[None, :] * s_dl0_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l0 == 2:
+            b_acc_l0_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+        if G_l1 == 1:  # d b_z
+            tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + o_t[:, None] * s_dl1_t + o_c[None, :] * s_dl1_c, b_12 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l1 == 2:
+            b_acc_l1_v += tl.sum(tl.where(m, b_12 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+        if G_l2 == 1:  # d x @ W_h
+            tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + o_t[:, None] * s_dl2_t + o_c[None, :] * s_dl2_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l2 == 2:
+            b_acc_l2_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+        if G_l3 == 1:  # d b_h
+            tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + o_t[:, None] * s_dl3_t + o_c[None, :] * s_dl3_c, b_7 + tl.zeros([BT, BC], dtype=ACC), mask=m)
+        if G_l3 == 2:
+            b_acc_l3_v += tl.sum(tl.where(m, b_7 + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)
+    tl.store(p_dinit + o_c, b_dh0, mask=m_c & (o_c * 0 + j_end >= T))
+    if G_l0 == 2:
+        tl.store(p_dl0_v + o_b * s_dl0_b + o_h * s_dl0_h + i_k * s_dl0_t + o_c * s_dl0_c, b_acc_l0_v, mask=m_c)  # this program's sum over its steps
+    if G_l1 == 2:
+        tl.store(p_dl1_v + o_b * s_dl1_b + o_h * s_dl1_h + i_k * s_dl1_t + o_c * s_dl1_c, b_acc_l1_v, mask=m_c)  # this program's sum over its steps
+    if G_l2 == 2:
+        tl.store(p_dl2_v + o_b * s_dl2_b + o_h * s_dl2_h + i_k * s_dl2_t + o_c * s_dl2_c, b_acc_l2_v, mask=m_c)  # this program's sum over its steps
+    if G_l3 == 2:
+        tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + i_k * s_dl3_t + o_c * s_dl3_c, b_acc_l3_v, mask=m_c)  # this program's sum over its steps
 
 
