@@ -705,9 +705,7 @@ def _emit_gradient_writes(buffer, plan, grads, accumulators, sources) -> None:
             for leaf in leaves:
                 if leaf.operand == operand and leaf.layout is layout and id(leaf.expr) in adjoints:
                     parts.append(adjoints[id(leaf.expr)])
-        if not parts:
-            continue
-        total = " + ".join(dict.fromkeys(parts))
+        total = " + ".join(dict.fromkeys(parts)) or "0.0"  # no gradient reaches it: zeros, written all the same
         target = _gradient_name(operand, layout)
         if operand.source is Source.STEP:
             if layout is Layout.CHANNEL:  # [rows, T, d]
@@ -888,7 +886,7 @@ class _SelectiveScan(torch.autograd.Function):
                     Layout.FULL: (runner.rows, plan.channels, plan.width),
                     Layout.SCALAR: (runner.rows, runner.channel_blocks),
                 }[layout]
-            buffers.append(torch.zeros(shape, dtype=dtype, device=device))
+            buffers.append(torch.empty(shape, dtype=dtype, device=device))  # the kernel writes every element
         module = runner.module()
         launch(
             getattr(module, f"selective_backward_{plan.name}"), runner.grid(),
