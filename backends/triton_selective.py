@@ -260,7 +260,7 @@ def selective_plan(analysis: Analysis, state: StateAnalysis) -> SelectiveScanPla
     readout_ids = {id(r) for r in readouts}
     for expr in output_exprs:
         for node in _leaves([expr], readout_ids):
-            if isinstance(node, Ref) and node.name == name:
+            if any(isinstance(r, Ref) and r.name == name and r.kind in (RefKind.STATE_NEW, RefKind.STATE_PREV) for r in ir.walk(node)):
                 return Unsupported("an output reads the state other than by h @ q")
     for expr in (decay, term_input):
         if any(isinstance(r, Ref) and r.kind not in (RefKind.INPUT, RefKind.PARAM, RefKind.CONST) for r in ir.walk(expr)):
@@ -670,7 +670,10 @@ def _emit_backward(buffer: IndentedBuffer, plan: SelectiveScanPlan) -> None:
                     continue
                 adjoint = output_adjoints[id(readout)]
                 gy.append(f"{adjoint} * {query_values[id(query.expr)][0]}")
-                buffer.line(f"b_dq{r} = tl.sum(tl.where({_mask((True, True, True))}, {adjoint} * b_hs, 0.0), axis=1, keep_dims=True)")
+                reduced = f"tl.sum(tl.where({_mask((True, True, True))}, {adjoint} * b_hs, 0.0), axis=1, keep_dims=True)"
+                if query.operand.source is not Source.STEP:  # a param: summed over the block's steps too
+                    reduced = f"tl.sum({reduced}, axis=0, keep_dims=True)"
+                buffer.line(f"b_dq{r} = {reduced}")
                 query_adjoints[id(query.expr)] = f"b_dq{r}"
             buffer.line(f"b_gy = tl.where({_mask((True, True, True))}, {' + '.join(gy) if gy else '0.0'} + tl.zeros([BT, BD, BN], dtype=ACC), 0.0)")
             buffer.line("# g_t = gy_t + a_{t+1} g_{t+1}: a scan in reverse time, the later block's adjoint carried in")
@@ -757,7 +760,7 @@ class BlockSizes:
     num_warps: int
 
     @staticmethod
-    def choose(channels: int, width: int, elements: int = 4096) -> "BlockSizes":
+    def choose(channels: int, width: int, elements: int = 2048) -> "BlockSizes":
         """About ``elements`` per block (so that a program's blocks fit in registers); a
         checkpoint every ``2 n`` steps or more (the checkpoints then cost at most 2 bytes per
         channel and step in float32), at most 8 blocks apart (the backward pass recomputes up
@@ -766,7 +769,7 @@ class BlockSizes:
         steps = max(4, min(32, elements // (width_block * 16)))
         channel_block = max(1, min(_next_power_of_two(channels), elements // (steps * width_block)))
         checkpoint = min(8, max(1, -(-2 * width // steps)))
-        return BlockSizes(steps, channel_block, width_block, checkpoint, 4)
+        return BlockSizes(steps, channel_block, width_block, checkpoint, 8)
 
 
 def _numel(shape) -> int:
