@@ -161,12 +161,16 @@ def test_matches_the_papers_loop_with_every_gradient():
         torch.testing.assert_close(grads[name], value, rtol=1e-9, atol=1e-11, msg=f"gradient {name}")
 
 
-def _mamba_selective_scan_ref():
-    """mamba_ssm's ``selective_scan_ref``, importable without its CUDA extension (a stub stands in)."""
-    if importlib.util.find_spec("mamba_ssm") is None:
-        pytest.skip("mamba_ssm is not installed (MAMBA_SKIP_CUDA_BUILD=TRUE pip install --no-deps --no-build-isolation mamba-ssm)")
-    for missing in ("selective_scan_cuda", "causal_conv1d", "causal_conv1d_cuda"):
-        sys.modules.setdefault(missing, types.ModuleType(missing))
+def _mamba_selective_scan_ref(monkeypatch):
+    """mamba_ssm's ``selective_scan_ref``, imported without its CUDA extension (a stub stands in)
+    and without the package's ``__init__`` (which imports the models and their dependencies)."""
+    spec = importlib.util.find_spec("mamba_ssm")
+    if spec is None or importlib.util.find_spec("einops") is None:
+        pytest.skip("mamba_ssm (and einops) are not installed: MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE pip install --no-deps --no-build-isolation mamba-ssm")
+    package = types.ModuleType("mamba_ssm")
+    package.__path__ = list(spec.submodule_search_locations)
+    monkeypatch.setitem(sys.modules, "mamba_ssm", package)
+    monkeypatch.setitem(sys.modules, "selective_scan_cuda", types.ModuleType("selective_scan_cuda"))
     try:
         from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
     except Exception as error:  # pragma: no cover - another mamba_ssm's imports
@@ -174,20 +178,22 @@ def _mamba_selective_scan_ref():
     return selective_scan_ref
 
 
-def test_matches_mambas_selective_scan_ref():
-    selective_scan_ref = _mamba_selective_scan_ref()
+def test_matches_mambas_selective_scan_ref(monkeypatch):
+    selective_scan_ref = _mamba_selective_scan_ref(monkeypatch)
     torch.manual_seed(4)
     d, n = 5, 4
     module = recdsl.compile(EXAMPLES / "s6.rec", backend="triton", d=d, n=n).double()
     inputs, _ = random_inputs(module, Example(batch=2, length=33, heads=(), seed=11, with_state=False))
     y, state = module(**inputs, return_state=True)
-    # mamba's layout: u, delta [B, d, T]; A [d, n]; B, C [B, n, T]
-    t = lambda v: v.transpose(1, 2)  # noqa: E731
+    # mamba's layout: u, delta [B, d, T]; A [d, n]; B, C [B, n, T].  selective_scan_ref computes
+    # in float32 whatever it is given, so it gets float32 and is compared at float32 tolerances.
+    t = lambda v: v.transpose(1, 2).float()  # noqa: E731
     y_ref, last = selective_scan_ref(
-        t(inputs["x"]), t(inputs["delta"]), -torch.exp(module.A_log.detach()), t(inputs["B"]), t(inputs["C"]), module.D.detach(), delta_softplus=True, return_last_state=True
+        t(inputs["x"]), t(inputs["delta"]), -torch.exp(module.A_log.detach()).float(), t(inputs["B"]), t(inputs["C"]), module.D.detach().float(),
+        delta_softplus=True, return_last_state=True,
     )
-    torch.testing.assert_close(y.detach(), t(y_ref), rtol=1e-10, atol=1e-12, msg="y against mamba_ssm's selective_scan_ref")
-    torch.testing.assert_close(state["h"].detach(), last, rtol=1e-10, atol=1e-12, msg="h_T against mamba_ssm's selective_scan_ref")
+    torch.testing.assert_close(y.detach().float(), y_ref.transpose(1, 2), rtol=1e-5, atol=1e-6, msg="y against mamba_ssm's selective_scan_ref")
+    torch.testing.assert_close(state["h"].detach().float(), last, rtol=1e-5, atol=1e-6, msg="h_T against mamba_ssm's selective_scan_ref")
 
 
 def test_a_variant_with_other_names_broadcasts_and_outputs():
