@@ -611,7 +611,7 @@ def _emit_outputs(buffer: IndentedBuffer, plan: SelectiveScanPlan, states: str, 
 def _emit_backward(buffer: IndentedBuffer, plan: SelectiveScanPlan) -> None:
     name = plan.name
     grads = gradient_buffers(plan)
-    args = ["h0", "ckpt", "dhT", "dh0", *_output_args(plan, "dy"), *_operand_args(plan), *(_gradient_name(o, l) for o, l in grads), _SIZES, _CONSTANTS]
+    args = ["h0", "ckpt", "dhT", "dh0", *_output_args(plan, "dy"), *_operand_args(plan), *(_gradient_name(o, l) for o, l in grads), _SIZES, "ATOMIC: tl.constexpr", _CONSTANTS]
     buffer.line("@triton.jit")
     buffer.line(f"def selective_backward_{name}({', '.join(args)}):")
     with buffer.indent():
@@ -714,13 +714,17 @@ def _emit_gradient_writes(buffer, plan, grads, accumulators, sources) -> None:
             if layout is Layout.CHANNEL:  # [rows, T, d]
                 pointer = f"{target} + (i_r * T + o_t[:, None, None]) * D + o_d[None, :, None]"
                 buffer.line(f"tl.store({pointer}, {total} + tl.zeros([BT, BD, 1], dtype=ACC), mask={_mask((True, True, False))})")
-            elif layout is Layout.STATE:
-                # one partial per block of channels: [rows, NDB, T, n], summed in torch
-                pointer = f"{target} + ((i_r * NDB + i_d) * T + o_t[:, None, None]) * N + o_n[None, None, :]"
-                buffer.line(f"tl.store({pointer}, {total} + tl.zeros([BT, 1, BN], dtype=ACC), mask={_mask((True, False, True))})")
             else:
-                pointer = f"{target} + (i_r * NDB + i_d) * T + o_t[:, None, None]"
-                buffer.line(f"tl.store({pointer}, {total} + tl.zeros([BT, 1, 1], dtype=ACC), mask={_mask((True, False, False))})")
+                # Summed over the blocks of channels: with ATOMIC by atomic adds into [rows, 1, T(, n)]
+                # (zeroed), else one partial per block, [rows, NDB, T(, n)], summed in torch.
+                width, shape, lanes = ("N", "[BT, 1, BN]", " + o_n[None, None, :]") if layout is Layout.STATE else ("1", "[BT, 1, 1]", "")
+                mask = _mask((True, False, layout is Layout.STATE))
+                buffer.line("if ATOMIC:")
+                with buffer.indent():
+                    buffer.line(f"tl.atomic_add({target} + (i_r * T + o_t[:, None, None]) * {width}{lanes}, {total} + tl.zeros({shape}, dtype=ACC), mask={mask})")
+                buffer.line("else:")
+                with buffer.indent():
+                    buffer.line(f"tl.store({target} + ((i_r * NDB + i_d) * T + o_t[:, None, None]) * {width}{lanes}, {total} + tl.zeros({shape}, dtype=ACC), mask={mask})")
         else:
             accumulator = accumulators[(operand, layout)]
             # the sweep summed the shares over the block's steps already (a param does not vary in time)
@@ -805,6 +809,10 @@ class _Runner:
         time_blocks = -(-self.steps // self.blocks.steps)
         self.checkpoints = -(-time_blocks // self.blocks.checkpoint_blocks)
         self.store = False  # whether the forward pass stores checkpoints (set by run_step)
+        # dB, dC (state-axis inputs) summed over the blocks of channels by atomic adds when one
+        # partial per block would move more than the channel gradients do (n > BD; Mamba's kernel
+        # adds atomically too), else as partials summed in torch (deterministic).
+        self.atomic = plan.width > self.blocks.channels
 
     def module(self):
         from .triton_backend import load_generated
@@ -880,8 +888,11 @@ class _SelectiveScan(torch.autograd.Function):
             if operand.source is Source.STEP:
                 if layout is Layout.CHANNEL:
                     shape = (runner.rows, runner.steps, plan.channels)
-                else:  # one partial per block of channels
-                    shape = (runner.rows, runner.channel_blocks, runner.steps) + ((plan.width,) if layout is Layout.STATE else ())
+                else:  # summed over blocks of channels: atomically, or one partial per block
+                    shape = (runner.rows, 1 if runner.atomic else runner.channel_blocks, runner.steps) + ((plan.width,) if layout is Layout.STATE else ())
+                    if runner.atomic:
+                        buffers.append(torch.zeros(shape, dtype=dtype, device=device))
+                        continue
             else:
                 shape = {
                     Layout.CHANNEL: (runner.rows, plan.channels),
@@ -894,7 +905,7 @@ class _SelectiveScan(torch.autograd.Function):
         launch(
             getattr(module, f"selective_backward_{plan.name}"), runner.grid(),
             start, checkpoints, grad_final, grad_start, *runner.sequence_arguments(grad_outputs), *runner.operand_arguments(operands),
-            *buffers, *runner.sizes(), **runner.constants(),
+            *buffers, *runner.sizes(), ATOMIC=runner.atomic, **runner.constants(),
         )
         # Partials to gradients: sums over blocks of channels and over rows, in torch.
         grads: list = [None] * len(operands)
@@ -902,7 +913,7 @@ class _SelectiveScan(torch.autograd.Function):
         for (operand, layout), buffer in zip(gradient_buffers(plan), buffers):
             index = plan.operands.index(operand)
             if operand.source is Source.STEP:
-                value = buffer if layout is Layout.CHANNEL else buffer.sum(1)  # [rows, T(, m)]
+                value = buffer if layout is Layout.CHANNEL else (buffer[:, 0] if runner.atomic else buffer.sum(1))  # [rows, T(, m)]
                 value = value.reshape((lead[0],) + lead[2:] + (lead[1],) + operand.shape).movedim(len(lead) - 1, 1)
             else:
                 value = buffer.sum(0)
