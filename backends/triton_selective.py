@@ -764,12 +764,14 @@ class BlockSizes:
     num_warps: int
 
     @staticmethod
-    def choose(channels: int, width: int, elements: int = 2048) -> "BlockSizes":
-        """About ``elements`` per block (so that a program's blocks fit in registers); a
-        checkpoint every ``2 n`` steps or more (the checkpoints then cost at most 2 bytes per
-        channel and step in float32), at most 8 blocks apart (the backward pass recomputes up
-        to that many blocks from a checkpoint)."""
+    def choose(channels: int, width: int, elements: int | None = None) -> "BlockSizes":
+        """About ``elements`` per block (2048, or 1024 from n > 32 on: the backward kernel's
+        carries and param sums are [BD, n] each), 8 warps: no spills at n = 16 or 64 on sm_80
+        and sm_90 (tests/test_triton_compile.py); a checkpoint every ``2 n`` steps or more (the
+        checkpoints then cost at most 2 bytes per channel and step in float32), at most 8
+        blocks apart (the backward pass recomputes up to that many blocks from a checkpoint)."""
         width_block = _next_power_of_two(width)
+        elements = elements or (2048 if width_block <= 32 else 1024)
         steps = max(4, min(32, elements // (width_block * 16)))
         channel_block = max(1, min(_next_power_of_two(channels), elements // (steps * width_block)))
         checkpoint = min(8, max(1, -(-2 * width // steps)))
