@@ -329,6 +329,8 @@ class ExecutionPlan:
                 lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+            if step.form is Form.TRITON_SELECTIVE_SCAN and hasattr(step.kernel, "describe"):  # a SelectiveScanPlan
+                lines.append(f"      {step.kernel.describe()}")
             if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T
                 lines.append(f"      {step.kernel.split.describe()}")
             for rejected in step.rejected:
