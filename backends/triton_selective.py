@@ -765,9 +765,11 @@ class BlockSizes:
 
     @staticmethod
     def choose(channels: int, width: int, elements: int | None = None) -> "BlockSizes":
-        """About ``elements`` per block (2048, or 1024 from n > 32 on: the backward kernel's
-        carries and param sums are [BD, n] each), 8 warps: no spills at n = 16 or 64 on sm_80
-        and sm_90 (tests/test_triton_compile.py); a checkpoint every ``2 n`` steps or more (the
+        """About ``elements`` per block (2048 in 8 warps, or from n > 32 on 1024 in 4 warps: the
+        backward kernel's carries and param sums are [BD, n] each): no spills at n = 16 on sm_80 and
+        sm_90 (tests/test_triton_compile.py); at n = 64 the backward kernel still spills a few
+        bytes (8 B on sm_80 for one specialisation; 2 warps and 512 elements leave 4 B on sm_90,
+        so this is not register pressure alone); a checkpoint every ``2 n`` steps or more (the
         checkpoints then cost at most 2 bytes per channel and step in float32), at most 8
         blocks apart (the backward pass recomputes up to that many blocks from a checkpoint)."""
         width_block = _next_power_of_two(width)
@@ -775,7 +777,7 @@ class BlockSizes:
         steps = max(4, min(32, elements // (width_block * 16)))
         channel_block = max(1, min(_next_power_of_two(channels), elements // (steps * width_block)))
         checkpoint = min(8, max(1, -(-2 * width // steps)))
-        return BlockSizes(steps, channel_block, width_block, checkpoint, 8)
+        return BlockSizes(steps, channel_block, width_block, checkpoint, 8 if width_block <= 32 else 4)
 
 
 def _numel(shape) -> int:
