@@ -201,7 +201,8 @@ def _leaves(exprs: list[ir.Expr], stop: set[int]) -> list[ir.Expr]:
     return list(found.values())
 
 
-def _check_ops(exprs: list[ir.Expr], stop: set[int]) -> Unsupported | None:
+def _check_ops(exprs: list[ir.Expr]) -> Unsupported | None:
+    """Why the elementwise math cannot run in the kernels (not real, or an op without an adjoint rule), or None."""
     from .triton_fused_codegen import ADJOINT
 
     for expr in exprs:
@@ -265,7 +266,7 @@ def selective_plan(analysis: Analysis, state: StateAnalysis) -> SelectiveScanPla
     for expr in (decay, term_input):
         if any(isinstance(r, Ref) and r.kind not in (RefKind.INPUT, RefKind.PARAM, RefKind.CONST) for r in ir.walk(expr)):
             return Unsupported("its decay or input reads a state or a step-by-step binding")
-    problem = _check_ops([decay, term_input, *output_exprs], readout_ids)
+    problem = _check_ops([decay, term_input, *output_exprs])
     if problem is not None:
         return problem
     term_leaves = []
@@ -484,7 +485,7 @@ def _leaf_blocks(buffer: IndentedBuffer, leaves: tuple[SelectiveLeaf, ...], shif
     return blocks
 
 
-def _full(text: str, flags: tuple[bool, bool, bool], padding: str) -> str:
+def _full(text: str, padding: str) -> str:
     """``text`` broadcast to the whole [BT, BD, BN] block, ``padding`` outside the valid lanes."""
     return f"tl.where({_mask((True, True, True))}, {text} + tl.zeros([BT, BD, BN], dtype=ACC), {padding})"
 
@@ -552,8 +553,8 @@ def _emit_terms(buffer: IndentedBuffer, plan: SelectiveScanPlan, shift: int, tag
 def _emit_block_states(buffer: IndentedBuffer, plan: SelectiveScanPlan, start: str, tag: str, loaded: dict) -> tuple[_Graph, str]:
     """The states of the block of steps ``o_t`` from ``start`` (a [BD, BN] state entering it): ``b_hs``."""
     graph = _emit_terms(buffer, plan, 0, tag, loaded)
-    buffer.line(f"b_a = {_full(graph.value(plan.decay), (True, True, True), '1.0')}  # padding: the state carried unchanged")
-    buffer.line(f"b_u = {_full(graph.value(plan.input), (True, True, True), '0.0')}")
+    buffer.line(f"b_a = {_full(graph.value(plan.decay), '1.0')}  # padding: the state carried unchanged")
+    buffer.line(f"b_u = {_full(graph.value(plan.input), '0.0')}")
     buffer.line("b_ca, b_cu = tl.associative_scan((b_a, b_u), 0, _affine_pair)")
     buffer.line(f"b_hs = b_ca * {start}[None, :, :] + b_cu")
     return graph, "b_hs"
