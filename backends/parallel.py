@@ -768,6 +768,15 @@ def run(
                 continue
             # Packed sequences, an unstable decay or non-finite pieces: the plan's fallback scan.
             sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(step, form=step.fallback), state_analysis)
+        elif step.form is Form.TRITON_SELECTIVE_SCAN:
+            # The fused selective scan writes the outputs that read the state whole (never the
+            # state per step); packed or padded rows take the plan's fallback scan.
+            assert step.fallback is not None and not reverse
+            if segments is None and last_steps is None:
+                produced, final[name] = frame_solver.selective_scan(step, frame_state[name])
+                substitutions.update(produced)
+                continue
+            sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(step, form=step.fallback), state_analysis)
         elif step.form is Form.CHUNKED or step.form is Form.TRITON_CHUNKED:
             assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None

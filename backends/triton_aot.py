@@ -197,16 +197,16 @@ def _layer(example: str, **dims: Any) -> Layer:
     return Layer(example, tuple(dims.items()))
 
 
-# Every example the Triton backend runs.  The diagonal kernels' code does not depend on d
-# past one block of 64 channels, so S6 keeps d * n = 1024 channels (its torch side
-# materialises [B, T, d, n] tensors).
+# Every example the Triton backend runs.  S6 runs in the fused selective scan
+# (backends/triton_selective.py), at d = 1024 with Mamba's n = 16 (at n = 64 its backward
+# kernel still spills a few bytes; see BlockSizes.choose there).
 LAYERS = (
     _layer("mingru", d_in=1024, d=1024),
     _layer("minlstm", d_in=1024, d=1024),
     _layer("hgrn", d_in=1024, d=1024),
     _layer("rglru", d=1024),
     _layer("lru", d=1024, n=1024),
-    _layer("s6", d=64, n=16),
+    _layer("s6", d=1024, n=16),
     _layer("aaren", d=1024),
     *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("gla", "retnet", "mlstm")),
     *(_layer("mamba2", p=size, n=size) for size in (64, 128)),

@@ -37,7 +37,7 @@ from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, Ste
 from recdsl.printer import format_expr
 from recdsl.shapes import broadcast_shapes, fold_constant
 
-from . import kernel_cache, parallel
+from . import kernel_cache, parallel, triton_selective
 from .torch_ops import Evaluator, Numerics, align
 from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
@@ -175,6 +175,7 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     scans = {s.name: s for s in analysis.cell.scans}
     steps: list[StepPlan] = []
     specs: list[ScanSpec] = []
+    selective_plans: list = []  # fused selective scans (S6), from .triton_selective
     split = time_split(options)
     for (name,) in analysis.schedule:
         if name in scans and scans[name].reverse:
@@ -197,6 +198,12 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
         if isinstance(state.recurrence, NoRecurrence):
             steps.append(StepPlan((name,), Form.TIME_PARALLEL))
             continue
+        selective = triton_selective.selective_plan(analysis, state)
+        if isinstance(selective, triton_selective.SelectiveScanPlan):
+            fallback = scan_form(state)
+            steps.append(StepPlan((name,), Form.TRITON_SELECTIVE_SCAN, kernel=selective, fallback=fallback if isinstance(fallback, Form) else None))
+            selective_plans.append(selective)
+            continue
         chunk = _triton_chunk(analysis, state)
         if isinstance(chunk, ChunkPlan):
             fallback = scan_form(state)
@@ -213,6 +220,8 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
         specs.append(spec)
     try:
         source = generate(specs, None, analysis.cell)
+        if selective_plans:
+            source += "\n\n" + triton_selective.generate(selective_plans)
     except Unsupportable as reason:
         return Unsupported(str(reason))
     return tuple(steps), source
@@ -636,6 +645,17 @@ class TritonSolver(parallel.Solver):
         lead = self.seq.lead
         shaped = states.reshape((lead[0],) + lead[2:] + (lead[1],) + state.type.shape)
         return shaped.movedim(len(lead) - 1, 1)
+
+    def selective_scan(self, step: StepPlan, initial: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """A fused selective scan (:mod:`.triton_selective`): the outputs it writes, by their
+        expression's id in ``analysis.expanded_outputs``, and the final state."""
+        _check_device(self.seq.numerics.device)
+        plan = step.kernel
+        assert isinstance(plan, triton_selective.SelectiveScanPlan)
+        values = {(operand.kind, operand.name): self.seq.values[(operand.kind, operand.name)] for operand in plan.operands}
+        outputs, final = triton_selective.run_step(self.plan.kernel_source, plan, values, self.seq.lead, self.seq.numerics.real, initial)
+        expanded = self.plan.analysis.expanded_outputs
+        return {id(expanded[index]): value for index, value in outputs.items()}, final
 
     def kernel_scan(self, step: StepPlan, scan: ir.ScanAssign) -> dict[str, torch.Tensor]:
         monoid = scan.monoid

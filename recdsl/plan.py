@@ -103,6 +103,7 @@ class Form(Enum):
     CONVOLUTION = "causal convolution of the input with the impulse response K_l = R(decay^l * B) (FFT for long sequences); the state is never stored per step"
     TRITON_SCAN = "generated Triton scan kernel, gate math fused"
     TRITON_CHUNKED = "Triton chunked kernels"
+    TRITON_SELECTIVE_SCAN = "fused selective scan (S6): one Triton kernel reads the leaves at their own sizes, keeps the state on chip and writes only the outputs that read it"
     NEWTON = "Newton's method over the whole trajectory, one scan of the linearised steps per iteration"
     FUSED = "step by step, the loop compiled to C (shared matmuls merged, gate math fused)"
     TRITON_FUSED = "step by step in one generated Triton kernel (time loop inside, shared matmuls merged, gate math fused)"
@@ -336,6 +337,8 @@ class ExecutionPlan:
                 lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+            if step.form is Form.TRITON_SELECTIVE_SCAN and hasattr(step.kernel, "describe"):  # a SelectiveScanPlan
+                lines.append(f"      {step.kernel.describe()}")
             if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T
                 lines.append(f"      {step.kernel.split.describe()}")
             for rejected in step.rejected:
@@ -968,6 +971,9 @@ def predict_seconds(analysis: Analysis, backend: BackendKind, steps: tuple[StepP
         match step.form:
             case Form.TIME_PARALLEL:
                 total += _seconds(term_ops, term_elements * batch * length, 0.0)
+            case Form.TRITON_SELECTIVE_SCAN:  # the state never leaves the chip: its terms only
+                total += _seconds(term_ops + 2 * math.sqrt(length) + 10, term_elements * batch * length, 0.0)
+                stored = 0
             case Form.LINEAR_SCAN | Form.TRITON_SCAN:
                 total += _seconds(term_ops + 2 * math.sqrt(length) + 10, (term_elements + 8 * size) * batch * length, 0.0)
             case Form.LOW_RANK_MATRIX_SCAN:
