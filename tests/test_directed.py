@@ -279,11 +279,17 @@ def test_packed_batches_with_delays_match_one_call_per_sequence(backend):
 
 
 @pytest.mark.parametrize("backend", _backends())
-def test_packed_batches_with_reverse_states_are_refused_with_a_reason(backend):
-    module = recdsl.compile(EXAMPLES / "bigru.rec", backend=backend, d_in=3, d=4)
-    x = torch.randn(1, 6, 3)
-    with pytest.raises(recdsl.RecDSLError, match="run backwards in time"):
-        module(x, cu_seqlens=torch.tensor([0, 2, 6]))
+def test_packed_batches_with_reverse_states_run_grouped_by_length(backend):
+    """Padding would start a reverse state inside the padding, so a packed batch runs in groups of equal length
+    (values against one call per sequence: tests/test_varlen_reverse.py)."""
+    from recdsl.plan import VarlenForm
+
+    module = recdsl.compile(EXAMPLES / "bigru.rec", backend=backend, d_in=3, d=4).double()
+    assert module.plan.varlen is VarlenForm.GROUPED_BY_LENGTH
+    x = torch.randn(1, 6, 3, dtype=torch.float64)
+    packed = module(x, cu_seqlens=torch.tensor([0, 2, 6]))  # BiGRU's outputs: the forward and the backward halves
+    for got, alone in zip(packed, module(x[:, 2:])):
+        torch.testing.assert_close(got[:, 2:], alone)
 
 
 def test_newton_warm_start_with_one_part():
