@@ -29,13 +29,18 @@ the other way: each rank solves its slice's adjoint from a zero carry, and sends
 ``(prod_t J_t)^T``; each rank folds the summaries of the ranks after it into the adjoint
 entering its last step, solves its slice again, and the step's ordinary backward gives the
 parameter gradients (partial per rank: their sum is the single-process gradient).
-The backward needs exact Jacobians (a diagonal structure, or ``jacobian="full"``, which
-``auto`` picks up to 64-element blocks); a quasi-Newton solve of larger blocks is refused
-when gradients are asked for.
+That needs exact Jacobians (a diagonal structure, or ``jacobian="full"``, which ``auto``
+picks up to 64-element blocks).  A quasi-Newton solve (the diagonal of larger blocks) knows
+the true ``J^T`` only through vector-Jacobian products, and its exact summary would be the
+dense transposed product (``m`` times the adjoint's size, ``m`` products a step to form), so
+its adjoint travels along a ring instead: each rank, once it has the adjoint entering its
+last step, solves its slice exactly (the newton backend's iterative adjoint) and sends
+``h_r + J_0^T lambda_0`` to the rank before it (:func:`_ring_adjoint`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -58,7 +63,17 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
     summary = product + 2 * plan.size
     adjoint = product + 2 * plan.size
     per_iteration = (world - 1) * (summary * batch * heads + 2) * itemsize if world > 1 else 0
-    backward = (world - 1) * adjoint * batch * heads * itemsize if world > 1 else 0
+    backward = backward_bytes(plan, mode, world, batch, heads, itemsize)
+    if adjoint_on_ring(plan, mode):
+        dense = len(plan.blocks) * plan.block_size * plan.block_size
+        backward_line = (
+            f"      backward: the adjoint passed along a ring, last rank to first (the exact summary, the transposed product of the dense {plan.block_size} x {plan.block_size} Jacobian blocks, "
+            f"would be {dense + 2 * plan.size} numbers and {plan.block_size} vector-Jacobian products a step to form; the adjoint is {plan.size}): "
+            f"one all-reduce of the final state's gradient ({plan.size}), then each rank solves its slice exactly once (exact J^T products, the diagonal as preconditioner) "
+            f"and sends J_0^T lambda_0 plus the halo's gradient ({plan.size}) to the rank before it; P - 1 hops one after the other\n"
+        )
+    else:
+        backward_line = f"      backward: one all-gather of (the product, J_0^T lambda_0 plus the halo's gradient, the final state's gradient) = {adjoint} numbers; the adjoint entering each slice folded from the ranks after it\n"
     jacobian = "diagonal" if product == plan.size else f"{len(plan.blocks)} block{'s' if len(plan.blocks) != 1 else ''} of {plan.block_size} x {plan.block_size}"
     return (
         f"sequence parallel over {world} rank{'s' if world != 1 else ''}: cell {executed.analysis.cell.name}, Newton's method (the newton backend) with each iteration's linear solve sharded\n"
@@ -66,9 +81,30 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
         f"      summary per iteration: the product of the slice's Jacobians ({jacobian}: {product}) + the local final correction ({plan.size}) + the slice's last state ({plan.size}) = {summary} numbers per batch row and head, and 2 per rank (its largest residual and first unconverged step)\n"
         f"      exchange: one all-gather per iteration (every rank folds the summaries before it; all stop at the same iteration)\n"
         f"      correction: the slice's linear solve rerun with the incoming correction entered at its first step\n"
-        f"      backward: one all-gather of (the product, J_0^T lambda_0 plus the halo's gradient, the final state's gradient) = {adjoint} numbers; the adjoint entering each slice folded from the ranks after it\n"
-        f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
+        + backward_line
+        + f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
     )
+
+
+def adjoint_on_ring(plan: Any, mode: Any) -> bool:
+    """Whether the backward passes the adjoint along a ring: a quasi-Newton solve (the diagonal of
+    dense blocks), whose exact summary (the dense transposed product) would be ``m`` times the
+    adjoint's ``n`` numbers and cost ``m`` vector-Jacobian products a step; by size, the ring."""
+    from .backends import newton as nt
+
+    return not (mode is nt.JacobianMode.FULL or plan.structure is nt.JacobianStructure.DIAGONAL)
+
+
+def backward_bytes(plan: Any, mode: Any, world: int, batch: int = 1, heads: int = 1, itemsize: int = 4) -> int:
+    """Bytes one rank sends in the sharded newton backward (the most any rank sends)."""
+    if world <= 1:
+        return 0
+    if adjoint_on_ring(plan, mode):
+        # One all-reduce of the final state's gradient (a ring all-reduce sends 2 (P - 1) / P
+        # of it per rank), then one adjoint state to the previous rank.
+        state = plan.size * batch * heads * itemsize
+        return -(-2 * (world - 1) * state // world) + state
+    return (world - 1) * (_product_elements(plan, mode) + 2 * plan.size) * batch * heads * itemsize
 
 
 def _product_elements(plan: Any, mode: Any) -> int:
@@ -169,7 +205,7 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     """This rank's outputs and the whole sequence's final state, by sharded Newton iterations."""
     from .backends import newton as nt
     from .backends.torch_ops import Evaluator
-    from .distributed import SequenceParallelError, _Tie
+    from .distributed import _Tie
 
     module = owner.module
     executed = module.plan
@@ -208,12 +244,7 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     initial = nt.pack(state, plan, state_lead).to(numerics.real)
     tracked = [v for v in list(whole.values()) + [v for _, v in hoisted] + [initial] if isinstance(v, torch.Tensor) and v.requires_grad]
     differentiable = torch.is_grad_enabled() and bool(tracked)
-    exact = mode is nt.JacobianMode.FULL or plan.structure is nt.JacobianStructure.DIAGONAL
-    if differentiable and not exact:
-        raise SequenceParallelError(
-            f"cell {cell.name}: the gradient of a quasi-Newton solve (the diagonal of {plan.describe()} Jacobian blocks) needs the iterative adjoint, which is not sharded",
-            expected="backend_options={'jacobian': 'full'} for gradients, or a call under torch.no_grad()",
-        )
+    exact = not adjoint_on_ring(plan, mode)
     attached = nt._Step(analysis, numerics, plan, whole, hoisted)
     detached = attached.detached()
     index = nt._index(plan, initial.device)
@@ -226,7 +257,8 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         # travels in the exchange of _ShardedAdjoint's backward.
         start = initial if group.rank == 0 else halo
         solution = attached(nt._shift(start, trajectory))
-        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size))
+        quasi = None if exact else _QuasiAdjoint(detached, nt._shift(start, trajectory).detach(), tolerance, max_iterations)
+        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size, quasi))
     else:
         solution, halo_out, final_out = trajectory, initial if group.rank == 0 else halo, final
     previous = nt._shift(halo_out, solution)
@@ -340,12 +372,14 @@ class _ShardedAdjoint(torch.autograd.Function):
     def backward(ctx, gradient, halo_gradient, final_gradient):
         from .backends import newton as nt
 
-        group, jacobian, index, size = ctx.context
+        group, jacobian, index, size, quasi = ctx.context
         solution_shape, halo_shape, final_shape = ctx.shapes
         zeros = lambda shape: torch.zeros(shape, dtype=ctx.dtype, device=jacobian.values.device)  # noqa: E731
         gradient = zeros(solution_shape) if gradient is None else gradient.contiguous()
         halo_gradient = zeros(halo_shape) if halo_gradient is None else halo_gradient
         final_gradient = zeros(final_shape) if final_gradient is None else final_gradient
+        if quasi is not None:
+            return _ring_adjoint(group, jacobian, index, size, quasi, gradient, halo_gradient, final_gradient), halo_gradient, None, None
         # The slice's adjoint from a zero carry, and what it sends to the slice before it.
         adjoint = nt._solve_adjoint(jacobian, gradient, index, size)
         leaving = halo_gradient + _apply(jacobian.values[:, 0], jacobian.diagonal, adjoint[:, 0], index, size, transposed=True)
@@ -361,3 +395,57 @@ class _ShardedAdjoint(torch.autograd.Function):
         gradient = gradient.clone()
         gradient[:, -1] = gradient[:, -1] + carry
         return nt._solve_adjoint(jacobian, gradient, index, size), halo_gradient, None, None
+
+
+@dataclass
+class _QuasiAdjoint:
+    """What the backward of a quasi-Newton solve needs: the true ``J^T`` is known only through
+    vector-Jacobian products of ``step`` at ``previous`` (the slice's shifted solution, its
+    first row the halo); the diagonal kept by the solve preconditions the local adjoint."""
+
+    step: Any
+    previous: torch.Tensor
+    tolerance: float
+    max_iterations: int
+
+
+def _ring_adjoint(group: _Group, jacobian, index: torch.Tensor, size: int, quasi: _QuasiAdjoint, gradient: torch.Tensor, halo_gradient: torch.Tensor, final_gradient: torch.Tensor) -> torch.Tensor:
+    """The slice's exact adjoint when its Jacobians are known only through products (a ring).
+
+    The exact summary of a slice would be the transposed product of its dense Jacobians,
+    ``nb m^2`` numbers that cost ``m`` vector-Jacobian products per step to form: what the
+    quasi-Newton solve avoids.  The adjoint's state is only ``n`` numbers, so it travels
+    along a ring (LASP's) from the last rank to the first: each rank receives the adjoint
+    entering its last step, solves its slice exactly once (the newton backend's iterative
+    adjoint: exact ``J^T`` residuals, corrections by the diagonal's reverse scan), and sends
+    on ``h_r + J_0^T lambda_0`` (``h_r`` the gradient of the outputs reading its halo).
+    ``P - 1`` hops one after the other; one all-reduce first sums the final state's gradient
+    over the ranks that read it.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    from .backends import newton as nt
+
+    rank, world = group.rank, group.world
+    started = time.perf_counter()
+    carry = final_gradient.contiguous().clone()
+    if world > 1:
+        dist.all_reduce(carry, group=group.group)
+        if rank < world - 1:
+            dist.recv(carry, src=group.global_rank(rank + 1), group=group.group)
+    group.clock.backward += time.perf_counter() - started
+    gradient = gradient.clone()
+    gradient[:, -1] = gradient[:, -1] + carry
+    linearisation = nt._Linearisation(jacobian, False, index, size, quasi.step, quasi.previous, quasi.tolerance, quasi.max_iterations)
+    adjoint = nt._iterative_adjoint(linearisation, gradient)
+    if rank > 0:
+        with torch.enable_grad():
+            halo = quasi.previous[:, :1].detach().requires_grad_()
+            (entering,) = torch.autograd.grad(quasi.step.at(0, 1)(halo), halo, adjoint[:, :1])
+        leaving = (halo_gradient + entering[:, 0]).contiguous()
+        started = time.perf_counter()
+        dist.send(leaving, dst=group.global_rank(rank - 1), group=group.group)
+        group.clock.backward += time.perf_counter() - started
+    return adjoint
