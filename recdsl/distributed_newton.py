@@ -201,8 +201,12 @@ def _unpack(flat: torch.Tensor, templates: list[torch.Tensor]) -> list[torch.Ten
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool):
-    """This rank's outputs and the whole sequence's final state, by sharded Newton iterations."""
+def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool, packed: Any = None):
+    """This rank's outputs and the whole sequence's final state, by sharded Newton iterations.
+
+    ``packed`` (a :class:`recdsl.distributed._Packed`): packed sequences in one batch row;
+    ``state`` then holds one row per sequence and the final states are per sequence.
+    """
     from .backends import newton as nt
     from .backends.torch_ops import Evaluator
     from .distributed import _Tie
@@ -241,15 +245,34 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     hoisted = [(node, whole_eval.evaluate(node)) for node in analysis.hoisted]
 
     # Rank 0: the sequence's initial state; the others: the cell's initial value, a guess only.
-    initial = nt.pack(state, plan, state_lead).to(numerics.real)
-    tracked = [v for v in list(whole.values()) + [v for _, v in hoisted] + [initial] if isinstance(v, torch.Tensor) and v.requires_grad]
+    attached = nt._Step(analysis, numerics, plan, whole, hoisted)
+    ends: list[tuple[int, int]] = []
+    if packed is None:
+        initial = nt.pack(state, plan, state_lead).to(numerics.real)
+        given = initial
+    else:
+        # Packed: a sequence's first step reads that sequence's initial state, whatever the
+        # previous step holds (its Jacobian there is zero: a reset in every summary).
+        given = nt.pack(state, plan, (len(packed.offsets) - 1,) + state_lead[1:]).to(numerics.real)
+        attached, ends = _with_resets(attached, given, packed, steps)
+        initial = attached.rows[:, 0]
+    tracked = [v for v in list(whole.values()) + [v for _, v in hoisted] + [given] if isinstance(v, torch.Tensor) and v.requires_grad]
     differentiable = torch.is_grad_enabled() and bool(tracked)
     exact = not adjoint_on_ring(plan, mode)
-    attached = nt._Step(analysis, numerics, plan, whole, hoisted)
     detached = attached.detached()
     index = nt._index(plan, initial.device)
     with torch.no_grad():
         trajectory, halo, final, jacobian = _newton(group, detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, index)
+        if packed is not None:  # each sequence's final state, from the rank that holds its last step
+            held = torch.zeros_like(given)
+            for sequence, step in ends:
+                held[sequence] = trajectory[0, step]
+            final = held.contiguous()
+            if group.world > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(final, group=group.group)
+                owner.last_exchange.append((("newton", "final states"), final.numel(), final.numel() * final.element_size()))
 
     if differentiable:
         # The step at the solution, differentiable in the params and inputs (and, on rank 0,
@@ -258,10 +281,12 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         start = initial if group.rank == 0 else halo
         solution = attached(nt._shift(start, trajectory))
         quasi = None if exact else _QuasiAdjoint(detached, nt._shift(start, trajectory).detach(), tolerance, max_iterations)
-        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size, quasi))
+        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size, quasi, ends if packed is not None else None))
     else:
         solution, halo_out, final_out = trajectory, initial if group.rank == 0 else halo, final
     previous = nt._shift(halo_out, solution)
+    if packed is not None:
+        previous = attached.reset(previous)
     evaluation = attached if differentiable else detached
     new_states = {(RefKind.STATE_NEW, name): value for (_, name), value in nt.unpack(solution, plan).items()}
     values = evaluation.values(previous, new_states)
@@ -275,8 +300,48 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
             continue
         value = values.evaluator.evaluate(emit.value)
         outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
-    final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
+    final_lead = state_lead if packed is None else (len(packed.offsets) - 1,) + state_lead[1:]
+    final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(final_lead + s.shape) for s in plan.slots}
     return outputs, final_states
+
+
+class _Resets:
+    """A newton step whose previous state, at each sequence's first step, is that sequence's initial state.
+
+    ``starts`` (``[T_r]`` bool) marks the slice's sequence starts, ``rows``
+    (``[1, T_r, *heads, n]``) the initial state of each step's sequence.  The step then
+    reads nothing of the previous state there, so its Jacobian (and every product through
+    it) is zero: the reset that cuts the exchange's summaries at a sequence boundary.
+    """
+
+    def __init__(self, step: Any, starts: torch.Tensor, rows: torch.Tensor) -> None:
+        self.step, self.starts, self.rows = step, starts, rows
+
+    def reset(self, previous: torch.Tensor) -> torch.Tensor:
+        mask = self.starts.reshape((1, -1) + (1,) * (previous.dim() - 2))
+        return torch.where(mask, self.rows, previous)
+
+    def __call__(self, previous: torch.Tensor) -> torch.Tensor:
+        return self.step(self.reset(previous))
+
+    def values(self, previous: torch.Tensor, extra: dict | None = None):
+        return self.step.values(previous, extra)  # callers pass a previous state already reset
+
+    def at(self, start: int, stop: int) -> "_Resets":
+        return _Resets(self.step.at(start, stop), self.starts[start:stop], self.rows[:, start:stop])
+
+    def detached(self) -> "_Resets":
+        return _Resets(self.step.detached(), self.starts, self.rows.detach())
+
+
+def _with_resets(step: Any, given: torch.Tensor, packed: Any, steps: int) -> tuple[_Resets, list[tuple[int, int]]]:
+    """``step`` with the packed sequences' resets, and ``(sequence, local step)`` of each sequence ending in this slice."""
+    offsets = torch.tensor(packed.offsets, dtype=torch.long, device=given.device)
+    positions = packed.begin + torch.arange(steps, device=given.device)
+    starts = torch.isin(positions, offsets[:-1])
+    sequence = torch.searchsorted(offsets[1:], positions, right=True)
+    ends = [(n, end - 1 - packed.begin) for n, end in enumerate(packed.offsets[1:]) if packed.begin < end <= packed.begin + steps]
+    return _Resets(step, starts, given[sequence].unsqueeze(0)), ends
 
 
 def _newton(group: _Group, step, initial: torch.Tensor, steps: int, plan, mode, tolerance: float, max_iterations: int, index: torch.Tensor):
@@ -372,12 +437,24 @@ class _ShardedAdjoint(torch.autograd.Function):
     def backward(ctx, gradient, halo_gradient, final_gradient):
         from .backends import newton as nt
 
-        group, jacobian, index, size, quasi = ctx.context
+        group, jacobian, index, size, quasi, ends = ctx.context
         solution_shape, halo_shape, final_shape = ctx.shapes
         zeros = lambda shape: torch.zeros(shape, dtype=ctx.dtype, device=jacobian.values.device)  # noqa: E731
         gradient = zeros(solution_shape) if gradient is None else gradient.contiguous()
         halo_gradient = zeros(halo_shape) if halo_gradient is None else halo_gradient
         final_gradient = zeros(final_shape) if final_gradient is None else final_gradient
+        if ends is not None:
+            # Packed: each sequence's final state is the step where it ends; its gradient,
+            # summed over the ranks that read it, enters there (none crosses a slice).
+            import torch.distributed as dist
+
+            final_gradient = final_gradient.contiguous().clone()
+            if group.world > 1:
+                dist.all_reduce(final_gradient, group=group.group)
+            gradient = gradient.clone()
+            for sequence, step in ends:
+                gradient[0, step] = gradient[0, step] + final_gradient[sequence]
+            final_gradient = zeros(halo_shape)
         if quasi is not None:
             return _ring_adjoint(group, jacobian, index, size, quasi, gradient, halo_gradient, final_gradient), halo_gradient, None, None
         # The slice's adjoint from a zero carry, and what it sends to the slice before it.

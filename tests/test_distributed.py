@@ -203,7 +203,7 @@ def default_cases(world: int) -> list[Case]:
             # 2 x 2 blocks with a budget of 2 iterations (the rest swept rank after rank).
             Case("gru", lengths, with_state=True, newton_iterations=-1),
             Case("paralstm", lengths, with_state=False, newton_iterations=2),
-            Case("lstm", lengths, with_state=True, newton_iterations=-1, newton_jacobian="diagonal"),  # quasi-Newton: the adjoint on a ring
+            Case("lstm", lengths, with_state=True, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=PACKED_4),  # quasi-Newton: the adjoint on a ring; packed
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -248,6 +248,9 @@ def default_cases(world: int) -> list[Case]:
     # Quasi-Newton (the diagonal of dense blocks): exact gradients by the adjoint passed along a ring.
     cases.append(Case("gru", shapes[-1], with_state=True, newton_iterations=-1, newton_jacobian="diagonal"))
     cases.append(Case("lstm", shapes[0], with_state=False, newton_iterations=-1, newton_jacobian="diagonal"))
+    # Packed sequences with Newton: resets inside a slice and on the slice boundary; quasi-Newton on the ring.
+    cases.append(Case("gru", (5, 3), with_state=True, newton_iterations=-1, cu_seqlens=(0, 2, 5, 8)))
+    cases.append(Case("lstm", (1, 6), with_state=True, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=(0, 3, 7)))
     return cases
 
 
@@ -266,6 +269,9 @@ def slow_cases(world: int) -> list[Case]:
         for lengths in slicings[:2]:  # quasi-Newton: the diagonal of each block, the exact adjoint on a ring
             cases.append(Case(example, lengths, with_state=True, newton_iterations=-1, newton_jacobian="diagonal"))
         cases.append(Case(example, slicings[1], False, newton_iterations=3, newton_jacobian="diagonal"))
+        for offsets in {2: [(0, 3, 9), (0, 1, 2, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:  # packed, each Jacobian mode
+            cases.append(Case(example, slicings[1], True, newton_iterations=-1, cu_seqlens=offsets))
+            cases.append(Case(example, slicings[1], False, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=offsets))
     for example in PARALLEL_EXAMPLES + REVERSE_AND_JOINT_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
@@ -437,7 +443,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         looped = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), backend="sequential", **DIMS[case.example]).double()
         looped.load_state_dict(module.state_dict())
         with torch.no_grad():
-            loop_outputs = looped(**inputs, state=state)
+            loop_outputs = _one_by_one(looped, inputs, state, case.cu_seqlens)[0] if case.cu_seqlens else looped(**inputs, state=state)
         loop_outputs = list(loop_outputs) if isinstance(loop_outputs, tuple) else [loop_outputs]
         for i, (g, w) in enumerate(zip(got_outputs, loop_outputs)):
             errors[f"output {i} against the sequential backend"] = _error(g.detach(), w[:, begin:end])
