@@ -36,6 +36,11 @@ dense transposed product (``m`` times the adjoint's size, ``m`` products a step 
 its adjoint travels along a ring instead: each rank, once it has the adjoint entering its
 last step, solves its slice exactly (the newton backend's iterative adjoint) and sends
 ``h_r + J_0^T lambda_0`` to the rank before it (:func:`_ring_adjoint`).
+
+Packed sequences (``cu_seqlens``): a sequence's first step reads that sequence's initial
+state instead of the previous step (:class:`_Resets`), so its Jacobian is zero there and
+every product through it (a summary, forward or adjoint) is a reset; each sequence's
+final state is read where it ends and summed over the ranks in one all-reduce.
 """
 
 from __future__ import annotations
@@ -81,6 +86,7 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
         f"      summary per iteration: the product of the slice's Jacobians ({jacobian}: {product}) + the local final correction ({plan.size}) + the slice's last state ({plan.size}) = {summary} numbers per batch row and head, and 2 per rank (its largest residual and first unconverged step)\n"
         f"      exchange: one all-gather per iteration (every rank folds the summaries before it; all stop at the same iteration)\n"
         f"      correction: the slice's linear solve rerun with the incoming correction entered at its first step\n"
+        f"      packed sequences (cu_seqlens): a sequence's first step reads its own initial state (a zero Jacobian: a reset in every summary); the final states, one all-reduce of N x {plan.size} numbers\n"
         + backward_line
         + f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
     )
