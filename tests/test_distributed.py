@@ -272,6 +272,7 @@ def slow_cases(world: int) -> list[Case]:
         for offsets in {2: [(0, 3, 9), (0, 1, 2, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:  # packed, each Jacobian mode
             cases.append(Case(example, slicings[1], True, newton_iterations=-1, cu_seqlens=offsets))
             cases.append(Case(example, slicings[1], False, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=offsets))
+        cases.append(Case(example, slicings[1], True, newton_iterations=1, cu_seqlens=offsets))  # then swept rank after rank, with resets
     for example in PARALLEL_EXAMPLES + REVERSE_AND_JOINT_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
