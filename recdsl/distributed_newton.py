@@ -275,9 +275,13 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
                 held[sequence] = trajectory[0, step]
             final = held.contiguous()
             if group.world > 1:
+                import time
+
                 import torch.distributed as dist
 
+                started = time.perf_counter()
                 dist.all_reduce(final, group=group.group)
+                group.clock.forward += time.perf_counter() - started
                 owner.last_exchange.append((("newton", "final states"), final.numel(), final.numel() * final.element_size()))
 
     if differentiable:

@@ -273,6 +273,7 @@ def slow_cases(world: int) -> list[Case]:
             cases.append(Case(example, slicings[1], True, newton_iterations=-1, cu_seqlens=offsets))
             cases.append(Case(example, slicings[1], False, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=offsets))
         cases.append(Case(example, slicings[1], True, newton_iterations=1, cu_seqlens=offsets))  # then swept rank after rank, with resets
+        cases.append(Case(example, slicings[1], True, ddp=True, newton_iterations=-1, newton_jacobian="diagonal"))  # the adjoint ring beside DDP's collectives
     for example in PARALLEL_EXAMPLES + REVERSE_AND_JOINT_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
