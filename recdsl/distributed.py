@@ -712,13 +712,7 @@ class SequenceParallel(nn.Module):
         if self.newton:
             from .distributed_newton import run_sharded
 
-            if packed is not None:
-                raise SequenceParallelError(
-                    f"cell {module.cell.name} is run by Newton's method, whose sharded solve does not take packed sequences yet",
-                    expected="one sequence per batch row (no cu_seqlens) with backend='newton' under SequenceParallel",
-                )
-
-            outputs, final = run_sharded(self, cast_inputs, params, consts, carried, numerics, need_final=return_state)
+            outputs, final = run_sharded(self, cast_inputs, params, consts, carried, numerics, need_final=return_state, packed=packed)
         else:
             runner = _SlicedRun(self, cast_inputs, params, consts, carried, numerics, need_final=return_state and packed is None, defaults=defaults)
             runner.packed = packed

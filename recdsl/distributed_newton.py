@@ -29,13 +29,23 @@ the other way: each rank solves its slice's adjoint from a zero carry, and sends
 ``(prod_t J_t)^T``; each rank folds the summaries of the ranks after it into the adjoint
 entering its last step, solves its slice again, and the step's ordinary backward gives the
 parameter gradients (partial per rank: their sum is the single-process gradient).
-The backward needs exact Jacobians (a diagonal structure, or ``jacobian="full"``, which
-``auto`` picks up to 64-element blocks); a quasi-Newton solve of larger blocks is refused
-when gradients are asked for.
+That needs exact Jacobians (a diagonal structure, or ``jacobian="full"``, which ``auto``
+picks up to 64-element blocks).  A quasi-Newton solve (the diagonal of larger blocks) knows
+the true ``J^T`` only through vector-Jacobian products, and its exact summary would be the
+dense transposed product (``m`` times the adjoint's size, ``m`` products a step to form), so
+its adjoint travels along a ring instead: each rank, once it has the adjoint entering its
+last step, solves its slice exactly (the newton backend's iterative adjoint) and sends
+``h_r + J_0^T lambda_0`` to the rank before it (:func:`_ring_adjoint`).
+
+Packed sequences (``cu_seqlens``): a sequence's first step reads that sequence's initial
+state instead of the previous step (:class:`_Resets`), so its Jacobian is zero there and
+every product through it (a summary, forward or adjoint) is a reset; each sequence's
+final state is read where it ends and summed over the ranks in one all-reduce.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -58,7 +68,17 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
     summary = product + 2 * plan.size
     adjoint = product + 2 * plan.size
     per_iteration = (world - 1) * (summary * batch * heads + 2) * itemsize if world > 1 else 0
-    backward = (world - 1) * adjoint * batch * heads * itemsize if world > 1 else 0
+    backward = backward_bytes(plan, mode, world, batch, heads, itemsize)
+    if adjoint_on_ring(plan, mode):
+        dense = len(plan.blocks) * plan.block_size * plan.block_size
+        backward_line = (
+            f"      backward: the adjoint passed along a ring, last rank to first (the exact summary, the transposed product of the dense {plan.block_size} x {plan.block_size} Jacobian blocks, "
+            f"would be {dense + 2 * plan.size} numbers and {plan.block_size} vector-Jacobian products a step to form; the adjoint is {plan.size}): "
+            f"one all-reduce of the final state's gradient ({plan.size}), then each rank solves its slice exactly once (exact J^T products, the diagonal as preconditioner) "
+            f"and sends J_0^T lambda_0 plus the halo's gradient ({plan.size}) to the rank before it; P - 1 hops one after the other\n"
+        )
+    else:
+        backward_line = f"      backward: one all-gather of (the product, J_0^T lambda_0 plus the halo's gradient, the final state's gradient) = {adjoint} numbers; the adjoint entering each slice folded from the ranks after it\n"
     jacobian = "diagonal" if product == plan.size else f"{len(plan.blocks)} block{'s' if len(plan.blocks) != 1 else ''} of {plan.block_size} x {plan.block_size}"
     return (
         f"sequence parallel over {world} rank{'s' if world != 1 else ''}: cell {executed.analysis.cell.name}, Newton's method (the newton backend) with each iteration's linear solve sharded\n"
@@ -66,9 +86,31 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
         f"      summary per iteration: the product of the slice's Jacobians ({jacobian}: {product}) + the local final correction ({plan.size}) + the slice's last state ({plan.size}) = {summary} numbers per batch row and head, and 2 per rank (its largest residual and first unconverged step)\n"
         f"      exchange: one all-gather per iteration (every rank folds the summaries before it; all stop at the same iteration)\n"
         f"      correction: the slice's linear solve rerun with the incoming correction entered at its first step\n"
-        f"      backward: one all-gather of (the product, J_0^T lambda_0 plus the halo's gradient, the final state's gradient) = {adjoint} numbers; the adjoint entering each slice folded from the ranks after it\n"
-        f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
+        f"      packed sequences (cu_seqlens): a sequence's first step reads its own initial state (a zero Jacobian: a reset in every summary); the final states, one all-reduce of N x {plan.size} numbers\n"
+        + backward_line
+        + f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
     )
+
+
+def adjoint_on_ring(plan: Any, mode: Any) -> bool:
+    """Whether the backward passes the adjoint along a ring: a quasi-Newton solve (the diagonal of
+    dense blocks), whose exact summary (the dense transposed product) would be ``m`` times the
+    adjoint's ``n`` numbers and cost ``m`` vector-Jacobian products a step; by size, the ring."""
+    from .backends import newton as nt
+
+    return not (mode is nt.JacobianMode.FULL or plan.structure is nt.JacobianStructure.DIAGONAL)
+
+
+def backward_bytes(plan: Any, mode: Any, world: int, batch: int = 1, heads: int = 1, itemsize: int = 4) -> int:
+    """Bytes one rank sends in the sharded newton backward (the most any rank sends)."""
+    if world <= 1:
+        return 0
+    if adjoint_on_ring(plan, mode):
+        # One all-reduce of the final state's gradient (a ring all-reduce sends 2 (P - 1) / P
+        # of it per rank), then one adjoint state to the previous rank.
+        state = plan.size * batch * heads * itemsize
+        return -(-2 * (world - 1) * state // world) + state
+    return (world - 1) * (_product_elements(plan, mode) + 2 * plan.size) * batch * heads * itemsize
 
 
 def _product_elements(plan: Any, mode: Any) -> int:
@@ -165,11 +207,15 @@ def _unpack(flat: torch.Tensor, templates: list[torch.Tensor]) -> list[torch.Ten
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool):
-    """This rank's outputs and the whole sequence's final state, by sharded Newton iterations."""
+def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool, packed: Any = None):
+    """This rank's outputs and the whole sequence's final state, by sharded Newton iterations.
+
+    ``packed`` (a :class:`recdsl.distributed._Packed`): packed sequences in one batch row;
+    ``state`` then holds one row per sequence and the final states are per sequence.
+    """
     from .backends import newton as nt
     from .backends.torch_ops import Evaluator
-    from .distributed import SequenceParallelError, _Tie
+    from .distributed import _Tie
 
     module = owner.module
     executed = module.plan
@@ -205,20 +251,38 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     hoisted = [(node, whole_eval.evaluate(node)) for node in analysis.hoisted]
 
     # Rank 0: the sequence's initial state; the others: the cell's initial value, a guess only.
-    initial = nt.pack(state, plan, state_lead).to(numerics.real)
-    tracked = [v for v in list(whole.values()) + [v for _, v in hoisted] + [initial] if isinstance(v, torch.Tensor) and v.requires_grad]
-    differentiable = torch.is_grad_enabled() and bool(tracked)
-    exact = mode is nt.JacobianMode.FULL or plan.structure is nt.JacobianStructure.DIAGONAL
-    if differentiable and not exact:
-        raise SequenceParallelError(
-            f"cell {cell.name}: the gradient of a quasi-Newton solve (the diagonal of {plan.describe()} Jacobian blocks) needs the iterative adjoint, which is not sharded",
-            expected="backend_options={'jacobian': 'full'} for gradients, or a call under torch.no_grad()",
-        )
     attached = nt._Step(analysis, numerics, plan, whole, hoisted)
+    ends: list[tuple[int, int]] = []
+    if packed is None:
+        initial = nt.pack(state, plan, state_lead).to(numerics.real)
+        given = initial
+    else:
+        # Packed: a sequence's first step reads that sequence's initial state, whatever the
+        # previous step holds (its Jacobian there is zero: a reset in every summary).
+        given = nt.pack(state, plan, (len(packed.offsets) - 1,) + state_lead[1:]).to(numerics.real)
+        attached, ends = _with_resets(attached, given, packed, steps)
+        initial = attached.rows[:, 0]
+    tracked = [v for v in list(whole.values()) + [v for _, v in hoisted] + [given] if isinstance(v, torch.Tensor) and v.requires_grad]
+    differentiable = torch.is_grad_enabled() and bool(tracked)
+    exact = not adjoint_on_ring(plan, mode)
     detached = attached.detached()
     index = nt._index(plan, initial.device)
     with torch.no_grad():
         trajectory, halo, final, jacobian = _newton(group, detached, initial.detach(), steps, plan, mode, tolerance, max_iterations, index)
+        if packed is not None:  # each sequence's final state, from the rank that holds its last step
+            held = torch.zeros_like(given)
+            for sequence, step in ends:
+                held[sequence] = trajectory[0, step]
+            final = held.contiguous()
+            if group.world > 1:
+                import time
+
+                import torch.distributed as dist
+
+                started = time.perf_counter()
+                dist.all_reduce(final, group=group.group)
+                group.clock.forward += time.perf_counter() - started
+                owner.last_exchange.append((("newton", "final states"), final.numel(), final.numel() * final.element_size()))
 
     if differentiable:
         # The step at the solution, differentiable in the params and inputs (and, on rank 0,
@@ -226,10 +290,13 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         # travels in the exchange of _ShardedAdjoint's backward.
         start = initial if group.rank == 0 else halo
         solution = attached(nt._shift(start, trajectory))
-        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size))
+        quasi = None if exact else _QuasiAdjoint(detached, nt._shift(start, trajectory).detach(), tolerance, max_iterations)
+        solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size, quasi, ends if packed is not None else None))
     else:
         solution, halo_out, final_out = trajectory, initial if group.rank == 0 else halo, final
     previous = nt._shift(halo_out, solution)
+    if packed is not None:
+        previous = attached.reset(previous)
     evaluation = attached if differentiable else detached
     new_states = {(RefKind.STATE_NEW, name): value for (_, name), value in nt.unpack(solution, plan).items()}
     values = evaluation.values(previous, new_states)
@@ -243,8 +310,48 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
             continue
         value = values.evaluator.evaluate(emit.value)
         outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
-    final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(state_lead + s.shape) for s in plan.slots}
+    final_lead = state_lead if packed is None else (len(packed.offsets) - 1,) + state_lead[1:]
+    final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(final_lead + s.shape) for s in plan.slots}
     return outputs, final_states
+
+
+class _Resets:
+    """A newton step whose previous state, at each sequence's first step, is that sequence's initial state.
+
+    ``starts`` (``[T_r]`` bool) marks the slice's sequence starts, ``rows``
+    (``[1, T_r, *heads, n]``) the initial state of each step's sequence.  The step then
+    reads nothing of the previous state there, so its Jacobian (and every product through
+    it) is zero: the reset that cuts the exchange's summaries at a sequence boundary.
+    """
+
+    def __init__(self, step: Any, starts: torch.Tensor, rows: torch.Tensor) -> None:
+        self.step, self.starts, self.rows = step, starts, rows
+
+    def reset(self, previous: torch.Tensor) -> torch.Tensor:
+        mask = self.starts.reshape((1, -1) + (1,) * (previous.dim() - 2))
+        return torch.where(mask, self.rows, previous)
+
+    def __call__(self, previous: torch.Tensor) -> torch.Tensor:
+        return self.step(self.reset(previous))
+
+    def values(self, previous: torch.Tensor, extra: dict | None = None):
+        return self.step.values(previous, extra)  # callers pass a previous state already reset
+
+    def at(self, start: int, stop: int) -> "_Resets":
+        return _Resets(self.step.at(start, stop), self.starts[start:stop], self.rows[:, start:stop])
+
+    def detached(self) -> "_Resets":
+        return _Resets(self.step.detached(), self.starts, self.rows.detach())
+
+
+def _with_resets(step: Any, given: torch.Tensor, packed: Any, steps: int) -> tuple[_Resets, list[tuple[int, int]]]:
+    """``step`` with the packed sequences' resets, and ``(sequence, local step)`` of each sequence ending in this slice."""
+    offsets = torch.tensor(packed.offsets, dtype=torch.long, device=given.device)
+    positions = packed.begin + torch.arange(steps, device=given.device)
+    starts = torch.isin(positions, offsets[:-1])
+    sequence = torch.searchsorted(offsets[1:], positions, right=True)
+    ends = [(n, end - 1 - packed.begin) for n, end in enumerate(packed.offsets[1:]) if packed.begin < end <= packed.begin + steps]
+    return _Resets(step, starts, given[sequence].unsqueeze(0)), ends
 
 
 def _newton(group: _Group, step, initial: torch.Tensor, steps: int, plan, mode, tolerance: float, max_iterations: int, index: torch.Tensor):
@@ -340,12 +447,26 @@ class _ShardedAdjoint(torch.autograd.Function):
     def backward(ctx, gradient, halo_gradient, final_gradient):
         from .backends import newton as nt
 
-        group, jacobian, index, size = ctx.context
+        group, jacobian, index, size, quasi, ends = ctx.context
         solution_shape, halo_shape, final_shape = ctx.shapes
         zeros = lambda shape: torch.zeros(shape, dtype=ctx.dtype, device=jacobian.values.device)  # noqa: E731
         gradient = zeros(solution_shape) if gradient is None else gradient.contiguous()
         halo_gradient = zeros(halo_shape) if halo_gradient is None else halo_gradient
         final_gradient = zeros(final_shape) if final_gradient is None else final_gradient
+        if ends is not None:
+            # Packed: each sequence's final state is the step where it ends; its gradient,
+            # summed over the ranks that read it, enters there (none crosses a slice).
+            import torch.distributed as dist
+
+            final_gradient = final_gradient.contiguous().clone()
+            if group.world > 1:
+                dist.all_reduce(final_gradient, group=group.group)
+            gradient = gradient.clone()
+            for sequence, step in ends:
+                gradient[0, step] = gradient[0, step] + final_gradient[sequence]
+            final_gradient = zeros(halo_shape)
+        if quasi is not None:
+            return _ring_adjoint(group, jacobian, index, size, quasi, gradient, halo_gradient, final_gradient), halo_gradient, None, None
         # The slice's adjoint from a zero carry, and what it sends to the slice before it.
         adjoint = nt._solve_adjoint(jacobian, gradient, index, size)
         leaving = halo_gradient + _apply(jacobian.values[:, 0], jacobian.diagonal, adjoint[:, 0], index, size, transposed=True)
@@ -361,3 +482,57 @@ class _ShardedAdjoint(torch.autograd.Function):
         gradient = gradient.clone()
         gradient[:, -1] = gradient[:, -1] + carry
         return nt._solve_adjoint(jacobian, gradient, index, size), halo_gradient, None, None
+
+
+@dataclass
+class _QuasiAdjoint:
+    """What the backward of a quasi-Newton solve needs: the true ``J^T`` is known only through
+    vector-Jacobian products of ``step`` at ``previous`` (the slice's shifted solution, its
+    first row the halo); the diagonal kept by the solve preconditions the local adjoint."""
+
+    step: Any
+    previous: torch.Tensor
+    tolerance: float
+    max_iterations: int
+
+
+def _ring_adjoint(group: _Group, jacobian, index: torch.Tensor, size: int, quasi: _QuasiAdjoint, gradient: torch.Tensor, halo_gradient: torch.Tensor, final_gradient: torch.Tensor) -> torch.Tensor:
+    """The slice's exact adjoint when its Jacobians are known only through products (a ring).
+
+    The exact summary of a slice would be the transposed product of its dense Jacobians,
+    ``nb m^2`` numbers that cost ``m`` vector-Jacobian products per step to form: what the
+    quasi-Newton solve avoids.  The adjoint's state is only ``n`` numbers, so it travels
+    along a ring (LASP's) from the last rank to the first: each rank receives the adjoint
+    entering its last step, solves its slice exactly once (the newton backend's iterative
+    adjoint: exact ``J^T`` residuals, corrections by the diagonal's reverse scan), and sends
+    on ``h_r + J_0^T lambda_0`` (``h_r`` the gradient of the outputs reading its halo).
+    ``P - 1`` hops one after the other; one all-reduce first sums the final state's gradient
+    over the ranks that read it.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    from .backends import newton as nt
+
+    rank, world = group.rank, group.world
+    started = time.perf_counter()
+    carry = final_gradient.contiguous().clone()
+    if world > 1:
+        dist.all_reduce(carry, group=group.group)
+        if rank < world - 1:
+            dist.recv(carry, src=group.global_rank(rank + 1), group=group.group)
+    group.clock.backward += time.perf_counter() - started
+    gradient = gradient.clone()
+    gradient[:, -1] = gradient[:, -1] + carry
+    linearisation = nt._Linearisation(jacobian, False, index, size, quasi.step, quasi.previous, quasi.tolerance, quasi.max_iterations)
+    adjoint = nt._iterative_adjoint(linearisation, gradient)
+    if rank > 0:
+        with torch.enable_grad():
+            halo = quasi.previous[:, :1].detach().requires_grad_()
+            (entering,) = torch.autograd.grad(quasi.step.at(0, 1)(halo), halo, adjoint[:, :1])
+        leaving = (halo_gradient + entering[:, 0]).contiguous()
+        started = time.perf_counter()
+        dist.send(leaving, dst=group.global_rank(rank - 1), group=group.group)
+        group.clock.backward += time.perf_counter() - started
+    return adjoint

@@ -156,12 +156,15 @@ class Case:
     last_output_only: bool = False  # the loss reads only the last output (every rank must still reach the exchanges' backward)
     cu_seqlens: tuple[int, ...] | None = None  # packed sequences (B = 1): the global offsets every rank passes
     newton_iterations: int | None = None  # set: compiled with backend="newton" and this max_iterations (-1: the default)
+    newton_jacobian: str | None = None  # with newton_iterations: the jacobian= option ("diagonal": quasi-Newton, the adjoint on a ring)
 
     @property
     def name(self) -> str:
         extras = ("-h" + "x".join(map(str, self.heads)) if self.heads else "") + ("-ddp" if self.ddp else "") + ("-fsdp" if self.fsdp else "") + (f"-{self.exchange.lower()}" if self.exchange else "") + ("" if self.return_state else "-nofinal") + ("-lastoutput" if self.last_output_only else "") + ("-cu" + "_".join(map(str, self.cu_seqlens)) if self.cu_seqlens else "")
         if self.newton_iterations is not None:
             extras += f"-newton{self.newton_iterations}"
+        if self.newton_jacobian is not None:
+            extras += f"-{self.newton_jacobian}"
         return f"{self.example}-{'x'.join(map(str, self.lengths))}-{'state' if self.with_state else 'nostate'}{extras}"
 
 
@@ -200,6 +203,7 @@ def default_cases(world: int) -> list[Case]:
             # 2 x 2 blocks with a budget of 2 iterations (the rest swept rank after rank).
             Case("gru", lengths, with_state=True, newton_iterations=-1),
             Case("paralstm", lengths, with_state=False, newton_iterations=2),
+            Case("lstm", lengths, with_state=True, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=PACKED_4),  # quasi-Newton: the adjoint on a ring; packed
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -241,6 +245,12 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("lstm", shapes[0], with_state=True, newton_iterations=-1))
     cases.append(Case("paragru", shapes[-1], with_state=True, newton_iterations=1))
     cases.append(Case("gru", (1, 1), with_state=True, newton_iterations=-1))  # each slice's guess already solves its own step
+    # Quasi-Newton (the diagonal of dense blocks): exact gradients by the adjoint passed along a ring.
+    cases.append(Case("gru", shapes[-1], with_state=True, newton_iterations=-1, newton_jacobian="diagonal"))
+    cases.append(Case("lstm", shapes[0], with_state=False, newton_iterations=-1, newton_jacobian="diagonal"))
+    # Packed sequences with Newton: resets inside a slice and on the slice boundary; quasi-Newton on the ring.
+    cases.append(Case("gru", (5, 3), with_state=True, newton_iterations=-1, cu_seqlens=(0, 2, 5, 8)))
+    cases.append(Case("lstm", (1, 6), with_state=True, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=(0, 3, 7)))
     return cases
 
 
@@ -256,6 +266,14 @@ def slow_cases(world: int) -> list[Case]:
         for lengths in slicings:
             cases.append(Case(example, lengths, with_state=len(lengths) % 2 == 0, newton_iterations=-1))
         cases.append(Case(example, slicings[1], True, heads=(2,), newton_iterations=3))
+        for lengths in slicings[:2]:  # quasi-Newton: the diagonal of each block, the exact adjoint on a ring
+            cases.append(Case(example, lengths, with_state=True, newton_iterations=-1, newton_jacobian="diagonal"))
+        cases.append(Case(example, slicings[1], False, newton_iterations=3, newton_jacobian="diagonal"))
+        for offsets in {2: [(0, 3, 9), (0, 1, 2, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:  # packed, each Jacobian mode
+            cases.append(Case(example, slicings[1], True, newton_iterations=-1, cu_seqlens=offsets))
+            cases.append(Case(example, slicings[1], False, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=offsets))
+        cases.append(Case(example, slicings[1], True, newton_iterations=1, cu_seqlens=offsets))  # then swept rank after rank, with resets
+        cases.append(Case(example, slicings[1], True, ddp=True, newton_iterations=-1, newton_jacobian="diagonal"))  # the adjoint ring beside DDP's collectives
     for example in PARALLEL_EXAMPLES + REVERSE_AND_JOINT_EXAMPLES + tuple(MATRIX_SCAN_CELLS):
         for lengths in slicings:
             for with_state in (False, True):
@@ -283,6 +301,8 @@ def _module(case: Case) -> recdsl.CompiledCell:
     options = dict(chunk_size=case.chunk_size)
     if case.newton_iterations is not None:
         options = dict(backend="newton", backend_options={} if case.newton_iterations < 0 else {"max_iterations": case.newton_iterations})
+        if case.newton_jacobian is not None:
+            options["backend_options"]["jacobian"] = case.newton_jacobian
     if case.example in MATRIX_SCAN_CELLS:
         source, dims = MATRIX_SCAN_CELLS[case.example]
         module = recdsl.compile(source, **options, **dims).double()
@@ -425,7 +445,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
         looped = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), backend="sequential", **DIMS[case.example]).double()
         looped.load_state_dict(module.state_dict())
         with torch.no_grad():
-            loop_outputs = looped(**inputs, state=state)
+            loop_outputs = _one_by_one(looped, inputs, state, case.cu_seqlens)[0] if case.cu_seqlens else looped(**inputs, state=state)
         loop_outputs = list(loop_outputs) if isinstance(loop_outputs, tuple) else [loop_outputs]
         for i, (g, w) in enumerate(zip(got_outputs, loop_outputs)):
             errors[f"output {i} against the sequential backend"] = _error(g.detach(), w[:, begin:end])
@@ -635,7 +655,7 @@ def test_native_summaries_are_described():
 
 
 def test_newton_modules_run_each_iteration_sharded(one_rank, capsys):
-    """A module compiled with backend="newton" is wrapped, not refused; a quasi-Newton gradient is refused."""
+    """A module compiled with backend="newton" is wrapped, not refused; a quasi-Newton solve gives gradients."""
     from recdsl.cli import main
     from recdsl.distributed import SequenceParallel
 
@@ -651,9 +671,16 @@ def test_newton_modules_run_each_iteration_sharded(one_rank, capsys):
     quasi = SequenceParallel(module)
     with torch.no_grad():
         assert _error(quasi(**inputs), module(**inputs)) <= TOLERANCE, "quasi-Newton forward on a one-rank group"
-    with pytest.raises(SequenceParallelError, match="quasi-Newton solve") as raised:
-        quasi(**{n: v.requires_grad_(True) for n, v in inputs.items()})
-    assert isinstance(raised.value, recdsl.RecDSLError)
+    assert "adjoint passed along a ring" in quasi.describe()
+    assert "adjoint passed along a ring" not in gru.describe(), "an exact dense Jacobian gathers its transposed product"
+    wide = SequenceParallel(recdsl.compile(str(EXAMPLES / "gru.rec"), backend="newton", d_in=2, d=256))  # auto: the diagonal of a 256 x 256 block
+    assert "solved diagonal" in wide.describe() and "adjoint passed along a ring" in wide.describe()
+    leaves = {n: v.clone().requires_grad_(True) for n, v in inputs.items()}
+    quasi(**leaves).square().sum().backward()
+    direct = {n: v.clone().requires_grad_(True) for n, v in inputs.items()}
+    module(**direct).square().sum().backward()
+    for n in inputs:
+        assert _error(leaves[n].grad, direct[n].grad) <= TOLERANCE, f"quasi-Newton gradient of {n} on a one-rank group"
 
 
 def test_block_diagonal_summary_is_described(one_rank):
