@@ -150,11 +150,15 @@ def run(seq, plan: ConvPlan, state: StateAnalysis, h0: torch.Tensor) -> tuple[li
 
     def one_block(start: int, stop: int, driver_steps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The kernel's lags [start, stop) for every read-out, and their part of the final state."""
-        powers = base[: stop - start] if start == 0 else base[: stop - start] * decay ** float(start)  # [L, *state]
-        terms = powers if coefficient is None else powers * coefficient
+        # decay^l * coefficient for the block's lags: the block's own factor (decay^start times
+        # the coefficient, state-sized) applied to the first block in one multiply.
+        scale = decay ** float(start) if start else None
+        if coefficient is not None:
+            scale = coefficient if scale is None else scale * coefficient
+        terms = base[: stop - start] if scale is None else base[: stop - start] * scale  # [L, *state]
         kernel_blocks = tuple(_evaluate_with_state(seq, readout, plan.state, terms) for readout in plan.readouts)
-        # The final state's input part: sum_s decay^(T-1-s) u_s, the lags of this block reversed.
-        grid = powers.permute(0, *(1 + j for j in channels), *(1 + j for j in modes)).reshape(stop - start, channel_size, mode_size)
+        # The final state's input part: sum_s decay^(T-1-s) coefficient u_s, the lags of this block reversed.
+        grid = terms.permute(0, *(1 + j for j in channels), *(1 + j for j in modes)).reshape(stop - start, channel_size, mode_size)
         # One batched matmul over the channels: [C, B', L] @ [C, L, M] -> [C, B', M].
         part = torch.matmul(driver_steps.permute(2, 0, 1).contiguous(), grid.transpose(0, 1).contiguous()).permute(1, 0, 2)
         return kernel_blocks + (part,)
@@ -182,8 +186,6 @@ def run(seq, plan: ConvPlan, state: StateAnalysis, h0: torch.Tensor) -> tuple[li
         inverse[axis] = position
     batch_dims = (batch,) + heads
     final = accumulated.reshape(batch_dims + permuted_shape).permute(*range(len(batch_dims)), *(len(batch_dims) + p for p in inverse))
-    if coefficient is not None:
-        final = final * coefficient
     nonzero_start = True
     is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
     if not (is_compiling is not None and is_compiling()):

@@ -9,6 +9,9 @@ each form (its ``VmHWM`` after a warm-up, less its size before the call; Linux).
 
     python benchmarks/bench_conv.py                 # B = 2, T = 4096, d = 256, N = 64
     python benchmarks/bench_conv.py --quick         # tiny sizes: checks that it runs
+    python benchmarks/bench_conv.py --cpu-time --threads 1
+                                                    # CPU time of the process (steadier than
+                                                    # the clock on a shared machine)
 
 Ratios are measured within one run; on a shared machine, run it alone.
 """
@@ -27,18 +30,19 @@ import torch
 import recdsl
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "s4d.rec"
+clock = time.perf_counter
 
 
 def _time(module: recdsl.CompiledCell, x: torch.Tensor, repeat: int, backward: bool) -> float:
     best = float("inf")
     for _ in range(repeat + 1):  # the first call warms up
-        start = time.perf_counter()
+        start = clock()
         if backward:
             module(x).sum().backward()
         else:
             with torch.no_grad():
                 module(x)
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         best = min(best, elapsed)
     return best
 
@@ -75,7 +79,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sequential", action="store_true", help="also time the loop (slow at these sizes)")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--cpu-time", action="store_true", help="time with the process's CPU time instead of the clock")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads")
     args = parser.parse_args()
+    global clock
+    if args.cpu_time:
+        clock = time.process_time
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.batch, args.length, args.d, args.n, args.repeat = 2, 128, 8, 4, 1
     torch.manual_seed(0)
