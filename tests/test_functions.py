@@ -373,7 +373,7 @@ ACCEPTED = {
     "gates": ("scan", "chunked", "triton", "newton", "fused"),
     "transposed-readouts": ("scan", "chunked", "triton", "newton"),
     "transposed-state": ("scan", "chunked", "newton"),
-    "clamped-step": ("newton", "fused"),
+    "clamped-step": ("triton", "newton", "fused"),  # clamp has a derivative rule: the fused Triton kernel runs it
     "structural-step": ("newton",),
 }
 

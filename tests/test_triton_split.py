@@ -23,7 +23,7 @@ from example_dims import EXAMPLES  # noqa: E402
 
 # The examples the Triton backend runs with its scan kernels (the fused sequential kernel and
 # the chunked kernels have no time split; their cells' other scans do).
-SCANNED = ("mingru", "minlstm", "lru", "hgrn", "rglru", "s6", "mlstm", "aaren", "lion", "rwkv6", "s4d")  # GLA, RetNet, Mamba-2: only chunked kernels
+SCANNED = ("mingru", "minlstm", "lru", "hgrn", "rglru", "mlstm", "aaren", "lion", "rwkv6", "s4d")  # GLA, RetNet, Mamba-2: only chunked kernels; S6: the fused selective scan
 
 LOG_SEMIRING = """
 cell LogScan(d) {
