@@ -260,7 +260,9 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
     #     dW = T^T dU, dW_r = dU S_0^T, dT = dU W^T + dW_r (diag(b) R)^T,
     #     dA = T^T dT T^T (d(X^{-1}) = -X^{-1} dX X^{-1} with X = I - A),
     # and every decay factor e^{x} passes x's gradient (factor * its adjoint) to the G it
-    # names; G = cumsum(g) hands dg the reverse cumulative sum of dG.
+    # names; G = cumsum(g) hands dg the reverse cumulative sum of dG.  The phases are ordered
+    # so that at most three [BT, BT] tiles are live at once (R L^T and Q L^T are formed
+    # twice rather than kept): a float32 tl.dot on FMA units holds whole operand rows.
     i_nc = tl.program_id(0)
     i_n = (i_nc // n_chunks).to(tl.int64)
     i_c = i_nc % n_chunks
@@ -279,9 +281,8 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
         b_b = b_a * tl.exp(b_Gp)
     else:
         b_b = b_a
-    # A's raw products R L^T and the scores Q L^T.
-    b_Araw = tl.zeros([BT, BT], dtype=ACC)
-    b_P = tl.zeros([BT, BT], dtype=ACC)
+    # T = (I - A)^{-1}, as in delta_prepare.
+    b_A = tl.zeros([BT, BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -290,10 +291,8 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
             b_r = b_l
         else:
             b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_Araw += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
-        b_P += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
-    b_A = b_Araw * b_a[:, None]
+        b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+    b_A = b_A * b_a[:, None]
     if GATED:
         b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
     b_A = tl.where(strict, b_A, 0.0)
@@ -302,37 +301,108 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
         b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
         b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
         b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
-    # Over value blocks: dM = dO U^T, dT's part dU W^T, and dW = T^T dU.
-    b_dM = tl.zeros([BT, BT], dtype=ACC)
+    # T^T dT, where dT = dU W^T + dW_r (diag(b) R)^T: as dW W^T + dB (diag(b) R)^T with
+    # dW = T^T dU and dB = T^T dW_r, so that only products of inner dimension BV or BK form it.
     b_dT = tl.zeros([BT, BT], dtype=ACC)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
-        b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_w = tl.load(p_w + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        b_dM += tl.dot(b_dout, tl.trans(b_u), input_precision=PRECISION)
-        b_dT += tl.dot(b_du, tl.trans(b_w), input_precision=PRECISION)
-        tl.store(p_dw + o_row * V + o_t[:, None] * V + o_v[None, :], tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION), mask=m_tv)
-    # dP: the scores' adjoint, decayed and masked as the scores were.
-    b_dG = tl.zeros([BT], dtype=ACC)
-    b_dGp = tl.zeros([BT], dtype=ACC)
-    b_dend = tl.sum(tl.zeros([BT], dtype=ACC), axis=0)
-    if GATED:
-        b_dP = tl.where(causal, b_dM * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf"))), 0.0)
-        b_x = b_dP * b_P  # the adjoint of G_t - G_s through e^{G_t - G_s}
-        b_dG += tl.sum(b_x, axis=1) - tl.sum(b_x, axis=0)
-    else:
-        b_dP = tl.where(causal, b_dM, 0.0)
-    # Key blocks, first pass: dq (final), dl and dr without A's part, dT's part dW_r B^T.
+        b_dw = tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION)
+        b_dT += tl.dot(b_dw, tl.trans(b_w), input_precision=PRECISION)
+        tl.store(p_dw + o_row * V + o_t[:, None] * V + o_v[None, :], b_dw, mask=m_tv)
+    # Key blocks: dW_r = dU S_0^T, dT's part dW_r (diag(b) R)^T, dR's part diag(b) T^T dW_r, db.
     b_db = tl.zeros([BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
+        b_dwr = tl.zeros([BT, BK], dtype=ACC)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v[None, :] < V)
+            b_s = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & (o_v[None, :] < V), other=0.0).to(ACC)
+            b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+            b_dwr += tl.dot(b_du, tl.trans(b_s), input_precision=PRECISION)
+        if SAME_SIDES:
+            b_r = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dB = tl.dot(tl.trans(b_inv), b_dwr, input_precision=PRECISION)
+        b_dT += tl.dot(b_dB, tl.trans(b_r * b_b[:, None]), input_precision=PRECISION)
+        b_db += tl.sum(b_r * b_dB, axis=1)
+        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
+    # dA = T^T dT T^T (strictly lower); A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}.
+    b_dA = tl.dot(b_dT, tl.trans(b_inv), input_precision=PRECISION)
+    b_dA = tl.where(strict, b_dA, 0.0)
+    b_dG = tl.zeros([BT], dtype=ACC)
+    if GATED:
+        b_dA = b_dA * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
+        b_da = b_db * tl.exp(b_Gp)
+        b_dGp = b_db * b_b
+    else:
+        b_da = b_db
+    b_Araw = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        if SAME_SIDES:
+            b_r = b_l
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_Araw += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+    b_y = b_dA * b_Araw
+    b_da += tl.sum(b_y, axis=1)
+    if GATED:
+        b_y = b_y * b_a[:, None]
+        b_dGp += tl.sum(b_y, axis=1)
+        b_dG -= tl.sum(b_y, axis=0)
+    b_dAraw = b_dA * b_a[:, None]
+    tl.store(p_da + o_row + o_t, b_da, mask=m_t)
+    tl.debug_barrier()  # dr's first part, stored above, is read back by other threads
+    # A's part of dr and dl (dl's first part: kept in its buffer).
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        if SAME_SIDES:
+            b_r = b_l
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dr = tl.load(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + tl.dot(b_dAraw, b_l, input_precision=PRECISION)
+        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr, mask=m_tk)
+        tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+    # The read-outs' scores: dP = (dO U^T) masked and decayed as the scores Q L^T were.
+    b_P = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_P += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+    b_dP = tl.zeros([BT, BT], dtype=ACC)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_dP += tl.dot(b_dout, tl.trans(b_u), input_precision=PRECISION)
+    if GATED:
+        b_dP = tl.where(causal, b_dP * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf"))), 0.0)
+        b_x = b_dP * b_P  # the adjoint of G_t - G_s through e^{G_t - G_s}
+        b_dG += tl.sum(b_x, axis=1) - tl.sum(b_x, axis=0)
+    else:
+        b_dP = tl.where(causal, b_dP, 0.0)
+    # Key blocks: dq, dl and dr, with the state terms dO S_0^T and U dS^T.
+    b_dend = tl.sum(tl.zeros([BT], dtype=ACC), axis=0)
+    tl.debug_barrier()  # dl's first part, stored above, is read back by other threads
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
         b_dqs = tl.zeros([BT, BK], dtype=ACC)  # dO S_0^T
-        b_dwr = tl.zeros([BT, BK], dtype=ACC)  # dU S_0^T
         b_uds = tl.zeros([BT, BK], dtype=ACC)  # U dS^T
         for i_v in range(0, tl.cdiv(V, BV)):
             o_v = i_v * BV + tl.arange(0, BV)
@@ -342,18 +412,12 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
             b_ds = tl.load(p_dends + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
             b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-            b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_dqs += tl.dot(b_dout, tl.trans(b_s), input_precision=PRECISION)
-            b_dwr += tl.dot(b_du, tl.trans(b_s), input_precision=PRECISION)
             b_uds += tl.dot(b_u, tl.trans(b_ds), input_precision=PRECISION)
             if GATED:
                 b_dend += tl.sum(tl.sum(b_s * b_ds, axis=1), axis=0) * tl.exp(b_end)
         b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        if SAME_SIDES:
-            b_r = b_l
-        else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         if GATED:
             b_dqs = b_dqs * tl.exp(b_G)[:, None]
             b_uds = b_uds * tl.exp(b_end - b_G)[:, None]
@@ -362,44 +426,9 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
             b_dG -= b_f
             b_dend += tl.sum(b_f, axis=0)
         b_dq = b_dqs + tl.dot(b_dP, b_l, input_precision=PRECISION)
-        b_dl = b_uds + tl.dot(tl.trans(b_dP), b_q, input_precision=PRECISION)
-        b_B = b_r * b_b[:, None]
-        b_dT += tl.dot(b_dwr, tl.trans(b_B), input_precision=PRECISION)
-        b_dB = tl.dot(tl.trans(b_inv), b_dwr, input_precision=PRECISION)
-        b_db += tl.sum(b_r * b_dB, axis=1)
+        b_dl = tl.load(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + b_uds + tl.dot(tl.trans(b_dP), b_q, input_precision=PRECISION)
         tl.store(p_dq + o_row * K + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
         tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dl, mask=m_tk)
-        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
-    # dA = T^T dT T^T (strictly lower), and A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}.
-    b_dA = tl.dot(tl.dot(tl.trans(b_inv), b_dT, input_precision=PRECISION), tl.trans(b_inv), input_precision=PRECISION)
-    b_dA = tl.where(strict, b_dA, 0.0)
-    if GATED:
-        b_dA = b_dA * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
-        b_da = b_db * tl.exp(b_Gp)
-        b_dGp += b_db * b_b
-    else:
-        b_da = b_db
-    b_y = b_dA * b_Araw
-    b_da += tl.sum(b_y, axis=1)
-    if GATED:
-        b_y = b_y * b_a[:, None]
-        b_dGp += tl.sum(b_y, axis=1)
-        b_dG -= tl.sum(b_y, axis=0)
-    b_dAraw = b_dA * b_a[:, None]
-    tl.store(p_da + o_row + o_t, b_da, mask=m_t)
-    tl.debug_barrier()  # the first pass's dl and dr are read back by other threads
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        if SAME_SIDES:
-            b_r = b_l
-        else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_dl = tl.load(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_dr = tl.load(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dl + tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
-        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr + tl.dot(b_dAraw, b_l, input_precision=PRECISION), mask=m_tk)
     if GATED:
         # G'_t = G_t - g_t; G_C is G at the chunk's last row (padding rows add g = 0).
         b_dG += tl.where(o_t == BT - 1, b_dend, 0.0)
@@ -426,6 +455,7 @@ class DeltaTiling:
     num_warps: int
     num_stages: int
     precision: str
+    gradient_warps: int = 8
 
 
 def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, steps: int | None = None) -> DeltaTiling:
@@ -587,7 +617,7 @@ def backward(
     dq, dl, dr = (torch.empty(N, T, K, dtype=dtype, device=device) for _ in range(3))
     da, dg = torch.empty(N, T, dtype=dtype, device=device), torch.empty(N, T, dtype=dtype, device=device)
     dw = torch.empty(N, T, V, dtype=dtype, device=device)
-    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, **options)
+    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
     return dq, dl, dr, da, dw, dg if gated else None, d_initial
 
 
