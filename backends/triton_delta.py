@@ -251,7 +251,7 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
 
 
 @triton.jit
-def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dg, T, K, V, n_chunks, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dg, T, K, V, n_chunks, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, chunk), all chunks at once: the gradients of the chunk's inputs
     # from its start state S_0 (stored by delta_chunks), the adjoint dS of its end state and
     # dU (delta_adjoint_chunks).  The UT transform T = (I - A)^{-1} is recomputed as in
@@ -301,16 +301,17 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
         b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
         b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
         b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
-    # T^T dT, where dT = dU W^T + dW_r (diag(b) R)^T: as dW W^T + dB (diag(b) R)^T with
-    # dW = T^T dU and dB = T^T dW_r, so that only products of inner dimension BV or BK form it.
-    b_dT = tl.zeros([BT, BT], dtype=ACC)
+    # dA = T^T dT T^T with dT = dU W^T + dW_r (diag(b) R)^T is dW U_w^T + dB W_r^T, where
+    # dW = T^T dU, dB = T^T dW_r, U_w = T W and W_r = T diag(b) R: products of inner
+    # dimension BV or BK only.
+    b_dA = tl.zeros([BT, BT], dtype=ACC)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
         b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_w = tl.load(p_w + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_dw = tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION)
-        b_dT += tl.dot(b_dw, tl.trans(b_w), input_precision=PRECISION)
+        b_dA += tl.dot(b_dw, tl.trans(tl.dot(b_inv, b_w, input_precision=PRECISION)), input_precision=PRECISION)
         tl.store(p_dw + o_row * V + o_t[:, None] * V + o_v[None, :], b_dw, mask=m_tv)
     # Key blocks: dW_r = dU S_0^T, dT's part dW_r (diag(b) R)^T, dR's part diag(b) T^T dW_r, db.
     b_db = tl.zeros([BT], dtype=ACC)
@@ -330,11 +331,11 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_u, p_du, p_dout, p_starts, p
         else:
             b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_dB = tl.dot(tl.trans(b_inv), b_dwr, input_precision=PRECISION)
-        b_dT += tl.dot(b_dB, tl.trans(b_r * b_b[:, None]), input_precision=PRECISION)
+        b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dA += tl.dot(b_dB, tl.trans(b_wr), input_precision=PRECISION)
         b_db += tl.sum(b_r * b_dB, axis=1)
         tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
-    # dA = T^T dT T^T (strictly lower); A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}.
-    b_dA = tl.dot(b_dT, tl.trans(b_inv), input_precision=PRECISION)
+    # A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}: dA passes to a, G', G and R L^T.
     b_dA = tl.where(strict, b_dA, 0.0)
     b_dG = tl.zeros([BT], dtype=ACC)
     if GATED:
@@ -617,7 +618,7 @@ def backward(
     dq, dl, dr = (torch.empty(N, T, K, dtype=dtype, device=device) for _ in range(3))
     da, dg = torch.empty(N, T, dtype=dtype, device=device), torch.empty(N, T, dtype=dtype, device=device)
     dw = torch.empty(N, T, V, dtype=dtype, device=device)
-    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
+    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
     return dq, dl, dr, da, dw, dg if gated else None, d_initial
 
 
