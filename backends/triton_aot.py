@@ -266,10 +266,11 @@ def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length:
     return record_launches(lambda: triton_chunk.forward([q], k, v, log_decay, initial, chunk, allow_tf32=allow_tf32))
 
 
-def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow_tf32: bool = False, length: int = 4096, chunk: int = 64) -> list[KernelLaunch]:
-    """The launches of :func:`.triton_delta.forward` for one head of ``keys x values`` states,
-    keys and queries in ``dtype`` (bfloat16 enters the kernels' products as such; a compiled
-    cell casts its pieces to float32 before the kernels today)."""
+def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow_tf32: bool = False, length: int = 4096, chunk: int = 64, backward: bool = False) -> list[KernelLaunch]:
+    """The launches of :func:`.triton_delta.forward` (with ``backward``, of
+    :func:`.triton_delta.delta_rule` and its backward kernels) for one head of ``keys x values``
+    states, keys and queries in ``dtype`` (bfloat16 enters the kernels' products as such; a
+    compiled cell casts its pieces to float32 before the kernels today)."""
     import torch
 
     from . import triton_delta
@@ -280,6 +281,15 @@ def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow
     coefficient = -torch.rand(1, length)
     log_decay = -torch.rand(1, length) if gated else None
     initial = torch.zeros(1, keys, values)
+    if backward:
+        for tensor in (q, k, w, coefficient, initial):
+            tensor.requires_grad_()
+
+        def run() -> None:
+            (out,), final = triton_delta.delta_rule([q], k, k, coefficient, [w], initial, chunk, log_decay, allow_tf32=allow_tf32)
+            (out.sum() + final.sum()).backward()
+
+        return record_launches(run)
     return record_launches(lambda: triton_delta.forward([q], k, k, coefficient, [w], initial, chunk, log_decay, allow_tf32=allow_tf32))
 
 
