@@ -373,8 +373,11 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
         else:
             b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_dr = tl.load(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + tl.dot(b_dAraw, b_l, input_precision=PRECISION)
-        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr, mask=m_tk)
-        tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+        if SAME_SIDES:  # one vector on both sides: p_dr is p_dl, its gradient the sum of both
+            tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr + tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+        else:
+            tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr, mask=m_tk)
+            tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
     # The read-outs' scores: dP = (dO U^T) masked and decayed as the scores Q L^T were.
     b_P = tl.zeros([BT, BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -587,7 +590,8 @@ def backward(
     allow_tf32: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """The gradients of one read-out's delta rule by the backward kernels: ``(dq, dleft,
-    dright, dcoefficient, dw, dlog_decay, dinitial)`` (``dlog_decay`` None when not gated),
+    dright, dcoefficient, dw, dlog_decay, dinitial)`` (``dlog_decay`` None when not gated;
+    ``dright`` None when ``right is left``, whose one gradient ``dleft`` then is),
     from ``d_output`` (``[N, T, V]``), ``d_final`` (``[N, K, V]``) and what :func:`_forward`
     kept.  ``delta_adjoint_chunks`` carries the state's adjoint over the chunks in reverse,
     then ``delta_gradients`` forms every chunk's gradients at once.  Computed in float32
@@ -615,11 +619,12 @@ def backward(
     du = torch.empty(N, T, V, dtype=dtype, device=device)
     grid = (N, triton.cdiv(V, tiles.value_block))
     launch(delta_adjoint_chunks, grid, q, left, g, saved.wr, d_output, d_final.to(dtype).contiguous(), d_initial, d_ends, du, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
-    dq, dl, dr = (torch.empty(N, T, K, dtype=dtype, device=device) for _ in range(3))
+    dq, dl = (torch.empty(N, T, K, dtype=dtype, device=device) for _ in range(2))
+    dr = dl if same_sides else torch.empty(N, T, K, dtype=dtype, device=device)
     da, dg = torch.empty(N, T, dtype=dtype, device=device), torch.empty(N, T, dtype=dtype, device=device)
     dw = torch.empty(N, T, V, dtype=dtype, device=device)
     launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
-    return dq, dl, dr, da, dw, dg if gated else None, d_initial
+    return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial
 
 
 def delta_rule(
@@ -690,7 +695,7 @@ class DeltaRule(torch.autograd.Function):
         ctx.saved = None
         return (
             None, None,
-            dl.to(left.dtype), dr.to(right.dtype), da.to(coefficient.dtype), dw.to(w.dtype),
+            dl.to(left.dtype), None if dr is None else dr.to(right.dtype), da.to(coefficient.dtype), dw.to(w.dtype),
             dg.to(log_decay.dtype) if ctx.gated else None, d_initial.to(initial.dtype), dq.to(q.dtype),
         )
 
