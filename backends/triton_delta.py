@@ -39,9 +39,18 @@ caller passes ``allow_tf32=True``; bfloat16/float16 keys and queries enter the `
 of ``R L^T`` and ``Q L^T`` as they are, accumulated in fp32, and every other product is in
 fp32.  Offsets that count over rows or chunks are 64-bit.
 
-The backward pass is :func:`recdsl.backends.chunk_kernels.delta_rule` recomputed in torch
-under autograd (chunk-boundary states only, never per step); a backward kernel is future
-work.
+The backward pass is two more kernels (:func:`backward`), from each chunk's start state and
+``U``, written by ``delta_chunks`` when gradients are wanted, and ``W_r``:
+
+3. ``delta_adjoint_chunks``, one program per (row, value block), the chunks in reverse:
+   the state's adjoint ``dS`` (its value columns never mix, as the state's), with
+   ``dU = M^T dO + (L e^{G_C - G_s}) dS`` and ``dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU``;
+   writes ``dU`` and ``dS`` at each chunk's end, and the initial state's gradient.
+4. ``delta_gradients``, one program per (row, chunk), all chunks at once: the UT transform
+   recomputed, then every input's gradient of the chunk (see the kernel's comments).
+
+Several read-outs of one state (or none) differentiate
+:func:`recdsl.backends.chunk_kernels.delta_rule`, recomputed in torch under autograd.
 """
 
 from __future__ import annotations
@@ -639,10 +648,11 @@ def delta_rule(
     exclusive: tuple[bool, ...] | None = None,
     allow_tf32: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton forward kernels.
+    """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton kernels.
 
     Read-outs of the previous state (``exclusive``) and states of more than 128 key rows go
-    to the torch form; gradients differentiate the torch form, recomputed (:class:`DeltaRule`).
+    to the torch form; gradients are the backward kernels' with one read-out, else the
+    torch form's, recomputed (:class:`DeltaRule`).
     """
     from . import chunk_kernels
 
