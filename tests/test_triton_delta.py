@@ -337,3 +337,20 @@ def test_float32_backward_agrees_with_float64(gated):
     found = _gradients(single, 16, triton=True)
     assert all(g.dtype == torch.float32 for g in found.values())
     _assert_gradients_match({n: g.double() for n, g in found.items()}, expected, 1e-4, "float32 against float64")
+
+
+@pytest.mark.slow
+def test_hypothesis_backward_over_sizes_and_chunks():
+    hypothesis = pytest.importorskip("hypothesis")
+    from hypothesis import strategies as st
+
+    @hypothesis.settings(max_examples=4, deadline=None, derandomize=True)
+    @hypothesis.given(
+        keys=st.integers(1, 24), values=st.integers(1, 24), steps=st.integers(1, 40),
+        gated=st.booleans(), same_sides=st.booleans(), chunk=st.sampled_from([16, 32]), seed=st.integers(0, 1000),
+    )
+    def agree(keys, values, steps, gated, same_sides, chunk, seed):
+        problem = _problem(keys, values, steps, gated, seed=seed, rows=1, same_sides=same_sides)
+        _assert_gradients_match(_gradients(problem, chunk, True), _gradients(problem, chunk, False), 1e-10, f"dk={keys} dv={values} T={steps} chunk={chunk}")
+
+    agree()
