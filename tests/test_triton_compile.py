@@ -152,3 +152,13 @@ def test_delta_rule_kernels_with_bfloat16_keys_and_tf32_compile_without_spills(g
     assert {dict(s.constants)["PRECISION"] for s in specs} == {"ieee", "tf32"}
     assert any("bf16" in s.describe() for s in specs)
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gated", [False, True], ids=["delta rule", "gated delta rule"])
+def test_delta_rule_kernels_with_two_key_sides_compile_without_spills(gated):
+    """TTT-linear's form (a left vector other than the right, so delta_gradients writes both
+    sides' gradients) at dk = dv = 128, forward and backward, float32, both targets."""
+    specs = triton_aot.distinct(triton_aot.delta_launches(128, 128, gated, backward=True, same_sides=False))
+    assert {dict(s.constants).get("SAME_SIDES") for s in specs} == {False, None}
+    _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
