@@ -702,7 +702,6 @@ class DeltaRule(torch.autograd.Function):
         if d_final is None:
             d_final = torch.zeros_like(initial, dtype=saved.u.dtype)
         dq, dl, dr, da, dw, dg, d_initial = backward(q, left, right, coefficient, w, log_decay if ctx.gated else None, saved, d_output, d_final, ctx.chunk, ctx.allow_tf32)
-        ctx.saved = None
         return (
             None, None,
             dl.to(left.dtype), None if dr is None else dr.to(right.dtype), da.to(coefficient.dtype), dw.to(w.dtype),
