@@ -278,21 +278,33 @@ def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length:
     return record_launches(run)
 
 
-def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow_tf32: bool = False, length: int = 4096, chunk: int = 64) -> list[KernelLaunch]:
-    """The launches of :func:`.triton_delta.forward` for one head of ``keys x values`` states,
-    keys and queries in ``dtype`` (bfloat16 enters the kernels' products as such; a compiled
-    cell casts its pieces to float32 before the kernels today)."""
+def delta_launches(keys: int, values: int, gated: bool, dtype: Any = None, allow_tf32: bool = False, length: int = 4096, chunk: int = 64, backward: bool = False, same_sides: bool = True) -> list[KernelLaunch]:
+    """The launches of :func:`.triton_delta.forward` (with ``backward``, of
+    :func:`.triton_delta.delta_rule` and its backward kernels) for one head of ``keys x values``
+    states, keys and queries in ``dtype`` (bfloat16 enters the kernels' products as such; a
+    compiled cell casts its pieces to float32 before the kernels today).  ``same_sides``:
+    DeltaNet's one key vector on both sides of the map; else two (TTT-linear's form)."""
     import torch
 
     from . import triton_delta
 
     dtype = dtype or torch.float32
     q, k = torch.randn(1, length, keys).to(dtype), torch.randn(1, length, keys).to(dtype)
+    right = k if same_sides else torch.randn(1, length, keys).to(dtype)
     w = torch.randn(1, length, values)
     coefficient = -torch.rand(1, length)
     log_decay = -torch.rand(1, length) if gated else None
     initial = torch.zeros(1, keys, values)
-    return record_launches(lambda: triton_delta.forward([q], k, k, coefficient, [w], initial, chunk, log_decay, allow_tf32=allow_tf32))
+    if backward:
+        for tensor in {id(t): t for t in (q, k, right, w, coefficient, initial)}.values():
+            tensor.requires_grad_()
+
+        def run() -> None:
+            (out,), final = triton_delta.delta_rule([q], k, right, coefficient, [w], initial, chunk, log_decay, allow_tf32=allow_tf32)
+            (out.sum() + final.sum()).backward()
+
+        return record_launches(run)
+    return record_launches(lambda: triton_delta.forward([q], k, right, coefficient, [w], initial, chunk, log_decay, allow_tf32=allow_tf32))
 
 
 # ---- compiling -----------------------------------------------------------------------------------

@@ -39,9 +39,18 @@ caller passes ``allow_tf32=True``; bfloat16/float16 keys and queries enter the `
 of ``R L^T`` and ``Q L^T`` as they are, accumulated in fp32, and every other product is in
 fp32.  Offsets that count over rows or chunks are 64-bit.
 
-The backward pass is :func:`recdsl.backends.chunk_kernels.delta_rule` recomputed in torch
-under autograd (chunk-boundary states only, never per step); a backward kernel is future
-work.
+The backward pass is two more kernels (:func:`backward`), from each chunk's start state and
+``U``, written by ``delta_chunks`` when gradients are wanted, and ``W_r``:
+
+3. ``delta_adjoint_chunks``, one program per (row, value block), the chunks in reverse:
+   the state's adjoint ``dS`` (its value columns never mix, as the state's), with
+   ``dU = M^T dO + (L e^{G_C - G_s}) dS`` and ``dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU``;
+   writes ``dU`` and ``dS`` at each chunk's end, and the initial state's gradient.
+4. ``delta_gradients``, one program per (row, chunk), all chunks at once: the UT transform
+   recomputed, then every input's gradient of the chunk (see the kernel's comments).
+
+Several read-outs of one state (or none) differentiate
+:func:`recdsl.backends.chunk_kernels.delta_rule`, recomputed in torch under autograd.
 """
 
 from __future__ import annotations
@@ -118,7 +127,7 @@ def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED:
 
 
 @triton.jit
-def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, T, K, V, n_chunks, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts, p_u, T, K, V, n_chunks, GATED: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, value block), the chunks in order.  The state's columns of this
     # value block live in p_state (the final state's buffer, cached on chip) between chunks
     # and are walked in key blocks of BK rows, so every product's inner dimension is BK or
@@ -161,6 +170,8 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, T, K, V, 
         else:
             b_scores = tl.where(causal, b_scores, 0.0)
         b_out += tl.dot(b_scores, b_u, input_precision=PRECISION)
+        if KEEP:  # for the backward kernels: U, and the chunk's start state (below)
+            tl.store(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], b_u, mask=m_tv)
         tl.store(p_out + o_row * V + o_t[:, None] * V + o_v[None, :], b_out, mask=m_tv)
         tl.debug_barrier()  # every thread has read S_0 before it is overwritten
         # S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
@@ -169,6 +180,8 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, T, K, V, 
             m_tk = m_t[:, None] & (o_k[None, :] < K)
             m_kv = (o_k[:, None] < K) & m_v[None, :]
             b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            if KEEP:
+                tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
             b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             if GATED:
                 b_s = b_s * tl.exp(b_end) + tl.dot(tl.trans(b_l * tl.exp(b_end - b_G)[:, None]), b_u, input_precision=PRECISION)
@@ -176,6 +189,265 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, T, K, V, 
                 b_s += tl.dot(tl.trans(b_l), b_u, input_precision=PRECISION)
             tl.store(p_state + o_state + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
         tl.debug_barrier()  # the next chunk reads the state in another layout
+
+
+@triton.jit
+def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dends, p_du, T, K, V, n_chunks, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # The adjoint of the state, carried backwards over the chunks: one program per (row, value
+    # block), as delta_chunks (the adjoint's columns, like the state's, never mix).  With
+    # dS the adjoint of the chunk's end state S_C,
+    #     dU   = M^T dO + (L e^{G_C - G_s}) dS,           M = tril(Q L^T) e^{G_t - G_s}
+    #     dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU.
+    # dS (kept in p_dstate, the initial state's gradient at the end) is stored at each
+    # chunk's end for delta_gradients, and so is dU.
+    i_n = tl.program_id(0).to(tl.int64)
+    o_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    o_t = tl.arange(0, BT)
+    causal = o_t[:, None] >= o_t[None, :]
+    o_state = i_n * K * V
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_kv = (o_k[:, None] < K) & m_v[None, :]
+        b_ds = tl.load(p_dfinal + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
+        tl.store(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], b_ds, mask=m_kv)
+    tl.debug_barrier()
+    for i_r in range(0, n_chunks):
+        i_c = n_chunks - 1 - i_r
+        o_row = i_n * T + i_c * BT
+        m_t = i_c * BT + o_t < T
+        m_tv = m_t[:, None] & m_v[None, :]
+        if GATED:
+            b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)
+            b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+        b_du = tl.zeros([BT, BV], dtype=ACC)
+        b_scores = tl.zeros([BT, BT], dtype=ACC)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k[None, :] < K)
+            m_kv = (o_k[:, None] < K) & m_v[None, :]
+            b_ds = tl.load(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            tl.store(p_dends + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_ds, mask=m_kv)
+            b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_scores += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+            b_lf = b_l.to(ACC)
+            if GATED:
+                b_lf = b_lf * tl.exp(b_end - b_G)[:, None]
+            b_du += tl.dot(b_lf, b_ds, input_precision=PRECISION)
+        if GATED:
+            b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
+        else:
+            b_scores = tl.where(causal, b_scores, 0.0)
+        b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_du += tl.dot(tl.trans(b_scores), b_dout, input_precision=PRECISION)
+        tl.store(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+        tl.debug_barrier()
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k[None, :] < K)
+            m_kv = (o_k[:, None] < K) & m_v[None, :]
+            b_ds = tl.load(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            if GATED:
+                b_ds = b_ds * tl.exp(b_end)
+                b_q = b_q * tl.exp(b_G)[:, None]
+            b_ds += tl.dot(tl.trans(b_q), b_dout, input_precision=PRECISION)
+            b_ds += tl.dot(tl.trans(b_wr), b_du, input_precision=PRECISION)
+            tl.store(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], b_ds, mask=m_kv)
+        tl.debug_barrier()
+
+
+@triton.jit
+def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dg, T, K, V, n_chunks, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row, chunk), all chunks at once: the gradients of the chunk's inputs
+    # from its start state S_0 (stored by delta_chunks), the adjoint dS of its end state and
+    # dU (delta_adjoint_chunks).  The UT transform T = (I - A)^{-1} is recomputed as in
+    # delta_prepare.  The chain, backwards through the forward's equations:
+    #     U_w = T W, W_r = T diag(b) R, U = U_w + W_r S_0   (b = a e^{G'})
+    #     dW = T^T dU, dW_r = dU S_0^T, dT = dU W^T + dW_r (diag(b) R)^T,
+    #     dA = T^T dT T^T (d(X^{-1}) = -X^{-1} dX X^{-1} with X = I - A),
+    # and every decay factor e^{x} passes x's gradient (factor * its adjoint) to the G it
+    # names; G = cumsum(g) hands dg the reverse cumulative sum of dG.  The phases are ordered
+    # so that at most three [BT, BT] tiles are live at once (R L^T and Q L^T are formed
+    # twice rather than kept): a float32 tl.dot on FMA units holds whole operand rows.
+    i_nc = tl.program_id(0)
+    i_n = (i_nc // n_chunks).to(tl.int64)
+    i_c = i_nc % n_chunks
+    o_row = i_n * T + i_c * BT
+    o_state = (i_n * n_chunks + i_c) * K * V
+    o_t = tl.arange(0, BT)
+    m_t = i_c * BT + o_t < T
+    strict = o_t[:, None] > o_t[None, :]
+    causal = o_t[:, None] >= o_t[None, :]
+    b_a = tl.load(p_a + o_row + o_t, mask=m_t, other=0.0).to(ACC)
+    if GATED:
+        b_graw = tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC)
+        b_G = tl.cumsum(tl.maximum(b_graw, -60.0), axis=0)
+        b_Gp = b_G - tl.maximum(b_graw, -60.0)
+        b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+        b_b = b_a * tl.exp(b_Gp)
+    else:
+        b_b = b_a
+    # T = (I - A)^{-1}, as in delta_prepare.
+    b_A = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        if SAME_SIDES:
+            b_r = b_l
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+    b_A = b_A * b_a[:, None]
+    if GATED:
+        b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
+    b_A = tl.where(strict, b_A, 0.0)
+    b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
+    for i_t in range(1, BT):
+        b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
+        b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
+        b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+    # dA = T^T dT T^T with dT = dU W^T + dW_r (diag(b) R)^T is dW U_w^T + dB W_r^T, where
+    # dW = T^T dU, dB = T^T dW_r, U_w = T W and W_r = T diag(b) R: products of inner
+    # dimension BV or BK only.
+    b_dA = tl.zeros([BT, BT], dtype=ACC)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_w = tl.load(p_w + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_dw = tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION)
+        b_dA += tl.dot(b_dw, tl.trans(tl.dot(b_inv, b_w, input_precision=PRECISION)), input_precision=PRECISION)
+        tl.store(p_dw + o_row * V + o_t[:, None] * V + o_v[None, :], b_dw, mask=m_tv)
+    # Key blocks: dW_r = dU S_0^T, dT's part dW_r (diag(b) R)^T, dR's part diag(b) T^T dW_r, db.
+    b_db = tl.zeros([BT], dtype=ACC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_dwr = tl.zeros([BT, BK], dtype=ACC)
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v[None, :] < V)
+            b_s = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & (o_v[None, :] < V), other=0.0).to(ACC)
+            b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+            b_dwr += tl.dot(b_du, tl.trans(b_s), input_precision=PRECISION)
+        if SAME_SIDES:
+            b_r = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dB = tl.dot(tl.trans(b_inv), b_dwr, input_precision=PRECISION)
+        b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dA += tl.dot(b_dB, tl.trans(b_wr), input_precision=PRECISION)
+        b_db += tl.sum(b_r * b_dB, axis=1)
+        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
+    # A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}: dA passes to a, G', G and R L^T.
+    b_dA = tl.where(strict, b_dA, 0.0)
+    b_dG = tl.zeros([BT], dtype=ACC)
+    if GATED:
+        b_dA = b_dA * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
+        b_da = b_db * tl.exp(b_Gp)
+        b_dGp = b_db * b_b
+    else:
+        b_da = b_db
+    b_Araw = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        if SAME_SIDES:
+            b_r = b_l
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_Araw += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+    b_y = b_dA * b_Araw
+    b_da += tl.sum(b_y, axis=1)
+    if GATED:
+        b_y = b_y * b_a[:, None]
+        b_dGp += tl.sum(b_y, axis=1)
+        b_dG -= tl.sum(b_y, axis=0)
+    b_dAraw = b_dA * b_a[:, None]
+    tl.store(p_da + o_row + o_t, b_da, mask=m_t)
+    tl.debug_barrier()  # dr's first part, stored above, is read back by other threads
+    # A's part of dr and dl (dl's first part: kept in its buffer).
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        if SAME_SIDES:
+            b_r = b_l
+        else:
+            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dr = tl.load(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + tl.dot(b_dAraw, b_l, input_precision=PRECISION)
+        if SAME_SIDES:  # one vector on both sides: p_dr is p_dl, its gradient the sum of both
+            tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr + tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+        else:
+            tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr, mask=m_tk)
+            tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+    # The read-outs' scores: dP = (dO U^T) masked and decayed as the scores Q L^T were.
+    b_P = tl.zeros([BT, BT], dtype=ACC)
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_tk = m_t[:, None] & (o_k[None, :] < K)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_P += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+    b_dP = tl.zeros([BT, BT], dtype=ACC)
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_tv = m_t[:, None] & (o_v[None, :] < V)
+        b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_dP += tl.dot(b_dout, tl.trans(b_u), input_precision=PRECISION)
+    if GATED:
+        b_dP = tl.where(causal, b_dP * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf"))), 0.0)
+        b_x = b_dP * b_P  # the adjoint of G_t - G_s through e^{G_t - G_s}
+        b_dG += tl.sum(b_x, axis=1) - tl.sum(b_x, axis=0)
+    else:
+        b_dP = tl.where(causal, b_dP, 0.0)
+    # Key blocks: dq, dl and dr, with the state terms dO S_0^T and U dS^T.
+    b_dend = tl.sum(tl.zeros([BT], dtype=ACC), axis=0)
+    tl.debug_barrier()  # dl's first part, stored above, is read back by other threads
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        m_tk = m_t[:, None] & m_k[None, :]
+        b_dqs = tl.zeros([BT, BK], dtype=ACC)  # dO S_0^T
+        b_uds = tl.zeros([BT, BK], dtype=ACC)  # U dS^T
+        for i_v in range(0, tl.cdiv(V, BV)):
+            o_v = i_v * BV + tl.arange(0, BV)
+            m_tv = m_t[:, None] & (o_v[None, :] < V)
+            m_kv = m_k[:, None] & (o_v[None, :] < V)
+            b_s = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
+            b_ds = tl.load(p_dends + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
+            b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+            b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+            b_dqs += tl.dot(b_dout, tl.trans(b_s), input_precision=PRECISION)
+            b_uds += tl.dot(b_u, tl.trans(b_ds), input_precision=PRECISION)
+            if GATED:
+                b_dend += tl.sum(tl.sum(b_s * b_ds, axis=1), axis=0) * tl.exp(b_end)
+        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        if GATED:
+            b_dqs = b_dqs * tl.exp(b_G)[:, None]
+            b_uds = b_uds * tl.exp(b_end - b_G)[:, None]
+            b_dG += tl.sum(b_q * b_dqs, axis=1)
+            b_f = tl.sum(b_l * b_uds, axis=1)
+            b_dG -= b_f
+            b_dend += tl.sum(b_f, axis=0)
+        b_dq = b_dqs + tl.dot(b_dP, b_l, input_precision=PRECISION)
+        b_dl = tl.load(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + b_uds + tl.dot(tl.trans(b_dP), b_q, input_precision=PRECISION)
+        tl.store(p_dq + o_row * K + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
+        tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dl, mask=m_tk)
+    if GATED:
+        # G'_t = G_t - g_t; G_C is G at the chunk's last row (padding rows add g = 0).
+        b_dG += tl.where(o_t == BT - 1, b_dend, 0.0)
+        b_total = b_dG + b_dGp
+        b_dg = tl.sum(b_total, axis=0) - tl.cumsum(b_total, axis=0) + b_total - b_dGp
+        tl.store(p_dg + o_row + o_t, tl.where(b_graw >= -60.0, b_dg, 0.0), mask=m_t)
 
 
 @dataclass(frozen=True)
@@ -196,6 +468,7 @@ class DeltaTiling:
     num_warps: int
     num_stages: int
     precision: str
+    gradient_warps: int = 8
 
 
 def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, steps: int | None = None) -> DeltaTiling:
@@ -236,6 +509,34 @@ def forward(
     log_decay: torch.Tensor | None = None,
     allow_tf32: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Read-outs ``q_t @ S_t`` and the final state (see :func:`_forward`)."""
+    outputs, final, _ = _forward(readouts, left, right, coefficient, inputs, initial, chunk, log_decay, allow_tf32)
+    return outputs, final
+
+
+@dataclass(frozen=True)
+class Saved:
+    """What :func:`backward` needs from the forward pass: each chunk's start state
+    (``starts``, ``[N, n_chunks, K, V]``), ``U`` (``[N, T, V]``) and ``W_r`` (``[N, T, K]``),
+    in the kernels' dtype."""
+
+    starts: torch.Tensor
+    u: torch.Tensor
+    wr: torch.Tensor
+
+
+def _forward(
+    readouts: list[torch.Tensor],
+    left: torch.Tensor,
+    right: torch.Tensor,
+    coefficient: torch.Tensor,
+    inputs: list[torch.Tensor],
+    initial: torch.Tensor,
+    chunk: int,
+    log_decay: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+    keep: bool = False,
+) -> tuple[list[torch.Tensor], torch.Tensor, Saved | None]:
     """Read-outs ``q_t @ S_t`` and the final state, by the Triton kernels; the arguments of
     :func:`recdsl.backends.chunk_kernels.delta_rule` (``left``, ``right`` ``[N, T, K]``,
     ``coefficient`` and ``log_decay`` ``[N, T]``, inputs ``[N, T, V]``, ``initial``
@@ -269,16 +570,70 @@ def forward(
     results = []
     final = torch.empty(N, K, V, dtype=dtype, device=device)
     grid = (N, triton.cdiv(V, tiles.value_block))
-    for q in readouts:
+    # The backward kernels' chunk start states and U, written by the first pass (only when kept).
+    saved = Saved(torch.empty(N, n_chunks, K, V, dtype=dtype, device=device), torch.empty(N, T, V, dtype=dtype, device=device), wr) if keep else None
+    starts, u = (saved.starts, saved.u) if keep else (final, uw)  # (not written when not kept)
+    for i, q in enumerate(readouts):
         # One pass over the chunks per read-out (each recomputes the same states; cells read a
         # delta-rule state out once).
         out = torch.empty(N, T, V, dtype=dtype, device=device)
-        launch(delta_chunks, grid, q.to(low).contiguous(), left, g, uw, wr, start, out, final, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+        launch(delta_chunks, grid, q.to(low).contiguous(), left, g, uw, wr, start, out, final, starts, u, T, K, V, n_chunks, GATED=gated, KEEP=keep and i == 0, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
         results.append(out)
     if not readouts:
         empty = torch.zeros(N, T, K, dtype=low, device=device)
-        launch(delta_chunks, grid, empty, left, g, uw, wr, start, torch.empty(N, T, V, dtype=dtype, device=device), final, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
-    return results, final
+        launch(delta_chunks, grid, empty, left, g, uw, wr, start, torch.empty(N, T, V, dtype=dtype, device=device), final, starts, u, T, K, V, n_chunks, GATED=gated, KEEP=keep, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+    return results, final, saved
+
+
+def backward(
+    readout: torch.Tensor,
+    left: torch.Tensor,
+    right: torch.Tensor,
+    coefficient: torch.Tensor,
+    w: torch.Tensor,
+    log_decay: torch.Tensor | None,
+    saved: Saved,
+    d_output: torch.Tensor,
+    d_final: torch.Tensor,
+    chunk: int,
+    allow_tf32: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """The gradients of one read-out's delta rule by the backward kernels: ``(dq, dleft,
+    dright, dcoefficient, dw, dlog_decay, dinitial)`` (``dlog_decay`` None when not gated;
+    ``dright`` None when ``right is left``, whose one gradient ``dleft`` then is),
+    from ``d_output`` (``[N, T, V]``), ``d_final`` (``[N, K, V]``) and what :func:`_forward`
+    kept.  ``delta_adjoint_chunks`` carries the state's adjoint over the chunks in reverse,
+    then ``delta_gradients`` forms every chunk's gradients at once.  Computed in float32
+    (float64 for a float64 state); the caller casts them to its inputs' dtypes."""
+    N, T, K = left.shape
+    V = w.shape[-1]
+    dtype = saved.u.dtype
+    ACC = tl.float64 if dtype == torch.float64 else tl.float32
+    tiles = tiling(chunk, K, V, dtype, allow_tf32, steps=T)
+    BT = tiles.chunk
+    options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    n_chunks = triton.cdiv(T, BT)
+    device = left.device
+    low = left.dtype if left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype else dtype
+    same_sides = right is left
+    left = left.to(low).contiguous()
+    right = left if same_sides else right.to(low).contiguous()
+    q = readout.to(low).contiguous()
+    gated = log_decay is not None
+    a = coefficient.contiguous()
+    g = log_decay.contiguous() if gated else a  # (not read when not gated)
+    d_output = d_output.to(dtype).contiguous()
+    d_initial = torch.empty(N, K, V, dtype=dtype, device=device)
+    d_ends = torch.empty(N, n_chunks, K, V, dtype=dtype, device=device)
+    du = torch.empty(N, T, V, dtype=dtype, device=device)
+    grid = (N, triton.cdiv(V, tiles.value_block))
+    launch(delta_adjoint_chunks, grid, q, left, g, saved.wr, d_output, d_final.to(dtype).contiguous(), d_initial, d_ends, du, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+    dq, dl = (torch.empty(N, T, K, dtype=dtype, device=device) for _ in range(2))
+    dr = dl if same_sides else torch.empty(N, T, K, dtype=dtype, device=device)
+    da, dg = torch.empty(N, T, dtype=dtype, device=device), torch.empty(N, T, dtype=dtype, device=device)
+    dw = torch.empty(N, T, V, dtype=dtype, device=device)
+    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
+    return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial
 
 
 def delta_rule(
@@ -293,10 +648,11 @@ def delta_rule(
     exclusive: tuple[bool, ...] | None = None,
     allow_tf32: bool = False,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton forward kernels.
+    """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton kernels.
 
     Read-outs of the previous state (``exclusive``) and states of more than 128 key rows go
-    to the torch form; gradients differentiate the torch form, recomputed (:class:`DeltaRule`).
+    to the torch form; gradients are the backward kernels' with one read-out, else the
+    torch form's, recomputed (:class:`DeltaRule`).
     """
     from . import chunk_kernels
 
@@ -313,19 +669,47 @@ def delta_rule(
 
 
 class DeltaRule(torch.autograd.Function):
-    """The Triton forward; the backward differentiates the torch chunked form, recomputed
-    (it keeps chunk-boundary states only, as the forward)."""
+    """The Triton forward; with one read-out, the backward kernels (:func:`backward`) from
+    the chunk start states the forward kept.  Otherwise (no read-out, or several) the
+    backward differentiates the torch chunked form, recomputed (chunk-boundary states only)."""
 
     @staticmethod
     def forward(ctx, chunk: int, allow_tf32: bool, left, right, coefficient, w, log_decay, initial, *readouts):
-        outputs, final = forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32)
+        ctx.kernels = len(readouts) == 1 and any(ctx.needs_input_grad)
+        outputs, final, saved = _forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32, keep=ctx.kernels)
         ctx.chunk = chunk
+        ctx.allow_tf32 = allow_tf32
         ctx.gated = log_decay is not None
+        ctx.same_sides = right is left
+        ctx.saved = saved
         ctx.save_for_backward(left, right, coefficient, w, log_decay if log_decay is not None else coefficient, initial, *readouts)
         return (*outputs, final)
 
     @staticmethod
     def backward(ctx, *grads):
+        if ctx.kernels:
+            return DeltaRule._kernel_backward(ctx, *grads)
+        return DeltaRule._torch_backward(ctx, *grads)
+
+    @staticmethod
+    def _kernel_backward(ctx, d_output, d_final):
+        left, right, coefficient, w, log_decay, initial, q = ctx.saved_tensors
+        if ctx.same_sides:
+            right = left
+        saved = ctx.saved
+        if d_output is None:
+            d_output = torch.zeros_like(saved.u)
+        if d_final is None:
+            d_final = torch.zeros_like(initial, dtype=saved.u.dtype)
+        dq, dl, dr, da, dw, dg, d_initial = backward(q, left, right, coefficient, w, log_decay if ctx.gated else None, saved, d_output, d_final, ctx.chunk, ctx.allow_tf32)
+        return (
+            None, None,
+            dl.to(left.dtype), None if dr is None else dr.to(right.dtype), da.to(coefficient.dtype), dw.to(w.dtype),
+            dg.to(log_decay.dtype) if ctx.gated else None, d_initial.to(initial.dtype), dq.to(q.dtype),
+        )
+
+    @staticmethod
+    def _torch_backward(ctx, *grads):
         from .chunk_kernels import delta_rule as torch_delta_rule
 
         left, right, coefficient, w, log_decay, initial, *readouts = ctx.saved_tensors
