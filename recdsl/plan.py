@@ -815,7 +815,7 @@ FLOPS_PER_SECOND = 4e10  # matmuls
 STEP_OVERHEAD_SECONDS = 25e-6  # the sequential loop's own bookkeeping per time step
 STEP_OP_SECONDS = 10e-6  # one IR node evaluated inside the loop (dispatch plus the evaluator's own work)
 STEP_COMBINE_SECONDS = 150e-6  # one monoid combine per step (carries bound, broadcast and read back)
-CONVOLUTION_BLOCK_ELEMENTS = 1 << 22  # lags x state elements of one block of decay powers (backends/convolution.py)
+CONVOLUTION_BLOCK_ELEMENTS = 1 << 21  # lags x state elements of one block of decay powers (backends/convolution.py)
 # The fused form: the loop in generated C, one thread.  Fitted to the quiet-machine runs of
 # benchmarks/bench_sequential.py (GRU 43 ms, LSTM 66 ms forward at B = 4, T = 2048, d = 128;
 # RESULTS_SEQUENTIAL.md): the per-step matmul runs at about 30 GFLOP/s with -march=native.
