@@ -36,7 +36,7 @@ from recdsl.analysis import Analysis, analyze
 from recdsl.errors import BackendError
 from recdsl.ir import RefKind
 
-from .sequential import _full_sequence, _LazySequences, _sequence_of, delayed
+from .sequential import _full_sequence, _LazySequences, delayed, pend_delays
 from .torch_ops import Evaluator, Numerics
 
 
@@ -204,15 +204,7 @@ def run(
     for statement in cell.body:
         if isinstance(statement, (ir.Assign, ir.Emit)) and statement.name:
             whole.pending[(RefKind.BINDING, statement.name)] = lambda expr=statement.value: whole_eval.evaluate(expr)
-    for name in analysis.delays:
-        declared = cell.state(name)
-        update = analysis.state(name).update
-
-        def new_values(update=update, declared=declared) -> torch.Tensor:
-            return _sequence_of(whole_eval.evaluate(update), update.type, declared.type, lead)
-
-        whole.pending[(RefKind.STATE_NEW, name)] = new_values
-        whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: delayed(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
+    pend_delays(whole, whole_eval.evaluate, analysis, state, lead)
 
     final: dict[str, torch.Tensor] = {}
     rows = None if last_steps is None else torch.arange(lead[0], device=last_steps.device)

@@ -13,7 +13,7 @@ import torch
 
 from recdsl import ir
 from recdsl.plan import ExecutionPlan
-from recdsl.analysis import recurrent_sources
+from recdsl.analysis import Analysis, recurrent_sources
 from recdsl.ir import RefKind
 
 from .torch_ops import Evaluator, Numerics, align, combine_carries
@@ -184,6 +184,29 @@ def delayed(sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Directi
     return torch.cat([initial.unsqueeze(1), sequence[:, :-1]], 1)
 
 
+def pend_delays(
+    whole: "_LazySequences",
+    evaluate: Callable[[ir.Expr], torch.Tensor],
+    analysis: Analysis,
+    state: Mapping[str, torch.Tensor],
+    lead: tuple[int, ...],
+    shift: Callable[[torch.Tensor, torch.Tensor, ir.Direction], torch.Tensor] = delayed,
+) -> None:
+    """Make each delay's whole sequence a pending value of ``whole``: its update over every
+    step (``evaluate``), and its previous values that sequence shifted by ``shift`` from the
+    delay's row of ``state``.  Computed on first read, so a delay nothing reads costs nothing."""
+    cell = analysis.cell
+    for name in analysis.delays:
+        declared = cell.state(name)
+        update = analysis.state(name).update
+
+        def new_values(update=update, declared=declared) -> torch.Tensor:
+            return _sequence_of(evaluate(update), update.type, declared.type, lead)
+
+        whole.pending[(RefKind.STATE_NEW, name)] = new_values
+        whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: shift(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
+
+
 def _run_directed(
     plan: ExecutionPlan,
     inputs: Mapping[str, torch.Tensor],
@@ -234,15 +257,7 @@ def _run_directed(
     for statement in cell.body:
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             whole.pending[(RefKind.BINDING, statement.name)] = lambda expr=statement.value: whole_eval.evaluate(expr)
-    for name in analysis.delays:
-        declared = cell.state(name)
-        update = analysis.state(name).update
-
-        def new_values(update=update, declared=declared) -> torch.Tensor:
-            return _sequence_of(whole_eval.evaluate(update), update.type, declared.type, lead)
-
-        whole.pending[(RefKind.STATE_NEW, name)] = new_values
-        whole.pending[(RefKind.STATE_PREV, name)] = lambda name=name, declared=declared: delayed_in_rows(whole[(RefKind.STATE_NEW, name)], state[name], declared.direction)
+    pend_delays(whole, whole_eval.evaluate, analysis, state, lead, delayed_in_rows)
 
     # Bindings that read delays and nothing else recurrent are time-parallel too, once the
     # delays are shifted (RWKV's token-shift mix).
