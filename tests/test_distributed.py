@@ -29,6 +29,7 @@ from recdsl.ir import Kind
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_dims import DIMS, EXAMPLES  # noqa: E402
+from test_reverse import AFFINE_SCAN  # noqa: E402  (a reverse monoid scan beside a forward one)
 
 TOLERANCE = 1e-10  # float64, absolute on values of order one (relative to max(1, |reference|))
 
@@ -82,21 +83,7 @@ MATRIX_SCAN_CELLS = {
     out S
 }""", dict(d=3, c=2)),
     # A reverse scan of a monoid that does not commute beside a forward one.
-    "suffix_scan": ("""monoid Affine(d) {
-    carry m: [d] = 1
-    carry c: [d] = 0
-    combine(p, q) {
-        m = p.m * q.m
-        c = q.m * p.c + q.c
-    }
-}
-cell Suffix(d) {
-    input x: [d]
-    input u: [d]
-    acc = scan reverse Affine(d) from (m = sigmoid(u), c = x)
-    pre = scan Affine(d) from (m = sigmoid(u), c = x)
-    out acc.c + 2 * pre.c
-}""", dict(d=3)),
+    "suffix_scan": (AFFINE_SCAN, dict(d=3)),
     "dense": ("""cell Dense(d) {
     input x: [d]
     param A: [d, d] = normal(0.4)
