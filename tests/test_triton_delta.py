@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from example_dims import EXAMPLES  # noqa: E402
+from test_delta_chunked import GATED_DELTA_TRANSPOSED  # noqa: E402  (S [dv, dk] read out as S @ q: the kernels see S^T)
 
 
 @pytest.fixture(autouse=True)
@@ -114,22 +115,6 @@ def test_hypothesis_over_sizes_and_chunks():
     agree()
 
 
-# A gated delta rule in the paper's (and flash-linear-attention's) layout, S [dv, dk] read out as
-# S @ q: the kernels see S^T.
-GATED_DELTA_TRANSPOSED = """
-cell GatedDeltaT(dk, dv) {
-    input q: [dk]
-    input k: [dk]
-    input v: [dv]
-    input g: []
-    input b: []
-    state S: [dv, dk] = 0
-    alpha = exp(logsigmoid(g))
-    beta = sigmoid(b)
-    S = alpha * (S - beta * outer(S @ k, k)) + beta * outer(v, k)
-    out S @ q
-}
-"""
 
 
 def _cell(name: str, backend: str | None = None, **dims):
