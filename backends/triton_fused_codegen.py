@@ -78,10 +78,14 @@ def _forward_template(op: str) -> str:
     return f"({template})"
 
 
-# Each operand's share of the adjoint: {g} is the result's adjoint, {r} the result, {0}, {1},
-# {2} the operands; None: no gradient flows there.  The op registry's rules (recdsl/ops.py,
-# ``OpSpec.derivative``, as the C loop's), printed in Triton.
-def _adjoint(op: str) -> tuple[str | None, ...]:
+def adjoint_formulas(op: str) -> tuple[str | None, ...]:
+    """Each operand's share of ``op``'s adjoint as a Triton expression template, one per operand.
+
+    In a template ``{g}`` is the result's adjoint, ``{r}`` the result and ``{0}``, ``{1}``, ``{2}``
+    the operands; None: no gradient flows to that operand.  The rules are the op registry's
+    (recdsl/ops.py, ``OpSpec.derivative``, as the C loop's), printed in Triton.  Raises
+    :class:`Unsupported` for an op without a Triton form.
+    """
     return adjoint_templates(op, lambda name, args: _forward_template(name).format(*args), _literal)
 
 
@@ -386,7 +390,7 @@ def _backward(program: StepProgram, writer: _Writer, buffer: IndentedBuffer, nam
                         continue
                     assert node.op is not None
                     values = writer.operands(node)
-                    for arg, formula in zip(node.args, _adjoint(node.op)):
+                    for arg, formula in zip(node.args, adjoint_formulas(node.op)):
                         if formula is None or not adjoints.receives(arg):
                             continue
                         share = formula.format(*values, g=f"d_{node.index}", r=f"b_{node.index}")

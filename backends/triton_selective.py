@@ -388,7 +388,7 @@ class _Graph:
         A share reaching a node that varies along fewer axes than its consumer is summed over
         the others (masked: padded lanes hold no values), as broadcasting's adjoint does.
         """
-        from .triton_fused_codegen import _adjoint  # the registry's derivative rules, printed in Triton
+        from .triton_fused_codegen import adjoint_formulas  # the registry's derivative rules, printed in Triton
 
         shares: dict[int, list[tuple[str, tuple[bool, bool, bool]]]] = {}
         for key, (text, flags) in seeds.items():
@@ -417,7 +417,7 @@ class _Graph:
                 continue
             assert isinstance(node.expr, Op)
             operands = [self.nodes[a].value for a in node.args]
-            for arg, formula in zip(node.args, _adjoint(node.expr.op)):
+            for arg, formula in zip(node.args, adjoint_formulas(node.expr.op)):
                 child = self.nodes[arg]
                 if formula is None or child.constant:
                     continue  # no gradient, or a constant
