@@ -566,8 +566,8 @@ def _pack(parts: Sequence[torch.Tensor], lead: tuple[int, ...], real: torch.dtyp
     pieces = []
     for part in parts:
         part = part.expand(lead + tuple(part.shape[len(lead):])) if part.dim() >= len(lead) else part
-        if part.is_complex():
-            part = torch.view_as_real(part.contiguous())
+        if part.is_complex():  # stacked, not a real view: see _unpack
+            part = torch.stack((part.real, part.imag), -1)
         pieces.append(part.to(real).reshape(-1))
     return torch.cat(pieces)
 
@@ -580,7 +580,10 @@ def _unpack(flat: torch.Tensor, templates: Sequence[torch.Tensor], lead: tuple[i
         piece = flat[offset : offset + count]
         offset += count
         if template.is_complex():
-            piece = torch.view_as_complex(piece.reshape(shape + (2,)).contiguous())
+            # torch.complex, not view_as_complex: a complex view (and its backward) needs an
+            # even storage offset, which an odd count of real numbers before the piece breaks.
+            pair = piece.reshape(shape + (2,))
+            piece = torch.complex(pair[..., 0], pair[..., 1])
         else:
             piece = piece.reshape(shape).to(template.dtype)
         parts.append(piece)

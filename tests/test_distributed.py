@@ -773,3 +773,23 @@ def test_packed_sequences_are_checked_and_monoid_scans_refused(one_rank):
     want, want_final = _one_by_one(gla, inputs, None, (0, 2, 5))
     assert _error(y, want[0]) <= TOLERANCE, "packed output of a one-rank group"
     assert _error(final["S"], want_final["S"]) <= TOLERANCE and final["S"].shape[0] == 2, "one final row per sequence"
+
+
+def test_summaries_pack_and_unpack_complex_parts_after_an_odd_count_of_reals():
+    """A complex summary after an odd number of real ones sits at an odd offset of the flat
+    buffer: unpacking it, and the gradient's way back, must not need a complex view of it
+    (the slow matrix's S4D with packed sequences failed so)."""
+    from recdsl.distributed import _pack, _unpack
+
+    lead = (1,)  # B = 1, as packed sequences are
+    real = torch.randn(1, 3, dtype=torch.float64, requires_grad=True)  # 3 reals: the complex part starts at an odd offset
+    wave = torch.randn(1, 4, dtype=torch.complex128, requires_grad=True)
+    flat = _pack([real, wave], lead, torch.float64)
+    assert flat.shape == (3 + 8,)
+    got = _unpack(flat, [real, wave], lead)
+    for before, after in zip((real, wave), got):
+        assert after.dtype == before.dtype and torch.equal(after.detach(), before.detach())
+    weights = torch.randn(1, 4, dtype=torch.complex128)
+    (got[0].sum() + (got[1] * weights).real.sum()).backward()
+    assert torch.equal(real.grad, torch.ones_like(real))
+    assert torch.allclose(wave.grad, weights.conj())
