@@ -240,6 +240,16 @@ def _steps(length: torch.Tensor) -> int:
     return int(round(float(length.detach().reshape(-1)[0]))) if length.numel() else 0
 
 
+def _powered(decay: torch.Tensor, steps: int, state: torch.Tensor) -> torch.Tensor:
+    """``decay^steps * state``, the transition of a slice of ``steps`` steps applied to a state.
+
+    A slice has at least one step, so a length of 0 is a reset summary (a slice holding a
+    packed sequence's first step sends zeros, :meth:`recdsl.distributed._SlicedRun._segmented`):
+    its transition is the zero, not ``decay^0``, the identity.
+    """
+    return decay**steps * state if steps > 0 else torch.zeros_like(state)
+
+
 def _convolution(run: "_SlicedRun", step: StepPlan, planned: "StepExchange", state: StateAnalysis, substitutions: dict):
     from .backends import convolution
     from .backends.parallel import Solver
@@ -270,7 +280,7 @@ def _convolution(run: "_SlicedRun", step: StepPlan, planned: "StepExchange", sta
     else:
         # Every rank applies the others' transitions with its own decay (the same param).
         length = torch.full(run.state_lead + (1,), float(steps), dtype=run.numerics.real, device=run.numerics.device)
-        parts, apply = [length, last], lambda summary, s: decay ** _steps(summary[0]) * s + summary[1]
+        parts, apply = [length, last], lambda summary, s: _powered(decay, _steps(summary[0]), s) + summary[1]
     received, whole = yield _Request.single_state(planned, parts, apply)
     start = run.initial[name] if first else received
     if sequence is not None:

@@ -186,6 +186,7 @@ def default_cases(world: int) -> list[Case]:
             Case("ttt_linear", lengths, with_state=False, exchange="RING"),
             Case("rwkv6", (1, 1, 1, 1), with_state=True),
             Case("s4d", lengths, with_state=True),
+            Case("s4d", lengths, with_state=True, cu_seqlens=PACKED_4),  # rank 2's reset summary: a length of 0
             # Newton's method with each iteration's linear solve sharded: a dense Jacobian, and
             # 2 x 2 blocks with a budget of 2 iterations (the rest swept rank after rank).
             Case("gru", lengths, with_state=True, newton_iterations=-1),
