@@ -121,23 +121,31 @@ def _product_elements(plan: Any, mode: Any) -> int:
     return len(plan.blocks) * plan.block_size * plan.block_size
 
 
-def check_newton(module: Any) -> None:
-    """Refuse, when wrapped, what the sharded newton run does not handle."""
+def check_newton(module: Any, packed: bool = False) -> None:
+    """Refuse what the sharded newton run does not handle: when wrapped, and at a call with
+    ``packed`` sequences (``cu_seqlens``): a cell with reverse states, run in parts."""
     from .distributed import SequenceParallelError
 
     cell = module.analysis.cell
-    if cell.reversed_recurrences:
+    if packed and _runs_in_parts(module.plan):
         raise SequenceParallelError(
-            f"cell {cell.name} has states that run in reverse time, which the sharded newton run does not support yet",
-            expected="a cell whose states all run forward in time",
+            f"cell {cell.name} has states that run in reverse time, which the sharded newton run does not support with packed sequences (cu_seqlens) yet",
+            expected="one call per sequence, or a cell whose states all run forward in time",
         )
 
 
 class _Group:
-    """The process group and this rank's place in it, with the collectives the run uses."""
+    """The process group and this rank's place in it, with the collectives the run uses.
 
-    def __init__(self, owner: "SequenceParallel") -> None:
-        self.group, self.rank, self.world = owner.group, owner.rank, owner.world_size
+    ``reverse``: the group seen in reversed time (a reverse part of a directed cell), where
+    the last rank holds the first steps: ranks count from the last, and gathered summaries
+    come in that order, so every fold and ring below runs unchanged the other way.
+    """
+
+    def __init__(self, owner: "SequenceParallel", reverse: bool = False) -> None:
+        self.group, self.world = owner.group, owner.world_size
+        self.reverse = reverse
+        self.rank = owner.world_size - 1 - owner.rank if reverse else owner.rank
         self.clock = owner.collective_time
         self.owner = owner
 
@@ -155,12 +163,12 @@ class _Group:
         else:
             self.clock.forward += elapsed
             self.owner.last_exchange.append((("newton",), flat.numel(), flat.numel() * flat.element_size()))
-        return torch.stack(gathered)
+        return torch.stack(gathered[::-1] if self.reverse else gathered)
 
     def global_rank(self, rank: int) -> int:
         import torch.distributed as dist
 
-        return dist.get_global_rank(self.group, rank)
+        return dist.get_global_rank(self.group, self.world - 1 - rank if self.reverse else rank)
 
 
 # ---- the Jacobians' products and their action ---------------------------------------------------
@@ -212,13 +220,37 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
 
     ``packed`` (a :class:`recdsl.distributed._Packed`): packed sequences in one batch row;
     ``state`` then holds one row per sequence and the final states are per sequence.
+    A cell with reverse states runs in the parts of its directed plan (:func:`_run_directed`).
+    """
+    owner.last_exchange = []
+    executed = owner.module.plan
+    check_newton(owner.module, packed=packed is not None)
+    if _runs_in_parts(executed):
+        return _run_directed(owner, executed, inputs, params, consts, state, numerics, need_final)
+    outputs, final_states, _ = _solve(_Group(owner), executed, inputs, params, consts, state, numerics, packed)
+    return outputs, final_states
+
+
+def _runs_in_parts(executed: Any) -> bool:
+    """Whether a newton plan runs sharded in the parts of its directed plan: a cell with reverse
+    states (a cell with forward delays only runs as one joint solve, its delays Newton states)."""
+    return executed.directed is not None and bool(executed.analysis.cell.reversed_recurrences)
+
+
+def _solve(group: _Group, executed: Any, inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, packed: Any = None, order: torch.Tensor | None = None):
+    """One newton plan's sharded solve on this rank's slice (in ``group``'s time):
+    ``(outputs, final states, token)``.
+
+    ``order`` (the output of the previous collective of the call, or None) is tied into the
+    solve, and ``token`` (an output of its adjoint, None when not differentiable) returned,
+    so that every rank's autograd runs the backward exchanges of a call's solves in the
+    same (reverse) order.
     """
     from .backends import newton as nt
     from .backends.torch_ops import Evaluator
     from .distributed import _Tie
 
-    module = owner.module
-    executed = module.plan
+    owner = group.owner
     analysis = executed.analysis
     cell = analysis.cell
     plan = executed.solver
@@ -226,8 +258,6 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     options = dict(executed.options.backend_options)
     requested, tolerance, max_iterations = nt._options(options.get("jacobian", "auto"), options.get("tolerance"), options.get("max_iterations"), numerics)
     mode = plan.mode(requested)
-    group = _Group(owner)
-    owner.last_exchange = []
     first = next(iter(inputs.values()))
     lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])  # (B, T_r, *heads)
     steps = lead[1]
@@ -291,9 +321,13 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         start = initial if group.rank == 0 else halo
         solution = attached(nt._shift(start, trajectory))
         quasi = None if exact else _QuasiAdjoint(detached, nt._shift(start, trajectory).detach(), tolerance, max_iterations)
+        if order is not None and order.requires_grad:
+            solution = _Tie.apply(solution, order)
         solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size, quasi, ends if packed is not None else None))
+        token = final_out
     else:
         solution, halo_out, final_out = trajectory, initial if group.rank == 0 else halo, final
+        token = None
     previous = nt._shift(halo_out, solution)
     if packed is not None:
         previous = attached.reset(previous)
@@ -312,7 +346,101 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
     final_lead = state_lead if packed is None else (len(packed.offsets) - 1,) + state_lead[1:]
     final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(final_lead + s.shape) for s in plan.slots}
-    return outputs, final_states
+    return outputs, final_states, token
+
+
+def _run_directed(owner: "SequenceParallel", executed: Any, inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool):
+    """A cell with reverse states, sharded: the parts of its directed plan (:mod:`recdsl.backends.directed`),
+    each a sharded solve in its own time direction.
+
+    The one-device split runs unchanged on the slice: delays shifted, each part in schedule
+    order (a reverse part on the slice flipped in time), the outputs from the slice's whole
+    sequences.  What crosses a slice boundary is exchanged: each part's solve runs in the
+    group seen in its own time (a reverse part's ranks count from the last, so its initial
+    state is the last rank's and its summaries fold from the later ranks, forward and in the
+    adjoint), and a state's previous value at the slice's first step, where something reads
+    it (a delay always), is the neighbouring slice's boundary value (:class:`_Boundaries`).
+    """
+    from .backends import directed
+    from .distributed import _Tie
+
+    boundaries = _Boundaries(owner, need_final)
+    directions = {id(part.plan): part.direction for part in executed.directed.parts}
+
+    def run_part(plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics):
+        group = _Group(owner, reverse=directions[id(plan)] is ir.Direction.REVERSE)
+        outputs, finals, token = _solve(group, plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics, order=boundaries.token)
+        if token is not None:
+            boundaries.token = token
+        return outputs, finals
+
+    outputs, final = directed.run(executed, inputs, params, consts, state, numerics, run_part, shift=boundaries.shift, ends=boundaries.ends)
+    token = boundaries.token
+    if token is not None and token.requires_grad:
+        # Every rank's backward must reach every exchange, whichever outputs or final states
+        # its loss reads (the exchanges are chained, so reaching the last reaches all).
+        outputs = [_Tie.apply(o, token) for o in outputs]
+        final = {k: _Tie.apply(v, token) for k, v in final.items()}
+    return outputs, final
+
+
+class _Boundaries:
+    """A directed cell's values at its slice's edges, for the steps that read across them.
+
+    A forward state's previous value at the slice's first step is the previous rank's last
+    value (rank 0: the initial state), a reverse state's at the slice's last step the next
+    rank's first value (the last rank: its initial state); a delay's value after the whole
+    sequence is the last rank's last value (a reverse delay's: rank 0's first).  Each is one
+    row per rank, all-gathered once per sequence (differentiably: the adjoint returns by an
+    all-to-all), and chained with the solves' adjoints through ``token`` (the output of the
+    call's last collective) so that every rank runs the backward collectives in one order.
+    """
+
+    def __init__(self, owner: "SequenceParallel", need_final: bool) -> None:
+        self.owner = owner
+        self.need_final = need_final
+        self.token: torch.Tensor | None = None
+        self.gathered: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def rows(self, sequence: torch.Tensor, direction: ir.Direction) -> list[torch.Tensor]:
+        """Every rank's boundary row of ``sequence`` (its first step in reverse time, else its last), by rank."""
+        from . import distributed as sp
+
+        found = self.gathered.get(id(sequence))
+        if found is not None and found[0] is sequence:
+            return found[1]
+        owner = self.owner
+        row = sequence[:, 0] if direction is ir.Direction.REVERSE else sequence[:, -1]
+        lead = tuple(row.shape[:1])
+        real = row.real.dtype if row.is_complex() else row.dtype
+        flat = sp._pack([row], lead, real)
+        gathered = sp._AllGather.apply(flat, self.token, owner.group, owner.rank, owner.world_size, owner.collective_time)
+        self.token = gathered
+        owner.last_exchange.append((("newton", "slice boundary"), flat.numel(), flat.numel() * flat.element_size()))
+        rows = [sp._unpack(gathered[r], [row], lead)[0] for r in range(owner.world_size)]
+        self.gathered[id(sequence)] = (sequence, rows)
+        return rows
+
+    def shift(self, sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
+        """The previous values of a state's sequence on this slice, across the slice's edge."""
+        from .backends.sequential import delayed
+
+        rank, world = self.owner.rank, self.owner.world_size
+        if world > 1:
+            rows = self.rows(sequence, direction)
+            if direction is ir.Direction.REVERSE and rank < world - 1:
+                initial = rows[rank + 1]
+            elif direction is not ir.Direction.REVERSE and rank > 0:
+                initial = rows[rank - 1]
+        return delayed(sequence, initial, direction)
+
+    def ends(self, sequence: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
+        """A delay's value after the whole sequence, on every rank (this slice's own when not asked for)."""
+        reverse = direction is ir.Direction.REVERSE
+        if self.owner.world_size == 1 or not self.need_final:
+            return sequence[:, 0] if reverse else sequence[:, -1]
+        rows = self.rows(sequence, direction)
+        return rows[0] if reverse else rows[-1]
 
 
 class _Resets:
