@@ -61,6 +61,8 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
     """What a sharded newton run of ``executed`` (a newton plan) exchanges over ``world`` ranks, in words."""
     from .backends import newton as nt
 
+    if _runs_in_parts(executed):
+        return _describe_parts(executed, world, batch, heads, itemsize)
     plan = executed.solver
     assert isinstance(plan, nt.JacobianPlan)
     mode = plan.mode(nt.JacobianMode(dict(executed.options.backend_options).get("jacobian", "auto")))
@@ -90,6 +92,43 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
         + backward_line
         + f"  bytes sent per rank (B = {batch}, heads = {heads}, {itemsize} bytes a number): forward {per_iteration} per iteration, backward {backward}\n"
     )
+
+
+def _describe_parts(executed: Any, world: int, batch: int, heads: int, itemsize: int) -> str:
+    """:func:`describe_newton` of a cell with reverse states: each part of its directed split, and its slice edges."""
+    from .distributed import _numel
+
+    analysis = executed.analysis
+    cell = analysis.cell
+    lines = [
+        f"sequence parallel over {world} rank{'s' if world != 1 else ''}: cell {cell.name}, Newton's method (the newton backend) in the parts of its directed split "
+        "(delays shifted; each other group of the schedule its own solve, in schedule order), each part's linear solves sharded in its own time direction\n"
+    ]
+    for part in executed.directed.parts:
+        if part.direction is ir.Direction.REVERSE:
+            where = "the slice flipped in time, ranks counted from the last: its initial state is the last rank's, its summaries fold from the later ranks, its adjoint's from the earlier ones (below, 'before' and 'after' in its own time)"
+        else:
+            where = "ranks in order: its initial state is rank 0's"
+        lines.append(f"  part {', '.join(part.names)} ({part.direction}): {where}\n")
+        body = describe_newton(part.plan, world, batch, heads, itemsize).splitlines()[1:]
+        lines.extend(f"  {line}\n" for line in body if "packed sequences" not in line)
+    # The states whose value before a slice's first step is read outside their own solve.
+    read_before = set(analysis.delays)
+    for part in executed.directed.parts:
+        read_before |= {c.state for c in part.carried if c.kind is RefKind.STATE_PREV}
+    for expr in analysis.expanded_outputs:
+        read_before |= {r.name for r in ir.refs(expr) if r.kind is RefKind.STATE_PREV}
+    if read_before:
+        names = sorted(read_before)
+        numbers = sum(_numel(cell.state(n).type.shape) for n in names)
+        sent = (world - 1) * numbers * batch * heads * itemsize if world > 1 else 0
+        lines.append(
+            f"  slice edges: the value before a slice's first step of {', '.join(names)} ({numbers} numbers per batch row and head in all) is the neighbouring slice's "
+            f"(a forward state's previous rank's last value, a reverse state's next rank's first): one all-gather of each rank's edge row per call, where read "
+            f"(a delay's value after the whole sequence comes from the same rows), its adjoint returned by an all-to-all; at most {sent} bytes per rank forward and as many backward\n"
+        )
+    lines.append("  packed sequences (cu_seqlens): not yet with reverse states (refused)\n")
+    return "".join(lines)
 
 
 def adjoint_on_ring(plan: Any, mode: Any) -> bool:
