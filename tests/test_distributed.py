@@ -464,7 +464,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     want = {
         "outputs": [o[:, begin:end].detach() for o in outputs],
         "final": {k: final[k].detach() for k in final_names},
-        "input_grads": {n: v.grad[:, begin:end] for n, v in leaf_inputs.items()},
+        "input_grads": {n: None if v.grad is None else v.grad[:, begin:end] for n, v in leaf_inputs.items()},  # None: an input nothing reads
         "state_grads": {} if leaf_state is None else {n: v.grad for n, v in leaf_state.items()},
         "param_grads": {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in module.named_parameters()},
     }
