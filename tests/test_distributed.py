@@ -775,6 +775,34 @@ def test_a_nonlinear_reverse_cell_is_refused_when_wrapped(one_rank):
     assert isinstance(raised.value, recdsl.RecDSLError)
 
 
+def test_a_nonlinear_reverse_cell_compiled_for_newton_runs_in_parts(one_rank, capsys):
+    """BiGRU with backend="newton" is wrapped: h's solve runs forward over the ranks, g's from the last rank;
+    packed sequences are refused with a reason."""
+    from recdsl.cli import main
+    from recdsl.distributed import SequenceParallel
+
+    module = recdsl.compile(str(EXAMPLES / "bigru.rec"), backend="newton", **DIMS["bigru"]).double()
+    parallel = SequenceParallel(module)
+    text = parallel.describe()
+    assert "in the parts of its directed split" in text
+    assert "part h (forward): ranks in order" in text and "part g (reverse): the slice flipped in time, ranks counted from the last" in text
+    inputs, _ = _inputs(module, Case("bigru", (6,), with_state=False))
+    with torch.no_grad():
+        (h, g), final = parallel(**inputs, return_state=True)
+        (want_h, want_g), want_final = module(**inputs, return_state=True)
+    assert _error(g, want_g) <= TOLERANCE and _error(final["g"], want_final["g"]) <= TOLERANCE, "BiGRU's reverse state on a one-rank group"
+    packed, _ = _inputs(module, Case("bigru", (6,), with_state=False, cu_seqlens=(0, 2, 6)))
+    with pytest.raises(SequenceParallelError, match="reverse time, which the sharded newton run does not support with packed sequences") as raised:
+        parallel(**packed, cu_seqlens=torch.tensor([0, 2, 6]))
+    assert isinstance(raised.value, recdsl.RecDSLError)
+    mixed = SequenceParallel(_compile(reverse_newton_cases(2)[1], backend="newton"))  # delays and previous values read across the parts
+    assert "slice edges: the value before a slice's first step of a_next, h, xp (7 numbers per batch row and head in all)" in mixed.describe()
+    assert main(["explain", "--sequence-parallel", "4", "--backend", "newton", "examples/bigru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 0
+    out = capsys.readouterr().out
+    # Per part: a 4 x 4 product, the final correction and the last state (24 numbers), and 2, to 3 ranks, 4 bytes each.
+    assert out.count("forward 312 per iteration, backward 288") == 2, out
+
+
 def test_reverse_and_joint_summaries_are_described(one_rank):
     from recdsl.distributed import Correction, Exchange, SequenceParallel
 
