@@ -45,7 +45,7 @@ final state is read where it ends and summed over the ranks in one all-reduce.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -127,7 +127,10 @@ def _describe_parts(executed: Any, world: int, batch: int, heads: int, itemsize:
             f"(a forward state's previous rank's last value, a reverse state's next rank's first): one all-gather of each rank's edge row per call, where read "
             f"(a delay's value after the whole sequence comes from the same rows), its adjoint returned by an all-to-all; at most {sent} bytes per rank forward and as many backward\n"
         )
-    lines.append("  packed sequences (cu_seqlens): not yet with reverse states (refused)\n")
+    lines.append(
+        "  packed sequences (cu_seqlens): a reverse part sees them in reversed time (each sequence begins at its last step); a previous value at a sequence's first step "
+        "is its initial row; a delay's final states, one all-reduce of N rows\n"
+    )
     return "".join(lines)
 
 
@@ -158,19 +161,6 @@ def _product_elements(plan: Any, mode: Any) -> int:
     if plan.block_size == 1 or mode is nt.JacobianMode.DIAGONAL:
         return plan.size
     return len(plan.blocks) * plan.block_size * plan.block_size
-
-
-def check_newton(module: Any, packed: bool = False) -> None:
-    """Refuse what the sharded newton run does not handle: when wrapped, and at a call with
-    ``packed`` sequences (``cu_seqlens``): a cell with reverse states, run in parts."""
-    from .distributed import SequenceParallelError
-
-    cell = module.analysis.cell
-    if packed and _runs_in_parts(module.plan):
-        raise SequenceParallelError(
-            f"cell {cell.name} has states that run in reverse time, which the sharded newton run does not support with packed sequences (cu_seqlens) yet",
-            expected="one call per sequence, or a cell whose states all run forward in time",
-        )
 
 
 class _Group:
@@ -263,9 +253,8 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     """
     owner.last_exchange = []
     executed = owner.module.plan
-    check_newton(owner.module, packed=packed is not None)
     if _runs_in_parts(executed):
-        return _run_directed(owner, executed, inputs, params, consts, state, numerics, need_final)
+        return _run_directed(owner, executed, inputs, params, consts, state, numerics, need_final, packed)
     outputs, final_states, _ = _solve(_Group(owner), executed, inputs, params, consts, state, numerics, packed)
     return outputs, final_states
 
@@ -388,7 +377,7 @@ def _solve(group: _Group, executed: Any, inputs: Mapping[str, torch.Tensor], par
     return outputs, final_states, token
 
 
-def _run_directed(owner: "SequenceParallel", executed: Any, inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool):
+def _run_directed(owner: "SequenceParallel", executed: Any, inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool, packed: Any = None):
     """A cell with reverse states, sharded: the parts of its directed plan (:mod:`recdsl.backends.directed`),
     each a sharded solve in its own time direction.
 
@@ -399,18 +388,29 @@ def _run_directed(owner: "SequenceParallel", executed: Any, inputs: Mapping[str,
     state is the last rank's and its summaries fold from the later ranks, forward and in the
     adjoint), and a state's previous value at the slice's first step, where something reads
     it (a delay always), is the neighbouring slice's boundary value (:class:`_Boundaries`).
+
+    Packed sequences: a reverse part sees them in reversed time too (sequence ``n`` is
+    ``N - 1 - n`` there, its rows of the given and final states flipped), and a previous
+    value at a sequence's first step (a reverse state's: at its last) is that sequence's
+    initial row.
     """
     from .backends import directed
     from .distributed import _Tie
 
-    boundaries = _Boundaries(owner, need_final)
+    boundaries = _Boundaries(owner, need_final, packed)
     directions = {id(part.plan): part.direction for part in executed.directed.parts}
 
     def run_part(plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics):
-        group = _Group(owner, reverse=directions[id(plan)] is ir.Direction.REVERSE)
-        outputs, finals, token = _solve(group, plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics, order=boundaries.token)
+        reverse = directions[id(plan)] is ir.Direction.REVERSE
+        part_packed = packed
+        if reverse and packed is not None:
+            part_packed = _reversed(packed)
+            sub_state = {name: value.flip(0) for name, value in sub_state.items()}
+        outputs, finals, token = _solve(_Group(owner, reverse=reverse), plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics, part_packed, order=boundaries.token)
         if token is not None:
             boundaries.token = token
+        if reverse and packed is not None:
+            finals = {name: value.flip(0) for name, value in finals.items()}
         return outputs, finals
 
     outputs, final = directed.run(executed, inputs, params, consts, state, numerics, run_part, shift=boundaries.shift, ends=boundaries.ends)
@@ -435,9 +435,10 @@ class _Boundaries:
     call's last collective) so that every rank runs the backward collectives in one order.
     """
 
-    def __init__(self, owner: "SequenceParallel", need_final: bool) -> None:
+    def __init__(self, owner: "SequenceParallel", need_final: bool, packed: Any = None) -> None:
         self.owner = owner
         self.need_final = need_final
+        self.packed = packed
         self.token: torch.Tensor | None = None
         self.gathered: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
@@ -465,21 +466,73 @@ class _Boundaries:
         from .backends.sequential import delayed
 
         rank, world = self.owner.rank, self.owner.world_size
+        reverse = direction is ir.Direction.REVERSE
+        edge = None
         if world > 1:
             rows = self.rows(sequence, direction)
-            if direction is ir.Direction.REVERSE and rank < world - 1:
-                initial = rows[rank + 1]
-            elif direction is not ir.Direction.REVERSE and rank > 0:
-                initial = rows[rank - 1]
-        return delayed(sequence, initial, direction)
+            if reverse and rank < world - 1:
+                edge = rows[rank + 1]
+            elif not reverse and rank > 0:
+                edge = rows[rank - 1]
+        if self.packed is None:
+            return delayed(sequence, initial if edge is None else edge, direction)
+        # Packed: each sequence's first step (a reverse state's last) reads its initial row;
+        # the slice's edge step is one where no rank is beyond it.
+        starts, index = _packed_steps(self.packed, sequence.shape[1], sequence.device, reverse)
+        shifted = delayed(sequence, torch.zeros_like(sequence[:, 0]) if edge is None else edge, direction)
+        mask = starts.reshape((1, -1) + (1,) * (sequence.dim() - 2))
+        return torch.where(mask, initial[index].unsqueeze(0).to(shifted.dtype), shifted)
 
     def ends(self, sequence: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
         """A delay's value after the whole sequence, on every rank (this slice's own when not asked for)."""
         reverse = direction is ir.Direction.REVERSE
+        if self.packed is not None:
+            return self._packed_ends(sequence, reverse)
         if self.owner.world_size == 1 or not self.need_final:
             return sequence[:, 0] if reverse else sequence[:, -1]
         rows = self.rows(sequence, direction)
         return rows[0] if reverse else rows[-1]
+
+    def _packed_ends(self, sequence: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """Packed: each sequence's value at its last step (a reverse delay's: its first), ``[N, ...]``,
+        from the rank that holds that step, summed over the ranks in one all-reduce."""
+        from . import distributed as sp
+
+        packed, owner = self.packed, self.owner
+        count = len(packed.offsets) - 1
+        held = []  # (sequence, local step) of each sequence whose row this slice holds
+        for n in range(count):
+            local = (packed.offsets[n] if reverse else packed.offsets[n + 1] - 1) - packed.begin
+            if 0 <= local < sequence.shape[1]:
+                held.append((n, local))
+        index = torch.tensor([n for n, _ in held], dtype=torch.long, device=sequence.device)
+        steps = torch.tensor([t for _, t in held], dtype=torch.long, device=sequence.device)
+        # Copied in even when this slice holds none, so that every rank's graph has the all-reduce.
+        rows = sequence.new_zeros((count,) + tuple(sequence.shape[2:])).index_copy(0, index, sequence[0].index_select(0, steps))
+        if owner.world_size == 1 or not self.need_final:
+            return rows
+        lead = (count,)
+        real = rows.real.dtype if rows.is_complex() else rows.dtype
+        flat = sp._pack([rows], lead, real)
+        order = self.token if self.token is not None else flat.new_zeros(())
+        summed = sp._AllReduceSum.apply(flat, order, owner.group, owner.collective_time)
+        self.token = summed
+        owner.last_exchange.append((("newton", "final states"), flat.numel(), flat.numel() * flat.element_size()))
+        return sp._unpack(summed, [rows], lead)[0]
+
+
+def _reversed(packed: Any) -> Any:
+    """A packed slice seen in reversed time: sequence ``n`` becomes ``N - 1 - n``."""
+    total = packed.offsets[-1]
+    return replace(packed, offsets=tuple(total - o for o in reversed(packed.offsets)), begin=total - packed.begin - packed.length)
+
+
+def _packed_steps(packed: Any, steps: int, device: torch.device, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of each step of the slice: whether it is its sequence's first (``reverse``: its last), and its sequence."""
+    offsets = torch.tensor(packed.offsets, dtype=torch.long, device=device)
+    positions = packed.begin + torch.arange(steps, device=device)
+    starts = torch.isin(positions + 1, offsets[1:]) if reverse else torch.isin(positions, offsets[:-1])
+    return starts, torch.searchsorted(offsets[1:], positions, right=True)
 
 
 class _Resets:
@@ -513,10 +566,7 @@ class _Resets:
 
 def _with_resets(step: Any, given: torch.Tensor, packed: Any, steps: int) -> tuple[_Resets, list[tuple[int, int]]]:
     """``step`` with the packed sequences' resets, and ``(sequence, local step)`` of each sequence ending in this slice."""
-    offsets = torch.tensor(packed.offsets, dtype=torch.long, device=given.device)
-    positions = packed.begin + torch.arange(steps, device=given.device)
-    starts = torch.isin(positions, offsets[:-1])
-    sequence = torch.searchsorted(offsets[1:], positions, right=True)
+    starts, sequence = _packed_steps(packed, steps, given.device)
     ends = [(n, end - 1 - packed.begin) for n, end in enumerate(packed.offsets[1:]) if packed.begin < end <= packed.begin + steps]
     return _Resets(step, starts, given[sequence].unsqueeze(0)), ends
 

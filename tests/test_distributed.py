@@ -275,9 +275,10 @@ def _reverse_newton_cells() -> dict[str, tuple[str, tuple[tuple[str, int], ...]]
 
 def reverse_newton_cases(world: int, slow: bool = False) -> list[Case]:
     """Cells with reverse states by sharded Newton (each part of the directed split in its own
-    time direction): 2 ranks, uneven slices with one of one step; 4 ranks, the quasi-Newton
-    adjoint ring run from the last rank, the sweep after a budget of one iteration, delays
-    across every slice boundary.  ``slow``: every cell on every slicing and option."""
+    time direction): 2 ranks, uneven slices with one of one step, packed sequences; 4 ranks,
+    the quasi-Newton adjoint ring run from the last rank, the sweep after a budget of one
+    iteration, delays across every slice boundary, packed sequences crossing three slices.
+    ``slow``: every cell on every slicing and option."""
     cells = _reverse_newton_cells()
 
     def case(name: str, lengths: tuple[int, ...], with_state: bool, **options) -> Case:
@@ -297,16 +298,21 @@ def reverse_newton_cases(world: int, slow: bool = False) -> list[Case]:
             cases.append(case(name, slicings[1], True, newton_iterations=1, newton_jacobian="diagonal"))
             cases.append(case(name, slicings[1], False, return_state=False, last_output_only=True))
             cases.append(case(name, slicings[1], True, ddp=True))
+            for offsets in {2: [(0, 3, 9), (0, 1, 2, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:
+                cases.append(case(name, slicings[1], True, cu_seqlens=offsets))
+                cases.append(case(name, slicings[1], False, newton_jacobian="diagonal", cu_seqlens=offsets))
+            cases.append(case(name, slicings[1], True, newton_iterations=1, cu_seqlens=offsets))
         return cases
     if world == 4:
         return [
             case("bigru", (3, 1, 4, 2), True, newton_jacobian="diagonal"),  # the adjoint ring, g's from rank 0 to the last
             case("random_reverse_0", (3, 1, 4, 2), True, newton_iterations=1),  # then swept rank after rank, g's the other way
             case("nonlinear_mixed", (1, 1, 1, 1), True),  # delays and previous values across every slice boundary
+            case("bigru", (3, 1, 4, 2), True, cu_seqlens=PACKED_4),
         ]
     return [
         case("bigru", (5, 3), True),
-        case("nonlinear_mixed", (1, 6), True),
+        case("nonlinear_mixed", (1, 6), True, cu_seqlens=(0, 3, 7)),  # packed: a delay's final rows from the rank holding each end
         case("random_reverse_1", (5, 3), False),
     ]
 
@@ -776,8 +782,7 @@ def test_a_nonlinear_reverse_cell_is_refused_when_wrapped(one_rank):
 
 
 def test_a_nonlinear_reverse_cell_compiled_for_newton_runs_in_parts(one_rank, capsys):
-    """BiGRU with backend="newton" is wrapped: h's solve runs forward over the ranks, g's from the last rank;
-    packed sequences are refused with a reason."""
+    """BiGRU with backend="newton" is wrapped: h's solve runs forward over the ranks, g's from the last rank."""
     from recdsl.cli import main
     from recdsl.distributed import SequenceParallel
 
@@ -792,9 +797,10 @@ def test_a_nonlinear_reverse_cell_compiled_for_newton_runs_in_parts(one_rank, ca
         (want_h, want_g), want_final = module(**inputs, return_state=True)
     assert _error(g, want_g) <= TOLERANCE and _error(final["g"], want_final["g"]) <= TOLERANCE, "BiGRU's reverse state on a one-rank group"
     packed, _ = _inputs(module, Case("bigru", (6,), with_state=False, cu_seqlens=(0, 2, 6)))
-    with pytest.raises(SequenceParallelError, match="reverse time, which the sharded newton run does not support with packed sequences") as raised:
-        parallel(**packed, cu_seqlens=torch.tensor([0, 2, 6]))
-    assert isinstance(raised.value, recdsl.RecDSLError)
+    with torch.no_grad():
+        (h, g), final = parallel(**packed, cu_seqlens=torch.tensor([0, 2, 6]), return_state=True)
+        (want_h, want_g), want_final = _one_by_one(module, packed, None, (0, 2, 6))
+    assert _error(g, want_g) <= TOLERANCE and _error(final["g"], want_final["g"]) <= TOLERANCE, "BiGRU packed on a one-rank group"
     mixed = SequenceParallel(_compile(reverse_newton_cases(2)[1], backend="newton"))  # delays and previous values read across the parts
     assert "slice edges: the value before a slice's first step of a_next, h, xp (7 numbers per batch row and head in all)" in mixed.describe()
     assert main(["explain", "--sequence-parallel", "4", "--backend", "newton", "examples/bigru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 0
