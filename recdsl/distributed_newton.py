@@ -41,6 +41,15 @@ Packed sequences (``cu_seqlens``): a sequence's first step reads that sequence's
 state instead of the previous step (:class:`_Resets`), so its Jacobian is zero there and
 every product through it (a summary, forward or adjoint) is a reset; each sequence's
 final state is read where it ends and summed over the ranks in one all-reduce.
+
+Reverse states (BiGRU): the cell runs in the parts of its directed plan, as on one device
+(:mod:`recdsl.backends.directed`: delays shifted, each other group of the schedule its own
+solve, a reverse one on the sequence flipped in time), each part's solve sharded as above
+in the group seen in its own time (:class:`_Group` with ``reverse``: ranks counted from the
+last, so a reverse part's initial state is the last rank's, its summaries fold from the
+later ranks and its adjoint's from the earlier ones); values read across a slice's edge
+(a delay's, a state's previous value read by another part or an output) come from the
+neighbouring slice (:class:`_Boundaries`).
 """
 
 from __future__ import annotations
