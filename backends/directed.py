@@ -177,6 +177,8 @@ def run(
     numerics: Numerics,
     run_part: Callable[..., tuple[list[torch.Tensor], dict[str, torch.Tensor]]],
     last_steps: torch.Tensor | None = None,
+    shift: Callable[[torch.Tensor, torch.Tensor, ir.Direction], torch.Tensor] = delayed,
+    ends: Callable[[torch.Tensor, ir.Direction], torch.Tensor] | None = None,
     **options,
 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """Run a plan whose ``directed`` is a :class:`DirectedPlan`: delays shifted, each part by
@@ -184,7 +186,13 @@ def run(
     order (reverse parts on flipped inputs), the outputs from the whole sequences.
 
     ``last_steps`` (sequences padded at their ends) is refused with a reverse part: its
-    value at the padded end is not its initial value."""
+    value at the padded end is not its initial value.
+
+    ``shift(sequence, initial, direction)`` gives a state's previous values from its new
+    ones (:func:`~.sequential.delayed`: ``initial`` fills the step with no predecessor) and
+    ``ends(sequence, direction)`` a delay's value after the whole sequence (its last step's,
+    or a reverse one's first); a run on one slice of a sharded sequence
+    (:mod:`recdsl.distributed_newton`) passes its own, which read the neighbouring slices."""
     directed: DirectedPlan = plan.directed
     analysis = plan.analysis
     cell = analysis.cell
@@ -204,13 +212,15 @@ def run(
     for statement in cell.body:
         if isinstance(statement, (ir.Assign, ir.Emit)) and statement.name:
             whole.pending[(RefKind.BINDING, statement.name)] = lambda expr=statement.value: whole_eval.evaluate(expr)
-    pend_delays(whole, whole_eval.evaluate, analysis, state, lead)
+    pend_delays(whole, whole_eval.evaluate, analysis, state, lead, shift)
 
     final: dict[str, torch.Tensor] = {}
     rows = None if last_steps is None else torch.arange(lead[0], device=last_steps.device)
     for name in sorted(analysis.delays):
         sequence = whole[(RefKind.STATE_NEW, name)]
-        if cell.state(name).reverse:
+        if ends is not None:
+            final[name] = ends(sequence, cell.state(name).direction)
+        elif cell.state(name).reverse:
             final[name] = sequence[:, 0]
         else:
             final[name] = sequence[:, -1] if last_steps is None else sequence[rows, last_steps]
@@ -234,7 +244,8 @@ def run(
         for name, sequence in zip(part.names, sequences):
             sequence = sequence.flip(1) if reverse else sequence
             whole[(RefKind.STATE_NEW, name)] = sequence
-            whole[(RefKind.STATE_PREV, name)] = delayed(sequence, state[name], part.direction)
+            # Shifted when first read (the outputs may read only the new values).
+            whole.pending[(RefKind.STATE_PREV, name)] = lambda sequence=sequence, name=name, direction=part.direction: shift(sequence, state[name], direction)
             final[name] = sub_final[name]
     if reports and options.get("report") is not None:
         options["report"](_merged(reports))

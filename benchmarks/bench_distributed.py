@@ -131,6 +131,7 @@ NEWTON_SIZES = {
     "lstm": dict(d_in=256, d=256),  # 2 x 2 blocks as well
     "gru": dict(d_in=256, d=256),  # a dense 256 x 256 Jacobian
     "slstm": dict(d_in=256, heads=4, dh=64),  # blocks of 4 dh = 256 > 64: auto solves with their diagonal
+    "bigru": dict(d_in=256, d=256),  # reverse states: one solve per part (h forward, g from the last rank), each GRU's
 }
 
 
@@ -144,8 +145,15 @@ def newton_table() -> str:
         "| cell (backend newton) | sizes | Jacobian, as solved | summary per iteration (numbers) | state (numbers) | forward bytes per rank per iteration, P = " + ", ".join(map(str, WORLDS)) + " | backward bytes per rank, same P |",
         "|---|---|---|---:|---:|---|---|",
     ]
+    solves = []
     for name, dims in NEWTON_SIZES.items():
         executed = recdsl.compile(str(EXAMPLES / f"{name}.rec"), backend="newton", **dims).plan
+        if executed.directed is not None and executed.analysis.cell.reversed_recurrences:
+            # Sharded in the parts of its directed split: each part's own exchanges, per its own iteration.
+            solves += [(f"{name}: {', '.join(part.names)} ({part.direction})", dims, part.plan) for part in executed.directed.parts]
+        else:
+            solves.append((name, dims, executed))
+    for name, dims, executed in solves:
         plan = executed.solver
         mode = plan.mode(nt.JacobianMode.AUTO)
         product = _product_elements(plan, mode)

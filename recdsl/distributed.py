@@ -626,10 +626,6 @@ class SequenceParallel(nn.Module):
         # A module compiled with backend="newton" runs Newton's iterations with each linear
         # solve sharded (recdsl.distributed_newton); the others the chunked forms on slices.
         self.newton = module.plan.backend is BackendKind.NEWTON
-        if self.newton:
-            from .distributed_newton import check_newton
-
-            check_newton(module)
         self.plan: ExecutionPlan = module.plan if self.newton else local_plan(module.analysis, module.plan.chunk_size)
         if exchange is not None and not isinstance(exchange, Exchange):
             raise SequenceParallelError(f"exchange must be an Exchange, got {exchange!r}", expected="None (chosen by size), Exchange.ALL_GATHER or Exchange.RING")

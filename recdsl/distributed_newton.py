@@ -41,11 +41,20 @@ Packed sequences (``cu_seqlens``): a sequence's first step reads that sequence's
 state instead of the previous step (:class:`_Resets`), so its Jacobian is zero there and
 every product through it (a summary, forward or adjoint) is a reset; each sequence's
 final state is read where it ends and summed over the ranks in one all-reduce.
+
+Reverse states (BiGRU): the cell runs in the parts of its directed plan, as on one device
+(:mod:`recdsl.backends.directed`: delays shifted, each other group of the schedule its own
+solve, a reverse one on the sequence flipped in time), each part's solve sharded as above
+in the group seen in its own time (:class:`_Group` with ``reverse``: ranks counted from the
+last, so a reverse part's initial state is the last rank's, its summaries fold from the
+later ranks and its adjoint's from the earlier ones); values read across a slice's edge
+(a delay's, a state's previous value read by another part or an output) come from the
+neighbouring slice (:class:`_Boundaries`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
@@ -61,6 +70,8 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
     """What a sharded newton run of ``executed`` (a newton plan) exchanges over ``world`` ranks, in words."""
     from .backends import newton as nt
 
+    if _runs_in_parts(executed):
+        return _describe_parts(executed, world, batch, heads, itemsize)
     plan = executed.solver
     assert isinstance(plan, nt.JacobianPlan)
     mode = plan.mode(nt.JacobianMode(dict(executed.options.backend_options).get("jacobian", "auto")))
@@ -92,6 +103,46 @@ def describe_newton(executed: Any, world: int, batch: int = 1, heads: int = 1, i
     )
 
 
+def _describe_parts(executed: Any, world: int, batch: int, heads: int, itemsize: int) -> str:
+    """:func:`describe_newton` of a cell with reverse states: each part of its directed split, and its slice edges."""
+    from .distributed import _numel
+
+    analysis = executed.analysis
+    cell = analysis.cell
+    lines = [
+        f"sequence parallel over {world} rank{'s' if world != 1 else ''}: cell {cell.name}, Newton's method (the newton backend) in the parts of its directed split "
+        "(delays shifted; each other group of the schedule its own solve, in schedule order), each part's linear solves sharded in its own time direction\n"
+    ]
+    for part in executed.directed.parts:
+        if part.direction is ir.Direction.REVERSE:
+            where = "the slice flipped in time, ranks counted from the last: its initial state is the last rank's, its summaries fold from the later ranks, its adjoint's from the earlier ones (below, 'before' and 'after' in its own time)"
+        else:
+            where = "ranks in order: its initial state is rank 0's"
+        lines.append(f"  part {', '.join(part.names)} ({part.direction}): {where}\n")
+        body = describe_newton(part.plan, world, batch, heads, itemsize).splitlines()[1:]
+        lines.extend(f"  {line}\n" for line in body if "packed sequences" not in line)
+    # The states whose value before a slice's first step is read outside their own solve.
+    read_before = set(analysis.delays)
+    for part in executed.directed.parts:
+        read_before |= {c.state for c in part.carried if c.kind is RefKind.STATE_PREV}
+    for expr in analysis.expanded_outputs:
+        read_before |= {r.name for r in ir.refs(expr) if r.kind is RefKind.STATE_PREV}
+    if read_before:
+        names = sorted(read_before)
+        numbers = sum(_numel(cell.state(n).type.shape) for n in names)
+        sent = (world - 1) * numbers * batch * heads * itemsize if world > 1 else 0
+        lines.append(
+            f"  slice edges: the value before a slice's first step of {', '.join(names)} ({numbers} numbers per batch row and head in all) is the neighbouring slice's "
+            f"(a forward state's previous rank's last value, a reverse state's next rank's first): one all-gather of each rank's edge row per call, where read "
+            f"(a delay's value after the whole sequence comes from the same rows), its adjoint returned by an all-to-all; at most {sent} bytes per rank forward and as many backward\n"
+        )
+    lines.append(
+        "  packed sequences (cu_seqlens): a reverse part sees them in reversed time (each sequence begins at its last step); a previous value at a sequence's first step "
+        "is its initial row; a delay's final states, one all-reduce of N rows\n"
+    )
+    return "".join(lines)
+
+
 def adjoint_on_ring(plan: Any, mode: Any) -> bool:
     """Whether the backward passes the adjoint along a ring: a quasi-Newton solve (the diagonal of
     dense blocks), whose exact summary (the dense transposed product) would be ``m`` times the
@@ -121,23 +172,18 @@ def _product_elements(plan: Any, mode: Any) -> int:
     return len(plan.blocks) * plan.block_size * plan.block_size
 
 
-def check_newton(module: Any) -> None:
-    """Refuse, when wrapped, what the sharded newton run does not handle."""
-    from .distributed import SequenceParallelError
-
-    cell = module.analysis.cell
-    if cell.reversed_recurrences:
-        raise SequenceParallelError(
-            f"cell {cell.name} has states that run in reverse time, which the sharded newton run does not support yet",
-            expected="a cell whose states all run forward in time",
-        )
-
-
 class _Group:
-    """The process group and this rank's place in it, with the collectives the run uses."""
+    """The process group and this rank's place in it, with the collectives the run uses.
 
-    def __init__(self, owner: "SequenceParallel") -> None:
-        self.group, self.rank, self.world = owner.group, owner.rank, owner.world_size
+    ``reverse``: the group seen in reversed time (a reverse part of a directed cell), where
+    the last rank holds the first steps: ranks count from the last, and gathered summaries
+    come in that order, so every fold and ring below runs unchanged the other way.
+    """
+
+    def __init__(self, owner: "SequenceParallel", reverse: bool = False) -> None:
+        self.group, self.world = owner.group, owner.world_size
+        self.reverse = reverse
+        self.rank = owner.world_size - 1 - owner.rank if reverse else owner.rank
         self.clock = owner.collective_time
         self.owner = owner
 
@@ -155,12 +201,12 @@ class _Group:
         else:
             self.clock.forward += elapsed
             self.owner.last_exchange.append((("newton",), flat.numel(), flat.numel() * flat.element_size()))
-        return torch.stack(gathered)
+        return torch.stack(gathered[::-1] if self.reverse else gathered)
 
     def global_rank(self, rank: int) -> int:
         import torch.distributed as dist
 
-        return dist.get_global_rank(self.group, rank)
+        return dist.get_global_rank(self.group, self.world - 1 - rank if self.reverse else rank)
 
 
 # ---- the Jacobians' products and their action ---------------------------------------------------
@@ -212,13 +258,36 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
 
     ``packed`` (a :class:`recdsl.distributed._Packed`): packed sequences in one batch row;
     ``state`` then holds one row per sequence and the final states are per sequence.
+    A cell with reverse states runs in the parts of its directed plan (:func:`_run_directed`).
+    """
+    owner.last_exchange = []
+    executed = owner.module.plan
+    if _runs_in_parts(executed):
+        return _run_directed(owner, executed, inputs, params, consts, state, numerics, need_final, packed)
+    outputs, final_states, _ = _solve(_Group(owner), executed, inputs, params, consts, state, numerics, packed)
+    return outputs, final_states
+
+
+def _runs_in_parts(executed: Any) -> bool:
+    """Whether a newton plan runs sharded in the parts of its directed plan: a cell with reverse
+    states (a cell with forward delays only runs as one joint solve, its delays Newton states)."""
+    return executed.directed is not None and bool(executed.analysis.cell.reversed_recurrences)
+
+
+def _solve(group: _Group, executed: Any, inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, packed: Any = None, order: torch.Tensor | None = None):
+    """One newton plan's sharded solve on this rank's slice (in ``group``'s time):
+    ``(outputs, final states, token)``.
+
+    ``order`` (the output of the previous collective of the call, or None) is tied into the
+    solve, and ``token`` (an output of its adjoint, None when not differentiable) returned,
+    so that every rank's autograd runs the backward exchanges of a call's solves in the
+    same (reverse) order.
     """
     from .backends import newton as nt
     from .backends.torch_ops import Evaluator
     from .distributed import _Tie
 
-    module = owner.module
-    executed = module.plan
+    owner = group.owner
     analysis = executed.analysis
     cell = analysis.cell
     plan = executed.solver
@@ -226,8 +295,6 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
     options = dict(executed.options.backend_options)
     requested, tolerance, max_iterations = nt._options(options.get("jacobian", "auto"), options.get("tolerance"), options.get("max_iterations"), numerics)
     mode = plan.mode(requested)
-    group = _Group(owner)
-    owner.last_exchange = []
     first = next(iter(inputs.values()))
     lead = tuple(first.shape[: first.dim() - cell.inputs[0].type.rank])  # (B, T_r, *heads)
     steps = lead[1]
@@ -291,9 +358,13 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         start = initial if group.rank == 0 else halo
         solution = attached(nt._shift(start, trajectory))
         quasi = None if exact else _QuasiAdjoint(detached, nt._shift(start, trajectory).detach(), tolerance, max_iterations)
+        if order is not None and order.requires_grad:
+            solution = _Tie.apply(solution, order)
         solution, halo_out, final_out = _ShardedAdjoint.apply(solution, start, final, (group, jacobian, index, plan.size, quasi, ends if packed is not None else None))
+        token = final_out
     else:
         solution, halo_out, final_out = trajectory, initial if group.rank == 0 else halo, final
+        token = None
     previous = nt._shift(halo_out, solution)
     if packed is not None:
         previous = attached.reset(previous)
@@ -312,7 +383,165 @@ def run_sharded(owner: "SequenceParallel", inputs: Mapping[str, torch.Tensor], p
         outputs.append(value.expand(lead + tuple(value.shape[value.dim() - emit.value.type.rank :])))
     final_lead = state_lead if packed is None else (len(packed.offsets) - 1,) + state_lead[1:]
     final_states = {s.name: final_out[..., s.offset : s.offset + s.size].reshape(final_lead + s.shape) for s in plan.slots}
-    return outputs, final_states
+    return outputs, final_states, token
+
+
+def _run_directed(owner: "SequenceParallel", executed: Any, inputs: Mapping[str, torch.Tensor], params, consts, state: Mapping[str, torch.Tensor], numerics, need_final: bool, packed: Any = None):
+    """A cell with reverse states, sharded: the parts of its directed plan (:mod:`recdsl.backends.directed`),
+    each a sharded solve in its own time direction.
+
+    The one-device split runs unchanged on the slice: delays shifted, each part in schedule
+    order (a reverse part on the slice flipped in time), the outputs from the slice's whole
+    sequences.  What crosses a slice boundary is exchanged: each part's solve runs in the
+    group seen in its own time (a reverse part's ranks count from the last, so its initial
+    state is the last rank's and its summaries fold from the later ranks, forward and in the
+    adjoint), and a state's previous value at the slice's first step, where something reads
+    it (a delay always), is the neighbouring slice's boundary value (:class:`_Boundaries`).
+
+    Packed sequences: a reverse part sees them in reversed time too (sequence ``n`` is
+    ``N - 1 - n`` there, its rows of the given and final states flipped), and a previous
+    value at a sequence's first step (a reverse state's: at its last) is that sequence's
+    initial row.
+    """
+    from .backends import directed
+    from .distributed import _Tie
+
+    boundaries = _Boundaries(owner, need_final, packed)
+    directions = {id(part.plan): part.direction for part in executed.directed.parts}
+
+    def run_part(plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics):
+        reverse = directions[id(plan)] is ir.Direction.REVERSE
+        part_packed = packed
+        if reverse and packed is not None:
+            part_packed = _reversed(packed)
+            sub_state = {name: value.flip(0) for name, value in sub_state.items()}
+        outputs, finals, token = _solve(_Group(owner, reverse=reverse), plan, sub_inputs, sub_params, sub_consts, sub_state, sub_numerics, part_packed, order=boundaries.token)
+        if token is not None:
+            boundaries.token = token
+        if reverse and packed is not None:
+            finals = {name: value.flip(0) for name, value in finals.items()}
+        return outputs, finals
+
+    outputs, final = directed.run(executed, inputs, params, consts, state, numerics, run_part, shift=boundaries.shift, ends=boundaries.ends)
+    token = boundaries.token
+    if token is not None and token.requires_grad:
+        # Every rank's backward must reach every exchange, whichever outputs or final states
+        # its loss reads (the exchanges are chained, so reaching the last reaches all).
+        outputs = [_Tie.apply(o, token) for o in outputs]
+        final = {k: _Tie.apply(v, token) for k, v in final.items()}
+    return outputs, final
+
+
+class _Boundaries:
+    """A directed cell's values at its slice's edges, for the steps that read across them.
+
+    A forward state's previous value at the slice's first step is the previous rank's last
+    value (rank 0: the initial state), a reverse state's at the slice's last step the next
+    rank's first value (the last rank: its initial state); a delay's value after the whole
+    sequence is the last rank's last value (a reverse delay's: rank 0's first).  Each is one
+    row per rank, all-gathered once per sequence (differentiably: the adjoint returns by an
+    all-to-all), and chained with the solves' adjoints through ``token`` (the output of the
+    call's last collective) so that every rank runs the backward collectives in one order.
+    """
+
+    def __init__(self, owner: "SequenceParallel", need_final: bool, packed: Any = None) -> None:
+        self.owner = owner
+        self.need_final = need_final
+        self.packed = packed
+        self.token: torch.Tensor | None = None
+        self.gathered: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+
+    def rows(self, sequence: torch.Tensor, direction: ir.Direction) -> list[torch.Tensor]:
+        """Every rank's boundary row of ``sequence`` (its first step in reverse time, else its last), by rank."""
+        from . import distributed as sp
+
+        found = self.gathered.get(id(sequence))
+        if found is not None and found[0] is sequence:
+            return found[1]
+        owner = self.owner
+        row = sequence[:, 0] if direction is ir.Direction.REVERSE else sequence[:, -1]
+        lead = tuple(row.shape[:1])
+        real = row.real.dtype if row.is_complex() else row.dtype
+        flat = sp._pack([row], lead, real)
+        gathered = sp._AllGather.apply(flat, self.token, owner.group, owner.rank, owner.world_size, owner.collective_time)
+        self.token = gathered
+        owner.last_exchange.append((("newton", "slice boundary"), flat.numel(), flat.numel() * flat.element_size()))
+        rows = [sp._unpack(gathered[r], [row], lead)[0] for r in range(owner.world_size)]
+        self.gathered[id(sequence)] = (sequence, rows)
+        return rows
+
+    def shift(self, sequence: torch.Tensor, initial: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
+        """The previous values of a state's sequence on this slice, across the slice's edge."""
+        from .backends.sequential import delayed
+
+        rank, world = self.owner.rank, self.owner.world_size
+        reverse = direction is ir.Direction.REVERSE
+        edge = None
+        if world > 1:
+            rows = self.rows(sequence, direction)
+            if reverse and rank < world - 1:
+                edge = rows[rank + 1]
+            elif not reverse and rank > 0:
+                edge = rows[rank - 1]
+        if self.packed is None:
+            return delayed(sequence, initial if edge is None else edge, direction)
+        # Packed: each sequence's first step (a reverse state's last) reads its initial row;
+        # the slice's edge step is one where no rank is beyond it.
+        starts, index = _packed_steps(self.packed, sequence.shape[1], sequence.device, reverse)
+        shifted = delayed(sequence, torch.zeros_like(sequence[:, 0]) if edge is None else edge, direction)
+        mask = starts.reshape((1, -1) + (1,) * (sequence.dim() - 2))
+        return torch.where(mask, initial[index].unsqueeze(0).to(shifted.dtype), shifted)
+
+    def ends(self, sequence: torch.Tensor, direction: ir.Direction) -> torch.Tensor:
+        """A delay's value after the whole sequence, on every rank (this slice's own when not asked for)."""
+        reverse = direction is ir.Direction.REVERSE
+        if self.packed is not None:
+            return self._packed_ends(sequence, reverse)
+        if self.owner.world_size == 1 or not self.need_final:
+            return sequence[:, 0] if reverse else sequence[:, -1]
+        rows = self.rows(sequence, direction)
+        return rows[0] if reverse else rows[-1]
+
+    def _packed_ends(self, sequence: torch.Tensor, reverse: bool) -> torch.Tensor:
+        """Packed: each sequence's value at its last step (a reverse delay's: its first), ``[N, ...]``,
+        from the rank that holds that step, summed over the ranks in one all-reduce."""
+        from . import distributed as sp
+
+        packed, owner = self.packed, self.owner
+        count = len(packed.offsets) - 1
+        held = []  # (sequence, local step) of each sequence whose row this slice holds
+        for n in range(count):
+            local = (packed.offsets[n] if reverse else packed.offsets[n + 1] - 1) - packed.begin
+            if 0 <= local < sequence.shape[1]:
+                held.append((n, local))
+        index = torch.tensor([n for n, _ in held], dtype=torch.long, device=sequence.device)
+        steps = torch.tensor([t for _, t in held], dtype=torch.long, device=sequence.device)
+        # Copied in even when this slice holds none, so that every rank's graph has the all-reduce.
+        rows = sequence.new_zeros((count,) + tuple(sequence.shape[2:])).index_copy(0, index, sequence[0].index_select(0, steps))
+        if owner.world_size == 1 or not self.need_final:
+            return rows
+        lead = (count,)
+        real = rows.real.dtype if rows.is_complex() else rows.dtype
+        flat = sp._pack([rows], lead, real)
+        order = self.token if self.token is not None else flat.new_zeros(())
+        summed = sp._AllReduceSum.apply(flat, order, owner.group, owner.collective_time)
+        self.token = summed
+        owner.last_exchange.append((("newton", "final states"), flat.numel(), flat.numel() * flat.element_size()))
+        return sp._unpack(summed, [rows], lead)[0]
+
+
+def _reversed(packed: Any) -> Any:
+    """A packed slice seen in reversed time: sequence ``n`` becomes ``N - 1 - n``."""
+    total = packed.offsets[-1]
+    return replace(packed, offsets=tuple(total - o for o in reversed(packed.offsets)), begin=total - packed.begin - packed.length)
+
+
+def _packed_steps(packed: Any, steps: int, device: torch.device, reverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Of each step of the slice: whether it is its sequence's first (``reverse``: its last), and its sequence."""
+    offsets = torch.tensor(packed.offsets, dtype=torch.long, device=device)
+    positions = packed.begin + torch.arange(steps, device=device)
+    starts = torch.isin(positions + 1, offsets[1:]) if reverse else torch.isin(positions, offsets[:-1])
+    return starts, torch.searchsorted(offsets[1:], positions, right=True)
 
 
 class _Resets:
@@ -346,10 +575,7 @@ class _Resets:
 
 def _with_resets(step: Any, given: torch.Tensor, packed: Any, steps: int) -> tuple[_Resets, list[tuple[int, int]]]:
     """``step`` with the packed sequences' resets, and ``(sequence, local step)`` of each sequence ending in this slice."""
-    offsets = torch.tensor(packed.offsets, dtype=torch.long, device=given.device)
-    positions = packed.begin + torch.arange(steps, device=given.device)
-    starts = torch.isin(positions, offsets[:-1])
-    sequence = torch.searchsorted(offsets[1:], positions, right=True)
+    starts, sequence = _packed_steps(packed, steps, given.device)
     ends = [(n, end - 1 - packed.begin) for n, end in enumerate(packed.offsets[1:]) if packed.begin < end <= packed.begin + steps]
     return _Resets(step, starts, given[sequence].unsqueeze(0)), ends
 

@@ -144,6 +144,8 @@ class Case:
     cu_seqlens: tuple[int, ...] | None = None  # packed sequences (B = 1): the global offsets every rank passes
     newton_iterations: int | None = None  # set: compiled with backend="newton" and this max_iterations (-1: the default)
     newton_jacobian: str | None = None  # with newton_iterations: the jacobian= option ("diagonal": quasi-Newton, the adjoint on a ring)
+    source: str | None = None  # a cell's source (dims in ``dims``) rather than examples/<example>.rec
+    dims: tuple[tuple[str, int], ...] = ()
 
     @property
     def name(self) -> str:
@@ -192,6 +194,7 @@ def default_cases(world: int) -> list[Case]:
             Case("gru", lengths, with_state=True, newton_iterations=-1),
             Case("paralstm", lengths, with_state=False, newton_iterations=2),
             Case("lstm", lengths, with_state=True, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=PACKED_4),  # quasi-Newton: the adjoint on a ring; packed
+            *reverse_newton_cases(4),
         ]
     shapes = [(5, 3), (1, 6)]
     cases = []
@@ -239,7 +242,80 @@ def default_cases(world: int) -> list[Case]:
     # Packed sequences with Newton: resets inside a slice and on the slice boundary; quasi-Newton on the ring.
     cases.append(Case("gru", (5, 3), with_state=True, newton_iterations=-1, cu_seqlens=(0, 2, 5, 8)))
     cases.append(Case("lstm", (1, 6), with_state=True, newton_iterations=-1, newton_jacobian="diagonal", cu_seqlens=(0, 3, 7)))
+    cases.extend(reverse_newton_cases(2))
     return cases
+
+
+def _reverse_newton_cells() -> dict[str, tuple[str, tuple[tuple[str, int], ...]]]:
+    """Nonlinear cells with reverse states for the sharded newton run, by name: BiGRU; the
+    directed tests' mixed cell (a forward state, a reverse pair reading its values before and
+    after its update, a forward and a reverse delay); two cells of tests/test_directed.py's
+    generator of 2-3 nonlinear states (the first drawn, per seed, with one reverse state that
+    reads another state's previous value, so that values cross the slices' edges both ways)."""
+    import random
+    import re
+
+    from hypothesis import HealthCheck, Phase, find, settings
+    from test_directed import NONLINEAR_MIXED, mixed_cells
+
+    def one_reverse_reading_a_previous_value(source: str) -> bool:
+        reverse = re.findall(r"state s(\d): \[d\] = 0 reverse", source)
+        return len(reverse) == 1 and re.search(rf"s{reverse[0]} = .*\bb\d", source) is not None
+
+    cells = {"bigru": (None, ()), "nonlinear_mixed": (NONLINEAR_MIXED, (("d", 3),))}
+    for seed in (0, 1):
+        drawn = find(
+            mixed_cells(),
+            one_reverse_reading_a_previous_value,
+            random=random.Random(seed),
+            settings=settings(database=None, max_examples=1000, phases=[Phase.generate], suppress_health_check=list(HealthCheck)),
+        )
+        cells[f"random_reverse_{seed}"] = (drawn, (("d", 3),))
+    return cells
+
+
+def reverse_newton_cases(world: int, slow: bool = False) -> list[Case]:
+    """Cells with reverse states by sharded Newton (each part of the directed split in its own
+    time direction): 2 ranks, uneven slices with one of one step, packed sequences; 4 ranks,
+    the quasi-Newton adjoint ring run from the last rank, the sweep after a budget of one
+    iteration, delays across every slice boundary, packed sequences crossing three slices.
+    ``slow``: every cell on every slicing and option."""
+    cells = _reverse_newton_cells()
+
+    def case(name: str, lengths: tuple[int, ...], with_state: bool, **options) -> Case:
+        source, dims = cells[name]
+        options.setdefault("newton_iterations", -1)
+        return Case(name, lengths, with_state, source=source, dims=dims, **options)
+
+    if slow:
+        slicings = {2: [(1, 1), (7, 2), (2, 9)], 4: [(1, 1, 1, 1), (5, 1, 7, 3)]}[world]
+        cases = []
+        for name in cells:
+            for lengths in slicings:
+                cases.append(case(name, lengths, with_state=True))
+                cases.append(case(name, lengths, with_state=False, newton_jacobian="diagonal"))
+            cases.append(case(name, slicings[1], True, heads=(2,)))
+            cases.append(case(name, slicings[1], True, newton_iterations=1))
+            cases.append(case(name, slicings[1], True, newton_iterations=1, newton_jacobian="diagonal"))
+            cases.append(case(name, slicings[1], False, return_state=False, last_output_only=True))
+            cases.append(case(name, slicings[1], True, ddp=True))
+            for offsets in {2: [(0, 3, 9), (0, 1, 2, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:
+                cases.append(case(name, slicings[1], True, cu_seqlens=offsets))
+                cases.append(case(name, slicings[1], False, newton_jacobian="diagonal", cu_seqlens=offsets))
+            cases.append(case(name, slicings[1], True, newton_iterations=1, cu_seqlens=offsets))
+        return cases
+    if world == 4:
+        return [
+            case("bigru", (3, 1, 4, 2), True, newton_jacobian="diagonal"),  # the adjoint ring, g's from rank 0 to the last
+            case("random_reverse_0", (3, 1, 4, 2), True, newton_iterations=1),  # then swept rank after rank, g's the other way
+            case("nonlinear_mixed", (1, 1, 1, 1), True),  # delays and previous values across every slice boundary
+            case("bigru", (3, 1, 4, 2), True, cu_seqlens=PACKED_4),
+        ]
+    return [
+        case("bigru", (5, 3), True),
+        case("nonlinear_mixed", (1, 6), True, cu_seqlens=(0, 3, 7)),  # packed: a delay's final rows from the rank holding each end
+        case("random_reverse_1", (5, 3), False),
+    ]
 
 
 PACKED_4 = (0, 2, 6, 10)  # packed sequences over the 4-rank slices (3, 1, 4, 2)
@@ -250,6 +326,7 @@ def slow_cases(world: int) -> list[Case]:
     packed sequences on every example whose recurrences are states."""
     slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
     cases = []
+    cases.extend(reverse_newton_cases(world, slow=True))
     for example in NONLINEAR_EXAMPLES + ("slstm",):  # by Newton's method, sharded
         for lengths in slicings:
             cases.append(Case(example, lengths, with_state=len(lengths) % 2 == 0, newton_iterations=-1))
@@ -291,15 +368,20 @@ def _module(case: Case) -> recdsl.CompiledCell:
         options = dict(backend="newton", backend_options={} if case.newton_iterations < 0 else {"max_iterations": case.newton_iterations})
         if case.newton_jacobian is not None:
             options["backend_options"]["jacobian"] = case.newton_jacobian
-    if case.example in MATRIX_SCAN_CELLS:
-        source, dims = MATRIX_SCAN_CELLS[case.example]
-        module = recdsl.compile(source, **options, **dims).double()
-    else:
-        module = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), **options, **DIMS[case.example]).double()
+    module = _compile(case, **options).double()
     with torch.no_grad():
         for param in module.parameters():
             param.add_(0.3 * torch.randn_like(param))
     return module
+
+
+def _compile(case: Case, **options) -> recdsl.CompiledCell:
+    if case.source is not None:
+        return recdsl.compile(case.source, **options, **dict(case.dims))
+    if case.example in MATRIX_SCAN_CELLS:
+        source, dims = MATRIX_SCAN_CELLS[case.example]
+        return recdsl.compile(source, **options, **dims)
+    return recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), **options, **DIMS[case.example])
 
 
 def _inputs(module: recdsl.CompiledCell, case: Case):
@@ -389,7 +471,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     want = {
         "outputs": [o[:, begin:end].detach() for o in outputs],
         "final": {k: final[k].detach() for k in final_names},
-        "input_grads": {n: v.grad[:, begin:end] for n, v in leaf_inputs.items()},
+        "input_grads": {n: None if v.grad is None else v.grad[:, begin:end] for n, v in leaf_inputs.items()},  # None: an input nothing reads
         "state_grads": {} if leaf_state is None else {n: v.grad for n, v in leaf_state.items()},
         "param_grads": {n: torch.zeros_like(p) if p.grad is None else p.grad.clone() for n, p in module.named_parameters()},
     }
@@ -430,7 +512,7 @@ def _run_case(case: Case, rank: int, world: int) -> dict:
     for i, (g, w) in enumerate(zip(got_outputs, want["outputs"])):
         errors[f"output {i}"] = _error(g.detach(), w)
     if case.newton_iterations is not None:  # Newton's fixed point is the loop's, within its tolerance
-        looped = recdsl.compile(str(EXAMPLES / f"{case.example}.rec"), backend="sequential", **DIMS[case.example]).double()
+        looped = _compile(case, backend="sequential").double()
         looped.load_state_dict(module.state_dict())
         with torch.no_grad():
             loop_outputs = _one_by_one(looped, inputs, state, case.cu_seqlens)[0] if case.cu_seqlens else looped(**inputs, state=state)
@@ -698,6 +780,34 @@ def test_a_nonlinear_reverse_cell_is_refused_when_wrapped(one_rank):
         SequenceParallel(module)
     assert "nonlinear" in str(raised.value), str(raised.value)
     assert isinstance(raised.value, recdsl.RecDSLError)
+
+
+def test_a_nonlinear_reverse_cell_compiled_for_newton_runs_in_parts(one_rank, capsys):
+    """BiGRU with backend="newton" is wrapped: h's solve runs forward over the ranks, g's from the last rank."""
+    from recdsl.cli import main
+    from recdsl.distributed import SequenceParallel
+
+    module = recdsl.compile(str(EXAMPLES / "bigru.rec"), backend="newton", **DIMS["bigru"]).double()
+    parallel = SequenceParallel(module)
+    text = parallel.describe()
+    assert "in the parts of its directed split" in text
+    assert "part h (forward): ranks in order" in text and "part g (reverse): the slice flipped in time, ranks counted from the last" in text
+    inputs, _ = _inputs(module, Case("bigru", (6,), with_state=False))
+    with torch.no_grad():
+        (h, g), final = parallel(**inputs, return_state=True)
+        (want_h, want_g), want_final = module(**inputs, return_state=True)
+    assert _error(g, want_g) <= TOLERANCE and _error(final["g"], want_final["g"]) <= TOLERANCE, "BiGRU's reverse state on a one-rank group"
+    packed, _ = _inputs(module, Case("bigru", (6,), with_state=False, cu_seqlens=(0, 2, 6)))
+    with torch.no_grad():
+        (h, g), final = parallel(**packed, cu_seqlens=torch.tensor([0, 2, 6]), return_state=True)
+        (want_h, want_g), want_final = _one_by_one(module, packed, None, (0, 2, 6))
+    assert _error(g, want_g) <= TOLERANCE and _error(final["g"], want_final["g"]) <= TOLERANCE, "BiGRU packed on a one-rank group"
+    mixed = SequenceParallel(_compile(reverse_newton_cases(2)[1], backend="newton"))  # delays and previous values read across the parts
+    assert "slice edges: the value before a slice's first step of a_next, h, xp (7 numbers per batch row and head in all)" in mixed.describe()
+    assert main(["explain", "--sequence-parallel", "4", "--backend", "newton", "examples/bigru.rec", "--dim", "d_in=3", "--dim", "d=4"]) == 0
+    out = capsys.readouterr().out
+    # Per part: a 4 x 4 product, the final correction and the last state (24 numbers), and 2, to 3 ranks, 4 bytes each.
+    assert out.count("forward 312 per iteration, backward 288") == 2, out
 
 
 def test_reverse_and_joint_summaries_are_described(one_rank):
