@@ -91,15 +91,15 @@ def test_fused_sequential_kernels_compile_without_spills_at_d_128():
 
 
 def test_time_split_kernels_compile_without_spills():
-    """The complex LRU's scan with T split across programs (fold, carry, rescan; forward and
-    adjoint): the three backward kernels on sm_90, the forward rescan on sm_80 (every one on
-    both targets, and every cell's, in the slow test)."""
+    """The complex LRU's scan with T split across programs (forward: one pass with a look-back;
+    adjoint: fold, carry, rescan): the three backward kernels on sm_90, the forward on both
+    (every one on both targets, and every cell's, in the slow test)."""
     specs = {s.kernel: s for s in _specializations("lru(d=1024, n=1024)")}
-    split = sorted(name for name in specs if name.startswith(("summarize_", "carries_")) or name.endswith("_chunks"))
-    assert len(split) == 6, sorted(specs)
+    split = sorted(name for name in specs if name.startswith(("summarize_", "carries_")) or name.endswith(("_chunks", "_look_back")))
+    assert split == ["backward_h_chunks", "carries_backward_h", "forward_h_look_back", "summarize_backward_h"], sorted(specs)
     backward = [specs[name] for name in split if "backward" in name]
-    forward = [specs[name] for name in split if name.startswith("forward_")]
-    _check(_compile([(spec, triton_aot.SM90) for spec in backward] + [(forward[0], triton_aot.SM80)]))
+    forward = specs["forward_h_look_back"]
+    _check(_compile([(spec, triton_aot.SM90) for spec in backward] + [(forward, triton_aot.SM80), (forward, triton_aot.SM90)]))
 
 
 @pytest.mark.slow
