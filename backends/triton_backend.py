@@ -42,7 +42,7 @@ from .torch_ops import Evaluator, Numerics, align
 from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
     FUSED_OPS,
-    ForwardSplit,
+    SplitPasses,
     Leaf,
     LeafGradient,
     ScanKind,
@@ -433,6 +433,8 @@ class _Launch:
     def chunk_count(self) -> int:
         """How many chunks of T this call's scans run in (1: one pass)."""
         length = self.chunk_steps()
+        if length is not None and self.spec.split_passes is SplitPasses.LOOK_BACK:
+            return self.blocks  # one program per block of BLOCK_T steps
         return 1 if length is None else -(-self.steps // length)
 
     def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list, modes: dict | None = None) -> None:
@@ -463,8 +465,8 @@ class _Launch:
         if length is None:
             launch_kernel(getattr(module, stem), self.grid(backward), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(backward), **gradient_modes)
             return
-        if not backward and spec.forward_split is ForwardSplit.LOOK_BACK:
-            self._look_back(module, inputs, outputs, leaf_arguments)
+        if spec.split_passes is SplitPasses.LOOK_BACK:
+            self._look_back(module, backward, inputs, outputs, leaf_arguments, gradient_modes)
             return
         chunks = -(-self.steps // length)
         grid = self.grid(backward) + (chunks,)
@@ -489,22 +491,28 @@ class _Launch:
         launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants, **gradient_modes)
 
 
-    def _look_back(self, module, inputs: list, outputs: list, leaf_arguments: list) -> None:
-        """An affine scan's forward with T split into blocks of ``BLOCK_T`` steps, in one pass
-        (:func:`.triton_codegen.emit_look_back`): each input read once, each state written once."""
+    def _look_back(self, module, backward: bool, inputs: list, outputs: list, leaf_arguments: list, gradient_modes: dict) -> None:
+        """An affine scan (or its adjoint) with T split into blocks of ``BLOCK_T`` steps, in one
+        pass (:func:`.triton_codegen.emit_look_back`): each input read once, each output
+        written once, plus each block's fold and end value (``[N, blocks of T, C]``)."""
         spec = self.spec
-        rows, blocks = self.grid()
+        rows, blocks = self.grid(backward)
         chunks = self.blocks
         device = outputs[0].device
         dtype = self.seq.numerics.real
-        folds = [torch.empty((self.rows, chunks, self.channels), dtype=dtype, device=device) for _ in range(summary_parts(spec))]
-        ends = [torch.empty((self.rows, chunks, self.channels), dtype=dtype, device=device) for _ in outputs]
+        parts = 2 if spec.is_complex else 1
+        folds = [torch.empty((self.rows, chunks, self.channels), dtype=dtype, device=device) for _ in range(2 * parts)]
+        ends = [torch.empty((self.rows, chunks, self.channels), dtype=dtype, device=device) for _ in range(parts)]
         flags = torch.zeros((self.rows, blocks, chunks), dtype=torch.int32, device=device)
         ticket = torch.zeros((1,), dtype=torch.int32, device=device)
-        launch_kernel(
-            getattr(module, f"forward_{spec.name}_look_back"), (rows * blocks * chunks,), *inputs, *outputs, *leaf_arguments, *folds, *ends, flags, ticket,
-            self.steps, self.channels, self.heads, rows * blocks, blocks, chunks, **self.constants(),
-        )
+        sizes = (self.steps, self.channels, self.heads, rows * blocks, blocks, chunks)
+        grid = (rows * blocks * chunks,)
+        if backward:
+            kernel = getattr(module, f"backward_{spec.name}_look_back")
+            launch_kernel(kernel, grid, *folds, *ends, flags, ticket, *inputs, *outputs, *leaf_arguments, *sizes, **self.constants(backward), **gradient_modes)
+        else:
+            kernel = getattr(module, f"forward_{spec.name}_look_back")
+            launch_kernel(kernel, grid, *inputs, *outputs, *leaf_arguments, *folds, *ends, flags, ticket, *sizes, **self.constants())
 
 
 class _RecurrenceScan(torch.autograd.Function):

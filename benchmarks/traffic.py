@@ -43,8 +43,8 @@ Two definitions of "the layer", both reported (``--scope layer``, ``scan`` or ``
 ``--ops`` prints, per row, the bytes of each aten op (by name) and each kernel (by name).
 ``--split-programs N`` passes the Triton scan kernels' option of that name (0: T never split
 across programs, what a batch large enough to fill the machine gets; by default B = 2,
-d = 1024 is 32 programs, so T is split: the affine scans' forward in one look-back pass,
-their backward in three passes that read ``dy`` and the decay's leaves once more).
+d = 1024 is 32 programs, so T is split: the affine scans run in one look-back pass each way,
+semirings and monoids in three passes that read their inputs twice).
 
 Sizes (``--batch``, ``--length``; default B = 2, T = 2048; B > 1 shows what merging batch
 and heads into one axis costs): diagonal cells at d = 1024, S6 at d = 256, n = 16, the
