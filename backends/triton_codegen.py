@@ -324,7 +324,7 @@ class TimeSplit:
             return "T is never split across programs"
         return (
             f"T split across programs when a call has fewer than {self.target_programs} (one per row and block of state elements): "
-            f"chunks of at least {self.min_chunk_steps} steps folded, carried, rescanned"
+            f"affine scans in one pass over blocks of steps with a look-back, others in chunks of at least {self.min_chunk_steps} steps folded, carried, rescanned"
         )
 
 
