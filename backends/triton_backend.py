@@ -42,6 +42,7 @@ from .torch_ops import Evaluator, Numerics, align
 from .triton_launch import launch as launch_kernel
 from .triton_codegen import (
     FUSED_OPS,
+    SplitPasses,
     Leaf,
     LeafGradient,
     ScanKind,
@@ -346,6 +347,13 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
     return arguments
 
 
+def _complex_parts(value: torch.Tensor) -> list[torch.Tensor]:
+    """A complex ``[N, (T,) C]`` tensor's real and imaginary parts as the scan kernels address
+    them: strided views of the one buffer (contiguous first, a no-op when it is)."""
+    pair = torch.view_as_real(value.contiguous())
+    return [pair[..., 0], pair[..., 1]]
+
+
 def _leaf_subset(arguments: list, specs: tuple[Leaf, ...], keep: list[int]) -> list:
     """The kernel arguments (:func:`_leaf_arguments`) of the leaves at positions ``keep``."""
     result, start = [], 0
@@ -425,6 +433,8 @@ class _Launch:
     def chunk_count(self) -> int:
         """How many chunks of T this call's scans run in (1: one pass)."""
         length = self.chunk_steps()
+        if length is not None and self.spec.split_passes is SplitPasses.LOOK_BACK:
+            return self.blocks  # one program per block of BLOCK_T steps
         return 1 if length is None else -(-self.steps // length)
 
     def scan(self, backward: bool, inputs: list, outputs: list, leaf_arguments: list, modes: dict | None = None) -> None:
@@ -455,6 +465,9 @@ class _Launch:
         if length is None:
             launch_kernel(getattr(module, stem), self.grid(backward), *inputs, *outputs, *leaf_arguments, *sizes, self.blocks, **self.constants(backward), **gradient_modes)
             return
+        if spec.split_passes is SplitPasses.LOOK_BACK:
+            self._look_back(module, backward, inputs, outputs, leaf_arguments, gradient_modes)
+            return
         chunks = -(-self.steps // length)
         grid = self.grid(backward) + (chunks,)
         shape = (self.rows, chunks, self.channels)
@@ -478,6 +491,30 @@ class _Launch:
         launch_kernel(getattr(module, f"{stem}_chunks"), grid, *carried, *inputs, *outputs, *leaf_arguments, *per_chunk, **constants, **gradient_modes)
 
 
+    def _look_back(self, module, backward: bool, inputs: list, outputs: list, leaf_arguments: list, gradient_modes: dict) -> None:
+        """An affine scan (or its adjoint) with T split into blocks of ``BLOCK_T`` steps, in one
+        pass (:func:`.triton_codegen.emit_look_back`): each input read once, each output
+        written once, plus each block's fold and end value (``[N, blocks of T, C]``)."""
+        spec = self.spec
+        rows, blocks = self.grid(backward)
+        chunks = self.blocks
+        device = outputs[0].device
+        dtype = self.seq.numerics.real
+        parts = 2 if spec.is_complex else 1
+        folds = [torch.empty((self.rows, chunks, self.channels), dtype=dtype, device=device) for _ in range(2 * parts)]
+        ends = [torch.empty((self.rows, chunks, self.channels), dtype=dtype, device=device) for _ in range(parts)]
+        flags = torch.zeros((self.rows, blocks, chunks), dtype=torch.int32, device=device)
+        ticket = torch.zeros((1,), dtype=torch.int32, device=device)
+        sizes = (self.steps, self.channels, self.heads, rows * blocks, blocks, chunks)
+        grid = (rows * blocks * chunks,)
+        if backward:
+            kernel = getattr(module, f"backward_{spec.name}_look_back")
+            launch_kernel(kernel, grid, *folds, *ends, flags, ticket, *inputs, *outputs, *leaf_arguments, *sizes, **self.constants(backward), **gradient_modes)
+        else:
+            kernel = getattr(module, f"forward_{spec.name}_look_back")
+            launch_kernel(kernel, grid, *inputs, *outputs, *leaf_arguments, *folds, *ends, flags, ticket, *sizes, **self.constants())
+
+
 class _RecurrenceScan(torch.autograd.Function):
     """An affine or semiring recurrence solved by its generated kernels.
 
@@ -493,12 +530,10 @@ class _RecurrenceScan(torch.autograd.Function):
         dtype = launch.seq.numerics.real
         start = initial.reshape(launch.rows, launch.channels)
         if spec.is_complex:
-            start = start.to(launch.seq.numerics.complex)
-            out_re = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            out_im = torch.empty_like(out_re)
-            init = torch.view_as_real(start.contiguous())
-            launch.scan(False, [init[..., 0].contiguous(), init[..., 1].contiguous()], [out_re, out_im], _leaf_arguments(list(leaves), spec.leaves))
-            states = torch.complex(out_re, out_im)
+            # The kernels read and write complex values in place, (re, im) interleaved
+            # (triton_codegen._in_state_layout): the parts are strided views, not copies.
+            states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=launch.seq.numerics.complex, device=start.device)
+            launch.scan(False, _complex_parts(start.to(states.dtype)), _complex_parts(states), _leaf_arguments(list(leaves), spec.leaves))
         else:
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
             launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(list(leaves), spec.leaves))
@@ -535,18 +570,15 @@ class _RecurrenceScan(torch.autograd.Function):
             parts_ = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
             gradient_arguments.extend(parts_)
             gradient_arguments.extend(parts_[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
-        dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(2 if spec.is_complex else 1)]
-        outputs = dinit + gradient_arguments
         if spec.is_complex:
-            def parts(x):
-                pair = torch.view_as_real(x.contiguous())
-                return pair[..., 0].contiguous(), pair[..., 1].contiguous()
-
-            inputs = [*parts(start.to(states.dtype)), *parts(states), *parts(grad_states)]
+            grad_initial = torch.empty(launch.rows, launch.channels, dtype=states.dtype, device=device)
+            outputs = _complex_parts(grad_initial) + gradient_arguments
+            inputs = [*_complex_parts(start.to(states.dtype)), *_complex_parts(states), *_complex_parts(grad_states)]
         else:
+            grad_initial = torch.empty(launch.rows, launch.channels, dtype=dtype, device=device)
+            outputs = [grad_initial] + gradient_arguments
             inputs = [start.to(dtype).contiguous(), states, grad_states]
         launch.scan(True, inputs, outputs, _leaf_arguments(list(leaves), spec.leaves), modes)
-        grad_initial = torch.complex(*dinit) if spec.is_complex else dinit[0]
         if not initial.is_complex() and grad_initial.is_complex():
             grad_initial = grad_initial.real
         grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)

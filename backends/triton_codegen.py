@@ -279,6 +279,14 @@ class SplitMode(Enum):
     WHOLE = "whole"  # one program per (row, block of state elements) walks all of T
     SUMMARY = "summary"  # pass 1: one program per (row, block, chunk of T) folds its chunk from the identity
     CHUNK = "chunk"  # pass 3: one program per (row, block, chunk of T) rescans its chunk from the carry into it
+    LOOK_BACK = "look-back"  # one pass: one program per (row, block, block of BT steps), its carry by a look-back
+
+
+class SplitPasses(Enum):
+    """How a scan runs, forward and backward, when a call splits T across programs (see :class:`TimeSplit`)."""
+
+    THREE_PASSES = "three passes"  # fold each chunk, carry across chunks, rescan each chunk: the inputs read twice
+    LOOK_BACK = "look-back"  # one pass: each block of steps scanned once, its carry from earlier blocks' published folds
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,9 @@ class TimeSplit:
     scan runs in three launches: ``summarize_*`` (per chunk, the fold of its elements),
     ``carries_*`` (per row block, a short sequential pass over the chunk folds giving the
     carry into each chunk) and ``*_chunks`` (per chunk, the scan again from that carry,
-    writing the outputs).  ``target_programs = 0`` never splits.
+    writing the outputs).  ``target_programs = 0`` never splits.  An affine scan
+    (:attr:`ScanSpec.split_passes`) splits in one launch instead, forward and backward,
+    over blocks of ``BT`` steps with a look-back (:func:`emit_look_back`).
     """
 
     target_programs: int = 4 * 132  # about four programs per SM of an H100/H200
@@ -314,7 +324,7 @@ class TimeSplit:
             return "T is never split across programs"
         return (
             f"T split across programs when a call has fewer than {self.target_programs} (one per row and block of state elements): "
-            f"chunks of at least {self.min_chunk_steps} steps folded, carried, rescanned"
+            f"affine scans in one pass over blocks of steps with a look-back, others in chunks of at least {self.min_chunk_steps} steps folded, carried, rescanned"
         )
 
 
@@ -343,6 +353,13 @@ class ScanSpec:
     monoid: ir.MonoidIR | None = None
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
     split: TimeSplit = TimeSplit()  # when the launch splits T across programs (the source has both forms)
+
+    @property
+    def split_passes(self) -> SplitPasses:
+        """Affine scans (real or complex) split T in one pass with a look-back, forward and
+        backward (:func:`emit_look_back`, :func:`emit_gradient_backward`); semirings and
+        monoids in three passes."""
+        return SplitPasses.LOOK_BACK if self.kind is ScanKind.AFFINE else SplitPasses.THREE_PASSES
 
     def leaves_of(self, positions: tuple[int, ...]) -> tuple[Leaf, ...]:
         """The leaves the terms at ``positions`` read, in the spec's order."""
@@ -509,7 +526,8 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = Split
             for total, identity in zip(totals, summary_identities(spec)):
                 buffer.line(f"{total} = tl.full([BC], {_literal(identity)}, dtype=ACC)")
         else:
-            buffer.line("o_init = o_c")
+            # Whole: the initial state, in the states' layout; chunks: the carries pass's [N, n_chunks, C].
+            buffer.line(f"o_init = {_in_state_layout(spec, 'o_c') if mode is SplitMode.WHOLE else 'o_c'}")
             for carry, pointer in zip(carries, initial):
                 buffer.line(f"{carry} = tl.load({pointer} + o_init, mask=m_c, other=0.0).to(ACC)")
         buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
@@ -535,6 +553,124 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = Split
                 buffer.line(f"tl.store({pointer} + o_c, {total}, mask=m_c)")
     buffer.line("")
     buffer.line("")
+
+
+def emit_look_back(buffer: IndentedBuffer, spec: ScanSpec) -> None:
+    """The forward of an affine scan with T split across programs, in one pass (a chained
+    scan with decoupled look-back, as GPU prefix sums do it).
+
+    One program per (row, block of ``BC`` state elements, block of ``BT`` steps), taken in
+    the order of a ticket counter (``p_ticket``, zero at launch): chunk by chunk, so a
+    program waits only for programs that already hold a ticket and run.  Each loads its
+    block once and scans it from the identity in registers; publishes the block's fold
+    ``(A, B)`` (flag 1); walks back over earlier blocks, composing their folds until one
+    has published the state at its end (flag 2); then writes its states from that carry
+    and publishes its own end state (flag 2).  The block of t = 0 starts from the initial
+    state.  Each input is read once and each state written once, plus two or three numbers
+    per block and state element for the folds and end states (``[N, n_chunks, C]``;
+    ``p_flags``: ``[N, n_c, n_chunks]``, zero at launch).
+    """
+    assert spec.kind is ScanKind.AFFINE
+    names = _carry_names(spec)
+    outputs = ["p_out_re", "p_out_im"] if spec.is_complex else ["p_out"]
+    initial = ["p_init_re", "p_init_im"] if spec.is_complex else ["p_init"]
+    folds = [f"p_fold_{n}" for n in names]
+    ends = [f"p_end_{i}" for i in range(len(outputs))]
+    arguments = initial + outputs + _leaf_args(spec) + folds + ends + ["p_flags", "p_ticket", "T", "C", "H", "R", "n_c", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    buffer.line("@triton.jit")
+    buffer.line(f"def forward_{spec.name}_look_back({', '.join(arguments)}):")
+    with buffer.indent():
+        _emit_look_back_ids(buffer)
+        _emit_row_pointers(buffer, spec, initial, outputs)
+        for pointer in folds + ends:
+            buffer.line(f"{pointer} += o_row * n_chunks * C  # [N, n_chunks, C]")
+        buffer.line("p_flags += (o_row * n_c + i_c) * n_chunks  # [N, n_c, n_chunks]")
+        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+        buffer.line("m_c = o_c < C")
+        buffer.line("b_last = tl.arange(0, BT)[:, None] == BT - 1")
+        buffer.line("o_t = i_k * BT + tl.arange(0, BT)")
+        buffer.line("m = (o_t[:, None] < T) & m_c[None, :]")
+        values = _emit_loads(buffer, spec, "o_t", "m")
+        terms = _emit_terms(buffer, spec, values)
+        elements = _emit_elements(buffer, spec, terms)
+        scanned = [f"b_S{i}" for i in range(len(elements))]
+        buffer.line(f"{', '.join(scanned)} = tl.associative_scan(({', '.join(elements)},), 0, combine_{spec.name})")
+        buffer.line("# publish this block's fold for the blocks after it")
+        _emit_publish(buffer, folds, [f"tl.sum(tl.where(b_last, {value}, 0.0), axis=0)" for value in scanned], 1)
+        buffer.line("# the carry into this block: the initial state, or earlier blocks' folds composed back to a published end state")
+        carries = [f"b_carry_{i}" for i in range(len(initial))]
+        for carry, pointer in zip(carries, initial):
+            buffer.line(f"{carry} = tl.load({pointer} + {_in_state_layout(spec, 'o_c')}, mask=m_c, other=0.0).to(ACC)")
+        _emit_walk_back(buffer, spec, folds, ends, carries)
+        if spec.is_complex:
+            buffer.line(f"b_h_re = b_S0 * {carries[0]}[None, :] - b_S1 * {carries[1]}[None, :] + b_S2")
+            buffer.line(f"b_h_im = b_S0 * {carries[1]}[None, :] + b_S1 * {carries[0]}[None, :] + b_S3")
+            states = ["b_h_re", "b_h_im"]
+        else:
+            buffer.line(f"b_h = b_S0 * {carries[0]}[None, :] + b_S1")
+            states = ["b_h"]
+        for pointer, value, carry in zip(outputs, states, carries):
+            _store_and_carry(buffer, pointer, value, carry, _in_state_layout(spec, _STATE_OFFSET))
+        buffer.line("# publish the state at this block's end")
+        _emit_publish(buffer, ends, carries, 2)
+    buffer.line("")
+    buffer.line("")
+
+
+def _emit_look_back_ids(buffer: IndentedBuffer) -> None:
+    """A look-back program's (row, block of elements, block of steps) from its ticket."""
+    buffer.line("# R = N * n_c programs per block of steps; tickets run block of steps by block of steps")
+    buffer.line("i_p = tl.atomic_add(p_ticket, 1)")
+    buffer.line("i_k = i_p // R")
+    buffer.line("i_n = (i_p % R) // n_c")
+    buffer.line("i_c = i_p % n_c")
+
+
+def _emit_publish(buffer: IndentedBuffer, pointers: list[str], values: list[str], flag: int) -> None:
+    """Store this block's values (``[N, n_chunks, C]``), then raise its flag: 1 its fold, 2 its end state.
+
+    The block barrier orders every thread's stores before the one thread's release of the flag."""
+    for pointer, value in zip(pointers, values):
+        buffer.line(f"tl.store({pointer} + i_k * C + o_c, {value}, mask=m_c)")
+    buffer.line("tl.debug_barrier()")
+    buffer.line(f"tl.atomic_xchg(p_flags + i_k, {flag}, sem=\"release\")")
+
+
+def _emit_walk_back(buffer: IndentedBuffer, spec: ScanSpec, folds: list[str], ends: list[str], carries: list[str]) -> None:
+    """Set ``carries`` (left as they are for block 0) to the scan's value just before block ``i_k``:
+    walk back over blocks ``i_k - 1, i_k - 2, ...``, composing the folds of those that have
+    published only their fold (flag 1), until one has published its end value (flag 2); spin
+    while a block has published nothing (it holds an earlier ticket, so it runs)."""
+    names = [pointer.removeprefix("p_fold_") for pointer in folds]
+    running = [f"b_r{i}" for i in range(len(names))]
+    for name, identity in zip(running, (1.0, 0.0, 0.0, 0.0) if spec.is_complex else (1.0, 0.0)):
+        buffer.line(f"{name} = tl.full([BC], {_literal(identity)}, dtype=ACC)")
+    buffer.line("j = i_k - 1")
+    buffer.line("while j >= 0:")
+    with buffer.indent():
+        buffer.line("status = tl.atomic_add(p_flags + j, 0, sem=\"acquire\")")
+        buffer.line("while status == 0:")
+        with buffer.indent():
+            buffer.line("status = tl.atomic_add(p_flags + j, 0, sem=\"acquire\")")
+        buffer.line("if status == 2:")
+        with buffer.indent():
+            found = [f"b_e{i}" for i in range(len(ends))]
+            for value, pointer in zip(found, ends):
+                buffer.line(f"{value} = tl.load({pointer} + j * C + o_c, mask=m_c, other=0.0, cache_modifier=\".cg\").to(ACC)")
+            # The value after block j, mapped through the blocks after it: combine((1, h), running)'s second half.
+            unit = ["tl.full([BC], 1.0, dtype=ACC)", "tl.zeros([BC], dtype=ACC)"][: len(names) - len(found)]
+            applied = [f"b_x{i}" for i in range(len(names))]
+            buffer.line(f"{', '.join(applied)} = combine_{spec.name}({', '.join(unit + found + running)})")
+            for carry, value in zip(carries, applied[len(names) - len(carries):]):
+                buffer.line(f"{carry} = {value}")
+            buffer.line("j = -1")
+        buffer.line("else:")
+        with buffer.indent():
+            fold = [f"b_f{i}" for i in range(len(names))]
+            for value, pointer in zip(fold, folds):
+                buffer.line(f"{value} = tl.load({pointer} + j * C + o_c, mask=m_c, other=0.0, cache_modifier=\".cg\").to(ACC)")
+            buffer.line(f"{', '.join(running)} = combine_{spec.name}({', '.join(fold + running)})")
+            buffer.line("j -= 1")
 
 
 def summary_identities(spec: ScanSpec, backward: bool = False) -> tuple[float, ...]:
@@ -595,7 +731,7 @@ def emit_carries(buffer: IndentedBuffer, spec: ScanSpec, backward: bool = False)
         buffer.line("i_c = tl.program_id(1)")
         buffer.line("o_row = i_n.to(tl.int64)")
         for pointer in initial:
-            buffer.line(f"{pointer} += o_row * C")
+            buffer.line(f"{pointer} += o_row * C{' * 2' if spec.is_complex else ''}")  # the initial state, in the states' layout
         for pointer in sums + carries:
             buffer.line(f"{pointer} += o_row * n_chunks * C  # [N, n_chunks, C]")
         buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
@@ -604,7 +740,7 @@ def emit_carries(buffer: IndentedBuffer, spec: ScanSpec, backward: bool = False)
         identities = summary_identities(spec, backward)
         for i, name in enumerate(running):
             if i in states and not backward:
-                buffer.line(f"{name} = tl.load({initial[states.index(i)]} + o_c, mask=m_c, other=0.0).to(ACC)")
+                buffer.line(f"{name} = tl.load({initial[states.index(i)]} + {_in_state_layout(spec, 'o_c')}, mask=m_c, other=0.0).to(ACC)")
             else:
                 buffer.line(f"{name} = tl.full([BC], {_literal(identities[i])}, dtype=ACC)")
         buffer.line("for i_k in range(0, n_chunks):")
@@ -627,6 +763,17 @@ def _full(buffer: IndentedBuffer, name: str, value: str, padding: str) -> None:
 _STATE_OFFSET = "o_t[:, None] * C + o_c[None, :]"
 
 
+def _in_state_layout(spec: ScanSpec, offset: str) -> str:
+    """An element offset into the states, their gradients, the initial state or its gradient.
+
+    A complex state's real and imaginary parts are read and written in place in torch's
+    complex layout (``view_as_real``: the two parts interleaved, the imaginary part's pointer
+    one float past the real's), so its element offsets count pairs: twice the offset.  No
+    copy splits a complex tensor into parts around the kernels.
+    """
+    return f"2 * ({offset})" if spec.is_complex else offset
+
+
 def _emit_row_pointers(buffer: IndentedBuffer, spec: ScanSpec, initial: list[str], sequences: list[str]) -> None:
     """Move every pointer to the program's row ``i_n`` (batch ``i_n // H``, head ``i_n % H``), in 64-bit arithmetic.
 
@@ -635,21 +782,22 @@ def _emit_row_pointers(buffer: IndentedBuffer, spec: ScanSpec, initial: list[str
     layout (``[B, T, H, C]`` or broadcast), through their batch and head strides.
     """
     buffer.line("o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements")
+    pairs = " * 2" if spec.is_complex else ""  # complex states: (re, im) interleaved, see _in_state_layout
     if spec.leaves:
         buffer.line("o_b = o_row // H")
         buffer.line("o_h = o_row % H")
     for pointer in initial:
-        buffer.line(f"{pointer} += o_row * C")
+        buffer.line(f"{pointer} += o_row * C{pairs}")
     for pointer in sequences:
-        buffer.line(f"{pointer} += o_row * T * C")
+        buffer.line(f"{pointer} += o_row * T * C{pairs}")
     for leaf in spec.leaves:
         for part in ("re", "im") if leaf.is_complex else ("v",):
             buffer.line(f"p_{leaf.name}_{part} += o_b * s_{leaf.name}_b + o_h * s_{leaf.name}_h")
 
 
-def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: str) -> None:
+def _store_and_carry(buffer: IndentedBuffer, pointer: str, value: str, carry: str, offset: str = _STATE_OFFSET) -> None:
     """Store a block of states and keep its last row as the carry into the next block."""
-    buffer.line(f"tl.store({pointer} + {_STATE_OFFSET}, {value}, mask=m)")
+    buffer.line(f"tl.store({pointer} + {offset}, {value}, mask=m)")
     buffer.line(f"{carry} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
 
 
@@ -688,8 +836,8 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         buffer.line(f"b_A_re, b_A_im, b_B_re, b_B_im = tl.associative_scan((b_a_re, b_a_im, b_b_re, b_b_im), 0, combine_{spec.name})")
         buffer.line(f"b_h_re = b_A_re * {carries[0]}[None, :] - b_A_im * {carries[1]}[None, :] + b_B_re")
         buffer.line(f"b_h_im = b_A_re * {carries[1]}[None, :] + b_A_im * {carries[0]}[None, :] + b_B_im")
-        _store_and_carry(buffer, outputs[0], "b_h_re", carries[0])
-        _store_and_carry(buffer, outputs[1], "b_h_im", carries[1])
+        _store_and_carry(buffer, outputs[0], "b_h_re", carries[0], _in_state_layout(spec, _STATE_OFFSET))
+        _store_and_carry(buffer, outputs[1], "b_h_im", carries[1], _in_state_layout(spec, _STATE_OFFSET))
     elif spec.kind is ScanKind.SEMIRING:
         plus = "tl.maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
@@ -759,7 +907,7 @@ def emit_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None:
             # m, not just t + 1 < T: a padding step's t + 1 may be negative (before the leaf's first row).
             buffer.line("m_next = m & (o_t[:, None] + 1 < T)")
             for pointer, name in zip(grads, ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]):
-                buffer.line(f"{name} = tl.load({pointer} + {_STATE_OFFSET}, mask=m, other=0.0).to(ACC)")
+                buffer.line(f"{name} = tl.load({pointer} + {_in_state_layout(spec, _STATE_OFFSET)}, mask=m, other=0.0).to(ACC)")
             buffer.line("# gates at t + 1")
             next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", summary_backward_terms(spec))
             next_terms = _emit_terms(buffer, spec, next_values, prefix="b_next_", only=summary_backward_terms(spec))
@@ -968,9 +1116,17 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
     initial = ["p_init_re", "p_init_im"] if complex_ else ["p_init"]
     dinit = ["p_dinit_re", "p_dinit_im"] if complex_ else ["p_dinit"]
     carried = ["p_carry_re", "p_carry_im"] if complex_ else ["p_carry"]
-    split = mode is SplitMode.CHUNK
+    look_back = mode is SplitMode.LOOK_BACK
+    assert not look_back or spec.kind is ScanKind.AFFINE
+    split = mode in (SplitMode.CHUNK, SplitMode.LOOK_BACK)
+    folds = ["p_fold_w_re", "p_fold_w_im", "p_fold_g_re", "p_fold_g_im"] if complex_ else ["p_fold_w", "p_fold_g"]
+    ends = [f"p_end_{i}" for i in range(len(carried))]
     leaf_grads = leaf_gradient_args(spec)
-    if not split:
+    if look_back:
+        sizes = ["T", "C", "H", "R", "n_c", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+        arguments = folds + ends + ["p_flags", "p_ticket"] + initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
+        title = f"backward_{spec.name}_look_back"
+    elif not split:
         sizes = ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
         arguments = initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
         title = f"backward_{spec.name}"
@@ -981,10 +1137,21 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
     buffer.line("@triton.jit")
     buffer.line(f"def {title}({', '.join(arguments)}):")
     with buffer.indent():
-        buffer.line("i_n = tl.program_id(0)")
-        buffer.line("i_c = tl.program_id(1)")
+        if look_back:
+            _emit_look_back_ids(buffer)
+        else:
+            buffer.line("i_n = tl.program_id(0)")
+            buffer.line("i_c = tl.program_id(1)")
         _emit_row_pointers(buffer, spec, initial + dinit, states + grads)
-        if split:
+        if look_back:
+            buffer.line("# one block of reversed time per program: steps j in [i_k * BT, min(T, (i_k + 1) * BT))")
+            for pointer in folds + ends:
+                buffer.line(f"{pointer} += o_row * n_chunks * C  # [N, n_chunks, C]")
+            buffer.line("p_flags += (o_row * n_c + i_c) * n_chunks  # [N, n_c, n_chunks]")
+            buffer.line("L = BT")
+            buffer.line("n_blocks = 1")
+            buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
+        elif split:
             buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
             for pointer in carried:
                 buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
@@ -995,7 +1162,7 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
         buffer.line("m_c = o_c < C")
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
         for carry, pointer in zip(carries, carried):
-            if split:
+            if split and not look_back:
                 buffer.line(f"{carry} = tl.load({pointer} + o_c, mask=m_c, other=0.0).to(ACC)")
             else:
                 buffer.line(f"{carry} = tl.zeros([BC], dtype=ACC)")
@@ -1022,11 +1189,12 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
             offset = _STATE_OFFSET
             buffer.line("o_init = o_c[None, :] + o_t[:, None] * 0")
             hp = ["b_hp_re", "b_hp_im"] if complex_ else ["b_hp"]
+            previous, initial_offset = _in_state_layout(spec, f"{offset} - C"), _in_state_layout(spec, "o_init")
             for pointer, init, name in zip(states, initial, hp):
-                buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {offset} - C, mask=m_prev, other=0.0), tl.load({init} + o_init, mask=m, other=0.0)).to(ACC)")
+                buffer.line(f"{name} = tl.where(m_prev, tl.load({pointer} + {previous}, mask=m_prev, other=0.0), tl.load({init} + {initial_offset}, mask=m, other=0.0)).to(ACC)")
             dy = ["b_dy_re", "b_dy_im"] if complex_ else ["b_dy"]
             for pointer, name in zip(grads, dy):
-                buffer.line(f"{name} = tl.load({pointer} + {offset}, mask=m, other=0.0).to(ACC)")
+                buffer.line(f"{name} = tl.load({pointer} + {_in_state_layout(spec, offset)}, mask=m, other=0.0).to(ACC)")
             needed_next = (0,) if spec.kind is ScanKind.AFFINE else (0, 1)
             buffer.line("# gates at t + 1")
             next_values = _emit_loads_for(buffer, spec, "(o_t + 1)", "m_next", "_next", needed_next)
@@ -1040,8 +1208,12 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
             if spec.kind is ScanKind.AFFINE and not complex_:
                 _adjoint_decay(buffer, "b_w", next_terms[0], "1.0", split)
                 buffer.line(f"b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_{spec.name})")
+                if look_back:
+                    _emit_adjoint_look_back(buffer, spec, folds, ends, ["b_W", "b_G"], carries)
                 buffer.line("b_gt = b_W * b_g[None, :] + b_G")
                 buffer.line("b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)")
+                if look_back:
+                    _emit_publish(buffer, ends, carries, 2)
                 buffer.line(f"b_dh0 += tl.sum(tl.where(m_first, b_gt * ({terms[0]}), 0.0), axis=0)")
                 seeds = [(spec.terms[0], emitter._temp("b_gt * b_hp")), (spec.terms[1], "b_gt")]
             elif spec.kind is ScanKind.AFFINE:
@@ -1049,10 +1221,14 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
                 _adjoint_decay(buffer, "b_w_re", a_next[0], "1.0", split)
                 _adjoint_decay(buffer, "b_w_im", f"-({a_next[1]})", "0.0", split)
                 buffer.line(f"b_W_re, b_W_im, b_G_re, b_G_im = tl.associative_scan((b_w_re, b_w_im, b_dy_re, b_dy_im), 0, combine_{spec.name})")
+                if look_back:
+                    _emit_adjoint_look_back(buffer, spec, folds, ends, ["b_W_re", "b_W_im", "b_G_re", "b_G_im"], carries)
                 buffer.line("b_gt_re = b_W_re * b_g_re[None, :] - b_W_im * b_g_im[None, :] + b_G_re")
                 buffer.line("b_gt_im = b_W_re * b_g_im[None, :] + b_W_im * b_g_re[None, :] + b_G_im")
                 buffer.line("b_g_re = tl.sum(tl.where(b_last, b_gt_re, 0.0), axis=0)")
                 buffer.line("b_g_im = tl.sum(tl.where(b_last, b_gt_im, 0.0), axis=0)")
+                if look_back:
+                    _emit_publish(buffer, ends, carries, 2)
                 a_now = terms[0] if isinstance(terms[0], tuple) else (terms[0], "0.0")
                 buffer.line("# dL/dh_0 = g_0 conj(a_0); dL/da_t = g_t conj(h_{t-1})")
                 buffer.line(f"b_dh0_re += tl.sum(tl.where(m_first, b_gt_re * ({a_now[0]}) + b_gt_im * ({a_now[1]}), 0.0), axis=0)")
@@ -1083,7 +1259,7 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
             _emit_leaf_gradients(buffer, spec, found, split)
         last = " & (o_c * 0 + j_end >= T)" if split else ""  # split: only the chunk holding t = 0
         for pointer, name in zip(dinit, dh0):
-            buffer.line(f"tl.store({pointer} + o_c, {name}, mask=m_c{last})")
+            buffer.line(f"tl.store({pointer} + {_in_state_layout(spec, 'o_c')}, {name}, mask=m_c{last})")
         for leaf in spec.leaves:
             buffer.line(f"if G_{leaf.name} == 2:")
             with buffer.indent():
@@ -1092,6 +1268,15 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
                     buffer.line(f"tl.store({pointer}, b_acc_{leaf.name}_{part}, mask=m_c)  # this program's sum over its steps")
     buffer.line("")
     buffer.line("")
+
+
+def _emit_adjoint_look_back(buffer: IndentedBuffer, spec: ScanSpec, folds: list[str], ends: list[str], scanned: list[str], carries: list[str]) -> None:
+    """In a look-back backward: publish this block's fold of the adjoint pairs, then find the
+    adjoint carried into it from the blocks later in time (``carries``, zero for the last block)."""
+    buffer.line("# publish this block's fold of (w_{t+1}, dy_t) for the blocks before it in time")
+    _emit_publish(buffer, folds, [f"tl.sum(tl.where(b_last, {value}, 0.0), axis=0)" for value in scanned], 1)
+    buffer.line("# the adjoint carried in from later blocks: their folds composed back to a published adjoint")
+    _emit_walk_back(buffer, spec, folds, ends, carries)
 
 
 def _adjoint_decay(buffer: IndentedBuffer, name: str, value: str, identity: str, split: bool) -> None:
@@ -1135,12 +1320,18 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
         emit_forward(buffer, spec)
         if spec.kind is not ScanKind.MONOID:
             emit_gradient_backward(buffer, spec)
-        buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan")
-        buffer.line("")
-        emit_forward(buffer, spec, SplitMode.SUMMARY)
-        emit_carries(buffer, spec)
-        emit_forward(buffer, spec, SplitMode.CHUNK)
-        if spec.kind is not ScanKind.MONOID:
+        if spec.split_passes is SplitPasses.LOOK_BACK:
+            buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): one pass with a look-back, forward and backward")
+            buffer.line("")
+            emit_look_back(buffer, spec)
+            emit_gradient_backward(buffer, spec, SplitMode.LOOK_BACK)
+        else:
+            buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan")
+            buffer.line("")
+            emit_forward(buffer, spec, SplitMode.SUMMARY)
+            emit_carries(buffer, spec)
+            emit_forward(buffer, spec, SplitMode.CHUNK)
+        if spec.kind is not ScanKind.MONOID and spec.split_passes is not SplitPasses.LOOK_BACK:
             emit_backward_summary(buffer, spec)
             emit_carries(buffer, spec, backward=True)
             emit_gradient_backward(buffer, spec, SplitMode.CHUNK)

@@ -179,3 +179,21 @@ def test_fused_selective_scan_on_cuda_at_layer_width(n):
     inputs, state = random_inputs(module, Example(batch=2, length=300, heads=(), seed=3, with_state=True))
     mismatches = compare_backends(module, ["triton"], inputs, state, seed=3, device="cuda")
     assert not mismatches, "\n".join(map(str, mismatches))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("name,dims", [("mingru", dict(d_in=8, d=1024)), ("lru", dict(d=8, n=512))])
+def test_look_back_scans_on_cuda_with_many_blocks_in_flight(name, dims):
+    """The affine scans' one-pass split (forward_h_look_back, backward_h_look_back) compiled,
+    with thousands of programs in flight (1 row, 16 or 8 blocks of elements, 64 blocks of
+    steps), so that walks back meet blocks that have published only their fold: float64,
+    every gradient, against the sequential reference."""
+    from recdsl.backends.triton_launch import observe_launches
+
+    torch.manual_seed(0)
+    module = recdsl.compile(EXAMPLES / f"{name}.rec", **dims).double()
+    inputs, state = random_inputs(module, Example(batch=1, length=2048, heads=(), seed=4, with_state=True))
+    with observe_launches() as launches:
+        mismatches = compare_backends(module, ["triton"], inputs, state, seed=4, device="cuda")
+    assert not mismatches, "\n".join(map(str, mismatches))
+    assert {"forward_h_look_back", "backward_h_look_back"} <= {launch.name for launch in launches}

@@ -43,3 +43,21 @@ def test_a_layer_moves_at_least_its_minimum_and_the_triton_backend_launches_its_
     assert row.forward.total >= row.ideal_forward and row.backward.total >= row.ideal_backward
     scan = traffic.measure(layer, "scan", batch=2, length=40)
     assert scan.forward.kernels == 0 and scan.forward.total >= scan.ideal_forward
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_scan_only_layers_take_projected_inputs_and_run_in_one_kernel_forward(monkeypatch):
+    """The scan-only rows (the recurrence given its projected inputs): each cell runs on the
+    Triton scan kernels, its minimum is its per-element inputs and its state, and at a batch
+    too small to fill the machine each pass is one look-back kernel."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    scan_only = [layer for layer in traffic.LAYERS if layer.scan_only]
+    assert {layer.example for layer in scan_only} == set(traffic.SCAN_CELLS)
+    for layer in scan_only:
+        row = traffic.measure(layer, "triton", batch=1, length=256)  # 256 steps: T split
+        assert row.label.startswith("scan:")
+        assert list(row.forward.kernel_names) == ["forward_h_look_back"], row.label
+        assert list(row.backward.kernel_names) == ["backward_h_look_back"], row.label
+        assert row.forward.total >= row.ideal_forward and row.backward.total >= row.ideal_backward
+    mingru = traffic.measure(traffic.Layer("mingru", dict(d=16), scan_only=True), "triton", batch=1, length=100)
+    assert mingru.ideal_forward == (2 + 1) * 100 * 16 * 4  # z_pre and hc read, h written

@@ -91,15 +91,17 @@ def test_fused_sequential_kernels_compile_without_spills_at_d_128():
 
 
 def test_time_split_kernels_compile_without_spills():
-    """The complex LRU's scan with T split across programs (fold, carry, rescan; forward and
-    adjoint): the three backward kernels on sm_90, the forward rescan on sm_80 (every one on
-    both targets, and every cell's, in the slow test)."""
+    """The complex LRU's scan with T split across programs (one pass with a look-back, forward
+    and adjoint) on both targets, and a semiring's three passes (mLSTM's stabiliser: fold,
+    carry, rescan) on sm_90 (every kernel on both targets, and every cell's, in the slow test)."""
     specs = {s.kernel: s for s in _specializations("lru(d=1024, n=1024)")}
-    split = sorted(name for name in specs if name.startswith(("summarize_", "carries_")) or name.endswith("_chunks"))
-    assert len(split) == 6, sorted(specs)
-    backward = [specs[name] for name in split if "backward" in name]
-    forward = [specs[name] for name in split if name.startswith("forward_")]
-    _check(_compile([(spec, triton_aot.SM90) for spec in backward] + [(forward[0], triton_aot.SM80)]))
+    split = sorted(name for name in specs if name.startswith(("summarize_", "carries_")) or name.endswith(("_chunks", "_look_back")))
+    assert split == ["backward_h_look_back", "forward_h_look_back"], sorted(specs)
+    jobs = [(specs[name], target) for name in split for target in triton_aot.TARGETS]
+    mlstm = {s.kernel: s for s in _specializations("mlstm(dk=64, dv=64)")}
+    three_passes = sorted(name for name in mlstm if name.startswith(("summarize_", "carries_")) or name.endswith("_chunks"))
+    assert len(three_passes) == 6, sorted(mlstm)
+    _check(_compile(jobs + [(mlstm[name], triton_aot.SM90) for name in three_passes]))
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """T split across programs (backends/triton_codegen.py: TimeSplit): the three launches (fold
 each chunk, carry across chunks, rescan each chunk from its carry), forward and backward,
-in Triton's interpreter against the sequential reference, float64, with the split forced by
-a tiny ``split_programs`` target and short chunks: ragged last chunks, chunks of one step."""
+and the affine scans' one pass with a look-back over blocks of steps (forward and backward), in Triton's
+interpreter against the sequential reference, float64, with the split forced by a tiny
+``split_programs`` target and short chunks: ragged last chunks, chunks of one step."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def test_split_matches_sequential_with_gradients(name):
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", **ALL_DIMS[name]).double()
     launched = _compare_split(module, 37, 5)
-    assert {n for n in launched if n.startswith("summarize_")}, launched
-    assert not {n for n in launched if n.startswith(("forward_", "backward_")) and not n.endswith("_chunks")}, launched
+    assert {n for n in launched if n.startswith("summarize_") or n.endswith("_look_back")}, launched
+    assert not {n for n in launched if n.startswith(("forward_", "backward_")) and not n.endswith(("_chunks", "_look_back"))}, launched
 
 
 @pytest.mark.parametrize("name", ["mingru", "lru", "mlstm", "aaren"])  # real, complex, max-plus semiring, monoid
@@ -84,7 +85,7 @@ def test_split_edges(name, length, min_steps):
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", **ALL_DIMS[name]).double()
     launched = _compare_split(module, length, min_steps, heads=(), batch=1)
-    assert any(n.startswith("summarize_") for n in launched) == (length > 1), launched
+    assert any(n.startswith("summarize_") or n.endswith("_look_back") for n in launched) == (length > 1), launched
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")  # log(0) = -inf, where both terms are -inf
@@ -107,7 +108,8 @@ def test_default_plan_splits_a_small_batch_and_not_a_large_one():
     from recdsl.backends.triton_launch import observe_launches
 
     module = recdsl.compile(EXAMPLES / "mingru.rec", backend="triton", d_in=2, d=1024)
-    for batch, length, expected, grid in ((8, 1024, "forward_h_chunks", (8, 16, 5)), (64, 256, "forward_h", (64, 16))):
+    # Split, minGRU's affine scan runs forward in one pass: a program per (row, block of 64 elements, block of 32 steps).
+    for batch, length, expected, grid in ((8, 1024, "forward_h_look_back", (8 * 16 * 32,)), (64, 256, "forward_h", (64, 16))):
         x = torch.randn(batch, length, 2)
         with torch.no_grad(), observe_launches(run_kernels=False) as launches:
             module(x)

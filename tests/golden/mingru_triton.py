@@ -181,193 +181,92 @@ def backward_h(p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t,
         tl.store(p_dl3_v + o_b * s_dl3_b + o_h * s_dl3_h + i_k * s_dl3_t + o_c * s_dl3_c, b_acc_l3_v, mask=m_c)  # this program's sum over its steps
 
 
-# h with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan
+# h with T split across programs (when a call's rows are too few): one pass with a look-back, forward and backward
 
 @triton.jit
-def summarize_h(p_sum_a, p_sum_b, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_k = tl.program_id(2)  # the chunk of T: steps [i_k * L, min(T, (i_k + 1) * L))
+def forward_h_look_back(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, p_fold_a, p_fold_b, p_end_0, p_flags, p_ticket, T, C, H, R, n_c, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
+    # R = N * n_c programs per block of steps; tickets run block of steps by block of steps
+    i_p = tl.atomic_add(p_ticket, 1)
+    i_k = i_p // R
+    i_n = (i_p % R) // n_c
+    i_c = i_p % n_c
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
     o_b = o_row // H
     o_h = o_row % H
-    p_l0_v += o_b * s_l0_b + o_h * s_l0_h
-    p_l1_v += o_b * s_l1_b + o_h * s_l1_h
-    p_l2_v += o_b * s_l2_b + o_h * s_l2_h
-    p_l3_v += o_b * s_l3_b + o_h * s_l3_h
-    p_sum_a += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
-    p_sum_b += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
-    t_end = tl.minimum(T, (i_k + 1) * L)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
-    b_sum_0 = tl.full([BC], 1.0, dtype=ACC)
-    b_sum_1 = tl.full([BC], 0.0, dtype=ACC)
-    b_last = tl.arange(0, BT)[:, None] == BT - 1
-    for i_t in range(0, n_blocks):  # n_blocks = ceil(L / BT), from the host
-        o_t = i_k * L + i_t * BT + tl.arange(0, BT)
-        m = (o_t[:, None] < t_end) & m_c[None, :]
-        # x @ W_z
-        b_l0 = tl.load(p_l0_v + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
-        # b_z
-        b_l1 = tl.load(p_l1_v + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
-        # x @ W_h
-        b_l2 = tl.load(p_l2_v + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
-        # b_h
-        b_l3 = tl.load(p_l3_v + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
-        # line 22: h = (1 - z) * h + z * hc
-        # decay: 1 - sigmoid(x @ W_z + b_z)
-        # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
-        b_0 = b_l0 + b_l1
-        b_1 = 1.0 / (1.0 + tl.exp(-b_0))
-        b_2 = 1.0 - b_1
-        b_3 = b_l2 + b_l3
-        b_4 = b_1 * b_3
-        b_a = tl.where(m, b_2 + tl.zeros([BT, BC], dtype=ACC), 1.0)
-        b_b = tl.where(m, b_4 + tl.zeros([BT, BC], dtype=ACC), 0.0)
-        b_S0, b_S1 = tl.associative_scan((b_a, b_b,), 0, combine_h)
-        b_end0 = tl.sum(tl.where(b_last, b_S0, 0.0), axis=0)
-        b_end1 = tl.sum(tl.where(b_last, b_S1, 0.0), axis=0)
-        b_sum_0, b_sum_1 = combine_h(b_sum_0, b_sum_1, b_end0, b_end1)
-    tl.store(p_sum_a + o_c, b_sum_0, mask=m_c)
-    tl.store(p_sum_b + o_c, b_sum_1, mask=m_c)
-
-
-@triton.jit
-def carries_h(p_init_0, p_sum_a, p_sum_b, p_carry_0, C, n_chunks, BC: tl.constexpr, ACC: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
-    o_row = i_n.to(tl.int64)
-    p_init_0 += o_row * C
-    p_sum_a += o_row * n_chunks * C  # [N, n_chunks, C]
-    p_sum_b += o_row * n_chunks * C  # [N, n_chunks, C]
-    p_carry_0 += o_row * n_chunks * C  # [N, n_chunks, C]
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
-    b_r0 = tl.full([BC], 1.0, dtype=ACC)
-    b_r1 = tl.load(p_init_0 + o_c, mask=m_c, other=0.0).to(ACC)
-    for i_k in range(0, n_chunks):
-        tl.store(p_carry_0 + i_k * C + o_c, b_r1, mask=m_c)
-        b_s0 = tl.load(p_sum_a + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
-        b_s1 = tl.load(p_sum_b + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
-        b_r0, b_r1 = combine_h(b_r0, b_r1, b_s0, b_s1)
-
-
-@triton.jit
-def forward_h_chunks(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_k = tl.program_id(2)  # the chunk of T: steps [i_k * L, min(T, (i_k + 1) * L))
-    o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
-    o_b = o_row // H
-    o_h = o_row % H
+    p_init += o_row * C
     p_out += o_row * T * C
     p_l0_v += o_b * s_l0_b + o_h * s_l0_h
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
     p_l2_v += o_b * s_l2_b + o_h * s_l2_h
     p_l3_v += o_b * s_l3_b + o_h * s_l3_h
-    p_init += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
-    t_end = tl.minimum(T, (i_k + 1) * L)
+    p_fold_a += o_row * n_chunks * C  # [N, n_chunks, C]
+    p_fold_b += o_row * n_chunks * C  # [N, n_chunks, C]
+    p_end_0 += o_row * n_chunks * C  # [N, n_chunks, C]
+    p_flags += (o_row * n_c + i_c) * n_chunks  # [N, n_c, n_chunks]
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    o_init = o_c
-    b_carry_0 = tl.load(p_init + o_init, mask=m_c, other=0.0).to(ACC)
     b_last = tl.arange(0, BT)[:, None] == BT - 1
-    for i_t in range(0, n_blocks):  # n_blocks = ceil(L / BT), from the host
-        o_t = i_k * L + i_t * BT + tl.arange(0, BT)
-        m = (o_t[:, None] < t_end) & m_c[None, :]
-        # x @ W_z
-        b_l0 = tl.load(p_l0_v + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
-        # b_z
-        b_l1 = tl.load(p_l1_v + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
-        # x @ W_h
-        b_l2 = tl.load(p_l2_v + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
-        # b_h
-        b_l3 = tl.load(p_l3_v + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
-        # line 22: h = (1 - z) * h + z * hc
-        # decay: 1 - sigmoid(x @ W_z + b_z)
-        # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
-        b_0 = b_l0 + b_l1
-        b_1 = 1.0 / (1.0 + tl.exp(-b_0))
-        b_2 = 1.0 - b_1
-        b_3 = b_l2 + b_l3
-        b_4 = b_1 * b_3
-        b_a = tl.where(m, b_2 + tl.zeros([BT, BC], dtype=ACC), 1.0)
-        b_b = tl.where(m, b_4 + tl.zeros([BT, BC], dtype=ACC), 0.0)
-        b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_h)
-        b_h = b_A * b_carry_0[None, :] + b_B
-        tl.store(p_out + o_t[:, None] * C + o_c[None, :], b_h, mask=m)
-        b_carry_0 = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)
-
-
-@triton.jit
-def summarize_backward_h(p_grad, p_sum_w, p_sum_g, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
-    i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
-    o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
-    o_b = o_row // H
-    o_h = o_row % H
-    p_grad += o_row * T * C
-    p_l0_v += o_b * s_l0_b + o_h * s_l0_h
-    p_l1_v += o_b * s_l1_b + o_h * s_l1_h
-    p_sum_w += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
-    p_sum_g += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
-    j_end = tl.minimum(T, (i_k + 1) * L)
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
-    b_sum_0 = tl.full([BC], 1.0, dtype=ACC)
-    b_sum_1 = tl.full([BC], 0.0, dtype=ACC)
-    b_last = tl.arange(0, BT)[:, None] == BT - 1
-    for i_j in range(0, n_blocks):
-        # step j of the reversed sequence is time t = T - 1 - j
-        o_j = i_k * L + i_j * BT + tl.arange(0, BT)
-        o_t = T - 1 - o_j
-        m = (o_j[:, None] < j_end) & m_c[None, :]
-        m_next = m & (o_t[:, None] + 1 < T)
-        b_dy = tl.load(p_grad + o_t[:, None] * C + o_c[None, :], mask=m, other=0.0).to(ACC)
-        # gates at t + 1
-        # x @ W_z
-        b_l0_next = tl.load(p_l0_v + (o_t + 1)[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m_next, other=0.0).to(ACC)
-        # b_z
-        b_l1_next = tl.load(p_l1_v + (o_t + 1)[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m_next, other=0.0).to(ACC)
-        # line 22: h = (1 - z) * h + z * hc
-        # decay: 1 - sigmoid(x @ W_z + b_z)
-        # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
-        b_next_0 = b_l0_next + b_l1_next
-        b_next_1 = 1.0 / (1.0 + tl.exp(-b_next_0))
-        b_next_2 = 1.0 - b_next_1
-        b_w = tl.where(m, tl.where(m_next, b_next_2 + tl.zeros([BT, BC], dtype=ACC), 0.0), 1.0)
-        b_S0, b_S1 = tl.associative_scan((b_w, b_dy,), 0, combine_h)
-        b_end0 = tl.sum(tl.where(b_last, b_S0, 0.0), axis=0)
-        b_end1 = tl.sum(tl.where(b_last, b_S1, 0.0), axis=0)
-        b_sum_0, b_sum_1 = combine_h(b_sum_0, b_sum_1, b_end0, b_end1)
-    tl.store(p_sum_w + o_c, b_sum_0, mask=m_c)
-    tl.store(p_sum_g + o_c, b_sum_1, mask=m_c)
-
-
-@triton.jit
-def carries_backward_h(p_sum_w, p_sum_g, p_carry_0, C, n_chunks, BC: tl.constexpr, ACC: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
-    o_row = i_n.to(tl.int64)
-    p_sum_w += o_row * n_chunks * C  # [N, n_chunks, C]
-    p_sum_g += o_row * n_chunks * C  # [N, n_chunks, C]
-    p_carry_0 += o_row * n_chunks * C  # [N, n_chunks, C]
-    o_c = i_c * BC + tl.arange(0, BC)
-    m_c = o_c < C
+    o_t = i_k * BT + tl.arange(0, BT)
+    m = (o_t[:, None] < T) & m_c[None, :]
+    # x @ W_z
+    b_l0 = tl.load(p_l0_v + o_t[:, None] * s_l0_t + o_c[None, :] * s_l0_c, mask=m, other=0.0).to(ACC)
+    # b_z
+    b_l1 = tl.load(p_l1_v + o_t[:, None] * s_l1_t + o_c[None, :] * s_l1_c, mask=m, other=0.0).to(ACC)
+    # x @ W_h
+    b_l2 = tl.load(p_l2_v + o_t[:, None] * s_l2_t + o_c[None, :] * s_l2_c, mask=m, other=0.0).to(ACC)
+    # b_h
+    b_l3 = tl.load(p_l3_v + o_t[:, None] * s_l3_t + o_c[None, :] * s_l3_c, mask=m, other=0.0).to(ACC)
+    # line 22: h = (1 - z) * h + z * hc
+    # decay: 1 - sigmoid(x @ W_z + b_z)
+    # input: sigmoid(x @ W_z + b_z) * (x @ W_h + b_h)
+    b_0 = b_l0 + b_l1
+    b_1 = 1.0 / (1.0 + tl.exp(-b_0))
+    b_2 = 1.0 - b_1
+    b_3 = b_l2 + b_l3
+    b_4 = b_1 * b_3
+    b_a = tl.where(m, b_2 + tl.zeros([BT, BC], dtype=ACC), 1.0)
+    b_b = tl.where(m, b_4 + tl.zeros([BT, BC], dtype=ACC), 0.0)
+    b_S0, b_S1 = tl.associative_scan((b_a, b_b,), 0, combine_h)
+    # publish this block's fold for the blocks after it
+    tl.store(p_fold_a + i_k * C + o_c, tl.sum(tl.where(b_last, b_S0, 0.0), axis=0), mask=m_c)
+    tl.store(p_fold_b + i_k * C + o_c, tl.sum(tl.where(b_last, b_S1, 0.0), axis=0), mask=m_c)
+    tl.debug_barrier()
+    tl.atomic_xchg(p_flags + i_k, 1, sem="release")
+    # the carry into this block: the initial state, or earlier blocks' folds composed back to a published end state
+    b_carry_0 = tl.load(p_init + o_c, mask=m_c, other=0.0).to(ACC)
     b_r0 = tl.full([BC], 1.0, dtype=ACC)
     b_r1 = tl.full([BC], 0.0, dtype=ACC)
-    for i_k in range(0, n_chunks):
-        tl.store(p_carry_0 + i_k * C + o_c, b_r1, mask=m_c)
-        b_s0 = tl.load(p_sum_w + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
-        b_s1 = tl.load(p_sum_g + i_k * C + o_c, mask=m_c, other=0.0).to(ACC)
-        b_r0, b_r1 = combine_h(b_r0, b_r1, b_s0, b_s1)
+    j = i_k - 1
+    while j >= 0:
+        status = tl.atomic_add(p_flags + j, 0, sem="acquire")
+        while status == 0:
+            status = tl.atomic_add(p_flags + j, 0, sem="acquire")
+        if status == 2:
+            b_e0 = tl.load(p_end_0 + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
+            b_x0, b_x1 = combine_h(tl.full([BC], 1.0, dtype=ACC), b_e0, b_r0, b_r1)
+            b_carry_0 = b_x1
+            j = -1
+        else:
+            b_f0 = tl.load(p_fold_a + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
+            b_f1 = tl.load(p_fold_b + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
+            b_r0, b_r1 = combine_h(b_f0, b_f1, b_r0, b_r1)
+            j -= 1
+    b_h = b_S0 * b_carry_0[None, :] + b_S1
+    tl.store(p_out + o_t[:, None] * C + o_c[None, :], b_h, mask=m)
+    b_carry_0 = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)
+    # publish the state at this block's end
+    tl.store(p_end_0 + i_k * C + o_c, b_carry_0, mask=m_c)
+    tl.debug_barrier()
+    tl.atomic_xchg(p_flags + i_k, 2, sem="release")
 
 
 @triton.jit
-def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t, s_dl0_c, p_dl1_v, s_dl1_b, s_dl1_h, s_dl1_t, s_dl1_c, p_dl2_v, s_dl2_b, s_dl2_h, s_dl2_t, s_dl2_c, p_dl3_v, s_dl3_b, s_dl3_h, s_dl3_t, s_dl3_c, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, L, n_blocks, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_c = tl.program_id(1)
+def backward_h_look_back(p_fold_w, p_fold_g, p_end_0, p_flags, p_ticket, p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s_dl0_h, s_dl0_t, s_dl0_c, p_dl1_v, s_dl1_b, s_dl1_h, s_dl1_t, s_dl1_c, p_dl2_v, s_dl2_b, s_dl2_h, s_dl2_t, s_dl2_c, p_dl3_v, s_dl3_b, s_dl3_h, s_dl3_t, s_dl3_c, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p_l1_v, s_l1_b, s_l1_h, s_l1_t, s_l1_c, p_l2_v, s_l2_b, s_l2_h, s_l2_t, s_l2_c, p_l3_v, s_l3_b, s_l3_h, s_l3_t, s_l3_c, T, C, H, R, n_c, n_chunks, BT: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, G_l0: tl.constexpr, G_l1: tl.constexpr, G_l2: tl.constexpr, G_l3: tl.constexpr):
+    # R = N * n_c programs per block of steps; tickets run block of steps by block of steps
+    i_p = tl.atomic_add(p_ticket, 1)
+    i_k = i_p // R
+    i_n = (i_p % R) // n_c
+    i_c = i_p % n_c
     o_row = i_n.to(tl.int64)  # 64-bit: offsets over rows may pass 2^31 elements
     o_b = o_row // H
     o_h = o_row % H
@@ -379,12 +278,17 @@ def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s
     p_l1_v += o_b * s_l1_b + o_h * s_l1_h
     p_l2_v += o_b * s_l2_b + o_h * s_l2_h
     p_l3_v += o_b * s_l3_b + o_h * s_l3_h
-    i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))
-    p_carry += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]
+    # one block of reversed time per program: steps j in [i_k * BT, min(T, (i_k + 1) * BT))
+    p_fold_w += o_row * n_chunks * C  # [N, n_chunks, C]
+    p_fold_g += o_row * n_chunks * C  # [N, n_chunks, C]
+    p_end_0 += o_row * n_chunks * C  # [N, n_chunks, C]
+    p_flags += (o_row * n_c + i_c) * n_chunks  # [N, n_c, n_chunks]
+    L = BT
+    n_blocks = 1
     j_end = tl.minimum(T, (i_k + 1) * L)
     o_c = i_c * BC + tl.arange(0, BC)
     m_c = o_c < C
-    b_g = tl.load(p_carry + o_c, mask=m_c, other=0.0).to(ACC)
+    b_g = tl.zeros([BC], dtype=ACC)
     b_dh0 = tl.zeros([BC], dtype=ACC)
     b_acc_l0_v = tl.zeros([BC], dtype=ACC)
     b_acc_l1_v = tl.zeros([BC], dtype=ACC)
@@ -432,8 +336,34 @@ def backward_h_chunks(p_carry, p_init, p_h, p_grad, p_dinit, p_dl0_v, s_dl0_b, s
         b_4 = b_1 * b_3
         b_w = tl.where(m, tl.where(m_next, b_next_2 + tl.zeros([BT, BC], dtype=ACC), 0.0), 1.0)
         b_W, b_G = tl.associative_scan((b_w, b_dy), 0, combine_h)
+        # publish this block's fold of (w_{t+1}, dy_t) for the blocks before it in time
+        tl.store(p_fold_w + i_k * C + o_c, tl.sum(tl.where(b_last, b_W, 0.0), axis=0), mask=m_c)
+        tl.store(p_fold_g + i_k * C + o_c, tl.sum(tl.where(b_last, b_G, 0.0), axis=0), mask=m_c)
+        tl.debug_barrier()
+        tl.atomic_xchg(p_flags + i_k, 1, sem="release")
+        # the adjoint carried in from later blocks: their folds composed back to a published adjoint
+        b_r0 = tl.full([BC], 1.0, dtype=ACC)
+        b_r1 = tl.full([BC], 0.0, dtype=ACC)
+        j = i_k - 1
+        while j >= 0:
+            status = tl.atomic_add(p_flags + j, 0, sem="acquire")
+            while status == 0:
+                status = tl.atomic_add(p_flags + j, 0, sem="acquire")
+            if status == 2:
+                b_e0 = tl.load(p_end_0 + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
+                b_x0, b_x1 = combine_h(tl.full([BC], 1.0, dtype=ACC), b_e0, b_r0, b_r1)
+                b_g = b_x1
+                j = -1
+            else:
+                b_f0 = tl.load(p_fold_w + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
+                b_f1 = tl.load(p_fold_g + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
+                b_r0, b_r1 = combine_h(b_f0, b_f1, b_r0, b_r1)
+                j -= 1
         b_gt = b_W * b_g[None, :] + b_G
         b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)
+        tl.store(p_end_0 + i_k * C + o_c, b_g, mask=m_c)
+        tl.debug_barrier()
+        tl.atomic_xchg(p_flags + i_k, 2, sem="release")
         b_dh0 += tl.sum(tl.where(m_first, b_gt * (b_2), 0.0), axis=0)
         b_5 = b_gt * b_hp
         # the chain rule through the gate math, each op's rule from the op registry
