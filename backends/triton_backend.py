@@ -54,6 +54,7 @@ from .triton_codegen import (
     summary_parts,
 )
 from .triton_codegen import Unsupported as Unsupportable
+from .triton_monoid import monoid_adjoint
 
 BLOCK_T = 32
 BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
@@ -116,15 +117,22 @@ def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | Unsupporte
         return Unsupported(f"monoid {monoid.name}: its carries do not broadcast to one shape")
     lifts = [inline_parallel_bindings(lift, analysis.cell, analysis.time_parallel) for lift in scan.lifts]
     leaves = find_leaves(lifts)
+    comment = [f"line {scan.span.line}: {scan.name} = scan {monoid.name}(...)" if scan.span else f"scan {monoid.name}"]
+    try:
+        adjoint = monoid_adjoint(monoid, tuple(lifts))
+    except Unsupportable as reason:  # the backward differentiates torch's scan of the combine instead
+        adjoint = None
+        comment.append(f"backward: torch's scan of the combine, differentiated by autograd ({reason})")
     return ScanSpec(
         name=_identifier(scan.name),
         kind=ScanKind.MONOID,
         is_complex=False,
         terms=tuple(lifts),
         leaves=tuple(Leaf(expr, f"l{i}") for i, expr in enumerate(leaves)),
-        comment=(f"line {scan.span.line}: {scan.name} = scan {monoid.name}(...)" if scan.span else f"scan {monoid.name}",),
+        comment=tuple(comment),
         monoid=monoid,
         identities=tuple(identities),
+        adjoint=adjoint,
     )
 
 
@@ -619,6 +627,88 @@ class _MonoidScan(torch.autograd.Function):
         return (None, None, *result)
 
 
+class _MonoidAdjointScan(torch.autograd.Function):
+    """A declared monoid's prefix scan whose backward is the generated kernel ``backward_<scan>``
+    (:mod:`.triton_monoid`: the adjoint recurrence derived from the combine).
+
+    ``tensors`` are the initial carries in the kernel's ``[N, C]`` layout (torch's autograd
+    carries their gradients back to the declared shapes) and then the leaves as
+    :meth:`_Launch.leaf_views`.  The outputs are the carries as ``[N, T, C]``; the backward
+    kernel reloads them (``y_{t-1}`` and ``y_t``) with the leaves and writes one gradient per
+    leaf and per initial carry.
+    """
+
+    @staticmethod
+    def forward(ctx, launch: _Launch, scan: ir.ScanAssign, *tensors: torch.Tensor):
+        count = len(scan.monoid.carries)
+        starts, leaves = tensors[:count], tensors[count:]
+        dtype = launch.seq.numerics.real
+        outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
+        launch.scan(False, list(starts), outputs, _leaf_arguments(list(leaves), launch.spec.leaves))
+        ctx.launch, ctx.count = launch, count
+        ctx.save_for_backward(*starts, *outputs, *leaves)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        launch: _Launch = ctx.launch
+        count = ctx.count
+        saved = ctx.saved_tensors
+        starts, outputs, leaves = saved[:count], saved[count:2 * count], saved[2 * count:]
+        spec = launch.spec
+        dtype = launch.seq.numerics.real
+        device = outputs[0].device
+        grads = tuple(torch.zeros_like(y) if g is None else g.to(dtype).contiguous() for g, y in zip(grads, outputs))
+        chunk_count = launch.chunk_count()
+        # Each leaf's gradient, as the affine scans' backward writes it: per step in the leaf's
+        # own layout, or each program's sum over its steps for a leaf constant in time.
+        modes, buffers, gradient_arguments = {}, [], []
+        for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
+            if not ctx.needs_input_grad[2 + count + i]:
+                mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=dtype, device=device)
+            elif view.shape[2] == launch.steps:
+                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=dtype)
+                if buffer.shape[:2] != (launch.lead[0], launch.heads) or buffer.stride(-1) == 0:  # broadcast: written in full, summed below
+                    buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=dtype, device=device)
+            else:
+                mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunk_count, launch.channels), dtype=dtype, device=device)
+            modes[f"G_{leaf.name}"] = mode.value
+            buffers.append(buffer)
+            gradient_arguments.append(buffer)
+            gradient_arguments.extend(buffer.stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(count)]
+        module = launch.module()
+        grid = launch.grid(backward=True)
+        constants = launch.constants(backward=True)
+        leaf_arguments = _leaf_arguments(list(leaves), spec.leaves)
+        tensors = (*starts, *outputs, *grads, *dinit, *gradient_arguments, *leaf_arguments)
+        options = dict(modes, num_warps=BACKWARD_WARPS, maxnreg=BACKWARD_REGISTERS)
+        length = launch.chunk_steps()
+        if length is None:
+            launch_kernel(getattr(module, f"backward_{spec.name}"), grid, *tensors, launch.steps, launch.channels, launch.heads, launch.blocks, **constants, **options)
+        else:  # T split across programs: fold each chunk's (W, dy) pairs, carry the adjoint across chunks, rescan each chunk
+            chunks = chunk_count
+            shape = (launch.rows, chunks, launch.channels)
+            sums = [torch.empty(shape, dtype=dtype, device=device) for _ in range(len(spec.adjoint.entries) + count)]
+            carried = [torch.empty(shape, dtype=dtype, device=device) for _ in range(count)]
+            per_chunk = (launch.steps, launch.channels, launch.heads, length, -(-length // BLOCK_T), chunks)
+            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid + (chunks,), *outputs, *grads, *sums, *leaf_arguments, *per_chunk, **constants)
+            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), grid, *sums, *carried, launch.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
+            launch_kernel(getattr(module, f"backward_{spec.name}_chunks"), grid + (chunks,), *carried, *tensors, *per_chunk, **constants, **options)
+        result: list[torch.Tensor | None] = [d.to(s.dtype) if ctx.needs_input_grad[2 + i] else None for i, (d, s) in enumerate(zip(dinit, starts))]
+        for view, leaf, grad in zip(leaves, spec.leaves, buffers):
+            mode = LeafGradient(modes[f"G_{leaf.name}"])
+            if mode is LeafGradient.NONE:
+                result.append(None)
+                continue
+            if mode is LeafGradient.SUMMED_OVER_TIME:
+                grad = grad.sum(2, keepdim=True)
+            if grad.shape != view.shape:
+                grad = grad.sum_to_size(view.shape)
+            result.append(grad.to(view.dtype))
+        return (None, None, *result)
+
+
 def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with_time: bool) -> torch.Tensor:
     """A carry ``[B, (T,) *heads, *carry]`` broadcast over the carries' common shape: ``[N, (T,) C]``."""
     common = launch.state_type.shape
@@ -664,7 +754,12 @@ class TritonSolver(parallel.Solver):
         _check_device(self.seq.numerics.device)
         leaves = launch.leaf_values()
         initial = [self.initial[f"{scan.name}.{c.name}"] for c in monoid.carries]
-        outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
+        if step.kernel.adjoint is not None:  # the backward is the generated kernel
+            dtype = self.seq.numerics.real
+            starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, monoid.carries)]
+            outputs = _MonoidAdjointScan.apply(launch, scan, *starts, *launch.leaf_views(leaves))
+        else:
+            outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
         lead = self.seq.lead
         result = {}
         for carry, value in zip(monoid.carries, outputs):

@@ -36,7 +36,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 from recdsl import ir
 from recdsl.errors import Source
@@ -44,6 +44,9 @@ from recdsl.ir import Kind, Literal, Op, Ref
 from recdsl.ops import FUSED, MAX_PLUS, OPS, Semiring, Term, TermLeaf
 from recdsl.printer import format_expr
 from recdsl.shapes import fold_constant
+
+if TYPE_CHECKING:
+    from .triton_monoid import MonoidAdjoint
 
 # ---- readable output -------------------------------------------------------------------
 
@@ -343,6 +346,8 @@ class ScanSpec:
     monoid: ir.MonoidIR | None = None
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
     split: TimeSplit = TimeSplit()  # when the launch splits T across programs (the source has both forms)
+    # A monoid whose backward is the generated kernel (.triton_monoid): its adjoint's structure; None: torch's scan is differentiated.
+    adjoint: "MonoidAdjoint | None" = None
 
     def leaves_of(self, positions: tuple[int, ...]) -> tuple[Leaf, ...]:
         """The leaves the terms at ``positions`` read, in the spec's order."""
@@ -1135,6 +1140,11 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
         emit_forward(buffer, spec)
         if spec.kind is not ScanKind.MONOID:
             emit_gradient_backward(buffer, spec)
+        elif spec.adjoint is not None:
+            from .triton_monoid import emit_adjoint_combine, emit_monoid_backward
+
+            emit_adjoint_combine(buffer, spec)
+            emit_monoid_backward(buffer, spec)
         buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): fold each chunk, carry, rescan")
         buffer.line("")
         emit_forward(buffer, spec, SplitMode.SUMMARY)
@@ -1144,6 +1154,12 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
             emit_backward_summary(buffer, spec)
             emit_carries(buffer, spec, backward=True)
             emit_gradient_backward(buffer, spec, SplitMode.CHUNK)
+        elif spec.adjoint is not None:
+            from .triton_monoid import emit_monoid_backward, emit_monoid_backward_carries, emit_monoid_backward_summary
+
+            emit_monoid_backward_summary(buffer, spec)
+            emit_monoid_backward_carries(buffer, spec)
+            emit_monoid_backward(buffer, spec, SplitMode.CHUNK)
     return buffer.text()
 
 
