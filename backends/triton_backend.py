@@ -14,7 +14,9 @@ stored), which differentiates the gate math in registers and writes one gradient
 (summed over the steps of each program for a leaf constant in time) and ``dL/dh_0``; the
 leaves reach the kernel as views (:meth:`_Launch.leaf_views`), so torch's autograd sums
 them over what they broadcast and carries them on to the projections.  Declared monoids
-differentiate through torch's scan of the same combine.
+have a generated backward kernel too (:mod:`.triton_monoid`: the adjoint recurrence whose
+transition is the combine's Jacobian, derived by the registry's rules); a combine the
+kernel cannot differentiate falls back to torch's scan of the same combine under autograd.
 
 On a CPU, kernels run in Triton's interpreter: set ``TRITON_INTERPRET=1`` before the first
 kernel is loaded.  Triton is imported only when this backend runs.
@@ -573,7 +575,8 @@ class _RecurrenceScan(torch.autograd.Function):
 
 
 class _MonoidScan(torch.autograd.Function):
-    """A declared monoid's prefix scan by its generated kernel; backward through torch's scan.
+    """A declared monoid's prefix scan by its generated kernel; backward through torch's scan
+    (for combines the generated backward cannot differentiate: :class:`_MonoidAdjointScan` otherwise).
 
     ``tensors`` are the initial carries ``[B, *heads, *carry]`` and then the leaves.  The
     outputs are the carries laid out as ``[N, T, C]`` over the carries' common shape.

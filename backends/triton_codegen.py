@@ -16,6 +16,9 @@ Triton backend runs, it emits
   math (each op's derivative rule from its registry row, :data:`recdsl.ops.DERIVATIVES`)
   down to one gradient per leaf and ``dL/dh_0``: torch only carries the leaves' gradients
   on through whatever computed them (a matmul, a view);
+- ``backward_<scan>`` for declared monoids, from :mod:`.triton_monoid`: the adjoint
+  recurrence ``g_t = dy_t + (d y_{t+1} / d y_t)^T g_{t+1}`` with the combine's Jacobian
+  derived by the same registry rules and scanned as matrix-affine pairs;
 - the same scans with T split across programs (:class:`TimeSplit`), for calls with too few
   rows to fill the GPU: ``summarize_<state>`` folds each chunk of T, ``carries_<state>``
   passes the folds along the chunks, ``forward_<state>_chunks`` rescans each chunk from its
