@@ -51,6 +51,7 @@ from .triton_codegen import (
     TimeSplit,
     find_leaves,
     generate,
+    single_element_carries,
     inline_parallel_bindings,
     summary_backward_terms,
     summary_parts,
@@ -588,7 +589,7 @@ class _MonoidScan(torch.autograd.Function):
         initial, leaves = tensors[:count], tensors[count:]
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
-        outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
+        outputs = _carry_outputs(launch, count, starts[0].device)
         launch.scan(False, starts, outputs, _leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves))
         ctx.launch, ctx.scan = launch, scan
         ctx.save_for_backward(*tensors)
@@ -621,7 +622,8 @@ class _MonoidScan(torch.autograd.Function):
 
             scanned = prefix_scan(tuple(lifts), combine)
             folded = combine(tuple(i.unsqueeze(0) for i in initial), scanned)
-            outputs = [_common_layout(launch, f.transpose(0, 1), carry.type, with_time=True) for f, carry in zip(folded, monoid.carries)]
+            narrow = single_element_carries(launch.spec)
+            outputs = [_common_layout(launch, f.transpose(0, 1), carry.type, with_time=True, one_element=i in narrow) for i, (f, carry) in enumerate(zip(folded, monoid.carries))]
             wanted = [i for i, t in enumerate(fresh) if t.requires_grad]
             found = torch.autograd.grad(outputs, [fresh[i] for i in wanted], list(grads), allow_unused=True) if wanted else ()
         result: list[torch.Tensor | None] = [None] * len(fresh)
@@ -646,7 +648,7 @@ class _MonoidAdjointScan(torch.autograd.Function):
         count = len(scan.monoid.carries)
         starts, leaves = tensors[:count], tensors[count:]
         dtype = launch.seq.numerics.real
-        outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
+        outputs = _carry_outputs(launch, count, starts[0].device)
         launch.scan(False, list(starts), outputs, _leaf_arguments(list(leaves), launch.spec.leaves))
         ctx.launch, ctx.count = launch, count
         ctx.save_for_backward(*starts, *outputs, *leaves)
@@ -712,9 +714,18 @@ class _MonoidAdjointScan(torch.autograd.Function):
         return (None, None, *result)
 
 
-def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with_time: bool) -> torch.Tensor:
-    """A carry ``[B, (T,) *heads, *carry]`` broadcast over the carries' common shape: ``[N, (T,) C]``."""
-    common = launch.state_type.shape
+def _carry_outputs(launch: _Launch, count: int, device: torch.device) -> list[torch.Tensor]:
+    """The forward kernel's outputs, one per carry: ``[N, T, C]``, or ``[N, T, 1]`` for a carry of
+    one element beside wider ones (:func:`.triton_codegen.single_element_carries`)."""
+    narrow = single_element_carries(launch.spec)
+    dtype = launch.seq.numerics.real
+    return [torch.empty(launch.rows, launch.steps, 1 if i in narrow else launch.channels, dtype=dtype, device=device) for i in range(count)]
+
+
+def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with_time: bool, one_element: bool = False) -> torch.Tensor:
+    """A carry ``[B, (T,) *heads, *carry]`` broadcast over the carries' common shape: ``[N, (T,) C]``
+    (``one_element``: a carry of one element, ``[N, T, 1]``)."""
+    common = tuple(1 for _ in launch.state_type.shape) if one_element else launch.state_type.shape
     lead = launch.lead if with_time else (launch.lead[0],) + launch.lead[2:]
     value = align(value, declared.rank, len(common)).expand(lead + common)
     if with_time:
@@ -765,10 +776,12 @@ class TritonSolver(parallel.Solver):
             outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
         lead = self.seq.lead
         result = {}
-        for carry, value in zip(monoid.carries, outputs):
-            shaped = value.reshape((lead[0],) + lead[2:] + (lead[1],) + common).movedim(len(lead) - 1, 1)
+        narrow = single_element_carries(step.kernel)
+        for i, (carry, value) in enumerate(zip(monoid.carries, outputs)):
+            stored = tuple(1 for _ in common) if i in narrow else common  # one-element carries: one copy per step
+            shaped = value.reshape((lead[0],) + lead[2:] + (lead[1],) + stored).movedim(len(lead) - 1, 1)
             # A carry smaller than the common shape was replicated along the other axes: take one copy.
-            index = tuple(slice(None) if size == full else slice(0, 1) for size, full in zip((1,) * (len(common) - carry.type.rank) + carry.type.shape, common))
+            index = tuple(slice(None) if size == full else slice(0, 1) for size, full in zip((1,) * (len(common) - carry.type.rank) + carry.type.shape, stored))
             shaped = shaped[(Ellipsis,) + index].reshape(lead + carry.type.shape)
             result[carry.name] = shaped
         return result

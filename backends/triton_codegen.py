@@ -501,11 +501,16 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = Split
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
+        narrow = [outputs[i] for i in single_element_carries(spec)]  # [N, T, 1]: one copy of a carry the common shape broadcasts
+        wide = [p for p in outputs if p not in narrow]
         if mode is SplitMode.WHOLE:
-            _emit_row_pointers(buffer, spec, initial, outputs)
+            _emit_row_pointers(buffer, spec, initial, wide)
         else:
             buffer.line("i_k = tl.program_id(2)  # the chunk of T: steps [i_k * L, min(T, (i_k + 1) * L))")
-            _emit_row_pointers(buffer, spec, [], outputs if mode is SplitMode.CHUNK else [])
+            _emit_row_pointers(buffer, spec, [], wide if mode is SplitMode.CHUNK else [])
+        for pointer in narrow if mode is not SplitMode.SUMMARY else []:
+            buffer.line(f"{pointer} += o_row * T  # [N, T, 1]: one element per step")
+        if mode is not SplitMode.WHOLE:
             for pointer in initial if mode is SplitMode.CHUNK else sums:
                 buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
             buffer.line("t_end = tl.minimum(T, (i_k + 1) * L)")
@@ -710,8 +715,36 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         # Fold in the carry from earlier blocks: combine(carry, scanned).
         folded = [f"b_f{i}" for i in range(len(elements))]
         buffer.line(f"{', '.join(folded)} = combine_{spec.name}({', '.join(c + '[None, :]' for c in carries)}, {', '.join(scanned)})")
-        for pointer, value, carry in zip(outputs, folded, carries):
-            _store_and_carry(buffer, pointer, value, carry)
+        narrow = single_element_carries(spec)
+        for i, (pointer, value, carry) in enumerate(zip(outputs, folded, carries)):
+            if i in narrow:  # every lane holds the same value: lane 0 stores it
+                buffer.line(f"tl.store({pointer} + {NARROW_OFFSET}, {value}, mask=m & (o_c[None, :] == 0))")
+                buffer.line(f"{carry} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
+            else:
+                _store_and_carry(buffer, pointer, value, carry)
+
+
+# A carry with one element per step ([N, T, 1]) read or written by every lane of a block.
+NARROW_OFFSET = "o_t[:, None] + o_c[None, :] * 0"
+
+
+def single_element_carries(spec: ScanSpec) -> tuple[int, ...]:
+    """The positions of a monoid's carries of one element when the carries' common shape has
+    more (Aaren's ``m`` and ``s`` beside ``n: [d]``): the kernels compute them in every lane
+    (each lane a copy) but store and read one copy per step, ``[N, T, 1]``."""
+    if spec.kind is not ScanKind.MONOID or spec.monoid is None:
+        return ()
+    sizes = [_elements(carry.type.shape) for carry in spec.monoid.carries]
+    if max(sizes) == 1:
+        return ()
+    return tuple(i for i, size in enumerate(sizes) if size == 1)
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
 
 
 def summary_backward_terms(spec: ScanSpec) -> tuple[int, ...]:

@@ -44,6 +44,7 @@ from recdsl.printer import format_expr
 from .triton_codegen import (
     _STATE_OFFSET,
     FUSED_OPS,
+    NARROW_OFFSET,
     ExpressionEmitter,
     IndentedBuffer,
     Leaf,
@@ -59,6 +60,7 @@ from .triton_codegen import (
     emit_chain_rule,
     leaf_gradient_args,
     leaf_mode_args,
+    single_element_carries,
 )
 
 
@@ -189,9 +191,13 @@ def _emit_transition(buffer: IndentedBuffer, spec: ScanSpec, results: tuple[ir.E
     assert adjoint is not None and monoid is not None
     names = [carry.name for carry in monoid.carries]
     earlier = earlier_carries(monoid)
+    narrow = single_element_carries(spec)
     for i, name in enumerate(names):
-        buffer.line(f"b_y_{i} = tl.load(p_out_{name} + {_STATE_OFFSET}, mask=m, other=0.0).to(ACC)  # y_t.{name}")
-        buffer.line(f"b_dy_{i} = tl.load(p_grad_{name} + {_STATE_OFFSET}, mask=m, other=0.0).to(ACC)")
+        offset = NARROW_OFFSET if i in narrow else _STATE_OFFSET
+        buffer.line(f"b_y_{i} = tl.load(p_out_{name} + {offset}, mask=m, other=0.0).to(ACC)  # y_t.{name}")
+        # A one-element carry's gradient enters lane 0's copy only (the copies are one value).
+        dy_mask = "m & (o_c[None, :] == 0)" if i in narrow else "m"
+        buffer.line(f"b_dy_{i} = tl.load(p_grad_{name} + {offset}, mask={dy_mask}, other=0.0).to(ACC)")
     buffer.line("# the leaves at t + 1")
     at_next = _emit_loads(buffer, spec, "(o_t + 1)", "m_next", "_next")
     buffer.line(f"# the combine at t + 1, y_t {monoid.name} l_(t+1)")
@@ -215,6 +221,16 @@ def _emit_transition(buffer: IndentedBuffer, spec: ScanSpec, results: tuple[ir.E
         buffer.line(f"b_{_entry(i, j)} = {within}  # d y_(t+1).{names[j]} / d y_t.{names[i]}")
         elements.append(f"b_{_entry(i, j)}")
     return elements + [f"b_dy_{i}" for i in range(adjoint.carries)]
+
+
+def _emit_sequence_pointers(buffer: IndentedBuffer, spec: ScanSpec, initial: list[str], states: list[str], grads: list[str]) -> None:
+    """The row's pointers: the states and their gradients ``[N, T, C]``, ``[N, T, 1]`` for a one-element carry."""
+    narrow = single_element_carries(spec)
+    wide = [pointer for i, pointer in enumerate(states) if i not in narrow] + [pointer for i, pointer in enumerate(grads) if i not in narrow]
+    _emit_row_pointers(buffer, spec, initial, wide)
+    for i in narrow:
+        for pointer in (states[i], grads[i]):
+            buffer.line(f"{pointer} += o_row * T  # [N, T, 1]: one element per step")
 
 
 def _reversed_block(buffer: IndentedBuffer, chunked: bool) -> None:
@@ -251,7 +267,7 @@ def emit_monoid_backward_summary(buffer: IndentedBuffer, spec: ScanSpec) -> None
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
         buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
-        _emit_row_pointers(buffer, spec, [], states + grads)
+        _emit_sequence_pointers(buffer, spec, [], states, grads)
         for pointer in sums:
             buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
         buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
@@ -340,7 +356,7 @@ def emit_monoid_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
-        _emit_row_pointers(buffer, spec, initial + dinit, states + grads)
+        _emit_sequence_pointers(buffer, spec, initial + dinit, states, grads)
         if chunked:
             buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
             for pointer in carried:
@@ -374,7 +390,8 @@ def emit_monoid_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode
                 buffer.line(f"b_g0_{i} += tl.sum(tl.where(m_first, b_gt_{i}, 0.0), axis=0)")
             buffer.line(f"# the combine at t, y_(t-1) {monoid.name} l_t (y_(-1): the initial carries)")
             for i in range(k):
-                buffer.line(f"b_p_{i} = tl.where(m_prev, tl.load({states[i]} + {_STATE_OFFSET} - C, mask=m_prev, other=0.0), tl.load({initial[i]} + o_init, mask=m, other=0.0)).to(ACC)")
+                previous = f"{NARROW_OFFSET} - 1" if i in single_element_carries(spec) else f"{_STATE_OFFSET} - C"
+                buffer.line(f"b_p_{i} = tl.where(m_prev, tl.load({states[i]} + {previous}, mask=m_prev, other=0.0), tl.load({initial[i]} + o_init, mask=m, other=0.0)).to(ACC)")
             at_now = _emit_loads(buffer, spec, "o_t", "m")
             now = ExpressionEmitter(buffer, {**at_now, **{carry: f"b_p_{i}" for i, carry in enumerate(earlier)}}, "b_c_")
             for line in spec.comment:
