@@ -160,14 +160,18 @@ def test_backward_kernel_matches_sequential_on_random_sequences(name, length, ba
     _compare(_module(name), length, batch, heads, seed, with_state, ties)
 
 
-@pytest.mark.parametrize("name", ["aaren", "argmax"])
+SCAN_NAMES = {"aaren": "acc", "argmax": "best", "range": "r"}
+
+
+@pytest.mark.parametrize("name", sorted(SCAN_NAMES))
 @pytest.mark.parametrize("length,min_steps", [(37, 5), (33, 32), (2, 1)], ids=["ragged last chunk", "last chunk of 1 step", "chunks of 1 step"])
 def test_split_backward_matches_sequential(name, length, min_steps):
     """T split across programs: each chunk of reversed time folded into (W, u), the adjoint
-    carried across chunks, each chunk rescanned from it."""
+    carried across chunks, each chunk rescanned from it (Range's param: a gradient summed per chunk)."""
     torch.manual_seed(0)
-    launched = _compare(_module(name), length, batch=1, heads=(), seed=length, with_state=True, ties=name == "argmax", options={"split_programs": 1000, "split_min_steps": min_steps})
-    assert {"summarize_backward_acc" if name == "aaren" else "summarize_backward_best", "backward_acc_chunks" if name == "aaren" else "backward_best_chunks"} <= launched, launched
+    launched = _compare(_module(name), length, batch=1, heads=(), seed=length, with_state=True, ties=name != "aaren", options={"split_programs": 1000, "split_min_steps": min_steps})
+    scan = SCAN_NAMES[name]
+    assert {f"summarize_backward_{scan}", f"carries_backward_{scan}", f"backward_{scan}_chunks"} <= launched, launched
 
 
 @pytest.mark.parametrize("name", ["aaren", "range"])
