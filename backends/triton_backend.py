@@ -51,8 +51,8 @@ from .triton_codegen import (
     TimeSplit,
     find_leaves,
     generate,
-    single_element_carries,
     inline_parallel_bindings,
+    single_element_carries,
     summary_backward_terms,
     summary_parts,
 )
@@ -580,7 +580,8 @@ class _MonoidScan(torch.autograd.Function):
     (for combines the generated backward cannot differentiate: :class:`_MonoidAdjointScan` otherwise).
 
     ``tensors`` are the initial carries ``[B, *heads, *carry]`` and then the leaves.  The
-    outputs are the carries laid out as ``[N, T, C]`` over the carries' common shape.
+    outputs are the carries laid out as ``[N, T, C]`` over the carries' common shape
+    (``[N, T, 1]`` for a carry of one element beside wider ones: :func:`_carry_outputs`).
     """
 
     @staticmethod
@@ -638,7 +639,8 @@ class _MonoidAdjointScan(torch.autograd.Function):
 
     ``tensors`` are the initial carries in the kernel's ``[N, C]`` layout (torch's autograd
     carries their gradients back to the declared shapes) and then the leaves as
-    :meth:`_Launch.leaf_views`.  The outputs are the carries as ``[N, T, C]``; the backward
+    :meth:`_Launch.leaf_views`.  The outputs are the carries as :func:`_carry_outputs` lays them
+    out (``[N, T, C]``, or ``[N, T, 1]``); the backward
     kernel reloads them (``y_{t-1}`` and ``y_t``) with the leaves and writes one gradient per
     leaf and per initial carry.
     """
@@ -673,7 +675,7 @@ class _MonoidAdjointScan(torch.autograd.Function):
                 mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=dtype, device=device)
             elif view.shape[2] == launch.steps:
                 mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=dtype)
-                if buffer.shape[:2] != (launch.lead[0], launch.heads) or buffer.stride(-1) == 0:  # broadcast: written in full, summed below
+                if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
                     buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=dtype, device=device)
             else:
                 mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunk_count, launch.channels), dtype=dtype, device=device)
