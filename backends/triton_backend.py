@@ -62,6 +62,7 @@ from .triton_monoid import monoid_adjoint
 BLOCK_T = 32
 BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
 BACKWARD_BLOCK_C = 32  # and their most state elements per program
+MONOID_BACKWARD_BLOCK_C = 16  # state elements per program of the monoid backward kernels (.triton_monoid)
 BACKWARD_REGISTERS = 255  # and registers per thread (ptxas otherwise caps 8 warps at 128 on sm_90, and spills)
 
 
@@ -667,12 +668,19 @@ class _MonoidAdjointScan(torch.autograd.Function):
         device = outputs[0].device
         grads = tuple(torch.zeros_like(y) if g is None else g.to(dtype).contiguous() for g, y in zip(grads, outputs))
         chunk_count = launch.chunk_count()
+        # Blocks of 16 state elements: the combine is evaluated twice per step and differentiated
+        # once per carry, which at 32 took all 255 registers of backward_acc_chunks on sm_80.
+        block = min(launch.block_c(backward=True), MONOID_BACKWARD_BLOCK_C)
+        grid = (launch.rows, -(-launch.channels // block))
+        constants = dict(launch.constants(backward=True), BC=block)
         # Each leaf's gradient, as the affine scans' backward writes it: per step in the leaf's
         # own layout, or each program's sum over its steps for a leaf constant in time.
         modes, buffers, gradient_arguments = {}, [], []
         for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
             if not ctx.needs_input_grad[2 + count + i]:
                 mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=dtype, device=device)
+            elif view.shape[2] == launch.steps and view.shape[3] == 1 < launch.channels:  # Aaren's score: each program sums its lanes
+                mode, buffer = LeafGradient.SUMMED_OVER_LANES, torch.empty((launch.lead[0], launch.heads, launch.steps, grid[1]), dtype=dtype, device=device)
             elif view.shape[2] == launch.steps:
                 mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=dtype)
                 if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
@@ -685,8 +693,6 @@ class _MonoidAdjointScan(torch.autograd.Function):
             gradient_arguments.extend(buffer.stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
         dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(count)]
         module = launch.module()
-        grid = launch.grid(backward=True)
-        constants = launch.constants(backward=True)
         leaf_arguments = _leaf_arguments(list(leaves), spec.leaves)
         tensors = (*starts, *outputs, *grads, *dinit, *gradient_arguments, *leaf_arguments)
         options = dict(modes, num_warps=BACKWARD_WARPS, maxnreg=BACKWARD_REGISTERS)
@@ -710,10 +716,31 @@ class _MonoidAdjointScan(torch.autograd.Function):
                 continue
             if mode is LeafGradient.SUMMED_OVER_TIME:
                 grad = grad.sum(2, keepdim=True)
+            if mode is LeafGradient.SUMMED_OVER_LANES:
+                grad = grad.sum(3, keepdim=True)
             if grad.shape != view.shape:
                 grad = grad.sum_to_size(view.shape)
             result.append(grad.to(view.dtype))
         return (None, None, *result)
+
+
+def _whole_state_view(launch: _Launch, value: torch.Tensor, leaf: Leaf) -> torch.Tensor | None:
+    """A leaf that varies in time and is one value for every state element (Aaren's ``score``
+    for ``n: [d]``) as a ``[B', H', T, 1]`` view, not expanded over the state: its gradient is
+    then one value per step (the backward kernel sums its lanes), not one per element for torch
+    to sum.  None for any other leaf (:meth:`_Launch.leaf_views` then)."""
+    declared, lead, shape = leaf.expr.type, launch.lead, launch.state_type.shape
+    if value.dim() == declared.rank or _numel(shape) == 1:
+        return None
+    value = align(value, declared.rank, len(shape))
+    if any(size != 1 for size in value.shape[len(lead):]) or value.shape[1] != lead[1]:
+        return None
+    keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
+    if any(k != 1 for k in keep[2:]):
+        keep[2:] = lead[2:]  # one head stride: all head dims, or none
+    value = value.expand(tuple(keep) + value.shape[len(lead):])
+    moved = value.movedim(1, len(lead) - 1)  # [b, *heads, T, 1, ...]
+    return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], 1)
 
 
 def _carry_outputs(launch: _Launch, count: int, device: torch.device) -> list[torch.Tensor]:
@@ -773,7 +800,12 @@ class TritonSolver(parallel.Solver):
         if step.kernel.adjoint is not None:  # the backward is the generated kernel
             dtype = self.seq.numerics.real
             starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, monoid.carries)]
-            outputs = _MonoidAdjointScan.apply(launch, scan, *starts, *launch.leaf_views(leaves))
+            views = launch.leaf_views(leaves)
+            for i, (value, leaf) in enumerate(zip(leaves, launch.spec.leaves)):
+                narrow_view = _whole_state_view(launch, value, leaf)
+                if narrow_view is not None:
+                    views[i] = narrow_view
+            outputs = _MonoidAdjointScan.apply(launch, scan, *starts, *views)
         else:
             outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
         lead = self.seq.lead

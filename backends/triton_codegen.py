@@ -856,6 +856,7 @@ class LeafGradient(Enum):
     NONE = 0  # the leaf needs no gradient
     PER_STEP = 1  # [N, T, C]: one value per row, step and element
     SUMMED_OVER_TIME = 2  # [B, H, chunks, C]: the leaf does not vary in time; each program sums its steps
+    SUMMED_OVER_LANES = 3  # [B, H, T, blocks]: the leaf is one value per step for every state element; each program sums its lanes (monoid kernels)
 
 
 def _result_kind(op: str, kinds: list[Kind]) -> Kind:

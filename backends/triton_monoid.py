@@ -401,6 +401,13 @@ def emit_monoid_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode
             buffer.line("# g_t through the combine's later operand and the lifts, each op's rule from the op registry")
             found = emit_chain_rule(now, [(result, f"b_gt_{j}") for j, result in enumerate(results)], spec.leaves)
             _emit_leaf_gradients(buffer, spec, found, chunked)
+            rows = "o_j < j_end" if chunked else "o_t >= 0"
+            for leaf in spec.leaves:
+                value = found.get(leaf.expr, "0.0")
+                buffer.line(f"if G_{leaf.name} == 3:  # one value per step for every element: this program's lanes summed")
+                with buffer.indent():
+                    pointer = f"p_d{leaf.name}_v + o_b * s_d{leaf.name}_b + o_h * s_d{leaf.name}_h + o_t * s_d{leaf.name}_t + i_c * s_d{leaf.name}_c"
+                    buffer.line(f"tl.store({pointer}, tl.sum(tl.where(m, {value} + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=1), mask={rows})")
         buffer.line("# dL/dy_(-1) = (d y_0 / d y_(-1))^T g_0: the combine at t = 0 once more, on [BC] lanes")
         first: dict[ir.Expr, Value] = {}
         for i, carry in enumerate(earlier):
