@@ -30,6 +30,11 @@ result ``j`` reaches earlier carry ``i``) is structurally zero when carry ``i`` 
 appear in result ``j``'s expression, and the scan's products stay within the reflexive,
 transitive closure of that pattern (:class:`MonoidAdjoint`).  Aaren's ``(m, s, n)`` need 5
 of the 9 (``m`` reads only ``m``; ``s`` and ``n`` read themselves and ``m``).
+
+A carry of one element beside wider ones (Aaren's ``m`` and ``s``) is read as one value per
+step (:func:`.triton_codegen.single_element_carries`), its gradient entering lane 0's copy
+only; a leaf that is one value per step for every element (``score``) has its gradient
+summed over the program's lanes (:class:`.triton_codegen.LeafGradient` ``SUMMED_OVER_LANES``).
 """
 
 from __future__ import annotations
