@@ -14,7 +14,9 @@ stored), which differentiates the gate math in registers and writes one gradient
 (summed over the steps of each program for a leaf constant in time) and ``dL/dh_0``; the
 leaves reach the kernel as views (:meth:`_Launch.leaf_views`), so torch's autograd sums
 them over what they broadcast and carries them on to the projections.  Declared monoids
-differentiate through torch's scan of the same combine.
+have a generated backward kernel too (:mod:`.triton_monoid`: the adjoint recurrence whose
+transition is the combine's Jacobian, derived by the registry's rules); a combine the
+kernel cannot differentiate falls back to torch's scan of the same combine under autograd.
 
 On a CPU, kernels run in Triton's interpreter: set ``TRITON_INTERPRET=1`` before the first
 kernel is loaded.  Triton is imported only when this backend runs.
@@ -51,14 +53,17 @@ from .triton_codegen import (
     find_leaves,
     generate,
     inline_parallel_bindings,
+    single_element_carries,
     summary_backward_terms,
     summary_parts,
 )
 from .triton_codegen import Unsupported as Unsupportable
+from .triton_monoid import monoid_adjoint
 
 BLOCK_T = 32
 BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
 BACKWARD_BLOCK_C = 32  # and their most state elements per program
+MONOID_BACKWARD_BLOCK_C = 16  # state elements per program of the monoid backward kernels (.triton_monoid)
 BACKWARD_REGISTERS = 255  # and registers per thread (ptxas otherwise caps 8 warps at 128 on sm_90, and spills)
 
 
@@ -117,15 +122,22 @@ def _scan_spec(analysis: Analysis, scan: ir.ScanAssign) -> ScanSpec | Unsupporte
         return Unsupported(f"monoid {monoid.name}: its carries do not broadcast to one shape")
     lifts = [inline_parallel_bindings(lift, analysis.cell, analysis.time_parallel) for lift in scan.lifts]
     leaves = find_leaves(lifts)
+    comment = [f"line {scan.span.line}: {scan.name} = scan {monoid.name}(...)" if scan.span else f"scan {monoid.name}"]
+    try:
+        adjoint = monoid_adjoint(monoid, tuple(lifts))
+    except Unsupportable as reason:  # the backward differentiates torch's scan of the combine instead
+        adjoint = None
+        comment.append(f"backward: torch's scan of the combine, differentiated by autograd ({reason})")
     return ScanSpec(
         name=_identifier(scan.name),
         kind=ScanKind.MONOID,
         is_complex=False,
         terms=tuple(lifts),
         leaves=tuple(Leaf(expr, f"l{i}") for i, expr in enumerate(leaves)),
-        comment=(f"line {scan.span.line}: {scan.name} = scan {monoid.name}(...)" if scan.span else f"scan {monoid.name}",),
+        comment=tuple(comment),
         monoid=monoid,
         identities=tuple(identities),
+        adjoint=adjoint,
     )
 
 
@@ -597,10 +609,12 @@ class _RecurrenceScan(torch.autograd.Function):
 
 
 class _MonoidScan(torch.autograd.Function):
-    """A declared monoid's prefix scan by its generated kernel; backward through torch's scan.
+    """A declared monoid's prefix scan by its generated kernel; backward through torch's scan
+    (for combines the generated backward cannot differentiate: :class:`_MonoidAdjointScan` otherwise).
 
     ``tensors`` are the initial carries ``[B, *heads, *carry]`` and then the leaves.  The
-    outputs are the carries laid out as ``[N, T, C]`` over the carries' common shape.
+    outputs are the carries laid out as ``[N, T, C]`` over the carries' common shape
+    (``[N, T, 1]`` for a carry of one element beside wider ones: :func:`_carry_outputs`).
     """
 
     @staticmethod
@@ -609,7 +623,7 @@ class _MonoidScan(torch.autograd.Function):
         initial, leaves = tensors[:count], tensors[count:]
         dtype = launch.seq.numerics.real
         starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, scan.monoid.carries)]
-        outputs = [torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=starts[0].device) for _ in range(count)]
+        outputs = _carry_outputs(launch, count, starts[0].device)
         launch.scan(False, starts, outputs, _leaf_arguments(launch.ntc(list(leaves)), launch.spec.leaves))
         ctx.launch, ctx.scan = launch, scan
         ctx.save_for_backward(*tensors)
@@ -642,7 +656,8 @@ class _MonoidScan(torch.autograd.Function):
 
             scanned = prefix_scan(tuple(lifts), combine)
             folded = combine(tuple(i.unsqueeze(0) for i in initial), scanned)
-            outputs = [_common_layout(launch, f.transpose(0, 1), carry.type, with_time=True) for f, carry in zip(folded, monoid.carries)]
+            narrow = single_element_carries(launch.spec)
+            outputs = [_common_layout(launch, f.transpose(0, 1), carry.type, with_time=True, one_element=i in narrow) for i, (f, carry) in enumerate(zip(folded, monoid.carries))]
             wanted = [i for i, t in enumerate(fresh) if t.requires_grad]
             found = torch.autograd.grad(outputs, [fresh[i] for i in wanted], list(grads), allow_unused=True) if wanted else ()
         result: list[torch.Tensor | None] = [None] * len(fresh)
@@ -651,9 +666,127 @@ class _MonoidScan(torch.autograd.Function):
         return (None, None, *result)
 
 
-def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with_time: bool) -> torch.Tensor:
-    """A carry ``[B, (T,) *heads, *carry]`` broadcast over the carries' common shape: ``[N, (T,) C]``."""
-    common = launch.state_type.shape
+class _MonoidAdjointScan(torch.autograd.Function):
+    """A declared monoid's prefix scan whose backward is the generated kernel ``backward_<scan>``
+    (:mod:`.triton_monoid`: the adjoint recurrence derived from the combine).
+
+    ``tensors`` are the initial carries in the kernel's ``[N, C]`` layout (torch's autograd
+    carries their gradients back to the declared shapes) and then the leaves as
+    :meth:`_Launch.leaf_views`.  The outputs are the carries as :func:`_carry_outputs` lays them
+    out (``[N, T, C]``, or ``[N, T, 1]``); the backward
+    kernel reloads them (``y_{t-1}`` and ``y_t``) with the leaves and writes one gradient per
+    leaf and per initial carry.
+    """
+
+    @staticmethod
+    def forward(ctx, launch: _Launch, scan: ir.ScanAssign, *tensors: torch.Tensor):
+        count = len(scan.monoid.carries)
+        starts, leaves = tensors[:count], tensors[count:]
+        dtype = launch.seq.numerics.real
+        outputs = _carry_outputs(launch, count, starts[0].device)
+        launch.scan(False, list(starts), outputs, _leaf_arguments(list(leaves), launch.spec.leaves))
+        ctx.launch, ctx.count = launch, count
+        ctx.save_for_backward(*starts, *outputs, *leaves)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        launch: _Launch = ctx.launch
+        count = ctx.count
+        saved = ctx.saved_tensors
+        starts, outputs, leaves = saved[:count], saved[count:2 * count], saved[2 * count:]
+        spec = launch.spec
+        dtype = launch.seq.numerics.real
+        device = outputs[0].device
+        grads = tuple(torch.zeros_like(y) if g is None else g.to(dtype).contiguous() for g, y in zip(grads, outputs))
+        chunk_count = launch.chunk_count()
+        # Blocks of 16 state elements: the combine is evaluated twice per step and differentiated
+        # once per carry, which at 32 took all 255 registers of backward_acc_chunks on sm_80.
+        block = min(launch.block_c(backward=True), MONOID_BACKWARD_BLOCK_C)
+        grid = (launch.rows, -(-launch.channels // block))
+        constants = dict(launch.constants(backward=True), BC=block)
+        # Each leaf's gradient, as the affine scans' backward writes it: per step in the leaf's
+        # own layout, or each program's sum over its steps for a leaf constant in time.
+        modes, buffers, gradient_arguments = {}, [], []
+        for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
+            if not ctx.needs_input_grad[2 + count + i]:
+                mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=dtype, device=device)
+            elif view.shape[2] == launch.steps and view.shape[3] == 1 < launch.channels:  # Aaren's score: each program sums its lanes
+                mode, buffer = LeafGradient.SUMMED_OVER_LANES, torch.empty((launch.lead[0], launch.heads, launch.steps, grid[1]), dtype=dtype, device=device)
+            elif view.shape[2] == launch.steps:
+                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=dtype)
+                if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
+                    buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=dtype, device=device)
+            else:
+                mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunk_count, launch.channels), dtype=dtype, device=device)
+            modes[f"G_{leaf.name}"] = mode.value
+            buffers.append(buffer)
+            gradient_arguments.append(buffer)
+            gradient_arguments.extend(buffer.stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(count)]
+        module = launch.module()
+        leaf_arguments = _leaf_arguments(list(leaves), spec.leaves)
+        tensors = (*starts, *outputs, *grads, *dinit, *gradient_arguments, *leaf_arguments)
+        options = dict(modes, num_warps=BACKWARD_WARPS, maxnreg=BACKWARD_REGISTERS)
+        length = launch.chunk_steps()
+        if length is None:
+            launch_kernel(getattr(module, f"backward_{spec.name}"), grid, *tensors, launch.steps, launch.channels, launch.heads, launch.blocks, **constants, **options)
+        else:  # T split across programs: fold each chunk's (W, dy) pairs, carry the adjoint across chunks, rescan each chunk
+            chunks = chunk_count
+            shape = (launch.rows, chunks, launch.channels)
+            sums = [torch.empty(shape, dtype=dtype, device=device) for _ in range(len(spec.adjoint.entries) + count)]
+            carried = [torch.empty(shape, dtype=dtype, device=device) for _ in range(count)]
+            per_chunk = (launch.steps, launch.channels, launch.heads, length, -(-length // BLOCK_T), chunks)
+            launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid + (chunks,), *outputs, *grads, *sums, *leaf_arguments, *per_chunk, **constants)
+            launch_kernel(getattr(module, f"carries_backward_{spec.name}"), grid, *sums, *carried, launch.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
+            launch_kernel(getattr(module, f"backward_{spec.name}_chunks"), grid + (chunks,), *carried, *tensors, *per_chunk, **constants, **options)
+        result: list[torch.Tensor | None] = [d.to(s.dtype) if ctx.needs_input_grad[2 + i] else None for i, (d, s) in enumerate(zip(dinit, starts))]
+        for view, leaf, grad in zip(leaves, spec.leaves, buffers):
+            mode = LeafGradient(modes[f"G_{leaf.name}"])
+            if mode is LeafGradient.NONE:
+                result.append(None)
+                continue
+            if mode is LeafGradient.SUMMED_OVER_TIME:
+                grad = grad.sum(2, keepdim=True)
+            if mode is LeafGradient.SUMMED_OVER_LANES:
+                grad = grad.sum(3, keepdim=True)
+            if grad.shape != view.shape:
+                grad = grad.sum_to_size(view.shape)
+            result.append(grad.to(view.dtype))
+        return (None, None, *result)
+
+
+def _whole_state_view(launch: _Launch, value: torch.Tensor, leaf: Leaf) -> torch.Tensor | None:
+    """A leaf that varies in time and is one value for every state element (Aaren's ``score``
+    for ``n: [d]``) as a ``[B', H', T, 1]`` view, not expanded over the state: its gradient is
+    then one value per step (the backward kernel sums its lanes), not one per element for torch
+    to sum.  None for any other leaf (:meth:`_Launch.leaf_views` then)."""
+    declared, lead, shape = leaf.expr.type, launch.lead, launch.state_type.shape
+    if value.dim() == declared.rank or _numel(shape) == 1:
+        return None
+    value = align(value, declared.rank, len(shape))
+    if any(size != 1 for size in value.shape[len(lead):]) or value.shape[1] != lead[1]:
+        return None
+    keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
+    if any(k != 1 for k in keep[2:]):
+        keep[2:] = lead[2:]  # one head stride: all head dims, or none
+    value = value.expand(tuple(keep) + value.shape[len(lead):])
+    moved = value.movedim(1, len(lead) - 1)  # [b, *heads, T, 1, ...]
+    return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], 1)
+
+
+def _carry_outputs(launch: _Launch, count: int, device: torch.device) -> list[torch.Tensor]:
+    """The forward kernel's outputs, one per carry: ``[N, T, C]``, or ``[N, T, 1]`` for a carry of
+    one element beside wider ones (:func:`.triton_codegen.single_element_carries`)."""
+    narrow = single_element_carries(launch.spec)
+    dtype = launch.seq.numerics.real
+    return [torch.empty(launch.rows, launch.steps, 1 if i in narrow else launch.channels, dtype=dtype, device=device) for i in range(count)]
+
+
+def _common_layout(launch: _Launch, value: torch.Tensor, declared: ir.Type, with_time: bool, one_element: bool = False) -> torch.Tensor:
+    """A carry ``[B, (T,) *heads, *carry]`` broadcast over the carries' common shape: ``[N, (T,) C]``
+    (``one_element``: a carry of one element, ``[N, T, 1]``)."""
+    common = tuple(1 for _ in launch.state_type.shape) if one_element else launch.state_type.shape
     lead = launch.lead if with_time else (launch.lead[0],) + launch.lead[2:]
     value = align(value, declared.rank, len(common)).expand(lead + common)
     if with_time:
@@ -696,13 +829,25 @@ class TritonSolver(parallel.Solver):
         _check_device(self.seq.numerics.device)
         leaves = launch.leaf_values()
         initial = [self.initial[f"{scan.name}.{c.name}"] for c in monoid.carries]
-        outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
+        if step.kernel.adjoint is not None:  # the backward is the generated kernel
+            dtype = self.seq.numerics.real
+            starts = [_common_layout(launch, value, carry.type, with_time=False).to(dtype).contiguous() for value, carry in zip(initial, monoid.carries)]
+            views = launch.leaf_views(leaves)
+            for i, (value, leaf) in enumerate(zip(leaves, launch.spec.leaves)):
+                narrow_view = _whole_state_view(launch, value, leaf)
+                if narrow_view is not None:
+                    views[i] = narrow_view
+            outputs = _MonoidAdjointScan.apply(launch, scan, *starts, *views)
+        else:
+            outputs = _MonoidScan.apply(launch, scan, *initial, *leaves)
         lead = self.seq.lead
         result = {}
-        for carry, value in zip(monoid.carries, outputs):
-            shaped = value.reshape((lead[0],) + lead[2:] + (lead[1],) + common).movedim(len(lead) - 1, 1)
+        narrow = single_element_carries(step.kernel)
+        for i, (carry, value) in enumerate(zip(monoid.carries, outputs)):
+            stored = tuple(1 for _ in common) if i in narrow else common  # one-element carries: one copy per step
+            shaped = value.reshape((lead[0],) + lead[2:] + (lead[1],) + stored).movedim(len(lead) - 1, 1)
             # A carry smaller than the common shape was replicated along the other axes: take one copy.
-            index = tuple(slice(None) if size == full else slice(0, 1) for size, full in zip((1,) * (len(common) - carry.type.rank) + carry.type.shape, common))
+            index = tuple(slice(None) if size == full else slice(0, 1) for size, full in zip((1,) * (len(common) - carry.type.rank) + carry.type.shape, stored))
             shaped = shaped[(Ellipsis,) + index].reshape(lead + carry.type.shape)
             result[carry.name] = shaped
         return result

@@ -16,6 +16,9 @@ Triton backend runs, it emits
   math (each op's derivative rule from its registry row, :data:`recdsl.ops.DERIVATIVES`)
   down to one gradient per leaf and ``dL/dh_0``: torch only carries the leaves' gradients
   on through whatever computed them (a matmul, a view);
+- ``backward_<scan>`` for declared monoids, from :mod:`.triton_monoid`: the adjoint
+  recurrence ``g_t = dy_t + (d y_{t+1} / d y_t)^T g_{t+1}`` with the combine's Jacobian
+  derived by the same registry rules and scanned as matrix-affine pairs;
 - the same scans with T split across programs (:class:`TimeSplit`), for calls with too few
   rows to fill the GPU: ``summarize_<state>`` folds each chunk of T, ``carries_<state>``
   passes the folds along the chunks, ``forward_<state>_chunks`` rescans each chunk from its
@@ -36,7 +39,7 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import Iterator, Union
+from typing import TYPE_CHECKING, Iterator, Union
 
 from recdsl import ir
 from recdsl.errors import Source
@@ -44,6 +47,9 @@ from recdsl.ir import Kind, Literal, Op, Ref
 from recdsl.ops import FUSED, MAX_PLUS, OPS, Semiring, Term, TermLeaf
 from recdsl.printer import format_expr
 from recdsl.shapes import fold_constant
+
+if TYPE_CHECKING:
+    from .triton_monoid import MonoidAdjoint
 
 # ---- readable output -------------------------------------------------------------------
 
@@ -353,6 +359,8 @@ class ScanSpec:
     monoid: ir.MonoidIR | None = None
     identities: tuple[float, ...] = ()  # a monoid's identity, one number per carry
     split: TimeSplit = TimeSplit()  # when the launch splits T across programs (the source has both forms)
+    # A monoid whose backward is the generated kernel (.triton_monoid): its adjoint's structure; None: torch's scan is differentiated.
+    adjoint: "MonoidAdjoint | None" = None
 
     @property
     def split_passes(self) -> SplitPasses:
@@ -510,11 +518,16 @@ def emit_forward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = Split
     with buffer.indent():
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
+        narrow = [outputs[i] for i in single_element_carries(spec)]  # [N, T, 1]: one copy of a carry the common shape broadcasts
+        wide = [p for p in outputs if p not in narrow]
         if mode is SplitMode.WHOLE:
-            _emit_row_pointers(buffer, spec, initial, outputs)
+            _emit_row_pointers(buffer, spec, initial, wide)
         else:
             buffer.line("i_k = tl.program_id(2)  # the chunk of T: steps [i_k * L, min(T, (i_k + 1) * L))")
-            _emit_row_pointers(buffer, spec, [], outputs if mode is SplitMode.CHUNK else [])
+            _emit_row_pointers(buffer, spec, [], wide if mode is SplitMode.CHUNK else [])
+        for pointer in narrow if mode is not SplitMode.SUMMARY else []:
+            buffer.line(f"{pointer} += o_row * T  # [N, T, 1]: one element per step")
+        if mode is not SplitMode.WHOLE:
             for pointer in initial if mode is SplitMode.CHUNK else sums:
                 buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
             buffer.line("t_end = tl.minimum(T, (i_k + 1) * L)")
@@ -850,8 +863,36 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         # Fold in the carry from earlier blocks: combine(carry, scanned).
         folded = [f"b_f{i}" for i in range(len(elements))]
         buffer.line(f"{', '.join(folded)} = combine_{spec.name}({', '.join(c + '[None, :]' for c in carries)}, {', '.join(scanned)})")
-        for pointer, value, carry in zip(outputs, folded, carries):
-            _store_and_carry(buffer, pointer, value, carry)
+        narrow = single_element_carries(spec)
+        for i, (pointer, value, carry) in enumerate(zip(outputs, folded, carries)):
+            if i in narrow:  # every lane holds the same value: lane 0 stores it
+                buffer.line(f"tl.store({pointer} + {NARROW_OFFSET}, {value}, mask=m & (o_c[None, :] == 0))")
+                buffer.line(f"{carry} = tl.sum(tl.where(b_last, {value}, 0.0), axis=0)")
+            else:
+                _store_and_carry(buffer, pointer, value, carry)
+
+
+# A carry with one element per step ([N, T, 1]) read or written by every lane of a block.
+NARROW_OFFSET = "o_t[:, None] + o_c[None, :] * 0"
+
+
+def single_element_carries(spec: ScanSpec) -> tuple[int, ...]:
+    """The positions of a monoid's carries of one element when the carries' common shape has
+    more (Aaren's ``m`` and ``s`` beside ``n: [d]``): the kernels compute them in every lane
+    (each lane a copy) but store and read one copy per step, ``[N, T, 1]``."""
+    if spec.kind is not ScanKind.MONOID or spec.monoid is None:
+        return ()
+    sizes = [_elements(carry.type.shape) for carry in spec.monoid.carries]
+    if max(sizes) == 1:
+        return ()
+    return tuple(i for i, size in enumerate(sizes) if size == 1)
+
+
+def _elements(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
 
 
 def summary_backward_terms(spec: ScanSpec) -> tuple[int, ...]:
@@ -963,6 +1004,7 @@ class LeafGradient(Enum):
     NONE = 0  # the leaf needs no gradient
     PER_STEP = 1  # [N, T, C]: one value per row, step and element
     SUMMED_OVER_TIME = 2  # [B, H, chunks, C]: the leaf does not vary in time; each program sums its steps
+    SUMMED_OVER_LANES = 3  # [B, H, T, blocks]: the leaf is one value per step for every state element; each program sums its lanes (monoid kernels)
 
 
 def _result_kind(op: str, kinds: list[Kind]) -> Kind:
@@ -1320,6 +1362,11 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
         emit_forward(buffer, spec)
         if spec.kind is not ScanKind.MONOID:
             emit_gradient_backward(buffer, spec)
+        elif spec.adjoint is not None:
+            from .triton_monoid import emit_adjoint_combine, emit_monoid_backward
+
+            emit_adjoint_combine(buffer, spec)
+            emit_monoid_backward(buffer, spec)
         if spec.split_passes is SplitPasses.LOOK_BACK:
             buffer.line(f"# {spec.name} with T split across programs (when a call's rows are too few): one pass with a look-back, forward and backward")
             buffer.line("")
@@ -1335,6 +1382,12 @@ def generate(specs: list[ScanSpec], source: Source | None, cell: ir.CellIR) -> s
             emit_backward_summary(buffer, spec)
             emit_carries(buffer, spec, backward=True)
             emit_gradient_backward(buffer, spec, SplitMode.CHUNK)
+        elif spec.kind is ScanKind.MONOID and spec.adjoint is not None:
+            from .triton_monoid import emit_monoid_backward, emit_monoid_backward_carries, emit_monoid_backward_summary
+
+            emit_monoid_backward_summary(buffer, spec)
+            emit_monoid_backward_carries(buffer, spec)
+            emit_monoid_backward(buffer, spec, SplitMode.CHUNK)
     return buffer.text()
 
 

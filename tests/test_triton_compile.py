@@ -181,3 +181,14 @@ def test_delta_rule_kernels_with_two_key_sides_compile_without_spills(gated):
     specs = triton_aot.distinct(triton_aot.delta_launches(128, 128, gated, backward=True, same_sides=False))
     assert {dict(s.constants).get("SAME_SIDES") for s in specs} == {False, None}
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
+
+
+def test_monoid_backward_kernels_compile_without_spills():
+    """Aaren's backward (backends/triton_monoid.py: the combine's Jacobian by the registry's
+    rules, the adjoint scanned as matrix-affine pairs) at d = 1024: the one-pass kernel on
+    sm_80, the time-split rescan and fold on sm_90 (all of them on both targets, float32 and
+    bfloat16 layers, in the slow test)."""
+    whole = {s.kernel: s for s in _specializations("aaren(d=1024)", split=False)}
+    split = {s.kernel: s for s in _specializations("aaren(d=1024)")}
+    assert "backward_acc" in whole and {"summarize_backward_acc", "carries_backward_acc", "backward_acc_chunks"} <= set(split), (sorted(whole), sorted(split))
+    _check(_compile([(whole["backward_acc"], triton_aot.SM80), (split["backward_acc_chunks"], triton_aot.SM90), (split["summarize_backward_acc"], triton_aot.SM90)]))
