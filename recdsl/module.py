@@ -274,8 +274,12 @@ class CompiledCell(nn.Module):
         from .backends.torch_ops import Evaluator
 
         values = self._consts(numerics)
+        # Only the params an initial value reads are cast (a bfloat16 weight matrix is not copied for `state h = 0`).
+        inits = [s.init for s in self.cell.states] + [c.identity for scan in self.cell.scans for c in scan.monoid.carries]
+        read = {ref.label for expr in inits for ref in ir.refs(expr) if ref.kind is RefKind.PARAM}
         for name, param in self.named_parameters():
-            values[(RefKind.PARAM, name)] = param.to(numerics.dtype_of(Kind.COMPLEX if param.is_complex() else Kind.REAL))
+            if name in read:
+                values[(RefKind.PARAM, name)] = param.to(numerics.dtype_of(Kind.COMPLEX if param.is_complex() else Kind.REAL))
         evaluator = Evaluator(numerics, values)
         state = {}
         for declared in self.cell.states:

@@ -147,16 +147,20 @@ def test_low_precision_inputs_against_the_float64_loop(name, dtype):
     """Outputs and every gradient (inputs and params, all in ``dtype``) within the derived bound
     of the float64 loop on the same values; outputs and gradients come back in ``dtype`` and the
     final states in float32."""
-    dtype = LOW[dtype]
-    module = _module(name, dtype)
-    assert module.plan.low_precision is LowPrecisionInputs.NATIVE
+    check_against_float64_loop(name, LOW[dtype], "cpu")
+
+
+def check_against_float64_loop(name: str, dtype: torch.dtype, device: str) -> None:
+    """The body of the test above, on ``device`` (tests/test_gpu.py runs it on CUDA)."""
+    module = _module(name, dtype).to(device)
+    assert module.plan.for_device(device).low_precision is LowPrecisionInputs.NATIVE
     inputs = _inputs(module, dtype, CELLS[name][2])
     reference = _module(name, torch.float64, backend="sequential")
-    reference.load_state_dict({n: v.double() for n, v in module.state_dict().items()})
-    output, state = module(**inputs, return_state=True)
+    reference.load_state_dict({n: v.double().cpu() for n, v in module.state_dict().items()})
+    output, state = module(**{n: v.to(device) for n, v in inputs.items()}, return_state=True)
     assert output.dtype == dtype and all(v.dtype == torch.float32 for v in state.values()), (output.dtype, {n: v.dtype for n, v in state.items()})
     weight = torch.randn(output.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64).to(dtype)
-    actual = _run(module, inputs, weight)
+    actual = {n: v.cpu() for n, v in _run(module, {n: v.to(device) for n, v in inputs.items()}, weight.to(device)).items()}
     expected = _run(reference, {n: v.double() for n, v in inputs.items()}, weight.double())
     dot_roundings = DOT_ROUNDINGS if (name == "gla" and dtype == torch.bfloat16) else 0
     magnitudes = _gla_magnitudes(inputs, weight) if dot_roundings else None
