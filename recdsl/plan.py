@@ -365,6 +365,7 @@ class ExecutionPlan:
         if self.directed is not None:
             lines.extend(f"  {line}" for line in f"reverse states and delays: {self.directed.describe()}".splitlines())
         lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
+        lines.append(f"  bfloat16/float16 inputs and params: {self.low_precision}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
