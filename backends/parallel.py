@@ -139,9 +139,27 @@ class _Sequences:
         # is solved), so no memoised value goes stale.  Basis evaluations use their own.
         self.evaluator = Evaluator(numerics, self.values, shared=True)
         self.values.evaluator = self.evaluator
+        self.native: dict[tuple[RefKind, str], torch.Tensor] = {}  # low-precision inputs and params, see keep_native
 
     def evaluate(self, expr: ir.Expr, known: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
         return self.evaluator.evaluate(expr, known)
+
+    def keep_native(self) -> None:
+        """Hold the bfloat16/float16 inputs and params (a plan's :attr:`LowPrecisionInputs.NATIVE`)
+        in their own dtype for the kernels (:meth:`operand`); torch code reads a float32 copy,
+        made when first read, as it would have read the cast inputs."""
+        low = (torch.bfloat16, torch.float16)
+        for key in [k for k, v in self.values.items() if k[0] in (RefKind.INPUT, RefKind.PARAM) and v.dtype in low and v.dtype != self.numerics.real]:
+            value = self.values.pop(key)
+            self.native[key] = value
+            self.values.pending[key] = functools.partial(value.to, self.numerics.real)
+
+    def operand(self, expr: ir.Expr) -> torch.Tensor:
+        """``expr``'s value for a kernel that converts its operands as it loads them: an input or
+        param kept in its own dtype (:meth:`keep_native`) as it is, anything else evaluated."""
+        if isinstance(expr, ir.Ref) and (expr.kind, expr.label) in self.native:
+            return self.native[(expr.kind, expr.label)]
+        return self.evaluate(expr)
 
     def full(self, value: torch.Tensor, declared: ir.Type, target: ir.Type) -> torch.Tensor:
         """``value`` as ``[B, T, *heads, *s]`` where ``s`` broadcasts against ``target``'s shape."""
@@ -555,13 +573,15 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
 
 
 def _run_chunk_plan(
-    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None
+    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None, native: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
     """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel.
 
     None when the pieces are not finite (see :func:`_chunkable`): the caller scans the state.
     With ``segments`` each sequence is laid out on whole chunks (:class:`.segments.ChunkLayout`)
     and the kernel restarts at each sequence's first chunk from its row of ``h0``.
+    ``native``: the vectors are given to Triton kernels, which take low-precision inputs as
+    they are (:meth:`_Sequences.operand`).
     """
     lead = seq.lead
     batch_dims = (lead[0],) + lead[2:]
@@ -578,7 +598,7 @@ def _run_chunk_plan(
         for seen, seen_length, value in flattened:
             if seen_length == length and seen == expr:
                 return value
-        value = seq.full(seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
+        value = seq.full(seq.operand(expr) if native else seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
         value = place(value.movedim(1, -2).reshape((-1, lead[1], length)))
         flattened.append((expr, length, value))
         return value
@@ -687,6 +707,7 @@ def run(
     seq.values.update({(RefKind.PARAM, n): v for n, v in params.items()})
     seq.values.update({(RefKind.CONST, n): v for n, v in consts.items()})
     seq.values.update({(RefKind.INPUT, n): v for n, v in inputs.items()})
+    seq.keep_native()
     for statement in cell.body:
         if isinstance(statement, ir.Assign) and statement.name in analysis.time_parallel:
             seq.values.pending[(RefKind.BINDING, statement.name)] = statement.value
@@ -781,7 +802,7 @@ def run(
             assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
             delta_kernel = delta_rule if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments, delta=delta_kernel)
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments, delta=delta_kernel, native=step.form is Form.TRITON_CHUNKED)
             if chunked_run is not None:
                 readouts, chunk_final = chunked_run
                 final[name] = restore_rows(chunk_final)

@@ -256,8 +256,8 @@ def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length:
     head of ``keys x values`` states, with queries, keys, values and log decays in ``dtype``
     (float32 by default; bfloat16 feeds ``tl.dot`` bfloat16 operands).
 
-    For options a compiled cell does not pass yet (``allow_tf32``, bfloat16 operands: a cell
-    computes bfloat16 inputs in float32); ``rows``: a decay per key row (GLA) rather than one
+    For the kernels' specialisations by option (``allow_tf32``, bfloat16 operands, which a
+    compiled cell also passes: LowPrecisionInputs.NATIVE); ``rows``: a decay per key row (GLA) rather than one
     per state (RetNet, mLSTM, Mamba-2).
     """
     import torch

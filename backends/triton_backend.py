@@ -397,8 +397,9 @@ class _Launch:
         return load_generated(self.plan.kernel_source)
 
     def leaf_values(self) -> list[torch.Tensor]:
-        """Each leaf's value over the whole sequence, as torch computes it (declared shapes)."""
-        return [self.seq.evaluate(leaf.expr) for leaf in self.spec.leaves]
+        """Each leaf's value over the whole sequence, as torch computes it (declared shapes);
+        a bfloat16/float16 input or param as it is (the kernels convert it as they load it)."""
+        return [self.seq.operand(leaf.expr) for leaf in self.spec.leaves]
 
     def ntc(self, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
         """The leaves as the kernel addresses them: ``[B, H, T, C]``, views where torch can (stride 0 where they broadcast)."""
@@ -817,7 +818,9 @@ class TritonSolver(parallel.Solver):
         _check_device(self.seq.numerics.device)
         plan = step.kernel
         assert isinstance(plan, triton_selective.SelectiveScanPlan)
-        values = {(operand.kind, operand.name): self.seq.values[(operand.kind, operand.name)] for operand in plan.operands}
+        # The kernels convert each operand as they load it: bfloat16/float16 ones are read as they are.
+        values = {(operand.kind, operand.name): self.seq.native.get((operand.kind, operand.name)) for operand in plan.operands}
+        values = {key: self.seq.values[key] if value is None else value for key, value in values.items()}
         outputs, final = triton_selective.run_step(self.plan.kernel_source, plan, values, self.seq.lead, self.seq.numerics.real, initial)
         expanded = self.plan.analysis.expanded_outputs
         return {id(expanded[index]): value for index, value in outputs.items()}, final

@@ -611,7 +611,12 @@ def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf
     from . import chunk_kernels
 
     if len(inputs) != 1 or log_decay.shape[-1] != 1:
-        return chunk_kernels.decayed_outer_products(readouts, inputs, log_decay, initial, chunk)
+        # The torch form computes in the dtype it is given: low-precision operands (see
+        # LowPrecisionInputs.NATIVE) in the states' dtype.
+        dtype = initial.dtype
+        readouts = [q.to(dtype) for q in readouts]
+        inputs = [chunk_kernels.RankOneInput(term.k.to(dtype), term.v.to(dtype)) for term in inputs]
+        return chunk_kernels.decayed_outer_products(readouts, inputs, log_decay.to(dtype), initial, chunk)
     term = inputs[0]
     *outputs, final = DecayedOuterProducts.apply(chunk, allow_tf32, term.k, term.v, log_decay, initial, *readouts)
     return list(outputs), final

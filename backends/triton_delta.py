@@ -55,6 +55,7 @@ Several read-outs of one state (or none) differentiate
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -65,6 +66,20 @@ from .triton_launch import launch
 
 # The most key rows the kernels take (dk <= 128 compiles without spills; see tiling()).
 _MAX_KEYS = 128
+
+# Triton's interpreter (3.9) multiplies bfloat16 tiles as their raw 16-bit patterns, so there
+# bfloat16 keys and queries are widened to float32 before the kernels (the same values, the
+# products a GPU's bfloat16 tl.dot accumulates in float32).  Decided when the module is
+# imported, as @triton.jit decides whether its kernels are interpreted.
+_BFLOAT16_DOT = os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def _operand_dtype(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype keys and queries enter the kernels' ``tl.dot`` in: their own when both sides
+    of the map are bfloat16 or both float16 (fp32 accumulation), else ``dtype``, the state's."""
+    if left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype:
+        return left.dtype if left.dtype == torch.float16 or _BFLOAT16_DOT else dtype
+    return dtype
 
 
 @triton.jit
@@ -552,7 +567,7 @@ def _forward(
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     n_chunks = triton.cdiv(T, BT)
     device = left.device
-    low = left.dtype if left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype else dtype
+    low = _operand_dtype(left, right, dtype)
     same_sides = right is left
     left = left.to(low).contiguous()
     right = left if same_sides else right.to(low).contiguous()
@@ -614,7 +629,7 @@ def backward(
     options = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     n_chunks = triton.cdiv(T, BT)
     device = left.device
-    low = left.dtype if left.dtype in (torch.bfloat16, torch.float16) and right.dtype == left.dtype else dtype
+    low = _operand_dtype(left, right, dtype)
     same_sides = right is left
     left = left.to(low).contiguous()
     right = left if same_sides else right.to(low).contiguous()
@@ -632,7 +647,7 @@ def backward(
     dr = dl if same_sides else torch.empty(N, T, K, dtype=dtype, device=device)
     da, dg = torch.empty(N, T, dtype=dtype, device=device), torch.empty(N, T, dtype=dtype, device=device)
     dw = torch.empty(N, T, V, dtype=dtype, device=device)
-    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.to(dtype).contiguous(), saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
+    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.contiguous(), saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
     return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial
 
 
@@ -657,7 +672,14 @@ def delta_rule(
     from . import chunk_kernels
 
     if (exclusive and any(exclusive)) or not supports(left.shape[-1]):
-        return chunk_kernels.delta_rule(readouts, left, right, coefficient, inputs, initial, chunk, log_decay=log_decay, exclusive=exclusive)
+        # The torch form computes in the dtype it is given: low-precision operands (see
+        # LowPrecisionInputs.NATIVE) in the state's dtype.
+        dtype = initial.dtype
+        upcast = (lambda x: x if x is None else x.to(dtype))  # noqa: E731
+        same_sides = right is left
+        left = upcast(left)
+        right = left if same_sides else upcast(right)
+        return chunk_kernels.delta_rule([upcast(q) for q in readouts], left, right, upcast(coefficient), [upcast(w) for w in inputs], initial, chunk, log_decay=upcast(log_decay), exclusive=exclusive)
     # The inputs share the left vector, so their sum is one input term (as the torch form sums them).
     w = None
     for term in inputs:
@@ -716,8 +738,9 @@ class DeltaRule(torch.autograd.Function):
         if not ctx.gated:
             log_decay = None
         tensors = [left, right, coefficient, w, log_decay, initial, *readouts]
+        dtype = initial.dtype  # the torch form computes in the dtype it is given: low-precision operands in the state's
         with torch.enable_grad():
-            fresh = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in tensors]
+            fresh = [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
             fl, fr, fa, fw, fg, f0, *fq = fresh
             outputs, final = torch_delta_rule(fq, fl, fr, fa, [fw], f0, ctx.chunk, log_decay=fg)
             pairs = [(o, g) for o, g in zip([*outputs, final], grads) if g is not None]
@@ -725,5 +748,5 @@ class DeltaRule(torch.autograd.Function):
             found = torch.autograd.grad([o for o, _ in pairs], [fresh[i] for i in wanted], [g for _, g in pairs], allow_unused=True) if wanted and pairs else ()
         result: list = [None] * len(fresh)
         for i, g in zip(wanted, found):
-            result[i] = g
+            result[i] = g if g is None else g.to(tensors[i].dtype)
         return (None, None, *result)

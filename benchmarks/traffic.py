@@ -4,6 +4,7 @@
     python benchmarks/traffic.py --quick             # small sizes, a smoke test
     python benchmarks/traffic.py --examples mingru gla --backends scan triton
     python benchmarks/traffic.py --examples mingru --backends triton --scope scan --ops   # where the bytes go
+    python benchmarks/traffic.py --dtype bfloat16 --out -   # bfloat16 inputs and params
 
 A scan is bandwidth bound on a GPU, so (minimum bytes) / (bytes moved) is the best fraction
 of memory bandwidth a layer can reach: the "useful" column.  Both numbers are counted, not
@@ -293,18 +294,24 @@ def _bytes(tensors) -> int:
     return sum(footprint(t) for t in tensors)
 
 
-def measure(layer: Layer, backend: str, batch: int, length: int, split_programs: int | None = None) -> Row:
+def measure(layer: Layer, backend: str, batch: int, length: int, split_programs: int | None = None, dtype: torch.dtype = torch.float32) -> Row:
     """One layer's forward and backward traffic; ``split_programs``: the Triton scan kernels'
-    ``backend_options`` of that name (0: never split T; None: the default)."""
+    ``backend_options`` of that name (0: never split T; None: the default); ``dtype``: the real
+    inputs' and params' dtype (complex ones stay complex64)."""
     torch.manual_seed(0)
     options = {"split_programs": split_programs} if split_programs is not None and backend == "triton" else None
     module = recdsl.compile(layer.source, backend=backend, backend_options=options, **layer.dims)
+    for param in module.parameters():
+        if not param.is_complex():
+            param.data = param.data.to(dtype)
     inputs = []
     for declared in module.cell.inputs:
         shape = (batch, length, *layer.heads, *declared.type.shape)
         value = 0.5 * torch.randn(shape)
         if declared.type.kind.name == "COMPLEX":
             value = torch.complex(value, 0.5 * torch.randn(shape))
+        else:
+            value = value.to(dtype)
         inputs.append(value.requires_grad_())
     params = [p for p in module.parameters() if p.requires_grad]
     forward = Traffic()
@@ -320,9 +327,9 @@ def measure(layer: Layer, backend: str, batch: int, length: int, split_programs:
     return Row(layer.label, backend, forward, backward, ideal_forward, ideal_backward, sum(o.numel() for o in outputs))
 
 
-def table(rows: list[Row], batch: int, length: int) -> str:
+def table(rows: list[Row], batch: int, length: int, dtype: torch.dtype = torch.float32) -> str:
     lines = [
-        f"B = {batch}, T = {length}, float32.  MB = 10^6 bytes; B/el = bytes per output element; useful = minimum / moved.",
+        f"B = {batch}, T = {length}, {str(dtype).removeprefix('torch.')}.  MB = 10^6 bytes; B/el = bytes per output element; useful = minimum / moved.",
         "",
         "| layer | backend | forward MB (min) | forward B/el | forward useful | backward MB (min) | backward B/el | backward useful | aten ops fwd / bwd | kernels fwd / bwd |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -358,9 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scope", choices=("layer", "scan", "both"), default="both", help="whole layers (projections inside), scan-only cells, or both (default)")
     parser.add_argument("--split-programs", type=int, help="the Triton scan kernels' split_programs (0: one pass, never split T; default: the backend's)")
     parser.add_argument("--ops", action="store_true", help="print each row's bytes per aten op and per kernel")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the inputs' and params' dtype")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"the Markdown file to write (default {RESULTS.name}); '-' for none")
     args = parser.parse_args(argv)
     batch, length = (1, 256) if args.quick else (args.batch, args.length)
+    dtype = getattr(torch, args.dtype)
     # The Triton backend's host code accepts CPU tensors under the interpreter flag; its
     # kernels are recorded, not run, so the interpreter never runs either.
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -374,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
         for backend in layer.backends:
             if args.backends and backend not in args.backends:
                 continue
-            row = measure(layer, backend, batch, length, args.split_programs)
+            row = measure(layer, backend, batch, length, args.split_programs, dtype)
             rows.append(row)
-            print(table([row], batch, length).splitlines()[-1], flush=True)
+            print(table([row], batch, length, dtype).splitlines()[-1], flush=True)
             if args.ops:
                 print(breakdown(row), flush=True)
-    text = table(rows, batch, length)
+    text = table(rows, batch, length, dtype)
     print(f"\n{text}\n\n({time.time() - started:.0f} s)")
     if str(args.out) != "-":
         header = (

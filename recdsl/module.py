@@ -17,7 +17,7 @@ from torch import nn
 
 from . import ir
 from .analysis import Analysis, analyze
-from .plan import BackendKind, ExecutionPlan, PlanOptions
+from .plan import BackendKind, ExecutionPlan, LowPrecisionInputs, PlanOptions
 from .plan import plan as make_plan
 from .errors import BackendError, DeclarationError, InputError, RecDSLError
 from .frontend import load, read_source
@@ -274,8 +274,12 @@ class CompiledCell(nn.Module):
         from .backends.torch_ops import Evaluator
 
         values = self._consts(numerics)
+        # Only the params an initial value reads are cast (a bfloat16 weight matrix is not copied for `state h = 0`).
+        inits = [s.init for s in self.cell.states] + [c.identity for scan in self.cell.scans for c in scan.monoid.carries]
+        read = {ref.label for expr in inits for ref in ir.refs(expr) if ref.kind is RefKind.PARAM}
         for name, param in self.named_parameters():
-            values[(RefKind.PARAM, name)] = param.to(numerics.dtype_of(Kind.COMPLEX if param.is_complex() else Kind.REAL))
+            if name in read:
+                values[(RefKind.PARAM, name)] = param.to(numerics.dtype_of(Kind.COMPLEX if param.is_complex() else Kind.REAL))
         evaluator = Evaluator(numerics, values)
         state = {}
         for declared in self.cell.states:
@@ -343,7 +347,9 @@ class CompiledCell(nn.Module):
         self._check_param_devices(numerics.device)
         lead = (batch, *heads)
         carried = self._given_state(state, self._initial_state(numerics, lead), lead, numerics)
-        cast_inputs, params, consts = self._cast(inputs, numerics)
+        # bfloat16/float16 values go to the kernels of a NATIVE plan as they are (packed batches: cast).
+        native = segments is None and self.plan.for_device(numerics.device.type).low_precision is LowPrecisionInputs.NATIVE
+        cast_inputs, params, consts = self._cast(inputs, numerics, native)
         if segments is not None:
             from .backends.segments import run_packed
 
@@ -381,14 +387,20 @@ class CompiledCell(nn.Module):
                 carried[name] = value.to(numerics.dtype_of(declared.kind)).expand(lead + declared.shape)
         return carried
 
-    def _cast(self, inputs: dict[str, torch.Tensor], numerics) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The inputs, params and consts in the computing dtype."""
+    def _cast(self, inputs: dict[str, torch.Tensor], numerics, native: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The inputs, params and consts in the computing dtype; with ``native``
+        (:attr:`LowPrecisionInputs.NATIVE`) real bfloat16/float16 inputs and params are left in
+        their own dtype, for kernels that convert them as they load them."""
+
+        def keep(value: torch.Tensor) -> bool:
+            return native and value.dtype in _LOW_PRECISION
+
         cast_inputs = {
-            d.name: inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
+            d.name: inputs[d.name] if keep(inputs[d.name]) and d.type.kind is Kind.REAL else inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
             for d in self.cell.inputs
         }
         params = {
-            name: p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
+            name: p if keep(p) else p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
         return cast_inputs, params, consts

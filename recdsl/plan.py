@@ -71,6 +71,20 @@ class VarlenForm(Enum):
         return self.value
 
 
+class LowPrecisionInputs(Enum):
+    """How a plan's backend takes bfloat16/float16 inputs and params; the value is its prose.
+
+    Either way states, carries and products accumulate in float32 (float64 when a param or
+    input is float64), and the module returns the outputs in the inputs' promoted dtype.
+    """
+
+    UPCAST = "cast to float32 in torch before the backend runs"
+    NATIVE = "passed to the kernels in their own dtype, converted to the float32 accumulator as they are loaded; torch code between kernels reads float32 copies"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 # The torch scans reset states inside their one pass over the packed sequence, the loop
 # inside its max_len steps over a batch of the sequences; the C loop, Newton's solver and
 # the Triton scan kernels, which keep the state of every step, read each padded row's final
@@ -262,6 +276,7 @@ class ExecutionPlan:
     # newton, fused and the fused Triton kernel on a cell with reverse states or delays: its
     # per-group forward sub-cells and their plans (a backends.directed.DirectedPlan)
     directed: object | None = None
+    low_precision: LowPrecisionInputs = LowPrecisionInputs.UPCAST  # how bfloat16/float16 inputs reach the backend
     analysis: Analysis = field(default=None, compare=False, repr=False)  # type: ignore[assignment]
 
     @property
@@ -350,6 +365,7 @@ class ExecutionPlan:
         if self.directed is not None:
             lines.extend(f"  {line}" for line in f"reverse states and delays: {self.directed.describe()}".splitlines())
         lines.append(f"  variable-length batches (cu_seqlens): {self.varlen}")
+        lines.append(f"  bfloat16/float16 inputs and params: {self.low_precision}")
         if self.costs:
             workload = self.options.workload
             lines.append(f"  predicted cost (cost model, B = {workload.batch}, T = {workload.length}, one CPU):")
@@ -1080,7 +1096,8 @@ def _triton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | U
     if isinstance(planned, Unsupported):
         return planned
     steps, source = planned
-    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, analysis=analysis)
+    # Every kernel of these plans loads its operands with a conversion to the accumulator.
+    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, low_precision=LowPrecisionInputs.NATIVE, analysis=analysis)
 
 
 def _newton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":

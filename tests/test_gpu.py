@@ -84,6 +84,17 @@ def test_bfloat16_inputs_accumulate_in_float32_on_cuda(name):
     torch.testing.assert_close(got.float().cpu(), expected.float(), rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("name", ["mingru", "s6", "gla", "deltanet"])
+def test_low_precision_inputs_reach_the_compiled_kernels(name, dtype):
+    """bfloat16/float16 inputs and params go to the compiled kernels as they are (bfloat16 tl.dot
+    operands included): outputs and gradients within the bounds of tests/test_triton_low_precision.py."""
+    from test_triton_low_precision import check_against_float64_loop
+
+    check_against_float64_loop(name, dtype, "cuda")
+
+
 def _packed_against_one_call_per_sequence(name: str, device: str) -> None:
     """Every backend that runs ``name`` on ``device``, on a packed batch (``cu_seqlens``), against
     the CPU sequential loop called once per sequence: outputs, returned states (a reverse

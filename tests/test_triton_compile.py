@@ -161,7 +161,8 @@ def test_delta_rule_kernels_compile_without_spills():
 @pytest.mark.parametrize("gated", [False, True], ids=["delta rule", "gated delta rule"])
 def test_delta_rule_kernels_with_bfloat16_keys_and_tf32_compile_without_spills(gated, size):
     """bfloat16 keys and queries fed to tl.dot as such, and float32 with TF32 products: the
-    delta-rule kernels' other specialisations, forward and backward (a compiled cell passes float32 pieces today)."""
+    delta-rule kernels' other specialisations, forward and backward (a compiled cell's layer launches, recorded under
+    the interpreter, carry float32 keys: there bfloat16 keys are widened, see triton_delta._BFLOAT16_DOT)."""
     import torch
 
     specs = {}
