@@ -586,6 +586,27 @@ def _scalar_times_vector(column: ir.Expr) -> tuple[ir.Expr, ir.Expr | None]:
     return column, None
 
 
+def _logsigmoid_gate(log_decay: ir.Expr) -> tuple[ir.Expr, float] | None:
+    """A per-row log decay ``(logsigmoid(x) / c)[:, None]`` (or ``c * logsigmoid(x)``, GLA's gate) as
+    ``(x, 1 / c)`` (``(x, c)``): the Triton chunk kernels evaluate it as they read ``x``
+    (:class:`.triton_chunk.LogSigmoidGate`).  None for any other log decay."""
+    if not (isinstance(log_decay, ir.Op) and log_decay.op == "index" and log_decay.attrs == (ir.SliceItem(None, None), ir.NEW_AXIS)):
+        return None
+    inner = log_decay.args[0]
+    if not (isinstance(inner, ir.Op) and len(inner.args) == 2 and inner.type.rank == 1):
+        return None
+    first, second = inner.args
+    is_logsigmoid = lambda e: isinstance(e, ir.Op) and e.op == "logsigmoid" and e.type == inner.type  # noqa: E731
+    is_number = lambda e: isinstance(e, ir.Literal) and isinstance(e.value, (int, float)) and e.value != 0  # noqa: E731
+    if inner.op == "div" and is_logsigmoid(first) and is_number(second):
+        return first.args[0], 1.0 / float(second.value)
+    if inner.op == "mul" and is_number(first) and is_logsigmoid(second):
+        return second.args[0], float(first.value)
+    if inner.op == "mul" and is_logsigmoid(first) and is_number(second):
+        return first.args[0], float(second.value)
+    return None
+
+
 def _run_chunk_plan(
     seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
@@ -652,7 +673,12 @@ def _run_chunk_plan(
     if plan.kind is ChunkKind.DECAYED_OUTER_PRODUCTS:
         assert plan.log_decay is not None
         decay_type = plan.log_decay.type
-        log_decay = seq.full(seq.evaluate(plan.log_decay), decay_type, state.type)
+        # GLA's gate, for the Triton kernels (one input term: they take it): its pre-activation.
+        gated = _logsigmoid_gate(plan.log_decay) if decayed is not None and not plan.reads_previous and len(terms) == 1 and not plan.transposed else None
+        if gated is not None:
+            log_decay = seq.full(seq.evaluate(gated[0]).unsqueeze(-1), decay_type, state.type)  # x[:, None]
+        else:
+            log_decay = seq.full(seq.evaluate(plan.log_decay), decay_type, state.type)
         if plan.transposed:
             log_decay = log_decay.transpose(-1, -2)
         shape = tuple(log_decay.shape[-2:])
@@ -672,6 +698,10 @@ def _run_chunk_plan(
         elif checks_final:  # the Triton kernels, which scale the values as they read them
             inputs = [chunk_kernels.RankOneInput(k, v) for k, v, _ in terms]
             kernel = functools.partial(decayed, value_scales=[scale for _, _, scale in terms])
+            if gated is not None:
+                from .triton_chunk import LogSigmoidGate
+
+                kernel = functools.partial(kernel, gate=LogSigmoidGate(gated[1]))
             results, final = chunk_kernels.with_infinite_readouts(kernel, queries, inputs, log_decay, start, chunk, *extra)
         else:
             inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]

@@ -38,7 +38,7 @@ floored at -60 as the kernels load them (a decay of 0 is e^-60, with no gradient
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -76,6 +76,36 @@ def _floored(g):
     # log decay reaches the final state, which parallel._run_chunk_plan checks for the scan
     # fallback (a plain maximum returns the other operand on GPUs).
     return tl.maximum(g, -60.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _gated(x, GATE: tl.constexpr, gate_scale):
+    # The log decay from what the kernels read for it: itself, or with GATE the pre-activation x
+    # of gate_scale * logsigmoid(x) (GLA's gate, logsigmoid(g) / 16), evaluated here rather than
+    # in torch.  logsigmoid(x) = min(x, 0) - log(1 + e^{-|x|}): no overflow, NaN kept.
+    if GATE:
+        return gate_scale * (tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x))))
+    else:
+        return x
+
+
+@triton.jit
+def _padding(GATE: tl.constexpr):
+    # What a masked load of the log decays gives past T: a log decay of 0, so the state is
+    # carried unchanged (with GATE, the pre-activation +inf: logsigmoid(+inf) = 0).
+    if GATE:
+        return float("inf")
+    else:
+        return 0.0
+
+
+@triton.jit
+def _gate_slope(x, GATE: tl.constexpr, gate_scale):
+    # d(log decay)/dx: gate_scale * sigmoid(-x) with GATE, else 1.
+    if GATE:
+        return gate_scale / (1.0 + tl.exp(x))
+    else:
+        return 1.0
 
 
 @triton.jit
@@ -147,7 +177,7 @@ def pass_states(p_initial, p_update, p_decay, p_starts, p_final, K, V, n_chunks,
 
 
 @triton.jit
-def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -170,7 +200,7 @@ def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H
     b_out = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
-        b_Gt = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)), axis=0)  # the (shared) log decay of each step
+        b_Gt = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)  # the (shared) log decay of each step
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -178,7 +208,7 @@ def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H
         b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_start = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_G = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)), axis=0)
+            b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
             b_qg = b_q * tl.exp(b_G)
             # From the state at the chunk start.
             b_out += _dot(b_qg, b_start, p_k, PRECISION)
@@ -220,7 +250,7 @@ def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H
 
 
 @triton.jit
-def walk_states(p_k, p_v, p_c, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, H, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, SCALED: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def walk_states(p_k, p_v, p_c, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, H, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, key block, value block), walking the chunks in order with the
     # state tile in fp32 registers; writes what pass_states writes: ``p_starts`` [N, n_chunks,
     # K, V], the state each chunk starts from, and ``p_final``.
@@ -247,13 +277,13 @@ def walk_states(p_k, p_v, p_c, p_g, p_initial, p_starts, p_final, T, K, V, n_chu
         if SCALED:
             b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         if ROWS:
-            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC))
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_G = tl.cumsum(b_g, axis=0)
             b_end = tl.sum(b_g, axis=0)  # G at the chunk's last step (padding adds 0)
             b_scaled = b_k * tl.exp(b_end[None, :] - b_G)
             b_state = tl.exp(b_end)[:, None] * b_state
         else:
-            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC))
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_G = tl.cumsum(b_g, axis=0)
             b_end = tl.sum(b_g, axis=0)
             b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
@@ -263,7 +293,7 @@ def walk_states(p_k, p_v, p_c, p_g, p_initial, p_starts, p_final, T, K, V, n_chu
 
 
 @triton.jit
-def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # The adjoint of walk_states, over reversed chunks: with S_c the state chunk c starts from,
     # dL/dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dL/dS_{c+1}.  ``p_dends`` [N, n_chunks, K, V]
     # gets dL/dS_{c+1}, the gradient of the state chunk c ends with; ``p_dinitial`` dL/dS_0.
@@ -288,11 +318,11 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
         b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
         b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC))
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))
             b_dstate = tl.exp(tl.sum(b_g, axis=0))[:, None] * b_dstate
         else:
-            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC))
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))[:, None]
             b_dstate = tl.exp(tl.sum(b_g, axis=0)) * b_dstate
         b_dstate += _dot(tl.trans(b_qg), b_do, p_q, PRECISION)
@@ -316,7 +346,7 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
 
 
 @triton.jit
-def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, key block); the value dimension is walked in blocks of BV.
     # ``p_dg``: [N, T, K] for a decay per row; for a shared decay [N, T, key blocks], each
     # block's share of the sum over keys (the caller adds them).
@@ -370,7 +400,8 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     b_dA = tl.where(causal, b_dA, 0.0)
     last = o_t[:, None] == BT - 1
     if ROWS:
-        b_g_raw = tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_x = tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC)
+        b_g_raw = _gated(b_x, GATE, gate_scale)
         b_g = _floored(b_g_raw)
         b_G = tl.cumsum(b_g, axis=0)
         b_end = tl.sum(b_g, axis=0)
@@ -398,9 +429,11 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
                 b_dk += tl.where(pick, dk_col[:, None], 0.0)
         b_dG = b_q * b_dq - b_k * b_dk + tl.where(last, b_dend[None, :], 0.0)
         b_dg = tl.where(b_g_raw >= -60.0, tl.cumsum(b_dG, axis=0, reverse=True), 0.0)  # the floor's gradient
+        if GATE:
+            b_dg = b_dg * _gate_slope(b_x, GATE, gate_scale)
         tl.store(p_dg + o_c * sdg_t + o_t[:, None] * sdg_t + o_k[None, :], b_dg, mask=m_tk)
     else:
-        b_g_raw = tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)
+        b_g_raw = _gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)
         b_G = tl.cumsum(_floored(b_g_raw), axis=0)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_dAD = b_dA * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
@@ -414,7 +447,7 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
 
 
 @triton.jit
-def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, SCALED: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
     # chunk_outputs forms them.
@@ -441,7 +474,7 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K
     b_dv = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
-        b_G = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)), axis=0)
+        b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -451,7 +484,7 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K
         b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_E = tl.load(p_dends + o_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC))
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_Gk = tl.cumsum(b_g, axis=0)
             b_endk = tl.sum(b_g, axis=0)
             b_dv += _dot(b_k * tl.exp(b_endk[None, :] - b_Gk), b_E, p_k, PRECISION)
@@ -512,6 +545,9 @@ class Tiling:
     precision: str
     gradient_key_block: int = 16
     gradient_value_block: int = 16
+    # Nonzero: the kernels read the log decays' pre-activation x and take gate_scale * logsigmoid(x)
+    # (GLA's gate, see LogSigmoidGate); 0: they read the log decays.
+    gate_scale: float = 0.0
 
 
 def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, operands: torch.dtype | None = None) -> Tiling:
@@ -592,7 +628,7 @@ def _states(k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.T
     grid = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
     launch(
         walk_states, grid, k, v, g if c is None else c, g, initial.to(dtype).contiguous(), starts, final, T, K, V, n_chunks, H, *_strides(k), *_strides(v), *_strides(g if c is None else c), *_strides(g),
-        SCALED=c is not None, ROWS=rows, BT=tiles.chunk, BK=tiles.state_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+        SCALED=c is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.state_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
     )
     return starts, final
 
@@ -611,19 +647,33 @@ def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor 
     launch(
         chunk_outputs, (B * H * n_chunks, triton.cdiv(V, tiles.value_block)), q, k, v, g if c is None else c, g, starts, out, T, K, V, n_chunks, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(g if c is None else c), *_strides(g), *_strides(out),
-        SCALED=c is not None, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+        SCALED=c is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
     )
     return out
 
 
-def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False, value_scale: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+@dataclass(frozen=True)
+class LogSigmoidGate:
+    """The log decays given as their pre-activation ``x``: the decay is ``scale * logsigmoid(x)`` (GLA's
+    gate, ``logsigmoid(g) / 16``), evaluated by the kernels as they read ``x`` and differentiated
+    there (``scale * sigmoid(-x)``), so that neither it nor its backward runs in torch."""
+
+    scale: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The log decay in torch (for the torch form)."""
+        return self.scale * torch.nn.functional.logsigmoid(x)
+
+
+def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``,
     or each with the heads on an axis of their own, ``[B, H, T, ...]`` (``N = B H``: the kernels
     take batch, head and step strides, so a ``[B, T, H, K]`` tensor's transposed view is read
     in place); ``initial`` ``[N, K, V]``.  The read-outs come in the queries' form.
     ``value_scale`` (``[N, T]`` or ``[B, H, T]``): the values are ``value_scale[..., None] * v``,
-    formed in the kernels as they read ``v`` (mLSTM's input gate, Mamba-2's ``dt``)."""
-    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, value_scale)
+    formed in the kernels as they read ``v`` (mLSTM's input gate, Mamba-2's ``dt``).  ``gate``:
+    ``log_decay`` holds the pre-activation of a per-row :class:`LogSigmoidGate`."""
+    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, value_scale, gate)
     return run.outputs, run.final
 
 
@@ -645,13 +695,16 @@ class _Forward:
     final: torch.Tensor
 
     @staticmethod
-    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None) -> "_Forward":
+    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None) -> "_Forward":
         flat = k.dim() == 3  # [N, T, K]: one head per row
         g, rows = _log_decay_rows(_with_heads(log_decay, 4))
         k, v = _dense_last(_with_heads(k, 3)), _dense_last(_with_heads(v, 3))
         readouts = tuple(_dense_last(_with_heads(q, 3)) for q in readouts)
         c = None if value_scale is None else _with_heads(value_scale, 2)
         tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
+        if gate is not None:
+            assert rows, "the logsigmoid gate is taken for a decay per key row"
+            tiles = replace(tiles, gate_scale=float(gate.scale))
         starts, final = _states(k, v, c, g, rows, initial, tiles)
         outputs = [_outputs(q, k, v, c, g, rows, starts, tiles) for q in readouts]
         if flat:
@@ -687,7 +740,7 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     N, V = B * H, v.shape[-1]
     n_chunks = starts.shape[1]
     dtype, ACC = starts.dtype, (tl.float64 if starts.dtype == torch.float64 else tl.float32)
-    constants = dict(ROWS=rows, BT=tiles.chunk, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    constants = dict(gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
     key_blocks = triton.cdiv(K, tiles.gradient_key_block)
     d_readouts: list[torch.Tensor] = []
     dk = dv = dg = d_initial = dc = None
@@ -734,15 +787,19 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     return Gradients(d_readouts, dk, dv, dg, d_initial, dc)
 
 
-def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None):
+def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None, gate: LogSigmoidGate | None = None):
     """:func:`recdsl.backends.chunk_kernels.decayed_outer_products` with Triton kernels.
 
     Takes the Triton path for one input term and a decay shared by the state or by each row;
     anything else (several terms, a decay per value column) goes to the torch form.
     ``value_scales``: per input term, a scalar per step (or None) scaling its values (the
-    term is ``k_t (c_t v_t)^T``), applied in the kernels as they read ``v``.
+    term is ``k_t (c_t v_t)^T``), applied in the kernels as they read ``v``.  ``gate``:
+    ``log_decay`` is the pre-activation of a :class:`LogSigmoidGate`.
     """
     from . import chunk_kernels
+
+    if gate is not None and (len(inputs) != 1 or log_decay.shape[-1] != 1 or log_decay.shape[-2] == 1):
+        log_decay, gate = gate(log_decay), None  # the torch form, or a shared decay: the gate in torch
 
     scale = None
     if value_scales is not None:
@@ -759,7 +816,7 @@ def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf
             return [o.unflatten(0, (B, H)) for o in outputs], final
         return chunk_kernels.decayed_outer_products(readouts, inputs, log_decay, initial, chunk)
     term = inputs[0]
-    *outputs, final = DecayedOuterProducts.apply(chunk, allow_tf32, term.k, term.v, scale, log_decay, initial, *readouts)
+    *outputs, final = DecayedOuterProducts.apply(chunk, allow_tf32, gate, term.k, term.v, scale, log_decay, initial, *readouts)
     return list(outputs), final
 
 
@@ -767,9 +824,10 @@ class DecayedOuterProducts(torch.autograd.Function):
     """The Triton forward, keeping the chunk-start states (``T / chunk`` of them); the Triton backward."""
 
     @staticmethod
-    def forward(ctx, chunk: int, allow_tf32: bool, k, v, scale, log_decay, initial, *readouts):
-        # ``scale`` (or None): the values are scale[..., None] * v, formed in the kernels.
-        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale)
+    def forward(ctx, chunk: int, allow_tf32: bool, gate, k, v, scale, log_decay, initial, *readouts):
+        # ``scale`` (or None): the values are scale[..., None] * v, formed in the kernels; ``gate``
+        # (or None): log_decay is its pre-activation.
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate)
         ctx.scale_dtype = None if scale is None else scale.dtype
         ctx.scale_shape = None if scale is None else scale.shape
         ctx.tiles, ctx.rows = run.tiles, run.rows
@@ -790,6 +848,7 @@ class DecayedOuterProducts(torch.autograd.Function):
         k_dtype, v_dtype, g_dtype, initial_dtype, *q_dtypes = ctx.dtypes
         k_shape, v_shape, *q_shapes = ctx.shapes
         return (
+            None,
             None,
             None,
             found.k.reshape(k_shape).to(k_dtype),

@@ -109,3 +109,33 @@ def test_non_finite_inputs_give_what_the_loop_gives(name, plants):
     inputs, state = _make_call(module, call, QUERIES_ONLY.get(name))
     expected = _results(reference.to(torch.float64), inputs, state)
     assert_matches_where_defined(expected, _results(module, inputs, state), 1e-9, 1e-9, f"{name} on triton with {plants}")
+
+
+def test_logsigmoid_gate_in_the_kernels_matches_the_torch_form():
+    """GLA's gate evaluated in the kernels (``LogSigmoidGate``: the kernels read g and take
+    logsigmoid(g) / 16) against the torch chunked form of logsigmoid(g) / 16, forward and every
+    gradient, g's included, over two key blocks and a ragged second chunk, in [B, H, T, d] views."""
+    from recdsl.backends import chunk_kernels, triton_chunk
+
+    generator = torch.Generator().manual_seed(12)
+    B, T, H, K, V = 2, 70, 3, 20, 12
+    make = lambda d, scale=1.0: (scale * torch.randn(B, T, H, d, generator=generator, dtype=torch.float64)).requires_grad_()  # noqa: E731
+    q, k, v, x = make(K), make(K), make(V), make(K, 4.0)
+    initial = torch.randn(B * H, K, V, generator=generator, dtype=torch.float64).requires_grad_()
+    heads = lambda t: t.transpose(1, 2)  # noqa: E731  [B, H, T, d] views
+    gate = triton_chunk.LogSigmoidGate(1 / 16)
+    (out,), final = triton_chunk.decayed_outer_products(
+        [heads(q)], [chunk_kernels.RankOneInput(heads(k), heads(v))], heads(x).unsqueeze(-1), initial, 64, gate=gate
+    )
+    flat = lambda t: heads(t).flatten(0, 1)  # noqa: E731
+    (want,), want_final = chunk_kernels.decayed_outer_products(
+        [flat(q)], [chunk_kernels.RankOneInput(flat(k), flat(v))], (torch.nn.functional.logsigmoid(flat(x)) / 16).unsqueeze(-1), initial, 64
+    )
+    torch.testing.assert_close(out.flatten(0, 1), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, want_final, rtol=1e-10, atol=1e-10)
+    weights = torch.randn(want.shape, generator=generator, dtype=torch.float64)
+    leaves = (q, k, v, x, initial)
+    got = torch.autograd.grad((out.flatten(0, 1) * weights).sum() + final.sum(), leaves)
+    expected = torch.autograd.grad((want * weights).sum() + want_final.sum(), leaves)
+    for name, a, b in zip("q k v g initial".split(), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"d{name}: {m}")
