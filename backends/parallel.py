@@ -572,6 +572,59 @@ def _chunkable(log_decay: torch.Tensor | None, *pieces: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(piece.sum())) or bool(torch.isfinite(piece).all()) for piece in pieces)
 
 
+def _finite_final(final: torch.Tensor) -> bool:
+    """Whether a chunk kernel's final state is finite: the check that replaces :func:`_chunkable`
+    where the kernel runs first (one read of ``[N, K, V]``, not of every piece).
+
+    A non-finite key, value, log decay (NaN or +inf) or initial state always reaches the final
+    state: every piece enters it through a product (``inf * 0`` and ``NaN * x`` are NaN, and the
+    state is carried by multiplying it by its decay, which never turns NaN or inf back into a
+    number; the kernels' floor of the log decays at -60 keeps NaN), so a finite final state
+    means finite pieces.  A final state that overflowed from
+    finite pieces also runs the scan, which is exact, only slower.  A trace (torch.compile)
+    takes the chunked form without looking.
+    """
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if is_compiling is not None and is_compiling():
+        return True
+    from .triton_launch import kernels_run
+
+    return bool(torch.isfinite(final).all()) or not kernels_run()  # recorded, not run (benchmarks/traffic.py): values are meaningless
+
+
+def _scalar_times_vector(column: ir.Expr) -> tuple[ir.Expr, ir.Expr | None]:
+    """A column ``c * v`` or ``v * c`` (``c`` a scalar, ``v`` a vector) as ``(v, c)``; any other
+    column as ``(column, None)``.  The Triton chunk kernels scale the values as they read them."""
+    if isinstance(column, ir.Op) and column.op == "mul" and len(column.args) == 2:
+        first, second = column.args
+        if first.type.rank == 0 and second.type == column.type:
+            return second, first
+        if second.type.rank == 0 and first.type == column.type:
+            return first, second
+    return column, None
+
+
+def _logsigmoid_gate(log_decay: ir.Expr) -> tuple[ir.Expr, float] | None:
+    """A per-row log decay ``(logsigmoid(x) / c)[:, None]`` (or ``c * logsigmoid(x)``, GLA's gate) as
+    ``(x, 1 / c)`` (``(x, c)``): the Triton chunk kernels evaluate it as they read ``x``
+    (:class:`.triton_chunk.LogSigmoidGate`).  None for any other log decay."""
+    if not (isinstance(log_decay, ir.Op) and log_decay.op == "index" and log_decay.attrs == (ir.SliceItem(None, None), ir.NEW_AXIS)):
+        return None
+    inner = log_decay.args[0]
+    if not (isinstance(inner, ir.Op) and len(inner.args) == 2 and inner.type.rank == 1):
+        return None
+    first, second = inner.args
+    is_logsigmoid = lambda e: isinstance(e, ir.Op) and e.op == "logsigmoid" and e.type == inner.type  # noqa: E731
+    is_number = lambda e: isinstance(e, ir.Literal) and isinstance(e.value, (int, float)) and e.value != 0  # noqa: E731
+    if inner.op == "div" and is_logsigmoid(first) and is_number(second):
+        return first.args[0], 1.0 / float(second.value)
+    if inner.op == "mul" and is_number(first) and is_logsigmoid(second):
+        return second.args[0], float(first.value)
+    if inner.op == "mul" and is_logsigmoid(first) and is_number(second):
+        return first.args[0], float(second.value)
+    return None
+
+
 def _run_chunk_plan(
     seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None, native: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
@@ -591,6 +644,19 @@ def _run_chunk_plan(
     if segments is not None:
         layout = ChunkRows.of(segments, chunk) if plan.kind in (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE) else ChunkLayout.of(segments, chunk)
     place = layout.spread if layout is not None else (lambda x: x)
+    # The Triton kernels (``decayed`` / ``delta`` given) take batch, head and step strides: they get
+    # each [B, T, *heads, d] piece as a [B, H, T, d] view, read in place, and write their read-outs
+    # laid out [B, T, H, d]; the torch kernels and packed layouts take [B H, T, d] copies.
+    triton_kernel = decayed if plan.kind is ChunkKind.DECAYED_OUTER_PRODUCTS else delta
+    heads_axis = layout is None and triton_kernel is not None and not (plan.kind is ChunkKind.DECAYED_OUTER_PRODUCTS and plan.reads_previous)
+    heads = _product(list(lead[2:]))
+
+    def rows_of(value: torch.Tensor, item_dims: int) -> torch.Tensor:
+        """``value`` ``[B, T, *heads, *item]`` with its rows (batch and heads) first, then T."""
+        value = value.movedim(1, -1 - item_dims)  # [B, *heads, T, *item]
+        if heads_axis:
+            return value.reshape((lead[0], heads) + tuple(value.shape[-1 - item_dims :]))  # a view when the heads merge
+        return place(value.reshape((-1,) + tuple(value.shape[-1 - item_dims :])))
 
     flattened: list[tuple[ir.Expr, int, torch.Tensor]] = []  # one copy per distinct vector (the delta rule's k is its map's both sides and its input's row)
 
@@ -598,14 +664,12 @@ def _run_chunk_plan(
         for seen, seen_length, value in flattened:
             if seen_length == length and seen == expr:
                 return value
-        value = seq.full(seq.operand(expr) if native else seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,))
-        value = place(value.movedim(1, -2).reshape((-1, lead[1], length)))
+        value = rows_of(seq.full(seq.operand(expr) if native else seq.evaluate(expr), expr.type, ir.Type((length,))).expand(lead + (length,)), 1)
         flattened.append((expr, length, value))
         return value
 
     def flat_scalar(expr: ir.Expr) -> torch.Tensor:
-        value = seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead)
-        return place(value.movedim(1, -1).reshape((-1, lead[1])))
+        return rows_of(seq.full(seq.evaluate(expr), expr.type, ir.Type(())).expand(lead), 0)
 
     rows, columns = state.type.shape[::-1] if plan.transposed else state.type.shape
     start = h0.transpose(-1, -2) if plan.transposed else h0
@@ -615,29 +679,52 @@ def _run_chunk_plan(
     if isinstance(layout, ChunkRows):
         start = start.reshape((-1, rows, columns))  # [N' * sequences, K, V], as the rows
     queries = [flat_vector(q, rows) for q in plan.queries]
-    scaled_columns = []
+    # Each input term's row, column and scalar coefficient (or None).  The Triton kernels take
+    # the coefficient (DeltaNet's beta in beta v, mLSTM's input gate; a column that is a scalar
+    # times a vector, Mamba-2's dt x, is split so) and scale the column as they read it;
+    # the torch kernels get the scaled column.
+    terms = []
     for term in plan.inputs:
-        column = flat_vector(term.column, columns)
-        if term.coefficient is not None:
-            column = column * flat_scalar(term.coefficient).unsqueeze(-1)
-        scaled_columns.append((flat_vector(term.row, rows), column))
+        column, coefficient = term.column, term.coefficient
+        if triton_kernel is not None and coefficient is None:
+            column, coefficient = _scalar_times_vector(column)
+        terms.append((flat_vector(term.row, rows), flat_vector(column, columns), None if coefficient is None else flat_scalar(coefficient)))
+    scaled_columns = [(row, column if scale is None else column * scale.unsqueeze(-1)) for row, column, scale in terms] if triton_kernel is None else []
     if plan.kind is ChunkKind.DECAYED_OUTER_PRODUCTS:
         assert plan.log_decay is not None
         decay_type = plan.log_decay.type
-        log_decay = seq.full(seq.evaluate(plan.log_decay), decay_type, state.type)
+        # GLA's gate, for the Triton kernels (one input term: they take it): its pre-activation.
+        gated = _logsigmoid_gate(plan.log_decay) if decayed is not None and not plan.reads_previous and len(terms) == 1 and not plan.transposed else None
+        if gated is not None:
+            log_decay = seq.full(seq.evaluate(gated[0]).unsqueeze(-1), decay_type, state.type)  # x[:, None]
+        else:
+            log_decay = seq.full(seq.evaluate(plan.log_decay), decay_type, state.type)
         if plan.transposed:
             log_decay = log_decay.transpose(-1, -2)
         shape = tuple(log_decay.shape[-2:])
-        log_decay = log_decay.expand(lead + shape).movedim(1, -3).reshape((-1, lead[1]) + shape)
-        log_decay = place(log_decay)  # padding: log decay 0, the state carried unchanged
-        if not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
+        log_decay = rows_of(log_decay.expand(lead + shape), 2)  # padding: log decay 0, the state carried unchanged
+        # The Triton kernels' own cases (one input term, a decay shared by the state or per row) check
+        # their final state afterwards; the torch form's, every piece first.
+        checks_final = triton_kernel is not None and not plan.reads_previous and len(terms) == 1 and log_decay.shape[-1] == 1
+        if triton_kernel is not None and not checks_final:  # the Triton wrapper hands these to the torch form
+            scaled_columns = [(row, column if scale is None else column * scale.unsqueeze(-1)) for row, column, scale in terms]
+        if not checks_final and not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
             return None
-        inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
         if plan.reads_previous:  # only the torch kernel reads out the previous state (the planner keeps it off Triton)
+            inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
             results, final = chunk_kernels.with_infinite_readouts(
                 chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra, exclusive=plan.previous
             )
+        elif checks_final:  # the Triton kernels, which scale the values as they read them
+            inputs = [chunk_kernels.RankOneInput(k, v) for k, v, _ in terms]
+            kernel = functools.partial(decayed, value_scales=[scale for _, _, scale in terms])
+            if gated is not None:
+                from .triton_chunk import LogSigmoidGate
+
+                kernel = functools.partial(kernel, gate=LogSigmoidGate(gated[1]))
+            results, final = chunk_kernels.with_infinite_readouts(kernel, queries, inputs, log_decay, start, chunk, *extra)
         else:
+            inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
             results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra)
     else:
         transition = plan.transition
@@ -647,23 +734,37 @@ def _run_chunk_plan(
         log_decay = None
         if plan.log_decay is not None:  # the gated delta rule: a scalar decay per step
             log_decay = flat_scalar(plan.log_decay)
-        if not _chunkable(log_decay, start, left, right, coefficient, *(t for pair in scaled_columns for t in pair)):
+        checks_final = False
+        if triton_kernel is not None:  # the Triton kernels' own cases check their final state afterwards
+            from . import triton_delta
+
+            checks_final = not any(plan.previous or ()) and triton_delta.supports(rows)
+        # (The torch form's pieces are the scaled columns; the Triton wrapper's, each column and its scale.)
+        pieces = [t for pair in scaled_columns for t in pair] if triton_kernel is None else [t for term in terms for t in term if t is not None]
+        if not checks_final and not _chunkable(log_decay, start, left, right, coefficient, *pieces):
             return None
+        if triton_kernel is not None:
+            kernel, columns_in = functools.partial(delta, log_decay=log_decay, input_scales=[scale for _, _, scale in terms]), [column for _, column, _ in terms]
+        else:
+            kernel, columns_in = functools.partial(chunk_kernels.delta_rule, log_decay=log_decay), [column for _, column in scaled_columns]
         results, final = chunk_kernels.with_infinite_readouts(
-            functools.partial(delta or chunk_kernels.delta_rule, log_decay=log_decay),
+            kernel,
             queries,
             left,
             right,
             coefficient,
-            [v for _, v in scaled_columns],
+            columns_in,
             start,
             chunk,
             exclusive=plan.previous or None,
         )
+    # The Triton kernels ran without a look at their pieces: a non-finite one reaches the final state.
+    if checks_final and not _finite_final(final):
+        return None
     if layout is not None:
         results = [layout.gather(r) for r in results]
         final = final.reshape((-1, segments.count) + tuple(final.shape[-2:])).transpose(0, 1)  # [sequences, N', K, V]
-    unflatten = lambda x: x.reshape(batch_dims + x.shape[1:]).movedim(-2, 1)  # noqa: E731
+    unflatten = lambda x: x.reshape(batch_dims + x.shape[-2:]).movedim(-2, 1)  # noqa: E731
     outputs = [unflatten(r) for r in results]
     final = final.reshape((batch_dims if layout is None else (segments.count,) + lead[2:]) + final.shape[-2:])
     if plan.transposed:

@@ -26,7 +26,7 @@ import io
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -187,6 +187,9 @@ class Layer:
     # Launches specialise ints on divisibility by 16: at T = 1024, T, T / 32 blocks and
     # T / 64 chunks all are, as at T = 4096, so the kernels compile the same, 4x cheaper to record.
     length: int = 1024
+    # Head dims of the inputs: the chunked and delta-rule kernels take batch, head and step
+    # strides, which a layer with one head (H = 1, specialised away) would not compile.
+    heads: tuple[int, ...] = ()
 
     @property
     def label(self) -> str:
@@ -208,10 +211,10 @@ LAYERS = (
     _layer("lru", d=1024, n=1024),
     _layer("s6", d=1024, n=16),
     _layer("aaren", d=1024),
-    *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("gla", "retnet", "mlstm")),
-    *(_layer("mamba2", p=size, n=size) for size in (64, 128)),
+    *(replace(_layer(name, dk=size, dv=size), heads=(2,)) for size in (64, 128) for name in ("gla", "retnet", "mlstm")),
+    *(replace(_layer("mamba2", p=size, n=size), heads=(2,)) for size in (64, 128)),
     # The delta rule's chunked kernels (backends/triton_delta.py).
-    *(_layer(name, dk=size, dv=size) for size in (64, 128) for name in ("deltanet", "gated_deltanet")),
+    *(replace(_layer(name, dk=size, dv=size), heads=(2,)) for size in (64, 128) for name in ("deltanet", "gated_deltanet")),
     # Nonlinear cells: the fused sequential kernel (backends/triton_fused.py), d = 128 as one head of FlashRNN's.
     _layer("gru", d_in=128, d=128),
     _layer("lstm", d_in=128, d=128),
@@ -236,7 +239,7 @@ def layer_launches(examples: Path, layer: Layer, dtype: Any = None, batch: int =
     generator = torch.Generator().manual_seed(0)
     inputs = []
     for declared in module.cell.inputs:
-        shape = (batch, layer.length, *declared.type.shape)
+        shape = (batch, layer.length, *layer.heads, *declared.type.shape)
         value = torch.randn(shape, generator=generator).to(dtype)
         if declared.type.kind.name == "COMPLEX":
             value = torch.complex(value.float(), value.float())

@@ -38,7 +38,7 @@ floored at -60 as the kernels load them (a decay of 0 is e^-60, with no gradient
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -70,9 +70,57 @@ def _dot(a, b, p_like, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
-# Addressing: ``p_x += base`` with ``base`` an int64 scalar (the first element of the
-# program's row and chunk), then int32 offsets inside the tile.  N * T * K or
-# N * n_chunks * K * V may pass 2^31 elements; one chunk or one state tile never does.
+@triton.jit
+def _floored(g):
+    # A log decay floored at -60 (a decay of 0 counts as e^-60).  NaN stays NaN, so that a NaN
+    # log decay reaches the final state, which parallel._run_chunk_plan checks for the scan
+    # fallback (a plain maximum returns the other operand on GPUs).
+    return tl.maximum(g, -60.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _gated(x, GATE: tl.constexpr, gate_scale):
+    # The log decay from what the kernels read for it: itself, or with GATE the pre-activation x
+    # of gate_scale * logsigmoid(x) (GLA's gate, logsigmoid(g) / 16), evaluated here rather than
+    # in torch.  logsigmoid(x) = min(x, 0) - log(1 + e^{-|x|}): no overflow, NaN kept.
+    if GATE:
+        return gate_scale * (tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x))))
+    else:
+        return x
+
+
+@triton.jit
+def _padding(GATE: tl.constexpr):
+    # What a masked load of the log decays gives past T: a log decay of 0, so the state is
+    # carried unchanged (with GATE, the pre-activation +inf: logsigmoid(+inf) = 0).
+    if GATE:
+        return float("inf")
+    else:
+        return 0.0
+
+
+@triton.jit
+def _gate_slope(x, GATE: tl.constexpr, gate_scale):
+    # d(log decay)/dx: gate_scale * sigmoid(-x) with GATE, else 1.
+    if GATE:
+        return gate_scale / (1.0 + tl.exp(x))
+    else:
+        return 1.0
+
+
+@triton.jit
+def _row(i_n, H, s_b, s_h):
+    # The offset of row ``i_n`` (batch row ``i_n // H``, head ``i_n % H``) of a [B, H, T, d] sequence.
+    return (i_n // H) * s_b + (i_n % H) * s_h
+
+
+# Addressing: the sequences (queries, keys, values, log decays, read-outs and their gradients)
+# are [B, H, T, d] with batch, head and step strides and a dense last dim (a [B, T, H, d]
+# tensor's transposed view: no layout copy), row i_n = b H + h; ``p_x += _row(...)`` and the
+# chunk's first step times the step stride are int64 scalars, then int32 offsets inside the
+# tile.  The kernels' own buffers (chunk-start states, their gradients) are [N, ...] and
+# contiguous.  N * T * K or N * n_chunks * K * V may pass 2^31 elements; one chunk or one
+# state tile never does.
 
 
 @triton.jit
@@ -129,13 +177,20 @@ def pass_states(p_initial, p_update, p_decay, p_starts, p_final, K, V, n_chunks,
 
 
 @triton.jit
-def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_k += _row(i_n, H, sk_b, sk_h)
+    p_v += _row(i_n, H, sv_b, sv_h)
+    p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v, c read from p_c
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_out += _row(i_n, H, sout_b, sout_h)
     i_c = i_nc % n_chunks
-    o_row = i_n * T + i_c * BT
+    o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -145,15 +200,15 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
     b_out = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
-        b_Gt = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)  # the (shared) log decay of each step
+        b_Gt = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)  # the (shared) log decay of each step
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_start = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), -60.0), axis=0)
+            b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
             b_qg = b_q * tl.exp(b_G)
             # From the state at the chunk start.
             b_out += _dot(b_qg, b_start, p_k, PRECISION)
@@ -166,9 +221,8 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
                 # The exact pairwise form, one key dimension of this block at a time.
                 for i_j in range(0, BK):
                     m_col = m_t & (o_t * 0 + i_k * BK + i_j < K)  # (a tensor: the interpreter has no scalar masks)
-                    p_col = o_row * K + o_t * K + i_k * BK + i_j
-                    q_col = tl.load(p_q + p_col, mask=m_col, other=0.0).to(ACC)
-                    k_col = tl.load(p_k + p_col, mask=m_col, other=0.0).to(ACC)
+                    q_col = tl.load(p_q + (o_c + o_t) * sq_t + i_k * BK + i_j, mask=m_col, other=0.0).to(ACC)
+                    k_col = tl.load(p_k + (o_c + o_t) * sk_t + i_k * BK + i_j, mask=m_col, other=0.0).to(ACC)
                     g_col = tl.sum(tl.where(tl.arange(0, BK)[None, :] == i_j, b_G, 0.0), axis=1)
                     gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
                     b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
@@ -180,9 +234,11 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
         b_out = b_out * tl.exp(b_Gt)[:, None]
         b_scores = b_scores * tl.exp(tl.where(causal, b_Gt[:, None] - b_Gt[None, :], float("-inf")))
     b_scores = tl.where(causal, b_scores, 0.0)
-    b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    if SCALED:
+        b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
     b_out += _dot(b_scores, b_v, p_k, PRECISION)
-    tl.store(p_out + o_row * V + o_t[:, None] * V + o_v[None, :], b_out, mask=m_t[:, None] & m_v[None, :])
+    tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_t[:, None] & m_v[None, :])
 
 
 # ---- one walk over the chunks (forward states, backward state gradients) ----------------------
@@ -194,11 +250,16 @@ def chunk_outputs(p_q, p_k, p_v, p_g, p_starts, p_out, T, K, V, n_chunks, ROWS: 
 
 
 @triton.jit
-def walk_states(p_k, p_v, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def walk_states(p_k, p_v, p_c, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, H, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, key block, value block), walking the chunks in order with the
     # state tile in fp32 registers; writes what pass_states writes: ``p_starts`` [N, n_chunks,
     # K, V], the state each chunk starts from, and ``p_final``.
     i_n = tl.program_id(0).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_k += _row(i_n, H, sk_b, sk_h)
+    p_v += _row(i_n, H, sv_b, sv_h)
+    p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v, c read from p_c
+    p_g += _row(i_n, H, sg_b, sg_h)
     o_k = tl.program_id(1) * BK + tl.arange(0, BK)
     o_v = tl.program_id(2) * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -209,18 +270,20 @@ def walk_states(p_k, p_v, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, 
     b_state = tl.load(p_initial + i_n * K * V + o_tile, mask=m, other=0.0).to(ACC)
     for i_c in range(0, n_chunks):
         tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_tile, b_state, mask=m)
-        o_row = i_n * T + i_c * BT
+        o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
         m_t = i_c * BT + o_t < T
-        b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+        b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if SCALED:
+            b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         if ROWS:
-            b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC), -60.0)
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_G = tl.cumsum(b_g, axis=0)
             b_end = tl.sum(b_g, axis=0)  # G at the chunk's last step (padding adds 0)
             b_scaled = b_k * tl.exp(b_end[None, :] - b_G)
             b_state = tl.exp(b_end)[:, None] * b_state
         else:
-            b_g = tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0)
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_G = tl.cumsum(b_g, axis=0)
             b_end = tl.sum(b_g, axis=0)
             b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
@@ -230,11 +293,15 @@ def walk_states(p_k, p_v, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, 
 
 
 @triton.jit
-def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # The adjoint of walk_states, over reversed chunks: with S_c the state chunk c starts from,
     # dL/dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dL/dS_{c+1}.  ``p_dends`` [N, n_chunks, K, V]
     # gets dL/dS_{c+1}, the gradient of the state chunk c ends with; ``p_dinitial`` dL/dS_0.
     i_n = tl.program_id(0).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_dout += _row(i_n, H, sdout_b, sdout_h)
     o_k = tl.program_id(1) * BK + tl.arange(0, BK)
     o_v = tl.program_id(2) * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -246,16 +313,16 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
     for i_back in range(0, n_chunks):
         i_c = n_chunks - 1 - i_back
         tl.store(p_dends + (i_n * n_chunks + i_c) * K * V + o_tile, b_dstate, mask=m)
-        o_row = i_n * T + i_c * BT
+        o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
         m_t = i_c * BT + o_t < T
-        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+        b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC), -60.0)
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))
             b_dstate = tl.exp(tl.sum(b_g, axis=0))[:, None] * b_dstate
         else:
-            b_g = tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0)
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))[:, None]
             b_dstate = tl.exp(tl.sum(b_g, axis=0)) * b_dstate
         b_dstate += _dot(tl.trans(b_qg), b_do, p_q, PRECISION)
@@ -279,15 +346,25 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
 
 
 @triton.jit
-def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, key block); the value dimension is walked in blocks of BV.
     # ``p_dg``: [N, T, K] for a decay per row; for a shared decay [N, T, key blocks], each
     # block's share of the sum over keys (the caller adds them).
     i_nc = tl.program_id(0)
     i_k = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_k += _row(i_n, H, sk_b, sk_h)
+    p_v += _row(i_n, H, sv_b, sv_h)
+    p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v, c read from p_c
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_dout += _row(i_n, H, sdout_b, sdout_h)
+    p_dq += _row(i_n, H, sdq_b, sdq_h)
+    p_dk += _row(i_n, H, sdk_b, sdk_h)
+    p_dg += _row(i_n, H, sdg_b, sdg_h)
     i_c = i_nc % n_chunks
-    o_row = i_n * T + i_c * BT
+    o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V  # S and E; S_end is the next chunk's S, or the final state
     o_t = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
@@ -295,8 +372,8 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
     causal = o_t[:, None] >= o_t[None, :]
-    b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-    b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+    b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
     b_dA = tl.zeros([BT, BT], dtype=ACC)
     b_dq = tl.zeros([BT, BK], dtype=ACC)  # do S^T, then the whole dq
     b_dk = tl.zeros([BT, BK], dtype=ACC)  # v E^T, then the whole dk
@@ -306,8 +383,10 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
         m_v = o_v < V
         m_kv = m_k[:, None] & m_v[None, :]
         o_tile = o_k[:, None] * V + o_v[None, :]
-        b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-        b_v = tl.load(p_v + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if SCALED:
+            b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         b_S = tl.load(p_starts + o_state + o_tile, mask=m_kv, other=0.0).to(ACC)
         if i_c == n_chunks - 1:
             b_S_end = tl.load(p_final + i_n * K * V + o_tile, mask=m_kv, other=0.0).to(ACC)
@@ -321,8 +400,9 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
     b_dA = tl.where(causal, b_dA, 0.0)
     last = o_t[:, None] == BT - 1
     if ROWS:
-        b_g_raw = tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_g = tl.maximum(b_g_raw, -60.0)
+        b_x = tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC)
+        b_g_raw = _gated(b_x, GATE, gate_scale)
+        b_g = _floored(b_g_raw)
         b_G = tl.cumsum(b_g, axis=0)
         b_end = tl.sum(b_g, axis=0)
         b_dq = b_dq * tl.exp(b_G)
@@ -349,31 +429,42 @@ def chunk_key_grads(p_q, p_k, p_v, p_g, p_dout, p_starts, p_final, p_dends, p_dq
                 b_dk += tl.where(pick, dk_col[:, None], 0.0)
         b_dG = b_q * b_dq - b_k * b_dk + tl.where(last, b_dend[None, :], 0.0)
         b_dg = tl.where(b_g_raw >= -60.0, tl.cumsum(b_dG, axis=0, reverse=True), 0.0)  # the floor's gradient
-        tl.store(p_dg + o_row * K + o_t[:, None] * K + o_k[None, :], b_dg, mask=m_tk)
+        if GATE:
+            b_dg = b_dg * _gate_slope(b_x, GATE, gate_scale)
+        tl.store(p_dg + o_c * sdg_t + o_t[:, None] * sdg_t + o_k[None, :], b_dg, mask=m_tk)
     else:
-        b_g_raw = tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC)
-        b_G = tl.cumsum(tl.maximum(b_g_raw, -60.0), axis=0)
+        b_g_raw = _gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)
+        b_G = tl.cumsum(_floored(b_g_raw), axis=0)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_dAD = b_dA * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
         b_dq = b_dq * tl.exp(b_G)[:, None] + _dot(b_dAD, b_k, p_k, PRECISION)
         b_dk = b_dk * tl.exp(b_end - b_G)[:, None] + _dot(tl.trans(b_dAD), b_q, p_k, PRECISION)
         b_dG = tl.sum(b_q * b_dq - b_k * b_dk, axis=1) + tl.where(o_t == BT - 1, tl.sum(b_dend, axis=0), 0.0)
         b_dg = tl.where(b_g_raw >= -60.0, tl.cumsum(b_dG, axis=0, reverse=True), 0.0)  # the floor's gradient
-        tl.store(p_dg + (o_row + o_t) * tl.num_programs(1) + i_k, b_dg, mask=m_t)
-    tl.store(p_dq + o_row * K + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
-    tl.store(p_dk + o_row * K + o_t[:, None] * K + o_k[None, :], b_dk, mask=m_tk)
+        tl.store(p_dg + (o_c + o_t) * sdg_t + i_k, b_dg, mask=m_t)
+    tl.store(p_dq + o_c * sdq_t + o_t[:, None] * sdq_t + o_k[None, :], b_dq, mask=m_tk)
+    tl.store(p_dk + o_c * sdk_t + o_t[:, None] * sdk_t + o_k[None, :], b_dk, mask=m_tk)
 
 
 @triton.jit
-def chunk_value_grads(p_q, p_k, p_g, p_dout, p_dends, p_dv, T, K, V, n_chunks, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
     # chunk_outputs forms them.
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_k += _row(i_n, H, sk_b, sk_h)
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_dout += _row(i_n, H, sdout_b, sdout_h)
+    p_dv += _row(i_n, H, sdv_b, sdv_h)
+    p_v += _row(i_n, H, sv_b, sv_h)
+    p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v; dv = diag(c) dV, dc = rowsum(dV * v)
+    p_dc += _row(i_n, H, sdc_b, sdc_h)
     i_c = i_nc % n_chunks
-    o_row = i_n * T + i_c * BT
+    o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -383,17 +474,17 @@ def chunk_value_grads(p_q, p_k, p_g, p_dout, p_dends, p_dv, T, K, V, n_chunks, R
     b_dv = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
-        b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)
+        b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_k = tl.load(p_k + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_E = tl.load(p_dends + o_state + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0).to(ACC)
         if ROWS:
-            b_g = tl.maximum(tl.load(p_g + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC), -60.0)
+            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_Gk = tl.cumsum(b_g, axis=0)
             b_endk = tl.sum(b_g, axis=0)
             b_dv += _dot(b_k * tl.exp(b_endk[None, :] - b_Gk), b_E, p_k, PRECISION)
@@ -416,9 +507,14 @@ def chunk_value_grads(p_q, p_k, p_g, p_dout, p_dends, p_dv, T, K, V, n_chunks, R
         b_dv = b_dv * tl.exp(b_end - b_G)[:, None]
         b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_scores = tl.where(causal, b_scores, 0.0)
-    b_do = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
     b_dv += _dot(tl.trans(b_scores), b_do, p_k, PRECISION)
-    tl.store(p_dv + o_row * V + o_t[:, None] * V + o_v[None, :], b_dv, mask=m_t[:, None] & m_v[None, :])
+    if SCALED:  # b_dv is the gradient of diag(c) v: this value block's share of dc, and dv
+        b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        b_c = tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)
+        tl.store(p_dc + (o_c + o_t) * sdc_t + i_v, tl.sum(b_dv * b_v, axis=1), mask=m_t)
+        b_dv = b_dv * b_c[:, None]
+    tl.store(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], b_dv, mask=m_t[:, None] & m_v[None, :])
 
 
 @dataclass(frozen=True)
@@ -449,6 +545,9 @@ class Tiling:
     precision: str
     gradient_key_block: int = 16
     gradient_value_block: int = 16
+    # Nonzero: the kernels read the log decays' pre-activation x and take gate_scale * logsigmoid(x)
+    # (GLA's gate, see LogSigmoidGate); 0: they read the log decays.
+    gate_scale: float = 0.0
 
 
 def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: bool = False, operands: torch.dtype | None = None) -> Tiling:
@@ -482,24 +581,55 @@ def _accumulator(initial: torch.Tensor):
 
 
 def _log_decay_rows(log_decay: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """``log_decay`` ``[N, T, K or 1, 1]`` as the kernels read it, ``[N, T, K]`` or ``[N, T]``, and whether
-    it is per key row.  The kernels floor it at ``-60`` as they load it (a decay of exactly 0
-    counts as ``e^-60``; the floor's gradient is zero below it), so no floored copy is made."""
+    """``log_decay`` ``[B, H, T, K or 1, 1]`` as the kernels read it, ``[B, H, T, K]`` or ``[B, H, T]``
+    (a view: the kernels take its strides), and whether it is per key row.  The kernels floor it
+    at ``-60`` as they load it (a decay of exactly 0 counts as ``e^-60``; the floor's gradient
+    is zero below it), so no floored copy is made."""
     rows = log_decay.shape[-2] != 1
     g = log_decay[..., 0] if rows else log_decay[..., 0, 0]
-    return g.contiguous(), rows
+    return (_dense_last(g) if rows else g), rows
 
 
-def _states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
-    """The state each chunk starts from, ``[N, n_chunks, K, V]``, and the final state ``[N, K, V]``."""
-    N, T, K = k.shape
-    V = v.shape[-1]
+def _dense_last(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along its last dim (the kernels' tiles are contiguous there): a view
+    when it has one already, which is the usual case, else a copy."""
+    return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def _with_heads(x: torch.Tensor, sequence_dims: int) -> torch.Tensor:
+    """A sequence given as ``[N, T, ...]`` (``sequence_dims`` = 3 for vectors) as ``[N, 1, T, ...]``;
+    one given as ``[B, H, T, ...]`` unchanged."""
+    return x.unsqueeze(1) if x.dim() == sequence_dims else x
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    """The batch, head and step strides of a ``[B, H, T, ...]`` sequence, as the kernels take them."""
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _written_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[B, H, T, d]`` result laid out as ``x`` (the layout its gradient or read-out goes back
+    to, so that no copy follows), or as ``[B, T, H, d]`` when ``x`` is not dense (broadcast)."""
+    out = torch.empty_like(x, dtype=dtype)  # x's strides when x is dense
+    if out.stride() != x.stride():
+        out = torch.empty((x.shape[0], x.shape[2], x.shape[1]) + tuple(x.shape[3:]), dtype=dtype, device=x.device).transpose(1, 2)
+    return out
+
+
+def _states(k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state each chunk starts from, ``[N, n_chunks, K, V]``, and the final state ``[N, K, V]``
+    (the values ``diag(c) v`` when ``c`` is given)."""
+    B, H, T, K = k.shape
+    N, V = B * H, v.shape[-1]
     dtype, ACC = _accumulator(initial)
     n_chunks = triton.cdiv(T, tiles.chunk)
     starts = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
     final = torch.empty(N, K, V, dtype=dtype, device=k.device)
     grid = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
-    launch(walk_states, grid, k, v, g, initial.to(dtype).contiguous(), starts, final, T, K, V, n_chunks, ROWS=rows, BT=tiles.chunk, BK=tiles.state_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    launch(
+        walk_states, grid, k, v, g if c is None else c, g, initial.to(dtype).contiguous(), starts, final, T, K, V, n_chunks, H, *_strides(k), *_strides(v), *_strides(g if c is None else c), *_strides(g),
+        SCALED=c is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.state_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+    )
     return starts, final
 
 
@@ -507,31 +637,56 @@ def _options(tiles: Tiling) -> dict:
     return dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, tiles: Tiling) -> torch.Tensor:
-    """The read-outs ``q_t @ S_t`` ``[N, T, V]`` from the chunk-start states."""
-    N, T, K = k.shape
+def _outputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, rows: bool, starts: torch.Tensor, tiles: Tiling) -> torch.Tensor:
+    """The read-outs ``q_t @ S_t`` ``[B, H, T, V]`` (laid out ``[B, T, H, V]``) from the chunk-start states."""
+    B, H, T, K = k.shape
     V = v.shape[-1]
     n_chunks = starts.shape[1]
-    out = torch.empty(N, T, V, dtype=starts.dtype, device=k.device)
+    out = torch.empty(B, T, H, V, dtype=starts.dtype, device=k.device).transpose(1, 2)
     ACC = tl.float64 if starts.dtype == torch.float64 else tl.float32
-    launch(chunk_outputs, (N * n_chunks, triton.cdiv(V, tiles.value_block)), q, k, v, g, starts, out, T, K, V, n_chunks, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    launch(
+        chunk_outputs, (B * H * n_chunks, triton.cdiv(V, tiles.value_block)), q, k, v, g if c is None else c, g, starts, out, T, K, V, n_chunks, H,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(g if c is None else c), *_strides(g), *_strides(out),
+        SCALED=c is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+    )
     return out
 
 
-def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``."""
-    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32)
+@dataclass(frozen=True)
+class LogSigmoidGate:
+    """The log decays given as their pre-activation ``x``: the decay is ``scale * logsigmoid(x)`` (GLA's
+    gate, ``logsigmoid(g) / 16``), evaluated by the kernels as they read ``x`` and differentiated
+    there (``scale * sigmoid(-x)``), so that neither it nor its backward runs in torch."""
+
+    scale: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The log decay in torch (for the torch form)."""
+        return self.scale * torch.nn.functional.logsigmoid(x)
+
+
+def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``,
+    or each with the heads on an axis of their own, ``[B, H, T, ...]`` (``N = B H``: the kernels
+    take batch, head and step strides, so a ``[B, T, H, K]`` tensor's transposed view is read
+    in place); ``initial`` ``[N, K, V]``.  The read-outs come in the queries' form.
+    ``value_scale`` (``[N, T]`` or ``[B, H, T]``): the values are ``value_scale[..., None] * v``,
+    formed in the kernels as they read ``v`` (mLSTM's input gate, Mamba-2's ``dt``).  ``gate``:
+    ``log_decay`` holds the pre-activation of a per-row :class:`LogSigmoidGate`."""
+    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, value_scale, gate)
     return run.outputs, run.final
 
 
 @dataclass(frozen=True)
 class _Forward:
-    """One forward pass and what its backward needs: the inputs as the kernels read them, the tiling,
-    the chunk-start states, the read-outs and the final state."""
+    """One forward pass and what its backward needs: the inputs as the kernels read them
+    (``[B, H, T, ...]`` views), the tiling, the chunk-start states, the read-outs (in the
+    callers' form) and the final state."""
 
     readouts: tuple[torch.Tensor, ...]
     k: torch.Tensor
     v: torch.Tensor
+    c: torch.Tensor | None  # the values' scale per step, or None
     g: torch.Tensor
     rows: bool
     tiles: Tiling
@@ -540,75 +695,118 @@ class _Forward:
     final: torch.Tensor
 
     @staticmethod
-    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool) -> "_Forward":
-        g, rows = _log_decay_rows(log_decay)
-        k, v = k.contiguous(), v.contiguous()
-        readouts = tuple(q.contiguous() for q in readouts)
+    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None) -> "_Forward":
+        flat = k.dim() == 3  # [N, T, K]: one head per row
+        g, rows = _log_decay_rows(_with_heads(log_decay, 4))
+        k, v = _dense_last(_with_heads(k, 3)), _dense_last(_with_heads(v, 3))
+        readouts = tuple(_dense_last(_with_heads(q, 3)) for q in readouts)
+        c = None if value_scale is None else _with_heads(value_scale, 2)
         tiles = tiling(chunk, k.shape[-1], v.shape[-1], _accumulator(initial)[0], allow_tf32, operands=k.dtype)
-        starts, final = _states(k, v, g, rows, initial, tiles)
-        outputs = [_outputs(q, k, v, g, rows, starts, tiles) for q in readouts]
-        return _Forward(readouts, k, v, g, rows, tiles, starts, outputs, final)
+        if gate is not None:
+            assert rows, "the logsigmoid gate is taken for a decay per key row"
+            tiles = replace(tiles, gate_scale=float(gate.scale))
+        starts, final = _states(k, v, c, g, rows, initial, tiles)
+        outputs = [_outputs(q, k, v, c, g, rows, starts, tiles) for q in readouts]
+        if flat:
+            outputs = [o.squeeze(1) for o in outputs]
+        return _Forward(readouts, k, v, c, g, rows, tiles, starts, outputs, final)
 
 
 @dataclass(frozen=True)
 class Gradients:
     """What :func:`backward` returns: one gradient per read-out, of ``k``, ``v``, the (floored) log
-    decay ``[N, T, K]`` or ``[N, T]``, and the initial state."""
+    decay ``[B, H, T, K]`` or ``[B, H, T]``, and the initial state (``[N, K, V]``)."""
 
     readouts: list[torch.Tensor]
     k: torch.Tensor
     v: torch.Tensor
     log_decay: torch.Tensor
     initial: torch.Tensor
+    value_scale: torch.Tensor | None = None
 
 
-def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling) -> Gradients:
+def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling, c: torch.Tensor | None = None) -> Gradients:
     """The adjoint of :func:`forward` by Triton kernels, from the chunk-start states it kept.
 
-    Per read-out (the map is linear in the pair of read-out and final-state gradients, so the
-    read-outs' gradients are summed): ``walk_state_grads`` walks the chunks backwards for the
-    gradient of each chunk's end state and of the initial state; ``chunk_key_grads`` and
-    ``chunk_value_grads`` recompute each chunk's scores and give dq, dk, dg and dv.
+    ``readouts``, ``k``, ``v``, ``g`` as :class:`_Forward` keeps them (``[B, H, T, ...]``); the
+    gradients come laid out as the tensors they belong to.  Per read-out (the map is linear
+    in the pair of read-out and final-state gradients, so the read-outs' gradients are
+    summed): ``walk_state_grads`` walks the chunks backwards for the gradient of each chunk's
+    end state and of the initial state; ``chunk_key_grads`` and ``chunk_value_grads``
+    recompute each chunk's scores and give dq, dk, dg and dv (with ``c``, the values' scale:
+    dv of the unscaled values and each value block's share of dc, summed here).
     """
-    N, T, K = k.shape
-    V = v.shape[-1]
+    B, H, T, K = k.shape
+    N, V = B * H, v.shape[-1]
     n_chunks = starts.shape[1]
     dtype, ACC = starts.dtype, (tl.float64 if starts.dtype == torch.float64 else tl.float32)
-    constants = dict(ROWS=rows, BT=tiles.chunk, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
+    constants = dict(gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
     key_blocks = triton.cdiv(K, tiles.gradient_key_block)
     d_readouts: list[torch.Tensor] = []
-    dk = dv = dg = d_initial = None
+    dk = dv = dg = d_initial = dc = None
+    value_blocks = triton.cdiv(V, tiles.value_block)
+    scale = g if c is None else c  # (not read when not scaled)
     pairs = [(q, d) for q, d in zip(readouts, grad_outputs)]
     if not any(d is not None for _, d in pairs):
         pairs = pairs[:1]  # only the final state's gradient: one walk, with zero read-out gradients
     for i, (q, d_out) in enumerate(pairs):
-        d_out = torch.zeros(N, T, V, dtype=dtype, device=k.device) if d_out is None else d_out.to(dtype).contiguous()
+        d_out = torch.zeros(B, H, T, V, dtype=dtype, device=k.device) if d_out is None else _dense_last(_with_heads(d_out, 3).to(dtype))
         d_final = grad_final if (i == 0 and grad_final is not None) else torch.zeros(N, K, V, dtype=dtype, device=k.device)
         d_ends = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
         d_start = torch.empty(N, K, V, dtype=dtype, device=k.device)
         walk = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
-        launch(walk_state_grads, walk, q, g, d_out, d_final.to(dtype).contiguous(), d_ends, d_start, T, K, V, n_chunks, BK=tiles.state_key_block, BV=tiles.value_block, **constants)
-        dq = torch.empty(N, T, K, dtype=dtype, device=k.device)
-        dk_i = torch.empty_like(dq)
-        dg_i = torch.empty(N, T, K, dtype=dtype, device=k.device) if rows else torch.empty(N, T, key_blocks, dtype=dtype, device=k.device)
-        launch(chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, T, K, V, n_chunks, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants)
-        dv_i = torch.empty(N, T, V, dtype=dtype, device=k.device)
-        launch(chunk_value_grads, (N * n_chunks, triton.cdiv(V, tiles.value_block)), q, k, g, d_out, d_ends, dv_i, T, K, V, n_chunks, BK=tiles.output_key_block, BV=tiles.value_block, **constants)
+        launch(
+            walk_state_grads, walk, q, g, d_out, d_final.to(dtype).contiguous(), d_ends, d_start, T, K, V, n_chunks, H, *_strides(q), *_strides(g), *_strides(d_out),
+            BK=tiles.state_key_block, BV=tiles.value_block, **constants,
+        )
+        dq = _written_like(q, dtype)
+        dk_i = _written_like(k, dtype)
+        # A decay per key row: its gradient in g's layout; a shared one: each key block's share, summed below.
+        dg_i = _written_like(g, dtype) if rows else torch.empty(B, H, T, key_blocks, dtype=dtype, device=k.device)
+        launch(
+            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i),
+            SCALED=c is not None, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
+        )
+        dv_i = _written_like(v, dtype)
+        dc_i = torch.empty(B, H, T, value_blocks, dtype=dtype, device=k.device) if c is not None else dv_i  # (not written when not scaled)
+        v_read = v if c is not None else d_out  # (v is read only to scale: a tensor passed anyway stands in)
+        launch(
+            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i),
+            SCALED=c is not None, BK=tiles.output_key_block, BV=tiles.value_block, **constants,
+        )
         if not rows:
             dg_i = dg_i[..., 0] if key_blocks == 1 else dg_i.sum(-1)
+        if c is not None:
+            dc_i = dc_i[..., 0] if value_blocks == 1 else dc_i.sum(-1)
+            dc = dc_i if dc is None else dc + dc_i
         d_readouts.append(dq)
         dk, dv, dg, d_initial = (dk_i, dv_i, dg_i, d_start) if dk is None else (dk + dk_i, dv + dv_i, dg + dg_i, d_initial + d_start)
-    d_readouts += [torch.zeros_like(d_readouts[0])] * (len(readouts) - len(d_readouts))
-    return Gradients(d_readouts, dk, dv, dg, d_initial)
+    d_readouts += [torch.zeros_like(d_readouts[0]) for _ in range(len(readouts) - len(d_readouts))]  # (a list comprehension: none made for none missing)
+    return Gradients(d_readouts, dk, dv, dg, d_initial, dc)
 
 
-def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False):
+def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None, gate: LogSigmoidGate | None = None):
     """:func:`recdsl.backends.chunk_kernels.decayed_outer_products` with Triton kernels.
 
     Takes the Triton path for one input term and a decay shared by the state or by each row;
     anything else (several terms, a decay per value column) goes to the torch form.
+    ``value_scales``: per input term, a scalar per step (or None) scaling its values (the
+    term is ``k_t (c_t v_t)^T``), applied in the kernels as they read ``v``.  ``gate``:
+    ``log_decay`` is the pre-activation of a :class:`LogSigmoidGate`.
     """
     from . import chunk_kernels
+
+    if gate is not None and (len(inputs) != 1 or log_decay.shape[-1] != 1 or log_decay.shape[-2] == 1):
+        log_decay, gate = gate(log_decay), None  # the torch form, or a shared decay: the gate in torch
+
+    scale = None
+    if value_scales is not None:
+        if len(inputs) == 1 and log_decay.shape[-1] == 1:
+            scale = value_scales[0]
+        else:
+            inputs = [t if c is None else chunk_kernels.RankOneInput(t.k, t.v * c.unsqueeze(-1)) for t, c in zip(inputs, value_scales)]
 
     if len(inputs) != 1 or log_decay.shape[-1] != 1:
         # The torch form computes in the dtype it is given: low-precision operands (see
@@ -616,9 +814,15 @@ def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf
         dtype = initial.dtype
         readouts = [q.to(dtype) for q in readouts]
         inputs = [chunk_kernels.RankOneInput(term.k.to(dtype), term.v.to(dtype)) for term in inputs]
-        return chunk_kernels.decayed_outer_products(readouts, inputs, log_decay.to(dtype), initial, chunk)
+        log_decay = log_decay.to(dtype)
+        if log_decay.dim() == 5:  # heads on their own axis: the torch form takes [B H, T, ...]
+            B, H = log_decay.shape[:2]
+            flat = [chunk_kernels.RankOneInput(t.k.flatten(0, 1), t.v.flatten(0, 1)) for t in inputs]
+            outputs, final = chunk_kernels.decayed_outer_products([q.flatten(0, 1) for q in readouts], flat, log_decay.flatten(0, 1), initial, chunk)
+            return [o.unflatten(0, (B, H)) for o in outputs], final
+        return chunk_kernels.decayed_outer_products(readouts, inputs, log_decay, initial, chunk)
     term = inputs[0]
-    *outputs, final = DecayedOuterProducts.apply(chunk, allow_tf32, term.k, term.v, log_decay, initial, *readouts)
+    *outputs, final = DecayedOuterProducts.apply(chunk, allow_tf32, gate, term.k, term.v, scale, log_decay, initial, *readouts)
     return list(outputs), final
 
 
@@ -626,28 +830,37 @@ class DecayedOuterProducts(torch.autograd.Function):
     """The Triton forward, keeping the chunk-start states (``T / chunk`` of them); the Triton backward."""
 
     @staticmethod
-    def forward(ctx, chunk: int, allow_tf32: bool, k, v, log_decay, initial, *readouts):
-        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32)
+    def forward(ctx, chunk: int, allow_tf32: bool, gate, k, v, scale, log_decay, initial, *readouts):
+        # ``scale`` (or None): the values are scale[..., None] * v, formed in the kernels; ``gate``
+        # (or None): log_decay is its pre-activation.
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate)
+        ctx.scale_dtype = None if scale is None else scale.dtype
+        ctx.scale_shape = None if scale is None else scale.shape
         ctx.tiles, ctx.rows = run.tiles, run.rows
         ctx.dtypes = (k.dtype, v.dtype, log_decay.dtype, initial.dtype, *(q.dtype for q in readouts))
         ctx.log_decay_shape = log_decay.shape
+        ctx.shapes = (k.shape, v.shape, *(q.shape for q in readouts))  # [N, T, ...] or [B, H, T, ...]
         # A copy of the final state (one state per row): the caller may change the one returned in place.
-        ctx.save_for_backward(run.k, run.v, run.g, run.starts, run.final.clone(), *run.readouts)
+        ctx.save_for_backward(run.k, run.v, run.g if run.c is None else run.c, run.g, run.starts, run.final.clone(), *run.readouts)
         return (*run.outputs, run.final)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, v, g, starts, final, *readouts = ctx.saved_tensors
+        k, v, c, g, starts, final, *readouts = ctx.saved_tensors
         *grad_outputs, grad_final = grads
-        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles)
+        scaled = ctx.scale_dtype is not None
+        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles, c if scaled else None)
         d_log_decay = found.log_decay.reshape(ctx.log_decay_shape)
         k_dtype, v_dtype, g_dtype, initial_dtype, *q_dtypes = ctx.dtypes
+        k_shape, v_shape, *q_shapes = ctx.shapes
         return (
             None,
             None,
-            found.k.to(k_dtype),
-            found.v.to(v_dtype),
+            None,
+            found.k.reshape(k_shape).to(k_dtype),
+            found.v.reshape(v_shape).to(v_dtype),
+            found.value_scale.reshape(ctx.scale_shape).to(ctx.scale_dtype) if scaled else None,
             d_log_decay.to(g_dtype),
             found.initial.to(initial_dtype),
-            *(d.to(t) for d, t in zip(found.readouts, q_dtypes)),
+            *(d.reshape(s).to(t) for d, s, t in zip(found.readouts, q_shapes, q_dtypes)),
         )

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_chunk import _dense_last, _floored, _row, _strides, _with_heads, _written_like
 from .triton_launch import launch
 
 # The most key rows the kernels take (dk <= 128 compiles without spills; see tiling()).
@@ -83,18 +84,27 @@ def _operand_dtype(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) 
 
 
 @triton.jit
-def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_prepare(p_l, p_r, p_w, p_c, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, H, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk): the chunk's UT transform.
     i_nc = tl.program_id(0)
     i_n = (i_nc // n_chunks).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
+    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+    p_l += _row(i_n, H, sl_b, sl_h)
+    p_r += _row(i_n, H, sr_b, sr_h)
+    p_w += _row(i_n, H, sw_b, sw_h)
+    p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the input is W = diag(c) w, w read from p_w
+    p_a += _row(i_n, H, sa_b, sa_h)
+    p_g += _row(i_n, H, sg_b, sg_h)
     i_c = i_nc % n_chunks
     o_row = i_n * T + i_c * BT  # the chunk's first step, counted over all rows
+    o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
     o_t = tl.arange(0, BT)
     m_t = i_c * BT + o_t < T
     strict = o_t[:, None] > o_t[None, :]
-    b_a = tl.load(p_a + o_row + o_t, mask=m_t, other=0.0).to(ACC)
+    b_a = tl.load(p_a + o_c * sa_t + o_t * sa_t, mask=m_t, other=0.0).to(ACC)
     if GATED:
-        b_g = tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0)
+        b_g = _floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC))
         b_G = tl.cumsum(b_g, axis=0)
         b_Gp = b_G - b_g  # G_{t-1}: the decay from the chunk start to the step before t
         # e^{G'_t - G_s} for s < t (masked pairs never meet exp: their gap may be positive).
@@ -107,11 +117,11 @@ def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED:
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
         if SAME_SIDES:  # DeltaNet's k (I - beta k k^T): one vector read once
             b_r = b_l
         else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0)
         b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
     b_A = b_A * b_a[:, None]
     if GATED:
@@ -128,26 +138,34 @@ def delta_prepare(p_l, p_r, p_w, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, GATED:
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
-        b_w = tl.load(p_w + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_w = tl.load(p_w + o_c * sw_t + o_t[:, None] * sw_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        if SCALED:
+            b_w = b_w * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         tl.store(p_uw + o_row * V + o_t[:, None] * V + o_v[None, :], tl.dot(b_inv, b_w, input_precision=PRECISION), mask=m_tv)
     # W_r = T diag(a e^{G'}) R, key block by key block.
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
         if SAME_SIDES:
-            b_r = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_r = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         tl.store(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(b_inv, b_r * b_ar[:, None], input_precision=PRECISION), mask=m_tk)
 
 
 @triton.jit
-def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts, p_u, T, K, V, n_chunks, GATED: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts, p_u, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, GATED: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, value block), the chunks in order.  The state's columns of this
     # value block live in p_state (the final state's buffer, cached on chip) between chunks
     # and are walked in key blocks of BK rows, so every product's inner dimension is BK or
     # BT: an fp32 tl.dot on FMA units holds whole rows and columns of its operands.
     i_n = tl.program_id(0).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
+    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_l += _row(i_n, H, sl_b, sl_h)
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_out += _row(i_n, H, sout_b, sout_h)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_t = tl.arange(0, BT)
@@ -161,6 +179,7 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
     tl.debug_barrier()
     for i_c in range(0, n_chunks):
         o_row = i_n * T + i_c * BT
+        o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
         m_t = i_c * BT + o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
         # U = U_w + W_r S_0, and the read-outs' parts Q S_0 and Q L^T, one key block at a time.
@@ -172,13 +191,13 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
             m_tk = m_t[:, None] & (o_k[None, :] < K)
             b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
             b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-            b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-            b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0)
+            b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
             b_u += tl.dot(b_wr, b_s, input_precision=PRECISION)
             b_out += tl.dot(b_q.to(ACC), b_s, input_precision=PRECISION)
             b_scores += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
         if GATED:
-            b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)
+            b_G = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)), axis=0)
             b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # G_C (padding steps carry the state)
             b_out = b_out * tl.exp(b_G)[:, None]
             b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
@@ -187,7 +206,7 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
         b_out += tl.dot(b_scores, b_u, input_precision=PRECISION)
         if KEEP:  # for the backward kernels: U, and the chunk's start state (below)
             tl.store(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], b_u, mask=m_tv)
-        tl.store(p_out + o_row * V + o_t[:, None] * V + o_v[None, :], b_out, mask=m_tv)
+        tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_tv)
         tl.debug_barrier()  # every thread has read S_0 before it is overwritten
         # S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -197,7 +216,7 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
             b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             if KEEP:
                 tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
-            b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             if GATED:
                 b_s = b_s * tl.exp(b_end) + tl.dot(tl.trans(b_l * tl.exp(b_end - b_G)[:, None]), b_u, input_precision=PRECISION)
             else:
@@ -207,7 +226,7 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
 
 
 @triton.jit
-def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dends, p_du, T, K, V, n_chunks, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dends, p_du, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # The adjoint of the state, carried backwards over the chunks: one program per (row, value
     # block), as delta_chunks (the adjoint's columns, like the state's, never mix).  With
     # dS the adjoint of the chunk's end state S_C,
@@ -216,6 +235,12 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
     # dS (kept in p_dstate, the initial state's gradient at the end) is stored at each
     # chunk's end for delta_gradients, and so is dU.
     i_n = tl.program_id(0).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
+    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_l += _row(i_n, H, sl_b, sl_h)
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_dout += _row(i_n, H, sdout_b, sdout_h)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_t = tl.arange(0, BT)
@@ -230,10 +255,11 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
     for i_r in range(0, n_chunks):
         i_c = n_chunks - 1 - i_r
         o_row = i_n * T + i_c * BT
+        o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
         m_t = i_c * BT + o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
         if GATED:
-            b_G = tl.cumsum(tl.maximum(tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC), -60.0), axis=0)
+            b_G = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)), axis=0)
             b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_du = tl.zeros([BT, BV], dtype=ACC)
         b_scores = tl.zeros([BT, BT], dtype=ACC)
@@ -243,8 +269,8 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
             m_kv = (o_k[:, None] < K) & m_v[None, :]
             b_ds = tl.load(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             tl.store(p_dends + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_ds, mask=m_kv)
-            b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-            b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0)
+            b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
             b_scores += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
             b_lf = b_l.to(ACC)
             if GATED:
@@ -254,7 +280,7 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
             b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
         else:
             b_scores = tl.where(causal, b_scores, 0.0)
-        b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_dout = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_du += tl.dot(tl.trans(b_scores), b_dout, input_precision=PRECISION)
         tl.store(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], b_du, mask=m_tv)
         tl.debug_barrier()
@@ -263,7 +289,7 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
             m_tk = m_t[:, None] & (o_k[None, :] < K)
             m_kv = (o_k[:, None] < K) & m_v[None, :]
             b_ds = tl.load(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-            b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             if GATED:
                 b_ds = b_ds * tl.exp(b_end)
@@ -275,7 +301,7 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
 
 
 @triton.jit
-def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dg, T, K, V, n_chunks, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dc, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdl_b, sdl_h, sdl_t, sdr_b, sdr_h, sdr_t, sda_b, sda_h, sda_t, sdw_b, sdw_h, sdw_t, sdc_b, sdc_h, sdc_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, chunk), all chunks at once: the gradients of the chunk's inputs
     # from its start state S_0 (stored by delta_chunks), the adjoint dS of its end state and
     # dU (delta_adjoint_chunks).  The UT transform T = (I - A)^{-1} is recomputed as in
@@ -289,18 +315,37 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
     # twice rather than kept): a float32 tl.dot on FMA units holds whole operand rows.
     i_nc = tl.program_id(0)
     i_n = (i_nc // n_chunks).to(tl.int64)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
+    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+    p_q += _row(i_n, H, sq_b, sq_h)
+    p_l += _row(i_n, H, sl_b, sl_h)
+    p_r += _row(i_n, H, sr_b, sr_h)
+    p_a += _row(i_n, H, sa_b, sa_h)
+    p_g += _row(i_n, H, sg_b, sg_h)
+    p_w += _row(i_n, H, sw_b, sw_h)
+    p_dout += _row(i_n, H, sdout_b, sdout_h)
+    p_dq += _row(i_n, H, sdq_b, sdq_h)
+    p_dl += _row(i_n, H, sdl_b, sdl_h)
+    p_dr += _row(i_n, H, sdr_b, sdr_h)
+    p_da += _row(i_n, H, sda_b, sda_h)
+    p_dw += _row(i_n, H, sdw_b, sdw_h)
+    # SCALED: the input is W = diag(c) w (w at p_w): dw = diag(c) dW and dc = rowsum(dW * w).
+    p_c += _row(i_n, H, sc_b, sc_h)
+    p_dc += _row(i_n, H, sdc_b, sdc_h)
+    p_dg += _row(i_n, H, sdg_b, sdg_h)
     i_c = i_nc % n_chunks
     o_row = i_n * T + i_c * BT
+    o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
     o_state = (i_n * n_chunks + i_c) * K * V
     o_t = tl.arange(0, BT)
     m_t = i_c * BT + o_t < T
     strict = o_t[:, None] > o_t[None, :]
     causal = o_t[:, None] >= o_t[None, :]
-    b_a = tl.load(p_a + o_row + o_t, mask=m_t, other=0.0).to(ACC)
+    b_a = tl.load(p_a + o_c * sa_t + o_t * sa_t, mask=m_t, other=0.0).to(ACC)
     if GATED:
-        b_graw = tl.load(p_g + o_row + o_t, mask=m_t, other=0.0).to(ACC)
-        b_G = tl.cumsum(tl.maximum(b_graw, -60.0), axis=0)
-        b_Gp = b_G - tl.maximum(b_graw, -60.0)
+        b_graw = tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)
+        b_G = tl.cumsum(_floored(b_graw), axis=0)
+        b_Gp = b_G - _floored(b_graw)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
         b_b = b_a * tl.exp(b_Gp)
     else:
@@ -310,11 +355,11 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
         if SAME_SIDES:
             b_r = b_l
         else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0)
         b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
     b_A = b_A * b_a[:, None]
     if GATED:
@@ -329,14 +374,23 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
     # dW = T^T dU, dB = T^T dW_r, U_w = T W and W_r = T diag(b) R: products of inner
     # dimension BV or BK only.
     b_dA = tl.zeros([BT, BT], dtype=ACC)
+    b_dc = tl.zeros([BT], dtype=ACC)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
         b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        b_w = tl.load(p_w + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_w = tl.load(p_w + o_c * sw_t + o_t[:, None] * sw_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_dw = tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION)
+        if SCALED:
+            b_c = tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)
+            b_dc += tl.sum(b_dw * b_w, axis=1)
+            b_w = b_w * b_c[:, None]
+            tl.store(p_dw + o_c * sdw_t + o_t[:, None] * sdw_t + o_v[None, :], b_dw * b_c[:, None], mask=m_tv)
+        else:
+            tl.store(p_dw + o_c * sdw_t + o_t[:, None] * sdw_t + o_v[None, :], b_dw, mask=m_tv)
         b_dA += tl.dot(b_dw, tl.trans(tl.dot(b_inv, b_w, input_precision=PRECISION)), input_precision=PRECISION)
-        tl.store(p_dw + o_row * V + o_t[:, None] * V + o_v[None, :], b_dw, mask=m_tv)
+    if SCALED:
+        tl.store(p_dc + o_c * sdc_t + o_t * sdc_t, b_dc, mask=m_t)
     # Key blocks: dW_r = dU S_0^T, dT's part dW_r (diag(b) R)^T, dR's part diag(b) T^T dW_r, db.
     b_db = tl.zeros([BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -351,14 +405,14 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
             b_du = tl.load(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_dwr += tl.dot(b_du, tl.trans(b_s), input_precision=PRECISION)
         if SAME_SIDES:
-            b_r = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_r = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_dB = tl.dot(tl.trans(b_inv), b_dwr, input_precision=PRECISION)
         b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_dA += tl.dot(b_dB, tl.trans(b_wr), input_precision=PRECISION)
         b_db += tl.sum(b_r * b_dB, axis=1)
-        tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
+        tl.store(p_dr + o_c * sdr_t + o_t[:, None] * sdr_t + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
     # A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}: dA passes to a, G', G and R L^T.
     b_dA = tl.where(strict, b_dA, 0.0)
     b_dG = tl.zeros([BT], dtype=ACC)
@@ -372,11 +426,11 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
         if SAME_SIDES:
             b_r = b_l
         else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0)
         b_Araw += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
     b_y = b_dA * b_Araw
     b_da += tl.sum(b_y, axis=1)
@@ -385,36 +439,36 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
         b_dGp += tl.sum(b_y, axis=1)
         b_dG -= tl.sum(b_y, axis=0)
     b_dAraw = b_dA * b_a[:, None]
-    tl.store(p_da + o_row + o_t, b_da, mask=m_t)
+    tl.store(p_da + o_c * sda_t + o_t * sda_t, b_da, mask=m_t)
     tl.debug_barrier()  # dr's first part, stored above, is read back by other threads
     # A's part of dr and dl (dl's first part: kept in its buffer).
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         if SAME_SIDES:
             b_r = b_l
         else:
-            b_r = tl.load(p_r + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_dr = tl.load(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + tl.dot(b_dAraw, b_l, input_precision=PRECISION)
+            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_dr = tl.load(p_dr + o_c * sdr_t + o_t[:, None] * sdr_t + o_k[None, :], mask=m_tk, other=0.0) + tl.dot(b_dAraw, b_l, input_precision=PRECISION)
         if SAME_SIDES:  # one vector on both sides: p_dr is p_dl, its gradient the sum of both
-            tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr + tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+            tl.store(p_dl + o_c * sdl_t + o_t[:, None] * sdl_t + o_k[None, :], b_dr + tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
         else:
-            tl.store(p_dr + o_row * K + o_t[:, None] * K + o_k[None, :], b_dr, mask=m_tk)
-            tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
+            tl.store(p_dr + o_c * sdr_t + o_t[:, None] * sdr_t + o_k[None, :], b_dr, mask=m_tk)
+            tl.store(p_dl + o_c * sdl_t + o_t[:, None] * sdl_t + o_k[None, :], tl.dot(tl.trans(b_dAraw), b_r, input_precision=PRECISION), mask=m_tk)
     # The read-outs' scores: dP = (dO U^T) masked and decayed as the scores Q L^T were.
     b_P = tl.zeros([BT, BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
-        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0)
+        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
+        b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0)
         b_P += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
     b_dP = tl.zeros([BT, BT], dtype=ACC)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_tv = m_t[:, None] & (o_v[None, :] < V)
-        b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_dout = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_dP += tl.dot(b_dout, tl.trans(b_u), input_precision=PRECISION)
     if GATED:
@@ -438,14 +492,14 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
             m_kv = m_k[:, None] & (o_v[None, :] < V)
             b_s = tl.load(p_starts + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
             b_ds = tl.load(p_dends + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
-            b_dout = tl.load(p_dout + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+            b_dout = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_dqs += tl.dot(b_dout, tl.trans(b_s), input_precision=PRECISION)
             b_uds += tl.dot(b_u, tl.trans(b_ds), input_precision=PRECISION)
             if GATED:
                 b_dend += tl.sum(tl.sum(b_s * b_ds, axis=1), axis=0) * tl.exp(b_end)
-        b_q = tl.load(p_q + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_l = tl.load(p_l + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         if GATED:
             b_dqs = b_dqs * tl.exp(b_G)[:, None]
             b_uds = b_uds * tl.exp(b_end - b_G)[:, None]
@@ -454,15 +508,15 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_wr, p_u, p_du, p_dout, p_sta
             b_dG -= b_f
             b_dend += tl.sum(b_f, axis=0)
         b_dq = b_dqs + tl.dot(b_dP, b_l, input_precision=PRECISION)
-        b_dl = tl.load(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0) + b_uds + tl.dot(tl.trans(b_dP), b_q, input_precision=PRECISION)
-        tl.store(p_dq + o_row * K + o_t[:, None] * K + o_k[None, :], b_dq, mask=m_tk)
-        tl.store(p_dl + o_row * K + o_t[:, None] * K + o_k[None, :], b_dl, mask=m_tk)
+        b_dl = tl.load(p_dl + o_c * sdl_t + o_t[:, None] * sdl_t + o_k[None, :], mask=m_tk, other=0.0) + b_uds + tl.dot(tl.trans(b_dP), b_q, input_precision=PRECISION)
+        tl.store(p_dq + o_c * sdq_t + o_t[:, None] * sdq_t + o_k[None, :], b_dq, mask=m_tk)
+        tl.store(p_dl + o_c * sdl_t + o_t[:, None] * sdl_t + o_k[None, :], b_dl, mask=m_tk)
     if GATED:
         # G'_t = G_t - g_t; G_C is G at the chunk's last row (padding rows add g = 0).
         b_dG += tl.where(o_t == BT - 1, b_dend, 0.0)
         b_total = b_dG + b_dGp
         b_dg = tl.sum(b_total, axis=0) - tl.cumsum(b_total, axis=0) + b_total - b_dGp
-        tl.store(p_dg + o_row + o_t, tl.where(b_graw >= -60.0, b_dg, 0.0), mask=m_t)
+        tl.store(p_dg + o_c * sdg_t + o_t * sdg_t, tl.where(b_graw >= -60.0, b_dg, 0.0), mask=m_t)
 
 
 @dataclass(frozen=True)
@@ -523,9 +577,10 @@ def forward(
     chunk: int,
     log_decay: torch.Tensor | None = None,
     allow_tf32: bool = False,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs ``q_t @ S_t`` and the final state (see :func:`_forward`)."""
-    outputs, final, _ = _forward(readouts, left, right, coefficient, inputs, initial, chunk, log_decay, allow_tf32)
+    outputs, final, _ = _forward(readouts, left, right, coefficient, inputs, initial, chunk, log_decay, allow_tf32, input_scale=input_scale)
     return outputs, final
 
 
@@ -551,13 +606,29 @@ def _forward(
     log_decay: torch.Tensor | None = None,
     allow_tf32: bool = False,
     keep: bool = False,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor, Saved | None]:
     """Read-outs ``q_t @ S_t`` and the final state, by the Triton kernels; the arguments of
     :func:`recdsl.backends.chunk_kernels.delta_rule` (``left``, ``right`` ``[N, T, K]``,
     ``coefficient`` and ``log_decay`` ``[N, T]``, inputs ``[N, T, V]``, ``initial``
-    ``[N, K, V]``).  Keys and queries in bfloat16/float16 are read as such; everything else
-    is computed in float32 (float64 for a float64 state)."""
-    N, T, K = left.shape
+    ``[N, K, V]``), or each sequence with the heads on an axis of their own (``[B, H, T, ...]``,
+    ``N = B H``; read in place through their strides, read-outs laid out ``[B, T, H, V]``).
+    Keys and queries in bfloat16/float16 are read as such; everything else is computed in
+    float32 (float64 for a float64 state).  ``input_scale`` (``[N, T]``, one input): the
+    input is ``input_scale[..., None] * inputs[0]``, formed inside ``delta_prepare`` (the
+    delta rule's ``beta v``), never in memory."""
+    flat = left.dim() == 3
+    readouts = [_with_heads(q, 3) for q in readouts]
+    left_given = left
+    left = _with_heads(left, 3)
+    right = left if right is left_given else _with_heads(right, 3)
+    coefficient = _with_heads(coefficient, 2)
+    inputs = [_with_heads(w, 3) for w in inputs]
+    log_decay = None if log_decay is None else _with_heads(log_decay, 2)
+    scaled = input_scale is not None
+    assert not scaled or len(inputs) == 1, "an input scale goes with one input"
+    B, H, T, K = left.shape
+    N = B * H
     V = initial.shape[-1]
     assert supports(K), f"the delta-rule kernels take at most {_MAX_KEYS} key rows"
     dtype = torch.float64 if initial.dtype == torch.float64 else torch.float32
@@ -569,18 +640,22 @@ def _forward(
     device = left.device
     low = _operand_dtype(left, right, dtype)
     same_sides = right is left
-    left = left.to(low).contiguous()
-    right = left if same_sides else right.to(low).contiguous()
+    left = _dense_last(left.to(low))
+    right = left if same_sides else _dense_last(right.to(low))
     w = None
     for term in inputs:
         w = term if w is None else w + term
-    w = (w if w is not None else torch.zeros(N, T, V, dtype=dtype, device=device)).contiguous()
-    a = coefficient.contiguous()
+    w = _dense_last(w if w is not None else torch.zeros(B, H, T, V, dtype=dtype, device=device))
+    a = coefficient
     gated = log_decay is not None
-    g = log_decay.contiguous() if gated else a  # (not read when not gated)
+    g = log_decay if gated else a  # (not read when not gated)
+    c = _with_heads(input_scale, 2) if scaled else a  # (not read when not scaled)
     uw = torch.empty(N, T, V, dtype=dtype, device=device)
     wr = torch.empty(N, T, K, dtype=dtype, device=device)
-    launch(delta_prepare, (N * n_chunks,), left, right, w, a, g, uw, wr, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, **options)
+    launch(
+        delta_prepare, (N * n_chunks,), left, right, w, c, a, g, uw, wr, T, K, V, n_chunks, H, *_strides(left), *_strides(right), *_strides(w), *_strides(c), *_strides(a), *_strides(g),
+        SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, **options,
+    )
     start = initial.to(dtype).contiguous()
     results = []
     final = torch.empty(N, K, V, dtype=dtype, device=device)
@@ -591,12 +666,14 @@ def _forward(
     for i, q in enumerate(readouts):
         # One pass over the chunks per read-out (each recomputes the same states; cells read a
         # delta-rule state out once).
-        out = torch.empty(N, T, V, dtype=dtype, device=device)
-        launch(delta_chunks, grid, q.to(low).contiguous(), left, g, uw, wr, start, out, final, starts, u, T, K, V, n_chunks, GATED=gated, KEEP=keep and i == 0, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
-        results.append(out)
+        out = torch.empty(B, T, H, V, dtype=dtype, device=device).transpose(1, 2)
+        q = _dense_last(q.to(low))
+        launch(delta_chunks, grid, q, left, g, uw, wr, start, out, final, starts, u, T, K, V, n_chunks, H, *_strides(q), *_strides(left), *_strides(g), *_strides(out), GATED=gated, KEEP=keep and i == 0, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+        results.append(out.squeeze(1) if flat else out)
     if not readouts:
-        empty = torch.zeros(N, T, K, dtype=low, device=device)
-        launch(delta_chunks, grid, empty, left, g, uw, wr, start, torch.empty(N, T, V, dtype=dtype, device=device), final, starts, u, T, K, V, n_chunks, GATED=gated, KEEP=keep, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
+        empty = torch.zeros(B, H, T, K, dtype=low, device=device)
+        out = torch.empty(B, H, T, V, dtype=dtype, device=device)
+        launch(delta_chunks, grid, empty, left, g, uw, wr, start, out, final, starts, u, T, K, V, n_chunks, H, *_strides(empty), *_strides(left), *_strides(g), *_strides(out), GATED=gated, KEEP=keep, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
     return results, final, saved
 
 
@@ -612,15 +689,26 @@ def backward(
     d_final: torch.Tensor,
     chunk: int,
     allow_tf32: bool = False,
+    input_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """The gradients of one read-out's delta rule by the backward kernels: ``(dq, dleft,
-    dright, dcoefficient, dw, dlog_decay, dinitial)`` (``dlog_decay`` None when not gated;
+    dright, dcoefficient, dw, dlog_decay, dinitial, dinput_scale)`` (the last None without
+    ``input_scale``; with it, ``dw`` is the gradient of the unscaled input) (``dlog_decay`` None when not gated;
     ``dright`` None when ``right is left``, whose one gradient ``dleft`` then is),
     from ``d_output`` (``[N, T, V]``), ``d_final`` (``[N, K, V]``) and what :func:`_forward`
     kept.  ``delta_adjoint_chunks`` carries the state's adjoint over the chunks in reverse,
     then ``delta_gradients`` forms every chunk's gradients at once.  Computed in float32
-    (float64 for a float64 state); the caller casts them to its inputs' dtypes."""
-    N, T, K = left.shape
+    (float64 for a float64 state); the caller casts them to its inputs' dtypes.  Sequences
+    may be ``[B, H, T, ...]`` as in :func:`_forward`; each gradient comes in the shape and,
+    where that is dense, the layout of what it belongs to."""
+    left_given = left
+    left = _with_heads(left, 3)
+    right = left if right is left_given else _with_heads(right, 3)
+    readout, coefficient, w, d_output = _with_heads(readout, 3), _with_heads(coefficient, 2), _with_heads(w, 3), _with_heads(d_output, 3)
+    log_decay = None if log_decay is None else _with_heads(log_decay, 2)
+    scaled = input_scale is not None
+    B, H, T, K = left.shape
+    N = B * H
     V = w.shape[-1]
     dtype = saved.u.dtype
     ACC = tl.float64 if dtype == torch.float64 else tl.float32
@@ -631,24 +719,34 @@ def backward(
     device = left.device
     low = _operand_dtype(left, right, dtype)
     same_sides = right is left
-    left = left.to(low).contiguous()
-    right = left if same_sides else right.to(low).contiguous()
-    q = readout.to(low).contiguous()
+    left = _dense_last(left.to(low))
+    right = left if same_sides else _dense_last(right.to(low))
+    q = _dense_last(readout.to(low))
     gated = log_decay is not None
-    a = coefficient.contiguous()
-    g = log_decay.contiguous() if gated else a  # (not read when not gated)
-    d_output = d_output.to(dtype).contiguous()
+    a = coefficient
+    g = log_decay if gated else a  # (not read when not gated)
+    d_output = _dense_last(d_output.to(dtype))
+    w = _dense_last(w.to(dtype))
     d_initial = torch.empty(N, K, V, dtype=dtype, device=device)
     d_ends = torch.empty(N, n_chunks, K, V, dtype=dtype, device=device)
     du = torch.empty(N, T, V, dtype=dtype, device=device)
     grid = (N, triton.cdiv(V, tiles.value_block))
-    launch(delta_adjoint_chunks, grid, q, left, g, saved.wr, d_output, d_final.to(dtype).contiguous(), d_initial, d_ends, du, T, K, V, n_chunks, GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
-    dq, dl = (torch.empty(N, T, K, dtype=dtype, device=device) for _ in range(2))
-    dr = dl if same_sides else torch.empty(N, T, K, dtype=dtype, device=device)
-    da, dg = torch.empty(N, T, dtype=dtype, device=device), torch.empty(N, T, dtype=dtype, device=device)
-    dw = torch.empty(N, T, V, dtype=dtype, device=device)
-    launch(delta_gradients, (N * n_chunks,), q, left, right, a, g, w.contiguous(), saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dg, T, K, V, n_chunks, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages)
-    return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial
+    launch(
+        delta_adjoint_chunks, grid, q, left, g, saved.wr, d_output, d_final.to(dtype).contiguous(), d_initial, d_ends, du, T, K, V, n_chunks, H,
+        *_strides(q), *_strides(left), *_strides(g), *_strides(d_output), GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options,
+    )
+    dq, dl = _written_like(q, dtype), _written_like(left, dtype)
+    dr = dl if same_sides else _written_like(right, dtype)
+    da, dg = _written_like(a, dtype), _written_like(g, dtype)
+    dw = _written_like(w, dtype)
+    c = _with_heads(input_scale, 2) if scaled else a  # (not read when not scaled)
+    dc = _written_like(c, dtype) if scaled else da  # (not written when not scaled)
+    sequences = (q, left, right, a, g, w, c, d_output, dq, dl, dr, da, dw, dc, dg)
+    launch(
+        delta_gradients, (N * n_chunks,), q, left, right, a, g, w, c, saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dc, dg, T, K, V, n_chunks, H,
+        *(stride for x in sequences for stride in _strides(x)), SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages,
+    )
+    return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial, dc if scaled else None
 
 
 def delta_rule(
@@ -662,14 +760,24 @@ def delta_rule(
     log_decay: torch.Tensor | None = None,
     exclusive: tuple[bool, ...] | None = None,
     allow_tf32: bool = False,
+    input_scales: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton kernels.
 
     Read-outs of the previous state (``exclusive``) and states of more than 128 key rows go
     to the torch form; gradients are the backward kernels' with one read-out, else the
-    torch form's, recomputed (:class:`DeltaRule`).
+    torch form's, recomputed (:class:`DeltaRule`).  ``input_scales``: a scalar per step (or
+    None) for each input, which enters as ``scale[..., None] * input`` (DeltaNet's
+    ``beta v``): formed in the kernels for one input, else in torch first.
     """
     from . import chunk_kernels
+
+    scale = None
+    if input_scales is not None:
+        if len(inputs) == 1 and not (exclusive and any(exclusive)) and supports(left.shape[-1]):
+            scale = input_scales[0]
+        else:
+            inputs = [w if c is None else w * c.unsqueeze(-1) for w, c in zip(inputs, input_scales)]
 
     if (exclusive and any(exclusive)) or not supports(left.shape[-1]):
         # The torch form computes in the dtype it is given: low-precision operands (see
@@ -679,15 +787,35 @@ def delta_rule(
         same_sides = right is left
         left = upcast(left)
         right = left if same_sides else upcast(right)
-        return chunk_kernels.delta_rule([upcast(q) for q in readouts], left, right, upcast(coefficient), [upcast(w) for w in inputs], initial, chunk, log_decay=upcast(log_decay), exclusive=exclusive)
+        return _flat_rows(chunk_kernels.delta_rule)([upcast(q) for q in readouts], left, right, upcast(coefficient), [upcast(w) for w in inputs], initial, chunk, log_decay=upcast(log_decay), exclusive=exclusive)
     # The inputs share the left vector, so their sum is one input term (as the torch form sums them).
     w = None
     for term in inputs:
         w = term if w is None else w + term
     if w is None:
-        w = torch.zeros(initial.shape[:1] + left.shape[1:2] + initial.shape[-1:], dtype=initial.dtype, device=initial.device)
-    *outputs, final = DeltaRule.apply(chunk, allow_tf32, left, right, coefficient, w, log_decay, initial, *readouts)
+        w = torch.zeros(left.shape[:-1] + initial.shape[-1:], dtype=initial.dtype, device=initial.device)
+    *outputs, final = DeltaRule.apply(chunk, allow_tf32, left, right, coefficient, w, scale, log_decay, initial, *readouts)
     return list(outputs), final
+
+
+def _flat_rows(kernel):
+    """``kernel`` (:func:`recdsl.backends.chunk_kernels.delta_rule`, which takes ``[N, T, ...]``
+    sequences) called with ``[B, H, T, ...]`` ones: they are merged into ``B H`` rows (a copy
+    unless dense) and the read-outs split back; ``[N, T, ...]`` ones pass unchanged."""
+
+    def run(readouts, left, right, coefficient, inputs, initial, chunk, log_decay=None, exclusive=None):
+        if left.dim() == 3:
+            return kernel(readouts, left, right, coefficient, inputs, initial, chunk, log_decay=log_decay, exclusive=exclusive)
+        heads = left.shape[:2]
+        merge = lambda x: None if x is None else x.flatten(0, 1)  # noqa: E731
+        flat_left = merge(left)
+        outputs, final = kernel(
+            [merge(q) for q in readouts], flat_left, flat_left if right is left else merge(right), merge(coefficient),
+            [merge(w) for w in inputs], initial, chunk, log_decay=merge(log_decay), exclusive=exclusive,
+        )
+        return [o.unflatten(0, heads) for o in outputs], final
+
+    return run
 
 
 class DeltaRule(torch.autograd.Function):
@@ -696,15 +824,17 @@ class DeltaRule(torch.autograd.Function):
     backward differentiates the torch chunked form, recomputed (chunk-boundary states only)."""
 
     @staticmethod
-    def forward(ctx, chunk: int, allow_tf32: bool, left, right, coefficient, w, log_decay, initial, *readouts):
+    def forward(ctx, chunk: int, allow_tf32: bool, left, right, coefficient, w, scale, log_decay, initial, *readouts):
+        # ``scale`` (or None): the input is scale[..., None] * w, formed in the kernels.
         ctx.kernels = len(readouts) == 1 and any(ctx.needs_input_grad)
-        outputs, final, saved = _forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32, keep=ctx.kernels)
+        outputs, final, saved = _forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32, keep=ctx.kernels, input_scale=scale)
+        ctx.scaled = scale is not None
         ctx.chunk = chunk
         ctx.allow_tf32 = allow_tf32
         ctx.gated = log_decay is not None
         ctx.same_sides = right is left
         ctx.saved = saved
-        ctx.save_for_backward(left, right, coefficient, w, log_decay if log_decay is not None else coefficient, initial, *readouts)
+        ctx.save_for_backward(left, right, coefficient, w, scale if scale is not None else coefficient, log_decay if log_decay is not None else coefficient, initial, *readouts)
         return (*outputs, final)
 
     @staticmethod
@@ -715,34 +845,41 @@ class DeltaRule(torch.autograd.Function):
 
     @staticmethod
     def _kernel_backward(ctx, d_output, d_final):
-        left, right, coefficient, w, log_decay, initial, q = ctx.saved_tensors
+        left, right, coefficient, w, scale, log_decay, initial, q = ctx.saved_tensors
         if ctx.same_sides:
             right = left
         saved = ctx.saved
         if d_output is None:
-            d_output = torch.zeros_like(saved.u)
+            d_output = torch.zeros(q.shape[:-1] + saved.u.shape[-1:], dtype=saved.u.dtype, device=q.device)
         if d_final is None:
             d_final = torch.zeros_like(initial, dtype=saved.u.dtype)
-        dq, dl, dr, da, dw, dg, d_initial = backward(q, left, right, coefficient, w, log_decay if ctx.gated else None, saved, d_output, d_final, ctx.chunk, ctx.allow_tf32)
+        dq, dl, dr, da, dw, dg, d_initial, dc = backward(
+            q, left, right, coefficient, w, log_decay if ctx.gated else None, saved, d_output, d_final, ctx.chunk, ctx.allow_tf32, input_scale=scale if ctx.scaled else None
+        )
         return (
             None, None,
-            dl.to(left.dtype), None if dr is None else dr.to(right.dtype), da.to(coefficient.dtype), dw.to(w.dtype),
-            dg.to(log_decay.dtype) if ctx.gated else None, d_initial.to(initial.dtype), dq.to(q.dtype),
+            dl.reshape(left.shape).to(left.dtype), None if dr is None else dr.reshape(right.shape).to(right.dtype),
+            da.reshape(coefficient.shape).to(coefficient.dtype), dw.reshape(w.shape).to(w.dtype),
+            dc.reshape(scale.shape).to(scale.dtype) if ctx.scaled else None,
+            dg.reshape(log_decay.shape).to(log_decay.dtype) if ctx.gated else None, d_initial.to(initial.dtype), dq.reshape(q.shape).to(q.dtype),
         )
 
     @staticmethod
     def _torch_backward(ctx, *grads):
         from .chunk_kernels import delta_rule as torch_delta_rule
 
-        left, right, coefficient, w, log_decay, initial, *readouts = ctx.saved_tensors
+        left, right, coefficient, w, scale, log_decay, initial, *readouts = ctx.saved_tensors
         if not ctx.gated:
             log_decay = None
-        tensors = [left, right, coefficient, w, log_decay, initial, *readouts]
+        if not ctx.scaled:
+            scale = None
+        tensors = [left, right, coefficient, w, scale, log_decay, initial, *readouts]
         dtype = initial.dtype  # the torch form computes in the dtype it is given: low-precision operands in the state's
         with torch.enable_grad():
             fresh = [None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad) for t in tensors]
-            fl, fr, fa, fw, fg, f0, *fq = fresh
-            outputs, final = torch_delta_rule(fq, fl, fr, fa, [fw], f0, ctx.chunk, log_decay=fg)
+            fl, fr, fa, fw, fc, fg, f0, *fq = fresh
+            fw = fw if fc is None else fw * fc.unsqueeze(-1)
+            outputs, final = _flat_rows(torch_delta_rule)(fq, fl, fr, fa, [fw], f0, ctx.chunk, log_decay=fg)
             pairs = [(o, g) for o, g in zip([*outputs, final], grads) if g is not None]
             wanted = [i for i, t in enumerate(fresh) if t is not None and t.requires_grad]
             found = torch.autograd.grad([o for o, _ in pairs], [fresh[i] for i in wanted], [g for _, g in pairs], allow_unused=True) if wanted and pairs else ()
