@@ -726,7 +726,7 @@ def backward(
     a = coefficient
     g = log_decay if gated else a  # (not read when not gated)
     d_output = _dense_last(d_output.to(dtype))
-    w = _dense_last(w.to(dtype))
+    w = _dense_last(w)  # as it is: the kernel converts a low-precision w as it loads it
     d_initial = torch.empty(N, K, V, dtype=dtype, device=device)
     d_ends = torch.empty(N, n_chunks, K, V, dtype=dtype, device=device)
     du = torch.empty(N, T, V, dtype=dtype, device=device)
