@@ -220,6 +220,21 @@ def test_declared_monoids_of_the_examples_satisfy_their_laws():
     assert check_monoid_laws(EXAMPLES / "aaren.rec", dims={"d": 3}) == []
 
 
+def test_the_identity_combined_with_itself_is_checked():
+    """The log-sum-exp combine without its guard gives exp(-inf - -inf) = NaN for two -inf
+    maxima: random carries never meet it, but a scan combining two scores of -inf does (the
+    loop, whose prefix max is finite, does not), so the law checker tests e (+) e = e."""
+    unguarded = (EXAMPLES / "aaren.rec").read_text().replace("where(a.m == m, 1, exp(a.m - m))", "exp(a.m - m)").replace("where(b.m == m, 1, exp(b.m - m))", "exp(b.m - m)")
+    assert "where" not in unguarded.split("cell Aaren")[0].split("combine")[1]
+    violations = check_monoid_laws(unguarded, dims={"d": 3})
+    assert [(v.law, v.carry) for v in violations] == [("identity with itself", "s")]
+    score = torch.tensor([[0.5, float("-inf"), float("-inf"), 0.25]], dtype=torch.float64)
+    values = torch.randn(1, 4, 3, dtype=torch.float64)
+    guarded = {backend: recdsl.compile(EXAMPLES / "aaren.rec", backend=backend, d=3).double()(score, values) for backend in ("sequential", "scan")}
+    assert torch.isfinite(guarded["scan"]).all()
+    torch.testing.assert_close(guarded["scan"], guarded["sequential"], rtol=1e-12, atol=1e-12)
+
+
 # ---- numerics ------------------------------------------------------------------------------
 
 LONG = 65536

@@ -137,8 +137,11 @@ def test_aaren_equal_scores_give_torch_autograd_of_the_loop():
     outputs = []
     for t in range(5):
         new_m = torch.maximum(m, fresh[0][:, t])
-        s = s * torch.exp(m - new_m) + torch.exp(fresh[0][:, t] - new_m)
-        n = n * torch.exp(m - new_m)[:, None] + fresh[1][:, t] * torch.exp(fresh[0][:, t] - new_m)[:, None]
+        # examples/aaren.rec's combine: exp(x - max) is 1 where x is the max
+        earlier = torch.where(m == new_m, 1.0, torch.exp(m - new_m))
+        later = torch.where(fresh[0][:, t] == new_m, 1.0, torch.exp(fresh[0][:, t] - new_m))
+        s = s * earlier + later
+        n = n * earlier[:, None] + fresh[1][:, t] * later[:, None]
         m = new_m
         outputs.append(n / s[:, None])
     (torch.stack(outputs, 1) * weights).sum().add(m.sum() + 2 * s.sum() + n.sum()).backward()
