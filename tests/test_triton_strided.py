@@ -20,20 +20,14 @@ import torch
 import recdsl
 from recdsl.testing import compare_backends
 
+from test_triton_chunk import CELLS as CHUNKED_CELLS  # noqa: E402
 from test_runtime_fuzz import Call, _make_call, _module, _reference, _results, assert_matches_where_defined  # noqa: E402
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Key dims of 20: two key blocks of the gradient kernels (16), the second ragged.
-CELLS = {
-    "gla": dict(dk=20, dv=12),
-    "retnet": dict(dk=20, dv=12),
-    "mlstm": dict(dk=20, dv=12),
-    "mamba2": dict(p=12, n=20),
-    "deltanet": dict(dk=20, dv=12),
-    "gated_deltanet": dict(dk=20, dv=12),
-}
+CELLS = {**CHUNKED_CELLS, "deltanet": dict(dk=20, dv=12), "gated_deltanet": dict(dk=20, dv=12)}
 
 
 @pytest.fixture(autouse=True)
