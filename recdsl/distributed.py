@@ -62,7 +62,9 @@ them); their summaries travel the other way: an exclusive *suffix* over the rank
 each rank its state at its slice's last step, the last rank starting from the initial
 state.  Packed sequences (``cu_seqlens``): a slice holding a sequence's first step (in
 the recurrence's own time) sends a summary whose transition is the zero (a reset) and
-runs its local pass with the sequences' resets (see :meth:`_SlicedRun._packed_task`).
+runs its local pass with the sequences' resets (see :meth:`_SlicedRun._packed_task`);
+a declared monoid's carry has no zero, so every fold restarts at such a slice's summary
+(each rank knows which slices those are from the offsets and the slices' lengths).
 
 A module compiled with ``backend="newton"`` runs Newton's iterations with each linear
 solve sharded by the same kind of exchange (:mod:`recdsl.distributed_newton`).  Otherwise
@@ -663,18 +665,13 @@ class SequenceParallel(nn.Module):
         """
         import torch.distributed as dist
 
-        if self.module.cell.scans:
-            raise SequenceParallelError(
-                f"cell {self.module.cell.name} has declared monoid scans, whose carries have no reset for a sequence boundary inside a slice (cu_seqlens)",
-                expected="cu_seqlens with cells whose recurrences are states; run the sequences one call each, or without sequence parallelism",
-            )
         gathered = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
         dist.all_gather(gathered, torch.tensor([steps], dtype=torch.long), group=self.group)
         lengths = [int(v) for v in torch.cat(gathered).tolist()]
         total = sum(lengths)
         # The module's own checks of the offsets, against the whole packed length.
         segments = self.module._check_offsets(cu_seqlens, batch, total, device)
-        return _Packed(segments.offsets, sum(lengths[: self.rank]), steps)
+        return _Packed(segments.offsets, sum(lengths[: self.rank]), steps, tuple(lengths))
 
     def _read_here(self, state: Any) -> Any:
         """The entries of a given ``state=`` this rank reads: those of forward recurrences on rank 0,
@@ -818,13 +815,18 @@ class _SlicedRun:
                 states = [r.parts[len(r.parts) - r.state_count :] for r in batch]
                 counts = [r.state_count for r in batch]
 
-                def apply_all(summary, state, transitions=transitions, counts=counts, batch=batch):
+                position = self.world - 1 - self.rank if reverse else self.rank
+
+                def apply_all(summary, state, transitions=transitions, counts=counts, batch=batch, position=position):
                     # summary = every request's transition parts, then every request's state parts.
                     out, t_at, s_at = [], 0, 0
                     tail = sum(len(t) for t in transitions)
                     for request, own, count in zip(batch, transitions, counts):
                         own_summary = list(summary[t_at : t_at + len(own)]) + list(summary[tail + s_at : tail + s_at + count])
-                        out += request.apply(own_summary, list(state[s_at : s_at + count]))
+                        if position in request.resets:  # this slice starts a sequence (packed): nothing received crosses it
+                            out += own_summary[len(own_summary) - count :]
+                        else:
+                            out += request.apply(own_summary, list(state[s_at : s_at + count]))
                         t_at, s_at = t_at + len(own), s_at + count
                     return out
 
@@ -846,7 +848,8 @@ class _SlicedRun:
                 def fold(upto: int, own=own, request=request) -> list[torch.Tensor]:
                     value = own[0][-request.state_count :]
                     for r in range(1, upto):
-                        value = request.apply(own[r], value)
+                        # A summary that starts a sequence (packed) drops what the fold holds.
+                        value = own[r][-request.state_count :] if r in request.resets else request.apply(own[r], value)
                     return value
 
                 answers[i] = (None if position == 0 else fold(position), fold(self.world))
@@ -1194,14 +1197,8 @@ class _SlicedRun:
         else:
             identity = {k: self.initial_identity(scan, n) for k, n in zip(keys, names)}
             local = Solver(self.plan, self.seq, identity).scan(scan)
-        def apply(summary, carry):
-            # A reverse scan (run here in reversed time) folds this slice before the later carry.
-            earlier, later = (summary, carry) if scan.reverse else (carry, summary)
-            combined = combine_carries(scan.monoid, dict(zip(names, earlier)), dict(zip(names, later)), self.numerics)
-            return [combined[n] for n in names]
-
         planned = next(e for e in self.owner.exchanges if e.names == (scan.name,))
-        received, whole = yield _Request(planned, [local[n][:, -1] for n in names], apply, len(names))
+        received, whole = yield _Request(planned, [local[n][:, -1] for n in names], self.monoid_apply(scan), len(names))
         if self.rank > 0:
             carried = {n: v.unsqueeze(1) for n, v in zip(names, received)}
             combined = combine_carries(scan.monoid, *((local, carried) if scan.reverse else (carried, local)), self.numerics)
@@ -1209,6 +1206,20 @@ class _SlicedRun:
         for key, value in zip(keys, whole):
             final[key] = value
         return local
+
+    def monoid_apply(self, scan: ir.ScanAssign):
+        """How a carry crosses a slice's summary (its carry): ``combine(carry, summary)``."""
+        from .backends.torch_ops import combine_carries
+
+        names = [c.name for c in scan.monoid.carries]
+
+        def apply(summary, carry):
+            # A reverse scan (run here in reversed time) folds this slice before the later carry.
+            earlier, later = (summary, carry) if scan.reverse else (carry, summary)
+            combined = combine_carries(scan.monoid, dict(zip(names, earlier)), dict(zip(names, later)), self.numerics)
+            return [combined[n] for n in names]
+
+        return apply
 
     def initial_identity(self, scan: ir.ScanAssign, carry: str) -> torch.Tensor:
         """The monoid's identity for ``carry``, the carry a slice other than the first starts from."""
@@ -1343,13 +1354,18 @@ class _SlicedRun:
         whose transition is the semiring's zero (a reset: nothing received crosses the
         boundary) and whose state is its value at the slice's end; its local pass runs with
         the sequences' resets (the scan backend's segments), and again from the received
-        state when its first steps continue a sequence of the earlier ranks.
+        state when its first steps continue a sequence of the earlier ranks.  A declared
+        monoid has no zero: its summary is its carry, and the folds restart at the slices
+        holding a first step (:attr:`_Request.resets`, set here for every recurrence).
         """
         reverse = planned.direction is ir.Direction.REVERSE
         run = self._reverse_view() if reverse else self
         frame = _FrameSlice.of(self.packed, reverse)
         flipped: dict[int, torch.Tensor] = {}
-        if frame.has_start:
+        scan = next((s for s in self.cell.scans if s.name == step.names[0]), None)
+        if frame.has_start and scan is not None:
+            result = yield from run._segmented_monoid(scan, planned, frame, reverse)
+        elif frame.has_start:
             result = yield from run._segmented(step, planned, frame, flipped, reverse)
         else:
             result = yield from run._continuing(step, planned, frame, flipped, reverse)
@@ -1357,6 +1373,8 @@ class _SlicedRun:
         substitutions.update({key: back(value) for key, value in flipped.items()})
         if isinstance(result, _SegmentedResult):
             return _SegmentedResult({n: back(v) for n, v in result.sequences.items()}, {n: back(v) for n, v in result.previous.items()})
+        if scan is not None:  # a monoid's carries
+            return {carry: back(value) for carry, value in result.items()}
         if len(step.names) > 1:
             sequences, starts, wholes = result
             return {n: back(v) for n, v in sequences.items()}, starts, wholes
@@ -1367,7 +1385,7 @@ class _SlicedRun:
         """A slice inside one sequence: the usual pass; its end value, if it ends the sequence, is a row of the final state."""
         task = self._local(step, planned, {}, substitutions)
         request = next(task)
-        answer = yield replace(request, reverse=reverse)
+        answer = yield replace(request, reverse=reverse, resets=self._starting_positions(reverse))
         try:
             task.send(answer)
         except StopIteration as done:
@@ -1376,7 +1394,9 @@ class _SlicedRun:
             raise AssertionError("a recurrence asked for two exchanges")
         if frame.ends[0]:
             received = [answer[0]] if request.single else answer[0]
-            for name, value in zip(step.names, request.apply(request.parts, received)):
+            scan = next((s for s in self.cell.scans if s.name == step.names[0]), None)
+            keys = step.names if scan is None else [f"{scan.name}.{c.name}" for c in scan.monoid.carries]
+            for name, value in zip(keys, request.apply(request.parts, received)):
                 self.rows.setdefault(name, {})[frame.sequences[0]] = value[0]
         return result
 
@@ -1446,7 +1466,7 @@ class _SlicedRun:
             fill = torch.finfo(self.numerics.real).min if isinstance(recurrence, SemiringAffine) and recurrence.semiring.zero == float("-inf") else 0.0
             resets.append(torch.full(self.state_lead + part.shape, fill, dtype=dtype, device=self.numerics.device))
         parts = resets + [lasts[n][-1:].reshape(self.state_lead + s.type.shape) for n, s in zip(names, states)]
-        answer = yield replace(request, parts=parts, reverse=reverse)
+        answer = yield replace(request, parts=parts, reverse=reverse, resets=self._starting_positions(reverse))
         received = answer[0]
         if frame.continues:  # its first steps continue a sequence: again from the received state
             sequences, readouts, lasts, starts = local_pass([received] if request.single else received)
@@ -1460,13 +1480,56 @@ class _SlicedRun:
             return _SegmentedResult({}, {})
         return _SegmentedResult(sequences, {n: segments.shift(sequences[n], starts[n]) for n in names})
 
+    def _segmented_monoid(self, scan: ir.ScanAssign, planned: StepExchange, frame: "_FrameSlice", reverse: bool):
+        """A slice that holds a sequence's first step, for a declared monoid.
+
+        One segmented scan of the slice (each sequence from its row of the initial carries;
+        the first from the identity when it continues a sequence of the earlier ranks).  Its
+        carry at the slice's end is its summary, which starts a sequence: the folds drop
+        what comes before it (:attr:`_Request.resets`).  The received carry is combined
+        into the first segment's steps only.
+        """
+        from .backends.segments import Segments
+        from .backends.torch_ops import combine_carries
+
+        names = [c.name for c in scan.monoid.carries]
+        starts = {}
+        for carry in scan.monoid.carries:
+            key = f"{scan.name}.{carry.name}"
+            rows = [self.initial_identity(scan, carry.name)[:1] if j == 0 and frame.continues else self.initial[key][sequence : sequence + 1] for j, sequence in enumerate(frame.sequences)]
+            starts[key] = torch.cat([r.to(self.numerics.dtype_of(carry.type.kind)) for r in rows], 0)
+        local = Solver(self.plan, self.seq, starts, Segments.of(frame.offsets, self.numerics.device)).scan(scan)
+        request = _Request(planned, [local[n][:, -1] for n in names], self.monoid_apply(scan), len(names), reverse=reverse, resets=self._starting_positions(reverse))
+        received, _ = yield request
+        if frame.continues:
+            head = frame.offsets[1]
+            first = {n: local[n][:, :head] for n in names}
+            carried = {n: v.unsqueeze(1) for n, v in zip(names, received)}
+            combined = combine_carries(scan.monoid, *((first, carried) if scan.reverse else (carried, first)), self.numerics)
+            local = {n: torch.cat([combined[n].expand(first[n].shape), local[n][:, head:]], 1) for n in names}
+        for j, (sequence, ends) in enumerate(zip(frame.sequences, frame.ends)):
+            if ends:
+                for name in names:
+                    self.rows.setdefault(f"{scan.name}.{name}", {})[sequence] = local[name][0, frame.offsets[j + 1] - 1]
+        return local
+
+    def _starting_positions(self, reverse: bool) -> frozenset[int]:
+        """The positions (in the fold's order: from the last rank for a reverse recurrence) of the slices that hold a sequence's first step."""
+        positions, begin = set(), 0
+        for rank, length in enumerate(self.packed.lengths):
+            if _FrameSlice.of(replace(self.packed, begin=begin, length=length), reverse).has_start:
+                positions.add(self.world - 1 - rank if reverse else rank)
+            begin += length
+        return frozenset(positions)
+
     def _packed_finals(self) -> dict[str, torch.Tensor]:
-        """Each sequence's final state ``[N, *heads, *shape]`` on every rank: the rows each rank holds, summed over the ranks."""
+        """Each sequence's final state ``[N, *heads, *shape]`` (and monoid carry) on every rank: the rows each rank holds, summed over the ranks."""
         count = len(self.packed.offsets) - 1
-        names = [s.name for s in self.cell.states]
+        carried = self.owner.module._carried_types()
+        names = list(carried)
         finals = []
         for name in names:
-            declared = self.analysis.state(name).type
+            declared = carried[name]
             zero = torch.zeros(self.state_lead[1:] + declared.shape, dtype=self.numerics.dtype_of(declared.kind), device=self.numerics.device)
             held = self.rows.get(name, {})
             finals.append(torch.stack([held[n].reshape(zero.shape).to(zero.dtype) if n in held else zero for n in range(count)]))
@@ -1486,6 +1549,7 @@ class _Packed:
     offsets: tuple[int, ...]
     begin: int  # the slice's first step in the packed sequence
     length: int
+    lengths: tuple[int, ...] = ()  # every rank's slice length, in rank order
 
 
 @dataclass(frozen=True)
@@ -1574,6 +1638,9 @@ class _Request:
     state_count: int = 1
     single: bool = False  # a single-tensor state: the answer is unwrapped
     reverse: bool = False  # a reverse recurrence: its summaries are folded from the last rank back
+    # Packed: the positions in the fold's order whose summary starts a sequence, so that the
+    # fold (and a ring's apply there) drops what came before instead of combining it in.
+    resets: frozenset[int] = frozenset()
 
     @staticmethod
     def single_state(planned: StepExchange, parts: list, apply) -> "_Request":

@@ -189,6 +189,8 @@ def default_cases(world: int) -> list[Case]:
             Case("rwkv6", (1, 1, 1, 1), with_state=True),
             Case("s4d", lengths, with_state=True),
             Case("s4d", lengths, with_state=True, cu_seqlens=PACKED_4),  # rank 2's reset summary: a length of 0
+            # A monoid, packed: rank 2 holds sequence 2's start, so rank 3's fold must drop ranks 0 and 1.
+            Case("aaren", lengths, with_state=True, cu_seqlens=PACKED_4),
             # Newton's method with each iteration's linear solve sharded: a dense Jacobian, and
             # 2 x 2 blocks with a budget of 2 iterations (the rest swept rank after rank).
             Case("gru", lengths, with_state=True, newton_iterations=-1),
@@ -223,6 +225,12 @@ def default_cases(world: int) -> list[Case]:
     cases.append(Case("gla", (1, 6), with_state=True, cu_seqlens=(0, 3, 7)))
     cases.append(Case("lion", (5, 3), with_state=True, cu_seqlens=(0, 2, 6, 8)))
     cases.append(Case("lion", (1, 6), with_state=False, exchange="RING", cu_seqlens=(0, 1, 7)))
+    # Declared monoids, packed (the fold restarts at a slice holding a first step): boundaries
+    # inside a slice and on the slice boundary; a one-step slice whose sequence the next rank
+    # continues, on the ring; the reverse suffix scan beside a forward one.
+    cases.append(Case("aaren", (5, 3), with_state=True, cu_seqlens=(0, 2, 5, 8)))
+    cases.append(Case("aaren", (1, 6), with_state=True, exchange="RING", cu_seqlens=(0, 3, 7)))
+    cases.append(Case("suffix_scan", (5, 3), with_state=True, cu_seqlens=(0, 2, 6, 8)))
     # Reverse recurrences (summaries folded from the last rank) and a joint group, each exchange.
     cases.append(Case("lion", shapes[0], with_state=True))
     cases.append(Case("crf_marginals", shapes[-1], with_state=True, exchange="ALL_GATHER"))
@@ -323,7 +331,7 @@ PACKED_4 = (0, 2, 6, 10)  # packed sequences over the 4-rank slices (3, 1, 4, 2)
 
 def slow_cases(world: int) -> list[Case]:
     """The whole matrix: every parallel example x several slicings x with and without a state;
-    packed sequences on every example whose recurrences are states."""
+    packed sequences on every example."""
     slicings = {2: [(1, 1), (7, 2), (2, 9), (16, 16)], 4: [(1, 1, 1, 1), (5, 1, 7, 3), (8, 8, 8, 8)]}[world]
     cases = []
     cases.extend(reverse_newton_cases(world, slow=True))
@@ -351,10 +359,9 @@ def slow_cases(world: int) -> list[Case]:
             cases.append(Case(example, slicings[1], False, ddp=True))
         if params and all(p.dim() > 0 for p in params):  # fully_shard refuses scalar params (Mamba-2's A_log)
             cases.append(Case(example, slicings[1], True, fsdp=True))
-        if not _module(Case(example, slicings[1], False)).cell.scans:  # monoid carries have no reset
-            for offsets in {2: [(0, 3, 9), (0, 1, 2, 9), (0, 7, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:
-                cases.append(Case(example, slicings[1], True, cu_seqlens=offsets))
-            cases.append(Case(example, slicings[1], False, exchange="RING", cu_seqlens=offsets))
+        for offsets in {2: [(0, 3, 9), (0, 1, 2, 9), (0, 7, 9)], 4: [(0, 5, 6, 16), (0, 1, 2, 3, 4, 16)]}[world]:
+            cases.append(Case(example, slicings[1], True, cu_seqlens=offsets))
+        cases.append(Case(example, slicings[1], False, exchange="RING", cu_seqlens=offsets))
     return cases
 
 
@@ -868,13 +875,17 @@ def test_recurrences_that_do_not_read_each_other_share_an_exchange():
     assert exchange_groups(gla.analysis) == [("S",)]
 
 
-def test_packed_sequences_are_checked_and_monoid_scans_refused(one_rank):
+def test_packed_sequences_are_checked(one_rank):
     from recdsl.distributed import SequenceParallel
 
     aaren = _module(Case("aaren", (5,), with_state=False))
     inputs, _ = _inputs(aaren, Case("aaren", (5,), with_state=False, cu_seqlens=(0, 2, 5)))
-    with pytest.raises(SequenceParallelError, match="declared monoid scans, whose carries have no reset"):
-        SequenceParallel(aaren)(**inputs, cu_seqlens=torch.tensor([0, 2, 5]))
+    y, final = SequenceParallel(aaren)(**inputs, cu_seqlens=torch.tensor([0, 2, 5]), return_state=True)
+    want, want_final = _one_by_one(aaren, inputs, None, (0, 2, 5))
+    assert _error(y, want[0]) <= TOLERANCE, "packed monoid output of a one-rank group"
+    assert all(_error(final[k], want_final[k]) <= TOLERANCE for k in want_final) and final["acc.n"].shape[0] == 2, "a monoid's final rows"
+    packed, packed_final = aaren(**inputs, cu_seqlens=torch.tensor([0, 2, 5]), return_state=True)  # the module's own packed run
+    assert _error(y, packed) <= TOLERANCE and all(_error(final[k], packed_final[k]) <= TOLERANCE for k in packed_final), "the module's packed run"
     gla = _module(Case("gla", (5,), with_state=False))
     inputs, _ = _inputs(gla, Case("gla", (5,), with_state=False, cu_seqlens=(0, 2, 5)))
     # The offsets are global: they must end at the sum of every rank's slice (here 5).
