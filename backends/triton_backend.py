@@ -64,6 +64,9 @@ BLOCK_T = 32
 BACKWARD_WARPS = 8  # num_warps of the backward kernels that write the leaves' gradients
 BACKWARD_BLOCK_C = 32  # and their most state elements per program
 MONOID_BACKWARD_BLOCK_C = 16  # state elements per program of the monoid backward kernels (.triton_monoid)
+# and of their forward kernels: a combine of several carries scanned over [BT, 64] tiles took
+# all 255 registers and spilled on sm_90 with bfloat16 leaves (Aaren, three carries)
+MONOID_FORWARD_BLOCK_C = 32
 BACKWARD_REGISTERS = 255  # and registers per thread (ptxas otherwise caps 8 warps at 128 on sm_90, and spills)
 
 
@@ -428,7 +431,9 @@ class _Launch:
     def block_c(self, backward: bool = False) -> int:
         """``BC``: state elements per program; the backward kernels take at most 32 (registers, below)."""
         block = _block_c(self.channels)
-        return min(block, BACKWARD_BLOCK_C) if backward else block
+        if backward:
+            return min(block, BACKWARD_BLOCK_C)
+        return min(block, MONOID_FORWARD_BLOCK_C) if self.spec.kind is ScanKind.MONOID else block
 
     def grid(self, backward: bool = False):
         import triton

@@ -165,10 +165,17 @@ def test_delta_rule_kernels_with_bfloat16_keys_and_tf32_compile_without_spills(g
     the interpreter, carry float32 keys: there bfloat16 keys are widened, see triton_delta._BFLOAT16_DOT)."""
     import torch
 
+    from recdsl.backends import triton_delta
+
     specs = {}
-    for dtype, allow_tf32 in ((torch.bfloat16, False), (torch.float32, True)):
-        for spec in triton_aot.distinct(triton_aot.delta_launches(size, size, gated, dtype, allow_tf32=allow_tf32, backward=True)):
-            specs.setdefault(spec, None)
+    # The launches are recorded, not run: take the GPU's path, bfloat16 keys as they are.
+    widened, triton_delta._BFLOAT16_DOT = triton_delta._BFLOAT16_DOT, True
+    try:
+        for dtype, allow_tf32 in ((torch.bfloat16, False), (torch.float32, True)):
+            for spec in triton_aot.distinct(triton_aot.delta_launches(size, size, gated, dtype, allow_tf32=allow_tf32, backward=True)):
+                specs.setdefault(spec, None)
+    finally:
+        triton_delta._BFLOAT16_DOT = widened
     assert {dict(s.constants)["PRECISION"] for s in specs} == {"ieee", "tf32"}
     assert any("bf16" in s.describe() for s in specs)
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
