@@ -446,6 +446,11 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     tl.store(p_dk + o_c * sdk_t + o_t[:, None] * sdk_t + o_k[None, :], b_dk, mask=m_tk)
 
 
+# Registers per thread of ``chunk_value_grads`` when it scales the values (mLSTM's input gate):
+# ptxas caps 8 warps at 128 on sm_90, and with bfloat16 operands that spilled 216 B.
+SCALED_VALUE_GRAD_REGISTERS = 255
+
+
 @triton.jit
 def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
@@ -774,7 +779,7 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
         launch(
             chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, T, K, V, n_chunks, H,
             *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i),
-            SCALED=c is not None, BK=tiles.output_key_block, BV=tiles.value_block, **constants,
+            SCALED=c is not None, BK=tiles.output_key_block, BV=tiles.value_block, **(dict(constants, maxnreg=SCALED_VALUE_GRAD_REGISTERS) if c is not None else constants),
         )
         if not rows:
             dg_i = dg_i[..., 0] if key_blocks == 1 else dg_i.sum(-1)
