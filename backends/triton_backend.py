@@ -533,6 +533,39 @@ class _Launch:
             launch_kernel(kernel, grid, *inputs, *outputs, *leaf_arguments, *folds, *ends, flags, ticket, *sizes, **self.constants())
 
 
+def _leaf_gradient_buffers(launch: "_Launch", leaves, wanted: list[bool], dtype: torch.dtype, chunks: int, lanes: int | None = None) -> tuple[dict, list, list]:
+    """Where a backward kernel writes each leaf's gradient: ``(modes, buffers, arguments)``.
+
+    Per step where the leaf's view varies in time, in the leaf's own layout (``empty_like``
+    keeps a dense view's strides; written in full where it broadcasts over batch or heads, and
+    summed by the caller); each program's sum over its steps (``[B, H, chunks, C]``) for a leaf
+    constant in time; with ``lanes`` (the monoid kernels' channel blocks), each program's sum
+    over its lanes (``[B, H, T, lanes]``) for a per-step leaf of one element (Aaren's score);
+    a placeholder where none is wanted.  ``arguments``: each buffer (complex ones as their real
+    and imaginary parts) and its four strides, as the kernels take them.
+    """
+    modes, buffers, arguments = {}, [], []
+    whole = (launch.lead[0], launch.heads)
+    for view, leaf, needed in zip(leaves, launch.spec.leaves, wanted):
+        kind = launch.seq.numerics.complex if leaf.is_complex else dtype
+        if not needed:
+            mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=kind, device=view.device)
+        elif lanes is not None and view.shape[2] == launch.steps and view.shape[3] == 1 < launch.channels:
+            mode, buffer = LeafGradient.SUMMED_OVER_LANES, torch.empty(whole + (launch.steps, lanes), dtype=kind, device=view.device)
+        elif view.shape[2] == launch.steps:
+            mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=kind)
+            if buffer.shape[:2] != whole:  # broadcast over batch or heads: written in full, summed by the caller
+                buffer = torch.empty(whole + (launch.steps, launch.channels), dtype=kind, device=view.device)
+        else:
+            mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty(whole + (chunks, launch.channels), dtype=kind, device=view.device)
+        modes[f"G_{leaf.name}"] = mode.value
+        buffers.append(buffer)
+        parts = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
+        arguments.extend(parts)
+        arguments.extend(parts[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+    return modes, buffers, arguments
+
+
 class _RecurrenceScan(torch.autograd.Function):
     """An affine or semiring recurrence solved by its generated kernels.
 
@@ -569,25 +602,8 @@ class _RecurrenceScan(torch.autograd.Function):
         start = initial.reshape(launch.rows, launch.channels)
         grad_states = grad_states.contiguous()
         chunks = launch.chunk_count()
-        # Each leaf's gradient: per step where the view varies in time, written in the leaf's
-        # own layout (empty_like keeps a dense view's strides), else each program's sum over its
-        # steps ([B, H, chunks, C]); a placeholder where none is needed.
-        modes, grad_buffers, gradient_arguments = {}, [], []
-        for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
-            complex_dtype = launch.seq.numerics.complex if leaf.is_complex else dtype
-            if not ctx.needs_input_grad[2 + i]:
-                mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=complex_dtype, device=device)
-            elif view.shape[2] == launch.steps:
-                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=complex_dtype)
-                if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
-                    buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=complex_dtype, device=device)
-            else:
-                mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunks, launch.channels), dtype=complex_dtype, device=device)
-            modes[f"G_{leaf.name}"] = mode.value
-            grad_buffers.append(buffer)
-            parts_ = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
-            gradient_arguments.extend(parts_)
-            gradient_arguments.extend(parts_[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        wanted = [ctx.needs_input_grad[2 + i] for i in range(len(leaves))]
+        modes, grad_buffers, gradient_arguments = _leaf_gradient_buffers(launch, leaves, wanted, dtype, chunks)
         if spec.is_complex:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=states.dtype, device=device)
             outputs = _complex_parts(grad_initial) + gradient_arguments
@@ -711,24 +727,8 @@ class _MonoidAdjointScan(torch.autograd.Function):
         block = min(launch.block_c(backward=True), MONOID_BACKWARD_BLOCK_C)
         grid = (launch.rows, -(-launch.channels // block))
         constants = dict(launch.constants(backward=True), BC=block)
-        # Each leaf's gradient, as the affine scans' backward writes it: per step in the leaf's
-        # own layout, or each program's sum over its steps for a leaf constant in time.
-        modes, buffers, gradient_arguments = {}, [], []
-        for i, (view, leaf) in enumerate(zip(leaves, spec.leaves)):
-            if not ctx.needs_input_grad[2 + count + i]:
-                mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=dtype, device=device)
-            elif view.shape[2] == launch.steps and view.shape[3] == 1 < launch.channels:  # Aaren's score: each program sums its lanes
-                mode, buffer = LeafGradient.SUMMED_OVER_LANES, torch.empty((launch.lead[0], launch.heads, launch.steps, grid[1]), dtype=dtype, device=device)
-            elif view.shape[2] == launch.steps:
-                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=dtype)
-                if buffer.shape[:2] != (launch.lead[0], launch.heads):  # broadcast over batch or heads: written in full, summed below
-                    buffer = torch.empty((launch.lead[0], launch.heads, launch.steps, launch.channels), dtype=dtype, device=device)
-            else:
-                mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty((launch.lead[0], launch.heads, chunk_count, launch.channels), dtype=dtype, device=device)
-            modes[f"G_{leaf.name}"] = mode.value
-            buffers.append(buffer)
-            gradient_arguments.append(buffer)
-            gradient_arguments.extend(buffer.stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        wanted = [ctx.needs_input_grad[2 + count + i] for i in range(len(leaves))]
+        modes, buffers, gradient_arguments = _leaf_gradient_buffers(launch, leaves, wanted, dtype, chunk_count, lanes=grid[1])
         dinit = [torch.empty(launch.rows, launch.channels, dtype=dtype, device=device) for _ in range(count)]
         module = launch.module()
         leaf_arguments = _leaf_arguments(list(leaves), spec.leaves)
