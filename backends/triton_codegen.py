@@ -650,10 +650,13 @@ def _emit_publish(buffer: IndentedBuffer, pointers: list[str], values: list[str]
 
 
 def _emit_walk_back(buffer: IndentedBuffer, spec: ScanSpec, folds: list[str], ends: list[str], carries: list[str]) -> None:
-    """Set ``carries`` (left as they are for block 0) to the scan's value just before block ``i_k``:
-    walk back over blocks ``i_k - 1, i_k - 2, ...``, composing the folds of those that have
-    published only their fold (flag 1), until one has published its end value (flag 2); spin
-    while a block has published nothing (it holds an earlier ticket, so it runs)."""
+    """Set ``carries`` to the scan's value just before block ``i_k``: walk back over blocks
+    ``i_k - 1, i_k - 2, ...``, composing the folds of those that have published only their
+    fold (flag 1), until one has published its end value (flag 2), then map that value through
+    the composed folds.  A walk that composes every earlier block's fold, block 0's included,
+    maps ``carries`` as given (the initial state; the adjoint's zero past the last step): on a
+    GPU, block 0 may not have finished when later blocks look back.  Spin while a block has
+    published nothing (it holds an earlier ticket, so it runs)."""
     names = [pointer.removeprefix("p_fold_") for pointer in folds]
     running = [f"b_r{i}" for i in range(len(names))]
     for name, identity in zip(running, (1.0, 0.0, 0.0, 0.0) if spec.is_complex else (1.0, 0.0)):
@@ -667,15 +670,8 @@ def _emit_walk_back(buffer: IndentedBuffer, spec: ScanSpec, folds: list[str], en
             buffer.line("status = tl.atomic_add(p_flags + j, 0, sem=\"acquire\")")
         buffer.line("if status == 2:")
         with buffer.indent():
-            found = [f"b_e{i}" for i in range(len(ends))]
-            for value, pointer in zip(found, ends):
-                buffer.line(f"{value} = tl.load({pointer} + j * C + o_c, mask=m_c, other=0.0, cache_modifier=\".cg\").to(ACC)")
-            # The value after block j, mapped through the blocks after it: combine((1, h), running)'s second half.
-            unit = ["tl.full([BC], 1.0, dtype=ACC)", "tl.zeros([BC], dtype=ACC)"][: len(names) - len(found)]
-            applied = [f"b_x{i}" for i in range(len(names))]
-            buffer.line(f"{', '.join(applied)} = combine_{spec.name}({', '.join(unit + found + running)})")
-            for carry, value in zip(carries, applied[len(names) - len(carries):]):
-                buffer.line(f"{carry} = {value}")
+            for carry, pointer in zip(carries, ends):
+                buffer.line(f"{carry} = tl.load({pointer} + j * C + o_c, mask=m_c, other=0.0, cache_modifier=\".cg\").to(ACC)")
             buffer.line("j = -1")
         buffer.line("else:")
         with buffer.indent():
@@ -684,6 +680,12 @@ def _emit_walk_back(buffer: IndentedBuffer, spec: ScanSpec, folds: list[str], en
                 buffer.line(f"{value} = tl.load({pointer} + j * C + o_c, mask=m_c, other=0.0, cache_modifier=\".cg\").to(ACC)")
             buffer.line(f"{', '.join(running)} = combine_{spec.name}({', '.join(fold + running)})")
             buffer.line("j -= 1")
+    buffer.line("# the value found (or the boundary value) through the folds walked over: combine((1, h), running)'s second half")
+    unit = ["tl.full([BC], 1.0, dtype=ACC)", "tl.zeros([BC], dtype=ACC)"][: len(names) - len(carries)]
+    applied = [f"b_x{i}" for i in range(len(names))]
+    buffer.line(f"{', '.join(applied)} = combine_{spec.name}({', '.join(unit + carries + running)})")
+    for carry, value in zip(carries, applied[len(names) - len(carries):]):
+        buffer.line(f"{carry} = {value}")
 
 
 def summary_identities(spec: ScanSpec, backward: bool = False) -> tuple[float, ...]:

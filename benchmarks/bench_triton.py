@@ -13,7 +13,8 @@
    programs.  Split, the kernels move 20 bytes per element, not 12 (the rescan reads ``a``
    and ``b`` again), so the bandwidth column counts the 12 useful bytes.
 2. Forward and forward+backward milliseconds of recdsl's Triton kernels beside the peers
-   that are installed: accelerated-scan (first-order scan), flash-linear-attention's
+   that are installed: accelerated-scan's Triton and CUDA first-order scans against recdsl's
+   scan kernel alone, flash-linear-attention's
    ``chunk_gla`` and ``chunk_delta_rule``, mamba's ``selective_scan_fn``, and cuDNN's
    ``torch.nn.GRU``/``LSTM`` for scale.  A peer that is not installed, or does not run on
    this device, is left out of the table (the reason goes to stderr).
@@ -26,6 +27,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import statistics
 import sys
@@ -97,6 +99,8 @@ def bandwidth(args, device: str) -> None:
 def _scan_form(launches) -> str:
     """Which form of the scan kernel a forward call launched, and how many programs it ran."""
     for launch in launches:
+        if launch.name.endswith("_look_back"):
+            return f"T split: one pass with look-back, {launch.grid[0]} programs"
         if launch.name.endswith("_chunks"):
             rows, blocks, chunks = launch.grid
             return f"T split: {chunks} chunks, {rows * blocks * chunks} programs"
@@ -126,14 +130,19 @@ def peers(args, device: str) -> None:
         mingru = recdsl.compile(EXAMPLES / "mingru.rec", backend="triton", d_in=D, d=D).to(device)
         x = make(B, length, D)
         rows.append((f"minGRU T={length}", "recdsl triton", lambda m=mingru, x=x: m(x)))
-        try:
-            from accelerated_scan.warp import scan as accelerated_scan
-
-            gates = torch.rand(B, D, length, device=device).requires_grad_()
-            tokens = make(B, D, length)
-            rows.append((f"minGRU T={length}", "accelerated-scan (scan only)", lambda g=gates, t=tokens: accelerated_scan(g, t)))
-        except Exception as error:
-            print(f"accelerated-scan: {type(error).__name__}: {error}", file=sys.stderr)
+        # the first-order scan alone, h = a * h + b, each form in its own layout
+        scan = recdsl.compile(SCAN_CELL, backend="triton", d=D).to(device)
+        a, b = torch.rand(B, length, D, device=device).requires_grad_(), make(B, length, D)
+        rows.append((f"scan only T={length}", "recdsl triton ([B, T, d])", lambda m=scan, a=a, b=b: m(a, b)))
+        for variant in args.accelerated_scan:
+            try:
+                # scalar: its Triton kernels; warp: its CUDA kernels, built by nvcc at import
+                peer = importlib.import_module(f"accelerated_scan.{variant}").scan
+                gates = torch.rand(B, D, length, device=device).requires_grad_()
+                tokens = make(B, D, length)
+                rows.append((f"scan only T={length}", f"accelerated-scan {variant} ([B, d, T])", lambda f=peer, g=gates, t=tokens: f(g, t)))
+            except Exception as error:
+                print(f"accelerated-scan {variant}: {type(error).__name__}: {error}", file=sys.stderr)
         gru = torch.nn.GRU(D, D, batch_first=True).to(device)
         rows.append((f"minGRU T={length}", "torch.nn.GRU (cuDNN, for scale)", lambda g=gru, x=x: g(x)[0]))
         lstm = torch.nn.LSTM(D, D, batch_first=True).to(device)
@@ -171,9 +180,10 @@ def peers(args, device: str) -> None:
             rows.append((f"GLA T={length}", "fla chunk_gla", lambda q=q, k=k, v=v, g=g: chunk_gla(q, k, v, F.logsigmoid(g) / 16)[0]))
         except Exception as error:
             print(f"fla chunk_gla: {type(error).__name__}: {error}", file=sys.stderr)
-        delta = recdsl.compile(EXAMPLES / "deltanet.rec", backend="chunked", dk=K, dv=K).to(device)
         beta_logits = make(B, length, H)
-        rows.append((f"DeltaNet T={length}", "recdsl chunked (torch)", lambda m=delta, q=q, k=k, v=v, b=beta_logits: m(q, F.normalize(k, dim=-1), v, b)))
+        for backend, label in (("triton", "recdsl triton"), ("chunked", "recdsl chunked (torch)")):
+            delta = recdsl.compile(EXAMPLES / "deltanet.rec", backend=backend, dk=K, dv=K).to(device)
+            rows.append((f"DeltaNet T={length}", label, lambda m=delta, q=q, k=k, v=v, b=beta_logits: m(q, F.normalize(k, dim=-1), v, b)))
         try:
             from fla.ops.delta_rule import chunk_delta_rule
 
@@ -254,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-min-steps", type=int, default=128, help="bandwidth: the backend option split_min_steps (the shortest chunk of T)")
     parser.add_argument("--rnn-width", type=int, default=128, help="d = d_in of the nonlinear cells (GRU, LSTM, ParaGRU)")
     parser.add_argument("--sequential-max-length", type=int, default=1024, help="the sequential backend runs only up to this T")
+    parser.add_argument("--accelerated-scan", nargs="*", default=["scalar", "warp"], choices=["scalar", "warp"], help="accelerated-scan's kernels to time, where installed (warp is compiled by nvcc on first import)")
     parser.add_argument("--only", choices=["bandwidth", "peers", "nonlinear"], nargs="*", help="run only these sections")
     args = parser.parse_args(argv)
     if args.interpret:

@@ -8,7 +8,11 @@ tests/test_triton_split.py cover that path.  On a GPU a program may instead find
 have published only their fold (flag 1) and must compose those.  Here that path is forced:
 each kernel is launched again from a later ticket, with the flags of the blocks before it
 set back to 1 and their published end values overwritten with NaN, so that only the
-composed folds can give the carry; its outputs must come out as in the first launch."""
+composed folds can give the carry; its outputs must come out as in the first launch.  With
+block 0 offering only its fold too, the walk composes every earlier block and must map the
+initial state (backward: the zero adjoint past the last step) through them: the case the
+first GPU run found wrong (every split scan's output off), which the interpreter never
+reaches on its own."""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 from example_dims import DIMS, EXAMPLES  # noqa: E402  (tests/ is on sys.path)
 
 BLOCK_T = 32
-FIRST = 4  # relaunched from block 4: blocks 1-3 offer only their folds, block 0 its end value
+FIRST = 4  # relaunched from block 4: blocks 1-3 (or 0-3) offer only their folds
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +58,8 @@ def _written_region(name: str, tensor: torch.Tensor, steps: int, backward: bool)
 
 
 @torch.no_grad()
-def _rerun_from_a_later_block(launch, steps: int, backward: bool) -> None:
+def _rerun_from_a_later_block(launch, steps: int, backward: bool, ended: int) -> None:
+    """Launch again from block FIRST, blocks ``ended``..FIRST - 1 offering only their folds."""
     arguments = _arguments(launch)
     flags, ticket = arguments["p_flags"], arguments["p_ticket"]
     rows, blocks, chunks = flags.shape
@@ -63,11 +68,11 @@ def _rerun_from_a_later_block(launch, steps: int, backward: bool) -> None:
     assert outputs
     expected = {name: value.clone() for name, value in outputs.items()}
 
-    flags[..., 1:FIRST] = 1
+    flags[..., ended:FIRST] = 1
     flags[..., FIRST:] = 0
     for name, value in arguments.items():
         if name.startswith("p_end_"):
-            value[:, 1:FIRST] = float("nan")
+            value[:, ended:FIRST] = float("nan")
     for value in outputs.values():
         value.zero_()
     ticket.fill_(rows * blocks * FIRST)
@@ -79,25 +84,27 @@ def _rerun_from_a_later_block(launch, steps: int, backward: bool) -> None:
         untouched = value.clone()
         untouched[region] = 0
         assert bool((untouched == 0).all()), f"{name}: written outside the blocks that ran again"
-    assert bool((flags[..., FIRST:] == 2).all()) and bool((flags[..., 1:FIRST] == 1).all())
+    assert bool((flags[..., FIRST:] == 2).all()) and bool((flags[..., ended:FIRST] == 1).all())
 
 
+@pytest.mark.parametrize("ended", [1, 0], ids=["block 0 ended", "block 0 folded only"])
 @pytest.mark.parametrize("name", ["mingru", "lru", "rglru"])  # real, complex, a leaf constant in time (Lambda)
-def test_blocks_compose_published_folds_when_no_end_value_is_there(name):
+def test_blocks_compose_published_folds_when_no_end_value_is_there(name, ended):
     torch.manual_seed(0)
     module = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", backend_options={"split_programs": 10**6}, **DIMS[name]).double()
     steps = 5 * BLOCK_T + 3  # six blocks of steps, the last ragged
     x = torch.randn(2, steps, *module.cell.inputs[0].type.shape, dtype=torch.float64, requires_grad=True)
+    state = {key: torch.randn_like(value) for key, value in module.initial_state(2, dtype=torch.float64).items()}
     with observe_launches() as launches:
-        y = module(x)
+        y = module(x, state=state)
         y.backward(torch.randn_like(y))
     reference = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", **DIMS[name]).double()
     reference.load_state_dict(module.state_dict())
     x_ref = x.detach().clone().requires_grad_()
-    torch.testing.assert_close(y, reference(x_ref), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(y, reference(x_ref, state=state), rtol=1e-10, atol=1e-10)
 
     forward = [launch for launch in launches if launch.name == "forward_h_look_back"]
     backward = [launch for launch in launches if launch.name == "backward_h_look_back"]
     assert len(forward) == len(backward) == 1, [launch.name for launch in launches]
-    _rerun_from_a_later_block(backward[0], steps, backward=True)  # first: it reads the states the forward's rerun zeroes
-    _rerun_from_a_later_block(forward[0], steps, backward=False)
+    _rerun_from_a_later_block(backward[0], steps, backward=True, ended=ended)  # first: it reads the states the forward's rerun zeroes
+    _rerun_from_a_later_block(forward[0], steps, backward=False, ended=ended)

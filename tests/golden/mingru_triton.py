@@ -242,15 +242,16 @@ def forward_h_look_back(p_init, p_out, p_l0_v, s_l0_b, s_l0_h, s_l0_t, s_l0_c, p
         while status == 0:
             status = tl.atomic_add(p_flags + j, 0, sem="acquire")
         if status == 2:
-            b_e0 = tl.load(p_end_0 + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
-            b_x0, b_x1 = combine_h(tl.full([BC], 1.0, dtype=ACC), b_e0, b_r0, b_r1)
-            b_carry_0 = b_x1
+            b_carry_0 = tl.load(p_end_0 + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
             j = -1
         else:
             b_f0 = tl.load(p_fold_a + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
             b_f1 = tl.load(p_fold_b + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
             b_r0, b_r1 = combine_h(b_f0, b_f1, b_r0, b_r1)
             j -= 1
+    # the value found (or the boundary value) through the folds walked over: combine((1, h), running)'s second half
+    b_x0, b_x1 = combine_h(tl.full([BC], 1.0, dtype=ACC), b_carry_0, b_r0, b_r1)
+    b_carry_0 = b_x1
     b_h = b_S0 * b_carry_0[None, :] + b_S1
     tl.store(p_out + o_t[:, None] * C + o_c[None, :], b_h, mask=m)
     b_carry_0 = tl.sum(tl.where(b_last, b_h, 0.0), axis=0)
@@ -350,15 +351,16 @@ def backward_h_look_back(p_fold_w, p_fold_g, p_end_0, p_flags, p_ticket, p_init,
             while status == 0:
                 status = tl.atomic_add(p_flags + j, 0, sem="acquire")
             if status == 2:
-                b_e0 = tl.load(p_end_0 + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
-                b_x0, b_x1 = combine_h(tl.full([BC], 1.0, dtype=ACC), b_e0, b_r0, b_r1)
-                b_g = b_x1
+                b_g = tl.load(p_end_0 + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
                 j = -1
             else:
                 b_f0 = tl.load(p_fold_w + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
                 b_f1 = tl.load(p_fold_g + j * C + o_c, mask=m_c, other=0.0, cache_modifier=".cg").to(ACC)
                 b_r0, b_r1 = combine_h(b_f0, b_f1, b_r0, b_r1)
                 j -= 1
+        # the value found (or the boundary value) through the folds walked over: combine((1, h), running)'s second half
+        b_x0, b_x1 = combine_h(tl.full([BC], 1.0, dtype=ACC), b_g, b_r0, b_r1)
+        b_g = b_x1
         b_gt = b_W * b_g[None, :] + b_G
         b_g = tl.sum(tl.where(b_last, b_gt, 0.0), axis=0)
         tl.store(p_end_0 + i_k * C + o_c, b_g, mask=m_c)
