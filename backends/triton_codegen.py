@@ -1138,6 +1138,33 @@ def _emit_leaf_gradients(buffer: IndentedBuffer, spec: ScanSpec, found: dict[ir.
                 buffer.line(f"b_acc_{leaf.name}_{part} += tl.sum(tl.where(m, {v} + tl.zeros([BT, BC], dtype=ACC), 0.0), axis=0)")
 
 
+def backward_sizes(mode: SplitMode) -> list[str]:
+    """The size and tiling arguments that end a backward kernel's signature, by ``mode``
+    (shared by the affine and semiring backward and the monoids', :mod:`.triton_monoid`)."""
+    tiling = ["BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
+    if mode is SplitMode.LOOK_BACK:
+        return ["T", "C", "H", "R", "n_c", "n_chunks"] + tiling
+    if mode is SplitMode.CHUNK:
+        return ["T", "C", "H", "L", "n_blocks", "n_chunks"] + tiling
+    return ["T", "C", "H", "n_blocks"] + tiling
+
+
+def emit_backward_block(buffer: IndentedBuffer, mode: SplitMode, carried: list[str]) -> None:
+    """After a backward kernel's row pointers: its chunk of reversed time (CHUNK: ``i_k``, the
+    adjoint ``carried`` into it, its end ``j_end``; WHOLE: ``i_k = 0``) and its block of state
+    elements ``o_c``, ``m_c``."""
+    assert mode in (SplitMode.WHOLE, SplitMode.CHUNK)
+    if mode is SplitMode.CHUNK:
+        buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
+        for pointer in carried:
+            buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
+        buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
+    else:
+        buffer.line("i_k = 0")
+    buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+    buffer.line("m_c = o_c < C")
+
+
 def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode = SplitMode.WHOLE) -> None:
     """The backward of an affine or semiring scan, writing the gradients of the kernel's leaves.
 
@@ -1166,16 +1193,14 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
     folds = ["p_fold_w_re", "p_fold_w_im", "p_fold_g_re", "p_fold_g_im"] if complex_ else ["p_fold_w", "p_fold_g"]
     ends = [f"p_end_{i}" for i in range(len(carried))]
     leaf_grads = leaf_gradient_args(spec)
+    sizes = backward_sizes(mode)
     if look_back:
-        sizes = ["T", "C", "H", "R", "n_c", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
         arguments = folds + ends + ["p_flags", "p_ticket"] + initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
         title = f"backward_{spec.name}_look_back"
     elif not split:
-        sizes = ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
         arguments = initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
         title = f"backward_{spec.name}"
     else:
-        sizes = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
         arguments = carried + initial + states + grads + dinit + leaf_grads + _leaf_args(spec) + sizes + leaf_mode_args(spec)
         title = f"backward_{spec.name}_chunks"
     buffer.line("@triton.jit")
@@ -1195,15 +1220,10 @@ def emit_gradient_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMo
             buffer.line("L = BT")
             buffer.line("n_blocks = 1")
             buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
-        elif split:
-            buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
-            for pointer in carried:
-                buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
-            buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
+            buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
+            buffer.line("m_c = o_c < C")
         else:
-            buffer.line("i_k = 0")
-        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
-        buffer.line("m_c = o_c < C")
+            emit_backward_block(buffer, mode, carried)
         carries = ["b_g_re", "b_g_im"] if complex_ else ["b_g"]
         for carry, pointer in zip(carries, carried):
             if split and not look_back:

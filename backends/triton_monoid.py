@@ -57,6 +57,8 @@ from .triton_codegen import (
     SplitMode,
     Unsupported,
     Value,
+    backward_sizes,
+    emit_backward_block,
     _emit_fold,
     _emit_leaf_gradients,
     _emit_loads,
@@ -348,11 +350,7 @@ def emit_monoid_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode
     grads = [f"p_grad_{n}" for n in names]
     dinit = [f"p_dinit_{n}" for n in names]
     carried = [f"p_carry_{i}" for i in range(k)] if chunked else []
-    if chunked:
-        sizes = ["T", "C", "H", "L", "n_blocks", "n_chunks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
-    else:
-        sizes = ["T", "C", "H", "n_blocks", "BT: tl.constexpr", "BC: tl.constexpr", "ACC: tl.constexpr"]
-    arguments = carried + initial + states + grads + dinit + leaf_gradient_args(spec) + _leaf_args(spec) + sizes + leaf_mode_args(spec)
+    arguments = carried + initial + states + grads + dinit + leaf_gradient_args(spec) + _leaf_args(spec) + backward_sizes(mode) + leaf_mode_args(spec)
     earlier = earlier_carries(monoid)
     results = combine_expressions(monoid, earlier, spec.terms)  # type: ignore[arg-type]
     earlier_leaves = tuple(Leaf(carry, f"earlier_{i}") for i, carry in enumerate(earlier))
@@ -362,15 +360,7 @@ def emit_monoid_backward(buffer: IndentedBuffer, spec: ScanSpec, mode: SplitMode
         buffer.line("i_n = tl.program_id(0)")
         buffer.line("i_c = tl.program_id(1)")
         _emit_sequence_pointers(buffer, spec, initial + dinit, states, grads)
-        if chunked:
-            buffer.line("i_k = tl.program_id(2)  # the chunk of reversed time: steps j in [i_k * L, min(T, (i_k + 1) * L))")
-            for pointer in carried:
-                buffer.line(f"{pointer} += (o_row * n_chunks + i_k) * C  # [N, n_chunks, C]")
-            buffer.line("j_end = tl.minimum(T, (i_k + 1) * L)")
-        else:
-            buffer.line("i_k = 0")
-        buffer.line("o_c = i_c * BC + tl.arange(0, BC)")
-        buffer.line("m_c = o_c < C")
+        emit_backward_block(buffer, mode, carried)
         for i in range(k):
             start = f"tl.load({carried[i]} + o_c, mask=m_c, other=0.0).to(ACC)" if chunked else "tl.zeros([BC], dtype=ACC)"
             buffer.line(f"b_g_{i} = {start}  # the adjoint of y_t.{names[i]} at the step after the block")
