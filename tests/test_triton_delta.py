@@ -152,7 +152,7 @@ def test_plan_names_the_kernels_and_refuses_what_they_do_not_take():
     from recdsl.backends import triton_backend
 
     source = triton_backend.emit(_cell("gated_deltanet", "triton", dk=8, dv=8).plan)
-    assert "triton_delta.py (delta_prepare, delta_chunks: the gated delta rule's UT transform)" in source
+    assert "triton_delta.py (delta_chunks: the gated delta rule's UT transform inside the walk over the chunks)" in source
     with pytest.raises(recdsl.BackendError, match="129 key rows; the Triton delta-rule kernels hold at most 128"):
         _cell("deltanet", "triton", dk=129, dv=4)
     before_and_after = """
@@ -183,7 +183,7 @@ def test_matmuls_are_exact_unless_tf32_is_asked_for(dtype, allow_tf32, precision
 
     q, left, right, coefficient, w, initial, log_decay = _problem(16, 16, 16, True, dtype=dtype)
     launches = record_launches(lambda: triton_delta.forward([q], left, right, coefficient, [w], initial, 64, log_decay, allow_tf32=allow_tf32))
-    assert [launch.name for launch in launches] == ["delta_prepare", "delta_chunks"]
+    assert [launch.name for launch in launches] == ["delta_chunks"]  # the UT transform inside the walk over the chunks
     assert {launch.meta["PRECISION"] for launch in launches} == {precision}
     assert all({"num_warps", "num_stages"} <= set(launch.meta) for launch in launches)
 
@@ -196,7 +196,7 @@ def test_allow_tf32_reaches_the_delta_kernels():
     launches = record_launches(lambda: module(*inputs))
     assert {launch.meta["PRECISION"] for launch in launches if launch.name.startswith("delta_")} == {"tf32"}
     # DeltaNet's k is both sides of its map (I - beta k k^T): the kernel reads it once.
-    assert [launch.meta["SAME_SIDES"] for launch in launches if launch.name == "delta_prepare"] == [True]
+    assert [launch.meta["SAME_SIDES"] for launch in launches if launch.name == "delta_chunks"] == [True]
 
 
 def _fla_naive_gated_delta_rule():
@@ -298,7 +298,7 @@ def test_backward_runs_the_kernels_and_falls_back_for_several_readouts():
 
     problem = _problem(8, 4, 20, True)
     launches = record_launches(lambda: _gradients(problem, 16, triton=True))
-    assert [launch.name for launch in launches] == ["delta_prepare", "delta_chunks", "delta_adjoint_chunks", "delta_gradients"]
+    assert [launch.name for launch in launches] == ["delta_chunks", "delta_adjoint_chunks", "delta_gradients"]
     assert [launch.meta["KEEP"] for launch in launches if launch.name == "delta_chunks"] == [True]
     _assert_gradients_match(_gradients(problem, 16, True, readouts=2), _gradients(problem, 16, False, readouts=2), 1e-10, "two read-outs")
 
