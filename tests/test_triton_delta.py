@@ -339,3 +339,57 @@ def test_hypothesis_backward_over_sizes_and_chunks():
         _assert_gradients_match(_gradients(problem, chunk, True), _gradients(problem, chunk, False), 1e-10, f"dk={keys} dv={values} T={steps} chunk={chunk}")
 
     agree()
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_an_infinite_query_found_by_the_kernel_gives_the_loops_infinities(name):
+    """The forward kernel notes infinite read-out entries as it reads them (no separate pass
+    over q): such a query is split and run again, and gives the loop's +-inf, NaN and values."""
+    torch.manual_seed(0)
+    sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", dk=6, dv=5).double()
+    triton = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", dk=6, dv=5).double()
+    triton.load_state_dict(sequential.state_dict())
+    inputs = {i.name: 0.5 * torch.randn(2, 11, *i.type.shape, dtype=torch.float64) for i in sequential.cell.inputs}
+    inputs["q"][0, 5, 1] = float("inf")
+    inputs["q"][1, 9, 0] = -float("inf")
+    expected, got = sequential(**inputs), triton(**inputs)
+    assert torch.isinf(expected).any()
+    assert torch.equal(torch.isinf(expected), torch.isinf(got)) and torch.equal(torch.isnan(expected), torch.isnan(got))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.sign(expected[torch.isinf(expected)]), torch.sign(got[torch.isinf(expected)]))
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_forward_is_one_kernel_and_no_torch_pass_reads_the_sequences(name):
+    """The layer's forward with gradients wanted: one launch (the UT transform inside the walk
+    over the chunks), which keeps only the chunk start states and U for the backward, and no
+    aten op reads or writes a tensor the size of q, k, v or the output (no layout copy, no
+    finiteness check of the queries, no U_w / W_r)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from recdsl.backends.triton_aot import record_launches
+
+    module = _cell(name, "triton", dk=16, dv=16)
+    B, T, H = 2, 40, 3
+    inputs = {i.name: torch.randn(B, T, H, *i.type.shape, requires_grad=True) for i in module.cell.inputs}
+    sequence_size = B * T * H * 16
+    touched = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            tensors = [a for a in (*args, *(result if isinstance(result, (tuple, list)) else (result,))) if isinstance(a, torch.Tensor)]
+            if func.overloadpacket not in (torch.ops.aten.empty, torch.ops.aten.empty_strided) and any(t.numel() >= sequence_size for t in tensors):
+                touched.append(str(func))
+            return result
+
+    def forward():
+        with Sizes():
+            module(**inputs)
+
+    launches = record_launches(forward)
+    assert [launch.name for launch in launches] == ["delta_chunks"]
+    assert [launch.meta["KEEP"] for launch in launches] == [True]
+    views = {"aten.transpose.int", "aten.view.default", "aten.expand.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default", "aten.permute.default", "aten.select.int", "aten.slice.Tensor", "aten.detach.default"}
+    assert [op for op in touched if op not in views] == []
