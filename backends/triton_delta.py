@@ -18,19 +18,26 @@ so with ``T = (I - A)^{-1}``, ``U = T W + (T diag(a e^{G'}) R) S_0 = U_w + W_r S
     O   = (Q e^{G}) S_0 + (tril(Q L^T) * e^{G_t - G_s}) U
     S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
 
-Two kernels:
+The forward is one kernel:
 
-1. ``delta_prepare``, one program per (row, chunk), all chunks in parallel: ``A`` from
-   ``R L^T`` (a ``tl.dot`` over key blocks), ``T`` by forward substitution (row ``t`` of
-   ``T`` is ``e_t + sum_{s<t} A_ts T_s``, one row per step of a loop over the chunk), then
-   ``U_w = T W`` and ``W_r = T diag(a e^{G'}) R``, written out (one ``[C, V]`` and one
-   ``[C, K]`` tile per chunk, the sizes of ``v`` and ``k``).
-2. ``delta_chunks``, one program per (row, value block), walking the chunks in order:
-   ``U = U_w + W_r S_0``, the chunk's outputs and the next state.  The state's columns of
-   this value block are kept in fp32 in the final state's buffer (a few KB per program,
-   which stay in cache) and walked in key blocks of 16 rows, so that no product holds more
-   than a ``[C, 16]`` or ``[16, C]`` operand per thread (fp32 products run on FMA units);
-   the chunk-boundary states are never stored, and every read-out is computed on the way.
+1. ``delta_chunks``, one program per (row, block of 16 value columns), walking the chunks in
+   order.  Per chunk, from its start state ``S_0``: ``A`` and ``R S_0`` (``tl.dot`` over key
+   blocks), ``T`` by forward substitution (row ``t`` of ``T`` is ``e_t + sum_{s<t} A_ts
+   T_s``, one row per step of a loop over the chunk), ``U = T (W + diag(a e^{G'}) R S_0)``,
+   then ``Q L^T`` and ``Q S_0`` (a second walk over the key blocks, from cache), the
+   chunk's outputs and the next state.  ``U_w`` and ``W_r`` are never formed, and nothing
+   of a chunk's transform reaches memory: the kernel reads ``q``, ``k`` (and ``r``), ``v``
+   and the scalars once and writes the read-outs, the final state and, when gradients are
+   wanted, each chunk's start state and ``U`` (both read by the backward).  The state's
+   columns of this value block are kept in fp32 in the final state's buffer (a few KB per
+   program, which stay in cache) and walked in key blocks of 16 rows, so that no product
+   holds more than a ``[C, 16]`` or ``[16, C]`` operand per thread besides ``T`` (fp32
+   products run on FMA units).  Each value block's program forms its chunks' ``T`` itself
+   (``V / 16`` programs per row: more programs to fill the machine, the same ``T`` formed
+   that many times).  The kernel also notes, per row, whether a read-out entry is infinite
+   (:func:`delta_rule` splits such read-outs, as
+   :func:`recdsl.backends.chunk_kernels.with_infinite_readouts` does, without a pass over
+   the finite ones).
 
 Every exponent is a decay accumulated forward from a step to a later one inside one chunk
 (at most 0), so nothing overflows whatever T; each step's log decay is clamped at -60 as
@@ -40,13 +47,14 @@ of ``R L^T`` and ``Q L^T`` as they are, accumulated in fp32, and every other pro
 fp32.  Offsets that count over rows or chunks are 64-bit.
 
 The backward pass is two more kernels (:func:`backward`), from each chunk's start state and
-``U``, written by ``delta_chunks`` when gradients are wanted, and ``W_r``:
+``U``, written by ``delta_chunks`` when gradients are wanted:
 
-3. ``delta_adjoint_chunks``, one program per (row, value block), the chunks in reverse:
+2. ``delta_adjoint_chunks``, one program per (row, value block), the chunks in reverse:
    the state's adjoint ``dS`` (its value columns never mix, as the state's), with
-   ``dU = M^T dO + (L e^{G_C - G_s}) dS`` and ``dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU``;
+   ``dU = M^T dO + (L e^{G_C - G_s}) dS`` and ``dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU``,
+   ``W_r^T dU = (diag(a e^{G'}) R)^T T^T dU`` with the chunk's ``T`` formed again;
    writes ``dU`` and ``dS`` at each chunk's end, and the initial state's gradient.
-4. ``delta_gradients``, one program per (row, chunk), all chunks at once: the UT transform
+3. ``delta_gradients``, one program per (row, chunk), all chunks at once: the UT transform
    recomputed, then every input's gradient of the chunk (see the kernel's comments).
 
 Several read-outs of one state (or none) differentiate
@@ -86,7 +94,8 @@ def _operand_dtype(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) 
 @triton.jit
 def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p_starts, p_u, p_infinite, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, value block), the chunks in order; each chunk's UT transform is
-    # formed here, beside the state that needs it, so U never reaches memory.  The state's
+    # formed here, beside the state that needs it (U reaches memory only when kept for the
+    # backward kernels, with the chunks' start states).  The state's
     # columns of this value block live in p_state (the final state's buffer, cached on chip)
     # between chunks and are walked in key blocks of BK rows, so every product's inner
     # dimension is BK, BT or BV: an fp32 tl.dot on FMA units holds whole rows and columns of
@@ -532,14 +541,16 @@ class DeltaTiling:
     """Block sizes and launch options of the delta-rule kernels.
 
     ``chunk``: steps per chunk (``BT``, 16 to 64: the forward substitution walks its rows);
-    ``prepare_block``: the key and value blocks ``delta_prepare`` walks ``R``, ``L`` and
-    ``W`` in; ``key_block``: the state rows ``delta_chunks`` walks in; ``value_block``: the
-    state's columns per ``delta_chunks`` program.
+    ``gradient_block``: the key and value blocks ``delta_gradients`` walks ``R``, ``L``,
+    ``W`` and ``dU`` in; ``key_block``: the state rows ``delta_chunks`` and
+    ``delta_adjoint_chunks`` walk in; ``value_block``: the state's columns per program of
+    those two (16: with 32, ``delta_chunks``, which holds ``T``, ``Q L^T`` and ``R S_0``,
+    spills on sm_90).
     ``precision``: ``tl.dot``'s ``input_precision``, ``"ieee"`` unless TF32 was asked for.
     """
 
     chunk: int
-    prepare_block: int
+    gradient_block: int
     key_block: int
     value_block: int
     num_warps: int
@@ -557,9 +568,9 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return DeltaTiling(
         chunk=min(_block(chunk), 64, _block(steps or chunk)),
-        prepare_block=16,
+        gradient_block=16,
         key_block=16,
-        value_block=min(_block(values), 16),
+        value_block=16,
         num_warps=8,
         num_stages=1,
         precision=precision,
@@ -756,7 +767,7 @@ def backward(
     sequences = (q, left, right, a, g, w, c, d_output, dq, dl, dr, da, dw, dc, dg)
     launch(
         delta_gradients, (N * n_chunks,), q, left, right, a, g, w, c, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dc, dg, T, K, V, n_chunks, H,
-        *(stride for x in sequences for stride in _strides(x)), SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages,
+        *(stride for x in sequences for stride in _strides(x)), SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.gradient_block, BV=tiles.gradient_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages,
     )
     return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial, dc if scaled else None
 
@@ -868,8 +879,9 @@ def _flat_rows(kernel):
 
 
 class DeltaRule(torch.autograd.Function):
-    """The Triton forward; with one read-out, the backward kernels (:func:`backward`) from
-    the chunk start states the forward kept.  Otherwise (no read-out, or several) the
+    """The Triton forward (its last output the kernel's note of infinite read-out entries,
+    not differentiable); with one read-out, the backward kernels (:func:`backward`) from
+    the chunk start states and ``U`` the forward kept.  Otherwise (no read-out, or several) the
     backward differentiates the torch chunked form, recomputed (chunk-boundary states only)."""
 
     @staticmethod
