@@ -92,7 +92,7 @@ def _operand_dtype(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) 
 
 
 @triton.jit
-def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p_starts, p_u, p_infinite, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p_starts, p_u, p_infinite, T, K, V, n_chunks, H, s0_n, s0_k, s0_v, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, value block), the chunks in order; each chunk's UT transform is
     # formed here, beside the state that needs it (U reaches memory only when kept for the
     # backward kernels, with the chunks' start states).  The state's
@@ -123,7 +123,8 @@ def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_kv = (o_k[:, None] < K) & m_v[None, :]
-        b_s = tl.load(p_initial + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
+        # (the initial state through its strides: a broadcast one is read where it lies)
+        b_s = tl.load(p_initial + i_n * s0_n + o_k[:, None] * s0_k + o_v[None, :] * s0_v, mask=m_kv, other=0.0).to(ACC)
         tl.store(p_state + o_state + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
     tl.debug_barrier()
     # Whether a read-out entry is infinite, found as they are read (chunk_kernels.with_infinite_readouts
@@ -670,7 +671,7 @@ def _forward(
     gated = log_decay is not None
     g = log_decay if gated else a  # (not read when not gated)
     c = _with_heads(input_scale, 2) if scaled else a  # (not read when not scaled)
-    start = initial.to(dtype).contiguous()
+    start = initial.to(dtype).reshape(N, K, V)  # read through its strides (often a broadcast zero state)
     results = []
     final = torch.empty(N, K, V, dtype=dtype, device=device)
     grid = (N, triton.cdiv(V, tiles.value_block))
@@ -692,7 +693,7 @@ def _forward(
         q = _dense_last(q.to(low))
         sequences = (q, left, right, w, c, a, g, out)
         launch(
-            delta_chunks, grid, q, left, right, w, c, a, g, start, out, final, starts, u, infinite[i], T, K, V, n_chunks, H, *(stride for x in sequences for stride in _strides(x)),
+            delta_chunks, grid, q, left, right, w, c, a, g, start, out, final, starts, u, infinite[i], T, K, V, n_chunks, H, *start.stride(), *(stride for x in sequences for stride in _strides(x)),
             SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, KEEP=keep and i == 0, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options,
         )
         if outputs_wanted:

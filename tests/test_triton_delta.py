@@ -393,3 +393,16 @@ def test_forward_is_one_kernel_and_no_torch_pass_reads_the_sequences(name):
     assert [launch.meta["KEEP"] for launch in launches] == [True]
     views = {"aten.transpose.int", "aten.view.default", "aten.expand.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default", "aten.permute.default", "aten.select.int", "aten.slice.Tensor", "aten.detach.default"}
     assert [op for op in touched if op not in views] == []
+
+
+def test_initial_state_read_through_its_strides():
+    """A broadcast or transposed initial state is read where it lies (no copy): the same
+    read-outs and final state as its contiguous copy."""
+    from recdsl.backends import triton_delta
+
+    q, left, right, coefficient, w, initial, log_decay = _problem(20, 12, 30, True, rows=3)
+    for given in (initial[:1].expand(3, 20, 12), initial.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        (out,), final = triton_delta.forward([q], left, right, coefficient, [w], given, 16, log_decay)
+        (expected,), expected_final = triton_delta.forward([q], left, right, coefficient, [w], given.contiguous(), 16, log_decay)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(final, expected_final, rtol=0, atol=0)
