@@ -891,6 +891,7 @@ class DeltaRule(torch.autograd.Function):
         ctx.kernels = len(readouts) == 1 and any(ctx.needs_input_grad)
         outputs, final, saved, infinite = _forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32, keep=ctx.kernels, input_scale=scale)
         ctx.mark_non_differentiable(infinite)
+        ctx.set_materialize_grads(False)  # (no zero gradient for the note, nor for an unused output)
         ctx.scaled = scale is not None
         ctx.chunk = chunk
         ctx.allow_tf32 = allow_tf32

@@ -187,7 +187,7 @@ def test_delta_rule_kernels_with_two_key_sides_compile_without_spills(gated):
     """TTT-linear's form (a left vector other than the right, so delta_gradients writes both
     sides' gradients) at dk = dv = 128, forward and backward, float32, both targets."""
     specs = triton_aot.distinct(triton_aot.delta_launches(128, 128, gated, backward=True, same_sides=False))
-    assert {dict(s.constants).get("SAME_SIDES") for s in specs} == {False, None}
+    assert {dict(s.constants).get("SAME_SIDES") for s in specs} == {False}  # (the adjoint kernel forms R L^T too)
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
 
 
