@@ -745,9 +745,12 @@ def _run_chunk_plan(
             return None
         if triton_kernel is not None:
             kernel, columns_in = functools.partial(delta, log_decay=log_decay, input_scales=[scale for _, _, scale in terms]), [column for _, column, _ in terms]
+            # The Triton delta rule handles infinite read-outs itself: its kernels note them as they read.
+            readouts_checked = lambda kernel, *arguments, exclusive=None: kernel(*arguments, exclusive=exclusive)  # noqa: E731
         else:
             kernel, columns_in = functools.partial(chunk_kernels.delta_rule, log_decay=log_decay), [column for _, column in scaled_columns]
-        results, final = chunk_kernels.with_infinite_readouts(
+            readouts_checked = chunk_kernels.with_infinite_readouts
+        results, final = readouts_checked(
             kernel,
             queries,
             left,

@@ -273,7 +273,7 @@ def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
         delta = (ChunkKind.DELTA_RULE, ChunkKind.GATED_DELTA_RULE)
         notes = "".join(
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_delta.py "
-            f"(delta_prepare, delta_chunks: the {chunk.kind}'s UT transform), never stored per step.\n"
+            f"(delta_chunks: the {chunk.kind}'s UT transform inside the walk over the chunks), never stored per step.\n"
             if chunk is not None and chunk.kind in delta else
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
             f"(walk_states, chunk_outputs; backward walk_state_grads, chunk_key_grads, chunk_value_grads), never stored per step.\n"

@@ -18,19 +18,26 @@ so with ``T = (I - A)^{-1}``, ``U = T W + (T diag(a e^{G'}) R) S_0 = U_w + W_r S
     O   = (Q e^{G}) S_0 + (tril(Q L^T) * e^{G_t - G_s}) U
     S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
 
-Two kernels:
+The forward is one kernel:
 
-1. ``delta_prepare``, one program per (row, chunk), all chunks in parallel: ``A`` from
-   ``R L^T`` (a ``tl.dot`` over key blocks), ``T`` by forward substitution (row ``t`` of
-   ``T`` is ``e_t + sum_{s<t} A_ts T_s``, one row per step of a loop over the chunk), then
-   ``U_w = T W`` and ``W_r = T diag(a e^{G'}) R``, written out (one ``[C, V]`` and one
-   ``[C, K]`` tile per chunk, the sizes of ``v`` and ``k``).
-2. ``delta_chunks``, one program per (row, value block), walking the chunks in order:
-   ``U = U_w + W_r S_0``, the chunk's outputs and the next state.  The state's columns of
-   this value block are kept in fp32 in the final state's buffer (a few KB per program,
-   which stay in cache) and walked in key blocks of 16 rows, so that no product holds more
-   than a ``[C, 16]`` or ``[16, C]`` operand per thread (fp32 products run on FMA units);
-   the chunk-boundary states are never stored, and every read-out is computed on the way.
+1. ``delta_chunks``, one program per (row, block of 16 value columns), walking the chunks in
+   order.  Per chunk, from its start state ``S_0``: ``A`` and ``R S_0`` (``tl.dot`` over key
+   blocks), ``T`` by forward substitution (row ``t`` of ``T`` is ``e_t + sum_{s<t} A_ts
+   T_s``, one row per step of a loop over the chunk), ``U = T (W + diag(a e^{G'}) R S_0)``,
+   then ``Q L^T`` and ``Q S_0`` (a second walk over the key blocks, from cache), the
+   chunk's outputs and the next state.  ``U_w`` and ``W_r`` are never formed, and nothing
+   of a chunk's transform reaches memory: the kernel reads ``q``, ``k`` (and ``r``), ``v``
+   and the scalars once and writes the read-outs, the final state and, when gradients are
+   wanted, each chunk's start state and ``U`` (both read by the backward).  The state's
+   columns of this value block are kept in fp32 in the final state's buffer (a few KB per
+   program, which stay in cache) and walked in key blocks of 16 rows, so that no product
+   holds more than a ``[C, 16]`` or ``[16, C]`` operand per thread besides ``T`` (fp32
+   products run on FMA units).  Each value block's program forms its chunks' ``T`` itself
+   (``V / 16`` programs per row: more programs to fill the machine, the same ``T`` formed
+   that many times).  The kernel also notes, per row, whether a read-out entry is infinite
+   (:func:`delta_rule` splits such read-outs, as
+   :func:`recdsl.backends.chunk_kernels.with_infinite_readouts` does, without a pass over
+   the finite ones).
 
 Every exponent is a decay accumulated forward from a step to a later one inside one chunk
 (at most 0), so nothing overflows whatever T; each step's log decay is clamped at -60 as
@@ -40,13 +47,14 @@ of ``R L^T`` and ``Q L^T`` as they are, accumulated in fp32, and every other pro
 fp32.  Offsets that count over rows or chunks are 64-bit.
 
 The backward pass is two more kernels (:func:`backward`), from each chunk's start state and
-``U``, written by ``delta_chunks`` when gradients are wanted, and ``W_r``:
+``U``, written by ``delta_chunks`` when gradients are wanted:
 
-3. ``delta_adjoint_chunks``, one program per (row, value block), the chunks in reverse:
+2. ``delta_adjoint_chunks``, one program per (row, value block), the chunks in reverse:
    the state's adjoint ``dS`` (its value columns never mix, as the state's), with
-   ``dU = M^T dO + (L e^{G_C - G_s}) dS`` and ``dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU``;
+   ``dU = M^T dO + (L e^{G_C - G_s}) dS`` and ``dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU``,
+   ``W_r^T dU = (diag(a e^{G'}) R)^T T^T dU`` with the chunk's ``T`` formed again;
    writes ``dU`` and ``dS`` at each chunk's end, and the initial state's gradient.
-4. ``delta_gradients``, one program per (row, chunk), all chunks at once: the UT transform
+3. ``delta_gradients``, one program per (row, chunk), all chunks at once: the UT transform
    recomputed, then every input's gradient of the chunk (see the kernel's comments).
 
 Several read-outs of one state (or none) differentiate
@@ -84,128 +92,111 @@ def _operand_dtype(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) 
 
 
 @triton.jit
-def delta_prepare(p_l, p_r, p_w, p_c, p_a, p_g, p_uw, p_wr, T, K, V, n_chunks, H, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (row and chunk): the chunk's UT transform.
-    i_nc = tl.program_id(0)
-    i_n = (i_nc // n_chunks).to(tl.int64)
-    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
-    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p_starts, p_u, p_infinite, T, K, V, n_chunks, H, s0_n, s0_k, s0_v, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row, value block), the chunks in order; each chunk's UT transform is
+    # formed here, beside the state that needs it (U reaches memory only when kept for the
+    # backward kernels, with the chunks' start states).  The state's
+    # columns of this value block live in p_state (the final state's buffer, cached on chip)
+    # between chunks and are walked in key blocks of BK rows, so every product's inner
+    # dimension is BK, BT or BV: an fp32 tl.dot on FMA units holds whole rows and columns of
+    # its operands.  Per chunk, from its start state S_0:
+    #     A = diag(a) tril(R L^T, -1) (* e^{G'_t - G_s}),   T = (I - A)^{-1},
+    #     U = T (W + diag(a e^{G'}) R S_0),
+    #     O = (Q e^G) S_0 + (tril(Q L^T) * e^{G_t - G_s}) U,   S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
+    i_n = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_q += _row(i_n, H, sq_b, sq_h)
     p_l += _row(i_n, H, sl_b, sl_h)
     p_r += _row(i_n, H, sr_b, sr_h)
     p_w += _row(i_n, H, sw_b, sw_h)
     p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the input is W = diag(c) w, w read from p_w
     p_a += _row(i_n, H, sa_b, sa_h)
     p_g += _row(i_n, H, sg_b, sg_h)
-    i_c = i_nc % n_chunks
-    o_row = i_n * T + i_c * BT  # the chunk's first step, counted over all rows
-    o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
-    o_t = tl.arange(0, BT)
-    m_t = i_c * BT + o_t < T
-    strict = o_t[:, None] > o_t[None, :]
-    b_a = tl.load(p_a + o_c * sa_t + o_t * sa_t, mask=m_t, other=0.0).to(ACC)
-    if GATED:
-        b_g = _floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC))
-        b_G = tl.cumsum(b_g, axis=0)
-        b_Gp = b_G - b_g  # G_{t-1}: the decay from the chunk start to the step before t
-        # e^{G'_t - G_s} for s < t (masked pairs never meet exp: their gap may be positive).
-        b_gap = tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
-        b_ar = b_a * tl.exp(b_Gp)
-    else:
-        b_ar = b_a
-    # A = diag(a) tril(R L^T, -1) (* e^{G'_t - G_s}).
-    b_A = tl.zeros([BT, BT], dtype=ACC)
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k[None, :] < K)
-        b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
-        if SAME_SIDES:  # DeltaNet's k (I - beta k k^T): one vector read once
-            b_r = b_l
-        else:
-            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0)
-        b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
-    b_A = b_A * b_a[:, None]
-    if GATED:
-        b_A = b_A * b_gap
-    b_A = tl.where(strict, b_A, 0.0)
-    # T = (I - A)^{-1} by forward substitution: row t is e_t + sum_{s<t} A_ts T_s, and the
-    # rows s < t are final when row t is formed (A is strictly lower triangular).
-    b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
-    for i_t in range(1, BT):
-        b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)  # A_{t, :}
-        b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
-        b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
-    # U_w = T W, value block by value block.
-    for i_v in range(0, tl.cdiv(V, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_tv = m_t[:, None] & (o_v[None, :] < V)
-        b_w = tl.load(p_w + o_c * sw_t + o_t[:, None] * sw_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        if SCALED:
-            b_w = b_w * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
-        tl.store(p_uw + o_row * V + o_t[:, None] * V + o_v[None, :], tl.dot(b_inv, b_w, input_precision=PRECISION), mask=m_tv)
-    # W_r = T diag(a e^{G'}) R, key block by key block.
-    for i_k in range(0, tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_tk = m_t[:, None] & (o_k[None, :] < K)
-        if SAME_SIDES:
-            b_r = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        else:
-            b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        tl.store(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], tl.dot(b_inv, b_r * b_ar[:, None], input_precision=PRECISION), mask=m_tk)
-
-
-@triton.jit
-def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts, p_u, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, GATED: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (row, value block), the chunks in order.  The state's columns of this
-    # value block live in p_state (the final state's buffer, cached on chip) between chunks
-    # and are walked in key blocks of BK rows, so every product's inner dimension is BK or
-    # BT: an fp32 tl.dot on FMA units holds whole rows and columns of its operands.
-    i_n = tl.program_id(0).to(tl.int64)
-    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
-    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
-    p_q += _row(i_n, H, sq_b, sq_h)
-    p_l += _row(i_n, H, sl_b, sl_h)
-    p_g += _row(i_n, H, sg_b, sg_h)
     p_out += _row(i_n, H, sout_b, sout_h)
-    o_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_t = tl.arange(0, BT)
+    strict = o_t[:, None] > o_t[None, :]
     causal = o_t[:, None] >= o_t[None, :]
     o_state = i_n * K * V
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_kv = (o_k[:, None] < K) & m_v[None, :]
-        b_s = tl.load(p_initial + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0).to(ACC)
+        # (the initial state through its strides: a broadcast one is read where it lies)
+        b_s = tl.load(p_initial + i_n * s0_n + o_k[:, None] * s0_k + o_v[None, :] * s0_v, mask=m_kv, other=0.0).to(ACC)
         tl.store(p_state + o_state + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
     tl.debug_barrier()
+    # Whether a read-out entry is infinite, found as they are read (chunk_kernels.with_infinite_readouts
+    # splits such read-outs; the count spares it a pass over them).
+    b_infinite = tl.sum(tl.zeros([BT], dtype=tl.int32), axis=0)
     for i_c in range(0, n_chunks):
-        o_row = i_n * T + i_c * BT
         o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
         m_t = i_c * BT + o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
-        # U = U_w + W_r S_0, and the read-outs' parts Q S_0 and Q L^T, one key block at a time.
-        b_u = tl.load(p_uw + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
-        b_out = tl.zeros([BT, BV], dtype=ACC)
-        b_scores = tl.zeros([BT, BT], dtype=ACC)
+        b_a = tl.load(p_a + o_c * sa_t + o_t * sa_t, mask=m_t, other=0.0).to(ACC)
+        if GATED:
+            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC))
+            b_G = tl.cumsum(b_g, axis=0)
+            b_Gp = b_G - b_g  # G_{t-1}: the decay from the chunk start to the step before t
+            b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # G_C (padding steps carry the state)
+            b_b = b_a * tl.exp(b_Gp)
+        else:
+            b_b = b_a
+        # The UT transform first, while few tiles are live: R L^T and R S_0 (S_0 kept for the backward).
+        b_A = tl.zeros([BT, BT], dtype=ACC)
+        b_rs = tl.zeros([BT, BV], dtype=ACC)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_tk = m_t[:, None] & (o_k[None, :] < K)
-            b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=(o_k[:, None] < K) & m_v[None, :], other=0.0)
-            b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            m_kv = (o_k[:, None] < K) & m_v[None, :]
+            b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
+            if KEEP:
+                tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
+            b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
+            if SAME_SIDES:  # DeltaNet's k (I - beta k k^T): one vector read once
+                b_r = b_l
+            else:
+                b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0)
+            b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+            b_rs += tl.dot(b_r.to(ACC), b_s, input_precision=PRECISION)
+        b_A = b_A * b_a[:, None]
+        if GATED:
+            # e^{G'_t - G_s} for s < t (masked pairs never meet exp: their gap may be positive).
+            b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
+        b_A = tl.where(strict, b_A, 0.0)
+        # T = (I - A)^{-1} by forward substitution: row t is e_t + sum_{s<t} A_ts T_s, and the
+        # rows s < t are final when row t is formed (A is strictly lower triangular).
+        b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
+        for i_t in range(1, BT):
+            b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)  # A_{t, :}
+            b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
+            b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+        b_w = tl.load(p_w + o_c * sw_t + o_t[:, None] * sw_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        if SCALED:
+            b_w = b_w * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
+        b_u = tl.dot(b_inv, b_w + b_b[:, None] * b_rs, input_precision=PRECISION)
+        if KEEP:  # for the backward kernels: U, and the chunk's start state (above)
+            tl.store(p_u + (i_n * T + i_c * BT) * V + o_t[:, None] * V + o_v[None, :], b_u, mask=m_tv)
+        # The read-outs: Q L^T and Q S_0, a second walk over the key blocks (from cache).
+        b_scores = tl.zeros([BT, BT], dtype=ACC)
+        b_out = tl.zeros([BT, BV], dtype=ACC)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_tk = m_t[:, None] & (o_k[None, :] < K)
+            m_kv = (o_k[:, None] < K) & m_v[None, :]
+            b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0)
             b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
-            b_u += tl.dot(b_wr, b_s, input_precision=PRECISION)
-            b_out += tl.dot(b_q.to(ACC), b_s, input_precision=PRECISION)
+            b_infinite = tl.maximum(b_infinite, tl.max(tl.max(tl.where(tl.abs(b_q.to(ACC)) == float("inf"), 1, 0), axis=1), axis=0))
             b_scores += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+            b_out += tl.dot(b_q.to(ACC), b_s, input_precision=PRECISION)
         if GATED:
-            b_G = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)), axis=0)
-            b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)  # G_C (padding steps carry the state)
             b_out = b_out * tl.exp(b_G)[:, None]
             b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
         else:
             b_scores = tl.where(causal, b_scores, 0.0)
         b_out += tl.dot(b_scores, b_u, input_precision=PRECISION)
-        if KEEP:  # for the backward kernels: U, and the chunk's start state (below)
-            tl.store(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], b_u, mask=m_tv)
         tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_tv)
         tl.debug_barrier()  # every thread has read S_0 before it is overwritten
         # S_C = e^{G_C} S_0 + (L e^{G_C - G_s})^T U.
@@ -214,8 +205,6 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
             m_tk = m_t[:, None] & (o_k[None, :] < K)
             m_kv = (o_k[:, None] < K) & m_v[None, :]
             b_s = tl.load(p_state + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
-            if KEEP:
-                tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
             b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             if GATED:
                 b_s = b_s * tl.exp(b_end) + tl.dot(tl.trans(b_l * tl.exp(b_end - b_G)[:, None]), b_u, input_precision=PRECISION)
@@ -223,27 +212,32 @@ def delta_chunks(p_q, p_l, p_g, p_uw, p_wr, p_initial, p_out, p_state, p_starts,
                 b_s += tl.dot(tl.trans(b_l), b_u, input_precision=PRECISION)
             tl.store(p_state + o_state + o_k[:, None] * V + o_v[None, :], b_s, mask=m_kv)
         tl.debug_barrier()  # the next chunk reads the state in another layout
+    tl.store(p_infinite + i_n, b_infinite, mask=i_v == 0)
 
 
 @triton.jit
-def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dends, p_du, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, GATED: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_adjoint_chunks(p_q, p_l, p_r, p_a, p_g, p_dout, p_dfinal, p_dstate, p_dends, p_du, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # The adjoint of the state, carried backwards over the chunks: one program per (row, value
     # block), as delta_chunks (the adjoint's columns, like the state's, never mix).  With
     # dS the adjoint of the chunk's end state S_C,
     #     dU   = M^T dO + (L e^{G_C - G_s}) dS,           M = tril(Q L^T) e^{G_t - G_s}
-    #     dS_0 = e^{G_C} dS + (Q e^G)^T dO + W_r^T dU.
-    # dS (kept in p_dstate, the initial state's gradient at the end) is stored at each
-    # chunk's end for delta_gradients, and so is dU.
+    #     dS_0 = e^{G_C} dS + (Q e^G)^T dO + (diag(b) R)^T T^T dU    (b = a e^{G'}),
+    # the last term U's dependence on S_0 (U = T (W + diag(b) R S_0)), with the chunk's
+    # T = (I - A)^{-1} formed again here as in delta_chunks.  dS (kept in p_dstate, the
+    # initial state's gradient at the end) is stored at each chunk's end for
+    # delta_gradients, and so is dU (the kernels' own [N, T, V] buffer).
     i_n = tl.program_id(0).to(tl.int64)
-    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
-    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+    # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
     p_q += _row(i_n, H, sq_b, sq_h)
     p_l += _row(i_n, H, sl_b, sl_h)
+    p_r += _row(i_n, H, sr_b, sr_h)
+    p_a += _row(i_n, H, sa_b, sa_h)
     p_g += _row(i_n, H, sg_b, sg_h)
     p_dout += _row(i_n, H, sdout_b, sdout_h)
     o_v = tl.program_id(1) * BV + tl.arange(0, BV)
     m_v = o_v < V
     o_t = tl.arange(0, BT)
+    strict = o_t[:, None] > o_t[None, :]
     causal = o_t[:, None] >= o_t[None, :]
     o_state = i_n * K * V
     for i_k in range(0, tl.cdiv(K, BK)):
@@ -258,11 +252,18 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
         o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n
         m_t = i_c * BT + o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
+        b_a = tl.load(p_a + o_c * sa_t + o_t * sa_t, mask=m_t, other=0.0).to(ACC)
         if GATED:
-            b_G = tl.cumsum(_floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC)), axis=0)
+            b_g = _floored(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=0.0).to(ACC))
+            b_G = tl.cumsum(b_g, axis=0)
+            b_Gp = b_G - b_g
             b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
+            b_b = b_a * tl.exp(b_Gp)
+        else:
+            b_b = b_a
         b_du = tl.zeros([BT, BV], dtype=ACC)
         b_scores = tl.zeros([BT, BT], dtype=ACC)
+        b_A = tl.zeros([BT, BT], dtype=ACC)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_tk = m_t[:, None] & (o_k[None, :] < K)
@@ -271,7 +272,12 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
             tl.store(p_dends + (i_n * n_chunks + i_c) * K * V + o_k[:, None] * V + o_v[None, :], b_ds, mask=m_kv)
             b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0)
             b_l = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0)
+            if SAME_SIDES:
+                b_r = b_l
+            else:
+                b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0)
             b_scores += tl.dot(b_q, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
+            b_A += tl.dot(b_r, tl.trans(b_l), input_precision=PRECISION, out_dtype=ACC)
             b_lf = b_l.to(ACC)
             if GATED:
                 b_lf = b_lf * tl.exp(b_end - b_G)[:, None]
@@ -283,6 +289,17 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
         b_dout = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         b_du += tl.dot(tl.trans(b_scores), b_dout, input_precision=PRECISION)
         tl.store(p_du + o_row * V + o_t[:, None] * V + o_v[None, :], b_du, mask=m_tv)
+        # T = (I - A)^{-1}, as in delta_chunks; then T^T dU, which U's S_0 term passes back.
+        b_A = b_A * b_a[:, None]
+        if GATED:
+            b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
+        b_A = tl.where(strict, b_A, 0.0)
+        b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
+        for i_t in range(1, BT):
+            b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
+            b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
+            b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+        b_dz = tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION)
         tl.debug_barrier()
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
@@ -290,25 +307,28 @@ def delta_adjoint_chunks(p_q, p_l, p_g, p_wr, p_dout, p_dfinal, p_dstate, p_dend
             m_kv = (o_k[:, None] < K) & m_v[None, :]
             b_ds = tl.load(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.0)
             b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-            b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            if SAME_SIDES:
+                b_r = tl.load(p_l + o_c * sl_t + o_t[:, None] * sl_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            else:
+                b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             if GATED:
                 b_ds = b_ds * tl.exp(b_end)
                 b_q = b_q * tl.exp(b_G)[:, None]
             b_ds += tl.dot(tl.trans(b_q), b_dout, input_precision=PRECISION)
-            b_ds += tl.dot(tl.trans(b_wr), b_du, input_precision=PRECISION)
+            b_ds += tl.dot(tl.trans(b_r * b_b[:, None]), b_dz, input_precision=PRECISION)
             tl.store(p_dstate + o_state + o_k[:, None] * V + o_v[None, :], b_ds, mask=m_kv)
         tl.debug_barrier()
 
 
 @triton.jit
-def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dc, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdl_b, sdl_h, sdl_t, sdr_b, sdr_h, sdr_t, sda_b, sda_h, sda_t, sdw_b, sdw_h, sdw_t, sdc_b, sdc_h, sdc_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_u, p_du, p_dout, p_starts, p_dends, p_dq, p_dl, p_dr, p_da, p_dw, p_dc, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdl_b, sdl_h, sdl_t, sdr_b, sdr_h, sdr_t, sda_b, sda_h, sda_t, sdw_b, sdw_h, sdw_t, sdc_b, sdc_h, sdc_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, chunk), all chunks at once: the gradients of the chunk's inputs
-    # from its start state S_0 (stored by delta_chunks), the adjoint dS of its end state and
-    # dU (delta_adjoint_chunks).  The UT transform T = (I - A)^{-1} is recomputed as in
-    # delta_prepare.  The chain, backwards through the forward's equations:
-    #     U_w = T W, W_r = T diag(b) R, U = U_w + W_r S_0   (b = a e^{G'})
-    #     dW = T^T dU, dW_r = dU S_0^T, dT = dU W^T + dW_r (diag(b) R)^T,
-    #     dA = T^T dT T^T (d(X^{-1}) = -X^{-1} dX X^{-1} with X = I - A),
+    # from its start state S_0 and U (stored by delta_chunks), the adjoint dS of its end state
+    # and dU (delta_adjoint_chunks).  The UT transform T = (I - A)^{-1} is formed again as
+    # in delta_chunks.  The chain, backwards through the forward's equations:
+    #     U = T Z, Z = W + diag(b) R S_0   (b = a e^{G'}; U_w = T W, W_r = T diag(b) R)
+    #     dZ = T^T dU (dW = dZ), d(diag(b) R) = dZ S_0^T = T^T dW_r with dW_r = dU S_0^T,
+    #     dA = T^T (dU Z^T) T^T = dZ U^T (d(X^{-1}) = -X^{-1} dX X^{-1} with X = I - A),
     # and every decay factor e^{x} passes x's gradient (factor * its adjoint) to the G it
     # names; G = cumsum(g) hands dg the reverse cumulative sum of dG.  The phases are ordered
     # so that at most three [BT, BT] tiles are live at once (R L^T and Q L^T are formed
@@ -316,7 +336,7 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, 
     i_nc = tl.program_id(0)
     i_n = (i_nc // n_chunks).to(tl.int64)
     # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense;
-    # U_w, W_r, U and dU are the kernels' own [N, T, d] buffers.
+    # U and dU are the kernels' own [N, T, V] buffers.
     p_q += _row(i_n, H, sq_b, sq_h)
     p_l += _row(i_n, H, sl_b, sl_h)
     p_r += _row(i_n, H, sr_b, sr_h)
@@ -350,7 +370,7 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, 
         b_b = b_a * tl.exp(b_Gp)
     else:
         b_b = b_a
-    # T = (I - A)^{-1}, as in delta_prepare.
+    # T = (I - A)^{-1}, as in delta_chunks.
     b_A = tl.zeros([BT, BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -370,9 +390,8 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, 
         b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
         b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
         b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
-    # dA = T^T dT T^T with dT = dU W^T + dW_r (diag(b) R)^T is dW U_w^T + dB W_r^T, where
-    # dW = T^T dU, dB = T^T dW_r, U_w = T W and W_r = T diag(b) R: products of inner
-    # dimension BV or BK only.
+    # dA = T^T dT T^T with dT = dU Z^T (U = T Z, Z = W + diag(b) R S_0) is dZ U^T, where
+    # dZ = T^T dU (dW = dZ): products of inner dimension BV or BK only, and no W_r.
     b_dA = tl.zeros([BT, BT], dtype=ACC)
     b_dc = tl.zeros([BT], dtype=ACC)
     for i_v in range(0, tl.cdiv(V, BV)):
@@ -388,10 +407,11 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, 
             tl.store(p_dw + o_c * sdw_t + o_t[:, None] * sdw_t + o_v[None, :], b_dw * b_c[:, None], mask=m_tv)
         else:
             tl.store(p_dw + o_c * sdw_t + o_t[:, None] * sdw_t + o_v[None, :], b_dw, mask=m_tv)
-        b_dA += tl.dot(b_dw, tl.trans(tl.dot(b_inv, b_w, input_precision=PRECISION)), input_precision=PRECISION)
+        b_u = tl.load(p_u + o_row * V + o_t[:, None] * V + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_dA += tl.dot(b_dw, tl.trans(b_u), input_precision=PRECISION)
     if SCALED:
         tl.store(p_dc + o_c * sdc_t + o_t * sdc_t, b_dc, mask=m_t)
-    # Key blocks: dW_r = dU S_0^T, dT's part dW_r (diag(b) R)^T, dR's part diag(b) T^T dW_r, db.
+    # Key blocks: dW_r = dU S_0^T (W_r = T diag(b) R), dR's part diag(b) T^T dW_r, db.
     b_db = tl.zeros([BT], dtype=ACC)
     for i_k in range(0, tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
@@ -409,8 +429,6 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_wr, p_u, p_du, p_dout, 
         else:
             b_r = tl.load(p_r + o_c * sr_t + o_t[:, None] * sr_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
         b_dB = tl.dot(tl.trans(b_inv), b_dwr, input_precision=PRECISION)
-        b_wr = tl.load(p_wr + o_row * K + o_t[:, None] * K + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-        b_dA += tl.dot(b_dB, tl.trans(b_wr), input_precision=PRECISION)
         b_db += tl.sum(b_r * b_dB, axis=1)
         tl.store(p_dr + o_c * sdr_t + o_t[:, None] * sdr_t + o_k[None, :], b_dB * b_b[:, None], mask=m_tk)
     # A = diag(a) tril(R L^T, -1) e^{G'_t - G_s}: dA passes to a, G', G and R L^T.
@@ -524,14 +542,16 @@ class DeltaTiling:
     """Block sizes and launch options of the delta-rule kernels.
 
     ``chunk``: steps per chunk (``BT``, 16 to 64: the forward substitution walks its rows);
-    ``prepare_block``: the key and value blocks ``delta_prepare`` walks ``R``, ``L`` and
-    ``W`` in; ``key_block``: the state rows ``delta_chunks`` walks in; ``value_block``: the
-    state's columns per ``delta_chunks`` program.
+    ``gradient_block``: the key and value blocks ``delta_gradients`` walks ``R``, ``L``,
+    ``W`` and ``dU`` in; ``key_block``: the state rows ``delta_chunks`` and
+    ``delta_adjoint_chunks`` walk in; ``value_block``: the state's columns per program of
+    those two (16: with 32, ``delta_chunks``, which holds ``T``, ``Q L^T`` and ``R S_0``,
+    spills on sm_90).
     ``precision``: ``tl.dot``'s ``input_precision``, ``"ieee"`` unless TF32 was asked for.
     """
 
     chunk: int
-    prepare_block: int
+    gradient_block: int
     key_block: int
     value_block: int
     num_warps: int
@@ -549,9 +569,9 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return DeltaTiling(
         chunk=min(_block(chunk), 64, _block(steps or chunk)),
-        prepare_block=16,
+        gradient_block=16,
         key_block=16,
-        value_block=min(_block(values), 32),
+        value_block=16,
         num_warps=8,
         num_stages=1,
         precision=precision,
@@ -580,19 +600,18 @@ def forward(
     input_scale: torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs ``q_t @ S_t`` and the final state (see :func:`_forward`)."""
-    outputs, final, _ = _forward(readouts, left, right, coefficient, inputs, initial, chunk, log_decay, allow_tf32, input_scale=input_scale)
+    outputs, final, _, _ = _forward(readouts, left, right, coefficient, inputs, initial, chunk, log_decay, allow_tf32, input_scale=input_scale)
     return outputs, final
 
 
 @dataclass(frozen=True)
 class Saved:
     """What :func:`backward` needs from the forward pass: each chunk's start state
-    (``starts``, ``[N, n_chunks, K, V]``), ``U`` (``[N, T, V]``) and ``W_r`` (``[N, T, K]``),
-    in the kernels' dtype."""
+    (``starts``, ``[N, n_chunks, K, V]``) and ``U`` (``[N, T, V]``), in the kernels' dtype
+    (the backward kernels form each chunk's UT transform and ``W_r`` again)."""
 
     starts: torch.Tensor
     u: torch.Tensor
-    wr: torch.Tensor
 
 
 def _forward(
@@ -607,15 +626,17 @@ def _forward(
     allow_tf32: bool = False,
     keep: bool = False,
     input_scale: torch.Tensor | None = None,
-) -> tuple[list[torch.Tensor], torch.Tensor, Saved | None]:
-    """Read-outs ``q_t @ S_t`` and the final state, by the Triton kernels; the arguments of
+) -> tuple[list[torch.Tensor], torch.Tensor, Saved | None, torch.Tensor]:
+    """Read-outs ``q_t @ S_t``, the final state, what the backward kernels need (``keep``)
+    and, per read-out and row, 1 where the read-out has an infinite entry (int32
+    ``[len(readouts), N]``), by the Triton kernels; the arguments of
     :func:`recdsl.backends.chunk_kernels.delta_rule` (``left``, ``right`` ``[N, T, K]``,
     ``coefficient`` and ``log_decay`` ``[N, T]``, inputs ``[N, T, V]``, ``initial``
     ``[N, K, V]``), or each sequence with the heads on an axis of their own (``[B, H, T, ...]``,
     ``N = B H``; read in place through their strides, read-outs laid out ``[B, T, H, V]``).
     Keys and queries in bfloat16/float16 are read as such; everything else is computed in
     float32 (float64 for a float64 state).  ``input_scale`` (``[N, T]``, one input): the
-    input is ``input_scale[..., None] * inputs[0]``, formed inside ``delta_prepare`` (the
+    input is ``input_scale[..., None] * inputs[0]``, formed inside ``delta_chunks`` (the
     delta rule's ``beta v``), never in memory."""
     flat = left.dim() == 3
     readouts = [_with_heads(q, 3) for q in readouts]
@@ -650,31 +671,34 @@ def _forward(
     gated = log_decay is not None
     g = log_decay if gated else a  # (not read when not gated)
     c = _with_heads(input_scale, 2) if scaled else a  # (not read when not scaled)
-    uw = torch.empty(N, T, V, dtype=dtype, device=device)
-    wr = torch.empty(N, T, K, dtype=dtype, device=device)
-    launch(
-        delta_prepare, (N * n_chunks,), left, right, w, c, a, g, uw, wr, T, K, V, n_chunks, H, *_strides(left), *_strides(right), *_strides(w), *_strides(c), *_strides(a), *_strides(g),
-        SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, **options,
-    )
-    start = initial.to(dtype).contiguous()
+    start = initial.to(dtype).reshape(N, K, V)  # read through its strides (often a broadcast zero state)
     results = []
     final = torch.empty(N, K, V, dtype=dtype, device=device)
     grid = (N, triton.cdiv(V, tiles.value_block))
     # The backward kernels' chunk start states and U, written by the first pass (only when kept).
-    saved = Saved(torch.empty(N, n_chunks, K, V, dtype=dtype, device=device), torch.empty(N, T, V, dtype=dtype, device=device), wr) if keep else None
-    starts, u = (saved.starts, saved.u) if keep else (final, uw)  # (not written when not kept)
+    saved = Saved(torch.empty(N, n_chunks, K, V, dtype=dtype, device=device), torch.empty(N, T, V, dtype=dtype, device=device)) if keep else None
+    starts, u = (saved.starts, saved.u) if keep else (final, final)  # (not written when not kept)
+    # Per read-out and row: 1 where the read-out has an infinite entry (zeros: a launch that is
+    # recorded, not run, finds none).
+    infinite = torch.zeros(max(len(readouts), 1), N, dtype=torch.int32, device=device)
+    if not readouts:
+        readouts = [torch.zeros(B, H, T, K, dtype=low, device=device)]
+        outputs_wanted = False
+    else:
+        outputs_wanted = True
     for i, q in enumerate(readouts):
         # One pass over the chunks per read-out (each recomputes the same states; cells read a
         # delta-rule state out once).
         out = torch.empty(B, T, H, V, dtype=dtype, device=device).transpose(1, 2)
         q = _dense_last(q.to(low))
-        launch(delta_chunks, grid, q, left, g, uw, wr, start, out, final, starts, u, T, K, V, n_chunks, H, *_strides(q), *_strides(left), *_strides(g), *_strides(out), GATED=gated, KEEP=keep and i == 0, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
-        results.append(out.squeeze(1) if flat else out)
-    if not readouts:
-        empty = torch.zeros(B, H, T, K, dtype=low, device=device)
-        out = torch.empty(B, H, T, V, dtype=dtype, device=device)
-        launch(delta_chunks, grid, empty, left, g, uw, wr, start, out, final, starts, u, T, K, V, n_chunks, H, *_strides(empty), *_strides(left), *_strides(g), *_strides(out), GATED=gated, KEEP=keep, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options)
-    return results, final, saved
+        sequences = (q, left, right, w, c, a, g, out)
+        launch(
+            delta_chunks, grid, q, left, right, w, c, a, g, start, out, final, starts, u, infinite[i], T, K, V, n_chunks, H, *start.stride(), *(stride for x in sequences for stride in _strides(x)),
+            SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, KEEP=keep and i == 0, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options,
+        )
+        if outputs_wanted:
+            results.append(out.squeeze(1) if flat else out)
+    return results, final, saved, infinite[: len(results)]
 
 
 def backward(
@@ -710,7 +734,7 @@ def backward(
     B, H, T, K = left.shape
     N = B * H
     V = w.shape[-1]
-    dtype = saved.u.dtype
+    dtype = saved.starts.dtype
     ACC = tl.float64 if dtype == torch.float64 else tl.float32
     tiles = tiling(chunk, K, V, dtype, allow_tf32, steps=T)
     BT = tiles.chunk
@@ -732,8 +756,8 @@ def backward(
     du = torch.empty(N, T, V, dtype=dtype, device=device)
     grid = (N, triton.cdiv(V, tiles.value_block))
     launch(
-        delta_adjoint_chunks, grid, q, left, g, saved.wr, d_output, d_final.to(dtype).contiguous(), d_initial, d_ends, du, T, K, V, n_chunks, H,
-        *_strides(q), *_strides(left), *_strides(g), *_strides(d_output), GATED=gated, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options,
+        delta_adjoint_chunks, grid, q, left, right, a, g, d_output, d_final.to(dtype).contiguous(), d_initial, d_ends, du, T, K, V, n_chunks, H,
+        *_strides(q), *_strides(left), *_strides(right), *_strides(a), *_strides(g), *_strides(d_output), GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **options,
     )
     dq, dl = _written_like(q, dtype), _written_like(left, dtype)
     dr = dl if same_sides else _written_like(right, dtype)
@@ -743,8 +767,8 @@ def backward(
     dc = _written_like(c, dtype) if scaled else da  # (not written when not scaled)
     sequences = (q, left, right, a, g, w, c, d_output, dq, dl, dr, da, dw, dc, dg)
     launch(
-        delta_gradients, (N * n_chunks,), q, left, right, a, g, w, c, saved.wr, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dc, dg, T, K, V, n_chunks, H,
-        *(stride for x in sequences for stride in _strides(x)), SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.prepare_block, BV=tiles.prepare_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages,
+        delta_gradients, (N * n_chunks,), q, left, right, a, g, w, c, saved.u, du, d_output, saved.starts, d_ends, dq, dl, dr, da, dw, dc, dg, T, K, V, n_chunks, H,
+        *(stride for x in sequences for stride in _strides(x)), SCALED=scaled, GATED=gated, SAME_SIDES=same_sides, BT=BT, BK=tiles.gradient_block, BV=tiles.gradient_block, ACC=ACC, PRECISION=tiles.precision, num_warps=tiles.gradient_warps, num_stages=tiles.num_stages,
     )
     return dq, dl, None if same_sides else dr, da, dw, dg if gated else None, d_initial, dc if scaled else None
 
@@ -762,14 +786,50 @@ def delta_rule(
     allow_tf32: bool = False,
     input_scales: list[torch.Tensor | None] | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton kernels.
+    """:func:`recdsl.backends.chunk_kernels.delta_rule` with the Triton kernels, and the loop's
+    ``+-inf`` where a read-out vector is infinite (as
+    :func:`recdsl.backends.chunk_kernels.with_infinite_readouts` gives them).
 
     Read-outs of the previous state (``exclusive``) and states of more than 128 key rows go
     to the torch form; gradients are the backward kernels' with one read-out, else the
     torch form's, recomputed (:class:`DeltaRule`).  ``input_scales``: a scalar per step (or
     None) for each input, which enters as ``scale[..., None] * input`` (DeltaNet's
-    ``beta v``): formed in the kernels for one input, else in torch first.
+    ``beta v``): formed in the kernels for one input, else in torch first.  The kernels
+    note infinite read-out entries as they read them: only a read-out that has one is
+    split (finite part and directions) and run again, so finite read-outs are never read
+    by a separate check.
     """
+    from . import chunk_kernels
+    from .triton_launch import kernels_run
+
+    def run(queries: list[torch.Tensor], exclusive: tuple[bool, ...] | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        outputs, final, _ = _delta_rule(queries, left, right, coefficient, inputs, initial, chunk, log_decay, exclusive, allow_tf32, input_scales)
+        return outputs, final
+
+    outputs, final, infinite = _delta_rule(readouts, left, right, coefficient, inputs, initial, chunk, log_decay, exclusive, allow_tf32, input_scales)
+    if infinite is None:  # the torch form, which looks for infinite read-outs first
+        return chunk_kernels.with_infinite_readouts(run, readouts, exclusive=exclusive)
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if not readouts or (is_compiling is not None and is_compiling()) or not kernels_run() or not bool(infinite.any()):
+        return outputs, final
+    return chunk_kernels.with_infinite_readouts(run, readouts)
+
+
+def _delta_rule(
+    readouts: list[torch.Tensor],
+    left: torch.Tensor,
+    right: torch.Tensor,
+    coefficient: torch.Tensor,
+    inputs: list[torch.Tensor],
+    initial: torch.Tensor,
+    chunk: int,
+    log_decay: torch.Tensor | None,
+    exclusive: tuple[bool, ...] | None,
+    allow_tf32: bool,
+    input_scales: list[torch.Tensor | None] | None,
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    """:func:`delta_rule` without its handling of infinite read-outs: the read-outs, the final
+    state and the kernels' note of infinite read-out entries (None from the torch form)."""
     from . import chunk_kernels
 
     scale = None
@@ -787,15 +847,16 @@ def delta_rule(
         same_sides = right is left
         left = upcast(left)
         right = left if same_sides else upcast(right)
-        return _flat_rows(chunk_kernels.delta_rule)([upcast(q) for q in readouts], left, right, upcast(coefficient), [upcast(w) for w in inputs], initial, chunk, log_decay=upcast(log_decay), exclusive=exclusive)
+        outputs, final = _flat_rows(chunk_kernels.delta_rule)([upcast(q) for q in readouts], left, right, upcast(coefficient), [upcast(w) for w in inputs], initial, chunk, log_decay=upcast(log_decay), exclusive=exclusive)
+        return outputs, final, None
     # The inputs share the left vector, so their sum is one input term (as the torch form sums them).
     w = None
     for term in inputs:
         w = term if w is None else w + term
     if w is None:
         w = torch.zeros(left.shape[:-1] + initial.shape[-1:], dtype=initial.dtype, device=initial.device)
-    *outputs, final = DeltaRule.apply(chunk, allow_tf32, left, right, coefficient, w, scale, log_decay, initial, *readouts)
-    return list(outputs), final
+    *outputs, final, infinite = DeltaRule.apply(chunk, allow_tf32, left, right, coefficient, w, scale, log_decay, initial, *readouts)
+    return list(outputs), final, infinite
 
 
 def _flat_rows(kernel):
@@ -819,15 +880,18 @@ def _flat_rows(kernel):
 
 
 class DeltaRule(torch.autograd.Function):
-    """The Triton forward; with one read-out, the backward kernels (:func:`backward`) from
-    the chunk start states the forward kept.  Otherwise (no read-out, or several) the
+    """The Triton forward (its last output the kernel's note of infinite read-out entries,
+    not differentiable); with one read-out, the backward kernels (:func:`backward`) from
+    the chunk start states and ``U`` the forward kept.  Otherwise (no read-out, or several) the
     backward differentiates the torch chunked form, recomputed (chunk-boundary states only)."""
 
     @staticmethod
     def forward(ctx, chunk: int, allow_tf32: bool, left, right, coefficient, w, scale, log_decay, initial, *readouts):
         # ``scale`` (or None): the input is scale[..., None] * w, formed in the kernels.
         ctx.kernels = len(readouts) == 1 and any(ctx.needs_input_grad)
-        outputs, final, saved = _forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32, keep=ctx.kernels, input_scale=scale)
+        outputs, final, saved, infinite = _forward(list(readouts), left, right, coefficient, [w], initial, chunk, log_decay, allow_tf32, keep=ctx.kernels, input_scale=scale)
+        ctx.mark_non_differentiable(infinite)
+        ctx.set_materialize_grads(False)  # (no zero gradient for the note, nor for an unused output)
         ctx.scaled = scale is not None
         ctx.chunk = chunk
         ctx.allow_tf32 = allow_tf32
@@ -835,7 +899,7 @@ class DeltaRule(torch.autograd.Function):
         ctx.same_sides = right is left
         ctx.saved = saved
         ctx.save_for_backward(left, right, coefficient, w, scale if scale is not None else coefficient, log_decay if log_decay is not None else coefficient, initial, *readouts)
-        return (*outputs, final)
+        return (*outputs, final, infinite)
 
     @staticmethod
     def backward(ctx, *grads):
@@ -844,15 +908,15 @@ class DeltaRule(torch.autograd.Function):
         return DeltaRule._torch_backward(ctx, *grads)
 
     @staticmethod
-    def _kernel_backward(ctx, d_output, d_final):
+    def _kernel_backward(ctx, d_output, d_final, _infinite):
         left, right, coefficient, w, scale, log_decay, initial, q = ctx.saved_tensors
         if ctx.same_sides:
             right = left
         saved = ctx.saved
         if d_output is None:
-            d_output = torch.zeros(q.shape[:-1] + saved.u.shape[-1:], dtype=saved.u.dtype, device=q.device)
+            d_output = torch.zeros(q.shape[:-1] + saved.starts.shape[-1:], dtype=saved.starts.dtype, device=q.device)
         if d_final is None:
-            d_final = torch.zeros_like(initial, dtype=saved.u.dtype)
+            d_final = torch.zeros_like(initial, dtype=saved.starts.dtype)
         dq, dl, dr, da, dw, dg, d_initial, dc = backward(
             q, left, right, coefficient, w, log_decay if ctx.gated else None, saved, d_output, d_final, ctx.chunk, ctx.allow_tf32, input_scale=scale if ctx.scaled else None
         )

@@ -208,3 +208,23 @@ def test_look_back_scans_on_cuda_with_many_blocks_in_flight(name, dims):
         mismatches = compare_backends(module, ["triton"], inputs, state, seed=4, device="cuda")
     assert not mismatches, "\n".join(map(str, mismatches))
     assert {"forward_h_look_back", "backward_h_look_back"} <= {launch.name for launch in launches}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_delta_rule_kernel_finds_infinite_queries_on_cuda(name):
+    """The compiled delta_chunks notes infinite read-out entries as it reads them (no pass over
+    q in torch): a query with +-inf entries gives the loop's infinities, NaNs and values."""
+    torch.manual_seed(0)
+    sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", dk=16, dv=16).double()
+    triton = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", dk=16, dv=16).double().cuda()
+    triton.load_state_dict(sequential.state_dict())
+    inputs = {i.name: 0.5 * torch.randn(2, 150, *i.type.shape, dtype=torch.float64) for i in sequential.cell.inputs}
+    inputs["q"][0, 70, 1] = float("inf")
+    inputs["q"][1, 149, 0] = -float("inf")
+    expected = sequential(**inputs)
+    got = triton(**{n: v.cuda() for n, v in inputs.items()}).cpu()
+    assert torch.isinf(expected).any()
+    assert torch.equal(torch.isinf(expected), torch.isinf(got)) and torch.equal(torch.isnan(expected), torch.isnan(got))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-9, atol=1e-10)

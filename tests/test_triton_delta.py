@@ -152,7 +152,7 @@ def test_plan_names_the_kernels_and_refuses_what_they_do_not_take():
     from recdsl.backends import triton_backend
 
     source = triton_backend.emit(_cell("gated_deltanet", "triton", dk=8, dv=8).plan)
-    assert "triton_delta.py (delta_prepare, delta_chunks: the gated delta rule's UT transform)" in source
+    assert "triton_delta.py (delta_chunks: the gated delta rule's UT transform inside the walk over the chunks)" in source
     with pytest.raises(recdsl.BackendError, match="129 key rows; the Triton delta-rule kernels hold at most 128"):
         _cell("deltanet", "triton", dk=129, dv=4)
     before_and_after = """
@@ -183,7 +183,7 @@ def test_matmuls_are_exact_unless_tf32_is_asked_for(dtype, allow_tf32, precision
 
     q, left, right, coefficient, w, initial, log_decay = _problem(16, 16, 16, True, dtype=dtype)
     launches = record_launches(lambda: triton_delta.forward([q], left, right, coefficient, [w], initial, 64, log_decay, allow_tf32=allow_tf32))
-    assert [launch.name for launch in launches] == ["delta_prepare", "delta_chunks"]
+    assert [launch.name for launch in launches] == ["delta_chunks"]  # the UT transform inside the walk over the chunks
     assert {launch.meta["PRECISION"] for launch in launches} == {precision}
     assert all({"num_warps", "num_stages"} <= set(launch.meta) for launch in launches)
 
@@ -196,7 +196,7 @@ def test_allow_tf32_reaches_the_delta_kernels():
     launches = record_launches(lambda: module(*inputs))
     assert {launch.meta["PRECISION"] for launch in launches if launch.name.startswith("delta_")} == {"tf32"}
     # DeltaNet's k is both sides of its map (I - beta k k^T): the kernel reads it once.
-    assert [launch.meta["SAME_SIDES"] for launch in launches if launch.name == "delta_prepare"] == [True]
+    assert [launch.meta["SAME_SIDES"] for launch in launches if launch.name == "delta_chunks"] == [True]
 
 
 def _fla_naive_gated_delta_rule():
@@ -298,7 +298,7 @@ def test_backward_runs_the_kernels_and_falls_back_for_several_readouts():
 
     problem = _problem(8, 4, 20, True)
     launches = record_launches(lambda: _gradients(problem, 16, triton=True))
-    assert [launch.name for launch in launches] == ["delta_prepare", "delta_chunks", "delta_adjoint_chunks", "delta_gradients"]
+    assert [launch.name for launch in launches] == ["delta_chunks", "delta_adjoint_chunks", "delta_gradients"]
     assert [launch.meta["KEEP"] for launch in launches if launch.name == "delta_chunks"] == [True]
     _assert_gradients_match(_gradients(problem, 16, True, readouts=2), _gradients(problem, 16, False, readouts=2), 1e-10, "two read-outs")
 
@@ -339,3 +339,70 @@ def test_hypothesis_backward_over_sizes_and_chunks():
         _assert_gradients_match(_gradients(problem, chunk, True), _gradients(problem, chunk, False), 1e-10, f"dk={keys} dv={values} T={steps} chunk={chunk}")
 
     agree()
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_an_infinite_query_found_by_the_kernel_gives_the_loops_infinities(name):
+    """The forward kernel notes infinite read-out entries as it reads them (no separate pass
+    over q): such a query is split and run again, and gives the loop's +-inf, NaN and values."""
+    torch.manual_seed(0)
+    sequential = recdsl.compile(EXAMPLES / f"{name}.rec", backend="sequential", dk=6, dv=5).double()
+    triton = recdsl.compile(EXAMPLES / f"{name}.rec", backend="triton", dk=6, dv=5).double()
+    triton.load_state_dict(sequential.state_dict())
+    inputs = {i.name: 0.5 * torch.randn(2, 11, *i.type.shape, dtype=torch.float64) for i in sequential.cell.inputs}
+    inputs["q"][0, 5, 1] = float("inf")
+    inputs["q"][1, 9, 0] = -float("inf")
+    expected, got = sequential(**inputs), triton(**inputs)
+    assert torch.isinf(expected).any()
+    assert torch.equal(torch.isinf(expected), torch.isinf(got)) and torch.equal(torch.isnan(expected), torch.isnan(got))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-12)
+    assert torch.equal(torch.sign(expected[torch.isinf(expected)]), torch.sign(got[torch.isinf(expected)]))
+
+
+@pytest.mark.parametrize("name", ["deltanet", "gated_deltanet"])
+def test_forward_is_one_kernel_and_no_torch_pass_reads_the_sequences(name):
+    """The layer's forward with gradients wanted: one launch (the UT transform inside the walk
+    over the chunks), which keeps only the chunk start states and U for the backward, and no
+    aten op reads or writes a tensor the size of q, k, v or the output (no layout copy, no
+    finiteness check of the queries, no U_w / W_r)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from recdsl.backends.triton_aot import record_launches
+
+    module = _cell(name, "triton", dk=16, dv=16)
+    B, T, H = 2, 40, 3
+    inputs = {i.name: torch.randn(B, T, H, *i.type.shape, requires_grad=True) for i in module.cell.inputs}
+    sequence_size = B * T * H * 16
+    touched = []
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            tensors = [a for a in (*args, *(result if isinstance(result, (tuple, list)) else (result,))) if isinstance(a, torch.Tensor)]
+            if func.overloadpacket not in (torch.ops.aten.empty, torch.ops.aten.empty_strided) and any(t.numel() >= sequence_size for t in tensors):
+                touched.append(str(func))
+            return result
+
+    def forward():
+        with Sizes():
+            module(**inputs)
+
+    launches = record_launches(forward)
+    assert [launch.name for launch in launches] == ["delta_chunks"]
+    assert [launch.meta["KEEP"] for launch in launches] == [True]
+    views = {"aten.transpose.int", "aten.view.default", "aten.expand.default", "aten.unsqueeze.default", "aten.squeeze.dim", "aten.alias.default", "aten.permute.default", "aten.select.int", "aten.slice.Tensor", "aten.detach.default"}
+    assert [op for op in touched if op not in views] == []
+
+
+def test_initial_state_read_through_its_strides():
+    """A broadcast or transposed initial state is read where it lies (no copy): the same
+    read-outs and final state as its contiguous copy."""
+    from recdsl.backends import triton_delta
+
+    q, left, right, coefficient, w, initial, log_decay = _problem(20, 12, 30, True, rows=3)
+    for given in (initial[:1].expand(3, 20, 12), initial.transpose(-1, -2).contiguous().transpose(-1, -2)):
+        (out,), final = triton_delta.forward([q], left, right, coefficient, [w], given, 16, log_decay)
+        (expected,), expected_final = triton_delta.forward([q], left, right, coefficient, [w], given.contiguous(), 16, log_decay)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(final, expected_final, rtol=0, atol=0)
