@@ -362,6 +362,27 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
     return arguments
 
 
+def _needs_graph(*tensors) -> bool:
+    """Whether a kernel call on ``tensors`` (tensors, or lists of them) must be recorded for
+    autograd: grad mode on and some tensor requiring a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    for value in tensors:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                return True
+        elif any(t.requires_grad for t in value):
+            return True
+    return False
+
+
+def _contiguous_as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value.to(dtype).contiguous()``, without the dispatches where it already is."""
+    if value.dtype != dtype:
+        value = value.to(dtype)
+    return value if value.is_contiguous() else value.contiguous()
+
+
 def _complex_parts(value: torch.Tensor) -> list[torch.Tensor]:
     """A complex ``[N, (T,) C]`` tensor's real and imaginary parts as the scan kernels address
     them: strided views of the one buffer (contiguous first, a no-op when it is)."""
@@ -394,9 +415,11 @@ class _Launch:
         self.heads = _numel(self.lead[2:])  # rows are (batch, heads) pairs: i_n = b * heads + h
         self.steps = self.lead[1]
         self.blocks = -(-self.steps // BLOCK_T)  # blocks of BT steps, counted on the host
+        self._chunk_steps: tuple[int | None] | None = None  # chunk_steps(), found once per call
+        self._accumulator = None
 
     def module(self):
-        """The generated kernels, loaded once per process from the plan's source."""
+        """The generated kernels, loaded once per process from the plan's source (whose hash the plan holds)."""
         return load_generated(self.plan.kernel_source)
 
     def leaf_values(self) -> list[torch.Tensor]:
@@ -424,9 +447,15 @@ class _Launch:
         keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
         if any(k != 1 for k in keep[2:]):
             keep[2:] = lead[2:]  # the kernel has one head stride: all head dims, or none
-        value = value.expand(tuple(keep) + shape)
-        moved = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
-        return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
+        # Each view below is skipped where it would change nothing: under autograd every
+        # view op is a node, forward and backward.
+        target = tuple(keep) + shape
+        if value.shape != target:
+            value = value.expand(target)
+        if len(lead) > 2:
+            value = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
+        viewed = (keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
+        return value if value.shape == viewed else value.reshape(viewed)
 
     def block_c(self, backward: bool = False) -> int:
         """``BC``: state elements per program; the backward kernels take at most 32 (registers, below)."""
@@ -436,17 +465,19 @@ class _Launch:
         return min(block, MONOID_FORWARD_BLOCK_C) if self.spec.kind is ScanKind.MONOID else block
 
     def grid(self, backward: bool = False):
-        import triton
-
-        return (self.rows, triton.cdiv(self.channels, self.block_c(backward)))
+        return (self.rows, -(-self.channels // self.block_c(backward)))
 
     def constants(self, backward: bool = False) -> dict:
-        return dict(BT=BLOCK_T, BC=self.block_c(backward), ACC=_accumulator(self.seq.numerics))
+        if self._accumulator is None:
+            self._accumulator = _accumulator(self.seq.numerics)
+        return dict(BT=BLOCK_T, BC=self.block_c(backward), ACC=self._accumulator)
 
     def chunk_steps(self) -> int | None:
         """This call's steps per chunk of T when the plan's :class:`TimeSplit` splits it, else None."""
-        rows, blocks = self.grid()
-        return self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T)
+        if self._chunk_steps is None:
+            rows, blocks = self.grid()
+            self._chunk_steps = (self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T),)
+        return self._chunk_steps[0]
 
     def chunk_count(self) -> int:
         """How many chunks of T this call's scans run in (1: one pass)."""
@@ -576,18 +607,25 @@ class _RecurrenceScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+    def run(launch: _Launch, initial: torch.Tensor, leaves) -> torch.Tensor:
+        """The forward kernel's states ``[N, T, C]``: the forward pass, and the whole call where no
+        gradient is wanted (no ``autograd.Function`` then: :meth:`TritonSolver.kernel_recurrence`)."""
         spec = launch.spec
-        dtype = launch.seq.numerics.real
         start = initial.reshape(launch.rows, launch.channels)
         if spec.is_complex:
             # The kernels read and write complex values in place, (re, im) interleaved
             # (triton_codegen._in_state_layout): the parts are strided views, not copies.
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=launch.seq.numerics.complex, device=start.device)
-            launch.scan(False, _complex_parts(start.to(states.dtype)), _complex_parts(states), _leaf_arguments(list(leaves), spec.leaves))
+            launch.scan(False, _complex_parts(start.to(states.dtype)), _complex_parts(states), _leaf_arguments(leaves, spec.leaves))
         else:
+            dtype = launch.seq.numerics.real
             states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(list(leaves), spec.leaves))
+            launch.scan(False, [_contiguous_as(start, dtype)], [states], _leaf_arguments(leaves, spec.leaves))
+        return states
+
+    @staticmethod
+    def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+        states = _RecurrenceScan.run(launch, initial, leaves)
         ctx.launch = launch
         ctx.save_for_backward(initial, states, *leaves)
         return states
@@ -809,13 +847,17 @@ class TritonSolver(parallel.Solver):
 
     def kernel_recurrence(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
         launch = self._launch(step, state.type)
-        _check_device(self.seq.numerics.device)
         leaves = launch.leaf_views(launch.leaf_values())
-        states = _RecurrenceScan.apply(launch, self.initial[state.state], *leaves)
+        initial = self.initial[state.state]
+        if _needs_graph(initial, leaves):
+            states = _RecurrenceScan.apply(launch, initial, *leaves)
+        else:  # nothing to differentiate: the kernel without autograd.Function's bookkeeping
+            states = _RecurrenceScan.run(launch, initial, leaves)
         # [N, T, C] -> [B, T, *heads, *shape]
         lead = self.seq.lead
-        shaped = states.reshape((lead[0],) + lead[2:] + (lead[1],) + state.type.shape)
-        return shaped.movedim(len(lead) - 1, 1)
+        shape = (lead[0],) + lead[2:] + (lead[1],) + state.type.shape
+        shaped = states if states.shape == shape else states.reshape(shape)
+        return shaped.movedim(len(lead) - 1, 1) if len(lead) > 2 else shaped
 
     def selective_scan(self, step: StepPlan, initial: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """A fused selective scan (:mod:`.triton_selective`): the outputs it writes, by their
