@@ -356,9 +356,9 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
             parts = [pair[..., 0], pair[..., 1]]
         else:
             parts = [tensor]
-        arguments.extend(parts)
+        arguments += parts
         # [B, H, T, C] strides, 0 along axes of size 1 (they broadcast).
-        arguments.extend(stride if size > 1 else 0 for size, stride in zip(tensor.shape, parts[0].stride()))
+        arguments += [stride if size > 1 else 0 for size, stride in zip(tensor.shape, parts[0].stride())]
     return arguments
 
 
@@ -597,6 +597,24 @@ def _leaf_gradient_buffers(launch: "_Launch", leaves, wanted: list[bool], dtype:
     return modes, buffers, arguments
 
 
+def _leaf_gradients(views, leaves: tuple[Leaf, ...], buffers: list[torch.Tensor], modes: dict) -> list[torch.Tensor | None]:
+    """Each leaf view's gradient from what the backward kernel wrote into ``buffers`` (as
+    :func:`_leaf_gradient_buffers` laid them out): summed over a constant leaf's programs and
+    over what the view broadcasts, in the view's dtype; None where none was wanted."""
+    grads: list[torch.Tensor | None] = []
+    for view, leaf, grad in zip(views, leaves, buffers):
+        mode = LeafGradient(modes[f"G_{leaf.name}"])
+        if mode is LeafGradient.NONE:
+            grads.append(None)
+            continue
+        if mode is LeafGradient.SUMMED_OVER_TIME:
+            grad = grad.sum(2, keepdim=True)
+        if grad.shape != view.shape:
+            grad = grad.sum_to_size(view.shape)
+        grads.append(grad if grad.dtype == view.dtype else grad.to(view.dtype))
+    return grads
+
+
 class _RecurrenceScan(torch.autograd.Function):
     """An affine or semiring recurrence solved by its generated kernels.
 
@@ -638,9 +656,11 @@ class _RecurrenceScan(torch.autograd.Function):
         dtype = launch.seq.numerics.real
         device = states.device
         start = initial.reshape(launch.rows, launch.channels)
-        grad_states = grad_states.contiguous()
+        if not grad_states.is_contiguous():
+            grad_states = grad_states.contiguous()
         chunks = launch.chunk_count()
-        wanted = [ctx.needs_input_grad[2 + i] for i in range(len(leaves))]
+        needs = ctx.needs_input_grad
+        wanted = [needs[2 + i] for i in range(len(leaves))]
         modes, grad_buffers, gradient_arguments = _leaf_gradient_buffers(launch, leaves, wanted, dtype, chunks)
         if spec.is_complex:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=states.dtype, device=device)
@@ -649,23 +669,15 @@ class _RecurrenceScan(torch.autograd.Function):
         else:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=dtype, device=device)
             outputs = [grad_initial] + gradient_arguments
-            inputs = [start.to(dtype).contiguous(), states, grad_states]
-        launch.scan(True, inputs, outputs, _leaf_arguments(list(leaves), spec.leaves), modes)
-        if not initial.is_complex() and grad_initial.is_complex():
-            grad_initial = grad_initial.real
-        grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
-        grads: list[torch.Tensor | None] = []
-        for view, leaf, grad in zip(leaves, spec.leaves, grad_buffers):
-            mode = LeafGradient(modes[f"G_{leaf.name}"])
-            if mode is LeafGradient.NONE:
-                grads.append(None)
-                continue
-            if mode is LeafGradient.SUMMED_OVER_TIME:
-                grad = grad.sum(2, keepdim=True)
-            if grad.shape != view.shape:
-                grad = grad.sum_to_size(view.shape)
-            grads.append(grad.to(view.dtype))
-        return (None, grad_initial, *grads)
+            inputs = [_contiguous_as(start, dtype), states, grad_states]
+        launch.scan(True, inputs, outputs, _leaf_arguments(leaves, spec.leaves), modes)
+        if not needs[1]:  # the declared initial value (a constant): the kernel wrote dL/dh_0 for no one
+            grad_initial = None
+        else:
+            if not initial.is_complex() and grad_initial.is_complex():
+                grad_initial = grad_initial.real
+            grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
+        return (None, grad_initial, *_leaf_gradients(leaves, spec.leaves, grad_buffers, modes))
 
 
 class _MonoidScan(torch.autograd.Function):

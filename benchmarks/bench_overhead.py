@@ -17,7 +17,7 @@ by default B = 2, T = 16) so that those torch ops' arithmetic on the CPU stays s
 their dispatch, and torch runs on one CPU thread (``--threads``; waking a thread pool for a
 tiny op costs milliseconds of noise on a shared machine); recdsl's own per-call work does
 not depend on the sizes.  Each time is the
-best of ``--repeat`` rounds of ``--calls`` calls (mean within a round), after a warm-up
+best of ``--repeat`` short rounds of ``--calls`` calls (mean within a round; short rounds so that some run while a shared machine is quiet), after a warm-up
 that loads the kernels.
 
 Also per call: Python function calls (``sys.setprofile`` 'call' events: functions written
@@ -78,8 +78,8 @@ class Layer:
 
 LAYERS = (
     Layer("scan", SCAN_CELL, dict(d=64)),
-    Layer("mingru", EXAMPLES / "mingru.rec", dict(d_in=16, d=1024)),
-    Layer("mingru", EXAMPLES / "mingru.rec", dict(d_in=16, d=64), heads=(16,)),
+    Layer("mingru", EXAMPLES / "mingru.rec", dict(d_in=4, d=1024)),
+    Layer("mingru", EXAMPLES / "mingru.rec", dict(d_in=4, d=64), heads=(16,)),
     Layer("lru", EXAMPLES / "lru.rec", dict(d=16, n=256)),
     Layer("s6", EXAMPLES / "s6.rec", dict(d=64, n=16)),
     Layer("gla", EXAMPLES / "gla.rec", dict(dk=64, dv=64), heads=(4,)),
@@ -143,7 +143,7 @@ def _python_calls(call: Callable[[], object], calls: int) -> float:
     return counted[0] / calls
 
 
-def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 50, repeat: int = 5, device: str = "cpu") -> Measurement:
+def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 10, repeat: int = 40, device: str = "cpu") -> Measurement:
     """One layer's host time, Python calls and launches per call, forward and forward+backward."""
     torch.manual_seed(0)
     module = recdsl.compile(layer.source, backend="triton", **layer.dims).to(device)
@@ -169,14 +169,14 @@ def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 50, rep
             forward()
             forward_launches = len(launches) - start
             forward_us = _best(forward, calls, repeat)
-            forward_calls = _python_calls(forward, max(1, calls // 5))
+            forward_calls = _python_calls(forward, 2)
         for _ in range(3):
             forward_backward()
         start = len(launches)
         forward_backward()
         backward_launches = len(launches) - start
         backward_us = _best(forward_backward, calls, repeat)
-        backward_calls = _python_calls(forward_backward, max(1, calls // 5))
+        backward_calls = _python_calls(forward_backward, 2)
         launches.clear()
     return Measurement(layer.label, forward_us, backward_us, forward_calls, backward_calls, forward_launches, backward_launches)
 
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="*", default=None, help="names among: " + ", ".join(dict.fromkeys(layer.name for layer in LAYERS)))
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=16)
-    parser.add_argument("--calls", type=int, default=50, help="calls per timed round")
-    parser.add_argument("--repeat", type=int, default=5, help="rounds; the best is kept")
+    parser.add_argument("--calls", type=int, default=10, help="calls per timed round")
+    parser.add_argument("--repeat", type=int, default=40, help="rounds; the best is kept (many short rounds: the machine may be shared)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1: a tiny op's wake-up of a thread pool on a shared machine costs milliseconds of noise)")
     parser.add_argument("--quick", action="store_true", help="tiny dims, few calls, one round")

@@ -41,12 +41,11 @@ def _tracing() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
+_REAL_PARTS = {torch.complex128: torch.float64, torch.complex64: torch.float32, torch.complex32: torch.float32}
+
+
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype == torch.complex128:
-        return torch.float64
-    if dtype in (torch.complex64, torch.complex32):
-        return torch.float32
-    return dtype
+    return _REAL_PARTS.get(dtype, dtype)
 
 
 class CompiledCell(nn.Module):
@@ -292,11 +291,14 @@ class CompiledCell(nn.Module):
 
         input_dtypes = [_real_dtype(v.dtype) for v in inputs.values()]
         compute = input_dtypes[0]
+        # (torch.promote_types is a dispatched op: called only where two dtypes differ)
         for dtype in input_dtypes[1:] + [_real_dtype(p.dtype) for p in self._parameter_list()] + [self._dtype_anchor.dtype]:
-            compute = torch.promote_types(compute, dtype)
+            if dtype != compute:
+                compute = torch.promote_types(compute, dtype)
         output_dtype = input_dtypes[0]
         for dtype in input_dtypes[1:]:
-            output_dtype = torch.promote_types(output_dtype, dtype)
+            if dtype != output_dtype:
+                output_dtype = torch.promote_types(output_dtype, dtype)
         if compute in _LOW_PRECISION:
             compute = torch.float32  # accumulate low-precision inputs in fp32
         device = next(iter(inputs.values())).device
@@ -454,8 +456,8 @@ class CompiledCell(nn.Module):
 
     def _given_state(self, state: Mapping[str, torch.Tensor] | None, carried: dict[str, torch.Tensor], lead: tuple[int, ...], numerics) -> dict[str, torch.Tensor]:
         """``carried`` (the declared initial values, ``[*lead, *shape]``) with the values given in ``state``, checked and cast."""
-        types = self._carried_types()
         if state is not None:
+            types = self._carried_types()
             if not isinstance(state, Mapping):
                 raise InputError(f"state must be a dict of tensors, got {type(state).__name__}", expected="the dict returned with return_state=True")
             for name, value in state.items():
