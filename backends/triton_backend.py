@@ -315,8 +315,8 @@ def _accumulator(numerics: Numerics):
 
 
 def _block_c(channels: int) -> int:
-    size = 1
-    while size < min(channels, 64):
+    size, limit = 1, min(channels, 64)
+    while size < limit:
         size *= 2
     return size
 
@@ -415,6 +415,7 @@ class _Launch:
         self.heads = _numel(self.lead[2:])  # rows are (batch, heads) pairs: i_n = b * heads + h
         self.steps = self.lead[1]
         self.blocks = -(-self.steps // BLOCK_T)  # blocks of BT steps, counted on the host
+        self._block = _block_c(self.channels)
         self._chunk_steps: tuple[int | None] | None = None  # chunk_steps(), found once per call
         self._accumulator = None
 
@@ -439,27 +440,29 @@ class _Launch:
         return [self._leaf_view(value, leaf) for value, leaf in zip(leaves, self.spec.leaves)]
 
     def _leaf_view(self, value: torch.Tensor, leaf: Leaf) -> torch.Tensor:
-        declared, lead, shape = leaf.expr.type, self.lead, self.state_type.shape
-        if value.dim() == declared.rank:  # params and consts: no leading dims
-            value = value.reshape((1,) * (len(lead) + len(shape) - declared.rank) + tuple(value.shape))
-        else:
-            value = align(value, declared.rank, len(shape))
-        keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
+        rank, lead, shape = leaf.expr.type.rank, self.lead, self.state_type.shape
+        dims = value.dim()
+        if dims == rank:  # params and consts: no leading dims
+            value = value.reshape((1,) * (len(lead) + len(shape) - rank) + tuple(value.shape))
+        elif rank < len(shape):
+            value = align(value, rank, len(shape))
+        sizes = value.shape
+        keep = [size if sizes[i] != 1 else 1 for i, size in enumerate(lead)]
         if any(k != 1 for k in keep[2:]):
             keep[2:] = lead[2:]  # the kernel has one head stride: all head dims, or none
         # Each view below is skipped where it would change nothing: under autograd every
         # view op is a node, forward and backward.
         target = tuple(keep) + shape
-        if value.shape != target:
+        if sizes != target:
             value = value.expand(target)
         if len(lead) > 2:
             value = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
-        viewed = (keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
+        viewed = (keep[0], _numel(keep[2:]), keep[1], self.channels)
         return value if value.shape == viewed else value.reshape(viewed)
 
     def block_c(self, backward: bool = False) -> int:
         """``BC``: state elements per program; the backward kernels take at most 32 (registers, below)."""
-        block = _block_c(self.channels)
+        block = self._block
         if backward:
             return min(block, BACKWARD_BLOCK_C)
         return min(block, MONOID_FORWARD_BLOCK_C) if self.spec.kind is ScanKind.MONOID else block
@@ -578,22 +581,29 @@ def _leaf_gradient_buffers(launch: "_Launch", leaves, wanted: list[bool], dtype:
     modes, buffers, arguments = {}, [], []
     whole = (launch.lead[0], launch.heads)
     for view, leaf, needed in zip(leaves, launch.spec.leaves, wanted):
-        kind = launch.seq.numerics.complex if leaf.is_complex else dtype
+        complex_leaf = leaf.is_complex
+        kind = launch.seq.numerics.complex if complex_leaf else dtype
+        shape = view.shape
         if not needed:
             mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=kind, device=view.device)
-        elif lanes is not None and view.shape[2] == launch.steps and view.shape[3] == 1 < launch.channels:
+        elif lanes is not None and shape[2] == launch.steps and shape[3] == 1 < launch.channels:
             mode, buffer = LeafGradient.SUMMED_OVER_LANES, torch.empty(whole + (launch.steps, lanes), dtype=kind, device=view.device)
-        elif view.shape[2] == launch.steps:
-            mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=kind)
-            if buffer.shape[:2] != whole:  # broadcast over batch or heads: written in full, summed by the caller
-                buffer = torch.empty(whole + (launch.steps, launch.channels), dtype=kind, device=view.device)
+        elif shape[2] == launch.steps:
+            if shape[:2] == whole:
+                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=kind)
+            else:  # broadcast over batch or heads: written in full, summed by the caller
+                mode, buffer = LeafGradient.PER_STEP, torch.empty(whole + (launch.steps, launch.channels), dtype=kind, device=view.device)
         else:
             mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty(whole + (chunks, launch.channels), dtype=kind, device=view.device)
         modes[f"G_{leaf.name}"] = mode.value
         buffers.append(buffer)
-        parts = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
-        arguments.extend(parts)
-        arguments.extend(parts[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        if complex_leaf:
+            pair = torch.view_as_real(buffer)
+            arguments += (pair[..., 0], pair[..., 1])
+            arguments += pair[..., 0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0)
+        else:
+            arguments.append(buffer)
+            arguments += buffer.stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0)
     return modes, buffers, arguments
 
 
@@ -625,37 +635,38 @@ class _RecurrenceScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def run(launch: _Launch, initial: torch.Tensor, leaves) -> torch.Tensor:
-        """The forward kernel's states ``[N, T, C]``: the forward pass, and the whole call where no
+    def run(launch: _Launch, initial: torch.Tensor, leaves) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward kernel's states ``[N, T, C]`` and the initial state as it read it (``[N, C]``,
+        contiguous, in the states' dtype): the forward pass, and the whole call where no
         gradient is wanted (no ``autograd.Function`` then: :meth:`TritonSolver.kernel_recurrence`)."""
         spec = launch.spec
         start = initial.reshape(launch.rows, launch.channels)
+        dtype = launch.seq.numerics.complex if spec.is_complex else launch.seq.numerics.real
+        start = _contiguous_as(start, dtype)
+        states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
         if spec.is_complex:
             # The kernels read and write complex values in place, (re, im) interleaved
             # (triton_codegen._in_state_layout): the parts are strided views, not copies.
-            states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=launch.seq.numerics.complex, device=start.device)
-            launch.scan(False, _complex_parts(start.to(states.dtype)), _complex_parts(states), _leaf_arguments(leaves, spec.leaves))
+            launch.scan(False, _complex_parts(start), _complex_parts(states), _leaf_arguments(leaves, spec.leaves))
         else:
-            dtype = launch.seq.numerics.real
-            states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            launch.scan(False, [_contiguous_as(start, dtype)], [states], _leaf_arguments(leaves, spec.leaves))
-        return states
+            launch.scan(False, [start], [states], _leaf_arguments(leaves, spec.leaves))
+        return states, start
 
     @staticmethod
     def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
-        states = _RecurrenceScan.run(launch, initial, leaves)
+        states, start = _RecurrenceScan.run(launch, initial, leaves)
         ctx.launch = launch
-        ctx.save_for_backward(initial, states, *leaves)
+        ctx.initial = (initial.shape, initial.dtype, initial.is_complex())  # its gradient's layout
+        ctx.save_for_backward(start, states, *leaves)
         return states
 
     @staticmethod
     def backward(ctx, grad_states: torch.Tensor):
         launch: _Launch = ctx.launch
-        initial, states, *leaves = ctx.saved_tensors
+        start, states, *leaves = ctx.saved_tensors
         spec = launch.spec
         dtype = launch.seq.numerics.real
         device = states.device
-        start = initial.reshape(launch.rows, launch.channels)
         if not grad_states.is_contiguous():
             grad_states = grad_states.contiguous()
         chunks = launch.chunk_count()
@@ -665,18 +676,19 @@ class _RecurrenceScan(torch.autograd.Function):
         if spec.is_complex:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=states.dtype, device=device)
             outputs = _complex_parts(grad_initial) + gradient_arguments
-            inputs = [*_complex_parts(start.to(states.dtype)), *_complex_parts(states), *_complex_parts(grad_states)]
+            inputs = [*_complex_parts(start), *_complex_parts(states), *_complex_parts(grad_states)]
         else:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=dtype, device=device)
             outputs = [grad_initial] + gradient_arguments
-            inputs = [_contiguous_as(start, dtype), states, grad_states]
+            inputs = [start, states, grad_states]
         launch.scan(True, inputs, outputs, _leaf_arguments(leaves, spec.leaves), modes)
         if not needs[1]:  # the declared initial value (a constant): the kernel wrote dL/dh_0 for no one
             grad_initial = None
         else:
-            if not initial.is_complex() and grad_initial.is_complex():
+            shape, initial_dtype, complex_initial = ctx.initial
+            if not complex_initial and grad_initial.is_complex():
                 grad_initial = grad_initial.real
-            grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
+            grad_initial = grad_initial.reshape(shape).to(initial_dtype)
         return (None, grad_initial, *_leaf_gradients(leaves, spec.leaves, grad_buffers, modes))
 
 
@@ -864,7 +876,7 @@ class TritonSolver(parallel.Solver):
         if _needs_graph(initial, leaves):
             states = _RecurrenceScan.apply(launch, initial, *leaves)
         else:  # nothing to differentiate: the kernel without autograd.Function's bookkeeping
-            states = _RecurrenceScan.run(launch, initial, leaves)
+            states, _ = _RecurrenceScan.run(launch, initial, leaves)
         # [N, T, C] -> [B, T, *heads, *shape]
         lead = self.seq.lead
         shape = (lead[0],) + lead[2:] + (lead[1],) + state.type.shape

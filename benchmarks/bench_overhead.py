@@ -115,14 +115,16 @@ def _inputs(module, layer: Layer, batch: int, length: int, device: str) -> list[
     return values
 
 
-def _best(call: Callable[[], object], calls: int, repeat: int) -> float:
-    """The best over ``repeat`` rounds of the mean microseconds of ``calls`` calls."""
+def _best(call: Callable[[], object], calls: int, repeat: int, launches: list) -> float:
+    """The best over ``repeat`` rounds of the mean microseconds of ``calls`` calls (the
+    recorded ``launches``, which hold their tensors, dropped after each round)."""
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
         for _ in range(calls):
             call()
         best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        launches.clear()
     return best
 
 
@@ -168,14 +170,14 @@ def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 10, rep
             start = len(launches)
             forward()
             forward_launches = len(launches) - start
-            forward_us = _best(forward, calls, repeat)
+            forward_us = _best(forward, calls, repeat, launches)
             forward_calls = _python_calls(forward, 2)
         for _ in range(3):
             forward_backward()
         start = len(launches)
         forward_backward()
         backward_launches = len(launches) - start
-        backward_us = _best(forward_backward, calls, repeat)
+        backward_us = _best(forward_backward, calls, repeat, launches)
         backward_calls = _python_calls(forward_backward, 2)
         launches.clear()
     return Measurement(layer.label, forward_us, backward_us, forward_calls, backward_calls, forward_launches, backward_launches)
