@@ -942,13 +942,15 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
         from . import triton_fused
 
         return triton_fused.run_plan(plan, inputs, params, consts, state, numerics)
-    import functools
+    decayed_outer_products = delta_rule = None
+    if any(step.form is Form.TRITON_CHUNKED for step in plan.steps):  # only chunked steps call these
+        import functools
 
-    from . import triton_chunk, triton_delta
+        from . import triton_chunk, triton_delta
 
+        decayed_outer_products = functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32)
+        delta_rule = functools.partial(triton_delta.delta_rule, allow_tf32=plan.options.allow_tf32)
     return parallel.run(
         plan, inputs, params, consts, state, numerics, solver=TritonSolver,
-        decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32),
-        delta_rule=functools.partial(triton_delta.delta_rule, allow_tf32=plan.options.allow_tf32),
-        last_steps=last_steps,
+        decayed_outer_products=decayed_outer_products, delta_rule=delta_rule, last_steps=last_steps,
     )
