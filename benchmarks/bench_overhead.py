@@ -5,7 +5,7 @@
     python benchmarks/bench_overhead.py --quick               # tiny sizes, one round: a smoke test
     flock /tmp/recdsl-bench.lock python benchmarks/bench_overhead.py   # numbers to quote (shared machine)
 
-What is measured, per layer: the wall-clock microseconds of one call on the host, forward
+What is measured, per layer: the microseconds of one call on the host, forward
 under ``torch.no_grad()`` and forward+backward (``torch.autograd.grad`` of every output
 with respect to every input and parameter, with a fixed output gradient: no ``.grad``
 accumulation), inside :func:`recdsl.backends.triton_launch.observe_launches` with
@@ -18,7 +18,10 @@ their dispatch, and torch runs on one CPU thread (``--threads``; waking a thread
 tiny op costs milliseconds of noise on a shared machine); recdsl's own per-call work does
 not depend on the sizes.  Each time is the
 best of ``--repeat`` short rounds of ``--calls`` calls (mean within a round; short rounds so that some run while a shared machine is quiet), after a warm-up
-that loads the kernels.
+that loads the kernels.  The clock (``--clock``) is by default the CPU time of the calling
+thread (``time.thread_time``: torch's ops and the autograd engine's CPU work run on it with
+one thread), which time spent descheduled on a shared machine does not inflate;
+``--clock wall`` measures elapsed time.
 
 Also per call: Python function calls (``sys.setprofile`` 'call' events: functions written
 in Python, torch's and Triton's included; C functions not counted) and kernel launches.
@@ -113,15 +116,18 @@ def _inputs(module, layer: Layer, batch: int, length: int, device: str) -> list[
     return values
 
 
-def _best(call: Callable[[], object], calls: int, repeat: int, launches: list) -> float:
-    """The best over ``repeat`` rounds of the mean microseconds of ``calls`` calls (the
-    recorded ``launches``, which hold their tensors, dropped after each round)."""
+CLOCKS = {"thread": time.thread_time, "wall": time.perf_counter}
+
+
+def _best(call: Callable[[], object], calls: int, repeat: int, launches: list, clock: Callable[[], float] = time.thread_time) -> float:
+    """The best over ``repeat`` rounds of the mean microseconds of ``calls`` calls on ``clock``
+    (the recorded ``launches``, which hold their tensors, dropped after each round)."""
     best = float("inf")
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             call()
-        best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        best = min(best, (clock() - start) / calls * 1e6)
         launches.clear()
     return best
 
@@ -143,7 +149,7 @@ def _python_calls(call: Callable[[], object], calls: int) -> float:
     return counted[0] / calls
 
 
-def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 10, repeat: int = 40, device: str = "cpu") -> Measurement:
+def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 10, repeat: int = 40, device: str = "cpu", clock: str = "thread") -> Measurement:
     """One layer's host time, Python calls and launches per call, forward and forward+backward."""
     torch.manual_seed(0)
     module = recdsl.compile(layer.source, backend="triton", **layer.dims).to(device)
@@ -168,14 +174,14 @@ def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 10, rep
             start = len(launches)
             forward()
             forward_launches = len(launches) - start
-            forward_us = _best(forward, calls, repeat, launches)
+            forward_us = _best(forward, calls, repeat, launches, CLOCKS[clock])
             forward_calls = _python_calls(forward, 2)
         for _ in range(3):
             forward_backward()
         start = len(launches)
         forward_backward()
         backward_launches = len(launches) - start
-        backward_us = _best(forward_backward, calls, repeat, launches)
+        backward_us = _best(forward_backward, calls, repeat, launches, CLOCKS[clock])
         backward_calls = _python_calls(forward_backward, 2)
         launches.clear()
     return Measurement(layer.label, forward_us, backward_us, forward_calls, backward_calls, forward_launches, backward_launches)
@@ -201,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=10, help="calls per timed round")
     parser.add_argument("--repeat", type=int, default=40, help="rounds; the best is kept (many short rounds: the machine may be shared)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="thread", help="thread: CPU time of the calling thread (default; steady on a shared machine); wall: elapsed time")
     parser.add_argument("--threads", type=int, default=1, help="torch's CPU threads (default 1: a tiny op's wake-up of a thread pool on a shared machine costs milliseconds of noise)")
     parser.add_argument("--quick", action="store_true", help="tiny dims, few calls, one round")
     args = parser.parse_args(argv)
@@ -216,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     for layer in chosen:
         if args.quick:
             layer = replace(layer, dims=QUICK[layer.name])
-        rows.append(measure(layer, args.batch, args.length, args.calls, args.repeat, args.device))
+        rows.append(measure(layer, args.batch, args.length, args.calls, args.repeat, args.device, args.clock))
     print(table(rows, args.batch, args.length))
     return 0
 
