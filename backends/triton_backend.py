@@ -418,10 +418,14 @@ class _Launch:
         self._block = _block_c(self.channels)
         self._chunk_steps: tuple[int | None] | None = None  # chunk_steps(), found once per call
         self._accumulator = None
+        self._module = None
 
     def module(self):
-        """The generated kernels, loaded once per process from the plan's source (whose hash the plan holds)."""
-        return load_generated(self.plan.kernel_source)
+        """The generated kernels, loaded once per process from the plan's source (whose hash the
+        plan holds); looked up once per call, the backward reusing the forward's."""
+        if self._module is None:
+            self._module = load_generated(self.plan.kernel_source)
+        return self._module
 
     def leaf_values(self) -> list[torch.Tensor]:
         """Each leaf's value over the whole sequence, as torch computes it (declared shapes);
