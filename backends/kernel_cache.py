@@ -83,6 +83,21 @@ _ENTRY_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _TABLE_LOCK = threading.Lock()
 
 
+class GeneratedSource(str):
+    """Generated module text that carries its SHA-256, computed once when the text is made
+    (the plan holds one), so that each call's :func:`load_generated` hashes nothing."""
+
+    digest: str
+
+    def __new__(cls, text: str) -> "GeneratedSource":
+        made = super().__new__(cls, text)
+        made.digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return made
+
+    def __reduce__(self):
+        return (GeneratedSource, (str(self),))
+
+
 def load_generated(source: str, variant: str = "") -> types.ModuleType:
     """The module ``source`` defines, executed from ``source`` itself and cached per process.
 
@@ -91,8 +106,8 @@ def load_generated(source: str, variant: str = "") -> types.ModuleType:
     file name of its code.  Raises :class:`~recdsl.errors.BackendError` when the cache
     directory is unsafe or cannot be written.
     """
-    expected = source.encode("utf-8")
-    key = (hashlib.sha256(expected).hexdigest(), variant)
+    digest = source.digest if isinstance(source, GeneratedSource) else hashlib.sha256(source.encode("utf-8")).hexdigest()
+    key = (digest, variant)
     with _TABLE_LOCK:
         module = _LOADED.get(key)
         if module is not None:
@@ -103,6 +118,7 @@ def load_generated(source: str, variant: str = "") -> types.ModuleType:
             module = _LOADED.get(key)
         if module is not None:  # another thread loaded it while this one waited
             return module
+        expected = source.encode("utf-8")
         directory = _private_directory(cache_dir())
         path = directory / f"recdsl_{content_hash(source)}.py"
         if _read_entry(path, len(expected)) != expected:

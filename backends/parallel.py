@@ -168,7 +168,10 @@ class _Sequences:
             value = value.reshape((1,) * (rank - declared.rank) + tuple(value.shape))
             return value.expand(self.lead + tuple(value.shape))
         value = align(value, declared.rank, rank)
-        return value.expand(self.lead + tuple(value.shape[len(self.lead):]))
+        lead = self.lead
+        if value.shape[: len(lead)] == lead:  # already full along the leading dims: no view op (an autograd node)
+            return value
+        return value.expand(lead + tuple(value.shape[len(lead):]))
 
     def time_first(self, value: torch.Tensor) -> torch.Tensor:
         return value.transpose(0, 1)
@@ -830,7 +833,7 @@ def run(
     elif last_steps is not None:
         last_of = lambda sequence: sequence[torch.arange(sequence.shape[0], device=sequence.device), last_steps]  # noqa: E731
     else:
-        last_of = lambda sequence: sequence[:, -1]  # noqa: E731
+        last_of = lambda sequence: sequence.select(1, -1)  # noqa: E731  (sequence[:, -1], one dispatch cheaper)
     scans = {s.name: s for s in cell.scans}
     final: dict[str, torch.Tensor] = {}
     substitutions: dict[int, torch.Tensor] = {}
@@ -919,7 +922,8 @@ def run(
             sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(step, form=step.fallback), state_analysis)
         else:
             sequence = frame_solver.solve(step, state_analysis)
-        sequence = restore(sequence.expand(lead + state_analysis.type.shape))
+        full_shape = lead + state_analysis.type.shape
+        sequence = restore(sequence if sequence.shape == full_shape else sequence.expand(full_shape))
         seq.values[(RefKind.STATE_NEW, name)] = sequence
         # h_{t-1}, built only if an output or a later state reads it (most read h_t).
         seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
@@ -927,6 +931,7 @@ def run(
 
     outputs = []
     for emit, expanded in zip(cell.outputs, analysis.expanded_outputs):
-        value = seq.evaluate(expanded, substitutions)
-        outputs.append(seq.full(value, emit.value.type, emit.value.type).expand(lead + emit.value.type.shape))
+        value = seq.full(seq.evaluate(expanded, substitutions), emit.value.type, emit.value.type)
+        full_shape = lead + emit.value.type.shape
+        outputs.append(value if value.shape == full_shape else value.expand(full_shape))
     return outputs, final

@@ -110,6 +110,10 @@ def matmul(a: torch.Tensor, a_rank: int, b: torch.Tensor, b_rank: int) -> torch.
     """numpy's ``a @ b`` on the declared dims, batched over leading dims."""
     if a_rank == 1 and b_rank == 1:
         return (align(a, 1, 1) * align(b, 1, 1)).sum(-1)
+    if a_rank == 1 and b_rank == 2 and b.dim() == 2:
+        # A vector (with any leading dims) times one matrix (a param's projection, x @ W): torch's
+        # own broadcasting, without the unsqueeze/squeeze pair (two autograd nodes) around it.
+        return torch.matmul(a, b)
     a2 = a.unsqueeze(-2) if a_rank == 1 else a
     b2 = b.unsqueeze(-1) if b_rank == 1 else b
     rank = max(a_rank, b_rank, 2)

@@ -315,8 +315,8 @@ def _accumulator(numerics: Numerics):
 
 
 def _block_c(channels: int) -> int:
-    size = 1
-    while size < min(channels, 64):
+    size, limit = 1, min(channels, 64)
+    while size < limit:
         size *= 2
     return size
 
@@ -356,10 +356,31 @@ def _leaf_arguments(leaves: list[torch.Tensor], specs: tuple[Leaf, ...]) -> list
             parts = [pair[..., 0], pair[..., 1]]
         else:
             parts = [tensor]
-        arguments.extend(parts)
+        arguments += parts
         # [B, H, T, C] strides, 0 along axes of size 1 (they broadcast).
-        arguments.extend(stride if size > 1 else 0 for size, stride in zip(tensor.shape, parts[0].stride()))
+        arguments += [stride if size > 1 else 0 for size, stride in zip(tensor.shape, parts[0].stride())]
     return arguments
+
+
+def _needs_graph(*tensors) -> bool:
+    """Whether a kernel call on ``tensors`` (tensors, or lists of them) must be recorded for
+    autograd: grad mode on and some tensor requiring a gradient."""
+    if not torch.is_grad_enabled():
+        return False
+    for value in tensors:
+        if isinstance(value, torch.Tensor):
+            if value.requires_grad:
+                return True
+        elif any(t.requires_grad for t in value):
+            return True
+    return False
+
+
+def _contiguous_as(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``value.to(dtype).contiguous()``, without the dispatches where it already is."""
+    if value.dtype != dtype:
+        value = value.to(dtype)
+    return value if value.is_contiguous() else value.contiguous()
 
 
 def _complex_parts(value: torch.Tensor) -> list[torch.Tensor]:
@@ -394,10 +415,17 @@ class _Launch:
         self.heads = _numel(self.lead[2:])  # rows are (batch, heads) pairs: i_n = b * heads + h
         self.steps = self.lead[1]
         self.blocks = -(-self.steps // BLOCK_T)  # blocks of BT steps, counted on the host
+        self._block = _block_c(self.channels)
+        self._chunk_steps: tuple[int | None] | None = None  # chunk_steps(), found once per call
+        self._accumulator = None
+        self._module = None
 
     def module(self):
-        """The generated kernels, loaded once per process from the plan's source."""
-        return load_generated(self.plan.kernel_source)
+        """The generated kernels, loaded once per process from the plan's source (whose hash the
+        plan holds); looked up once per call, the backward reusing the forward's."""
+        if self._module is None:
+            self._module = load_generated(self.plan.kernel_source)
+        return self._module
 
     def leaf_values(self) -> list[torch.Tensor]:
         """Each leaf's value over the whole sequence, as torch computes it (declared shapes);
@@ -416,37 +444,47 @@ class _Launch:
         return [self._leaf_view(value, leaf) for value, leaf in zip(leaves, self.spec.leaves)]
 
     def _leaf_view(self, value: torch.Tensor, leaf: Leaf) -> torch.Tensor:
-        declared, lead, shape = leaf.expr.type, self.lead, self.state_type.shape
-        if value.dim() == declared.rank:  # params and consts: no leading dims
-            value = value.reshape((1,) * (len(lead) + len(shape) - declared.rank) + tuple(value.shape))
-        else:
-            value = align(value, declared.rank, len(shape))
-        keep = [size if value.shape[i] != 1 else 1 for i, size in enumerate(lead)]
+        rank, lead, shape = leaf.expr.type.rank, self.lead, self.state_type.shape
+        dims = value.dim()
+        if dims == rank:  # params and consts: no leading dims
+            value = value.reshape((1,) * (len(lead) + len(shape) - rank) + tuple(value.shape))
+        elif rank < len(shape):
+            value = align(value, rank, len(shape))
+        sizes = value.shape
+        keep = [size if sizes[i] != 1 else 1 for i, size in enumerate(lead)]
         if any(k != 1 for k in keep[2:]):
             keep[2:] = lead[2:]  # the kernel has one head stride: all head dims, or none
-        value = value.expand(tuple(keep) + shape)
-        moved = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
-        return moved.reshape(keep[0], _numel(tuple(keep[2:])), keep[1], max(1, _numel(shape)))
+        # Each view below is skipped where it would change nothing: under autograd every
+        # view op is a node, forward and backward.
+        target = tuple(keep) + shape
+        if sizes != target:
+            value = value.expand(target)
+        if len(lead) > 2:
+            value = value.movedim(1, len(lead) - 1)  # [b, *heads, t, *S]
+        viewed = (keep[0], _numel(keep[2:]), keep[1], self.channels)
+        return value if value.shape == viewed else value.reshape(viewed)
 
     def block_c(self, backward: bool = False) -> int:
         """``BC``: state elements per program; the backward kernels take at most 32 (registers, below)."""
-        block = _block_c(self.channels)
+        block = self._block
         if backward:
             return min(block, BACKWARD_BLOCK_C)
         return min(block, MONOID_FORWARD_BLOCK_C) if self.spec.kind is ScanKind.MONOID else block
 
     def grid(self, backward: bool = False):
-        import triton
-
-        return (self.rows, triton.cdiv(self.channels, self.block_c(backward)))
+        return (self.rows, -(-self.channels // self.block_c(backward)))
 
     def constants(self, backward: bool = False) -> dict:
-        return dict(BT=BLOCK_T, BC=self.block_c(backward), ACC=_accumulator(self.seq.numerics))
+        if self._accumulator is None:
+            self._accumulator = _accumulator(self.seq.numerics)
+        return dict(BT=BLOCK_T, BC=self.block_c(backward), ACC=self._accumulator)
 
     def chunk_steps(self) -> int | None:
         """This call's steps per chunk of T when the plan's :class:`TimeSplit` splits it, else None."""
-        rows, blocks = self.grid()
-        return self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T)
+        if self._chunk_steps is None:
+            rows, blocks = self.grid()
+            self._chunk_steps = (self.spec.split.chunk_steps(rows * blocks, self.steps, BLOCK_T),)
+        return self._chunk_steps[0]
 
     def chunk_count(self) -> int:
         """How many chunks of T this call's scans run in (1: one pass)."""
@@ -547,23 +585,48 @@ def _leaf_gradient_buffers(launch: "_Launch", leaves, wanted: list[bool], dtype:
     modes, buffers, arguments = {}, [], []
     whole = (launch.lead[0], launch.heads)
     for view, leaf, needed in zip(leaves, launch.spec.leaves, wanted):
-        kind = launch.seq.numerics.complex if leaf.is_complex else dtype
+        complex_leaf = leaf.is_complex
+        kind = launch.seq.numerics.complex if complex_leaf else dtype
+        shape = view.shape
         if not needed:
             mode, buffer = LeafGradient.NONE, torch.empty((1, 1, 1, 1), dtype=kind, device=view.device)
-        elif lanes is not None and view.shape[2] == launch.steps and view.shape[3] == 1 < launch.channels:
+        elif lanes is not None and shape[2] == launch.steps and shape[3] == 1 < launch.channels:
             mode, buffer = LeafGradient.SUMMED_OVER_LANES, torch.empty(whole + (launch.steps, lanes), dtype=kind, device=view.device)
-        elif view.shape[2] == launch.steps:
-            mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=kind)
-            if buffer.shape[:2] != whole:  # broadcast over batch or heads: written in full, summed by the caller
-                buffer = torch.empty(whole + (launch.steps, launch.channels), dtype=kind, device=view.device)
+        elif shape[2] == launch.steps:
+            if shape[:2] == whole:
+                mode, buffer = LeafGradient.PER_STEP, torch.empty_like(view, dtype=kind)
+            else:  # broadcast over batch or heads: written in full, summed by the caller
+                mode, buffer = LeafGradient.PER_STEP, torch.empty(whole + (launch.steps, launch.channels), dtype=kind, device=view.device)
         else:
             mode, buffer = LeafGradient.SUMMED_OVER_TIME, torch.empty(whole + (chunks, launch.channels), dtype=kind, device=view.device)
         modes[f"G_{leaf.name}"] = mode.value
         buffers.append(buffer)
-        parts = [torch.view_as_real(buffer)[..., 0], torch.view_as_real(buffer)[..., 1]] if leaf.is_complex else [buffer]
-        arguments.extend(parts)
-        arguments.extend(parts[0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0))
+        if complex_leaf:
+            pair = torch.view_as_real(buffer)
+            arguments += (pair[..., 0], pair[..., 1])
+            arguments += pair[..., 0].stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0)
+        else:
+            arguments.append(buffer)
+            arguments += buffer.stride() if mode is not LeafGradient.NONE else (0, 0, 0, 0)
     return modes, buffers, arguments
+
+
+def _leaf_gradients(views, leaves: tuple[Leaf, ...], buffers: list[torch.Tensor], modes: dict) -> list[torch.Tensor | None]:
+    """Each leaf view's gradient from what the backward kernel wrote into ``buffers`` (as
+    :func:`_leaf_gradient_buffers` laid them out): summed over a constant leaf's programs and
+    over what the view broadcasts, in the view's dtype; None where none was wanted."""
+    grads: list[torch.Tensor | None] = []
+    for view, leaf, grad in zip(views, leaves, buffers):
+        mode = LeafGradient(modes[f"G_{leaf.name}"])
+        if mode is LeafGradient.NONE:
+            grads.append(None)
+            continue
+        if mode is LeafGradient.SUMMED_OVER_TIME:
+            grad = grad.sum(2, keepdim=True)
+        if grad.shape != view.shape:
+            grad = grad.sum_to_size(view.shape)
+        grads.append(grad if grad.dtype == view.dtype else grad.to(view.dtype))
+    return grads
 
 
 class _RecurrenceScan(torch.autograd.Function):
@@ -576,58 +639,61 @@ class _RecurrenceScan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+    def run(launch: _Launch, initial: torch.Tensor, leaves) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward kernel's states ``[N, T, C]`` and the initial state as it read it (``[N, C]``,
+        contiguous, in the states' dtype): the forward pass, and the whole call where no
+        gradient is wanted (no ``autograd.Function`` then: :meth:`TritonSolver.kernel_recurrence`)."""
         spec = launch.spec
-        dtype = launch.seq.numerics.real
         start = initial.reshape(launch.rows, launch.channels)
+        dtype = launch.seq.numerics.complex if spec.is_complex else launch.seq.numerics.real
+        start = _contiguous_as(start, dtype)
+        states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
         if spec.is_complex:
             # The kernels read and write complex values in place, (re, im) interleaved
             # (triton_codegen._in_state_layout): the parts are strided views, not copies.
-            states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=launch.seq.numerics.complex, device=start.device)
-            launch.scan(False, _complex_parts(start.to(states.dtype)), _complex_parts(states), _leaf_arguments(list(leaves), spec.leaves))
+            launch.scan(False, _complex_parts(start), _complex_parts(states), _leaf_arguments(leaves, spec.leaves))
         else:
-            states = torch.empty(launch.rows, launch.steps, launch.channels, dtype=dtype, device=start.device)
-            launch.scan(False, [start.to(dtype).contiguous()], [states], _leaf_arguments(list(leaves), spec.leaves))
+            launch.scan(False, [start], [states], _leaf_arguments(leaves, spec.leaves))
+        return states, start
+
+    @staticmethod
+    def forward(ctx, launch: _Launch, initial: torch.Tensor, *leaves: torch.Tensor) -> torch.Tensor:
+        states, start = _RecurrenceScan.run(launch, initial, leaves)
         ctx.launch = launch
-        ctx.save_for_backward(initial, states, *leaves)
+        ctx.initial = (initial.shape, initial.dtype, initial.is_complex())  # its gradient's layout
+        ctx.save_for_backward(start, states, *leaves)
         return states
 
     @staticmethod
     def backward(ctx, grad_states: torch.Tensor):
         launch: _Launch = ctx.launch
-        initial, states, *leaves = ctx.saved_tensors
+        start, states, *leaves = ctx.saved_tensors
         spec = launch.spec
         dtype = launch.seq.numerics.real
         device = states.device
-        start = initial.reshape(launch.rows, launch.channels)
-        grad_states = grad_states.contiguous()
+        if not grad_states.is_contiguous():
+            grad_states = grad_states.contiguous()
         chunks = launch.chunk_count()
-        wanted = [ctx.needs_input_grad[2 + i] for i in range(len(leaves))]
+        needs = ctx.needs_input_grad
+        wanted = [needs[2 + i] for i in range(len(leaves))]
         modes, grad_buffers, gradient_arguments = _leaf_gradient_buffers(launch, leaves, wanted, dtype, chunks)
         if spec.is_complex:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=states.dtype, device=device)
             outputs = _complex_parts(grad_initial) + gradient_arguments
-            inputs = [*_complex_parts(start.to(states.dtype)), *_complex_parts(states), *_complex_parts(grad_states)]
+            inputs = [*_complex_parts(start), *_complex_parts(states), *_complex_parts(grad_states)]
         else:
             grad_initial = torch.empty(launch.rows, launch.channels, dtype=dtype, device=device)
             outputs = [grad_initial] + gradient_arguments
-            inputs = [start.to(dtype).contiguous(), states, grad_states]
-        launch.scan(True, inputs, outputs, _leaf_arguments(list(leaves), spec.leaves), modes)
-        if not initial.is_complex() and grad_initial.is_complex():
-            grad_initial = grad_initial.real
-        grad_initial = grad_initial.reshape(initial.shape).to(initial.dtype)
-        grads: list[torch.Tensor | None] = []
-        for view, leaf, grad in zip(leaves, spec.leaves, grad_buffers):
-            mode = LeafGradient(modes[f"G_{leaf.name}"])
-            if mode is LeafGradient.NONE:
-                grads.append(None)
-                continue
-            if mode is LeafGradient.SUMMED_OVER_TIME:
-                grad = grad.sum(2, keepdim=True)
-            if grad.shape != view.shape:
-                grad = grad.sum_to_size(view.shape)
-            grads.append(grad.to(view.dtype))
-        return (None, grad_initial, *grads)
+            inputs = [start, states, grad_states]
+        launch.scan(True, inputs, outputs, _leaf_arguments(leaves, spec.leaves), modes)
+        if not needs[1]:  # the declared initial value (a constant): the kernel wrote dL/dh_0 for no one
+            grad_initial = None
+        else:
+            shape, initial_dtype, complex_initial = ctx.initial
+            if not complex_initial and grad_initial.is_complex():
+                grad_initial = grad_initial.real
+            grad_initial = grad_initial.reshape(shape).to(initial_dtype)
+        return (None, grad_initial, *_leaf_gradients(leaves, spec.leaves, grad_buffers, modes))
 
 
 class _MonoidScan(torch.autograd.Function):
@@ -809,13 +875,17 @@ class TritonSolver(parallel.Solver):
 
     def kernel_recurrence(self, step: StepPlan, state: StateAnalysis) -> torch.Tensor:
         launch = self._launch(step, state.type)
-        _check_device(self.seq.numerics.device)
         leaves = launch.leaf_views(launch.leaf_values())
-        states = _RecurrenceScan.apply(launch, self.initial[state.state], *leaves)
+        initial = self.initial[state.state]
+        if _needs_graph(initial, leaves):
+            states = _RecurrenceScan.apply(launch, initial, *leaves)
+        else:  # nothing to differentiate: the kernel without autograd.Function's bookkeeping
+            states, _ = _RecurrenceScan.run(launch, initial, leaves)
         # [N, T, C] -> [B, T, *heads, *shape]
         lead = self.seq.lead
-        shaped = states.reshape((lead[0],) + lead[2:] + (lead[1],) + state.type.shape)
-        return shaped.movedim(len(lead) - 1, 1)
+        shape = (lead[0],) + lead[2:] + (lead[1],) + state.type.shape
+        shaped = states if states.shape == shape else states.reshape(shape)
+        return shaped.movedim(len(lead) - 1, 1) if len(lead) > 2 else shaped
 
     def selective_scan(self, step: StepPlan, initial: torch.Tensor) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """A fused selective scan (:mod:`.triton_selective`): the outputs it writes, by their
@@ -876,13 +946,15 @@ def run(plan: ExecutionPlan, inputs: Mapping[str, torch.Tensor], params, consts,
         from . import triton_fused
 
         return triton_fused.run_plan(plan, inputs, params, consts, state, numerics)
-    import functools
+    decayed_outer_products = delta_rule = None
+    if any(step.form is Form.TRITON_CHUNKED for step in plan.steps):  # only chunked steps call these
+        import functools
 
-    from . import triton_chunk, triton_delta
+        from . import triton_chunk, triton_delta
 
+        decayed_outer_products = functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32)
+        delta_rule = functools.partial(triton_delta.delta_rule, allow_tf32=plan.options.allow_tf32)
     return parallel.run(
         plan, inputs, params, consts, state, numerics, solver=TritonSolver,
-        decayed_outer_products=functools.partial(triton_chunk.decayed_outer_products, allow_tf32=plan.options.allow_tf32),
-        delta_rule=functools.partial(triton_delta.delta_rule, allow_tf32=plan.options.allow_tf32),
-        last_steps=last_steps,
+        decayed_outer_products=decayed_outer_products, delta_rule=delta_rule, last_steps=last_steps,
     )

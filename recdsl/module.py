@@ -41,12 +41,11 @@ def _tracing() -> bool:
     return bool(is_compiling()) if is_compiling is not None else False
 
 
+_REAL_PARTS = {torch.complex128: torch.float64, torch.complex64: torch.float32, torch.complex32: torch.float32}
+
+
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype == torch.complex128:
-        return torch.float64
-    if dtype in (torch.complex64, torch.complex32):
-        return torch.float32
-    return dtype
+    return _REAL_PARTS.get(dtype, dtype)
 
 
 class CompiledCell(nn.Module):
@@ -179,11 +178,15 @@ class CompiledCell(nn.Module):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_const_values", None)  # derived; recomputed on first use
+        state.pop("_initial_values", None)
         return state
 
     # ---- calling
     def _bind_inputs(self, args: tuple, kwargs: dict) -> dict[str, torch.Tensor]:
-        names = [i.name for i in self.cell.inputs]
+        declared = self.cell.inputs
+        if not kwargs and len(args) == len(declared):  # the common call: every input by position
+            return {d.name: value for d, value in zip(declared, args)}
+        names = [i.name for i in declared]
         signature = ", ".join(f"{i.name}: {_shape_words(i.type.shape)}" for i in self.cell.inputs)
         if len(args) > len(names):
             raise InputError(f"cell {self.cell.name} takes {len(names)} input{'s' if len(names) != 1 else ''}, got {len(args)}", expected=signature)
@@ -204,6 +207,9 @@ class CompiledCell(nn.Module):
 
         Without ``time_axis`` (one step, :meth:`step`) inputs are ``[B, *heads, *shape]`` and T is 1.
         """
+        accepted = self._accepted_inputs(inputs, time_axis)
+        if accepted is not None:
+            return accepted
         reference: tuple[str, tuple[int, ...]] | None = None
         first = inputs[self.cell.inputs[0].name]
         lead_dims = 2 if time_axis else 1
@@ -247,16 +253,52 @@ class CompiledCell(nn.Module):
             raise InputError("the sequences are empty (T = 0)", expected="at least one time step")
         return lead[0], lead[1], lead[2:]
 
+    def _accepted_inputs(self, inputs: dict[str, Any], time_axis: bool) -> tuple[int, int, tuple[int, ...]] | None:
+        """``(B, T, heads)`` when every input passes :meth:`_check_inputs`' checks, else None (that
+        method then finds the first failure and says what it is): the checks of a call that
+        passes them, without building the messages of the ones that fail."""
+        lead = None
+        device = None
+        lead_dims = 2 if time_axis else 1
+        for declared in self.cell.inputs:
+            value = inputs[declared.name]
+            if not isinstance(value, torch.Tensor):
+                return None
+            complex_value = value.is_complex()
+            if not (complex_value or value.is_floating_point()) or (complex_value and declared.type.kind is not Kind.COMPLEX):
+                return None
+            shape = value.shape
+            rank = declared.type.rank
+            split = len(shape) - rank
+            if split < lead_dims or shape[split:] != declared.type.shape:
+                return None
+            if lead is None:
+                lead, device = shape[:split], value.device
+                if device.type == "meta":
+                    return None
+            elif shape[:split] != lead or value.device != device:
+                return None
+        if lead is None:
+            return None
+        if not time_axis:
+            return lead[0], 1, tuple(lead[1:])
+        if lead[1] == 0:
+            return None
+        return lead[0], lead[1], tuple(lead[2:])
+
     def _numerics(self, inputs: dict[str, torch.Tensor]):
         from .backends.torch_ops import Numerics
 
         input_dtypes = [_real_dtype(v.dtype) for v in inputs.values()]
         compute = input_dtypes[0]
-        for dtype in input_dtypes[1:] + [_real_dtype(p.dtype) for p in self.parameters()] + [self._dtype_anchor.dtype]:
-            compute = torch.promote_types(compute, dtype)
+        # (torch.promote_types is a dispatched op: called only where two dtypes differ)
+        for dtype in input_dtypes[1:] + [_real_dtype(p.dtype) for p in self._parameter_list()] + [self._dtype_anchor.dtype]:
+            if dtype != compute:
+                compute = torch.promote_types(compute, dtype)
         output_dtype = input_dtypes[0]
         for dtype in input_dtypes[1:]:
-            output_dtype = torch.promote_types(output_dtype, dtype)
+            if dtype != output_dtype:
+                output_dtype = torch.promote_types(output_dtype, dtype)
         if compute in _LOW_PRECISION:
             compute = torch.float32  # accumulate low-precision inputs in fp32
         device = next(iter(inputs.values())).device
@@ -270,26 +312,68 @@ class CompiledCell(nn.Module):
         numerics = Numerics(_real_dtype(dtype), device)
         return self._initial_state(numerics, (batch_size, *heads))
 
+    def _parameter_list(self) -> list[nn.Parameter]:
+        """The module's params, as ``self.parameters()`` lists them (its own, when it has no submodules)."""
+        if self._modules:
+            return list(self.parameters())
+        return [p for p in self._parameters.values() if p is not None]
+
+    def _named_parameter_items(self):
+        """``self.named_parameters()``, without its generator machinery when the module has no submodules."""
+        if self._modules:
+            return list(self.named_parameters())
+        return [(name, p) for name, p in self._parameters.items() if p is not None]
+
     def _initial_state(self, numerics, lead: tuple[int, ...]) -> dict[str, torch.Tensor]:
+        """The declared initial values, ``{name: [*lead, *shape]}``, states then scan carries.
+
+        Values that read no param (``state h = 0``) are evaluated once per (dtype, device),
+        kept on this module like the consts, and only expanded per call; values that read
+        params (which change between calls) are evaluated every call.
+        """
+        key = (numerics.real, numerics.device)
+        cache = self.__dict__.setdefault("_initial_values", {})
+        values = cache.get(key)
+        if values is None:
+            values = self._evaluate_initial_values(numerics, reads_params=False)
+            if not _tracing():
+                cache[key] = values
+        order = self._initial_order()
+        if len(values) < len(order):
+            values = {**values, **self._evaluate_initial_values(numerics, reads_params=True)}
+        state = {}
+        for name, init, declared in order:
+            state[name] = values[name].expand(lead + declared.shape)
+        return state
+
+    def _initial_order(self) -> list[tuple[str, ir.Expr, ir.Type]]:
+        """Each state and scan carry: its name, initial value and declared type."""
+        inits = [(s.name, s.init, s.type) for s in self.cell.states]
+        for scan in self.cell.scans:
+            inits += [(f"{scan.name}.{c.name}", c.identity, c.type) for c in scan.monoid.carries]
+        return inits
+
+    def _evaluate_initial_values(self, numerics, reads_params: bool) -> dict[str, torch.Tensor]:
+        """The unexpanded initial values of the states and carries whose initial value reads a
+        param (``reads_params``), or of those that read none."""
         from .backends.torch_ops import Evaluator
 
+        chosen = [(name, init, declared) for name, init, declared in self._initial_order() if any(ref.kind is RefKind.PARAM for ref in ir.refs(init)) == reads_params]
+        if not chosen:
+            return {}
         values = self._consts(numerics)
         # Only the params an initial value reads are cast (a bfloat16 weight matrix is not copied for `state h = 0`).
-        inits = [s.init for s in self.cell.states] + [c.identity for scan in self.cell.scans for c in scan.monoid.carries]
-        read = {ref.label for expr in inits for ref in ir.refs(expr) if ref.kind is RefKind.PARAM}
+        read = {ref.label for _, init, _ in chosen for ref in ir.refs(init) if ref.kind is RefKind.PARAM}
         for name, param in self.named_parameters():
             if name in read:
                 values[(RefKind.PARAM, name)] = param.to(numerics.dtype_of(Kind.COMPLEX if param.is_complex() else Kind.REAL))
         evaluator = Evaluator(numerics, values)
-        state = {}
-        for declared in self.cell.states:
-            value = evaluator.evaluate(declared.init).to(numerics.dtype_of(declared.type.kind))
-            state[declared.name] = value.expand(lead + declared.type.shape)
-        for scan in self.cell.scans:
-            for carry in scan.monoid.carries:
-                value = evaluator.evaluate(carry.identity).to(numerics.dtype_of(carry.type.kind))
-                state[f"{scan.name}.{carry.name}"] = value.expand(lead + carry.type.shape)
-        return state
+        if reads_params:
+            return {name: evaluator.evaluate(init).to(numerics.dtype_of(declared.kind)) for name, init, declared in chosen}
+        # Kept across calls: made outside inference_mode (a later backward could not save them
+        # otherwise) and outside any autograd graph.
+        with torch.inference_mode(False), torch.no_grad():
+            return {name: evaluator.evaluate(init).to(numerics.dtype_of(declared.kind)) for name, init, declared in chosen}
 
     def _carried_types(self) -> dict[str, ir.Type]:
         types = {s.name: s.type for s in self.cell.states}
@@ -298,7 +382,7 @@ class CompiledCell(nn.Module):
         return types
 
     def _check_param_devices(self, device: torch.device) -> None:
-        for name, param in self.named_parameters():
+        for name, param in self._named_parameter_items():
             if param.device != device:
                 raise InputError(
                     f"param '{name}' is on {param.device} but the inputs are on {device}",
@@ -372,8 +456,8 @@ class CompiledCell(nn.Module):
 
     def _given_state(self, state: Mapping[str, torch.Tensor] | None, carried: dict[str, torch.Tensor], lead: tuple[int, ...], numerics) -> dict[str, torch.Tensor]:
         """``carried`` (the declared initial values, ``[*lead, *shape]``) with the values given in ``state``, checked and cast."""
-        types = self._carried_types()
         if state is not None:
+            types = self._carried_types()
             if not isinstance(state, Mapping):
                 raise InputError(f"state must be a dict of tensors, got {type(state).__name__}", expected="the dict returned with return_state=True")
             for name, value in state.items():
@@ -395,12 +479,15 @@ class CompiledCell(nn.Module):
         def keep(value: torch.Tensor) -> bool:
             return native and value.dtype in _LOW_PRECISION
 
+        def cast(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+            return value if value.dtype == dtype else value.to(dtype)  # .to of the same dtype is a dispatch for nothing
+
         cast_inputs = {
-            d.name: inputs[d.name] if keep(inputs[d.name]) and d.type.kind is Kind.REAL else inputs[d.name].to(numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
+            d.name: inputs[d.name] if keep(inputs[d.name]) and d.type.kind is Kind.REAL else cast(inputs[d.name], numerics.dtype_of(d.type.kind if inputs[d.name].is_complex() or d.type.kind is Kind.COMPLEX else Kind.REAL))
             for d in self.cell.inputs
         }
         params = {
-            name: p if keep(p) else p.to(numerics.complex if p.is_complex() else numerics.real) for name, p in self.named_parameters()
+            name: p if keep(p) else cast(p, numerics.complex if p.is_complex() else numerics.real) for name, p in self._named_parameter_items()
         }
         consts = {name: value for (_, name), value in self._consts(numerics).items()}
         return cast_inputs, params, consts

@@ -1090,6 +1090,7 @@ def _block_scan_seconds(analysis: Analysis, step: StepPlan, batch: int, length: 
 def _triton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
     if importlib.util.find_spec("triton") is None:
         return Unsupported("triton is not installed (pip install triton)")
+    from .backends.kernel_cache import GeneratedSource  # hashed once here, not per call
     from .backends.triton_backend import plan_kernels  # the kernels' source is written from the IR, once
 
     planned = plan_kernels(analysis, options)
@@ -1097,7 +1098,7 @@ def _triton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | U
         return planned
     steps, source = planned
     # Every kernel of these plans loads its operands with a conversion to the accumulator.
-    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, low_precision=LowPrecisionInputs.NATIVE, analysis=analysis)
+    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=GeneratedSource(source), low_precision=LowPrecisionInputs.NATIVE, analysis=analysis)
 
 
 def _newton_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPlan | Unsupported":
@@ -1174,7 +1175,9 @@ def triton_fused_plan(analysis: Analysis, options: PlanOptions) -> "ExecutionPla
         return Unsupported(prepared)
     kernel_plan, source = prepared
     steps = tuple(StepPlan(group, Form.TRITON_FUSED) for group in analysis.schedule)
-    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=source, solver=kernel_plan, analysis=analysis)
+    from .backends.kernel_cache import GeneratedSource  # hashed once here, not per call
+
+    return ExecutionPlan(BackendKind.TRITON, "", steps, options, kernel_source=GeneratedSource(source), solver=kernel_plan, analysis=analysis)
 
 
 def _runs_step_by_step(analysis: Analysis) -> bool:
