@@ -155,6 +155,17 @@ class RankOneTerm:
 
 
 @dataclass(frozen=True)
+class SkipTerm:
+    """A term ``scale * column`` added to a chunk plan's first read-out in an output (Mamba-2's
+    ``y = C @ h + D * x``), ``column`` the values of the plan's one input term before their scalar
+    coefficient and ``scale`` a scalar: the Triton chunked kernels add it as they write the
+    read-out and form its gradients there.  The plan's first read-out is then the sum's node."""
+
+    scale: ir.Expr
+    column: ir.Expr
+
+
+@dataclass(frozen=True)
 class ChunkPlan:
     """How a matrix state's read-outs are produced chunk by chunk, without storing it per step.
 
@@ -175,6 +186,8 @@ class ChunkPlan:
     log_decay: ir.Expr | None = None
     previous: tuple[bool, ...] = ()
     transition: RankOneTerm | None = None
+    # Set (Triton plans): readouts[0] is ``queries[0] @ S + skip.scale * skip.column``.
+    skip: SkipTerm | None = None
 
     @property
     def reads_previous(self) -> bool:

@@ -152,16 +152,17 @@ def test_matmuls_are_exact_unless_tf32_is_asked_for(dtype, allow_tf32, precision
     from recdsl.backends import chunk_kernels, triton_chunk
     from recdsl.backends.triton_aot import record_launches
 
-    (q,), k, v, log_decay, initial = _problem(True, 0.05, keys=16, values=16, steps=16, dtype=dtype)
-    leaves = [t.requires_grad_() for t in (q, k, v, log_decay, initial)]
+    # Two read-outs: the second is read out by chunk_outputs from the states the walk kept.
+    qs, k, v, log_decay, initial = _problem(True, 0.05, keys=16, values=16, steps=16, dtype=dtype, readouts=2)
+    leaves = [t.requires_grad_() for t in (*qs, k, v, log_decay, initial)]
 
     def forward_and_backward():
-        (out,), final = triton_chunk.decayed_outer_products([q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, 64, allow_tf32=allow_tf32)
-        torch.autograd.grad(out.sum() + final.sum(), leaves)
+        (out, other), final = triton_chunk.decayed_outer_products(qs, [chunk_kernels.RankOneInput(k, v)], log_decay, initial, 64, allow_tf32=allow_tf32)
+        torch.autograd.grad(out.sum() + other.sum() + final.sum(), leaves)
 
     launches = record_launches(forward_and_backward)
     with_dots = [launch for launch in launches if "PRECISION" in launch.meta]
-    assert {launch.name for launch in with_dots} == {"walk_states", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
+    assert {launch.name for launch in with_dots} == {"walk_outputs", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
     assert {launch.meta["PRECISION"] for launch in with_dots} == {precision}
 
 
