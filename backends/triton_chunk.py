@@ -289,7 +289,7 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
         m_kv = (o_k[:, None] < K) & m_v[None, :]
         o_tile = o_k[:, None] * V + o_v[None, :]
         tl.store(p_states + o_tile, tl.load(p_initial + i_n * K * V + o_tile, mask=m_kv, other=0.0).to(ACC), mask=m_kv)
-    b_qsum = tl.zeros([BT, BK], dtype=ACC)
+    b_qsum = tl.zeros([BK], dtype=ACC)
     for i_c in range(0, n_chunks):
         tl.debug_barrier()  # the state this chunk starts from was stored by other threads of this program
         o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
@@ -316,12 +316,10 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
             o_tile = o_k[:, None] * V + o_v[None, :]
             b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
             b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
-            b_qsum += b_q
+            b_qsum += tl.sum(b_q, axis=0)
             b_S = tl.load(p_states + o_start + o_tile, mask=m_kv, other=0.0).to(ACC)
             if ROWS:
-                b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale))
-                b_G = tl.cumsum(b_g, axis=0)
-                b_end = tl.sum(b_g, axis=0)
+                b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
                 b_qg = b_q * tl.exp(b_G)
                 # From the state at the chunk start.
                 b_out += _dot(b_qg, b_S, p_k, PRECISION)
@@ -339,16 +337,9 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
                         g_col = tl.sum(tl.where(tl.arange(0, BK)[None, :] == i_j, b_G, 0.0), axis=1)
                         gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
                         b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
-                # The state the next chunk starts from.
-                b_S = tl.exp(b_end)[:, None] * b_S + _dot(tl.trans(b_k * tl.exp(b_end[None, :] - b_G)), b_v, p_k, PRECISION)
             else:
                 b_out += _dot(b_q, b_S, p_k, PRECISION)
                 b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
-                b_S = tl.exp(b_endt) * b_S + _dot(tl.trans(b_k * tl.exp(b_endt - b_Gt)[:, None]), b_v, p_k, PRECISION)
-            if i_c == n_chunks - 1:
-                tl.store(p_final + i_n * K * V + o_tile, b_S, mask=m_kv)
-            else:
-                tl.store(p_states + o_next + o_tile, b_S, mask=m_kv)
         if not ROWS:
             # The shared decay factors out of the key sum: q_t exp(G_t) S, and (q_t . k_s) exp(G_t - G_s).
             b_out = b_out * tl.exp(b_Gt)[:, None]
@@ -358,8 +349,28 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
         if SKIP:
             b_out += tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)[:, None] * b_x
         tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_tv)
+        # The state the next chunk starts from, in a second pass over the key blocks (their keys and
+        # log decays again, from the cache), so that the read-outs' tiles are not live beside it.
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_tk = m_t[:, None] & m_k[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            o_tile = o_k[:, None] * V + o_v[None, :]
+            b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_S = tl.load(p_states + o_start + o_tile, mask=m_kv, other=0.0).to(ACC)
+            if ROWS:
+                b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale))
+                b_end = tl.sum(b_g, axis=0)
+                b_S = tl.exp(b_end)[:, None] * b_S + _dot(tl.trans(b_k * tl.exp(b_end[None, :] - tl.cumsum(b_g, axis=0))), b_v, p_k, PRECISION)
+            else:
+                b_S = tl.exp(b_endt) * b_S + _dot(tl.trans(b_k * tl.exp(b_endt - b_Gt)[:, None]), b_v, p_k, PRECISION)
+            if i_c == n_chunks - 1:
+                tl.store(p_final + i_n * K * V + o_tile, b_S, mask=m_kv)
+            else:
+                tl.store(p_states + o_next + o_tile, b_S, mask=m_kv)
     if i_v == 0:
-        tl.store(p_qsum + i_n, tl.sum(tl.sum(b_qsum, axis=1), axis=0))
+        tl.store(p_qsum + i_n, tl.sum(b_qsum, axis=0))
 
 
 # ---- the backward's walk over the chunks (state gradients) -------------------------------------
@@ -636,6 +647,9 @@ class Tiling:
     precision: str
     gradient_key_block: int = 16
     gradient_value_block: int = 16
+    # The value columns of one walk_outputs program (it holds the read-outs, the values and a
+    # state block of that width beside the chunk's scores and its key block's tiles).
+    walk_value_block: int = 32
     # Nonzero: the kernels read the log decays' pre-activation x and take gate_scale * logsigmoid(x)
     # (GLA's gate, see LogSigmoidGate); 0: they read the log decays.
     gate_scale: float = 0.0
@@ -659,6 +673,7 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
         # chunk_key_grads holds dA [BT, BT] and six [BT, BK] tiles: blocks of 32 spill on sm_80 even with TF32.
         gradient_key_block=16,
         gradient_value_block=16,
+        walk_value_block=min(_block(values), 32),
     )
 
 
@@ -724,9 +739,9 @@ def _walk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | N
     scale = g if c is None else c  # (not read when not scaled, nor skip when not skipped)
     skip_in = g if skip is None else skip
     launch(
-        walk_outputs, (N, triton.cdiv(V, tiles.value_block)), q, k, v, scale, g, skip_in, initial.to(dtype).contiguous(), states, final, out, q_sums, T, K, V, n_chunks, n_slots, H,
+        walk_outputs, (N, triton.cdiv(V, tiles.walk_value_block)), q, k, v, scale, g, skip_in, initial.to(dtype).contiguous(), states, final, out, q_sums, T, K, V, n_chunks, n_slots, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(skip_in), *_strides(out),
-        SCALED=c is not None, SKIP=skip is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+        SCALED=c is not None, SKIP=skip is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.walk_value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
     )
     return out, states, final, q_sums
 
