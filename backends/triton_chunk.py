@@ -436,10 +436,12 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
 
 
 @triton.jit
-def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, p_dskip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, sdskip_b, sdskip_h, sdskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, key block); the value dimension is walked in blocks of BV.
     # ``p_dg``: [N, T, K] for a decay per row; for a shared decay [N, T, key blocks], each
-    # block's share of the sum over keys (the caller adds them).
+    # block's share of the sum over keys (the caller adds them).  SKIP: the first key block's
+    # programs also write ``p_dskip`` [N, T], dskip_t = do_t . v_t for the read-out's skip_t v_t
+    # (walk_outputs; v before its scale c).
     i_nc = tl.program_id(0)
     i_k = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -453,6 +455,7 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     p_dq += _row(i_n, H, sdq_b, sdq_h)
     p_dk += _row(i_n, H, sdk_b, sdk_h)
     p_dg += _row(i_n, H, sdg_b, sdg_h)
+    p_dskip += _row(i_n, H, sdskip_b, sdskip_h)
     i_c = i_nc % n_chunks
     o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V  # S and E; S_end is the next chunk's S, or the final state
@@ -468,6 +471,7 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     b_dq = tl.zeros([BT, BK], dtype=ACC)  # do S^T, then the whole dq
     b_dk = tl.zeros([BT, BK], dtype=ACC)  # v E^T, then the whole dk
     b_dend = tl.zeros([BK], dtype=ACC)  # sum_v E S_end, per key
+    b_dskip = tl.zeros([BT], dtype=ACC)  # SKIP: do_t . v_t
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -475,6 +479,8 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
         o_tile = o_k[:, None] * V + o_v[None, :]
         b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
         b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if SKIP:
+            b_dskip += tl.sum(b_do * b_v, axis=1)
         if SCALED:
             b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         b_S = tl.load(p_starts + o_state + o_tile, mask=m_kv, other=0.0).to(ACC)
@@ -534,6 +540,9 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
         tl.store(p_dg + (o_c + o_t) * sdg_t + i_k, b_dg, mask=m_t)
     tl.store(p_dq + o_c * sdq_t + o_t[:, None] * sdq_t + o_k[None, :], b_dq, mask=m_tk)
     tl.store(p_dk + o_c * sdk_t + o_t[:, None] * sdk_t + o_k[None, :], b_dk, mask=m_tk)
+    if SKIP:
+        if i_k == 0:
+            tl.store(p_dskip + (o_c + o_t) * sdskip_t, b_dskip, mask=m_t)
 
 
 # Registers per thread of ``chunk_value_grads`` when it scales the values (mLSTM's input gate):
@@ -542,11 +551,11 @@ SCALED_VALUE_GRAD_REGISTERS = 255
 
 
 @triton.jit
-def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_skip, p_dskip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, sskip_b, sskip_h, sskip_t, sdskip_b, sdskip_h, sdskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_skip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, sskip_b, sskip_h, sskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
     # chunk_outputs forms them.  SKIP: the read-out is also skip_t v_t (walk_outputs), so dv_t gets
-    # skip_t do_t and ``p_dskip`` [N, T, value blocks] each value block's share of do_t . v_t.
+    # skip_t do_t (chunk_key_grads forms dskip_t = do_t . v_t).
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -560,7 +569,6 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_sk
     p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v; dv = diag(c) dV, dc = rowsum(dV * v)
     p_dc += _row(i_n, H, sdc_b, sdc_h)
     p_skip += _row(i_n, H, sskip_b, sskip_h)
-    p_dskip += _row(i_n, H, sdskip_b, sdskip_h)
     i_c = i_nc % n_chunks
     o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V
@@ -569,6 +577,12 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_sk
     m_t = i_c * BT + o_t < T
     m_v = o_v < V
     causal = o_t[:, None] >= o_t[None, :]
+    if SKIP:
+        # The skip term's share of dv, skip_t do_t, first into dv and added back at the end: formed
+        # there beside the tiles of the dot, it spilled on sm_90.
+        b_skip = tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)
+        b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        tl.store(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], b_skip[:, None] * b_do, mask=m_t[:, None] & m_v[None, :])
     b_dv = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
@@ -613,9 +627,8 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_sk
         tl.store(p_dc + (o_c + o_t) * sdc_t + i_v, tl.sum(b_dv * b_v, axis=1), mask=m_t)
         b_dv = b_dv * b_c[:, None]
     if SKIP:
-        b_x = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
-        tl.store(p_dskip + (o_c + o_t) * sdskip_t + i_v, tl.sum(b_do * b_x, axis=1), mask=m_t)
-        b_dv += tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)[:, None] * b_do
+        tl.debug_barrier()  # skip_t do_t, stored by other threads of this program at its start
+        b_dv += tl.load(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
     tl.store(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], b_dv, mask=m_t[:, None] & m_v[None, :])
 
 
@@ -857,8 +870,8 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     end state and of the initial state; ``chunk_key_grads`` and ``chunk_value_grads``
     recompute each chunk's scores and give dq, dk, dg and dv (with ``c``, the values' scale:
     dv of the unscaled values and each value block's share of dc, summed here; with ``skip``
-    ``[B, H, T]``, the first read-out's ``skip_t v_t`` term: its share of dv and each value
-    block's share of dskip).
+    ``[B, H, T]``, the first read-out's ``skip_t v_t`` term: dskip from chunk_key_grads, its
+    share of dv from chunk_value_grads).
     """
     B, H, T, K = k.shape
     N, V = B * H, v.shape[-1]
@@ -887,20 +900,20 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
         dk_i = _written_like(k, dtype)
         # A decay per key row: its gradient in g's layout; a shared one: each key block's share, summed below.
         dg_i = _written_like(g, dtype) if rows else torch.empty(B, H, T, key_blocks, dtype=dtype, device=k.device)
+        skipped = skip is not None and i == 0
+        d_skip_i = torch.empty(B, H, T, dtype=dtype, device=k.device) if skipped else dg_i  # (not written when not skipped)
         launch(
-            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, T, K, V, n_chunks, H,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i),
-            SCALED=c is not None, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
+            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, d_skip_i, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i), *_strides(d_skip_i),
+            SCALED=c is not None, SKIP=skipped, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
         )
         dv_i = _written_like(v, dtype)
         dc_i = torch.empty(B, H, T, value_blocks, dtype=dtype, device=k.device) if c is not None else dv_i  # (not written when not scaled)
-        skipped = skip is not None and i == 0
-        d_skip_i = torch.empty(B, H, T, value_blocks, dtype=dtype, device=k.device) if skipped else dv_i  # (not written when not skipped)
         skip_in = skip if skipped else scale  # (not read when not skipped)
-        v_read = v if c is not None or skipped else d_out  # (v is read only to scale and skip: a tensor passed anyway stands in)
+        v_read = v if c is not None else d_out  # (v is read only to scale: a tensor passed anyway stands in)
         launch(
-            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, skip_in, d_skip_i, T, K, V, n_chunks, H,
-            *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i), *_strides(skip_in), *_strides(d_skip_i),
+            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, skip_in, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i), *_strides(skip_in),
             SCALED=c is not None, SKIP=skipped, BK=tiles.output_key_block, BV=tiles.value_block, **(dict(constants, maxnreg=SCALED_VALUE_GRAD_REGISTERS) if c is not None else constants),
         )
         if not rows:
@@ -909,7 +922,7 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
             dc_i = dc_i[..., 0] if value_blocks == 1 else dc_i.sum(-1)
             dc = dc_i if dc is None else dc + dc_i
         if skipped:
-            d_skip = d_skip_i[..., 0] if value_blocks == 1 else d_skip_i.sum(-1)
+            d_skip = d_skip_i
         d_readouts.append(dq)
         dk, dv, dg, d_initial = (dk_i, dv_i, dg_i, d_start) if dk is None else (dk + dk_i, dv + dv_i, dg + dg_i, d_initial + d_start)
     d_readouts += [torch.zeros_like(d_readouts[0]) for _ in range(len(readouts) - len(d_readouts))]  # (a list comprehension: none made for none missing)
