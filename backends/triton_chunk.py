@@ -297,11 +297,9 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
         o_next = ((i_c + 1) % n_slots) * K * V
         m_t = i_c * BT + o_t < T
         m_tv = m_t[:, None] & m_v[None, :]
-        b_x = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+        b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         if SCALED:
-            b_v = b_x * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
-        else:
-            b_v = b_x
+            b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         if not ROWS:
             b_gt = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_Gt = tl.cumsum(b_gt, axis=0)  # the (shared) log decay of each step
@@ -346,7 +344,8 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
             b_scores = b_scores * tl.exp(tl.where(causal, b_Gt[:, None] - b_Gt[None, :], float("-inf")))
         b_scores = tl.where(causal, b_scores, 0.0)
         b_out += _dot(b_scores, b_v, p_k, PRECISION)
-        if SKIP:
+        if SKIP:  # (the values before their scale read again, from the cache: one tile fewer live)
+            b_x = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_out += tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)[:, None] * b_x
         tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_tv)
         # The state the next chunk starts from, in a second pass over the key blocks (their keys and
@@ -660,9 +659,11 @@ class Tiling:
     precision: str
     gradient_key_block: int = 16
     gradient_value_block: int = 16
-    # The value columns of one walk_outputs program (it holds the read-outs, the values and a
-    # state block of that width beside the chunk's scores and its key block's tiles).
+    # The value columns of one walk_outputs program and the key block it walks in (it holds the
+    # read-outs, the values and a state block of that width beside the chunk's scores and its
+    # key block's tiles; TF32's blocks of 32 keys spilled 56 B on sm_80 with a scalar decay).
     walk_value_block: int = 32
+    walk_key_block: int = 16
     # Nonzero: the kernels read the log decays' pre-activation x and take gate_scale * logsigmoid(x)
     # (GLA's gate, see LogSigmoidGate); 0: they read the log decays.
     gate_scale: float = 0.0
@@ -687,6 +688,7 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
         gradient_key_block=16,
         gradient_value_block=16,
         walk_value_block=min(_block(values), 32),
+        walk_key_block=16,
     )
 
 
@@ -754,7 +756,7 @@ def _walk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | N
     launch(
         walk_outputs, (N, triton.cdiv(V, tiles.walk_value_block)), q, k, v, scale, g, skip_in, initial.to(dtype).contiguous(), states, final, out, q_sums, T, K, V, n_chunks, n_slots, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(skip_in), *_strides(out),
-        SCALED=c is not None, SKIP=skip is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.output_key_block, BV=tiles.walk_value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+        SCALED=c is not None, SKIP=skip is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.walk_key_block, BV=tiles.walk_value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
     )
     return out, states, final, q_sums
 
