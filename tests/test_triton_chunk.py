@@ -364,3 +364,23 @@ def test_infinite_queries_found_by_the_walk_give_the_loops_infinities():
     finite = torch.isfinite(expected)
     torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10)
+
+
+def test_skip_term_of_a_triton_plan_in_the_torch_chunked_form():
+    """A Triton plan run by the torch chunked form (``parallel.run`` without the Triton kernels, as
+    packed sequences would be): the chunk plan's skip term (Mamba-2's ``D x``) is added in torch,
+    and the outputs are the sequential loop's, float64."""
+    from recdsl.backends import parallel
+    from recdsl.backends.torch_ops import Numerics
+
+    module = recdsl.compile(EXAMPLES / "mamba2.rec", backend="triton", **CELLS["mamba2"]).double()
+    reference = recdsl.compile(EXAMPLES / "mamba2.rec", backend="sequential", **CELLS["mamba2"]).double()
+    reference.load_state_dict(module.state_dict())
+    assert any(step.chunk is not None and step.chunk.skip is not None for step in module.plan.steps)
+    inputs, state = random_inputs(module, Example(batch=2, length=70, heads=(), seed=8, with_state=True))
+    params = {name: value for name, value in module.named_parameters()}
+    consts = {name: value for name, value in module.named_buffers()}
+    (got,), final = parallel.run(module.plan, inputs, params, consts, state, Numerics(torch.float64, torch.device("cpu")))
+    expected, expected_state = reference(*inputs.values(), state=state, return_state=True)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"outputs y = C @ h + D x: {m}")
+    torch.testing.assert_close(final["h"], expected_state["h"], rtol=1e-9, atol=1e-9)
