@@ -365,6 +365,8 @@ class ExecutionPlan:
                 lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+                if chunk.skip is not None:
+                    lines.append(f"      plus {format_expr(chunk.skip.scale)} * {format_expr(chunk.skip.column)} in the first read-out, added in the kernels")
             if step.form is Form.TRITON_SELECTIVE_SCAN and hasattr(step.kernel, "describe"):  # a SelectiveScanPlan
                 lines.append(f"      {step.kernel.describe()}")
             if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T

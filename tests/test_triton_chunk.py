@@ -340,6 +340,7 @@ def test_mamba2_plan_adds_its_skip_term_in_the_kernels():
     (chunk,) = [step.chunk for step in mamba2.plan.steps if step.chunk is not None]
     assert chunk.skip is not None and chunk.skip.scale == ir.Ref(ir.RefKind.PARAM, "D", chunk.skip.scale.type)
     assert isinstance(chunk.readouts[0], ir.Op) and chunk.readouts[0].op == "add"
+    assert "plus D * x in the first read-out, added in the kernels" in mamba2.plan.format()
     gla = recdsl.compile(EXAMPLES / "gla.rec", backend="triton", **CELLS["gla"])
     assert all(step.chunk.skip is None for step in gla.plan.steps if step.chunk is not None)
 
