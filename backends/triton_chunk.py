@@ -28,6 +28,10 @@ torch chunked form is recomputed):
    reverse cumulative sum over the chunk of ``q dq - k dk`` plus the chunk-end term;
 3. ``chunk_value_grads``: per (chunk, value block) dv.
 
+A skip term in the first read-out (``o_t += skip_t v_t``, Mamba-2's ``D x``; see
+:class:`recdsl.plan.SkipTerm`) is added by ``walk_outputs``; ``chunk_key_grads`` forms its
+scale's gradient ``do_t . v_t`` and ``chunk_value_grads`` adds ``skip_t do_t`` to dv.
+
 Blocks are at least 16 wide so that ``tl.dot`` maps to tensor cores on a GPU; float32
 products are exact (``input_precision="ieee"``) unless the caller passes ``allow_tf32=True``
 (TF32 tensor cores, about 1e-3 relative error).  :func:`tiling` chooses the blocks and
