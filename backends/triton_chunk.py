@@ -1011,7 +1011,9 @@ def _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32: bo
             outputs[0] = outputs[0] + skip.to(dtype).unsqueeze(-1) * skipped_values.to(dtype)
         return outputs, final, None
     term = inputs[0]
-    *outputs, final, sums = DecayedOuterProducts.apply(chunk, allow_tf32, gate, term.k, term.v, scale, log_decay, initial, skip, *readouts)
+    leaves = (term.k, term.v, scale, log_decay, initial, skip, *readouts)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)  # a backward may follow: keep the chunk-start states
+    *outputs, final, sums = DecayedOuterProducts.apply(chunk, allow_tf32, gate, keep, term.k, term.v, scale, log_decay, initial, skip, *readouts)
     return list(outputs), final, sums
 
 
@@ -1021,10 +1023,10 @@ class DecayedOuterProducts(torch.autograd.Function):
     the first read-out's queries (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, chunk: int, allow_tf32: bool, gate, k, v, scale, log_decay, initial, skip, *readouts):
+    def forward(ctx, chunk: int, allow_tf32: bool, gate, keep: bool, k, v, scale, log_decay, initial, skip, *readouts):
         # ``scale`` (or None): the values are scale[..., None] * v, formed in the kernels; ``gate``
         # (or None): log_decay is its pre-activation; ``skip`` (or None): the first read-out's skip_t v_t.
-        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate, skip, keep=any(ctx.needs_input_grad))
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate, skip, keep=keep)
         ctx.mark_non_differentiable(run.query_sums)
         ctx.scale_dtype = None if scale is None else scale.dtype
         ctx.scale_shape = None if scale is None else scale.shape
@@ -1048,6 +1050,7 @@ class DecayedOuterProducts(torch.autograd.Function):
         k_dtype, v_dtype, g_dtype, initial_dtype, *q_dtypes = ctx.dtypes
         k_shape, v_shape, *q_shapes = ctx.shapes
         return (
+            None,
             None,
             None,
             None,
