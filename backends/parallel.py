@@ -47,6 +47,7 @@ from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan a
     ExecutionPlan,
     Form,
     RankOneTerm,
+    SkipTerm,
     StepPlan,
     Unsupported,
     chunk_plan,
@@ -628,6 +629,54 @@ def _logsigmoid_gate(log_decay: ir.Expr) -> tuple[ir.Expr, float] | None:
     return None
 
 
+def with_skip_term(chunk: ChunkPlan, outputs: tuple[ir.Expr, ...]) -> ChunkPlan:
+    """``chunk`` with a read-out's skip term (:class:`~recdsl.plan.SkipTerm`) when an output adds
+    ``s * column`` to it (Mamba-2's ``C @ h + D * x``: ``s`` a scalar, ``column`` the values of
+    the plan's one input term before their scalar coefficient), for the Triton chunked kernels,
+    which add it as they write the read-out: that read-out first, its node the sum's.  Else
+    ``chunk`` unchanged."""
+    if chunk.kind is not ChunkKind.DECAYED_OUTER_PRODUCTS or len(chunk.inputs) != 1 or chunk.transposed or chunk.reads_previous or chunk.skip is not None:
+        return chunk
+    term = chunk.inputs[0]
+    column = term.column if term.coefficient is not None else _scalar_times_vector(term.column)[0]
+    readouts = {id(r): i for i, r in enumerate(chunk.readouts)}
+
+    def scaled_column(expr: ir.Expr) -> ir.Expr | None:
+        """``s`` when ``expr`` is ``s * column`` or ``column * s`` with a scalar ``s``."""
+        if isinstance(expr, ir.Op) and expr.op == "mul" and len(expr.args) == 2 and expr.type == column.type:
+            for scale, vector in (expr.args, expr.args[::-1]):
+                if scale.type.rank == 0 and scale.type.kind is column.type.kind and vector == column:
+                    return scale
+        return None
+
+    def find(expr: ir.Expr) -> ChunkPlan | None:
+        if not isinstance(expr, ir.Op):
+            return None
+        if expr.op == "add" and len(expr.args) == 2 and expr.type == expr.args[0].type == expr.args[1].type:
+            for readout, other in (expr.args, expr.args[::-1]):
+                scale = scaled_column(other) if id(readout) in readouts else None
+                if scale is not None:
+                    i = readouts[id(readout)]
+                    order = [i] + [j for j in range(len(chunk.readouts)) if j != i]
+                    return replace(
+                        chunk,
+                        readouts=tuple(expr if j == i else chunk.readouts[j] for j in order),
+                        queries=tuple(chunk.queries[j] for j in order),
+                        skip=SkipTerm(scale, column),
+                    )
+        for arg in expr.args:
+            found = find(arg)
+            if found is not None:
+                return found
+        return None
+
+    for output in outputs:
+        found = find(output)
+        if found is not None:
+            return found
+    return chunk
+
+
 def _run_chunk_plan(
     seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None, native: bool = False
 ) -> tuple[list[torch.Tensor], torch.Tensor] | None:
@@ -725,10 +774,14 @@ def _run_chunk_plan(
                 from .triton_chunk import LogSigmoidGate
 
                 kernel = functools.partial(kernel, gate=LogSigmoidGate(gated[1]))
-            results, final = chunk_kernels.with_infinite_readouts(kernel, queries, inputs, log_decay, start, chunk, *extra)
+            # The kernels add the skip term and look for infinite queries themselves (the walk sums them).
+            skip = None if plan.skip is None else flat_scalar(plan.skip.scale)
+            results, final = kernel(queries, inputs, log_decay, start, chunk, *extra, skip=skip, infinite_readouts=True)
         else:
             inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
             results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra)
+        if plan.skip is not None and not checks_final:  # (a Triton plan's packed sequences run here, in torch)
+            results[0] = results[0] + flat_scalar(plan.skip.scale).unsqueeze(-1) * flat_vector(plan.skip.column, columns)
     else:
         transition = plan.transition
         assert transition is not None and transition.coefficient is not None

@@ -254,29 +254,35 @@ def layer_launches(examples: Path, layer: Layer, dtype: Any = None, batch: int =
     return record_launches(run)
 
 
-def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length: int = 4096, chunk: int = 64, dtype: Any = None) -> list[KernelLaunch]:
+def chunk_launches(keys: int, values: int, rows: bool, allow_tf32: bool, length: int = 4096, chunk: int = 64, dtype: Any = None, readouts: int = 1, skip: bool = False) -> list[KernelLaunch]:
     """The launches of the Triton chunked form's forward and backward (:mod:`.triton_chunk`) for one
     head of ``keys x values`` states, with queries, keys, values and log decays in ``dtype``
     (float32 by default; bfloat16 feeds ``tl.dot`` bfloat16 operands).
 
     For the kernels' specialisations by option (``allow_tf32``, bfloat16 operands, which a
     compiled cell also passes: LowPrecisionInputs.NATIVE); ``rows``: a decay per key row (GLA) rather than one
-    per state (RetNet, mLSTM, Mamba-2).
+    per state (RetNet, mLSTM, Mamba-2).  ``readouts``: 2 adds a second read-out of the state
+    (``chunk_outputs``, from the chunk-start states the walk keeps); ``skip``: values scaled per
+    step and a skip term ``skip_t v_t`` in the first read-out (Mamba-2's ``dt x`` and ``D x``).
     """
     import torch
 
     from . import chunk_kernels, triton_chunk
 
     dtype = dtype or torch.float32
-    q, k = torch.randn(1, length, keys, dtype=dtype), torch.randn(1, length, keys, dtype=dtype)
+    qs = [torch.randn(1, length, keys, dtype=dtype) for _ in range(readouts)]
+    k = torch.randn(1, length, keys, dtype=dtype)
     v = torch.randn(1, length, values, dtype=dtype)
     log_decay = -torch.rand(1, length, keys if rows else 1, 1).to(dtype)
     initial = torch.zeros(1, keys, values)
-    leaves = [t.requires_grad_() for t in (q, k, v, log_decay, initial)]
+    scale, skipped = (torch.rand(1, length).to(dtype), torch.randn(1, length).to(dtype)) if skip else (None, None)
+    leaves = [t.requires_grad_() for t in (*qs, k, v, log_decay, initial) + ((scale, skipped) if skip else ())]
 
     def run() -> None:
-        (out,), final = triton_chunk.decayed_outer_products([q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, chunk, allow_tf32=allow_tf32)
-        torch.autograd.grad(out.float().sum() + final.sum(), leaves)
+        outputs, final = triton_chunk.decayed_outer_products(
+            qs, [chunk_kernels.RankOneInput(k, v)], log_decay, initial, chunk, allow_tf32=allow_tf32, value_scales=[scale] if skip else None, skip=skipped
+        )
+        torch.autograd.grad(sum(out.float().sum() for out in outputs) + final.sum(), leaves)
 
     return record_launches(run)
 

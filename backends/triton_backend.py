@@ -161,7 +161,7 @@ def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsup
     key_rows = Structure.COLUMNS if chunk.transposed else Structure.ROWS
     if structure is not Structure.SCALAR and structure is not key_rows:
         return Unsupported("its decay is shared along the read-out's axis, which the Triton kernels do not tile")
-    return chunk
+    return parallel.with_skip_term(chunk, analysis.expanded_outputs)  # Mamba-2's D x: added in the kernels
 
 
 def _triton_delta_chunk(chunk: ChunkPlan, state: StateAnalysis) -> ChunkPlan | Unsupported:
@@ -276,7 +276,7 @@ def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
             f"(delta_chunks: the {chunk.kind}'s UT transform inside the walk over the chunks), never stored per step.\n"
             if chunk is not None and chunk.kind in delta else
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
-            f"(walk_states, chunk_outputs; backward walk_state_grads, chunk_key_grads, chunk_value_grads), never stored per step.\n"
+            f"(walk_outputs, chunk_outputs; backward walk_state_grads, chunk_key_grads, chunk_value_grads), never stored per step.\n"
             for name, chunk in chunked
         )
         first, rest = source.split("\n", 1)

@@ -3,20 +3,20 @@
 The same algorithm as :func:`recdsl.backends.chunk_kernels.decayed_outer_products`, for a
 decay shared by a whole state (``[N, T, 1, 1]``) or by each row (``[N, T, K, 1]``).
 
-Forward (:func:`forward`, two launches):
+Forward (:func:`forward`, one launch): ``walk_outputs``, one program per (row, value block),
+walks the chunks in order; per chunk the log decays accumulated inside it (``tl.cumsum``),
+the read-outs ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
+``A = (Q K^T) * exp(G_t - G_s)`` for a scalar decay, and for per-row decays
+``A = (Q * exp(G)) (K * exp(-G))^T`` summed over key blocks, each block factorised where its
+``G`` stays within ``+-60`` inside the chunk, else summed exactly pair by pair; and the state
+the next chunk starts from, ``exp(G_C) S_start + sum_s (k_s * exp(G_C - G_s))^T v_s``.  It
+writes the read-outs, the state each chunk starts from (``T / chunk`` states, kept for the
+backward; two reused slots when no backward follows) and the final state, and reads every
+input once.  A second read-out of the same state (rare) takes ``chunk_outputs``, one program
+per (chunk, value block), from the kept chunk-start states.
 
-1. ``walk_states``: one program per (row, key block, value block) walks the chunks in order,
-   the state tile in fp32 registers; per chunk the log decays accumulated inside it
-   (``tl.cumsum``) and its update ``sum_s (k_s * exp(G_C - G_s))^T v_s`` (a ``tl.dot``); it
-   writes the state each chunk starts from (``T / chunk`` states, kept for the backward) and
-   the final state;
-2. ``chunk_outputs``: ``o_t = (q_t * exp(G_t)) @ S_start + sum_{s <= t} A_ts v_s`` with
-   ``A = (Q K^T) * exp(G_t - G_s)`` for a scalar decay, and for per-row decays
-   ``A = (Q * exp(G)) (K * exp(-G))^T`` summed over key blocks, each block factorised where
-   its ``G`` stays within ``+-60`` inside the chunk, else summed exactly pair by pair.
-
-(``chunk_states`` + ``pass_states`` are the same walk in two launches, one program per chunk
-for the updates; they write and read back every chunk's update, one state per chunk more.)
+(``chunk_states`` + ``pass_states`` are the walk over chunk states in two launches, one program
+per chunk for the updates; they write and read back every chunk's update, one state per chunk more.)
 
 Backward (:func:`backward`, three launches, from the kept chunk-start states; nothing of the
 torch chunked form is recomputed):
@@ -28,6 +28,10 @@ torch chunked form is recomputed):
    reverse cumulative sum over the chunk of ``q dq - k dk`` plus the chunk-end term;
 3. ``chunk_value_grads``: per (chunk, value block) dv.
 
+A skip term in the first read-out (``o_t += skip_t v_t``, Mamba-2's ``D x``; see
+:class:`recdsl.plan.SkipTerm`) is added by ``walk_outputs``; ``chunk_key_grads`` forms its
+scale's gradient ``do_t . v_t`` and ``chunk_value_grads`` adds ``skip_t do_t`` to dv.
+
 Blocks are at least 16 wide so that ``tl.dot`` maps to tensor cores on a GPU; float32
 products are exact (``input_precision="ieee"``) unless the caller passes ``allow_tf32=True``
 (TF32 tensor cores, about 1e-3 relative error).  :func:`tiling` chooses the blocks and
@@ -37,6 +41,7 @@ floored at -60 as the kernels load them (a decay of 0 is e^-60, with no gradient
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, replace
 
@@ -241,60 +246,148 @@ def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H
     tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_t[:, None] & m_v[None, :])
 
 
-# ---- one walk over the chunks (forward states, backward state gradients) ----------------------
+# ---- the fused forward: one walk over the chunks that also reads out ----------------------------
 #
-# ``chunk_states`` + ``pass_states`` write each chunk's update and read it back; the walks below
-# compute the update inside the loop over chunks instead (as fla's ``chunk_fwd_h`` does), so the
-# only state-sized tensor written is the one the read-outs need (forward: the state each chunk
-# starts from; backward: the gradient of the state each chunk ends with).
+# A walk over the states (fla's chunk_fwd_h) then chunk_outputs read the keys, values and log
+# decays twice and the chunk-start states back once (GLA: 169 MB where the minimum is 84, B = 2,
+# T = 2048, 16 heads of 64).
+# walk_outputs is one program per (row, value block) walking the chunks in order; per chunk
+# and key block it reads that block of the state the chunk starts from, adds its share of
+# the chunk's read-outs and scores, and writes the block of the state the next chunk starts
+# from.  Queries, keys, values and log decays are read once, the read-outs written once, and
+# each chunk-start state written once: into its own slot when the backward keeps them, else
+# into one of two slots that the walk reuses (the state then never leaves the L2 cache).
+#
+# The state tile is passed between chunks through memory rather than registers because the
+# key dimension is walked in blocks (an exact float32 tl.dot holds whole rows and columns of
+# its operands per thread, so its blocks stay narrow: see Tiling) and Triton has no arrays
+# of register tiles.  Each program reads back only what it wrote, after a barrier.
 
 
 @triton.jit
-def walk_states(p_k, p_v, p_c, p_g, p_initial, p_starts, p_final, T, K, V, n_chunks, H, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (row, key block, value block), walking the chunks in order with the
-    # state tile in fp32 registers; writes what pass_states writes: ``p_starts`` [N, n_chunks,
-    # K, V], the state each chunk starts from, and ``p_final``.
+def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, p_out, p_qsum, T, K, V, n_chunks, n_slots, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sskip_b, sskip_h, sskip_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row, value block); the key dimension is walked in blocks of BK.
+    # ``p_states`` [N, n_slots, K, V]: chunk c starts from slot c % n_slots (n_slots = n_chunks:
+    # every chunk-start state kept, for the backward and chunk_outputs; 2: reused).  ``p_qsum`` [N]: the
+    # sum of the row's queries (a finite sum rules out infinite queries, see
+    # chunk_kernels.with_infinite_readouts), written by the row's first value block.
+    # SKIP: o_t += skip_t v_t (the values before their scale c; Mamba-2's D x).
     i_n = tl.program_id(0).to(tl.int64)
+    i_v = tl.program_id(1)
     # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
+    p_q += _row(i_n, H, sq_b, sq_h)
     p_k += _row(i_n, H, sk_b, sk_h)
     p_v += _row(i_n, H, sv_b, sv_h)
     p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v, c read from p_c
     p_g += _row(i_n, H, sg_b, sg_h)
-    o_k = tl.program_id(1) * BK + tl.arange(0, BK)
-    o_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    p_skip += _row(i_n, H, sskip_b, sskip_h)
+    p_out += _row(i_n, H, sout_b, sout_h)
+    p_states += i_n * n_slots * K * V
     o_t = tl.arange(0, BT)
-    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
-    m = m_k[:, None] & m_v[None, :]
-    o_tile = o_k[:, None] * V + o_v[None, :]
-    b_state = tl.load(p_initial + i_n * K * V + o_tile, mask=m, other=0.0).to(ACC)
+    causal = o_t[:, None] >= o_t[None, :]
+    # The state chunk 0 starts from: the initial state, into slot 0.
+    for i_k in range(0, tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_kv = (o_k[:, None] < K) & m_v[None, :]
+        o_tile = o_k[:, None] * V + o_v[None, :]
+        tl.store(p_states + o_tile, tl.load(p_initial + i_n * K * V + o_tile, mask=m_kv, other=0.0).to(ACC), mask=m_kv)
+    b_qsum = tl.zeros([BK], dtype=ACC)
     for i_c in range(0, n_chunks):
-        tl.store(p_starts + (i_n * n_chunks + i_c) * K * V + o_tile, b_state, mask=m)
+        tl.debug_barrier()  # the state this chunk starts from was stored by other threads of this program
         o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
+        o_start = (i_c % n_slots) * K * V
+        o_next = ((i_c + 1) % n_slots) * K * V
         m_t = i_c * BT + o_t < T
-        b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
-        b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         if SCALED:
             b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
-        if ROWS:
-            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=_padding(GATE)).to(ACC), GATE, gate_scale))
-            b_G = tl.cumsum(b_g, axis=0)
-            b_end = tl.sum(b_g, axis=0)  # G at the chunk's last step (padding adds 0)
-            b_scaled = b_k * tl.exp(b_end[None, :] - b_G)
-            b_state = tl.exp(b_end)[:, None] * b_state
-        else:
-            b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
-            b_G = tl.cumsum(b_g, axis=0)
-            b_end = tl.sum(b_g, axis=0)
-            b_scaled = b_k * tl.exp(b_end - b_G)[:, None]
-            b_state = tl.exp(b_end) * b_state
-        b_state += _dot(tl.trans(b_scaled), b_v, p_k, PRECISION)
-    tl.store(p_final + i_n * K * V + o_tile, b_state, mask=m)
+        if not ROWS:
+            b_gt = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
+            b_Gt = tl.cumsum(b_gt, axis=0)  # the (shared) log decay of each step
+            b_endt = tl.sum(b_gt, axis=0)  # G at the chunk's last step (padding adds 0)
+        b_out = tl.zeros([BT, BV], dtype=ACC)
+        b_scores = tl.zeros([BT, BT], dtype=ACC)
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_tk = m_t[:, None] & m_k[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            o_tile = o_k[:, None] * V + o_v[None, :]
+            b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_qsum += tl.sum(b_q, axis=0)
+            b_S = tl.load(p_states + o_start + o_tile, mask=m_kv, other=0.0).to(ACC)
+            if ROWS:
+                b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
+                b_qg = b_q * tl.exp(b_G)
+                # From the state at the chunk start.
+                b_out += _dot(b_qg, b_S, p_k, PRECISION)
+                b_lowest = tl.min(tl.min(b_G, axis=1), axis=0)
+                b_highest = tl.max(tl.max(b_G, axis=1), axis=0)
+                if (b_lowest > -60.0) & (b_highest < 60.0):
+                    # exp(G_t - G_s) = exp(G_t) exp(-G_s), each factor within exp(+-60).
+                    b_scores += _dot(b_qg, tl.trans(b_k * tl.exp(-b_G)), p_k, PRECISION)
+                else:
+                    # The exact pairwise form, one key dimension of this block at a time.
+                    for i_j in range(0, BK):
+                        m_col = m_t & (o_t * 0 + i_k * BK + i_j < K)  # (a tensor: the interpreter has no scalar masks)
+                        q_col = tl.load(p_q + (o_c + o_t) * sq_t + i_k * BK + i_j, mask=m_col, other=0.0).to(ACC)
+                        k_col = tl.load(p_k + (o_c + o_t) * sk_t + i_k * BK + i_j, mask=m_col, other=0.0).to(ACC)
+                        g_col = tl.sum(tl.where(tl.arange(0, BK)[None, :] == i_j, b_G, 0.0), axis=1)
+                        gap = tl.where(causal, g_col[:, None] - g_col[None, :], float("-inf"))
+                        b_scores += q_col[:, None] * k_col[None, :] * tl.exp(gap)
+            else:
+                b_out += _dot(b_q, b_S, p_k, PRECISION)
+                b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
+        if not ROWS:
+            # The shared decay factors out of the key sum: q_t exp(G_t) S, and (q_t . k_s) exp(G_t - G_s).
+            b_out = b_out * tl.exp(b_Gt)[:, None]
+            b_scores = b_scores * tl.exp(tl.where(causal, b_Gt[:, None] - b_Gt[None, :], float("-inf")))
+        b_scores = tl.where(causal, b_scores, 0.0)
+        b_out += _dot(b_scores, b_v, p_k, PRECISION)
+        if SKIP:  # (the values before their scale read again, from the cache: one tile fewer live)
+            b_x = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
+            b_out += tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)[:, None] * b_x
+        tl.store(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], b_out, mask=m_tv)
+        # The state the next chunk starts from, in a second pass over the key blocks (their keys and
+        # log decays again, from the cache), so that the read-outs' tiles are not live beside it.
+        for i_k in range(0, tl.cdiv(K, BK)):
+            o_k = i_k * BK + tl.arange(0, BK)
+            m_k = o_k < K
+            m_tk = m_t[:, None] & m_k[None, :]
+            m_kv = m_k[:, None] & m_v[None, :]
+            o_tile = o_k[:, None] * V + o_v[None, :]
+            b_k = tl.load(p_k + o_c * sk_t + o_t[:, None] * sk_t + o_k[None, :], mask=m_tk, other=0.0).to(ACC)
+            b_S = tl.load(p_states + o_start + o_tile, mask=m_kv, other=0.0).to(ACC)
+            if ROWS:
+                b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_tk, other=_padding(GATE)).to(ACC), GATE, gate_scale))
+                b_end = tl.sum(b_g, axis=0)
+                b_S = tl.exp(b_end)[:, None] * b_S + _dot(tl.trans(b_k * tl.exp(b_end[None, :] - tl.cumsum(b_g, axis=0))), b_v, p_k, PRECISION)
+            else:
+                b_S = tl.exp(b_endt) * b_S + _dot(tl.trans(b_k * tl.exp(b_endt - b_Gt)[:, None]), b_v, p_k, PRECISION)
+            if i_c == n_chunks - 1:
+                tl.store(p_final + i_n * K * V + o_tile, b_S, mask=m_kv)
+            else:
+                tl.store(p_states + o_next + o_tile, b_S, mask=m_kv)
+    if i_v == 0:
+        tl.store(p_qsum + i_n, tl.sum(b_qsum, axis=0))
+
+
+# ---- the backward's walk over the chunks (state gradients) -------------------------------------
+#
+# ``chunk_states`` + ``pass_states`` write each chunk's update and read it back; the walks
+# (walk_outputs above, walk_state_grads below) compute the update inside the loop over chunks
+# instead (as fla's ``chunk_fwd_h`` does), so the only state-sized tensor written is the one the
+# backward needs (forward: the state each chunk starts from; backward: the gradient of the
+# state each chunk ends with).
 
 
 @triton.jit
 def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    # The adjoint of walk_states, over reversed chunks: with S_c the state chunk c starts from,
+    # The adjoint of the forward's walk (walk_outputs), over reversed chunks: with S_c the state chunk c starts from,
     # dL/dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dL/dS_{c+1}.  ``p_dends`` [N, n_chunks, K, V]
     # gets dL/dS_{c+1}, the gradient of the state chunk c ends with; ``p_dinitial`` dL/dS_0.
     i_n = tl.program_id(0).to(tl.int64)
@@ -346,10 +439,12 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
 
 
 @triton.jit
-def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, p_dskip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, sdskip_b, sdskip_h, sdskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, key block); the value dimension is walked in blocks of BV.
     # ``p_dg``: [N, T, K] for a decay per row; for a shared decay [N, T, key blocks], each
-    # block's share of the sum over keys (the caller adds them).
+    # block's share of the sum over keys (the caller adds them).  SKIP: the first key block's
+    # programs also write ``p_dskip`` [N, T], dskip_t = do_t . v_t for the read-out's skip_t v_t
+    # (walk_outputs; v before its scale c).
     i_nc = tl.program_id(0)
     i_k = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -363,6 +458,7 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     p_dq += _row(i_n, H, sdq_b, sdq_h)
     p_dk += _row(i_n, H, sdk_b, sdk_h)
     p_dg += _row(i_n, H, sdg_b, sdg_h)
+    p_dskip += _row(i_n, H, sdskip_b, sdskip_h)
     i_c = i_nc % n_chunks
     o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V  # S and E; S_end is the next chunk's S, or the final state
@@ -378,6 +474,7 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     b_dq = tl.zeros([BT, BK], dtype=ACC)  # do S^T, then the whole dq
     b_dk = tl.zeros([BT, BK], dtype=ACC)  # v E^T, then the whole dk
     b_dend = tl.zeros([BK], dtype=ACC)  # sum_v E S_end, per key
+    b_dskip = tl.zeros([BT], dtype=ACC)  # SKIP: do_t . v_t
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -385,6 +482,8 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
         o_tile = o_k[:, None] * V + o_v[None, :]
         b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
         b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if SKIP:
+            b_dskip += tl.sum(b_do * b_v, axis=1)
         if SCALED:
             b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
         b_S = tl.load(p_starts + o_state + o_tile, mask=m_kv, other=0.0).to(ACC)
@@ -444,6 +543,9 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
         tl.store(p_dg + (o_c + o_t) * sdg_t + i_k, b_dg, mask=m_t)
     tl.store(p_dq + o_c * sdq_t + o_t[:, None] * sdq_t + o_k[None, :], b_dq, mask=m_tk)
     tl.store(p_dk + o_c * sdk_t + o_t[:, None] * sdk_t + o_k[None, :], b_dk, mask=m_tk)
+    if SKIP:
+        if i_k == 0:
+            tl.store(p_dskip + (o_c + o_t) * sdskip_t, b_dskip, mask=m_t)
 
 
 # Registers per thread of ``chunk_value_grads`` when it scales the values (mLSTM's input gate):
@@ -452,10 +554,11 @@ SCALED_VALUE_GRAD_REGISTERS = 255
 
 
 @triton.jit
-def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, SCALED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_skip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, sskip_b, sskip_h, sskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
-    # chunk_outputs forms them.
+    # chunk_outputs forms them.  SKIP: the read-out is also skip_t v_t (walk_outputs), so dv_t gets
+    # skip_t do_t (chunk_key_grads forms dskip_t = do_t . v_t).
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -468,6 +571,7 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K
     p_v += _row(i_n, H, sv_b, sv_h)
     p_c += _row(i_n, H, sc_b, sc_h)  # SCALED: the values are diag(c) v; dv = diag(c) dV, dc = rowsum(dV * v)
     p_dc += _row(i_n, H, sdc_b, sdc_h)
+    p_skip += _row(i_n, H, sskip_b, sskip_h)
     i_c = i_nc % n_chunks
     o_c = i_n * 0 + i_c * BT  # the chunk's first step, int64 as i_n (T times a step stride may pass 2^31)
     o_state = (i_n * n_chunks + i_c) * K * V
@@ -476,6 +580,12 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K
     m_t = i_c * BT + o_t < T
     m_v = o_v < V
     causal = o_t[:, None] >= o_t[None, :]
+    if SKIP:
+        # The skip term's share of dv, skip_t do_t, first into dv and added back at the end: formed
+        # there beside the tiles of the dot, it spilled on sm_90.
+        b_skip = tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)
+        b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        tl.store(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], b_skip[:, None] * b_do, mask=m_t[:, None] & m_v[None, :])
     b_dv = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
     if not ROWS:
@@ -519,6 +629,9 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, T, K
         b_c = tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)
         tl.store(p_dc + (o_c + o_t) * sdc_t + i_v, tl.sum(b_dv * b_v, axis=1), mask=m_t)
         b_dv = b_dv * b_c[:, None]
+    if SKIP:
+        tl.debug_barrier()  # skip_t do_t, stored by other threads of this program at its start
+        b_dv += tl.load(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
     tl.store(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], b_dv, mask=m_t[:, None] & m_v[None, :])
 
 
@@ -527,9 +640,9 @@ class Tiling:
     """Block sizes and launch options of the chunked kernels, chosen so that nothing spills.
 
     ``chunk``: steps per chunk (``BT``).  ``state_key_block``: the key rows of one program of
-    the walks over chunks (``walk_states``, ``walk_state_grads``; the key dimension is split
-    across programs there); ``output_key_block``: the key block ``chunk_outputs`` and
-    ``chunk_value_grads`` walk the key dimension in; ``value_block``: the value columns of one
+    the backward's walk over chunks (``walk_state_grads``; the key dimension is split
+    across programs there); ``output_key_block``: the key block ``walk_outputs``,
+    ``chunk_outputs`` and ``chunk_value_grads`` walk the key dimension in; ``value_block``: the value columns of one
     program; ``gradient_key_block``/``gradient_value_block``: the key block of one
     ``chunk_key_grads`` program and the value block it walks in.  ``precision``: ``tl.dot``'s
     ``input_precision``, ``"ieee"`` (exact float32) unless TF32 was asked for.
@@ -550,6 +663,11 @@ class Tiling:
     precision: str
     gradient_key_block: int = 16
     gradient_value_block: int = 16
+    # The value columns of one walk_outputs program and the key block it walks in (it holds the
+    # read-outs, the values and a state block of that width beside the chunk's scores and its
+    # key block's tiles; TF32's blocks of 32 keys spilled 56 B on sm_80 with a scalar decay).
+    walk_value_block: int = 32
+    walk_key_block: int = 16
     # Nonzero: the kernels read the log decays' pre-activation x and take gate_scale * logsigmoid(x)
     # (GLA's gate, see LogSigmoidGate); 0: they read the log decays.
     gate_scale: float = 0.0
@@ -561,7 +679,7 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
     precision = "tf32" if allow_tf32 and dtype == torch.float32 else "ieee"
     return Tiling(
         chunk=_block(chunk),
-        # bfloat16 operands' layout conversions spill 4 B in walk_states on sm_90 with 32 key rows.
+        # bfloat16 operands' layout conversions spilled 4 B in a walk over the states on sm_90 with 32 key rows.
         state_key_block=16 if operands == torch.bfloat16 else min(_block(keys), 32),
         # 16, tl.dot's smallest inner dimension, for FMA products; tensor cores (TF32) hold their
         # operands in fewer registers but spill on sm_80 with blocks of 16 (ptxas -v).
@@ -573,6 +691,8 @@ def tiling(chunk: int, keys: int, values: int, dtype: torch.dtype, allow_tf32: b
         # chunk_key_grads holds dA [BT, BT] and six [BT, BK] tiles: blocks of 32 spill on sm_80 even with TF32.
         gradient_key_block=16,
         gradient_value_block=16,
+        walk_value_block=min(_block(values), 32),
+        walk_key_block=16,
     )
 
 
@@ -621,21 +741,28 @@ def _written_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _states(k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling) -> tuple[torch.Tensor, torch.Tensor]:
-    """The state each chunk starts from, ``[N, n_chunks, K, V]``, and the final state ``[N, K, V]``
-    (the values ``diag(c) v`` when ``c`` is given)."""
+def _walk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling, keep: bool, skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One walk over the chunks (``walk_outputs``): the read-outs ``q_t @ S_t`` ``[B, H, T, V]`` (laid
+    out ``[B, T, H, V]``; plus ``skip_t v_t`` with ``skip`` ``[B, H, T]``), the chunk-start states
+    ``[N, n_chunks, K, V]`` (with ``keep``; else two slots the walk reused), the final state
+    ``[N, K, V]`` and the sum of each row's queries ``[N]`` (the values ``diag(c) v`` when ``c`` is given)."""
     B, H, T, K = k.shape
     N, V = B * H, v.shape[-1]
     dtype, ACC = _accumulator(initial)
     n_chunks = triton.cdiv(T, tiles.chunk)
-    starts = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
+    n_slots = n_chunks if keep else min(n_chunks, 2)
+    states = torch.empty(N, n_slots, K, V, dtype=dtype, device=k.device)
     final = torch.empty(N, K, V, dtype=dtype, device=k.device)
-    grid = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
+    out = torch.empty(B, T, H, V, dtype=dtype, device=k.device).transpose(1, 2)
+    q_sums = torch.empty(N, dtype=dtype, device=k.device)
+    scale = g if c is None else c  # (not read when not scaled, nor skip when not skipped)
+    skip_in = g if skip is None else skip
     launch(
-        walk_states, grid, k, v, g if c is None else c, g, initial.to(dtype).contiguous(), starts, final, T, K, V, n_chunks, H, *_strides(k), *_strides(v), *_strides(g if c is None else c), *_strides(g),
-        SCALED=c is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.state_key_block, BV=tiles.value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+        walk_outputs, (N, triton.cdiv(V, tiles.walk_value_block)), q, k, v, scale, g, skip_in, initial.to(dtype).contiguous(), states, final, out, q_sums, T, K, V, n_chunks, n_slots, H,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(skip_in), *_strides(out),
+        SCALED=c is not None, SKIP=skip is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.walk_key_block, BV=tiles.walk_value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
     )
-    return starts, final
+    return out, states, final, q_sums
 
 
 def _options(tiles: Tiling) -> dict:
@@ -670,15 +797,17 @@ class LogSigmoidGate:
         return self.scale * torch.nn.functional.logsigmoid(x)
 
 
-def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_decay: torch.Tensor, initial: torch.Tensor, chunk: int, allow_tf32: bool = False, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Read-outs and final state; ``k`` ``[N, T, K]``, ``v`` ``[N, T, V]``, ``log_decay`` ``[N, T, K or 1, 1]``,
     or each with the heads on an axis of their own, ``[B, H, T, ...]`` (``N = B H``: the kernels
     take batch, head and step strides, so a ``[B, T, H, K]`` tensor's transposed view is read
     in place); ``initial`` ``[N, K, V]``.  The read-outs come in the queries' form.
     ``value_scale`` (``[N, T]`` or ``[B, H, T]``): the values are ``value_scale[..., None] * v``,
     formed in the kernels as they read ``v`` (mLSTM's input gate, Mamba-2's ``dt``).  ``gate``:
-    ``log_decay`` holds the pre-activation of a per-row :class:`LogSigmoidGate`."""
-    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, value_scale, gate)
+    ``log_decay`` holds the pre-activation of a per-row :class:`LogSigmoidGate`.  ``skip`` (shaped as
+    ``value_scale``): the first read-out is ``q_t @ S_t + skip_t v_t`` (Mamba-2's ``D x``, with ``v``
+    the values before their scale).  The chunk-start states are not kept (no backward follows)."""
+    run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, value_scale, gate, skip, keep=False)
     return run.outputs, run.final
 
 
@@ -686,7 +815,7 @@ def forward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, log_
 class _Forward:
     """One forward pass and what its backward needs: the inputs as the kernels read them
     (``[B, H, T, ...]`` views), the tiling, the chunk-start states, the read-outs (in the
-    callers' form) and the final state."""
+    callers' form), the final state and the sum of the first read-out's queries per row (``[N]``)."""
 
     readouts: tuple[torch.Tensor, ...]
     k: torch.Tensor
@@ -698,9 +827,13 @@ class _Forward:
     starts: torch.Tensor
     outputs: list[torch.Tensor]
     final: torch.Tensor
+    query_sums: torch.Tensor
+    skip: torch.Tensor | None = None  # the first read-out's skip_t v_t term, [B, H, T], or None
 
     @staticmethod
-    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None) -> "_Forward":
+    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None, keep: bool = True) -> "_Forward":
+        """``keep``: keep every chunk-start state (for the backward); without it the walk reuses two
+        slots, unless several read-outs read them back."""
         flat = k.dim() == 3  # [N, T, K]: one head per row
         g, rows = _log_decay_rows(_with_heads(log_decay, 4))
         k, v = _dense_last(_with_heads(k, 3)), _dense_last(_with_heads(v, 3))
@@ -710,11 +843,13 @@ class _Forward:
         if gate is not None:
             assert rows, "the logsigmoid gate is taken for a decay per key row"
             tiles = replace(tiles, gate_scale=float(gate.scale))
-        starts, final = _states(k, v, c, g, rows, initial, tiles)
-        outputs = [_outputs(q, k, v, c, g, rows, starts, tiles) for q in readouts]
+        skip = None if skip is None else _with_heads(skip, 2)
+        # The first read-out in the walk over the chunks; any other from the chunk-start states it kept.
+        first, starts, final, query_sums = _walk(readouts[0], k, v, c, g, rows, initial, tiles, keep or len(readouts) > 1, skip)
+        outputs = [first] + [_outputs(q, k, v, c, g, rows, starts, tiles) for q in readouts[1:]]
         if flat:
             outputs = [o.squeeze(1) for o in outputs]
-        return _Forward(readouts, k, v, c, g, rows, tiles, starts, outputs, final)
+        return _Forward(readouts, k, v, c, g, rows, tiles, starts, outputs, final, query_sums, skip)
 
 
 @dataclass(frozen=True)
@@ -728,9 +863,10 @@ class Gradients:
     log_decay: torch.Tensor
     initial: torch.Tensor
     value_scale: torch.Tensor | None = None
+    skip: torch.Tensor | None = None
 
 
-def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling, c: torch.Tensor | None = None) -> Gradients:
+def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling, c: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> Gradients:
     """The adjoint of :func:`forward` by Triton kernels, from the chunk-start states it kept.
 
     ``readouts``, ``k``, ``v``, ``g`` as :class:`_Forward` keeps them (``[B, H, T, ...]``); the
@@ -739,7 +875,9 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     summed): ``walk_state_grads`` walks the chunks backwards for the gradient of each chunk's
     end state and of the initial state; ``chunk_key_grads`` and ``chunk_value_grads``
     recompute each chunk's scores and give dq, dk, dg and dv (with ``c``, the values' scale:
-    dv of the unscaled values and each value block's share of dc, summed here).
+    dv of the unscaled values and each value block's share of dc, summed here; with ``skip``
+    ``[B, H, T]``, the first read-out's ``skip_t v_t`` term: dskip from chunk_key_grads, its
+    share of dv from chunk_value_grads).
     """
     B, H, T, K = k.shape
     N, V = B * H, v.shape[-1]
@@ -748,7 +886,7 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     constants = dict(gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, ACC=ACC, PRECISION=tiles.precision, **_options(tiles))
     key_blocks = triton.cdiv(K, tiles.gradient_key_block)
     d_readouts: list[torch.Tensor] = []
-    dk = dv = dg = d_initial = dc = None
+    dk = dv = dg = d_initial = dc = d_skip = None
     value_blocks = triton.cdiv(V, tiles.value_block)
     scale = g if c is None else c  # (not read when not scaled)
     pairs = [(q, d) for q, d in zip(readouts, grad_outputs)]
@@ -768,45 +906,87 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
         dk_i = _written_like(k, dtype)
         # A decay per key row: its gradient in g's layout; a shared one: each key block's share, summed below.
         dg_i = _written_like(g, dtype) if rows else torch.empty(B, H, T, key_blocks, dtype=dtype, device=k.device)
+        skipped = skip is not None and i == 0
+        d_skip_i = torch.empty(B, H, T, dtype=dtype, device=k.device) if skipped else dg_i  # (not written when not skipped)
         launch(
-            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, T, K, V, n_chunks, H,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i),
-            SCALED=c is not None, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
+            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, d_skip_i, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i), *_strides(d_skip_i),
+            SCALED=c is not None, SKIP=skipped, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
         )
         dv_i = _written_like(v, dtype)
         dc_i = torch.empty(B, H, T, value_blocks, dtype=dtype, device=k.device) if c is not None else dv_i  # (not written when not scaled)
+        skip_in = skip if skipped else scale  # (not read when not skipped)
         v_read = v if c is not None else d_out  # (v is read only to scale: a tensor passed anyway stands in)
         launch(
-            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, T, K, V, n_chunks, H,
-            *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i),
-            SCALED=c is not None, BK=tiles.output_key_block, BV=tiles.value_block, **(dict(constants, maxnreg=SCALED_VALUE_GRAD_REGISTERS) if c is not None else constants),
+            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, skip_in, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i), *_strides(skip_in),
+            SCALED=c is not None, SKIP=skipped, BK=tiles.output_key_block, BV=tiles.value_block, **(dict(constants, maxnreg=SCALED_VALUE_GRAD_REGISTERS) if c is not None else constants),
         )
         if not rows:
             dg_i = dg_i[..., 0] if key_blocks == 1 else dg_i.sum(-1)
         if c is not None:
             dc_i = dc_i[..., 0] if value_blocks == 1 else dc_i.sum(-1)
             dc = dc_i if dc is None else dc + dc_i
+        if skipped:
+            d_skip = d_skip_i
         d_readouts.append(dq)
         dk, dv, dg, d_initial = (dk_i, dv_i, dg_i, d_start) if dk is None else (dk + dk_i, dv + dv_i, dg + dg_i, d_initial + d_start)
     d_readouts += [torch.zeros_like(d_readouts[0]) for _ in range(len(readouts) - len(d_readouts))]  # (a list comprehension: none made for none missing)
-    return Gradients(d_readouts, dk, dv, dg, d_initial, dc)
+    return Gradients(d_readouts, dk, dv, dg, d_initial, dc, d_skip)
 
 
-def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None, gate: LogSigmoidGate | None = None):
+def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None, infinite_readouts: bool = False):
     """:func:`recdsl.backends.chunk_kernels.decayed_outer_products` with Triton kernels.
 
     Takes the Triton path for one input term and a decay shared by the state or by each row;
     anything else (several terms, a decay per value column) goes to the torch form.
     ``value_scales``: per input term, a scalar per step (or None) scaling its values (the
     term is ``k_t (c_t v_t)^T``), applied in the kernels as they read ``v``.  ``gate``:
-    ``log_decay`` is the pre-activation of a :class:`LogSigmoidGate`.
+    ``log_decay`` is the pre-activation of a :class:`LogSigmoidGate`.  ``skip`` (one input term; a
+    scalar per step, shaped as a value scale): the first read-out is ``q_t @ S_t + skip_t v_t``,
+    ``v`` the values before their scale (Mamba-2's ``D x``), added in the kernels.
+
+    ``infinite_readouts``: give the loop's ``+-inf`` where a query is infinite, as
+    :func:`.chunk_kernels.with_infinite_readouts` does around a kernel, here without reading the
+    queries first: the walk sums the first read-out's queries as it reads them, and only a sum
+    that is not finite (or another read-out's) sends the call through that function.
     """
+    from . import chunk_kernels
+
+    if infinite_readouts:
+        outputs, final, sums = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip)
+        if _may_be_infinite(readouts, sums):
+            kernel = functools.partial(decayed_outer_products, allow_tf32=allow_tf32, value_scales=value_scales, gate=gate, skip=skip)
+            return chunk_kernels.with_infinite_readouts(kernel, readouts, inputs, log_decay, initial, chunk)
+        return outputs, final
+    outputs, final, _ = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip)
+    return outputs, final
+
+
+def _may_be_infinite(readouts: list[torch.Tensor], first_sums: torch.Tensor | None) -> bool:
+    """Whether a read-out vector may hold an infinity: the first read-out's per-row sums (from the
+    walk, or None when the torch form ran) or any other's sum is not finite."""
+    from .triton_launch import kernels_run
+
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if (is_compiling is not None and is_compiling()) or not kernels_run():  # a trace, or kernels recorded, not run
+        return False
+    sums = [q.sum() for q in (readouts if first_sums is None else readouts[1:])]
+    if first_sums is not None:
+        sums.append(first_sums.sum())
+    return not all(bool(torch.isfinite(s)) for s in sums)
+
+
+def _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool, value_scales, gate, skip):
+    """:func:`decayed_outer_products`'s read-outs and final state, and the per-row sums of the first
+    read-out's queries from the walk (None when the torch form ran)."""
     from . import chunk_kernels
 
     if gate is not None and (len(inputs) != 1 or log_decay.shape[-1] != 1 or log_decay.shape[-2] == 1):
         log_decay, gate = gate(log_decay), None  # the torch form, or a shared decay: the gate in torch
 
     scale = None
+    skipped_values = inputs[0].v  # (before their scale: the skip term's)
     if value_scales is not None:
         if len(inputs) == 1 and log_decay.shape[-1] == 1:
             scale = value_scales[0]
@@ -824,41 +1004,53 @@ def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf
             B, H = log_decay.shape[:2]
             flat = [chunk_kernels.RankOneInput(t.k.flatten(0, 1), t.v.flatten(0, 1)) for t in inputs]
             outputs, final = chunk_kernels.decayed_outer_products([q.flatten(0, 1) for q in readouts], flat, log_decay.flatten(0, 1), initial, chunk)
-            return [o.unflatten(0, (B, H)) for o in outputs], final
-        return chunk_kernels.decayed_outer_products(readouts, inputs, log_decay, initial, chunk)
+            outputs = [o.unflatten(0, (B, H)) for o in outputs]
+        else:
+            outputs, final = chunk_kernels.decayed_outer_products(readouts, inputs, log_decay, initial, chunk)
+        if skip is not None:
+            outputs[0] = outputs[0] + skip.to(dtype).unsqueeze(-1) * skipped_values.to(dtype)
+        return outputs, final, None
     term = inputs[0]
-    *outputs, final = DecayedOuterProducts.apply(chunk, allow_tf32, gate, term.k, term.v, scale, log_decay, initial, *readouts)
-    return list(outputs), final
+    leaves = (term.k, term.v, scale, log_decay, initial, skip, *readouts)
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)  # a backward may follow: keep the chunk-start states
+    *outputs, final, sums = DecayedOuterProducts.apply(chunk, allow_tf32, gate, keep, term.k, term.v, scale, log_decay, initial, skip, *readouts)
+    return list(outputs), final, sums
 
 
 class DecayedOuterProducts(torch.autograd.Function):
-    """The Triton forward, keeping the chunk-start states (``T / chunk`` of them); the Triton backward."""
+    """The Triton forward, keeping the chunk-start states (``T / chunk`` of them) when a gradient is
+    wanted; the Triton backward.  Returns the read-outs, the final state and the per-row sums of
+    the first read-out's queries (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, chunk: int, allow_tf32: bool, gate, k, v, scale, log_decay, initial, *readouts):
+    def forward(ctx, chunk: int, allow_tf32: bool, gate, keep: bool, k, v, scale, log_decay, initial, skip, *readouts):
         # ``scale`` (or None): the values are scale[..., None] * v, formed in the kernels; ``gate``
-        # (or None): log_decay is its pre-activation.
-        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate)
+        # (or None): log_decay is its pre-activation; ``skip`` (or None): the first read-out's skip_t v_t.
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate, skip, keep=keep)
+        ctx.mark_non_differentiable(run.query_sums)
         ctx.scale_dtype = None if scale is None else scale.dtype
         ctx.scale_shape = None if scale is None else scale.shape
+        ctx.skip_dtype = None if skip is None else skip.dtype
+        ctx.skip_shape = None if skip is None else skip.shape
         ctx.tiles, ctx.rows = run.tiles, run.rows
         ctx.dtypes = (k.dtype, v.dtype, log_decay.dtype, initial.dtype, *(q.dtype for q in readouts))
         ctx.log_decay_shape = log_decay.shape
         ctx.shapes = (k.shape, v.shape, *(q.shape for q in readouts))  # [N, T, ...] or [B, H, T, ...]
         # A copy of the final state (one state per row): the caller may change the one returned in place.
-        ctx.save_for_backward(run.k, run.v, run.g if run.c is None else run.c, run.g, run.starts, run.final.clone(), *run.readouts)
-        return (*run.outputs, run.final)
+        ctx.save_for_backward(run.k, run.v, run.g if run.c is None else run.c, run.g, run.g if run.skip is None else run.skip, run.starts, run.final.clone(), *run.readouts)
+        return (*run.outputs, run.final, run.query_sums)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, v, c, g, starts, final, *readouts = ctx.saved_tensors
-        *grad_outputs, grad_final = grads
-        scaled = ctx.scale_dtype is not None
-        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles, c if scaled else None)
+        k, v, c, g, skip, starts, final, *readouts = ctx.saved_tensors
+        *grad_outputs, grad_final, _ = grads
+        scaled, skipped = ctx.scale_dtype is not None, ctx.skip_dtype is not None
+        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles, c if scaled else None, skip if skipped else None)
         d_log_decay = found.log_decay.reshape(ctx.log_decay_shape)
         k_dtype, v_dtype, g_dtype, initial_dtype, *q_dtypes = ctx.dtypes
         k_shape, v_shape, *q_shapes = ctx.shapes
         return (
+            None,
             None,
             None,
             None,
@@ -867,5 +1059,6 @@ class DecayedOuterProducts(torch.autograd.Function):
             found.value_scale.reshape(ctx.scale_shape).to(ctx.scale_dtype) if scaled else None,
             d_log_decay.to(g_dtype),
             found.initial.to(initial_dtype),
+            found.skip.reshape(ctx.skip_shape).to(ctx.skip_dtype) if skipped else None,
             *(d.reshape(s).to(t) for d, s, t in zip(found.readouts, q_shapes, q_dtypes)),
         )

@@ -155,6 +155,17 @@ class RankOneTerm:
 
 
 @dataclass(frozen=True)
+class SkipTerm:
+    """A term ``scale * column`` added to a chunk plan's first read-out in an output (Mamba-2's
+    ``y = C @ h + D * x``), ``column`` the values of the plan's one input term before their scalar
+    coefficient and ``scale`` a scalar: the Triton chunked kernels add it as they write the
+    read-out and form its gradients there.  The plan's first read-out is then the sum's node."""
+
+    scale: ir.Expr
+    column: ir.Expr
+
+
+@dataclass(frozen=True)
 class ChunkPlan:
     """How a matrix state's read-outs are produced chunk by chunk, without storing it per step.
 
@@ -175,6 +186,8 @@ class ChunkPlan:
     log_decay: ir.Expr | None = None
     previous: tuple[bool, ...] = ()
     transition: RankOneTerm | None = None
+    # Set (Triton plans): readouts[0] is ``queries[0] @ S + skip.scale * skip.column``.
+    skip: SkipTerm | None = None
 
     @property
     def reads_previous(self) -> bool:
@@ -352,6 +365,8 @@ class ExecutionPlan:
                 lines.append(f"      {chunk.kind}; read-outs {'; '.join(described)}")
                 if chunk.log_decay is not None:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
+                if chunk.skip is not None:
+                    lines.append(f"      plus {format_expr(chunk.skip.scale)} * {format_expr(chunk.skip.column)} in the first read-out, added in the kernels")
             if step.form is Form.TRITON_SELECTIVE_SCAN and hasattr(step.kernel, "describe"):  # a SelectiveScanPlan
                 lines.append(f"      {step.kernel.describe()}")
             if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T

@@ -149,29 +149,42 @@ def test_packed_sequences_on_cuda_match_one_call_per_sequence(name):
 def test_chunked_kernels_forward_and_backward_on_cuda(rows, operands, size):
     """The chunked Triton kernels compiled (forward and backward, exact float32 or bfloat16
     tl.dot operands) at dk = dv = 64 and 128, 300 steps, against the torch chunked form in
-    float64 on the same (rounded) values: read-outs, final state and every gradient within
+    float64 on the same (rounded) values: two read-outs (the first by the walk over the chunks,
+    walk_outputs, with values scaled per step and Mamba-2's skip term skip_t v_t; the second by
+    chunk_outputs from the kept chunk-start states), final state and every gradient within
     1e-4 (float32) or 3e-2 (bfloat16) of their scale."""
+    _chunked_kernels_against_the_torch_form(rows, operands, size, "cuda")
+
+
+def _chunked_kernels_against_the_torch_form(rows, operands, size, device):
     from recdsl.backends import chunk_kernels, triton_chunk
 
     generator = torch.Generator().manual_seed(size)
     N, T = 3, 300
-    q, k = (torch.randn(N, T, size, generator=generator).to(operands) for _ in range(2))
+    q, q2, k = (torch.randn(N, T, size, generator=generator).to(operands) for _ in range(3))
     v = torch.randn(N, T, size, generator=generator).to(operands)
     log_decay = (-0.2 * torch.rand(N, T, size if rows else 1, 1, generator=generator)).to(operands)
     initial = torch.randn(N, size, size, generator=generator)
-    output_weights = torch.randn(N, T, size, generator=generator, dtype=torch.float64)
+    scale = torch.rand(N, T, generator=generator).to(operands)
+    skip = torch.randn(N, T, generator=generator).to(operands)
+    output_weights = [torch.randn(N, T, size, generator=generator, dtype=torch.float64) for _ in range(2)]
     final_weights = torch.randn(N, size, size, generator=generator, dtype=torch.float64)
 
     def run(kernel, tensors, device):
         leaves = [t.to(device).detach().requires_grad_() for t in tensors]
-        (out,), final = kernel([leaves[0]], [chunk_kernels.RankOneInput(leaves[1], leaves[2])], leaves[3], leaves[4], 64)
-        loss = (out.double() * output_weights.to(device)).sum() + (final.double() * final_weights.to(device)).sum()
-        return [x.detach().double().cpu() for x in (out, final, *torch.autograd.grad(loss, leaves))]
+        lq, lq2, lk, lv, lg, l0, lc, ls = leaves
+        if kernel is triton_chunk.decayed_outer_products:
+            (out, out2), final = kernel([lq, lq2], [chunk_kernels.RankOneInput(lk, lv)], lg, l0, 64, value_scales=[lc], skip=ls)
+        else:
+            (out, out2), final = kernel([lq, lq2], [chunk_kernels.RankOneInput(lk, lv * lc.unsqueeze(-1))], lg, l0, 64)
+            out = out + ls.unsqueeze(-1) * lv
+        loss = sum((o.double() * w.to(device)).sum() for o, w in zip((out, out2), output_weights)) + (final.double() * final_weights.to(device)).sum()
+        return [x.detach().double().cpu() for x in (out, out2, final, *torch.autograd.grad(loss, leaves))]
 
-    got = run(triton_chunk.decayed_outer_products, (q, k, v, log_decay, initial), "cuda")
-    expected = run(chunk_kernels.decayed_outer_products, [t.double() for t in (q, k, v, log_decay, initial)], "cpu")
+    got = run(triton_chunk.decayed_outer_products, (q, q2, k, v, log_decay, initial, scale, skip), device)
+    expected = run(chunk_kernels.decayed_outer_products, [t.double() for t in (q, q2, k, v, log_decay, initial, scale, skip)], "cpu")
     tolerance = 1e-4 if operands == torch.float32 else 3e-2
-    names = ["read-outs", "final state", "gradient of q", "gradient of k", "gradient of v", "gradient of the log decay", "gradient of the initial state"]
+    names = ["read-outs", "second read-outs", "final state", "gradient of q", "gradient of the second q", "gradient of k", "gradient of v", "gradient of the log decay", "gradient of the initial state", "gradient of the value scale", "gradient of the skip"]
     for name, a, b in zip(names, got, expected):
         error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3))
         assert error < tolerance, f"{name}: {error:.2e} of its scale"

@@ -152,16 +152,17 @@ def test_matmuls_are_exact_unless_tf32_is_asked_for(dtype, allow_tf32, precision
     from recdsl.backends import chunk_kernels, triton_chunk
     from recdsl.backends.triton_aot import record_launches
 
-    (q,), k, v, log_decay, initial = _problem(True, 0.05, keys=16, values=16, steps=16, dtype=dtype)
-    leaves = [t.requires_grad_() for t in (q, k, v, log_decay, initial)]
+    # Two read-outs: the second is read out by chunk_outputs from the states the walk kept.
+    qs, k, v, log_decay, initial = _problem(True, 0.05, keys=16, values=16, steps=16, dtype=dtype, readouts=2)
+    leaves = [t.requires_grad_() for t in (*qs, k, v, log_decay, initial)]
 
     def forward_and_backward():
-        (out,), final = triton_chunk.decayed_outer_products([q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, 64, allow_tf32=allow_tf32)
-        torch.autograd.grad(out.sum() + final.sum(), leaves)
+        (out, other), final = triton_chunk.decayed_outer_products(qs, [chunk_kernels.RankOneInput(k, v)], log_decay, initial, 64, allow_tf32=allow_tf32)
+        torch.autograd.grad(out.sum() + other.sum() + final.sum(), leaves)
 
     launches = record_launches(forward_and_backward)
     with_dots = [launch for launch in launches if "PRECISION" in launch.meta]
-    assert {launch.name for launch in with_dots} == {"walk_states", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
+    assert {launch.name for launch in with_dots} == {"walk_outputs", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
     assert {launch.meta["PRECISION"] for launch in with_dots} == {precision}
 
 
@@ -269,3 +270,118 @@ def test_bfloat16_operands_accumulate_in_float32(rows):
     assert [actual[f"gradient of {n}"].dtype for n in ("q", "k", "v", "log decay")] == [torch.bfloat16] * 4
     errors = _relative_errors({n: t.double() for n, t in expected.items()}, actual)
     assert max(errors.values()) < 3e-2, errors
+
+
+# ---- the fused forward (walk_outputs): reused slots, the skip term, infinite queries ------------
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["decay per row", "scalar decay"])
+@pytest.mark.parametrize("steps, chunk", [(70, 16), (1, 64), (64, 16)], ids=["five chunks, the last ragged", "T=1", "four whole chunks"])
+def test_walk_without_a_backward_reuses_two_slots_and_matches_the_kept_walk(rows, steps, chunk):
+    """:func:`forward` (no backward: the walk passes the state between chunks through two reused
+    slots) and the autograd function (every chunk-start state kept) give the torch chunked form's
+    read-outs and final state, from an initial state, over several chunks, three value blocks
+    (dv = 70 in blocks of 32) and five key blocks (dk = 80 in blocks of 16), float64 to 1e-10."""
+    from recdsl.backends import chunk_kernels, triton_chunk
+
+    (q,), k, v, log_decay, initial = _problem(rows, 0.3, steps=steps, batch=2)
+    (expected,), expected_final = chunk_kernels.decayed_outer_products([q], [chunk_kernels.RankOneInput(k, v)], log_decay, initial, chunk)
+    (reused,), reused_final = triton_chunk.forward([q], k, v, log_decay, initial, chunk)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    (kept,), kept_final = triton_chunk.decayed_outer_products([leaves[0]], [chunk_kernels.RankOneInput(leaves[1], leaves[2])], log_decay, initial, chunk)
+    for name, got, want in (("read-outs, two slots", reused, expected), ("final state, two slots", reused_final, expected_final), ("read-outs, kept", kept, expected), ("final state, kept", kept_final, expected_final)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _skip_gradients(kernel, q, k, v, scale, skip, log_decay, initial, chunk, weights, final_weights):
+    """Gradients of ``sum(w * out) + sum(w' * final)`` for the read-out ``q @ S + skip v`` with values
+    ``scale v``: the torch form gets the scaled values and the skip term added in torch."""
+    from recdsl.backends import chunk_kernels, triton_chunk
+
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, scale, skip, log_decay, initial)]
+    lq, lk, lv, lc, ls, lg, l0 = leaves
+    if kernel is triton_chunk.decayed_outer_products:
+        (out,), final = kernel([lq], [chunk_kernels.RankOneInput(lk, lv)], lg, l0, chunk, value_scales=[lc], skip=ls)
+    else:
+        (out,), final = kernel([lq], [chunk_kernels.RankOneInput(lk, lv * lc.unsqueeze(-1))], lg, l0, chunk)
+        out = out + ls.unsqueeze(-1) * lv
+    loss = (out * weights).sum() + (final * final_weights).sum()
+    names = ["q", "k", "v", "value scale", "skip", "log decay", "initial state"]
+    return {"read-outs": out.detach(), "final state": final.detach(), **{f"gradient of {n}": g for n, g in zip(names, torch.autograd.grad(loss, leaves))}}
+
+
+@pytest.mark.parametrize("rows", [True, False], ids=["decay per row", "scalar decay"])
+def test_skip_term_and_its_gradients_in_the_kernels(rows):
+    """Mamba-2's ``y = C @ h + D x`` with values ``dt x``: the kernels add ``skip_t x_t`` to the read-out
+    (walk_outputs) and give dx its ``skip_t dy_t`` and dskip its ``dy_t . x_t`` (chunk_value_grads),
+    against the torch form with the term in torch: outputs, final state and every gradient in
+    float64 to 1e-9; 70 steps in chunks of 32, dk = 40, dv = 70 (several key and value blocks)."""
+    from recdsl.backends import chunk_kernels, triton_chunk
+
+    (q,), k, v, log_decay, initial = _problem(rows, 0.3, keys=40, values=70, steps=70, batch=2)
+    generator = torch.Generator().manual_seed(7)
+    scale = torch.rand(2, 70, generator=generator, dtype=torch.float64)
+    skip = torch.randn(2, 70, generator=generator, dtype=torch.float64)
+    weights = torch.randn(2, 70, 70, generator=generator, dtype=torch.float64)
+    final_weights = torch.randn(2, 40, 70, generator=generator, dtype=torch.float64)
+    arguments = (q, k, v, scale, skip, log_decay, initial, 32, weights, final_weights)
+    got = _skip_gradients(triton_chunk.decayed_outer_products, *arguments)
+    expected = _skip_gradients(chunk_kernels.decayed_outer_products, *arguments)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_mamba2_plan_adds_its_skip_term_in_the_kernels():
+    """The Triton plan of Mamba-2 takes ``D * x`` beside ``C @ h`` as the chunk plan's skip term (the
+    kernels add it; its first read-out is the sum's node); GLA's plan has none."""
+    from recdsl import ir
+
+    mamba2 = recdsl.compile(EXAMPLES / "mamba2.rec", backend="triton", **CELLS["mamba2"])
+    (chunk,) = [step.chunk for step in mamba2.plan.steps if step.chunk is not None]
+    assert chunk.skip is not None and chunk.skip.scale == ir.Ref(ir.RefKind.PARAM, "D", chunk.skip.scale.type)
+    assert isinstance(chunk.readouts[0], ir.Op) and chunk.readouts[0].op == "add"
+    assert "plus D * x in the first read-out, added in the kernels" in mamba2.plan.format()
+    gla = recdsl.compile(EXAMPLES / "gla.rec", backend="triton", **CELLS["gla"])
+    assert all(step.chunk.skip is None for step in gla.plan.steps if step.chunk is not None)
+
+
+def test_infinite_queries_found_by_the_walk_give_the_loops_infinities():
+    """A query of +inf: the walk's sum of the queries is not finite, so the call is run again with
+    the infinite directions split out (chunk_kernels.with_infinite_readouts); finite queries run
+    the walk once.  Same infinities and values as the torch form split the same way."""
+    from recdsl.backends import chunk_kernels, triton_chunk
+    from recdsl.backends.triton_launch import observe_launches
+
+    (q,), k, v, log_decay, initial = _problem(True, 0.3, keys=16, values=16, steps=20)
+    inputs = [chunk_kernels.RankOneInput(k, v)]
+    with observe_launches() as launches:
+        triton_chunk.decayed_outer_products([q], inputs, log_decay, initial, 16, infinite_readouts=True)
+    assert [launch.name for launch in launches] == ["walk_outputs"]
+    q = q.clone()
+    q[0, 5, 3] = float("inf")
+    (got,), final = triton_chunk.decayed_outer_products([q], inputs, log_decay, initial, 16, infinite_readouts=True)
+    (expected,), expected_final = chunk_kernels.with_infinite_readouts(chunk_kernels.decayed_outer_products, [q], inputs, log_decay, initial, 16)
+    assert torch.isinf(got[0, 5]).any() and torch.equal(torch.isinf(got), torch.isinf(expected)) and torch.equal(torch.isnan(got), torch.isnan(expected))
+    finite = torch.isfinite(expected)
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(final, expected_final, rtol=1e-10, atol=1e-10)
+
+
+def test_skip_term_of_a_triton_plan_in_the_torch_chunked_form():
+    """A Triton plan run by the torch chunked form (``parallel.run`` without the Triton kernels, as
+    packed sequences would be): the chunk plan's skip term (Mamba-2's ``D x``) is added in torch,
+    and the outputs are the sequential loop's, float64."""
+    from recdsl.backends import parallel
+    from recdsl.backends.torch_ops import Numerics
+
+    module = recdsl.compile(EXAMPLES / "mamba2.rec", backend="triton", **CELLS["mamba2"]).double()
+    reference = recdsl.compile(EXAMPLES / "mamba2.rec", backend="sequential", **CELLS["mamba2"]).double()
+    reference.load_state_dict(module.state_dict())
+    assert any(step.chunk is not None and step.chunk.skip is not None for step in module.plan.steps)
+    inputs, state = random_inputs(module, Example(batch=2, length=70, heads=(), seed=8, with_state=True))
+    params = {name: value for name, value in module.named_parameters()}
+    consts = {name: value for name, value in module.named_buffers()}
+    (got,), final = parallel.run(module.plan, inputs, params, consts, state, Numerics(torch.float64, torch.device("cpu")))
+    expected, expected_state = reference(*inputs.values(), state=state, return_state=True)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9, msg=lambda m: f"outputs y = C @ h + D x: {m}")
+    torch.testing.assert_close(final["h"], expected_state["h"], rtol=1e-9, atol=1e-9)

@@ -6,7 +6,7 @@ the sizes of a real layer: no register spills, and shared memory within the targ
 The launches are recorded by running the layer's forward and backward pass on the CPU with
 the kernels not run (:func:`recdsl.backends.triton_aot.record_launches`); each distinct kernel
 is compiled by ``triton.compile`` and ptxas's ``-v`` log is read.  Compiling takes seconds
-per kernel, so the default run compiles the heaviest kernels (per-row-decay ``chunk_outputs``
+per kernel, so the default run compiles the heaviest kernels (per-row-decay ``walk_outputs``
 and ``chunk_key_grads`` at dk = dv = 128, the complex LRU's backward, its time-split kernels); ``pytest -m slow``
 compiles all of them, for float32 and bfloat16 layers, one-pass and time-split, and with TF32
 matmuls.
@@ -61,7 +61,7 @@ def test_launches_carry_the_tiling_and_exact_matmuls():
     """Cheap (nothing compiled): every chunked launch sets num_warps/num_stages and asks for
     exact float32 products; no kernel argument is an unspecialisable Python object."""
     specs = _specializations("gla(dk=128, dv=128)")
-    kernels = {"walk_states", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}  # forward and backward
+    kernels = {"walk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}  # forward and backward
     chunked = [s for s in specs if s.kernel in kernels]
     assert {s.kernel for s in chunked} == kernels
     for spec in chunked:
@@ -70,11 +70,11 @@ def test_launches_carry_the_tiling_and_exact_matmuls():
 
 
 def test_heaviest_kernels_compile_without_spills():
-    """Per-row-decay chunk_outputs at dk = dv = 128 (the kernel that spilled before) on both
-    targets, its backward chunk_key_grads (the most registers of the chunked family) on sm_80,
-    and the complex LRU's backward (the most registers of the generated scans) on sm_90."""
+    """Per-row-decay walk_outputs at dk = dv = 128 (the fused forward: the most registers of the
+    chunked family) on both targets, its backward chunk_key_grads on sm_80, and the complex LRU's
+    backward (the most registers of the generated scans) on sm_90."""
     gla = _specializations("gla(dk=128, dv=128)")
-    outputs = [s for s in gla if s.kernel == "chunk_outputs"]
+    outputs = [s for s in gla if s.kernel == "walk_outputs"]
     key_grads = [s for s in gla if s.kernel == "chunk_key_grads"]
     backward = [s for s in _specializations("lru(d=1024, n=1024)", split=False) if s.kernel.startswith("backward_")]
     assert len(outputs) == 1 and len(key_grads) == 1 and len(backward) == 1
@@ -117,12 +117,21 @@ def test_every_kernel_compiles_without_spills(label):
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
 
 
+def _chunk_specializations(size: int, rows: bool, **options) -> list[triton_aot.Specialization]:
+    """The chunked kernels' launches for two read-outs, and for one with scaled values and a skip term."""
+    two = triton_aot.chunk_launches(size, size, rows, readouts=2, **options)
+    skipped = triton_aot.chunk_launches(size, size, rows, skip=True, **options)
+    return triton_aot.distinct(two + skipped)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [64, 128])
 @pytest.mark.parametrize("rows", [True, False], ids=["decay per row", "scalar decay"])
 def test_chunked_kernels_with_tf32_compile_without_spills(rows, size):
-    specs = triton_aot.distinct(triton_aot.chunk_launches(size, size, rows, allow_tf32=True))
-    assert {s.kernel for s in specs} == {"walk_states", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
+    """Two read-outs (the second by chunk_outputs), and one with values scaled per step and a skip
+    term (Mamba-2's dt x and D x), forward and backward with TF32 products."""
+    specs = _chunk_specializations(size, rows, allow_tf32=True)
+    assert {s.kernel for s in specs} == {"walk_outputs", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
     assert {dict(s.constants).get("PRECISION") for s in specs} == {"tf32"}
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
 
@@ -135,8 +144,8 @@ def test_chunked_kernels_with_bfloat16_operands_compile_without_spills(rows, siz
     forward and backward, dk = dv = 64 and 128, on sm_80 and sm_90."""
     import torch
 
-    specs = triton_aot.distinct(triton_aot.chunk_launches(size, size, rows, allow_tf32=False, dtype=torch.bfloat16))
-    assert {s.kernel for s in specs} == {"walk_states", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
+    specs = _chunk_specializations(size, rows, allow_tf32=False, dtype=torch.bfloat16)
+    assert {s.kernel for s in specs} == {"walk_outputs", "chunk_outputs", "walk_state_grads", "chunk_key_grads", "chunk_value_grads"}
     assert all("*bf16" in s.pointer_types for s in specs)
     _check(_compile([(spec, target) for spec in specs for target in triton_aot.TARGETS]))
 

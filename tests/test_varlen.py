@@ -220,7 +220,7 @@ def test_property_fused_reads_each_final_state_at_its_last_step(name, lengths, w
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-@pytest.mark.parametrize("name,form", [("mingru", VarlenForm.START_ALIGNED), ("aaren", VarlenForm.START_ALIGNED), ("gla", VarlenForm.GROUPED_BY_LENGTH)])
+@pytest.mark.parametrize("name,form", [("mingru", VarlenForm.START_ALIGNED), ("aaren", VarlenForm.START_ALIGNED), ("gla", VarlenForm.GROUPED_BY_LENGTH), ("mamba2", VarlenForm.GROUPED_BY_LENGTH)])
 def test_triton_in_the_interpreter(name, form, monkeypatch, tmp_path_factory):
     """Scan kernels keep every step's state (rows padded at their ends); a chunk kernel only the last (equal-length groups)."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
