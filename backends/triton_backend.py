@@ -613,8 +613,9 @@ def _leaf_gradient_buffers(launch: "_Launch", leaves, wanted: list[bool], dtype:
 
 def _leaf_gradients(views, leaves: tuple[Leaf, ...], buffers: list[torch.Tensor], modes: dict) -> list[torch.Tensor | None]:
     """Each leaf view's gradient from what the backward kernel wrote into ``buffers`` (as
-    :func:`_leaf_gradient_buffers` laid them out): summed over a constant leaf's programs and
-    over what the view broadcasts, in the view's dtype; None where none was wanted."""
+    :func:`_leaf_gradient_buffers` laid them out): summed over a constant leaf's programs, over
+    a one-element leaf's lanes (the monoid kernels) and over what the view broadcasts, in the
+    view's dtype; None where none was wanted."""
     grads: list[torch.Tensor | None] = []
     for view, leaf, grad in zip(views, leaves, buffers):
         mode = LeafGradient(modes[f"G_{leaf.name}"])
@@ -623,6 +624,8 @@ def _leaf_gradients(views, leaves: tuple[Leaf, ...], buffers: list[torch.Tensor]
             continue
         if mode is LeafGradient.SUMMED_OVER_TIME:
             grad = grad.sum(2, keepdim=True)
+        elif mode is LeafGradient.SUMMED_OVER_LANES:
+            grad = grad.sum(3, keepdim=True)
         if grad.shape != view.shape:
             grad = grad.sum_to_size(view.shape)
         grads.append(grad if grad.dtype == view.dtype else grad.to(view.dtype))
@@ -812,20 +815,8 @@ class _MonoidAdjointScan(torch.autograd.Function):
             launch_kernel(getattr(module, f"summarize_backward_{spec.name}"), grid + (chunks,), *outputs, *grads, *sums, *leaf_arguments, *per_chunk, **constants)
             launch_kernel(getattr(module, f"carries_backward_{spec.name}"), grid, *sums, *carried, launch.channels, chunks, BC=constants["BC"], ACC=constants["ACC"])
             launch_kernel(getattr(module, f"backward_{spec.name}_chunks"), grid + (chunks,), *carried, *tensors, *per_chunk, **constants, **options)
-        result: list[torch.Tensor | None] = [d.to(s.dtype) if ctx.needs_input_grad[2 + i] else None for i, (d, s) in enumerate(zip(dinit, starts))]
-        for view, leaf, grad in zip(leaves, spec.leaves, buffers):
-            mode = LeafGradient(modes[f"G_{leaf.name}"])
-            if mode is LeafGradient.NONE:
-                result.append(None)
-                continue
-            if mode is LeafGradient.SUMMED_OVER_TIME:
-                grad = grad.sum(2, keepdim=True)
-            if mode is LeafGradient.SUMMED_OVER_LANES:
-                grad = grad.sum(3, keepdim=True)
-            if grad.shape != view.shape:
-                grad = grad.sum_to_size(view.shape)
-            result.append(grad.to(view.dtype))
-        return (None, None, *result)
+        initial_grads = [d.to(s.dtype) if ctx.needs_input_grad[2 + i] else None for i, (d, s) in enumerate(zip(dinit, starts))]
+        return (None, None, *initial_grads, *_leaf_gradients(leaves, spec.leaves, buffers, modes))
 
 
 def _whole_state_view(launch: _Launch, value: torch.Tensor, leaf: Leaf) -> torch.Tensor | None:
