@@ -92,6 +92,19 @@ def _operand_dtype(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) 
 
 
 @triton.jit
+def _unit_lower_inverse(b_A, o_t, BT: tl.constexpr, ACC: tl.constexpr):
+    """T = (I - A)^{-1} for a strictly lower triangular ``[BT, BT]`` block A, by forward
+    substitution: row t is e_t + sum_{s<t} A_ts T_s, and the rows s < t are final when row t
+    is formed."""
+    b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
+    for i_t in range(1, BT):
+        b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)  # A_{t, :}
+        b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
+        b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+    return b_inv
+
+
+@triton.jit
 def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p_starts, p_u, p_infinite, T, K, V, n_chunks, H, s0_n, s0_k, s0_v, sq_b, sq_h, sq_t, sl_b, sl_h, sl_t, sr_b, sr_h, sr_t, sw_b, sw_h, sw_t, sc_b, sc_h, sc_t, sa_b, sa_h, sa_t, sg_b, sg_h, sg_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, GATED: tl.constexpr, SAME_SIDES: tl.constexpr, KEEP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row, value block), the chunks in order; each chunk's UT transform is
     # formed here, beside the state that needs it (U reaches memory only when kept for the
@@ -165,13 +178,8 @@ def delta_chunks(p_q, p_l, p_r, p_w, p_c, p_a, p_g, p_initial, p_out, p_state, p
             # e^{G'_t - G_s} for s < t (masked pairs never meet exp: their gap may be positive).
             b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
         b_A = tl.where(strict, b_A, 0.0)
-        # T = (I - A)^{-1} by forward substitution: row t is e_t + sum_{s<t} A_ts T_s, and the
-        # rows s < t are final when row t is formed (A is strictly lower triangular).
-        b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
-        for i_t in range(1, BT):
-            b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)  # A_{t, :}
-            b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
-            b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+        # T = (I - A)^{-1} (A is strictly lower triangular)
+        b_inv = _unit_lower_inverse(b_A, o_t, BT, ACC)
         b_w = tl.load(p_w + o_c * sw_t + o_t[:, None] * sw_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         if SCALED:
             b_w = b_w * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
@@ -294,11 +302,7 @@ def delta_adjoint_chunks(p_q, p_l, p_r, p_a, p_g, p_dout, p_dfinal, p_dstate, p_
         if GATED:
             b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
         b_A = tl.where(strict, b_A, 0.0)
-        b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
-        for i_t in range(1, BT):
-            b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
-            b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
-            b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+        b_inv = _unit_lower_inverse(b_A, o_t, BT, ACC)
         b_dz = tl.dot(tl.trans(b_inv), b_du, input_precision=PRECISION)
         tl.debug_barrier()
         for i_k in range(0, tl.cdiv(K, BK)):
@@ -385,11 +389,7 @@ def delta_gradients(p_q, p_l, p_r, p_a, p_g, p_w, p_c, p_u, p_du, p_dout, p_star
     if GATED:
         b_A = b_A * tl.exp(tl.where(strict, b_Gp[:, None] - b_G[None, :], float("-inf")))
     b_A = tl.where(strict, b_A, 0.0)
-    b_inv = tl.where(o_t[:, None] == o_t[None, :], 1.0, 0.0).to(ACC)
-    for i_t in range(1, BT):
-        b_row = tl.sum(tl.where(o_t[:, None] == i_t, b_A, 0.0), axis=0)
-        b_new = tl.sum(b_row[:, None] * b_inv, axis=0)
-        b_inv = tl.where(o_t[:, None] == i_t, b_inv + b_new[None, :], b_inv)
+    b_inv = _unit_lower_inverse(b_A, o_t, BT, ACC)
     # dA = T^T dT T^T with dT = dU Z^T (U = T Z, Z = W + diag(b) R S_0) is dZ U^T, where
     # dZ = T^T dU (dW = dZ): products of inner dimension BV or BK only, and no W_r.
     b_dA = tl.zeros([BT, BT], dtype=ACC)
