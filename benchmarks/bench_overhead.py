@@ -167,22 +167,17 @@ def measure(layer: Layer, batch: int = 2, length: int = 16, calls: int = 10, rep
             gradients.extend(torch.ones_like(o) for o in outputs)
         return torch.autograd.grad(outputs, leaves, gradients, allow_unused=True)
 
+    def launches_microseconds_calls(call, launches) -> tuple[int, float, float]:
+        for _ in range(3):  # warm: compiled plans, caches, allocator
+            call()
+        start = len(launches)
+        call()
+        return len(launches) - start, _best(call, calls, repeat, launches, CLOCKS[clock]), _python_calls(call, 2)
+
     with observe_launches(run_kernels=False) as launches:
         with torch.no_grad():
-            for _ in range(3):
-                forward()
-            start = len(launches)
-            forward()
-            forward_launches = len(launches) - start
-            forward_us = _best(forward, calls, repeat, launches, CLOCKS[clock])
-            forward_calls = _python_calls(forward, 2)
-        for _ in range(3):
-            forward_backward()
-        start = len(launches)
-        forward_backward()
-        backward_launches = len(launches) - start
-        backward_us = _best(forward_backward, calls, repeat, launches, CLOCKS[clock])
-        backward_calls = _python_calls(forward_backward, 2)
+            forward_launches, forward_us, forward_calls = launches_microseconds_calls(forward, launches)
+        backward_launches, backward_us, backward_calls = launches_microseconds_calls(forward_backward, launches)
         launches.clear()
     return Measurement(layer.label, forward_us, backward_us, forward_calls, backward_calls, forward_launches, backward_launches)
 
