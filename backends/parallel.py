@@ -677,12 +677,45 @@ def with_skip_term(chunk: ChunkPlan, outputs: tuple[ir.Expr, ...]) -> ChunkPlan:
     return chunk
 
 
+def with_row_scale_folded(chunk: ChunkPlan, cell: ir.CellIR) -> ChunkPlan:
+    """``chunk`` with a scalar that divides or multiplies its one input term's row moved into the
+    term's coefficient, ``(k / s) (c v)^T = k ((c / s) v)^T`` (mLSTM's ``k / sqrt(dk)``): the
+    Triton chunked kernels then read ``k`` in place and scale the values by a scalar per step
+    as they read them, where a scaled copy of the keys would be written and read back.  Else
+    ``chunk`` unchanged.  The row may be a binding's name (``ks = k / sqrt(dk)``)."""
+    if chunk.kind is not ChunkKind.DECAYED_OUTER_PRODUCTS or len(chunk.inputs) != 1:
+        return chunk
+    term = chunk.inputs[0]
+    definitions = {s.name: s.value for s in cell.body if isinstance(s, ir.Assign)}
+    row = term.row
+    while isinstance(row, ir.Ref) and row.kind is RefKind.BINDING and row.name in definitions:
+        row = definitions[row.name]
+    if not (isinstance(row, ir.Op) and row.op in ("div", "mul") and len(row.args) == 2):
+        return chunk
+    pairs = [row.args] if row.op == "div" else [row.args[::-1], row.args]  # (vector, scale)
+    found = next(((vector, scale) for vector, scale in pairs if scale.type == ir.Type(()) and vector.type == term.row.type), None)
+    if found is None:
+        return chunk
+    vector, scale = found
+    column, coefficient = (term.column, term.coefficient) if term.coefficient is not None else _scalar_times_vector(term.column)
+    if coefficient is None:
+        coefficient = ir.Op("div", (ir.Literal(1.0, scale.type), scale), scale.type) if row.op == "div" else scale
+    else:
+        coefficient = ir.Op(row.op, (coefficient, scale), scale.type)
+    return replace(chunk, inputs=(RankOneTerm(vector, column, coefficient),))
+
+
 def _run_chunk_plan(
-    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None, native: bool = False
-) -> tuple[list[torch.Tensor], torch.Tensor] | None:
+    seq: _Sequences, plan: ChunkPlan, state: StateAnalysis, h0: torch.Tensor, chunk: int, decayed=None, segments: Segments | None = None, delta=None, native: bool = False,
+    normaliser_start: torch.Tensor | None = None,
+) -> tuple[list[torch.Tensor], torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor, torch.Tensor] | None:
     """Evaluate a chunk plan's pieces, flatten batch and heads into one dim, and run its kernel.
 
     None when the pieces are not finite (see :func:`_chunkable`): the caller scans the state.
+    A plan with a :class:`~recdsl.plan.Normaliser` (the Triton kernels', one sequence per row)
+    takes the normaliser's initial value, ``normaliser_start``, and returns its final value
+    third; its first read-out is the division.  None also when the kernels do not take such
+    a call (queries that are not finite: the caller scans both states).
     With ``segments`` each sequence is laid out on whole chunks (:class:`.segments.ChunkLayout`)
     and the kernel restarts at each sequence's first chunk from its row of ``h0``.
     ``native``: the vectors are given to Triton kernels, which take low-precision inputs as
@@ -758,6 +791,8 @@ def _run_chunk_plan(
         # The Triton kernels' own cases (one input term, a decay shared by the state or per row) check
         # their final state afterwards; the torch form's, every piece first.
         checks_final = triton_kernel is not None and not plan.reads_previous and len(terms) == 1 and log_decay.shape[-1] == 1
+        if plan.normaliser is not None and not checks_final:
+            return None  # (only the Triton kernels carry a normaliser: the caller scans both states)
         if triton_kernel is not None and not checks_final:  # the Triton wrapper hands these to the torch form
             scaled_columns = [(row, column if scale is None else column * scale.unsqueeze(-1)) for row, column, scale in terms]
         if not checks_final and not _chunkable(log_decay, start, *(t for pair in scaled_columns for t in pair)):
@@ -776,7 +811,17 @@ def _run_chunk_plan(
                 kernel = functools.partial(kernel, gate=LogSigmoidGate(gated[1]))
             # The kernels add the skip term and look for infinite queries themselves (the walk sums them).
             skip = None if plan.skip is None else flat_scalar(plan.skip.scale)
-            results, final = kernel(queries, inputs, log_decay, start, chunk, *extra, skip=skip, infinite_readouts=True)
+            if plan.normaliser is not None:
+                from .triton_chunk import Normalisation
+
+                assert layout is None and normaliser_start is not None
+                carried = Normalisation(normaliser_start.reshape((-1, rows)), flat_scalar(plan.normaliser.floor))
+                ran = kernel(queries, inputs, log_decay, start, chunk, normalisation=carried)
+                if ran is None:  # queries that are not finite: the caller scans
+                    return None
+                results, (final, normaliser_final) = ran
+            else:
+                results, final = kernel(queries, inputs, log_decay, start, chunk, *extra, skip=skip, infinite_readouts=True)
         else:
             inputs = [chunk_kernels.RankOneInput(k, v) for k, v in scaled_columns]
             results, final = chunk_kernels.with_infinite_readouts(decayed or chunk_kernels.decayed_outer_products, queries, inputs, log_decay, start, chunk, *extra)
@@ -828,6 +873,8 @@ def _run_chunk_plan(
     final = final.reshape((batch_dims if layout is None else (segments.count,) + lead[2:]) + final.shape[-2:])
     if plan.transposed:
         final = final.transpose(-1, -2)
+    if plan.normaliser is not None:
+        return outputs, final, normaliser_final.reshape(batch_dims + normaliser_final.shape[-1:])
     return outputs, final
 
 
@@ -897,6 +944,16 @@ def run(
     packed_reverse = segments is not None and bool(cell.reversed_recurrences)
     reversed_segments = segments.reversed() if packed_reverse else None
     reversed_state = {key: value.flip(0) for key, value in state.items()} if packed_reverse else state
+
+    def record(name: str, state_analysis: StateAnalysis, sequence: torch.Tensor, restore: Callable, shift: Callable, last: Callable) -> None:
+        """State ``name``'s values at every step (``[B, T, ...]`` in the frame's time), its previous
+        values (built only if an output or a later state reads them; most read h_t) and its final value."""
+        full_shape = lead + state_analysis.type.shape
+        sequence = restore(sequence if sequence.shape == full_shape else sequence.expand(full_shape))
+        seq.values[(RefKind.STATE_NEW, name)] = sequence
+        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
+        final[name] = last(sequence)
+
     for step in plan.steps:
         direction = analysis.direction(step.names[0])
         # A reverse recurrence is solved forward in reversed time, its results flipped back.
@@ -927,6 +984,8 @@ def run(
                 seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
                 final[name] = last(sequence)
             continue
+        if step.form is Form.NORMALISER:
+            continue  # with the chunked state whose read-out it normalises (at that state's step)
         (name,) = step.names
         if name in scans:
             carries = frame_solver.kernel_scan(step, scans[name]) if step.form is Form.TRITON_SCAN else frame_solver.scan(scans[name])
@@ -962,25 +1021,31 @@ def run(
             assert step.chunk is not None and last_steps is None
             kernel = decayed_outer_products if step.form is Form.TRITON_CHUNKED else None
             delta_kernel = delta_rule if step.form is Form.TRITON_CHUNKED else None
-            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments, delta=delta_kernel, native=step.form is Form.TRITON_CHUNKED)
+            normaliser = step.chunk.normaliser
+            normaliser_start = None if normaliser is None else frame_state[normaliser.state]
+            chunked_run = _run_chunk_plan(frame, step.chunk, state_analysis, frame_state[name], plan.chunk_size, kernel, frame_segments, delta=delta_kernel, native=step.form is Form.TRITON_CHUNKED, normaliser_start=normaliser_start)
             if chunked_run is not None:
-                readouts, chunk_final = chunked_run
+                readouts, chunk_final, *carried = chunked_run
                 final[name] = restore_rows(chunk_final)
+                if normaliser is not None:
+                    final[normaliser.state] = restore_rows(carried[0])
                 for node, value in zip(step.chunk.readouts, readouts):
                     substitutions[id(node)] = restore(value)
                 continue
             # The chunk kernels refused non-finite pieces: the plan's fallback scan, in torch
-            # (a backend's own solver, Triton's, may have no kernel for a state it chunks).
+            # (a backend's own solver, Triton's, may have no kernel for a state it chunks), and
+            # the same for the normaliser it carries.
             assert step.fallback is not None
             sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(step, form=step.fallback), state_analysis)
+            if normaliser is not None:
+                carried_step = plan.step(normaliser.state)
+                assert carried_step.fallback is not None
+                carried_analysis = analysis.state(normaliser.state)
+                carried_sequence = Solver(plan, frame, frame_state, frame_segments).solve(replace(carried_step, form=carried_step.fallback), carried_analysis)
+                record(normaliser.state, carried_analysis, carried_sequence, restore, shift, last)
         else:
             sequence = frame_solver.solve(step, state_analysis)
-        full_shape = lead + state_analysis.type.shape
-        sequence = restore(sequence if sequence.shape == full_shape else sequence.expand(full_shape))
-        seq.values[(RefKind.STATE_NEW, name)] = sequence
-        # h_{t-1}, built only if an output or a later state reads it (most read h_t).
-        seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
-        final[name] = last(sequence)
+        record(name, state_analysis, sequence, restore, shift, last)
 
     outputs = []
     for emit, expanded in zip(cell.outputs, analysis.expanded_outputs):

@@ -35,7 +35,7 @@ from recdsl import ir
 from recdsl.analysis import Analysis, DiagonalAffine, MatrixAffine, NoRecurrence, Nonlinear, SemiringAffine, StateAnalysis, Structure
 from recdsl.errors import BackendError
 from recdsl.ir import Kind
-from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, StepPlan, Unsupported, chunk_plan, scan_form
+from recdsl.plan import ChunkKind, ChunkPlan, ExecutionPlan, Form, Rejected, StepPlan, Unsupported, chunk_plan, scan_form, with_normaliser
 from recdsl.printer import format_expr
 from recdsl.shapes import broadcast_shapes, fold_constant
 
@@ -161,7 +161,9 @@ def _triton_chunk(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsup
     key_rows = Structure.COLUMNS if chunk.transposed else Structure.ROWS
     if structure is not Structure.SCALAR and structure is not key_rows:
         return Unsupported("its decay is shared along the read-out's axis, which the Triton kernels do not tile")
-    return parallel.with_skip_term(chunk, analysis.expanded_outputs)  # Mamba-2's D x: added in the kernels
+    chunk = parallel.with_skip_term(chunk, analysis.expanded_outputs)  # Mamba-2's D x: added in the kernels
+    chunk = with_normaliser(chunk, analysis)  # mLSTM's n: carried in the walk, the division fused
+    return parallel.with_row_scale_folded(chunk, analysis.cell)  # mLSTM's k / sqrt(dk): k read in place
 
 
 def _triton_delta_chunk(chunk: ChunkPlan, state: StateAnalysis) -> ChunkPlan | Unsupported:
@@ -193,6 +195,13 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     specs: list[ScanSpec] = []
     selective_plans: list = []  # fused selective scans (S6), from .triton_selective
     split = time_split(options)
+    # The chunked states' plans first: a normaliser one of them carries (mLSTM's n) needs no step of its own.
+    chunks: dict[str, ChunkPlan | Unsupported] = {}
+    for (name,) in analysis.schedule:
+        state = None if name in scans else analysis.state(name)
+        if state is not None and not isinstance(state.recurrence, (Nonlinear, NoRecurrence)) and not isinstance(triton_selective.selective_plan(analysis, state), triton_selective.SelectiveScanPlan):
+            chunks[name] = _triton_chunk(analysis, state)
+    carried = {chunk.normaliser.state: name for name, chunk in chunks.items() if isinstance(chunk, ChunkPlan) and chunk.normaliser is not None}
     for (name,) in analysis.schedule:
         if name in scans and scans[name].reverse:
             # Solved in reversed time, the generated kernel would combine the elements in the
@@ -214,13 +223,19 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
         if isinstance(state.recurrence, NoRecurrence):
             steps.append(StepPlan((name,), Form.TIME_PARALLEL))
             continue
+        if name in carried:
+            # Run by the chunked step of the state it normalises; the fallback, when that step's
+            # kernels refuse a call's pieces, beside that state's.
+            fallback = scan_form(state)
+            steps.append(StepPlan((name,), Form.NORMALISER, fallback=fallback if isinstance(fallback, Form) else None))
+            continue
         selective = triton_selective.selective_plan(analysis, state)
         if isinstance(selective, triton_selective.SelectiveScanPlan):
             fallback = scan_form(state)
             steps.append(StepPlan((name,), Form.TRITON_SELECTIVE_SCAN, kernel=selective, fallback=fallback if isinstance(fallback, Form) else None))
             selective_plans.append(selective)
             continue
-        chunk = _triton_chunk(analysis, state)
+        chunk = chunks[name]
         if isinstance(chunk, ChunkPlan):
             fallback = scan_form(state)
             steps.append(StepPlan((name,), Form.TRITON_CHUNKED, chunk=chunk, fallback=fallback if isinstance(fallback, Form) else None))

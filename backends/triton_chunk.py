@@ -114,6 +114,16 @@ def _gate_slope(x, GATE: tl.constexpr, gate_scale):
 
 
 @triton.jit
+def _ones_column(p_c, o_t, sc_t, m_t, SCALED: tl.constexpr, ACC: tl.constexpr):
+    # A normaliser's column of ones beside the values, as the kernels' values are scaled: c_t
+    # (read from p_c, the chunk's first step) with SCALED, else 1; 0 past T.
+    if SCALED:
+        return tl.load(p_c + o_t * sc_t, mask=m_t, other=0.0).to(ACC)
+    else:
+        return tl.where(m_t, 1.0, 0.0).to(ACC)
+
+
+@triton.jit
 def _row(i_n, H, s_b, s_h):
     # The offset of row ``i_n`` (batch row ``i_n // H``, head ``i_n % H``) of a [B, H, T, d] sequence.
     return (i_n // H) * s_b + (i_n % H) * s_h
@@ -265,13 +275,26 @@ def chunk_outputs(p_q, p_k, p_v, p_c, p_g, p_starts, p_out, T, K, V, n_chunks, H
 
 
 @triton.jit
-def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, p_out, p_qsum, T, K, V, n_chunks, n_slots, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sskip_b, sskip_h, sskip_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
-    # One program per (row, value block); the key dimension is walked in blocks of BK.
+def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_kept, p_final, p_out, p_qsum, p_nstates, p_nkept, p_ninitial, p_nfinal, p_floor, p_den, T, K, V, n_chunks, n_slots, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sskip_b, sskip_h, sskip_t, sout_b, sout_h, sout_t, SCALED: tl.constexpr, SKIP: tl.constexpr, NORMALISED: tl.constexpr, KEPT_EVERY: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+    # One program per (row, value block); the key dimension is walked in blocks of BK, the steps in
+    # ``n_chunks`` blocks of BT.  KEPT_EVERY > 1: the kept chunks (the backward's) are KEPT_EVERY
+    # walk blocks long; the walk then reuses two slots of ``p_states`` and writes each kept
+    # chunk's start state into ``p_kept`` [N, kept chunks, K, V] (and, NORMALISED, the row's
+    # first value block its normaliser into ``p_nkept`` [N, kept chunks, K]); a walk block of
+    # half a chunk holds half the scores (mLSTM's normalised walk spilled on sm_90 with 64).
     # ``p_states`` [N, n_slots, K, V]: chunk c starts from slot c % n_slots (n_slots = n_chunks:
     # every chunk-start state kept, for the backward and chunk_outputs; 2: reused).  ``p_qsum`` [N]: the
     # sum of the row's queries (a finite sum rules out infinite queries, see
     # chunk_kernels.with_infinite_readouts), written by the row's first value block.
     # SKIP: o_t += skip_t v_t (the values before their scale c; Mamba-2's D x).
+    # NORMALISED (a decay shared by the state): the read-out is o_t / max(|den_t|, floor_t) with
+    # den_t = q_t . n_t, n the state's normaliser, a column of ones beside the values (n = f n +
+    # c k): den_t is the row sum of the block's decayed scores (times c) plus
+    # exp(G_t) q_t . n_start, and n walks beside the state, in two slots of this program's own,
+    # ``p_nstates`` [N, value blocks, 2, K] (another program's writes could run ahead).  The
+    # row's first value block writes den ``p_den`` [N, T] (for the backward; ``p_floor`` is
+    # [N, T] too) and the final n ``p_nfinal`` [N, K].
+    tl.static_assert(not (NORMALISED and (ROWS or SKIP)), "a normaliser is carried beside a state with a shared decay and no skip term")
     i_n = tl.program_id(0).to(tl.int64)
     i_v = tl.program_id(1)
     # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
@@ -283,6 +306,9 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
     p_skip += _row(i_n, H, sskip_b, sskip_h)
     p_out += _row(i_n, H, sout_b, sout_h)
     p_states += i_n * n_slots * K * V
+    p_nstates += (i_n * tl.num_programs(1) + i_v) * 2 * K
+    p_kept += i_n * tl.cdiv(n_chunks, KEPT_EVERY) * K * V
+    p_nkept += i_n * tl.cdiv(n_chunks, KEPT_EVERY) * K
     o_t = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
@@ -292,7 +318,14 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
         o_k = i_k * BK + tl.arange(0, BK)
         m_kv = (o_k[:, None] < K) & m_v[None, :]
         o_tile = o_k[:, None] * V + o_v[None, :]
-        tl.store(p_states + o_tile, tl.load(p_initial + i_n * K * V + o_tile, mask=m_kv, other=0.0).to(ACC), mask=m_kv)
+        b_S = tl.load(p_initial + i_n * K * V + o_tile, mask=m_kv, other=0.0).to(ACC)
+        tl.store(p_states + o_tile, b_S, mask=m_kv)
+        if KEPT_EVERY > 1:
+            tl.store(p_kept + o_tile, b_S, mask=m_kv)
+        if NORMALISED:
+            b_n = tl.load(p_ninitial + i_n * K + o_k, mask=o_k < K, other=0.0).to(ACC)
+            tl.store(p_nstates + o_k, b_n, mask=o_k < K)
+            tl.store(p_nkept + o_k, b_n, mask=(o_k < K) & (o_k * 0 + i_v == 0))
     b_qsum = tl.zeros([BK], dtype=ACC)
     for i_c in range(0, n_chunks):
         tl.debug_barrier()  # the state this chunk starts from was stored by other threads of this program
@@ -304,6 +337,7 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
         b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
         if SCALED:
             b_v = b_v * tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)[:, None]
+        b_qn = tl.zeros([BT], dtype=ACC)  # NORMALISED: q_t . n_start
         if not ROWS:
             b_gt = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_Gt = tl.cumsum(b_gt, axis=0)  # the (shared) log decay of each step
@@ -342,12 +376,25 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
             else:
                 b_out += _dot(b_q, b_S, p_k, PRECISION)
                 b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
+        if NORMALISED:  # q_t . n_start, in a pass of its own over the key blocks (the queries again, from the cache)
+            for i_k in range(0, tl.cdiv(K, BK)):
+                o_k = i_k * BK + tl.arange(0, BK)
+                m_k = o_k < K
+                b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
+                b_qn += tl.sum(b_q * tl.load(p_nstates + (i_c % 2) * K + o_k, mask=m_k, other=0.0)[None, :], axis=1)
         if not ROWS:
             # The shared decay factors out of the key sum: q_t exp(G_t) S, and (q_t . k_s) exp(G_t - G_s).
             b_out = b_out * tl.exp(b_Gt)[:, None]
+            b_qn = b_qn * tl.exp(b_Gt)
             b_scores = b_scores * tl.exp(tl.where(causal, b_Gt[:, None] - b_Gt[None, :], float("-inf")))
         b_scores = tl.where(causal, b_scores, 0.0)
+        if NORMALISED:  # (c read again from the cache)
+            b_den = b_qn + tl.sum(b_scores * _ones_column(p_c + o_c * sc_t, o_t, sc_t, m_t, SCALED, ACC)[None, :], axis=1)
         b_out += _dot(b_scores, b_v, p_k, PRECISION)
+        if NORMALISED:
+            tl.store(p_den + i_n * T + o_c + o_t, b_den, mask=m_t & (o_t * 0 + i_v == 0))  # (a tensor: the interpreter has no scalar masks)
+            b_floor = tl.load(p_floor + i_n * T + o_c + o_t, mask=m_t, other=1.0).to(ACC)
+            b_out = b_out / tl.maximum(tl.abs(b_den), b_floor, propagate_nan=tl.PropagateNan.ALL)[:, None]
         if SKIP:  # (the values before their scale read again, from the cache: one tile fewer live)
             b_x = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_tv, other=0.0).to(ACC)
             b_out += tl.load(p_skip + o_c * sskip_t + o_t * sskip_t, mask=m_t, other=0.0).to(ACC)[:, None] * b_x
@@ -368,12 +415,51 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
                 b_S = tl.exp(b_end)[:, None] * b_S + _dot(tl.trans(b_k * tl.exp(b_end[None, :] - tl.cumsum(b_g, axis=0))), b_v, p_k, PRECISION)
             else:
                 b_S = tl.exp(b_endt) * b_S + _dot(tl.trans(b_k * tl.exp(b_endt - b_Gt)[:, None]), b_v, p_k, PRECISION)
+                if NORMALISED:  # n_end = exp(G_C) n_start + sum_s exp(G_C - G_s) c_s k_s
+                    b_n = tl.load(p_nstates + (i_c % 2) * K + o_k, mask=m_k, other=0.0)
+                    b_n = tl.exp(b_endt) * b_n + tl.sum(b_k * (tl.exp(b_endt - b_Gt) * _ones_column(p_c + o_c * sc_t, o_t, sc_t, m_t, SCALED, ACC))[:, None], axis=0)
+                    if i_c == n_chunks - 1:
+                        tl.store(p_nfinal + i_n * K + o_k, b_n, mask=m_k & (o_k * 0 + i_v == 0))
+                    else:
+                        tl.store(p_nstates + ((i_c + 1) % 2) * K + o_k, b_n, mask=m_k)
+                        if (i_c + 1) % KEPT_EVERY == 0:
+                            tl.store(p_nkept + ((i_c + 1) // KEPT_EVERY) * K + o_k, b_n, mask=m_k & (o_k * 0 + i_v == 0))
             if i_c == n_chunks - 1:
                 tl.store(p_final + i_n * K * V + o_tile, b_S, mask=m_kv)
             else:
                 tl.store(p_states + o_next + o_tile, b_S, mask=m_kv)
+                if KEPT_EVERY > 1:
+                    if (i_c + 1) % KEPT_EVERY == 0:
+                        tl.store(p_kept + ((i_c + 1) // KEPT_EVERY) * K * V + o_tile, b_S, mask=m_kv)
     if i_v == 0:
         tl.store(p_qsum + i_n, tl.sum(b_qsum, axis=0))
+
+
+# ---- the normalised read-out's own gradients ---------------------------------------------------
+
+
+@triton.jit
+def _division_grads(p_out, p_dout, p_den, p_floor, o_c, o_t, m_t, T, V, sout_t, sdout_t, BV: tl.constexpr, ACC: tl.constexpr):
+    # For the steps o_c + o_t of one row (``p_out``, ``p_dout`` at the row, ``p_den`` and
+    # ``p_floor`` [T] at it): the read-out h_t = o_t / D_t with D_t = max(|den_t|, floor_t)
+    # (walk_outputs, NORMALISED).  With r_t = dh_t . h_t (over every value block), the gradient
+    # of o_t is dh_t / D_t and of D_t -r_t / D_t, shared as torch.maximum shares it (all to
+    # the larger operand, half each at a tie).  Returns 1 / D_t, dL/dden_t and dL/dfloor_t.
+    b_r = tl.zeros_like(o_t.to(ACC))
+    for i_v in range(0, tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_h = tl.load(p_out + o_c * sout_t + o_t[:, None] * sout_t + o_v[None, :], mask=m, other=0.0).to(ACC)
+        b_dh = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m, other=0.0).to(ACC)
+        b_r += tl.sum(b_h * b_dh, axis=1)
+    b_den = tl.load(p_den + o_c + o_t, mask=m_t, other=1.0).to(ACC)
+    b_floor = tl.load(p_floor + o_c + o_t, mask=m_t, other=1.0).to(ACC)
+    b_magnitude = tl.abs(b_den)
+    b_divisor = tl.maximum(b_magnitude, b_floor, propagate_nan=tl.PropagateNan.ALL)
+    b_dD = -b_r / b_divisor
+    b_share = tl.where(b_magnitude > b_floor, 1.0, tl.where(b_magnitude < b_floor, 0.0, 0.5))
+    b_sign = tl.where(b_den > 0.0, 1.0, tl.where(b_den < 0.0, -1.0, 0.0))
+    return 1.0 / b_divisor, b_dD * b_share * b_sign, b_dD * (1.0 - b_share)
 
 
 # ---- the backward's walk over the chunks (state gradients) -------------------------------------
@@ -386,15 +472,24 @@ def walk_outputs(p_q, p_k, p_v, p_c, p_g, p_skip, p_initial, p_states, p_final, 
 
 
 @triton.jit
-def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, p_out, p_den, p_floor, p_scale, p_dden, p_dfloor, p_dnfinal, p_dnends, p_dninitial, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sout_b, sout_h, sout_t, NORMALISED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # The adjoint of the forward's walk (walk_outputs), over reversed chunks: with S_c the state chunk c starts from,
     # dL/dS_c = sum_t (q_t exp(G_t))^T do_t + exp(G_C) dL/dS_{c+1}.  ``p_dends`` [N, n_chunks, K, V]
     # gets dL/dS_{c+1}, the gradient of the state chunk c ends with; ``p_dinitial`` dL/dS_0.
+    # NORMALISED (see walk_outputs): ``p_dout`` is the gradient of the normalised read-out
+    # ``p_out`` (h_t = o_t / D_t); per chunk every program forms the division's gradients
+    # (_division_grads, from h, dh and ``p_den``, ``p_floor`` [N, T]) and takes do_t = dh_t / D_t,
+    # and the row's first program stores 1 / D_t, dden_t and dfloor_t (``p_scale``, ``p_dden``,
+    # ``p_dfloor`` [N, T]) for the kernels that follow; the normaliser's column of ones walks
+    # beside with do_t = dden_t, and the first value block's programs write its end gradients
+    # ``p_dnends`` [N, n_chunks, K] and ``p_dninitial`` [N, K].
+    tl.static_assert(not (NORMALISED and ROWS), "a normaliser is carried beside a state with a shared decay")
     i_n = tl.program_id(0).to(tl.int64)
     # Sequences are [B, H, T, d] with strides (``H`` heads per batch row), the last dim dense.
     p_q += _row(i_n, H, sq_b, sq_h)
     p_g += _row(i_n, H, sg_b, sg_h)
     p_dout += _row(i_n, H, sdout_b, sdout_h)
+    p_out += _row(i_n, H, sout_b, sout_h)
     o_k = tl.program_id(1) * BK + tl.arange(0, BK)
     o_v = tl.program_id(2) * BV + tl.arange(0, BV)
     o_t = tl.arange(0, BT)
@@ -403,6 +498,11 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
     m = m_k[:, None] & m_v[None, :]
     o_tile = o_k[:, None] * V + o_v[None, :]
     b_dstate = tl.load(p_dfinal + i_n * K * V + o_tile, mask=m, other=0.0).to(ACC)
+    m_owner = m_k & (o_k * 0 + tl.program_id(2) == 0)  # NORMALISED: the first value block's programs write n's gradients
+    if NORMALISED:
+        b_dn = tl.load(p_dnfinal + i_n * K + o_k, mask=m_k, other=0.0).to(ACC)
+    else:
+        b_dn = tl.zeros([BK], dtype=ACC)
     for i_back in range(0, n_chunks):
         i_c = n_chunks - 1 - i_back
         tl.store(p_dends + (i_n * n_chunks + i_c) * K * V + o_tile, b_dstate, mask=m)
@@ -410,6 +510,14 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
         m_t = i_c * BT + o_t < T
         b_q = tl.load(p_q + o_c * sq_t + o_t[:, None] * sq_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0).to(ACC)
         b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if NORMALISED:
+            tl.store(p_dnends + (i_n * n_chunks + i_c) * K + o_k, b_dn, mask=m_owner)
+            b_inverse, b_dden, b_dfloor = _division_grads(p_out, p_dout, p_den + i_n * T, p_floor + i_n * T, o_c, o_t, m_t, T, V, sout_t, sdout_t, BV, ACC)
+            m_first = m_t & (o_t * 0 + tl.program_id(1) + tl.program_id(2) == 0)  # the row's first program
+            tl.store(p_scale + i_n * T + o_c + o_t, b_inverse, mask=m_first)
+            tl.store(p_dden + i_n * T + o_c + o_t, b_dden, mask=m_first)
+            tl.store(p_dfloor + i_n * T + o_c + o_t, b_dfloor, mask=m_first)
+            b_do = b_do * b_inverse[:, None]
         if ROWS:
             b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t[:, None] * sg_t + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))
@@ -418,8 +526,12 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
             b_g = _floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale))
             b_qg = b_q * tl.exp(tl.cumsum(b_g, axis=0))[:, None]
             b_dstate = tl.exp(tl.sum(b_g, axis=0)) * b_dstate
+            if NORMALISED:
+                b_dn = tl.exp(tl.sum(b_g, axis=0)) * b_dn + tl.sum(b_qg * b_dden[:, None], axis=0)
         b_dstate += _dot(tl.trans(b_qg), b_do, p_q, PRECISION)
     tl.store(p_dinitial + i_n * K * V + o_tile, b_dstate, mask=m)
+    if NORMALISED:
+        tl.store(p_dninitial + i_n * K + o_k, b_dn, mask=m_owner)
 
 
 # ---- gradients inside a chunk ------------------------------------------------------------------
@@ -439,12 +551,17 @@ def walk_state_grads(p_q, p_g, p_dout, p_dfinal, p_dends, p_dinitial, T, K, V, n
 
 
 @triton.jit
-def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, p_dskip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, sdskip_b, sdskip_h, sdskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends, p_dq, p_dk, p_dg, p_dskip, p_scale, p_dden, p_nstarts, p_nfinal, p_dnends, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdq_b, sdq_h, sdq_t, sdk_b, sdk_h, sdk_t, sdg_b, sdg_h, sdg_t, sdskip_b, sdskip_h, sdskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, NORMALISED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, key block); the value dimension is walked in blocks of BV.
     # ``p_dg``: [N, T, K] for a decay per row; for a shared decay [N, T, key blocks], each
     # block's share of the sum over keys (the caller adds them).  SKIP: the first key block's
     # programs also write ``p_dskip`` [N, T], dskip_t = do_t . v_t for the read-out's skip_t v_t
-    # (walk_outputs; v before its scale c).
+    # (walk_outputs; v before its scale c).  NORMALISED (see walk_state_grads): do_t scaled by
+    # ``p_scale`` as it is read, and the normaliser's column of ones (values c_s, do_t = dden_t,
+    # start and end values from ``p_nstarts`` [N, n_chunks, K] and ``p_nfinal``, end gradient
+    # ``p_dnends``) adds dden_t c_s to dA_ts, dden_t n_start to do S^T, c_s dn_end to v E^T and
+    # dn_end * n_end to the chunk-end term.
+    tl.static_assert(not (NORMALISED and (ROWS or SKIP)), "a normaliser is carried beside a state with a shared decay and no skip term")
     i_nc = tl.program_id(0)
     i_k = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -475,12 +592,16 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
     b_dk = tl.zeros([BT, BK], dtype=ACC)  # v E^T, then the whole dk
     b_dend = tl.zeros([BK], dtype=ACC)  # sum_v E S_end, per key
     b_dskip = tl.zeros([BT], dtype=ACC)  # SKIP: do_t . v_t
+    if NORMALISED:
+        b_scale = tl.load(p_scale + i_n * T + o_c + o_t, mask=m_t, other=0.0).to(ACC)
     for i_v in range(0, tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
         m_kv = m_k[:, None] & m_v[None, :]
         o_tile = o_k[:, None] * V + o_v[None, :]
         b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+        if NORMALISED:
+            b_do = b_do * b_scale[:, None]
         b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
         if SKIP:
             b_dskip += tl.sum(b_do * b_v, axis=1)
@@ -496,6 +617,19 @@ def chunk_key_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_starts, p_final, p_dends,
         b_dq += _dot(b_do, tl.trans(b_S), p_k, PRECISION)
         b_dk += _dot(b_v, tl.trans(b_E), p_k, PRECISION)
         b_dend += tl.sum(b_E * b_S_end, axis=1)
+    if NORMALISED:
+        b_ones = _ones_column(p_c + o_c * sc_t, o_t, sc_t, m_t, SCALED, ACC)
+        o_nstate = (i_n * n_chunks + i_c) * K
+        b_dden = tl.load(p_dden + i_n * T + o_c + o_t, mask=m_t, other=0.0).to(ACC)
+        b_dn = tl.load(p_dnends + o_nstate + o_k, mask=m_k, other=0.0).to(ACC)
+        if i_c == n_chunks - 1:
+            b_n_end = tl.load(p_nfinal + i_n * K + o_k, mask=m_k, other=0.0).to(ACC)
+        else:
+            b_n_end = tl.load(p_nstarts + o_nstate + K + o_k, mask=m_k, other=0.0).to(ACC)
+        b_dA += b_dden[:, None] * b_ones[None, :]
+        b_dq += b_dden[:, None] * tl.load(p_nstarts + o_nstate + o_k, mask=m_k, other=0.0).to(ACC)[None, :]
+        b_dk += b_ones[:, None] * b_dn[None, :]
+        b_dend += b_dn * b_n_end
     b_dA = tl.where(causal, b_dA, 0.0)
     last = o_t[:, None] == BT - 1
     if ROWS:
@@ -554,11 +688,14 @@ SCALED_VALUE_GRAD_REGISTERS = 255
 
 
 @triton.jit
-def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_skip, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, sskip_b, sskip_h, sskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
+def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_skip, p_scale, p_dden, p_dnends, T, K, V, n_chunks, H, sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sc_b, sc_h, sc_t, sg_b, sg_h, sg_t, sdout_b, sdout_h, sdout_t, sdv_b, sdv_h, sdv_t, sdc_b, sdc_h, sdc_t, sskip_b, sskip_h, sskip_t, SCALED: tl.constexpr, SKIP: tl.constexpr, NORMALISED: tl.constexpr, gate_scale, GATE: tl.constexpr, ROWS: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr):
     # One program per (row and chunk, value block); the key dimension is walked in blocks of BK.
     # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
     # chunk_outputs forms them.  SKIP: the read-out is also skip_t v_t (walk_outputs), so dv_t gets
-    # skip_t do_t (chunk_key_grads forms dskip_t = do_t . v_t).
+    # skip_t do_t (chunk_key_grads forms dskip_t = do_t . v_t).  NORMALISED (see walk_state_grads):
+    # do_t scaled by ``p_scale`` as it is read; the first value block's programs add the
+    # normaliser's column of ones to dc: sum_{t >= s} A_ts dden_t + exp(G_C - G_s) k_s . dn_end.
+    tl.static_assert(not (NORMALISED and (ROWS or SKIP or not SCALED)), "a normaliser is carried beside a state with a shared decay, scaled values and no skip term")
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
@@ -588,6 +725,7 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_sk
         tl.store(p_dv + o_c * sdv_t + o_t[:, None] * sdv_t + o_v[None, :], b_skip[:, None] * b_do, mask=m_t[:, None] & m_v[None, :])
     b_dv = tl.zeros([BT, BV], dtype=ACC)
     b_scores = tl.zeros([BT, BT], dtype=ACC)
+    b_kdn = tl.zeros([BT], dtype=ACC)  # NORMALISED: k_s . dn_end
     if not ROWS:
         b_G = tl.cumsum(_floored(_gated(tl.load(p_g + o_c * sg_t + o_t * sg_t, mask=m_t, other=_padding(GATE)).to(ACC), GATE, gate_scale)), axis=0)
         b_end = tl.sum(tl.where(o_t == BT - 1, b_G, 0.0), axis=0)
@@ -618,16 +756,25 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_sk
         else:
             b_dv += _dot(b_k, b_E, p_k, PRECISION)
             b_scores += _dot(b_q, tl.trans(b_k), p_k, PRECISION)
+            if NORMALISED:
+                b_kdn += tl.sum(b_k * tl.load(p_dnends + (i_n * n_chunks + i_c) * K + o_k, mask=m_k, other=0.0).to(ACC)[None, :], axis=1)
     if not ROWS:
         b_dv = b_dv * tl.exp(b_end - b_G)[:, None]
+        b_kdn = b_kdn * tl.exp(b_end - b_G)
         b_scores = b_scores * tl.exp(tl.where(causal, b_G[:, None] - b_G[None, :], float("-inf")))
     b_scores = tl.where(causal, b_scores, 0.0)
     b_do = tl.load(p_dout + o_c * sdout_t + o_t[:, None] * sdout_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
+    if NORMALISED:
+        b_do = b_do * tl.load(p_scale + i_n * T + o_c + o_t, mask=m_t, other=0.0).to(ACC)[:, None]
     b_dv += _dot(tl.trans(b_scores), b_do, p_k, PRECISION)
     if SCALED:  # b_dv is the gradient of diag(c) v: this value block's share of dc, and dv
         b_v = tl.load(p_v + o_c * sv_t + o_t[:, None] * sv_t + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0).to(ACC)
         b_c = tl.load(p_c + o_c * sc_t + o_t * sc_t, mask=m_t, other=0.0).to(ACC)
-        tl.store(p_dc + (o_c + o_t) * sdc_t + i_v, tl.sum(b_dv * b_v, axis=1), mask=m_t)
+        b_dc = tl.sum(b_dv * b_v, axis=1)
+        if NORMALISED:
+            b_dden = tl.load(p_dden + i_n * T + o_c + o_t, mask=m_t, other=0.0).to(ACC)
+            b_dc += tl.where(i_v == 0, b_kdn + tl.sum(b_scores * b_dden[:, None], axis=0), 0.0)
+        tl.store(p_dc + (o_c + o_t) * sdc_t + i_v, b_dc, mask=m_t)
         b_dv = b_dv * b_c[:, None]
     if SKIP:
         tl.debug_barrier()  # skip_t do_t, stored by other threads of this program at its start
@@ -668,6 +815,9 @@ class Tiling:
     # key block's tiles; TF32's blocks of 32 keys spilled 56 B on sm_80 with a scalar decay).
     walk_value_block: int = 32
     walk_key_block: int = 16
+    # The steps of one block of the walk (0: the chunk): a normalised walk's (see Normalisation)
+    # denominators beside the read-outs spilled on sm_90 in float32 with blocks of 64 steps.
+    walk_steps: int = 0
     # Nonzero: the kernels read the log decays' pre-activation x and take gate_scale * logsigmoid(x)
     # (GLA's gate, see LogSigmoidGate); 0: they read the log decays.
     gate_scale: float = 0.0
@@ -741,28 +891,76 @@ def _written_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _walk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling, keep: bool, skip: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+# The steps of one block of a normalised walk (walk_outputs with NORMALISED): blocks of 64 spilled 4-32 B on
+# sm_90 in float32 however the denominators were ordered (benchmarks/RESULTS_COMPILE.md); the
+# backward's chunks stay tiling().chunk long, each kept start state covering two walk blocks.
+NORMALISED_WALK_STEPS = 32
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """The normaliser a walk carries beside the state (:class:`recdsl.plan.Normaliser`): its
+    initial value ``[N, K]`` and the floor of the division, a scalar per step (``[N, T]`` or
+    ``[B, H, T]``).  The first read-out is then ``(q_t @ S_t) / max(|q_t . n_t|, floor_t)``."""
+
+    initial: torch.Tensor
+    floor: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Carried:
+    """What a walk that carried a normaliser leaves: the value each chunk starts from
+    (``[N, n_chunks, K]`` when kept, else a view of reused slots), the final value ``[N, K]``,
+    the denominators ``q_t . n_t`` ``[N, T]`` and the floor as the kernels read it (``[B, H, T]``)."""
+
+    starts: torch.Tensor
+    final: torch.Tensor
+    denominators: torch.Tensor
+    floor: torch.Tensor
+
+
+def _walk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, g: torch.Tensor, rows: bool, initial: torch.Tensor, tiles: Tiling, keep: bool, skip: torch.Tensor | None, normalisation: Normalisation | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, _Carried | None]:
     """One walk over the chunks (``walk_outputs``): the read-outs ``q_t @ S_t`` ``[B, H, T, V]`` (laid
-    out ``[B, T, H, V]``; plus ``skip_t v_t`` with ``skip`` ``[B, H, T]``), the chunk-start states
+    out ``[B, T, H, V]``; plus ``skip_t v_t`` with ``skip`` ``[B, H, T]``; divided by the
+    normaliser's ``max(|q_t . n_t|, floor_t)`` with ``normalisation``), the chunk-start states
     ``[N, n_chunks, K, V]`` (with ``keep``; else two slots the walk reused), the final state
-    ``[N, K, V]`` and the sum of each row's queries ``[N]`` (the values ``diag(c) v`` when ``c`` is given)."""
+    ``[N, K, V]``, the sum of each row's queries ``[N]`` (the values ``diag(c) v`` when ``c`` is
+    given) and what the normaliser left (or None)."""
     B, H, T, K = k.shape
     N, V = B * H, v.shape[-1]
     dtype, ACC = _accumulator(initial)
-    n_chunks = triton.cdiv(T, tiles.chunk)
-    n_slots = n_chunks if keep else min(n_chunks, 2)
+    steps = tiles.walk_steps or tiles.chunk  # the walk's blocks of steps; the kept chunks are tiles.chunk long
+    n_blocks = triton.cdiv(T, steps)
+    kept_every = tiles.chunk // steps if keep else 1
+    n_slots = n_blocks if keep and kept_every == 1 else min(n_blocks, 2)
+    value_blocks = triton.cdiv(V, tiles.walk_value_block)
     states = torch.empty(N, n_slots, K, V, dtype=dtype, device=k.device)
+    kept = torch.empty(N, triton.cdiv(n_blocks, kept_every), K, V, dtype=dtype, device=k.device) if kept_every > 1 else states
     final = torch.empty(N, K, V, dtype=dtype, device=k.device)
     out = torch.empty(B, T, H, V, dtype=dtype, device=k.device).transpose(1, 2)
     q_sums = torch.empty(N, dtype=dtype, device=k.device)
     scale = g if c is None else c  # (not read when not scaled, nor skip when not skipped)
     skip_in = g if skip is None else skip
+    carried = None
+    if normalisation is not None:
+        floor = normalisation.floor.reshape(N, T).to(dtype).contiguous()  # (one number per step: a copy costs nothing)
+        carried = _Carried(
+            torch.empty(N, triton.cdiv(n_blocks, kept_every), K, dtype=dtype, device=k.device),
+            torch.empty(N, K, dtype=dtype, device=k.device),
+            torch.empty(N, T, dtype=dtype, device=k.device),
+            floor,
+        )
+        walk_slots = torch.empty(N, value_blocks, 2, K, dtype=dtype, device=k.device)
+        n_in = (walk_slots, carried.starts, normalisation.initial.to(dtype).contiguous(), carried.final, floor, carried.denominators)
+    else:
+        n_in = (q_sums,) * 6  # (not read when not normalised)
     launch(
-        walk_outputs, (N, triton.cdiv(V, tiles.walk_value_block)), q, k, v, scale, g, skip_in, initial.to(dtype).contiguous(), states, final, out, q_sums, T, K, V, n_chunks, n_slots, H,
+        walk_outputs, (N, value_blocks), q, k, v, scale, g, skip_in, initial.to(dtype).contiguous(), states, kept, final, out, q_sums, *n_in, T, K, V, n_blocks, n_slots, H,
         *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(skip_in), *_strides(out),
-        SCALED=c is not None, SKIP=skip is not None, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows, BT=tiles.chunk, BK=tiles.walk_key_block, BV=tiles.walk_value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
+        SCALED=c is not None, SKIP=skip is not None, NORMALISED=normalisation is not None, KEPT_EVERY=kept_every, gate_scale=tiles.gate_scale, GATE=tiles.gate_scale != 0.0, ROWS=rows,
+        BT=steps, BK=tiles.walk_key_block, BV=tiles.walk_value_block, ACC=ACC, PRECISION=tiles.precision, **_options(tiles),
     )
-    return out, states, final, q_sums
+    return out, kept, final, q_sums, carried
 
 
 def _options(tiles: Tiling) -> dict:
@@ -829,9 +1027,10 @@ class _Forward:
     final: torch.Tensor
     query_sums: torch.Tensor
     skip: torch.Tensor | None = None  # the first read-out's skip_t v_t term, [B, H, T], or None
+    carried: _Carried | None = None  # the normaliser the walk carried, or None
 
     @staticmethod
-    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None, keep: bool = True) -> "_Forward":
+    def of(readouts, k, v, log_decay, initial, chunk: int, allow_tf32: bool, value_scale: torch.Tensor | None = None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None, keep: bool = True, normalisation: Normalisation | None = None) -> "_Forward":
         """``keep``: keep every chunk-start state (for the backward); without it the walk reuses two
         slots, unless several read-outs read them back."""
         flat = k.dim() == 3  # [N, T, K]: one head per row
@@ -844,18 +1043,22 @@ class _Forward:
             assert rows, "the logsigmoid gate is taken for a decay per key row"
             tiles = replace(tiles, gate_scale=float(gate.scale))
         skip = None if skip is None else _with_heads(skip, 2)
+        if normalisation is not None:
+            tiles = replace(tiles, walk_steps=min(tiles.chunk, NORMALISED_WALK_STEPS))
+
         # The first read-out in the walk over the chunks; any other from the chunk-start states it kept.
-        first, starts, final, query_sums = _walk(readouts[0], k, v, c, g, rows, initial, tiles, keep or len(readouts) > 1, skip)
+        first, starts, final, query_sums, carried = _walk(readouts[0], k, v, c, g, rows, initial, tiles, keep or len(readouts) > 1, skip, normalisation)
         outputs = [first] + [_outputs(q, k, v, c, g, rows, starts, tiles) for q in readouts[1:]]
         if flat:
             outputs = [o.squeeze(1) for o in outputs]
-        return _Forward(readouts, k, v, c, g, rows, tiles, starts, outputs, final, query_sums, skip)
+        return _Forward(readouts, k, v, c, g, rows, tiles, starts, outputs, final, query_sums, skip, carried)
 
 
 @dataclass(frozen=True)
 class Gradients:
     """What :func:`backward` returns: one gradient per read-out, of ``k``, ``v``, the (floored) log
-    decay ``[B, H, T, K]`` or ``[B, H, T]``, and the initial state (``[N, K, V]``)."""
+    decay ``[B, H, T, K]`` or ``[B, H, T]``, and the initial state (``[N, K, V]``); with a
+    normaliser, of its initial value ``[N, K]`` and of the floor ``[N, T]``."""
 
     readouts: list[torch.Tensor]
     k: torch.Tensor
@@ -864,9 +1067,25 @@ class Gradients:
     initial: torch.Tensor
     value_scale: torch.Tensor | None = None
     skip: torch.Tensor | None = None
+    normaliser_initial: torch.Tensor | None = None
+    floor: torch.Tensor | None = None
 
 
-def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling, c: torch.Tensor | None = None, skip: torch.Tensor | None = None) -> Gradients:
+@dataclass(frozen=True)
+class _CarriedGradient:
+    """What the backward of a walk that carried a normaliser reads: its chunk-start values
+    ``[N, n_chunks, K]`` and final value ``[N, K]``, the denominators ``[N, T]``, the floor
+    (``[B, H, T]``), the normalised read-out and the gradient of the final value (or None)."""
+
+    starts: torch.Tensor
+    final: torch.Tensor
+    denominators: torch.Tensor
+    floor: torch.Tensor
+    output: torch.Tensor
+    grad_final: torch.Tensor | None
+
+
+def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, rows: bool, starts: torch.Tensor, final: torch.Tensor, grad_outputs: list[torch.Tensor | None], grad_final: torch.Tensor | None, tiles: Tiling, c: torch.Tensor | None = None, skip: torch.Tensor | None = None, carried: _CarriedGradient | None = None) -> Gradients:
     """The adjoint of :func:`forward` by Triton kernels, from the chunk-start states it kept.
 
     ``readouts``, ``k``, ``v``, ``g`` as :class:`_Forward` keeps them (``[B, H, T, ...]``); the
@@ -877,7 +1096,9 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     recompute each chunk's scores and give dq, dk, dg and dv (with ``c``, the values' scale:
     dv of the unscaled values and each value block's share of dc, summed here; with ``skip``
     ``[B, H, T]``, the first read-out's ``skip_t v_t`` term: dskip from chunk_key_grads, its
-    share of dv from chunk_value_grads).
+    share of dv from chunk_value_grads).  With ``carried`` (a normaliser the forward carried):
+    ``walk_state_grads`` forms the division's gradients too, and the three kernels carry the
+    normaliser's column of ones beside the first read-out's.
     """
     B, H, T, K = k.shape
     N, V = B * H, v.shape[-1]
@@ -888,19 +1109,35 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
     d_readouts: list[torch.Tensor] = []
     dk = dv = dg = d_initial = dc = d_skip = None
     value_blocks = triton.cdiv(V, tiles.value_block)
-    scale = g if c is None else c  # (not read when not scaled)
+    values_scale = g if c is None else c  # (not read when not scaled)
     pairs = [(q, d) for q, d in zip(readouts, grad_outputs)]
     if not any(d is not None for _, d in pairs):
         pairs = pairs[:1]  # only the final state's gradient: one walk, with zero read-out gradients
+    d_n_initial = d_floor = None
     for i, (q, d_out) in enumerate(pairs):
         d_out = torch.zeros(B, H, T, V, dtype=dtype, device=k.device) if d_out is None else _dense_last(_with_heads(d_out, 3).to(dtype))
         d_final = grad_final if (i == 0 and grad_final is not None) else torch.zeros(N, K, V, dtype=dtype, device=k.device)
         d_ends = torch.empty(N, n_chunks, K, V, dtype=dtype, device=k.device)
         d_start = torch.empty(N, K, V, dtype=dtype, device=k.device)
+        normalised = carried is not None and i == 0
+        if normalised:
+            # The division's gradients (walk_state_grads forms them): 1 / D per step (applied to
+            # d_out by the kernels that follow), dden and dfloor; then n's end gradients.
+            scale, d_den, d_floor = (torch.empty(N, T, dtype=dtype, device=k.device) for _ in range(3))
+            out = _with_heads(carried.output, 3)
+            d_n_final = torch.zeros(N, K, dtype=dtype, device=k.device) if carried.grad_final is None else carried.grad_final.reshape(N, K).to(dtype).contiguous()
+            d_n_ends = torch.empty(N, n_chunks, K, dtype=dtype, device=k.device)
+            d_n_initial = torch.empty(N, K, dtype=dtype, device=k.device)
+            n_walk = (out, carried.denominators, carried.floor, scale, d_den, d_floor, d_n_final, d_n_ends, d_n_initial)
+            n_chunk = (scale, d_den, carried.starts, carried.final, d_n_ends)
+        else:
+            out = d_out
+            n_walk = (d_out,) + (d_start,) * 8  # (not read when not normalised)
+            n_chunk = (d_start,) * 5
         walk = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
         launch(
-            walk_state_grads, walk, q, g, d_out, d_final.to(dtype).contiguous(), d_ends, d_start, T, K, V, n_chunks, H, *_strides(q), *_strides(g), *_strides(d_out),
-            BK=tiles.state_key_block, BV=tiles.value_block, **constants,
+            walk_state_grads, walk, q, g, d_out, d_final.to(dtype).contiguous(), d_ends, d_start, *n_walk, T, K, V, n_chunks, H, *_strides(q), *_strides(g), *_strides(d_out), *_strides(out),
+            NORMALISED=normalised, BK=tiles.state_key_block, BV=tiles.value_block, **constants,
         )
         dq = _written_like(q, dtype)
         dk_i = _written_like(k, dtype)
@@ -909,18 +1146,18 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
         skipped = skip is not None and i == 0
         d_skip_i = torch.empty(B, H, T, dtype=dtype, device=k.device) if skipped else dg_i  # (not written when not skipped)
         launch(
-            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, d_skip_i, T, K, V, n_chunks, H,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i), *_strides(d_skip_i),
-            SCALED=c is not None, SKIP=skipped, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
+            chunk_key_grads, (N * n_chunks, key_blocks), q, k, v, values_scale, g, d_out, starts, final, d_ends, dq, dk_i, dg_i, d_skip_i, *n_chunk, T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v), *_strides(values_scale), *_strides(g), *_strides(d_out), *_strides(dq), *_strides(dk_i), *_strides(dg_i), *_strides(d_skip_i),
+            SCALED=c is not None, SKIP=skipped, NORMALISED=normalised, BK=tiles.gradient_key_block, BV=tiles.gradient_value_block, **constants,
         )
         dv_i = _written_like(v, dtype)
         dc_i = torch.empty(B, H, T, value_blocks, dtype=dtype, device=k.device) if c is not None else dv_i  # (not written when not scaled)
-        skip_in = skip if skipped else scale  # (not read when not skipped)
+        skip_in = skip if skipped else values_scale  # (not read when not skipped)
         v_read = v if c is not None else d_out  # (v is read only to scale: a tensor passed anyway stands in)
         launch(
-            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, scale, g, d_out, d_ends, dv_i, dc_i, skip_in, T, K, V, n_chunks, H,
-            *_strides(q), *_strides(k), *_strides(v_read), *_strides(scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i), *_strides(skip_in),
-            SCALED=c is not None, SKIP=skipped, BK=tiles.output_key_block, BV=tiles.value_block, **(dict(constants, maxnreg=SCALED_VALUE_GRAD_REGISTERS) if c is not None else constants),
+            chunk_value_grads, (N * n_chunks, value_blocks), q, k, v_read, values_scale, g, d_out, d_ends, dv_i, dc_i, skip_in, *n_chunk[:2], n_chunk[4], T, K, V, n_chunks, H,
+            *_strides(q), *_strides(k), *_strides(v_read), *_strides(values_scale), *_strides(g), *_strides(d_out), *_strides(dv_i), *_strides(dc_i), *_strides(skip_in),
+            SCALED=c is not None, SKIP=skipped, NORMALISED=normalised, BK=tiles.output_key_block, BV=tiles.value_block, **(dict(constants, maxnreg=SCALED_VALUE_GRAD_REGISTERS) if c is not None else constants),
         )
         if not rows:
             dg_i = dg_i[..., 0] if key_blocks == 1 else dg_i.sum(-1)
@@ -932,10 +1169,10 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
         d_readouts.append(dq)
         dk, dv, dg, d_initial = (dk_i, dv_i, dg_i, d_start) if dk is None else (dk + dk_i, dv + dv_i, dg + dg_i, d_initial + d_start)
     d_readouts += [torch.zeros_like(d_readouts[0]) for _ in range(len(readouts) - len(d_readouts))]  # (a list comprehension: none made for none missing)
-    return Gradients(d_readouts, dk, dv, dg, d_initial, dc, d_skip)
+    return Gradients(d_readouts, dk, dv, dg, d_initial, dc, d_skip, d_n_initial, d_floor)
 
 
-def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None, infinite_readouts: bool = False):
+def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool = False, value_scales=None, gate: LogSigmoidGate | None = None, skip: torch.Tensor | None = None, infinite_readouts: bool = False, normalisation: Normalisation | None = None):
     """:func:`recdsl.backends.chunk_kernels.decayed_outer_products` with Triton kernels.
 
     Takes the Triton path for one input term and a decay shared by the state or by each row;
@@ -950,16 +1187,28 @@ def decayed_outer_products(readouts, inputs, log_decay, initial, chunk, allow_tf
     :func:`.chunk_kernels.with_infinite_readouts` does around a kernel, here without reading the
     queries first: the walk sums the first read-out's queries as it reads them, and only a sum
     that is not finite (or another read-out's) sends the call through that function.
+
+    ``normalisation`` (one input term, a decay shared by the state, no skip term): the walk
+    carries the :class:`Normalisation`'s normaliser ``n`` beside the state and the first
+    read-out is ``(q_t @ S_t) / max(|q_t . n_t|, floor_t)``; the call returns
+    ``(read-outs, (final state, final n))``, or None when a query may be infinite (the
+    caller then scans both states: the loop's infinities are not reproduced here).
     """
     from . import chunk_kernels
 
+    if normalisation is not None:
+        assert len(inputs) == 1 and log_decay.shape[-1] == 1 and log_decay.shape[-2] == 1 and gate is None and skip is None
+        outputs, final, sums, carried_final = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip, normalisation)
+        if _may_be_infinite(readouts, sums):
+            return None
+        return outputs, (final, carried_final)
     if infinite_readouts:
-        outputs, final, sums = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip)
+        outputs, final, sums, _ = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip)
         if _may_be_infinite(readouts, sums):
             kernel = functools.partial(decayed_outer_products, allow_tf32=allow_tf32, value_scales=value_scales, gate=gate, skip=skip)
             return chunk_kernels.with_infinite_readouts(kernel, readouts, inputs, log_decay, initial, chunk)
         return outputs, final
-    outputs, final, _ = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip)
+    outputs, final, _, _ = _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32, value_scales, gate, skip)
     return outputs, final
 
 
@@ -977,9 +1226,10 @@ def _may_be_infinite(readouts: list[torch.Tensor], first_sums: torch.Tensor | No
     return not all(bool(torch.isfinite(s)) for s in sums)
 
 
-def _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool, value_scales, gate, skip):
-    """:func:`decayed_outer_products`'s read-outs and final state, and the per-row sums of the first
-    read-out's queries from the walk (None when the torch form ran)."""
+def _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32: bool, value_scales, gate, skip, normalisation: Normalisation | None = None):
+    """:func:`decayed_outer_products`'s read-outs and final state, the per-row sums of the first
+    read-out's queries from the walk (None when the torch form ran) and the normaliser's final
+    value (None without ``normalisation``, which takes the kernels' path)."""
     from . import chunk_kernels
 
     if gate is not None and (len(inputs) != 1 or log_decay.shape[-1] != 1 or log_decay.shape[-2] == 1):
@@ -1009,25 +1259,38 @@ def _with_query_sums(readouts, inputs, log_decay, initial, chunk, allow_tf32: bo
             outputs, final = chunk_kernels.decayed_outer_products(readouts, inputs, log_decay, initial, chunk)
         if skip is not None:
             outputs[0] = outputs[0] + skip.to(dtype).unsqueeze(-1) * skipped_values.to(dtype)
-        return outputs, final, None
+        return outputs, final, None, None
     term = inputs[0]
-    leaves = (term.k, term.v, scale, log_decay, initial, skip, *readouts)
+    n_initial, floor = (None, None) if normalisation is None else (normalisation.initial, normalisation.floor)
+    leaves = (term.k, term.v, scale, log_decay, initial, skip, n_initial, floor, *readouts)
     keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in leaves)  # a backward may follow: keep the chunk-start states
-    *outputs, final, sums = DecayedOuterProducts.apply(chunk, allow_tf32, gate, keep, term.k, term.v, scale, log_decay, initial, skip, *readouts)
-    return list(outputs), final, sums
+    *outputs, final, carried_final, sums = DecayedOuterProducts.apply(chunk, allow_tf32, gate, keep, term.k, term.v, scale, log_decay, initial, skip, n_initial, floor, *readouts)
+    return list(outputs), final, sums, (carried_final if normalisation is not None else None)
 
 
 class DecayedOuterProducts(torch.autograd.Function):
     """The Triton forward, keeping the chunk-start states (``T / chunk`` of them) when a gradient is
-    wanted; the Triton backward.  Returns the read-outs, the final state and the per-row sums of
-    the first read-out's queries (not differentiable)."""
+    wanted; the Triton backward.  Returns the read-outs, the final state, the normaliser's final
+    value (an empty tensor without one) and the per-row sums of the first read-out's queries
+    (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, chunk: int, allow_tf32: bool, gate, keep: bool, k, v, scale, log_decay, initial, skip, *readouts):
+    def forward(ctx, chunk: int, allow_tf32: bool, gate, keep: bool, k, v, scale, log_decay, initial, skip, n_initial, floor, *readouts):
         # ``scale`` (or None): the values are scale[..., None] * v, formed in the kernels; ``gate``
-        # (or None): log_decay is its pre-activation; ``skip`` (or None): the first read-out's skip_t v_t.
-        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate, skip, keep=keep)
+        # (or None): log_decay is its pre-activation; ``skip`` (or None): the first read-out's skip_t v_t;
+        # ``n_initial`` and ``floor`` (or None): the normaliser the walk carries (see Normalisation).
+        normalisation = None if n_initial is None else Normalisation(n_initial, floor)
+        run = _Forward.of(readouts, k, v, log_decay, initial, chunk, allow_tf32, scale, gate, skip, keep=keep, normalisation=normalisation)
+        carried = run.carried
+        carried_final = carried.final if carried is not None else run.final.new_empty(0)
         ctx.mark_non_differentiable(run.query_sums)
+        if carried is None:
+            ctx.mark_non_differentiable(carried_final)
+        ctx.normalised = carried is not None
+        ctx.n_shape = None if n_initial is None else n_initial.shape
+        ctx.n_dtype = None if n_initial is None else n_initial.dtype
+        ctx.floor_shape = None if floor is None else floor.shape
+        ctx.floor_dtype = None if floor is None else floor.dtype
         ctx.scale_dtype = None if scale is None else scale.dtype
         ctx.scale_shape = None if scale is None else scale.shape
         ctx.skip_dtype = None if skip is None else skip.dtype
@@ -1037,15 +1300,19 @@ class DecayedOuterProducts(torch.autograd.Function):
         ctx.log_decay_shape = log_decay.shape
         ctx.shapes = (k.shape, v.shape, *(q.shape for q in readouts))  # [N, T, ...] or [B, H, T, ...]
         # A copy of the final state (one state per row): the caller may change the one returned in place.
-        ctx.save_for_backward(run.k, run.v, run.g if run.c is None else run.c, run.g, run.g if run.skip is None else run.skip, run.starts, run.final.clone(), *run.readouts)
-        return (*run.outputs, run.final, run.query_sums)
+        # With a normaliser: its chunk-start values, a copy of its final value, the denominators,
+        # the floor and the first (normalised) read-out, whose gradient reads it.
+        normaliser = (carried.starts, carried.final.clone(), carried.denominators, carried.floor, run.outputs[0]) if carried is not None else (run.g,) * 5
+        ctx.save_for_backward(run.k, run.v, run.g if run.c is None else run.c, run.g, run.g if run.skip is None else run.skip, run.starts, run.final.clone(), *normaliser, *run.readouts)
+        return (*run.outputs, run.final, carried_final, run.query_sums)
 
     @staticmethod
     def backward(ctx, *grads):
-        k, v, c, g, skip, starts, final, *readouts = ctx.saved_tensors
-        *grad_outputs, grad_final, _ = grads
+        k, v, c, g, skip, starts, final, n_starts, n_final, denominators, floor, normalised_out, *readouts = ctx.saved_tensors
+        *grad_outputs, grad_final, grad_n_final, _ = grads
         scaled, skipped = ctx.scale_dtype is not None, ctx.skip_dtype is not None
-        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles, c if scaled else None, skip if skipped else None)
+        carried = _CarriedGradient(n_starts, n_final, denominators, floor, normalised_out, grad_n_final) if ctx.normalised else None
+        found = backward(list(readouts), k, v, g, ctx.rows, starts, final, list(grad_outputs), grad_final, ctx.tiles, c if scaled else None, skip if skipped else None, carried)
         d_log_decay = found.log_decay.reshape(ctx.log_decay_shape)
         k_dtype, v_dtype, g_dtype, initial_dtype, *q_dtypes = ctx.dtypes
         k_shape, v_shape, *q_shapes = ctx.shapes
@@ -1060,5 +1327,7 @@ class DecayedOuterProducts(torch.autograd.Function):
             d_log_decay.to(g_dtype),
             found.initial.to(initial_dtype),
             found.skip.reshape(ctx.skip_shape).to(ctx.skip_dtype) if skipped else None,
+            found.normaliser_initial.reshape(ctx.n_shape).to(ctx.n_dtype) if ctx.normalised else None,
+            found.floor.reshape(ctx.floor_shape).to(ctx.floor_dtype) if ctx.normalised else None,
             *(d.reshape(s).to(t) for d, s, t in zip(found.readouts, q_shapes, q_dtypes)),
         )

@@ -114,6 +114,8 @@ class Form(Enum):
     SEMIRING_MATRIX_SCAN = "matrix scan over the semiring"
     MONOID_SCAN = "prefix scan with the monoid's combine"
     CHUNKED = "chunked: matmuls inside chunks, only chunk-boundary states kept"
+    # (Triton plans, see Normaliser.)
+    NORMALISER = "the normaliser of a chunked state's read-out, carried in that state's walk over the chunks (a column of ones beside its values): never stored per step"
     CONVOLUTION = "causal convolution of the input with the impulse response K_l = R(decay^l * B) (FFT for long sequences); the state is never stored per step"
     TRITON_SCAN = "generated Triton scan kernel, gate math fused"
     TRITON_CHUNKED = "Triton chunked kernels"
@@ -166,6 +168,22 @@ class SkipTerm:
 
 
 @dataclass(frozen=True)
+class Normaliser:
+    """A chunk plan's first read-out divided by a vector state's: ``(q @ S) / max(|q @ n|, floor)``
+    (mLSTM's ``h``).  ``n`` (``state``) has the matrix state's scalar decay, and its input is the
+    plan's one input term with the values replaced by ones (``n = f n + c k`` beside
+    ``S = f S + c k v^T``); nothing else reads it; ``floor`` is a scalar per step that reads
+    neither state.  The Triton chunked kernels carry ``n`` beside ``S`` in their walk over
+    the chunks (``q_t . n_t`` is the row sum of the chunk's decayed scores plus
+    ``q_t . n_start``), divide as they write the read-out and form every gradient there, so
+    ``n`` is never stored per step; its step in the plan is :attr:`Form.NORMALISER`.  The
+    plan's first read-out is then the division's node."""
+
+    state: str
+    floor: ir.Expr
+
+
+@dataclass(frozen=True)
 class ChunkPlan:
     """How a matrix state's read-outs are produced chunk by chunk, without storing it per step.
 
@@ -188,6 +206,8 @@ class ChunkPlan:
     transition: RankOneTerm | None = None
     # Set (Triton plans): readouts[0] is ``queries[0] @ S + skip.scale * skip.column``.
     skip: SkipTerm | None = None
+    # Set (Triton plans): readouts[0] is ``(queries[0] @ S) / max(|queries[0] @ n|, floor)``.
+    normaliser: Normaliser | None = None
 
     @property
     def reads_previous(self) -> bool:
@@ -326,7 +346,7 @@ class ExecutionPlan:
         would run them."""
         found = []
         for step in self.steps:
-            if step.form in (Form.CHUNKED, Form.TRITON_CHUNKED, Form.CONVOLUTION, Form.TIME_PARALLEL):
+            if step.form in (Form.CHUNKED, Form.TRITON_CHUNKED, Form.CONVOLUTION, Form.TIME_PARALLEL, Form.NORMALISER):
                 continue
             reason = next((r.reason for r in step.rejected if r.form in (Form.CHUNKED, Form.TRITON_CHUNKED)), None)
             if reason is None and step.form is Form.MONOID_SCAN:
@@ -367,6 +387,11 @@ class ExecutionPlan:
                     lines.append(f"      log decay {format_expr(chunk.log_decay)}")
                 if chunk.skip is not None:
                     lines.append(f"      plus {format_expr(chunk.skip.scale)} * {format_expr(chunk.skip.column)} in the first read-out, added in the kernels")
+                if chunk.normaliser is not None:
+                    lines.append(f"      the first read-out divided by max(|{format_expr(chunk.queries[0])} @ {chunk.normaliser.state}|, {format_expr(chunk.normaliser.floor)}) in the kernels, {chunk.normaliser.state} carried beside the state")
+            if step.form is Form.NORMALISER:
+                owner = next((other.name for other in self.steps if other.chunk is not None and other.chunk.normaliser is not None and other.chunk.normaliser.state == step.name), None)
+                lines.append(f"      with {owner}, by {owner}'s chunked kernels")
             if step.form is Form.TRITON_SELECTIVE_SCAN and hasattr(step.kernel, "describe"):  # a SelectiveScanPlan
                 lines.append(f"      {step.kernel.describe()}")
             if step.form is Form.TRITON_SCAN and hasattr(step.kernel, "split"):  # a ScanSpec: when the launch splits T
@@ -526,6 +551,98 @@ def chunk_plan(analysis: Analysis, state: StateAnalysis) -> ChunkPlan | Unsuppor
     if isinstance(recurrence, MatrixAffine) and structure in delta and len(recurrence.low_rank) == 1:
         return _delta_rule_plan(analysis, recurrence, terms, base)
     return Unsupported(f"no chunked form for a {recurrence.name} recurrence with a {structure} transition")
+
+
+def with_normaliser(chunk: ChunkPlan, analysis: Analysis) -> ChunkPlan:
+    """``chunk`` with the :class:`Normaliser` of its read-out when an output divides the read-out
+    ``q @ S`` by ``max(|q @ n|, floor)`` (either order) and ``n`` qualifies (see
+    :class:`Normaliser`): that read-out first, its node the division's.  Else ``chunk``
+    unchanged.  For the Triton chunked kernels, which carry ``n`` in their walk."""
+    if chunk.kind is not ChunkKind.DECAYED_OUTER_PRODUCTS or len(chunk.inputs) != 1 or chunk.transposed or chunk.reads_previous or chunk.skip is not None:
+        return chunk
+    matrix = analysis.state(chunk.state)
+    if matrix.recurrence.structure is not Structure.SCALAR:
+        return chunk
+    readouts = {id(r): i for i, r in enumerate(chunk.readouts)}
+    vector_readouts = {id(r.expr): r.state for r in analysis.readouts if r.state != chunk.state}
+
+    def normaliser_of(divisor: ir.Expr, query: ir.Expr) -> Normaliser | None:
+        """The normaliser when ``divisor`` is ``max(|query @ n|, floor)`` for a qualifying ``n``."""
+        if not (isinstance(divisor, Op) and divisor.op == "maximum" and len(divisor.args) == 2 and divisor.type.rank == 0):
+            return None
+        for magnitude, floor in (divisor.args, divisor.args[::-1]):
+            if not (isinstance(magnitude, Op) and magnitude.op == "abs" and id(magnitude.args[0]) in vector_readouts):
+                continue
+            name = vector_readouts[id(magnitude.args[0])]
+            read = _readout_query(magnitude.args[0], name)
+            if read is None or read[1] or read[2] or read[0] != query or floor.type.rank != 0:
+                continue
+            if _mentions(floor, name, set()) or _mentions(floor, chunk.state, set()):
+                continue
+            if _qualifies_as_normaliser(analysis, chunk, name, {id(magnitude.args[0])}):
+                return Normaliser(name, floor)
+        return None
+
+    def find(expr: ir.Expr) -> ChunkPlan | None:
+        if not isinstance(expr, Op):
+            return None
+        if expr.op == "div" and len(expr.args) == 2 and id(expr.args[0]) in readouts and expr.type == expr.args[0].type:
+            i = readouts[id(expr.args[0])]
+            normaliser = normaliser_of(expr.args[1], chunk.queries[i])
+            if normaliser is not None:
+                order = [i] + [j for j in range(len(chunk.readouts)) if j != i]
+                return replace(
+                    chunk,
+                    readouts=tuple(expr if j == i else chunk.readouts[j] for j in order),
+                    queries=tuple(chunk.queries[j] for j in order),
+                    normaliser=normaliser,
+                )
+        for arg in expr.args:
+            found = find(arg)
+            if found is not None:
+                return found
+        return None
+
+    for output in analysis.expanded_outputs:
+        found = find(output)
+        if found is not None:
+            return found
+    return chunk
+
+
+def _qualifies_as_normaliser(analysis: Analysis, chunk: ChunkPlan, name: str, read_by: set[int]) -> bool:
+    """Whether state ``name`` is ``chunk``'s matrix state with its values replaced by ones: a real
+    vector of the key length, the same scalar decay, the input ``c * k`` of the term ``c k v^T``
+    (``c`` the term's coefficient, or the scalar of a column ``c * v``), read by nothing but
+    the nodes ``read_by`` and running in the same direction."""
+    vector = analysis.state(name)
+    matrix = analysis.state(chunk.state)
+    recurrence = vector.recurrence
+    if not (isinstance(recurrence, DiagonalAffine) and recurrence.structure is Structure.SCALAR and recurrence.input is not None):
+        return False
+    if vector.type.kind is not Kind.REAL or vector.type.shape != matrix.type.shape[:1] or recurrence.decay != matrix.recurrence.decay:
+        return False
+    if analysis.direction(name) is not analysis.direction(chunk.state) or name in analysis.delays:
+        return False
+    if any(other.state != name and name in other.reads for other in analysis.states):
+        return False
+    if any(_mentions(e, name, read_by) for e in analysis.expanded_outputs):
+        return False
+    term = chunk.inputs[0]
+    scale = term.coefficient if term.coefficient is not None else _scalar_factor(term.column)
+    given = recurrence.input
+    if scale is None:
+        return given == term.row
+    return isinstance(given, Op) and given.op == "mul" and len(given.args) == 2 and given.args in ((scale, term.row), (term.row, scale))
+
+
+def _scalar_factor(column: ir.Expr) -> ir.Expr | None:
+    """``c`` when ``column`` is ``c * v`` or ``v * c`` with a scalar ``c`` and a vector ``v`` of its type."""
+    if isinstance(column, Op) and column.op == "mul" and len(column.args) == 2:
+        for scale, vector in (column.args, column.args[::-1]):
+            if scale.type.rank == 0 and vector.type == column.type:
+                return scale
+    return None
 
 
 def _delta_rule_plan(analysis: Analysis, recurrence: MatrixAffine, terms: list[RankOneTerm], base: dict) -> ChunkPlan | Unsupported:
