@@ -293,6 +293,11 @@ def emit(plan: ExecutionPlan | Analysis, filename: str | None = None) -> str:
             f"# {name}: a matrix state read out linearly; it runs in the chunked kernels of recdsl/backends/triton_chunk.py "
             f"(walk_outputs, chunk_outputs; backward walk_state_grads, chunk_key_grads, chunk_value_grads), never stored per step.\n"
             for name, chunk in chunked
+        ) + "".join(
+            f"# {chunk.normaliser.state}: the normaliser of {name}'s read-out, carried in {name}'s walk over the chunks "
+            f"(a column of ones beside its values; the division by max(|q @ {chunk.normaliser.state}|, floor) in the kernels), never stored per step.\n"
+            for name, chunk in chunked
+            if chunk is not None and chunk.normaliser is not None
         )
         first, rest = source.split("\n", 1)
         source = first + "\n" + notes + rest

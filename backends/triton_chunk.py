@@ -693,9 +693,9 @@ def chunk_value_grads(p_q, p_k, p_v, p_c, p_g, p_dout, p_dends, p_dv, p_dc, p_sk
     # dv_s = (k_s exp(G_C - G_s)) E + sum_{t >= s} A_ts do_t, A the chunk's decayed scores as
     # chunk_outputs forms them.  SKIP: the read-out is also skip_t v_t (walk_outputs), so dv_t gets
     # skip_t do_t (chunk_key_grads forms dskip_t = do_t . v_t).  NORMALISED (see walk_state_grads):
-    # do_t scaled by ``p_scale`` as it is read; the first value block's programs add the
-    # normaliser's column of ones to dc: sum_{t >= s} A_ts dden_t + exp(G_C - G_s) k_s . dn_end.
-    tl.static_assert(not (NORMALISED and (ROWS or SKIP or not SCALED)), "a normaliser is carried beside a state with a shared decay, scaled values and no skip term")
+    # do_t scaled by ``p_scale`` as it is read; with SCALED the first value block's programs add
+    # the normaliser's column of ones (c_s) to dc: sum_{t >= s} A_ts dden_t + exp(G_C - G_s) k_s . dn_end.
+    tl.static_assert(not (NORMALISED and (ROWS or SKIP)), "a normaliser is carried beside a state with a shared decay and no skip term")
     i_nc = tl.program_id(0)
     i_v = tl.program_id(1)
     i_n = (i_nc // n_chunks).to(tl.int64)
