@@ -1132,8 +1132,8 @@ def backward(readouts: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor, g: 
             n_chunk = (scale, d_den, carried.starts, carried.final, d_n_ends)
         else:
             out = d_out
-            n_walk = (d_out,) + (d_start,) * 8  # (not read when not normalised)
-            n_chunk = (d_start,) * 5
+            n_walk = (d_out,) + (d_start,) * 8  # (not read when not normalised: tensors passed anyway stand in)
+            n_chunk = (d_ends,) * 5
         walk = (N, triton.cdiv(K, tiles.state_key_block), triton.cdiv(V, tiles.value_block))
         launch(
             walk_state_grads, walk, q, g, d_out, d_final.to(dtype).contiguous(), d_ends, d_start, *n_walk, T, K, V, n_chunks, H, *_strides(q), *_strides(g), *_strides(d_out), *_strides(out),

@@ -81,6 +81,17 @@ def test_heaviest_kernels_compile_without_spills():
     _check(_compile([(outputs[0], triton_aot.SM80), (outputs[0], triton_aot.SM90), (key_grads[0], triton_aot.SM80), (backward[0], triton_aot.SM90)]))
 
 
+def test_normalised_walk_compiles_without_spills():
+    """mLSTM's walk with its normaliser carried (the read-out divided in the kernel) in blocks of
+    32 steps on sm_90 in float32, where blocks of 64 spilled, and the backward walk that forms
+    the division's gradients on sm_80 (every kernel on both targets in the slow test)."""
+    specs = {s.kernel: s for s in _specializations("mlstm(dk=128, dv=128)")}
+    walk, state_grads = specs["walk_outputs"], specs["walk_state_grads"]
+    assert dict(walk.constants)["NORMALISED"] and dict(walk.constants)["BT"] == 32 and dict(walk.constants)["KEPT_EVERY"] == 2
+    assert dict(state_grads.constants)["NORMALISED"] and dict(state_grads.constants)["BT"] == 64
+    _check(_compile([(walk, triton_aot.SM90), (state_grads, triton_aot.SM80)]))
+
+
 def test_fused_sequential_kernels_compile_without_spills_at_d_128():
     """The fused sequential kernel of LSTM (the widest matmul group, [128] @ [128, 512]) at d = 128
     in float32: the weights are tiled, so nothing spills (forward on sm_90, backward on sm_80 here;
