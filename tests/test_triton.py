@@ -106,8 +106,10 @@ def test_emit_command_prints_kernels_with_source_lines(capsys):
 
     assert main(["emit", "--backend", "triton", str(EXAMPLES / "mlstm.rec"), "--dim", "dk=4", "--dim", "dv=4"]) == 0
     text = capsys.readouterr().out
-    assert "def forward_m(" in text and "def backward_n(" in text and "max-plus" in text
+    assert "def forward_m(" in text and "def backward_m(" in text and "max-plus" in text
     assert "# C: a matrix state read out linearly; it runs in the chunked kernels" in text
+    # n is C's column of ones, carried in C's walk: no scan kernel of its own.
+    assert "# n: the normaliser of C's read-out, carried in C's walk" in text and "def forward_n(" not in text
     assert "# line 36: m = max(logf + m, i_pre)" in text
     compile(text, "<emitted>", "exec")  # valid Python
 
