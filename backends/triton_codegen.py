@@ -379,6 +379,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _maximum(a, b):
+    # max(a, b), NaN if either is (torch.maximum's rule; tl.maximum alone would drop a NaN, as fmax does).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _logaddexp(a, b):
     # log(e^a + e^b) without overflow, and -inf when both are -inf.
     m = tl.maximum(a, b)
@@ -440,8 +446,8 @@ def _emit_combine(buffer: IndentedBuffer, spec: ScanSpec) -> None:
             buffer.line("b_im = a_re_2 * b_im_1 + a_im_2 * b_re_1 + b_im_2")
             buffer.line("return a_re, a_im, b_re, b_im")
         elif spec.kind is ScanKind.SEMIRING:
-            plus = "tl.maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
-            buffer.line(f"# (a1, b1) o (a2, b2) = (a1 + a2, {plus.replace('tl.', '')}(b1 + a2, b2)) over the {spec.semiring.name} semiring")
+            plus = "_maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
+            buffer.line(f"# (a1, b1) o (a2, b2) = (a1 + a2, {plus.lstrip('_')}(b1 + a2, b2)) over the {spec.semiring.name} semiring")
             buffer.line(f"return a_1 + a_2, {plus}(b_1 + a_2, b_2)")
         else:
             assert spec.monoid is not None
@@ -854,7 +860,7 @@ def _emit_scan_and_store(buffer: IndentedBuffer, spec: ScanSpec, terms: list, ca
         _store_and_carry(buffer, outputs[0], "b_h_re", carries[0], _in_state_layout(spec, _STATE_OFFSET))
         _store_and_carry(buffer, outputs[1], "b_h_im", carries[1], _in_state_layout(spec, _STATE_OFFSET))
     elif spec.kind is ScanKind.SEMIRING:
-        plus = "tl.maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
+        plus = "_maximum" if spec.semiring is MAX_PLUS else "_logaddexp"
         buffer.line(f"b_A, b_B = tl.associative_scan((b_a, b_b), 0, combine_{spec.name})")
         buffer.line(f"b_h = {plus}({carries[0]}[None, :] + b_A, b_B)")
         _store_and_carry(buffer, outputs[0], "b_h", carries[0])

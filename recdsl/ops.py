@@ -331,7 +331,7 @@ OPS: dict[str, OpSpec] = _table(
     # log(1 + e^x) = max(x, 0) + log(1 + e^-|x|)
     OpSpec("softplus", "softplus", 1, 1, E, Accepts.REAL, Returns.REAL, "log(1 + exp(x)), computed stably", frozenset({PW, POS}), _softplus, "F.softplus", "tl.maximum({0}, 0.0) + tl.log(1.0 + tl.exp(-tl.abs({0})))"),
     OpSpec("silu", "silu", 1, 1, E, Accepts.REAL, Returns.REAL, "x * sigmoid(x)", frozenset({PW}), lambda x: x * _sigmoid(x), "F.silu", "{0} / (1.0 + tl.exp(-{0}))"),
-    OpSpec("relu", "relu", 1, 1, E, Accepts.REAL, Returns.REAL, "max(x, 0)", frozenset({PW}), lambda x: max(x, 0.0), "torch.relu", "tl.maximum({0}, 0.0)"),
+    OpSpec("relu", "relu", 1, 1, E, Accepts.REAL, Returns.REAL, "max(x, 0)", frozenset({PW}), lambda x: max(x, 0.0), "torch.relu", "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)"),
     OpSpec("cos", "cos", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "cosine", frozenset({PW}), _number_function(math.cos, cmath.cos), "torch.cos", "tl.cos({0})"),
     OpSpec("sin", "sin", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "sine", frozenset({PW}), _number_function(math.sin, cmath.sin), "torch.sin", "tl.sin({0})"),
     OpSpec("log1p", "log1p", 1, 1, E, Accepts.REAL, Returns.REAL, "log(1 + x), accurate near 0", frozenset({PW}), math.log1p, "torch.log1p", "tl.log(1.0 + {0})"),
@@ -339,12 +339,12 @@ OPS: dict[str, OpSpec] = _table(
     OpSpec("real", "real", 1, 1, E, Accepts.NUMBER, Returns.REAL, "real part", frozenset({LIN, PW}), lambda x: x.real, "recdsl.real_part", "{0}", True),
     OpSpec("imag", "imag", 1, 1, E, Accepts.NUMBER, Returns.REAL, "imaginary part", frozenset({LIN, PW}), lambda x: x.imag, "recdsl.imaginary_part", "{0} * 0.0", True),
     OpSpec("conj", "conj", 1, 1, E, Accepts.NUMBER, Returns.PROMOTED, "complex conjugate", frozenset({LIN, PW}), lambda x: x.conjugate(), "recdsl.conjugate", "{0}", True),
-    OpSpec("maximum", "max", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise maximum of two operands", frozenset({A, CM, PW}), max, "torch.maximum", "tl.maximum({0}, {1})"),
-    OpSpec("minimum", "min", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise minimum of two operands", frozenset({A, CM, PW}), min, "torch.minimum", "tl.minimum({0}, {1})"),
+    OpSpec("maximum", "max", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise maximum of two operands", frozenset({A, CM, PW}), max, "torch.maximum", "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
+    OpSpec("minimum", "min", 2, 2, E, Accepts.REAL, Returns.REAL, "elementwise minimum of two operands", frozenset({A, CM, PW}), min, "torch.minimum", "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"),
     OpSpec("logaddexp", "logaddexp", 2, 2, E, Accepts.REAL, Returns.REAL, "log(exp(a) + exp(b)), computed stably", frozenset({A, CM, PW}), _logaddexp, "torch.logaddexp", "_logaddexp({0}, {1})"),
     OpSpec("where", "where", 3, 3, E, Accepts.ANY, Returns.CONDITIONAL, "where(condition, a, b): a where condition holds, else b", frozenset({PW}), lambda c, a, b: a if c else b, "torch.where", "tl.where({0}, {1}, {2})"),
     # clamp(x, lo, hi) = min(max(x, lo), hi), torch.clamp's order (lo > hi gives hi)
-    OpSpec("clamp", "clamp", 3, 3, E, Accepts.REAL, Returns.REAL, "clamp(x, lo, hi) = min(max(x, lo), hi)", frozenset({PW}), _clamp, "torch.clamp", "tl.minimum(tl.maximum({0}, {1}), {2})"),
+    OpSpec("clamp", "clamp", 3, 3, E, Accepts.REAL, Returns.REAL, "clamp(x, lo, hi) = min(max(x, lo), hi)", frozenset({PW}), _clamp, "torch.clamp", "tl.minimum(tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL), {2}, propagate_nan=tl.PropagateNan.ALL)"),
     # sign(x) = where(x > 0, 1, where(x < 0, -1, x * 0)): NaN stays NaN, and the gradient is 0 everywhere.
     OpSpec("sign", "sign", 1, 1, E, Accepts.REAL, Returns.REAL, "-1, 0 or 1 by the sign of x", frozenset({PW}), _sign, "torch.sign", "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, {0} * 0.0))"),
     # reductions over the per-step shape: (x) over every axis, (x, axis, ...) over the axes given

@@ -187,3 +187,30 @@ def test_leaves_are_deduplicated_by_structure():
     (spec,) = [step.kernel for step in plan.steps if step.kernel is not None]
     leaves = [format_expr(leaf.expr) for leaf in spec.leaves]
     assert leaves.count("delta[:, None]") == 1, leaves
+
+
+def test_a_nan_survives_maximum_as_in_torch(monkeypatch):
+    """``max`` keeps a NaN, as torch.maximum does, in the max-plus scan's combine (mLSTM's
+    stabiliser ``m = max(logf + m, i)``) and as an op (``relu``, ``max``): tl.maximum alone, like
+    fmax, returns the other operand.  One NaN gate: the outputs and final state have the
+    sequential loop's NaNs, and its values elsewhere."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    source = """
+    cell Stabiliser() {
+        input i_pre: []
+        input f_pre: []
+        state m: [] = -inf
+        m = max(logsigmoid(f_pre) + m, i_pre)
+        out relu(max(m, f_pre))
+    }
+    """
+    sequential = recdsl.compile(source, backend="sequential").double()
+    triton_module = recdsl.compile(source, backend="triton").double()
+    generator = torch.Generator().manual_seed(0)
+    i_pre, f_pre = (torch.randn(2, 40, generator=generator, dtype=torch.float64) for _ in range(2))
+    f_pre[0, 12] = float("nan")
+    expected, expected_state = sequential(i_pre, f_pre, return_state=True)
+    got, got_state = triton_module(i_pre, f_pre, return_state=True)
+    assert torch.isnan(expected[0, 12:]).all() and not torch.isnan(expected[1]).any()
+    torch.testing.assert_close(got, expected, equal_nan=True)
+    torch.testing.assert_close(got_state["m"], expected_state["m"], equal_nan=True)

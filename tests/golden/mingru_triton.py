@@ -6,6 +6,12 @@ import triton.language as tl
 
 
 @triton.jit
+def _maximum(a, b):
+    # max(a, b), NaN if either is (torch.maximum's rule; tl.maximum alone would drop a NaN, as fmax does).
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _logaddexp(a, b):
     # log(e^a + e^b) without overflow, and -inf when both are -inf.
     m = tl.maximum(a, b)
