@@ -190,6 +190,49 @@ def _chunked_kernels_against_the_torch_form(rows, operands, size, device):
         assert error < tolerance, f"{name}: {error:.2e} of its scale"
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("size", [64, 128])
+@pytest.mark.parametrize("operands", [torch.float32, torch.bfloat16])
+def test_normalised_walk_forward_and_backward_on_cuda(operands, size):
+    """mLSTM's normalised read-out in the compiled kernels (walk_outputs in blocks of 32 steps with
+    its normaliser and in-program barriers, walk_state_grads forming the division's gradients) at
+    dk = dv = 64 and 128, 300 steps, against the float64 loop on the same (rounded) values:
+    read-outs, final state and normaliser, every gradient within 1e-4 (float32) or 3e-2
+    (bfloat16) of their scale."""
+    from recdsl.backends import chunk_kernels, triton_chunk
+    from test_triton_normaliser import _loop
+
+    generator = torch.Generator().manual_seed(size)
+    N, T = 3, 300
+    q, k, v = (torch.randn(N, T, size, generator=generator).to(operands) for _ in range(3))
+    c = (0.5 * torch.rand(N, T, generator=generator) + 0.1).to(operands)
+    log_decay = (-0.2 * torch.rand(N, T, generator=generator)).to(operands)
+    initial, n_initial = torch.randn(N, size, size, generator=generator), torch.randn(N, size, generator=generator)
+    floor = 3.0 * torch.rand(N, T, generator=generator)
+    weights = [torch.randn(shape, generator=generator, dtype=torch.float64) for shape in ((N, T, size), (N, size, size), (N, size))]
+
+    def run(tensors, device, kernels):
+        leaves = [t.to(device).detach().requires_grad_() for t in tensors]
+        if kernels:
+            lq, lk, lv, lc, lg, l0, ln, lf = leaves
+            (out,), (final, n_final) = triton_chunk.decayed_outer_products(
+                [lq], [chunk_kernels.RankOneInput(lk, lv)], lg[..., None, None], l0, 64, value_scales=[lc], normalisation=triton_chunk.Normalisation(ln, lf)
+            )
+        else:
+            out, final, n_final = _loop(*leaves)
+        loss = sum((x.double() * w.to(device)).sum() for x, w in zip((out, final, n_final), weights))
+        return [x.detach().double().cpu() for x in (out, final, n_final, *torch.autograd.grad(loss, leaves))]
+
+    tensors = (q, k, v, c, log_decay, initial, n_initial, floor)
+    got = run(tensors, "cuda", kernels=True)
+    expected = run([t.double() for t in tensors], "cpu", kernels=False)
+    tolerance = 1e-4 if operands == torch.float32 else 3e-2
+    names = ["read-outs", "final state", "final normaliser"] + [f"gradient of {n}" for n in ("q", "k", "v", "the value scale", "the log decay", "the initial state", "the initial normaliser", "the floor")]
+    for name, a, b in zip(names, got, expected):
+        error = float((a - b).abs().max() / b.abs().max().clamp(min=1e-3))
+        assert error < tolerance, f"{name}: {error:.2e} of its scale"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 @pytest.mark.parametrize("n", [16, 64])
 def test_fused_selective_scan_on_cuda_at_layer_width(n):
     """S6's fused selective scan (backends/triton_selective.py) compiled, at d = 96 (several blocks
