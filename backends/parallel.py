@@ -979,10 +979,7 @@ def run(
         shift = functools.partial(segments.shift, direction=direction) if segments is not None else functools.partial(_shift, direction=direction)
         if step.form is Form.JOINT_MATRIX_SCAN:
             for name, sequence in Solver.joint(frame_solver, step).items():
-                sequence = restore(sequence.expand(lead + analysis.state(name).type.shape))
-                seq.values[(RefKind.STATE_NEW, name)] = sequence
-                seq.values.pending[(RefKind.STATE_PREV, name)] = functools.partial(shift, sequence, state[name])
-                final[name] = last(sequence)
+                record(name, analysis.state(name), sequence, restore, shift, last)
             continue
         if step.form is Form.NORMALISER:
             continue  # with the chunked state whose read-out it normalises (at that state's step)
