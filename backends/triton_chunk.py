@@ -32,6 +32,13 @@ A skip term in the first read-out (``o_t += skip_t v_t``, Mamba-2's ``D x``; see
 :class:`recdsl.plan.SkipTerm`) is added by ``walk_outputs``; ``chunk_key_grads`` forms its
 scale's gradient ``do_t . v_t`` and ``chunk_value_grads`` adds ``skip_t do_t`` to dv.
 
+A normalised first read-out (``(q_t @ S_t) / max(|q_t . n_t|, floor_t)``, mLSTM's; see
+:class:`Normalisation` and :class:`recdsl.plan.Normaliser`) carries ``n`` as the state's
+column of ones: ``walk_outputs`` (NORMALISED; blocks of 32 steps, chunk-start states kept
+every chunk) forms ``q_t . n_t`` and divides; ``walk_state_grads`` forms the division's
+gradients and walks ``n``'s adjoint; ``chunk_key_grads`` and ``chunk_value_grads`` add the
+column of ones to theirs.
+
 Blocks are at least 16 wide so that ``tl.dot`` maps to tensor cores on a GPU; float32
 products are exact (``input_precision="ieee"``) unless the caller passes ``allow_tf32=True``
 (TF32 tensor cores, about 1e-3 relative error).  :func:`tiling` chooses the blocks and
@@ -909,9 +916,10 @@ class Normalisation:
 
 @dataclass(frozen=True)
 class _Carried:
-    """What a walk that carried a normaliser leaves: the value each chunk starts from
-    (``[N, n_chunks, K]`` when kept, else a view of reused slots), the final value ``[N, K]``,
-    the denominators ``q_t . n_t`` ``[N, T]`` and the floor as the kernels read it (``[B, H, T]``)."""
+    """What a walk that carried a normaliser leaves: the value each kept chunk starts from
+    (``[N, n_chunks, K]``; with no backward to follow, one per walk block, unread), the final
+    value ``[N, K]``, the denominators ``q_t . n_t`` ``[N, T]`` and the floor as the kernels
+    read it (``[N, T]``, contiguous)."""
 
     starts: torch.Tensor
     final: torch.Tensor
@@ -1074,8 +1082,8 @@ class Gradients:
 @dataclass(frozen=True)
 class _CarriedGradient:
     """What the backward of a walk that carried a normaliser reads: its chunk-start values
-    ``[N, n_chunks, K]`` and final value ``[N, K]``, the denominators ``[N, T]``, the floor
-    (``[B, H, T]``), the normalised read-out and the gradient of the final value (or None)."""
+    ``[N, n_chunks, K]`` and final value ``[N, K]``, the denominators and the floor ``[N, T]``,
+    the normalised read-out and the gradient of the final value (or None)."""
 
     starts: torch.Tensor
     final: torch.Tensor
