@@ -52,6 +52,7 @@ from recdsl.plan import (  # noqa: F401 (ChunkPlan, RankOneTerm and chunk_plan a
     Unsupported,
     chunk_plan,
     parallel_steps,
+    scalar_times_vector,
 )
 
 from . import chunk_kernels, convolution
@@ -596,18 +597,6 @@ def _finite_final(final: torch.Tensor) -> bool:
     return bool(torch.isfinite(final).all()) or not kernels_run()  # recorded, not run (benchmarks/traffic.py): values are meaningless
 
 
-def _scalar_times_vector(column: ir.Expr) -> tuple[ir.Expr, ir.Expr | None]:
-    """A column ``c * v`` or ``v * c`` (``c`` a scalar, ``v`` a vector) as ``(v, c)``; any other
-    column as ``(column, None)``.  The Triton chunk kernels scale the values as they read them."""
-    if isinstance(column, ir.Op) and column.op == "mul" and len(column.args) == 2:
-        first, second = column.args
-        if first.type.rank == 0 and second.type == column.type:
-            return second, first
-        if second.type.rank == 0 and first.type == column.type:
-            return first, second
-    return column, None
-
-
 def _logsigmoid_gate(log_decay: ir.Expr) -> tuple[ir.Expr, float] | None:
     """A per-row log decay ``(logsigmoid(x) / c)[:, None]`` (or ``c * logsigmoid(x)``, GLA's gate) as
     ``(x, 1 / c)`` (``(x, c)``): the Triton chunk kernels evaluate it as they read ``x``
@@ -638,7 +627,7 @@ def with_skip_term(chunk: ChunkPlan, outputs: tuple[ir.Expr, ...]) -> ChunkPlan:
     if chunk.kind is not ChunkKind.DECAYED_OUTER_PRODUCTS or len(chunk.inputs) != 1 or chunk.transposed or chunk.reads_previous or chunk.skip is not None:
         return chunk
     term = chunk.inputs[0]
-    column = term.column if term.coefficient is not None else _scalar_times_vector(term.column)[0]
+    column = term.column if term.coefficient is not None else scalar_times_vector(term.column)[0]
     readouts = {id(r): i for i, r in enumerate(chunk.readouts)}
 
     def scaled_column(expr: ir.Expr) -> ir.Expr | None:
@@ -690,14 +679,13 @@ def with_row_scale_folded(chunk: ChunkPlan, cell: ir.CellIR) -> ChunkPlan:
     row = term.row
     while isinstance(row, ir.Ref) and row.kind is RefKind.BINDING and row.name in definitions:
         row = definitions[row.name]
-    if not (isinstance(row, ir.Op) and row.op in ("div", "mul") and len(row.args) == 2):
-        return chunk
-    pairs = [row.args] if row.op == "div" else [row.args[::-1], row.args]  # (vector, scale)
-    found = next(((vector, scale) for vector, scale in pairs if scale.type == ir.Type(()) and vector.type == term.row.type), None)
-    if found is None:
-        return chunk
-    vector, scale = found
-    column, coefficient = (term.column, term.coefficient) if term.coefficient is not None else _scalar_times_vector(term.column)
+    if isinstance(row, ir.Op) and row.op == "div" and len(row.args) == 2 and row.args[1].type.rank == 0 and row.args[0].type == row.type:
+        vector, scale = row.args
+    else:
+        vector, scale = scalar_times_vector(row)
+        if scale is None:
+            return chunk
+    column, coefficient = (term.column, term.coefficient) if term.coefficient is not None else scalar_times_vector(term.column)
     if coefficient is None:
         coefficient = ir.Op("div", (ir.Literal(1.0, scale.type), scale), scale.type) if row.op == "div" else scale
     else:
@@ -772,7 +760,7 @@ def _run_chunk_plan(
     for term in plan.inputs:
         column, coefficient = term.column, term.coefficient
         if triton_kernel is not None and coefficient is None:
-            column, coefficient = _scalar_times_vector(column)
+            column, coefficient = scalar_times_vector(column)
         terms.append((flat_vector(term.row, rows), flat_vector(column, columns), None if coefficient is None else flat_scalar(coefficient)))
     scaled_columns = [(row, column if scale is None else column * scale.unsqueeze(-1)) for row, column, scale in terms] if triton_kernel is None else []
     if plan.kind is ChunkKind.DECAYED_OUTER_PRODUCTS:

@@ -629,20 +629,24 @@ def _qualifies_as_normaliser(analysis: Analysis, chunk: ChunkPlan, name: str, re
     if any(_mentions(e, name, read_by) for e in analysis.expanded_outputs):
         return False
     term = chunk.inputs[0]
-    scale = term.coefficient if term.coefficient is not None else _scalar_factor(term.column)
+    scale = term.coefficient if term.coefficient is not None else scalar_times_vector(term.column)[1]
     given = recurrence.input
     if scale is None:
         return given == term.row
     return isinstance(given, Op) and given.op == "mul" and len(given.args) == 2 and given.args in ((scale, term.row), (term.row, scale))
 
 
-def _scalar_factor(column: ir.Expr) -> ir.Expr | None:
-    """``c`` when ``column`` is ``c * v`` or ``v * c`` with a scalar ``c`` and a vector ``v`` of its type."""
+def scalar_times_vector(column: ir.Expr) -> tuple[ir.Expr, ir.Expr | None]:
+    """A column ``c * v`` or ``v * c`` (``c`` a scalar, ``v`` a vector of the column's type) as
+    ``(v, c)``; any other column as ``(column, None)``.  The Triton chunk kernels scale the
+    values as they read them."""
     if isinstance(column, Op) and column.op == "mul" and len(column.args) == 2:
-        for scale, vector in (column.args, column.args[::-1]):
-            if scale.type.rank == 0 and vector.type == column.type:
-                return scale
-    return None
+        first, second = column.args
+        if first.type.rank == 0 and second.type == column.type:
+            return second, first
+        if second.type.rank == 0 and first.type == column.type:
+            return first, second
+    return column, None
 
 
 def _delta_rule_plan(analysis: Analysis, recurrence: MatrixAffine, terms: list[RankOneTerm], base: dict) -> ChunkPlan | Unsupported:
