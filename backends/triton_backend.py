@@ -195,12 +195,16 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
     specs: list[ScanSpec] = []
     selective_plans: list = []  # fused selective scans (S6), from .triton_selective
     split = time_split(options)
-    # The chunked states' plans first: a normaliser one of them carries (mLSTM's n) needs no step of its own.
+    # The fused selective scans' and chunked states' plans first: a normaliser a chunked state
+    # carries (mLSTM's n) needs no step of its own.
+    selectives: dict[str, object] = {}
     chunks: dict[str, ChunkPlan | Unsupported] = {}
     for (name,) in analysis.schedule:
         state = None if name in scans else analysis.state(name)
-        if state is not None and not isinstance(state.recurrence, (Nonlinear, NoRecurrence)) and not isinstance(triton_selective.selective_plan(analysis, state), triton_selective.SelectiveScanPlan):
-            chunks[name] = _triton_chunk(analysis, state)
+        if state is not None and not isinstance(state.recurrence, (Nonlinear, NoRecurrence)):
+            selectives[name] = triton_selective.selective_plan(analysis, state)
+            if not isinstance(selectives[name], triton_selective.SelectiveScanPlan):
+                chunks[name] = _triton_chunk(analysis, state)
     carried = {chunk.normaliser.state: name for name, chunk in chunks.items() if isinstance(chunk, ChunkPlan) and chunk.normaliser is not None}
     for (name,) in analysis.schedule:
         if name in scans and scans[name].reverse:
@@ -229,7 +233,7 @@ def plan_kernels(analysis: Analysis, options) -> tuple[tuple[StepPlan, ...], str
             fallback = scan_form(state)
             steps.append(StepPlan((name,), Form.NORMALISER, fallback=fallback if isinstance(fallback, Form) else None))
             continue
-        selective = triton_selective.selective_plan(analysis, state)
+        selective = selectives[name]
         if isinstance(selective, triton_selective.SelectiveScanPlan):
             fallback = scan_form(state)
             steps.append(StepPlan((name,), Form.TRITON_SELECTIVE_SCAN, kernel=selective, fallback=fallback if isinstance(fallback, Form) else None))
