@@ -46,19 +46,10 @@ from typing import Callable
 import torch
 
 import recdsl
+from bench_triton import SCAN_CELL  # the first-order scan h = a * h + b (benchmarks/ is the script's directory)
 from recdsl.backends.triton_launch import observe_launches
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-
-SCAN_CELL = """
-cell Scan(d) {
-    input a: [d]
-    input b: [d]
-    state h: [d] = 0
-    h = a * h + b
-    out h
-}
-"""
 
 
 @dataclass(frozen=True)

@@ -20,16 +20,8 @@ import torch
 
 import recdsl
 from recdsl.backends import triton_backend as tb
+from bench_triton import SCAN_CELL  # h = a * h + b (benchmarks/ is the script's directory)
 
-SCAN = """
-cell Scan(d) {
-    input a: [d]
-    input b: [d]
-    state h: [d] = 0
-    h = a * h + b
-    out h
-}
-"""
 interpret = os.environ.get("TRITON_INTERPRET") == "1"
 device = "cpu" if interpret else "cuda"
 B, T, D = (1, 200, 16) if interpret else (int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
@@ -49,7 +41,7 @@ torch.manual_seed(0)
 a = torch.rand(B, T, D, device=device) * 0.2 + 0.8
 b = torch.randn(B, T, D, device=device)
 dy = torch.randn(B, T, D, device=device)
-base = recdsl.compile(SCAN, backend="triton", backend_options={"split_programs": 0}, d=D).to(device)
+base = recdsl.compile(SCAN_CELL, backend="triton", backend_options={"split_programs": 0}, d=D).to(device)
 with torch.no_grad():
     expected = base(a, b).double()
 ag, bg = a.clone().requires_grad_(), b.clone().requires_grad_()
@@ -67,7 +59,7 @@ for bt in (32, 64, 128):
         tb._block_c = lambda channels, cap=cap: min(original_block_c(channels), cap)
         for label, target in (("one pass", 0), ("look-back", 10**6)):
             try:
-                m = recdsl.compile(SCAN, backend="triton", backend_options={"split_programs": target, "split_min_steps": bt}, d=D).to(device)
+                m = recdsl.compile(SCAN_CELL, backend="triton", backend_options={"split_programs": target, "split_min_steps": bt}, d=D).to(device)
                 with torch.no_grad():
                     got = m(a, b).double()
                     fwd = timed(lambda: m(a, b))
