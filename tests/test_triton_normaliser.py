@@ -95,42 +95,55 @@ def test_normaliser_is_not_carried_when_it_is_not_the_states_column_of_ones(chan
     assert module.plan.step("n").form is Form.TRITON_SCAN, reason
 
 
+def _normalisers(k, c, log_decay, n_initial):
+    """The normaliser n_t = exp(log_decay_t) n_(t-1) + c_t k_t after every step, [N, T, K]."""
+    n, values = n_initial, []
+    for t in range(k.shape[1]):
+        n = log_decay[:, t].exp()[:, None] * n + c[:, t, None] * k[:, t]
+        values.append(n)
+    return torch.stack(values, 1)
+
+
 def _loop(q, k, v, c, log_decay, initial, n_initial, floor):
     """The normalised read-out step by step: [N, T, V] read-outs, final S and n."""
-    S, n, outputs = initial, n_initial, []
+    S, numerators = initial, []
     for t in range(q.shape[1]):
-        decay = log_decay[:, t].exp()
-        S = decay[:, None, None] * S + c[:, t, None, None] * k[:, t, :, None] * v[:, t, None, :]
-        n = decay[:, None] * n + c[:, t, None] * k[:, t]
-        numerator = torch.einsum("nk,nkv->nv", q[:, t], S)
-        divisor = torch.maximum((q[:, t] * n).sum(-1).abs(), floor[:, t])
-        outputs.append(numerator / divisor[:, None])
-    return torch.stack(outputs, 1), S, n
+        S = log_decay[:, t].exp()[:, None, None] * S + c[:, t, None, None] * k[:, t, :, None] * v[:, t, None, :]
+        numerators.append(torch.einsum("nk,nkv->nv", q[:, t], S))
+    n = _normalisers(k, c, log_decay, n_initial)
+    divisors = torch.maximum((q * n).sum(-1).abs(), floor)
+    return torch.stack(numerators, 1) / divisors[..., None], S, n[:, -1]
+
+
+def _problem(steps: int) -> tuple[tuple[torch.Tensor, ...], torch.Generator]:
+    """q, k, v, the values' scale, log decays, the initial state and normaliser and the floor
+    (float64, gradients wanted) of 3 rows of 20 keys and 12 values, and the generator that drew
+    them.  The floors are about the denominators' size: some steps take the floor, some |q . n|."""
+    generator = torch.Generator().manual_seed(steps)
+    N, K, V = 3, 20, 12
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    q, k, v = rand(N, steps, K), rand(N, steps, K), rand(N, steps, V)
+    c = (0.5 * torch.rand(N, steps, generator=generator, dtype=torch.float64) + 0.1).requires_grad_()
+    log_decay = (-0.3 * torch.rand(N, steps, generator=generator, dtype=torch.float64)).requires_grad_()
+    initial, n_initial = rand(N, K, V), rand(N, K)
+    floor = (3.0 * torch.rand(N, steps, generator=generator, dtype=torch.float64)).requires_grad_()
+    return (q, k, v, c, log_decay, initial, n_initial, floor), generator
 
 
 @pytest.mark.parametrize("steps", [1, 45, 130])
 def test_normalised_kernels_match_a_loop_with_every_gradient(steps):
     """Forward and backward kernels against autograd of a float64 loop: the read-outs, the final
     state and normaliser, and the gradients of q, k, v, the values' scale, the log decays, both
-    initial values and the floor (half the steps floor-bound, half not), with gradients given
-    for the final state and the final normaliser too.  20 keys (two key blocks of 16, one
-    ragged), 12 values, chunks of 64 walked in blocks of 32 (the last ragged)."""
+    initial values and the floor (some steps floor-bound, some not: see the next test), with
+    gradients given for the final state and the final normaliser too.  20 keys (two key blocks
+    of 16, one ragged), 12 values, chunks of 64 walked in blocks of 32 (the last ragged)."""
     from recdsl.backends import chunk_kernels, triton_chunk
 
-    generator = torch.Generator().manual_seed(steps)
-    N, K, V = 3, 20, 12
-
-    def rand(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=generator, dtype=torch.float64)).requires_grad_()
-
-    q, k, v = rand(N, steps, K), rand(N, steps, K), rand(N, steps, V)
-    c = (0.5 * torch.rand(N, steps, generator=generator, dtype=torch.float64) + 0.1).requires_grad_()
-    log_decay = (-0.3 * torch.rand(N, steps, generator=generator, dtype=torch.float64)).requires_grad_()
-    initial, n_initial = rand(N, K, V), rand(N, K)
-    # Floors around the denominators' size: some steps take the floor, some |q . n|.
-    floor = (3.0 * torch.rand(N, steps, generator=generator, dtype=torch.float64)).requires_grad_()
-    leaves = (q, k, v, c, log_decay, initial, n_initial, floor)
-
+    leaves, generator = _problem(steps)
+    q, k, v, c, log_decay, initial, n_initial, floor = leaves
     expected, expected_final, expected_n = _loop(*leaves)
     ran = triton_chunk.decayed_outer_products(
         [q], [chunk_kernels.RankOneInput(k, v)], log_decay[..., None, None], initial, 64,
@@ -151,21 +164,13 @@ def test_normalised_kernels_match_a_loop_with_every_gradient(steps):
         torch.testing.assert_close(have, want, rtol=1e-8, atol=1e-8, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
-def test_both_sides_of_the_maximum_are_taken():
+@pytest.mark.parametrize("steps", [45, 130])
+def test_both_sides_of_the_maximum_are_taken(steps):
     """The test above is only as good as its floors: with them, some steps divide by the floor
     and some by |q . n|, so both branches of the maximum's gradient ran."""
-    generator = torch.Generator().manual_seed(45)
-    N, K, V, steps = 3, 20, 12, 45
-    q, k, v = (torch.randn(N, steps, d, generator=generator, dtype=torch.float64) for d in (K, K, V))
-    c = 0.5 * torch.rand(N, steps, generator=generator, dtype=torch.float64) + 0.1
-    log_decay = -0.3 * torch.rand(N, steps, generator=generator, dtype=torch.float64)
-    initial, n_initial = torch.randn(N, K, V, generator=generator, dtype=torch.float64), torch.randn(N, K, generator=generator, dtype=torch.float64)
-    floor = 3.0 * torch.rand(N, steps, generator=generator, dtype=torch.float64)
-    n, bound = n_initial, []
-    for t in range(steps):
-        n = log_decay[:, t].exp()[:, None] * n + c[:, t, None] * k[:, t]
-        bound.append((q[:, t] * n).sum(-1).abs() < floor[:, t])
-    bound = torch.stack(bound, 1)
+    (q, k, _, c, log_decay, _, n_initial, floor), _ = _problem(steps)
+    with torch.no_grad():
+        bound = (q * _normalisers(k, c, log_decay, n_initial)).sum(-1).abs() < floor
     assert bound.any() and not bound.all()
 
 
